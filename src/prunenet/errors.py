@@ -1,0 +1,34 @@
+"""One error hierarchy. Every message says what is wrong and what to do about it.
+
+The CLI prints ``PruneNetError`` messages without a traceback and exits with status 2.
+"""
+
+from __future__ import annotations
+
+
+class PruneNetError(Exception):
+    """Base class of every error prunenet raises on purpose."""
+
+
+class InputError(PruneNetError, ValueError):
+    """A user-supplied argument or file is invalid (bad ratio, missing path, wrong shape...)."""
+
+
+class UnsupportedModelError(InputError):
+    """The model's architecture (config.model_type) has no family entry."""
+
+
+class PolicyMismatchError(InputError):
+    """A saved policy does not fit the model it is applied to."""
+
+
+class OutputError(PruneNetError, OSError):
+    """The output location cannot be written or would clobber something it must not."""
+
+
+class MissingAssetError(PruneNetError, FileNotFoundError):
+    """A model or data file expected in the cache has not been fetched yet."""
+
+
+class NumericalError(PruneNetError, ArithmeticError):
+    """Non-finite values in weights or in the policy that cannot be recovered from."""

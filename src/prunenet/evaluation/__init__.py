@@ -1,0 +1,1 @@
+"""Evaluation: corpora and their held-out windows, perplexity, zero-shot accuracy, speed and size."""

@@ -1,0 +1,131 @@
+"""Text corpora as token streams, split once into evaluation and training regions.
+
+One rule for the whole project: the first ``evaluation_tokens`` tokens of a corpus (128 windows of
+1024 tokens, or the first half of a small corpus) are for evaluation only; training (LoRA recovery)
+and calibration (the ``activation`` baseline) draw windows from the rest. So evaluation windows are
+never trained or calibrated on, whichever command used the corpus.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ..assets import asset_path
+from ..errors import InputError
+
+EVALUATION_TOKENS = 128 * 1024
+NAMED_CORPORA = {"wiki": "the Wikipedia sample (2,349 articles) shipped in exllamav3==1.6.5"}
+
+
+def _wiki_text() -> str:
+    lines = (asset_path("wiki") / "wiki.utf8").read_text(encoding="utf-8").splitlines()
+    return "\n".join(line for line in lines if not line.startswith(("<doc", "</doc>")))
+
+
+def read_corpus_text(source: str) -> str:
+    """Raw text of a named corpus, a .txt file, a .jsonl file ("text" field) or a dataset folder."""
+    if source in NAMED_CORPORA:
+        return _wiki_text()
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise InputError(
+            f"unknown corpus {source!r}: not a named corpus ({', '.join(NAMED_CORPORA)}) "
+            "and no such file or folder"
+        )
+    if path.is_dir():
+        from datasets import load_from_disk
+
+        try:
+            dataset = load_from_disk(str(path))
+        except (FileNotFoundError, ValueError) as error:
+            raise InputError(f"{path} is not a datasets folder (save_to_disk): {error}") from error
+        if hasattr(dataset, "keys"):  # a DatasetDict: take its first split
+            dataset = dataset[sorted(dataset.keys())[0]]
+        if "text" not in dataset.column_names:
+            raise InputError(f"{path} has no 'text' column (columns: {dataset.column_names})")
+        return "\n\n".join(dataset["text"])
+    if path.suffix == ".jsonl":
+        texts = []
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                texts.append(json.loads(line)["text"])
+            except (json.JSONDecodeError, KeyError, TypeError) as error:
+                raise InputError(f"{path}:{number}: expected a JSON object with 'text'") from error
+        return "\n\n".join(texts)
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise InputError(f"{path} is not UTF-8 text") from error
+
+
+def expects_bos(tokenizer) -> bool:
+    """True when the tokenizer itself prepends BOS (Gemma, Llama 2/3): windows then start with it."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return False
+    ids = tokenizer("a").input_ids
+    return len(ids) > 0 and ids[0] == bos
+
+
+@dataclass
+class TokenCorpus:
+    """A corpus as one token stream with its fixed evaluation/training split."""
+
+    name: str
+    tokens: Tensor  # 1-D int64, no special tokens
+    bos_token_id: int | None  # prepended to each window when the model expects it
+
+    @property
+    def evaluation_tokens(self) -> int:
+        return min(EVALUATION_TOKENS, self.tokens.numel() // 2)
+
+    def _windows(self, region: Tensor, seqlen: int) -> Tensor:
+        body = seqlen - 1 if self.bos_token_id is not None else seqlen
+        count = region.numel() // body
+        windows = region[: count * body].view(count, body)
+        if self.bos_token_id is not None:
+            bos = torch.full((count, 1), self.bos_token_id, dtype=windows.dtype)
+            windows = torch.cat([bos, windows], dim=1)
+        return windows
+
+    def evaluation_windows(self, seqlen: int = 1024, count: int | None = None) -> Tensor:
+        """The first ``count`` non-overlapping windows (count x seqlen) of the evaluation region."""
+        windows = self._windows(self.tokens[: self.evaluation_tokens], seqlen)
+        if count is not None:
+            if count > windows.shape[0]:
+                raise InputError(
+                    f"corpus {self.name!r} holds {windows.shape[0]} evaluation windows of "
+                    f"{seqlen} tokens; asked for {count}"
+                )
+            windows = windows[:count]
+        if windows.shape[0] == 0:
+            raise InputError(f"corpus {self.name!r} is too short for one window of {seqlen} tokens")
+        return windows
+
+    def training_windows(self, seqlen: int = 1024) -> Tensor:
+        """All non-overlapping windows of the training region (never overlaps evaluation)."""
+        windows = self._windows(self.tokens[self.evaluation_tokens:], seqlen)
+        if windows.shape[0] == 0:
+            raise InputError(
+                f"corpus {self.name!r} has {self.tokens.numel() - self.evaluation_tokens} training "
+                f"tokens, fewer than one window of {seqlen}"
+            )
+        return windows
+
+
+def load_corpus(source: str, tokenizer) -> TokenCorpus:
+    """Tokenize ``source`` (see :func:`read_corpus_text`) with ``tokenizer``, no special tokens."""
+    if tokenizer is None:
+        raise InputError("this model has no tokenizer; save one next to the model to evaluate it")
+    text = read_corpus_text(source)
+    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False).input_ids
+    tokens = torch.tensor(ids, dtype=torch.long)
+    bos = tokenizer.bos_token_id if expects_bos(tokenizer) else None
+    return TokenCorpus(name=source, tokens=tokens, bos_token_id=bos)

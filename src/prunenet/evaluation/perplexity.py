@@ -1,0 +1,30 @@
+"""Perplexity: mean token negative log-likelihood over evaluation windows, exponentiated."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, windows: Tensor, batch_size: int = 1, progress: bool = True) -> float:
+    """``exp(mean NLL)`` of every next-token prediction inside each window (count x seqlen).
+
+    Each window is scored independently; the first position is context only, so every window
+    contributes ``seqlen - 1`` predictions.
+    """
+    device = next(model.parameters()).device
+    total_nll, total_tokens = 0.0, 0
+    batches = range(0, windows.shape[0], batch_size)
+    for start in tqdm(batches, desc="perplexity", disable=not progress, leave=False):
+        batch = windows[start : start + batch_size].to(device)
+        logits = model(batch).logits.float()
+        nll = nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
+        )
+        total_nll += float(nll)
+        total_tokens += batch[:, 1:].numel()
+    return math.exp(total_nll / total_tokens)

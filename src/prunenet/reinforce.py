@@ -1,0 +1,218 @@
+"""REINFORCE over layers (SPEC §4): episodes, spectral rewards, discounting, updates, best policy.
+
+Works on first FFN matrices and kept-row index sets only: no model copy, no forward pass of the LLM.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .errors import InputError, NumericalError
+from .families import kept_count
+from .policy import PrunePolicy, keep_probabilities, sample_rows
+from .spectral import LayerSpectrum
+
+log = logging.getLogger(__name__)
+
+# Reward when the sliced spectrum's KS distance is exactly 0 (the reference's constant).
+ZERO_KS_REWARD = 99999.0
+
+
+@dataclass
+class TrainingConfig:
+    """Every setting of a policy-training run. Defaults follow the reference (SPEC §4)."""
+
+    ratio: float = 0.3
+    episodes: int = 20
+    lr: float = 1e-3
+    seed: int = 42
+    gamma: float = 0.99
+    reward: str = "inverse"  # "inverse": 1/KS (reference); "penalty": -KS (the paper's wording)
+    reward_to_go: bool = False  # reference: per-layer discounted reward, no reward-to-go
+    baseline: str = "none"  # "none" (reference) or "mean": subtract the episode's mean return
+    kld: bool = False  # the reference's optional --use_kld regulariser
+    clip_norm: float = 1.0  # gradient-norm clipping, applied BEFORE the optimizer step
+    spectral: str = "gram"  # "gram" (fast, same KS) or "svd" (reference computation)
+
+    def validate(self) -> None:
+        if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)):
+            raise InputError(f"ratio must be a number in [0, 1), got {self.ratio!r}")
+        if not 0.0 <= float(self.ratio) < 1.0:
+            raise InputError(f"ratio must be in [0, 1), got {self.ratio}")
+        if int(self.episodes) < 1:
+            raise InputError(f"episodes must be at least 1, got {self.episodes}")
+        if not self.lr > 0 or not math.isfinite(self.lr):
+            raise InputError(f"learning rate must be a positive number, got {self.lr}")
+        if not 0.0 < self.gamma <= 1.0:
+            raise InputError(f"gamma must be in (0, 1], got {self.gamma}")
+        if self.reward not in ("inverse", "penalty"):
+            raise InputError(f"reward must be 'inverse' or 'penalty', got {self.reward!r}")
+        if self.baseline not in ("none", "mean"):
+            raise InputError(f"baseline must be 'none' or 'mean', got {self.baseline!r}")
+        if self.spectral not in ("gram", "svd"):
+            raise InputError(f"spectral must be 'gram' or 'svd', got {self.spectral!r}")
+
+
+@dataclass
+class EpisodeRecord:
+    episode: int
+    total_reward: float  # undiscounted sum over layers
+    mean_ks: float
+    loss: float
+    seconds: float
+    skipped_updates: int = 0
+    layer_ks: list[float] = field(default_factory=list)
+
+
+@dataclass
+class TrainingResult:
+    policy: PrunePolicy  # the policy that acted in the best episode
+    best_episode: int
+    history: list[EpisodeRecord]
+    config: TrainingConfig
+
+    def history_dicts(self) -> list[dict]:
+        return [asdict(record) for record in self.history]
+
+
+def reward_of(ks: float, form: str) -> float:
+    if form == "penalty":
+        return -ks
+    return ZERO_KS_REWARD if ks == 0 else 1.0 / ks
+
+
+def returns_of(rewards: Sequence[float], config: TrainingConfig) -> list[float]:
+    """Per-layer weights of the log-likelihood: discounted rewards, optional reward-to-go/baseline.
+
+    Reference: ``gamma^l * R(l)``. Reward-to-go: ``sum_{j>=l} gamma^(j-l) R(j)``.
+    """
+    if config.reward_to_go:
+        returns, running = [0.0] * len(rewards), 0.0
+        for index in reversed(range(len(rewards))):
+            running = rewards[index] + config.gamma * running
+            returns[index] = running
+    else:
+        returns = [config.gamma**index * reward for index, reward in enumerate(rewards)]
+    if config.baseline == "mean":
+        mean = sum(returns) / len(returns)
+        returns = [value - mean for value in returns]
+    return returns
+
+
+def kld_regulariser(alpha: Tensor) -> Tensor:
+    """The reference's optional term: sum of ``-(1-a) log a - a log(1-a) + log 0.5``."""
+    alpha = alpha.clamp(1e-6, 1 - 1e-6)
+    return (-(1 - alpha) * torch.log(alpha) - alpha * torch.log(1 - alpha) + math.log(0.5)).sum()
+
+
+def _noise(size: int, generator: torch.Generator, device: torch.device) -> Tensor:
+    return torch.rand(size, generator=generator, device=device)
+
+
+def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
+    generator = torch.Generator(device=device)
+    generator.manual_seed(int(seed))
+    return generator
+
+
+def train_policy_on_matrices(
+    first_matrices: Sequence[Tensor],
+    config: TrainingConfig,
+    *,
+    policy: PrunePolicy | None = None,
+    progress: bool = True,
+    on_episode: Callable[[EpisodeRecord, PrunePolicy], None] | None = None,
+) -> TrainingResult:
+    """Train a policy by REINFORCE on the first FFN matrices of every layer (all d_ff x d_model).
+
+    Each episode samples kept rows for every layer from the current policy, scores each slice by
+    the KS distance of its singular values to the original's, then takes one AdamW step per layer
+    on ``-(sum log p_kept) * return``. Returns the policy that acted in the best episode (highest
+    undiscounted total reward) with the whole history.
+    """
+    config.validate()
+    if not first_matrices:
+        raise InputError("no layers to train on")
+    d_ff, d_model = first_matrices[0].shape
+    device = first_matrices[0].device
+    kept = kept_count(d_ff, config.ratio)
+    generator = make_generator(config.seed, device)
+    if policy is None:
+        init_generator = make_generator(config.seed, "cpu")
+        policy = PrunePolicy(d_model, d_ff, generator=init_generator)
+    policy = policy.to(device)
+    policy.check_fits(d_model, d_ff)
+    spectra = [LayerSpectrum(matrix, config.spectral) for matrix in first_matrices]
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=config.lr)
+
+    history: list[EpisodeRecord] = []
+    best_state, best_total, best_episode = None, -math.inf, -1
+    episodes = tqdm(range(config.episodes), desc="policy episodes", disable=not progress)
+    for episode in episodes:
+        started = time.perf_counter()
+        acting_state = copy.deepcopy(policy.state_dict())
+        actions, layer_ks, rewards = [], [], []
+        with torch.no_grad():
+            for matrix, spectrum in zip(first_matrices, spectra):
+                alpha = policy.keep_scores(matrix)
+                probabilities = keep_probabilities(alpha, _noise(d_ff, generator, device))
+                rows = sample_rows(probabilities, kept, generator)
+                ks = spectrum.ks(rows)
+                actions.append(rows)
+                layer_ks.append(ks)
+                rewards.append(reward_of(ks, config.reward))
+        returns = returns_of(rewards, config)
+
+        total_loss, skipped = 0.0, 0
+        for matrix, rows, weight in zip(first_matrices, actions, returns):
+            alpha = policy.keep_scores(matrix)
+            probabilities = keep_probabilities(alpha, _noise(d_ff, generator, device))
+            loss = -torch.log(probabilities.index_select(0, rows)).sum() * weight
+            if config.kld:
+                loss = loss + kld_regulariser(alpha)
+            if not torch.isfinite(loss):
+                skipped += 1
+                continue
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(policy.parameters(), config.clip_norm)
+            optimizer.step()
+            total_loss += loss.item()
+        if not all(torch.isfinite(p).all() for p in policy.parameters()):
+            raise NumericalError(
+                f"policy parameters became non-finite in episode {episode}; "
+                "lower the learning rate (--lr) or use --reward penalty"
+            )
+        if skipped == len(actions):
+            raise NumericalError(f"every update of episode {episode} had a non-finite loss")
+
+        record = EpisodeRecord(
+            episode=episode,
+            total_reward=float(sum(rewards)),
+            mean_ks=float(sum(layer_ks) / len(layer_ks)),
+            loss=total_loss / max(1, len(actions) - skipped),
+            seconds=time.perf_counter() - started,
+            skipped_updates=skipped,
+            layer_ks=layer_ks,
+        )
+        history.append(record)
+        if record.total_reward > best_total:
+            best_total, best_state, best_episode = record.total_reward, acting_state, episode
+        episodes.set_postfix(reward=f"{record.total_reward:.3g}", mean_ks=f"{record.mean_ks:.4f}")
+        log.info("episode %d: total reward %.4g, mean KS %.4f, loss %.4g", episode,
+                 record.total_reward, record.mean_ks, record.loss)
+        if on_episode is not None:
+            on_episode(record, policy)
+
+    best = copy.deepcopy(policy)
+    best.load_state_dict(best_state)
+    return TrainingResult(policy=best, best_episode=best_episode, history=history, config=config)

@@ -1,0 +1,82 @@
+"""Shared fixtures: tiny random models of every supported family, built from configs (no download)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import transformers
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+HIDDEN, FFN, LAYERS, HEADS, VOCAB = 32, 48, 2, 4, 128
+
+_COMMON = dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
+               num_attention_heads=HEADS, max_position_embeddings=64)
+
+TINY_CONFIGS = {
+    "llama": lambda: transformers.LlamaConfig(intermediate_size=FFN, num_key_value_heads=2,
+                                              **_COMMON),
+    "mistral": lambda: transformers.MistralConfig(intermediate_size=FFN, num_key_value_heads=2,
+                                                  **_COMMON),
+    "qwen2": lambda: transformers.Qwen2Config(intermediate_size=FFN, num_key_value_heads=2,
+                                              **_COMMON),
+    "qwen3": lambda: transformers.Qwen3Config(intermediate_size=FFN, num_key_value_heads=2,
+                                              head_dim=8, **_COMMON),
+    "gemma": lambda: transformers.GemmaConfig(intermediate_size=FFN, num_key_value_heads=2,
+                                              head_dim=8, **_COMMON),
+    "gemma2": lambda: transformers.Gemma2Config(intermediate_size=FFN, num_key_value_heads=2,
+                                                head_dim=8, **_COMMON),
+    "gemma3_text": lambda: transformers.Gemma3TextConfig(intermediate_size=FFN,
+                                                         num_key_value_heads=2, head_dim=8,
+                                                         **_COMMON),
+    "granite": lambda: transformers.GraniteConfig(intermediate_size=FFN, num_key_value_heads=2,
+                                                  **_COMMON),
+    "olmo": lambda: transformers.OlmoConfig(intermediate_size=FFN, **_COMMON),
+    "olmo2": lambda: transformers.Olmo2Config(intermediate_size=FFN, **_COMMON),
+    "phi": lambda: transformers.PhiConfig(intermediate_size=FFN, **_COMMON),
+    "phi3": lambda: transformers.Phi3Config(intermediate_size=FFN, pad_token_id=0, **_COMMON),
+    "opt": lambda: transformers.OPTConfig(vocab_size=VOCAB, hidden_size=HIDDEN, ffn_dim=FFN,
+                                          num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                                          word_embed_proj_dim=HIDDEN, max_position_embeddings=64),
+    "gpt2": lambda: transformers.GPT2Config(vocab_size=VOCAB, n_embd=HIDDEN, n_inner=FFN,
+                                            n_layer=LAYERS, n_head=HEADS, n_positions=64),
+    "gpt_neox": lambda: transformers.GPTNeoXConfig(intermediate_size=FFN, **_COMMON),
+    "falcon": lambda: transformers.FalconConfig(vocab_size=VOCAB, hidden_size=HIDDEN,
+                                                ffn_hidden_size=FFN, num_hidden_layers=LAYERS,
+                                                num_attention_heads=HEADS, bias=True,
+                                                new_decoder_architecture=False),
+}
+
+
+def make_tiny_model(model_type: str, seed: int = 0) -> torch.nn.Module:
+    """A randomly initialised tiny *ForCausalLM of ``model_type`` in eval mode (fp32)."""
+    torch.manual_seed(seed)
+    config = TINY_CONFIGS[model_type]()
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    # Make every FFN weight and bias non-trivial (some families initialise biases to zero).
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.02)
+    return model.eval()
+
+
+@pytest.fixture(params=sorted(TINY_CONFIGS))
+def tiny_model_type(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def tiny_llama() -> torch.nn.Module:
+    return make_tiny_model("llama")
+
+
+@pytest.fixture
+def tiny_llama_dir(tmp_path, tiny_llama):
+    """A tiny LLaMA saved as a local HF folder (safetensors) with no tokenizer."""
+    folder = tmp_path / "tiny-llama"
+    tiny_llama.save_pretrained(folder)
+    return folder
