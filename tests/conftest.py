@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny random models of every supported family, built from configs (no download)."""
+"""Shared fixtures: tiny random models of every supported family, built from configs."""
 
 from __future__ import annotations
 
@@ -79,4 +79,27 @@ def tiny_llama_dir(tmp_path, tiny_llama):
     """A tiny LLaMA saved as a local HF folder (safetensors) with no tokenizer."""
     folder = tmp_path / "tiny-llama"
     tiny_llama.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_real_tokenizer_dir(tmp_path_factory):
+    """A tiny random LLaMA with SmolLM2's vocabulary (49152) saved with SmolLM2's real tokenizer,
+    for evaluation tests that need text (perplexity on a corpus, lm-eval tasks)."""
+    from prunenet.assets import smollm2_path
+    from prunenet.errors import MissingAssetError
+
+    try:
+        source = smollm2_path()
+    except MissingAssetError as error:
+        pytest.skip(str(error))
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=48,
+                                      num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, max_position_embeddings=2048,
+                                      tie_word_embeddings=True)
+    model = transformers.LlamaForCausalLM(config).eval()
+    folder = tmp_path_factory.mktemp("tiny-real-tokenizer")
+    model.save_pretrained(folder)
+    transformers.AutoTokenizer.from_pretrained(source).save_pretrained(folder)
     return folder

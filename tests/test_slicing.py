@@ -7,11 +7,10 @@ import copy
 import pytest
 import torch
 
+from conftest import TINY_CONFIGS, make_tiny_model
 from prunenet.families import Cut, family_for, kept_count, neuron_index, supported_model_types
 from prunenet.model_view import FFNView
 from prunenet.slicing import slice_model
-
-from conftest import TINY_CONFIGS, make_tiny_model
 
 
 def _zero_removed_outputs(model, kept_rows):

@@ -152,10 +152,10 @@ def check_output_path(out: str | os.PathLike, overwrite: bool, inputs: list[str]
         source_path = Path(source).expanduser()
         if not source_path.exists():
             continue
-        source_dir = (source_path if source_path.is_dir() else source_path.parent).resolve()
-        if out_path == source_dir or source_dir in out_path.parents:
+        source_path = source_path.resolve()
+        if out_path == source_path or source_path in out_path.parents:
             raise OutputError(
-                f"output {out_path} is inside the input folder {source_dir}; "
+                f"output {out_path} is inside the input {source_path}; "
                 "prunenet never writes into its input. Choose another --out."
             )
     if out_path.exists():
@@ -164,7 +164,10 @@ def check_output_path(out: str | os.PathLike, overwrite: bool, inputs: list[str]
         if any(out_path.iterdir()) and not overwrite:
             raise OutputError(f"output {out_path} already exists; pass --overwrite to replace it")
     parent = out_path.parent
-    parent.mkdir(parents=True, exist_ok=True)
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise OutputError(f"cannot create the folder {parent} for {out_path}: {error}") from error
     if not os.access(parent, os.W_OK):
         raise OutputError(f"cannot write to {parent}: permission denied or read-only")
     return out_path
@@ -257,7 +260,9 @@ def save_policy(policy: PrunePolicy, path: str | os.PathLike, metadata: dict[str
     """Save a policy as safetensors; ``metadata`` (JSON-able) goes into the header. Atomic."""
     path = Path(path).expanduser()
     if path.is_dir():
-        raise OutputError(f"policy output {path} is a folder; give a file name (e.g. policy.safetensors)")
+        raise OutputError(
+            f"policy output {path} is a folder; give a file name (e.g. policy.safetensors)"
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     header = {
         "format": POLICY_FORMAT,
@@ -266,7 +271,9 @@ def save_policy(policy: PrunePolicy, path: str | os.PathLike, metadata: dict[str
         "checksum": policy_checksum(policy),
         "metadata": json.dumps(metadata, sort_keys=True),
     }
-    tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in policy.state_dict().items()}
+    tensors = {
+        name: tensor.detach().cpu().contiguous() for name, tensor in policy.state_dict().items()
+    }
     handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     os.close(handle)
     try:

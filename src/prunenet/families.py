@@ -126,7 +126,7 @@ def supported_model_types() -> list[str]:
 
 
 def family_for(model_type: str | None) -> Family:
-    """The family entry of ``config.model_type``; :class:`UnsupportedModelError` lists the others."""
+    """The family entry of ``model_type``; :class:`UnsupportedModelError` lists the others."""
     family = _BY_MODEL_TYPE.get(model_type or "")
     if family is None:
         raise UnsupportedModelError(

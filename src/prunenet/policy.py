@@ -81,7 +81,7 @@ def keep_probabilities(alpha: Tensor, noise: Tensor) -> Tensor:
 
 
 def sample_rows(probabilities: Tensor, kept: int, generator: torch.Generator | None) -> Tensor:
-    """``kept`` distinct row indices drawn without replacement, proportional to ``probabilities``."""
+    """``kept`` distinct row indices drawn without replacement, weighted by ``probabilities``."""
     if not torch.isfinite(probabilities).all():
         raise FloatingPointError("non-finite keep probabilities")
     rows = torch.multinomial(probabilities.detach(), kept, replacement=False, generator=generator)

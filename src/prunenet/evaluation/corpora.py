@@ -66,7 +66,7 @@ def read_corpus_text(source: str) -> str:
 
 
 def expects_bos(tokenizer) -> bool:
-    """True when the tokenizer itself prepends BOS (Gemma, Llama 2/3): windows then start with it."""
+    """True when the tokenizer prepends BOS (Gemma, Llama 2/3); windows then start with it."""
     bos = getattr(tokenizer, "bos_token_id", None)
     if bos is None:
         return False
@@ -106,7 +106,9 @@ class TokenCorpus:
                 )
             windows = windows[:count]
         if windows.shape[0] == 0:
-            raise InputError(f"corpus {self.name!r} is too short for one window of {seqlen} tokens")
+            raise InputError(
+                f"corpus {self.name!r} is too short for one window of {seqlen} tokens"
+            )
         return windows
 
     def training_windows(self, seqlen: int = 1024) -> Tensor:

@@ -10,7 +10,9 @@ from tqdm.auto import tqdm
 
 
 @torch.no_grad()
-def perplexity(model: nn.Module, windows: Tensor, batch_size: int = 1, progress: bool = True) -> float:
+def perplexity(
+    model: nn.Module, windows: Tensor, batch_size: int = 1, progress: bool = True
+) -> float:
     """``exp(mean NLL)`` of every next-token prediction inside each window (count x seqlen).
 
     Each window is scored independently; the first position is context only, so every window

@@ -1,0 +1,249 @@
+"""End to end on tiny models: compress, save, reload with plain transformers, reuse policies,
+and every bad input of the core issue."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import prunenet
+from conftest import make_tiny_model
+from prunenet.checkpoints import RECORD_NAME, load_policy, save_policy
+from prunenet.cli import main
+from prunenet.errors import InputError, OutputError, PolicyMismatchError, UnsupportedModelError
+from prunenet.model_view import FFNView
+
+
+def _logits_in_fresh_process(folder: Path, inputs: torch.Tensor, tmp_path: Path) -> torch.Tensor:
+    """Load ``folder`` with plain transformers in a subprocess where prunenet cannot be imported."""
+    torch.save(inputs, tmp_path / "inputs.pt")
+    script = textwrap.dedent(f"""
+        import sys
+        sys.modules["prunenet"] = None  # any import of prunenet now fails
+        import torch
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained({str(folder)!r}).eval()
+        inputs = torch.load({str(tmp_path / "inputs.pt")!r}, weights_only=True)
+        with torch.no_grad():
+            torch.save(model(inputs).logits, {str(tmp_path / "logits.pt")!r})
+    """)
+    subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True)
+    return torch.load(tmp_path / "logits.pt", weights_only=True)
+
+
+def test_compress_save_reload_in_fresh_process_gives_identical_logits(tiny_llama_dir, tmp_path):
+    out = tmp_path / "pruned"
+    result = prunenet.compress(str(tiny_llama_dir), ratio=0.25, episodes=2, out=out,
+                               policy_out=tmp_path / "policy.safetensors", progress=False)
+    inputs = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = result.model(inputs).logits
+    actual = _logits_in_fresh_process(out, inputs, tmp_path)
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+
+    config = json.loads((out / "config.json").read_text())
+    assert config["intermediate_size"] == 36  # int(0.75 * 48)
+    record = json.loads((out / RECORD_NAME).read_text())
+    assert record["ffn_width_before"] == 48 and record["ffn_width_after"] == 36
+    assert record["parameters_before"] - record["parameters_after"] == 2 * 3 * 12 * 32
+    assert record["policy_sha256"] == prunenet.checkpoints.policy_checksum(result.policy)
+    assert record["method"] == "prunenet" and record["seed"] == 42
+    assert not list(tmp_path.glob(".pruned.tmp-*")), "temporary folder left behind"
+
+
+def test_saved_dtype_matches_input(tmp_path):
+    model = make_tiny_model("qwen2").to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "bf16")
+    prunenet.compress(str(tmp_path / "bf16"), ratio=0.5, episodes=1, out=tmp_path / "out",
+                      progress=False)
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as handle:
+        dtypes = {handle.get_slice(name).get_dtype() for name in handle.keys()}
+    assert dtypes == {"BF16"}
+
+
+def test_policy_trained_at_one_ratio_prunes_at_others(tiny_llama, tmp_path):
+    training = prunenet.train_policy(tiny_llama, ratio=0.3, episodes=2, progress=False)
+    path = save_policy(training.policy, tmp_path / "p.safetensors", {"trained_ratio": 0.3})
+    policy, metadata = load_policy(path)
+    assert metadata == {"trained_ratio": 0.3}
+    for ratio, width in [(0.1, 43), (0.5, 24)]:
+        model = make_tiny_model("llama")
+        result = prunenet.prune(model, policy, ratio, progress=False)
+        assert FFNView(result.model).d_ff == width
+        assert all(rows.numel() == width for rows in result.kept_rows)
+        assert result.model.model.layers[1].mlp.down_proj.weight.shape == (32, width)
+
+
+def test_same_seed_same_kept_rows_and_topk_is_deterministic(tiny_llama):
+    training = prunenet.train_policy(tiny_llama, ratio=0.3, episodes=1, progress=False)
+    sample = [prunenet.select_rows(tiny_llama, 0.3, policy=training.policy, seed=3)
+              for _ in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(*sample))
+    other = prunenet.select_rows(tiny_llama, 0.3, policy=training.policy, seed=4)
+    assert not all(torch.equal(a, b) for a, b in zip(sample[0], other))
+    topk = prunenet.select_rows(tiny_llama, 0.3, policy=training.policy, selection="topk", seed=9)
+    view = FFNView(tiny_llama)
+    for index, rows in enumerate(topk):
+        alpha = training.policy.keep_scores(view.first_matrix(index))
+        assert set(rows.tolist()) == set(alpha.topk(33).indices.tolist())
+
+
+def test_policy_from_another_model_is_refused(tmp_path):
+    training = prunenet.train_policy(make_tiny_model("llama"), ratio=0.3, episodes=1,
+                                     progress=False)
+    path = save_policy(training.policy, tmp_path / "p.safetensors", {})
+    gpt2 = make_tiny_model("gpt2")  # d_ff 48 too, but d_model matches: change the width
+    gpt2_wide = make_tiny_model("opt")
+    prunenet.prune(gpt2, str(path), 0.3)  # same (d_model, d_ff): allowed by design
+    from prunenet.slicing import slice_model
+
+    slice_model(gpt2_wide, [torch.arange(40)] * 2)
+    with pytest.raises(PolicyMismatchError, match="d_ff=48.*d_ff=40"):
+        prunenet.prune(gpt2_wide, str(path), 0.3)
+
+
+def test_gguf_input_tinycoder(tmp_path):
+    from prunenet.assets import asset_path
+
+    gguf = asset_path("tinycoder-gguf") / "tiny.gguf"
+    result = prunenet.compress(str(gguf), ratio=0.5, episodes=1, out=tmp_path / "out",
+                               progress=False)
+    assert result.record["ffn_width_before"] == 64 and result.record["ffn_width_after"] == 32
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert reloaded.config.intermediate_size == 32
+    assert reloaded.dtype == torch.float32
+    assert (tmp_path / "out" / "tokenizer.json").exists()
+
+
+# --- bad input ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ratio", [1.0, -0.1, 1.5, 0.999])
+def test_bad_ratio(tiny_llama, ratio):
+    with pytest.raises(InputError, match="ratio"):
+        prunenet.compress(tiny_llama, ratio=ratio, episodes=1, progress=False)
+
+
+def test_missing_and_non_model_paths(tmp_path):
+    with pytest.raises(InputError, match="does not exist"):
+        prunenet.compress(str(tmp_path / "nope"), ratio=0.3, out=tmp_path / "o")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="not a model folder"):
+        prunenet.compress(str(tmp_path / "empty"), ratio=0.3, out=tmp_path / "o")
+    (tmp_path / "notes.txt").write_text("hi")
+    with pytest.raises(InputError, match="not a .gguf"):
+        prunenet.compress(str(tmp_path / "notes.txt"), ratio=0.3, out=tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+
+def test_unsupported_architecture(tmp_path):
+    import transformers
+
+    config = transformers.MambaConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "mamba")
+    with pytest.raises(UnsupportedModelError, match="'mamba' is not supported; supported: .*llama"):
+        prunenet.compress(str(tmp_path / "mamba"), ratio=0.3, out=tmp_path / "o")
+
+
+def test_corrupted_and_wrong_shape_policy_files(tiny_llama, tmp_path):
+    (tmp_path / "garbage.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(InputError, match="not a readable safetensors policy"):
+        load_policy(tmp_path / "garbage.safetensors")
+    save_file({"projection": torch.zeros(3, 2)}, tmp_path / "foreign.safetensors")
+    with pytest.raises(InputError, match="not a prunenet policy"):
+        load_policy(tmp_path / "foreign.safetensors")
+    training = prunenet.train_policy(tiny_llama, ratio=0.3, episodes=1, progress=False)
+    good = save_policy(training.policy, tmp_path / "good.safetensors", {})
+    tensors = prunenet.checkpoints.load_file(str(good))
+    from safetensors import safe_open
+
+    with safe_open(str(good), "pt") as handle:
+        header = handle.metadata()
+    tensors["bias"] = torch.zeros(7)
+    save_file(tensors, tmp_path / "shape.safetensors", metadata=header)
+    with pytest.raises(PolicyMismatchError, match="do not match the header"):
+        load_policy(tmp_path / "shape.safetensors")
+    tensors["bias"] = training.policy.bias.detach() + 1
+    save_file(tensors, tmp_path / "tampered.safetensors", metadata=header)
+    with pytest.raises(InputError, match="checksum"):
+        load_policy(tmp_path / "tampered.safetensors")
+
+
+def test_output_that_holds_a_model_is_refused_unless_overwrite(tiny_llama_dir, tmp_path):
+    out = tmp_path / "out"
+    prunenet.prune(str(tiny_llama_dir), None, 0.5, method="random", out=out)
+    marker = (out / "config.json").read_text()
+    with pytest.raises(OutputError, match="already exists; pass --overwrite"):
+        prunenet.prune(str(tiny_llama_dir), None, 0.25, method="random", out=out)
+    assert (out / "config.json").read_text() == marker
+    prunenet.prune(str(tiny_llama_dir), None, 0.25, method="random", out=out, overwrite=True)
+    assert json.loads((out / "config.json").read_text())["intermediate_size"] == 36
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_output_inside_input_is_refused(tiny_llama_dir):
+    before = sorted(p.name for p in tiny_llama_dir.iterdir())
+    with pytest.raises(OutputError, match="inside the input"):
+        prunenet.compress(str(tiny_llama_dir), ratio=0.3, out=tiny_llama_dir / "pruned")
+    assert sorted(p.name for p in tiny_llama_dir.iterdir()) == before
+
+
+def test_failure_while_saving_leaves_no_output(tiny_llama_dir, tmp_path, monkeypatch):
+    from prunenet import checkpoints
+
+    def explode(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoints, "write_json_atomic", explode)
+    with pytest.raises(KeyboardInterrupt):
+        prunenet.prune(str(tiny_llama_dir), None, 0.5, method="random", out=tmp_path / "out")
+    assert [p.name for p in tmp_path.iterdir()] == ["tiny-llama"]
+
+
+# --- CLI ---------------------------------------------------------------------------------------
+
+
+def test_cli_compress_train_and_prune(tiny_llama_dir, tmp_path, capsys):
+    assert main(["-q", "train-policy", str(tiny_llama_dir), "--ratio", "0.3", "--episodes", "2",
+                 "--out", str(tmp_path / "p.safetensors")]) == 0
+    assert main(["-q", "prune", str(tiny_llama_dir), "--policy", str(tmp_path / "p.safetensors"),
+                 "--ratio", "0.5", "--out", str(tmp_path / "half"), "--selection", "topk"]) == 0
+    assert json.loads((tmp_path / "half" / "config.json").read_text())["intermediate_size"] == 24
+    assert main(["-q", "compress", str(tiny_llama_dir), "--ratio", "0.25", "--episodes", "1",
+                 "--out", str(tmp_path / "c")]) == 0
+    assert "FFN width 48 -> 36" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("ratio", ["30%", "abc", "1.0", "-0.2"])
+def test_cli_bad_ratio_text(tiny_llama_dir, tmp_path, capsys, ratio):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["compress", str(tiny_llama_dir), "--ratio", ratio, "--out", str(tmp_path / "o")])
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err
+    assert "ratio" in message and (ratio != "30%" or "write 0.3 for 30%" in message)
+
+
+def test_cli_error_is_one_line_without_traceback(tmp_path, capsys):
+    code = main(["compress", str(tmp_path / "missing"), "--ratio", "0.3", "--out",
+                 str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert err.startswith("prunenet: error: model path") and "does not exist" in err
+
+
+def test_cli_ratio_leaving_no_neuron(tiny_llama_dir, tmp_path, capsys):
+    code = main(["prune", str(tiny_llama_dir), "--method", "random", "--ratio", "0.99",
+                 "--out", str(tmp_path / "o")])
+    assert code == 2 and "keeps 0 of 48" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
