@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .baselines import magnitude_product_rows, magnitude_rows, random_rows
+from .calibration import Calibration, activation_rows
 from .checkpoints import (
     check_output_path,
     load_model_and_tokenizer,
@@ -32,7 +33,7 @@ from .policy import PrunePolicy, keep_probabilities, sample_rows, top_rows
 from .reinforce import TrainingConfig, TrainingResult, make_generator, train_policy_on_matrices
 from .slicing import slice_model
 
-METHODS = ("prunenet", "random", "magnitude", "magnitude-product")
+METHODS = ("prunenet", "random", "magnitude", "magnitude-product", "activation")
 SELECTIONS = ("sample", "topk")
 
 
@@ -107,10 +108,19 @@ def select_rows(
     selection: str = "sample",
     seed: int = 42,
     device: str | torch.device = "auto",
+    progress: bool = True,
+    tokenizer: Any = None,
+    calibration: Calibration | None = None,
 ) -> list[Tensor]:
-    """Kept neuron indices per layer (sorted, distinct, all the same count) for ``method``."""
+    """Kept neuron indices per layer (sorted, distinct, all the same count) for ``method``.
+
+    ``activation`` (the calibration-based reference) also needs ``tokenizer`` and reads
+    ``calibration`` (default: 16 training windows of the wiki corpus).
+    """
     view = FFNView(model)
     kept = kept_count(view.d_ff, ratio)
+    if method == "activation":
+        return activation_rows(model, tokenizer, kept, calibration, progress)
     if method == "random":
         return random_rows(view, kept, seed)
     if method == "magnitude":
@@ -129,7 +139,8 @@ def select_rows(
     generator = make_generator(seed, run_device)
     rows = []
     with torch.no_grad():
-        for index in tqdm(range(view.num_layers), desc="selecting rows", leave=False):
+        for index in tqdm(range(view.num_layers), desc="selecting rows", leave=False,
+                          disable=not progress):
             alpha = policy.keep_scores(view.first_matrix(index, run_device))
             if selection == "topk":
                 rows.append(top_rows(alpha, kept).cpu())
@@ -193,6 +204,9 @@ def prune(
     out: str | os.PathLike | None = None,
     overwrite: bool = False,
     trust_remote_code: bool = False,
+    progress: bool = True,
+    tokenizer: Any = None,
+    calibration: Calibration | None = None,
     _training: TrainingResult | None = None,
 ) -> CompressionResult:
     """Remove FFN neurons of ``model`` at ``ratio`` with a trained ``policy`` (or a baseline).
@@ -206,7 +220,8 @@ def prune(
         check_output_path(out, overwrite, [source] if source else [])
     if isinstance(policy, (str, os.PathLike)):
         policy, _ = load_policy(policy)
-    model, tokenizer = _as_model(model, torch.device("cpu"), trust_remote_code)
+    model, loaded_tokenizer = _as_model(model, torch.device("cpu"), trust_remote_code)
+    tokenizer = loaded_tokenizer if tokenizer is None else tokenizer
     view = FFNView(model)
     kept = kept_count(view.d_ff, ratio)
     if policy is not None:
@@ -214,12 +229,15 @@ def prune(
     check_finite_weights(view)
     before = view.parameter_counts()
     rows = select_rows(model, ratio, method=method, policy=policy, selection=selection,
-                       seed=seed, device=device)
+                       seed=seed, device=device, progress=progress, tokenizer=tokenizer,
+                       calibration=calibration)
     slice_model(model, rows)
     after = FFNView(model).parameter_counts()
     record = _record(method, ratio, seed, before, after, view.d_ff, kept, source,
                      policy if method == "prunenet" else None,
                      selection if method == "prunenet" else None, _training)
+    if method == "activation":
+        record["calibration"] = vars(calibration or Calibration())
     saved = None
     if out is not None:
         saved = str(save_compressed(model, tokenizer, out, record, overwrite,
@@ -242,6 +260,8 @@ def compress(
     overwrite: bool = False,
     progress: bool = True,
     trust_remote_code: bool = False,
+    tokenizer: Any = None,
+    calibration: Calibration | None = None,
     **options: Any,
 ) -> CompressionResult:
     """Train a policy on ``model`` (for ``method="prunenet"``) and prune it at ``ratio``.
@@ -252,7 +272,8 @@ def compress(
     source = None if isinstance(model, nn.Module) else str(model)
     if out is not None:
         check_output_path(out, overwrite, [source] if source else [])
-    model, tokenizer = _as_model(model, torch.device("cpu"), trust_remote_code)
+    model, loaded_tokenizer = _as_model(model, torch.device("cpu"), trust_remote_code)
+    tokenizer = loaded_tokenizer if tokenizer is None else tokenizer
     training = None
     policy = None
     if method == "prunenet":
@@ -262,7 +283,8 @@ def compress(
         if policy_out is not None:
             save_policy(policy, policy_out, policy_metadata(model, training))
     result = prune(model, policy, ratio, method=method, selection=selection, seed=seed,
-                   device=device, _training=training)
+                   device=device, progress=progress, tokenizer=tokenizer,
+                   calibration=calibration, _training=training)
     result.tokenizer = tokenizer
     result.record["source"] = source
     if out is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -115,6 +116,21 @@ def _print_summary(result) -> None:
         print(f"saved to {result.out}")
 
 
+def _add_calibration_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("calibration (only for --method activation)")
+    group.add_argument("--calibration-corpus", default="wiki",
+                       help="corpus name, text/jsonl file or datasets folder (default: wiki); "
+                       "windows come from its training region, never its evaluation windows")
+    group.add_argument("--calibration-windows", type=positive_int, default=16,
+                       help="calibration windows of 1024 tokens (default: 16)")
+
+
+def _calibration(args: argparse.Namespace):
+    from .calibration import Calibration
+
+    return Calibration(corpus=args.calibration_corpus, windows=args.calibration_windows)
+
+
 def run_compress(args: argparse.Namespace) -> int:
     from .api import compress
 
@@ -122,7 +138,8 @@ def run_compress(args: argparse.Namespace) -> int:
         args.model, args.ratio, method=args.method, episodes=args.episodes, lr=args.lr,
         seed=args.seed, selection=args.selection, device=args.device, out=args.out,
         policy_out=args.policy_out, overwrite=args.overwrite,
-        trust_remote_code=args.trust_remote_code, **_training_options(args),
+        trust_remote_code=args.trust_remote_code, calibration=_calibration(args),
+        **_training_options(args),
     )
     _print_summary(result)
     return 0
@@ -139,13 +156,15 @@ def add_compress(subparsers) -> None:
                         help="fraction of FFN neurons to remove in every layer, in [0, 1)")
     parser.add_argument("--out", required=True, help="output folder (must not exist)")
     parser.add_argument("--method", default="prunenet",
-                        choices=["prunenet", "random", "magnitude", "magnitude-product"],
+                        choices=["prunenet", "random", "magnitude", "magnitude-product",
+                                 "activation"],
                         help="neuron selection (default: prunenet)")
     parser.add_argument("--selection", choices=["sample", "topk"], default="sample",
                         help="final choice of kept rows: seeded sample (reference) or top-k")
     parser.add_argument("--policy-out", help="also save the trained policy to this file")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     _add_training_arguments(parser)
+    _add_calibration_arguments(parser)
     parser.set_defaults(run=run_compress)
 
 
@@ -186,7 +205,8 @@ def run_prune(args: argparse.Namespace) -> int:
 
     result = prune(args.model, args.policy, args.ratio, method=args.method,
                    selection=args.selection, seed=args.seed, device=args.device, out=args.out,
-                   overwrite=args.overwrite, trust_remote_code=args.trust_remote_code)
+                   overwrite=args.overwrite, trust_remote_code=args.trust_remote_code,
+                   calibration=_calibration(args))
     _print_summary(result)
     return 0
 
@@ -202,9 +222,11 @@ def add_prune(subparsers) -> None:
                         help="fraction of FFN neurons to remove, in [0, 1)")
     parser.add_argument("--out", required=True, help="output folder (must not exist)")
     parser.add_argument("--method", default="prunenet",
-                        choices=["prunenet", "random", "magnitude", "magnitude-product"])
+                        choices=["prunenet", "random", "magnitude", "magnitude-product",
+                                 "activation"])
     parser.add_argument("--selection", choices=["sample", "topk"], default="sample")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    _add_calibration_arguments(parser)
     parser.set_defaults(run=run_prune)
 
 
@@ -230,7 +252,134 @@ def add_fetch(subparsers) -> None:
     parser.set_defaults(run=run_fetch)
 
 
-COMMANDS: list[Callable] = [add_compress, add_train_policy, add_prune, add_fetch]
+def _add_evaluation_arguments(parser: argparse.ArgumentParser, windows: int, tasks: str,
+                              limit: int | None) -> None:
+    group = parser.add_argument_group("evaluation")
+    group.add_argument("--ppl", default="wiki",
+                       help="perplexity corpus: wiki (default), a text/jsonl file, a datasets "
+                       "folder, or none to skip")
+    group.add_argument("--seqlen", type=positive_int, default=1024,
+                       help="tokens per perplexity window (default: 1024)")
+    group.add_argument("--windows", type=positive_int, default=windows,
+                       help=f"first N evaluation windows of the corpus (default: {windows})")
+    group.add_argument("--tasks", default=tasks,
+                       help="zero-shot tasks, comma-separated, from piqa, hellaswag, winogrande, "
+                       f"arc_easy, arc_challenge (default: {tasks or 'none'})")
+    group.add_argument("--limit", type=positive_int, default=limit,
+                       help="first N examples of each task (default: "
+                       f"{'all' if limit is None else limit})")
+    group.add_argument("--speed-batch", type=positive_int, default=1,
+                       help="speed: sequences per batch (default: 1)")
+    group.add_argument("--speed-prompt", type=positive_int, default=128,
+                       help="speed: prompt tokens per sequence (default: 128)")
+    group.add_argument("--speed-new-tokens", type=positive_int, default=32,
+                       help="speed: decoded tokens per sequence (default: 32)")
+    group.add_argument("--speed-repeats", type=positive_int, default=5,
+                       help="speed: timed repeats, median reported (default: 5)")
+
+
+def _speed_protocol(args: argparse.Namespace):
+    from .evaluation.speed import SpeedProtocol
+
+    return SpeedProtocol(batch_size=args.speed_batch, prompt_tokens=args.speed_prompt,
+                         new_tokens=args.speed_new_tokens, repeats=args.speed_repeats)
+
+
+def _ppl(args: argparse.Namespace) -> str | None:
+    return None if args.ppl == "none" else args.ppl
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .checkpoints import load_model_and_tokenizer, write_json_atomic
+    from .errors import OutputError
+    from .evaluation.evaluate import evaluate, format_table
+
+    json_path = Path(args.json).expanduser() if args.json else None
+    if json_path is not None:
+        if json_path.is_dir():
+            raise OutputError(f"--json {json_path} is a folder; give a file name")
+        try:
+            json_path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise OutputError(f"cannot create the folder of --json {json_path}: {error}") from None
+        if not os.access(json_path.parent, os.W_OK):
+            raise OutputError(f"cannot write --json into {json_path.parent}: permission denied")
+    model, tokenizer = load_model_and_tokenizer(args.model,
+                                                trust_remote_code=args.trust_remote_code)
+    result = evaluate(model, tokenizer, ppl=_ppl(args), seqlen=args.seqlen, windows=args.windows,
+                      tasks=args.tasks, limit=args.limit,
+                      speed=_speed_protocol(args) if args.speed else False, source=args.model,
+                      progress=not args.quiet)
+    print(format_table(result))
+    if json_path is not None:
+        write_json_atomic(json_path, result)
+        print(f"saved to {json_path}")
+    return 0
+
+
+def add_eval(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "eval", help="perplexity, zero-shot accuracy, size and speed of a model",
+        description="Evaluate MODEL_OR_DIR offline: perplexity on held-out windows of a corpus, "
+        "zero-shot accuracy through lm-eval with the task definitions prunenet ships, parameter "
+        "counts and bytes on disk, and (with --speed) measured prefill/decode tokens per second.",
+    )
+    parser.add_argument("model", help="model folder, .gguf file or the alias smollm2-135m")
+    parser.add_argument("--speed", action="store_true", help="also measure tokens per second")
+    parser.add_argument("--json", help="also write the results to this JSON file")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="allow the checkpoint's own Python code to run (off by default)")
+    _add_evaluation_arguments(parser, windows=16, tasks="", limit=None)
+    parser.set_defaults(run=run_eval)
+
+
+def ratio_list(text: str) -> list[float]:
+    """argparse type for comma-separated ratios such as ``0.1,0.2,0.3``."""
+    return [ratio_value(part.strip()) for part in text.split(",") if part.strip()]
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    from .compare import compare
+
+    compare(args.model, args.ratios, args.methods, args.out, episodes=args.episodes,
+            train_ratio=args.train_ratio, ppl=args.ppl, seqlen=args.seqlen,
+            windows=args.windows, tasks=args.tasks, limit=args.limit,
+            speed=_speed_protocol(args), calibration=_calibration(args), seed=args.seed,
+            overwrite=args.overwrite, progress=not args.quiet, report=print)
+    print(f"report written to {args.out}/report.md")
+    return 0
+
+
+def add_compare(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "compare", help="compress with several methods at several ratios and evaluate them all",
+        description="Prune MODEL with each of --methods at each of --ratios (the PruneNet policy "
+        "is trained once and reused at every ratio), evaluate the dense model and every result, "
+        "and write report.md, results.json and PNG plots into --out.",
+    )
+    parser.add_argument("model", help="model folder, .gguf file or the alias smollm2-135m")
+    parser.add_argument("--ratios", type=ratio_list, required=True,
+                        help="comma-separated compression ratios, e.g. 0.1,0.2,0.3")
+    parser.add_argument("--methods", default="prunenet,random,magnitude,activation",
+                        help="comma-separated methods from prunenet, random, magnitude, "
+                        "magnitude-product, activation (default: prunenet,random,magnitude,"
+                        "activation)")
+    parser.add_argument("--out", required=True, help="output folder (must not exist)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    parser.add_argument("--seed", type=int, default=42, help="random seed (default: 42)")
+    parser.add_argument("--episodes", type=positive_int, default=None,
+                        help="PruneNet training episodes (default: the compress default)")
+    parser.add_argument("--train-ratio", type=ratio_value, default=None,
+                        help="ratio the one policy is trained at (default: the largest ratio)")
+    _add_evaluation_arguments(parser, windows=8, tasks="piqa,arc_easy,winogrande", limit=100)
+    _add_calibration_arguments(parser)
+    parser.set_defaults(run=run_compare)
+
+
+COMMANDS: list[Callable] = [add_compress, add_train_policy, add_prune, add_fetch, add_eval,
+                            add_compare]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,123 @@
+"""`prunenet compare` on a tiny model: report, JSON (stable schema) and real PNG plots; bad input
+fails before any work."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+
+import pytest
+from PIL import Image
+
+from prunenet.cli import main
+from prunenet.compare import FORMAT, compare, parse_methods
+from prunenet.errors import InputError, MissingAssetError, OutputError
+from prunenet.evaluation.evaluate import SCHEMA_KEYS
+
+TEXT = "The old mill stands by the river, and in spring the water runs high and fast. " * 400
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    path = tmp_path / "text.txt"
+    path.write_text(TEXT)
+    return str(path)
+
+
+def _compare_argv(model, text_file, out):
+    return ["compare", str(model), "--ratios", "0.25,0.5", "--methods",
+            "prunenet,random,magnitude,activation", "--out", str(out), "--episodes", "2",
+            "--ppl", text_file, "--seqlen", "32", "--windows", "2", "--tasks", "piqa",
+            "--limit", "2", "--calibration-corpus", text_file, "--calibration-windows", "1",
+            "--speed-prompt", "8", "--speed-new-tokens", "2", "--speed-repeats", "1"]
+
+
+def test_compare_writes_report_json_and_plots(tiny_llama_real_tokenizer_dir, text_file, tmp_path,
+                                              capsys):
+    out = tmp_path / "cmp"
+    assert main(_compare_argv(tiny_llama_real_tokenizer_dir, text_file, out)) == 0, \
+        capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == [
+        "accuracy.png", "perplexity.png", "report.md", "results.json", "size.png", "speed.png"]
+
+    results = json.loads((out / "results.json").read_text())
+    assert set(results) == {"format", "prunenet_version", "model", "ratios", "methods",
+                            "settings", "training", "dense", "runs"}
+    assert results["format"] == FORMAT
+    assert set(results["settings"]) == {"corpus", "seqlen", "windows", "tasks", "limit", "seed",
+                                        "speed", "calibration"}
+    assert set(results["dense"]) == set(SCHEMA_KEYS)
+    pairs = [(r["method"], r["ratio"]) for r in results["runs"]]
+    assert pairs == [(m, r) for m in ("prunenet", "random", "magnitude", "activation")
+                     for r in (0.25, 0.5)]
+    for run in results["runs"]:
+        assert set(run) == {"method", "ratio", "record", "evaluation"}
+        assert set(run["evaluation"]) == set(SCHEMA_KEYS)
+        assert run["evaluation"]["model"]["d_ff"] == int((1 - run["ratio"]) * 48)
+        assert 0.0 <= run["evaluation"]["zero_shot"]["tasks"]["piqa"]["value"] <= 1.0
+        assert run["evaluation"]["perplexity"]["windows"] == 2
+    # The policy is trained once, at the largest ratio, and reused at both.
+    assert results["training"]["ratio"] == 0.5
+    shas = {r["record"]["policy_sha256"] for r in results["runs"] if r["method"] == "prunenet"}
+    assert len(shas) == 1 and None not in shas
+
+    report = (out / "report.md").read_text()
+    for method in ("prunenet", "random", "magnitude", "activation"):
+        assert f"| {method} | 0.25 |" in report and f"| {method} | 0.5 |" in report
+    assert "| dense | 0 |" in report and "![perplexity](perplexity.png)" in report
+
+    for name in ("perplexity.png", "accuracy.png", "speed.png", "size.png"):
+        with Image.open(out / name) as image:
+            assert image.format == "PNG"
+            assert image.width >= 400 and image.height >= 300
+            colours = image.convert("RGB").getcolors(maxcolors=1 << 20)
+            assert colours is None or len(colours) > 10, f"{name} is (nearly) blank"
+    assert not list(tmp_path.glob(".cmp.tmp-*")), "temporary folder left behind"
+
+
+def test_compare_refuses_existing_and_unwritable_out_before_work(tmp_path):
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "keep.txt").write_text("user data")
+    with pytest.raises(OutputError, match="already exists; pass --overwrite"):
+        compare(str(tmp_path / "no-model-needed"), [0.5], "random", existing)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    with pytest.raises(OutputError, match="cannot create the folder"):
+        compare(str(tmp_path / "no-model-needed"), [0.5], "random", blocker / "out")
+    assert (existing / "keep.txt").read_text() == "user data"
+
+
+def test_unknown_method_lists_known_ones():
+    with pytest.raises(InputError, match="unknown method 'wanda'; known: prunenet, random"):
+        parse_methods("random,wanda")
+    assert parse_methods("random, magnitude,random") == ["random", "magnitude"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--tasks", "piqa,boolq"], "unknown task 'boolq'; known"),
+    (["--ppl", "not-a-corpus"], "unknown corpus 'not-a-corpus'"),
+    (["--windows", "500"], "holds \\d+ evaluation windows of 32 tokens; asked for 500"),
+    (["--ratios", "0.5,1.2"], "ratio must be in \\[0, 1\\)"),
+])
+def test_compare_bad_input_is_one_line_and_writes_nothing(tiny_llama_real_tokenizer_dir,
+                                                          text_file, tmp_path, capsys, extra,
+                                                          message):
+    out = tmp_path / "cmp"
+    argv = [*_compare_argv(tiny_llama_real_tokenizer_dir, text_file, out), *extra]
+    # argparse rejects a bad ratio itself (exit 2); the others are prunenet errors (return 2).
+    with pytest.raises(SystemExit) if extra[0] == "--ratios" else contextlib.nullcontext():
+        assert main(argv) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert errors and re.search(message, errors[-1]), errors
+    assert not out.exists()
+
+
+def test_compare_names_the_fetch_command_when_data_is_missing(tiny_llama_real_tokenizer_dir,
+                                                              text_file, tmp_path, monkeypatch):
+    monkeypatch.setenv("PRUNENET_CACHE", str(tmp_path / "empty-cache"))
+    with pytest.raises(MissingAssetError, match="prunenet fetch"):
+        compare(tiny_llama_real_tokenizer_dir, [0.5], "random", tmp_path / "out", ppl=text_file,
+                seqlen=32, windows=1, tasks="piqa", limit=1)
+    assert not (tmp_path / "out").exists()

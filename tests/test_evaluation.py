@@ -1,0 +1,218 @@
+"""Evaluation: the perplexity protocol (hand computation, BOS rule), offline lm-eval, speed, the
+JSON schema of `evaluate` and the `prunenet eval` command's bad inputs."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import pytest
+import torch
+import transformers
+
+import prunenet
+from conftest import make_tiny_model
+from prunenet.cli import main
+from prunenet.errors import InputError, MissingAssetError
+from prunenet.evaluation.corpora import TokenCorpus, load_corpus
+from prunenet.evaluation.evaluate import SCHEMA_KEYS, evaluate
+from prunenet.evaluation.speed import SpeedProtocol, measure_speed
+from prunenet.evaluation.zeroshot import TASK_DIR, TASK_METRICS, parse_tasks, zero_shot
+
+TEXT = (
+    "The river rises in the northern hills and flows south through three towns before it "
+    "reaches the sea. Its valley was settled early, and the old mills along its banks still "
+    "stand. In spring the water runs high and fast; in late summer it is slow and clear. "
+) * 6
+
+
+class WordTokenizer:
+    """A minimal tokenizer: word ``w{i}`` -> id ``i``, optionally prepending a BOS id."""
+
+    def __init__(self, bos_token_id: int | None, prepends_bos: bool) -> None:
+        self.bos_token_id = bos_token_id
+        self.prepends_bos = prepends_bos
+
+    def __call__(self, text, add_special_tokens=True, return_attention_mask=True):
+        ids = [int(word[1:]) if word[1:].isdigit() else 0 for word in text.split()]
+        if add_special_tokens and self.prepends_bos:
+            ids = [self.bos_token_id, *ids]
+
+        class Encoding:
+            input_ids = ids
+
+        return Encoding()
+
+
+def _hand_perplexity(model, token_rows: list[list[int]]) -> float:
+    """Mean next-token NLL, each prediction from a separate forward pass over its own prefix."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for row in token_rows:
+            for position in range(1, len(row)):
+                prefix = torch.tensor([row[:position]])
+                log_probs = torch.log_softmax(model(prefix).logits[0, -1].double(), dim=-1)
+                total -= float(log_probs[row[position]])
+                count += 1
+    return math.exp(total / count)
+
+
+def test_perplexity_equals_hand_computation_on_tiny_text(tiny_llama_real_tokenizer_dir, tmp_path):
+    text_file = tmp_path / "tiny.txt"
+    text_file.write_text(TEXT)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama_real_tokenizer_dir).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_llama_real_tokenizer_dir)
+    result = evaluate(model, tokenizer, ppl=str(text_file), seqlen=16, windows=3, progress=False)
+
+    ids = tokenizer(TEXT, add_special_tokens=False).input_ids
+    assert not load_corpus(str(text_file), tokenizer).bos_token_id  # SmolLM2 adds no BOS
+    rows = [ids[0:16], ids[16:32], ids[32:48]]  # the first three non-overlapping windows
+    expected = _hand_perplexity(model, rows)
+    assert result["perplexity"]["value"] == pytest.approx(expected, rel=1e-4)
+    assert result["perplexity"] | {"value": None} == {
+        "corpus": str(text_file), "seqlen": 16, "windows": 3, "bos": False, "value": None,
+    }
+
+
+def test_bos_is_prepended_only_when_the_tokenizer_expects_it(tmp_path):
+    text_file = tmp_path / "words.txt"
+    text_file.write_text(" ".join(f"w{i}" for i in range(2, 42)))  # ids 2..41
+
+    with_bos = load_corpus(str(text_file), WordTokenizer(bos_token_id=1, prepends_bos=True))
+    windows = with_bos.evaluation_windows(seqlen=5, count=3)
+    assert windows.tolist() == [[1, 2, 3, 4, 5], [1, 6, 7, 8, 9], [1, 10, 11, 12, 13]]
+
+    without = load_corpus(str(text_file), WordTokenizer(bos_token_id=1, prepends_bos=False))
+    assert without.evaluation_windows(seqlen=5, count=2).tolist() == [[2, 3, 4, 5, 6],
+                                                                      [7, 8, 9, 10, 11]]
+    # The BOS token is context only: the perplexity of a BOS window scores seqlen - 1 tokens,
+    # all of them corpus tokens.
+    model = make_tiny_model("llama")
+    result = evaluate(model, WordTokenizer(1, True), ppl=str(text_file), seqlen=5, windows=3,
+                      progress=False)
+    assert result["perplexity"]["bos"] is True
+    assert result["perplexity"]["value"] == pytest.approx(
+        _hand_perplexity(model, windows.tolist()), rel=1e-4)
+
+
+def test_evaluation_is_json_with_a_stable_schema(tiny_llama):
+    corpus = TokenCorpus("ids", torch.arange(4, 100) % 128, None)
+    result = evaluate(tiny_llama, None, ppl=corpus, seqlen=8, windows=2,
+                      speed=SpeedProtocol(prompt_tokens=8, new_tokens=2, repeats=1),
+                      progress=False)
+    assert tuple(result) == SCHEMA_KEYS
+    assert set(result["model"]) == {"source", "model_type", "num_layers", "d_model", "d_ff",
+                                    "dtype"}
+    assert set(result["size"]) == {"parameters", "ffn_parameters", "bytes_on_disk"}
+    assert set(result["perplexity"]) == {"corpus", "seqlen", "windows", "bos", "value"}
+    assert set(result["speed"]) == {"batch_size", "prompt_tokens", "new_tokens", "repeats",
+                                    "warmup", "seed", "device", "threads",
+                                    "prefill_tokens_per_s", "decode_tokens_per_s"}
+    assert result["zero_shot"] is None and result["compression"] is None
+    assert result["size"]["ffn_parameters"] == 2 * 3 * 48 * 32
+    json.dumps(result)  # JSON-able as is
+
+    skipped = evaluate(tiny_llama, None, ppl=None, progress=False)
+    assert tuple(skipped) == SCHEMA_KEYS
+    assert skipped["perplexity"] is None and skipped["speed"] is None
+
+
+def test_speed_reports_its_protocol_and_positive_rates(tiny_llama):
+    protocol = SpeedProtocol(batch_size=2, prompt_tokens=6, new_tokens=3, repeats=2, warmup=1)
+    result = measure_speed(tiny_llama, protocol)
+    assert {k: result[k] for k in ("batch_size", "prompt_tokens", "new_tokens", "repeats",
+                                   "warmup")} == {"batch_size": 2, "prompt_tokens": 6,
+                                                  "new_tokens": 3, "repeats": 2, "warmup": 1}
+    assert result["prefill_tokens_per_s"] > 0 and result["decode_tokens_per_s"] > 0
+    with pytest.raises(InputError, match="context of 64"):
+        measure_speed(tiny_llama, SpeedProtocol(prompt_tokens=60, new_tokens=8))
+    with pytest.raises(InputError, match="repeats"):
+        measure_speed(tiny_llama, SpeedProtocol(repeats=0))
+
+
+def test_lm_eval_runs_offline_on_a_tiny_model(tiny_llama_real_tokenizer_dir, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama_real_tokenizer_dir).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_llama_real_tokenizer_dir)
+    scores = zero_shot(model, tokenizer, list(TASK_METRICS), limit=3)
+    assert list(scores) == list(TASK_METRICS)
+    for name, score in scores.items():
+        assert score["metric"] == ("acc" if name == "winogrande" else "acc_norm")
+        assert score["examples"] == 3
+        # With 3 examples an accuracy is one of 0, 1/3, 2/3, 1.
+        assert 0.0 <= score["value"] <= 1.0
+        assert score["value"] * 3 == pytest.approx(round(score["value"] * 3))
+
+
+def test_shipped_tasks_read_the_cached_splits():
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=str(TASK_DIR), include_defaults=False)
+    assert set(TASK_METRICS) <= set(manager.all_subtasks)
+    tasks = manager.load(["arc_easy", "arc_challenge", "piqa", "winogrande"])["tasks"]
+    sizes = {name: len(task.validation_docs()) for name, task in tasks.items()}
+    assert sizes == {"arc_easy": 570, "arc_challenge": 299, "piqa": 1838, "winogrande": 1267}
+
+
+def test_unknown_task_lists_known_ones():
+    with pytest.raises(InputError, match="known: piqa, hellaswag, winogrande, arc_easy"):
+        parse_tasks("piqa,boolq")
+    assert parse_tasks("piqa, arc_easy,piqa") == ["piqa", "arc_easy"]
+
+
+def test_data_not_fetched_names_the_fetch_command(tiny_llama, tmp_path, monkeypatch):
+    monkeypatch.setenv("PRUNENET_CACHE", str(tmp_path / "empty-cache"))
+    with pytest.raises(MissingAssetError, match="prunenet fetch"):
+        zero_shot(tiny_llama, object(), "piqa", limit=1)
+    with pytest.raises(MissingAssetError, match="prunenet fetch"):
+        evaluate(tiny_llama, object(), ppl="wiki", seqlen=16, progress=False)
+
+
+def test_prunenet_evaluate_is_exported():
+    assert prunenet.evaluate is evaluate
+
+
+def test_eval_command_prints_a_table_and_writes_json(tiny_llama_real_tokenizer_dir, tmp_path,
+                                                     capsys):
+    text_file = tmp_path / "tiny.txt"
+    text_file.write_text(TEXT)
+    out = tmp_path / "eval" / "result.json"
+    code = main(["eval", str(tiny_llama_real_tokenizer_dir), "--ppl", str(text_file),
+                 "--seqlen", "16", "--windows", "2", "--json", str(out)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "perplexity" in printed and "bytes on disk" in printed
+    result = json.loads(out.read_text())
+    assert set(result) == set(SCHEMA_KEYS)
+    files = sum(f.stat().st_size for f in tiny_llama_real_tokenizer_dir.iterdir())
+    assert result["size"]["bytes_on_disk"] == files
+    assert result["perplexity"]["windows"] == 2
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--ppl", "no-such-corpus"], "unknown corpus 'no-such-corpus'.*named corpus \\(wiki\\)"),
+    (["--windows", "1000", "--seqlen", "16"], "holds \\d+ evaluation windows of 16 tokens"),
+    (["--tasks", "piqa,mmlu"], "unknown task 'mmlu'; known: piqa"),
+    (["--seqlen", "4096"], "exceeds the model's context of 2048"),
+])
+def test_eval_bad_input_is_one_line(tiny_llama_real_tokenizer_dir, tmp_path, capsys, argv,
+                                    message):
+    text_file = tmp_path / "tiny.txt"
+    text_file.write_text(TEXT)
+    argv = [*argv] if "--ppl" in argv else ["--ppl", str(text_file), *argv]
+    assert main(["eval", str(tiny_llama_real_tokenizer_dir), *argv]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "prunenet: error" in line]
+    assert len(errors) == 1 and re.search(message, errors[0]), errors
+
+
+def test_eval_refuses_unwritable_json_and_missing_model(tiny_llama_real_tokenizer_dir, tmp_path,
+                                                        capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    assert main(["eval", str(tiny_llama_real_tokenizer_dir), "--ppl", "none",
+                 "--json", str(blocker / "result.json")]) == 2
+    assert "cannot create the folder of --json" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path / "missing-model"), "--ppl", "none"]) == 2
+    assert "does not exist" in capsys.readouterr().err
