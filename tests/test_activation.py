@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import prunenet
+from conftest import make_tiny_model
 from prunenet.api import METHODS, select_rows
 from prunenet.calibration import (
     Calibration,
@@ -21,8 +22,6 @@ from prunenet.evaluation.corpora import TokenCorpus
 from prunenet.families import kept_count
 from prunenet.model_view import FFNView
 from prunenet.reinforce import TrainingConfig, train_policy_on_matrices
-
-from conftest import make_tiny_model
 
 
 class WordTokenizer:

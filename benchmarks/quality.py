@@ -1,0 +1,49 @@
+"""Quality benchmark (issue 3): `prunenet compare` on SmolLM2-135M-Instruct at ratios 0.1-0.4.
+
+Methods prunenet (the api defaults), random, magnitude and activation (calibration-based); the
+dense model and every (method, ratio) pair are evaluated on perplexity (the first ``--windows``
+1024-token evaluation windows of the Wikipedia sample), zero-shot PIQA, ARC-Easy (validation
+split) and WinoGrande on the first ``--limit`` examples each, and CPU speed. Writes the compare
+folder (report.md, results.json, PNGs) and prints the markdown table for benchmarks/README.md.
+
+    nice -n 10 python benchmarks/quality.py --out benchmarks/results/quality > quality.log 2>&1
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+
+from prunenet.calibration import Calibration
+from prunenet.compare import compare, results_table
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--ratios", default="0.1,0.2,0.3,0.4")
+    parser.add_argument("--methods", default="prunenet,random,magnitude,activation")
+    parser.add_argument("--tasks", default="piqa,arc_easy,winogrande")
+    parser.add_argument("--limit", type=int, default=50, help="examples per task (default: 50)")
+    parser.add_argument("--windows", type=int, default=8, help="perplexity windows (default: 8)")
+    parser.add_argument("--calibration-windows", type=int, default=8,
+                        help="activation baseline calibration windows (default: 8)")
+    parser.add_argument("--out", default="benchmarks/results/quality")
+    parser.add_argument("--overwrite", action="store_true")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+
+    start = time.perf_counter()
+    results = compare(
+        args.model, [float(r) for r in args.ratios.split(",")], args.methods, args.out,
+        windows=args.windows, tasks=args.tasks, limit=args.limit,
+        calibration=Calibration(windows=args.calibration_windows), overwrite=args.overwrite,
+        progress=False, report=lambda line: print(line, flush=True),
+    )
+    print(f"\nfinished in {time.perf_counter() - start:.0f} s; report in {args.out}/report.md\n")
+    print(results_table(results))
+
+
+if __name__ == "__main__":
+    main()
