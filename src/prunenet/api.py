@@ -30,6 +30,7 @@ from .errors import InputError
 from .families import kept_count
 from .model_view import FFNView
 from .policy import PrunePolicy, keep_probabilities, sample_rows, top_rows
+from .recording import check_record_path, first_matrix_spectra, write_run_record
 from .reinforce import TrainingConfig, TrainingResult, make_generator, train_policy_on_matrices
 from .slicing import slice_model
 
@@ -207,17 +208,22 @@ def prune(
     progress: bool = True,
     tokenizer: Any = None,
     calibration: Calibration | None = None,
+    record_dir: str | os.PathLike | None = None,
     _training: TrainingResult | None = None,
 ) -> CompressionResult:
     """Remove FFN neurons of ``model`` at ``ratio`` with a trained ``policy`` (or a baseline).
 
     The model is sliced in place. With ``out``, the result is saved atomically as a stock
-    checkpoint with ``prunenet.json``. Raises for a ratio outside [0, 1), a policy that does not
-    fit the model's FFN shapes, or an output that would overwrite a model or sit inside the input.
+    checkpoint with ``prunenet.json``. With ``record_dir``, the run's data for ``prunenet report``
+    is saved there too (:mod:`prunenet.recording`). Raises for a ratio outside [0, 1), a policy
+    that does not fit the model's FFN shapes, or an output that would overwrite a model or sit
+    inside the input.
     """
     source = None if isinstance(model, nn.Module) else str(model)
     if out is not None:
         check_output_path(out, overwrite, [source] if source else [])
+    if record_dir is not None:
+        check_record_path(record_dir, overwrite, out, [source] if source else [])
     if isinstance(policy, (str, os.PathLike)):
         policy, _ = load_policy(policy)
     model, loaded_tokenizer = _as_model(model, torch.device("cpu"), trust_remote_code)
@@ -228,6 +234,7 @@ def prune(
         policy.check_fits(view.d_model, view.d_ff)
     check_finite_weights(view)
     before = view.parameter_counts()
+    original_spectra = first_matrix_spectra(model) if record_dir is not None else None
     rows = select_rows(model, ratio, method=method, policy=policy, selection=selection,
                        seed=seed, device=device, progress=progress, tokenizer=tokenizer,
                        calibration=calibration)
@@ -242,6 +249,8 @@ def prune(
     if out is not None:
         saved = str(save_compressed(model, tokenizer, out, record, overwrite,
                                     [source] if source else []))
+    if record_dir is not None:
+        write_run_record(record_dir, model, rows, record, original_spectra, _training, overwrite)
     return CompressionResult(model, tokenizer, rows, record, policy, _training, saved)
 
 
@@ -262,16 +271,20 @@ def compress(
     trust_remote_code: bool = False,
     tokenizer: Any = None,
     calibration: Calibration | None = None,
+    record_dir: str | os.PathLike | None = None,
     **options: Any,
 ) -> CompressionResult:
     """Train a policy on ``model`` (for ``method="prunenet"``) and prune it at ``ratio``.
 
     Returns a :class:`CompressionResult` with the pruned model, kept rows, record and policy.
-    ``out``/``policy_out`` save them. ``options`` are extra :class:`TrainingConfig` fields.
+    ``out``/``policy_out`` save them; ``record_dir`` keeps the run's data for ``prunenet report``.
+    ``options`` are extra :class:`TrainingConfig` fields.
     """
     source = None if isinstance(model, nn.Module) else str(model)
     if out is not None:
         check_output_path(out, overwrite, [source] if source else [])
+    if record_dir is not None:
+        check_record_path(record_dir, overwrite, out, [source] if source else [])
     model, loaded_tokenizer = _as_model(model, torch.device("cpu"), trust_remote_code)
     tokenizer = loaded_tokenizer if tokenizer is None else tokenizer
     training = None
@@ -282,6 +295,7 @@ def compress(
         policy = training.policy
         if policy_out is not None:
             save_policy(policy, policy_out, policy_metadata(model, training))
+    original_spectra = first_matrix_spectra(model) if record_dir is not None else None
     result = prune(model, policy, ratio, method=method, selection=selection, seed=seed,
                    device=device, progress=progress, tokenizer=tokenizer,
                    calibration=calibration, _training=training)
@@ -290,6 +304,9 @@ def compress(
     if out is not None:
         result.out = str(save_compressed(result.model, tokenizer, out, result.record, overwrite,
                                          [source] if source else []))
+    if record_dir is not None:
+        write_run_record(record_dir, result.model, result.kept_rows, result.record,
+                         original_spectra, training, overwrite)
     return result
 
 

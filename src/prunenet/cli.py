@@ -131,6 +131,17 @@ def _calibration(args: argparse.Namespace):
     return Calibration(corpus=args.calibration_corpus, windows=args.calibration_windows)
 
 
+def _add_record_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--record", metavar="DIR",
+                        help="also keep the run's data (spectra, per-layer KS, kept neurons, "
+                        "training history) in this folder for `prunenet report DIR`")
+
+
+def _print_record(args: argparse.Namespace) -> None:
+    if args.record:
+        print(f"run record saved to {args.record}; draw it with `prunenet report {args.record}`")
+
+
 def run_compress(args: argparse.Namespace) -> int:
     from .api import compress
 
@@ -139,9 +150,10 @@ def run_compress(args: argparse.Namespace) -> int:
         seed=args.seed, selection=args.selection, device=args.device, out=args.out,
         policy_out=args.policy_out, overwrite=args.overwrite,
         trust_remote_code=args.trust_remote_code, calibration=_calibration(args),
-        **_training_options(args),
+        record_dir=args.record, **_training_options(args),
     )
     _print_summary(result)
+    _print_record(args)
     return 0
 
 
@@ -163,6 +175,7 @@ def add_compress(subparsers) -> None:
                         help="final choice of kept rows: seeded sample (reference) or top-k")
     parser.add_argument("--policy-out", help="also save the trained policy to this file")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    _add_record_argument(parser)
     _add_training_arguments(parser)
     _add_calibration_arguments(parser)
     parser.set_defaults(run=run_compress)
@@ -206,8 +219,9 @@ def run_prune(args: argparse.Namespace) -> int:
     result = prune(args.model, args.policy, args.ratio, method=args.method,
                    selection=args.selection, seed=args.seed, device=args.device, out=args.out,
                    overwrite=args.overwrite, trust_remote_code=args.trust_remote_code,
-                   calibration=_calibration(args))
+                   calibration=_calibration(args), record_dir=args.record)
     _print_summary(result)
+    _print_record(args)
     return 0
 
 
@@ -226,6 +240,7 @@ def add_prune(subparsers) -> None:
                                  "activation"])
     parser.add_argument("--selection", choices=["sample", "topk"], default="sample")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    _add_record_argument(parser)
     _add_calibration_arguments(parser)
     parser.set_defaults(run=run_prune)
 
@@ -378,8 +393,44 @@ def add_compare(subparsers) -> None:
     parser.set_defaults(run=run_compare)
 
 
+def layer_list(text: str) -> list[int]:
+    """argparse type for comma-separated layer indices such as ``0,10,29``."""
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated layer numbers such as 0,10,29, got {text!r}") from None
+
+
+def run_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    folder = write_report(args.run_dir, args.out, args.layers, overwrite=args.overwrite)
+    print(f"report written to {folder / 'report.md'} and {folder / 'report.html'}")
+    return 0
+
+
+def add_report(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "report", help="plots and a page about one compression run (from compress --record)",
+        description="Draw a run record written by `compress --record DIR` (or `prune --record`): "
+        "reward and mean KS per episode, per-layer KS before/after selection, singular-value CDFs "
+        "of original vs pruned first FFN matrices, kept neurons per layer; PNGs plus report.md "
+        "and a self-contained report.html.",
+    )
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="the folder given to --record")
+    parser.add_argument("--out", help="output folder (default: RUN_DIR/report; a previous "
+                        "report there is replaced)")
+    parser.add_argument("--layers", type=layer_list, default=None,
+                        help="layers whose singular-value CDFs are drawn, e.g. 0,10,29 "
+                        "(default: first, middle, last)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a non-empty --out that is not a previous report")
+    parser.set_defaults(run=run_report)
+
+
 COMMANDS: list[Callable] = [add_compress, add_train_policy, add_prune, add_fetch, add_eval,
-                            add_compare]
+                            add_compare, add_report]
 
 
 def build_parser() -> argparse.ArgumentParser:

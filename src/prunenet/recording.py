@@ -1,0 +1,138 @@
+"""The data of one compression run that ``prunenet report`` draws (``compress --record DIR``).
+
+A run record is a folder holding ``spectra.safetensors`` (the singular values of every layer's first
+FFN matrix, original and pruned) and ``record.json`` (written last, so a folder without it is not a
+finished record): the compression record, kept-neuron counts and KS statistics per layer, and the
+policy's training history when the method has one. The whole folder is written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from .checkpoints import atomic_folder, check_output_path, write_json_atomic
+from .errors import InputError, OutputError
+from .model_view import FFNView
+from .reinforce import TrainingResult
+from .spectral import ks_statistic, singular_values
+
+RUN_RECORD_FORMAT = "prunenet-run-record/1"
+RUN_RECORD_NAME = "record.json"
+SPECTRA_NAME = "spectra.safetensors"
+
+
+def first_matrix_spectra(model: nn.Module) -> list[Tensor]:
+    """Singular values (descending, fp32, on cpu) of every layer's first FFN matrix."""
+    view = FFNView(model)
+    return [singular_values(view.first_matrix(index, "cpu")) for index in range(view.num_layers)]
+
+
+def check_record_path(record_dir: str | os.PathLike, overwrite: bool,
+                      out: str | os.PathLike | None = None, inputs: list[str] = ()) -> Path:
+    """Validate ``record_dir`` before any work: writable, not clobbering, apart from ``out``."""
+    if out is not None:
+        path = Path(record_dir).expanduser().resolve()
+        out_path = Path(out).expanduser().resolve()
+        if path == out_path or out_path in path.parents or path in out_path.parents:
+            raise OutputError(
+                f"the run record {path} and the model output {out_path} must be separate "
+                "folders, neither inside the other; choose another --record"
+            )
+    return check_output_path(record_dir, overwrite, list(inputs))
+
+
+def run_record(record: dict[str, Any], kept_rows: list[Tensor], original: list[Tensor],
+               pruned: list[Tensor], training: TrainingResult | None) -> dict[str, Any]:
+    """The ``record.json`` content of a run (see the module docstring)."""
+    layers: dict[str, Any] = {
+        "kept_neurons": [int(rows.numel()) for rows in kept_rows],
+        "ks_selected": [ks_statistic(before, after) for before, after in zip(original, pruned)],
+        "ks_first_episode": training.history[0].layer_ks if training is not None else None,
+    }
+    return {
+        "format": RUN_RECORD_FORMAT,
+        "compression": record,
+        "num_layers": len(kept_rows),
+        "layers": layers,
+        "training": None if training is None else {
+            "best_episode": training.best_episode,
+            "config": vars(training.config),
+            "episodes": training.history_dicts(),
+        },
+        "spectra": SPECTRA_NAME,
+    }
+
+
+def write_run_record(record_dir: str | os.PathLike, pruned_model: nn.Module,
+                     kept_rows: list[Tensor], record: dict[str, Any], original: list[Tensor],
+                     training: TrainingResult | None = None, overwrite: bool = False) -> Path:
+    """Write the run record of ``pruned_model`` into ``record_dir`` atomically; returns its path.
+
+    ``original`` are the spectra of the model before slicing (:func:`first_matrix_spectra`),
+    ``record`` the compression record (``prunenet.json`` content). Raises :class:`OutputError`
+    when ``record_dir`` cannot be written or exists and ``overwrite`` is false.
+    """
+    pruned = first_matrix_spectra(pruned_model)
+    path = check_output_path(record_dir, overwrite)
+    tensors = {}
+    for index, (before, after) in enumerate(zip(original, pruned)):
+        tensors[f"layer.{index}.original"] = before.contiguous()
+        tensors[f"layer.{index}.pruned"] = after.contiguous()
+    with atomic_folder(path, overwrite) as staging:
+        save_file(tensors, staging / SPECTRA_NAME)
+        write_json_atomic(staging / RUN_RECORD_NAME,
+                          run_record(record, kept_rows, original, pruned, training))
+    return path
+
+
+def read_run_record(run_dir: str | os.PathLike) -> tuple[dict[str, Any], list[Tensor],
+                                                          list[Tensor]]:
+    """``(record.json content, original spectra, pruned spectra)`` of a run record folder.
+
+    Raises :class:`InputError` saying what is missing when ``run_dir`` is not a complete record.
+    """
+    folder = Path(run_dir).expanduser()
+    how = "make one with `prunenet compress MODEL --ratio R --out OUT --record DIR`"
+    if not folder.is_dir():
+        raise InputError(f"run record {folder} does not exist or is not a folder; {how}")
+    record_path = folder / RUN_RECORD_NAME
+    if not record_path.is_file():
+        hint = " (that is a compressed model: its run record is the --record folder)" if (
+            folder / "prunenet.json").exists() else ""
+        raise InputError(f"{folder} is not a prunenet run record: it has no {RUN_RECORD_NAME}"
+                         f"{hint}; {how}")
+    try:
+        data = json.loads(record_path.read_text())
+    except (OSError, ValueError) as error:
+        raise InputError(f"{record_path} is not readable JSON ({error}); {how}") from error
+    if not isinstance(data, dict) or data.get("format") != RUN_RECORD_FORMAT:
+        raise InputError(f"{record_path} is not a prunenet run record (format tag is not "
+                         f"{RUN_RECORD_FORMAT!r}); {how}")
+    missing = [key for key in ("compression", "num_layers", "layers", "training")
+               if key not in data]
+    if missing:
+        raise InputError(f"{record_path} lacks {', '.join(missing)}; the record is damaged")
+    spectra_path = folder / SPECTRA_NAME
+    if not spectra_path.is_file():
+        raise InputError(f"{folder} has {RUN_RECORD_NAME} but no {SPECTRA_NAME}; the record is "
+                         f"incomplete, {how}")
+    try:
+        tensors = load_file(str(spectra_path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+        raise InputError(f"{spectra_path} is not a readable safetensors file ({error})") from error
+    names = [f"layer.{i}.{kind}" for i in range(data["num_layers"])
+             for kind in ("original", "pruned")]
+    absent = [name for name in names if name not in tensors]
+    if absent:
+        raise InputError(f"{spectra_path} lacks {len(absent)} spectra (first: {absent[0]}); "
+                         "the record is damaged")
+    count = data["num_layers"]
+    return (data, [tensors[f"layer.{i}.original"] for i in range(count)],
+            [tensors[f"layer.{i}.pruned"] for i in range(count)])

@@ -1,0 +1,246 @@
+"""``prunenet report RUN_DIR``: plots and a page about one compression run.
+
+Reads a run record (:mod:`prunenet.recording`) and writes, atomically into one folder, PNG plots
+(training curves, per-layer KS, singular-value CDFs, kept neurons), ``report.md`` linking them and a
+self-contained ``report.html`` with the same content and the images embedded.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+from .checkpoints import atomic_folder, check_output_path
+from .errors import InputError
+from .recording import read_run_record
+
+REPORT_NAMES = ("report.md", "report.html")
+FIGURE_SIZE = (7.0, 4.2)  # inches; at DPI this gives 700 x 420 pixel PNGs
+DPI = 100
+
+
+def default_layers(num_layers: int) -> list[int]:
+    """First, middle and last layer (fewer when the model has fewer layers)."""
+    return sorted({0, num_layers // 2, num_layers - 1})
+
+
+def _check_layers(layers: Sequence[int] | None, num_layers: int) -> list[int]:
+    if layers is None:
+        return default_layers(num_layers)
+    wrong = [layer for layer in layers if not 0 <= layer < num_layers]
+    if wrong or not layers:
+        raise InputError(f"--layers must name layers 0..{num_layers - 1} of this run, got "
+                         f"{', '.join(map(str, layers)) or 'none'}")
+    return sorted(set(layers))
+
+
+def _empirical_cdf(values: Tensor) -> tuple[list[float], list[float]]:
+    ordered = values.double().sort().values
+    count = ordered.numel()
+    return ordered.tolist(), [(index + 1) / count for index in range(count)]
+
+
+def write_plots(data: dict[str, Any], original: list[Tensor], pruned: list[Tensor],
+                layers: list[int], folder: Path) -> list[str]:
+    """Write the report's PNGs into ``folder``; returns their file names in reading order."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written: list[str] = []
+
+    def save(figure, name: str) -> None:
+        figure.tight_layout()
+        figure.savefig(folder / name, dpi=DPI)
+        plt.close(figure)
+        written.append(name)
+
+    per_layer = data["layers"]
+    layer_index = list(range(data["num_layers"]))
+    training = data["training"]
+    if training is not None:
+        episodes = training["episodes"]
+        numbers = [episode["episode"] for episode in episodes]
+        best = training["best_episode"]
+        figure, (reward_axis, ks_axis) = plt.subplots(1, 2, figsize=FIGURE_SIZE)
+        for axis, key, label in ((reward_axis, "total_reward", "total reward (sum over layers)"),
+                                 (ks_axis, "mean_ks", "mean KS over layers")):
+            axis.plot(numbers, [episode[key] for episode in episodes], marker="o", markersize=3)
+            axis.axvline(best, color="tab:red", linestyle="--", label=f"best episode ({best})")
+            axis.set_xlabel("episode")
+            axis.set_title(label, fontsize=10)
+            axis.grid(alpha=0.3)
+            axis.legend(fontsize=8)
+        save(figure, "training.png")
+
+    figure, axis = plt.subplots(figsize=FIGURE_SIZE)
+    if per_layer["ks_first_episode"] is not None:
+        axis.plot(layer_index, per_layer["ks_first_episode"], marker="o", markersize=3,
+                  label="before: untrained policy (episode 0)")
+    axis.plot(layer_index, per_layer["ks_selected"], marker="o", markersize=3,
+              label=f"after: final selection ({data['compression']['method']})")
+    axis.set_xlabel("layer")
+    axis.set_ylabel("KS statistic (lower keeps the spectrum)")
+    axis.set_title("KS distance of each layer's pruned to original spectrum", fontsize=10)
+    axis.set_ylim(bottom=0)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    save(figure, "layer_ks.png")
+
+    figure, axes = plt.subplots(1, len(layers), figsize=FIGURE_SIZE, squeeze=False, sharey=True)
+    for axis, layer in zip(axes[0], layers):
+        for values, label in ((original[layer], f"original ({original[layer].numel()})"),
+                              (pruned[layer], f"pruned ({pruned[layer].numel()})")):
+            x, y = _empirical_cdf(values)
+            axis.step(x, y, where="post", label=label)
+        axis.set_title(f"layer {layer}: KS {per_layer['ks_selected'][layer]:.3f}", fontsize=10)
+        axis.set_xlabel("singular value")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7, loc="lower right")
+    axes[0][0].set_ylabel("empirical CDF")
+    save(figure, "spectra.png")
+
+    compression = data["compression"]
+    figure, axis = plt.subplots(figsize=FIGURE_SIZE)
+    axis.bar(layer_index, per_layer["kept_neurons"], color="tab:blue", label="kept")
+    axis.axhline(compression["ffn_width_before"], color="tab:gray", linestyle="--",
+                 label=f"original width ({compression['ffn_width_before']})")
+    axis.set_xlabel("layer")
+    axis.set_ylabel("FFN neurons")
+    axis.set_title(f"kept FFN neurons per layer (ratio {compression['ratio']:g})", fontsize=10)
+    axis.set_ylim(0, compression["ffn_width_before"] * 1.12)
+    axis.legend(fontsize=8, loc="upper right")
+    save(figure, "kept_neurons.png")
+    return written
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values)
+
+
+def summary_lines(data: dict[str, Any]) -> list[str]:
+    """Markdown bullet lines: what was compressed, how, and what it gave."""
+    c = data["compression"]
+    per_layer = data["layers"]
+    lines = [
+        f"- Model: {c.get('source') or 'an in-memory model'}; method **{c['method']}**"
+        + (f" (selection {c['selection']})" if c.get("selection") else "")
+        + f", ratio {c['ratio']:g}, seed {c['seed']}, prunenet {c['prunenet_version']}.",
+        f"- FFN width {c['ffn_width_before']} -> {c['ffn_width_after']} in each of "
+        f"{data['num_layers']} layers; parameters {c['parameters_before']:,} -> "
+        f"{c['parameters_after']:,} (-{100 * c['parameter_reduction']:.1f}%), FFN parameters "
+        f"{c['ffn_parameters_before']:,} -> {c['ffn_parameters_after']:,}.",
+        f"- Final selection: mean KS over layers {_mean(per_layer['ks_selected']):.4f} "
+        f"(min {min(per_layer['ks_selected']):.4f}, max {max(per_layer['ks_selected']):.4f}).",
+    ]
+    training = data["training"]
+    if training is not None:
+        episodes = training["episodes"]
+        best = episodes[training["best_episode"]]
+        lines.append(
+            f"- Policy training: {len(episodes)} episodes (lr {training['config']['lr']:g}, "
+            f"reward {training['config']['reward']}); mean KS {episodes[0]['mean_ks']:.4f} in "
+            f"episode 0, {best['mean_ks']:.4f} in the best episode {best['episode']} (total "
+            f"reward {best['total_reward']:.4g}), {episodes[-1]['mean_ks']:.4f} in the last."
+        )
+    else:
+        lines.append(f"- No policy training: {c['method']} selects neurons directly.")
+    return lines
+
+
+def layer_table(data: dict[str, Any]) -> list[str]:
+    """Markdown table: per layer, kept neurons and KS before/after selection."""
+    per_layer = data["layers"]
+    before = per_layer["ks_first_episode"]
+    header = "| layer | kept neurons | KS untrained policy (episode 0) | KS final selection |"
+    lines = [header, "|---|---|---|---|"]
+    for layer in range(data["num_layers"]):
+        untrained = "-" if before is None else f"{before[layer]:.4f}"
+        lines.append(f"| {layer} | {per_layer['kept_neurons'][layer]} | {untrained} | "
+                     f"{per_layer['ks_selected'][layer]:.4f} |")
+    return lines
+
+
+CAPTIONS = {
+    "training.png": "Total reward and mean KS per training episode.",
+    "layer_ks.png": "Per-layer KS statistic before (untrained policy) and after selection.",
+    "spectra.png": "Singular-value CDFs of the first FFN matrix, original vs pruned.",
+    "kept_neurons.png": "Kept FFN neurons per layer.",
+}
+
+
+def render_markdown(data: dict[str, Any], plots: Sequence[str]) -> str:
+    """``report.md``: the summary, the plots (relative links) and the per-layer table."""
+    title = f"prunenet run report: {data['compression']['method']} at ratio " \
+            f"{data['compression']['ratio']:g}"
+    lines = [f"# {title}", "", *summary_lines(data), "", "## Plots", ""]
+    for name in plots:
+        lines += [f"![{CAPTIONS[name]}]({name})", "", f"*{CAPTIONS[name]}*", ""]
+    lines += ["## Per layer", "", *layer_table(data)]
+    return "\n".join(lines) + "\n"
+
+
+def _inline_markdown(text: str) -> str:
+    escaped = html.escape(text)
+    parts = escaped.split("**")
+    return "".join(f"<b>{part}</b>" if index % 2 else part for index, part in enumerate(parts))
+
+
+def render_html(data: dict[str, Any], plots: Sequence[str], folder: Path) -> str:
+    """``report.html``: the same content as the markdown, images embedded as base64 PNG."""
+    c = data["compression"]
+    title = html.escape(f"prunenet run report: {c['method']} at ratio {c['ratio']:g}")
+    body = [f"<h1>{title}</h1>", "<ul>"]
+    body += [f"<li>{_inline_markdown(line[2:])}</li>" for line in summary_lines(data)]
+    body += ["</ul>", "<h2>Plots</h2>"]
+    for name in plots:
+        encoded = base64.b64encode((folder / name).read_bytes()).decode("ascii")
+        caption = html.escape(CAPTIONS[name])
+        body.append(f'<figure><img src="data:image/png;base64,{encoded}" alt="{caption}">'
+                    f"<figcaption>{caption}</figcaption></figure>")
+    rows = layer_table(data)
+    header = [cell.strip() for cell in rows[0].strip("|").split("|")]
+    body += ["<h2>Per layer</h2>", "<table>",
+             "<tr>" + "".join(f"<th>{html.escape(cell)}</th>" for cell in header) + "</tr>"]
+    for row in rows[2:]:
+        cells = [cell.strip() for cell in row.strip("|").split("|")]
+        body.append("<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in cells) + "</tr>")
+    body.append("</table>")
+    style = ("body{font-family:sans-serif;max-width:60em;margin:2em auto;padding:0 1em}"
+             "img{max-width:100%}table{border-collapse:collapse}"
+             "td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}")
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<title>{title}</title><style>{style}</style></head><body>\n"
+            + "\n".join(body) + "\n</body></html>\n")
+
+
+def _is_previous_report(folder: Path) -> bool:
+    return folder.is_dir() and all((folder / name).is_file() for name in REPORT_NAMES)
+
+
+def write_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = None,
+                 layers: Sequence[int] | None = None, overwrite: bool = False) -> Path:
+    """Write the report of the run record ``run_dir`` into ``out`` (default ``RUN_DIR/report``).
+
+    ``layers`` picks the layers whose singular-value CDFs are drawn (default: first, middle,
+    last). A previous report in ``out`` is replaced; any other non-empty folder only with
+    ``overwrite``. Returns the output folder. Raises :class:`InputError` for a folder that is not a
+    run record or layers it does not have, :class:`OutputError` for an unwritable output.
+    """
+    data, original, pruned = read_run_record(run_dir)
+    chosen = _check_layers(layers, data["num_layers"])
+    target = Path(run_dir).expanduser() / "report" if out is None else Path(out).expanduser()
+    replace = overwrite or _is_previous_report(target)
+    target = check_output_path(target, replace)
+    with atomic_folder(target, replace) as staging:
+        plots = write_plots(data, original, pruned, chosen, staging)
+        (staging / "report.md").write_text(render_markdown(data, plots))
+        (staging / "report.html").write_text(render_html(data, plots, staging))
+    return target

@@ -1,0 +1,197 @@
+"""Run records (`compress --record`) and `prunenet report` on tiny models."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import prunenet
+from conftest import FFN, HIDDEN, LAYERS, make_tiny_model
+from prunenet.baselines import magnitude_rows
+from prunenet.checkpoints import RECORD_NAME, read_record
+from prunenet.cli import main
+from prunenet.errors import InputError, OutputError
+from prunenet.families import kept_count
+from prunenet.model_view import FFNView
+from prunenet.recording import RUN_RECORD_NAME, SPECTRA_NAME, read_run_record
+from prunenet.report import DPI, FIGURE_SIZE, write_report
+from prunenet.spectral import ks_statistic, singular_values
+
+TRAINING_PLOTS = {"training.png", "layer_ks.png", "spectra.png", "kept_neurons.png"}
+
+
+@pytest.fixture(scope="module")
+def prunenet_run(tmp_path_factory):
+    """A PruneNet compress of the tiny LLaMA at 0.25 with --out and --record."""
+    folder = tmp_path_factory.mktemp("prunenet-run")
+    result = prunenet.compress(make_tiny_model("llama"), 0.25, episodes=3, device="cpu",
+                               progress=False, out=folder / "model", record_dir=folder / "record")
+    return result, folder / "record", folder / "model"
+
+
+@pytest.fixture(scope="module")
+def magnitude_run(tmp_path_factory):
+    """A magnitude-baseline prune of the tiny LLaMA at 0.5 with a record and no model output."""
+    folder = tmp_path_factory.mktemp("magnitude-run")
+    result = prunenet.prune(make_tiny_model("llama"), None, 0.5, method="magnitude",
+                            device="cpu", progress=False, record_dir=folder / "record")
+    return result, folder / "record"
+
+
+def _recorded(record_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    return (json.loads((record_dir / RUN_RECORD_NAME).read_text()),
+            load_file(str(record_dir / SPECTRA_NAME)))
+
+
+def test_record_holds_exactly_the_runs_data(prunenet_run):
+    result, record_dir, model_dir = prunenet_run
+    assert sorted(p.name for p in record_dir.iterdir()) == [RUN_RECORD_NAME, SPECTRA_NAME]
+    data, spectra = _recorded(record_dir)
+    assert data["format"] == "prunenet-run-record/1"
+    assert data["num_layers"] == LAYERS
+    # The compression record is the prunenet.json of the saved model, byte for byte in content.
+    assert data["compression"] == read_record(model_dir) == json.loads(
+        json.dumps(result.record))
+    assert data["layers"]["kept_neurons"] == [kept_count(FFN, 0.25)] * LAYERS
+    original = FFNView(make_tiny_model("llama"))
+    pruned = FFNView(result.model)
+    assert set(spectra) == {f"layer.{i}.{kind}" for i in range(LAYERS)
+                            for kind in ("original", "pruned")}
+    for layer in range(LAYERS):
+        saved_original = spectra[f"layer.{layer}.original"]
+        saved_pruned = spectra[f"layer.{layer}.pruned"]
+        assert saved_original.shape == (HIDDEN,)
+        assert saved_pruned.shape == (min(kept_count(FFN, 0.25), HIDDEN),)
+        torch.testing.assert_close(saved_original, singular_values(original.first_matrix(layer)))
+        torch.testing.assert_close(saved_pruned, singular_values(pruned.first_matrix(layer)))
+        assert data["layers"]["ks_selected"][layer] == ks_statistic(saved_original, saved_pruned)
+    training = result.training
+    assert data["training"]["best_episode"] == training.best_episode
+    assert data["training"]["episodes"] == json.loads(json.dumps(training.history_dicts()))
+    assert [e["episode"] for e in data["training"]["episodes"]] == [0, 1, 2]
+    assert data["layers"]["ks_first_episode"] == training.history[0].layer_ks
+    assert data["training"]["config"]["ratio"] == 0.25
+
+
+def test_baseline_record_has_no_training_and_matches_its_rows(magnitude_run):
+    result, record_dir = magnitude_run
+    data, spectra = _recorded(record_dir)
+    assert data["training"] is None
+    assert data["layers"]["ks_first_episode"] is None
+    assert data["compression"]["method"] == "magnitude"
+    fresh = make_tiny_model("llama")
+    view = FFNView(fresh)
+    expected_rows = magnitude_rows(view, kept_count(FFN, 0.5))
+    assert data["layers"]["kept_neurons"] == [kept_count(FFN, 0.5)] * LAYERS
+    for layer, rows in enumerate(expected_rows):
+        torch.testing.assert_close(result.kept_rows[layer], rows)
+        sliced = view.first_matrix(layer).index_select(0, rows)
+        torch.testing.assert_close(spectra[f"layer.{layer}.pruned"], singular_values(sliced))
+        assert spectra[f"layer.{layer}.pruned"].shape == (kept_count(FFN, 0.5),)
+
+
+def test_record_path_is_checked_before_any_work(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(OutputError, match="separate folders"):
+        prunenet.compress(make_tiny_model("llama"), 0.25, episodes=1, device="cpu",
+                          progress=False, out=out, record_dir=out / "record")
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "keep.txt").write_text("x")
+    with pytest.raises(OutputError, match="already exists"):
+        prunenet.prune(make_tiny_model("llama"), None, 0.5, method="random", progress=False,
+                       record_dir=taken)
+    assert not out.exists()
+    assert (taken / "keep.txt").read_text() == "x"
+
+
+def _check_png(path: Path) -> None:
+    image = Image.open(path)
+    assert image.size == (int(FIGURE_SIZE[0] * DPI), int(FIGURE_SIZE[1] * DPI))
+    colours = image.convert("RGB").getcolors(maxcolors=1 << 20)
+    assert len(colours) > 10  # lines, text and axes: far more than a blank canvas
+
+
+def test_report_writes_plots_and_pages(prunenet_run):
+    _, record_dir, _ = prunenet_run
+    folder = write_report(record_dir)
+    assert folder == record_dir / "report"
+    assert {p.name for p in folder.iterdir()} == TRAINING_PLOTS | {"report.md", "report.html"}
+    for name in TRAINING_PLOTS:
+        _check_png(folder / name)
+    markdown = (folder / "report.md").read_text()
+    assert set(re.findall(r"\]\(([\w.]+\.png)\)", markdown)) == TRAINING_PLOTS
+    data, _, _ = read_run_record(record_dir)
+    for layer in range(LAYERS):
+        assert f"| {layer} | {kept_count(FFN, 0.25)} | " in markdown
+        assert f"{data['layers']['ks_selected'][layer]:.4f} |" in markdown
+    page = (folder / "report.html").read_text()
+    embedded = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
+    assert sorted(base64.b64decode(image) for image in embedded) == sorted(
+        (folder / name).read_bytes() for name in TRAINING_PLOTS)
+    # A second report replaces the first one (it is a previous report, not user data).
+    assert write_report(record_dir, layers=[1]) == folder
+
+
+def test_report_of_a_baseline_has_no_training_plot(magnitude_run, tmp_path):
+    _, record_dir = magnitude_run
+    folder = write_report(record_dir, tmp_path / "pages", layers=[0])
+    names = {p.name for p in folder.iterdir()}
+    assert names == TRAINING_PLOTS - {"training.png"} | {"report.md", "report.html"}
+    for name in names - {"report.md", "report.html"}:
+        _check_png(folder / name)
+    assert "No policy training: magnitude" in (folder / "report.md").read_text()
+
+
+def test_not_a_record_says_what_is_missing(tmp_path, prunenet_run):
+    _, record_dir, model_dir = prunenet_run
+    with pytest.raises(InputError, match="does not exist"):
+        write_report(tmp_path / "nowhere")
+    with pytest.raises(InputError, match=f"no {RUN_RECORD_NAME}.*compressed model"):
+        write_report(model_dir)
+    assert (model_dir / RECORD_NAME).exists() and not (model_dir / "report").exists()
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    (partial / RUN_RECORD_NAME).write_text((record_dir / RUN_RECORD_NAME).read_text())
+    with pytest.raises(InputError, match=f"no {SPECTRA_NAME}"):
+        write_report(partial)
+    (partial / RUN_RECORD_NAME).write_text('{"format": "something-else"}')
+    with pytest.raises(InputError, match="format tag"):
+        write_report(partial)
+    with pytest.raises(InputError, match=r"layers 0\.\.1"):
+        write_report(record_dir, tmp_path / "out", layers=[0, 5])
+
+
+def test_report_output_must_be_writable_and_not_user_data(prunenet_run, tmp_path):
+    _, record_dir, _ = prunenet_run
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    with pytest.raises(OutputError, match="cannot create"):
+        write_report(record_dir, blocker / "report")
+    user_data = tmp_path / "mine"
+    user_data.mkdir()
+    (user_data / "notes.txt").write_text("keep")
+    with pytest.raises(OutputError, match="--overwrite"):
+        write_report(record_dir, user_data)
+    assert [p.name for p in user_data.iterdir()] == ["notes.txt"]
+
+
+def test_cli_compress_record_then_report(tiny_llama_dir, tmp_path, capsys):
+    record = tmp_path / "record"
+    assert main(["-q", "compress", str(tiny_llama_dir), "--ratio", "0.5", "--episodes", "2",
+                 "--device", "cpu", "--out", str(tmp_path / "model"), "--record",
+                 str(record)]) == 0
+    data, _, _ = read_run_record(record)
+    assert data["compression"]["source"] == str(tiny_llama_dir)
+    assert len(data["training"]["episodes"]) == 2
+    assert main(["-q", "report", str(record), "--layers", "1"]) == 0
+    assert (record / "report" / "report.html").is_file()
+    assert main(["-q", "report", str(tmp_path / "model")]) == 2
+    assert "not a prunenet run record" in capsys.readouterr().err
