@@ -207,7 +207,7 @@ def test_eval_bad_input_is_one_line(tiny_llama_real_tokenizer_dir, tmp_path, cap
     assert len(errors) == 1 and re.search(message, errors[0]), errors
 
 
-def test_eval_refuses_unwritable_json_and_missing_model(tiny_llama_real_tokenizer_dir, tmp_path,
+def test_eval_refuses_unwritable_json_and_unloadable_models(tiny_llama_real_tokenizer_dir, tmp_path,
                                                         capsys):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
@@ -216,3 +216,8 @@ def test_eval_refuses_unwritable_json_and_missing_model(tiny_llama_real_tokenize
     assert "cannot create the folder of --json" in capsys.readouterr().err
     assert main(["eval", str(tmp_path / "missing-model"), "--ppl", "none"]) == 2
     assert "does not exist" in capsys.readouterr().err
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "llama"')
+    assert main(["eval", str(broken), "--ppl", "none"]) == 2
+    assert "is not a readable model" in capsys.readouterr().err
