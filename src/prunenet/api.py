@@ -1,14 +1,15 @@
 """The verbs: train_policy(), prune(), compress().
 
-load a model -> see its FFNs through a family entry -> train (or load) a policy -> select rows ->
-slice -> save. Each verb accepts a loaded transformers model or anything ``load_model_and_tokenizer``
-accepts (folder, GGUF file, alias, Hub id).
+load a model -> see its FFNs through a family entry -> train (or load) a policy ->
+select rows -> slice -> save. Each verb accepts a loaded transformers model or anything
+``load_model_and_tokenizer`` accepts (folder, GGUF file, alias, Hub id).
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,6 +24,7 @@ from .checkpoints import (
     load_model_and_tokenizer,
     load_policy,
     policy_checksum,
+    resolve_source,
     save_compressed,
     save_policy,
 )
@@ -82,12 +84,15 @@ def train_policy(
     seed: int = 42,
     device: str | torch.device = "auto",
     progress: bool = True,
+    state_path: str | os.PathLike | None = None,
+    resume: bool = False,
     **options: Any,
 ) -> TrainingResult:
     """Train a PruneNet policy on ``model``'s FFN weights at compression ``ratio``.
 
     ``options`` are further :class:`TrainingConfig` fields (gamma, reward, reward_to_go, baseline,
-    kld, clip_norm, spectral). Returns a :class:`TrainingResult` (best policy plus history).
+    kld, clip_norm, spectral). ``state_path`` keeps the training state after every episode so
+    that ``resume=True`` continues an interrupted run. Returns a :class:`TrainingResult`.
     """
     config = TrainingConfig(ratio=ratio, episodes=episodes, lr=lr, seed=seed, **options)
     config.validate()
@@ -97,7 +102,14 @@ def train_policy(
     kept_count(view.d_ff, ratio)
     check_finite_weights(view)
     matrices = [view.first_matrix(i, run_device) for i in range(view.num_layers)]
-    return train_policy_on_matrices(matrices, config, progress=progress)
+    return train_policy_on_matrices(matrices, config, progress=progress, state_path=state_path,
+                                    resume=resume)
+
+
+def training_state_path(output: str | os.PathLike) -> Path:
+    """Where a run writing ``output`` keeps its resumable training state: a sibling file."""
+    output = Path(output).expanduser()
+    return output.with_name(output.name + ".train-state.pt")
 
 
 def select_rows(
@@ -220,6 +232,8 @@ def prune(
     inside the input.
     """
     source = None if isinstance(model, nn.Module) else str(model)
+    if source is not None:
+        resolve_source(source)  # a missing or non-model input fails before anything else
     if out is not None:
         check_output_path(out, overwrite, [source] if source else [])
     if record_dir is not None:
@@ -267,6 +281,7 @@ def compress(
     out: str | os.PathLike | None = None,
     policy_out: str | os.PathLike | None = None,
     overwrite: bool = False,
+    resume: bool = False,
     progress: bool = True,
     trust_remote_code: bool = False,
     tokenizer: Any = None,
@@ -281,6 +296,8 @@ def compress(
     ``options`` are extra :class:`TrainingConfig` fields.
     """
     source = None if isinstance(model, nn.Module) else str(model)
+    if source is not None:
+        resolve_source(source)  # a missing or non-model input fails before anything else
     if out is not None:
         check_output_path(out, overwrite, [source] if source else [])
     if record_dir is not None:
@@ -289,9 +306,12 @@ def compress(
     tokenizer = loaded_tokenizer if tokenizer is None else tokenizer
     training = None
     policy = None
+    state_path = None
     if method == "prunenet":
+        state_path = training_state_path(out or policy_out) if (out or policy_out) else None
         training = train_policy(model, ratio, episodes=episodes, lr=lr, seed=seed, device=device,
-                                progress=progress, **options)
+                                progress=progress, state_path=state_path, resume=resume,
+                                **options)
         policy = training.policy
         if policy_out is not None:
             save_policy(policy, policy_out, policy_metadata(model, training))
@@ -307,6 +327,8 @@ def compress(
     if record_dir is not None:
         write_run_record(record_dir, result.model, result.kept_rows, result.record,
                          original_spectra, training, overwrite)
+    if training is not None and state_path is not None:
+        state_path.unlink(missing_ok=True)  # the run finished: nothing left to resume
     return result
 
 

@@ -9,6 +9,7 @@ runs only when the caller asks for it.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -28,6 +29,7 @@ from .policy import PrunePolicy
 
 RECORD_NAME = "prunenet.json"
 POLICY_FORMAT = "prunenet-policy/1"
+POLICY_HEADER_KEY = "prunenet"
 MODEL_ALIASES = {"smollm2-135m": "the default real model, SmolLM2-135M-Instruct (prunenet fetch)"}
 
 
@@ -48,6 +50,8 @@ def resolve_source(source: str | os.PathLike) -> tuple[str, str | None]:
             return str(path.parent), path.name
         raise InputError(f"{path} is a file but not a .gguf; pass a model folder or a GGUF file")
     if path.is_dir():
+        if ".tmp-" in path.name and path.name.startswith("."):
+            raise InputError(f"{path} is an unfinished prunenet output (interrupted); delete it")
         if (path / "config.json").exists():
             return str(path), None
         ggufs = sorted(path.glob("*.gguf"))
@@ -69,11 +73,96 @@ def _hub_error(source: str, error: Exception) -> InputError:
     )
 
 
+_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2,
+                "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+_MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
+
+
+def validate_safetensors(path: Path) -> None:
+    """Check a safetensors file's header against its size before anything maps it.
+
+    Rejects (with :class:`InputError` naming the file) a truncated file, a header that does not
+    parse, and tensors whose declared shape and dtype do not match their byte ranges or point past
+    the end of the file, so lying headers never cause a crash or a huge allocation.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            raise InputError(f"{path} is truncated: {size} bytes, not a safetensors file")
+        header_length = int.from_bytes(prefix, "little")
+        if header_length > min(_MAX_HEADER_BYTES, size - 8):
+            raise InputError(f"{path}: header claims {header_length} bytes, file has {size}; "
+                             "the file is truncated or not safetensors")
+        try:
+            header = json.loads(handle.read(header_length))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise InputError(f"{path}: unreadable safetensors header ({error})") from error
+    data_bytes = size - 8 - header_length
+    if not isinstance(header, dict):
+        raise InputError(f"{path}: safetensors header is not a JSON object")
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (start, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+            count = 1
+            for dimension in shape:
+                if int(dimension) < 0:
+                    raise ValueError("negative dimension")
+                count *= int(dimension)
+            expected = count * _DTYPE_BYTES[dtype]
+        except (KeyError, TypeError, ValueError) as error:
+            raise InputError(f"{path}: tensor {name!r} has a malformed header entry") from error
+        if end - start != expected or not 0 <= start <= end <= data_bytes:
+            raise InputError(
+                f"{path}: tensor {name!r} declares shape {shape} {dtype} ({expected} bytes) at "
+                f"[{start}, {end}) but the file holds {data_bytes} data bytes; "
+                "the file is truncated or its header lies"
+            )
+
+
+def validate_gguf(path: Path) -> None:
+    """Parse a GGUF file's header and tensor table; a damaged file is an :class:`InputError`."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+        size = path.stat().st_size
+        for tensor in reader.tensors:
+            if tensor.data_offset + tensor.n_bytes > size:
+                raise ValueError(f"tensor {tensor.name} extends past the end of the file")
+    except (ValueError, IndexError, KeyError, OverflowError, MemoryError) as error:
+        raise InputError(f"{path} is not a valid GGUF file ({error})") from error
+
+
+def validate_weight_files(folder: Path) -> None:
+    """Check every safetensors file of a local model folder, and its shard index if any.
+
+    Shard names in ``model.safetensors.index.json`` must be plain file names inside ``folder``.
+    """
+    index_file = folder / "model.safetensors.index.json"
+    if index_file.exists():
+        try:
+            weight_map = json.loads(index_file.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise InputError(f"{index_file} is not a valid shard index ({error})") from error
+        for shard in sorted(set(weight_map.values())):
+            if Path(shard).name != shard or shard in ("", ".", ".."):
+                raise InputError(f"{index_file} names shard {shard!r} outside the model folder")
+            if not (folder / shard).is_file():
+                raise InputError(f"{index_file} names shard {shard}, which is missing")
+    for file in sorted(folder.glob("*.safetensors")):
+        validate_safetensors(file)
+
+
 def load_config(source: str | os.PathLike, trust_remote_code: bool = False):
     """The transformers config of ``source``, with its family checked before any weight loads."""
     from transformers import AutoConfig
 
     folder, gguf_file = resolve_source(source)
+    if gguf_file is not None:
+        validate_gguf(Path(folder) / gguf_file)
     try:
         config = AutoConfig.from_pretrained(
             folder, gguf_file=gguf_file, trust_remote_code=trust_remote_code
@@ -102,6 +191,8 @@ def load_model_and_tokenizer(
 
     folder, gguf_file = resolve_source(source)
     load_config(source, trust_remote_code)
+    if Path(folder).is_dir() and gguf_file is None:
+        validate_weight_files(Path(folder))
     if gguf_file is not None and dtype == "auto":
         dtype = torch.float32
     try:
@@ -185,18 +276,36 @@ def atomic_folder(out: Path, overwrite: bool = False) -> Iterator[Path]:
     try:
         yield staging
         os.chmod(staging, 0o755)
-        if out.exists():
-            if any(out.iterdir()) and not overwrite:
-                raise OutputError(f"output {out} appeared while this run was writing; not replaced")
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.rename(out, old / "previous")
-            os.rename(staging, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(staging, out)
+        with _output_lock(out):  # two runs finishing at once: one wins, the other errors
+            if out.exists():
+                if any(out.iterdir()) and not overwrite:
+                    raise OutputError(
+                        f"output {out} was written by another run while this one worked; "
+                        "not replaced (pass --overwrite to replace it)"
+                    )
+                old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+                os.rename(out, old / "previous")
+                os.rename(staging, out)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.rename(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def _output_lock(out: Path) -> Iterator[None]:
+    """An exclusive flock on ``.NAME.lock`` beside ``out`` while the output is put in place."""
+    lock_path = out.parent / f".{out.name}.lock"
+    with open(lock_path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+            with contextlib.suppress(FileNotFoundError):
+                lock_path.unlink()
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -264,13 +373,14 @@ def save_policy(policy: PrunePolicy, path: str | os.PathLike, metadata: dict[str
             f"policy output {path} is a folder; give a file name (e.g. policy.safetensors)"
         )
     path.parent.mkdir(parents=True, exist_ok=True)
-    header = {
+    # One header key: safetensors writes several in a random order, breaking byte-identity.
+    header = {POLICY_HEADER_KEY: json.dumps({
         "format": POLICY_FORMAT,
-        "d_model": str(policy.d_model),
-        "d_ff": str(policy.d_ff),
+        "d_model": policy.d_model,
+        "d_ff": policy.d_ff,
         "checksum": policy_checksum(policy),
-        "metadata": json.dumps(metadata, sort_keys=True),
-    }
+        "metadata": metadata,
+    }, sort_keys=True)}
     tensors = {
         name: tensor.detach().cpu().contiguous() for name, tensor in policy.state_dict().items()
     }
@@ -306,12 +416,17 @@ def load_policy(path: str | os.PathLike) -> tuple[PrunePolicy, dict[str, Any]]:
             f"{path} is not a readable safetensors policy file ({error}); "
             "policies are saved by `prunenet train-policy`"
         ) from error
-    if header.get("format") != POLICY_FORMAT:
+    try:
+        header = json.loads(header[POLICY_HEADER_KEY])
+        is_policy = header.get("format") == POLICY_FORMAT
+    except (KeyError, ValueError, AttributeError):
+        is_policy = False
+    if not is_policy:
         raise InputError(f"{path} is a safetensors file but not a prunenet policy (no format tag)")
     try:
         d_model, d_ff = int(header["d_model"]), int(header["d_ff"])
-        metadata = json.loads(header.get("metadata", "{}"))
-    except (KeyError, ValueError) as error:
+        metadata = dict(header.get("metadata", {}))
+    except (KeyError, ValueError, TypeError) as error:
         raise InputError(f"{path}: damaged policy header ({error})") from error
     expected = {"projection": (d_ff, d_model), "bias": (d_ff,), "row_weights": (d_ff,)}
     shapes = {name: tuple(tensor.shape) for name, tensor in tensors.items()}

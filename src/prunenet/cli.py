@@ -91,6 +91,9 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--kld", action="store_true", help="add the reference's --use_kld term")
     group.add_argument("--spectral", choices=["gram", "svd"], default="gram",
                        help="singular values by Gram downdate (fast, default) or svdvals")
+    group.add_argument("--resume", action="store_true",
+                       help="continue an interrupted run from its last complete episode (state "
+                       "kept in OUT.train-state.pt); ends as an uninterrupted run would")
 
 
 def _training_options(args: argparse.Namespace) -> dict:
@@ -101,6 +104,7 @@ def _training_options(args: argparse.Namespace) -> dict:
         "baseline": args.baseline,
         "kld": args.kld,
         "spectral": args.spectral,
+        "resume": args.resume,
     }
 
 
@@ -182,17 +186,20 @@ def add_compress(subparsers) -> None:
 
 
 def run_train_policy(args: argparse.Namespace) -> int:
-    from .api import policy_metadata, train_policy
-    from .checkpoints import load_model_and_tokenizer, save_policy
-
     from pathlib import Path
+
+    from .api import policy_metadata, train_policy, training_state_path
+    from .checkpoints import load_model_and_tokenizer, save_policy
 
     if Path(args.out).exists() and not args.overwrite:
         raise InputError(f"policy file {args.out} already exists; pass --overwrite to replace it")
     model, _ = load_model_and_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
+    state_path = training_state_path(args.out)
     training = train_policy(model, args.ratio, episodes=args.episodes, lr=args.lr,
-                            seed=args.seed, device=args.device, **_training_options(args))
+                            seed=args.seed, device=args.device, state_path=state_path,
+                            **_training_options(args))
     save_policy(training.policy, args.out, policy_metadata(model, training))
+    state_path.unlink(missing_ok=True)
     best = training.history[training.best_episode]
     print(f"best episode {best.episode}: total reward {best.total_reward:.4g}, "
           f"mean KS {best.mean_ks:.4f}; policy saved to {args.out}")

@@ -8,9 +8,12 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import os
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -124,6 +127,42 @@ def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
     return generator
 
 
+# Settings that must agree between an interrupted run and its resumption.
+_RESUME_FIELDS = ("ratio", "lr", "seed", "gamma", "reward", "reward_to_go", "baseline", "kld",
+                  "clip_norm", "spectral")
+
+
+def _save_state(path: Path, state: dict) -> None:
+    """Write the training state atomically (tmp file + rename): a reader never sees half."""
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    os.close(handle)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _load_state(path: Path, config: TrainingConfig, shapes: tuple[int, int]) -> dict:
+    try:
+        state = torch.load(path, weights_only=True)  # tensors and plain values only, no pickles
+    except Exception as error:  # noqa: BLE001  (any failure means an unusable state file)
+        raise InputError(
+            f"cannot resume from {path}: not a readable training state ({error})"
+        ) from error
+    saved = state.get("config", {})
+    different = [name for name in _RESUME_FIELDS if saved.get(name) != getattr(config, name)]
+    if tuple(state.get("shapes", ())) != shapes:
+        different.append("model FFN shapes")
+    if different:
+        raise InputError(
+            f"cannot resume from {path}: it was trained with different {', '.join(different)}; "
+            "rerun with the same settings, or without --resume to start afresh"
+        )
+    return state
+
+
 def train_policy_on_matrices(
     first_matrices: Sequence[Tensor],
     config: TrainingConfig,
@@ -131,6 +170,8 @@ def train_policy_on_matrices(
     policy: PrunePolicy | None = None,
     progress: bool = True,
     on_episode: Callable[[EpisodeRecord, PrunePolicy], None] | None = None,
+    state_path: str | os.PathLike | None = None,
+    resume: bool = False,
 ) -> TrainingResult:
     """Train a policy by REINFORCE on the first FFN matrices of every layer (all d_ff x d_model).
 
@@ -138,6 +179,10 @@ def train_policy_on_matrices(
     the KS distance of its singular values to the original's, then takes one AdamW step per layer
     on ``-(sum log p_kept) * return``. Returns the policy that acted in the best episode (highest
     undiscounted total reward) with the whole history.
+
+    With ``state_path``, the whole training state (policy, optimizer, random generator, history,
+    best policy) is saved there after every episode; ``resume=True`` continues from it and ends
+    exactly as an uninterrupted run with the same settings would.
     """
     config.validate()
     if not first_matrices:
@@ -156,7 +201,18 @@ def train_policy_on_matrices(
 
     history: list[EpisodeRecord] = []
     best_state, best_total, best_episode = None, -math.inf, -1
-    episodes = tqdm(range(config.episodes), desc="policy episodes", disable=not progress)
+    state_file = Path(state_path) if state_path is not None else None
+    if resume and state_file is not None and state_file.exists():
+        state = _load_state(state_file, config, (d_ff, d_model))
+        policy.load_state_dict(state["policy"])
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"])
+        history = [EpisodeRecord(**record) for record in state["history"]]
+        best_state, best_total, best_episode = state["best_policy"], state["best_total"], state[
+            "best_episode"]
+        log.info("resuming from %s after episode %d", state_file, len(history) - 1)
+    episodes = tqdm(range(len(history), config.episodes), desc="policy episodes",
+                    disable=not progress, initial=len(history), total=config.episodes)
     for episode in episodes:
         started = time.perf_counter()
         acting_state = copy.deepcopy(policy.state_dict())
@@ -210,6 +266,13 @@ def train_policy_on_matrices(
         episodes.set_postfix(reward=f"{record.total_reward:.3g}", mean_ks=f"{record.mean_ks:.4f}")
         log.info("episode %d: total reward %.4g, mean KS %.4f, loss %.4g", episode,
                  record.total_reward, record.mean_ks, record.loss)
+        if state_file is not None:
+            _save_state(state_file, {
+                "config": asdict(config), "shapes": (d_ff, d_model),
+                "policy": policy.state_dict(), "optimizer": optimizer.state_dict(),
+                "generator": generator.get_state(), "history": [asdict(r) for r in history],
+                "best_policy": best_state, "best_total": best_total, "best_episode": best_episode,
+            })
         if on_episode is not None:
             on_episode(record, policy)
 

@@ -1,0 +1,328 @@
+"""Bad input, interruption, reproducibility and untrusted files (issue 6)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import prunenet
+from conftest import make_tiny_model
+from prunenet.checkpoints import load_model_and_tokenizer, load_policy, read_record
+from prunenet.cli import main
+from prunenet.errors import InputError, NumericalError, OutputError
+from prunenet.families import Cut, kept_count, slice_tensor
+from prunenet.policy import keep_probabilities, sample_rows, top_rows
+from prunenet.reinforce import TrainingConfig, train_policy_on_matrices
+
+
+def _tree_digest(folder: Path) -> dict[str, str]:
+    return {
+        str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(folder.rglob("*")) if path.is_file()
+    }
+
+
+# --- resume and reproducibility ----------------------------------------------------------------
+
+
+def _matrices():
+    generator = torch.Generator().manual_seed(0)
+    return [torch.randn(64, 16, generator=generator) for _ in range(3)]
+
+
+def test_resume_after_interruption_ends_identical_to_uninterrupted(tmp_path):
+    config = TrainingConfig(ratio=0.3, episodes=5, lr=1e-2, seed=3)
+    full = train_policy_on_matrices(_matrices(), config, progress=False)
+
+    def interrupt(record, policy):
+        if record.episode == 2:
+            raise KeyboardInterrupt
+
+    state = tmp_path / "state.pt"
+    with pytest.raises(KeyboardInterrupt):
+        train_policy_on_matrices(_matrices(), config, progress=False, state_path=state,
+                                 on_episode=interrupt)
+    seen = []
+    resumed = train_policy_on_matrices(_matrices(), config, progress=False, state_path=state,
+                                       resume=True, on_episode=lambda r, p: seen.append(r.episode))
+    assert seen == [3, 4]  # continued after the last complete episode, not from zero
+    assert resumed.best_episode == full.best_episode
+    assert [r.layer_ks for r in resumed.history] == [r.layer_ks for r in full.history]
+    for name, value in full.policy.state_dict().items():
+        assert torch.equal(resumed.policy.state_dict()[name], value), name
+
+
+def test_resume_with_contradicting_settings_is_refused(tmp_path):
+    state = tmp_path / "state.pt"
+    train_policy_on_matrices(_matrices(), TrainingConfig(episodes=1, seed=1), progress=False,
+                             state_path=state)
+    with pytest.raises(InputError, match="different lr"):
+        train_policy_on_matrices(_matrices(), TrainingConfig(episodes=2, seed=1, lr=0.5),
+                                 progress=False, state_path=state, resume=True)
+
+
+def test_cli_resume_continues_compress(tiny_llama_dir, tmp_path, monkeypatch):
+    from prunenet import reinforce
+
+    original = reinforce.train_policy_on_matrices
+
+    def interrupted(*args, **kwargs):
+        def stop(record, policy):
+            if record.episode == 1:
+                raise KeyboardInterrupt
+
+        return original(*args, **{**kwargs, "on_episode": stop})
+
+    out = tmp_path / "out"
+    argv = ["-q", "compress", str(tiny_llama_dir), "--ratio", "0.3", "--episodes", "3",
+            "--out", str(out)]
+    monkeypatch.setattr(prunenet.api, "train_policy_on_matrices", interrupted)
+    assert main(argv) == 130
+    assert not out.exists() and (tmp_path / "out.train-state.pt").exists()
+    monkeypatch.setattr(prunenet.api, "train_policy_on_matrices", original)
+    assert main([*argv, "--resume"]) == 0
+    assert not (tmp_path / "out.train-state.pt").exists()
+    assert main([*argv[:-1], str(tmp_path / "fresh")]) == 0
+    assert _tree_digest(out) == _tree_digest(tmp_path / "fresh")
+
+
+def test_same_seed_gives_byte_identical_outputs(tiny_llama_dir, tmp_path):
+    for name in ("a", "b"):
+        prunenet.compress(str(tiny_llama_dir), ratio=0.3, episodes=2, seed=11,
+                          out=tmp_path / name, policy_out=tmp_path / f"{name}.safetensors",
+                          progress=False)
+    assert _tree_digest(tmp_path / "a") == _tree_digest(tmp_path / "b")
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+
+
+# --- untrusted and damaged files ---------------------------------------------------------------
+
+
+def test_truncated_safetensors_is_named(tiny_llama_dir):
+    weights = tiny_llama_dir / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(InputError, match=r"model\.safetensors.*(truncated|lies)"):
+        load_model_and_tokenizer(tiny_llama_dir)
+
+
+def test_lying_safetensors_header_is_rejected_without_allocation(tmp_path, tiny_llama_dir):
+    header = json.dumps({"w": {"dtype": "F32", "shape": [1 << 20, 1 << 20],
+                               "data_offsets": [0, 16]}}).encode()
+    (tiny_llama_dir / "model.safetensors").write_bytes(
+        len(header).to_bytes(8, "little") + header + b"\x00" * 16)
+    with pytest.raises(InputError, match="header lies|truncated"):
+        load_model_and_tokenizer(tiny_llama_dir)
+    (tiny_llama_dir / "model.safetensors").write_bytes((1 << 60).to_bytes(8, "little"))
+    with pytest.raises(InputError, match="header claims"):
+        load_model_and_tokenizer(tiny_llama_dir)
+
+
+def test_shard_index_pointing_outside_the_folder(tiny_llama_dir):
+    index = {"metadata": {}, "weight_map": {"lm_head.weight": "../../etc/passwd"}}
+    (tiny_llama_dir / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(InputError, match="outside the model folder"):
+        load_model_and_tokenizer(tiny_llama_dir)
+    index["weight_map"]["lm_head.weight"] = "model-00002-of-00002.safetensors"
+    (tiny_llama_dir / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(InputError, match="model-00002-of-00002.safetensors, which is missing"):
+        load_model_and_tokenizer(tiny_llama_dir)
+
+
+def test_truncated_gguf(tmp_path):
+    from prunenet.assets import asset_path
+
+    data = (asset_path("tinycoder-gguf") / "tiny.gguf").read_bytes()
+    (tmp_path / "bad.gguf").write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputError, match="not a valid GGUF"):
+        load_model_and_tokenizer(tmp_path / "bad.gguf")
+
+
+@pytest.mark.parametrize("change", ["wrong", "missing"])
+def test_config_with_wrong_or_missing_ffn_width(tiny_llama_dir, change):
+    config_file = tiny_llama_dir / "config.json"
+    config = json.loads(config_file.read_text())
+    if change == "wrong":
+        config["intermediate_size"] = 50
+    else:
+        del config["intermediate_size"]
+    config_file.write_text(json.dumps(config))
+    with pytest.raises(InputError, match="could not load the weights"):
+        load_model_and_tokenizer(tiny_llama_dir)
+
+
+def test_model_with_zero_layers(tmp_path):
+    import transformers
+
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+                                      num_hidden_layers=0, num_attention_heads=2)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "empty")
+    with pytest.raises(InputError, match="no decoder layers"):
+        prunenet.compress(str(tmp_path / "empty"), ratio=0.3, out=tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, (f"touch {os.environ['PRUNENET_PICKLE_MARKER']}",))
+
+
+def test_pickled_policy_is_never_unpickled(tmp_path, monkeypatch):
+    marker = tmp_path / "pwned"
+    monkeypatch.setenv("PRUNENET_PICKLE_MARKER", str(marker))
+    (tmp_path / "policy.pt").write_bytes(pickle.dumps({"projection": _Exploit()}))
+    with pytest.raises(InputError, match="not a readable safetensors policy"):
+        load_policy(tmp_path / "policy.pt")
+    assert not marker.exists()
+
+
+def test_nan_weights_are_reported_with_the_layer_name():
+    model = make_tiny_model("llama")
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[3, 4] = float("nan")
+    with pytest.raises(NumericalError, match=r"model\.layers\.1\.mlp\.up_proj\.weight"):
+        prunenet.compress(model, ratio=0.3, episodes=1, progress=False)
+
+
+def test_unfinished_output_is_refused_as_input(tmp_path, tiny_llama):
+    staging = tmp_path / ".out.tmp-abc123"
+    tiny_llama.save_pretrained(staging)
+    with pytest.raises(InputError, match="unfinished prunenet output"):
+        load_model_and_tokenizer(staging)
+    with pytest.raises(InputError, match="not a complete prunenet output"):
+        read_record(staging)
+
+
+def test_read_only_output_location(tiny_llama_dir, tmp_path):
+    mount_point = tmp_path / "ro"
+    mount_point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs",
+                              str(mount_point)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a read-only filesystem here: {mounted.stderr.decode()}")
+    try:
+        with pytest.raises(OutputError, match="read-only"):
+            prunenet.prune(str(tiny_llama_dir), None, 0.5, method="random",
+                           out=mount_point / "out")
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=True)
+
+
+def test_debug_flag_shows_the_traceback(tmp_path):
+    with pytest.raises(InputError):
+        main(["--debug", "compress", str(tmp_path / "missing"), "--ratio", "0.3",
+              "--out", str(tmp_path / "o")])
+
+
+# --- signals and concurrent writers ------------------------------------------------------------
+
+_SLOW_SAVE = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from prunenet import checkpoints
+    from prunenet.cli import main
+
+    plain = checkpoints.save_plain_checkpoint
+
+    def slow(model, tokenizer, folder):
+        plain(model, tokenizer, folder)
+        Path(sys.argv[1]).write_text("saving")  # tell the test we are mid-save
+        time.sleep(float(sys.argv[2]))
+
+    checkpoints.save_plain_checkpoint = slow
+    sys.exit(main(sys.argv[3:]))
+""")
+
+
+def _start_slow_save(tmp_path, model_dir, out, sleep, marker_name="marker"):
+    marker = tmp_path / marker_name
+    command = [sys.executable, "-c", _SLOW_SAVE, str(marker), str(sleep), "-q", "prune",
+               str(model_dir), "--method", "random", "--ratio", "0.5", "--out", str(out)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    return process, marker
+
+
+def _wait_for(marker: Path, process) -> None:
+    while not marker.exists():
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
+def test_signal_during_save_leaves_no_output_and_input_untouched(tiny_llama_dir, tmp_path,
+                                                                 signum):
+    before = _tree_digest(tiny_llama_dir)
+    out = tmp_path / "out"
+    process, marker = _start_slow_save(tmp_path, tiny_llama_dir, out, sleep=30)
+    _wait_for(marker, process)
+    process.send_signal(signum)
+    process.communicate(timeout=60)
+    assert not out.exists()
+    assert _tree_digest(tiny_llama_dir) == before
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.tmp-")]
+    if signum == signal.SIGKILL:
+        assert all(not (tmp_path / name / "prunenet.json").exists() for name in leftovers)
+    else:
+        assert process.returncode == 130 and leftovers == []
+
+
+def test_two_runs_writing_the_same_output(tiny_llama_dir, tmp_path):
+    out = tmp_path / "out"
+    first, first_marker = _start_slow_save(tmp_path, tiny_llama_dir, out, 2, "m1")
+    second, second_marker = _start_slow_save(tmp_path, tiny_llama_dir, out, 2, "m2")
+    results = [process.communicate(timeout=120) for process in (first, second)]
+    codes = sorted([first.returncode, second.returncode])
+    assert codes == [0, 2], results
+    loser_err = [err for (_, err), p in zip(results, (first, second)) if p.returncode == 2][0]
+    assert "written by another run" in loser_err
+    assert read_record(out)["ffn_width_after"] == 24
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+# --- properties --------------------------------------------------------------------------------
+
+
+@settings(max_examples=60, deadline=None)
+@given(d_ff=st.integers(1, 200), ratio=st.floats(0, 0.999), seed=st.integers(0, 2**31 - 1))
+def test_selection_keeps_exactly_k_distinct_rows(d_ff, ratio, seed):
+    try:
+        kept = kept_count(d_ff, ratio)
+    except InputError:
+        assert int((1 - ratio) * d_ff) < 1
+        return
+    generator = torch.Generator().manual_seed(seed)
+    alpha = torch.rand(d_ff, generator=generator)
+    probabilities = keep_probabilities(alpha, torch.rand(d_ff, generator=generator))
+    for rows in (sample_rows(probabilities, kept, generator), top_rows(alpha, kept)):
+        assert rows.numel() == kept == rows.unique().numel()
+        assert torch.equal(rows, rows.sort().values)
+        assert 0 <= int(rows.min()) and int(rows.max()) < d_ff
+
+
+@settings(max_examples=60, deadline=None)
+@given(d_ff=st.integers(1, 40), other=st.integers(1, 8), axis=st.integers(0, 1),
+       blocks=st.integers(1, 2), data=st.data())
+def test_slice_equals_masking(d_ff, other, axis, blocks, data):
+    kept_rows = torch.tensor(sorted(data.draw(st.sets(st.integers(0, d_ff - 1), min_size=1))))
+    shape = [other, other]
+    shape[axis] = d_ff * blocks
+    tensor = torch.randn(*shape)
+    cut = Cut("w", axis, blocks=blocks)
+    mask = torch.zeros(d_ff, dtype=torch.bool)
+    mask[kept_rows] = True
+    full_mask = mask.repeat(blocks)
+    expected = tensor[full_mask] if axis == 0 else tensor[:, full_mask]
+    assert torch.equal(slice_tensor(tensor, cut, kept_rows, d_ff), expected)
