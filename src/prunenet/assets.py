@@ -190,14 +190,15 @@ def fetch_asset(name: str, force: bool = False) -> Path:
 
 def convert_smollm2(force: bool = False) -> Path:
     """Dequantize the SmolLM2 GGUF once into a plain fp32 safetensors folder in the cache."""
-    from .checkpoints import load_model_and_tokenizer, save_plain_checkpoint
+    from .checkpoints import atomic_folder, load_model_and_tokenizer, save_plain_checkpoint
 
     target = cache_dir() / SMOLLM2_FOLDER
     if (target / "config.json").exists() and not force:
         return target
     gguf_file = asset_path("smollm2-gguf") / SMOLLM2_GGUF_NAME
     model, tokenizer = load_model_and_tokenizer(str(gguf_file))
-    save_plain_checkpoint(model, tokenizer, target)
+    with atomic_folder(target, overwrite=True) as staging:
+        save_plain_checkpoint(model, tokenizer, staging)
     return target
 
 
