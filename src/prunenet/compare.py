@@ -17,6 +17,7 @@ from typing import Any
 
 from . import __version__
 from .api import METHODS, prune, train_policy
+from .assets import asset_path
 from .calibration import Calibration
 from .checkpoints import (
     atomic_folder,
@@ -28,7 +29,7 @@ from .errors import InputError
 from .evaluation.corpora import load_corpus
 from .evaluation.evaluate import evaluate
 from .evaluation.speed import SpeedProtocol
-from .evaluation.zeroshot import load_split, parse_tasks
+from .evaluation.zeroshot import parse_tasks
 from .families import kept_count
 from .model_view import FFNView
 
@@ -85,7 +86,7 @@ def compare(
         raise InputError("give at least one ratio, e.g. --ratios 0.1,0.2,0.3")
     out_path = check_output_path(out, overwrite, [str(model)])
     if task_names:
-        load_split("hf_datasets/piqa/plain_text/validation")  # data fetched? fail before work
+        asset_path("zeroshot")  # data not fetched: fail before any work, naming the command
     speed = speed or SpeedProtocol()
     speed.validate()
     dense, tokenizer = load_model_and_tokenizer(model)
