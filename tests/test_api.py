@@ -247,3 +247,18 @@ def test_cli_ratio_leaving_no_neuron(tiny_llama_dir, tmp_path, capsys):
                  "--out", str(tmp_path / "o")])
     assert code == 2 and "keeps 0 of 48" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_hub_id_offline_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(InputError, match="Hugging Face Hub id failed.*Pass a local model folder"):
+        prunenet.compress("some-org/some-model-that-is-not-cached", ratio=0.3,
+                          out=tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+
+def test_cuda_asked_without_a_gpu(tiny_llama):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(InputError, match="no CUDA GPU"):
+        prunenet.train_policy(tiny_llama, ratio=0.3, episodes=1, device="cuda")
