@@ -1,0 +1,248 @@
+"""Quality ablation (issue 7): which calibration-free selection keeps SmolLM2-135M useful?
+
+Every variant prunes a fresh copy of the model at each ratio; perplexity on the first ``--windows``
+evaluation windows (1024 tokens) of the Wikipedia sample. Results are appended to a JSON-lines log
+(one record per variant, ratio and seed) and runs already in the log are skipped, so a sweep can be
+resumed or extended. ``--report`` prints the markdown table of a log.
+
+    nice -n 10 python benchmarks/quality_ablation.py --variants random,magnitude \\
+        --ratios 0.1,0.2,0.3 --windows 8 --log benchmarks/results/quality_screen.jsonl
+    python benchmarks/quality_ablation.py --report benchmarks/results/quality_screen.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import statistics
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from prunenet import api
+from prunenet.checkpoints import load_model_and_tokenizer
+from prunenet.evaluation.corpora import load_corpus
+from prunenet.evaluation.perplexity import perplexity
+from prunenet.families import kept_count
+from prunenet.model_view import FFNView
+from prunenet.policy import top_rows
+from prunenet.slicing import slice_model
+from prunenet.variants import (
+    down_column_norms,
+    expected_activation_scores,
+    input_scale,
+    leverage_scores,
+    probe_activation_scores,
+    probe_tokens,
+    rank_with_protection,
+)
+
+Selector = Callable[[torch.nn.Module, float, int], tuple[list[Tensor], float]]
+
+
+def _per_layer(score: Callable[[FFNView, int, int], Tensor]) -> Selector:
+    """A deterministic-or-seeded selector from a per-layer score (keep the top-k)."""
+
+    def select(model, ratio, seed):
+        started = time.perf_counter()
+        view = FFNView(model)
+        kept = kept_count(view.d_ff, ratio)
+        rows = [top_rows(score(view, i, seed), kept) for i in range(view.num_layers)]
+        return rows, time.perf_counter() - started
+
+    return select
+
+
+def _baseline(method: str) -> Selector:
+    def select(model, ratio, seed):
+        started = time.perf_counter()
+        rows = api.select_rows(model, ratio, method=method, seed=seed, device="cpu")
+        return rows, time.perf_counter() - started
+
+    return select
+
+
+def _prunenet(selection: str, **options) -> Selector:
+    def select(model, ratio, seed):
+        started = time.perf_counter()
+        training = api.train_policy(model, ratio, seed=seed, device="cpu", progress=False,
+                                    **options)
+        rows = api.select_rows(model, ratio, policy=training.policy, selection=selection,
+                               seed=seed, device="cpu")
+        return rows, time.perf_counter() - started
+
+    return select
+
+
+def _gate(view: FFNView, index: int) -> Tensor:
+    return view.first_matrix(index)
+
+
+def _up(view: FFNView, index: int) -> Tensor:
+    return view.layers[index].get_parameter("mlp.up_proj.weight").detach().float()
+
+
+def _scaled_norm(view: FFNView, index: int, _seed: int) -> Tensor:
+    scale, _ = input_scale(view, index)
+    return (_gate(view, index) * scale).norm(dim=1)
+
+
+def _scaled_product(view: FFNView, index: int, _seed: int) -> Tensor:
+    scale, _ = input_scale(view, index)
+    gate = (_gate(view, index) * scale).norm(dim=1)
+    up = (_up(view, index) * scale).norm(dim=1)
+    return gate * up * down_column_norms(view, index)
+
+
+def _random_scores(view: FFNView, index: int, seed: int) -> Tensor:
+    return torch.rand(view.d_ff, generator=torch.Generator().manual_seed(seed * 1000 + index))
+
+
+def _protected(base: Callable, outlier: Callable, fraction: float) -> Callable:
+    def score(view, index, seed):
+        return rank_with_protection(base(view, index, seed), outlier(view, index, seed), fraction)
+
+    return score
+
+
+def _energy(view: FFNView, index: int, seed: int) -> Tensor:
+    return expected_activation_scores(view, index, samples=512, seed=0)
+
+
+def _probe(sequences: int, length: int, source: str = "random") -> Selector:
+    def select(model, ratio, seed):
+        started = time.perf_counter()
+        view = FFNView(model)
+        kept = kept_count(view.d_ff, ratio)
+        tokens = probe_tokens(model, sequences, length, seed, source)
+        scores = probe_activation_scores(model, tokens)
+        rows = [top_rows(layer_scores, kept) for layer_scores in scores]
+        return rows, time.perf_counter() - started
+
+    return select
+
+
+VARIANTS: dict[str, tuple[Selector, bool]] = {  # name -> (selector, stochastic)
+    "random": (_baseline("random"), True),
+    "magnitude": (_baseline("magnitude"), False),
+    "magnitude-product": (_baseline("magnitude-product"), False),
+    "magnitude-inverse": (_per_layer(lambda v, i, s: -_gate(v, i).norm(dim=1)), False),
+    "scaled-gate-norm": (_per_layer(_scaled_norm), False),
+    "scaled-product": (_per_layer(_scaled_product), False),
+    "down-norm": (_per_layer(lambda v, i, s: down_column_norms(v, i)), False),
+    "leverage-gate": (_per_layer(lambda v, i, s: leverage_scores(_gate(v, i))), False),
+    "leverage-gate-inverse": (_per_layer(lambda v, i, s: -leverage_scores(_gate(v, i))), False),
+    "leverage-down": (
+        _per_layer(lambda v, i, s: leverage_scores(v.layers[i].mlp.down_proj.weight.detach().T)),
+        False,
+    ),
+    "energy": (_per_layer(_energy), False),
+    "random-protect-energy-5": (_per_layer(_protected(_random_scores, _energy, 0.05)), True),
+    "probe-8x128": (_probe(8, 128), True),
+    "probe-32x128": (_probe(32, 128), True),
+    "selfgen-8x128": (_probe(8, 128, "generated"), True),
+    "prunenet-ref-lr1e-3-sample": (_prunenet("sample"), True),
+    "prunenet-ref-lr1e-3-topk": (_prunenet("topk"), True),
+    "prunenet-ref-lr1e-4-sample": (_prunenet("sample", lr=1e-4), True),
+    "prunenet-ref-lr1e-4-topk": (_prunenet("topk", lr=1e-4), True),
+    "prunenet-penalty-rtg-mean-topk": (
+        _prunenet("topk", reward="penalty", reward_to_go=True, baseline="mean"), True),
+}
+
+
+def run_sweep(args: argparse.Namespace) -> None:
+    log_path = Path(args.log)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    done = set()
+    if log_path.exists():
+        for line in log_path.read_text().splitlines():
+            record = json.loads(line)
+            done.add((record["variant"], record["ratio"], record["seed"], record["windows"]))
+    model, tokenizer = load_model_and_tokenizer(args.model)
+    model.eval()
+    windows = load_corpus("wiki", tokenizer).evaluation_windows(1024, args.windows)
+    torch.set_num_threads(args.threads)
+    if ("dense", 0.0, 0, args.windows) not in done:
+        _append(log_path, {"variant": "dense", "ratio": 0.0, "seed": 0, "windows": args.windows,
+                           "perplexity": perplexity(model, windows, progress=False),
+                           "select_seconds": 0.0})
+    for name in args.variants.split(","):
+        selector, stochastic = VARIANTS[name]
+        for ratio in [float(r) for r in args.ratios.split(",")]:
+            for seed in [int(s) for s in args.seeds.split(",")] if stochastic else [0]:
+                if (name, ratio, seed, args.windows) in done:
+                    continue
+                pruned = copy.deepcopy(model)
+                rows, seconds = selector(pruned, ratio, seed)
+                slice_model(pruned, rows)
+                value = perplexity(pruned, windows, progress=False)
+                _append(log_path, {"variant": name, "ratio": ratio, "seed": seed,
+                                   "windows": args.windows, "perplexity": value,
+                                   "select_seconds": seconds})
+                print(f"{name} r={ratio} seed={seed}: ppl {value:.2f} ({seconds:.1f} s)",
+                      flush=True)
+                del pruned
+
+
+def _append(path: Path, record: dict) -> None:
+    with path.open("a") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+def report(path: str) -> str:
+    """Markdown table: mean (min-max over seeds) perplexity per variant and ratio."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for line in Path(path).read_text().splitlines():
+        record = json.loads(line)
+        groups[(record["variant"], record["windows"])].append(record)
+    ratios = sorted({r["ratio"] for rs in groups.values() for r in rs if r["ratio"] > 0})
+    lines = ["| variant | windows | seeds | " + " | ".join(f"r={r}" for r in ratios)
+             + " | select s (mean) |", "|---" * (len(ratios) + 4) + "|"]
+    for (name, count), records in groups.items():
+        cells = []
+        for ratio in ratios:
+            values = [r["perplexity"] for r in records if r["ratio"] == ratio]
+            cells.append(_cell(values))
+        seeds = len({r["seed"] for r in records})
+        seconds = statistics.mean(r["select_seconds"] for r in records)
+        if name == "dense":
+            cells = [f"{records[0]['perplexity']:.2f} (dense)"] * len(ratios)
+        lines.append(f"| {name} | {count} | {seeds} | " + " | ".join(cells)
+                     + f" | {seconds:.1f} |")
+    return "\n".join(lines)
+
+
+def _cell(values: list[float]) -> str:
+    if not values:
+        return "-"
+    mean = math.exp(statistics.mean(math.log(v) for v in values))  # geometric mean
+    if len(values) == 1:
+        return f"{mean:.2f}"
+    return f"{mean:.2f} ({min(values):.2f}-{max(values):.2f})"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variants", default="random,magnitude")
+    parser.add_argument("--ratios", default="0.1,0.2,0.3")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--windows", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--log", default="benchmarks/results/quality_screen.jsonl")
+    parser.add_argument("--report", metavar="LOG", help="print the table of LOG and exit")
+    args = parser.parse_args()
+    if args.report:
+        print(report(args.report))
+        return
+    run_sweep(args)
+
+
+if __name__ == "__main__":
+    main()
