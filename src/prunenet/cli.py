@@ -158,6 +158,13 @@ def run_compress(args: argparse.Namespace) -> int:
     )
     _print_summary(result)
     _print_record(args)
+    if args.finetune_steps:
+        from .finetune import finetune
+
+        tuned = finetune(result.out, args.finetune_data, f"{args.out}-finetuned",
+                         steps=args.finetune_steps, seqlen=args.finetune_seqlen, seed=args.seed,
+                         device=args.device, overwrite=args.overwrite)
+        _print_finetune_summary(tuned)
     return 0
 
 
@@ -182,6 +189,14 @@ def add_compress(subparsers) -> None:
     _add_record_argument(parser)
     _add_training_arguments(parser)
     _add_calibration_arguments(parser)
+    group = parser.add_argument_group("recovery fine-tuning (see `prunenet finetune --help`)")
+    group.add_argument("--finetune-steps", type=positive_int, metavar="N",
+                       help="after saving, LoRA fine-tune the pruned model for N steps into "
+                       "OUT-finetuned (other settings: finetune's defaults)")
+    group.add_argument("--finetune-data", default="wiki",
+                       help="corpus for --finetune-steps (default: wiki)")
+    group.add_argument("--finetune-seqlen", type=positive_int, default=1024,
+                       help="window length for --finetune-steps (default: 1024)")
     parser.set_defaults(run=run_compress)
 
 
@@ -436,8 +451,97 @@ def add_report(subparsers) -> None:
     parser.set_defaults(run=run_report)
 
 
+def target_list(text: str) -> tuple[str, ...]:
+    """argparse type for --targets: comma-separated groups (attn, mlp) or module names."""
+    targets = tuple(name.strip() for name in text.split(",") if name.strip())
+    if not targets:
+        raise argparse.ArgumentTypeError("expected comma-separated targets such as attn,mlp")
+    return targets
+
+
+def _print_finetune_summary(result) -> None:
+    entry = result.record["finetune"]
+    print(
+        f"fine-tuned {entry['steps_run']} steps ({entry['train_seconds']:.0f} s this run): "
+        f"evaluation perplexity {entry['eval_perplexity_before']:.2f} -> "
+        f"{entry['eval_perplexity_after']:.2f} (best step {entry['best_step']}); saved to "
+        f"{result.out} (adapter in {result.out}/adapter)"
+    )
+
+
+def run_finetune(args: argparse.Namespace) -> int:
+    from .finetune import finetune
+
+    result = finetune(
+        args.model, args.data, args.out, merge=args.merge, resume=args.resume,
+        overwrite=args.overwrite, device=args.device, steps=args.steps, seqlen=args.seqlen,
+        batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
+        lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+        targets=args.targets, eval_every=args.eval_every, eval_windows=args.eval_windows,
+        patience=args.patience or None, seed=args.seed,
+    )
+    _print_finetune_summary(result)
+    return 0
+
+
+def add_finetune(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "finetune", help="LoRA recovery fine-tuning of a pruned model",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Recover a pruned model with LoRA (peft + the transformers Trainer) on the "
+        "training windows of --data; its evaluation windows are held out and scored every "
+        "--eval-every steps, the best checkpoint is kept. Writes OUT/adapter/ (a standard PEFT "
+        "adapter) and OUT/ (the merged stock checkpoint with prunenet.json and a 'finetune' "
+        "entry). Trainer checkpoints stay in OUT.work until the output is complete.",
+        epilog="several GPUs (data parallel, the Trainer distributes the work):\n"
+        "  accelerate launch -m prunenet finetune PRUNED_DIR --out DIR ...\n"
+        "  (configure once with `accelerate config`; --batch-size is per GPU)\n"
+        "an interrupted run continues with the same command plus --resume.",
+    )
+    parser.add_argument("model", metavar="PRUNED_DIR",
+                        help="model folder to fine-tune (usually the --out of compress/prune)")
+    parser.add_argument("--data", default="wiki",
+                        help="corpus: wiki (default), a .txt or .jsonl file, or a datasets folder")
+    parser.add_argument("--out", required=True, help="output folder (must not exist)")
+    parser.add_argument("--steps", type=positive_int, default=200,
+                        help="optimizer steps (default: 200)")
+    parser.add_argument("--seqlen", type=positive_int, default=1024,
+                        help="tokens per training window (default: 1024)")
+    parser.add_argument("--batch-size", type=positive_int, default=1,
+                        help="windows per step and device (default: 1)")
+    parser.add_argument("--grad-accum", type=positive_int, default=1,
+                        help="gradient accumulation steps (default: 1)")
+    parser.add_argument("--lr", type=positive_float, default=2e-4,
+                        help="peak learning rate, linear decay (default: 2e-4)")
+    parser.add_argument("--lora-r", type=positive_int, default=8, help="LoRA rank (default: 8)")
+    parser.add_argument("--lora-alpha", type=positive_float, default=32.0,
+                        help="LoRA alpha (default: 32)")
+    parser.add_argument("--lora-dropout", type=float, default=0.05,
+                        help="LoRA dropout in [0, 1) (default: 0.05)")
+    parser.add_argument("--targets", type=target_list, default=("attn", "mlp"),
+                        help="LoRA targets from the model family's entry: attn, mlp, or module "
+                        "names of those groups, comma-separated (default: attn,mlp)")
+    parser.add_argument("--eval-every", type=positive_int,
+                        help="evaluate and save a checkpoint every N steps (default: steps/4)")
+    parser.add_argument("--eval-windows", type=positive_int, default=8,
+                        help="held-out evaluation windows (default: 8)")
+    parser.add_argument("--patience", type=int, default=3,
+                        help="stop after N evaluations without improvement; 0 = never "
+                        "(default: 3)")
+    parser.add_argument("--merge", action=argparse.BooleanOptionalAction, default=True,
+                        help="also write the merged checkpoint into OUT (default: --merge)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue an interrupted run from its last checkpoint in OUT.work")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing OUT (and discard an interrupted run)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu"],
+                        help="auto: the GPU(s) when present (default); cpu: force the CPU")
+    parser.add_argument("--seed", type=int, default=42, help="random seed (default: 42)")
+    parser.set_defaults(run=run_finetune)
+
+
 COMMANDS: list[Callable] = [add_compress, add_train_policy, add_prune, add_fetch, add_eval,
-                            add_compare, add_report]
+                            add_compare, add_report, add_finetune]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,363 @@
+"""Recovery fine-tuning of a pruned model with LoRA, ending in a stock checkpoint.
+
+pruned folder -> LoRA adapters on the family's attention / FFN modules (peft) -> the transformers
+Trainer on training windows of a corpus (evaluation windows held out, scored periodically, best
+checkpoint kept, early stopping) -> ``DIR/adapter/`` (a standard PEFT adapter) and, unless
+``merge=False``, ``DIR/`` the merged stock checkpoint with the input's ``prunenet.json`` plus a
+``finetune`` entry. Trainer checkpoints live in ``DIR.work`` beside the output so that an
+interrupted run resumes from its last saved step; it is removed once the output is complete.
+Multi-GPU runs go through ``accelerate launch -m prunenet finetune ...``: the Trainer distributes
+the work, and only the main process writes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from . import __version__
+from .checkpoints import (
+    RECORD_NAME,
+    atomic_folder,
+    check_output_path,
+    load_config,
+    load_model_and_tokenizer,
+    read_record,
+    save_plain_checkpoint,
+    write_json_atomic,
+)
+from .errors import InputError, OutputError
+from .evaluation.corpora import load_corpus
+from .families import family_for
+
+TARGET_GROUPS = ("attn", "mlp")
+SETTINGS_NAME = "prunenet-finetune.json"
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Every setting that shapes a fine-tuning run; a resumed run must repeat them exactly.
+
+    ``targets`` holds group names of the family entry ("attn", "mlp") and/or module names from
+    those groups. ``eval_every`` None means four evaluations over the run; ``patience`` None turns
+    early stopping off (the best checkpoint is still the one kept).
+    """
+
+    data: str = "wiki"
+    steps: int = 200
+    seqlen: int = 1024
+    batch_size: int = 1
+    grad_accum: int = 1
+    lr: float = 2e-4
+    lora_r: int = 8
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.05
+    targets: tuple[str, ...] = TARGET_GROUPS
+    eval_every: int | None = None
+    eval_windows: int = 8
+    patience: int | None = 3
+    seed: int = 42
+
+    def __post_init__(self) -> None:
+        counts = {"steps": self.steps, "batch_size": self.batch_size,
+                  "grad_accum": self.grad_accum, "lora_r": self.lora_r,
+                  "eval_windows": self.eval_windows, "eval_every": self.eval_every or 1,
+                  "patience": self.patience or 1}
+        for name, value in counts.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InputError(f"{name} must be a positive integer, got {value!r}")
+        if self.seqlen < 2:
+            raise InputError(f"seqlen must be at least 2 tokens, got {self.seqlen}")
+        if not self.lr > 0 or not self.lora_alpha > 0:
+            raise InputError(
+                f"lr and lora_alpha must be positive, got {self.lr} and {self.lora_alpha}"
+            )
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise InputError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if not self.targets:
+            raise InputError("targets is empty; name at least one of: " + ", ".join(TARGET_GROUPS))
+        object.__setattr__(self, "targets", tuple(self.targets))
+        if self.eval_every is None:
+            object.__setattr__(self, "eval_every", max(1, self.steps // 4))
+
+
+@dataclass
+class FinetuneResult:
+    """The fine-tuned model (merged, or the PEFT model with ``merge=False``) and its record."""
+
+    model: nn.Module
+    tokenizer: Any
+    record: dict[str, Any]
+    out: str | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+def lora_target_modules(model: nn.Module, targets: tuple[str, ...] | list[str]) -> list[str]:
+    """Module names for LoRA from the family entry of ``model.config.model_type``.
+
+    ``targets`` are group names ("attn", "mlp") or module names listed in those groups. Raises
+    :class:`InputError` listing the valid names for anything else, or for a module name the
+    model does not contain.
+    """
+    family = family_for(getattr(model.config, "model_type", None))
+    groups = family.lora_targets
+    valid = [*groups, *dict.fromkeys(name for names in groups.values() for name in names)]
+    modules: list[str] = []
+    for target in targets:
+        if target in groups:
+            modules.extend(groups[target])
+        elif target in valid:
+            modules.append(target)
+        else:
+            raise InputError(
+                f"LoRA target {target!r} does not exist in the {model.config.model_type} family; "
+                f"valid targets: {', '.join(valid)}"
+            )
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [name for name in modules if name not in present]
+    if missing:
+        raise InputError(
+            f"the model has no module named {', '.join(missing)} although its family lists it; "
+            f"choose among: {', '.join(sorted(set(modules) - set(missing))) or 'none'}"
+        )
+    return list(dict.fromkeys(modules))
+
+
+def add_lora(model: nn.Module, config: FinetuneConfig) -> nn.Module:
+    """Wrap ``model`` in a peft LoRA model on the configured targets; only LoRA weights train."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(config.seed)  # LoRA A matrices start random: make them reproducible
+    lora = LoraConfig(
+        r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+        target_modules=lora_target_modules(model, config.targets), bias="none",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora)
+
+
+class WindowDataset(torch.utils.data.Dataset):
+    """Token windows (count x seqlen) as causal-LM examples: labels are the inputs."""
+
+    def __init__(self, windows: Tensor) -> None:
+        self.windows = windows
+
+    def __len__(self) -> int:
+        return self.windows.shape[0]
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        window = self.windows[index]
+        return {"input_ids": window, "labels": window}
+
+
+def corpus_windows(data: str, tokenizer, seqlen: int, eval_windows: int) -> tuple[Tensor, Tensor]:
+    """``(training_windows, evaluation_windows)`` of ``data``: disjoint regions of the corpus.
+
+    Raises :class:`InputError` for a missing corpus, or one too short for one training window or
+    for ``eval_windows`` evaluation windows, saying how many tokens it has.
+    """
+    corpus = load_corpus(data, tokenizer)
+    total = corpus.tokens.numel()
+    try:
+        training = corpus.training_windows(seqlen)
+        evaluation = corpus.evaluation_windows(seqlen, eval_windows)
+    except InputError as error:
+        raise InputError(
+            f"{error} (the corpus has {total} tokens in all, half of a small corpus is held out "
+            f"for evaluation); give more text, a shorter --seqlen or fewer --eval-windows"
+        ) from error
+    return training, evaluation
+
+
+def _training_arguments(config: FinetuneConfig, work: Path, device: str):
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=str(work),
+        max_steps=config.steps,
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.grad_accum,
+        learning_rate=config.lr,
+        seed=config.seed,
+        eval_strategy="steps",
+        eval_steps=config.eval_every,
+        save_strategy="steps",
+        save_steps=config.eval_every,
+        save_total_limit=2,  # the latest (for --resume) and the best (for the output)
+        load_best_model_at_end=True,
+        metric_for_best_model="eval_loss",
+        greater_is_better=False,
+        logging_steps=max(1, min(10, config.eval_every)),
+        report_to="none",
+        use_cpu=device == "cpu",
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+    )
+
+
+def _check_work_folder(work: Path, settings: dict[str, Any], resume: bool, overwrite: bool) -> None:
+    """Refuse to mix runs: a leftover work folder needs --resume (same settings) or --overwrite."""
+    saved_path = work / SETTINGS_NAME
+    if not resume:
+        if work.exists() and not overwrite:
+            raise OutputError(
+                f"{work} holds an interrupted fine-tuning run; pass --resume to continue it or "
+                "--overwrite to start over"
+            )
+        return
+    if not saved_path.exists():
+        raise InputError(f"nothing to resume: {work} holds no fine-tuning run; drop --resume")
+    saved = json.loads(saved_path.read_text())
+    differences = [
+        f"{key}: checkpoint {saved.get(key)!r}, now {settings.get(key)!r}"
+        for key in sorted(set(saved) | set(settings)) if saved.get(key) != settings.get(key)
+    ]
+    if differences:
+        raise InputError(
+            "--resume with settings that contradict the checkpoint in "
+            f"{work} ({'; '.join(differences)}); repeat the original settings or pass --overwrite"
+        )
+
+
+def _saved_dtype(source: str) -> torch.dtype | None:
+    """The checkpoint's own floating dtype (training runs in fp32; the output keeps this one)."""
+    dtype = getattr(load_config(source), "dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None
+
+
+def finetune(
+    model: str | os.PathLike,
+    data: str = "wiki",
+    out: str | os.PathLike | None = None,
+    *,
+    merge: bool = True,
+    resume: bool = False,
+    overwrite: bool = False,
+    device: str = "auto",
+    progress: bool = True,
+    callbacks: list | tuple = (),
+    **settings: Any,
+) -> FinetuneResult:
+    """LoRA recovery fine-tuning of the model folder ``model`` on corpus ``data``; saves to ``out``.
+
+    ``settings`` are :class:`FinetuneConfig` fields (steps, seqlen, batch_size, grad_accum, lr,
+    lora_r, lora_alpha, lora_dropout, targets, eval_every, eval_windows, patience, seed).
+    ``callbacks`` are extra transformers ``TrainerCallback`` objects. Returns the merged model
+    (or the PEFT model when ``merge=False``) and the record written as ``out/prunenet.json``.
+
+    Raises :class:`InputError` for a folder that is not a model, a missing or too short corpus,
+    invalid settings or LoRA targets, and a ``resume`` whose settings contradict the checkpoint;
+    :class:`OutputError` for an output that exists or sits inside the input.
+    """
+    from accelerate import PartialState
+    from transformers import EarlyStoppingCallback, Trainer
+    from transformers.trainer_utils import get_last_checkpoint
+
+    config = FinetuneConfig(data=str(data), **settings)
+    if out is None:
+        raise InputError("finetune needs an output folder (out=...)")
+    source = str(Path(model).expanduser().resolve())
+    out_path = check_output_path(out, overwrite, [source])
+    work = out_path.with_name(out_path.name + ".work")
+    run_settings = {**asdict(config), "targets": list(config.targets), "source": source}
+
+    loaded, tokenizer = load_model_and_tokenizer(source, dtype=torch.float32)
+    record = read_record(source) if (Path(source) / RECORD_NAME).exists() else {
+        "format": "prunenet-compression/1", "prunenet_version": __version__, "source": source}
+    training, evaluation = corpus_windows(config.data, tokenizer, config.seqlen,
+                                          config.eval_windows)
+    peft_model = add_lora(loaded, config)
+    peft_model.config.use_cache = False
+
+    process = PartialState()
+    _check_work_folder(work, run_settings, resume, overwrite)
+    process.wait_for_everyone()
+    if process.is_main_process:
+        if not resume and work.exists():
+            shutil.rmtree(work)
+        work.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(work / SETTINGS_NAME, run_settings)
+    process.wait_for_everyone()
+    checkpoint = get_last_checkpoint(str(work)) if resume else None
+
+    trainer_callbacks = [*callbacks]
+    if config.patience is not None:
+        trainer_callbacks.append(EarlyStoppingCallback(early_stopping_patience=config.patience))
+    trainer = Trainer(
+        model=peft_model,
+        args=_training_arguments(config, work, device),
+        train_dataset=WindowDataset(training),
+        eval_dataset=WindowDataset(evaluation),
+        callbacks=trainer_callbacks,
+    )
+    if not progress:
+        from transformers import ProgressCallback
+
+        trainer.remove_callback(ProgressCallback)
+    # Every window has the same length, so exp(mean eval loss) is the token-level perplexity.
+    perplexity_before = math.exp(trainer.evaluate()["eval_loss"])
+    started = time.perf_counter()
+    trainer.train(resume_from_checkpoint=checkpoint)
+    seconds = time.perf_counter() - started
+    history = list(trainer.state.log_history)
+    perplexity_after = math.exp(trainer.evaluate()["eval_loss"])
+
+    state = trainer.state
+    record["finetune"] = {
+        "prunenet_version": __version__,
+        "source": source,
+        "settings": {**asdict(config), "targets": list(config.targets),
+                     "target_modules": list(peft_model.peft_config["default"].target_modules)},
+        "merged": merge,
+        "device": str(trainer.args.device),
+        "world_size": trainer.args.world_size,
+        "steps_run": state.global_step,
+        "best_step": state.best_global_step,
+        "resumed_from_step": int(Path(checkpoint).name.split("-")[-1]) if checkpoint else None,
+        "train_seconds": round(seconds, 1),
+        "training_windows": training.shape[0],
+        "evaluation_windows": evaluation.shape[0],
+        "eval_perplexity_before": perplexity_before,
+        "eval_perplexity_after": perplexity_after,
+        "eval_history": [{"step": log["step"], "perplexity": math.exp(log["eval_loss"])}
+                         for log in history if "eval_loss" in log],
+        "train_loss": [{"step": log["step"], "loss": log["loss"]}
+                       for log in history if "loss" in log],
+    }
+    if process.is_main_process:
+        with atomic_folder(out_path, overwrite) as staging:
+            result_model = _write_output(peft_model, tokenizer, staging, record, source, merge)
+        shutil.rmtree(work, ignore_errors=True)
+    else:
+        result_model = peft_model.merge_and_unload() if merge else peft_model
+    process.wait_for_everyone()
+    return FinetuneResult(result_model.eval(), tokenizer, record, str(out_path))
+
+
+def _write_output(peft_model, tokenizer, folder: Path, record: dict[str, Any], source: str,
+                  merge: bool) -> nn.Module:
+    """``folder/adapter`` (PEFT), then the merged checkpoint, then the record (last)."""
+    peft_model.peft_config["default"].base_model_name_or_path = source
+    peft_model.save_pretrained(folder / "adapter")
+    model = peft_model
+    if merge:
+        model = peft_model.merge_and_unload()
+        saved_dtype = _saved_dtype(source)
+        if saved_dtype is not None:
+            model.to(saved_dtype)
+        model.config.use_cache = True
+        save_plain_checkpoint(model, tokenizer, folder)
+    write_json_atomic(folder / RECORD_NAME, record)
+    return model

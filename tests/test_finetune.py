@@ -1,0 +1,255 @@
+"""LoRA recovery fine-tuning on a tiny pruned LLaMA with a tiny word-level tokenizer and corpus."""
+
+from __future__ import annotations
+
+import json
+import random
+from types import SimpleNamespace
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+from conftest import VOCAB, make_tiny_model
+from prunenet.api import prune
+from prunenet.cli import main
+from prunenet.errors import InputError, OutputError
+from prunenet.evaluation.corpora import load_corpus
+from prunenet.evaluation.perplexity import perplexity
+from prunenet.finetune import corpus_windows, finetune
+
+SUBJECTS = "the cat|a dog|the big bird|a small fox|the red hen".split("|")
+VERBS = "sat|ran|flew|slept|hid".split("|")
+PLACES = "on the mat|under the log|over the tree|near a pond|in the barn".split("|")
+WORDS = sorted({word for phrase in SUBJECTS + VERBS + PLACES for word in phrase.split()} | {"."})
+SETTINGS = dict(seqlen=32, batch_size=4, eval_windows=4, lr=2e-2, seed=0)
+
+
+class Interrupted(Exception):
+    """Stands in for a crash or Ctrl-C in the middle of training."""
+
+
+class InterruptAt(transformers.TrainerCallback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise Interrupted
+
+
+class Recorder(transformers.TrainerCallback):
+    """Records the steps run, the parameters holding gradients, and the training batches."""
+
+    def __init__(self) -> None:
+        self.steps, self.with_grad, self.batches = [], set(), []
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        def capture(module, args, kwargs):
+            if module.training:
+                self.batches.append(kwargs["input_ids"].detach().clone())
+
+        model.register_forward_pre_hook(capture, with_kwargs=True)
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        self.with_grad |= {n for n, p in model.named_parameters() if p.grad is not None}
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.steps.append(state.global_step)
+
+
+def _tokenizer() -> transformers.PreTrainedTokenizerFast:
+    vocab = {"[UNK]": 0, **{word: index + 1 for index, word in enumerate(WORDS)}}
+    assert len(vocab) <= VOCAB
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]")
+
+
+def _corpus_text(sentences: int, seed: int = 0) -> str:
+    rng = random.Random(seed)
+    return " ".join(
+        f"{rng.choice(SUBJECTS)} {rng.choice(VERBS)} {rng.choice(PLACES)} ."
+        for _ in range(sentences)
+    )
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A tiny LLaMA pruned at 0.25 (random rows, with prunenet.json) and a text corpus."""
+    root = tmp_path_factory.mktemp("finetune")
+    dense = root / "dense"
+    model = make_tiny_model("llama")
+    with torch.no_grad():  # a frozen head this small can only say "uniform" unless it is scaled up
+        model.lm_head.weight.mul_(10)
+    model.save_pretrained(dense)
+    _tokenizer().save_pretrained(dense)
+    pruned = root / "pruned"
+    prune(str(dense), None, 0.25, method="random", out=pruned)
+    corpus = root / "corpus.txt"
+    corpus.write_text(_corpus_text(900))  # ~6,700 tokens: half held out
+    return SimpleNamespace(root=root, dense=dense, pruned=pruned, corpus=str(corpus))
+
+
+@pytest.fixture(scope="module")
+def trained(setup):
+    recorder = Recorder()
+    out = setup.root / "trained"
+    result = finetune(setup.pruned, setup.corpus, out, steps=10, eval_every=5, patience=None,
+                      progress=False, callbacks=[recorder], **SETTINGS)
+    return SimpleNamespace(result=result, out=out, recorder=recorder)
+
+
+def _load(folder) -> transformers.PreTrainedModel:
+    return transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+
+
+def test_a_few_steps_reduce_training_loss(setup, trained):
+    tokenizer = transformers.AutoTokenizer.from_pretrained(setup.pruned)
+    training, _ = corpus_windows(setup.corpus, tokenizer, 32, 4)
+    before = perplexity(_load(setup.pruned), training[:16], progress=False)
+    after = perplexity(_load(trained.out), training[:16], progress=False)
+    assert after < 0.5 * before
+    entry = trained.result.record["finetune"]
+    assert entry["steps_run"] == 10 and trained.recorder.steps == list(range(1, 11))
+    assert entry["eval_perplexity_after"] < entry["eval_perplexity_before"]
+
+
+def test_only_lora_parameters_receive_gradients_and_change(setup, trained):
+    names = trained.recorder.with_grad
+    lora = {n for n in names if ".lora_A." in n or ".lora_B." in n}
+    assert names == lora
+    # Every target module of both groups (attention and FFN) of both layers got an adapter.
+    targets = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in lora} == targets
+    assert len(lora) == 2 * 2 * len(targets)
+    before = load_file(setup.pruned / "model.safetensors")
+    after = load_file(trained.out / "model.safetensors")
+    assert before.keys() == after.keys()
+    for name, tensor in before.items():
+        changed = not torch.equal(tensor, after[name])
+        assert changed == (name.rsplit(".", 2)[-2] in targets), name
+
+
+def test_merged_checkpoint_equals_adapter_applied_model(setup, trained):
+    from peft import PeftModel
+
+    adapter_config = json.loads((trained.out / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == str(setup.pruned.resolve())
+    merged = _load(trained.out)
+    adapted = PeftModel.from_pretrained(_load(setup.pruned), trained.out / "adapter").eval()
+    windows = torch.randint(0, len(WORDS) + 1, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected, actual = adapted(windows).logits, merged(windows).logits
+    assert not torch.allclose(_load(setup.pruned)(windows).logits, expected, atol=1e-3)
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_record_is_carried_over_and_the_best_checkpoint_kept(setup, trained):
+    source_record = json.loads((setup.pruned / "prunenet.json").read_text())
+    record = json.loads((trained.out / "prunenet.json").read_text())
+    assert {k: v for k, v in record.items() if k != "finetune"} == source_record
+    entry = record["finetune"]
+    assert entry["settings"]["lr"] == 2e-2 and entry["settings"]["lora_r"] == 8
+    history = [point["perplexity"] for point in entry["eval_history"]]
+    assert [point["step"] for point in entry["eval_history"]] == [5, 10]
+    assert entry["eval_perplexity_after"] == pytest.approx(min(history), rel=1e-5)
+    assert entry["best_step"] == [5, 10][history.index(min(history))]
+    tokenizer = transformers.AutoTokenizer.from_pretrained(setup.pruned)
+    _, evaluation = corpus_windows(setup.corpus, tokenizer, 32, 4)
+    assert entry["eval_perplexity_before"] == pytest.approx(
+        perplexity(_load(setup.pruned), evaluation, progress=False), rel=1e-5)
+    assert not (setup.root / "trained.work").exists()
+
+
+def test_training_never_sees_evaluation_windows(setup, trained):
+    tokenizer = transformers.AutoTokenizer.from_pretrained(setup.pruned)
+    corpus = load_corpus(setup.corpus, tokenizer)
+    training, evaluation = corpus_windows(setup.corpus, tokenizer, 32, 4)
+    fed = {tuple(row.tolist()) for batch in trained.recorder.batches for row in batch}
+    assert len(fed) == 10 * 4  # 10 steps of 4 distinct windows (fewer than one epoch)
+    assert fed <= {tuple(row.tolist()) for row in training}
+    evaluation_region = corpus.tokens[: corpus.evaluation_tokens].tolist()
+    assert evaluation.numel() <= len(evaluation_region)
+    region_windows = {tuple(evaluation_region[i:i + 32])
+                      for i in range(len(evaluation_region) - 31)}
+    assert not fed & region_windows  # not even a shifted window of the held-out text
+
+
+def test_resume_continues_from_the_saved_step_and_matches_an_uninterrupted_run(setup):
+    settings = dict(steps=6, eval_every=2, progress=False, **SETTINGS)
+    straight = finetune(setup.pruned, setup.corpus, setup.root / "straight", **settings)
+    out = setup.root / "resumed"
+    with pytest.raises(Interrupted):
+        finetune(setup.pruned, setup.corpus, out, callbacks=[InterruptAt(3)], **settings)
+    assert not out.exists()
+    assert sorted(p.name for p in (setup.root / "resumed.work").glob("checkpoint-*")) == [
+        "checkpoint-2"]
+    recorder = Recorder()
+    resumed = finetune(setup.pruned, setup.corpus, out, resume=True, callbacks=[recorder],
+                       **settings)
+    assert recorder.steps == [3, 4, 5, 6]
+    assert resumed.record["finetune"]["resumed_from_step"] == 2
+    assert resumed.record["finetune"]["steps_run"] == 6
+    expected = load_file(setup.root / "straight" / "model.safetensors")
+    actual = load_file(out / "model.safetensors")
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], atol=1e-6, rtol=1e-6)
+    assert resumed.record["finetune"]["eval_perplexity_after"] == pytest.approx(
+        straight.record["finetune"]["eval_perplexity_after"], rel=1e-5)
+
+
+def test_resume_refuses_contradicting_settings(setup):
+    out = setup.root / "contradict"
+    with pytest.raises(Interrupted):
+        finetune(setup.pruned, setup.corpus, out, steps=4, callbacks=[InterruptAt(1)],
+                 progress=False, **SETTINGS)
+    with pytest.raises(OutputError, match="pass --resume"):
+        finetune(setup.pruned, setup.corpus, out, steps=4, progress=False, **SETTINGS)
+    changed = {**SETTINGS, "lr": 1e-3}
+    with pytest.raises(InputError, match=r"lr: checkpoint 0\.02, now 0\.001"):
+        finetune(setup.pruned, setup.corpus, out, steps=4, resume=True, **changed)
+    with pytest.raises(InputError, match="steps: checkpoint 4, now 5"):
+        finetune(setup.pruned, setup.corpus, out, steps=5, resume=True, **SETTINGS)
+    with pytest.raises(InputError, match="nothing to resume"):
+        finetune(setup.pruned, setup.corpus, setup.root / "never", resume=True, **SETTINGS)
+
+
+def test_bad_input_is_refused_with_a_clear_message(setup, tmp_path):
+    not_a_model = tmp_path / "not-a-model"
+    not_a_model.mkdir()
+    with pytest.raises(InputError, match="not a model folder"):
+        finetune(not_a_model, setup.corpus, tmp_path / "a", **SETTINGS)
+    with pytest.raises(InputError, match="no such file"):
+        finetune(setup.pruned, str(tmp_path / "missing.txt"), tmp_path / "b", **SETTINGS)
+    short = tmp_path / "short.txt"
+    short.write_text(_corpus_text(4))  # 4 sentences, under 40 tokens
+    with pytest.raises(InputError, match=r"has \d+ tokens in all"):
+        finetune(setup.pruned, str(short), tmp_path / "c", **SETTINGS)
+    with pytest.raises(InputError, match="steps must be a positive integer, got 0"):
+        finetune(setup.pruned, setup.corpus, tmp_path / "d", steps=0)
+    with pytest.raises(InputError, match="valid targets: attn, mlp, q_proj, k_proj"):
+        finetune(setup.pruned, setup.corpus, tmp_path / "e", targets=("attn", "c_fc"), **SETTINGS)
+    assert not any(tmp_path.glob("[abcde]*"))
+
+
+def test_cli_bad_input_exits_2(setup, tmp_path, capsys):
+    argv = ["finetune", str(setup.pruned), "--data", setup.corpus, "--out", str(tmp_path / "o")]
+    assert main([*argv, "--targets", "mlp,fc1", "--seqlen", "32"]) == 2
+    assert "valid targets: attn, mlp" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--steps", "0"])
+    assert exit_info.value.code == 2
+
+
+def test_compress_chains_finetune(setup, tmp_path):
+    out = tmp_path / "compressed"
+    assert main(["-q", "compress", str(setup.dense), "--ratio", "0.25", "--method", "random",
+                 "--out", str(out), "--finetune-steps", "2", "--finetune-data", setup.corpus,
+                 "--finetune-seqlen", "32"]) == 0
+    record = json.loads((tmp_path / "compressed-finetuned" / "prunenet.json").read_text())
+    assert record["method"] == "random" and record["ratio"] == 0.25
+    assert record["finetune"]["steps_run"] == 2
+    assert record["finetune"]["source"] == str(out.resolve())
