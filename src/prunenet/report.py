@@ -53,6 +53,7 @@ def write_plots(data: dict[str, Any], original: list[Tensor], pruned: list[Tenso
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     written: list[str] = []
 
@@ -74,10 +75,15 @@ def write_plots(data: dict[str, Any], original: list[Tensor], pruned: list[Tenso
                                  (ks_axis, "mean_ks", "mean KS over layers")):
             axis.plot(numbers, [episode[key] for episode in episodes], marker="o", markersize=3)
             axis.axvline(best, color="tab:red", linestyle="--", label=f"best episode ({best})")
+            axis.xaxis.set_major_locator(MaxNLocator(integer=True))
             axis.set_xlabel("episode")
             axis.set_title(label, fontsize=10)
             axis.grid(alpha=0.3)
             axis.legend(fontsize=8)
+        selected = _mean(per_layer["ks_selected"])
+        ks_axis.axhline(selected, color="tab:green", linestyle=":",
+                        label=f"final selection ({selected:.4f})")
+        ks_axis.legend(fontsize=8)
         save(figure, "training.png")
 
     figure, axis = plt.subplots(figsize=FIGURE_SIZE)
@@ -115,8 +121,8 @@ def write_plots(data: dict[str, Any], original: list[Tensor], pruned: list[Tenso
     axis.set_xlabel("layer")
     axis.set_ylabel("FFN neurons")
     axis.set_title(f"kept FFN neurons per layer (ratio {compression['ratio']:g})", fontsize=10)
-    axis.set_ylim(0, compression["ffn_width_before"] * 1.12)
-    axis.legend(fontsize=8, loc="upper right")
+    axis.set_ylim(0, compression["ffn_width_before"] * 1.25)
+    axis.legend(fontsize=8, loc="upper right", ncols=2)
     save(figure, "kept_neurons.png")
     return written
 
