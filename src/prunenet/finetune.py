@@ -202,6 +202,7 @@ def _training_arguments(config: FinetuneConfig, work: Path, device: str):
         use_cpu=device == "cpu",
         remove_unused_columns=False,
         dataloader_num_workers=0,
+        dataloader_pin_memory=device != "cpu" and torch.cuda.is_available(),
     )
 
 
