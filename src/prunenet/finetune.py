@@ -226,7 +226,8 @@ def _check_work_folder(work: Path, settings: dict[str, Any], resume: bool, overw
     if differences:
         raise InputError(
             "--resume with settings that contradict the checkpoint in "
-            f"{work} ({'; '.join(differences)}); repeat the original settings or pass --overwrite"
+            f"{work} ({'; '.join(differences)}); repeat the original settings, or start over "
+            "with --overwrite instead of --resume"
         )
 
 
@@ -240,8 +241,8 @@ def _saved_dtype(source: str) -> torch.dtype | None:
 
 def finetune(
     model: str | os.PathLike,
-    data: str = "wiki",
-    out: str | os.PathLike | None = None,
+    data: str,
+    out: str | os.PathLike,
     *,
     merge: bool = True,
     resume: bool = False,
@@ -267,12 +268,12 @@ def finetune(
     from transformers.trainer_utils import get_last_checkpoint
 
     config = FinetuneConfig(data=str(data), **settings)
-    if out is None:
-        raise InputError("finetune needs an output folder (out=...)")
     source = str(Path(model).expanduser().resolve())
     out_path = check_output_path(out, overwrite, [source])
     work = out_path.with_name(out_path.name + ".work")
     run_settings = {**asdict(config), "targets": list(config.targets), "source": source}
+    process = PartialState()
+    _check_work_folder(work, run_settings, resume, overwrite)
 
     loaded, tokenizer = load_model_and_tokenizer(source, dtype=torch.float32)
     record = read_record(source) if (Path(source) / RECORD_NAME).exists() else {
@@ -282,9 +283,7 @@ def finetune(
     peft_model = add_lora(loaded, config)
     peft_model.config.use_cache = False
 
-    process = PartialState()
-    _check_work_folder(work, run_settings, resume, overwrite)
-    process.wait_for_everyone()
+    process.wait_for_everyone()  # every process has checked the work folder before it changes
     if process.is_main_process:
         if not resume and work.exists():
             shutil.rmtree(work)
