@@ -253,3 +253,15 @@ def test_compress_chains_finetune(setup, tmp_path):
     assert record["method"] == "random" and record["ratio"] == 0.25
     assert record["finetune"]["steps_run"] == 2
     assert record["finetune"]["source"] == str(out.resolve())
+
+
+def test_no_merge_writes_only_the_adapter_and_the_record(setup):
+    from peft import PeftModel
+
+    out = setup.root / "adapter-only"
+    result = finetune(setup.pruned, setup.corpus, out, steps=2, merge=False, progress=False,
+                      **SETTINGS)
+    assert isinstance(result.model, PeftModel)
+    assert sorted(p.name for p in out.iterdir()) == ["adapter", "prunenet.json"]
+    assert (out / "adapter" / "adapter_config.json").exists()
+    assert json.loads((out / "prunenet.json").read_text())["finetune"]["merged"] is False
