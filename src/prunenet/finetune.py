@@ -17,7 +17,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -98,7 +98,6 @@ class FinetuneResult:
     tokenizer: Any
     record: dict[str, Any]
     out: str | None = None
-    extras: dict[str, Any] = field(default_factory=dict)
 
 
 def lora_target_modules(model: nn.Module, targets: tuple[str, ...] | list[str]) -> list[str]:
