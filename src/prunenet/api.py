@@ -35,6 +35,7 @@ from .policy import PrunePolicy, keep_probabilities, sample_rows, top_rows
 from .recording import check_record_path, first_matrix_spectra, write_run_record
 from .reinforce import TrainingConfig, TrainingResult, make_generator, train_policy_on_matrices
 from .slicing import slice_model
+from .streaming import LayerMatrices, StreamedCheckpoint, choose_streaming, prune_streamed
 
 METHODS = ("prunenet", "random", "magnitude", "magnitude-product", "activation")
 SELECTIONS = ("sample", "topk")
@@ -86,17 +87,26 @@ def train_policy(
     progress: bool = True,
     state_path: str | os.PathLike | None = None,
     resume: bool = False,
+    max_memory: int | str | None = None,
     **options: Any,
 ) -> TrainingResult:
     """Train a PruneNet policy on ``model``'s FFN weights at compression ``ratio``.
 
     ``options`` are further :class:`TrainingConfig` fields (gamma, reward, reward_to_go, baseline,
     kld, clip_norm, spectral). ``state_path`` keeps the training state after every episode so
-    that ``resume=True`` continues an interrupted run. Returns a :class:`TrainingResult`.
+    that ``resume=True`` continues an interrupted run. A safetensors folder that would not fit
+    ``max_memory`` (e.g. "2GB"; default: half the free RAM) is streamed one layer at a time.
+    Returns a :class:`TrainingResult`.
     """
     config = TrainingConfig(ratio=ratio, episodes=episodes, lr=lr, seed=seed, **options)
     config.validate()
     run_device = resolve_device(device)
+    streamed = choose_streaming(model, max_memory, training=True)
+    if streamed is not None:  # one layer's matrix in memory at a time, read again per use
+        kept_count(streamed.d_ff, ratio)
+        return train_policy_on_matrices(LayerMatrices(streamed, run_device), config,
+                                        progress=progress, state_path=state_path, resume=resume,
+                                        keep_matrices=False)
     model, _ = _as_model(model, run_device)
     view = FFNView(model)
     kept_count(view.d_ff, ratio)
@@ -130,7 +140,7 @@ def select_rows(
     ``activation`` (the calibration-based reference) also needs ``tokenizer`` and reads
     ``calibration`` (default: 16 training windows of the wiki corpus).
     """
-    view = FFNView(model)
+    view = model if isinstance(model, StreamedCheckpoint) else FFNView(model)
     kept = kept_count(view.d_ff, ratio)
     if method == "activation":
         return activation_rows(model, tokenizer, kept, calibration, progress)
@@ -221,6 +231,7 @@ def prune(
     tokenizer: Any = None,
     calibration: Calibration | None = None,
     record_dir: str | os.PathLike | None = None,
+    max_memory: int | str | None = None,
     _training: TrainingResult | None = None,
 ) -> CompressionResult:
     """Remove FFN neurons of ``model`` at ``ratio`` with a trained ``policy`` (or a baseline).
@@ -240,6 +251,12 @@ def prune(
         check_record_path(record_dir, overwrite, out, [source] if source else [])
     if isinstance(policy, (str, os.PathLike)):
         policy, _ = load_policy(policy)
+    streamed = choose_streaming(model, max_memory, training=False) if source else None
+    if streamed is not None:  # too big for max_memory: read, slice and write tensor by tensor
+        _check_streamed_outputs(out, record_dir)
+        return prune_streamed(streamed, policy, ratio, method=method, selection=selection,
+                              seed=seed, device=device, out=out, overwrite=overwrite,
+                              progress=progress, training=_training)
     model, loaded_tokenizer = _as_model(model, torch.device("cpu"), trust_remote_code)
     tokenizer = loaded_tokenizer if tokenizer is None else tokenizer
     view = FFNView(model)
@@ -287,13 +304,15 @@ def compress(
     tokenizer: Any = None,
     calibration: Calibration | None = None,
     record_dir: str | os.PathLike | None = None,
+    max_memory: int | str | None = None,
     **options: Any,
 ) -> CompressionResult:
     """Train a policy on ``model`` (for ``method="prunenet"``) and prune it at ``ratio``.
 
     Returns a :class:`CompressionResult` with the pruned model, kept rows, record and policy.
     ``out``/``policy_out`` save them; ``record_dir`` keeps the run's data for ``prunenet report``.
-    ``options`` are extra :class:`TrainingConfig` fields.
+    ``options`` are extra :class:`TrainingConfig` fields. A safetensors folder that would not fit
+    ``max_memory`` is streamed (:mod:`prunenet.streaming`): same result, ``result.model`` None.
     """
     source = None if isinstance(model, nn.Module) else str(model)
     if source is not None:
@@ -302,7 +321,12 @@ def compress(
         check_output_path(out, overwrite, [source] if source else [])
     if record_dir is not None:
         check_record_path(record_dir, overwrite, out, [source] if source else [])
-    model, loaded_tokenizer = _as_model(model, torch.device("cpu"), trust_remote_code)
+    streamed = choose_streaming(model, max_memory, method == "prunenet") if source else None
+    if streamed is None:
+        model, loaded_tokenizer = _as_model(model, torch.device("cpu"), trust_remote_code)
+    else:
+        _check_streamed_outputs(out, record_dir)
+        model, loaded_tokenizer = streamed, None
     tokenizer = loaded_tokenizer if tokenizer is None else tokenizer
     training = None
     policy = None
@@ -318,10 +342,11 @@ def compress(
     original_spectra = first_matrix_spectra(model) if record_dir is not None else None
     result = prune(model, policy, ratio, method=method, selection=selection, seed=seed,
                    device=device, progress=progress, tokenizer=tokenizer,
-                   calibration=calibration, _training=training)
+                   calibration=calibration, out=out if streamed else None, overwrite=overwrite,
+                   _training=training)
     result.tokenizer = tokenizer
     result.record["source"] = source
-    if out is not None:
+    if out is not None and streamed is None:
         result.out = str(save_compressed(result.model, tokenizer, out, result.record, overwrite,
                                          [source] if source else []))
     if record_dir is not None:
@@ -332,13 +357,23 @@ def compress(
     return result
 
 
+def _check_streamed_outputs(out: str | os.PathLike | None,
+                            record_dir: str | os.PathLike | None) -> None:
+    if out is None:
+        raise InputError("a streamed compression writes its result to disk: pass --out")
+    if record_dir is not None:
+        raise InputError("--record needs the model in memory; it is not available when "
+                         "streaming (raise --max-memory)")
+
+
 def policy_metadata(model: nn.Module, training: TrainingResult) -> dict[str, Any]:
     """What SPEC §5 asks to store with a policy."""
-    view = FFNView(model)
+    streamed = isinstance(model, StreamedCheckpoint)
+    view = model if streamed else FFNView(model)
     return {
         "d_model": view.d_model,
         "d_ff": view.d_ff,
-        "model_type": model.config.model_type,
+        "model_type": model.model_type if streamed else model.config.model_type,
         "num_layers": view.num_layers,
         "trained_ratio": training.config.ratio,
         "episodes": training.config.episodes,

@@ -78,8 +78,8 @@ _DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 
 _MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
 
 
-def validate_safetensors(path: Path) -> None:
-    """Check a safetensors file's header against its size before anything maps it.
+def validate_safetensors(path: Path) -> dict[str, Any]:
+    """Check a safetensors file's header against its size before anything maps it; return it.
 
     Rejects (with :class:`InputError` naming the file) a truncated file, a header that does not
     parse, and tensors whose declared shape and dtype do not match their byte ranges or point past
@@ -120,6 +120,7 @@ def validate_safetensors(path: Path) -> None:
                 f"[{start}, {end}) but the file holds {data_bytes} data bytes; "
                 "the file is truncated or its header lies"
             )
+    return header
 
 
 def validate_gguf(path: Path) -> None:

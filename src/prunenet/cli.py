@@ -72,6 +72,10 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=42, help="random seed (default: 42)")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="allow the checkpoint's own Python code to run (off by default)")
+    parser.add_argument("--max-memory", metavar="SIZE",
+                        help="memory budget such as 2GB (K/M/G/T = powers of 1024); a "
+                        "safetensors folder that would not fit is streamed one layer at a time "
+                        "(default: stream when it needs over half the free RAM)")
 
 
 def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
@@ -154,7 +158,7 @@ def run_compress(args: argparse.Namespace) -> int:
         seed=args.seed, selection=args.selection, device=args.device, out=args.out,
         policy_out=args.policy_out, overwrite=args.overwrite,
         trust_remote_code=args.trust_remote_code, calibration=_calibration(args),
-        record_dir=args.record, **_training_options(args),
+        record_dir=args.record, max_memory=args.max_memory, **_training_options(args),
     )
     _print_summary(result)
     _print_record(args)
@@ -205,10 +209,13 @@ def run_train_policy(args: argparse.Namespace) -> int:
 
     from .api import policy_metadata, train_policy, training_state_path
     from .checkpoints import load_model_and_tokenizer, save_policy
+    from .streaming import choose_streaming
 
     if Path(args.out).exists() and not args.overwrite:
         raise InputError(f"policy file {args.out} already exists; pass --overwrite to replace it")
-    model, _ = load_model_and_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
+    model = choose_streaming(args.model, args.max_memory, training=True)
+    if model is None:
+        model, _ = load_model_and_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
     state_path = training_state_path(args.out)
     training = train_policy(model, args.ratio, episodes=args.episodes, lr=args.lr,
                             seed=args.seed, device=args.device, state_path=state_path,
@@ -241,7 +248,8 @@ def run_prune(args: argparse.Namespace) -> int:
     result = prune(args.model, args.policy, args.ratio, method=args.method,
                    selection=args.selection, seed=args.seed, device=args.device, out=args.out,
                    overwrite=args.overwrite, trust_remote_code=args.trust_remote_code,
-                   calibration=_calibration(args), record_dir=args.record)
+                   calibration=_calibration(args), record_dir=args.record,
+                   max_memory=args.max_memory)
     _print_summary(result)
     _print_record(args)
     return 0

@@ -172,6 +172,7 @@ def train_policy_on_matrices(
     on_episode: Callable[[EpisodeRecord, PrunePolicy], None] | None = None,
     state_path: str | os.PathLike | None = None,
     resume: bool = False,
+    keep_matrices: bool = True,
 ) -> TrainingResult:
     """Train a policy by REINFORCE on the first FFN matrices of every layer (all d_ff x d_model).
 
@@ -183,6 +184,9 @@ def train_policy_on_matrices(
     With ``state_path``, the whole training state (policy, optimizer, random generator, history,
     best policy) is saved there after every episode; ``resume=True`` continues from it and ends
     exactly as an uninterrupted run with the same settings would.
+
+    ``keep_matrices=False`` (streaming) keeps no matrix or Gram matrix between uses: pass a lazy
+    sequence that reads each layer's matrix when indexed, and memory stays at about one layer.
     """
     config.validate()
     if not first_matrices:
@@ -196,7 +200,7 @@ def train_policy_on_matrices(
         policy = PrunePolicy(d_model, d_ff, generator=init_generator)
     policy = policy.to(device)
     policy.check_fits(d_model, d_ff)
-    spectra = [LayerSpectrum(matrix, config.spectral) for matrix in first_matrices]
+    spectra = [LayerSpectrum(matrix, config.spectral, keep_matrices) for matrix in first_matrices]
     optimizer = torch.optim.AdamW(policy.parameters(), lr=config.lr)
 
     history: list[EpisodeRecord] = []
@@ -222,7 +226,7 @@ def train_policy_on_matrices(
                 alpha = policy.keep_scores(matrix)
                 probabilities = keep_probabilities(alpha, _noise(d_ff, generator, device))
                 rows = sample_rows(probabilities, kept, generator)
-                ks = spectrum.ks(rows)
+                ks = spectrum.ks(rows, matrix)
                 actions.append(rows)
                 layer_ks.append(ks)
                 rewards.append(reward_of(ks, config.reward))

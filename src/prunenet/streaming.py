@@ -1,0 +1,481 @@
+"""Out-of-core compression: train, select and slice a safetensors checkpoint one tensor at a time.
+
+PruneNet needs only each layer's first FFN matrix, so a checkpoint larger than memory can be
+compressed by reading tensors from its (memory-mapped) shards when they are used: the policy
+trains on one layer's matrix at a time, and the output is written shard by shard, one tensor at a
+time, with every non-FFN tensor copied through byte for byte. The kept rows, and therefore every
+output tensor, are the same as the in-memory path's for the same seed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import json
+import logging
+import math
+import os
+import re
+import shutil
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .checkpoints import (
+    RECORD_NAME,
+    atomic_folder,
+    check_output_path,
+    validate_safetensors,
+    validate_weight_files,
+    write_json_atomic,
+)
+from .errors import InputError, NumericalError, OutputError
+from .families import Cut, family_for, kept_count, slice_tensor
+
+log = logging.getLogger(__name__)
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+# Resident memory of the interpreter with torch, safetensors and prunenet imported (measured).
+BASE_MEMORY = 400 * 2**20
+# Without --max-memory, stream when the in-memory path would need more than this share of free RAM.
+DEFAULT_RAM_SHARE = 0.5
+_COPY_CHUNK = 16 * 2**20
+_M_MMAP_THRESHOLD = -3  # mallopt parameter of glibc's malloc.h
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt")
+_UNITS = {"": 1, "B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def parse_memory(text: str | int) -> int:
+    """Bytes from ``"2GB"``, ``"512M"``, ``"1.5GiB"`` or a number; units are powers of 1024."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        value = text
+    else:
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(I?B)?\s*", str(text).upper())
+        if match is None:
+            raise InputError(f"memory size {text!r} is not understood; write e.g. 2GB or 512MB")
+        value = int(float(match.group(1)) * _UNITS[match.group(2)])
+    if value <= 0:
+        raise InputError(f"memory size must be positive, got {text!r}")
+    return value
+
+
+def format_bytes(count: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if count < 1024 or unit == "GB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.2f} {unit}"
+        count /= 1024
+    raise AssertionError("unreachable")
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one tensor lives: its shard, dtype code, shape and absolute byte range."""
+
+    shard: str
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+class StreamedCheckpoint:
+    """A local safetensors checkpoint seen through its headers; tensors are read on demand.
+
+    Raises :class:`InputError` naming the file for a missing or truncated index or shard, a tensor
+    the index promises but its shard lacks, and an FFN tensor whose shape differs from layer 0's.
+    """
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        self.source = str(folder)  # as the user wrote it, for the compression record
+        self.folder = Path(folder).expanduser().resolve()
+        config_file = self.folder / "config.json"
+        if not config_file.is_file():
+            raise InputError(f"{self.folder} is not a model folder: it has no config.json")
+        try:
+            self.config: dict[str, Any] = json.loads(config_file.read_text())
+        except json.JSONDecodeError as error:
+            raise InputError(f"{config_file} is not valid JSON ({error})") from error
+        self.model_type = self.config.get("model_type")
+        self.family = family_for(self.model_type)
+        self.sharded = (self.folder / INDEX_NAME).exists()
+        if not self.sharded and not (self.folder / SINGLE_NAME).is_file():
+            raise InputError(
+                f"{self.folder} has neither {SINGLE_NAME} nor {INDEX_NAME}; streaming needs "
+                "safetensors weights (a missing index file?)"
+            )
+        validate_weight_files(self.folder)  # missing shards, truncated files, lying headers
+        _bound_heap_growth()
+        self.entries = self._read_entries()
+        self._check_layers()
+
+    def _read_entries(self) -> dict[str, TensorEntry]:
+        if self.sharded:
+            weight_map = json.loads((self.folder / INDEX_NAME).read_text())["weight_map"]
+            shards = sorted(set(weight_map.values()))
+        else:
+            weight_map, shards = None, [SINGLE_NAME]
+        entries: dict[str, TensorEntry] = {}
+        for shard in shards:
+            path = self.folder / shard
+            header = validate_safetensors(path)
+            with open(path, "rb") as handle:
+                data_start = 8 + int.from_bytes(handle.read(8), "little")
+            for name, entry in header.items():
+                if name == "__metadata__" or (weight_map and weight_map.get(name) != shard):
+                    continue
+                start, end = entry["data_offsets"]
+                entries[name] = TensorEntry(shard, entry["dtype"], tuple(entry["shape"]),
+                                            data_start + start, data_start + end)
+        for name, shard in (weight_map or {}).items():
+            if name not in entries:
+                raise InputError(
+                    f"{self.folder / INDEX_NAME} places {name} in {shard}, which does not hold "
+                    "it; the checkpoint is incomplete or its index is stale"
+                )
+        return entries
+
+    def _check_layers(self) -> None:
+        family = self.family
+        self.num_layers = 0
+        while family.tensor_name(self.num_layers, family.first) in self.entries:
+            self.num_layers += 1
+        if self.num_layers == 0:
+            raise InputError(
+                f"{self.folder} holds no {family.tensor_name(0, family.first)}: not a "
+                f"{self.model_type} checkpoint prunenet can read"
+            )
+        first = self.entries[family.tensor_name(0, family.first)]
+        self.d_ff = first.shape[family.first.axis] // family.first.blocks
+        self.d_model = first.shape[1 - family.first.axis]
+        self.dtype = first.dtype
+        reference: dict[str, tuple[int, ...]] = {}
+        for index in range(self.num_layers):
+            for cut in family.cuts:
+                name = family.tensor_name(index, cut)
+                entry = self.entries.get(name)
+                if entry is None:
+                    if cut.optional:
+                        continue
+                    raise InputError(f"{self.folder} lacks the FFN tensor {name}")
+                expected = reference.setdefault(cut.name, entry.shape)
+                if entry.shape != expected or entry.shape[cut.axis] != self.d_ff * cut.blocks:
+                    raise InputError(
+                        f"{name} in {entry.shard} has shape {list(entry.shape)}, expected "
+                        f"{list(expected)} (d_ff={self.d_ff} along axis {cut.axis}) like layer "
+                        "0; the checkpoint is damaged or mixes layer shapes"
+                    )
+
+    def __fspath__(self) -> str:
+        return str(self.folder)
+
+    def __str__(self) -> str:
+        return self.source
+
+    # --- reading --------------------------------------------------------------------------
+
+    def tensor(self, name: str) -> Tensor:
+        """One tensor, read from its memory-mapped shard (the shard is unmapped again after)."""
+        entry = self.entries[name]
+        with safe_open(str(self.folder / entry.shard), framework="pt") as handle:
+            return handle.get_tensor(name)
+
+    def first_matrix(self, layer_index: int, device: torch.device | str | None = None) -> Tensor:
+        """Layer ``layer_index``'s first FFN matrix, d_ff x d_model, fp32, as FFNView gives it."""
+        name = self.family.tensor_name(layer_index, self.family.first)
+        tensor = self.tensor(name)
+        _check_finite(name, tensor)
+        matrix = self.family.first_matrix(tensor, self.d_ff)
+        return matrix.to(device=device or "cpu", dtype=torch.float32).contiguous()
+
+    def ffn_cuts(self) -> dict[str, tuple[int, Cut]]:
+        """Every FFN tensor present, by name: (layer index, cut)."""
+        cuts = {}
+        for index in range(self.num_layers):
+            for cut in self.family.cuts:
+                name = self.family.tensor_name(index, cut)
+                if name in self.entries:
+                    cuts[name] = (index, cut)
+        return cuts
+
+    # --- sizes ----------------------------------------------------------------------------
+
+    def parameter_counts(self, kept: int | None = None) -> dict[str, int]:
+        """Total and FFN parameter counts, as FFNView counts them; after pruning to ``kept``."""
+        total = sum(entry.numel for entry in self.entries.values())
+        ffn = ffn_after = 0
+        for name in self.ffn_cuts():
+            entry = self.entries[name]
+            ffn += entry.numel
+            ffn_after += entry.numel // self.d_ff * (kept if kept is not None else self.d_ff)
+        return {"total": total - ffn + ffn_after, "ffn": ffn_after}
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(entry.end - entry.start for entry in self.entries.values())
+
+    def streaming_memory(self, training: bool) -> int:
+        """Estimated peak resident bytes of streamed work: about one layer plus the policy."""
+        matrix = self.d_ff * self.d_model * 4
+        # fp32 first matrix, its kept rows in fp32 and fp64, Gram matrix and eigensolver space.
+        spectral = 4 * matrix + 3 * self.d_model**2 * 8
+        largest = max(self.entries[name].end - self.entries[name].start for name in self.ffn_cuts())
+        policy = (self.d_ff * self.d_model + 2 * self.d_ff) * 4
+        # Training: parameters, gradients, two AdamW moments, the acting and the best copies.
+        return BASE_MEMORY + policy * (6 if training else 1) + max(spectral, 3 * largest)
+
+    def in_memory_need(self, training: bool) -> int:
+        """Estimated peak resident bytes of the in-memory path (weights, matrices, Grams)."""
+        per_layer = self.d_ff * self.d_model * 4 + self.d_model**2 * 8
+        policy = (self.d_ff * self.d_model + 2 * self.d_ff) * 4
+        return (BASE_MEMORY + self.weight_bytes + self.num_layers * per_layer
+                + policy * (6 if training else 1))
+
+
+def _bound_heap_growth() -> None:
+    """Serve every allocation of 1 MiB or more by mmap, returned to the system when freed.
+
+    glibc otherwise raises its mmap threshold after each freed large block (up to 32 MiB), so the
+    per-layer matrices of a streamed run come from a heap that fragments and grows with the
+    number of layers (measured: +15 MB per layer of 4096 x 1024).
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, 2**20)
+
+
+def _check_finite(name: str, tensor: Tensor) -> None:
+    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        raise NumericalError(
+            f"{name} holds NaN or Inf; the checkpoint is damaged and cannot be pruned"
+        )
+
+
+class LayerMatrices(Sequence):
+    """Lazy sequence of first FFN matrices: indexing reads that layer from disk, every time."""
+
+    def __init__(self, checkpoint: StreamedCheckpoint, device: torch.device | str) -> None:
+        self.checkpoint = checkpoint
+        self.device = device
+
+    def __len__(self) -> int:
+        return self.checkpoint.num_layers
+
+    def __getitem__(self, index: int) -> Tensor:  # type: ignore[override]
+        if not -len(self) <= index < len(self):
+            raise IndexError(index)
+        return self.checkpoint.first_matrix(index % len(self), self.device)
+
+    def __iter__(self) -> Iterator[Tensor]:
+        return (self[index] for index in range(len(self)))
+
+
+def streamable(source: Any) -> StreamedCheckpoint | None:
+    """A :class:`StreamedCheckpoint` when ``source`` is a local safetensors model folder."""
+    if not isinstance(source, (str, os.PathLike)):
+        return None
+    folder = Path(source).expanduser()
+    if not (folder / "config.json").is_file():
+        return None
+    if not ((folder / INDEX_NAME).exists() or (folder / SINGLE_NAME).exists()):
+        return None
+    return StreamedCheckpoint(folder)
+
+
+def choose_streaming(
+    source: Any, max_memory: int | str | None, training: bool
+) -> StreamedCheckpoint | None:
+    """The checkpoint to stream, or None to work in memory.
+
+    Streams when the in-memory path would need more than ``max_memory`` (default: half the RAM
+    available now). Raises :class:`InputError` when even streaming would not fit ``max_memory``,
+    naming the minimum.
+    """
+    if isinstance(source, StreamedCheckpoint):
+        return source  # the caller already chose to stream
+    checkpoint = streamable(source)
+    if checkpoint is None:
+        if max_memory is not None and not isinstance(source, torch.nn.Module):
+            log.warning("--max-memory applies to local safetensors folders only; loading %s "
+                        "in memory", source)
+        return None
+    if max_memory is None:
+        import psutil
+
+        budget = int(psutil.virtual_memory().available * DEFAULT_RAM_SHARE)
+    else:
+        budget = parse_memory(max_memory)
+    if checkpoint.in_memory_need(training) <= budget:
+        return None
+    minimum = checkpoint.streaming_memory(training)
+    if minimum > budget:
+        raise InputError(
+            f"--max-memory {format_bytes(budget)} is too small: streaming {checkpoint.folder} "
+            f"needs at least {format_bytes(minimum)} (one layer's FFN matrices "
+            f"{checkpoint.d_ff} x {checkpoint.d_model} plus the policy); give at least that"
+        )
+    log.info("streaming %s (in memory it would need about %s, budget %s)", checkpoint.folder,
+             format_bytes(checkpoint.in_memory_need(training)), format_bytes(budget))
+    return checkpoint
+
+
+# --- writing ------------------------------------------------------------------------------
+
+
+def _tensor_bytes(tensor: Tensor) -> memoryview:
+    return memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def _write_shard(checkpoint: StreamedCheckpoint, shard: str, names: list[str],
+                 kept_rows: Sequence[Tensor], target: Path) -> dict[str, int]:
+    """Write one output shard tensor by tensor; returns each tensor's byte size."""
+    cuts = checkpoint.ffn_cuts()
+    kept = int(kept_rows[0].numel())
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    sizes, offset = {}, 0
+    for name in names:
+        entry = checkpoint.entries[name]
+        shape = list(entry.shape)
+        size = entry.end - entry.start
+        if name in cuts:
+            cut = cuts[name][1]
+            size = size // shape[cut.axis] * kept * cut.blocks
+            shape[cut.axis] = kept * cut.blocks
+        header[name] = {"dtype": entry.dtype, "shape": shape,
+                        "data_offsets": [offset, offset + size]}
+        sizes[name] = size
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # safetensors aligns the data to 8 bytes
+    with open(checkpoint.folder / shard, "rb") as source, open(target, "wb") as sink:
+        sink.write(len(encoded).to_bytes(8, "little"))
+        sink.write(encoded)
+        for name in names:
+            entry = checkpoint.entries[name]
+            if name in cuts:
+                index, cut = cuts[name]
+                tensor = checkpoint.tensor(name)
+                _check_finite(name, tensor)
+                sliced = slice_tensor(tensor, cut, kept_rows[index], checkpoint.d_ff)
+                del tensor
+                sink.write(_tensor_bytes(sliced))
+                del sliced
+                continue
+            source.seek(entry.start)  # untouched tensors are copied byte for byte
+            remaining = entry.end - entry.start
+            while remaining:
+                chunk = source.read(min(_COPY_CHUNK, remaining))
+                if not chunk:
+                    raise InputError(f"{checkpoint.folder / shard} ended while copying {name}")
+                sink.write(chunk)
+                remaining -= len(chunk)
+    return sizes
+
+
+def _copy_side_files(source: Path, target: Path) -> None:
+    """Tokenizer, generation config and other small files; not weights, config or records."""
+    skip = {"config.json", INDEX_NAME, RECORD_NAME}
+    for path in sorted(source.iterdir()):
+        if path.is_file() and path.name not in skip and not path.name.endswith(_WEIGHT_SUFFIXES) \
+                and not path.name.endswith(".index.json"):
+            shutil.copy2(path, target / path.name)
+
+
+def write_streamed(checkpoint: StreamedCheckpoint, kept_rows: Sequence[Tensor], out: Path,
+                   record: dict[str, Any], overwrite: bool = False,
+                   progress: bool = True) -> Path:
+    """Write the pruned checkpoint to ``out`` atomically: shards, index, config, side files,
+    then ``prunenet.json`` last. A full disk leaves nothing behind (:class:`OutputError`)."""
+    if len(kept_rows) != checkpoint.num_layers:
+        raise ValueError(f"got {len(kept_rows)} index sets for {checkpoint.num_layers} layers")
+    kept = int(kept_rows[0].numel())
+    if any(int(rows.numel()) != kept for rows in kept_rows):
+        raise ValueError("every layer must keep the same number of neurons")
+    by_shard: dict[str, list[str]] = {}
+    for name, entry in sorted(checkpoint.entries.items(), key=lambda item: item[1].start):
+        by_shard.setdefault(entry.shard, []).append(name)
+    needed = checkpoint.weight_bytes
+    free = shutil.disk_usage(out.parent).free
+    if needed > free:
+        raise OutputError(f"not enough disk space for {out}: about {format_bytes(needed)} "
+                          f"needed, {format_bytes(free)} free")
+    current = out
+    try:
+        with atomic_folder(out, overwrite) as staging:
+            weight_map, total = {}, 0
+            for shard in tqdm(sorted(by_shard), desc="writing shards", disable=not progress):
+                current = out / shard
+                sizes = _write_shard(checkpoint, shard, by_shard[shard], kept_rows,
+                                     staging / shard)
+                weight_map.update({name: shard for name in sizes})
+                total += sum(sizes.values())
+            current = out / INDEX_NAME
+            if checkpoint.sharded:
+                write_json_atomic(staging / INDEX_NAME, {"metadata": {"total_size": total},
+                                                         "weight_map": weight_map})
+            config = dict(checkpoint.config)
+            for field in checkpoint.family.width_fields:
+                config[field] = kept
+            current = out / "config.json"
+            write_json_atomic(staging / "config.json", config)
+            _copy_side_files(checkpoint.folder, staging)
+            current = out / RECORD_NAME
+            write_json_atomic(staging / RECORD_NAME, record)
+    except OSError as error:
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise OutputError(
+                f"the disk filled up while writing {current.name}; nothing was left at {out}. "
+                "Free space or choose another --out"
+            ) from error
+        raise
+    return out
+
+
+STREAMED_METHODS = ("prunenet", "random", "magnitude")
+
+
+def prune_streamed(checkpoint: StreamedCheckpoint, policy: Any, ratio: float, *, method: str,
+                   selection: str, seed: int, device: Any, out: str | os.PathLike | None,
+                   overwrite: bool, progress: bool, training: Any = None,
+                   variant: str | None = None) -> Any:
+    """:func:`prunenet.api.prune` for a streamed checkpoint: select rows reading one layer at a
+    time, then write the output with :func:`write_streamed`. Returns a ``CompressionResult``
+    whose ``model`` is None (the pruned model is on disk, at ``out``). ``variant`` as in
+    ``select_rows``: only ``reference`` (a trained policy) works without the model in memory."""
+    from .api import CompressionResult, _record, select_rows
+
+    if out is None:
+        raise InputError("a streamed compression writes its result to disk: pass --out")
+    if method not in STREAMED_METHODS:
+        raise InputError(
+            f"method {method!r} needs the whole model in memory; streaming supports "
+            f"{', '.join(STREAMED_METHODS)}. Raise --max-memory to work in memory"
+        )
+    if variant not in (None, "reference"):
+        raise InputError(f"variant {variant!r} runs the model and needs it in memory; raise "
+                         "--max-memory or use --variant reference")
+    kept = kept_count(checkpoint.d_ff, ratio)
+    if policy is not None:
+        policy.check_fits(checkpoint.d_model, checkpoint.d_ff)
+    rows = select_rows(checkpoint, ratio, method=method, policy=policy, selection=selection,
+                       seed=seed, device=device, progress=progress)
+    prunenet = method == "prunenet"
+    record = _record(method, ratio, seed, checkpoint.parameter_counts(),
+                     checkpoint.parameter_counts(kept), checkpoint.d_ff, kept,
+                     checkpoint.source, policy if prunenet else None,
+                     selection if prunenet else None, training)
+    if variant is not None:
+        record["variant"] = variant
+    out_path = check_output_path(out, overwrite, [str(checkpoint.folder)])
+    saved = write_streamed(checkpoint, rows, out_path, record, overwrite, progress)
+    return CompressionResult(None, None, rows, record, policy, training, str(saved))

@@ -1,0 +1,283 @@
+"""Streaming (out-of-core) compression: same output as in memory, bounded memory, bad input."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from conftest import make_tiny_model
+from prunenet import streaming
+from prunenet.api import compress, prune, train_policy
+from prunenet.checkpoints import save_policy
+from prunenet.cli import main
+from prunenet.errors import InputError, OutputError
+from prunenet.streaming import StreamedCheckpoint, choose_streaming, parse_memory
+
+
+def sharded_checkpoint(folder: Path, model_type: str = "llama") -> Path:
+    """A tiny model saved in several shards (save_pretrained with a small max_shard_size)."""
+    model = make_tiny_model(model_type)
+    model.save_pretrained(folder, max_shard_size="20KB")
+    assert (folder / streaming.INDEX_NAME).exists()
+    return folder
+
+
+def all_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        tensors.update(load_file(file))
+    return tensors
+
+
+@pytest.mark.parametrize("model_type", ["llama", "phi3", "gpt2"])
+def test_streamed_compress_equals_in_memory(tmp_path, model_type):
+    source = sharded_checkpoint(tmp_path / "model", model_type)
+    in_memory = compress(str(source), 0.5, episodes=2, out=tmp_path / "memory", progress=False,
+                         variant="reference")
+    streamed = compress(StreamedCheckpoint(source), 0.5, episodes=2, out=tmp_path / "stream",
+                        progress=False, variant="reference")
+    assert streamed.model is None and in_memory.model is not None
+    for rows_a, rows_b in zip(in_memory.kept_rows, streamed.kept_rows, strict=True):
+        assert torch.equal(rows_a, rows_b)
+    expected, actual = all_tensors(tmp_path / "memory"), all_tensors(tmp_path / "stream")
+    assert sorted(actual) == sorted(expected)
+    for name, tensor in expected.items():
+        assert actual[name].dtype == tensor.dtype and torch.equal(actual[name], tensor), name
+    record_a = json.loads((tmp_path / "memory" / "prunenet.json").read_text())
+    record_b = json.loads((tmp_path / "stream" / "prunenet.json").read_text())
+    assert record_a == record_b
+    # The streamed output is a sharded stock checkpoint that transformers reloads.
+    index = json.loads((tmp_path / "stream" / streaming.INDEX_NAME).read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "stream")
+    width_field = {"gpt2": "n_inner"}.get(model_type, "intermediate_size")
+    assert getattr(reloaded.config, width_field) == 24
+    assert (tmp_path / "stream" / "generation_config.json").exists() == (
+        source / "generation_config.json").exists()
+
+
+def test_streamed_prune_with_saved_policy_equals_in_memory(tmp_path):
+    source = sharded_checkpoint(tmp_path / "model")
+    training = train_policy(str(source), 0.25, episodes=1, progress=False)
+    policy_file = save_policy(training.policy, tmp_path / "policy.safetensors", {})
+    for selection in ("sample", "topk"):
+        a = prune(str(source), policy_file, 0.4, selection=selection, progress=False,
+                  out=tmp_path / f"memory-{selection}")
+        b = prune(StreamedCheckpoint(source), policy_file, 0.4, selection=selection,
+                  progress=False, out=tmp_path / f"stream-{selection}")
+        assert all(torch.equal(x, y) for x, y in zip(a.kept_rows, b.kept_rows, strict=True))
+        assert a.record == b.record
+
+
+def test_streamed_training_equals_in_memory(tmp_path):
+    source = sharded_checkpoint(tmp_path / "model")
+    a = train_policy(str(source), 0.3, episodes=3, progress=False)
+    b = train_policy(StreamedCheckpoint(source), 0.3, episodes=3, progress=False)
+    assert [r.layer_ks for r in a.history] == [r.layer_ks for r in b.history]
+    for name, tensor in a.policy.state_dict().items():
+        assert torch.equal(tensor, b.policy.state_dict()[name]), name
+
+
+def test_cli_streams_when_the_model_exceeds_max_memory(tmp_path, capsys):
+    source = sharded_checkpoint(tmp_path / "model")
+    checkpoint = StreamedCheckpoint(source)
+    budget = checkpoint.streaming_memory(training=True)
+    assert checkpoint.in_memory_need(training=True) > budget
+    assert choose_streaming(str(source), budget, training=True) is not None
+    assert choose_streaming(str(source), "100GB", training=True) is None
+    status = main(["compress", str(source), "--ratio", "0.5", "--episodes", "1", "--out",
+                   str(tmp_path / "out"), "--max-memory", str(budget), "--device", "cpu",
+                   "--variant", "reference"])
+    assert status == 0
+    assert (tmp_path / "out" / "prunenet.json").exists()
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["intermediate_size"] == 24
+    status = main(["train-policy", str(source), "--ratio", "0.5", "--episodes", "1", "--out",
+                   str(tmp_path / "policy.safetensors"), "--max-memory", str(budget)])
+    assert status == 0 and (tmp_path / "policy.safetensors").exists()
+
+
+def test_max_memory_below_one_layer_names_the_minimum(tmp_path):
+    source = sharded_checkpoint(tmp_path / "model")
+    minimum = StreamedCheckpoint(source).streaming_memory(training=True)
+    with pytest.raises(InputError, match="needs at least") as caught:
+        choose_streaming(str(source), "1MB", training=True)
+    assert streaming.format_bytes(minimum) in str(caught.value)
+
+
+@pytest.mark.parametrize("text,expected", [("2GB", 2 * 2**30), ("512M", 512 * 2**20),
+                                           ("1.5GiB", int(1.5 * 2**30)), ("1000", 1000),
+                                           (4096, 4096)])
+def test_parse_memory(text, expected):
+    assert parse_memory(text) == expected
+
+
+@pytest.mark.parametrize("text", ["lots", "-1GB", "0", "2PB"])
+def test_parse_memory_rejects(text):
+    with pytest.raises(InputError):
+        parse_memory(text)
+
+
+def _shard_of(folder: Path, name: str) -> Path:
+    index = json.loads((folder / streaming.INDEX_NAME).read_text())
+    return folder / index["weight_map"][name]
+
+
+def test_missing_shard_is_named(tmp_path):
+    source = sharded_checkpoint(tmp_path / "model")
+    shard = _shard_of(source, "model.layers.1.mlp.up_proj.weight")
+    shard.unlink()
+    with pytest.raises(InputError, match=shard.name):
+        StreamedCheckpoint(source)
+
+
+def test_truncated_shard_is_named(tmp_path):
+    source = sharded_checkpoint(tmp_path / "model")
+    shard = _shard_of(source, "model.layers.0.mlp.gate_proj.weight")
+    os.truncate(shard, shard.stat().st_size - 100)
+    with pytest.raises(InputError, match=shard.name):
+        StreamedCheckpoint(source)
+
+
+def test_missing_or_truncated_index_is_named(tmp_path):
+    source = sharded_checkpoint(tmp_path / "model")
+    index = source / streaming.INDEX_NAME
+    text = index.read_text()
+    index.write_text(text[: len(text) // 2])
+    with pytest.raises(InputError, match=streaming.INDEX_NAME):
+        StreamedCheckpoint(source)
+    index.unlink()
+    with pytest.raises(InputError, match=streaming.INDEX_NAME):
+        StreamedCheckpoint(source)
+
+
+def test_index_naming_a_tensor_its_shard_lacks(tmp_path):
+    source = sharded_checkpoint(tmp_path / "model")
+    index_file = source / streaming.INDEX_NAME
+    index = json.loads(index_file.read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    name = "model.layers.0.mlp.down_proj.weight"
+    index["weight_map"][name] = next(s for s in shards if s != index["weight_map"][name])
+    index_file.write_text(json.dumps(index))
+    with pytest.raises(InputError, match=name):
+        StreamedCheckpoint(source)
+
+
+def test_unexpected_tensor_shape_is_named(tmp_path):
+    source = sharded_checkpoint(tmp_path / "model")
+    name = "model.layers.1.mlp.gate_proj.weight"
+    shard = _shard_of(source, name)
+    with safe_open(str(shard), framework="pt") as handle:
+        metadata = handle.metadata()
+    tensors = load_file(shard)
+    tensors[name] = tensors[name][:40].clone()
+    save_file(tensors, shard, metadata=metadata)
+    with pytest.raises(InputError, match=rf"{name}.*\[40, 32\]"):
+        StreamedCheckpoint(source)
+
+
+def test_disk_full_while_writing_leaves_nothing(tmp_path, monkeypatch):
+    source = sharded_checkpoint(tmp_path / "model")
+    real_write = streaming._write_shard
+    written = []
+
+    def write_then_fill_up(*args, **kwargs):
+        if written:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written.append(real_write(*args, **kwargs))
+        return written[-1]
+
+    monkeypatch.setattr(streaming, "_write_shard", write_then_fill_up)
+    out = tmp_path / "outputs" / "pruned"
+    with pytest.raises(OutputError, match="disk filled up"):
+        prune(StreamedCheckpoint(source), None, 0.5, method="random", out=out, progress=False)
+    assert written, "the first shard should have been written before the disk filled up"
+    assert not out.exists()
+    assert list(out.parent.iterdir()) == []
+
+
+def test_streaming_refuses_methods_that_need_the_model(tmp_path):
+    source = sharded_checkpoint(tmp_path / "model")
+    with pytest.raises(InputError, match="whole model in memory"):
+        prune(StreamedCheckpoint(source), None, 0.5, method="activation", out=tmp_path / "out",
+              progress=False)
+    with pytest.raises(InputError, match="needs it in memory"):
+        compress(StreamedCheckpoint(source), 0.5, variant="self-generated", out=tmp_path / "out",
+                 progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+# --- peak resident memory, measured in a subprocess ------------------------------------------
+
+# Wide and short layers: 48 MiB each, yet cheap spectra (256 x 256 Gram matrices).
+D_MODEL, D_FF, VOCAB = 256, 16384, 256
+LAYER_BYTES = 3 * D_MODEL * D_FF * 4  # gate, up, down in fp32: 48 MiB
+
+
+def generated_checkpoint(folder: Path, layers: int) -> Path:
+    """A LLaMA-layout checkpoint of ``layers`` layers, one shard per layer, random fp32 weights."""
+    folder.mkdir(parents=True)
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=D_MODEL,
+                                      intermediate_size=D_FF, num_hidden_layers=layers,
+                                      num_attention_heads=8, num_key_value_heads=8)
+    config.save_pretrained(folder)
+    generator = torch.Generator().manual_seed(0)
+    weight_map = {}
+    shared = {"model.embed_tokens.weight": torch.randn(VOCAB, D_MODEL, generator=generator),
+              "model.norm.weight": torch.ones(D_MODEL)}
+    save_file(shared, folder / "shared.safetensors")
+    weight_map.update(dict.fromkeys(shared, "shared.safetensors"))
+    for layer in range(layers):
+        prefix = f"model.layers.{layer}"
+        tensors = {
+            f"{prefix}.mlp.gate_proj.weight": torch.randn(D_FF, D_MODEL, generator=generator),
+            f"{prefix}.mlp.up_proj.weight": torch.randn(D_FF, D_MODEL, generator=generator),
+            f"{prefix}.mlp.down_proj.weight": torch.randn(D_MODEL, D_FF, generator=generator),
+            f"{prefix}.input_layernorm.weight": torch.ones(D_MODEL),
+        }
+        shard = f"layer-{layer:03d}.safetensors"
+        save_file(tensors, folder / shard, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, shard))
+        del tensors
+    (folder / streaming.INDEX_NAME).write_text(json.dumps({"metadata": {}, "weight_map":
+                                                           weight_map}))
+    return folder
+
+
+_CHILD = """
+import resource, sys
+from prunenet.api import compress
+from prunenet.streaming import StreamedCheckpoint
+compress(StreamedCheckpoint(sys.argv[1]), 0.3, episodes=1, out=sys.argv[2], progress=False,
+         device="cpu", variant="reference")
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+"""
+
+
+def peak_rss_of_streamed_compress(source: Path, out: Path) -> int:
+    done = subprocess.run([sys.executable, "-c", _CHILD, str(source), str(out)],
+                          capture_output=True, text=True, check=True)
+    return int(done.stdout.strip().splitlines()[-1])
+
+
+def test_peak_memory_does_not_grow_with_layers(tmp_path):
+    few = generated_checkpoint(tmp_path / "few", layers=2)
+    many = generated_checkpoint(tmp_path / "many", layers=12)
+    rss_few = peak_rss_of_streamed_compress(few, tmp_path / "out-few")
+    rss_many = peak_rss_of_streamed_compress(many, tmp_path / "out-many")
+    size_many = sum(file.stat().st_size for file in many.glob("*.safetensors"))
+    assert size_many > 12 * LAYER_BYTES
+    # Ten more layers (480 MiB of weights) must not add even one layer's worth of memory.
+    assert rss_many - rss_few < LAYER_BYTES, (rss_few, rss_many)
+    assert rss_many < size_many, (rss_many, size_many)
+    index = json.loads((tmp_path / "out-many" / streaming.INDEX_NAME).read_text())
+    assert len(index["weight_map"]) == 2 + 4 * 12
