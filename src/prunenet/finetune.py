@@ -318,7 +318,7 @@ def finetune(
         "prunenet_version": __version__,
         "source": source,
         "settings": {**asdict(config), "targets": list(config.targets),
-                     "target_modules": list(peft_model.peft_config["default"].target_modules)},
+                     "target_modules": sorted(peft_model.peft_config["default"].target_modules)},
         "merged": merge,
         "device": str(trainer.args.device),
         "world_size": trainer.args.world_size,
