@@ -41,6 +41,7 @@ from prunenet.variants import (
     probe_activation_scores,
     probe_tokens,
     rank_with_protection,
+    self_generated_tokens,
 )
 
 Selector = Callable[[torch.nn.Module, float, int], tuple[list[Tensor], float]]
@@ -68,13 +69,30 @@ def _baseline(method: str) -> Selector:
     return select
 
 
+def _self_generated() -> Selector:
+    """The default variant, as ``api.select_rows`` runs it, with the probe text generated once
+    per model and seed and reused across ratios (the text does not depend on the ratio)."""
+    tokens_of: dict[tuple[str, int], Tensor] = {}  # (model_type, seed) -> probe text
+
+    def select(model, ratio, seed):
+        started = time.perf_counter()
+        key = (model.config.model_type, seed)
+        if key not in tokens_of:
+            tokens_of[key] = self_generated_tokens(model, seed)
+        kept = kept_count(FFNView(model).d_ff, ratio)
+        scores = probe_activation_scores(model, tokens_of[key])
+        return [top_rows(layer, kept) for layer in scores], time.perf_counter() - started
+
+    return select
+
+
 def _prunenet(selection: str, **options) -> Selector:
     def select(model, ratio, seed):
         started = time.perf_counter()
         training = api.train_policy(model, ratio, seed=seed, device="cpu", progress=False,
                                     **options)
         rows = api.select_rows(model, ratio, policy=training.policy, selection=selection,
-                               seed=seed, device="cpu")
+                               variant="reference", seed=seed, device="cpu")
         return rows, time.perf_counter() - started
 
     return select
@@ -147,6 +165,7 @@ VARIANTS: dict[str, tuple[Selector, bool]] = {  # name -> (selector, stochastic)
     "probe-8x128": (_probe(8, 128), True),
     "probe-32x128": (_probe(32, 128), True),
     "selfgen-8x128": (_probe(8, 128, "generated"), True),
+    "self-generated": (_self_generated(), True),
     "prunenet-ref-lr1e-3-sample": (_prunenet("sample"), True),
     "prunenet-ref-lr1e-3-topk": (_prunenet("topk"), True),
     "prunenet-ref-lr1e-4-sample": (_prunenet("sample", lr=1e-4), True),
@@ -188,6 +207,45 @@ def run_sweep(args: argparse.Namespace) -> None:
                 print(f"{name} r={ratio} seed={seed}: ppl {value:.2f} ({seconds:.1f} s)",
                       flush=True)
                 del pruned
+
+
+def second_family(model_types: list[str], ratios: list[float], seeds: list[int]) -> str:
+    """KL(dense || pruned) of next-token distributions on random tokens, per variant, for the
+    tiny random models of tests/conftest.py (no data; a check that the default is no worse than
+    the reference on other families). Returns a markdown table."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from conftest import make_tiny_model
+
+    variants = ["prunenet-ref-lr1e-3-sample", "prunenet-ref-lr1e-3-topk", "self-generated",
+                "random", "magnitude"]
+    lines = ["| model | variant | " + " | ".join(f"KL r={r}" for r in ratios) + " |",
+             "|---" * (len(ratios) + 2) + "|"]
+    for model_type in model_types:
+        dense = make_tiny_model(model_type)
+        vocab = dense.get_input_embeddings().weight.shape[0]
+        tokens = torch.randint(0, vocab, (8, 32), generator=torch.Generator().manual_seed(123))
+        with torch.no_grad():
+            reference_log = torch.log_softmax(dense(tokens).logits.float(), dim=-1)
+        for name in variants:
+            selector, stochastic = VARIANTS[name]
+            cells = []
+            for ratio in ratios:
+                values = []
+                for seed in seeds if stochastic else [0]:
+                    pruned = copy.deepcopy(dense)
+                    rows, _ = selector(pruned, ratio, seed)
+                    slice_model(pruned, rows)
+                    with torch.no_grad():
+                        log_p = torch.log_softmax(pruned(tokens).logits.float(), dim=-1)
+                    kl = (reference_log.exp() * (reference_log - log_p)).sum(-1).mean()
+                    values.append(float(kl))
+                cells.append(f"{statistics.mean(values):.4f}"
+                             + (f" ({min(values):.4f}-{max(values):.4f})" if len(values) > 1
+                                else ""))
+            lines.append(f"| tiny {model_type} | {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def _append(path: Path, record: dict) -> None:
@@ -237,7 +295,15 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--log", default="benchmarks/results/quality_screen.jsonl")
     parser.add_argument("--report", metavar="LOG", help="print the table of LOG and exit")
+    parser.add_argument("--second-family", metavar="TYPES",
+                        help="instead: KL check on tiny random models of these model_types "
+                        "(comma-separated, e.g. gpt2,qwen2)")
     args = parser.parse_args()
+    if args.second_family:
+        print(second_family(args.second_family.split(","),
+                            [float(r) for r in args.ratios.split(",")],
+                            [int(s) for s in args.seeds.split(",")]))
+        return
     if args.report:
         print(report(args.report))
         return

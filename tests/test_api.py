@@ -41,7 +41,8 @@ def _logits_in_fresh_process(folder: Path, inputs: torch.Tensor, tmp_path: Path)
 def test_compress_save_reload_in_fresh_process_gives_identical_logits(tiny_llama_dir, tmp_path):
     out = tmp_path / "pruned"
     result = prunenet.compress(str(tiny_llama_dir), ratio=0.25, episodes=2, out=out,
-                               policy_out=tmp_path / "policy.safetensors", progress=False)
+                               policy_out=tmp_path / "policy.safetensors", progress=False,
+                               variant="reference")
     inputs = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = result.model(inputs).logits

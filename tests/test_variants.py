@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
-from conftest import make_tiny_model
 
-from prunenet.errors import NumericalError
+import prunenet
+from conftest import make_tiny_model
+from prunenet.checkpoints import RECORD_NAME
+from prunenet.cli import main
+from prunenet.errors import InputError, NumericalError
 from prunenet.model_view import FFNView
+from prunenet.policy import PrunePolicy, top_rows
 from prunenet.reinforce import TrainingConfig, train_policy_on_matrices
-from prunenet.policy import PrunePolicy
 from prunenet.variants import (
+    DEFAULT_VARIANT,
+    SELF_GENERATED_SEQUENCES,
     down_column_norms,
     input_scale,
     intermediate_activations,
@@ -56,7 +62,8 @@ def test_intermediate_activations_are_the_ffn_formula():
     llama = make_tiny_model("llama")
     mlp = llama.model.layers[0].mlp
     inputs = torch.randn(5, 32, generator=torch.Generator().manual_seed(2))
-    expected = torch.nn.functional.silu(inputs @ mlp.gate_proj.weight.T) * (inputs @ mlp.up_proj.weight.T)
+    gate, up = inputs @ mlp.gate_proj.weight.T, inputs @ mlp.up_proj.weight.T
+    expected = torch.nn.functional.silu(gate) * up
     torch.testing.assert_close(intermediate_activations(FFNView(llama), 0, inputs), expected)
     gpt2 = make_tiny_model("gpt2")
     fc = gpt2.transformer.h[1].mlp.c_fc  # Conv1D: x @ W + b
@@ -144,3 +151,48 @@ def test_training_that_cannot_make_progress_stops_with_a_clear_message():
     with pytest.raises(NumericalError, match="cannot make progress"):
         train_policy_on_matrices([mixed, mixed.flip(0)], TrainingConfig(ratio=0.25, episodes=2),
                                  policy=_overflowing_policy(8, 24), progress=False)
+
+
+def test_default_selection_keeps_the_most_active_neurons_on_self_generated_text():
+    model = make_tiny_model("llama")
+    rows = prunenet.select_rows(model, 0.25, seed=3, progress=False)
+    tokens = probe_tokens(model, SELF_GENERATED_SEQUENCES, 64, 3, "generated")  # 64 positions
+    scores = probe_activation_scores(model, tokens)
+    assert [r.tolist() for r in rows] == [top_rows(s, 36).tolist() for s in scores]
+    assert [r.tolist() for r in prunenet.select_rows(model, 0.25, seed=3, progress=False,
+                                                     variant=DEFAULT_VARIANT)] == [
+        r.tolist() for r in rows]
+
+
+def test_a_policy_means_the_reference_variant():
+    model = make_tiny_model("llama")
+    training = prunenet.train_policy(model, ratio=0.3, episodes=1, progress=False)
+    implicit = prunenet.select_rows(model, 0.3, policy=training.policy, seed=9, progress=False)
+    explicit = prunenet.select_rows(model, 0.3, policy=training.policy, seed=9, progress=False,
+                                    variant="reference")
+    assert [r.tolist() for r in implicit] == [r.tolist() for r in explicit]
+    with pytest.raises(InputError, match="uses no policy"):
+        prunenet.select_rows(model, 0.3, policy=training.policy, variant=DEFAULT_VARIANT)
+    with pytest.raises(InputError, match="unknown variant"):
+        prunenet.select_rows(model, 0.3, variant="magic")
+
+
+def test_compress_default_needs_no_policy_and_reference_trains_one(tmp_path):
+    result = prunenet.compress(make_tiny_model("llama"), ratio=0.25, progress=False)
+    assert result.policy is None and result.training is None
+    assert result.record["variant"] == DEFAULT_VARIANT
+    reference = prunenet.compress(make_tiny_model("llama"), ratio=0.25, episodes=1,
+                                  variant="reference", progress=False)
+    assert reference.policy is not None and reference.record["variant"] == "reference"
+    with pytest.raises(InputError, match="--policy-out needs a trained policy"):
+        prunenet.compress(make_tiny_model("llama"), ratio=0.25, progress=False,
+                          policy_out=tmp_path / "p.safetensors")
+
+
+def test_cli_variant_choices(tiny_llama_dir, tmp_path):
+    assert main(["-q", "compress", str(tiny_llama_dir), "--ratio", "0.25", "--out",
+                 str(tmp_path / "a")]) == 0
+    assert json.loads((tmp_path / "a" / RECORD_NAME).read_text())["variant"] == DEFAULT_VARIANT
+    assert main(["-q", "compress", str(tiny_llama_dir), "--ratio", "0.25", "--episodes", "1",
+                 "--variant", "reference", "--out", str(tmp_path / "b")]) == 0
+    assert json.loads((tmp_path / "b" / RECORD_NAME).read_text())["variant"] == "reference"

@@ -36,6 +36,7 @@ from .recording import check_record_path, first_matrix_spectra, write_run_record
 from .reinforce import TrainingConfig, TrainingResult, make_generator, train_policy_on_matrices
 from .slicing import slice_model
 from .streaming import LayerMatrices, StreamedCheckpoint, choose_streaming, prune_streamed
+from .variants import DEFAULT_VARIANT, REFERENCE, resolve_variant, variant_rows
 
 METHODS = ("prunenet", "random", "magnitude", "magnitude-product", "activation")
 SELECTIONS = ("sample", "topk")
@@ -134,11 +135,14 @@ def select_rows(
     progress: bool = True,
     tokenizer: Any = None,
     calibration: Calibration | None = None,
+    variant: str | None = None,
 ) -> list[Tensor]:
     """Kept neuron indices per layer (sorted, distinct, all the same count) for ``method``.
 
     ``activation`` (the calibration-based reference) also needs ``tokenizer`` and reads
-    ``calibration`` (default: 16 training windows of the wiki corpus).
+    ``calibration`` (default: 16 training windows of the wiki corpus). For ``prunenet``,
+    ``variant`` (see :mod:`prunenet.variants`; None: ``reference`` when a policy is given, else
+    the default variant) picks the faithful policy path or a policy-free selection.
     """
     view = model if isinstance(model, StreamedCheckpoint) else FFNView(model)
     kept = kept_count(view.d_ff, ratio)
@@ -152,6 +156,9 @@ def select_rows(
         return magnitude_product_rows(view, kept)
     if method != "prunenet":
         raise InputError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
+    variant = resolve_variant(variant, policy)
+    if variant != REFERENCE:
+        return variant_rows(model, ratio, variant, seed)
     if selection not in SELECTIONS:
         raise InputError(f"unknown selection {selection!r}; use 'sample' or 'topk'")
     if policy is None:
@@ -232,6 +239,7 @@ def prune(
     calibration: Calibration | None = None,
     record_dir: str | os.PathLike | None = None,
     max_memory: int | str | None = None,
+    variant: str | None = None,
     _training: TrainingResult | None = None,
 ) -> CompressionResult:
     """Remove FFN neurons of ``model`` at ``ratio`` with a trained ``policy`` (or a baseline).
@@ -240,7 +248,7 @@ def prune(
     checkpoint with ``prunenet.json``. With ``record_dir``, the run's data for ``prunenet report``
     is saved there too (:mod:`prunenet.recording`). Raises for a ratio outside [0, 1), a policy
     that does not fit the model's FFN shapes, or an output that would overwrite a model or sit
-    inside the input.
+    inside the input. ``variant`` as in :func:`select_rows` (method ``prunenet`` only).
     """
     source = None if isinstance(model, nn.Module) else str(model)
     if source is not None:
@@ -251,12 +259,13 @@ def prune(
         check_record_path(record_dir, overwrite, out, [source] if source else [])
     if isinstance(policy, (str, os.PathLike)):
         policy, _ = load_policy(policy)
+    variant = resolve_variant(variant, policy) if method == "prunenet" else None
     streamed = choose_streaming(model, max_memory, training=False) if source else None
     if streamed is not None:  # too big for max_memory: read, slice and write tensor by tensor
         _check_streamed_outputs(out, record_dir)
         return prune_streamed(streamed, policy, ratio, method=method, selection=selection,
                               seed=seed, device=device, out=out, overwrite=overwrite,
-                              progress=progress, training=_training)
+                              progress=progress, training=_training, variant=variant)
     model, loaded_tokenizer = _as_model(model, torch.device("cpu"), trust_remote_code)
     tokenizer = loaded_tokenizer if tokenizer is None else tokenizer
     view = FFNView(model)
@@ -268,7 +277,7 @@ def prune(
     original_spectra = first_matrix_spectra(model) if record_dir is not None else None
     rows = select_rows(model, ratio, method=method, policy=policy, selection=selection,
                        seed=seed, device=device, progress=progress, tokenizer=tokenizer,
-                       calibration=calibration)
+                       calibration=calibration, variant=variant)
     slice_model(model, rows)
     after = FFNView(model).parameter_counts()
     record = _record(method, ratio, seed, before, after, view.d_ff, kept, source,
@@ -276,6 +285,8 @@ def prune(
                      selection if method == "prunenet" else None, _training)
     if method == "activation":
         record["calibration"] = vars(calibration or Calibration())
+    if variant is not None:
+        record["variant"] = variant
     saved = None
     if out is not None:
         saved = str(save_compressed(model, tokenizer, out, record, overwrite,
@@ -305,9 +316,11 @@ def compress(
     calibration: Calibration | None = None,
     record_dir: str | os.PathLike | None = None,
     max_memory: int | str | None = None,
+    variant: str = DEFAULT_VARIANT,
     **options: Any,
 ) -> CompressionResult:
-    """Train a policy on ``model`` (for ``method="prunenet"``) and prune it at ``ratio``.
+    """Prune ``model`` at ``ratio``; for ``method="prunenet"`` with ``variant="reference"``,
+    train a PruneNet policy first (the faithful method); other variants need no policy.
 
     Returns a :class:`CompressionResult` with the pruned model, kept rows, record and policy.
     ``out``/``policy_out`` save them; ``record_dir`` keeps the run's data for ``prunenet report``.
@@ -321,6 +334,10 @@ def compress(
         check_output_path(out, overwrite, [source] if source else [])
     if record_dir is not None:
         check_record_path(record_dir, overwrite, out, [source] if source else [])
+    trains_policy = method == "prunenet" and resolve_variant(variant) == REFERENCE
+    if policy_out is not None and not trains_policy:
+        raise InputError(f"--policy-out needs a trained policy: method 'prunenet' with variant "
+                         f"'reference' (variant {variant!r} uses none)")
     streamed = choose_streaming(model, max_memory, method == "prunenet") if source else None
     if streamed is None:
         model, loaded_tokenizer = _as_model(model, torch.device("cpu"), trust_remote_code)
@@ -331,7 +348,7 @@ def compress(
     training = None
     policy = None
     state_path = None
-    if method == "prunenet":
+    if trains_policy:
         state_path = training_state_path(out or policy_out) if (out or policy_out) else None
         training = train_policy(model, ratio, episodes=episodes, lr=lr, seed=seed, device=device,
                                 progress=progress, state_path=state_path, resume=resume,
@@ -343,7 +360,7 @@ def compress(
     result = prune(model, policy, ratio, method=method, selection=selection, seed=seed,
                    device=device, progress=progress, tokenizer=tokenizer,
                    calibration=calibration, out=out if streamed else None, overwrite=overwrite,
-                   _training=training)
+                   variant=variant if method == "prunenet" else None, _training=training)
     result.tokenizer = tokenizer
     result.record["source"] = source
     if out is not None and streamed is None:

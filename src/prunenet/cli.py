@@ -150,6 +150,18 @@ def _print_record(args: argparse.Namespace) -> None:
         print(f"run record saved to {args.record}; draw it with `prunenet report {args.record}`")
 
 
+def _add_variant_argument(parser: argparse.ArgumentParser, takes_policy: bool) -> None:
+    from .variants import DEFAULT_VARIANT, VARIANTS
+
+    default = None if takes_policy else DEFAULT_VARIANT
+    shown = f"reference with --policy, else {DEFAULT_VARIANT}" if takes_policy else DEFAULT_VARIANT
+    parser.add_argument(
+        "--variant", choices=list(VARIANTS), default=default,
+        help="for --method prunenet: 'reference' trains/uses a PruneNet policy (SPEC.md); "
+        f"'{DEFAULT_VARIANT}' needs none (benchmarks/quality_ablation.md). Default: {shown}",
+    )
+
+
 def run_compress(args: argparse.Namespace) -> int:
     from .api import compress
 
@@ -158,7 +170,8 @@ def run_compress(args: argparse.Namespace) -> int:
         seed=args.seed, selection=args.selection, device=args.device, out=args.out,
         policy_out=args.policy_out, overwrite=args.overwrite,
         trust_remote_code=args.trust_remote_code, calibration=_calibration(args),
-        record_dir=args.record, max_memory=args.max_memory, **_training_options(args),
+        record_dir=args.record, max_memory=args.max_memory, variant=args.variant,
+        **_training_options(args),
     )
     _print_summary(result)
     _print_record(args)
@@ -188,6 +201,7 @@ def add_compress(subparsers) -> None:
                         help="neuron selection (default: prunenet)")
     parser.add_argument("--selection", choices=["sample", "topk"], default="sample",
                         help="final choice of kept rows: seeded sample (reference) or top-k")
+    _add_variant_argument(parser, takes_policy=False)
     parser.add_argument("--policy-out", help="also save the trained policy to this file")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     _add_record_argument(parser)
@@ -249,7 +263,7 @@ def run_prune(args: argparse.Namespace) -> int:
                    selection=args.selection, seed=args.seed, device=args.device, out=args.out,
                    overwrite=args.overwrite, trust_remote_code=args.trust_remote_code,
                    calibration=_calibration(args), record_dir=args.record,
-                   max_memory=args.max_memory)
+                   max_memory=args.max_memory, variant=args.variant)
     _print_summary(result)
     _print_record(args)
     return 0
@@ -269,6 +283,7 @@ def add_prune(subparsers) -> None:
                         choices=["prunenet", "random", "magnitude", "magnitude-product",
                                  "activation"])
     parser.add_argument("--selection", choices=["sample", "topk"], default="sample")
+    _add_variant_argument(parser, takes_policy=True)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     _add_record_argument(parser)
     _add_calibration_arguments(parser)

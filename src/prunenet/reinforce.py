@@ -225,6 +225,9 @@ def train_policy_on_matrices(
             for matrix, spectrum in zip(first_matrices, spectra):
                 alpha = policy.keep_scores(matrix)
                 probabilities = keep_probabilities(alpha, _noise(d_ff, generator, device))
+                # A non-finite policy output must not crash sampling: act uniformly on those
+                # rows; the layer's update then has a non-finite loss and is skipped (counted).
+                probabilities = torch.where(probabilities.isfinite(), probabilities, 0.5)
                 rows = sample_rows(probabilities, kept, generator)
                 ks = spectrum.ks(rows, matrix)
                 actions.append(rows)
@@ -244,7 +247,10 @@ def train_policy_on_matrices(
                 continue
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(policy.parameters(), config.clip_norm)
+            gradient_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), config.clip_norm)
+            if not torch.isfinite(gradient_norm):  # a step would make the policy non-finite
+                skipped += 1
+                continue
             optimizer.step()
             total_loss += loss.item()
         if not all(torch.isfinite(p).all() for p in policy.parameters()):
@@ -253,7 +259,14 @@ def train_policy_on_matrices(
                 "lower the learning rate (--lr) or use --reward penalty"
             )
         if skipped == len(actions):
-            raise NumericalError(f"every update of episode {episode} had a non-finite loss")
+            raise NumericalError(
+                f"every update of episode {episode} had a non-finite loss or gradient, so "
+                "training cannot make progress; lower the learning rate (--lr) or use "
+                "--reward penalty"
+            )
+        if skipped:
+            log.warning("episode %d: skipped %d of %d updates with a non-finite loss or "
+                        "gradient", episode, skipped, len(actions))
 
         record = EpisodeRecord(
             episode=episode,

@@ -19,7 +19,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .errors import InputError
+from .families import kept_count
 from .model_view import FFNView
+from .policy import top_rows
 
 # The norm whose output feeds the FFN, per model_type, and whether its weight is stored as w - 1
 # (Gemma's RMSNorm multiplies by 1 + w). Families not listed see the FFN input unscaled.
@@ -57,8 +60,8 @@ def input_scale(view: FFNView, layer_index: int) -> tuple[Tensor, Tensor]:
 def leverage_scores(matrix: Tensor) -> Tensor:
     """Row leverage ``diag(M (M^T M)^+ M^T)`` of ``matrix`` (rows x columns), each in [0, 1].
 
-    Computed from a thin SVD, keeping directions above a tolerance relative to the input's precision;
-    the scores sum to the numerical rank. Invariant to invertible scaling of the columns.
+    Computed from a thin SVD, keeping directions above a tolerance relative to the input's
+    precision; the scores sum to the numerical rank. Invariant to invertible scaling of the columns.
     """
     work = matrix.double()
     left, values, _ = torch.linalg.svd(work, full_matrices=False)
@@ -134,7 +137,8 @@ def probe_tokens(
     """``sequences`` x ``length`` token ids made without any data, seeded by ``seed``.
 
     ``source="random"``: uniform over the vocabulary. ``source="generated"``: the model's own
-    samples (temperature 1) continuing its BOS token (or a random first token when it has none).
+    samples (temperature 1) continuing its BOS token (or a random first token when it has none or
+    it lies outside the vocabulary).
     """
     generator = torch.Generator().manual_seed(int(seed))
     vocab = model.get_input_embeddings().weight.shape[0]
@@ -144,15 +148,15 @@ def probe_tokens(
         raise ValueError(f"unknown probe source {source!r}; use 'random' or 'generated'")
     bos = getattr(model.config, "bos_token_id", None)
     first = torch.randint(0, vocab, (sequences, 1), generator=generator)
-    if isinstance(bos, int):
+    if isinstance(bos, int) and 0 <= bos < vocab:
         first[:] = bos
     device = next(model.parameters()).device
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
-        tokens = model.generate(first.to(device), attention_mask=torch.ones_like(first, device=device),
-                                do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-                                max_new_tokens=length - 1, min_new_tokens=length - 1,
-                                pad_token_id=0)
+        prompt = first.to(device)
+        tokens = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=True,
+                                temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=length - 1,
+                                min_new_tokens=length - 1, pad_token_id=0)
     return tokens.cpu()
 
 
@@ -200,3 +204,51 @@ def rank_with_protection(base_scores: Tensor, outlier_scores: Tensor, fraction: 
         protected = torch.topk(outlier_scores, count).indices
         ranking[protected] += base_scores.numel()
     return ranking
+
+
+REFERENCE = "reference"
+# name -> what it does; the default is chosen by benchmarks/quality_ablation.md.
+VARIANTS: dict[str, str] = {
+    REFERENCE: "PruneNet as in SPEC.md: a REINFORCE policy on the first FFN matrix's spectrum",
+    "self-generated": "keep the neurons of highest output energy on text the model generates "
+    "itself (seeded samples from its BOS token); no policy, no data",
+}
+DEFAULT_VARIANT = "self-generated"
+SELF_GENERATED_SEQUENCES = 4
+SELF_GENERATED_LENGTH = 128
+
+
+def resolve_variant(variant: str | None, policy: object | None = None) -> str:
+    """The variant to run: ``variant`` when named, else ``reference`` for a given policy and the
+    default otherwise. Raises :class:`InputError` for an unknown name or a policy given to a
+    variant that uses none."""
+    if variant is None:
+        return REFERENCE if policy is not None else DEFAULT_VARIANT
+    if variant not in VARIANTS:
+        raise InputError(f"unknown variant {variant!r}; known: {', '.join(VARIANTS)}")
+    if policy is not None and variant != REFERENCE:
+        raise InputError(f"variant {variant!r} uses no policy; pass --variant reference to "
+                         "prune with a trained policy")
+    return variant
+
+
+def variant_rows(model: nn.Module, ratio: float, variant: str, seed: int) -> list[Tensor]:
+    """Kept neuron indices per layer for a policy-free ``variant`` (sorted, same count)."""
+    if not isinstance(model, nn.Module):
+        raise InputError(f"variant {variant!r} runs the model and needs it in memory; raise "
+                         "--max-memory or use --variant reference")
+    if variant != "self-generated":
+        raise InputError(f"variant {variant!r} has no policy-free selection")
+    kept = kept_count(FFNView(model).d_ff, ratio)
+    scores = probe_activation_scores(model, self_generated_tokens(model, seed))
+    return [top_rows(layer_scores, kept) for layer_scores in scores]
+
+
+def self_generated_tokens(model: nn.Module, seed: int) -> Tensor:
+    """The default variant's probe: SELF_GENERATED_SEQUENCES samples of the model's own text,
+    SELF_GENERATED_LENGTH tokens each (fewer when the model has fewer positions)."""
+    config = model.config
+    positions = getattr(config, "max_position_embeddings", None) or getattr(
+        config, "n_positions", None) or SELF_GENERATED_LENGTH
+    length = min(SELF_GENERATED_LENGTH, positions)
+    return probe_tokens(model, SELF_GENERATED_SEQUENCES, length, seed, "generated")
