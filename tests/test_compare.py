@@ -14,6 +14,8 @@ from prunenet.cli import main
 from prunenet.compare import FORMAT, compare, parse_methods
 from prunenet.errors import InputError, MissingAssetError, OutputError
 from prunenet.evaluation.evaluate import SCHEMA_KEYS
+from prunenet.evaluation.speed import SpeedProtocol
+from prunenet.variants import DEFAULT_VARIANT, REFERENCE
 
 TEXT = "The old mill stands by the river, and in spring the water runs high and fast. " * 400
 
@@ -27,7 +29,8 @@ def text_file(tmp_path):
 
 def _compare_argv(model, text_file, out):
     return ["compare", str(model), "--ratios", "0.25,0.5", "--methods",
-            "prunenet,random,magnitude,activation", "--out", str(out), "--episodes", "2",
+            "prunenet,random,magnitude,activation", "--out", str(out), "--variant", "reference",
+            "--episodes", "2",
             "--ppl", text_file, "--seqlen", "32", "--windows", "2", "--tasks", "piqa",
             "--limit", "2", "--calibration-corpus", text_file, "--calibration-windows", "1",
             "--speed-prompt", "8", "--speed-new-tokens", "2", "--speed-repeats", "1"]
@@ -46,7 +49,7 @@ def test_compare_writes_report_json_and_plots(tiny_llama_real_tokenizer_dir, tex
                             "settings", "training", "dense", "runs"}
     assert results["format"] == FORMAT
     assert set(results["settings"]) == {"corpus", "seqlen", "windows", "tasks", "limit", "seed",
-                                        "speed", "calibration"}
+                                        "speed", "calibration", "variant"}
     assert set(results["dense"]) == set(SCHEMA_KEYS)
     pairs = [(r["method"], r["ratio"]) for r in results["runs"]]
     assert pairs == [(m, r) for m in ("prunenet", "random", "magnitude", "activation")
@@ -74,6 +77,18 @@ def test_compare_writes_report_json_and_plots(tiny_llama_real_tokenizer_dir, tex
             colours = image.convert("RGB").getcolors(maxcolors=1 << 20)
             assert colours is None or len(colours) > 10, f"{name} is (nearly) blank"
     assert not list(tmp_path.glob(".cmp.tmp-*")), "temporary folder left behind"
+
+
+def test_compare_follows_the_api_default_variant(tiny_llama_real_tokenizer_dir, text_file,
+                                                tmp_path):
+    results = compare(tiny_llama_real_tokenizer_dir, [0.5], "prunenet", tmp_path / "out",
+                      ppl=text_file, seqlen=32, windows=1, tasks="", progress=False,
+                      speed=SpeedProtocol(prompt_tokens=4, new_tokens=1, repeats=1))
+    assert results["settings"]["variant"] == DEFAULT_VARIANT
+    if DEFAULT_VARIANT != REFERENCE:
+        assert results["training"] is None  # a policy-free default trains nothing
+    assert results["runs"][0]["record"]["variant"] == DEFAULT_VARIANT
+    assert results["runs"][0]["evaluation"]["model"]["d_ff"] == 24
 
 
 def test_compare_refuses_existing_and_unwritable_out_before_work(tmp_path):

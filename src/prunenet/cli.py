@@ -403,7 +403,8 @@ def ratio_list(text: str) -> list[float]:
 def run_compare(args: argparse.Namespace) -> int:
     from .compare import compare
 
-    compare(args.model, args.ratios, args.methods, args.out, episodes=args.episodes,
+    compare(args.model, args.ratios, args.methods, args.out, variant=args.variant,
+            episodes=args.episodes,
             train_ratio=args.train_ratio, ppl=args.ppl, seqlen=args.seqlen,
             windows=args.windows, tasks=args.tasks, limit=args.limit,
             speed=_speed_protocol(args), calibration=_calibration(args), seed=args.seed,
@@ -433,6 +434,7 @@ def add_compare(subparsers) -> None:
                         help="PruneNet training episodes (default: the compress default)")
     parser.add_argument("--train-ratio", type=ratio_value, default=None,
                         help="ratio the one policy is trained at (default: the largest ratio)")
+    _add_variant_argument(parser, takes_policy=False)
     _add_evaluation_arguments(parser, windows=8, tasks="piqa,arc_easy,winogrande", limit=100)
     _add_calibration_arguments(parser)
     parser.set_defaults(run=run_compare)

@@ -32,6 +32,7 @@ from .evaluation.speed import SpeedProtocol
 from .evaluation.zeroshot import parse_tasks
 from .families import kept_count
 from .model_view import FFNView
+from .variants import REFERENCE, resolve_variant
 
 log = logging.getLogger("prunenet")
 
@@ -56,6 +57,7 @@ def compare(
     methods: str | Sequence[str],
     out: str | os.PathLike,
     *,
+    variant: str | None = None,
     episodes: int | None = None,
     train_ratio: float | None = None,
     ppl: str = "wiki",
@@ -72,14 +74,17 @@ def compare(
 ) -> dict[str, Any]:
     """Compress ``model`` with every method at every ratio, evaluate all, write ``out``.
 
-    ``model``: a folder, GGUF file or alias. ``episodes`` (None: the api default) trains the
-    policy once at ``train_ratio``. Evaluation: ``windows`` perplexity windows of ``seqlen`` tokens
-    of ``ppl``; ``tasks`` with ``limit`` examples each; speed under ``speed`` (default protocol).
+    ``model``: a folder, GGUF file or alias. ``variant`` of method ``prunenet`` (None: the api's
+    default variant); for ``reference`` the policy is trained once at ``train_ratio`` with
+    ``episodes`` (None: the api default). Evaluation: ``windows`` perplexity windows of
+    ``seqlen`` tokens of ``ppl``; ``tasks`` with ``limit`` examples each; speed under ``speed``
+    (default protocol).
     Returns the results dict also written to ``out/results.json``. Raises :class:`InputError`
     for unknown methods/tasks/corpora, bad ratios, too many windows, and :class:`OutputError`
     for an ``out`` that exists (without ``overwrite``) or cannot be written, before any work.
     """
     method_names = parse_methods(methods)
+    variant = resolve_variant(variant) if "prunenet" in method_names else None
     task_names = parse_tasks(tasks)
     ratios = sorted(dict.fromkeys(float(r) for r in ratios))
     if not ratios:
@@ -109,7 +114,7 @@ def compare(
         "methods": method_names,
         "settings": {
             "corpus": ppl, "seqlen": seqlen, "windows": windows, "tasks": task_names,
-            "limit": limit, "seed": seed, "speed": vars(speed),
+            "limit": limit, "seed": seed, "speed": vars(speed), "variant": variant,
             "calibration": vars(calibration or Calibration()) if "activation" in method_names
             else None,
         },
@@ -118,7 +123,7 @@ def compare(
         "runs": [],
     }
     policy = None
-    if "prunenet" in method_names:
+    if variant == REFERENCE:
         train_at = max(ratios) if train_ratio is None else train_ratio
         report(f"training the PruneNet policy once, at ratio {train_at}")
         options = {} if episodes is None else {"episodes": episodes}
@@ -135,7 +140,7 @@ def compare(
     for number, (method, ratio) in enumerate(pairs, 1):
         pruned = prune(copy.deepcopy(dense), policy if method == "prunenet" else None, ratio,
                        method=method, seed=seed, tokenizer=tokenizer, calibration=calibration,
-                       progress=progress)
+                       progress=progress, variant=variant if method == "prunenet" else None)
         evaluation = run_evaluation(pruned.model)
         record = {k: v for k, v in pruned.record.items() if k not in ("training", "source")}
         results["runs"].append({"method": method, "ratio": ratio, "record": record,
@@ -315,6 +320,9 @@ def render_report(results: dict[str, Any], plots: Sequence[str] = PLOTS) -> str:
             f"{dense_speed['repeats']} after {dense_speed['warmup']} warm-up, "
             f"{dense_speed['device']}, {dense_speed['threads']} threads."
         )
+    if settings["variant"] and settings["variant"] != REFERENCE:
+        lines.append(f"- prunenet: variant {settings['variant']} (no policy; see "
+                     "`prunenet compress --help`).")
     if results["training"]:
         training = results["training"]
         lines.append(
