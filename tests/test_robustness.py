@@ -88,7 +88,7 @@ def test_cli_resume_continues_compress(tiny_llama_dir, tmp_path, monkeypatch):
 
     out = tmp_path / "out"
     argv = ["-q", "compress", str(tiny_llama_dir), "--ratio", "0.3", "--episodes", "3",
-            "--out", str(out)]
+            "--variant", "reference", "--out", str(out)]
     monkeypatch.setattr(prunenet.api, "train_policy_on_matrices", interrupted)
     assert main(argv) == 130
     assert not out.exists() and (tmp_path / "out.train-state.pt").exists()
@@ -103,7 +103,7 @@ def test_same_seed_gives_byte_identical_outputs(tiny_llama_dir, tmp_path):
     for name in ("a", "b"):
         prunenet.compress(str(tiny_llama_dir), ratio=0.3, episodes=2, seed=11,
                           out=tmp_path / name, policy_out=tmp_path / f"{name}.safetensors",
-                          progress=False)
+                          progress=False, variant="reference")
     assert _tree_digest(tmp_path / "a") == _tree_digest(tmp_path / "b")
     assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
 
