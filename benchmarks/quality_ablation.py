@@ -241,8 +241,8 @@ def second_family(model_types: list[str], ratios: list[float], seeds: list[int])
                         log_p = torch.log_softmax(pruned(tokens).logits.float(), dim=-1)
                     kl = (reference_log.exp() * (reference_log - log_p)).sum(-1).mean()
                     values.append(float(kl))
-                cells.append(f"{statistics.mean(values):.4f}"
-                             + (f" ({min(values):.4f}-{max(values):.4f})" if len(values) > 1
+                cells.append(f"{statistics.mean(values):.2e}"
+                             + (f" ({min(values):.2e}-{max(values):.2e})" if len(values) > 1
                                 else ""))
             lines.append(f"| tiny {model_type} | {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
