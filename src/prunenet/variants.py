@@ -1,17 +1,20 @@
-"""Calibration-free neuron scores: weights in, a score per FFN neuron out (higher = keep).
+"""Calibration-free neuron scores and the named variants of compression (issue 7).
 
-PruneNet's spectral reward alone does not protect what small models need (issue 7: on SmolLM2-135M
-the lowest-KS selection is far worse than random). The pieces here score neurons from the weights
-only, with no text and no forward pass of the LLM:
+PruneNet's spectral reward alone does not protect what small models need: on SmolLM2-135M the
+faithful policy and every weight-only score below are worse than random selection
+(benchmarks/quality_ablation.md). All pieces here take only the model (no corpus, no user data):
 
-- ``input_scale``: the elementwise weight (and bias) of the norm that feeds the FFN. Rows of the
-  first matrix only matter through it, so norms of raw rows mislead.
+- ``input_scale``: the elementwise weight (and bias) of the norm that feeds the FFN.
 - ``leverage_scores``: how much each row carries of a matrix's column space (a closed-form
   per-row spectral score: removing a row of leverage h scales one direction's energy by 1 - h).
-- ``expected_activation_scores``: each neuron's expected output energy
-  ``E[h_i(x)^2] * ||down_i||^2`` for Gaussian inputs shaped by the norm's weight (Monte Carlo
-  through the layer's own FFN module, so every family's activation and gating is exact).
+- ``expected_activation_scores``: each neuron's output energy ``E[h_i(x)^2] * ||down_i||^2`` for
+  Gaussian inputs shaped by ``input_scale`` (through the layer's own FFN module).
+- ``probe_tokens`` / ``probe_activation_scores``: the same energy measured by running the model on
+  token ids it is given (uniformly random) or writes itself (``generated``).
 - ``rank_with_protection``: keep a fraction of outlier neurons first, then follow a base score.
+
+Variants: ``reference`` (the SPEC method, a trained policy) and ``self-generated`` (the default:
+energy on the model's own samples, which nearly matches a calibration-based selection).
 """
 
 from __future__ import annotations
