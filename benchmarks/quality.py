@@ -9,7 +9,7 @@ folder (report.md, results.json, PNGs) and prints the markdown table for benchma
     nice -n 10 python benchmarks/quality.py --out benchmarks/results/quality > quality.log 2>&1
 
 The defaults (4 windows, 20 examples per task, 4 calibration windows, 1 thread) are sized for a
-2-core machine shared with other jobs: about an hour there. With 20 examples a task's accuracy has
+2-core machine shared with other jobs: 10-40 minutes there. With 20 examples a task's accuracy has
 a standard error near 0.11, so perplexity is the metric that separates the methods.
 """
 
