@@ -18,7 +18,7 @@ def singular_values(matrix: Tensor) -> Tensor:
 
 
 def gram_matrix(matrix: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
-    """``matrix^T matrix`` (columns x columns) in ``dtype``: computed once per layer."""
+    """``matrix^T matrix`` in ``dtype``; computed once per layer."""
     work = matrix.to(dtype)
     return work.T @ work
 
