@@ -277,6 +277,9 @@ def atomic_folder(out: Path, overwrite: bool = False) -> Iterator[Path]:
     try:
         yield staging
         os.chmod(staging, 0o755)
+        for file in staging.rglob("*"):
+            if file.is_file():
+                _readable(str(file))
         with _output_lock(out):  # two runs finishing at once: one wins, the other errors
             if out.exists():
                 if any(out.iterdir()) and not overwrite:
@@ -309,9 +312,17 @@ def _output_lock(out: Path) -> Iterator[None]:
                 lock_path.unlink()
 
 
+def _readable(tmp: str) -> None:
+    """mkstemp makes 0600 files; outputs get the usual 0644 less the process umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o644 & ~umask)
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     path = Path(path)
     handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    _readable(tmp)
     try:
         with os.fdopen(handle, "w") as stream:
             json.dump(data, stream, indent=2, sort_keys=True)
@@ -387,6 +398,7 @@ def save_policy(policy: PrunePolicy, path: str | os.PathLike, metadata: dict[str
     }
     handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     os.close(handle)
+    _readable(tmp)
     try:
         save_file(tensors, tmp, metadata=header)
         os.replace(tmp, path)

@@ -154,8 +154,8 @@ class StreamedCheckpoint:
             self.num_layers += 1
         if self.num_layers == 0:
             raise InputError(
-                f"{self.folder} holds no {family.tensor_name(0, family.first)}: not a "
-                f"{self.model_type} checkpoint prunenet can read"
+                f"{self.folder} holds no {family.tensor_name(0, family.first)}: the model has "
+                f"no decoder layers, or is not a {self.model_type} checkpoint prunenet can read"
             )
         first = self.entries[family.tensor_name(0, family.first)]
         self.d_ff = first.shape[family.first.axis] // family.first.blocks
