@@ -28,7 +28,7 @@ from .checkpoints import (
     save_compressed,
     save_policy,
 )
-from .errors import InputError
+from .errors import InputError, NumericalError
 from .families import kept_count
 from .model_view import FFNView
 from .policy import PrunePolicy, keep_probabilities, sample_rows, top_rows
@@ -52,7 +52,7 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return resolved
 
 
-def _as_model(model: Any, device: torch.device, trust_remote_code: bool = False):
+def _as_model(model: Any, trust_remote_code: bool = False):
     if isinstance(model, nn.Module):
         return model, None
     if isinstance(model, (str, os.PathLike)):
@@ -69,8 +69,6 @@ def check_finite_weights(view: FFNView) -> None:
             except AttributeError:
                 continue
             if not torch.isfinite(tensor).all():
-                from .errors import NumericalError
-
                 raise NumericalError(
                     f"{view.family.tensor_name(index, cut)} holds NaN or Inf; the checkpoint is "
                     "damaged and cannot be pruned"
@@ -108,7 +106,7 @@ def train_policy(
         return train_policy_on_matrices(LayerMatrices(streamed, run_device), config,
                                         progress=progress, state_path=state_path, resume=resume,
                                         keep_matrices=False)
-    model, _ = _as_model(model, run_device)
+    model, _ = _as_model(model)
     view = FFNView(model)
     kept_count(view.d_ff, ratio)
     check_finite_weights(view)
@@ -266,7 +264,7 @@ def prune(
         return prune_streamed(streamed, policy, ratio, method=method, selection=selection,
                               seed=seed, device=device, out=out, overwrite=overwrite,
                               progress=progress, training=_training, variant=variant)
-    model, loaded_tokenizer = _as_model(model, torch.device("cpu"), trust_remote_code)
+    model, loaded_tokenizer = _as_model(model, trust_remote_code)
     tokenizer = loaded_tokenizer if tokenizer is None else tokenizer
     view = FFNView(model)
     kept = kept_count(view.d_ff, ratio)
@@ -340,7 +338,7 @@ def compress(
                          f"'reference' (variant {variant!r} uses none)")
     streamed = choose_streaming(model, max_memory, method == "prunenet") if source else None
     if streamed is None:
-        model, loaded_tokenizer = _as_model(model, torch.device("cpu"), trust_remote_code)
+        model, loaded_tokenizer = _as_model(model, trust_remote_code)
     else:
         _check_streamed_outputs(out, record_dir)
         model, loaded_tokenizer = streamed, None

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .families import Cut
 from .model_view import FFNView
 from .policy import top_rows
 
@@ -26,16 +27,19 @@ def magnitude_rows(view: FFNView, kept: int) -> list[Tensor]:
     return [top_rows(view.first_matrix(i).norm(dim=1), kept) for i in range(view.num_layers)]
 
 
+def cut_norms(view: FFNView, layer_index: int, cut: Cut) -> Tensor:
+    """L2 norm of each neuron's slice of the weight ``cut`` (blocks * d_ff values)."""
+    tensor = view.layers[layer_index].get_parameter(cut.name).detach().float()
+    return tensor.norm(dim=1 - cut.axis)
+
+
 def neuron_norms(view: FFNView, layer_index: int) -> list[Tensor]:
     """Per-neuron L2 norms in every weight matrix of the FFN (fused blocks separately)."""
-    layer = view.layers[layer_index]
     norms = []
     for cut in view.family.cuts:
-        if not cut.name.endswith("weight"):
-            continue
-        tensor = layer.get_parameter(cut.name).detach().float()
-        per_index = tensor.norm(dim=1 - cut.axis)
-        norms.extend(per_index.reshape(cut.blocks, view.d_ff).unbind(0))
+        if cut.name.endswith("weight"):
+            per_index = cut_norms(view, layer_index, cut)
+            norms.extend(per_index.reshape(cut.blocks, view.d_ff).unbind(0))
     return norms
 
 

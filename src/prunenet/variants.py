@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .baselines import cut_norms
 from .errors import InputError
 from .families import kept_count
 from .model_view import FFNView
@@ -84,8 +85,7 @@ def down_column_norms(view: FFNView, layer_index: int) -> Tensor:
     """L2 norm of each neuron's output vector (column of the second matrix), d_ff values."""
     for cut in view.family.cuts:
         if cut.name == f"{_second_module_name(view)}.weight":
-            tensor = view.layers[layer_index].get_parameter(cut.name).detach().float()
-            return tensor.norm(dim=1 - cut.axis)
+            return cut_norms(view, layer_index, cut)
     raise AssertionError("every family has a second FFN matrix")
 
 
