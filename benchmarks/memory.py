@@ -3,8 +3,8 @@
 Generates sharded fp16 checkpoints (one shard per layer; gate/up 11008 x 4096, down 4096 x 11008,
 norms, a 32000 x 4096 embedding and LM head) with several layer counts, runs
 ``prunenet.api.compress`` on each in a fresh subprocess forced to stream (1 episode, ratio 0.3),
-and reports the child's peak RSS (``ru_maxrss``) next to the checkpoint size. The bound is
-independent of the layer count when the peaks agree across counts.
+and reports the child's peak RSS (``VmHWM``, ``prunenet.streaming.peak_rss``) next to the
+checkpoint size. The bound is independent of the layer count when the peaks agree across counts.
 
     nice -n 10 python benchmarks/memory.py --layers 2,4 --work /tmp/prunenet-memory
 """
@@ -24,15 +24,15 @@ from safetensors.torch import save_file
 D_MODEL, D_FF, VOCAB = 4096, 11008, 32000
 
 CHILD = """
-import json, resource, sys, time
+import json, sys, time
 import torch
 torch.set_num_threads(int(sys.argv[3]))
 from prunenet.api import compress
-from prunenet.streaming import StreamedCheckpoint
+from prunenet.streaming import StreamedCheckpoint, peak_rss
 started = time.perf_counter()
 compress(StreamedCheckpoint(sys.argv[1]), 0.3, episodes=1, out=sys.argv[2], progress=False,
          device="cpu", variant="reference")
-print(json.dumps({"peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+print(json.dumps({"peak_rss": peak_rss(),
                   "seconds": time.perf_counter() - started}))
 """
 

@@ -7,12 +7,16 @@ not depend on the values) it times, at compression ratio 0.3 and seed 42:
   d_ff policy product, full SVD with U and V, scipy KS, one AdamW step per layer;
 - prunenet's ``train_policy_on_matrices`` (the engine behind ``prunenet train-policy``);
 - the "spectral floor": the singular values of one sliced first matrix per layer and nothing else,
-  both with ``torch.linalg.svdvals`` (fp32) and with prunenet's engine (fp64 Gram + eigvalsh);
+  both with ``torch.linalg.svdvals`` (fp32) and with prunenet's engine as training configures it
+  (``LayerSpectrum``: Gram downdate by BLAS syrk + eigvalsh, float32 where ``precision="auto"``
+  allows it);
 - the spectral engine's options on one matrix of each shape, and on SmolLM2 whether each option's
   KS statistic equals float64 svdvals' for sampled row sets.
 
 Per-layer times are measured on fewer layers than the full stacks where the reference is too slow
-and scaled to the full layer count; the output says which numbers are scaled.
+and scaled to the full layer count; the output says which numbers are scaled. With
+``--llama-full-episodes N`` prunenet also trains for N episodes on all 32 7B-shaped layers and the
+wall-clock time of that whole run is reported (measured, not scaled).
 
     nice -n 10 python benchmarks/speed.py --json benchmarks/results/speed.json
 """
@@ -32,12 +36,7 @@ from torch import nn
 
 from prunenet.families import family_for, kept_count
 from prunenet.reinforce import TrainingConfig, train_policy_on_matrices
-from prunenet.spectral import (
-    gram_matrix,
-    ks_statistic,
-    singular_values_from_gram,
-    singular_values_of_gram,
-)
+from prunenet.spectral import LayerSpectrum, ks_statistic
 
 RATIO, SEED = 0.3, 42
 LLAMA7B = {"layers": 32, "d_model": 4096, "d_ff": 11008}
@@ -62,56 +61,54 @@ def kept_rows(d_ff: int, generator: torch.Generator) -> tuple[torch.Tensor, torc
 def spectral_floors(matrices: list[torch.Tensor], svdvals_layers: int) -> dict[str, float]:
     """Seconds per layer of one sliced spectrum: svdvals fp32, and prunenet's engine."""
     generator = torch.Generator().manual_seed(SEED)
-    svd_seconds, engine_seconds = [], []
+    svd_seconds, engine_seconds, dtypes = [], [], set()
     for index, matrix in enumerate(matrices):
-        kept, removed = kept_rows(matrix.shape[0], generator)
-        gram = gram_matrix(matrix)  # cached once per layer by prunenet, outside episodes
-        engine_seconds.append(timed(lambda g=gram, m=matrix, r=removed, k=kept:
-                                    singular_values_from_gram(g, m, r, k.numel())))
+        kept, _ = kept_rows(matrix.shape[0], generator)
+        spectrum = LayerSpectrum(matrix)  # set up once per layer by prunenet, outside episodes
+        dtypes.add(str(spectrum.dtype))
+        engine_seconds.append(timed(lambda s=spectrum, k=kept: s.sliced(k)))
         if index < svdvals_layers:
             svd_seconds.append(timed(lambda m=matrix, k=kept: torch.linalg.svdvals(m[k])))
     return {"svdvals_fp32_per_layer": sum(svd_seconds) / len(svd_seconds),
             "engine_per_layer": sum(engine_seconds) / len(engine_seconds),
+            "engine_dtypes": sorted(dtypes),
             "svdvals_layers_timed": len(svd_seconds), "engine_layers_timed": len(matrices)}
 
 
 def engine_options(matrix: torch.Tensor, ks_row_sets: int) -> dict[str, dict]:
     """Time each way to get the sliced spectrum; count KS agreements with float64 svdvals."""
     generator = torch.Generator().manual_seed(SEED)
-    kept, removed = kept_rows(matrix.shape[0], generator)
-    grams = {dtype: gram_matrix(matrix, dtype) for dtype in (torch.float64, torch.float32)}
-    options: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
-        "svdvals fp32": lambda k, r: torch.linalg.svdvals(matrix[k]),
-        "svdvals fp64": lambda k, r: torch.linalg.svdvals(matrix[k].double()),
-        "downdate fp64 + eigvalsh": lambda k, r: singular_values_from_gram(
-            grams[torch.float64], matrix, r, k.numel()),
-        "kept Gram fp64 + eigvalsh": lambda k, r: singular_values_of_gram(
-            gram_matrix(matrix[k]), k.numel()),
-        "downdate fp32 + eigvalsh": lambda k, r: singular_values_from_gram(
-            grams[torch.float32], matrix, r, k.numel()),
-        "kept Gram fp32 + eigvalsh": lambda k, r: singular_values_of_gram(
-            gram_matrix(matrix[k], torch.float32), k.numel()),
+    kept, _ = kept_rows(matrix.shape[0], generator)
+    spectra = {
+        (precision, cached): LayerSpectrum(matrix, keep_matrix=cached, precision=precision)
+        for precision in ("float64", "float32") for cached in (True, False)}
+    options: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+        "svdvals fp32": lambda k: torch.linalg.svdvals(matrix[k]),
+        "svdvals fp64": lambda k: torch.linalg.svdvals(matrix[k].double()),
     }
+    for (precision, cached), spectrum in spectra.items():
+        how = "downdate" if cached else "kept-rows Gram"
+        options[f"{how} {precision} + eigvalsh"] = (
+            lambda k, s=spectrum: s.sliced(k, matrix))
     if matrix.shape[0] > 5000:  # minutes per call at the 7B shape; the floor times svdvals
         del options["svdvals fp64"], options["svdvals fp32"]
     results = {}
     repeats = 1 if matrix.shape[0] > 5000 else 5
     for name, option in options.items():
-        results[name] = {"seconds": timed(lambda option=option: option(kept, removed), repeats)}
+        results[name] = {"seconds": timed(lambda option=option: option(kept), repeats)}
     if ks_row_sets:
         original = torch.linalg.svdvals(matrix.double())
-        originals = {
-            "fp64": singular_values_of_gram(grams[torch.float64], matrix.shape[0]),
-            "fp32": singular_values_of_gram(grams[torch.float32], matrix.shape[0]),
-        }
         agree = dict.fromkeys(options, 0)
         for _ in range(ks_row_sets):
-            kept, removed = kept_rows(matrix.shape[0], generator)
+            kept, _ = kept_rows(matrix.shape[0], generator)
             expected = ks_statistic(original, torch.linalg.svdvals(matrix[kept].double()))
             for name, option in options.items():
-                base = original if name.startswith("svdvals") else originals[
-                    "fp32" if "fp32" in name else "fp64"]
-                agree[name] += ks_statistic(base, option(kept, removed)) == expected
+                base = original
+                for (precision, cached), spectrum in spectra.items():
+                    if name.endswith(f"{precision} + eigvalsh") and name.startswith(
+                            "downdate" if cached else "kept-rows"):
+                        base = spectrum.original  # each engine compares with its own original
+                agree[name] += ks_statistic(base, option(kept)) == expected
         for name in options:
             results[name]["ks_equal_to_svdvals_fp64"] = f"{agree[name]}/{ks_row_sets}"
     return results
@@ -194,6 +191,18 @@ def llama7b(args: argparse.Namespace) -> dict:
           flush=True)
     floors = spectral_floors(matrices, svdvals_layers=1)
     options = engine_options(matrices[0], ks_row_sets=0)
+    full_run = None
+    if args.llama_full_episodes:
+        del matrices
+        print(f"  prunenet: {args.llama_full_episodes} episodes on all {full} layers ...",
+              flush=True)
+        generator = torch.Generator().manual_seed(SEED)
+        matrices = [torch.randn(LLAMA7B["d_ff"], LLAMA7B["d_model"], generator=generator) * 0.02
+                    for _ in range(full)]
+        started = time.perf_counter()
+        full_run = prunenet_training(matrices, args.llama_full_episodes)
+        full_run["wall_seconds"] = time.perf_counter() - started
+        print(f"  full run: {full_run}", flush=True)
     return {
         "layers_scaled_to": full,
         "reference_layers_timed": args.llama_reference_layers,
@@ -208,6 +217,7 @@ def llama7b(args: argparse.Namespace) -> dict:
         "floor_svdvals_per_episode_scaled": floors["svdvals_fp32_per_layer"] * full,
         "floor_engine_per_episode_scaled": floors["engine_per_layer"] * full,
         "engine_options": options,
+        "full_run_measured": full_run,
     }
 
 
@@ -222,6 +232,9 @@ def main() -> None:
                         help="7B-shaped layers prunenet trains on (scaled to 32)")
     parser.add_argument("--llama-reference-layers", type=int, default=1,
                         help="7B-shaped layers the reference trains on (scaled to 32)")
+    parser.add_argument("--llama-full-episodes", type=int, default=0,
+                        help="also train prunenet for N episodes on all 32 7B-shaped layers and "
+                        "time the whole run (default 0: skip; 20 is the issue's target run)")
     parser.add_argument("--skip-llama", action="store_true", help="SmolLM2 only")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads for both implementations (default 1: on a shared "

@@ -135,3 +135,19 @@ def test_kld_regulariser_changes_updates():
 def test_bad_training_settings_are_refused(field, value):
     with pytest.raises(InputError):
         train_policy_on_matrices(_matrices(), TrainingConfig(**{field: value}), progress=False)
+
+
+def test_foreach_adamw_equals_the_single_tensor_form_bit_for_bit():
+    """The trainer uses AdamW(foreach=True) for speed; on CPU it must change no bit of a step."""
+    def steps(foreach):
+        policy = PrunePolicy(48, 160, generator=torch.Generator().manual_seed(3))
+        optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-2, foreach=foreach)
+        for step in range(5):
+            generator = torch.Generator().manual_seed(step)
+            for parameter in policy.parameters():
+                parameter.grad = torch.randn(parameter.shape, generator=generator)
+            optimizer.step()
+        return policy.state_dict()
+
+    fast, plain = steps(True), steps(False)
+    assert all(torch.equal(fast[name], plain[name]) for name in plain)

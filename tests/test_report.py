@@ -32,7 +32,8 @@ def prunenet_run(tmp_path_factory):
     """A PruneNet compress of the tiny LLaMA at 0.25 with --out and --record."""
     folder = tmp_path_factory.mktemp("prunenet-run")
     result = prunenet.compress(make_tiny_model("llama"), 0.25, episodes=3, device="cpu",
-                               variant="reference", progress=False, out=folder / "model", record_dir=folder / "record")
+                               variant="reference", progress=False, out=folder / "model",
+                               record_dir=folder / "record")
     return result, folder / "record", folder / "model"
 
 
@@ -189,8 +190,8 @@ def test_report_output_must_be_writable_and_not_user_data(prunenet_run, tmp_path
 def test_cli_compress_record_then_report(tiny_llama_dir, tmp_path, capsys):
     record = tmp_path / "record"
     assert main(["-q", "compress", str(tiny_llama_dir), "--ratio", "0.5", "--episodes", "2",
-                 "--variant", "reference", "--device", "cpu", "--out", str(tmp_path / "model"), "--record",
-                 str(record)]) == 0
+                 "--variant", "reference", "--device", "cpu", "--out", str(tmp_path / "model"),
+                 "--record", str(record)]) == 0
     data, _, _ = read_run_record(record)
     assert data["compression"]["source"] == str(tiny_llama_dir)
     assert len(data["training"]["episodes"]) == 2

@@ -7,6 +7,7 @@ select rows -> slice -> save. Each verb accepts a loaded transformers model or a
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,8 @@ from .reinforce import TrainingConfig, TrainingResult, make_generator, train_pol
 from .slicing import slice_model
 from .streaming import LayerMatrices, StreamedCheckpoint, choose_streaming, prune_streamed
 from .variants import DEFAULT_VARIANT, REFERENCE, resolve_variant, variant_rows
+
+log = logging.getLogger(__name__)
 
 METHODS = ("prunenet", "random", "magnitude", "magnitude-product", "activation")
 SELECTIONS = ("sample", "topk")
@@ -92,9 +95,10 @@ def train_policy(
     """Train a PruneNet policy on ``model``'s FFN weights at compression ``ratio``.
 
     ``options`` are further :class:`TrainingConfig` fields (gamma, reward, reward_to_go, baseline,
-    kld, clip_norm, spectral). ``state_path`` keeps the training state after every episode so
-    that ``resume=True`` continues an interrupted run. A safetensors folder that would not fit
-    ``max_memory`` (e.g. "2GB"; default: half the free RAM) is streamed one layer at a time.
+    kld, clip_norm, spectral, precision). ``state_path`` keeps the training state after every
+    episode so that ``resume=True`` continues an interrupted run. A safetensors folder that would
+    not fit ``max_memory`` (e.g. "2GB"; default: half the free RAM) is streamed one layer at a
+    time.
     Returns a :class:`TrainingResult`.
     """
     config = TrainingConfig(ratio=ratio, episodes=episodes, lr=lr, seed=seed, **options)
@@ -314,11 +318,13 @@ def compress(
     calibration: Calibration | None = None,
     record_dir: str | os.PathLike | None = None,
     max_memory: int | str | None = None,
-    variant: str = DEFAULT_VARIANT,
+    variant: str | None = None,
     **options: Any,
 ) -> CompressionResult:
     """Prune ``model`` at ``ratio``; for ``method="prunenet"`` with ``variant="reference"``,
     train a PruneNet policy first (the faithful method); other variants need no policy.
+    ``variant=None``: the default variant in memory, ``reference`` when the model is streamed
+    (the default variant runs the model, which a streamed checkpoint never holds in memory).
 
     Returns a :class:`CompressionResult` with the pruned model, kept rows, record and policy.
     ``out``/``policy_out`` save them; ``record_dir`` keeps the run's data for ``prunenet report``.
@@ -332,11 +338,18 @@ def compress(
         check_output_path(out, overwrite, [source] if source else [])
     if record_dir is not None:
         check_record_path(record_dir, overwrite, out, [source] if source else [])
+    streamed = choose_streaming(model, max_memory, method == "prunenet") if source else None
+    if variant is None:
+        variant = DEFAULT_VARIANT
+        if streamed is not None and method == "prunenet":
+            variant = REFERENCE
+            log.warning("the model is streamed, and the default variant %r needs it in memory: "
+                        "training a PruneNet policy instead (--variant reference)",
+                        DEFAULT_VARIANT)
     trains_policy = method == "prunenet" and resolve_variant(variant) == REFERENCE
     if policy_out is not None and not trains_policy:
         raise InputError(f"--policy-out needs a trained policy: method 'prunenet' with variant "
                          f"'reference' (variant {variant!r} uses none)")
-    streamed = choose_streaming(model, max_memory, method == "prunenet") if source else None
     if streamed is None:
         model, loaded_tokenizer = _as_model(model, trust_remote_code)
     else:

@@ -95,6 +95,10 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--kld", action="store_true", help="add the reference's --use_kld term")
     group.add_argument("--spectral", choices=["gram", "svd"], default="gram",
                        help="singular values by Gram downdate (fast, default) or svdvals")
+    group.add_argument("--precision", choices=["auto", "float32", "float64"], default="auto",
+                       help="Gram path's float type: auto (default) uses float32 for layers "
+                       "conditioned well enough that it keeps the KS statistic of float64 "
+                       "(benchmarks/README.md), float64 for the others")
     group.add_argument("--resume", action="store_true",
                        help="continue an interrupted run from its last complete episode (state "
                        "kept in OUT.train-state.pt); ends as an uninterrupted run would")
@@ -108,6 +112,7 @@ def _training_options(args: argparse.Namespace) -> dict:
         "baseline": args.baseline,
         "kld": args.kld,
         "spectral": args.spectral,
+        "precision": args.precision,
         "resume": args.resume,
     }
 
@@ -150,11 +155,16 @@ def _print_record(args: argparse.Namespace) -> None:
         print(f"run record saved to {args.record}; draw it with `prunenet report {args.record}`")
 
 
-def _add_variant_argument(parser: argparse.ArgumentParser, takes_policy: bool) -> None:
+def _add_variant_argument(
+    parser: argparse.ArgumentParser, takes_policy: bool, streams: bool = False
+) -> None:
     from .variants import DEFAULT_VARIANT, VARIANTS
 
-    default = None if takes_policy else DEFAULT_VARIANT
+    default = None if takes_policy or streams else DEFAULT_VARIANT
     shown = f"reference with --policy, else {DEFAULT_VARIANT}" if takes_policy else DEFAULT_VARIANT
+    if streams:
+        shown = (f"{DEFAULT_VARIANT}; reference when the model is streamed (--max-memory), "
+                 f"since {DEFAULT_VARIANT} runs the model")
     parser.add_argument(
         "--variant", choices=list(VARIANTS), default=default,
         help="for --method prunenet: 'reference' trains/uses a PruneNet policy (SPEC.md); "
@@ -187,9 +197,11 @@ def run_compress(args: argparse.Namespace) -> int:
 
 def add_compress(subparsers) -> None:
     parser = subparsers.add_parser(
-        "compress", help="train a policy and prune a model in one go",
-        description="Train a PruneNet policy on MODEL's FFN weights (no data needed) and write "
-        "the pruned model as a stock Hugging Face checkpoint to --out.",
+        "compress", help="choose FFN neurons and prune a model in one go",
+        description="Choose the FFN neurons of MODEL to remove (default: --variant "
+        "self-generated, from the model's own generated text; --variant reference trains a "
+        "PruneNet policy on the FFN weights alone) and write the pruned model as a stock "
+        "Hugging Face checkpoint to --out. No calibration data is needed.",
     )
     _add_model_arguments(parser)
     parser.add_argument("--ratio", type=ratio_value, required=True,
@@ -201,7 +213,7 @@ def add_compress(subparsers) -> None:
                         help="neuron selection (default: prunenet)")
     parser.add_argument("--selection", choices=["sample", "topk"], default="sample",
                         help="final choice of kept rows: seeded sample (reference) or top-k")
-    _add_variant_argument(parser, takes_policy=False)
+    _add_variant_argument(parser, takes_policy=False, streams=True)
     parser.add_argument("--policy-out", help="also save the trained policy to this file")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     _add_record_argument(parser)

@@ -250,6 +250,22 @@ class StreamedCheckpoint:
                 + policy * (6 if training else 1))
 
 
+def peak_rss() -> int:
+    """This process's peak resident memory in bytes (``VmHWM``; Linux).
+
+    Not ``getrusage().ru_maxrss``: Linux carries the resident size of the process that forked a
+    child into the child's ``ru_maxrss`` across exec, so a child of a large process reports the
+    parent's size. Falls back to ``ru_maxrss`` where ``/proc`` is missing.
+    """
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def _bound_heap_growth() -> None:
     """Serve every allocation of 1 MiB or more by mmap, returned to the system when freed.
 

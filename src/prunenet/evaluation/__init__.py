@@ -1,1 +1,1 @@
-"""Evaluation: corpora and their held-out windows, perplexity, zero-shot accuracy, speed and size."""
+"""Evaluation: corpora and held-out windows, perplexity, zero-shot accuracy, speed and size."""
