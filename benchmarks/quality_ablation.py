@@ -69,6 +69,24 @@ def _baseline(method: str) -> Selector:
     return select
 
 
+def _activation(windows: int = 4) -> Selector:
+    """The calibration-based ``activation`` baseline (NOT calibration-free: for reference),
+    calibrated on ``windows`` x 1024 tokens of the wiki corpus's training region."""
+    from prunenet.calibration import Calibration
+
+    def select(model, ratio, seed):
+        from transformers import AutoTokenizer
+
+        started = time.perf_counter()
+        tokenizer = AutoTokenizer.from_pretrained(model.name_or_path)
+        rows = api.select_rows(model, ratio, method="activation", seed=seed, device="cpu",
+                               tokenizer=tokenizer, progress=False,
+                               calibration=Calibration(windows=windows))
+        return rows, time.perf_counter() - started
+
+    return select
+
+
 def _self_generated() -> Selector:
     """The default variant, as ``api.select_rows`` runs it, with the probe text generated once
     per model and seed and reused across ratios (the text does not depend on the ratio)."""
@@ -150,6 +168,7 @@ VARIANTS: dict[str, tuple[Selector, bool]] = {  # name -> (selector, stochastic)
     "random": (_baseline("random"), True),
     "magnitude": (_baseline("magnitude"), False),
     "magnitude-product": (_baseline("magnitude-product"), False),
+    "activation-calibrated-4": (_activation(4), False),
     "magnitude-inverse": (_per_layer(lambda v, i, s: -_gate(v, i).norm(dim=1)), False),
     "scaled-gate-norm": (_per_layer(_scaled_norm), False),
     "scaled-product": (_per_layer(_scaled_product), False),

@@ -236,6 +236,7 @@ def main() -> None:
                         help="also train prunenet for N episodes on all 32 7B-shaped layers and "
                         "time the whole run (default 0: skip; 20 is the issue's target run)")
     parser.add_argument("--skip-llama", action="store_true", help="SmolLM2 only")
+    parser.add_argument("--skip-smollm2", action="store_true", help="the 7B shape only")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads for both implementations (default 1: on a shared "
                         "CPU, OpenMP threads that spin-wait make LAPACK up to 20x slower)")
@@ -245,7 +246,9 @@ def main() -> None:
     torch.manual_seed(SEED)
     results = {"machine": {"threads": torch.get_num_threads(), "torch": torch.__version__,
                            "cpu": platform.processor() or platform.machine()},
-               "ratio": RATIO, "seed": SEED, "smollm2": smollm2(args)}
+               "ratio": RATIO, "seed": SEED}
+    if not args.skip_smollm2:
+        results["smollm2"] = smollm2(args)
     if not args.skip_llama:
         results["llama7b_shape"] = llama7b(args)
     print(json.dumps(results, indent=2))

@@ -228,11 +228,16 @@ def test_debug_flag_shows_the_traceback(tmp_path):
 
 # --- signals and concurrent writers ------------------------------------------------------------
 
+# The child restores Python's Ctrl-C handler: a test runner started in the background by a
+# non-interactive shell (`pytest &`, nohup) ignores SIGINT, its children inherit that, and an
+# ignored SIGINT rightly interrupts nothing.
 _SLOW_SAVE = textwrap.dedent("""
-    import sys, time
+    import signal, sys, time
     from pathlib import Path
     from prunenet import checkpoints
     from prunenet.cli import main
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     plain = checkpoints.save_plain_checkpoint
 
@@ -269,8 +274,8 @@ def test_signal_during_save_leaves_no_output_and_input_untouched(tiny_llama_dir,
     process, marker = _start_slow_save(tmp_path, tiny_llama_dir, out, sleep=30)
     _wait_for(marker, process)
     process.send_signal(signum)
-    process.communicate(timeout=60)
-    assert not out.exists()
+    output = process.communicate(timeout=60)
+    assert not out.exists(), (process.returncode, output)
     assert _tree_digest(tiny_llama_dir) == before
     leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.tmp-")]
     if signum == signal.SIGKILL:

@@ -4,14 +4,15 @@ The reward of PruneNet compares the singular values of a layer's first FFN matri
 rows are removed. Only the values are ever needed (never U and V), and the KS statistic depends only
 on their order, so the fast path works from a Gram matrix computed once per layer, in float32 when
 the layer is well conditioned enough for float32 to keep that order (see ``float32_is_safe``).
-On CPU the Gram products use BLAS ``syrk`` (half the work of a matrix product); the eigensolver
-reads only the lower triangle.
+
+Gram products stay in torch (MKL on CPU): BLAS ``syrk`` through scipy halves their flops, but its
+OpenBLAS thread pool competes with torch's OpenMP one; with 2 threads on 2 cores it made a SmolLM2
+episode 3.3x slower and gained nothing at the 7B shape (measured, benchmarks/README.md).
 """
 
 from __future__ import annotations
 
 import torch
-from scipy.linalg import blas
 from torch import Tensor
 
 
@@ -21,29 +22,10 @@ def singular_values(matrix: Tensor) -> Tensor:
     return torch.linalg.svdvals(work)
 
 
-def _lower_gram(rows: Tensor, alpha: float = 1.0, base: Tensor | None = None) -> Tensor:
-    """``base + alpha * rows^T rows``, exact in its LOWER triangle only (the upper one holds
-    ``base``'s, or zeros): all ``torch.linalg.eigvalsh`` reads. ``base`` must be symmetric.
-
-    On CPU this is BLAS ``syrk``, which computes one triangle: half the flops of ``rows.T @ rows``
-    (measured 0.17 s against 0.31 s for 3302 x 4096 rows in float32 on 2 cores).
-    """
-    rows = rows.detach()
-    if rows.device.type != "cpu" or rows.dtype not in (torch.float32, torch.float64):
-        product = rows.T @ rows
-        return product * alpha if base is None else base + product * alpha
-    routine = blas.ssyrk if rows.dtype == torch.float32 else blas.dsyrk
-    columns = rows.contiguous().T.numpy()  # column-major d_model x rows: no copy
-    if base is None:
-        return torch.from_numpy(routine(alpha, columns, trans=0, lower=1))
-    # base is symmetric, so its row-major buffer read column-major is base itself.
-    return torch.from_numpy(routine(alpha, columns, beta=1.0, c=base.T.numpy(), trans=0, lower=1))
-
-
 def gram_matrix(matrix: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
-    """``matrix^T matrix`` in ``dtype``, symmetric (both triangles); computed once per layer."""
-    lower = _lower_gram(matrix.detach().to(dtype))
-    return lower.tril() + lower.tril(-1).T
+    """``matrix^T matrix`` in ``dtype``; computed once per layer."""
+    work = matrix.detach().to(dtype)
+    return work.T @ work
 
 
 def singular_values_from_gram(
@@ -55,8 +37,8 @@ def singular_values_from_gram(
     costs only the removed rows, then one symmetric eigensolve. Returns ``min(kept_count, columns)``
     values, descending, as ``torch.linalg.svdvals`` would on the sliced matrix.
     """
-    removed = matrix.index_select(0, removed_rows).to(gram.dtype)
-    return singular_values_of_gram(_lower_gram(removed, -1.0, gram), kept_count)
+    removed = matrix.detach().index_select(0, removed_rows).to(gram.dtype)
+    return singular_values_of_gram(gram - removed.T @ removed, kept_count)
 
 
 # A float32 Gram matrix squares the condition number in single precision: the eigenvalue error
@@ -84,8 +66,7 @@ def float32_is_safe(eigenvalues: Tensor, count: int) -> bool:
 
 def singular_values_of_gram(gram: Tensor, row_count: int) -> Tensor:
     """The ``min(row_count, columns)`` largest singular values (descending) of a matrix with
-    ``row_count`` rows whose Gram matrix is ``gram`` (lower triangle read): square roots of its
-    eigenvalues."""
+    ``row_count`` rows whose Gram matrix is ``gram``: square roots of its eigenvalues."""
     return _top_singular_values(torch.linalg.eigvalsh(gram), min(row_count, gram.shape[0]))
 
 
@@ -170,7 +151,7 @@ class LayerSpectrum:
         removed_count = matrix.shape[0] - kept
         if self.gram is None or removed_count > kept:
             # Forming the kept rows' Gram costs ``kept`` rows; the downdate costs the removed ones.
-            kept_gram = _lower_gram(matrix.index_select(0, kept_rows).to(self.dtype))
+            kept_gram = gram_matrix(matrix.index_select(0, kept_rows), self.dtype)
             return singular_values_of_gram(kept_gram, kept).float()
         keep_mask = torch.ones(matrix.shape[0], dtype=torch.bool, device=matrix.device)
         keep_mask[kept_rows] = False
