@@ -43,7 +43,7 @@ class ReferencePolicy(nn.Module):
     def forward(self, weight: Tensor, generator: torch.Generator) -> Tensor:
         projected = self.proj_intermediate(weight)  # d_ff x d_ff: the costly intermediate
         alpha = torch.sigmoid(projected @ self.row_sparsities)[:, 0]
-        eps = torch.rand(alpha.shape[0], generator=generator)
+        eps = torch.rand(alpha.shape[0], generator=generator, device=alpha.device)
         return torch.sigmoid(torch.log(eps) - torch.log(1 - eps) + torch.log(alpha)
                              - torch.log(1 - alpha))
 
@@ -56,8 +56,8 @@ def full_svd_values(weight: Tensor) -> Tensor:
 
 def reference_ks(original_values: Tensor, sliced_weight: Tensor) -> float:
     """KS statistic as the reference computes it: full SVD of the slice, then scipy."""
-    return float(stats.ks_2samp(original_values.detach().numpy(),
-                                full_svd_values(sliced_weight).detach().numpy()).statistic)
+    return float(stats.ks_2samp(original_values.detach().cpu().numpy(),
+                                full_svd_values(sliced_weight).detach().cpu().numpy()).statistic)
 
 
 def reference_reward(original_values: Tensor, sliced_weight: Tensor) -> float:
@@ -69,15 +69,17 @@ def train_reference(model: nn.Module, family: Family, ratio: float, episodes: in
                     lr: float = 1e-3, seed: int = 42) -> list[float]:
     """Train the reference policy on ``model``'s decoder layers (found at ``family.layers``).
 
-    ``model`` is deep-copied every episode, as in the reference. Returns each episode's seconds.
+    ``model`` is deep-copied every episode, as in the reference. Runs on ``model``'s device.
+    Returns each episode's seconds (on CUDA, synchronized).
     """
-    generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     layer_list = list(model.get_submodule(family.layers))
     first = layer_list[0].get_parameter(family.first.name)
     d_ff, d_model = first.shape
+    device = first.device
     kept = kept_count(d_ff, ratio)
-    policy = ReferencePolicy(d_model, d_ff, generator)
+    policy = ReferencePolicy(d_model, d_ff, torch.Generator().manual_seed(seed)).to(device)
+    generator = torch.Generator(device=device).manual_seed(seed)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=lr)
     original_values = [full_svd_values(layer.get_parameter(family.first.name).detach())
                        for layer in layer_list]
@@ -106,5 +108,7 @@ def train_reference(model: nn.Module, family: Family, ratio: float, episodes: in
             optimizer.zero_grad()
             torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
         del episode_model
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         seconds.append(time.perf_counter() - started)
     return seconds

@@ -42,12 +42,22 @@ RATIO, SEED = 0.3, 42
 LLAMA7B = {"layers": 32, "d_model": 4096, "d_ff": 11008}
 
 
+DEVICE = torch.device("cpu")  # set by --device
+
+
+def synchronize() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+
+
 def timed(function: Callable[[], object], repeats: int = 1) -> float:
     """Fastest of ``repeats`` calls, in seconds (the CPU is shared: the minimum is the signal)."""
     seconds = []
     for _ in range(repeats):
+        synchronize()
         started = time.perf_counter()
         function()
+        synchronize()
         seconds.append(time.perf_counter() - started)
     return min(seconds)
 
@@ -55,7 +65,7 @@ def timed(function: Callable[[], object], repeats: int = 1) -> float:
 def kept_rows(d_ff: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     order = torch.randperm(d_ff, generator=generator)
     kept = kept_count(d_ff, RATIO)
-    return order[:kept].sort().values, order[kept:].sort().values
+    return order[:kept].sort().values.to(DEVICE), order[kept:].sort().values.to(DEVICE)
 
 
 def spectral_floors(matrices: list[torch.Tensor], svdvals_layers: int) -> dict[str, float]:
@@ -129,8 +139,9 @@ def smollm2(args: argparse.Namespace) -> dict:
     from prunenet.model_view import FFNView
 
     model, _ = load_model_and_tokenizer("smollm2-135m", dtype=torch.float32)
+    model.to(DEVICE)
     view = FFNView(model)
-    matrices = [view.first_matrix(index) for index in range(view.num_layers)]
+    matrices = [view.first_matrix(index, DEVICE) for index in range(view.num_layers)]
     print(f"SmolLM2-135M: {view.num_layers} layers, {view.d_ff} x {view.d_model}", flush=True)
     reference = train_reference(model, view.family, RATIO, args.reference_episodes, seed=SEED)
     print(f"  reference per episode: {reference}", flush=True)
@@ -176,14 +187,14 @@ def llama7b(args: argparse.Namespace) -> dict:
     full = LLAMA7B["layers"]
     print(f"LLaMA-2-7B FFN shape: prunenet on {args.llama_layers} of {full} layers, reference on "
           f"{args.llama_reference_layers}", flush=True)
-    stack = llama7b_stack(args.llama_reference_layers)
+    stack = llama7b_stack(args.llama_reference_layers).to(DEVICE)
     reference = train_reference(stack, family, RATIO, 1, seed=SEED)
     del stack
     reference_per_layer = reference[0] / args.llama_reference_layers
     print(f"  reference per layer: {reference_per_layer:.1f} s", flush=True)
     generator = torch.Generator().manual_seed(SEED)
-    matrices = [torch.randn(LLAMA7B["d_ff"], LLAMA7B["d_model"], generator=generator) * 0.02
-                for _ in range(args.llama_layers)]
+    matrices = [(torch.randn(LLAMA7B["d_ff"], LLAMA7B["d_model"], generator=generator) * 0.02)
+                .to(DEVICE) for _ in range(args.llama_layers)]
     ours = prunenet_training(matrices, 1)
     ours_per_layer = ours["per_episode"] / args.llama_layers
     setup_per_layer = ours["setup"] / args.llama_layers
@@ -197,8 +208,8 @@ def llama7b(args: argparse.Namespace) -> dict:
         print(f"  prunenet: {args.llama_full_episodes} episodes on all {full} layers ...",
               flush=True)
         generator = torch.Generator().manual_seed(SEED)
-        matrices = [torch.randn(LLAMA7B["d_ff"], LLAMA7B["d_model"], generator=generator) * 0.02
-                    for _ in range(full)]
+        matrices = [(torch.randn(LLAMA7B["d_ff"], LLAMA7B["d_model"], generator=generator)
+                     * 0.02).to(DEVICE) for _ in range(full)]
         started = time.perf_counter()
         full_run = prunenet_training(matrices, args.llama_full_episodes)
         full_run["wall_seconds"] = time.perf_counter() - started
@@ -240,12 +251,18 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads for both implementations (default 1: on a shared "
                         "CPU, OpenMP threads that spin-wait make LAPACK up to 20x slower)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="where both implementations run (default: cpu)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
+    global DEVICE
+    DEVICE = torch.device(args.device)
     torch.set_num_threads(args.threads)
     torch.manual_seed(SEED)
     results = {"machine": {"threads": torch.get_num_threads(), "torch": torch.__version__,
-                           "cpu": platform.processor() or platform.machine()},
+                           "cpu": platform.processor() or platform.machine(),
+                           "device": torch.cuda.get_device_name(DEVICE)
+                           if DEVICE.type == "cuda" else "cpu"},
                "ratio": RATIO, "seed": SEED}
     if not args.skip_smollm2:
         results["smollm2"] = smollm2(args)
