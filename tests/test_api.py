@@ -223,7 +223,13 @@ def test_cli_compress_train_and_prune(tiny_llama_dir, tmp_path, capsys):
     assert json.loads((tmp_path / "half" / "config.json").read_text())["intermediate_size"] == 24
     assert main(["-q", "compress", str(tiny_llama_dir), "--ratio", "0.25", "--episodes", "1",
                  "--out", str(tmp_path / "c")]) == 0
-    assert "FFN width 48 -> 36" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "FFN width 48 -> 36" in captured.out
+    assert "it/s" not in captured.err  # -q: no progress bar, ours or transformers'
+    # Without -q the same command shows progress (policy episodes, writing the model).
+    assert main(["compress", str(tiny_llama_dir), "--ratio", "0.25", "--episodes", "1",
+                 "--variant", "reference", "--out", str(tmp_path / "c2")]) == 0
+    assert "policy episodes" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("ratio", ["30%", "abc", "1.0", "-0.2"])

@@ -114,6 +114,7 @@ def _training_options(args: argparse.Namespace) -> dict:
         "spectral": args.spectral,
         "precision": args.precision,
         "resume": args.resume,
+        "progress": not args.quiet,
     }
 
 
@@ -190,7 +191,8 @@ def run_compress(args: argparse.Namespace) -> int:
 
         tuned = finetune(result.out, args.finetune_data, f"{args.out}-finetuned",
                          steps=args.finetune_steps, seqlen=args.finetune_seqlen, seed=args.seed,
-                         device=args.device, overwrite=args.overwrite)
+                         device=args.device, overwrite=args.overwrite,
+                         progress=not args.quiet)
         _print_finetune_summary(tuned)
     return 0
 
@@ -275,7 +277,7 @@ def run_prune(args: argparse.Namespace) -> int:
                    selection=args.selection, seed=args.seed, device=args.device, out=args.out,
                    overwrite=args.overwrite, trust_remote_code=args.trust_remote_code,
                    calibration=_calibration(args), record_dir=args.record,
-                   max_memory=args.max_memory, variant=args.variant)
+                   max_memory=args.max_memory, variant=args.variant, progress=not args.quiet)
     _print_summary(result)
     _print_record(args)
     return 0
@@ -515,7 +517,7 @@ def run_finetune(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
         lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
         targets=args.targets, eval_every=args.eval_every, eval_windows=args.eval_windows,
-        patience=args.patience or None, seed=args.seed,
+        patience=args.patience or None, seed=args.seed, progress=not args.quiet,
     )
     _print_finetune_summary(result)
     return 0
@@ -587,7 +589,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Calibration-free structured pruning of causal LM FFNs with PruneNet.",
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
-    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="only warnings, errors and results: no progress bars")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in COMMANDS:
         add(subparsers)
@@ -606,6 +609,10 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     signal.signal(signal.SIGTERM, _terminate)
+    if args.quiet:  # no progress bars either, ours or transformers' ("Loading weights")
+        import transformers.utils.logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
     try:
         return int(args.run(args) or 0)
     except PruneNetError as error:
@@ -616,6 +623,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("prunenet: interrupted; no partial output was left behind", file=sys.stderr)
         return 130
+    finally:
+        if args.quiet:
+            transformers_logging.enable_progress_bar()
 
 
 def print_json(data) -> None:
