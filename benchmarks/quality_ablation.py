@@ -41,6 +41,7 @@ from prunenet.variants import (
     probe_activation_scores,
     probe_tokens,
     rank_with_protection,
+    self_generated_scores,
     self_generated_tokens,
 )
 
@@ -87,9 +88,11 @@ def _activation(windows: int = 4) -> Selector:
     return select
 
 
-def _self_generated() -> Selector:
-    """The default variant, as ``api.select_rows`` runs it, with the probe text generated once
-    per model and seed and reused across ratios (the text does not depend on the ratio)."""
+def _self_generated(score: Callable[[torch.nn.Module, Tensor], list[Tensor]]) -> Selector:
+    """Keep the top ``score`` on the default variant's probe text, generated once per model and
+    seed and reused across ratios (the text does not depend on the ratio). With
+    ``self_generated_scores`` this is the default variant exactly as ``api.select_rows`` runs it
+    (tests/test_variants.py checks the api against the same functions)."""
     tokens_of: dict[tuple[str, int], Tensor] = {}  # (model_type, seed) -> probe text
 
     def select(model, ratio, seed):
@@ -98,7 +101,7 @@ def _self_generated() -> Selector:
         if key not in tokens_of:
             tokens_of[key] = self_generated_tokens(model, seed)
         kept = kept_count(FFNView(model).d_ff, ratio)
-        scores = probe_activation_scores(model, tokens_of[key])
+        scores = score(model, tokens_of[key])
         return [top_rows(layer, kept) for layer in scores], time.perf_counter() - started
 
     return select
@@ -184,7 +187,11 @@ VARIANTS: dict[str, tuple[Selector, bool]] = {  # name -> (selector, stochastic)
     "probe-8x128": (_probe(8, 128), True),
     "probe-32x128": (_probe(32, 128), True),
     "selfgen-8x128": (_probe(8, 128, "generated"), True),
-    "self-generated": (_self_generated(), True),
+    # The default since the second session: Wanda-style mean h^2 * ||gate row||^2.
+    "self-generated": (_self_generated(self_generated_scores), True),
+    # The first default: output energy mean h^2 * ||down column||^2 (the first session's
+    # "self-generated" rows in the logs).
+    "self-generated-energy": (_self_generated(probe_activation_scores), True),
     "prunenet-ref-lr1e-3-sample": (_prunenet("sample"), True),
     "prunenet-ref-lr1e-3-topk": (_prunenet("topk"), True),
     "prunenet-ref-lr1e-4-sample": (_prunenet("sample", lr=1e-4), True),

@@ -26,6 +26,7 @@ from prunenet.variants import (
     probe_activation_scores,
     probe_tokens,
     rank_with_protection,
+    self_generated_scores,
 )
 
 
@@ -153,12 +154,42 @@ def test_training_that_cannot_make_progress_stops_with_a_clear_message():
                                  policy=_overflowing_policy(8, 24), progress=False)
 
 
-def test_default_selection_keeps_the_most_active_neurons_on_self_generated_text():
+@pytest.mark.parametrize("model_type", ["llama", "gpt2", "phi3"])
+def test_default_score_is_mean_squared_activation_times_first_row_norm(model_type):
+    """Written out by hand: hook the second matrix's input, square, average; times the squared
+    norm of the neuron's row of the first matrix (gate; the gate half of phi3's fused gate_up;
+    gpt2's Conv1D column)."""
+    model = make_tiny_model(model_type)
+    view = FFNView(model)
+    tokens = probe_tokens(model, 2, 5, seed=0)
+    second = {"gpt2": "mlp.c_proj"}.get(model_type, "mlp.down_proj")
+    captured = []
+    handle = view.layers[1].get_submodule(second).register_forward_pre_hook(
+        lambda module, args: captured.append(args[0].reshape(-1, view.d_ff)))
+    with torch.no_grad():
+        model(tokens)
+    handle.remove()
+    if model_type == "gpt2":
+        first_rows = model.transformer.h[1].mlp.c_fc.weight.T  # Conv1D: d_model x d_ff
+    elif model_type == "phi3":
+        first_rows = model.model.layers[1].mlp.gate_up_proj.weight[:view.d_ff]
+    else:
+        first_rows = model.model.layers[1].mlp.gate_proj.weight
+    expected = captured[0].pow(2).mean(0) * first_rows.detach().norm(dim=1).pow(2)
+    scores = self_generated_scores(model, tokens)
+    assert len(scores) == view.num_layers
+    torch.testing.assert_close(scores[1], expected, rtol=1e-4, atol=1e-7)
+
+
+def test_default_selection_keeps_the_top_scores_on_self_generated_text():
     model = make_tiny_model("llama")
     rows = prunenet.select_rows(model, 0.25, seed=3, progress=False)
     tokens = probe_tokens(model, SELF_GENERATED_SEQUENCES, 64, 3, "generated")  # 64 positions
-    scores = probe_activation_scores(model, tokens)
+    scores = self_generated_scores(model, tokens)
     assert [r.tolist() for r in rows] == [top_rows(s, 36).tolist() for s in scores]
+    # Not the output-energy score of the first default: on this model the two choose differently.
+    energy = probe_activation_scores(model, tokens)
+    assert [r.tolist() for r in rows] != [top_rows(s, 36).tolist() for s in energy]
     assert [r.tolist() for r in prunenet.select_rows(model, 0.25, seed=3, progress=False,
                                                      variant=DEFAULT_VARIANT)] == [
         r.tolist() for r in rows]
