@@ -20,7 +20,11 @@ from prunenet.families import kept_count
 from prunenet.model_view import FFNView
 from prunenet.policy import top_rows
 from prunenet.slicing import slice_model
-from prunenet.variants import down_column_norms, probe_activation_scores, self_generated_tokens
+from prunenet.variants import (
+    down_column_norms,
+    mean_squared_activations,
+    self_generated_tokens,
+)
 
 
 def main() -> None:
@@ -34,8 +38,8 @@ def main() -> None:
     gate2 = [view.first_matrix(i, "cpu").norm(dim=1).pow(2) for i in range(view.num_layers)]
     texts = {}  # text name -> per layer, each neuron's mean squared activation
     for seed in map(int, sys.argv[1].split(",")):
-        energy = probe_activation_scores(model, self_generated_tokens(model, seed))
-        texts[f"self-generated seed {seed}"] = [e / d for e, d in zip(energy, down2)]
+        tokens = self_generated_tokens(model, seed)
+        texts[f"self-generated seed {seed}"] = mean_squared_activations(model, tokens)
     real = activation_norms(model, calibration_windows(corpus, Calibration(windows=4)),
                             progress=False)
     texts["real 4 x 1024"] = [norms.pow(2) for norms in real]

@@ -58,26 +58,35 @@ def second_matrix_module(view: FFNView, layer_index: int) -> nn.Module:
 
 
 @torch.no_grad()
-def activation_norms(model: nn.Module, windows: Tensor, progress: bool = True) -> list[Tensor]:
-    """Per layer, the L2 norm of each FFN neuron's activation over all tokens of ``windows``."""
+def squared_activation_sums(model: nn.Module, tokens: Tensor, dtype: torch.dtype,
+                            progress: bool = False, desc: str = "activations") -> list[Tensor]:
+    """Per layer, the sum over every token of ``tokens`` (sequences x length) of each FFN
+    neuron's squared activation, read at the input of the second FFN matrix and accumulated in
+    ``dtype`` on the CPU. One forward pass per sequence."""
     view = FFNView(model)
-    sums = [torch.zeros(view.d_ff, dtype=torch.float64) for _ in range(view.num_layers)]
+    sums = [torch.zeros(view.d_ff, dtype=dtype) for _ in range(view.num_layers)]
 
     def accumulate(index: int):
         def hook(_module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
             activation = inputs[0].detach().reshape(-1, inputs[0].shape[-1])
-            sums[index] += activation.double().pow(2).sum(0).cpu()
+            sums[index] += activation.to(dtype).pow(2).sum(0).cpu()
         return hook
 
     handles = [second_matrix_module(view, i).register_forward_pre_hook(accumulate(i))
                for i in range(view.num_layers)]
     device = next(model.parameters()).device
     try:
-        for window in tqdm(windows, desc="calibration", disable=not progress, leave=False):
-            model(window.unsqueeze(0).to(device))
+        for sequence in tqdm(tokens, desc=desc, disable=not progress, leave=False):
+            model(sequence.unsqueeze(0).to(device))
     finally:
         for handle in handles:
             handle.remove()
+    return sums
+
+
+def activation_norms(model: nn.Module, windows: Tensor, progress: bool = True) -> list[Tensor]:
+    """Per layer, the L2 norm of each FFN neuron's activation over all tokens of ``windows``."""
+    sums = squared_activation_sums(model, windows, torch.float64, progress, "calibration")
     return [total.sqrt().float() for total in sums]
 
 

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from .baselines import cut_norms
+from .calibration import squared_activation_sums
 from .errors import InputError
 from .families import kept_count
 from .model_view import FFNView
@@ -165,31 +166,11 @@ def probe_tokens(
     return tokens.cpu()
 
 
-@torch.no_grad()
 def mean_squared_activations(model: nn.Module, tokens: Tensor) -> list[Tensor]:
     """Per layer, each FFN neuron's mean squared activation ``mean h_i^2`` on ``tokens``
-    (sequences x length), read at the input of the FFN's second matrix."""
-    view = FFNView(model)
-    second_name = _second_module_name(view)
-    energy = [torch.zeros(view.d_ff) for _ in range(view.num_layers)]
-
-    def accumulate(index: int):
-        def hook(module: nn.Module, args: tuple) -> None:
-            activations = args[0].detach().float().reshape(-1, view.d_ff)
-            energy[index] += activations.pow(2).sum(dim=0).cpu()
-
-        return hook
-
-    handles = [layer.get_submodule(second_name).register_forward_pre_hook(accumulate(index))
-               for index, layer in enumerate(view.layers)]
-    try:
-        device = next(model.parameters()).device
-        for row in tokens:
-            model(row.unsqueeze(0).to(device))
-    finally:
-        for handle in handles:
-            handle.remove()
-    return [layer_energy / tokens.numel() for layer_energy in energy]
+    (sequences x length), read at the input of the FFN's second matrix (float32 sums)."""
+    sums = squared_activation_sums(model, tokens, torch.float32)
+    return [layer_sum / tokens.numel() for layer_sum in sums]
 
 
 def probe_activation_scores(model: nn.Module, tokens: Tensor) -> list[Tensor]:
