@@ -126,7 +126,7 @@ def test_lying_safetensors_header_is_rejected_without_allocation(tmp_path, tiny_
     with pytest.raises(InputError, match="header lies|truncated"):
         load_model_and_tokenizer(tiny_llama_dir)
     (tiny_llama_dir / "model.safetensors").write_bytes((1 << 60).to_bytes(8, "little"))
-    with pytest.raises(InputError, match="header claims"):
+    with pytest.raises(InputError, match="not a valid safetensors file.*header too large"):
         load_model_and_tokenizer(tiny_llama_dir)
 
 

@@ -239,7 +239,8 @@ def generated_checkpoint(folder: Path, layers: int) -> Path:
     generator = torch.Generator().manual_seed(0)
     weight_map = {}
     shared = {"model.embed_tokens.weight": torch.randn(VOCAB, D_MODEL, generator=generator),
-              "model.norm.weight": torch.ones(D_MODEL)}
+              "model.norm.weight": torch.ones(D_MODEL),
+              "lm_head.weight": torch.randn(VOCAB, D_MODEL, generator=generator)}
     save_file(shared, folder / "shared.safetensors")
     weight_map.update(dict.fromkeys(shared, "shared.safetensors"))
     for layer in range(layers):
@@ -249,6 +250,9 @@ def generated_checkpoint(folder: Path, layers: int) -> Path:
             f"{prefix}.mlp.up_proj.weight": torch.randn(D_FF, D_MODEL, generator=generator),
             f"{prefix}.mlp.down_proj.weight": torch.randn(D_MODEL, D_FF, generator=generator),
             f"{prefix}.input_layernorm.weight": torch.ones(D_MODEL),
+            f"{prefix}.post_attention_layernorm.weight": torch.ones(D_MODEL),
+            **{f"{prefix}.self_attn.{name}_proj.weight":
+               torch.randn(D_MODEL, D_MODEL, generator=generator) for name in "qkvo"},
         }
         shard = f"layer-{layer:03d}.safetensors"
         save_file(tensors, folder / shard, metadata={"format": "pt"})
@@ -290,4 +294,4 @@ def test_peak_memory_does_not_grow_with_layers(tmp_path):
     assert rss_many - rss_few < LAYER_BYTES, (rss_few, rss_many)
     assert rss_many < size_many, (rss_many, size_many)
     index = json.loads((tmp_path / "out-many" / streaming.INDEX_NAME).read_text())
-    assert len(index["weight_map"]) == 2 + 4 * 12
+    assert len(index["weight_map"]) == 3 + 9 * 12

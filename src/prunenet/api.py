@@ -21,7 +21,8 @@ from . import __version__
 from .baselines import magnitude_product_rows, magnitude_rows, random_rows
 from .calibration import Calibration, activation_rows
 from .checkpoints import (
-    check_output_path,
+    is_model_output,
+    is_policy_file,
     load_model_and_tokenizer,
     load_policy,
     policy_checksum,
@@ -31,9 +32,10 @@ from .checkpoints import (
 )
 from .errors import InputError, NumericalError
 from .families import kept_count
+from .io.files import Output, guard_outputs
 from .model_view import FFNView
 from .policy import PrunePolicy, keep_probabilities, sample_rows, top_rows
-from .recording import check_record_path, first_matrix_spectra, write_run_record
+from .recording import first_matrix_spectra, is_run_record, write_run_record
 from .reinforce import TrainingConfig, TrainingResult, make_generator, train_policy_on_matrices
 from .slicing import slice_model
 from .streaming import LayerMatrices, StreamedCheckpoint, choose_streaming, prune_streamed
@@ -117,6 +119,21 @@ def train_policy(
     matrices = [view.first_matrix(i, run_device) for i in range(view.num_layers)]
     return train_policy_on_matrices(matrices, config, progress=progress, state_path=state_path,
                                     resume=resume)
+
+
+def input_path(source: str | os.PathLike) -> str:
+    """The local path a MODEL argument reads (the folder, or the .gguf file); a Hub id as is."""
+    folder, gguf_file = resolve_source(source)
+    return str(Path(folder) / gguf_file) if gguf_file else folder
+
+
+def model_outputs(out, record_dir, overwrite: bool, reads: list, *extra: Output | None) -> None:
+    """Check a compression's outputs against its inputs before any work (see prunenet.io.files)."""
+    guard_outputs([
+        Output(out, "--out", ours=is_model_output) if out is not None else None,
+        Output(record_dir, "--record", ours=is_run_record) if record_dir is not None else None,
+        *extra,
+    ], reads, overwrite)
 
 
 def training_state_path(output: str | os.PathLike) -> Path:
@@ -253,12 +270,10 @@ def prune(
     inside the input. ``variant`` as in :func:`select_rows` (method ``prunenet`` only).
     """
     source = None if isinstance(model, nn.Module) else str(model)
-    if source is not None:
-        resolve_source(source)  # a missing or non-model input fails before anything else
-    if out is not None:
-        check_output_path(out, overwrite, [source] if source else [])
-    if record_dir is not None:
-        check_record_path(record_dir, overwrite, out, [source] if source else [])
+    reads = [input_path(source)] if source is not None else []  # a bad input fails first
+    if isinstance(policy, (str, os.PathLike)):
+        reads.append(policy)
+    model_outputs(out, record_dir, overwrite, reads)
     if isinstance(policy, (str, os.PathLike)):
         policy, _ = load_policy(policy)
     variant = resolve_variant(variant, policy) if method == "prunenet" else None
@@ -332,12 +347,15 @@ def compress(
     ``max_memory`` is streamed (:mod:`prunenet.streaming`): same result, ``result.model`` None.
     """
     source = None if isinstance(model, nn.Module) else str(model)
-    if source is not None:
-        resolve_source(source)  # a missing or non-model input fails before anything else
-    if out is not None:
-        check_output_path(out, overwrite, [source] if source else [])
-    if record_dir is not None:
-        check_record_path(record_dir, overwrite, out, [source] if source else [])
+    reads = [input_path(source)] if source is not None else []  # a bad input fails first
+    state_of = out if out is not None else policy_out
+    model_outputs(
+        out, record_dir, overwrite, reads,
+        Output(policy_out, "--policy-out", folder=False, ours=is_policy_file)
+        if policy_out is not None else None,
+        Output(training_state_path(state_of), "training state", folder=False, working=True)
+        if state_of is not None else None,
+    )
     streamed = choose_streaming(model, max_memory, method == "prunenet") if source else None
     if variant is None:
         variant = DEFAULT_VARIANT

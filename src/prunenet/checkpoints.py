@@ -8,14 +8,10 @@ runs only when the caller asks for it.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +21,17 @@ from safetensors.torch import load_file, save_file
 
 from .errors import InputError, OutputError, PolicyMismatchError
 from .families import family_for
+from .io.files import (
+    Output,
+    Recognizer,
+    atomic_file,
+    atomic_folder,
+    folder_of,
+    guard_outputs,
+    is_staging_name,
+    json_with_format,
+    write_json_atomic,
+)
 from .policy import PrunePolicy
 
 RECORD_NAME = "prunenet.json"
@@ -50,7 +57,7 @@ def resolve_source(source: str | os.PathLike) -> tuple[str, str | None]:
             return str(path.parent), path.name
         raise InputError(f"{path} is a file but not a .gguf; pass a model folder or a GGUF file")
     if path.is_dir():
-        if ".tmp-" in path.name and path.name.startswith("."):
+        if is_staging_name(path.name):
             raise InputError(f"{path} is an unfinished prunenet output (interrupted); delete it")
         if (path / "config.json").exists():
             return str(path), None
@@ -73,54 +80,32 @@ def _hub_error(source: str, error: Exception) -> InputError:
     )
 
 
-_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2,
-                "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
-_MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def validate_safetensors(path: Path) -> dict[str, Any]:
-    """Check a safetensors file's header against its size before anything maps it; return it.
+    """Let safetensors judge a weights file (header, offsets, dtypes); return its raw header.
 
-    Rejects (with :class:`InputError` naming the file) a truncated file, a header that does not
-    parse, and tensors whose declared shape and dtype do not match their byte ranges or point past
-    the end of the file, so lying headers never cause a crash or a huge allocation.
+    Every dtype safetensors supports is accepted. Raises :class:`InputError` naming the file for
+    anything safetensors rejects (truncated file, lying or overlapping offsets, a header that
+    does not parse) and for a folder named like a weights file. The raw header (for the byte
+    offsets streaming needs) is read only after safetensors accepted the file.
     """
-    size = path.stat().st_size
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise InputError(f"{path} is not a file; a .safetensors weights file was expected")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            handle.keys()
+    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+        raise InputError(f"{path} is not a valid safetensors file ({_first_line(error)}); the "
+                         "file is truncated, damaged or its header lies") from error
     with open(path, "rb") as handle:
-        prefix = handle.read(8)
-        if len(prefix) < 8:
-            raise InputError(f"{path} is truncated: {size} bytes, not a safetensors file")
-        header_length = int.from_bytes(prefix, "little")
-        if header_length > min(_MAX_HEADER_BYTES, size - 8):
-            raise InputError(f"{path}: header claims {header_length} bytes, file has {size}; "
-                             "the file is truncated or not safetensors")
-        try:
-            header = json.loads(handle.read(header_length))
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise InputError(f"{path}: unreadable safetensors header ({error})") from error
-    data_bytes = size - 8 - header_length
-    if not isinstance(header, dict):
-        raise InputError(f"{path}: safetensors header is not a JSON object")
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype, shape, (start, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
-            count = 1
-            for dimension in shape:
-                if int(dimension) < 0:
-                    raise ValueError("negative dimension")
-                count *= int(dimension)
-            expected = count * _DTYPE_BYTES[dtype]
-        except (KeyError, TypeError, ValueError) as error:
-            raise InputError(f"{path}: tensor {name!r} has a malformed header entry") from error
-        if end - start != expected or not 0 <= start <= end <= data_bytes:
-            raise InputError(
-                f"{path}: tensor {name!r} declares shape {shape} {dtype} ({expected} bytes) at "
-                f"[{start}, {end}) but the file holds {data_bytes} data bytes; "
-                "the file is truncated or its header lies"
-            )
-    return header
+        header_length = int.from_bytes(handle.read(8), "little")
+        return json.loads(handle.read(header_length))
 
 
 def validate_gguf(path: Path) -> None:
@@ -146,8 +131,13 @@ def validate_weight_files(folder: Path) -> None:
     if index_file.exists():
         try:
             weight_map = json.loads(index_file.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as error:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as error:
             raise InputError(f"{index_file} is not a valid shard index ({error})") from error
+        if not isinstance(weight_map, dict) or not all(
+                isinstance(name, str) and isinstance(shard, str)
+                for name, shard in weight_map.items()):
+            raise InputError(f"{index_file}: 'weight_map' must map tensor names to shard file "
+                             f"names, got {type(weight_map).__name__}")
         for shard in sorted(set(weight_map.values())):
             if Path(shard).name != shard or shard in ("", ".", ".."):
                 raise InputError(f"{index_file} names shard {shard!r} outside the model folder")
@@ -164,16 +154,75 @@ def load_config(source: str | os.PathLike, trust_remote_code: bool = False):
     folder, gguf_file = resolve_source(source)
     if gguf_file is not None:
         validate_gguf(Path(folder) / gguf_file)
+    elif Path(folder).is_dir():
+        read_config_json(Path(folder))
     try:
         config = AutoConfig.from_pretrained(
             folder, gguf_file=gguf_file, trust_remote_code=trust_remote_code
         )
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as error:
         if Path(folder).exists():
-            raise InputError(f"{source} is not a readable model: {error}") from error
+            raise InputError(f"{source} is not a readable model: {_first_line(error)}") from error
         raise _hub_error(folder, error) from error
-    family_for(getattr(config, "model_type", None))
+    family = family_for(getattr(config, "model_type", None))
+    for field in family.width_fields:
+        value = getattr(config, field, None)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                  or value < 1):
+            raise InputError(f"{source}: config field {field} must be a positive integer, got "
+                             f"{value!r}")
     return config
+
+
+def read_config_json(folder: Path) -> dict[str, Any]:
+    """``folder/config.json`` as a JSON object with a string ``model_type``, or InputError."""
+    path = folder / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise InputError(f"{path} is not readable JSON ({_first_line(error)})") from error
+    if not isinstance(config, dict):
+        raise InputError(f"{path} must hold a JSON object, got a {type(config).__name__}")
+    if not isinstance(config.get("model_type"), str):
+        raise InputError(f"{path} has no model_type string; it is not a transformers config")
+    return config
+
+
+def expected_tensor_names(config) -> tuple[set[str], set[str]]:
+    """``(required, tied)`` weight names of ``config``'s architecture, from a model built on the
+    meta device: a checkpoint must hold every required name; a tied one it may omit."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    names = set(model.state_dict())
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+    return names - tied, tied
+
+
+def check_tensor_names(source: Any, present: set[str], config) -> None:
+    """Refuse a checkpoint that lacks a weight its architecture expects or holds one it does not
+    use (both would silently be random or dropped)."""
+    required, tied = expected_tensor_names(config)
+    report_loading(source, {"missing_keys": required - present,
+                            "unexpected_keys": present - required - tied})
+
+
+def report_loading(source: Any, info: dict[str, Any]) -> None:
+    """Turn transformers' loading info into an :class:`InputError` when anything did not fit."""
+    problems = []
+    for key, what in (("missing_keys", "lacks"), ("unexpected_keys", "holds unused"),
+                      ("mismatched_keys", "has wrongly shaped")):
+        names = sorted(str(name if isinstance(name, str) else name[0])
+                       for name in info.get(key) or ())
+        if names:
+            shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+            problems.append(f"{what} {shown}")
+    if info.get("error_msgs"):
+        problems.append(_first_line(Exception(info["error_msgs"][0])))
+    if problems:
+        raise InputError(f"{source}: the checkpoint does not match its config: "
+                         f"{'; '.join(problems)}. prunenet does not fill in or drop weights")
 
 
 def load_model_and_tokenizer(
@@ -197,14 +246,17 @@ def load_model_and_tokenizer(
     if gguf_file is not None and dtype == "auto":
         dtype = torch.float32
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        model, info = AutoModelForCausalLM.from_pretrained(
             folder, gguf_file=gguf_file, dtype=dtype, trust_remote_code=trust_remote_code,
             use_safetensors=None if gguf_file else _prefer_safetensors(folder),
+            output_loading_info=True,
         )
-    except (OSError, ValueError, RuntimeError) as error:
+    except (OSError, ValueError, RuntimeError, TypeError, KeyError) as error:
         if Path(folder).exists():
-            raise InputError(f"could not load the weights of {source}: {error}") from error
+            raise InputError(f"could not load the weights of {source}: "
+                             f"{_first_line(error)}") from error
         raise _hub_error(folder, error) from error
+    report_loading(source, info)
     if gguf_file is not None:
         # A dequantized GGUF model must save as ordinary safetensors.
         model.hf_quantizer = None
@@ -215,9 +267,17 @@ def load_model_and_tokenizer(
         tokenizer = AutoTokenizer.from_pretrained(
             folder, gguf_file=gguf_file, trust_remote_code=trust_remote_code
         )
-    except (OSError, ValueError, TypeError):
+    except Exception as error:  # noqa: BLE001  (tokenizers raises its own exception types)
+        present = [name for name in TOKENIZER_FILES if (Path(folder) / name).exists()]
+        if gguf_file is None and present:
+            raise InputError(f"{source}: the tokenizer ({', '.join(present)}) cannot be read "
+                             f"({_first_line(error)}); repair or remove it") from error
         tokenizer = None
     return model, tokenizer
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
+                   "spiece.model")
 
 
 def _prefer_safetensors(folder: str) -> bool | None:
@@ -234,104 +294,24 @@ def _prefer_safetensors(folder: str) -> bool | None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Atomic outputs
+# Outputs
+
+MODEL_OUTPUT_FILES = (
+    RECORD_NAME, "config.json", "generation_config.json", "README.md", "*.safetensors",
+    "*.index.json", "*.gguf", "tokenizer*", "vocab*", "merges.txt", "special_tokens_map.json",
+    "added_tokens.json", "chat_template*", "*.model",
+)
+# A folder prunenet wrote: its compression record, and only files a model output holds.
+is_model_output = folder_of(
+    RECORD_NAME, MODEL_OUTPUT_FILES, folders=("adapter",),
+    check=lambda folder: json_with_format(folder / RECORD_NAME, "prunenet-compression/"),
+)
 
 
-def check_output_path(out: str | os.PathLike, overwrite: bool, inputs: list[str] = ()) -> Path:
-    """Validate an output folder before any work: not inside an input, not clobbering a model."""
-    out_path = Path(out).expanduser().resolve()
-    for source in inputs:
-        source_path = Path(source).expanduser()
-        if not source_path.exists():
-            continue
-        source_path = source_path.resolve()
-        if out_path == source_path or source_path in out_path.parents:
-            raise OutputError(
-                f"output {out_path} is inside the input {source_path}; "
-                "prunenet never writes into its input. Choose another --out."
-            )
-    if out_path.exists():
-        if not out_path.is_dir():
-            raise OutputError(f"output {out_path} exists and is not a folder")
-        if any(out_path.iterdir()) and not overwrite:
-            raise OutputError(f"output {out_path} already exists; pass --overwrite to replace it")
-    parent = out_path.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise OutputError(f"cannot create the folder {parent} for {out_path}: {error}") from error
-    if not os.access(parent, os.W_OK):
-        raise OutputError(f"cannot write to {parent}: permission denied or read-only")
-    return out_path
-
-
-@contextlib.contextmanager
-def atomic_folder(out: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling folder; on success it replaces ``out`` in one rename.
-
-    On any exception (Ctrl-C included) the temporary folder is removed and ``out`` is untouched.
-    """
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        yield staging
-        os.chmod(staging, 0o755)
-        for file in staging.rglob("*"):
-            if file.is_file():
-                _readable(str(file))
-        with _output_lock(out):  # two runs finishing at once: one wins, the other errors
-            if out.exists():
-                if any(out.iterdir()) and not overwrite:
-                    raise OutputError(
-                        f"output {out} was written by another run while this one worked; "
-                        "not replaced (pass --overwrite to replace it)"
-                    )
-                old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-                os.rename(out, old / "previous")
-                os.rename(staging, out)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.rename(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
-@contextlib.contextmanager
-def _output_lock(out: Path) -> Iterator[None]:
-    """An exclusive flock on ``.NAME.lock`` beside ``out`` while the output is put in place."""
-    lock_path = out.parent / f".{out.name}.lock"
-    with open(lock_path, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-            with contextlib.suppress(FileNotFoundError):
-                lock_path.unlink()
-
-
-def _readable(tmp: str) -> None:
-    """mkstemp makes 0600 files; outputs get the usual 0644 less the process umask."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o644 & ~umask)
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    path = Path(path)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    _readable(tmp)
-    try:
-        with os.fdopen(handle, "w") as stream:
-            json.dump(data, stream, indent=2, sort_keys=True)
-            stream.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+def check_output_path(out: str | os.PathLike, overwrite: bool, inputs: Sequence[Any] = (), *,
+                      what: str = "--out", ours: Recognizer = is_model_output) -> Path:
+    """Check one output folder before any work (see :func:`prunenet.io.files.guard_outputs`)."""
+    return guard_outputs([Output(out, what, ours=ours)], inputs, overwrite)[0]
 
 
 def save_plain_checkpoint(model, tokenizer, folder: Path) -> None:
@@ -362,7 +342,14 @@ def read_record(folder: str | os.PathLike) -> dict[str, Any]:
             f"{folder} has no {RECORD_NAME}: it is not a complete prunenet output "
             "(an interrupted run, or not made by prunenet)"
         )
-    return json.loads(path.read_text())
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise InputError(f"{path} is not readable JSON ({_first_line(error)}); the record is "
+                         "damaged") from error
+    if not isinstance(record, dict):
+        raise InputError(f"{path} must hold a JSON object; the record is damaged")
+    return record
 
 
 # ---------------------------------------------------------------------------------------------
@@ -396,17 +383,21 @@ def save_policy(policy: PrunePolicy, path: str | os.PathLike, metadata: dict[str
     tensors = {
         name: tensor.detach().cpu().contiguous() for name, tensor in policy.state_dict().items()
     }
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    os.close(handle)
-    _readable(tmp)
-    try:
-        save_file(tensors, tmp, metadata=header)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_file(path) as tmp:
+        save_file(tensors, str(tmp), metadata=header)
     return path
+
+
+def is_policy_file(path: Path) -> bool:
+    """Whether ``path`` is a policy file prunenet wrote (safetensors with its header)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            header = json.loads((handle.metadata() or {})[POLICY_HEADER_KEY])
+    except (SafetensorError, OSError, KeyError, ValueError, TypeError):
+        return False
+    return isinstance(header, dict) and header.get("format") == POLICY_FORMAT
 
 
 def load_policy(path: str | os.PathLike) -> tuple[PrunePolicy, dict[str, Any]]:
@@ -449,6 +440,10 @@ def load_policy(path: str | os.PathLike) -> tuple[PrunePolicy, dict[str, Any]]:
         if not torch.isfinite(tensor).all():
             raise InputError(f"{path}: policy tensor {name} holds NaN or Inf")
     policy = PrunePolicy.from_tensors(tensors)
-    if header.get("checksum") and header["checksum"] != policy_checksum(policy):
+    checksum = header.get("checksum")
+    if not checksum:
+        raise InputError(f"{path}: the policy header has no checksum, so its values cannot be "
+                         "trusted; save policies with `prunenet train-policy`")
+    if checksum != policy_checksum(policy):
         raise InputError(f"{path}: checksum mismatch; the policy file is corrupted")
     return policy, metadata

@@ -9,12 +9,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import signal
 import sys
 from collections.abc import Callable
 
-from .errors import InputError, PruneNetError
+from .errors import PruneNetError
 
 log = logging.getLogger("prunenet")
 
@@ -174,7 +173,16 @@ def _add_variant_argument(
 
 
 def run_compress(args: argparse.Namespace) -> int:
-    from .api import compress
+    from .api import compress, input_path
+    from .checkpoints import is_model_output
+    from .io.files import Output, guard_outputs
+
+    if args.finetune_steps:  # its output and working folder are checked before any work too
+        guard_outputs([Output(f"{args.out}-finetuned", "--finetune-steps output",
+                              ours=is_model_output),
+                       Output(f"{args.out}-finetuned.work", "fine-tuning work folder",
+                              working=True)],
+                      [input_path(args.model)], args.overwrite)
 
     result = compress(
         args.model, args.ratio, method=args.method, episodes=args.episodes, lr=args.lr,
@@ -233,14 +241,16 @@ def add_compress(subparsers) -> None:
 
 
 def run_train_policy(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
-    from .api import policy_metadata, train_policy, training_state_path
-    from .checkpoints import load_model_and_tokenizer, save_policy
+    from .api import input_path, policy_metadata, train_policy, training_state_path
+    from .checkpoints import is_policy_file, load_model_and_tokenizer, save_policy
+    from .io.files import Output, guard_outputs
     from .streaming import choose_streaming
 
-    if Path(args.out).exists() and not args.overwrite:
-        raise InputError(f"policy file {args.out} already exists; pass --overwrite to replace it")
+    guard_outputs([Output(args.out, "--out", folder=False, ours=is_policy_file),
+                   Output(training_state_path(args.out), "training state", folder=False,
+                          working=True)],
+                  [input_path(args.model)], args.overwrite)
     model = choose_streaming(args.model, args.max_memory, training=True)
     if model is None:
         model, _ = load_model_and_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
@@ -364,22 +374,18 @@ def _ppl(args: argparse.Namespace) -> str | None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
-    from .checkpoints import load_model_and_tokenizer, write_json_atomic
-    from .errors import OutputError
-    from .evaluation.evaluate import evaluate, format_table
+    from .api import input_path
+    from .checkpoints import load_model_and_tokenizer
+    from .evaluation.evaluate import FORMAT, evaluate, format_table
+    from .io.files import Output, guard_outputs, json_with_format, write_json_atomic
 
-    json_path = Path(args.json).expanduser() if args.json else None
-    if json_path is not None:
-        if json_path.is_dir():
-            raise OutputError(f"--json {json_path} is a folder; give a file name")
-        try:
-            json_path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise OutputError(f"cannot create the folder of --json {json_path}: {error}") from None
-        if not os.access(json_path.parent, os.W_OK):
-            raise OutputError(f"cannot write --json into {json_path.parent}: permission denied")
+    json_path = None
+    if args.json:
+        json_path, = guard_outputs(
+            [Output(args.json, "--json", folder=False,
+                    ours=lambda path: json_with_format(path, FORMAT))],
+            [input_path(args.model)], overwrite=True)
     model, tokenizer = load_model_and_tokenizer(args.model,
                                                 trust_remote_code=args.trust_remote_code)
     result = evaluate(model, tokenizer, ppl=_ppl(args), seqlen=args.seqlen, windows=args.windows,

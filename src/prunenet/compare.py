@@ -16,21 +16,17 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .api import METHODS, prune, train_policy
+from .api import METHODS, input_path, prune, train_policy
 from .assets import asset_path
 from .calibration import Calibration
-from .checkpoints import (
-    atomic_folder,
-    check_output_path,
-    load_model_and_tokenizer,
-    write_json_atomic,
-)
+from .checkpoints import check_output_path, load_model_and_tokenizer
 from .errors import InputError
 from .evaluation.corpora import load_corpus
 from .evaluation.evaluate import evaluate
 from .evaluation.speed import SpeedProtocol
 from .evaluation.zeroshot import parse_tasks
 from .families import kept_count
+from .io.files import atomic_folder, folder_of, json_with_format, write_json_atomic
 from .model_view import FFNView
 from .variants import REFERENCE, resolve_variant
 
@@ -38,6 +34,10 @@ log = logging.getLogger("prunenet")
 
 FORMAT = "prunenet-compare/1"
 PLOTS = ("perplexity.png", "accuracy.png", "speed.png", "size.png")
+# A comparison prunenet wrote: its results, page and plots.
+is_compare_output = folder_of("results.json", ("results.json", "report.md", *PLOTS),
+                              check=lambda folder: json_with_format(folder / "results.json",
+                                                                    FORMAT))
 
 
 def parse_methods(methods: str | Sequence[str]) -> list[str]:
@@ -89,7 +89,9 @@ def compare(
     ratios = sorted(dict.fromkeys(float(r) for r in ratios))
     if not ratios:
         raise InputError("give at least one ratio, e.g. --ratios 0.1,0.2,0.3")
-    out_path = check_output_path(out, overwrite, [str(model)])
+    # Text corpora named by path are read too ("wiki" and other names are not paths).
+    reads = [input_path(model), ppl, (calibration or Calibration()).corpus]
+    out_path = check_output_path(out, overwrite, reads, ours=is_compare_output)
     if task_names:
         asset_path("zeroshot")  # data not fetched: fail before any work, naming the command
     speed = speed or SpeedProtocol()

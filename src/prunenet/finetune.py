@@ -27,17 +27,16 @@ from torch import Tensor, nn
 from . import __version__
 from .checkpoints import (
     RECORD_NAME,
-    atomic_folder,
-    check_output_path,
+    is_model_output,
     load_config,
     load_model_and_tokenizer,
     read_record,
     save_plain_checkpoint,
-    write_json_atomic,
 )
-from .errors import InputError, OutputError
+from .errors import InputError, NumericalError, OutputError
 from .evaluation.corpora import load_corpus
 from .families import family_for
+from .io.files import Output, atomic_folder, guard_outputs, write_json_atomic
 
 TARGET_GROUPS = ("attn", "mlp")
 SETTINGS_NAME = "prunenet-finetune.json"
@@ -268,8 +267,10 @@ def finetune(
 
     config = FinetuneConfig(data=str(data), **settings)
     source = str(Path(model).expanduser().resolve())
-    out_path = check_output_path(out, overwrite, [source])
-    work = out_path.with_name(out_path.name + ".work")
+    out_path, work = guard_outputs(
+        [Output(out, "--out", ours=is_model_output),
+         Output(f"{Path(out).expanduser()}.work", "work folder", working=True)],
+        [source, data], overwrite)
     run_settings = {**asdict(config), "targets": list(config.targets), "source": source}
     process = PartialState()
     _check_work_folder(work, run_settings, resume, overwrite)
@@ -312,6 +313,7 @@ def finetune(
     seconds = time.perf_counter() - started
     history = list(trainer.state.log_history)
     perplexity_after = math.exp(trainer.evaluate()["eval_loss"])
+    _check_finite_run(peft_model, history, perplexity_after, work)
 
     state = trainer.state
     record["finetune"] = {
@@ -343,6 +345,20 @@ def finetune(
         result_model = peft_model.merge_and_unload() if merge else peft_model
     process.wait_for_everyone()
     return FinetuneResult(result_model.eval(), tokenizer, record, str(out_path))
+
+
+def _check_finite_run(peft_model: nn.Module, history: list[dict[str, Any]], perplexity: float,
+                      work: Path) -> None:
+    """Refuse to keep a run whose loss or weights became NaN or Inf (no output, no work)."""
+    losses = [log[key] for log in history for key in ("loss", "eval_loss") if key in log]
+    bad = next((name for name, parameter in peft_model.named_parameters()
+                if not torch.isfinite(parameter).all()), None)
+    if bad is None and all(math.isfinite(value) for value in [*losses, perplexity]):
+        return
+    shutil.rmtree(work, ignore_errors=True)
+    what = f"weight {bad}" if bad is not None else "the loss"
+    raise NumericalError(f"fine-tuning diverged: {what} became NaN or Inf; nothing was saved. "
+                         "Lower --lr and run again")
 
 
 def _write_output(peft_model, tokenizer, folder: Path, record: dict[str, Any], source: str,

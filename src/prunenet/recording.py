@@ -17,8 +17,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from .checkpoints import atomic_folder, check_output_path, write_json_atomic
-from .errors import InputError, OutputError
+from .checkpoints import check_output_path
+from .errors import InputError
+from .io.files import atomic_folder, folder_of, json_with_format, write_json_atomic
 from .model_view import FFNView
 from .reinforce import TrainingResult
 from .spectral import LayerSpectrum, ks_statistic
@@ -26,6 +27,12 @@ from .spectral import LayerSpectrum, ks_statistic
 RUN_RECORD_FORMAT = "prunenet-run-record/1"
 RUN_RECORD_NAME = "record.json"
 SPECTRA_NAME = "spectra.safetensors"
+
+# A run record prunenet wrote; its default report folder may sit inside it.
+is_run_record = folder_of(
+    RUN_RECORD_NAME, (RUN_RECORD_NAME, SPECTRA_NAME), folders=("report",),
+    check=lambda folder: json_with_format(folder / RUN_RECORD_NAME, RUN_RECORD_FORMAT),
+)
 
 
 def first_matrix_spectra(model: nn.Module) -> list[Tensor]:
@@ -37,20 +44,6 @@ def first_matrix_spectra(model: nn.Module) -> list[Tensor]:
     view = FFNView(model)
     return [LayerSpectrum(view.first_matrix(index, "cpu")).original
             for index in range(view.num_layers)]
-
-
-def check_record_path(record_dir: str | os.PathLike, overwrite: bool,
-                      out: str | os.PathLike | None = None, inputs: list[str] = ()) -> Path:
-    """Validate ``record_dir`` before any work: writable, not clobbering, apart from ``out``."""
-    if out is not None:
-        path = Path(record_dir).expanduser().resolve()
-        out_path = Path(out).expanduser().resolve()
-        if path == out_path or out_path in path.parents or path in out_path.parents:
-            raise OutputError(
-                f"the run record {path} and the model output {out_path} must be separate "
-                "folders, neither inside the other; choose another --record"
-            )
-    return check_output_path(record_dir, overwrite, list(inputs))
 
 
 def run_record(record: dict[str, Any], kept_rows: list[Tensor], original: list[Tensor],
@@ -85,7 +78,7 @@ def write_run_record(record_dir: str | os.PathLike, pruned_model: nn.Module,
     when ``record_dir`` cannot be written or exists and ``overwrite`` is false.
     """
     pruned = first_matrix_spectra(pruned_model)
-    path = check_output_path(record_dir, overwrite)
+    path = check_output_path(record_dir, overwrite, what="--record", ours=is_run_record)
     tensors = {}
     for index, (before, after) in enumerate(zip(original, pruned)):
         tensors[f"layer.{index}.original"] = before.contiguous()

@@ -6,10 +6,10 @@ Works on first FFN matrices and kept-row index sets only: no model copy, no forw
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from .errors import InputError, NumericalError
 from .families import kept_count
+from .io.files import atomic_file
 from .policy import PrunePolicy, keep_probabilities, sample_rows
 from .spectral import PRECISIONS, LayerSpectrum
 
@@ -138,17 +139,22 @@ _RESUME_FIELDS = ("ratio", "lr", "seed", "gamma", "reward", "reward_to_go", "bas
 
 def _save_state(path: Path, state: dict) -> None:
     """Write the training state atomically (tmp file + rename): a reader never sees half."""
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    os.close(handle)
-    try:
+    with atomic_file(path) as tmp:
         torch.save(state, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
-def _load_state(path: Path, config: TrainingConfig, shapes: tuple[int, int]) -> dict:
+def matrices_fingerprint(first_matrices: Sequence[Tensor]) -> str:
+    """Identity of the model a state was trained on: a hash of the layer count and the first
+    and last layers' first FFN matrices (two models of the same shapes differ in it)."""
+    digest = hashlib.sha256(str(len(first_matrices)).encode())
+    for matrix in (first_matrices[0], first_matrices[len(first_matrices) - 1]):
+        digest.update(str(tuple(matrix.shape)).encode())
+        digest.update(matrix.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _load_state(path: Path, config: TrainingConfig, shapes: tuple[int, int],
+                fingerprint: str) -> dict:
     try:
         state = torch.load(path, weights_only=True)  # tensors and plain values only, no pickles
     except Exception as error:  # noqa: BLE001  (any failure means an unusable state file)
@@ -159,10 +165,18 @@ def _load_state(path: Path, config: TrainingConfig, shapes: tuple[int, int]) -> 
     different = [name for name in _RESUME_FIELDS if saved.get(name) != getattr(config, name)]
     if tuple(state.get("shapes", ())) != shapes:
         different.append("model FFN shapes")
+    if state.get("source") != fingerprint:
+        different.append("model weights (it belongs to another model)")
     if different:
         raise InputError(
             f"cannot resume from {path}: it was trained with different {', '.join(different)}; "
             "rerun with the same settings, or without --resume to start afresh"
+        )
+    done = len(state.get("history", ()))
+    if done > config.episodes:
+        raise InputError(
+            f"cannot resume from {path}: it already holds {done} episodes, more than "
+            f"--episodes {config.episodes}; ask for at least {done}, or start afresh"
         )
     return state
 
@@ -214,8 +228,9 @@ def train_policy_on_matrices(
     history: list[EpisodeRecord] = []
     best_state, best_total, best_episode = None, -math.inf, -1
     state_file = Path(state_path) if state_path is not None else None
+    fingerprint = matrices_fingerprint(first_matrices) if state_file is not None else ""
     if resume and state_file is not None and state_file.exists():
-        state = _load_state(state_file, config, (d_ff, d_model))
+        state = _load_state(state_file, config, (d_ff, d_model), fingerprint)
         policy.load_state_dict(state["policy"])
         optimizer.load_state_dict(state["optimizer"])
         generator.set_state(state["generator"])
@@ -293,7 +308,7 @@ def train_policy_on_matrices(
                  record.total_reward, record.mean_ks, record.loss)
         if state_file is not None:
             _save_state(state_file, {
-                "config": asdict(config), "shapes": (d_ff, d_model),
+                "config": asdict(config), "shapes": (d_ff, d_model), "source": fingerprint,
                 "policy": policy.state_dict(), "optimizer": optimizer.state_dict(),
                 "generator": generator.get_state(), "history": [asdict(r) for r in history],
                 "best_policy": best_state, "best_total": best_total, "best_episode": best_episode,

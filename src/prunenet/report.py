@@ -16,11 +16,14 @@ from typing import Any
 
 from torch import Tensor
 
-from .checkpoints import atomic_folder, check_output_path
 from .errors import InputError
-from .recording import read_run_record
+from .io.files import Output, atomic_folder, folder_of, guard_outputs, write_text_atomic
+from .recording import RUN_RECORD_NAME, SPECTRA_NAME, read_run_record
 
 REPORT_NAMES = ("report.md", "report.html")
+# A report prunenet wrote: its two pages and its plots, nothing else.
+is_report = folder_of(REPORT_NAMES[0], (*REPORT_NAMES, "*.png"),
+                      check=lambda folder: (folder / REPORT_NAMES[1]).is_file())
 FIGURE_SIZE = (7.0, 4.2)  # inches; at DPI this gives 700 x 420 pixel PNGs
 DPI = 100
 
@@ -227,26 +230,26 @@ def render_html(data: dict[str, Any], plots: Sequence[str], folder: Path) -> str
             + "\n".join(body) + "\n</body></html>\n")
 
 
-def _is_previous_report(folder: Path) -> bool:
-    return folder.is_dir() and all((folder / name).is_file() for name in REPORT_NAMES)
-
-
 def write_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = None,
                  layers: Sequence[int] | None = None, overwrite: bool = False) -> Path:
     """Write the report of the run record ``run_dir`` into ``out`` (default ``RUN_DIR/report``).
 
     ``layers`` picks the layers whose singular-value CDFs are drawn (default: first, middle,
-    last). A previous report in ``out`` is replaced; any other non-empty folder only with
-    ``overwrite``. Returns the output folder. Raises :class:`InputError` for a folder that is not a
-    run record or layers it does not have, :class:`OutputError` for an unwritable output.
+    last). A previous report in ``out`` is replaced; no other non-empty folder is, and ``out``
+    never holds the record's own files. Returns the output folder. Raises :class:`InputError`
+    for a folder that is not a run record or layers it does not have, :class:`OutputError` for
+    an unwritable output.
     """
     data, original, pruned = read_run_record(run_dir)
     chosen = _check_layers(layers, data["num_layers"])
-    target = Path(run_dir).expanduser() / "report" if out is None else Path(out).expanduser()
-    replace = overwrite or _is_previous_report(target)
-    target = check_output_path(target, replace)
-    with atomic_folder(target, replace) as staging:
+    folder = Path(run_dir).expanduser()
+    target = folder / "report" if out is None else Path(out).expanduser()
+    # The record's files are what is read: its default report folder may sit beside them.
+    target, = guard_outputs([Output(target, "--out", ours=is_report)],
+                            [folder / RUN_RECORD_NAME, folder / SPECTRA_NAME],
+                            overwrite=overwrite or is_report(target))
+    with atomic_folder(target, overwrite=True) as staging:
         plots = write_plots(data, original, pruned, chosen, staging)
-        (staging / "report.md").write_text(render_markdown(data, plots))
-        (staging / "report.html").write_text(render_html(data, plots, staging))
+        write_text_atomic(staging / "report.md", render_markdown(data, plots))
+        write_text_atomic(staging / "report.html", render_html(data, plots, staging))
     return target

@@ -30,14 +30,16 @@ from tqdm.auto import tqdm
 
 from .checkpoints import (
     RECORD_NAME,
-    atomic_folder,
     check_output_path,
+    check_tensor_names,
+    load_config,
+    read_config_json,
     validate_safetensors,
     validate_weight_files,
-    write_json_atomic,
 )
 from .errors import InputError, NumericalError, OutputError
 from .families import Cut, family_for, kept_count, slice_tensor
+from .io.files import atomic_folder, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -101,13 +103,9 @@ class StreamedCheckpoint:
     def __init__(self, folder: str | os.PathLike) -> None:
         self.source = str(folder)  # as the user wrote it, for the compression record
         self.folder = Path(folder).expanduser().resolve()
-        config_file = self.folder / "config.json"
-        if not config_file.is_file():
+        if not (self.folder / "config.json").is_file():
             raise InputError(f"{self.folder} is not a model folder: it has no config.json")
-        try:
-            self.config: dict[str, Any] = json.loads(config_file.read_text())
-        except json.JSONDecodeError as error:
-            raise InputError(f"{config_file} is not valid JSON ({error})") from error
+        self.config: dict[str, Any] = read_config_json(self.folder)
         self.model_type = self.config.get("model_type")
         self.family = family_for(self.model_type)
         self.sharded = (self.folder / INDEX_NAME).exists()
@@ -119,6 +117,8 @@ class StreamedCheckpoint:
         validate_weight_files(self.folder)  # missing shards, truncated files, lying headers
         _bound_heap_growth()
         self.entries = self._read_entries()
+        # Every weight the architecture expects, and no other: as the in-memory load checks.
+        check_tensor_names(self.folder, set(self.entries), load_config(self.folder))
         self._check_layers()
 
     def _read_entries(self) -> dict[str, TensorEntry]:

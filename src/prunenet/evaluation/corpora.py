@@ -48,16 +48,23 @@ def read_corpus_text(source: str) -> str:
             dataset = dataset[sorted(dataset.keys())[0]]
         if "text" not in dataset.column_names:
             raise InputError(f"{path} has no 'text' column (columns: {dataset.column_names})")
-        return "\n\n".join(dataset["text"])
+        texts = dataset["text"]
+        if not all(isinstance(text, str) for text in texts):
+            raise InputError(f"{path}: every 'text' must be a string (some are not)")
+        return "\n\n".join(texts)
     if path.suffix == ".jsonl":
         texts = []
         for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
             if not line.strip():
                 continue
             try:
-                texts.append(json.loads(line)["text"])
+                text = json.loads(line)["text"]
             except (json.JSONDecodeError, KeyError, TypeError) as error:
                 raise InputError(f"{path}:{number}: expected a JSON object with 'text'") from error
+            if not isinstance(text, str):
+                raise InputError(f"{path}:{number}: 'text' must be a string, got "
+                                 f"{type(text).__name__}")
+            texts.append(text)
         return "\n\n".join(texts)
     try:
         return path.read_text(encoding="utf-8")

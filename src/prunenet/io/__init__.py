@@ -1,0 +1,1 @@
+"""Reading and writing files: path guards and atomic outputs (files)."""

@@ -1,0 +1,285 @@
+"""Everything prunenet writes goes through here: path guards, atomic files and folders, locks.
+
+The rules, checked before any work by :func:`guard_outputs`:
+
+- a written path never equals, contains or lies inside a path the command reads (after
+  resolving ``~``, ``..`` and symlinks), and no two written paths overlap;
+- an existing output is replaced only with ``overwrite``, and only when it is something prunenet
+  made (each output names a recognizer: a model folder with ``prunenet.json``, a run record, a
+  report, a policy file with its header...); an arbitrary file or folder is never replaced, and a
+  folder holding files prunenet does not write is never deleted;
+- parent folders are created for every output alike.
+
+Outputs are staged in hidden siblings and renamed into place complete (:func:`atomic_folder`,
+:func:`atomic_file`); staging names stay within the file system's 255-byte name limit.
+This module imports nothing of prunenet's model code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import fnmatch
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import InputError, OutputError
+
+NAME_MAX = 255  # bytes in one file name on Linux, macOS and Windows file systems
+_RANDOM_SUFFIX = 8  # characters tempfile appends to a prefix
+STAGING_TAG = "tmp"
+
+
+def resolved(path: str | os.PathLike, what: str = "path") -> Path:
+    """``path`` with ``~``, ``..`` and symlinks resolved (a symlink loop: :class:`InputError`)."""
+    try:
+        return Path(path).expanduser().resolve()
+    except (RuntimeError, OSError) as error:  # RuntimeError: "Symlink loop from ..."
+        raise InputError(f"{what} {path} cannot be resolved: {error}") from error
+
+
+def sibling_prefix(target: Path, tag: str) -> str:
+    """A hidden name prefix beside ``target`` (``.NAME.TAG-``), short enough for any valid NAME.
+
+    Names too long to carry the prefix and a random suffix within :data:`NAME_MAX` bytes are cut
+    and marked with a hash of the full name, so two long names never share a prefix.
+    """
+    prefix = f".{target.name}.{tag}-"
+    if len(prefix.encode()) + _RANDOM_SUFFIX <= NAME_MAX:
+        return prefix
+    digest = hashlib.sha256(target.name.encode()).hexdigest()[:12]
+    room = NAME_MAX - _RANDOM_SUFFIX - len(f"..{digest}.{tag}-".encode())
+    cut = target.name.encode()[:room].decode(errors="ignore")
+    return f".{cut}.{digest}.{tag}-"
+
+
+def is_staging_name(name: str) -> bool:
+    """Whether ``name`` is a hidden staging folder or file of an unfinished output."""
+    return name.startswith(".") and f".{STAGING_TAG}-" in name
+
+
+# --- what prunenet makes --------------------------------------------------------------------
+
+Recognizer = Callable[[Path], bool]
+
+
+def folder_of(marker: str, allowed: Sequence[str], folders: Sequence[str] = (),
+              check: Callable[[Path], bool] | None = None) -> Recognizer:
+    """A recognizer for a folder prunenet wrote: it holds ``marker`` (passing ``check``), and
+    every entry matches one of the ``allowed`` file patterns or ``folders`` names."""
+
+    def recognize(folder: Path) -> bool:
+        if not (folder / marker).is_file() or (check is not None and not check(folder)):
+            return False
+        return all(
+            (entry.is_dir() and not entry.is_symlink() and entry.name in folders)
+            or (entry.is_file() and any(fnmatch.fnmatch(entry.name, p) for p in allowed))
+            for entry in folder.iterdir()
+        )
+
+    return recognize
+
+
+def json_with_format(path: Path, prefix: str) -> bool:
+    """Whether ``path`` is a JSON object whose ``format`` starts with ``prefix``."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(data, dict) and str(data.get("format", "")).startswith(prefix)
+
+
+def never(_path: Path) -> bool:
+    return False
+
+
+# --- the guard ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Output:
+    """One path a command will write: ``what`` names it in messages (``--out``), ``folder`` says
+    whether it is a folder or a file, ``ours`` recognizes an existing one prunenet made.
+    ``working`` marks prunenet's own working state beside an output (a resumable training
+    state, a fine-tune's checkpoints): checked for overlaps, while its existence is the business
+    of ``--resume``."""
+
+    path: str | os.PathLike
+    what: str
+    folder: bool = True
+    ours: Recognizer = never
+    working: bool = False
+
+
+def _overlap(a: Path, b: Path) -> str | None:
+    if a == b:
+        return "is"
+    if b in a.parents:
+        return "lies inside"
+    if a in b.parents:
+        return "contains"
+    return None
+
+
+def guard_outputs(outputs: Iterable[Output | None], inputs: Iterable[str | os.PathLike | None],
+                  overwrite: bool) -> list[Path]:
+    """Check every output of a command against every input and each other; see the module doc.
+
+    ``inputs`` that do not exist locally (Hub ids) are skipped; ``None`` entries of either are
+    ignored. Returns the resolved output paths in order, after creating their parent folders.
+    Raises :class:`OutputError` (or :class:`InputError` for unresolvable paths) before anything
+    is written.
+    """
+    wanted = [output for output in outputs if output is not None]
+    read = []
+    for source in inputs:
+        if source is None or not Path(source).expanduser().exists():
+            continue
+        read.append(resolved(source, "input"))
+    paths = [resolved(output.path, output.what) for output in wanted]
+    for output, path in zip(wanted, paths):
+        if len(path.name.encode()) > NAME_MAX:
+            raise OutputError(f"{output.what} name {path.name[:40]}... is longer than "
+                              f"{NAME_MAX} bytes; choose a shorter name")
+        for source in read:
+            relation = _overlap(path, source)
+            if relation is not None:
+                raise OutputError(
+                    f"{output.what} {path} {relation} the input {source}; prunenet never "
+                    f"writes into, over or around what it reads. Choose another {output.what}"
+                )
+    for (first, a), (second, b) in ((x, y) for i, x in enumerate(zip(wanted, paths))
+                                    for y in list(zip(wanted, paths))[i + 1:]):
+        relation = _overlap(a, b)
+        if relation is not None:
+            raise OutputError(f"{first.what} {a} {relation} {second.what} {b}; they must be "
+                              "separate, neither inside the other")
+    for output, path in zip(wanted, paths):
+        _check_existing(output, path, overwrite)
+    for output, path in zip(wanted, paths):
+        _prepare_parent(output, path)
+    return paths
+
+
+def _check_existing(output: Output, path: Path, overwrite: bool) -> None:
+    if not path.exists() or output.working:
+        return
+    if output.folder and not path.is_dir():
+        raise OutputError(f"{output.what} {path} exists and is not a folder; it is not replaced")
+    if not output.folder and not path.is_file():
+        raise OutputError(f"{output.what} {path} is a folder; give a file name")
+    if output.folder and not any(path.iterdir()):
+        return  # an empty folder the user made for us
+    if not overwrite:
+        raise OutputError(f"{output.what} {path} already exists; pass --overwrite to replace it")
+    if not output.ours(path):
+        raise OutputError(
+            f"{output.what} {path} exists and was not written by prunenet (or holds other "
+            "files too); --overwrite replaces only prunenet's own outputs. Choose another "
+            f"{output.what}"
+        )
+
+
+def _prepare_parent(output: Output, path: Path) -> None:
+    parent = path.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise OutputError(f"cannot create the folder {parent} for {output.what}: "
+                          f"{error.strerror or error}") from error
+    if not os.access(parent, os.W_OK):
+        raise OutputError(f"cannot write to {parent}: permission denied or read-only")
+
+
+# --- atomic writing -------------------------------------------------------------------------
+
+
+def make_readable(path: str | os.PathLike) -> None:
+    """mkstemp makes 0600 files; outputs get the usual 0644 less the process umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o644 & ~umask)
+
+
+@contextlib.contextmanager
+def output_lock(out: Path) -> Iterator[None]:
+    """An exclusive flock on a hidden lock file beside ``out`` while the output is put in place."""
+    lock_path = out.parent / (sibling_prefix(out, "lock") + "0")
+    with open(lock_path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+            with contextlib.suppress(FileNotFoundError):
+                lock_path.unlink()
+
+
+@contextlib.contextmanager
+def atomic_folder(out: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling folder; on success it replaces ``out`` in one rename.
+
+    On any exception (Ctrl-C included) the temporary folder is removed and ``out`` is untouched.
+    A non-empty ``out`` that appeared while the work ran is replaced only with ``overwrite``.
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=sibling_prefix(out, STAGING_TAG), dir=out.parent))
+    try:
+        yield staging
+        os.chmod(staging, 0o755)
+        for file in staging.rglob("*"):
+            if file.is_file():
+                make_readable(file)
+        with output_lock(out):  # two runs finishing at once: one wins, the other errors
+            if out.exists():
+                if any(out.iterdir()) and not overwrite:
+                    raise OutputError(
+                        f"output {out} was written by another run while this one worked; "
+                        "not replaced (pass --overwrite to replace it)"
+                    )
+                old = Path(tempfile.mkdtemp(prefix=sibling_prefix(out, "old"), dir=out.parent))
+                os.rename(out, old / "previous")
+                os.rename(staging, out)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.rename(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path) -> Iterator[Path]:
+    """Yield a temporary sibling file name; on success it replaces ``path`` in one rename."""
+    path = Path(path)
+    handle, tmp = tempfile.mkstemp(prefix=sibling_prefix(path, STAGING_TAG), dir=path.parent)
+    os.close(handle)
+    make_readable(tmp)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write ``data`` as indented, key-sorted JSON to ``path`` atomically."""
+    with atomic_file(Path(path)) as tmp:
+        with open(tmp, "w") as stream:
+            json.dump(data, stream, indent=2, sort_keys=True)
+            stream.write("\n")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    with atomic_file(Path(path)) as tmp:
+        tmp.write_text(text)
