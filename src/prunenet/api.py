@@ -32,7 +32,7 @@ from .checkpoints import (
 )
 from .errors import InputError, NumericalError
 from .families import kept_count
-from .io.files import Output, guard_outputs
+from .io.files import Output, guard_outputs, sibling_path
 from .model_view import FFNView
 from .policy import PrunePolicy, keep_probabilities, sample_rows, top_rows
 from .recording import first_matrix_spectra, is_run_record, write_run_record
@@ -138,8 +138,7 @@ def model_outputs(out, record_dir, overwrite: bool, reads: list, *extra: Output 
 
 def training_state_path(output: str | os.PathLike) -> Path:
     """Where a run writing ``output`` keeps its resumable training state: a sibling file."""
-    output = Path(output).expanduser()
-    return output.with_name(output.name + ".train-state.pt")
+    return sibling_path(output, ".train-state.pt")
 
 
 def select_rows(

@@ -194,7 +194,7 @@ def expected_tensor_names(config) -> tuple[set[str], set[str]]:
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     names = set(model.state_dict())
     tied = set(getattr(model, "all_tied_weights_keys", None) or {})
     return names - tied, tied
@@ -240,11 +240,14 @@ def load_model_and_tokenizer(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, gguf_file = resolve_source(source)
-    load_config(source, trust_remote_code)
+    config = load_config(source, trust_remote_code)
     if Path(folder).is_dir() and gguf_file is None:
         validate_weight_files(Path(folder))
     if gguf_file is not None and dtype == "auto":
         dtype = torch.float32
+    stored = getattr(config, "dtype", None) if dtype == "auto" else None
+    if isinstance(stored, torch.dtype) and stored.itemsize < 2 and stored.is_floating_point:
+        dtype = torch.float32  # float8 weights: computed in float32 (exact), saved as stored
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
             folder, gguf_file=gguf_file, dtype=dtype, trust_remote_code=trust_remote_code,
@@ -257,6 +260,8 @@ def load_model_and_tokenizer(
                              f"{_first_line(error)}") from error
         raise _hub_error(folder, error) from error
     report_loading(source, info)
+    if dtype == torch.float32 and isinstance(stored, torch.dtype) and stored.itemsize < 2:
+        setattr(model, STORAGE_DTYPE, stored)
     if gguf_file is not None:
         # A dequantized GGUF model must save as ordinary safetensors.
         model.hf_quantizer = None
@@ -314,10 +319,24 @@ def check_output_path(out: str | os.PathLike, overwrite: bool, inputs: Sequence[
     return guard_outputs([Output(out, what, ours=ours)], inputs, overwrite)[0]
 
 
+STORAGE_DTYPE = "_prunenet_storage_dtype"  # set on models whose weights are stored in float8
+
+
 def save_plain_checkpoint(model, tokenizer, folder: Path) -> None:
-    """save_pretrained model (safetensors) and tokenizer into ``folder`` (no record)."""
+    """save_pretrained model (safetensors) and tokenizer into ``folder`` (no record).
+
+    A model loaded from float8 weights (computed in float32, which holds them exactly) is saved
+    in its stored dtype again; the model itself stays in float32."""
     folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder)
+    stored = getattr(model, STORAGE_DTYPE, None)
+    if stored is None:
+        model.save_pretrained(folder)
+    else:
+        try:
+            model.to(stored)
+            model.save_pretrained(folder)
+        finally:
+            model.to(torch.float32)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
 

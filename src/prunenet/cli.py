@@ -50,6 +50,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def seed_value(text: str) -> int:
+    """argparse type for a random seed: an integer in [0, 2**63)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seed must be an integer, got {text!r}") from None
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"seed must be in [0, 2**63), got {text}")
+    return value
+
+
 def positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -68,7 +79,7 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                         help="where policy training and scoring run (default: auto)")
-    parser.add_argument("--seed", type=int, default=42, help="random seed (default: 42)")
+    parser.add_argument("--seed", type=seed_value, default=42, help="random seed (default: 42)")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="allow the checkpoint's own Python code to run (off by default)")
     parser.add_argument("--max-memory", metavar="SIZE",
@@ -175,12 +186,13 @@ def _add_variant_argument(
 def run_compress(args: argparse.Namespace) -> int:
     from .api import compress, input_path
     from .checkpoints import is_model_output
-    from .io.files import Output, guard_outputs
+    from .io.files import Output, guard_outputs, sibling_path
 
     if args.finetune_steps:  # its output and working folder are checked before any work too
         guard_outputs([Output(f"{args.out}-finetuned", "--finetune-steps output",
                               ours=is_model_output),
-                       Output(f"{args.out}-finetuned.work", "fine-tuning work folder",
+                       Output(sibling_path(f"{args.out}-finetuned", ".work"),
+                              "fine-tuning work folder",
                               working=True)],
                       [input_path(args.model)], args.overwrite)
 
@@ -449,7 +461,7 @@ def add_compare(subparsers) -> None:
                         "activation)")
     parser.add_argument("--out", required=True, help="output folder (must not exist)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    parser.add_argument("--seed", type=int, default=42, help="random seed (default: 42)")
+    parser.add_argument("--seed", type=seed_value, default=42, help="random seed (default: 42)")
     parser.add_argument("--episodes", type=positive_int, default=None,
                         help="PruneNet training episodes (default: the compress default)")
     parser.add_argument("--train-ratio", type=ratio_value, default=None,
@@ -581,7 +593,7 @@ def add_finetune(subparsers) -> None:
                         help="replace an existing OUT (and discard an interrupted run)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu"],
                         help="auto: the GPU(s) when present (default); cpu: force the CPU")
-    parser.add_argument("--seed", type=int, default=42, help="random seed (default: 42)")
+    parser.add_argument("--seed", type=seed_value, default=42, help="random seed (default: 42)")
     parser.set_defaults(run=run_finetune)
 
 
@@ -603,6 +615,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _known_errors() -> tuple[type[BaseException], ...]:
+    from safetensors import SafetensorError
+
+    return (SafetensorError, json.JSONDecodeError, UnicodeDecodeError, OSError)
+
+
+_KNOWN_ERRORS = _known_errors()
+
+
+def error_line(error: BaseException) -> str:
+    """One line for an error: prunenet's own message, or a library's with the file it names."""
+    if isinstance(error, PruneNetError):
+        return str(error)
+    if isinstance(error, OSError) and error.filename is not None:
+        return f"{error.filename}: {error.strerror or error}"
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"
+
+
 def _terminate(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -621,10 +652,10 @@ def main(argv: list[str] | None = None) -> int:
         transformers_logging.disable_progress_bar()
     try:
         return int(args.run(args) or 0)
-    except PruneNetError as error:
+    except (PruneNetError, *_KNOWN_ERRORS) as error:
         if args.debug:
             raise
-        print(f"prunenet: error: {error}", file=sys.stderr)
+        print(f"prunenet: error: {error_line(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("prunenet: interrupted; no partial output was left behind", file=sys.stderr)
@@ -633,6 +664,3 @@ def main(argv: list[str] | None = None) -> int:
         if args.quiet:
             transformers_logging.enable_progress_bar()
 
-
-def print_json(data) -> None:
-    print(json.dumps(data, indent=2, sort_keys=True))

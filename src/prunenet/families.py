@@ -136,6 +136,20 @@ def family_for(model_type: str | None) -> Family:
     return family
 
 
+def context_length(config) -> int | None:
+    """The most positions a model of ``config`` reads at once, when its config says."""
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
+def check_sequence_length(config, seqlen: int, option: str = "--seqlen") -> None:
+    """Refuse windows of fewer than 2 tokens (no next token to predict) or beyond the context."""
+    if seqlen < 2:
+        raise InputError(f"{option} must be at least 2 tokens, got {seqlen}")
+    context = context_length(config)
+    if context is not None and seqlen > context:
+        raise InputError(f"{option} {seqlen} exceeds the model's context of {context} tokens")
+
+
 def kept_count(d_ff: int, ratio: float) -> int:
     """Neurons kept per layer at compression ``ratio``: ``int((1 - ratio) * d_ff)`` (SPEC §1)."""
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):

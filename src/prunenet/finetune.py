@@ -35,8 +35,8 @@ from .checkpoints import (
 )
 from .errors import InputError, NumericalError, OutputError
 from .evaluation.corpora import load_corpus
-from .families import family_for
-from .io.files import Output, atomic_folder, guard_outputs, write_json_atomic
+from .families import check_sequence_length, family_for
+from .io.files import Output, atomic_folder, guard_outputs, sibling_path, write_json_atomic
 
 TARGET_GROUPS = ("attn", "mlp")
 SETTINGS_NAME = "prunenet-finetune.json"
@@ -269,13 +269,14 @@ def finetune(
     source = str(Path(model).expanduser().resolve())
     out_path, work = guard_outputs(
         [Output(out, "--out", ours=is_model_output),
-         Output(f"{Path(out).expanduser()}.work", "work folder", working=True)],
+         Output(sibling_path(out, ".work"), "work folder", working=True)],
         [source, data], overwrite)
     run_settings = {**asdict(config), "targets": list(config.targets), "source": source}
     process = PartialState()
     _check_work_folder(work, run_settings, resume, overwrite)
 
     loaded, tokenizer = load_model_and_tokenizer(source, dtype=torch.float32)
+    check_sequence_length(loaded.config, config.seqlen)
     record = read_record(source) if (Path(source) / RECORD_NAME).exists() else {
         "format": "prunenet-compression/1", "prunenet_version": __version__, "source": source}
     training, evaluation = corpus_windows(config.data, tokenizer, config.seqlen,

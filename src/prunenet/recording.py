@@ -90,6 +90,65 @@ def write_run_record(record_dir: str | os.PathLike, pruned_model: nn.Module,
     return path
 
 
+def _is(value: Any, kind: str) -> bool:
+    if kind == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "number":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, str)
+
+
+_COMPRESSION_FIELDS = {
+    "method": "str", "ratio": "number", "seed": "int", "prunenet_version": "str",
+    "ffn_width_before": "int", "ffn_width_after": "int", "parameters_before": "int",
+    "parameters_after": "int", "ffn_parameters_before": "int", "ffn_parameters_after": "int",
+    "parameter_reduction": "number",
+}
+
+
+def schema_problem(data: dict[str, Any]) -> str | None:
+    """What is wrong with a ``record.json`` content that ``prunenet report`` draws, or None."""
+    count = data.get("num_layers")
+    if not _is(count, "int") or count < 1:
+        return f"num_layers must be a positive integer, got {count!r}"
+    compression = data.get("compression")
+    if not isinstance(compression, dict):
+        return "compression must be an object"
+    for key, kind in _COMPRESSION_FIELDS.items():
+        if not _is(compression.get(key), kind):
+            return f"compression.{key} must be a {kind}, got {compression.get(key)!r}"
+    layers = data.get("layers")
+    if not isinstance(layers, dict):
+        return "layers must be an object"
+    for key, kind in (("kept_neurons", "int"), ("ks_selected", "number"),
+                      ("ks_first_episode", "number")):
+        values = layers.get(key)
+        if key == "ks_first_episode" and values is None:
+            continue
+        if not isinstance(values, list) or len(values) != count or not all(
+                _is(value, kind) for value in values):
+            return f"layers.{key} must be a list of {count} {kind}s"
+    training = data.get("training", "absent")
+    if training is None:
+        return None
+    if not isinstance(training, dict):
+        return "training must be an object or null"
+    episodes = training.get("episodes")
+    if not isinstance(episodes, list) or not episodes or not all(
+            isinstance(e, dict) and _is(e.get("episode"), "int")
+            and _is(e.get("mean_ks"), "number") and _is(e.get("total_reward"), "number")
+            for e in episodes):
+        return "training.episodes must be a non-empty list of episode records"
+    best = training.get("best_episode")
+    if not _is(best, "int") or not 0 <= best < len(episodes):
+        return f"training.best_episode must index one of {len(episodes)} episodes, got {best!r}"
+    config = training.get("config")
+    if not isinstance(config, dict) or not _is(config.get("lr"), "number") or not _is(
+            config.get("reward"), "str"):
+        return "training.config must hold lr and reward"
+    return None
+
+
 def read_run_record(run_dir: str | os.PathLike) -> tuple[dict[str, Any], list[Tensor],
                                                           list[Tensor]]:
     """``(record.json content, original spectra, pruned spectra)`` of a run record folder.
@@ -113,10 +172,9 @@ def read_run_record(run_dir: str | os.PathLike) -> tuple[dict[str, Any], list[Te
     if not isinstance(data, dict) or data.get("format") != RUN_RECORD_FORMAT:
         raise InputError(f"{record_path} is not a prunenet run record (format tag is not "
                          f"{RUN_RECORD_FORMAT!r}); {how}")
-    missing = [key for key in ("compression", "num_layers", "layers", "training")
-               if key not in data]
-    if missing:
-        raise InputError(f"{record_path} lacks {', '.join(missing)}; the record is damaged")
+    problem = schema_problem(data)
+    if problem is not None:
+        raise InputError(f"{record_path}: {problem}; the record is damaged")
     spectra_path = folder / SPECTRA_NAME
     if not spectra_path.is_file():
         raise InputError(f"{folder} has {RUN_RECORD_NAME} but no {SPECTRA_NAME}; the record is "

@@ -55,8 +55,9 @@ class TrainingConfig:
             raise InputError(f"ratio must be in [0, 1), got {self.ratio}")
         if int(self.episodes) < 1:
             raise InputError(f"episodes must be at least 1, got {self.episodes}")
-        if not self.lr > 0 or not math.isfinite(self.lr):
-            raise InputError(f"learning rate must be a positive number, got {self.lr}")
+        if not 0 < self.lr <= torch.finfo(torch.float32).max:
+            raise InputError(f"learning rate must be a positive number the policy's float32 "
+                             f"can hold, got {self.lr}")
         if not 0.0 < self.gamma <= 1.0:
             raise InputError(f"gamma must be in (0, 1], got {self.gamma}")
         if self.reward not in ("inverse", "penalty"):

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from .baselines import cut_norms
 from .calibration import squared_activation_sums
 from .errors import InputError
-from .families import kept_count
+from .families import context_length, kept_count
 from .model_view import FFNView
 from .policy import top_rows
 
@@ -251,8 +251,6 @@ def variant_rows(model: nn.Module, ratio: float, variant: str, seed: int) -> lis
 def self_generated_tokens(model: nn.Module, seed: int) -> Tensor:
     """The default variant's probe: SELF_GENERATED_SEQUENCES samples of the model's own text,
     SELF_GENERATED_LENGTH tokens each (fewer when the model has fewer positions)."""
-    config = model.config
-    positions = getattr(config, "max_position_embeddings", None) or getattr(
-        config, "n_positions", None) or SELF_GENERATED_LENGTH
+    positions = context_length(model.config) or SELF_GENERATED_LENGTH
     length = min(SELF_GENERATED_LENGTH, positions)
     return probe_tokens(model, SELF_GENERATED_SEQUENCES, length, seed, "generated")

@@ -12,7 +12,7 @@ from typing import Any
 from torch import nn
 
 from ..checkpoints import RECORD_NAME, load_model_and_tokenizer, read_record, resolve_source
-from ..errors import InputError
+from ..families import check_sequence_length
 from ..model_view import FFNView
 from .corpora import TokenCorpus, load_corpus
 from .perplexity import perplexity
@@ -34,16 +34,9 @@ def bytes_on_disk(source: str | os.PathLike) -> int | None:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def _context_length(model: nn.Module) -> int | None:
-    config = model.config
-    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-
-
 def _perplexity_part(model: nn.Module, tokenizer: Any, ppl: str | TokenCorpus, seqlen: int,
                      windows: int, progress: bool) -> dict[str, Any]:
-    context = _context_length(model)
-    if context is not None and seqlen > context:
-        raise InputError(f"--seqlen {seqlen} exceeds the model's context of {context} tokens")
+    check_sequence_length(model.config, seqlen)
     corpus = ppl if isinstance(ppl, TokenCorpus) else load_corpus(ppl, tokenizer)
     batch = corpus.evaluation_windows(seqlen, windows)
     return {

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError
+from ..families import context_length
 
 
 @dataclass(frozen=True)
@@ -79,9 +80,7 @@ def measure_speed(model: nn.Module, protocol: SpeedProtocol | None = None) -> di
     """
     protocol = protocol or SpeedProtocol()
     protocol.validate()
-    context = getattr(model.config, "max_position_embeddings", None) or getattr(
-        model.config, "n_positions", None
-    )
+    context = context_length(model.config)
     if context is not None and protocol.prompt_tokens + protocol.new_tokens > context:
         raise InputError(
             f"speed prompt ({protocol.prompt_tokens}) + new tokens ({protocol.new_tokens}) exceed "

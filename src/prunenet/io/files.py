@@ -60,6 +60,19 @@ def sibling_prefix(target: Path, tag: str) -> str:
     return f".{cut}.{digest}.{tag}-"
 
 
+def sibling_path(target: str | os.PathLike, suffix: str) -> Path:
+    """``target`` + ``suffix`` (``OUT.work``), the name cut and hashed when it would pass
+    :data:`NAME_MAX` bytes, so a working file exists for every valid output name."""
+    target = Path(target).expanduser()
+    name = target.name + suffix
+    if len(name.encode()) <= NAME_MAX:
+        return target.with_name(name)
+    digest = hashlib.sha256(target.name.encode()).hexdigest()[:12]
+    room = NAME_MAX - len(f".{digest}{suffix}".encode())
+    cut = target.name.encode()[:room].decode(errors="ignore")
+    return target.with_name(f"{cut}.{digest}{suffix}")
+
+
 def is_staging_name(name: str) -> bool:
     """Whether ``name`` is a hidden staging folder or file of an unfinished output."""
     return name.startswith(".") and f".{STAGING_TAG}-" in name
