@@ -149,6 +149,7 @@ def validate_weight_files(folder: Path) -> None:
 
 def load_config(source: str | os.PathLike, trust_remote_code: bool = False):
     """The transformers config of ``source``, with its family checked before any weight loads."""
+    from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoConfig
 
     folder, gguf_file = resolve_source(source)
@@ -160,7 +161,8 @@ def load_config(source: str | os.PathLike, trust_remote_code: bool = False):
         config = AutoConfig.from_pretrained(
             folder, gguf_file=gguf_file, trust_remote_code=trust_remote_code
         )
-    except (OSError, ValueError, TypeError, KeyError, AttributeError) as error:
+    except (OSError, ValueError, TypeError, KeyError, AttributeError,
+            StrictDataclassError) as error:  # the last: a field of the wrong type
         if Path(folder).exists():
             raise InputError(f"{source} is not a readable model: {_first_line(error)}") from error
         raise _hub_error(folder, error) from error

@@ -63,7 +63,7 @@ def sibling_prefix(target: Path, tag: str) -> str:
 def sibling_path(target: str | os.PathLike, suffix: str) -> Path:
     """``target`` + ``suffix`` (``OUT.work``), the name cut and hashed when it would pass
     :data:`NAME_MAX` bytes, so a working file exists for every valid output name."""
-    target = Path(target).expanduser()
+    target = Path(os.path.abspath(Path(target).expanduser()))  # "." and ".." have no name
     name = target.name + suffix
     if len(name.encode()) <= NAME_MAX:
         return target.with_name(name)

@@ -1,0 +1,520 @@
+"""Nothing the user gave is ever written over, into or around; broken inputs are refused.
+
+Each data-loss test proves the victim file or folder byte-identical afterwards; each refusal
+is one line ``prunenet: error: ...`` with exit status 2 and no traceback.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file, save_file
+
+from conftest import make_tiny_model
+from prunenet.checkpoints import load_model_and_tokenizer, save_policy, validate_safetensors
+from prunenet.cli import main
+from prunenet.errors import InputError
+from prunenet.io.files import NAME_MAX, sibling_path, sibling_prefix
+from prunenet.policy import PrunePolicy
+
+
+def digest(path: Path) -> dict[str, str]:
+    """sha256 of every file under ``path`` (or of the file itself), by relative name."""
+    path = Path(path)
+    if path.is_file():
+        return {".": hashlib.sha256(path.read_bytes()).hexdigest()}
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def refused(capsys, argv: list[str], match: str) -> str:
+    """Run the CLI; assert exit 2 with one error line matching ``match``; return it."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) >= 1 and err[-1].startswith("prunenet: error: "), err
+    assert "Traceback" not in "\n".join(err)
+    assert match in err[-1], err[-1]
+    return err[-1]
+
+
+@pytest.fixture
+def models(tmp_path) -> Path:
+    """models/p/llama (a tiny model) beside models/p/notes.txt, a file of the user's."""
+    folder = tmp_path / "models" / "p"
+    make_tiny_model("llama").save_pretrained(folder / "llama")
+    (folder / "notes.txt").write_text("the user's own notes\n")
+    return folder
+
+
+# --- data loss ---------------------------------------------------------------------------------
+
+
+def test_out_containing_the_input_is_refused_even_with_overwrite(models, capsys):
+    before = digest(models)
+    refused(capsys, ["-q", "compress", str(models / "llama"), "--ratio", "0.3", "--out",
+                     str(models), "--overwrite", "--method", "random"], "contains the input")
+    assert digest(models) == before
+
+
+@pytest.mark.parametrize("where", ["input", "parent"])
+def test_out_dot_from_inside_or_above_the_input_is_refused(models, capsys, monkeypatch, where):
+    before = digest(models)
+    monkeypatch.chdir(models / "llama" if where == "input" else models)
+    refused(capsys, ["-q", "compress", str(models / "llama"), "--ratio", "0.3", "--out", ".",
+                     "--overwrite", "--method", "random"], "the input")
+    assert digest(models) == before
+
+
+def test_policy_out_onto_the_input_weights_is_refused(models, capsys):
+    weights = models / "llama" / "model.safetensors"
+    before = digest(models)
+    refused(capsys, ["-q", "compress", str(models / "llama"), "--ratio", "0.3", "--out",
+                     str(models.parent / "out"), "--method", "prunenet", "--variant",
+                     "reference", "--episodes", "1", "--policy-out", str(weights)], "the input")
+    assert digest(models) == before
+    assert not (models.parent / "out").exists()
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_policy_out_onto_any_existing_file_is_refused(models, tmp_path, capsys, overwrite):
+    victim = tmp_path / "thesis.safetensors"
+    victim.write_bytes(b"not a policy")
+    refused(capsys, ["-q", "compress", str(models / "llama"), "--ratio", "0.3", "--out",
+                     str(tmp_path / "out"), "--variant", "reference", "--episodes", "1",
+                     "--policy-out", str(victim), *(["--overwrite"] if overwrite else [])],
+            "already exists" if not overwrite else "not written by prunenet")
+    assert victim.read_bytes() == b"not a policy"
+
+
+def test_policy_out_replaces_a_previous_policy_with_overwrite(models, tmp_path):
+    policy_file = tmp_path / "p.safetensors"
+    save_policy(PrunePolicy(32, 48), policy_file, {})
+    old = policy_file.read_bytes()
+    assert main(["-q", "compress", str(models / "llama"), "--ratio", "0.3", "--out",
+                 str(tmp_path / "out"), "--variant", "reference", "--episodes", "1",
+                 "--policy-out", str(policy_file), "--overwrite"]) == 0
+    assert policy_file.read_bytes() != old
+
+
+@pytest.fixture
+def run_record(models, tmp_path) -> Path:
+    record = tmp_path / "run"
+    assert main(["-q", "compress", str(models / "llama"), "--ratio", "0.3", "--out",
+                 str(tmp_path / "out"), "--method", "random", "--record", str(record)]) == 0
+    return record
+
+
+def test_report_out_onto_its_run_record_is_refused(run_record, capsys):
+    before = digest(run_record)
+    refused(capsys, ["-q", "report", str(run_record), "--out", str(run_record), "--overwrite"],
+            "contains the input")
+    assert digest(run_record) == before
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_report_out_never_deletes_other_files_beside_a_previous_report(run_record, tmp_path,
+                                                                       capsys, overwrite):
+    folder = tmp_path / "mine"
+    assert main(["-q", "report", str(run_record), "--out", str(folder)]) == 0
+    (folder / "draft.docx").write_bytes(b"user data")
+    before = digest(folder)
+    refused(capsys, ["-q", "report", str(run_record), "--out", str(folder),
+                     *(["--overwrite"] if overwrite else [])],
+            "not written by prunenet" if overwrite else "already exists")
+    assert digest(folder) == before
+
+
+def test_report_replaces_its_own_previous_report(run_record):
+    assert main(["-q", "report", str(run_record)]) == 0
+    assert main(["-q", "report", str(run_record)]) == 0  # the default folder is replaced
+    assert sorted(p.name for p in (run_record / "report").iterdir() if p.suffix != ".png") == [
+        "report.html", "report.md"]
+
+
+def test_eval_json_onto_the_model_config_is_refused(models, capsys):
+    before = digest(models)
+    refused(capsys, ["-q", "eval", str(models / "llama"), "--ppl", "none", "--json",
+                     str(models / "llama" / "config.json")], "the input")
+    assert digest(models) == before
+
+
+def test_eval_json_onto_a_foreign_file_is_refused(models, capsys):
+    before = digest(models)
+    refused(capsys, ["-q", "eval", str(models / "llama"), "--ppl", "none", "--json",
+                     str(models / "notes.txt")], "not written by prunenet")
+    assert digest(models) == before
+
+
+def test_overwrite_never_replaces_a_folder_prunenet_did_not_make(models, tmp_path, capsys):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "a.jpg").write_bytes(b"jpeg")
+    refused(capsys, ["-q", "compress", str(models / "llama"), "--ratio", "0.3", "--out",
+                     str(folder), "--overwrite", "--method", "random"], "not written by prunenet")
+    assert (folder / "a.jpg").read_bytes() == b"jpeg"
+
+
+def test_overwrite_replaces_a_previous_output(models, tmp_path):
+    out = tmp_path / "out"
+    for ratio in ("0.3", "0.5"):
+        assert main(["-q", "compress", str(models / "llama"), "--ratio", ratio, "--out",
+                     str(out), "--overwrite", "--method", "random"]) == 0
+    assert json.loads((out / "prunenet.json").read_text())["ratio"] == 0.5
+
+
+def test_record_and_policy_out_may_not_overlap_the_output(models, tmp_path, capsys):
+    out = tmp_path / "out"
+    refused(capsys, ["-q", "compress", str(models / "llama"), "--ratio", "0.3", "--out", str(out),
+                     "--variant", "reference", "--episodes", "1", "--policy-out",
+                     str(out / "p.safetensors")], "must be separate")
+    assert not out.exists()
+
+
+# --- the property: refuse before work, or leave every input byte-identical ---------------------
+
+_NAMES = st.sampled_from(["a", "b", "m", ".", ".."])
+_LAYOUT = st.fixed_dictionaries({
+    "out": st.lists(_NAMES, min_size=1, max_size=4),
+    "record": st.one_of(st.none(), st.lists(_NAMES, min_size=1, max_size=3)),
+    "symlink": st.booleans(),
+    "overwrite": st.booleans(),
+})
+
+
+@settings(max_examples=25, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(layout=_LAYOUT)
+def test_random_output_layouts_never_touch_the_input(tmp_path_factory, layout):
+    """Inputs at root/m (the model) with root/m/a a user file; outputs anywhere, relative,
+    through ``..`` or a symlink to the input: refused, or the input is byte-identical."""
+    root = tmp_path_factory.mktemp("layout")
+    model = root / "m"
+    make_tiny_model("llama").save_pretrained(model)
+    (model / "a").write_text("user file")
+    (root / "link").symlink_to(model, target_is_directory=True)
+    before = digest(model)
+    cwd = os.getcwd()
+    os.chdir(model)  # relative outputs start inside the input
+    try:
+        out = os.path.join(*(["../link"] if layout["symlink"] else []), *layout["out"])
+        argv = ["-q", "compress", str(model), "--ratio", "0.3", "--out", out, "--method",
+                "random"]
+        if layout["record"] is not None:
+            argv += ["--record", os.path.join(*layout["record"])]
+        if layout["overwrite"]:
+            argv.append("--overwrite")
+        main(argv)
+    finally:
+        os.chdir(cwd)
+    assert digest(model) == before
+    assert sorted(p.name for p in model.iterdir()) == sorted(
+        ["a", "config.json", "generation_config.json", "model.safetensors"])
+    shutil.rmtree(root)
+
+
+# --- broken inputs are refused -----------------------------------------------------------------
+
+
+def _edit_weights(folder: Path, edit) -> None:
+    tensors = load_file(str(folder / "model.safetensors"))
+    edit(tensors)
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
+def _edit_config(folder: Path, **changes) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    config.update(changes)
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("case", ["more layers", "missing weight", "unused weight",
+                                  "untied lm_head absent"])
+def test_checkpoints_that_do_not_match_their_config_are_refused(tmp_path, capsys, case, stream):
+    folder = tmp_path / "m"
+    make_tiny_model("llama").save_pretrained(folder)
+    if case == "more layers":
+        _edit_config(folder, num_hidden_layers=3)
+    elif case == "missing weight":
+        _edit_weights(folder, lambda t: t.pop("model.layers.1.self_attn.k_proj.weight"))
+    elif case == "unused weight":
+        _edit_weights(folder, lambda t: t.update({"model.layers.9.mlp.up_proj.weight":
+                                                  torch.zeros(48, 32)}))
+    else:
+        _edit_config(folder, tie_word_embeddings=False)
+        _edit_weights(folder, lambda t: t.pop("lm_head.weight", None))
+    memory = ["--max-memory", "1MB", "--variant", "reference", "--episodes", "1"] if stream \
+        else ["--method", "random"]
+    line = refused(capsys, ["-q", "compress", str(folder), "--ratio", "0.3", "--out",
+                            str(tmp_path / "out"), *memory], "does not match its config")
+    assert ("holds unused" if case == "unused weight" else "lacks") in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_gguf_promising_more_blocks_than_it_holds_is_refused(tmp_path, capsys):
+    gguf = pytest.importorskip("gguf")
+    from prunenet.assets import asset_path
+
+    source = asset_path("tinycoder-gguf") / "tiny.gguf"
+    reader = gguf.GGUFReader(str(source))
+    arch = reader.fields["general.architecture"]
+    arch = bytes(arch.parts[arch.data[0]]).decode()
+    writer = gguf.GGUFWriter(str(tmp_path / "bad.gguf"), arch)
+    for field in reader.fields.values():
+        if field.name.startswith("GGUF.") or field.name == "general.architecture":
+            continue
+        value = field.contents()
+        if field.name == f"{arch}.block_count":
+            value = int(value) + 1
+        writer.add_key_value(field.name, value, field.types[0],
+                             sub_type=field.types[-1] if len(field.types) > 1 else None)
+    for tensor in reader.tensors:
+        writer.add_tensor(tensor.name, tensor.data, raw_shape=list(reversed(tensor.shape)),
+                          raw_dtype=tensor.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    line = refused(capsys, ["-q", "compress", str(tmp_path / "bad.gguf"), "--ratio", "0.3",
+                            "--out", str(tmp_path / "out"), "--method", "random"],
+                   "does not match its config")
+    assert "lacks" in line
+
+
+def test_finetune_that_diverges_leaves_nothing(tmp_path, capsys, tiny_llama_real_tokenizer_dir):
+    out = tmp_path / "ft"
+    refused(capsys, ["-q", "finetune", str(tiny_llama_real_tokenizer_dir), "--out", str(out),
+                     "--steps", "2", "--seqlen", "64", "--eval-windows", "1", "--lr", "1e300"],
+            "diverged")
+    assert not out.exists() and not sibling_path(out, ".work").exists()
+
+
+@pytest.mark.parametrize("checksum", ["", None])
+def test_policy_without_a_checksum_is_refused(tmp_path, checksum):
+    path = tmp_path / "p.safetensors"
+    save_policy(PrunePolicy(32, 48), path, {})
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        header = json.loads(handle.metadata()["prunenet"])
+    tensors = load_file(str(path))
+    tensors["bias"] = tensors["bias"] + 1  # tampered values
+    if checksum is None:
+        del header["checksum"]
+    else:
+        header["checksum"] = checksum
+    save_file(tensors, str(path), metadata={"prunenet": json.dumps(header)})
+    from prunenet.checkpoints import load_policy
+
+    with pytest.raises(InputError, match="no checksum"):
+        load_policy(path)
+
+
+def test_resume_refuses_the_state_of_another_model(tmp_path, capsys):
+    for seed, name in ((0, "one"), (1, "two")):
+        make_tiny_model("llama", seed=seed).save_pretrained(tmp_path / name)
+    out = tmp_path / "p.safetensors"
+    state = sibling_path(out, ".train-state.pt")
+    from prunenet.api import train_policy
+    from prunenet.checkpoints import load_model_and_tokenizer as load
+
+    model, _ = load(tmp_path / "one")
+    train_policy(model, 0.3, episodes=2, progress=False, state_path=state, device="cpu")
+    refused(capsys, ["-q", "train-policy", str(tmp_path / "two"), "--ratio", "0.3", "--out",
+                     str(out), "--episodes", "3", "--resume"], "another model")
+
+
+def test_resume_with_fewer_episodes_than_done_is_refused(tmp_path, capsys):
+    make_tiny_model("llama").save_pretrained(tmp_path / "m")
+    out = tmp_path / "p.safetensors"
+    from prunenet.api import train_policy
+
+    model, _ = load_model_and_tokenizer(tmp_path / "m")
+    train_policy(model, 0.3, episodes=4, progress=False, device="cpu",
+                 state_path=sibling_path(out, ".train-state.pt"))
+    refused(capsys, ["-q", "train-policy", str(tmp_path / "m"), "--ratio", "0.3", "--out",
+                     str(out), "--episodes", "2", "--resume"], "already holds 4 episodes")
+
+
+def test_unreadable_tokenizer_is_refused(tmp_path, capsys, tiny_llama_real_tokenizer_dir):
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_llama_real_tokenizer_dir, folder)
+    (folder / "tokenizer.json").write_text("{garbage")
+    refused(capsys, ["-q", "compress", str(folder), "--ratio", "0.3", "--out",
+                     str(tmp_path / "out"), "--method", "random"], "tokenizer")
+    assert not (tmp_path / "out").exists()
+
+
+# --- valid inputs are accepted -----------------------------------------------------------------
+
+
+def _reloads(folder: Path, width: int) -> None:
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    assert model.config.intermediate_size == width
+
+
+def test_train_policy_creates_parent_folders(models, tmp_path):
+    out = tmp_path / "new" / "dir" / "p.safetensors"
+    assert main(["-q", "train-policy", str(models / "llama"), "--ratio", "0.3", "--out",
+                 str(out), "--episodes", "1"]) == 0
+    assert out.is_file()
+
+
+def test_long_output_names_stay_within_the_name_limit(models, tmp_path):
+    out = tmp_path / ("x" * 250)
+    assert main(["-q", "compress", str(models / "llama"), "--ratio", "0.3", "--out", str(out),
+                 "--variant", "reference", "--episodes", "1"]) == 0
+    _reloads(out, 33)
+    assert all(len(p.name.encode()) <= NAME_MAX for p in tmp_path.iterdir())
+    assert len(sibling_prefix(out, "tmp").encode()) + 8 <= NAME_MAX
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e8m0fnu, torch.float4_e2m1fn_x2,
+                                   torch.complex64, torch.float8_e4m3fnuz])
+def test_every_safetensors_dtype_is_accepted(tmp_path, dtype):
+    path = tmp_path / "w.safetensors"
+    save_file({"t": torch.zeros(4, 4).to(dtype) if dtype != torch.float4_e2m1fn_x2
+               else torch.zeros(4, 4, dtype=torch.uint8).view(dtype)}, str(path))
+    assert "t" in validate_safetensors(path)
+
+
+def test_float8_weights_are_pruned_and_saved_as_float8(tmp_path):
+    folder = tmp_path / "f8"
+    make_tiny_model("llama").save_pretrained(folder)
+    _edit_weights(folder, lambda t: t.update({k: v.to(torch.float8_e4m3fn) for k, v in t.items()}))
+    _edit_config(folder, dtype="float8_e4m3fn")
+    assert main(["-q", "compress", str(folder), "--ratio", "0.3", "--out", str(tmp_path / "out"),
+                 "--method", "random"]) == 0
+    saved = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert {v.dtype for v in saved.values()} == {torch.float8_e4m3fn}
+    source = load_file(str(folder / "model.safetensors"))
+    # Untouched tensors come back bit for bit through float32.
+    assert torch.equal(saved["model.embed_tokens.weight"].view(torch.uint8),
+                       source["model.embed_tokens.weight"].view(torch.uint8))
+    _reloads(tmp_path / "out", 33)
+
+
+# --- tracebacks become one line ----------------------------------------------------------------
+
+
+def _raw_safetensors(path: Path, header: dict, data: bytes) -> None:
+    encoded = json.dumps(header).encode()
+    path.write_bytes(len(encoded).to_bytes(8, "little") + encoded + data)
+
+
+@pytest.mark.parametrize("case", ["overlapping", "non-integer", "trailing bytes"])
+def test_malformed_safetensors_headers_are_one_line(tmp_path, capsys, case):
+    folder = tmp_path / "m"
+    make_tiny_model("llama").save_pretrained(folder)
+    weights = folder / "model.safetensors"
+    if case == "trailing bytes":
+        weights.write_bytes(weights.read_bytes() + b"\x00" * 3)
+    else:
+        offsets = [[0, 16], [8, 24]] if case == "overlapping" else [[0, 16.5], [16.5, 32]]
+        _raw_safetensors(weights, {"a": {"dtype": "F32", "shape": [4], "data_offsets": offsets[0]},
+                                   "b": {"dtype": "F32", "shape": [4],
+                                         "data_offsets": offsets[1]}}, b"\x00" * 32)
+    refused(capsys, ["-q", "compress", str(folder), "--ratio", "0.3", "--out",
+                     str(tmp_path / "out"), "--method", "random"], "not a valid safetensors")
+
+
+@pytest.mark.parametrize("weight_map", [[], None])
+def test_shard_index_with_a_bad_weight_map_is_one_line(tmp_path, capsys, weight_map):
+    folder = tmp_path / "m"
+    make_tiny_model("llama").save_pretrained(folder)
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    refused(capsys, ["-q", "compress", str(folder), "--ratio", "0.3", "--out",
+                     str(tmp_path / "out"), "--method", "random"], "weight_map")
+
+
+@pytest.mark.parametrize("config", ["[1, 2]", '{"model_type": "llama", "intermediate_size": "48"}',
+                                    "width-float"])
+def test_bad_configs_are_one_line(tmp_path, capsys, config):
+    folder = tmp_path / "m"
+    make_tiny_model("llama").save_pretrained(folder)
+    if config == "width-float":
+        _edit_config(folder, intermediate_size=48.0)
+    else:
+        (folder / "config.json").write_text(config)
+    refused(capsys, ["-q", "compress", str(folder), "--ratio", "0.3", "--out",
+                     str(tmp_path / "out"), "--method", "random"], "config")
+
+
+@pytest.mark.parametrize("option", ["--out", "--record"])
+def test_symlink_loops_as_outputs_are_one_line(models, tmp_path, capsys, option):
+    (tmp_path / "loop1").symlink_to(tmp_path / "loop2")
+    (tmp_path / "loop2").symlink_to(tmp_path / "loop1")
+    paths = {"--out": str(tmp_path / "out"), "--record": str(tmp_path / "rec")}
+    paths[option] = str(tmp_path / "loop1")
+    refused(capsys, ["-q", "compress", str(models / "llama"), "--ratio", "0.3", "--out",
+                     paths["--out"], "--record", paths["--record"], "--method", "random"],
+            "cannot be resolved")
+
+
+def test_folder_named_like_a_weights_file_is_one_line(tmp_path, capsys):
+    folder = tmp_path / "m"
+    make_tiny_model("llama").save_pretrained(folder)
+    (folder / "x.safetensors").mkdir()
+    refused(capsys, ["-q", "compress", str(folder), "--ratio", "0.3", "--out",
+                     str(tmp_path / "out"), "--method", "random"], "is not a file")
+
+
+def test_learning_rate_beyond_float32_is_one_line(models, tmp_path, capsys):
+    refused(capsys, ["-q", "compress", str(models / "llama"), "--ratio", "0.3", "--out",
+                     str(tmp_path / "out"), "--variant", "reference", "--lr", "1e300"],
+            "learning rate")
+
+
+def test_seed_beyond_64_bits_is_a_usage_error(models, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["-q", "compress", str(models / "llama"), "--ratio", "0.3", "--out",
+              str(tmp_path / "out"), "--seed", str(2**64)])
+    assert exit_info.value.code == 2
+    assert "seed must be in [0, 2**63)" in capsys.readouterr().err
+
+
+def test_eval_and_finetune_sequence_lengths_are_checked(tmp_path, capsys,
+                                                       tiny_llama_real_tokenizer_dir):
+    refused(capsys, ["-q", "eval", str(tiny_llama_real_tokenizer_dir), "--seqlen", "1",
+                     "--windows", "1"], "at least 2 tokens")
+    refused(capsys, ["-q", "finetune", str(tiny_llama_real_tokenizer_dir), "--out",
+                     str(tmp_path / "ft"), "--seqlen", "4096"], "exceeds the model's context")
+
+
+def test_jsonl_text_that_is_not_a_string_is_one_line(tmp_path, capsys,
+                                                     tiny_llama_real_tokenizer_dir):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": null}\n')
+    refused(capsys, ["-q", "eval", str(tiny_llama_real_tokenizer_dir), "--ppl", str(data),
+                     "--windows", "1", "--seqlen", "64"], "must be a string")
+
+
+def test_corrupt_record_in_a_model_folder_is_one_line(models, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["-q", "compress", str(models / "llama"), "--ratio", "0.3", "--out", str(out),
+                 "--method", "random"]) == 0
+    (out / "prunenet.json").write_text("{not json")
+    refused(capsys, ["-q", "eval", str(out), "--ppl", "none"], "prunenet.json")
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda d: d.update(num_layers="2"), "num_layers"),
+    (lambda d: d.update(num_layers=-1), "num_layers"),
+    (lambda d: d.pop("layers"), "layers"),
+    (lambda d: d["compression"].update(ratio="0.3"), "compression.ratio"),
+])
+def test_edited_run_records_are_one_line(run_record, capsys, edit, match):
+    path = run_record / "record.json"
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+    refused(capsys, ["-q", "report", str(run_record)], match)
