@@ -190,24 +190,23 @@ def read_config_json(folder: Path) -> dict[str, Any]:
     return config
 
 
-def expected_tensor_names(config) -> tuple[set[str], set[str]]:
-    """``(required, tied)`` weight names of ``config``'s architecture, from a model built on the
-    meta device: a checkpoint must hold every required name; a tied one it may omit."""
+def check_weights_on_meta(folder: str | os.PathLike) -> None:
+    """Let transformers match a safetensors folder's weights to its config without reading any
+    tensor data (a model on the meta device); refuse missing or unused weights as loading would."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as transformers_logging
 
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    names = set(model.state_dict())
-    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
-    return names - tied, tied
-
-
-def check_tensor_names(source: Any, present: set[str], config) -> None:
-    """Refuse a checkpoint that lacks a weight its architecture expects or holds one it does not
-    use (both would silently be random or dropped)."""
-    required, tied = expected_tensor_names(config)
-    report_loading(source, {"missing_keys": required - present,
-                            "unexpected_keys": present - required - tied})
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()  # its own load report would repeat ours
+    try:
+        _, info = AutoModelForCausalLM.from_pretrained(
+            folder, device_map="meta", dtype=torch.float32, output_loading_info=True,
+            use_safetensors=True)
+    except (OSError, ValueError, RuntimeError, TypeError, KeyError) as error:
+        raise InputError(f"could not read the weights of {folder}: {_first_line(error)}") from error
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+    report_loading(folder, info)
 
 
 def report_loading(source: Any, info: dict[str, Any]) -> None:

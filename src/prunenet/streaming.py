@@ -31,8 +31,7 @@ from tqdm.auto import tqdm
 from .checkpoints import (
     RECORD_NAME,
     check_output_path,
-    check_tensor_names,
-    load_config,
+    check_weights_on_meta,
     read_config_json,
     validate_safetensors,
     validate_weight_files,
@@ -118,7 +117,7 @@ class StreamedCheckpoint:
         _bound_heap_growth()
         self.entries = self._read_entries()
         # Every weight the architecture expects, and no other: as the in-memory load checks.
-        check_tensor_names(self.folder, set(self.entries), load_config(self.folder))
+        check_weights_on_meta(self.folder)
         self._check_layers()
 
     def _read_entries(self) -> dict[str, TensorEntry]:
