@@ -1,9 +1,11 @@
 """Peak resident memory of streamed compression on checkpoints with LLaMA-2-7B layer shapes.
 
 Generates sharded fp16 checkpoints (one shard per layer; gate/up 11008 x 4096, down 4096 x 11008,
-norms, a 32000 x 4096 embedding and LM head) with several layer counts, runs
-``prunenet.api.compress`` on each in a fresh subprocess forced to stream (1 episode, ratio 0.3),
-and reports the child's peak RSS (``VmHWM``, ``prunenet.streaming.peak_rss``) next to the
+attention, norms, a 32000 x 4096 embedding and LM head: a complete LLaMA-2-7B layer layout)
+with several layer counts, runs
+``prunenet.pipeline.compress`` on each in a fresh subprocess forced to stream (1 episode, ratio
+0.3),
+and reports the child's peak RSS (``VmHWM``, ``prunenet.io.streaming.peak_rss``) next to the
 checkpoint size. The bound is independent of the layer count when the peaks agree across counts.
 
     nice -n 10 python benchmarks/memory.py --layers 2,4 --work /tmp/prunenet-memory
@@ -27,11 +29,12 @@ CHILD = """
 import json, sys, time
 import torch
 torch.set_num_threads(int(sys.argv[3]))
-from prunenet.api import compress
-from prunenet.streaming import StreamedCheckpoint, peak_rss
+from prunenet.pipeline import compress
+from prunenet.io.streaming import StreamedCheckpoint, bound_heap_growth, peak_rss
+bound_heap_growth()  # as the command line does for a streamed run
 started = time.perf_counter()
 compress(StreamedCheckpoint(sys.argv[1]), 0.3, episodes=1, out=sys.argv[2], progress=False,
-         device="cpu", variant="reference")
+         device="cpu", method="prunenet")
 print(json.dumps({"peak_rss": peak_rss(),
                   "seconds": time.perf_counter() - started}))
 """
@@ -62,7 +65,11 @@ def generate(folder: Path, layers: int) -> int:
         tensors = {f"{prefix}.mlp.gate_proj.weight": weight(D_FF, D_MODEL),
                    f"{prefix}.mlp.up_proj.weight": weight(D_FF, D_MODEL),
                    f"{prefix}.mlp.down_proj.weight": weight(D_MODEL, D_FF),
-                   f"{prefix}.input_layernorm.weight": torch.ones(D_MODEL, dtype=torch.float16)}
+                   f"{prefix}.input_layernorm.weight": torch.ones(D_MODEL, dtype=torch.float16),
+                   f"{prefix}.post_attention_layernorm.weight":
+                       torch.ones(D_MODEL, dtype=torch.float16),
+                   **{f"{prefix}.self_attn.{name}_proj.weight": weight(D_MODEL, D_MODEL)
+                      for name in "qkvo"}}
         shard = f"model-{layer + 1:05d}.safetensors"
         save_file(tensors, folder / shard, metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(tensors, shard))

@@ -21,9 +21,9 @@ import time
 
 import torch
 
-from prunenet.calibration import Calibration
 from prunenet.compare import compare, results_table
 from prunenet.evaluation.speed import SpeedProtocol
+from prunenet.selection.activation import Calibration
 
 
 def main() -> None:

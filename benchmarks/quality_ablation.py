@@ -23,27 +23,30 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torch import Tensor
-
-from prunenet import api
-from prunenet.checkpoints import load_model_and_tokenizer
-from prunenet.evaluation.corpora import load_corpus
-from prunenet.evaluation.perplexity import perplexity
-from prunenet.families import kept_count
-from prunenet.model_view import FFNView
-from prunenet.policy import top_rows
-from prunenet.slicing import slice_model
-from prunenet.variants import (
+from ablation_scores import (  # benchmarks/ablation_scores.py (this script's folder)
     down_column_norms,
     expected_activation_scores,
     input_scale,
     leverage_scores,
     probe_activation_scores,
-    probe_tokens,
+    random_probe_tokens,
     rank_with_protection,
+)
+from torch import Tensor
+
+from prunenet import pipeline
+from prunenet.evaluation.corpora import load_corpus
+from prunenet.evaluation.perplexity import perplexity
+from prunenet.families import kept_count
+from prunenet.io.loading import load_model_and_tokenizer
+from prunenet.model_view import FFNView
+from prunenet.selection.base import top_rows
+from prunenet.selection.self_generated import (
+    generated_tokens,
     self_generated_scores,
     self_generated_tokens,
 )
+from prunenet.slicing import slice_model
 
 Selector = Callable[[torch.nn.Module, float, int], tuple[list[Tensor], float]]
 
@@ -64,7 +67,7 @@ def _per_layer(score: Callable[[FFNView, int, int], Tensor]) -> Selector:
 def _baseline(method: str) -> Selector:
     def select(model, ratio, seed):
         started = time.perf_counter()
-        rows = api.select_rows(model, ratio, method=method, seed=seed, device="cpu")
+        rows = pipeline.select_rows(model, ratio, method=method, seed=seed, device="cpu")
         return rows, time.perf_counter() - started
 
     return select
@@ -73,14 +76,14 @@ def _baseline(method: str) -> Selector:
 def _activation(windows: int = 4) -> Selector:
     """The calibration-based ``activation`` baseline (NOT calibration-free: for reference),
     calibrated on ``windows`` x 1024 tokens of the wiki corpus's training region."""
-    from prunenet.calibration import Calibration
+    from prunenet.selection.activation import Calibration
 
     def select(model, ratio, seed):
         from transformers import AutoTokenizer
 
         started = time.perf_counter()
         tokenizer = AutoTokenizer.from_pretrained(model.name_or_path)
-        rows = api.select_rows(model, ratio, method="activation", seed=seed, device="cpu",
+        rows = pipeline.select_rows(model, ratio, method="activation", seed=seed, device="cpu",
                                tokenizer=tokenizer, progress=False,
                                calibration=Calibration(windows=windows))
         return rows, time.perf_counter() - started
@@ -89,10 +92,10 @@ def _activation(windows: int = 4) -> Selector:
 
 
 def _self_generated(score: Callable[[torch.nn.Module, Tensor], list[Tensor]]) -> Selector:
-    """Keep the top ``score`` on the default variant's probe text, generated once per model and
+    """Keep the top ``score`` on the default method's probe text, generated once per model and
     seed and reused across ratios (the text does not depend on the ratio). With
-    ``self_generated_scores`` this is the default variant exactly as ``api.select_rows`` runs it
-    (tests/test_variants.py checks the api against the same functions)."""
+    ``self_generated_scores`` this is the default method exactly as ``pipeline.select_rows``
+    runs it (tests/test_methods.py checks the pipeline against the same functions)."""
     tokens_of: dict[tuple[str, int], Tensor] = {}  # (model_type, seed) -> probe text
 
     def select(model, ratio, seed):
@@ -110,10 +113,10 @@ def _self_generated(score: Callable[[torch.nn.Module, Tensor], list[Tensor]]) ->
 def _prunenet(selection: str, **options) -> Selector:
     def select(model, ratio, seed):
         started = time.perf_counter()
-        training = api.train_policy(model, ratio, seed=seed, device="cpu", progress=False,
+        training = pipeline.train_policy(model, ratio, seed=seed, device="cpu", progress=False,
                                     **options)
-        rows = api.select_rows(model, ratio, policy=training.policy, selection=selection,
-                               variant="reference", seed=seed, device="cpu")
+        rows = pipeline.select_rows(model, ratio, policy=training.policy, selection=selection,
+                               method="prunenet", seed=seed, device="cpu")
         return rows, time.perf_counter() - started
 
     return select
@@ -159,7 +162,8 @@ def _probe(sequences: int, length: int, source: str = "random") -> Selector:
         started = time.perf_counter()
         view = FFNView(model)
         kept = kept_count(view.d_ff, ratio)
-        tokens = probe_tokens(model, sequences, length, seed, source)
+        tokens = (generated_tokens(model, sequences, length, seed) if source == "generated"
+                  else random_probe_tokens(model, sequences, length, seed))
         scores = probe_activation_scores(model, tokens)
         rows = [top_rows(layer_scores, kept) for layer_scores in scores]
         return rows, time.perf_counter() - started

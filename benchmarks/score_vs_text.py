@@ -11,20 +11,17 @@ import copy
 import sys
 
 import torch
+from ablation_scores import down_column_norms  # benchmarks/ablation_scores.py
 
-from prunenet.calibration import Calibration, activation_norms, calibration_windows
-from prunenet.checkpoints import load_model_and_tokenizer
 from prunenet.evaluation.corpora import load_corpus
 from prunenet.evaluation.perplexity import perplexity
 from prunenet.families import kept_count
+from prunenet.io.loading import load_model_and_tokenizer
 from prunenet.model_view import FFNView
-from prunenet.policy import top_rows
+from prunenet.selection.activation import Calibration, activation_norms, calibration_windows
+from prunenet.selection.base import top_rows
+from prunenet.selection.self_generated import mean_squared_activations, self_generated_tokens
 from prunenet.slicing import slice_model
-from prunenet.variants import (
-    down_column_norms,
-    mean_squared_activations,
-    self_generated_tokens,
-)
 
 
 def main() -> None:

@@ -35,8 +35,8 @@ from reference_impl import train_reference
 from torch import nn
 
 from prunenet.families import family_for, kept_count
-from prunenet.reinforce import TrainingConfig, train_policy_on_matrices
-from prunenet.spectral import LayerSpectrum, ks_statistic
+from prunenet.selection.prunenet.reinforce import TrainingConfig, train_policy_on_matrices
+from prunenet.selection.prunenet.spectral import LayerSpectrum, ks_statistic
 
 RATIO, SEED = 0.3, 42
 LLAMA7B = {"layers": 32, "d_model": 4096, "d_ff": 11008}
@@ -135,7 +135,7 @@ def prunenet_training(matrices: list[torch.Tensor], episodes: int) -> dict[str, 
 
 
 def smollm2(args: argparse.Namespace) -> dict:
-    from prunenet.checkpoints import load_model_and_tokenizer
+    from prunenet.io.loading import load_model_and_tokenizer
     from prunenet.model_view import FFNView
 
     model, _ = load_model_and_tokenizer("smollm2-135m", dtype=torch.float32)

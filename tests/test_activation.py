@@ -8,20 +8,20 @@ import torch
 
 import prunenet
 from conftest import make_tiny_model
-from prunenet.api import METHODS, select_rows
-from prunenet.calibration import (
-    Calibration,
-    activation_norms,
-    activation_rows,
-    calibration_windows,
-    second_matrix_module,
-)
 from prunenet.cli import main
 from prunenet.errors import InputError
 from prunenet.evaluation.corpora import TokenCorpus
 from prunenet.families import kept_count
 from prunenet.model_view import FFNView
-from prunenet.reinforce import TrainingConfig, train_policy_on_matrices
+from prunenet.pipeline import select_rows
+from prunenet.selection import SELECTORS
+from prunenet.selection.activation import (
+    Calibration,
+    activation_norms,
+    activation_rows,
+    calibration_windows,
+)
+from prunenet.selection.prunenet.reinforce import TrainingConfig, train_policy_on_matrices
 
 
 class WordTokenizer:
@@ -52,8 +52,9 @@ def test_every_method_keeps_exactly_k_distinct_sorted_rows(ratio, word_corpus):
     policy = train_policy_on_matrices(
         [view.first_matrix(i) for i in range(view.num_layers)],
         TrainingConfig(ratio=ratio, episodes=1), progress=False).policy
-    for method in METHODS:
-        rows = select_rows(model, ratio, method=method, policy=policy, device="cpu",
+    for method in SELECTORS:
+        rows = select_rows(model, ratio, method=method, device="cpu",
+                           policy=policy if method == "prunenet" else None,
                            tokenizer=WordTokenizer(), progress=False,
                            calibration=Calibration(corpus=word_corpus, windows=2, seqlen=8))
         assert len(rows) == view.num_layers, method
@@ -128,7 +129,7 @@ def test_activation_norms_hook_every_family_second_matrix(tiny_model_type):
     norms = activation_norms(model, torch.randint(0, 128, (2, 6)), progress=False)
     assert [n.shape for n in norms] == [(view.d_ff,)] * view.num_layers
     assert all(bool((n > 0).any()) for n in norms)
-    assert second_matrix_module(view, 0) is not None
+    assert view.second_matrix_module(0) is not None
 
 
 def test_activation_needs_a_tokenizer_and_records_its_calibration(word_corpus):

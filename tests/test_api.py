@@ -15,10 +15,12 @@ from safetensors.torch import save_file
 
 import prunenet
 from conftest import make_tiny_model
-from prunenet.checkpoints import RECORD_NAME, load_policy, save_policy
 from prunenet.cli import main
 from prunenet.errors import InputError, OutputError, PolicyMismatchError, UnsupportedModelError
+from prunenet.io.loading import RECORD_NAME
+from prunenet.io.policy_file import load_policy, save_policy
 from prunenet.model_view import FFNView
+from prunenet.selection.prunenet.policy import policy_checksum
 
 
 def _logits_in_fresh_process(folder: Path, inputs: torch.Tensor, tmp_path: Path) -> torch.Tensor:
@@ -42,7 +44,7 @@ def test_compress_save_reload_in_fresh_process_gives_identical_logits(tiny_llama
     out = tmp_path / "pruned"
     result = prunenet.compress(str(tiny_llama_dir), ratio=0.25, episodes=2, out=out,
                                policy_out=tmp_path / "policy.safetensors", progress=False,
-                               variant="reference")
+                               method="prunenet")
     inputs = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = result.model(inputs).logits
@@ -54,7 +56,7 @@ def test_compress_save_reload_in_fresh_process_gives_identical_logits(tiny_llama
     record = json.loads((out / RECORD_NAME).read_text())
     assert record["ffn_width_before"] == 48 and record["ffn_width_after"] == 36
     assert record["parameters_before"] - record["parameters_after"] == 2 * 3 * 12 * 32
-    assert record["policy_sha256"] == prunenet.checkpoints.policy_checksum(result.policy)
+    assert record["policy_sha256"] == policy_checksum(result.policy)
     assert record["method"] == "prunenet" and record["seed"] == 42
     assert not list(tmp_path.glob(".pruned.tmp-*")), "temporary folder left behind"
 
@@ -166,7 +168,7 @@ def test_corrupted_and_wrong_shape_policy_files(tiny_llama, tmp_path):
         load_policy(tmp_path / "foreign.safetensors")
     training = prunenet.train_policy(tiny_llama, ratio=0.3, episodes=1, progress=False)
     good = save_policy(training.policy, tmp_path / "good.safetensors", {})
-    tensors = prunenet.checkpoints.load_file(str(good))
+    tensors = prunenet.io.policy_file.load_file(str(good))
     from safetensors import safe_open
 
     with safe_open(str(good), "pt") as handle:
@@ -228,7 +230,7 @@ def test_cli_compress_train_and_prune(tiny_llama_dir, tmp_path, capsys):
     assert "it/s" not in captured.err  # -q: no progress bar, ours or transformers'
     # Without -q the same command shows progress (policy episodes, writing the model).
     assert main(["compress", str(tiny_llama_dir), "--ratio", "0.25", "--episodes", "1",
-                 "--variant", "reference", "--out", str(tmp_path / "c2")]) == 0
+                 "--method", "prunenet", "--out", str(tmp_path / "c2")]) == 0
     assert "policy episodes" in capsys.readouterr().err
 
 

@@ -15,7 +15,7 @@ from prunenet.compare import FORMAT, compare, parse_methods
 from prunenet.errors import InputError, MissingAssetError, OutputError
 from prunenet.evaluation.evaluate import SCHEMA_KEYS
 from prunenet.evaluation.speed import SpeedProtocol
-from prunenet.variants import DEFAULT_VARIANT, REFERENCE
+from prunenet.selection import DEFAULT_METHOD
 
 TEXT = "The old mill stands by the river, and in spring the water runs high and fast. " * 400
 
@@ -29,7 +29,7 @@ def text_file(tmp_path):
 
 def _compare_argv(model, text_file, out):
     return ["compare", str(model), "--ratios", "0.25,0.5", "--methods",
-            "prunenet,random,magnitude,activation", "--out", str(out), "--variant", "reference",
+            "prunenet,random,magnitude,activation", "--out", str(out),
             "--episodes", "2",
             "--ppl", text_file, "--seqlen", "32", "--windows", "2", "--tasks", "piqa",
             "--limit", "2", "--calibration-corpus", text_file, "--calibration-windows", "1",
@@ -49,7 +49,7 @@ def test_compare_writes_report_json_and_plots(tiny_llama_real_tokenizer_dir, tex
                             "settings", "training", "dense", "runs"}
     assert results["format"] == FORMAT
     assert set(results["settings"]) == {"corpus", "seqlen", "windows", "tasks", "limit", "seed",
-                                        "speed", "calibration", "variant"}
+                                        "speed", "calibration"}
     assert set(results["dense"]) == set(SCHEMA_KEYS)
     pairs = [(r["method"], r["ratio"]) for r in results["runs"]]
     assert pairs == [(m, r) for m in ("prunenet", "random", "magnitude", "activation")
@@ -79,16 +79,21 @@ def test_compare_writes_report_json_and_plots(tiny_llama_real_tokenizer_dir, tex
     assert not list(tmp_path.glob(".cmp.tmp-*")), "temporary folder left behind"
 
 
-def test_compare_follows_the_api_default_variant(tiny_llama_real_tokenizer_dir, text_file,
-                                                tmp_path):
-    results = compare(tiny_llama_real_tokenizer_dir, [0.5], "prunenet", tmp_path / "out",
+def test_compare_names_the_method_that_ran(tiny_llama_real_tokenizer_dir, text_file, tmp_path):
+    results = compare(tiny_llama_real_tokenizer_dir, [0.5], DEFAULT_METHOD, tmp_path / "out",
                       ppl=text_file, seqlen=32, windows=1, tasks="", progress=False,
                       speed=SpeedProtocol(prompt_tokens=4, new_tokens=1, repeats=1))
-    assert results["settings"]["variant"] == DEFAULT_VARIANT
-    if DEFAULT_VARIANT != REFERENCE:
-        assert results["training"] is None  # a policy-free default trains nothing
-    assert results["runs"][0]["record"]["variant"] == DEFAULT_VARIANT
+    assert results["training"] is None  # the policy-free default trains nothing
+    assert results["methods"] == [DEFAULT_METHOD]
+    assert results["runs"][0]["record"]["method"] == DEFAULT_METHOD
+    assert results["runs"][0]["record"]["policy_sha256"] is None
     assert results["runs"][0]["evaluation"]["model"]["d_ff"] == 24
+    # The deprecated variant renames "prunenet" in the list to the method it meant.
+    again = compare(tiny_llama_real_tokenizer_dir, [0.5], "prunenet", tmp_path / "again",
+                    variant="self-generated", ppl=text_file, seqlen=32, windows=1, tasks="",
+                    progress=False, speed=SpeedProtocol(prompt_tokens=4, new_tokens=1, repeats=1))
+    assert again["methods"] == [DEFAULT_METHOD]
+    assert again["runs"][0]["record"] == results["runs"][0]["record"]
 
 
 def test_compare_refuses_existing_and_unwritable_out_before_work(tmp_path):

@@ -20,11 +20,12 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from conftest import make_tiny_model
-from prunenet.checkpoints import load_model_and_tokenizer, save_policy, validate_safetensors
 from prunenet.cli import main
 from prunenet.errors import InputError
 from prunenet.io.files import NAME_MAX, sibling_path, sibling_prefix
-from prunenet.policy import PrunePolicy
+from prunenet.io.loading import load_model_and_tokenizer, validate_safetensors
+from prunenet.io.policy_file import save_policy
+from prunenet.selection.prunenet.policy import PrunePolicy
 
 
 def digest(path: Path) -> dict[str, str]:
@@ -78,8 +79,8 @@ def test_policy_out_onto_the_input_weights_is_refused(models, capsys):
     weights = models / "llama" / "model.safetensors"
     before = digest(models)
     refused(capsys, ["-q", "compress", str(models / "llama"), "--ratio", "0.3", "--out",
-                     str(models.parent / "out"), "--method", "prunenet", "--variant",
-                     "reference", "--episodes", "1", "--policy-out", str(weights)], "the input")
+                     str(models.parent / "out"), "--method",
+                     "prunenet", "--episodes", "1", "--policy-out", str(weights)], "the input")
     assert digest(models) == before
     assert not (models.parent / "out").exists()
 
@@ -89,7 +90,7 @@ def test_policy_out_onto_any_existing_file_is_refused(models, tmp_path, capsys, 
     victim = tmp_path / "thesis.safetensors"
     victim.write_bytes(b"not a policy")
     refused(capsys, ["-q", "compress", str(models / "llama"), "--ratio", "0.3", "--out",
-                     str(tmp_path / "out"), "--variant", "reference", "--episodes", "1",
+                     str(tmp_path / "out"), "--method", "prunenet", "--episodes", "1",
                      "--policy-out", str(victim), *(["--overwrite"] if overwrite else [])],
             "already exists" if not overwrite else "not written by prunenet")
     assert victim.read_bytes() == b"not a policy"
@@ -100,7 +101,7 @@ def test_policy_out_replaces_a_previous_policy_with_overwrite(models, tmp_path):
     save_policy(PrunePolicy(32, 48), policy_file, {})
     old = policy_file.read_bytes()
     assert main(["-q", "compress", str(models / "llama"), "--ratio", "0.3", "--out",
-                 str(tmp_path / "out"), "--variant", "reference", "--episodes", "1",
+                 str(tmp_path / "out"), "--method", "prunenet", "--episodes", "1",
                  "--policy-out", str(policy_file), "--overwrite"]) == 0
     assert policy_file.read_bytes() != old
 
@@ -174,7 +175,7 @@ def test_overwrite_replaces_a_previous_output(models, tmp_path):
 def test_record_and_policy_out_may_not_overlap_the_output(models, tmp_path, capsys):
     out = tmp_path / "out"
     refused(capsys, ["-q", "compress", str(models / "llama"), "--ratio", "0.3", "--out", str(out),
-                     "--variant", "reference", "--episodes", "1", "--policy-out",
+                     "--method", "prunenet", "--episodes", "1", "--policy-out",
                      str(out / "p.safetensors")], "must be separate")
     assert not out.exists()
 
@@ -252,7 +253,7 @@ def test_checkpoints_that_do_not_match_their_config_are_refused(tmp_path, capsys
     else:
         _edit_config(folder, tie_word_embeddings=False)
         _edit_weights(folder, lambda t: t.pop("lm_head.weight", None))
-    memory = ["--max-memory", "1MB", "--variant", "reference", "--episodes", "1"] if stream \
+    memory = ["--max-memory", "1MB", "--method", "prunenet", "--episodes", "1"] if stream \
         else ["--method", "random"]
     line = refused(capsys, ["-q", "compress", str(folder), "--ratio", "0.3", "--out",
                             str(tmp_path / "out"), *memory], "does not match its config")
@@ -313,7 +314,7 @@ def test_policy_without_a_checksum_is_refused(tmp_path, checksum):
     else:
         header["checksum"] = checksum
     save_file(tensors, str(path), metadata={"prunenet": json.dumps(header)})
-    from prunenet.checkpoints import load_policy
+    from prunenet.io.policy_file import load_policy
 
     with pytest.raises(InputError, match="no checksum"):
         load_policy(path)
@@ -324,8 +325,8 @@ def test_resume_refuses_the_state_of_another_model(tmp_path, capsys):
         make_tiny_model("llama", seed=seed).save_pretrained(tmp_path / name)
     out = tmp_path / "p.safetensors"
     state = sibling_path(out, ".train-state.pt")
-    from prunenet.api import train_policy
-    from prunenet.checkpoints import load_model_and_tokenizer as load
+    from prunenet.io.loading import load_model_and_tokenizer as load
+    from prunenet.pipeline import train_policy
 
     model, _ = load(tmp_path / "one")
     train_policy(model, 0.3, episodes=2, progress=False, state_path=state, device="cpu")
@@ -336,7 +337,7 @@ def test_resume_refuses_the_state_of_another_model(tmp_path, capsys):
 def test_resume_with_fewer_episodes_than_done_is_refused(tmp_path, capsys):
     make_tiny_model("llama").save_pretrained(tmp_path / "m")
     out = tmp_path / "p.safetensors"
-    from prunenet.api import train_policy
+    from prunenet.pipeline import train_policy
 
     model, _ = load_model_and_tokenizer(tmp_path / "m")
     train_policy(model, 0.3, episodes=4, progress=False, device="cpu",
@@ -372,7 +373,7 @@ def test_train_policy_creates_parent_folders(models, tmp_path):
 def test_long_output_names_stay_within_the_name_limit(models, tmp_path):
     out = tmp_path / ("x" * 250)
     assert main(["-q", "compress", str(models / "llama"), "--ratio", "0.3", "--out", str(out),
-                 "--variant", "reference", "--episodes", "1"]) == 0
+                 "--method", "prunenet", "--episodes", "1"]) == 0
     _reloads(out, 33)
     assert all(len(p.name.encode()) <= NAME_MAX for p in tmp_path.iterdir())
     assert len(sibling_prefix(out, "tmp").encode()) + 8 <= NAME_MAX
@@ -470,7 +471,7 @@ def test_folder_named_like_a_weights_file_is_one_line(tmp_path, capsys):
 
 def test_learning_rate_beyond_float32_is_one_line(models, tmp_path, capsys):
     refused(capsys, ["-q", "compress", str(models / "llama"), "--ratio", "0.3", "--out",
-                     str(tmp_path / "out"), "--variant", "reference", "--lr", "1e300"],
+                     str(tmp_path / "out"), "--method", "prunenet", "--lr", "1e300"],
             "learning rate")
 
 

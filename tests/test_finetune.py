@@ -13,12 +13,12 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from conftest import VOCAB, make_tiny_model
-from prunenet.api import prune
 from prunenet.cli import main
 from prunenet.errors import InputError, OutputError
 from prunenet.evaluation.corpora import load_corpus
 from prunenet.evaluation.perplexity import perplexity
 from prunenet.finetune import corpus_windows, finetune
+from prunenet.pipeline import prune
 
 SUBJECTS = "the cat|a dog|the big bird|a small fox|the red hen".split("|")
 VERBS = "sat|ran|flew|slept|hid".split("|")

@@ -13,11 +13,11 @@ import torch
 import transformers
 
 from conftest import make_tiny_model
-from prunenet.api import compress
 from prunenet.families import kept_count
-from prunenet.reinforce import TrainingConfig, train_policy_on_matrices
+from prunenet.pipeline import compress
+from prunenet.selection.prunenet.reinforce import TrainingConfig, train_policy_on_matrices
+from prunenet.selection.prunenet.spectral import LayerSpectrum, ks_statistic
 from prunenet.slicing import slice_model
-from prunenet.spectral import LayerSpectrum, ks_statistic
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")]
@@ -58,7 +58,7 @@ def test_cuda_training_is_deterministic_and_its_ks_are_exact():
 def test_cuda_compress_saves_the_cpu_slice_of_its_rows(tmp_path):
     model = make_tiny_model("llama")
     reference = make_tiny_model("llama")
-    result = compress(model, 0.25, episodes=2, device="cuda", variant="reference",
+    result = compress(model, 0.25, episodes=2, device="cuda", method="prunenet",
                       out=tmp_path / "gpu", progress=False)
     slice_model(reference, [rows.cpu() for rows in result.kept_rows])
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "gpu").eval()

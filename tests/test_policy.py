@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from prunenet.errors import PolicyMismatchError
-from prunenet.policy import PrunePolicy, keep_probabilities, sample_rows, top_rows
+from prunenet.selection.base import top_rows
+from prunenet.selection.prunenet.policy import PrunePolicy, keep_probabilities, sample_rows
 
 
 def _policy_and_matrix(d_model=24, d_ff=40, seed=0):

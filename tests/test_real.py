@@ -1,7 +1,7 @@
 """End to end on the real SmolLM2-135M (fetched by `prunenet fetch`): compress, reload with plain
 transformers, perplexity against dense.
 
-Documented factors (README "What to expect"): at r = 0.3 the default variant stays within 5x of
+Documented factors (README "What to expect"): at r = 0.3 the default method stays within 5x of
 dense perplexity (measured 2.7x on 4 windows); the faithful reference PruneNet after 2 episodes
 is far worse (measured about 200x) and is only required to be finite and below 2000x.
 """
@@ -28,12 +28,12 @@ def dense_and_windows():
     return model, windows, perplexity(model, windows, progress=False)
 
 
-@pytest.mark.parametrize("variant,factor", [("reference", 2000.0), (None, 5.0)])
-def test_compress_smollm2_reload_and_perplexity(dense_and_windows, tmp_path, variant, factor):
+@pytest.mark.parametrize("method,factor", [("prunenet", 2000.0), (None, 5.0)])
+def test_compress_smollm2_reload_and_perplexity(dense_and_windows, tmp_path, method, factor):
     _, windows, dense = dense_and_windows
-    options = {"variant": variant} if variant else {}
     result = prunenet.compress(str(smollm2_path()), ratio=0.3, episodes=2, out=tmp_path / "out",
-                               progress=False, **options)
+                               progress=False, method=method)
+    assert result.record["method"] == (method or "self-generated")
     assert result.record["ffn_width_after"] == 1075
     assert result.record["parameters_after"] == 110_616_768
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()

@@ -10,8 +10,12 @@ import torch
 from scipy.stats import ks_2samp
 
 from prunenet.errors import InputError
-from prunenet.policy import PrunePolicy
-from prunenet.reinforce import TrainingConfig, returns_of, train_policy_on_matrices
+from prunenet.selection.prunenet.policy import PrunePolicy
+from prunenet.selection.prunenet.reinforce import (
+    TrainingConfig,
+    returns_of,
+    train_policy_on_matrices,
+)
 
 
 def _matrices(layers=3, d_ff=64, d_model=16, seed=0):

@@ -14,15 +14,16 @@ from safetensors.torch import load_file
 
 import prunenet
 from conftest import FFN, HIDDEN, LAYERS, make_tiny_model
-from prunenet.baselines import magnitude_rows
-from prunenet.checkpoints import RECORD_NAME, read_record
 from prunenet.cli import main
 from prunenet.errors import InputError, OutputError
 from prunenet.families import kept_count
+from prunenet.io.loading import RECORD_NAME, read_record
 from prunenet.model_view import FFNView
 from prunenet.recording import RUN_RECORD_NAME, SPECTRA_NAME, read_run_record
 from prunenet.report import DPI, FIGURE_SIZE, write_report
-from prunenet.spectral import ks_statistic, singular_values
+from prunenet.selection.base import Source
+from prunenet.selection.magnitude import Magnitude
+from prunenet.selection.prunenet.spectral import ks_statistic, singular_values
 
 TRAINING_PLOTS = {"training.png", "layer_ks.png", "spectra.png", "kept_neurons.png"}
 
@@ -32,7 +33,7 @@ def prunenet_run(tmp_path_factory):
     """A PruneNet compress of the tiny LLaMA at 0.25 with --out and --record."""
     folder = tmp_path_factory.mktemp("prunenet-run")
     result = prunenet.compress(make_tiny_model("llama"), 0.25, episodes=3, device="cpu",
-                               variant="reference", progress=False, out=folder / "model",
+                               method="prunenet", progress=False, out=folder / "model",
                                record_dir=folder / "record")
     return result, folder / "record", folder / "model"
 
@@ -91,7 +92,7 @@ def test_baseline_record_has_no_training_and_matches_its_rows(magnitude_run):
     assert data["compression"]["method"] == "magnitude"
     fresh = make_tiny_model("llama")
     view = FFNView(fresh)
-    expected_rows = magnitude_rows(view, kept_count(FFN, 0.5))
+    expected_rows = Magnitude().select(Source(view), kept_count(FFN, 0.5), seed=0)
     assert data["layers"]["kept_neurons"] == [kept_count(FFN, 0.5)] * LAYERS
     for layer, rows in enumerate(expected_rows):
         torch.testing.assert_close(result.kept_rows[layer], rows)
@@ -190,7 +191,7 @@ def test_report_output_must_be_writable_and_not_user_data(prunenet_run, tmp_path
 def test_cli_compress_record_then_report(tiny_llama_dir, tmp_path, capsys):
     record = tmp_path / "record"
     assert main(["-q", "compress", str(tiny_llama_dir), "--ratio", "0.5", "--episodes", "2",
-                 "--variant", "reference", "--device", "cpu", "--out", str(tmp_path / "model"),
+                 "--method", "prunenet", "--device", "cpu", "--out", str(tmp_path / "model"),
                  "--record", str(record)]) == 0
     data, _, _ = read_run_record(record)
     assert data["compression"]["source"] == str(tiny_llama_dir)

@@ -20,12 +20,14 @@ from hypothesis import strategies as st
 
 import prunenet
 from conftest import make_tiny_model
-from prunenet.checkpoints import load_model_and_tokenizer, load_policy, read_record
 from prunenet.cli import main
 from prunenet.errors import InputError, NumericalError, OutputError
 from prunenet.families import Cut, kept_count, slice_tensor
-from prunenet.policy import keep_probabilities, sample_rows, top_rows
-from prunenet.reinforce import TrainingConfig, train_policy_on_matrices
+from prunenet.io.loading import load_model_and_tokenizer, read_record
+from prunenet.io.policy_file import load_policy
+from prunenet.selection.base import top_rows
+from prunenet.selection.prunenet.policy import keep_probabilities, sample_rows
+from prunenet.selection.prunenet.reinforce import TrainingConfig, train_policy_on_matrices
 
 
 def _tree_digest(folder: Path) -> dict[str, str]:
@@ -88,11 +90,11 @@ def test_cli_resume_continues_compress(tiny_llama_dir, tmp_path, monkeypatch):
 
     out = tmp_path / "out"
     argv = ["-q", "compress", str(tiny_llama_dir), "--ratio", "0.3", "--episodes", "3",
-            "--variant", "reference", "--out", str(out)]
-    monkeypatch.setattr(prunenet.api, "train_policy_on_matrices", interrupted)
+            "--method", "prunenet", "--out", str(out)]
+    monkeypatch.setattr(prunenet.pipeline, "train_policy_on_matrices", interrupted)
     assert main(argv) == 130
     assert not out.exists() and (tmp_path / "out.train-state.pt").exists()
-    monkeypatch.setattr(prunenet.api, "train_policy_on_matrices", original)
+    monkeypatch.setattr(prunenet.pipeline, "train_policy_on_matrices", original)
     assert main([*argv, "--resume"]) == 0
     assert not (tmp_path / "out.train-state.pt").exists()
     assert main([*argv[:-1], str(tmp_path / "fresh")]) == 0
@@ -103,7 +105,7 @@ def test_same_seed_gives_byte_identical_outputs(tiny_llama_dir, tmp_path):
     for name in ("a", "b"):
         prunenet.compress(str(tiny_llama_dir), ratio=0.3, episodes=2, seed=11,
                           out=tmp_path / name, policy_out=tmp_path / f"{name}.safetensors",
-                          progress=False, variant="reference")
+                          progress=False, method="prunenet")
     assert _tree_digest(tmp_path / "a") == _tree_digest(tmp_path / "b")
     assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
 

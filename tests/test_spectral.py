@@ -7,7 +7,12 @@ import pytest
 import torch
 from scipy.stats import ks_2samp
 
-from prunenet.spectral import LayerSpectrum, gram_matrix, ks_statistic, singular_values_from_gram
+from prunenet.selection.prunenet.spectral import (
+    LayerSpectrum,
+    gram_matrix,
+    ks_statistic,
+    singular_values_from_gram,
+)
 
 
 @pytest.mark.parametrize("seed", range(5))

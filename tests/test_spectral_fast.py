@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from prunenet.families import kept_count
-from prunenet.spectral import LayerSpectrum, ks_statistic
+from prunenet.selection.prunenet.spectral import LayerSpectrum, ks_statistic
 
 _SPEC = importlib.util.spec_from_file_location(
     "reference_impl", Path(__file__).resolve().parents[1] / "benchmarks" / "reference_impl.py")

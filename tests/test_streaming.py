@@ -16,12 +16,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from conftest import make_tiny_model
-from prunenet import streaming
-from prunenet.api import compress, prune, train_policy
-from prunenet.checkpoints import save_policy
 from prunenet.cli import main
 from prunenet.errors import InputError, OutputError
-from prunenet.streaming import StreamedCheckpoint, choose_streaming, parse_memory
+from prunenet.io import streaming
+from prunenet.io.policy_file import save_policy
+from prunenet.io.streaming import StreamedCheckpoint, choose_streaming, parse_memory
+from prunenet.pipeline import compress, prune, train_policy
 
 
 def sharded_checkpoint(folder: Path, model_type: str = "llama") -> Path:
@@ -43,9 +43,9 @@ def all_tensors(folder: Path) -> dict[str, torch.Tensor]:
 def test_streamed_compress_equals_in_memory(tmp_path, model_type):
     source = sharded_checkpoint(tmp_path / "model", model_type)
     in_memory = compress(str(source), 0.5, episodes=2, out=tmp_path / "memory", progress=False,
-                         variant="reference")
+                         method="prunenet")
     streamed = compress(StreamedCheckpoint(source), 0.5, episodes=2, out=tmp_path / "stream",
-                        progress=False, variant="reference")
+                        progress=False, method="prunenet")
     assert streamed.model is None and in_memory.model is not None
     for rows_a, rows_b in zip(in_memory.kept_rows, streamed.kept_rows, strict=True):
         assert torch.equal(rows_a, rows_b)
@@ -95,15 +95,15 @@ def test_cli_streams_when_the_model_exceeds_max_memory(tmp_path, capsys, caplog)
     assert checkpoint.in_memory_need(training=True) > budget
     assert choose_streaming(str(source), budget, training=True) is not None
     assert choose_streaming(str(source), "100GB", training=True) is None
-    # No --variant: streaming implies the reference variant (the default one runs the model).
+    # No --method: streaming implies prunenet (the default method runs the model).
     status = main(["compress", str(source), "--ratio", "0.5", "--episodes", "1", "--out",
                    str(tmp_path / "out"), "--max-memory", str(budget), "--device", "cpu"])
     assert status == 0
-    assert json.loads((tmp_path / "out" / "prunenet.json").read_text())["variant"] == "reference"
-    assert "training a PruneNet policy instead (--variant reference)" in caplog.text
-    # Asked for explicitly, the default variant is refused rather than silently replaced.
+    assert json.loads((tmp_path / "out" / "prunenet.json").read_text())["method"] == "prunenet"
+    assert "training a PruneNet policy instead (--method prunenet)" in caplog.text
+    # Asked for explicitly, the default method is refused rather than silently replaced.
     status = main(["compress", str(source), "--ratio", "0.5", "--out", str(tmp_path / "out2"),
-                   "--max-memory", str(budget), "--variant", "self-generated"])
+                   "--max-memory", str(budget), "--method", "self-generated"])
     assert status != 0 and "needs it in memory" in capsys.readouterr().err
     assert not (tmp_path / "out2").exists()
     assert json.loads((tmp_path / "out" / "config.json").read_text())["intermediate_size"] == 24
@@ -213,11 +213,11 @@ def test_disk_full_while_writing_leaves_nothing(tmp_path, monkeypatch):
 
 def test_streaming_refuses_methods_that_need_the_model(tmp_path):
     source = sharded_checkpoint(tmp_path / "model")
-    with pytest.raises(InputError, match="whole model in memory"):
+    with pytest.raises(InputError, match="needs it in memory"):
         prune(StreamedCheckpoint(source), None, 0.5, method="activation", out=tmp_path / "out",
               progress=False)
     with pytest.raises(InputError, match="needs it in memory"):
-        compress(StreamedCheckpoint(source), 0.5, variant="self-generated", out=tmp_path / "out",
+        compress(StreamedCheckpoint(source), 0.5, method="self-generated", out=tmp_path / "out",
                  progress=False)
     assert not (tmp_path / "out").exists()
 
@@ -268,11 +268,12 @@ def generated_checkpoint(folder: Path, layers: int) -> Path:
 # pytest parent's 2.8 GiB showed up as the child's peak (issue 4's "in-suite anomaly").
 _CHILD = """
 import sys
-from prunenet.api import compress
-from prunenet.streaming import StreamedCheckpoint
+from prunenet.pipeline import compress
+from prunenet.io.streaming import StreamedCheckpoint, bound_heap_growth
+bound_heap_growth()  # as the command line does for a streamed run
 compress(StreamedCheckpoint(sys.argv[1]), 0.3, episodes=1, out=sys.argv[2], progress=False,
-         device="cpu", variant="reference")
-from prunenet.streaming import peak_rss
+         device="cpu", method="prunenet")
+from prunenet.io.streaming import peak_rss
 print(peak_rss())
 """
 

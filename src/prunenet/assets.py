@@ -188,23 +188,7 @@ def fetch_asset(name: str, force: bool = False) -> Path:
     return target
 
 
-def convert_smollm2(force: bool = False) -> Path:
-    """Dequantize the SmolLM2 GGUF once into a plain fp32 safetensors folder in the cache."""
-    from .checkpoints import atomic_folder, load_model_and_tokenizer, save_plain_checkpoint
-
-    target = cache_dir() / SMOLLM2_FOLDER
-    if (target / "config.json").exists() and not force:
-        return target
-    gguf_file = asset_path("smollm2-gguf") / SMOLLM2_GGUF_NAME
-    model, tokenizer = load_model_and_tokenizer(str(gguf_file))
-    with atomic_folder(target, overwrite=True) as staging:
-        save_plain_checkpoint(model, tokenizer, staging)
-    return target
-
-
 def fetch_all(names: list[str] | None = None, force: bool = False) -> dict[str, Path]:
-    """Fetch the named assets (default: all) and convert the default model; return their paths."""
-    paths = {name: fetch_asset(name, force) for name in (names or list(ASSETS))}
-    if "smollm2-gguf" in paths:
-        paths["smollm2"] = convert_smollm2(force)
-    return paths
+    """Fetch the named assets (default: all); return their paths. The default model's GGUF is
+    converted to safetensors by :func:`prunenet.io.loading.convert_default_model`."""
+    return {name: fetch_asset(name, force) for name in (names or list(ASSETS))}

@@ -1,4 +1,5 @@
-"""Command line: a thin layer over the verbs of :mod:`prunenet.api` (and evaluation, fine-tuning).
+"""Command line: a thin layer over the verbs of :mod:`prunenet.pipeline` (and evaluation,
+fine-tuning). Option defaults come from the settings dataclasses the verbs use.
 
 Every subcommand lives in one ``add_*`` function that declares its arguments and the function it
 runs. Errors of prunenet print as one line (no traceback unless ``--debug``) and exit with status 2.
@@ -9,11 +10,18 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable
 
 from .errors import PruneNetError
+from .pipeline import VARIANT_METHODS, CompressOptions
+from .selection import DEFAULT_METHOD, SELECTORS, STREAMED_DEFAULT_METHOD
+from .selection.prunenet import SELECTIONS
+from .selection.prunenet.reinforce import TrainingConfig
+
+DEFAULT_METHODS = (DEFAULT_METHOD, "random", "magnitude", "activation")
 
 log = logging.getLogger("prunenet")
 
@@ -77,9 +85,11 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
         help="model folder (config.json + safetensors), a .gguf file, the alias smollm2-135m, "
         "or a Hugging Face Hub id (needs network)",
     )
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
-                        help="where policy training and scoring run (default: auto)")
-    parser.add_argument("--seed", type=seed_value, default=42, help="random seed (default: 42)")
+    parser.add_argument("--device", default=CompressOptions.device,
+                        choices=["auto", "cpu", "cuda"],
+                        help=f"where selection runs (default: {CompressOptions.device})")
+    parser.add_argument("--seed", type=seed_value, default=CompressOptions.seed,
+                        help=f"random seed (default: {CompressOptions.seed})")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="allow the checkpoint's own Python code to run (off by default)")
     parser.add_argument("--max-memory", metavar="SIZE",
@@ -89,23 +99,27 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("policy training (SPEC §4)")
-    group.add_argument("--episodes", type=positive_int, default=20,
-                       help="REINFORCE episodes (default: 20)")
-    group.add_argument("--lr", type=positive_float, default=1e-3,
-                       help="AdamW learning rate (default: 1e-3; the paper's scripts use 1e-4)")
-    group.add_argument("--gamma", type=positive_float, default=0.99,
-                       help="per-layer discount (default: 0.99)")
-    group.add_argument("--reward", choices=["inverse", "penalty"], default="inverse",
-                       help="1/KS (reference, default) or -KS (the paper's 'penalty')")
+    group = parser.add_argument_group("PruneNet policy training (--method prunenet; "
+                                      "docs/method.md)")
+    group.add_argument("--episodes", type=positive_int, default=TrainingConfig.episodes,
+                       help=f"REINFORCE episodes (default: {TrainingConfig.episodes})")
+    group.add_argument("--lr", type=positive_float, default=TrainingConfig.lr,
+                       help=f"AdamW learning rate (default: {TrainingConfig.lr:g}; the paper's "
+                       "scripts use 1e-4)")
+    group.add_argument("--gamma", type=positive_float, default=TrainingConfig.gamma,
+                       help=f"per-layer discount (default: {TrainingConfig.gamma})")
+    group.add_argument("--reward", choices=["inverse", "penalty"], default=TrainingConfig.reward,
+                       help="1/KS (the reference code, default) or -KS (the paper's 'penalty')")
     group.add_argument("--reward-to-go", action="store_true",
                        help="weight each layer by its discounted reward-to-go")
-    group.add_argument("--baseline", choices=["none", "mean"], default="none",
+    group.add_argument("--baseline", choices=["none", "mean"], default=TrainingConfig.baseline,
                        help="subtract the episode's mean return (variance reduction)")
-    group.add_argument("--kld", action="store_true", help="add the reference's --use_kld term")
-    group.add_argument("--spectral", choices=["gram", "svd"], default="gram",
+    group.add_argument("--kld", action="store_true", help="add the reference code's --use_kld "
+                       "regulariser")
+    group.add_argument("--spectral", choices=["gram", "svd"], default=TrainingConfig.spectral,
                        help="singular values by Gram downdate (fast, default) or svdvals")
-    group.add_argument("--precision", choices=["auto", "float32", "float64"], default="auto",
+    group.add_argument("--precision", choices=["auto", "float32", "float64"],
+                       default=TrainingConfig.precision,
                        help="Gram path's float type: auto (default) uses float32 for layers "
                        "conditioned well enough that it keeps the KS statistic of float64 "
                        "(benchmarks/README.md), float64 for the others")
@@ -115,17 +129,46 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _training_options(args: argparse.Namespace) -> dict:
+    """The TrainingConfig fields the command line sets."""
+    return {name: getattr(args, name) for name in (
+        "episodes", "lr", "gamma", "reward", "reward_to_go", "baseline", "kld", "spectral",
+        "precision")}
+
+
+def _add_method_arguments(parser: argparse.ArgumentParser, takes_policy: bool = False) -> None:
+    methods = "; ".join(f"{name}: {cls.summary}" for name, cls in SELECTORS.items())
+    default = (f"prunenet with --policy, else {DEFAULT_METHOD}" if takes_policy else
+               f"{DEFAULT_METHOD}; {STREAMED_DEFAULT_METHOD} when the model is streamed "
+               f"(--max-memory), since {DEFAULT_METHOD} runs the model")
+    parser.add_argument("--method", choices=list(SELECTORS), default=None,
+                        help=f"how neurons are chosen. {methods}. Default: {default}")
+    parser.add_argument("--selection", choices=list(SELECTIONS), default=CompressOptions.selection,
+                        help="--method prunenet: the final kept rows are a seeded sample of the "
+                        "policy's keep probabilities (the reference code, default) or its top-k")
+    parser.add_argument("--variant", choices=list(VARIANT_METHODS), default=None,
+                        help="deprecated: --variant reference is --method prunenet, --variant "
+                        "self-generated is --method self-generated")
+
+
+def _compress_options(args: argparse.Namespace) -> dict:
+    """compress()/prune() keywords from the command line."""
     return {
-        "gamma": args.gamma,
-        "reward": args.reward,
-        "reward_to_go": args.reward_to_go,
-        "baseline": args.baseline,
-        "kld": args.kld,
-        "spectral": args.spectral,
-        "precision": args.precision,
-        "resume": args.resume,
-        "progress": not args.quiet,
+        "method": args.method, "variant": args.variant, "seed": args.seed,
+        "device": args.device, "selection": args.selection, "calibration": _calibration(args),
+        "max_memory": args.max_memory, "trust_remote_code": args.trust_remote_code,
+        "progress": not args.quiet, "resume": getattr(args, "resume", False),
+        **(_training_options(args) if hasattr(args, "episodes") else {}),
     }
+
+
+def _run_plan(plan):
+    """Run a planned compression; a streamed run bounds the heap's growth first."""
+    from .io.streaming import bound_heap_growth
+    from .pipeline import run_compression
+
+    if plan.streamed is not None:
+        bound_heap_growth()
+    return run_compression(plan)
 
 
 def _print_summary(result) -> None:
@@ -150,7 +193,7 @@ def _add_calibration_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _calibration(args: argparse.Namespace):
-    from .calibration import Calibration
+    from .selection.activation import Calibration
 
     return Calibration(corpus=args.calibration_corpus, windows=args.calibration_windows)
 
@@ -166,44 +209,22 @@ def _print_record(args: argparse.Namespace) -> None:
         print(f"run record saved to {args.record}; draw it with `prunenet report {args.record}`")
 
 
-def _add_variant_argument(
-    parser: argparse.ArgumentParser, takes_policy: bool, streams: bool = False
-) -> None:
-    from .variants import DEFAULT_VARIANT, VARIANTS
-
-    default = None if takes_policy or streams else DEFAULT_VARIANT
-    shown = f"reference with --policy, else {DEFAULT_VARIANT}" if takes_policy else DEFAULT_VARIANT
-    if streams:
-        shown = (f"{DEFAULT_VARIANT}; reference when the model is streamed (--max-memory), "
-                 f"since {DEFAULT_VARIANT} runs the model")
-    parser.add_argument(
-        "--variant", choices=list(VARIANTS), default=default,
-        help="for --method prunenet: 'reference' trains/uses a PruneNet policy (SPEC.md); "
-        f"'{DEFAULT_VARIANT}' needs none (benchmarks/quality_ablation.md). Default: {shown}",
-    )
-
-
 def run_compress(args: argparse.Namespace) -> int:
-    from .api import compress, input_path
-    from .checkpoints import is_model_output
     from .io.files import Output, guard_outputs, sibling_path
+    from .io.loading import is_model_output
+    from .pipeline import CompressOptions, input_path, plan_compression
 
     if args.finetune_steps:  # its output and working folder are checked before any work too
         guard_outputs([Output(f"{args.out}-finetuned", "--finetune-steps output",
                               ours=is_model_output),
                        Output(sibling_path(f"{args.out}-finetuned", ".work"),
-                              "fine-tuning work folder",
-                              working=True)],
+                              "fine-tuning work folder", working=True)],
                       [input_path(args.model)], args.overwrite)
-
-    result = compress(
-        args.model, args.ratio, method=args.method, episodes=args.episodes, lr=args.lr,
-        seed=args.seed, selection=args.selection, device=args.device, out=args.out,
-        policy_out=args.policy_out, overwrite=args.overwrite,
-        trust_remote_code=args.trust_remote_code, calibration=_calibration(args),
-        record_dir=args.record, max_memory=args.max_memory, variant=args.variant,
-        **_training_options(args),
-    )
+    options = CompressOptions.from_keywords(args.ratio, **_compress_options(args))
+    plan = plan_compression(args.model, args.ratio, options, out=args.out,
+                            record_dir=args.record, policy_out=args.policy_out,
+                            overwrite=args.overwrite)
+    result = _run_plan(plan)
     _print_summary(result)
     _print_record(args)
     if args.finetune_steps:
@@ -220,8 +241,8 @@ def run_compress(args: argparse.Namespace) -> int:
 def add_compress(subparsers) -> None:
     parser = subparsers.add_parser(
         "compress", help="choose FFN neurons and prune a model in one go",
-        description="Choose the FFN neurons of MODEL to remove (default: --variant "
-        "self-generated, from the model's own generated text; --variant reference trains a "
+        description="Choose the FFN neurons of MODEL to remove (default: --method "
+        "self-generated, from the model's own generated text; --method prunenet trains a "
         "PruneNet policy on the FFN weights alone) and write the pruned model as a stock "
         "Hugging Face checkpoint to --out. No calibration data is needed.",
     )
@@ -229,14 +250,9 @@ def add_compress(subparsers) -> None:
     parser.add_argument("--ratio", type=ratio_value, required=True,
                         help="fraction of FFN neurons to remove in every layer, in [0, 1)")
     parser.add_argument("--out", required=True, help="output folder (must not exist)")
-    parser.add_argument("--method", default="prunenet",
-                        choices=["prunenet", "random", "magnitude", "magnitude-product",
-                                 "activation"],
-                        help="neuron selection (default: prunenet)")
-    parser.add_argument("--selection", choices=["sample", "topk"], default="sample",
-                        help="final choice of kept rows: seeded sample (reference) or top-k")
-    _add_variant_argument(parser, takes_policy=False, streams=True)
-    parser.add_argument("--policy-out", help="also save the trained policy to this file")
+    _add_method_arguments(parser)
+    parser.add_argument("--policy-out", help="--method prunenet: also save the trained policy "
+                        "to this file")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     _add_record_argument(parser)
     _add_training_arguments(parser)
@@ -254,10 +270,11 @@ def add_compress(subparsers) -> None:
 
 def run_train_policy(args: argparse.Namespace) -> int:
 
-    from .api import input_path, policy_metadata, train_policy, training_state_path
-    from .checkpoints import is_policy_file, load_model_and_tokenizer, save_policy
     from .io.files import Output, guard_outputs
-    from .streaming import choose_streaming
+    from .io.loading import load_model_and_tokenizer
+    from .io.policy_file import is_policy_file, save_policy
+    from .io.streaming import bound_heap_growth, choose_streaming
+    from .pipeline import input_path, policy_metadata, train_policy, training_state_path
 
     guard_outputs([Output(args.out, "--out", folder=False, ours=is_policy_file),
                    Output(training_state_path(args.out), "training state", folder=False,
@@ -266,9 +283,11 @@ def run_train_policy(args: argparse.Namespace) -> int:
     model = choose_streaming(args.model, args.max_memory, training=True)
     if model is None:
         model, _ = load_model_and_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
+    else:
+        bound_heap_growth()
     state_path = training_state_path(args.out)
-    training = train_policy(model, args.ratio, episodes=args.episodes, lr=args.lr,
-                            seed=args.seed, device=args.device, state_path=state_path,
+    training = train_policy(model, args.ratio, seed=args.seed, device=args.device,
+                            state_path=state_path, resume=args.resume, progress=not args.quiet,
                             **_training_options(args))
     save_policy(training.policy, args.out, policy_metadata(model, training))
     state_path.unlink(missing_ok=True)
@@ -293,13 +312,12 @@ def add_train_policy(subparsers) -> None:
 
 
 def run_prune(args: argparse.Namespace) -> int:
-    from .api import prune
+    from .pipeline import CompressOptions, plan_compression
 
-    result = prune(args.model, args.policy, args.ratio, method=args.method,
-                   selection=args.selection, seed=args.seed, device=args.device, out=args.out,
-                   overwrite=args.overwrite, trust_remote_code=args.trust_remote_code,
-                   calibration=_calibration(args), record_dir=args.record,
-                   max_memory=args.max_memory, variant=args.variant, progress=not args.quiet)
+    options = CompressOptions.from_keywords(args.ratio, **_compress_options(args))
+    plan = plan_compression(args.model, args.ratio, options, policy=args.policy, out=args.out,
+                            record_dir=args.record, overwrite=args.overwrite)
+    result = _run_plan(plan)
     _print_summary(result)
     _print_record(args)
     return 0
@@ -315,11 +333,7 @@ def add_prune(subparsers) -> None:
     parser.add_argument("--ratio", type=ratio_value, required=True,
                         help="fraction of FFN neurons to remove, in [0, 1)")
     parser.add_argument("--out", required=True, help="output folder (must not exist)")
-    parser.add_argument("--method", default="prunenet",
-                        choices=["prunenet", "random", "magnitude", "magnitude-product",
-                                 "activation"])
-    parser.add_argument("--selection", choices=["sample", "topk"], default="sample")
-    _add_variant_argument(parser, takes_policy=True)
+    _add_method_arguments(parser, takes_policy=True)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     _add_record_argument(parser)
     _add_calibration_arguments(parser)
@@ -328,8 +342,12 @@ def add_prune(subparsers) -> None:
 
 def run_fetch(args: argparse.Namespace) -> int:
     from .assets import fetch_all
+    from .io.loading import convert_default_model
 
-    for name, path in fetch_all(args.assets or None, force=args.force).items():
+    paths = fetch_all(args.assets or None, force=args.force)
+    if "smollm2-gguf" in paths:
+        paths["smollm2"] = convert_default_model(args.force)
+    for name, path in paths.items():
         print(f"{name}: {path}")
     return 0
 
@@ -381,17 +399,25 @@ def _speed_protocol(args: argparse.Namespace):
                          new_tokens=args.speed_new_tokens, repeats=args.speed_repeats)
 
 
+def _offline_tasks(args: argparse.Namespace) -> None:
+    """Zero-shot data are local files: lm-eval and datasets must never wait on the network."""
+    if args.tasks:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
 def _ppl(args: argparse.Namespace) -> str | None:
     return None if args.ppl == "none" else args.ppl
 
 
 def run_eval(args: argparse.Namespace) -> int:
 
-    from .api import input_path
-    from .checkpoints import load_model_and_tokenizer
     from .evaluation.evaluate import FORMAT, evaluate, format_table
     from .io.files import Output, guard_outputs, json_with_format, write_json_atomic
+    from .io.loading import load_model_and_tokenizer
+    from .pipeline import input_path
 
+    _offline_tasks(args)
     json_path = None
     if args.json:
         json_path, = guard_outputs(
@@ -435,6 +461,7 @@ def ratio_list(text: str) -> list[float]:
 def run_compare(args: argparse.Namespace) -> int:
     from .compare import compare
 
+    _offline_tasks(args)
     compare(args.model, args.ratios, args.methods, args.out, variant=args.variant,
             episodes=args.episodes,
             train_ratio=args.train_ratio, ppl=args.ppl, seqlen=args.seqlen,
@@ -448,25 +475,28 @@ def run_compare(args: argparse.Namespace) -> int:
 def add_compare(subparsers) -> None:
     parser = subparsers.add_parser(
         "compare", help="compress with several methods at several ratios and evaluate them all",
-        description="Prune MODEL with each of --methods at each of --ratios (the PruneNet policy "
-        "is trained once and reused at every ratio), evaluate the dense model and every result, "
-        "and write report.md, results.json and PNG plots into --out.",
+        description="Prune MODEL with each of --methods at each of --ratios (for --method "
+        "prunenet one policy is trained and reused at every ratio), evaluate the dense model and "
+        "every result, and write report.md, results.json and PNG plots into --out.",
     )
     parser.add_argument("model", help="model folder, .gguf file or the alias smollm2-135m")
     parser.add_argument("--ratios", type=ratio_list, required=True,
                         help="comma-separated compression ratios, e.g. 0.1,0.2,0.3")
-    parser.add_argument("--methods", default="prunenet,random,magnitude,activation",
-                        help="comma-separated methods from prunenet, random, magnitude, "
-                        "magnitude-product, activation (default: prunenet,random,magnitude,"
-                        "activation)")
+    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                        help=f"comma-separated methods from {', '.join(SELECTORS)} (default: "
+                        f"{','.join(DEFAULT_METHODS)})")
     parser.add_argument("--out", required=True, help="output folder (must not exist)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    parser.add_argument("--seed", type=seed_value, default=42, help="random seed (default: 42)")
+    parser.add_argument("--seed", type=seed_value, default=CompressOptions.seed,
+                        help=f"random seed (default: {CompressOptions.seed})")
     parser.add_argument("--episodes", type=positive_int, default=None,
-                        help="PruneNet training episodes (default: the compress default)")
+                        help=f"--method prunenet: training episodes (default: "
+                        f"{TrainingConfig.episodes})")
     parser.add_argument("--train-ratio", type=ratio_value, default=None,
                         help="ratio the one policy is trained at (default: the largest ratio)")
-    _add_variant_argument(parser, takes_policy=False)
+    parser.add_argument("--variant", choices=list(VARIANT_METHODS), default=None,
+                        help="deprecated: renames prunenet in --methods (reference -> prunenet, "
+                        "self-generated -> self-generated)")
     _add_evaluation_arguments(parser, windows=8, tasks="piqa,arc_easy,winogrande", limit=100)
     _add_calibration_arguments(parser)
     parser.set_defaults(run=run_compare)

@@ -16,10 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .api import METHODS, input_path, prune, train_policy
 from .assets import asset_path
-from .calibration import Calibration
-from .checkpoints import check_output_path, load_model_and_tokenizer
 from .errors import InputError
 from .evaluation.corpora import load_corpus
 from .evaluation.evaluate import evaluate
@@ -27,8 +24,12 @@ from .evaluation.speed import SpeedProtocol
 from .evaluation.zeroshot import parse_tasks
 from .families import kept_count
 from .io.files import atomic_folder, folder_of, json_with_format, write_json_atomic
+from .io.loading import check_output_path, load_model_and_tokenizer
 from .model_view import FFNView
-from .variants import REFERENCE, resolve_variant
+from .pipeline import input_path, method_of_variant, prune, train_policy
+from .selection import SELECTORS
+from .selection.activation import Calibration
+from .selection.prunenet import PruneNet
 
 log = logging.getLogger("prunenet")
 
@@ -40,14 +41,18 @@ is_compare_output = folder_of("results.json", ("results.json", "report.md", *PLO
                                                                     FORMAT))
 
 
-def parse_methods(methods: str | Sequence[str]) -> list[str]:
-    """Method names from ``"prunenet,random"`` or a list; unknown names list the known ones."""
+def parse_methods(methods: str | Sequence[str], variant: str | None = None) -> list[str]:
+    """Method names from ``"self-generated,random"`` or a list; unknown names list the known
+    ones. A deprecated ``variant`` renames ``prunenet`` in the list to the method it means."""
     names = [m.strip() for m in methods.split(",")] if isinstance(methods, str) else list(methods)
+    if variant is not None:
+        named = method_of_variant(variant)
+        names = [named if name == PruneNet.name else name for name in names]
     names = list(dict.fromkeys(name for name in names if name))
-    unknown = [name for name in names if name not in METHODS]
+    unknown = [name for name in names if name not in SELECTORS]
     if unknown or not names:
         raise InputError(f"unknown method {', '.join(map(repr, unknown)) or '(none given)'}; "
-                         f"known: {', '.join(METHODS)}")
+                         f"known: {', '.join(SELECTORS)}")
     return names
 
 
@@ -74,17 +79,17 @@ def compare(
 ) -> dict[str, Any]:
     """Compress ``model`` with every method at every ratio, evaluate all, write ``out``.
 
-    ``model``: a folder, GGUF file or alias. ``variant`` of method ``prunenet`` (None: the api's
-    default variant); for ``reference`` the policy is trained once at ``train_ratio`` with
-    ``episodes`` (None: the api default). Evaluation: ``windows`` perplexity windows of
+    ``model``: a folder, GGUF file or alias. ``methods``: names from the selection registry;
+    for ``prunenet`` one policy is trained at ``train_ratio`` (default: the largest ratio) with
+    ``episodes`` (None: the default) and reused at every ratio. ``variant`` is the deprecated
+    name of a method (see :func:`parse_methods`). Evaluation: ``windows`` perplexity windows of
     ``seqlen`` tokens of ``ppl``; ``tasks`` with ``limit`` examples each; speed under ``speed``
     (default protocol).
     Returns the results dict also written to ``out/results.json``. Raises :class:`InputError`
     for unknown methods/tasks/corpora, bad ratios, too many windows, and :class:`OutputError`
     for an ``out`` that exists (without ``overwrite``) or cannot be written, before any work.
     """
-    method_names = parse_methods(methods)
-    variant = resolve_variant(variant) if "prunenet" in method_names else None
+    method_names = parse_methods(methods, variant)
     task_names = parse_tasks(tasks)
     ratios = sorted(dict.fromkeys(float(r) for r in ratios))
     if not ratios:
@@ -116,7 +121,7 @@ def compare(
         "methods": method_names,
         "settings": {
             "corpus": ppl, "seqlen": seqlen, "windows": windows, "tasks": task_names,
-            "limit": limit, "seed": seed, "speed": vars(speed), "variant": variant,
+            "limit": limit, "seed": seed, "speed": vars(speed),
             "calibration": vars(calibration or Calibration()) if "activation" in method_names
             else None,
         },
@@ -125,7 +130,7 @@ def compare(
         "runs": [],
     }
     policy = None
-    if variant == REFERENCE:
+    if PruneNet.name in method_names:
         train_at = max(ratios) if train_ratio is None else train_ratio
         report(f"training the PruneNet policy once, at ratio {train_at}")
         options = {} if episodes is None else {"episodes": episodes}
@@ -140,9 +145,9 @@ def compare(
         }
     pairs = [(method, ratio) for method in method_names for ratio in ratios]
     for number, (method, ratio) in enumerate(pairs, 1):
-        pruned = prune(copy.deepcopy(dense), policy if method == "prunenet" else None, ratio,
+        pruned = prune(copy.deepcopy(dense), policy if method == PruneNet.name else None, ratio,
                        method=method, seed=seed, tokenizer=tokenizer, calibration=calibration,
-                       progress=progress, variant=variant if method == "prunenet" else None)
+                       progress=progress)
         evaluation = run_evaluation(pruned.model)
         record = {k: v for k, v in pruned.record.items() if k not in ("training", "source")}
         results["runs"].append({"method": method, "ratio": ratio, "record": record,
@@ -322,9 +327,9 @@ def render_report(results: dict[str, Any], plots: Sequence[str] = PLOTS) -> str:
             f"{dense_speed['repeats']} after {dense_speed['warmup']} warm-up, "
             f"{dense_speed['device']}, {dense_speed['threads']} threads."
         )
-    if settings["variant"] and settings["variant"] != REFERENCE:
-        lines.append(f"- prunenet: variant {settings['variant']} (no policy; see "
-                     "`prunenet compress --help`).")
+    for method in results["methods"]:
+        lines.append(f"- {method}: {SELECTORS[method].summary}." if method in SELECTORS
+                     else f"- {method}.")
     if results["training"]:
         training = results["training"]
         lines.append(

@@ -151,7 +151,7 @@ def check_sequence_length(config, seqlen: int, option: str = "--seqlen") -> None
 
 
 def kept_count(d_ff: int, ratio: float) -> int:
-    """Neurons kept per layer at compression ``ratio``: ``int((1 - ratio) * d_ff)`` (SPEC §1)."""
+    """Neurons kept per layer at compression ``ratio``: ``int((1 - ratio) * d_ff)``."""
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
         raise InputError(f"ratio must be a number in [0, 1), got {ratio!r}")
     if not 0.0 <= float(ratio) < 1.0:

@@ -25,7 +25,11 @@ import torch
 from torch import Tensor, nn
 
 from . import __version__
-from .checkpoints import (
+from .errors import InputError, NumericalError, OutputError
+from .evaluation.corpora import load_corpus
+from .families import check_sequence_length, family_for
+from .io.files import Output, atomic_folder, guard_outputs, sibling_path, write_json_atomic
+from .io.loading import (
     RECORD_NAME,
     is_model_output,
     load_config,
@@ -33,10 +37,6 @@ from .checkpoints import (
     read_record,
     save_plain_checkpoint,
 )
-from .errors import InputError, NumericalError, OutputError
-from .evaluation.corpora import load_corpus
-from .families import check_sequence_length, family_for
-from .io.files import Output, atomic_folder, guard_outputs, sibling_path, write_json_atomic
 
 TARGET_GROUPS = ("attn", "mlp")
 SETTINGS_NAME = "prunenet-finetune.json"

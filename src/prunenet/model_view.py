@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from .errors import InputError
 from .families import Family, family_for
@@ -44,6 +45,13 @@ class FFNView:
         matrix = self.family.first_matrix(tensor, self.d_ff)
         return matrix.to(device=device or tensor.device, dtype=torch.float32).contiguous()
 
+    def second_matrix_module(self, layer_index: int) -> nn.Module:
+        """The module whose input is the FFN's intermediate activation (down_proj, fc2, ...)."""
+        family = self.family
+        second = [cut for cut in family.cuts
+                  if cut.name.endswith(".weight") and cut.axis != family.first.axis]
+        return self.layers[layer_index].get_submodule(second[0].name.rsplit(".", 1)[0])
+
     def parameter_counts(self) -> dict[str, int]:
         """Total and FFN parameter counts (tied weights counted once)."""
         seen: set[int] = set()
@@ -60,3 +68,30 @@ class FFNView:
                 except AttributeError:
                     pass
         return {"total": total, "ffn": ffn}
+
+
+@torch.no_grad()
+def squared_activation_sums(model: nn.Module, tokens: Tensor, dtype: torch.dtype,
+                            progress: bool = False, desc: str = "activations") -> list[Tensor]:
+    """Per layer, the sum over every token of ``tokens`` (sequences x length) of each FFN
+    neuron's squared activation, read at the input of the second FFN matrix and accumulated in
+    ``dtype`` on the CPU. One forward pass per sequence."""
+    view = FFNView(model)
+    sums = [torch.zeros(view.d_ff, dtype=dtype) for _ in range(view.num_layers)]
+
+    def accumulate(index: int):
+        def hook(_module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
+            activation = inputs[0].detach().reshape(-1, inputs[0].shape[-1])
+            sums[index] += activation.to(dtype).pow(2).sum(0).cpu()
+        return hook
+
+    handles = [view.second_matrix_module(i).register_forward_pre_hook(accumulate(i))
+               for i in range(view.num_layers)]
+    device = next(model.parameters()).device
+    try:
+        for sequence in tqdm(tokens, desc=desc, disable=not progress, leave=False):
+            model(sequence.unsqueeze(0).to(device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return sums

@@ -17,12 +17,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from .checkpoints import check_output_path
 from .errors import InputError
 from .io.files import atomic_folder, folder_of, json_with_format, write_json_atomic
+from .io.loading import check_output_path
 from .model_view import FFNView
-from .reinforce import TrainingResult
-from .spectral import LayerSpectrum, ks_statistic
+from .selection.prunenet.reinforce import TrainingResult
+from .selection.prunenet.spectral import LayerSpectrum, ks_statistic
 
 RUN_RECORD_FORMAT = "prunenet-run-record/1"
 RUN_RECORD_NAME = "record.json"
@@ -106,6 +106,18 @@ _COMPRESSION_FIELDS = {
 }
 
 
+# Records written before methods had one namespace said "prunenet" plus the variant that ran.
+_VARIANT_METHODS = {"reference": "prunenet", "self-generated": "self-generated"}
+
+
+def method_that_ran(compression: dict[str, Any]) -> str:
+    """The method a compression record describes, for records of every prunenet version."""
+    variant = compression.get("variant")
+    if compression.get("method") == "prunenet" and isinstance(variant, str):
+        return _VARIANT_METHODS.get(variant, variant)
+    return compression["method"]
+
+
 def schema_problem(data: dict[str, Any]) -> str | None:
     """What is wrong with a ``record.json`` content that ``prunenet report`` draws, or None."""
     count = data.get("num_layers")
@@ -175,6 +187,7 @@ def read_run_record(run_dir: str | os.PathLike) -> tuple[dict[str, Any], list[Te
     problem = schema_problem(data)
     if problem is not None:
         raise InputError(f"{record_path}: {problem}; the record is damaged")
+    data["compression"]["method"] = method_that_ran(data["compression"])
     spectra_path = folder / SPECTRA_NAME
     if not spectra_path.is_file():
         raise InputError(f"{folder} has {RUN_RECORD_NAME} but no {SPECTRA_NAME}; the record is "

@@ -11,8 +11,8 @@ from typing import Any
 
 from torch import nn
 
-from ..checkpoints import RECORD_NAME, load_model_and_tokenizer, read_record, resolve_source
 from ..families import check_sequence_length
+from ..io.loading import RECORD_NAME, load_model_and_tokenizer, read_record, resolve_source
 from ..model_view import FFNView
 from .corpora import TokenCorpus, load_corpus
 from .perplexity import perplexity

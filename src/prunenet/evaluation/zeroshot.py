@@ -11,7 +11,6 @@ WinoGrande (``acc``), as in the paper.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -64,7 +63,9 @@ def zero_shot(
 
     ``limit`` takes the first ``limit`` examples of each task (lm-eval's ``--limit``). Raises
     :class:`InputError` for unknown tasks or a model without a tokenizer, and
-    :class:`MissingAssetError` when the data has not been fetched.
+    :class:`MissingAssetError` when the data has not been fetched. The task data are local
+    files; set ``HF_HUB_OFFLINE=1`` and ``HF_DATASETS_OFFLINE=1`` (the command line does) so
+    that lm-eval and datasets never try the network.
     """
     names = parse_tasks(tasks)
     if not names:
@@ -74,8 +75,6 @@ def zero_shot(
     if limit is not None and limit < 1:
         raise InputError(f"limit must be a positive number of examples, got {limit}")
     asset_path("zeroshot")  # fail early, naming the fetch command
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager

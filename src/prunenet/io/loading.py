@@ -8,7 +8,6 @@ runs only when the caller asks for it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -17,14 +16,12 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
-from .errors import InputError, OutputError, PolicyMismatchError
-from .families import family_for
-from .io.files import (
+from ..errors import InputError
+from ..families import family_for
+from .files import (
     Output,
     Recognizer,
-    atomic_file,
     atomic_folder,
     folder_of,
     guard_outputs,
@@ -32,11 +29,8 @@ from .io.files import (
     json_with_format,
     write_json_atomic,
 )
-from .policy import PrunePolicy
 
 RECORD_NAME = "prunenet.json"
-POLICY_FORMAT = "prunenet-policy/1"
-POLICY_HEADER_KEY = "prunenet"
 MODEL_ALIASES = {"smollm2-135m": "the default real model, SmolLM2-135M-Instruct (prunenet fetch)"}
 
 
@@ -48,7 +42,7 @@ def resolve_source(source: str | os.PathLike) -> tuple[str, str | None]:
     """Return ``(folder_or_hub_id, gguf_file_name_or_None)`` for a user's MODEL argument."""
     text = str(source)
     if text in MODEL_ALIASES:
-        from .assets import smollm2_path
+        from ..assets import smollm2_path
 
         return str(smollm2_path()), None
     path = Path(text).expanduser()
@@ -372,98 +366,16 @@ def read_record(folder: str | os.PathLike) -> dict[str, Any]:
     return record
 
 
-# ---------------------------------------------------------------------------------------------
-# Policies
+def convert_default_model(force: bool = False) -> Path:
+    """Dequantize the default model's GGUF (SmolLM2) once into a plain fp32 safetensors folder
+    in the cache; return the folder."""
+    from ..assets import SMOLLM2_FOLDER, SMOLLM2_GGUF_NAME, asset_path, cache_dir
 
-
-def policy_checksum(policy: PrunePolicy) -> str:
-    digest = hashlib.sha256()
-    for name, tensor in sorted(policy.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
-def save_policy(policy: PrunePolicy, path: str | os.PathLike, metadata: dict[str, Any]) -> Path:
-    """Save a policy as safetensors; ``metadata`` (JSON-able) goes into the header. Atomic."""
-    path = Path(path).expanduser()
-    if path.is_dir():
-        raise OutputError(
-            f"policy output {path} is a folder; give a file name (e.g. policy.safetensors)"
-        )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # One header key: safetensors writes several in a random order, breaking byte-identity.
-    header = {POLICY_HEADER_KEY: json.dumps({
-        "format": POLICY_FORMAT,
-        "d_model": policy.d_model,
-        "d_ff": policy.d_ff,
-        "checksum": policy_checksum(policy),
-        "metadata": metadata,
-    }, sort_keys=True)}
-    tensors = {
-        name: tensor.detach().cpu().contiguous() for name, tensor in policy.state_dict().items()
-    }
-    with atomic_file(path) as tmp:
-        save_file(tensors, str(tmp), metadata=header)
-    return path
-
-
-def is_policy_file(path: Path) -> bool:
-    """Whether ``path`` is a policy file prunenet wrote (safetensors with its header)."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            header = json.loads((handle.metadata() or {})[POLICY_HEADER_KEY])
-    except (SafetensorError, OSError, KeyError, ValueError, TypeError):
-        return False
-    return isinstance(header, dict) and header.get("format") == POLICY_FORMAT
-
-
-def load_policy(path: str | os.PathLike) -> tuple[PrunePolicy, dict[str, Any]]:
-    """Load a policy saved by :func:`save_policy`; returns ``(policy, metadata)``.
-
-    Raises :class:`InputError` for a missing, corrupted or non-safetensors file (pickles are never
-    loaded) and :class:`PolicyMismatchError` when its tensors do not match its declared shapes.
-    """
-    from safetensors import safe_open
-
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise InputError(f"policy file {path} does not exist")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            header = handle.metadata() or {}
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
-        raise InputError(
-            f"{path} is not a readable safetensors policy file ({error}); "
-            "policies are saved by `prunenet train-policy`"
-        ) from error
-    try:
-        header = json.loads(header[POLICY_HEADER_KEY])
-        is_policy = header.get("format") == POLICY_FORMAT
-    except (KeyError, ValueError, AttributeError):
-        is_policy = False
-    if not is_policy:
-        raise InputError(f"{path} is a safetensors file but not a prunenet policy (no format tag)")
-    try:
-        d_model, d_ff = int(header["d_model"]), int(header["d_ff"])
-        metadata = dict(header.get("metadata", {}))
-    except (KeyError, ValueError, TypeError) as error:
-        raise InputError(f"{path}: damaged policy header ({error})") from error
-    expected = {"projection": (d_ff, d_model), "bias": (d_ff,), "row_weights": (d_ff,)}
-    shapes = {name: tuple(tensor.shape) for name, tensor in tensors.items()}
-    if shapes != expected:
-        raise PolicyMismatchError(f"{path}: tensors {shapes} do not match the header {expected}")
-    for name, tensor in tensors.items():
-        if not torch.isfinite(tensor).all():
-            raise InputError(f"{path}: policy tensor {name} holds NaN or Inf")
-    policy = PrunePolicy.from_tensors(tensors)
-    checksum = header.get("checksum")
-    if not checksum:
-        raise InputError(f"{path}: the policy header has no checksum, so its values cannot be "
-                         "trusted; save policies with `prunenet train-policy`")
-    if checksum != policy_checksum(policy):
-        raise InputError(f"{path}: checksum mismatch; the policy file is corrupted")
-    return policy, metadata
+    target = cache_dir() / SMOLLM2_FOLDER
+    if (target / "config.json").exists() and not force:
+        return target
+    gguf_file = asset_path("smollm2-gguf") / SMOLLM2_GGUF_NAME
+    model, tokenizer = load_model_and_tokenizer(str(gguf_file))
+    with atomic_folder(target, overwrite=True) as staging:
+        save_plain_checkpoint(model, tokenizer, staging)
+    return target

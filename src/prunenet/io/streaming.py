@@ -18,7 +18,7 @@ import math
 import os
 import re
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,17 +28,16 @@ from safetensors import safe_open
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .checkpoints import (
+from ..errors import InputError, NumericalError, OutputError
+from ..families import Cut, family_for, slice_tensor
+from .files import atomic_folder, write_json_atomic
+from .loading import (
     RECORD_NAME,
-    check_output_path,
     check_weights_on_meta,
     read_config_json,
     validate_safetensors,
     validate_weight_files,
 )
-from .errors import InputError, NumericalError, OutputError
-from .families import Cut, family_for, kept_count, slice_tensor
-from .io.files import atomic_folder, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +113,6 @@ class StreamedCheckpoint:
                 "safetensors weights (a missing index file?)"
             )
         validate_weight_files(self.folder)  # missing shards, truncated files, lying headers
-        _bound_heap_growth()
         self.entries = self._read_entries()
         # Every weight the architecture expects, and no other: as the in-memory load checks.
         check_weights_on_meta(self.folder)
@@ -265,12 +263,13 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _bound_heap_growth() -> None:
+def bound_heap_growth() -> None:
     """Serve every allocation of 1 MiB or more by mmap, returned to the system when freed.
 
     glibc otherwise raises its mmap threshold after each freed large block (up to 32 MiB), so the
     per-layer matrices of a streamed run come from a heap that fragments and grows with the
-    number of layers (measured: +15 MB per layer of 4096 x 1024).
+    number of layers (measured: +15 MB per layer of 4096 x 1024). Process-wide: the command line
+    calls it for a run that streams; library code never does.
     """
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, 2**20)
@@ -281,25 +280,6 @@ def _check_finite(name: str, tensor: Tensor) -> None:
         raise NumericalError(
             f"{name} holds NaN or Inf; the checkpoint is damaged and cannot be pruned"
         )
-
-
-class LayerMatrices(Sequence):
-    """Lazy sequence of first FFN matrices: indexing reads that layer from disk, every time."""
-
-    def __init__(self, checkpoint: StreamedCheckpoint, device: torch.device | str) -> None:
-        self.checkpoint = checkpoint
-        self.device = device
-
-    def __len__(self) -> int:
-        return self.checkpoint.num_layers
-
-    def __getitem__(self, index: int) -> Tensor:  # type: ignore[override]
-        if not -len(self) <= index < len(self):
-            raise IndexError(index)
-        return self.checkpoint.first_matrix(index % len(self), self.device)
-
-    def __iter__(self) -> Iterator[Tensor]:
-        return (self[index] for index in range(len(self)))
 
 
 def streamable(source: Any) -> StreamedCheckpoint | None:
@@ -461,43 +441,3 @@ def write_streamed(checkpoint: StreamedCheckpoint, kept_rows: Sequence[Tensor], 
             ) from error
         raise
     return out
-
-
-STREAMED_METHODS = ("prunenet", "random", "magnitude")
-
-
-def prune_streamed(checkpoint: StreamedCheckpoint, policy: Any, ratio: float, *, method: str,
-                   selection: str, seed: int, device: Any, out: str | os.PathLike | None,
-                   overwrite: bool, progress: bool, training: Any = None,
-                   variant: str | None = None) -> Any:
-    """:func:`prunenet.api.prune` for a streamed checkpoint: select rows reading one layer at a
-    time, then write the output with :func:`write_streamed`. Returns a ``CompressionResult``
-    whose ``model`` is None (the pruned model is on disk, at ``out``). ``variant`` as in
-    ``select_rows``: only ``reference`` (a trained policy) works without the model in memory."""
-    from .api import CompressionResult, _record, select_rows
-
-    if out is None:
-        raise InputError("a streamed compression writes its result to disk: pass --out")
-    if method not in STREAMED_METHODS:
-        raise InputError(
-            f"method {method!r} needs the whole model in memory; streaming supports "
-            f"{', '.join(STREAMED_METHODS)}. Raise --max-memory to work in memory"
-        )
-    if variant not in (None, "reference"):
-        raise InputError(f"variant {variant!r} runs the model and needs it in memory; raise "
-                         "--max-memory or use --variant reference")
-    kept = kept_count(checkpoint.d_ff, ratio)
-    if policy is not None:
-        policy.check_fits(checkpoint.d_model, checkpoint.d_ff)
-    rows = select_rows(checkpoint, ratio, method=method, policy=policy, selection=selection,
-                       seed=seed, device=device, progress=progress)
-    prunenet = method == "prunenet"
-    record = _record(method, ratio, seed, checkpoint.parameter_counts(),
-                     checkpoint.parameter_counts(kept), checkpoint.d_ff, kept,
-                     checkpoint.source, policy if prunenet else None,
-                     selection if prunenet else None, training)
-    if variant is not None:
-        record["variant"] = variant
-    out_path = check_output_path(out, overwrite, [str(checkpoint.folder)])
-    saved = write_streamed(checkpoint, rows, out_path, record, overwrite, progress)
-    return CompressionResult(None, None, rows, record, policy, training, str(saved))

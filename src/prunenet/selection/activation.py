@@ -14,12 +14,11 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
-from .errors import InputError
-from .evaluation.corpora import TokenCorpus, load_corpus
-from .model_view import FFNView
-from .policy import top_rows
+from ..errors import InputError
+from ..evaluation.corpora import TokenCorpus, load_corpus
+from ..model_view import FFNView, squared_activation_sums
+from .base import Selector, Source, top_rows
 
 
 @dataclass(frozen=True)
@@ -49,52 +48,34 @@ def calibration_windows(corpus: TokenCorpus, calibration: Calibration) -> Tensor
     return windows[: calibration.windows]
 
 
-def second_matrix_module(view: FFNView, layer_index: int) -> nn.Module:
-    """The module whose input is the FFN's intermediate activation (down_proj, fc2, c_proj...)."""
-    family = view.family
-    second = [cut for cut in family.cuts
-              if cut.name.endswith(".weight") and cut.axis != family.first.axis]
-    return view.layers[layer_index].get_submodule(second[0].name.rsplit(".", 1)[0])
-
-
-@torch.no_grad()
-def squared_activation_sums(model: nn.Module, tokens: Tensor, dtype: torch.dtype,
-                            progress: bool = False, desc: str = "activations") -> list[Tensor]:
-    """Per layer, the sum over every token of ``tokens`` (sequences x length) of each FFN
-    neuron's squared activation, read at the input of the second FFN matrix and accumulated in
-    ``dtype`` on the CPU. One forward pass per sequence."""
-    view = FFNView(model)
-    sums = [torch.zeros(view.d_ff, dtype=dtype) for _ in range(view.num_layers)]
-
-    def accumulate(index: int):
-        def hook(_module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
-            activation = inputs[0].detach().reshape(-1, inputs[0].shape[-1])
-            sums[index] += activation.to(dtype).pow(2).sum(0).cpu()
-        return hook
-
-    handles = [second_matrix_module(view, i).register_forward_pre_hook(accumulate(i))
-               for i in range(view.num_layers)]
-    device = next(model.parameters()).device
-    try:
-        for sequence in tqdm(tokens, desc=desc, disable=not progress, leave=False):
-            model(sequence.unsqueeze(0).to(device))
-    finally:
-        for handle in handles:
-            handle.remove()
-    return sums
-
-
 def activation_norms(model: nn.Module, windows: Tensor, progress: bool = True) -> list[Tensor]:
     """Per layer, the L2 norm of each FFN neuron's activation over all tokens of ``windows``."""
     sums = squared_activation_sums(model, windows, torch.float64, progress, "calibration")
     return [total.sqrt().float() for total in sums]
 
 
-def activation_rows(model: nn.Module, tokenizer: Any, kept: int,
-                    calibration: Calibration | None = None, progress: bool = True) -> list[Tensor]:
+class Activation(Selector):
+    name = "activation"
+    summary = ("calibration-based Wanda-style reference: row norm x activation norm on "
+               "training windows of a corpus (needs data)")
+    needs_model = True
+    needs_data = True
+
+    def __init__(self, calibration: Calibration | None = None) -> None:
+        self.calibration = calibration or Calibration()
+        self.calibration.validate()
+
+    def select(self, source: Source, kept: int, seed: int) -> list[Tensor]:
+        return activation_rows(source.model, source.tokenizer, kept, self.calibration,
+                               source.progress)
+
+    def record(self) -> dict[str, Any]:
+        return {"calibration": vars(self.calibration)}
+
+
+def activation_rows(model: nn.Module, tokenizer: Any, kept: int, calibration: Calibration,
+                    progress: bool = True) -> list[Tensor]:
     """The ``kept`` neurons per layer with the largest row-norm x activation-norm score."""
-    calibration = calibration or Calibration()
-    calibration.validate()
     if tokenizer is None:
         raise InputError("method 'activation' needs the model's tokenizer to read calibration text")
     corpus = load_corpus(calibration.corpus, tokenizer)

@@ -1,4 +1,5 @@
-"""REINFORCE over layers (SPEC §4): episodes, spectral rewards, discounting, updates, best policy.
+"""REINFORCE over layers (docs/method.md, section 4): episodes, spectral rewards, discounting,
+updates, best policy.
 
 Works on first FFN matrices and kept-row index sets only: no model copy, no forward pass of the LLM.
 """
@@ -19,9 +20,9 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .errors import InputError, NumericalError
-from .families import kept_count
-from .io.files import atomic_file
+from ...errors import InputError, NumericalError
+from ...families import kept_count
+from ...io.files import atomic_file
 from .policy import PrunePolicy, keep_probabilities, sample_rows
 from .spectral import PRECISIONS, LayerSpectrum
 
@@ -33,7 +34,7 @@ ZERO_KS_REWARD = 99999.0
 
 @dataclass
 class TrainingConfig:
-    """Every setting of a policy-training run. Defaults follow the reference (SPEC §4)."""
+    """Every setting of a policy-training run. Defaults follow the reference code."""
 
     ratio: float = 0.3
     episodes: int = 20

@@ -1,4 +1,4 @@
-"""The PruneNet policy ("action model") and row sampling (SPEC §2).
+"""The PruneNet policy ("action model") and row sampling (docs/method.md, section 2).
 
 One small network shared by every layer: a linear map P (d_ff x d_model) with bias b, and a vector
 v (d_ff). Given a layer's first FFN matrix W (d_ff x d_model) it scores each row:
@@ -8,12 +8,13 @@ computed here without the d_ff x d_ff intermediate of the reference code.
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import torch
 from torch import Tensor, nn
 
-from .errors import PolicyMismatchError
+from ...errors import PolicyMismatchError
 
 # Probabilities are kept this far inside (0, 1) so logits and logs stay finite in fp32.
 PROBABILITY_EPS = 1e-6
@@ -88,7 +89,10 @@ def sample_rows(probabilities: Tensor, kept: int, generator: torch.Generator | N
     return rows.sort().values
 
 
-def top_rows(scores: Tensor, kept: int) -> Tensor:
-    """The ``kept`` rows of highest score, sorted by index (ties broken by lower index)."""
-    order = torch.argsort(scores.detach(), descending=True, stable=True)
-    return order[:kept].sort().values
+def policy_checksum(policy: PrunePolicy) -> str:
+    """sha256 of the policy's parameters by name: its identity in records and policy files."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(policy.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()

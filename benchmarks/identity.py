@@ -1,0 +1,187 @@
+"""Fingerprints of every output file of a fixed set of runs, to prove a change alters no result.
+
+    python benchmarks/identity.py OUT.json            # tiny models of every family
+    python benchmarks/identity.py OUT.json --real     # also SmolLM2-135M (needs `prunenet fetch`)
+    python benchmarks/identity.py OUT.json --compare REFERENCE.json
+
+For each run it records the sha256 of every weight, policy, spectra and plot file the run wrote,
+and the compression records with machine-dependent fields (paths, version) removed. ``--compare``
+exits 1 naming every file or record that differs from REFERENCE.json. Records written before the
+method names were unified (``"method": "prunenet"`` with a ``"variant"``) are read with the names
+of today, so a reference taken from that code compares equal when the results are.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import io
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from conftest import TINY_CONFIGS, make_tiny_model  # noqa: E402
+from prunenet.cli import main  # noqa: E402
+
+HASHED = ("*.safetensors", "*.png")
+VOLATILE = ("source", "prunenet_version")  # paths of this machine, the package version
+
+# Runs on every tiny family: (name, compress/prune arguments in today's option names).
+TINY_RUNS = [
+    ("self-generated", ["--method", "self-generated"]),
+    ("random", ["--method", "random", "--seed", "3"]),
+    ("magnitude", ["--method", "magnitude"]),
+    ("magnitude-product", ["--method", "magnitude-product"]),
+    ("prunenet", ["--method", "prunenet", "--episodes", "2", "--record", "{work}/record",
+                  "--policy-out", "{work}/policy.safetensors"]),
+    ("prunenet-topk", ["--method", "prunenet", "--episodes", "2", "--selection", "topk"]),
+]
+REAL_RUNS = [
+    ("self-generated", ["--method", "self-generated"]),
+    ("random", ["--method", "random"]),
+    ("activation", ["--method", "activation", "--calibration-windows", "2"]),
+    ("prunenet", ["--method", "prunenet", "--episodes", "1", "--record", "{work}/record",
+                  "--policy-out", "{work}/policy.safetensors"]),
+]
+
+
+def unified_methods() -> bool:
+    """Whether the code under test names methods in one namespace (no --variant axis)."""
+    from prunenet.cli import build_parser
+
+    help_text = io.StringIO()
+    with contextlib.redirect_stdout(help_text), contextlib.suppress(SystemExit):
+        build_parser().parse_args(["compress", "--help"])
+    return "self-generated" in help_text.getvalue().split("--method", 1)[1].split("--", 1)[0]
+
+
+def legacy_arguments(arguments: list[str]) -> list[str]:
+    """Today's ``--method`` names in the options of the code before the names were unified."""
+    result = list(arguments)
+    index = result.index("--method")
+    method = result[index + 1]
+    if method == "self-generated":
+        result[index:index + 2] = ["--method", "prunenet", "--variant", "self-generated"]
+    elif method == "prunenet":
+        result[index:index + 2] = ["--method", "prunenet", "--variant", "reference"]
+    return result
+
+
+def normalized_record(record: dict[str, Any]) -> dict[str, Any]:
+    """A record without machine-dependent fields, methods named as today."""
+    record = {k: v for k, v in record.items() if k not in VOLATILE}
+    variant = record.pop("variant", None)
+    if record.get("method") == "prunenet" and variant not in (None, "reference"):
+        record["method"] = variant
+        record["selection"] = None
+        record["policy_sha256"] = None
+    for nested in ("compression",):
+        if isinstance(record.get(nested), dict):
+            record[nested] = normalized_record(record[nested])
+    return record
+
+
+def fingerprint(folder: Path) -> dict[str, Any]:
+    """sha256 of the hashed files under ``folder`` and its normalized JSON records."""
+    result: dict[str, Any] = {}
+    for pattern in HASHED:
+        for path in sorted(folder.rglob(pattern)):
+            result[str(path.relative_to(folder))] = hashlib.sha256(path.read_bytes()).hexdigest()
+    for name in ("prunenet.json", "record/record.json"):
+        path = folder / name
+        if path.is_file():
+            result[name] = normalized_record(json.loads(path.read_text()))
+    return result
+
+
+def run(source: str, arguments: list[str], work: Path, legacy: bool) -> dict[str, Any]:
+    arguments = [part.replace("{work}", str(work)) for part in arguments]
+    if legacy:
+        arguments = legacy_arguments(arguments)
+    argv = ["-q", "compress", source, "--ratio", "0.3", "--out", str(work / "out"), *arguments]
+    if main(argv) != 0:
+        raise SystemExit(f"failed: prunenet {' '.join(argv)}")
+    if (work / "record").is_dir() and main(["-q", "report", str(work / "record")]) != 0:
+        raise SystemExit(f"failed: prunenet report {work / 'record'}")
+    if (work / "policy.safetensors").is_file():  # the saved policy reused at another ratio
+        if main(["-q", "prune", source, "--policy", str(work / "policy.safetensors"),
+                 "--ratio", "0.2", "--out", str(work / "reused"), "--method", "prunenet",
+                 *(["--variant", "reference"] if legacy else [])]) != 0:
+            raise SystemExit("failed: prunenet prune with the saved policy")
+    return fingerprint(work)
+
+
+def fingerprints(real: bool) -> dict[str, Any]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the same BLAS reduction order on every machine and run
+    try:
+        return _fingerprints(real)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _fingerprints(real: bool) -> dict[str, Any]:
+    legacy = not unified_methods()
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        root = Path(scratch)
+        for model_type in sorted(TINY_CONFIGS):
+            source = root / model_type
+            make_tiny_model(model_type).save_pretrained(source)
+            for name, arguments in TINY_RUNS:
+                work = root / f"{model_type}-{name}"
+                results[f"{model_type}/{name}"] = run(str(source), arguments, work, legacy)
+        if real:
+            for name, arguments in REAL_RUNS:
+                work = root / f"smollm2-{name}"
+                results[f"smollm2/{name}"] = run("smollm2-135m", arguments, work, legacy)
+    return results
+
+
+def _without_timings(value: Any) -> Any:
+    """``value`` without wall-clock fields (an episode's ``seconds``), which no run repeats."""
+    if isinstance(value, dict):
+        return {k: _without_timings(v) for k, v in value.items() if k != "seconds"}
+    if isinstance(value, list):
+        return [_without_timings(v) for v in value]
+    return value
+
+
+def differences(new: dict[str, Any], reference: dict[str, Any]) -> list[str]:
+    """One line per file or record of a run both sides have that differs."""
+    new, reference = _without_timings(new), _without_timings(reference)
+    lines = []
+    for run_name in sorted(set(new) | set(reference)):
+        if run_name not in new or run_name not in reference:
+            continue  # a run only one side has (e.g. --real on one side only)
+        a, b = new[run_name], reference[run_name]
+        for key in sorted(set(a) | set(b)):
+            if a.get(key) != b.get(key):
+                lines.append(f"{run_name}: {key} differs")
+    return lines
+
+
+def main_cli() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--real", action="store_true")
+    parser.add_argument("--compare", type=Path)
+    args = parser.parse_args()
+    results = fingerprints(args.real)
+    args.out.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+    if args.compare is None:
+        return 0
+    found = differences(results, json.loads(args.compare.read_text()))
+    print("\n".join(found) or f"identical: {len(results)} runs")
+    return 1 if found else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main_cli())

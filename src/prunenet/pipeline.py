@@ -1,0 +1,401 @@
+"""The verbs: compress(), prune(), train_policy().
+
+Every compression runs the same stages: plan (read the input's name, choose streaming or not,
+build the selection method, check every output against every input) -> open the source (a loaded
+model, or a streamed checkpoint read tensor by tensor) -> select the kept neurons -> write (slice
+and save, or a streamed write) -> record. Settings live in :class:`CompressOptions` and
+:class:`~prunenet.selection.prunenet.reinforce.TrainingConfig`, which hold every default once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from . import __version__
+from .errors import InputError
+from .families import kept_count
+from .io.files import Output, guard_outputs, sibling_path
+from .io.loading import (
+    is_model_output,
+    load_model_and_tokenizer,
+    resolve_source,
+    save_compressed,
+)
+from .io.policy_file import is_policy_file, load_policy, save_policy
+from .io.streaming import StreamedCheckpoint, choose_streaming, write_streamed
+from .model_view import FFNView
+from .recording import first_matrix_spectra, is_run_record, write_run_record
+from .selection import (
+    DEFAULT_METHOD,
+    SELECTORS,
+    STREAMED_DEFAULT_METHOD,
+    Selector,
+    Source,
+    selector_class,
+)
+from .selection.activation import Activation, Calibration
+from .selection.prunenet import PruneNet, check_finite_weights, train_on
+from .selection.prunenet.policy import PrunePolicy
+from .selection.prunenet.reinforce import TrainingConfig, TrainingResult
+from .slicing import slice_model
+
+log = logging.getLogger(__name__)
+
+# The former second option axis: ``--variant NAME`` named what is now ``--method NAME``.
+VARIANT_METHODS = {"reference": PruneNet.name, "self-generated": DEFAULT_METHOD}
+
+
+@dataclass
+class CompressOptions:
+    """How to compress; every default is held here once (the command line reads them).
+
+    ``method`` None: the default method, or ``prunenet`` when the model is streamed (the default
+    runs the model, which a streamed checkpoint never holds) or a policy is given. ``selection``
+    and ``training`` concern ``prunenet`` only, ``calibration`` ``activation`` only.
+    """
+
+    method: str | None = None
+    seed: int = 42
+    device: str = "auto"
+    selection: str = "sample"
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    calibration: Calibration = field(default_factory=Calibration)
+    resume: bool = False
+    max_memory: int | str | None = None
+    trust_remote_code: bool = False
+    progress: bool = True
+
+    @classmethod
+    def from_keywords(cls, ratio: float, **keywords: Any) -> CompressOptions:
+        """Options from flat keywords: these fields, and :class:`TrainingConfig` fields such as
+        ``episodes`` or ``lr``. ``variant`` (deprecated) maps to its method name."""
+        variant = keywords.pop("variant", None)
+        if variant is not None:
+            keywords["method"] = method_of_variant(variant, keywords.get("method"))
+        own = {f.name for f in fields(cls)} - {"training"}
+        trained = {f.name for f in fields(TrainingConfig)} - {"ratio", "seed"}
+        unknown = set(keywords) - own - trained
+        if unknown:
+            raise InputError(f"unknown option(s): {', '.join(sorted(unknown))}")
+        options = cls(**{k: v for k, v in keywords.items() if k in own})
+        options.training = TrainingConfig(ratio=ratio, seed=options.seed,
+                                          **{k: v for k, v in keywords.items() if k in trained})
+        return options
+
+
+def method_of_variant(variant: str, method: str | None = None) -> str:
+    """The method a deprecated ``variant`` names; refuses an unknown one or a conflict."""
+    if variant not in VARIANT_METHODS:
+        raise InputError(f"unknown variant {variant!r}; --variant is deprecated, use --method "
+                         f"({', '.join(f'{v} -> {m}' for v, m in VARIANT_METHODS.items())})")
+    named = VARIANT_METHODS[variant]
+    if method is not None and method != named:
+        raise InputError(f"--variant {variant} means --method {named}, which conflicts with "
+                         f"--method {method}; give --method only")
+    log.warning("--variant is deprecated: --variant %s is --method %s", variant, named)
+    return named
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``auto`` -> cuda when available, else cpu; a clear error for an unavailable device."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda was asked for, but no CUDA GPU is available; use cpu")
+    return resolved
+
+
+def input_path(source: str | os.PathLike) -> str:
+    """The local path a MODEL argument reads (the folder, or the .gguf file); a Hub id as is."""
+    folder, gguf_file = resolve_source(source)
+    return str(Path(folder) / gguf_file) if gguf_file else folder
+
+
+def training_state_path(output: str | os.PathLike) -> Path:
+    """Where a run writing ``output`` keeps its resumable training state: a sibling file."""
+    return sibling_path(output, ".train-state.pt")
+
+
+def _as_model(model: Any, trust_remote_code: bool = False):
+    if isinstance(model, nn.Module):
+        return model, None
+    if isinstance(model, (str, os.PathLike)):
+        return load_model_and_tokenizer(model, device="cpu", trust_remote_code=trust_remote_code)
+    raise InputError(f"expected a model or a model path, got {type(model).__name__}")
+
+
+@dataclass
+class CompressionResult:
+    model: nn.Module | None  # None when the model was streamed: the result is on disk at ``out``
+    tokenizer: Any
+    kept_rows: list[Tensor]
+    record: dict[str, Any]
+    policy: PrunePolicy | None = None
+    training: TrainingResult | None = None
+    out: str | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Plan:
+    """Everything decided before any work: what to read, how, with which method, where to."""
+
+    model: Any
+    source: str | None  # the MODEL argument as given, None for an in-memory model
+    ratio: float
+    options: CompressOptions
+    selector: Selector
+    streamed: StreamedCheckpoint | None
+    out: str | os.PathLike | None = None
+    record_dir: str | os.PathLike | None = None
+    policy_out: str | os.PathLike | None = None
+    overwrite: bool = False
+
+    @property
+    def trains_policy(self) -> bool:
+        return isinstance(self.selector, PruneNet) and self.selector.policy is None
+
+
+def make_selector(method: str, options: CompressOptions, policy: PrunePolicy | None = None,
+                  state_path: Path | None = None) -> Selector:
+    """The selection method ``method`` with its settings from ``options``."""
+    cls = selector_class(method)
+    if policy is not None and cls is not PruneNet:
+        raise InputError(f"method {method!r} uses no policy; use --method prunenet to prune "
+                         "with a trained policy")
+    if cls is PruneNet:
+        return PruneNet(policy, options.training, options.selection, state_path, options.resume)
+    if cls is Activation:
+        return Activation(options.calibration)
+    return cls()
+
+
+def plan_compression(model: Any, ratio: float, options: CompressOptions, *,
+                     policy: PrunePolicy | str | os.PathLike | None = None,
+                     out: str | os.PathLike | None = None,
+                     record_dir: str | os.PathLike | None = None,
+                     policy_out: str | os.PathLike | None = None,
+                     overwrite: bool = False) -> Plan:
+    """Decide the run and check it before any work: a bad input, method or output path fails
+    here, with nothing written."""
+    options.training.validate()
+    source = None if isinstance(model, nn.Module) else str(model)
+    reads = [input_path(source)] if source is not None else []  # a bad input fails first
+    if isinstance(policy, (str, os.PathLike)):
+        reads.append(policy)
+    method = options.method or (PruneNet.name if policy is not None else DEFAULT_METHOD)
+    trains = selector_class(method) is PruneNet and policy is None
+    if policy_out is not None and not trains:
+        raise InputError(f"--policy-out needs a trained policy: method 'prunenet' without "
+                         f"--policy (method {method!r} trains none)")
+    state_of = (out if out is not None else policy_out) if trains else None
+    guard_outputs([
+        Output(out, "--out", ours=is_model_output) if out is not None else None,
+        Output(record_dir, "--record", ours=is_run_record) if record_dir is not None else None,
+        Output(policy_out, "--policy-out", folder=False, ours=is_policy_file)
+        if policy_out is not None else None,
+        Output(training_state_path(state_of), "training state", folder=False, working=True)
+        if state_of is not None else None,
+    ], reads, overwrite)
+    streamed = None
+    if source is not None:
+        streamed = choose_streaming(model, options.max_memory, training=trains)
+    if streamed is not None and options.method is None and policy is None:
+        method = STREAMED_DEFAULT_METHOD
+        log.warning("the model is streamed, and the default method %r needs it in memory: "
+                    "training a PruneNet policy instead (--method %s)", DEFAULT_METHOD, method)
+    if isinstance(policy, (str, os.PathLike)):
+        policy, _ = load_policy(policy)
+    trains = selector_class(method) is PruneNet and policy is None
+    state_path = training_state_path(state_of) if trains and state_of is not None else None
+    selector = make_selector(method, options, policy, state_path)
+    if streamed is not None:
+        if selector.needs_model:
+            streamable = [name for name, cls in SELECTORS.items() if not cls.needs_model]
+            raise InputError(
+                f"method {method!r} runs the model and needs it in memory; a streamed model "
+                f"supports {', '.join(streamable)}. Raise --max-memory to work in memory")
+        if out is None:
+            raise InputError("a streamed compression writes its result to disk: pass --out")
+        if record_dir is not None:
+            raise InputError("--record needs the model in memory; it is not available when "
+                             "streaming (raise --max-memory)")
+    return Plan(model, source, ratio, options, selector, streamed, out, record_dir, policy_out,
+                overwrite)
+
+
+def run_compression(plan: Plan, tokenizer: Any = None) -> CompressionResult:
+    """Open the source, select, write and record, as ``plan`` says."""
+    options = plan.options
+    device = resolve_device(options.device)
+    if plan.streamed is not None:
+        model, weights = None, plan.streamed
+    else:
+        model, loaded_tokenizer = _as_model(plan.model, options.trust_remote_code)
+        tokenizer = loaded_tokenizer if tokenizer is None else tokenizer
+        weights = FFNView(model)
+    kept = kept_count(weights.d_ff, plan.ratio)
+    selector = plan.selector
+    if isinstance(selector, PruneNet) and selector.policy is not None:
+        selector.policy.check_fits(weights.d_model, weights.d_ff)
+    source = Source(weights, model, tokenizer, device, options.progress)
+    if isinstance(selector, PruneNet):
+        selector.train(source)
+        if plan.policy_out is not None:
+            save_policy(selector.policy, plan.policy_out,
+                        policy_metadata(model if model is not None else weights,
+                                        selector.training))
+    if model is not None:
+        check_finite_weights(weights)
+    original_spectra = first_matrix_spectra(model) if plan.record_dir is not None else None
+    before = weights.parameter_counts()
+    rows = selector.select(source, kept, options.seed)
+    if model is not None:
+        slice_model(model, rows)
+        after = FFNView(model).parameter_counts()
+    else:
+        after = weights.parameter_counts(kept)
+    record = compression_record(plan, selector, before, after, weights.d_ff, kept)
+    saved = None
+    if plan.out is not None:
+        if model is None:
+            saved = str(write_streamed(weights, rows, Path(plan.out).expanduser().resolve(),
+                                       record, plan.overwrite, options.progress))
+        else:
+            reads = [input_path(plan.source)] if plan.source else []
+            saved = str(save_compressed(model, tokenizer, plan.out, record, plan.overwrite,
+                                        reads))
+    if plan.record_dir is not None:
+        training = selector.training if isinstance(selector, PruneNet) else None
+        write_run_record(plan.record_dir, model, rows, record, original_spectra, training,
+                         plan.overwrite)
+    policy = selector.policy if isinstance(selector, PruneNet) else None
+    training = selector.training if isinstance(selector, PruneNet) else None
+    if training is not None and selector.state_path is not None:
+        Path(selector.state_path).unlink(missing_ok=True)  # finished: nothing left to resume
+    return CompressionResult(model, tokenizer, rows, record, policy, training, saved)
+
+
+def compression_record(plan: Plan, selector: Selector, before: dict, after: dict, d_ff: int,
+                       kept: int) -> dict[str, Any]:
+    """The ``prunenet.json`` content: what ran (the method's own name), on what, with what."""
+    return {
+        "format": "prunenet-compression/1",
+        "prunenet_version": __version__,
+        "method": selector.name,
+        "ratio": plan.ratio,
+        "seed": plan.options.seed,
+        "selection": None,
+        "ffn_width_before": d_ff,
+        "ffn_width_after": kept,
+        "parameters_before": before["total"],
+        "parameters_after": after["total"],
+        "ffn_parameters_before": before["ffn"],
+        "ffn_parameters_after": after["ffn"],
+        "parameter_reduction": 1 - after["total"] / before["total"],
+        "source": plan.source,
+        "policy_sha256": None,
+        **selector.record(),
+    }
+
+
+def compress(model: Any, ratio: float = 0.3, *, out: str | os.PathLike | None = None,
+             policy_out: str | os.PathLike | None = None,
+             record_dir: str | os.PathLike | None = None, overwrite: bool = False,
+             tokenizer: Any = None, **options: Any) -> CompressionResult:
+    """Remove the fraction ``ratio`` of FFN neurons of every layer of ``model``.
+
+    ``model``: a loaded transformers model (sliced in place) or anything
+    :func:`~prunenet.io.loading.load_model_and_tokenizer` reads (folder, GGUF file, alias, Hub
+    id). ``options``: :class:`CompressOptions` fields (``method``, ``seed``, ``device``,
+    ``selection``, ``calibration``, ``max_memory``, ...) and :class:`TrainingConfig` fields
+    (``episodes``, ``lr``, ...) for ``method="prunenet"``.
+
+    ``out`` saves a stock checkpoint with ``prunenet.json``; ``policy_out`` the trained policy;
+    ``record_dir`` the run's data for ``prunenet report``. A local safetensors folder that would
+    not fit ``max_memory`` is streamed (same result; ``result.model`` is None).
+    Raises :class:`~prunenet.errors.InputError` / ``OutputError`` before any work for a bad
+    input, method, ratio or output path.
+    """
+    plan = plan_compression(model, ratio, CompressOptions.from_keywords(ratio, **options),
+                            out=out, record_dir=record_dir, policy_out=policy_out,
+                            overwrite=overwrite)
+    return run_compression(plan, tokenizer)
+
+
+def prune(model: Any, policy: PrunePolicy | str | os.PathLike | None = None, ratio: float = 0.3,
+          *, out: str | os.PathLike | None = None, record_dir: str | os.PathLike | None = None,
+          overwrite: bool = False, tokenizer: Any = None, **options: Any) -> CompressionResult:
+    """:func:`compress` with a trained ``policy`` (object or policy file): PruneNet without
+    training, at any ``ratio``. Without a policy, ``options["method"]`` selects as compress."""
+    plan = plan_compression(model, ratio, CompressOptions.from_keywords(ratio, **options),
+                            policy=policy, out=out, record_dir=record_dir, overwrite=overwrite)
+    return run_compression(plan, tokenizer)
+
+
+def select_rows(model: nn.Module, ratio: float, *, tokenizer: Any = None,
+                policy: PrunePolicy | None = None, **options: Any) -> list[Tensor]:
+    """Kept neuron indices per layer of a loaded ``model`` (sorted, distinct, the same count in
+    every layer), without slicing it. ``options`` as :func:`compress`."""
+    settings = CompressOptions.from_keywords(ratio, **options)
+    method = settings.method or (PruneNet.name if policy is not None else DEFAULT_METHOD)
+    selector = make_selector(method, settings, policy)
+    view = FFNView(model)
+    source = Source(view, model, tokenizer, resolve_device(settings.device), settings.progress)
+    return selector.select(source, kept_count(view.d_ff, ratio), settings.seed)
+
+
+def train_policy(model: Any, ratio: float = 0.3, *, device: str | torch.device = "auto",
+                 progress: bool = True, state_path: str | os.PathLike | None = None,
+                 resume: bool = False, max_memory: int | str | None = None,
+                 **training: Any) -> TrainingResult:
+    """Train a PruneNet policy on ``model``'s FFN weights at compression ``ratio``.
+
+    ``training``: :class:`TrainingConfig` fields (episodes, lr, seed, gamma, reward, ...).
+    ``state_path`` keeps the training state after every episode so that ``resume=True``
+    continues an interrupted run. A safetensors folder that would not fit ``max_memory`` is
+    streamed one layer at a time. Returns a :class:`TrainingResult`.
+    """
+    config = TrainingConfig(ratio=ratio, **training)
+    config.validate()
+    run_device = resolve_device(device)
+    streamed = choose_streaming(model, max_memory, training=True)
+    if streamed is not None:
+        weights, in_memory = streamed, False
+    else:
+        weights, in_memory = FFNView(_as_model(model)[0]), True
+    kept_count(weights.d_ff, ratio)
+    return train_on(weights, config, run_device, in_memory=in_memory, progress=progress,
+                    state_path=state_path, resume=resume)
+
+
+def policy_metadata(model: Any, training: TrainingResult) -> dict[str, Any]:
+    """What a policy file stores with the policy: the shapes and model it fits, how it trained."""
+    streamed = isinstance(model, StreamedCheckpoint)
+    view = model if streamed else FFNView(model)
+    return {
+        "d_model": view.d_model,
+        "d_ff": view.d_ff,
+        "model_type": model.model_type if streamed else model.config.model_type,
+        "num_layers": view.num_layers,
+        "trained_ratio": training.config.ratio,
+        "episodes": training.config.episodes,
+        "seed": training.config.seed,
+        "lr": training.config.lr,
+        "config": vars(training.config),
+        "best_episode": training.best_episode,
+        "history": [
+            {"episode": r.episode, "total_reward": r.total_reward, "mean_ks": r.mean_ks,
+             "loss": r.loss}
+            for r in training.history
+        ],
+        "prunenet_version": __version__,
+    }

@@ -1,0 +1,70 @@
+"""The selection interface: which FFN neurons of every layer to keep.
+
+A selection method is a :class:`Selector`: it reads a :class:`Source` (the model's FFN weights,
+and the loaded model and tokenizer when it has them) and returns, per layer, the sorted indices
+of the ``kept`` neurons. Its class says what it needs: ``needs_model`` (it runs the model, so a
+streamed checkpoint cannot serve it) and ``needs_data`` (it reads calibration text).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol
+
+import torch
+from torch import Tensor, nn
+
+
+class FFNWeights(Protocol):
+    """What every source of FFN weights offers: a loaded model's :class:`~prunenet.model_view.
+    FFNView` or a streamed checkpoint (:class:`~prunenet.io.streaming.StreamedCheckpoint`)."""
+
+    d_ff: int
+    d_model: int
+
+    @property
+    def num_layers(self) -> int: ...
+
+    def first_matrix(self, layer_index: int, device: torch.device | str | None = None) -> Tensor:
+        """Layer ``layer_index``'s first FFN matrix, d_ff x d_model, float32."""
+        ...
+
+
+@dataclass
+class Source:
+    """What a selector reads: FFN ``weights`` always; ``model`` and ``tokenizer`` when loaded."""
+
+    weights: FFNWeights
+    model: nn.Module | None = None
+    tokenizer: Any = None
+    device: torch.device = torch.device("cpu")
+    progress: bool = True
+
+
+class Selector(ABC):
+    """One selection method. Subclasses set the class attributes and implement :meth:`select`."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]  # one line for --help and the docs
+    needs_model: ClassVar[bool] = False
+    needs_data: ClassVar[bool] = False
+
+    @abstractmethod
+    def select(self, source: Source, kept: int, seed: int) -> list[Tensor]:
+        """Per layer, the sorted indices of the ``kept`` neurons to keep."""
+
+    def record(self) -> dict[str, Any]:
+        """What the compression record says of this selection besides its name."""
+        return {}
+
+
+def top_rows(scores: Tensor, kept: int) -> Tensor:
+    """The ``kept`` rows of highest score, sorted by index (ties broken by lower index)."""
+    order = torch.argsort(scores.detach(), descending=True, stable=True)
+    return order[:kept].sort().values
+
+
+def top_rows_per_layer(scores: Sequence[Tensor], kept: int) -> list[Tensor]:
+    return [top_rows(layer_scores, kept) for layer_scores in scores]
