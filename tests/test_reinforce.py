@@ -1,5 +1,5 @@
-"""REINFORCE training: exact agreement with a straightforward re-statement of SPEC §4, returns,
-improvement of the objective, determinism."""
+"""REINFORCE training: exact agreement with a straightforward re-statement of the training in
+docs/method.md (section 4), returns, improvement of the objective, determinism."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def _matrices(layers=3, d_ff=64, d_model=16, seed=0):
 
 
 def _spec_reference_training(matrices, ratio, episodes, lr, seed, gamma=0.99):
-    """SPEC §4 written out plainly: reference d_ff x d_ff forward, svdvals, scipy KS."""
+    """docs/method.md section 4 written out plainly: d_ff x d_ff forward, svdvals, scipy KS."""
     d_ff, d_model = matrices[0].shape
     kept = int((1 - ratio) * d_ff)
     generator = torch.Generator().manual_seed(seed)

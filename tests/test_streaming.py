@@ -120,14 +120,14 @@ def test_max_memory_below_one_layer_names_the_minimum(tmp_path):
     assert streaming.format_bytes(minimum) in str(caught.value)
 
 
-@pytest.mark.parametrize("text,expected", [("2GB", 2 * 2**30), ("512M", 512 * 2**20),
-                                           ("1.5GiB", int(1.5 * 2**30)), ("1000", 1000),
-                                           (4096, 4096)])
+@pytest.mark.parametrize("text,expected", [("2GB", 2 * 10**9), ("2GiB", 2 * 2**30),
+                                           ("512MB", 512 * 10**6), ("1.5GiB", int(1.5 * 2**30)),
+                                           ("1000", 1000), (4096, 4096)])
 def test_parse_memory(text, expected):
     assert parse_memory(text) == expected
 
 
-@pytest.mark.parametrize("text", ["lots", "-1GB", "0", "2PB"])
+@pytest.mark.parametrize("text", ["lots", "-1GB", "0", "2PB", "512M"])
 def test_parse_memory_rejects(text):
     with pytest.raises(InputError):
         parse_memory(text)

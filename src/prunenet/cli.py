@@ -93,9 +93,10 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="allow the checkpoint's own Python code to run (off by default)")
     parser.add_argument("--max-memory", metavar="SIZE",
-                        help="memory budget such as 2GB (K/M/G/T = powers of 1024); a "
-                        "safetensors folder that would not fit is streamed one layer at a time "
-                        "(default: stream when it needs over half the free RAM)")
+                        help="memory budget as accelerate reads it (2GB = 2x10^9 bytes, 2GiB = "
+                        "2x2^30, 512MB); a safetensors folder that would not fit is streamed "
+                        "one layer at a time (default: stream when it needs over half the free "
+                        "RAM)")
 
 
 def _add_training_arguments(parser: argparse.ArgumentParser) -> None:

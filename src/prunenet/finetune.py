@@ -36,6 +36,7 @@ from .io.loading import (
     load_model_and_tokenizer,
     read_record,
     save_plain_checkpoint,
+    write_card,
 )
 
 TARGET_GROUPS = ("attn", "mlp")
@@ -375,5 +376,6 @@ def _write_output(peft_model, tokenizer, folder: Path, record: dict[str, Any], s
             model.to(saved_dtype)
         model.config.use_cache = True
         save_plain_checkpoint(model, tokenizer, folder)
+    write_card(folder, record, record.get("source"))
     write_json_atomic(folder / RECORD_NAME, record)
     return model

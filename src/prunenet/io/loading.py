@@ -28,7 +28,9 @@ from .files import (
     is_staging_name,
     json_with_format,
     write_json_atomic,
+    write_text_atomic,
 )
+from .model_card import CARD_NAME, render_card
 
 RECORD_NAME = "prunenet.json"
 MODEL_ALIASES = {"smollm2-135m": "the default real model, SmolLM2-135M-Instruct (prunenet fetch)"}
@@ -340,12 +342,23 @@ def save_compressed(
     model, tokenizer, out: str | os.PathLike, record: dict[str, Any], overwrite: bool = False,
     inputs: list[str] = (),
 ) -> Path:
-    """Write a stock checkpoint plus ``prunenet.json`` (last) atomically into ``out``."""
+    """Write a stock checkpoint, its model card and ``prunenet.json`` (last) atomically into
+    ``out``; ``inputs[0]``, when given, is where the model came from (for the card)."""
     out_path = check_output_path(out, overwrite, list(inputs))
     with atomic_folder(out_path, overwrite) as staging:
         save_plain_checkpoint(model, tokenizer, staging)
+        write_card(staging, record, inputs[0] if inputs else None)
         write_json_atomic(staging / RECORD_NAME, record)
     return out_path
+
+
+def write_card(folder: Path, record: dict[str, Any], source: str | os.PathLike | None) -> None:
+    """The model card of an output in ``folder`` (see :mod:`prunenet.io.model_card`)."""
+    local = source is not None and Path(source).expanduser().is_dir()
+    hub_id = str(source) if source is not None and not Path(source).expanduser().exists() \
+        and str(source).count("/") == 1 else None
+    write_text_atomic(folder / CARD_NAME,
+                      render_card(record, Path(source).expanduser() if local else None, hub_id))
 
 
 def read_record(folder: str | os.PathLike) -> dict[str, Any]:

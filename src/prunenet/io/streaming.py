@@ -16,7 +16,6 @@ import json
 import logging
 import math
 import os
-import re
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ from .loading import (
     read_config_json,
     validate_safetensors,
     validate_weight_files,
+    write_card,
 )
 
 log = logging.getLogger(__name__)
@@ -51,27 +51,32 @@ DEFAULT_RAM_SHARE = 0.5
 _COPY_CHUNK = 16 * 2**20
 _M_MMAP_THRESHOLD = -3  # mallopt parameter of glibc's malloc.h
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt")
-_UNITS = {"": 1, "B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
 
 def parse_memory(text: str | int) -> int:
-    """Bytes from ``"2GB"``, ``"512M"``, ``"1.5GiB"`` or a number; units are powers of 1024."""
-    if isinstance(text, int) and not isinstance(text, bool):
-        value = text
-    else:
-        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(I?B)?\s*", str(text).upper())
-        if match is None:
-            raise InputError(f"memory size {text!r} is not understood; write e.g. 2GB or 512MB")
-        value = int(float(match.group(1)) * _UNITS[match.group(2)])
+    """Bytes from a size as accelerate and transformers read ``max_memory``: ``"2GB"`` is 2 x 10^9
+    bytes, ``"2GiB"`` 2 x 2^30, ``"512MB"``, ``"1.5GB"``; a plain integer is bytes."""
+    from accelerate.utils import convert_file_size_to_int
+
+    if isinstance(text, bool):
+        raise InputError(f"memory size must be a size such as 2GB, got {text!r}")
+    if isinstance(text, str) and text.strip().isdigit():
+        text = int(text.strip())
+    try:
+        value = convert_file_size_to_int(text)
+    except (ValueError, TypeError):
+        raise InputError(f"memory size {text!r} is not understood; write e.g. 2GB (10^9 bytes), "
+                         "2GiB (2^30 bytes) or 512MB") from None
     if value <= 0:
         raise InputError(f"memory size must be positive, got {text!r}")
-    return value
+    return int(value)
 
 
 def format_bytes(count: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if count < 1024 or unit == "GB":
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.2f} {unit}"
+    """``count`` bytes in binary units (KiB, MiB, GiB), as --max-memory accepts them back."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.2f}{unit}"
         count /= 1024
     raise AssertionError("unreachable")
 
@@ -431,6 +436,7 @@ def write_streamed(checkpoint: StreamedCheckpoint, kept_rows: Sequence[Tensor], 
             current = out / "config.json"
             write_json_atomic(staging / "config.json", config)
             _copy_side_files(checkpoint.folder, staging)
+            write_card(staging, record, checkpoint.folder)  # replaces the input's own card
             current = out / RECORD_NAME
             write_json_atomic(staging / RECORD_NAME, record)
     except OSError as error:
