@@ -221,3 +221,28 @@ def test_eval_refuses_unwritable_json_and_unloadable_models(tiny_llama_real_toke
     (broken / "config.json").write_text('{"model_type": "llama"')
     assert main(["eval", str(broken), "--ppl", "none"]) == 2
     assert "is not a readable model" in capsys.readouterr().err
+
+
+def test_defaults_fit_a_model_with_a_short_context(tiny_llama_real_tokenizer_dir, tmp_path,
+                                                   capsys, caplog):
+    """Left at their defaults, the window length, the speed prompt and the zero-shot tasks fit
+    a 32-token model (each change said in one line); nothing has to be found by trial."""
+    import shutil
+
+    from prunenet.cli import main
+
+    folder = tmp_path / "short"
+    shutil.copytree(tiny_llama_real_tokenizer_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["max_position_embeddings"] = 32
+    (folder / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "eval.json"
+    assert main(["-q", "eval", str(folder), "--windows", "1", "--tasks", "piqa", "--limit", "2",
+                 "--speed", "--speed-repeats", "1", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["perplexity"]["seqlen"] == 32
+    speed = result["speed"]
+    assert speed["prompt_tokens"] + speed["new_tokens"] <= 32
+    assert result["zero_shot"] is None  # piqa's answers do not fit 32 tokens: skipped, said
+    assert "zero-shot task piqa skipped" in caplog.text
+    assert "perplexity windows of 32 tokens" in caplog.text

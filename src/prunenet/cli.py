@@ -373,8 +373,9 @@ def _add_evaluation_arguments(parser: argparse.ArgumentParser, windows: int, tas
     group.add_argument("--ppl", default="wiki",
                        help="perplexity corpus: wiki (default), a text/jsonl file, a datasets "
                        "folder, or none to skip")
-    group.add_argument("--seqlen", type=positive_int, default=1024,
-                       help="tokens per perplexity window (default: 1024)")
+    group.add_argument("--seqlen", type=positive_int, default=None,
+                       help="tokens per perplexity window (default: 1024, or the model's context "
+                       "when shorter)")
     group.add_argument("--windows", type=positive_int, default=windows,
                        help=f"first N evaluation windows of the corpus (default: {windows})")
     group.add_argument("--tasks", default=tasks,
@@ -385,8 +386,9 @@ def _add_evaluation_arguments(parser: argparse.ArgumentParser, windows: int, tas
                        f"{'all' if limit is None else limit})")
     group.add_argument("--speed-batch", type=positive_int, default=1,
                        help="speed: sequences per batch (default: 1)")
-    group.add_argument("--speed-prompt", type=positive_int, default=128,
-                       help="speed: prompt tokens per sequence (default: 128)")
+    group.add_argument("--speed-prompt", type=positive_int, default=None,
+                       help="speed: prompt tokens per sequence (default: 128, shortened to fit "
+                       "the model's context)")
     group.add_argument("--speed-new-tokens", type=positive_int, default=32,
                        help="speed: decoded tokens per sequence (default: 32)")
     group.add_argument("--speed-repeats", type=positive_int, default=5,

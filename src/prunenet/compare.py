@@ -19,7 +19,7 @@ from . import __version__
 from .assets import asset_path
 from .errors import InputError
 from .evaluation.corpora import load_corpus
-from .evaluation.evaluate import evaluate
+from .evaluation.evaluate import evaluate, fitted_seqlen
 from .evaluation.speed import SpeedProtocol
 from .evaluation.zeroshot import parse_tasks
 from .families import kept_count
@@ -66,7 +66,7 @@ def compare(
     episodes: int | None = None,
     train_ratio: float | None = None,
     ppl: str = "wiki",
-    seqlen: int = 1024,
+    seqlen: int | None = None,
     windows: int = 8,
     tasks: str | Sequence[str] = ("piqa", "arc_easy", "winogrande"),
     limit: int | None = 100,
@@ -105,6 +105,7 @@ def compare(
     view = FFNView(dense)
     for ratio in [*ratios, *([train_ratio] if train_ratio is not None else [])]:
         kept_count(view.d_ff, ratio)
+    seqlen = fitted_seqlen(dense.config, seqlen)
     corpus = load_corpus(ppl, tokenizer)
     corpus.evaluation_windows(seqlen, windows)  # too many windows: fail before work
 

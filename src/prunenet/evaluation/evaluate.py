@@ -5,13 +5,14 @@ The dict always has the same keys (``SCHEMA_KEYS``); a part that was not asked f
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from ..families import check_sequence_length
+from ..families import check_sequence_length, context_length
 from ..io.loading import RECORD_NAME, load_model_and_tokenizer, read_record, resolve_source
 from ..model_view import FFNView
 from .corpora import TokenCorpus, load_corpus
@@ -19,6 +20,7 @@ from .perplexity import perplexity
 from .speed import SpeedProtocol, measure_speed
 from .zeroshot import parse_tasks, zero_shot
 
+log = logging.getLogger(__name__)
 FORMAT = "prunenet-evaluation/1"
 SCHEMA_KEYS = ("format", "model", "compression", "size", "perplexity", "zero_shot", "speed")
 
@@ -34,8 +36,24 @@ def bytes_on_disk(source: str | os.PathLike) -> int | None:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def _perplexity_part(model: nn.Module, tokenizer: Any, ppl: str | TokenCorpus, seqlen: int,
+DEFAULT_SEQLEN = 1024
+
+
+def fitted_seqlen(config, seqlen: int | None) -> int:
+    """``seqlen``, or when None the default window length cut to the model's context (and said)."""
+    if seqlen is not None:
+        return seqlen
+    context = context_length(config)
+    if context is not None and context < DEFAULT_SEQLEN:
+        log.warning("perplexity windows of %d tokens: the model's context (the default is %d)",
+                    context, DEFAULT_SEQLEN)
+        return context
+    return DEFAULT_SEQLEN
+
+
+def _perplexity_part(model: nn.Module, tokenizer: Any, ppl: str | TokenCorpus, seqlen: int | None,
                      windows: int, progress: bool) -> dict[str, Any]:
+    seqlen = fitted_seqlen(model.config, seqlen)
     check_sequence_length(model.config, seqlen)
     corpus = ppl if isinstance(ppl, TokenCorpus) else load_corpus(ppl, tokenizer)
     batch = corpus.evaluation_windows(seqlen, windows)
@@ -49,12 +67,15 @@ def _perplexity_part(model: nn.Module, tokenizer: Any, ppl: str | TokenCorpus, s
 
 
 def _accuracy_part(model: nn.Module, tokenizer: Any, tasks: list[str],
-                   limit: int | None) -> dict[str, Any]:
+                   limit: int | None) -> dict[str, Any] | None:
     scores = zero_shot(model, tokenizer, tasks, limit=limit)
+    if not scores:
+        return None  # every task was skipped (each said why)
     return {
         "limit": limit,
         "tasks": scores,
         "average": sum(s["value"] for s in scores.values()) / len(scores),
+        "skipped": [name for name in tasks if name not in scores],
     }
 
 
@@ -63,7 +84,7 @@ def evaluate(
     tokenizer: Any = None,
     *,
     ppl: str | TokenCorpus | None = "wiki",
-    seqlen: int = 1024,
+    seqlen: int | None = None,
     windows: int = 16,
     tasks: str | list[str] = (),
     limit: int | None = None,
@@ -74,7 +95,8 @@ def evaluate(
     """Evaluate ``model`` (a loaded model, or a folder / GGUF / alias to load) and return a dict.
 
     ``ppl``: corpus name, text/jsonl file, datasets folder or a loaded :class:`TokenCorpus`
-    (None skips perplexity); the first ``windows`` evaluation windows of ``seqlen`` tokens are
+    (None skips perplexity); the first ``windows`` evaluation windows of ``seqlen`` tokens
+    (None: :data:`DEFAULT_SEQLEN`, or the model's context when shorter, said in a log line) are
     scored (see :mod:`prunenet.evaluation.corpora`). ``tasks``: zero-shot task names (see
     :data:`~prunenet.evaluation.zeroshot.TASK_METRICS`), ``limit`` examples each. ``speed``: True
     or a :class:`SpeedProtocol` to measure CPU/GPU throughput. ``source`` (set automatically when
@@ -148,6 +170,9 @@ def format_table(result: dict[str, Any]) -> str:
             rows.append((f"{name} {score['metric']}",
                          f"{score['value']:.4f}{stderr}  [{score['examples']} examples]"))
         rows.append(("zero-shot average", f"{z['average']:.4f}  [{limit}]"))
+        if z.get("skipped"):
+            rows.append(("zero-shot skipped", f"{', '.join(z['skipped'])} (do not fit the "
+                                              "model's context)"))
     if result["speed"]:
         s = result["speed"]
         protocol = (f"[batch {s['batch_size']}, prompt {s['prompt_tokens']}, "

@@ -9,9 +9,10 @@ sequences. Prefill = one forward pass over the whole prompt building the KV cach
 from __future__ import annotations
 
 import inspect
+import logging
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -20,13 +21,16 @@ from torch import nn
 from ..errors import InputError
 from ..families import context_length
 
+log = logging.getLogger(__name__)
+DEFAULT_PROMPT_TOKENS = 128
+
 
 @dataclass(frozen=True)
 class SpeedProtocol:
     """What one speed measurement runs; stored with its numbers."""
 
     batch_size: int = 1
-    prompt_tokens: int = 128
+    prompt_tokens: int | None = None  # None: DEFAULT_PROMPT_TOKENS, cut to fit the model
     new_tokens: int = 32
     repeats: int = 5
     warmup: int = 1
@@ -34,6 +38,8 @@ class SpeedProtocol:
 
     def validate(self) -> None:
         for name, value in asdict(self).items():
+            if name == "prompt_tokens" and value is None:
+                continue
             smallest = 0 if name == "warmup" else 1
             if name != "seed" and (not isinstance(value, int) or value < smallest):
                 raise InputError(f"speed {name} must be a positive integer, got {value!r}")
@@ -81,6 +87,14 @@ def measure_speed(model: nn.Module, protocol: SpeedProtocol | None = None) -> di
     protocol = protocol or SpeedProtocol()
     protocol.validate()
     context = context_length(model.config)
+    if protocol.prompt_tokens is None:  # the default prompt, shortened to fit the context
+        prompt_tokens, new_tokens = DEFAULT_PROMPT_TOKENS, protocol.new_tokens
+        if context is not None and prompt_tokens + new_tokens > context:
+            new_tokens = max(1, min(new_tokens, context // 4))
+            prompt_tokens = max(1, context - new_tokens)
+            log.warning("speed: a prompt of %d tokens and %d new tokens, to fit the model's "
+                        "context of %d", prompt_tokens, new_tokens, context)
+        protocol = replace(protocol, prompt_tokens=prompt_tokens, new_tokens=new_tokens)
     if context is not None and protocol.prompt_tokens + protocol.new_tokens > context:
         raise InputError(
             f"speed prompt ({protocol.prompt_tokens}) + new tokens ({protocol.new_tokens}) exceed "

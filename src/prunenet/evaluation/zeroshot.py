@@ -20,6 +20,7 @@ from torch import nn
 from ..assets import asset_path
 from ..errors import InputError
 
+log = logging.getLogger(__name__)
 TASK_DIR = Path(__file__).with_name("tasks")
 TASK_METRICS = {
     "piqa": "acc_norm",
@@ -84,12 +85,17 @@ def zero_shot(
     device = str(next(model.parameters()).device)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
     manager = TaskManager(include_path=str(TASK_DIR), include_defaults=False)
-    output = simple_evaluate(
-        model=lm, tasks=names, limit=limit, task_manager=manager, log_samples=False,
-        bootstrap_iters=1000,
-    )
     results = {}
-    for name in names:
+    for name in names:  # one task at a time, so a task that does not fit skips alone
+        try:
+            output = simple_evaluate(
+                model=lm, tasks=[name], limit=limit, task_manager=manager, log_samples=False,
+                bootstrap_iters=1000,
+            )
+        except AssertionError:  # lm-eval: an answer longer than the model's context
+            log.warning("zero-shot task %s skipped: its answers do not fit the model's context "
+                        "of %s tokens", name, lm.max_length)
+            continue
         metric = TASK_METRICS[name]
         row = output["results"][name]
         stderr = row.get(f"{metric}_stderr,none")
