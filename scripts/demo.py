@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import torch
+import transformers.utils.logging as transformers_logging
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import prunenet
@@ -38,6 +39,8 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=4)
     parser.add_argument("--out", default="out/smollm2-135m-pruned")
     args = parser.parse_args()
+    transformers_logging.disable_progress_bar()  # the table and the text, not loading bars
+    transformers_logging.set_verbosity_error()
 
     source = smollm2_path()
     out = Path(args.out)
@@ -47,14 +50,16 @@ def main() -> None:
              perplexity(dense, windows, progress=False), 0.0)]
 
     started = time.perf_counter()
-    result = prunenet.compress(str(source), ratio=args.ratio, out=out, overwrite=True)
+    result = prunenet.compress(str(source), ratio=args.ratio, out=out, overwrite=True,
+                               progress=False)
+    method = result.record["method"]
     seconds = time.perf_counter() - started
     reloaded = AutoModelForCausalLM.from_pretrained(out).eval()  # plain transformers
-    rows.append((f"prunenet r={args.ratio}", result.record["parameters_after"], folder_bytes(out),
+    rows.append((f"{method} r={args.ratio}", result.record["parameters_after"], folder_bytes(out),
                  perplexity(reloaded, windows, progress=False), seconds))
 
     baseline, _ = prunenet.load_model_and_tokenizer(source)
-    prunenet.prune(baseline, None, args.ratio, method="random", seed=0, progress=False)
+    prunenet.compress(baseline, args.ratio, method="random", seed=0, progress=False)
     rows.append((f"random r={args.ratio}", FFNView(baseline).parameter_counts()["total"], None,
                  perplexity(baseline, windows, progress=False), None))
 
@@ -65,7 +70,7 @@ def main() -> None:
         size_text = f"{size / 1e6:,.1f} MB" if size else "-"
         time_text = f"{secs:.0f} s" if secs else "-"
         print(f"{name:<22}{params:>14,}{size_text:>16}{ppl:>12.2f}{time_text:>9}")
-    print(f"\nsaved to {out} (method {result.record['method']}, record in prunenet.json)")
+    print(f"\nsaved to {out} (method {method}; record in prunenet.json, model card README.md)")
     tokenizer = AutoTokenizer.from_pretrained(out)
     prompt = "The capital of France is"
     print(f"greedy, dense:  {prompt!r} -> {generate(dense, tokenizer, prompt)!r}")
