@@ -203,12 +203,12 @@ def test_output_inside_input_is_refused(tiny_llama_dir):
 
 
 def test_failure_while_saving_leaves_no_output(tiny_llama_dir, tmp_path, monkeypatch):
-    from prunenet import checkpoints
+    from prunenet.io import loading
 
     def explode(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(checkpoints, "write_json_atomic", explode)
+    monkeypatch.setattr(loading, "write_json_atomic", explode)
     with pytest.raises(KeyboardInterrupt):
         prunenet.prune(str(tiny_llama_dir), None, 0.5, method="random", out=tmp_path / "out")
     assert [p.name for p in tmp_path.iterdir()] == ["tiny-llama"]

@@ -519,3 +519,140 @@ def test_edited_run_records_are_one_line(run_record, capsys, edit, match):
     edit(data)
     path.write_text(json.dumps(data))
     refused(capsys, ["-q", "report", str(run_record)], match)
+
+
+# --- prunenet's own working files, locks and races ---------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["folder", "symlink"])
+def test_finetune_never_deletes_a_user_folder_at_its_work_path(tmp_path, capsys, kind,
+                                                               tiny_llama_real_tokenizer_dir):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "a.jpg").write_bytes(b"jpeg")
+    out = tmp_path / "f" / "o"
+    out.parent.mkdir()
+    work = sibling_path(out, ".work")
+    if kind == "symlink":
+        work.symlink_to(photos, target_is_directory=True)
+    else:
+        shutil.copytree(photos, work)
+    refused(capsys, ["-q", "finetune", str(tiny_llama_real_tokenizer_dir), "--out", str(out),
+                     "--steps", "1", "--seqlen", "16", "--eval-windows", "1", "--overwrite"],
+            "symlink" if kind == "symlink" else "not written by prunenet")
+    assert (photos / "a.jpg").read_bytes() == b"jpeg"
+    assert kind == "symlink" or (work / "a.jpg").read_bytes() == b"jpeg"
+
+
+def test_a_user_file_at_the_training_state_path_is_kept(models, tmp_path, capsys):
+    out = tmp_path / "q.safetensors"
+    state = sibling_path(out, ".train-state.pt")
+    state.write_text("my data")
+    refused(capsys, ["-q", "train-policy", str(models / "llama"), "--ratio", "0.3", "--episodes",
+                     "1", "--out", str(out)], "not written by prunenet")
+    assert state.read_text() == "my data"
+
+
+def test_a_symlink_at_the_lock_path_is_never_followed(models, tmp_path):
+    victim = tmp_path / "victim.bin"
+    victim.write_bytes(b"precious")
+    out = tmp_path / "o"
+    (tmp_path / (sibling_prefix(out, "lock") + "0")).symlink_to(victim)
+    main(["-q", "compress", str(models / "llama"), "--ratio", "0.3", "--out", str(out),
+          "--method", "random"])
+    assert victim.read_bytes() == b"precious"
+
+
+@pytest.mark.parametrize("intruder", ["adapter/essay.txt", "README.md", "other.safetensors"])
+def test_overwrite_keeps_user_files_added_to_a_previous_output(models, tmp_path, capsys,
+                                                               intruder):
+    out = tmp_path / "m"
+    assert main(["-q", "compress", str(models / "llama"), "--ratio", "0.3", "--out", str(out),
+                 "--method", "random"]) == 0
+    (out / intruder).parent.mkdir(exist_ok=True)
+    (out / intruder).write_text("mine")
+    refused(capsys, ["-q", "compress", str(models / "llama"), "--ratio", "0.5", "--out",
+                     str(out), "--method", "random", "--overwrite"], "not written by prunenet")
+    assert (out / intruder).read_text() == "mine"
+
+
+def test_a_user_file_in_a_records_report_folder_is_kept(run_record, models, tmp_path, capsys):
+    (run_record / "report").mkdir()
+    (run_record / "report" / "notes.txt").write_text("mine")
+    refused(capsys, ["-q", "compress", str(models / "llama"), "--ratio", "0.3", "--out",
+                     str(tmp_path / "o2"), "--method", "random", "--record", str(run_record),
+                     "--overwrite"], "not written by prunenet")
+    assert (run_record / "report" / "notes.txt").read_text() == "mine"
+
+
+def test_a_calibration_corpus_inside_the_output_is_an_input(models, tmp_path, capsys):
+    out = tmp_path / "M"
+    assert main(["-q", "compress", str(models / "llama"), "--ratio", "0.3", "--out", str(out),
+                 "--method", "random"]) == 0
+    corpus = out / "tokenizer_corpus.txt"
+    corpus.write_text("words " * 100)
+    refused(capsys, ["-q", "compress", str(models / "llama"), "--ratio", "0.3", "--out",
+                     str(out), "--method", "random", "--calibration-corpus", str(corpus),
+                     "--overwrite"], "contains the input")
+    assert corpus.read_text() == "words " * 100
+
+
+def test_a_file_that_appears_while_the_work_runs_is_not_replaced(tmp_path):
+    from prunenet.errors import OutputError
+    from prunenet.io.files import atomic_file
+
+    path = tmp_path / "p.safetensors"
+    with pytest.raises(OutputError, match="another run"):
+        with atomic_file(path, overwrite=False) as tmp:
+            tmp.write_bytes(b"ours")
+            path.write_bytes(b"theirs")  # appears meanwhile
+    assert path.read_bytes() == b"theirs"
+    assert [p.name for p in tmp_path.iterdir()] == ["p.safetensors"]
+
+
+def test_finetune_outputs_are_checked_with_the_compression(tmp_path, capsys,
+                                                           tiny_llama_real_tokenizer_dir):
+    out = tmp_path / "x"
+    refused(capsys, ["-q", "compress", str(tiny_llama_real_tokenizer_dir), "--ratio", "0.3",
+                     "--out", str(out), "--method", "random", "--record",
+                     f"{out}-finetuned", "--finetune-steps", "1"], "must be separate")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("out, match", [("/", "root folder"), (".m.tmp-1", "staging")])
+def test_nameless_and_staging_like_outputs_are_one_line(models, tmp_path, capsys, monkeypatch,
+                                                        out, match):
+    monkeypatch.chdir(tmp_path)
+    refused(capsys, ["-q", "compress", str(models / "llama"), "--ratio", "0.3", "--out", out,
+                     "--method", "random"], match)
+
+
+def test_a_garbage_training_state_is_one_line(models, tmp_path, capsys):
+    out = tmp_path / "b.safetensors"
+    sibling_path(out, ".train-state.pt").write_bytes(b"garbage")
+    assert main(["-q", "train-policy", str(models / "llama"), "--ratio", "0.3", "--out",
+                 str(out), "--episodes", "2", "--resume"]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_resume_with_a_damaged_settings_record_is_one_line(tmp_path, capsys,
+                                                           tiny_llama_real_tokenizer_dir):
+    out = tmp_path / "F"
+    work = sibling_path(out, ".work")
+    work.mkdir()
+    (work / "prunenet-finetune.json").write_text("[1, 2]")
+    refused(capsys, ["-q", "finetune", str(tiny_llama_real_tokenizer_dir), "--out", str(out),
+                     "--steps", "1", "--seqlen", "16", "--eval-windows", "1", "--resume"],
+            "not a fine-tuning settings record")
+
+
+def test_a_speed_batch_beyond_memory_is_one_line(tiny_llama_real_tokenizer_dir, capsys):
+    refused(capsys, ["-q", "eval", str(tiny_llama_real_tokenizer_dir), "--ppl", "none",
+                     "--speed", "--speed-batch", "100000", "--speed-repeats", "1",
+                     "--speed-prompt", "4", "--speed-new-tokens", "1"], "does not fit in memory")
+
+
+def test_negative_zero_ratio_is_recorded_as_zero(models, tmp_path):
+    assert main(["-q", "compress", str(models / "llama"), "--ratio", "-0", "--out",
+                 str(tmp_path / "o"), "--method", "random"]) == 0
+    assert str(json.loads((tmp_path / "o" / "prunenet.json").read_text())["ratio"]) == "0.0"

@@ -236,19 +236,19 @@ def test_debug_flag_shows_the_traceback(tmp_path):
 _SLOW_SAVE = textwrap.dedent("""
     import signal, sys, time
     from pathlib import Path
-    from prunenet import checkpoints
+    from prunenet.io import loading
     from prunenet.cli import main
 
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
-    plain = checkpoints.save_plain_checkpoint
+    plain = loading.save_plain_checkpoint
 
     def slow(model, tokenizer, folder):
         plain(model, tokenizer, folder)
         Path(sys.argv[1]).write_text("saving")  # tell the test we are mid-save
         time.sleep(float(sys.argv[2]))
 
-    checkpoints.save_plain_checkpoint = slow
+    loading.save_plain_checkpoint = slow
     sys.exit(main(sys.argv[3:]))
 """)
 

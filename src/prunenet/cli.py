@@ -37,7 +37,7 @@ def ratio_value(text: str) -> float:
         ) from None
     if not 0.0 <= value < 1.0:
         raise argparse.ArgumentTypeError(f"ratio must be in [0, 1), got {text}")
-    return value
+    return value + 0.0  # -0.0 reads as 0.0
 
 
 def _is_percent(text: str) -> bool:
@@ -211,20 +211,23 @@ def _print_record(args: argparse.Namespace) -> None:
 
 
 def run_compress(args: argparse.Namespace) -> int:
-    from .io.files import Output, guard_outputs, sibling_path
+    from .finetune import is_work_folder
+    from .io.files import Output, sibling_path
     from .io.loading import is_model_output
-    from .pipeline import CompressOptions, input_path, plan_compression
+    from .pipeline import CompressOptions, plan_compression
 
-    if args.finetune_steps:  # its output and working folder are checked before any work too
-        guard_outputs([Output(f"{args.out}-finetuned", "--finetune-steps output",
-                              ours=is_model_output),
-                       Output(sibling_path(f"{args.out}-finetuned", ".work"),
-                              "fine-tuning work folder", working=True)],
-                      [input_path(args.model)], args.overwrite)
+    extra_outputs, extra_reads = [], []
+    if args.finetune_steps:  # its output, working folder and data are checked before any work
+        tuned = f"{args.out}-finetuned"
+        extra_outputs = [Output(tuned, "--finetune-steps output", ours=is_model_output),
+                         Output(sibling_path(tuned, ".work"), "fine-tuning work folder",
+                                working=True, ours=is_work_folder)]
+        extra_reads = [args.finetune_data]
     options = CompressOptions.from_keywords(args.ratio, **_compress_options(args))
     plan = plan_compression(args.model, args.ratio, options, out=args.out,
                             record_dir=args.record, policy_out=args.policy_out,
-                            overwrite=args.overwrite)
+                            overwrite=args.overwrite, extra_outputs=extra_outputs,
+                            extra_reads=extra_reads)
     result = _run_plan(plan)
     _print_summary(result)
     _print_record(args)
@@ -276,10 +279,11 @@ def run_train_policy(args: argparse.Namespace) -> int:
     from .io.policy_file import is_policy_file, save_policy
     from .io.streaming import bound_heap_growth, choose_streaming
     from .pipeline import input_path, policy_metadata, train_policy, training_state_path
+    from .selection.prunenet.reinforce import is_training_state
 
     guard_outputs([Output(args.out, "--out", folder=False, ours=is_policy_file),
                    Output(training_state_path(args.out), "training state", folder=False,
-                          working=True)],
+                          working=True, ours=is_training_state)],
                   [input_path(args.model)], args.overwrite)
     model = choose_streaming(args.model, args.max_memory, training=True)
     if model is None:
@@ -290,7 +294,7 @@ def run_train_policy(args: argparse.Namespace) -> int:
     training = train_policy(model, args.ratio, seed=args.seed, device=args.device,
                             state_path=state_path, resume=args.resume, progress=not args.quiet,
                             **_training_options(args))
-    save_policy(training.policy, args.out, policy_metadata(model, training))
+    save_policy(training.policy, args.out, policy_metadata(model, training), args.overwrite)
     state_path.unlink(missing_ok=True)
     best = training.history[training.best_episode]
     print(f"best episode {best.episode}: total reward {best.total_reward:.4g}, "
@@ -435,7 +439,7 @@ def run_eval(args: argparse.Namespace) -> int:
                       progress=not args.quiet)
     print(format_table(result))
     if json_path is not None:
-        write_json_atomic(json_path, result)
+        write_json_atomic(json_path, result, ours=lambda path: json_with_format(path, FORMAT))
         print(f"saved to {json_path}")
     return 0
 
@@ -537,7 +541,8 @@ def add_report(subparsers) -> None:
                         help="layers whose singular-value CDFs are drawn, e.g. 0,10,29 "
                         "(default: first, middle, last)")
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace a non-empty --out that is not a previous report")
+                        help="accepted for symmetry: a previous report in --out is replaced "
+                        "anyway, and a folder holding anything else never is")
     parser.set_defaults(run=run_report)
 
 

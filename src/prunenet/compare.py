@@ -106,8 +106,10 @@ def compare(
     for ratio in [*ratios, *([train_ratio] if train_ratio is not None else [])]:
         kept_count(view.d_ff, ratio)
     seqlen = fitted_seqlen(dense.config, seqlen)
-    corpus = load_corpus(ppl, tokenizer)
-    corpus.evaluation_windows(seqlen, windows)  # too many windows: fail before work
+    corpus = None
+    if ppl not in (None, "none"):
+        corpus = load_corpus(ppl, tokenizer)
+        corpus.evaluation_windows(seqlen, windows)  # too many windows: fail before work
 
     def run_evaluation(subject) -> dict[str, Any]:
         return evaluate(subject, tokenizer, ppl=corpus, seqlen=seqlen, windows=windows,

@@ -28,7 +28,14 @@ from . import __version__
 from .errors import InputError, NumericalError, OutputError
 from .evaluation.corpora import load_corpus
 from .families import check_sequence_length, family_for
-from .io.files import Output, atomic_folder, guard_outputs, sibling_path, write_json_atomic
+from .io.files import (
+    Output,
+    atomic_folder,
+    folder_of,
+    guard_outputs,
+    sibling_path,
+    write_json_atomic,
+)
 from .io.loading import (
     RECORD_NAME,
     is_model_output,
@@ -205,6 +212,11 @@ def _training_arguments(config: FinetuneConfig, work: Path, device: str):
     )
 
 
+# A fine-tune's working folder: its settings record and the Trainer's checkpoint-N folders.
+is_work_folder = folder_of(SETTINGS_NAME, (SETTINGS_NAME,), folders={
+    "checkpoint-*": folder_of("trainer_state.json", ("*",), folders={"*": lambda _: True})})
+
+
 def _check_work_folder(work: Path, settings: dict[str, Any], resume: bool, overwrite: bool) -> None:
     """Refuse to mix runs: a leftover work folder needs --resume (same settings) or --overwrite."""
     saved_path = work / SETTINGS_NAME
@@ -217,7 +229,14 @@ def _check_work_folder(work: Path, settings: dict[str, Any], resume: bool, overw
         return
     if not saved_path.exists():
         raise InputError(f"nothing to resume: {work} holds no fine-tuning run; drop --resume")
-    saved = json.loads(saved_path.read_text())
+    try:
+        saved = json.loads(saved_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise InputError(f"{saved_path} is not readable JSON; start over with --overwrite "
+                         "instead of --resume") from error
+    if not isinstance(saved, dict):
+        raise InputError(f"{saved_path} is not a fine-tuning settings record; start over with "
+                         "--overwrite instead of --resume")
     differences = [
         f"{key}: checkpoint {saved.get(key)!r}, now {settings.get(key)!r}"
         for key in sorted(set(saved) | set(settings)) if saved.get(key) != settings.get(key)
@@ -270,7 +289,7 @@ def finetune(
     source = str(Path(model).expanduser().resolve())
     out_path, work = guard_outputs(
         [Output(out, "--out", ours=is_model_output),
-         Output(sibling_path(out, ".work"), "work folder", working=True)],
+         Output(sibling_path(out, ".work"), "work folder", working=True, ours=is_work_folder)],
         [source, data], overwrite)
     run_settings = {**asdict(config), "targets": list(config.targets), "source": source}
     process = PartialState()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -43,7 +44,7 @@ from .selection import (
 from .selection.activation import Activation, Calibration
 from .selection.prunenet import PruneNet, check_finite_weights, train_on
 from .selection.prunenet.policy import PrunePolicy
-from .selection.prunenet.reinforce import TrainingConfig, TrainingResult
+from .selection.prunenet.reinforce import TrainingConfig, TrainingResult, is_training_state
 from .slicing import slice_model
 
 log = logging.getLogger(__name__)
@@ -183,14 +184,17 @@ def plan_compression(model: Any, ratio: float, options: CompressOptions, *,
                      out: str | os.PathLike | None = None,
                      record_dir: str | os.PathLike | None = None,
                      policy_out: str | os.PathLike | None = None,
-                     overwrite: bool = False) -> Plan:
+                     overwrite: bool = False, extra_outputs: Sequence[Output] = (),
+                     extra_reads: Sequence[str | os.PathLike] = ()) -> Plan:
     """Decide the run and check it before any work: a bad input, method or output path fails
-    here, with nothing written."""
+    here, with nothing written. ``extra_outputs`` and ``extra_reads`` are what a caller will
+    write and read after the compression (a fine-tune of its output), checked together."""
     options.training.validate()
     source = None if isinstance(model, nn.Module) else str(model)
     reads = [input_path(source)] if source is not None else []  # a bad input fails first
     if isinstance(policy, (str, os.PathLike)):
         reads.append(policy)
+    reads.append(options.calibration.corpus)  # a corpus named by its path is read too
     method = options.method or (PruneNet.name if policy is not None else DEFAULT_METHOD)
     trains = selector_class(method) is PruneNet and policy is None
     if policy_out is not None and not trains:
@@ -202,9 +206,10 @@ def plan_compression(model: Any, ratio: float, options: CompressOptions, *,
         Output(record_dir, "--record", ours=is_run_record) if record_dir is not None else None,
         Output(policy_out, "--policy-out", folder=False, ours=is_policy_file)
         if policy_out is not None else None,
-        Output(training_state_path(state_of), "training state", folder=False, working=True)
-        if state_of is not None else None,
-    ], reads, overwrite)
+        Output(training_state_path(state_of), "training state", folder=False, working=True,
+               ours=is_training_state) if state_of is not None else None,
+        *extra_outputs,
+    ], [*reads, *extra_reads], overwrite)
     streamed = None
     if source is not None:
         streamed = choose_streaming(model, options.max_memory, training=trains)
@@ -252,7 +257,7 @@ def run_compression(plan: Plan, tokenizer: Any = None) -> CompressionResult:
         if plan.policy_out is not None:
             save_policy(selector.policy, plan.policy_out,
                         policy_metadata(model if model is not None else weights,
-                                        selector.training))
+                                        selector.training), plan.overwrite)
     if model is not None:
         check_finite_weights(weights)
     original_spectra = first_matrix_spectra(model) if plan.record_dir is not None else None

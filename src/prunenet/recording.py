@@ -28,9 +28,13 @@ RUN_RECORD_FORMAT = "prunenet-run-record/1"
 RUN_RECORD_NAME = "record.json"
 SPECTRA_NAME = "spectra.safetensors"
 
+REPORT_NAMES = ("report.md", "report.html")
+# A report prunenet wrote: its two pages and its plots, nothing else.
+is_report = folder_of(REPORT_NAMES[0], (*REPORT_NAMES, "*.png"),
+                      check=lambda folder: (folder / REPORT_NAMES[1]).is_file())
 # A run record prunenet wrote; its default report folder may sit inside it.
 is_run_record = folder_of(
-    RUN_RECORD_NAME, (RUN_RECORD_NAME, SPECTRA_NAME), folders=("report",),
+    RUN_RECORD_NAME, (RUN_RECORD_NAME, SPECTRA_NAME), folders={"report": is_report},
     check=lambda folder: json_with_format(folder / RUN_RECORD_NAME, RUN_RECORD_FORMAT),
 )
 

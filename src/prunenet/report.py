@@ -17,13 +17,9 @@ from typing import Any
 from torch import Tensor
 
 from .errors import InputError
-from .io.files import Output, atomic_folder, folder_of, guard_outputs, write_text_atomic
-from .recording import RUN_RECORD_NAME, SPECTRA_NAME, read_run_record
+from .io.files import Output, atomic_folder, guard_outputs, write_text_atomic
+from .recording import RUN_RECORD_NAME, SPECTRA_NAME, is_report, read_run_record
 
-REPORT_NAMES = ("report.md", "report.html")
-# A report prunenet wrote: its two pages and its plots, nothing else.
-is_report = folder_of(REPORT_NAMES[0], (*REPORT_NAMES, "*.png"),
-                      check=lambda folder: (folder / REPORT_NAMES[1]).is_file())
 FIGURE_SIZE = (7.0, 4.2)  # inches; at DPI this gives 700 x 420 pixel PNGs
 DPI = 100
 

@@ -104,9 +104,16 @@ def measure_speed(model: nn.Module, protocol: SpeedProtocol | None = None) -> di
     generator = torch.Generator().manual_seed(protocol.seed)
     shape = (protocol.batch_size, protocol.prompt_tokens)
     prompt = torch.randint(0, model.config.vocab_size, shape, generator=generator).to(device)
-    for _ in range(protocol.warmup):
-        _one_run(model, prompt, protocol.new_tokens)
-    runs = [_one_run(model, prompt, protocol.new_tokens) for _ in range(protocol.repeats)]
+    try:
+        for _ in range(protocol.warmup):
+            _one_run(model, prompt, protocol.new_tokens)
+        runs = [_one_run(model, prompt, protocol.new_tokens) for _ in range(protocol.repeats)]
+    except (torch.OutOfMemoryError, RuntimeError) as error:
+        if "memory" not in str(error).lower():
+            raise
+        raise InputError(f"speed: a batch of {protocol.batch_size} x {protocol.prompt_tokens} "
+                         "tokens does not fit in memory; lower --speed-batch or --speed-prompt"
+                         ) from None
     prefill = statistics.median(run[0] for run in runs)
     decode = statistics.median(run[1] for run in runs)
     return {

@@ -64,6 +64,8 @@ def sibling_path(target: str | os.PathLike, suffix: str) -> Path:
     """``target`` + ``suffix`` (``OUT.work``), the name cut and hashed when it would pass
     :data:`NAME_MAX` bytes, so a working file exists for every valid output name."""
     target = Path(os.path.abspath(Path(target).expanduser()))  # "." and ".." have no name
+    if not target.name:
+        raise OutputError(f"{target} has no name to write beside; choose a folder or file name")
     name = target.name + suffix
     if len(name.encode()) <= NAME_MAX:
         return target.with_name(name)
@@ -83,19 +85,38 @@ def is_staging_name(name: str) -> bool:
 Recognizer = Callable[[Path], bool]
 
 
-def folder_of(marker: str, allowed: Sequence[str], folders: Sequence[str] = (),
-              check: Callable[[Path], bool] | None = None) -> Recognizer:
-    """A recognizer for a folder prunenet wrote: it holds ``marker`` (passing ``check``), and
-    every entry matches one of the ``allowed`` file patterns or ``folders`` names."""
+def folder_of(marker: str | None, allowed: Sequence[str],
+              folders: dict[str, Recognizer] | None = None,
+              check: Callable[[Path], bool] | None = None,
+              files: dict[str, Callable[[Path], bool]] | None = None) -> Recognizer:
+    """A recognizer for a folder prunenet wrote: it holds ``marker`` (passing ``check``); every
+    file matches one of the ``allowed`` patterns (and the test ``files`` gives its name, if
+    any); every subfolder's name matches a pattern of ``folders`` and passes its recognizer.
+    Symlinks never count as prunenet's."""
+
+    def allowed_file(entry: Path) -> bool:
+        if not any(fnmatch.fnmatch(entry.name, pattern) for pattern in allowed):
+            return False
+        test = (files or {}).get(entry.name)
+        return test is None or test(entry)
 
     def recognize(folder: Path) -> bool:
-        if not (folder / marker).is_file() or (check is not None and not check(folder)):
+        if folder.is_symlink() or not folder.is_dir():
             return False
-        return all(
-            (entry.is_dir() and not entry.is_symlink() and entry.name in folders)
-            or (entry.is_file() and any(fnmatch.fnmatch(entry.name, p) for p in allowed))
-            for entry in folder.iterdir()
-        )
+        if marker is not None and (not (folder / marker).is_file()
+                                   or (check is not None and not check(folder))):
+            return False
+        for entry in folder.iterdir():
+            if entry.is_symlink():
+                return False
+            if entry.is_dir():
+                test = next((recognizer for pattern, recognizer in (folders or {}).items()
+                             if fnmatch.fnmatch(entry.name, pattern)), None)
+                if test is None or not test(entry):
+                    return False
+            elif not (entry.is_file() and allowed_file(entry)):
+                return False
+        return True
 
     return recognize
 
@@ -121,8 +142,8 @@ class Output:
     """One path a command will write: ``what`` names it in messages (``--out``), ``folder`` says
     whether it is a folder or a file, ``ours`` recognizes an existing one prunenet made.
     ``working`` marks prunenet's own working state beside an output (a resumable training
-    state, a fine-tune's checkpoints): checked for overlaps, while its existence is the business
-    of ``--resume``."""
+    state, a fine-tune's checkpoints): an existing one is used or replaced without
+    ``--overwrite`` (``--resume`` decides), but only when ``ours`` recognizes it."""
 
     path: str | os.PathLike
     what: str
@@ -158,6 +179,14 @@ def guard_outputs(outputs: Iterable[Output | None], inputs: Iterable[str | os.Pa
         read.append(resolved(source, "input"))
     paths = [resolved(output.path, output.what) for output in wanted]
     for output, path in zip(wanted, paths):
+        if not path.name:
+            raise OutputError(f"{output.what} {output.path} is the root folder; choose a name")
+        if is_staging_name(path.name):
+            raise OutputError(f"{output.what} {path.name} looks like prunenet's hidden staging "
+                              "names (.NAME.tmp-...); choose another name")
+        if output.working and Path(output.path).expanduser().is_symlink():
+            raise OutputError(f"{output.what} {output.path} is a symlink; prunenet's working "
+                              "files are never written through links. Remove it")
         if len(path.name.encode()) > NAME_MAX:
             raise OutputError(f"{output.what} name {path.name[:40]}... is longer than "
                               f"{NAME_MAX} bytes; choose a shorter name")
@@ -182,7 +211,12 @@ def guard_outputs(outputs: Iterable[Output | None], inputs: Iterable[str | os.Pa
 
 
 def _check_existing(output: Output, path: Path, overwrite: bool) -> None:
-    if not path.exists() or output.working:
+    if not path.exists():
+        return
+    if output.working:
+        if not output.ours(path):
+            raise OutputError(f"{output.what} {path} exists and was not written by prunenet; "
+                              "move it away, prunenet replaces only its own working files")
         return
     if output.folder and not path.is_dir():
         raise OutputError(f"{output.what} {path} exists and is not a folder; it is not replaced")
@@ -225,14 +259,27 @@ def make_readable(path: str | os.PathLike) -> None:
 def output_lock(out: Path) -> Iterator[None]:
     """An exclusive flock on a hidden lock file beside ``out`` while the output is put in place."""
     lock_path = out.parent / (sibling_prefix(out, "lock") + "0")
-    with open(lock_path, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    created = True
+    try:  # never follow a link nor truncate: the lock file holds nothing
+        handle = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except FileExistsError:
+        created = False
+        try:
+            handle = os.open(lock_path, os.O_RDWR | os.O_NOFOLLOW)
+        except OSError as error:
+            raise OutputError(f"{lock_path} is in the way of the output lock ({error.strerror}); "
+                              "remove it") from error
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
         finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-            with contextlib.suppress(FileNotFoundError):
-                lock_path.unlink()
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            if created:
+                with contextlib.suppress(FileNotFoundError):
+                    lock_path.unlink()
+    finally:
+        os.close(handle)
 
 
 @contextlib.contextmanager
@@ -270,24 +317,39 @@ def atomic_folder(out: Path, overwrite: bool = False) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def atomic_file(path: Path) -> Iterator[Path]:
-    """Yield a temporary sibling file name; on success it replaces ``path`` in one rename."""
+def atomic_file(path: Path, overwrite: bool = True,
+                ours: Recognizer | None = None) -> Iterator[Path]:
+    """Yield a temporary sibling file name; on success it replaces ``path`` in one rename.
+
+    An existing ``path`` is replaced only with ``overwrite`` and, when ``ours`` is given, only
+    if it recognizes the file; the check and the rename happen under the output lock, so a file
+    that appeared while the work ran is never lost (:class:`OutputError`).
+    """
     path = Path(path)
     handle, tmp = tempfile.mkstemp(prefix=sibling_prefix(path, STAGING_TAG), dir=path.parent)
     os.close(handle)
     make_readable(tmp)
     try:
         yield Path(tmp)
-        os.replace(tmp, path)
+        with output_lock(path):
+            if path.exists() or path.is_symlink():
+                if not overwrite:
+                    raise OutputError(f"{path} was written by another run while this one "
+                                      "worked; not replaced (pass --overwrite to replace it)")
+                if ours is not None and not ours(path):
+                    raise OutputError(f"{path} was replaced by a file prunenet did not write "
+                                      "while this run worked; not replaced")
+            os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write ``data`` as indented, key-sorted JSON to ``path`` atomically."""
-    with atomic_file(Path(path)) as tmp:
+def write_json_atomic(path: Path, data: Any, ours: Recognizer | None = None) -> None:
+    """Write ``data`` as indented, key-sorted JSON to ``path`` atomically; an existing file is
+    replaced only when ``ours`` (if given) recognizes it."""
+    with atomic_file(Path(path), ours=ours) as tmp:
         with open(tmp, "w") as stream:
             json.dump(data, stream, indent=2, sort_keys=True)
             stream.write("\n")

@@ -61,7 +61,9 @@ def resolve_source(source: str | os.PathLike) -> tuple[str, str | None]:
         if len(ggufs) == 1:
             return str(path), ggufs[0].name
         raise InputError(f"{path} is not a model folder: it has no config.json")
-    if path.exists() or _looks_like_path(text) or text.count("/") > 1:
+    if path.exists():
+        raise InputError(f"{path} is neither a model folder nor a .gguf file")
+    if _looks_like_path(text) or text.count("/") > 1:
         raise InputError(f"model path {text} does not exist")
     return text, None  # a Hub id
 
@@ -299,14 +301,27 @@ def _prefer_safetensors(folder: str) -> bool | None:
 # Outputs
 
 MODEL_OUTPUT_FILES = (
-    RECORD_NAME, "config.json", "generation_config.json", "README.md", "*.safetensors",
-    "*.index.json", "*.gguf", "tokenizer*", "vocab*", "merges.txt", "special_tokens_map.json",
-    "added_tokens.json", "chat_template*", "*.model",
+    RECORD_NAME, "config.json", "generation_config.json", CARD_NAME, "model*.safetensors",
+    "model.safetensors.index.json", "*.gguf", "tokenizer*", "vocab*", "merges.txt",
+    "special_tokens_map.json", "added_tokens.json", "chat_template*", "*.model",
 )
-# A folder prunenet wrote: its compression record, and only files a model output holds.
+
+
+def _is_our_card(path: Path) -> bool:
+    try:
+        return "\n- prunenet\n" in path.read_text(encoding="utf-8")[:2000]
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+# A folder prunenet wrote: its compression record, and only files a model output holds (its
+# card is prunenet's own; a fine-tune's adapter folder holds only the adapter).
 is_model_output = folder_of(
-    RECORD_NAME, MODEL_OUTPUT_FILES, folders=("adapter",),
+    RECORD_NAME, MODEL_OUTPUT_FILES,
+    folders={"adapter": folder_of("adapter_config.json", (
+        "adapter_config.json", "adapter_model.safetensors", CARD_NAME))},
     check=lambda folder: json_with_format(folder / RECORD_NAME, "prunenet-compression/"),
+    files={CARD_NAME: _is_our_card},
 )
 
 

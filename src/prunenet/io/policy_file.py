@@ -20,8 +20,10 @@ POLICY_FORMAT = "prunenet-policy/1"
 POLICY_HEADER_KEY = "prunenet"
 
 
-def save_policy(policy: PrunePolicy, path: str | os.PathLike, metadata: dict[str, Any]) -> Path:
-    """Save a policy as safetensors; ``metadata`` (JSON-able) goes into the header. Atomic."""
+def save_policy(policy: PrunePolicy, path: str | os.PathLike, metadata: dict[str, Any],
+                overwrite: bool = False) -> Path:
+    """Save a policy as safetensors; ``metadata`` (JSON-able) goes into the header. Atomic; an
+    existing file is replaced only with ``overwrite`` and only if it is a policy file."""
     path = Path(path).expanduser()
     if path.is_dir():
         raise OutputError(
@@ -39,7 +41,7 @@ def save_policy(policy: PrunePolicy, path: str | os.PathLike, metadata: dict[str
     tensors = {
         name: tensor.detach().cpu().contiguous() for name, tensor in policy.state_dict().items()
     }
-    with atomic_file(path) as tmp:
+    with atomic_file(path, overwrite=overwrite, ours=is_policy_file) as tmp:
         save_file(tensors, str(tmp), metadata=header)
     return path
 

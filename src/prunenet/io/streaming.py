@@ -33,6 +33,7 @@ from .files import atomic_folder, write_json_atomic
 from .loading import (
     RECORD_NAME,
     check_weights_on_meta,
+    load_config,
     read_config_json,
     validate_safetensors,
     validate_weight_files,
@@ -120,6 +121,7 @@ class StreamedCheckpoint:
         validate_weight_files(self.folder)  # missing shards, truncated files, lying headers
         self.entries = self._read_entries()
         # Every weight the architecture expects, and no other: as the in-memory load checks.
+        load_config(self.folder)  # types and family checked as the in-memory load checks them
         check_weights_on_meta(self.folder)
         self._check_layers()
 

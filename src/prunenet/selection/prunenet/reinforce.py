@@ -28,6 +28,8 @@ from .spectral import PRECISIONS, LayerSpectrum
 
 log = logging.getLogger(__name__)
 
+# AdamW divides the rate by its bias correction (down to 1e-3) in float32: keep that finite.
+MAX_LEARNING_RATE = 1e30
 # Reward when the sliced spectrum's KS distance is exactly 0 (the reference's constant).
 ZERO_KS_REWARD = 99999.0
 
@@ -56,9 +58,9 @@ class TrainingConfig:
             raise InputError(f"ratio must be in [0, 1), got {self.ratio}")
         if int(self.episodes) < 1:
             raise InputError(f"episodes must be at least 1, got {self.episodes}")
-        if not 0 < self.lr <= torch.finfo(torch.float32).max:
-            raise InputError(f"learning rate must be a positive number the policy's float32 "
-                             f"can hold, got {self.lr}")
+        if not 0 < self.lr <= MAX_LEARNING_RATE:
+            raise InputError(f"learning rate must be in (0, {MAX_LEARNING_RATE:g}], got "
+                             f"{self.lr}")
         if not 0.0 < self.gamma <= 1.0:
             raise InputError(f"gamma must be in (0, 1], got {self.gamma}")
         if self.reward not in ("inverse", "penalty"):
@@ -155,14 +157,26 @@ def matrices_fingerprint(first_matrices: Sequence[Tensor]) -> str:
     return digest.hexdigest()
 
 
+def is_training_state(path: Path) -> bool:
+    """Whether ``path`` is a training state prunenet saved (read without unpickling code)."""
+    try:
+        state = torch.load(path, weights_only=True)
+    except Exception:  # noqa: BLE001  (anything unreadable is not ours)
+        return False
+    return isinstance(state, dict) and {"config", "history", "policy"} <= set(state)
+
+
 def _load_state(path: Path, config: TrainingConfig, shapes: tuple[int, int],
                 fingerprint: str) -> dict:
     try:
         state = torch.load(path, weights_only=True)  # tensors and plain values only, no pickles
     except Exception as error:  # noqa: BLE001  (any failure means an unusable state file)
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise InputError(
-            f"cannot resume from {path}: not a readable training state ({error})"
+            f"cannot resume from {path}: not a readable training state ({reason})"
         ) from error
+    if not isinstance(state, dict) or not isinstance(state.get("config"), dict):
+        raise InputError(f"cannot resume from {path}: not a prunenet training state")
     saved = state.get("config", {})
     different = [name for name in _RESUME_FIELDS if saved.get(name) != getattr(config, name)]
     if tuple(state.get("shapes", ())) != shapes:
