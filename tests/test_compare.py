@@ -96,16 +96,23 @@ def test_compare_names_the_method_that_ran(tiny_llama_real_tokenizer_dir, text_f
     assert again["runs"][0]["record"] == results["runs"][0]["record"]
 
 
-def test_compare_refuses_existing_and_unwritable_out_before_work(tmp_path):
+def test_compare_refuses_existing_and_unwritable_out_before_work(tmp_path, tiny_llama_dir,
+                                                                monkeypatch):
+    import prunenet.compare as compare_module
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the model was loaded before the output was checked")
+
+    monkeypatch.setattr(compare_module, "load_model_and_tokenizer", no_work)
     existing = tmp_path / "existing"
     existing.mkdir()
     (existing / "keep.txt").write_text("user data")
     with pytest.raises(OutputError, match="already exists; pass --overwrite"):
-        compare(str(tmp_path / "no-model-needed"), [0.5], "random", existing)
+        compare(str(tiny_llama_dir), [0.5], "random", existing)
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
     with pytest.raises(OutputError, match="cannot create the folder"):
-        compare(str(tmp_path / "no-model-needed"), [0.5], "random", blocker / "out")
+        compare(str(tiny_llama_dir), [0.5], "random", blocker / "out")
     assert (existing / "keep.txt").read_text() == "user data"
 
 

@@ -213,14 +213,14 @@ def test_eval_refuses_unwritable_json_and_unloadable_models(tiny_llama_real_toke
     blocker.write_text("not a folder")
     assert main(["eval", str(tiny_llama_real_tokenizer_dir), "--ppl", "none",
                  "--json", str(blocker / "result.json")]) == 2
-    assert "cannot create the folder of --json" in capsys.readouterr().err
+    assert "cannot create the folder" in capsys.readouterr().err
     assert main(["eval", str(tmp_path / "missing-model"), "--ppl", "none"]) == 2
     assert "does not exist" in capsys.readouterr().err
     broken = tmp_path / "broken-model"
     broken.mkdir()
     (broken / "config.json").write_text('{"model_type": "llama"')
     assert main(["eval", str(broken), "--ppl", "none"]) == 2
-    assert "is not a readable model" in capsys.readouterr().err
+    assert "config.json is not readable JSON" in capsys.readouterr().err
 
 
 def test_defaults_fit_a_model_with_a_short_context(tiny_llama_real_tokenizer_dir, tmp_path,

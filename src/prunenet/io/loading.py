@@ -199,7 +199,7 @@ def check_weights_on_meta(folder: str | os.PathLike) -> None:
     try:
         _, info = AutoModelForCausalLM.from_pretrained(
             folder, device_map="meta", dtype=torch.float32, output_loading_info=True,
-            use_safetensors=True)
+            use_safetensors=True, ignore_mismatched_sizes=True)
     except (OSError, ValueError, RuntimeError, TypeError, KeyError) as error:
         raise InputError(f"could not read the weights of {folder}: {_first_line(error)}") from error
     finally:
@@ -207,13 +207,22 @@ def check_weights_on_meta(folder: str | os.PathLike) -> None:
     report_loading(folder, info)
 
 
+def _loading_entry(entry: Any) -> str:
+    """A name of transformers' loading info; a mismatch (name, found, expected) with shapes."""
+    if isinstance(entry, str):
+        return entry
+    name, *shapes = entry
+    if len(shapes) == 2:
+        return f"{name} {list(shapes[0])} (the config needs {list(shapes[1])})"
+    return str(name)
+
+
 def report_loading(source: Any, info: dict[str, Any]) -> None:
     """Turn transformers' loading info into an :class:`InputError` when anything did not fit."""
     problems = []
     for key, what in (("missing_keys", "lacks"), ("unexpected_keys", "holds unused"),
                       ("mismatched_keys", "has wrongly shaped")):
-        names = sorted(str(name if isinstance(name, str) else name[0])
-                       for name in info.get(key) or ())
+        names = sorted(_loading_entry(entry) for entry in info.get(key) or ())
         if names:
             shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
             problems.append(f"{what} {shown}")
@@ -254,6 +263,12 @@ def load_model_and_tokenizer(
             output_loading_info=True,
         )
     except (OSError, ValueError, RuntimeError, TypeError, KeyError) as error:
+        if "ignore_mismatched_sizes" in str(error):  # name the wrongly shaped weights
+            _, info = AutoModelForCausalLM.from_pretrained(
+                folder, gguf_file=gguf_file, device_map="meta", ignore_mismatched_sizes=True,
+                output_loading_info=True, dtype=torch.float32,
+                trust_remote_code=trust_remote_code)
+            report_loading(source, info)
         if Path(folder).exists():
             raise InputError(f"could not load the weights of {source}: "
                              f"{_first_line(error)}") from error
