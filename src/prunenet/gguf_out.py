@@ -134,23 +134,21 @@ def _field_value(field) -> tuple[Any, Any, Any]:
     return items.tolist(), main_type, sub_type
 
 
-def _written_type(source_type, width: int) -> tuple[Any, str | None]:
-    """The type to requantize a tensor of row length ``width`` to, and why it is not the source's.
+def _written_type(target, width: int) -> tuple[Any, str | None]:
+    """The type to requantize a tensor of row length ``width`` to, and why it is not ``target``.
 
-    The source's type when the package writes it and ``width`` fills whole blocks; else Q8_0
-    (finer than any 4-6 bit type it stands in for) when ``width`` fills its 32-value blocks; else
-    F16.
+    ``target`` when the package writes it and ``width`` fills whole blocks; else Q8_0 (finer than
+    any 4-6 bit type it stands in for) when ``width`` fills its 32-value blocks; else F16.
     """
     gguf = _gguf()
     types = gguf.GGMLQuantizationType
-    block = gguf.GGML_QUANT_SIZES[source_type][0]
-    if source_type.name not in WRITABLE_TYPES:
-        reason = f"the gguf package cannot write {source_type.name}"
+    block = gguf.GGML_QUANT_SIZES[target][0]
+    if target.name not in WRITABLE_TYPES:
+        reason = f"the gguf package cannot write {target.name}"
     elif width % block:
-        reason = (f"the kept width {width} is not a multiple of {source_type.name}'s "
-                  f"{block}-value blocks")
+        reason = f"the kept width {width} is not a multiple of {target.name}'s {block}-value blocks"
     else:
-        return source_type, None
+        return target, None
     if width % gguf.GGML_QUANT_SIZES[types.Q8_0][0] == 0:
         return types.Q8_0, reason
     return types.F16, reason
@@ -180,14 +178,18 @@ def write_pruned_gguf(
     model: nn.Module,
     kept_rows: list[Tensor],
     out_file: str | os.PathLike,
+    down_type: str | None = None,
 ) -> dict[str, Any]:
     """Write ``model`` (``source_gguf`` loaded by transformers, pruned to ``kept_rows``) as GGUF.
 
     ``kept_rows[l]``: the FFN neurons layer l kept, in the order the model's weights hold them.
     Rows of ``ffn_gate``/``ffn_up`` are copied from the source in their quantized form, after a
     check that they are exactly the model's (dequantized) weights; ``ffn_down`` is requantized from
-    the model. All other tensors and metadata are the source's. The file is written to a temporary
-    sibling and renamed onto ``out_file``.
+    the model, to ``down_type`` (one of :data:`WRITABLE_TYPES`; default: the source tensor's type).
+    Requantizing to a 4-bit type adds a second rounding to already rounded weights; "Q8_0" keeps
+    them within 0.6% at about 1.7x the bytes of Q4_1 for that tensor. All other tensors and
+    metadata are the source's. The file is written to a temporary sibling and renamed onto
+    ``out_file``.
 
     Returns a report: ``architecture``, ``feed_forward_length`` (before/after), ``sliced`` and
     ``requantized`` (tensor -> type written), ``substituted`` (tensor -> "SOURCE -> WRITTEN: why"),
@@ -196,6 +198,8 @@ def write_pruned_gguf(
     not the source's (fine-tuned, or pruned with other rows).
     """
     gguf = _gguf()
+    if down_type is not None and down_type not in WRITABLE_TYPES:
+        raise InputError(f"down_type must be one of {', '.join(WRITABLE_TYPES)}, got {down_type!r}")
     reader, architecture, layout = _open_source(source_gguf)
     width_key = f"{architecture}.feed_forward_length"
     width_field = reader.get_field(width_key)
@@ -245,13 +249,14 @@ def write_pruned_gguf(
                 if tuple(matrix.shape) != expected:
                     raise InputError(f"the model's {layout.columns[suffix]} in layer {layer} has "
                                      f"shape {tuple(matrix.shape)}, expected {expected}")
-                written, reason = _written_type(tensor.tensor_type, kept)
+                target = gguf.GGMLQuantizationType[down_type] if down_type else tensor.tensor_type
+                written, reason = _written_type(target, kept)
                 data = gguf.quants.quantize(matrix.float().numpy(), written)
                 writer.add_tensor(tensor.name, data, raw_dtype=written)
                 report["requantized"][tensor.name] = written.name
                 if reason is not None:
                     report["substituted"][tensor.name] = (
-                        f"{tensor.tensor_type.name} -> {written.name}: {reason}")
+                        f"{target.name} -> {written.name}: {reason}")
             else:
                 writer.add_tensor(tensor.name, tensor.data, raw_dtype=tensor.tensor_type)
         writer.write_header_to_file()
