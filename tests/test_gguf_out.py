@@ -1,0 +1,476 @@
+"""GGUF in, GGUF out (prunenet.gguf_out): exact properties of the written file, and agreement of
+llama.cpp (llama-cpp-python, installed by scripts/test.sh) with transformers on it.
+
+Tolerances below were measured here (benchmarks/README.md, "GGUF output") and are stated per test.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
+from gguf.quants import dequantize, quantize
+from transformers import AutoModelForCausalLM
+
+import prunenet
+from prunenet.assets import asset_path, cache_dir
+from prunenet.errors import InputError, MissingAssetError
+from prunenet.gguf_out import gguf_output_supported, write_pruned_gguf
+
+LLAMA_CPP_REASON = "llama-cpp-python is not installed (scripts/test.sh installs it)"
+LLAMA_CPP_SDIST = ("llama-cpp-python==0.3.36",
+                   "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e")
+FFN_SUFFIXES = ("ffn_gate.weight", "ffn_up.weight", "ffn_down.weight")
+
+
+def _asset(name: str) -> Path:
+    try:
+        return asset_path(name)
+    except MissingAssetError as error:
+        pytest.skip(str(error))
+
+
+@pytest.fixture(scope="module")
+def tinycoder() -> Path:
+    return _asset("tinycoder-gguf") / "tiny.gguf"
+
+
+@pytest.fixture(scope="module")
+def llama_cpp():
+    return pytest.importorskip("llama_cpp", reason=LLAMA_CPP_REASON)
+
+
+def _raw_fields(reader: GGUFReader) -> dict[str, bytes]:
+    """Every metadata key's bytes as stored (key, type, value), the writer's counts excluded."""
+    return {name: b"".join(bytes(part) for part in field.parts)
+            for name, field in reader.fields.items() if not name.startswith("GGUF.")}
+
+
+def _tensors(reader: GGUFReader) -> dict[str, object]:
+    return {tensor.name: tensor for tensor in reader.tensors}
+
+
+def _is_ffn(name: str) -> bool:
+    return name.endswith(FFN_SUFFIXES)
+
+
+def _check_written_file(source: Path, written: Path, kept_rows: list[torch.Tensor],
+                        pruned_model: torch.nn.Module) -> GGUFReader:
+    """The exact properties of a written GGUF, against its source and the pruned model."""
+    before, after = GGUFReader(str(source)), GGUFReader(str(written))
+    width = len(kept_rows[0])
+    old_fields, new_fields = _raw_fields(before), _raw_fields(after)
+    assert list(old_fields) == list(new_fields)  # same keys, same order
+    assert after.fields["llama.feed_forward_length"].contents() == width
+    changed = [name for name in old_fields if old_fields[name] != new_fields[name]]
+    assert changed == ["llama.feed_forward_length"]
+    old_tensors, new_tensors = _tensors(before), _tensors(after)
+    assert list(old_tensors) == list(new_tensors)
+    for name, old in old_tensors.items():
+        new = new_tensors[name]
+        if not _is_ffn(name):
+            assert new.tensor_type == old.tensor_type and bytes(new.data) == bytes(old.data), name
+            continue
+        layer = int(name.split(".")[1])
+        assert [int(n) for n in new.shape] == (
+            [width, int(old.shape[1])] if "ffn_down" in name else [int(old.shape[0]), width])
+        if "ffn_down" in name:  # requantized from the pruned model's float weights
+            down = pruned_model.model.layers[layer].mlp.down_proj.weight.detach().numpy()
+            expected = quantize(down, new.tensor_type)
+            assert bytes(new.data) == bytes(np.ascontiguousarray(expected)), name
+        else:  # whole quantized rows of the source, byte for byte
+            rows = old.data[kept_rows[layer].numpy()]
+            assert new.tensor_type == old.tensor_type
+            assert bytes(new.data) == bytes(np.ascontiguousarray(rows)), name
+    return after
+
+
+def _load_gguf(path: Path) -> torch.nn.Module:
+    return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                dtype=torch.float32).eval()
+
+
+def _hf_log_probs(model: torch.nn.Module, token_ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        logits = model(torch.tensor([token_ids])).logits[0].double()
+    return torch.log_softmax(logits, dim=-1)
+
+
+def _llama_cpp_model(llama_cpp, path: Path, n_ctx: int = 128):
+    return llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=n_ctx, n_threads=2,
+                           n_batch=n_ctx, seed=0, verbose=False)
+
+
+def _llama_cpp_log_probs(llm, token_ids: list[int]) -> torch.Tensor:
+    llm.reset()
+    llm.eval(token_ids)
+    logits = torch.from_numpy(np.array(llm.scores[: len(token_ids)], dtype=np.float64))
+    return torch.log_softmax(logits, dim=-1)
+
+
+def _kl(reference: torch.Tensor, other: torch.Tensor) -> float:
+    """Largest per-position KL(reference || other) between two [tokens, vocab] log-prob tables."""
+    return float((reference.exp() * (reference - other)).sum(-1).max())
+
+
+# --- the writer, exact properties --------------------------------------------------------------
+
+
+def test_tinycoder_round_trip(tmp_path, tinycoder):
+    result = prunenet.compress(str(tinycoder), ratio=0.25, method="random", seed=3,
+                               progress=False)
+    out = tmp_path / "pruned.gguf"
+    report = write_pruned_gguf(tinycoder, result.model, result.kept_rows, out)
+    assert report["feed_forward_length"] == {"before": 64, "after": 48}
+    assert report["substituted"] == {}
+    assert set(report["requantized"].values()) == {"F16"}
+    assert len(report["sliced"]) == 4 and len(report["requantized"]) == 2
+    _check_written_file(tinycoder, out, result.kept_rows, result.model)
+    reloaded = _load_gguf(out)
+    assert reloaded.config.intermediate_size == 48
+    # F16 source and F16 rewrite of F16-exact values: the reloaded model is the pruned model.
+    ids = list(range(5, 37))
+    assert torch.equal(_hf_log_probs(reloaded, ids), _hf_log_probs(result.model, ids))
+    assert not list(tmp_path.glob(".pruned.gguf.tmp-*"))
+
+
+def _write_unpruned(source: Path, out: Path) -> dict:
+    """Write ``source`` through the writer keeping every neuron in order."""
+    model = _load_gguf(source)
+    every_row = [torch.arange(model.config.intermediate_size)] * model.config.num_hidden_layers
+    return write_pruned_gguf(source, model, every_row, out)
+
+
+def test_keeping_every_neuron_reproduces_the_source_file(tmp_path, tinycoder):
+    """Metadata, tensor table, alignment, padding and the requantized ffn_down: all identical."""
+    _write_unpruned(tinycoder, tmp_path / "same.gguf")
+    assert (tmp_path / "same.gguf").read_bytes() == tinycoder.read_bytes()
+
+
+def test_down_type(tmp_path, tinycoder):
+    source = _tiny_llama_gguf(tmp_path / "tiny.gguf", GGMLQuantizationType.Q4_1, tinycoder)
+    result = prunenet.compress(str(source), ratio=0.25, method="random", progress=False)
+    out = tmp_path / "pruned.gguf"
+    report = write_pruned_gguf(source, result.model, result.kept_rows, out, down_type="Q8_0")
+    assert set(report["requantized"].values()) == {"Q8_0"} and report["substituted"] == {}
+    assert set(report["sliced"].values()) == {"Q4_1"}
+    _check_written_file(source, out, result.kept_rows, result.model)
+    with pytest.raises(InputError, match="down_type must be one of"):
+        write_pruned_gguf(source, result.model, result.kept_rows, out, down_type="Q4_K")
+
+
+def _q4_k_blocks(rows: int, columns: int, generator: np.random.Generator) -> np.ndarray:
+    """Valid Q4_K data (the gguf package cannot quantize to K-quants): small scales, random
+    6-bit block scales and 4-bit values. 144 bytes per 256 values."""
+    blocks = generator.integers(0, 256, size=(rows * columns // 256, 144), dtype=np.uint8)
+    blocks[:, 0:4] = np.array([2e-4, 1.5e-3], dtype=np.float16).view(np.uint8)  # d, dmin
+    return blocks.reshape(rows, columns // 256 * 144)
+
+
+def _tiny_llama_gguf(path: Path, ffn_type: GGMLQuantizationType, tinycoder: Path,
+                     d_model: int = 256, d_ff: int = 512, layers: int = 2,
+                     vocab: int = 512) -> Path:
+    """A random LLaMA GGUF whose FFN matrices are stored in ``ffn_type``; its vocabulary is the
+    first ``vocab`` tokens of tinycoder's SentencePiece vocabulary (byte fallback included), so
+    llama.cpp loads it. d_model and d_ff are multiples of 256 so that K-quants fit."""
+    generator = np.random.default_rng(0)
+    writer = GGUFWriter(path, "llama")
+    for key, value in [("llama.context_length", 256), ("llama.embedding_length", d_model),
+                       ("llama.block_count", layers), ("llama.feed_forward_length", d_ff),
+                       ("llama.rope.dimension_count", 64), ("llama.attention.head_count", 4),
+                       ("llama.attention.head_count_kv", 2)]:
+        writer.add_uint32(key, value)
+    writer.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-5)
+    source = GGUFReader(str(tinycoder))
+    for name, field in source.fields.items():
+        if name.startswith("tokenizer."):
+            value = field.contents()
+            writer.add_key_value(name, value[:vocab] if isinstance(value, list) else value,
+                                 field.types[0], field.types[-1] if len(field.types) > 1 else None)
+
+    def random(*shape: int, scale: float = 0.05) -> np.ndarray:
+        return (generator.standard_normal(shape) * scale).astype(np.float32)
+
+    def ffn(rows: int, columns: int) -> np.ndarray:
+        if ffn_type == GGMLQuantizationType.Q4_K:
+            return _q4_k_blocks(rows, columns, generator)
+        return quantize(random(rows, columns), ffn_type)
+
+    writer.add_tensor("token_embd.weight", random(vocab, d_model, scale=1.0).astype(np.float16))
+    for layer in range(layers):
+        prefix = f"blk.{layer}."
+        writer.add_tensor(prefix + "attn_norm.weight", 1 + random(d_model))
+        for name, rows in [("attn_q", d_model), ("attn_k", d_model // 2),
+                           ("attn_v", d_model // 2), ("attn_output", d_model)]:
+            writer.add_tensor(prefix + name + ".weight", random(rows, d_model).astype(np.float16))
+        writer.add_tensor(prefix + "ffn_norm.weight", 1 + random(d_model))
+        writer.add_tensor(prefix + "ffn_gate.weight", ffn(d_ff, d_model), raw_dtype=ffn_type)
+        writer.add_tensor(prefix + "ffn_up.weight", ffn(d_ff, d_model), raw_dtype=ffn_type)
+        writer.add_tensor(prefix + "ffn_down.weight", ffn(d_model, d_ff), raw_dtype=ffn_type)
+    writer.add_tensor("output_norm.weight", 1 + random(d_model))
+    writer.add_tensor("output.weight", random(vocab, d_model, scale=0.2).astype(np.float16))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+# kept width 384 fills whole 32-value blocks; 300 does not (Q-types fall back to F16).
+@pytest.mark.parametrize("source_type,ratio,written,substituted", [
+    ("Q4_1", 0.25, "Q4_1", False),
+    ("Q8_0", 0.25, "Q8_0", False),
+    ("BF16", 0.25, "BF16", False),
+    ("Q4_K", 0.25, "Q8_0", True),
+    ("Q4_1", 0.4140625, "F16", True),
+    ("Q4_K", 0.4140625, "F16", True),
+])
+def test_quantized_ffn_types(tmp_path, tinycoder, source_type, ratio, written, substituted):
+    source = _tiny_llama_gguf(tmp_path / "tiny.gguf", GGMLQuantizationType[source_type],
+                              tinycoder)
+    result = prunenet.compress(str(source), ratio=ratio, method="random", progress=False)
+    width = result.model.config.intermediate_size
+    out = tmp_path / "out" / "pruned.gguf"
+    report = write_pruned_gguf(source, result.model, result.kept_rows, out)
+    assert set(report["requantized"].values()) == {written}
+    assert set(report["sliced"].values()) == {source_type}
+    assert bool(report["substituted"]) == substituted
+    if substituted:
+        assert all(f"{source_type} -> {written}" in why for why in report["substituted"].values())
+    _check_written_file(source, out, result.kept_rows, result.model)
+    reloaded = _load_gguf(out)
+    assert reloaded.config.intermediate_size == width
+    for layer, original in zip(reloaded.model.layers, result.model.model.layers):
+        assert torch.equal(layer.mlp.gate_proj.weight, original.mlp.gate_proj.weight)
+        assert torch.equal(layer.mlp.up_proj.weight, original.mlp.up_proj.weight)
+        down = original.mlp.down_proj.weight.detach().numpy()
+        requantized = dequantize(quantize(down, GGMLQuantizationType[written]),
+                                 GGMLQuantizationType[written])
+        assert torch.equal(layer.mlp.down_proj.weight, torch.from_numpy(requantized))
+
+
+def test_refuses_a_model_that_is_not_the_pruned_source(tmp_path, tinycoder):
+    result = prunenet.compress(str(tinycoder), ratio=0.25, method="random", progress=False)
+    shifted = [torch.roll(rows, 1) for rows in result.kept_rows]  # other row order
+    with pytest.raises(InputError, match="not the source GGUF's kept rows"):
+        write_pruned_gguf(tinycoder, result.model, shifted, tmp_path / "x.gguf")
+    with pytest.raises(InputError, match="same number of neurons"):
+        write_pruned_gguf(tinycoder, result.model, [result.kept_rows[0], torch.arange(40)],
+                          tmp_path / "x.gguf")
+    with pytest.raises(InputError, match="kept-row sets"):
+        write_pruned_gguf(tinycoder, result.model, result.kept_rows[:1], tmp_path / "x.gguf")
+    assert not list(tmp_path.iterdir())  # nothing written, no temporary file left
+
+
+def test_failed_write_leaves_the_old_file(tmp_path, tinycoder, monkeypatch):
+    result = prunenet.compress(str(tinycoder), ratio=0.25, method="random", progress=False)
+    out = tmp_path / "pruned.gguf"
+    out.write_bytes(b"previous")
+
+    def fail(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("gguf.quants.quantize", fail)
+    with pytest.raises(KeyboardInterrupt):
+        write_pruned_gguf(tinycoder, result.model, result.kept_rows, out)
+    assert out.read_bytes() == b"previous"
+    assert [p.name for p in tmp_path.iterdir()] == ["pruned.gguf"]
+
+
+def test_unsupported_sources_are_refused_up_front(tmp_path, tinycoder):
+    gguf_output_supported(tinycoder)
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    with pytest.raises(InputError, match="needs a .gguf input"):
+        gguf_output_supported(folder)
+    (tmp_path / "junk.gguf").write_bytes(b"not a gguf at all")
+    with pytest.raises(InputError, match="not a valid GGUF"):
+        gguf_output_supported(tmp_path / "junk.gguf")
+    writer = GGUFWriter(tmp_path / "mamba.gguf", "mamba")
+    writer.add_tensor("blk.0.ssm_in.weight", np.zeros((4, 4), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(InputError, match="supports the architectures llama; mamba.gguf is 'mamba'"):
+        gguf_output_supported(tmp_path / "mamba.gguf")
+    writer = GGUFWriter(tmp_path / "moe.gguf", "llama")
+    writer.add_tensor("blk.0.ffn_gate_exps.weight", np.zeros((2, 4, 4), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(InputError, match="ffn_gate_exps.weight, which GGUF output does not know"):
+        gguf_output_supported(tmp_path / "moe.gguf")
+
+
+def test_metadata_value_types_copy_byte_for_byte(tmp_path, tinycoder):
+    """Every GGUF value type the format has, scalar and array, survives the copy unchanged."""
+    source = tmp_path / "source.gguf"
+    writer = GGUFWriter(source, "llama")
+    for field in GGUFReader(str(tinycoder)).fields.values():
+        if not field.name.startswith(("GGUF.", "general.architecture")):
+            writer.add_key_value(field.name, field.contents(), field.types[0],
+                                 field.types[-1] if len(field.types) > 1 else None)
+    scalars = {GGUFValueType.UINT8: 250, GGUFValueType.INT8: -3, GGUFValueType.UINT16: 65000,
+               GGUFValueType.INT16: -300, GGUFValueType.UINT32: 4_000_000_000,
+               GGUFValueType.INT32: -70000, GGUFValueType.FLOAT32: 0.1,
+               GGUFValueType.UINT64: 2**63 + 5, GGUFValueType.INT64: -(2**40),
+               GGUFValueType.FLOAT64: 1 / 3, GGUFValueType.BOOL: True,
+               GGUFValueType.STRING: "héllo"}
+    for value_type, value in scalars.items():
+        writer.add_key_value(f"test.{value_type.name}", value, value_type)
+        writer.add_key_value(f"test.array.{value_type.name}", [value, value], GGUFValueType.ARRAY,
+                             value_type)
+    for tensor in GGUFReader(str(tinycoder)).tensors:
+        writer.add_tensor(tensor.name, tensor.data, raw_dtype=tensor.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    result = prunenet.compress(str(source), ratio=0.5, method="random", progress=False)
+    out = tmp_path / "out.gguf"
+    write_pruned_gguf(source, result.model, result.kept_rows, out)
+    _check_written_file(source, out, result.kept_rows, result.model)
+
+
+# --- llama.cpp reads what we write -------------------------------------------------------------
+
+
+# Measured max next-token KL between llama.cpp and transformers on the written file: F16 9e-7
+# (the same function up to float rounding), Q4_K 1.0e-3 (llama.cpp quantizes activations to 8 bits
+# in quantized matmuls; on the unpruned Q4_K source itself it is 2.1e-3).
+@pytest.mark.parametrize("source_type,written,bound", [("F16", "F16", 1e-5),
+                                                      ("Q4_K", "Q8_0", 5e-3)])
+def test_llama_cpp_runs_written_tiny_gguf(tmp_path, tinycoder, llama_cpp, source_type, written,
+                                          bound):
+    """Gate/up rows kept in the source type, ffn_down requantized (Q4_K: written as Q8_0);
+    llama.cpp and transformers agree on the written file."""
+    source = _tiny_llama_gguf(tmp_path / "tiny.gguf", GGMLQuantizationType[source_type],
+                              tinycoder)
+    result = prunenet.compress(str(source), ratio=0.25, method="random", progress=False)
+    out = tmp_path / "pruned.gguf"
+    report = write_pruned_gguf(source, result.model, result.kept_rows, out)
+    assert set(report["requantized"].values()) == {written}
+    ids = [1] + list(range(300, 331))
+    reference = _hf_log_probs(_load_gguf(out), ids)
+    assert _kl(reference, _llama_cpp_log_probs(_llama_cpp_model(llama_cpp, out), ids)) < bound
+
+
+# --- the real model ----------------------------------------------------------------------------
+
+
+PROMPT = b"The capital of France is Paris. The largest planet of the solar system is"
+
+
+def _smollm2_gguf() -> Path:
+    return _asset("smollm2-gguf") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.mark.real
+def test_smollm2_unpruned_write_reproduces_the_file(tmp_path):
+    """The real Q4_1 file: requantizing its unchanged ffn_down gives back the same blocks."""
+    _write_unpruned(_smollm2_gguf(), tmp_path / "same.gguf")
+    assert (tmp_path / "same.gguf").read_bytes() == _smollm2_gguf().read_bytes()
+
+
+@pytest.fixture(scope="module")
+def smollm2_compressed(tmp_path_factory):
+    """SmolLM2 Q4_1 compressed at 0.3 with the default variant, saved as safetensors (the stock
+    output). A randomly pruned model is too chaotic for tight reader-agreement bounds: it
+    amplifies llama.cpp's rounding to a next-token KL of 0.55 (GGUF) and 5.5e-4 (f16)."""
+    folder = tmp_path_factory.mktemp("smollm2-pruned") / "out"
+    result = prunenet.compress(str(_smollm2_gguf()), ratio=0.3, out=folder, progress=False)
+    return result, folder
+
+
+@pytest.mark.real
+def test_smollm2_gguf_in_llama_cpp(tmp_path, llama_cpp, smollm2_compressed):
+    """SmolLM2 Q4_1 pruned and written as GGUF: llama.cpp and transformers read the file alike.
+    The kept width 1075 is not a multiple of 32, so ffn_down is written as F16. Measured max
+    next-token KL 0.010 on the prompt's 15 positions (llama.cpp's Q4_1 matmuls quantize
+    activations to 8 bits; on the unpruned source file it is 0.011 too); bound 0.05."""
+    result, _ = smollm2_compressed
+    source = _smollm2_gguf()
+    out = tmp_path / "pruned.gguf"
+    report = write_pruned_gguf(source, result.model, result.kept_rows, out)
+    assert set(report["requantized"].values()) == {"F16"}
+    assert set(report["sliced"].values()) == {"Q4_1"}
+    assert len(report["substituted"]) == 30
+    _check_written_file(source, out, result.kept_rows, result.model)
+    reloaded = _load_gguf(out)
+    assert reloaded.config.intermediate_size == 1075
+    llm = _llama_cpp_model(llama_cpp, out)
+    ids = llm.tokenize(PROMPT, add_bos=False)
+    assert _kl(_hf_log_probs(reloaded, ids), _llama_cpp_log_probs(llm, ids)) < 0.05
+    # Greedy continuation: the same text from both.
+    llm.reset()
+    text = llm.create_completion(ids, max_tokens=8, temperature=0.0)["choices"][0]["text"]
+    with torch.no_grad():
+        hf_ids = reloaded.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)
+    assert text.strip() and text == llm.detokenize(hf_ids[0, len(ids):].tolist()).decode()
+
+
+@pytest.fixture(scope="session")
+def llama_cpp_converter() -> Path:
+    """llama.cpp's convert_hf_to_gguf.py (with its conversion/ and gguf-py/), out of the pinned
+    llama-cpp-python sdist, cached under the prunenet cache. Skips when PyPI is unreachable."""
+    requirement, sha256 = LLAMA_CPP_SDIST
+    folder = cache_dir() / f"llama-cpp-converter-{requirement.split('==')[1]}"
+    script = folder / "convert_hf_to_gguf.py"
+    if (folder / ".complete").exists():
+        return script
+    cache_dir().mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache_dir(), prefix=".llama-cpp-sdist-") as tmp:
+        download = subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+             "--quiet", requirement, "-d", tmp], capture_output=True, text=True)
+        archives = list(Path(tmp).glob("*.tar.gz"))
+        if download.returncode != 0 or len(archives) != 1:
+            pytest.skip(f"could not download the {requirement} sdist: {download.stderr[-300:]}")
+        if hashlib.sha256(archives[0].read_bytes()).hexdigest() != sha256:
+            pytest.fail(f"{archives[0].name} does not have the pinned sha256")
+        staging = Path(tmp) / "converter"
+        prefix = f"{archives[0].name.removesuffix('.tar.gz')}/vendor/llama.cpp/"
+        wanted = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")
+        with tarfile.open(archives[0]) as archive:
+            for member in archive.getmembers():
+                relative = member.name.removeprefix(prefix)
+                if member.isfile() and member.name.startswith(prefix) and relative.startswith(
+                        wanted):
+                    member.name = relative
+                    archive.extract(member, staging, filter="data")
+        (staging / ".complete").write_text(requirement + "\n")
+        os.replace(staging, folder)
+    return script
+
+
+@pytest.mark.real
+def test_converted_safetensors_output_in_llama_cpp(tmp_path, llama_cpp, llama_cpp_converter,
+                                                   smollm2_compressed):
+    """Our stock safetensors output, converted to f16 GGUF by llama.cpp's own converter, runs in
+    llama.cpp like in transformers. Measured max next-token KL 1.7e-5 (f16 weights and
+    activations in llama.cpp); bound 1e-4."""
+    pytest.importorskip("sentencepiece", reason="the converter needs sentencepiece")
+    result, folder = smollm2_compressed
+    converted = tmp_path / "pruned-f16.gguf"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(llama_cpp_converter.parent), str(llama_cpp_converter.parent / "gguf-py")])}
+    run = subprocess.run([sys.executable, str(llama_cpp_converter), str(folder),
+                          "--outtype", "f16", "--outfile", str(converted)],
+                         capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert GGUFReader(str(converted)).fields["llama.feed_forward_length"].contents() == 1075
+    llm = _llama_cpp_model(llama_cpp, converted)
+    ids = llm.tokenize(PROMPT, add_bos=False)
+    reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    assert _kl(_hf_log_probs(reloaded, ids), _llama_cpp_log_probs(llm, ids)) < 1e-4
