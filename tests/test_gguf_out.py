@@ -7,6 +7,7 @@ Tolerances below were measured here (benchmarks/README.md, "GGUF output") and ar
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -24,7 +25,7 @@ from transformers import AutoModelForCausalLM
 import prunenet
 from prunenet.assets import asset_path, cache_dir
 from prunenet.errors import InputError, MissingAssetError
-from prunenet.gguf_out import gguf_output_supported, write_pruned_gguf
+from prunenet.io.gguf_out import gguf_output_supported, write_pruned_gguf
 
 LLAMA_CPP_REASON = "llama-cpp-python is not installed (scripts/test.sh installs it)"
 LLAMA_CPP_SDIST = ("llama-cpp-python==0.3.36",
@@ -474,3 +475,27 @@ def test_converted_safetensors_output_in_llama_cpp(tmp_path, llama_cpp, llama_cp
     ids = llm.tokenize(PROMPT, add_bos=False)
     reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     assert _kl(_hf_log_probs(reloaded, ids), _llama_cpp_log_probs(llm, ids)) < 1e-4
+
+
+def test_compress_writes_gguf_beside_safetensors_for_a_gguf_input(tmp_path, capsys):
+    """--format auto: a .gguf input gets both outputs, named in the record and the card; gguf
+    alone leaves out the safetensors; a folder input cannot be cut as GGUF (refused first)."""
+    from prunenet.cli import main
+
+    source = asset_path("tinycoder-gguf") / "tiny.gguf"
+    assert main(["-q", "compress", str(source), "--ratio", "0.25", "--out",
+                 str(tmp_path / "both"), "--method", "random"]) == 0
+    names = sorted(p.name for p in (tmp_path / "both").iterdir())
+    assert "model.gguf" in names and "model.safetensors" in names
+    record = json.loads((tmp_path / "both" / "prunenet.json").read_text())
+    assert record["gguf"]["feed_forward_length"] == {"before": 64, "after": 48}
+    assert "model.gguf" in (tmp_path / "both" / "README.md").read_text()
+    assert main(["-q", "compress", str(source), "--ratio", "0.25", "--out",
+                 str(tmp_path / "gguf"), "--method", "random", "--format", "gguf"]) == 0
+    assert sorted(p.name for p in (tmp_path / "gguf").iterdir()) == [
+        "README.md", "model.gguf", "prunenet.json"]
+    assert _load_gguf(tmp_path / "gguf" / "model.gguf").config.intermediate_size == 48
+    capsys.readouterr()
+    assert main(["-q", "compress", str(tmp_path / "both"), "--ratio", "0.25", "--out",
+                 str(tmp_path / "no"), "--method", "random", "--format", "gguf"]) == 2
+    assert "not one" in capsys.readouterr().err and not (tmp_path / "no").exists()

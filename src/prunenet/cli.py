@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable
 
 from .errors import PruneNetError
-from .pipeline import VARIANT_METHODS, CompressOptions
+from .pipeline import FORMATS, VARIANT_METHODS, CompressOptions
 from .selection import DEFAULT_METHOD, SELECTORS, STREAMED_DEFAULT_METHOD
 from .selection.prunenet import SELECTIONS
 from .selection.prunenet.reinforce import TrainingConfig
@@ -149,6 +149,11 @@ def _add_method_arguments(parser: argparse.ArgumentParser, takes_policy: bool = 
     parser.add_argument("--variant", choices=list(VARIANT_METHODS), default=None,
                         help="deprecated: --variant reference is --method prunenet, --variant "
                         "self-generated is --method self-generated")
+    parser.add_argument("--format", choices=list(FORMATS), default=CompressOptions.format,
+                        help="what --out holds: safetensors (a stock checkpoint), gguf (model.gguf "
+                        "cut from a .gguf input: rows copied in their quantized blocks, ffn_down "
+                        "requantized) or both; auto (default): both for a .gguf input, else "
+                        "safetensors")
 
 
 def _compress_options(args: argparse.Namespace) -> dict:
@@ -157,6 +162,7 @@ def _compress_options(args: argparse.Namespace) -> dict:
         "method": args.method, "variant": args.variant, "seed": args.seed,
         "device": args.device, "selection": args.selection, "calibration": _calibration(args),
         "max_memory": args.max_memory, "trust_remote_code": args.trust_remote_code,
+        "format": args.format,
         "progress": not args.quiet, "resume": getattr(args, "resume", False),
         **(_training_options(args) if hasattr(args, "episodes") else {}),
     }

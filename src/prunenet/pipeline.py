@@ -58,7 +58,9 @@ class CompressOptions:
     """How to compress; every default is held here once (the command line reads them).
 
     ``method`` None: the default method, or ``prunenet`` when the model is streamed (the default
-    runs the model, which a streamed checkpoint never holds) or a policy is given. ``selection``
+    runs the model, which a streamed checkpoint never holds) or a policy is given. ``format``:
+    what the output folder holds: safetensors (a stock checkpoint), gguf (``model.gguf``, cut
+    from a .gguf input) or both; ``auto`` is both for a .gguf input, else safetensors. ``selection``
     and ``training`` concern ``prunenet`` only, ``calibration`` ``activation`` only.
     """
 
@@ -69,6 +71,7 @@ class CompressOptions:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     calibration: Calibration = field(default_factory=Calibration)
     resume: bool = False
+    format: str = "auto"  # safetensors, gguf or both; auto: both for a .gguf input
     max_memory: int | str | None = None
     trust_remote_code: bool = False
     progress: bool = True
@@ -160,6 +163,8 @@ class Plan:
     policy_out: str | os.PathLike | None = None
     overwrite: bool = False
 
+    formats: tuple[str, ...] = ("safetensors",)
+
     @property
     def trains_policy(self) -> bool:
         return isinstance(self.selector, PruneNet) and self.selector.policy is None
@@ -233,8 +238,33 @@ def plan_compression(model: Any, ratio: float, options: CompressOptions, *,
         if record_dir is not None:
             raise InputError("--record needs the model in memory; it is not available when "
                              "streaming (raise --max-memory)")
+    formats = output_formats(options.format, reads[0] if source is not None else None)
     return Plan(model, source, ratio, options, selector, streamed, out, record_dir, policy_out,
-                overwrite)
+                overwrite, formats)
+
+
+FORMATS = ("auto", "safetensors", "gguf", "both")
+GGUF_NAME = "model.gguf"
+
+
+def output_formats(fmt: str, read_path: str | None) -> tuple[str, ...]:
+    """What the output folder holds for ``--format fmt`` and the input path; a GGUF output is
+    checked here (its source must be a .gguf file the writer can cut), before any work."""
+    if fmt not in FORMATS:
+        raise InputError(f"unknown --format {fmt!r}; choose from {', '.join(FORMATS)}")
+    is_gguf = read_path is not None and read_path.lower().endswith(".gguf")
+    if fmt == "auto":
+        fmt = "both" if is_gguf else "safetensors"
+    formats = ("safetensors", "gguf") if fmt == "both" else (fmt,)
+    if "gguf" in formats:
+        if not is_gguf:
+            raise InputError("--format gguf cuts the input's own GGUF file, and this input is "
+                             "not one; write safetensors and convert it with llama.cpp's "
+                             "convert_hf_to_gguf.py")
+        from .io.gguf_out import gguf_output_supported
+
+        gguf_output_supported(read_path)
+    return formats
 
 
 def run_compression(plan: Plan, tokenizer: Any = None) -> CompressionResult:
@@ -277,7 +307,9 @@ def run_compression(plan: Plan, tokenizer: Any = None) -> CompressionResult:
         else:
             reads = [input_path(plan.source)] if plan.source else []
             saved = str(save_compressed(model, tokenizer, plan.out, record, plan.overwrite,
-                                        reads))
+                                        reads, safetensors="safetensors" in plan.formats,
+                                        also=_gguf_writer(reads, model, rows)
+                                        if "gguf" in plan.formats else None))
     if plan.record_dir is not None:
         training = selector.training if isinstance(selector, PruneNet) else None
         write_run_record(plan.record_dir, model, rows, record, original_spectra, training,
@@ -287,6 +319,18 @@ def run_compression(plan: Plan, tokenizer: Any = None) -> CompressionResult:
     if training is not None and selector.state_path is not None:
         Path(selector.state_path).unlink(missing_ok=True)  # finished: nothing left to resume
     return CompressionResult(model, tokenizer, rows, record, policy, training, saved)
+
+
+def _gguf_writer(reads: list[str], model: nn.Module, rows: list[Tensor]):
+    """Writes the pruned model as ``model.gguf`` cut from its GGUF source; returns its record."""
+    from .io.gguf_out import write_pruned_gguf
+
+    def write(folder: Path) -> dict[str, Any]:
+        report = write_pruned_gguf(reads[0], model, rows, folder / GGUF_NAME)
+        return {"gguf": {key: value for key, value in report.items()
+                         if key not in ("out_file", "summary")} | {"file": GGUF_NAME}}
+
+    return write
 
 
 def compression_record(plan: Plan, selector: Selector, before: dict, after: dict, d_ff: int,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -370,13 +370,19 @@ def save_plain_checkpoint(model, tokenizer, folder: Path) -> None:
 
 def save_compressed(
     model, tokenizer, out: str | os.PathLike, record: dict[str, Any], overwrite: bool = False,
-    inputs: list[str] = (),
+    inputs: list[str] = (), safetensors: bool = True,
+    also: Callable[[Path], dict[str, Any]] | None = None,
 ) -> Path:
-    """Write a stock checkpoint, its model card and ``prunenet.json`` (last) atomically into
-    ``out``; ``inputs[0]``, when given, is where the model came from (for the card)."""
+    """Write a stock checkpoint (unless ``safetensors`` is False), its model card and
+    ``prunenet.json`` (last) atomically into ``out``. ``inputs[0]``, when given, is where the
+    model came from (for the card); ``also(folder)`` writes further files into the folder being
+    staged and returns what the record says of them (merged into ``record``)."""
     out_path = check_output_path(out, overwrite, list(inputs))
     with atomic_folder(out_path, overwrite) as staging:
-        save_plain_checkpoint(model, tokenizer, staging)
+        if safetensors:
+            save_plain_checkpoint(model, tokenizer, staging)
+        if also is not None:
+            record.update(also(staging))
         write_card(staging, record, inputs[0] if inputs else None)
         write_json_atomic(staging / RECORD_NAME, record)
     return out_path

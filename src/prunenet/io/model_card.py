@@ -77,6 +77,14 @@ def render_card(record: dict[str, Any], input_folder: str | os.PathLike | None =
         "`transformers.AutoModelForCausalLM.from_pretrained`.",
         "",
     ]
+    if record.get("gguf"):
+        written = sorted(set(record["gguf"].get("requantized", {}).values()))
+        kept = sorted(set(record["gguf"].get("sliced", {}).values()))
+        body += [f"Also `{record['gguf'].get('file', 'model.gguf')}` for llama.cpp: the input's "
+                 f"GGUF with every non-FFN tensor unchanged, FFN rows kept in their "
+                 f"{'/'.join(kept)} blocks and ffn_down written as {'/'.join(written)}"
+                 + (" (the input's type cannot hold the new width or cannot be written)"
+                    if record["gguf"].get("substituted") else "") + ".", ""]
     if record.get("policy_sha256"):
         body += [f"PruneNet policy checksum (sha256): `{record['policy_sha256']}`.", ""]
     if record.get("finetune"):

@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .errors import InputError
-from .families import family_for
+from ..errors import InputError
+from ..families import family_for
 
 
 @dataclass(frozen=True)
