@@ -1,4 +1,4 @@
-"""GGUF output (prunenet.io.gguf_out) on SmolLM2-135M-Instruct Q4_1: cost of ffn_down's written type,
+"""GGUF output (prunenet.io.gguf_out) on SmolLM2-135M-Instruct Q4_1: cost of the written type,
 write time and size, and agreement of llama.cpp with transformers on the written files.
 
 For each ratio: compress the GGUF (default variant unless --method), write it as GGUF with
