@@ -4,11 +4,13 @@ Slicing a layer to the kept neurons K turns its FFN output ``W2 a + b`` into ``W
 The refit chooses new kept columns (and bias) that reproduce the original output on probe
 activations instead:
 
-- ``ls``: least squares, ``W2' = W2 C (A + lambda I)^-1`` with ``A = E[a_K a_K^T]`` (the kept
-  neurons' Gram) and ``C = E[a_target a_K^T]`` (``= G[:, K]`` when the statistics come from the
-  dense model). ``lambda = ridge * mean(diag A)``. A second matrix with a bias is fitted on
-  centred statistics and its bias absorbs the means (the same as augmenting ``a`` with a constant
-  1 that the ridge does not shrink).
+- ``ls``: least squares, ``W2' = (W2 C + lambda W2[:, K]) (A + lambda I)^-1`` with
+  ``A = E[a_K a_K^T]`` (the kept neurons' Gram) and ``C = E[a_target a_K^T]`` (``= G[:, K]`` when
+  the statistics come from the dense model), ``lambda = ridge * mean(diag A)``. The ridge pulls
+  towards the sliced columns rather than towards zero, so the refit never reconstructs worse than
+  plain slicing on the probe, and dead (all-zero) neurons keep their original columns. A second
+  matrix with a bias is fitted on centred statistics and its bias absorbs the means (the same as
+  augmenting ``a`` with a constant 1 that the ridge does not shrink).
 - ``bias`` (FLAP): the bias absorbs the removed neurons' mean output ``W2[:, R] E[a_R]``; only for
   families whose second matrix has a bias.
 
@@ -34,18 +36,19 @@ MODES = ("ls", "bias")
 DEFAULT_RIDGE = 1e-2
 
 
-def least_squares_columns(second: Tensor, cross: Tensor, kept_gram: Tensor, ridge: float
-                          ) -> Tensor:
-    """``second @ cross @ (kept_gram + lambda I)^-1`` in float64 (d_model x k).
+def least_squares_columns(second: Tensor, kept_rows: Tensor, cross: Tensor, kept_gram: Tensor,
+                          ridge: float) -> Tensor:
+    """``(second @ cross + lambda second[:, K]) @ (kept_gram + lambda I)^-1`` in float64
+    (d_model x k): the minimiser of ``E||W2 a_target - W' a_K||^2 + lambda ||W' - W2[:, K]||^2``.
 
     ``second``: the original matrix (d_model x d_ff); ``cross``: E[a_target a_K^T] (d_ff x k);
     ``kept_gram``: E[a_K a_K^T] (k x k); ``lambda = ridge * mean(diag kept_gram)``.
     """
-    kept_gram = kept_gram.double()
+    second, kept_gram = second.double(), kept_gram.double()
     scale = float(kept_gram.diagonal().mean())
-    regularised = kept_gram + ridge * (scale if scale > 0 else 1.0) * torch.eye(
-        kept_gram.shape[0], dtype=torch.float64)
-    right = cross.double().T @ second.double().T  # k x d_model
+    penalty = ridge * (scale if scale > 0 else 1.0)
+    regularised = kept_gram + penalty * torch.eye(kept_gram.shape[0], dtype=torch.float64)
+    right = (second @ cross.double() + penalty * second[:, kept_rows]).T  # k x d_model
     # kept_gram is symmetric: solve (A + lambda I) X = C^T W2^T, then W2' = X^T.
     return torch.linalg.solve(regularised, right).T
 
@@ -82,9 +85,10 @@ def refit_layer(second: Tensor, bias: Tensor | None, kept_rows: Tensor, stats: L
         cross = cross - torch.outer(target_mean, kept_mean)
         kept_gram = kept_gram - torch.outer(kept_mean, kept_mean)
     try:
-        columns = least_squares_columns(second, cross, kept_gram, ridge)
+        columns = least_squares_columns(second, kept_rows, cross, kept_gram, ridge)
     except RuntimeError as error:  # a singular system (ridge 0 with dead neurons)
-        raise NumericalError(f"refit failed: {error}; use a positive ridge") from error
+        raise NumericalError(f"the refit's system is singular ({error}); use a positive ridge"
+                             ) from error
     new_bias = None
     if bias is not None:
         new_bias = bias.double() + second @ target_mean - columns @ kept_mean
@@ -105,6 +109,14 @@ def reconstruction_error(second: Tensor, bias: Tensor | None, kept_rows: Tensor,
     quadratic = ((difference @ stats.gram) * difference).sum()
     linear = 2 * shift @ (difference @ stats.total)
     return float(quadratic + linear + stats.count * shift.pow(2).sum())
+
+
+def _named(layer_index: int, function, *args):
+    """``function(*args)``, with the layer named in a :class:`NumericalError`."""
+    try:
+        return function(*args)
+    except NumericalError as error:
+        raise NumericalError(f"layer {layer_index}: {error}") from error
 
 
 def _removed(kept_rows: Tensor, d_ff: int) -> Tensor:
@@ -141,7 +153,7 @@ def refit_model(model: nn.Module, kept_rows: Sequence[Tensor],
     for index, (rows, stats) in enumerate(zip(kept_rows, statistics, strict=True)):
         matrix, bias = second_matrix(view, index)
         matrix, bias = matrix.cpu(), None if bias is None else bias.cpu()
-        columns, new_bias = refit_layer(matrix, bias, rows, stats, mode, ridge)
+        columns, new_bias = _named(index, refit_layer, matrix, bias, rows, stats, mode, ridge)
         layers.append(_layer_record(index, matrix, bias, rows, columns, new_bias, stats))
         _write(view, index, rows, columns, new_bias)
     return {"mode": mode, "ridge": ridge, "statistics": "dense", "layers": layers}
@@ -216,8 +228,8 @@ def sequential_refit(model: nn.Module, kept_rows: Sequence[Tensor], probe_tokens
                                                         inputs, pruned, dense)
         matrix, bias = second_matrix(view, index)
         matrix, bias = matrix.cpu().clone(), None if bias is None else bias.cpu().clone()
-        columns, new_bias = refit_layer(matrix, bias, rows, stats, mode, ridge, target_stats,
-                                        cross)
+        columns, new_bias = _named(index, refit_layer, matrix, bias, rows, stats, mode, ridge,
+                                   target_stats, cross)
         layers.append(_layer_record(index, matrix, bias, rows, columns, new_bias, stats))
         _write(view, index, rows, columns, new_bias, zero_removed=True)
         for batch, (args, kwargs) in enumerate(inputs):
