@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from prunenet.api import select_rows
+from prunenet.api import select_rows, train_policy
 from prunenet.checkpoints import load_model_and_tokenizer
 from prunenet.evaluation.corpora import load_corpus
 from prunenet.evaluation.perplexity import perplexity
@@ -141,6 +141,11 @@ def run(args: argparse.Namespace) -> None:
                 if method in ("random", "magnitude"):
                     rows = select_rows(pruned, ratio, method=method, seed=seed, device="cpu",
                                        progress=False)
+                elif method == "prunenet":  # the reference policy, a short training
+                    policy = train_policy(pruned, ratio, episodes=args.episodes, seed=seed,
+                                          device="cpu", progress=False).policy
+                    rows = select_rows(pruned, ratio, policy=policy, variant="reference",
+                                       seed=seed, device="cpu", progress=False)
                 else:
                     rows = [top_rows(s, kept) for s in SCORES[score](pruned, stats)]
                 select_seconds = time.perf_counter() - started
@@ -173,7 +178,7 @@ def ridge_sweep(args: argparse.Namespace) -> None:
     half = ids.shape[0] // 2
     fit, _ = timed_statistics(model, ids[:half])
     test, _ = timed_statistics(model, ids[half:])
-    ridges = [0.0, 1e-4, 1e-3, 1e-2, 3e-2, 1e-1, 1.0]
+    ridges = [0.0, 1e-3, 1e-2, 1e-1, 1.0, 3.0, 10.0]
     for ratio in [float(r) for r in args.ratios.split(",")]:
         kept = kept_count(FFNView(model).d_ff, ratio)
         rows = [top_rows(s, kept) for s in SCORES["wanda"](model, fit)]
@@ -181,6 +186,38 @@ def ridge_sweep(args: argparse.Namespace) -> None:
         plain = held_out_ridge(model, fit, test, rows, [1e12])[1e12]
         print(json.dumps({"ratio": ratio, "fit_tokens": int(ids[:half].numel()),
                           "sliced": plain, "refit": errors}), flush=True)
+
+
+def end_to_end(args: argparse.Namespace) -> None:
+    """One compression as the pipeline would run it, timed by stage, with the peak RSS."""
+    torch.set_num_threads(args.threads)
+    ratio = float(args.ratios.split(",")[0])
+    times = {}
+    started = time.perf_counter()
+    model, tokenizer = load_model_and_tokenizer("smollm2-135m")
+    times["load_s"] = time.perf_counter() - started
+    recipe = ProbeRecipe(sequence_length=args.probe_length, batch_size=args.probe_batch)
+    mark = time.perf_counter()
+    probe = generate_probe(model, tokenizer, args.tokens, args.seed, recipe, progress=False)
+    times["probe_s"] = time.perf_counter() - mark
+    mark = time.perf_counter()
+    stats = collect_ffn_statistics(model, probe, batch_size=4)
+    times["statistics_s"] = time.perf_counter() - mark
+    mark = time.perf_counter()
+    kept = kept_count(FFNView(model).d_ff, ratio)
+    rows = [top_rows(s, kept) for s in SCORES["wanda"](model, stats)]
+    times["select_s"] = time.perf_counter() - mark
+    mark = time.perf_counter()
+    refit_model(model, rows, stats, "ls", args.ridge)
+    times["refit_s"] = time.perf_counter() - mark
+    mark = time.perf_counter()
+    slice_model(model, rows)
+    model.save_pretrained(args.end_to_end)
+    tokenizer.save_pretrained(args.end_to_end)
+    times["slice_save_s"] = time.perf_counter() - mark
+    times["total_s"] = time.perf_counter() - started
+    print(json.dumps({"ratio": ratio, "tokens": int(probe.numel()), **times,
+                      "peak_rss_mb": _peak_rss_mb()}), flush=True)
 
 
 def _parse(job: str, args) -> tuple[str, str, str, str, int]:
@@ -250,8 +287,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="probe seed")
     parser.add_argument("--probe-length", type=int, default=256)
     parser.add_argument("--probe-batch", type=int, default=16)
-    parser.add_argument("--ridge", type=float, default=1e-2)
+    parser.add_argument("--ridge", type=float, default=1.0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--episodes", type=int, default=5, help="prunenet policy training")
+    parser.add_argument("--end-to-end", metavar="OUT",
+                        help="instead: time load, probe, select, refit, slice, save at the "
+                        "first --ratios value into OUT")
     parser.add_argument("--log", default=LOG)
     parser.add_argument("--report", action="store_true")
     parser.add_argument("--ridge-sweep", action="store_true",
@@ -259,6 +300,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.report:
         print(report(Path(args.log)))
+    elif args.end_to_end:
+        end_to_end(args)
     elif args.ridge_sweep:
         ridge_sweep(args)
     else:
