@@ -1,0 +1,312 @@
+"""Selection x reconstruction on SmolLM2-135M: does the closed-form refit close the gap to
+calibration?
+
+Every run prunes a fresh copy of the dense model: select rows (``self-generated`` on the model's
+own probe text, ``activation`` on real training windows, ``random``, ``magnitude``), optionally
+refit the second FFN matrix (``ls`` from dense statistics, ``ls-seq`` sequential with the dense
+target), slice, and measure perplexity on the first ``--windows`` evaluation windows of the wiki
+sample (never used for calibration). Results are appended to a JSON-lines log; finished runs are
+skipped, ``--report`` prints the table.
+
+    nice -n 10 python -u benchmarks/quality_reconstruct.py --ratios 0.3,0.2,0.1 --windows 4
+    python benchmarks/quality_reconstruct.py --report
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import math
+import resource
+import statistics
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from prunenet.api import select_rows, train_policy
+from prunenet.checkpoints import load_model_and_tokenizer
+from prunenet.evaluation.corpora import load_corpus
+from prunenet.evaluation.perplexity import perplexity
+from prunenet.families import kept_count
+from prunenet.ffn_statistics import SCORES, LayerStatistics, collect_ffn_statistics
+from prunenet.model_view import FFNView
+from prunenet.policy import top_rows
+from prunenet.probe import ProbeRecipe, generate_probe
+from prunenet.refit import reconstruction_error, refit_layer, refit_model, sequential_refit
+from prunenet.slicing import slice_model
+
+CACHE = Path.home() / ".cache" / "prunenet" / "bench-reconstruct"
+LOG = "benchmarks/results/quality_reconstruct.jsonl"
+
+
+def probe_text(model, tokenizer, tokens: int, seed: int, recipe: ProbeRecipe) -> tuple[Tensor,
+                                                                                        float]:
+    """The self-generated probe (cached on disk by size, seed and recipe) and its seconds."""
+    digest = hashlib.sha256(repr(recipe).encode()).hexdigest()[:12]
+    path = CACHE / f"probe-{tokens}-{seed}-{digest}.pt"
+    if path.exists():
+        saved = torch.load(path)
+        return saved["tokens"], saved["seconds"]
+    started = time.perf_counter()
+    probe = generate_probe(model, tokenizer, tokens, seed, recipe, progress=False)
+    seconds = time.perf_counter() - started
+    CACHE.mkdir(parents=True, exist_ok=True)
+    torch.save({"tokens": probe, "seconds": seconds}, path)
+    return probe, seconds
+
+
+def real_text(tokenizer, tokens: int) -> Tensor:
+    """The first ``tokens`` of the wiki training region in 1024-token windows (or one shorter)."""
+    length = min(1024, tokens)
+    windows = load_corpus("wiki", tokenizer).training_windows(length)
+    return windows[: max(1, tokens // length)]
+
+
+def timed_statistics(model, tokens: Tensor) -> tuple[list[LayerStatistics], float]:
+    started = time.perf_counter()
+    stats = collect_ffn_statistics(model, tokens, batch_size=4)
+    return stats, time.perf_counter() - started
+
+
+def held_out_ridge(model, stats_fit: list[LayerStatistics], stats_test: list[LayerStatistics],
+                   rows: list[Tensor], ridges: list[float]) -> dict[float, float]:
+    """Sum over layers of the relative reconstruction error on held-out probe statistics."""
+    view = FFNView(model)
+    result = {}
+    for ridge in ridges:
+        total = 0.0
+        for index, kept in enumerate(rows):
+            matrix = view.layers[index].mlp.down_proj.weight.detach().double()
+            columns, _ = refit_layer(matrix, None, kept, stats_fit[index], "ls", ridge)
+            error = reconstruction_error(matrix, None, kept, columns, None, stats_test[index])
+            energy = reconstruction_error(matrix, None, kept, torch.zeros_like(columns), None,
+                                          stats_test[index])
+            total += error / energy
+        result[ridge] = total / len(rows)
+    return result
+
+
+def run(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
+    log = Path(args.log)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    done = {json.dumps(record["key"]) for record in _records(log)}
+    model, tokenizer = load_model_and_tokenizer("smollm2-135m")
+    windows = load_corpus("wiki", tokenizer).evaluation_windows(1024, args.windows)
+    recipe = ProbeRecipe(sequence_length=args.probe_length, batch_size=args.probe_batch)
+
+    def record(key: dict, **values) -> None:
+        entry = {"key": key, **values, "peak_rss_mb": _peak_rss_mb()}
+        with log.open("a") as handle:
+            handle.write(json.dumps(entry) + "\n")
+        print(json.dumps(entry), flush=True)
+
+    dense_key = {"method": "dense", "windows": args.windows}
+    if json.dumps(dense_key) not in done:
+        record(dense_key, perplexity=perplexity(model, windows, progress=False))
+
+    texts: dict[str, tuple[list[LayerStatistics], dict]] = {}
+
+    def text_statistics(name: str, tokens: int) -> tuple[list[LayerStatistics], dict]:
+        if (name, tokens) not in texts:
+            if name == "probe":
+                ids, generate_seconds = probe_text(model, tokenizer, tokens, args.seed, recipe)
+            else:
+                ids, generate_seconds = real_text(tokenizer, tokens), 0.0
+            stats, stats_seconds = timed_statistics(model, ids)
+            texts[(name, tokens)] = (stats, {"generate_s": generate_seconds,
+                                             "statistics_s": stats_seconds, "ids": ids})
+        return texts[(name, tokens)]
+
+    for ratio in [float(r) for r in args.ratios.split(",")]:
+        for job in args.jobs.split(","):
+            method, refit, score, text, tokens = _parse(job, args)
+            seeds = [int(s) for s in args.random_seeds.split(",")] if method == "random" else [0]
+            for seed in seeds:
+                key = {"method": method, "refit": refit, "score": score, "text": text,
+                       "tokens": tokens, "ratio": ratio, "seed": seed, "windows": args.windows,
+                       "probe_seed": args.seed, "ridge": args.ridge,
+                       "probe_length": args.probe_length}
+                if json.dumps(key) in done:
+                    continue
+                stats, info = text_statistics(text, tokens)
+                pruned = copy.deepcopy(model)
+                started = time.perf_counter()
+                kept = kept_count(FFNView(model).d_ff, ratio)
+                if method in ("random", "magnitude"):
+                    rows = select_rows(pruned, ratio, method=method, seed=seed, device="cpu",
+                                       progress=False)
+                elif method == "prunenet":  # the reference policy, a short training
+                    policy = train_policy(pruned, ratio, episodes=args.episodes, seed=seed,
+                                          device="cpu", progress=False).policy
+                    rows = select_rows(pruned, ratio, policy=policy, variant="reference",
+                                       seed=seed, device="cpu", progress=False)
+                else:
+                    rows = [top_rows(s, kept) for s in SCORES[score](pruned, stats)]
+                select_seconds = time.perf_counter() - started
+                started = time.perf_counter()
+                errors = None
+                if refit == "ls":
+                    rec = refit_model(pruned, rows, stats, "ls", args.ridge)
+                    errors = _mean_errors(rec)
+                elif refit.startswith("ls-seq"):
+                    target = "pruned" if refit.endswith("pruned") else "dense"
+                    rec = sequential_refit(pruned, rows, info["ids"], "ls", args.ridge, target,
+                                           batch_size=4)
+                    errors = _mean_errors(rec)
+                refit_seconds = time.perf_counter() - started
+                slice_model(pruned, rows)
+                value = perplexity(pruned, windows, progress=False)
+                record(key, perplexity=value, generate_s=info["generate_s"],
+                       statistics_s=info["statistics_s"], select_s=select_seconds,
+                       refit_s=refit_seconds, probe_errors=errors)
+                del pruned
+
+
+def ridge_sweep(args: argparse.Namespace) -> None:
+    """Pick the ridge by held-out reconstruction: fit on the first half of the probe's
+    sequences, measure on the second half, at each ratio; no perplexity involved."""
+    torch.set_num_threads(args.threads)
+    model, tokenizer = load_model_and_tokenizer("smollm2-135m")
+    recipe = ProbeRecipe(sequence_length=args.probe_length, batch_size=args.probe_batch)
+    ids, _ = probe_text(model, tokenizer, args.tokens, args.seed, recipe)
+    half = ids.shape[0] // 2
+    fit, _ = timed_statistics(model, ids[:half])
+    test, _ = timed_statistics(model, ids[half:])
+    ridges = [0.0, 1e-3, 1e-2, 1e-1, 1.0, 3.0, 10.0]
+    for ratio in [float(r) for r in args.ratios.split(",")]:
+        kept = kept_count(FFNView(model).d_ff, ratio)
+        rows = [top_rows(s, kept) for s in SCORES["wanda"](model, fit)]
+        errors = held_out_ridge(model, fit, test, rows, ridges)
+        plain = held_out_ridge(model, fit, test, rows, [1e12])[1e12]
+        print(json.dumps({"ratio": ratio, "fit_tokens": int(ids[:half].numel()),
+                          "sliced": plain, "refit": errors}), flush=True)
+
+
+def end_to_end(args: argparse.Namespace) -> None:
+    """One compression as the pipeline would run it, timed by stage, with the peak RSS."""
+    torch.set_num_threads(args.threads)
+    ratio = float(args.ratios.split(",")[0])
+    times = {}
+    started = time.perf_counter()
+    model, tokenizer = load_model_and_tokenizer("smollm2-135m")
+    times["load_s"] = time.perf_counter() - started
+    recipe = ProbeRecipe(sequence_length=args.probe_length, batch_size=args.probe_batch)
+    mark = time.perf_counter()
+    probe = generate_probe(model, tokenizer, args.tokens, args.seed, recipe, progress=False)
+    times["probe_s"] = time.perf_counter() - mark
+    mark = time.perf_counter()
+    stats = collect_ffn_statistics(model, probe, batch_size=4)
+    times["statistics_s"] = time.perf_counter() - mark
+    mark = time.perf_counter()
+    kept = kept_count(FFNView(model).d_ff, ratio)
+    rows = [top_rows(s, kept) for s in SCORES["wanda"](model, stats)]
+    times["select_s"] = time.perf_counter() - mark
+    mark = time.perf_counter()
+    refit_model(model, rows, stats, "ls", args.ridge)
+    times["refit_s"] = time.perf_counter() - mark
+    mark = time.perf_counter()
+    slice_model(model, rows)
+    model.save_pretrained(args.end_to_end)
+    tokenizer.save_pretrained(args.end_to_end)
+    times["slice_save_s"] = time.perf_counter() - mark
+    times["total_s"] = time.perf_counter() - started
+    print(json.dumps({"ratio": ratio, "tokens": int(probe.numel()), **times,
+                      "peak_rss_mb": _peak_rss_mb()}), flush=True)
+
+
+def _parse(job: str, args) -> tuple[str, str, str, str, int]:
+    """``method:refit[:score[:text[:tokens]]]``, e.g. ``self-generated:ls:wanda:probe:4096``."""
+    parts = job.split(":")
+    method, refit = parts[0], parts[1]
+    score = parts[2] if len(parts) > 2 else "wanda"
+    default_text = "real" if method == "activation" else "probe"
+    text = parts[3] if len(parts) > 3 else default_text
+    tokens = int(parts[4]) if len(parts) > 4 else args.tokens
+    return method, refit, score, text, tokens
+
+
+def _mean_errors(record: dict) -> dict:
+    layers = record["layers"]
+    return {"sliced": statistics.mean(x["relative_error_sliced"] for x in layers),
+            "refit": statistics.mean(x["relative_error_refit"] for x in layers)}
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _records(log: Path) -> list[dict]:
+    return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def report(log: Path) -> str:
+    """Markdown: perplexity per (method, refit, score, text, tokens, windows) and ratio."""
+    groups: dict[tuple, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
+    dense = {}
+    for entry in _records(log):
+        key = entry["key"]
+        if key["method"] == "dense":
+            dense[key["windows"]] = entry["perplexity"]
+            continue
+        group = (key["method"], key["refit"], key["score"], key["text"], key["tokens"],
+                 key["windows"], key.get("ridge"))
+        groups[group][key["ratio"]].append(entry["perplexity"])
+    ratios = sorted({r for cells in groups.values() for r in cells})
+    lines = ["| method | refit | score | text | tokens | windows | ridge | "
+             + " | ".join(f"r={r}" for r in ratios) + " |", "|---" * (len(ratios) + 7) + "|"]
+    for windows, value in sorted(dense.items()):
+        lines.append(f"| dense | - | - | - | - | {windows} | - | "
+                     + " | ".join(f"{value:.2f}" for _ in ratios) + " |")
+    for group, cells in sorted(groups.items(), key=lambda item: str(item[0])):
+        values = []
+        for ratio in ratios:
+            found = cells.get(ratio, [])
+            geometric = math.exp(statistics.mean(math.log(v) for v in found)) if found else None
+            values.append("-" if geometric is None else f"{geometric:.2f}"
+                          + (f" (n={len(found)})" if len(found) > 1 else ""))
+        lines.append("| " + " | ".join(str(part) for part in group) + " | "
+                     + " | ".join(values) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", default="self-generated:none,self-generated:ls,"
+                        "activation:none,activation:ls,random:none,random:ls,magnitude:none,"
+                        "magnitude:ls")
+    parser.add_argument("--ratios", default="0.3,0.2,0.1")
+    parser.add_argument("--random-seeds", default="0")
+    parser.add_argument("--windows", type=int, default=16)
+    parser.add_argument("--tokens", type=int, default=4096, help="probe / real-text tokens")
+    parser.add_argument("--seed", type=int, default=0, help="probe seed")
+    parser.add_argument("--probe-length", type=int, default=256)
+    parser.add_argument("--probe-batch", type=int, default=16)
+    parser.add_argument("--ridge", type=float, default=1.0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--episodes", type=int, default=5, help="prunenet policy training")
+    parser.add_argument("--end-to-end", metavar="OUT",
+                        help="instead: time load, probe, select, refit, slice, save at the "
+                        "first --ratios value into OUT")
+    parser.add_argument("--log", default=LOG)
+    parser.add_argument("--report", action="store_true")
+    parser.add_argument("--ridge-sweep", action="store_true",
+                        help="instead: held-out probe reconstruction error per ridge")
+    args = parser.parse_args()
+    if args.report:
+        print(report(Path(args.log)))
+    elif args.end_to_end:
+        end_to_end(args)
+    elif args.ridge_sweep:
+        ridge_sweep(args)
+    else:
+        run(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""Probe text the model writes itself: token ids for calibration-free statistics.
+
+:func:`generate_probe` samples ``tokens`` token ids in batches with the KV cache, seeded inside a
+forked RNG (no effect on the caller's random state), so the same seed gives the same ids. The
+recipe knobs: how sequences start (the BOS token or a random ordinary token), the temperature
+(optionally rising linearly over the first tokens, as in self-calibration, arXiv 2410.17170),
+top-p, and dropping degenerate samples (few distinct 4-grams) before they reach the statistics.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .errors import InputError
+
+
+@dataclass(frozen=True)
+class ProbeRecipe:
+    """How the probe is sampled; the defaults are the measured choice
+    (benchmarks/quality_reconstruct.md)."""
+
+    sequence_length: int = 512
+    batch_size: int = 16
+    first_token: str = "bos"  # "bos" or "random" (a uniform ordinary token per sequence)
+    temperature: float = 1.0
+    start_temperature: float | None = None  # rises linearly to ``temperature`` ...
+    warmup_tokens: int = 0  # ... over this many first generated tokens
+    top_p: float = 1.0
+    min_distinct_4grams: float = 0.0  # drop samples with a smaller fraction of distinct 4-grams
+
+
+class _Sampling:
+    """A logits processor: the temperature schedule, and one progress tick per decoding step."""
+
+    def __init__(self, recipe: ProbeRecipe, prompt_length: int, bar: tqdm) -> None:
+        self.recipe, self.prompt_length, self.bar = recipe, prompt_length, bar
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        self.bar.update(input_ids.shape[0])
+        step = input_ids.shape[1] - self.prompt_length
+        recipe = self.recipe
+        temperature = recipe.temperature
+        if recipe.start_temperature is not None and step < recipe.warmup_tokens:
+            fraction = step / max(recipe.warmup_tokens, 1)
+            temperature = recipe.start_temperature + fraction * (
+                recipe.temperature - recipe.start_temperature)
+        return scores / max(temperature, 1e-4)
+
+
+def distinct_4gram_fraction(sequence: Tensor) -> float:
+    """Fraction of a 1-D token sequence's 4-grams that are distinct (1.0: no repetition)."""
+    grams = sequence.unfold(0, 4, 1) if sequence.numel() >= 4 else sequence.view(1, -1)
+    return torch.unique(grams, dim=0).shape[0] / grams.shape[0]
+
+
+def max_sequence_length(model: nn.Module, wanted: int) -> int:
+    """``wanted`` capped by the positions the model has (max_position_embeddings / n_positions)."""
+    config = model.config
+    positions = getattr(config, "max_position_embeddings", None) or getattr(
+        config, "n_positions", None)
+    return min(wanted, positions) if positions else wanted
+
+
+def _first_tokens(model: nn.Module, tokenizer, recipe: ProbeRecipe, count: int,
+                  generator: torch.Generator) -> Tensor:
+    vocab = model.get_input_embeddings().weight.shape[0]
+    bos = getattr(model.config, "bos_token_id", None)
+    if recipe.first_token == "bos" and isinstance(bos, int) and 0 <= bos < vocab:
+        return torch.full((count, 1), bos, dtype=torch.long)
+    if recipe.first_token not in ("bos", "random"):
+        raise InputError(f"unknown first_token {recipe.first_token!r}; use 'bos' or 'random'")
+    special = set(getattr(tokenizer, "all_special_ids", None) or [])
+    ordinary = torch.tensor([i for i in range(vocab) if i not in special])
+    return ordinary[torch.randint(0, ordinary.numel(), (count, 1), generator=generator)]
+
+
+@torch.no_grad()
+def generate_probe(model: nn.Module, tokenizer, tokens: int, seed: int,
+                   recipe: ProbeRecipe | None = None, progress: bool = True) -> Tensor:
+    """About ``tokens`` token ids (sequences x length, rounded up to whole sequences) of the
+    model's own sampled text, reproducible from ``seed``.
+
+    The length is ``recipe.sequence_length`` capped by the model's positions (more, shorter
+    sequences then). ``tokenizer`` may be None (random first tokens then range over the whole
+    vocabulary). Raises :class:`InputError` for a non-positive ``tokens``.
+    """
+    recipe = recipe or ProbeRecipe()
+    if tokens < 1:
+        raise InputError(f"the probe needs at least 1 token, got {tokens}")
+    length = max(2, max_sequence_length(model, recipe.sequence_length))
+    wanted = math.ceil(tokens / length)
+    device = next(model.parameters()).device
+    kept: list[Tensor] = []
+    dropped = 0
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), tqdm(
+            total=wanted * length, unit="tok", desc="probe", disable=not progress,
+            leave=False) as bar:
+        torch.manual_seed(int(seed))
+        generator = torch.Generator().manual_seed(int(seed))
+        while len(kept) < wanted:
+            if dropped > 4 * wanted:
+                raise InputError(f"{dropped} probe samples were degenerate; lower "
+                                 "min_distinct_4grams or raise the temperature")
+            count = min(recipe.batch_size, wanted - len(kept))
+            prompt = _first_tokens(model, tokenizer, recipe, count, generator).to(device)
+            output = model.generate(
+                prompt, attention_mask=torch.ones_like(prompt), do_sample=True, top_k=0,
+                top_p=recipe.top_p, temperature=1.0, max_new_tokens=length - 1,
+                min_new_tokens=length - 1, pad_token_id=0,
+                logits_processor=[_Sampling(recipe, prompt.shape[1], bar)]).cpu()
+            for sequence in output:
+                if distinct_4gram_fraction(sequence) >= recipe.min_distinct_4grams:
+                    kept.append(sequence)
+                else:
+                    dropped += 1
+                    bar.total += length
+    return torch.stack(kept[:wanted])

@@ -1,0 +1,282 @@
+"""Closed-form repair of the second FFN matrix after any selection (a stage, not a method).
+
+Slicing a layer to the kept neurons K turns its FFN output ``W2 a + b`` into ``W2[:, K] a_K + b``.
+The refit chooses new kept columns (and bias) that reproduce the original output on probe
+activations instead:
+
+- ``ls``: least squares, ``W2' = (W2 C + lambda W2[:, K]) (A + lambda I)^-1`` with
+  ``A = E[a_K a_K^T]`` (the kept neurons' Gram) and ``C = E[a_target a_K^T]`` (``= G[:, K]`` when
+  the statistics come from the dense model), ``lambda = ridge * mean(diag A)``. The ridge pulls
+  towards the sliced columns rather than towards zero, so the refit never reconstructs worse than
+  plain slicing on the probe, and dead (all-zero) neurons keep their original columns. A second
+  matrix with a bias is fitted on centred statistics and its bias absorbs the means (the same as
+  augmenting ``a`` with a constant 1 that the ridge does not shrink).
+- ``bias`` (FLAP): the bias absorbs the removed neurons' mean output ``W2[:, R] E[a_R]``; only for
+  families whose second matrix has a bias.
+
+Only the kept columns of the second matrix (and its bias) change; :func:`prunenet.slicing.
+slice_model` then removes the others, so the checkpoint keeps its architecture and size.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .calibration import second_matrix_module
+from .errors import InputError, NumericalError
+from .ffn_statistics import LayerStatistics, add_activations, second_matrix
+from .model_view import FFNView
+
+MODES = ("ls", "bias")
+DEFAULT_RIDGE = 1.0  # held-out probe reconstruction: smaller ridges overfit 2-4k tokens
+
+
+def least_squares_columns(second: Tensor, kept_rows: Tensor, cross: Tensor, kept_gram: Tensor,
+                          ridge: float) -> Tensor:
+    """``(second @ cross + lambda second[:, K]) @ (kept_gram + lambda I)^-1`` in float64
+    (d_model x k): the minimiser of ``E||W2 a_target - W' a_K||^2 + lambda ||W' - W2[:, K]||^2``.
+
+    ``second``: the original matrix (d_model x d_ff); ``cross``: E[a_target a_K^T] (d_ff x k);
+    ``kept_gram``: E[a_K a_K^T] (k x k); ``lambda = ridge * mean(diag kept_gram)``.
+    """
+    second, kept_gram = second.double(), kept_gram.double()
+    scale = float(kept_gram.diagonal().mean())
+    penalty = ridge * (scale if scale > 0 else 1.0)
+    regularised = kept_gram + penalty * torch.eye(kept_gram.shape[0], dtype=torch.float64)
+    right = (second @ cross.double() + penalty * second[:, kept_rows]).T  # k x d_model
+    # kept_gram is symmetric: solve (A + lambda I) X = C^T W2^T, then W2' = X^T.
+    return torch.linalg.solve(regularised, right).T
+
+
+def refit_layer(second: Tensor, bias: Tensor | None, kept_rows: Tensor, stats: LayerStatistics,
+                mode: str = "ls", ridge: float = DEFAULT_RIDGE,
+                target: LayerStatistics | None = None, cross: Tensor | None = None
+                ) -> tuple[Tensor, Tensor | None]:
+    """New kept columns (d_model x k) and bias for one layer, float64.
+
+    ``stats``: the activations the pruned layer will see (full d_ff). By default the target is
+    the original output on those same activations; for a different target stream (sequential
+    refit against the dense model) pass its statistics as ``target`` and the cross sum
+    ``sum a_target a_K^T`` (d_ff x k) as ``cross``. Raises :class:`InputError` for ``bias`` on a
+    matrix without one and :class:`NumericalError` when the result is not finite.
+    """
+    if mode not in MODES:
+        raise InputError(f"unknown refit mode {mode!r}; use one of {', '.join(MODES)}")
+    second = second.double()
+    count = max(stats.count, 1)
+    target = target or stats
+    target_mean, kept_mean = target.mean, stats.mean[kept_rows]
+    if mode == "bias":
+        if bias is None:
+            raise InputError("refit 'bias' needs a bias on the second FFN matrix; this family "
+                             "has none: use refit 'ls'")
+        removed = _removed(kept_rows, second.shape[1])
+        return second[:, kept_rows], bias.double() + second[:, removed] @ stats.mean[removed]
+    if cross is None:
+        cross = stats.gram[:, kept_rows]
+    cross = cross / count
+    kept_gram = stats.gram[kept_rows][:, kept_rows] / count
+    if bias is not None:  # centre: the (unshrunk) bias absorbs the means
+        cross = cross - torch.outer(target_mean, kept_mean)
+        kept_gram = kept_gram - torch.outer(kept_mean, kept_mean)
+    try:
+        columns = least_squares_columns(second, kept_rows, cross, kept_gram, ridge)
+    except RuntimeError as error:  # a singular system (ridge 0 with dead neurons)
+        raise NumericalError(f"the refit's system is singular ({error}); use a positive ridge"
+                             ) from error
+    new_bias = None
+    if bias is not None:
+        new_bias = bias.double() + second @ target_mean - columns @ kept_mean
+    return columns, new_bias
+
+
+def reconstruction_error(second: Tensor, bias: Tensor | None, kept_rows: Tensor,
+                         columns: Tensor, new_bias: Tensor | None,
+                         stats: LayerStatistics) -> float:
+    """``sum_t ||W2 a_t + b - (W2' a_t,K + b')||^2`` over the probe tokens, from the statistics."""
+    # The residual is M z with M = [W2 - W2'_scattered, b - b'] and z = [a, 1].
+    second = second.double()
+    difference = second.clone()
+    difference[:, kept_rows] -= columns.double()
+    shift = torch.zeros(second.shape[0], dtype=torch.float64)
+    if bias is not None:
+        shift = bias.double() - new_bias.double()
+    quadratic = ((difference @ stats.gram) * difference).sum()
+    linear = 2 * shift @ (difference @ stats.total)
+    return float(quadratic + linear + stats.count * shift.pow(2).sum())
+
+
+def _named(layer_index: int, function, *args):
+    """``function(*args)``, with the layer named in a :class:`NumericalError`."""
+    try:
+        return function(*args)
+    except NumericalError as error:
+        raise NumericalError(f"layer {layer_index}: {error}") from error
+
+
+def _removed(kept_rows: Tensor, d_ff: int) -> Tensor:
+    mask = torch.ones(d_ff, dtype=torch.bool)
+    mask[kept_rows] = False
+    return mask.nonzero().squeeze(1)
+
+
+@torch.no_grad()
+def _write(view: FFNView, layer_index: int, kept_rows: Tensor, columns: Tensor,
+           new_bias: Tensor | None, zero_removed: bool = False) -> None:
+    matrix, bias = second_matrix(view, layer_index)
+    if not (torch.isfinite(columns).all() and (new_bias is None or torch.isfinite(new_bias).all())):
+        raise NumericalError(f"the refit of layer {layer_index} is not finite; raise the ridge or "
+                             "check the probe activations for inf/nan")
+    matrix[:, kept_rows.to(matrix.device)] = columns.to(matrix.dtype).to(matrix.device)
+    if zero_removed:
+        matrix[:, _removed(kept_rows, matrix.shape[1]).to(matrix.device)] = 0
+    if new_bias is not None:
+        bias.copy_(new_bias.to(bias.dtype))
+
+
+def refit_model(model: nn.Module, kept_rows: Sequence[Tensor],
+                statistics: Sequence[LayerStatistics], mode: str = "ls",
+                ridge: float = DEFAULT_RIDGE) -> dict:
+    """Refit every layer's kept second-matrix columns (and bias) in place, before slicing.
+
+    ``statistics``: from :func:`prunenet.ffn_statistics.collect_ffn_statistics` on the unpruned
+    model. Returns a record: mode, ridge and, per layer, the probe reconstruction error of plain
+    slicing and of the refit (relative to the output energy).
+    """
+    view = FFNView(model)
+    layers = []
+    for index, (rows, stats) in enumerate(zip(kept_rows, statistics, strict=True)):
+        matrix, bias = second_matrix(view, index)
+        matrix, bias = matrix.cpu(), None if bias is None else bias.cpu()
+        columns, new_bias = _named(index, refit_layer, matrix, bias, rows, stats, mode, ridge)
+        layers.append(_layer_record(index, matrix, bias, rows, columns, new_bias, stats))
+        _write(view, index, rows, columns, new_bias)
+    return {"mode": mode, "ridge": ridge, "statistics": "dense", "layers": layers}
+
+
+def _layer_record(index: int, matrix: Tensor, bias: Tensor | None, rows: Tensor,
+                  columns: Tensor, new_bias: Tensor | None, stats: LayerStatistics) -> dict:
+    zero_bias = None if bias is None else torch.zeros_like(bias)
+    energy = reconstruction_error(matrix, bias, rows, torch.zeros_like(columns), zero_bias, stats)
+    before = reconstruction_error(matrix, bias, rows, matrix[:, rows], bias, stats)
+    after = reconstruction_error(matrix, bias, rows, columns, new_bias, stats)
+    return {"layer": index, "relative_error_sliced": before / max(energy, 1e-30),
+            "relative_error_refit": after / max(energy, 1e-30)}
+
+
+class _LayerInputs(Exception):
+    """Raised by a hook to stop a forward pass once the first layer's inputs are captured."""
+
+
+@torch.no_grad()
+def _first_layer_inputs(model: nn.Module, view: FFNView, tokens: Tensor, batch_size: int
+                        ) -> list[tuple[tuple, dict]]:
+    """Per batch, the positional and keyword arguments the first decoder layer receives."""
+    captured: list[tuple[tuple, dict]] = []
+
+    def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+        captured.append((args, kwargs))
+        raise _LayerInputs
+
+    handle = view.layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    device = next(model.parameters()).device
+    try:
+        for start in range(0, tokens.shape[0], batch_size):
+            try:
+                model(tokens[start:start + batch_size].to(device), use_cache=False)
+            except _LayerInputs:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def _run_layer(layer: nn.Module, hidden: Tensor, args: tuple, kwargs: dict) -> Tensor:
+    output = layer(hidden, *args[1:], **kwargs)
+    return output[0] if isinstance(output, tuple) else output
+
+
+@torch.no_grad()
+def sequential_refit(model: nn.Module, kept_rows: Sequence[Tensor], probe_tokens: Tensor,
+                     mode: str = "ls", ridge: float = DEFAULT_RIDGE, target: str = "dense",
+                     batch_size: int = 8, progress: bool = False) -> dict:
+    """Refit layer by layer on the activations of the model pruned so far, in place.
+
+    Layer l's statistics come from the probe run through layers < l already refitted (their
+    removed columns zeroed, so the unsliced model computes what the sliced one will).
+    ``target="dense"``: match the dense model's FFN output (cross sums between the dense and
+    the pruned stream); ``"pruned"``: match the original FFN on the pruned stream's input.
+    Slice afterwards with :func:`prunenet.slicing.slice_model`. Returns the record of
+    :func:`refit_model` with ``statistics`` set to ``sequential-<target>``.
+    """
+    if target not in ("dense", "pruned"):
+        raise InputError(f"unknown refit target {target!r}; use 'dense' or 'pruned'")
+    view = FFNView(model)
+    inputs = _first_layer_inputs(model, view, probe_tokens, batch_size)
+    pruned = [args[0] for args, _ in inputs]
+    dense = list(pruned) if target == "dense" else None
+    layers = []
+    for index in tqdm(range(view.num_layers), desc="refit", disable=not progress, leave=False):
+        layer, rows = view.layers[index], kept_rows[index].cpu()
+        original = copy.deepcopy(layer) if dense is not None else None
+        stats, target_stats, cross = _stream_statistics(view, index, layer, original, rows,
+                                                        inputs, pruned, dense)
+        matrix, bias = second_matrix(view, index)
+        matrix, bias = matrix.cpu().clone(), None if bias is None else bias.cpu().clone()
+        columns, new_bias = _named(index, refit_layer, matrix, bias, rows, stats, mode, ridge,
+                                   target_stats, cross)
+        layers.append(_layer_record(index, matrix, bias, rows, columns, new_bias, stats))
+        _write(view, index, rows, columns, new_bias, zero_removed=True)
+        for batch, (args, kwargs) in enumerate(inputs):
+            pruned[batch] = _run_layer(layer, pruned[batch], args, kwargs)
+    return {"mode": mode, "ridge": ridge, "statistics": f"sequential-{target}", "layers": layers}
+
+
+def _stream_statistics(view: FFNView, index: int, layer: nn.Module, original: nn.Module | None,
+                       rows: Tensor, inputs: list, pruned: list[Tensor],
+                       dense: list[Tensor] | None
+                       ) -> tuple[LayerStatistics, LayerStatistics | None, Tensor | None]:
+    """Statistics of layer ``index`` on the pruned stream; with a dense stream also its own
+    statistics and the cross sum ``sum a_dense a_pruned,K^T``; advances the dense stream."""
+    d_ff = view.d_ff
+    stats = _empty(d_ff)
+    target = _empty(d_ff) if dense is not None else None
+    cross = torch.zeros(d_ff, rows.numel(), dtype=torch.float64) if dense is not None else None
+    captured: list[Tensor] = []
+
+    def hook(_module: nn.Module, args: tuple) -> None:
+        captured.append(args[0].detach().reshape(-1, args[0].shape[-1]).float().cpu())
+
+    modules = [second_matrix_module(view, index)]
+    if original is not None:
+        modules.append(original.get_submodule(_relative_name(view, index)))
+    handles = [module.register_forward_pre_hook(hook) for module in modules]
+    try:
+        for batch, (args, kwargs) in enumerate(inputs):
+            captured.clear()
+            _run_layer(layer, pruned[batch], args, kwargs)
+            add_activations(stats, captured[-1])
+            if dense is not None:
+                dense[batch] = _run_layer(original, dense[batch], args, kwargs)
+                add_activations(target, captured[-1])
+                cross += (captured[-1].T @ captured[0][:, rows]).double()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return stats, target, cross
+
+
+def _relative_name(view: FFNView, index: int) -> str:
+    layer = view.layers[index]
+    module = second_matrix_module(view, index)
+    return next(name for name, candidate in layer.named_modules() if candidate is module)
+
+
+def _empty(d_ff: int) -> LayerStatistics:
+    return LayerStatistics(torch.zeros(d_ff, d_ff, dtype=torch.float64),
+                           torch.zeros(d_ff, dtype=torch.float64), 0)

@@ -1,0 +1,71 @@
+"""The self-generated probe: reproducible, no global RNG side effect, split to the model's
+positions, degenerate samples dropped."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import VOCAB, make_tiny_model
+from prunenet.errors import InputError
+from prunenet.probe import ProbeRecipe, distinct_4gram_fraction, generate_probe
+
+SHORT = ProbeRecipe(sequence_length=16, batch_size=3)
+
+
+class _AlwaysThree(torch.nn.Module):
+    """A language-model head that always predicts token 3."""
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = torch.zeros(*hidden.shape[:-1], VOCAB)
+        logits[..., 3] = 100.0
+        return logits
+
+
+@pytest.fixture(scope="module")
+def model() -> torch.nn.Module:
+    return make_tiny_model("llama")
+
+
+def test_same_seed_same_tokens_and_different_seeds_differ(model):
+    first = generate_probe(model, None, 80, seed=5, recipe=SHORT, progress=False)
+    again = generate_probe(model, None, 80, seed=5, recipe=SHORT, progress=False)
+    other = generate_probe(model, None, 80, seed=6, recipe=SHORT, progress=False)
+    assert first.shape == (5, 16) and first.dtype == torch.long  # 80 tokens in 16-token rows
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other)
+    assert int(first.min()) >= 0 and int(first.max()) < VOCAB
+
+
+def test_the_global_random_state_is_untouched(model):
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    generate_probe(model, None, 32, seed=1, recipe=SHORT, progress=False)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_sequences_are_split_to_the_model_positions(model):
+    long = ProbeRecipe(sequence_length=10_000, batch_size=2)
+    tokens = generate_probe(model, None, 130, seed=0, recipe=long, progress=False)
+    assert tokens.shape == (3, 64)  # max_position_embeddings 64: 130 tokens -> 3 rows
+
+
+def test_recipe_knobs(model):
+    recipe = ProbeRecipe(sequence_length=12, batch_size=4, first_token="random", top_p=0.9,
+                         start_temperature=0.2, warmup_tokens=4, temperature=1.5)
+    tokens = generate_probe(model, None, 48, seed=2, recipe=recipe, progress=False)
+    assert tokens.shape == (4, 12)
+    assert len(set(tokens[:, 0].tolist())) > 1  # random first tokens
+    with pytest.raises(InputError):
+        generate_probe(model, None, 0, seed=0, recipe=recipe, progress=False)
+
+
+def test_degenerate_samples_are_dropped():
+    assert distinct_4gram_fraction(torch.tensor([7] * 20)) == pytest.approx(1 / 17)
+    assert distinct_4gram_fraction(torch.arange(20)) == 1.0
+    model = make_tiny_model("llama")
+    model.lm_head = _AlwaysThree()  # every sample repeats one token
+    recipe = ProbeRecipe(sequence_length=12, batch_size=2, min_distinct_4grams=0.5)
+    with pytest.raises(InputError, match="degenerate"):
+        generate_probe(model, None, 24, seed=0, recipe=recipe, progress=False)
