@@ -29,13 +29,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from conftest import TINY_CONFIGS, make_tiny_model  # noqa: E402
 from prunenet.cli import main  # noqa: E402
+try:
+    from prunenet.io.loading import resolve_source
+except ImportError:  # the code before the io package
+    from prunenet.checkpoints import resolve_source
 
 HASHED = ("*.safetensors", "*.png")
 VOLATILE = ("source", "prunenet_version")  # paths of this machine, the package version
 
-# Runs on every tiny family: (name, compress/prune arguments in today's option names).
+# Runs on every tiny family: (name, compress/prune arguments in today's option names). The code
+# before the probe and refit stages had a probe of 4 sequences of min(128, positions) tokens and
+# no refit: LEGACY_STAGES repeats that (the tiny models have 64 positions).
 TINY_RUNS = [
-    ("self-generated", ["--method", "self-generated"]),
+    ("self-generated", ["--method", "self-generated", "--probe-tokens", "{probe}"]),
     ("random", ["--method", "random", "--seed", "3"]),
     ("magnitude", ["--method", "magnitude"]),
     ("magnitude-product", ["--method", "magnitude-product"]),
@@ -44,7 +50,7 @@ TINY_RUNS = [
     ("prunenet-topk", ["--method", "prunenet", "--episodes", "2", "--selection", "topk"]),
 ]
 REAL_RUNS = [
-    ("self-generated", ["--method", "self-generated"]),
+    ("self-generated", ["--method", "self-generated", "--probe-tokens", "{probe}"]),
     ("random", ["--method", "random"]),
     ("activation", ["--method", "activation", "--calibration-windows", "2"]),
     ("prunenet", ["--method", "prunenet", "--episodes", "1", "--record", "{work}/record",
@@ -62,9 +68,20 @@ def unified_methods() -> bool:
     return "self-generated" in help_text.getvalue().split("--method", 1)[1].split("--", 1)[0]
 
 
+LEGACY_STAGES = ["--probe-length", "128", "--reconstruct", "none"]
+
+
+def today_arguments(arguments: list[str]) -> list[str]:
+    """The arguments with the probe and refit stages set as the code before them ran."""
+    return [*arguments, *LEGACY_STAGES]
+
+
 def legacy_arguments(arguments: list[str]) -> list[str]:
     """Today's ``--method`` names in the options of the code before the names were unified."""
     result = list(arguments)
+    if "--probe-tokens" in result:
+        index = result.index("--probe-tokens")
+        del result[index:index + 2]
     index = result.index("--method")
     method = result[index + 1]
     if method == "self-generated":
@@ -77,6 +94,10 @@ def legacy_arguments(arguments: list[str]) -> list[str]:
 def normalized_record(record: dict[str, Any]) -> dict[str, Any]:
     """A record without machine-dependent fields, methods named as today."""
     record = {k: v for k, v in record.items() if k not in VOLATILE}
+    if record.get("reconstruct") == {"mode": "none"}:
+        del record["reconstruct"]  # the stage did not run: as before it existed
+    if record.get("probe", {}).get("sequence_length") == 128:
+        del record["probe"]
     variant = record.pop("variant", None)
     if record.get("method") == "prunenet" and variant not in (None, "reference"):
         record["method"] = variant
@@ -102,9 +123,12 @@ def fingerprint(folder: Path) -> dict[str, Any]:
 
 
 def run(source: str, arguments: list[str], work: Path, legacy: bool) -> dict[str, Any]:
-    arguments = [part.replace("{work}", str(work)) for part in arguments]
-    if legacy:
-        arguments = legacy_arguments(arguments)
+    # The earlier probe: 4 sequences of min(128, positions) tokens.
+    config = json.loads((Path(resolve_source(source)[0]) / "config.json").read_text())
+    positions = config.get("max_position_embeddings") or config.get("n_positions") or 128
+    arguments = [part.replace("{work}", str(work)).replace("{probe}", str(4 * min(128, positions)))
+                 for part in arguments]
+    arguments = legacy_arguments(arguments) if legacy else today_arguments(arguments)
     argv = ["-q", "compress", source, "--ratio", "0.3", "--out", str(work / "out"), *arguments]
     if main(argv) != 0:
         raise SystemExit(f"failed: prunenet {' '.join(argv)}")
@@ -113,7 +137,7 @@ def run(source: str, arguments: list[str], work: Path, legacy: bool) -> dict[str
     if (work / "policy.safetensors").is_file():  # the saved policy reused at another ratio
         if main(["-q", "prune", source, "--policy", str(work / "policy.safetensors"),
                  "--ratio", "0.2", "--out", str(work / "reused"), "--method", "prunenet",
-                 *(["--variant", "reference"] if legacy else [])]) != 0:
+                 *(["--variant", "reference"] if legacy else LEGACY_STAGES)]) != 0:
             raise SystemExit("failed: prunenet prune with the saved policy")
     return fingerprint(work)
 

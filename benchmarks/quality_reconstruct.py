@@ -28,16 +28,16 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from prunenet.api import select_rows, train_policy
-from prunenet.checkpoints import load_model_and_tokenizer
 from prunenet.evaluation.corpora import load_corpus
 from prunenet.evaluation.perplexity import perplexity
 from prunenet.families import kept_count
 from prunenet.ffn_statistics import SCORES, LayerStatistics, collect_ffn_statistics
+from prunenet.io.loading import load_model_and_tokenizer
 from prunenet.model_view import FFNView
-from prunenet.policy import top_rows
+from prunenet.pipeline import select_rows, train_policy
 from prunenet.probe import ProbeRecipe, generate_probe
 from prunenet.refit import reconstruction_error, refit_layer, refit_model, sequential_refit
+from prunenet.selection.base import top_rows
 from prunenet.slicing import slice_model
 
 CACHE = Path.home() / ".cache" / "prunenet" / "bench-reconstruct"
@@ -144,7 +144,7 @@ def run(args: argparse.Namespace) -> None:
                 elif method == "prunenet":  # the reference policy, a short training
                     policy = train_policy(pruned, ratio, episodes=args.episodes, seed=seed,
                                           device="cpu", progress=False).policy
-                    rows = select_rows(pruned, ratio, policy=policy, variant="reference",
+                    rows = select_rows(pruned, ratio, policy=policy, method="prunenet",
                                        seed=seed, device="cpu", progress=False)
                 else:
                     rows = [top_rows(s, kept) for s in SCORES[score](pruned, stats)]

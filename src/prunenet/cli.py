@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable
 
 from .errors import PruneNetError
-from .pipeline import FORMATS, VARIANT_METHODS, CompressOptions
+from .pipeline import FORMATS, RECONSTRUCT, VARIANT_METHODS, CompressOptions
 from .selection import DEFAULT_METHOD, SELECTORS, STREAMED_DEFAULT_METHOD
 from .selection.prunenet import SELECTIONS
 from .selection.prunenet.reinforce import TrainingConfig
@@ -149,6 +149,25 @@ def _add_method_arguments(parser: argparse.ArgumentParser, takes_policy: bool = 
     parser.add_argument("--variant", choices=list(VARIANT_METHODS), default=None,
                         help="deprecated: --variant reference is --method prunenet, --variant "
                         "self-generated is --method self-generated")
+    group = parser.add_argument_group("probe and reconstruction (no data: the model's own text)")
+    group.add_argument("--probe-tokens", type=positive_int, default=CompressOptions.probe_tokens,
+                       help="tokens of the model's own sampled text for the self-generated "
+                       f"selection and the refit (default: {CompressOptions.probe_tokens})")
+    group.add_argument("--probe-length", type=positive_int,
+                       default=CompressOptions.probe_length,
+                       help="tokens per probe sequence, cut to the model's context (default: "
+                       f"{CompressOptions.probe_length})")
+    group.add_argument("--probe-cache", metavar="DIR",
+                       help="keep the probe in DIR and reuse it in later runs of the same model, "
+                       "seed and size")
+    group.add_argument("--reconstruct", choices=list(RECONSTRUCT), default=None,
+                       help="after any selection, refit what remains so each FFN reproduces its "
+                       "output on the probe: ls (the second matrix, ridge least squares), bias "
+                       "(its bias, FLAP; families with one), none. Default: ls, none when "
+                       "streamed")
+    group.add_argument("--ridge", type=positive_float, default=CompressOptions.ridge,
+                       help="ls ridge, relative to the mean diagonal of the kept neurons' Gram "
+                       f"matrix (default: {CompressOptions.ridge:g})")
     parser.add_argument("--format", choices=list(FORMATS), default=CompressOptions.format,
                         help="what --out holds: safetensors (a stock checkpoint), gguf (model.gguf "
                         "cut from a .gguf input: rows copied in their quantized blocks, ffn_down "
@@ -162,7 +181,9 @@ def _compress_options(args: argparse.Namespace) -> dict:
         "method": args.method, "variant": args.variant, "seed": args.seed,
         "device": args.device, "selection": args.selection, "calibration": _calibration(args),
         "max_memory": args.max_memory, "trust_remote_code": args.trust_remote_code,
-        "format": args.format,
+        "format": args.format, "probe_tokens": args.probe_tokens,
+        "probe_length": args.probe_length, "probe_cache": args.probe_cache,
+        "reconstruct": args.reconstruct, "ridge": args.ridge,
         "progress": not args.quiet, "resume": getattr(args, "resume", False),
         **(_training_options(args) if hasattr(args, "episodes") else {}),
     }

@@ -15,7 +15,6 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .calibration import second_matrix_module
 from .model_view import FFNView
 
 
@@ -45,7 +44,7 @@ def second_matrix(view: FFNView, layer_index: int) -> tuple[Tensor, Tensor | Non
 
     Returns views of the live parameters (Conv1D's (in, out) weight comes back transposed).
     """
-    module = second_matrix_module(view, layer_index)
+    module = view.second_matrix_module(layer_index)
     weight = module.weight.detach()
     matrix = weight if _second_axis(view) == 1 else weight.T
     bias = getattr(module, "bias", None)
@@ -77,7 +76,7 @@ def collect_ffn_statistics(model: nn.Module, probe_tokens: Tensor, batch_size: i
             add_activations(stats[index], activation)
         return hook
 
-    handles = [second_matrix_module(view, i).register_forward_pre_hook(accumulate(i))
+    handles = [view.second_matrix_module(i).register_forward_pre_hook(accumulate(i))
                for i in range(view.num_layers)]
     device = next(model.parameters()).device
     try:

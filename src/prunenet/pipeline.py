@@ -22,7 +22,8 @@ from torch import Tensor, nn
 from . import __version__
 from .errors import InputError
 from .families import kept_count
-from .io.files import Output, guard_outputs, sibling_path
+from .ffn_statistics import collect_ffn_statistics
+from .io.files import Output, folder_of, guard_outputs, sibling_path
 from .io.loading import (
     is_model_output,
     load_model_and_tokenizer,
@@ -32,7 +33,9 @@ from .io.loading import (
 from .io.policy_file import is_policy_file, load_policy, save_policy
 from .io.streaming import StreamedCheckpoint, choose_streaming, write_streamed
 from .model_view import FFNView
+from .probe import Probe, ProbeRecipe
 from .recording import first_matrix_spectra, is_run_record, write_run_record
+from .refit import DEFAULT_RIDGE, refit_model
 from .selection import (
     DEFAULT_METHOD,
     SELECTORS,
@@ -45,9 +48,14 @@ from .selection.activation import Activation, Calibration
 from .selection.prunenet import PruneNet, check_finite_weights, train_on
 from .selection.prunenet.policy import PrunePolicy
 from .selection.prunenet.reinforce import TrainingConfig, TrainingResult, is_training_state
+from .selection.self_generated import SelfGenerated
 from .slicing import slice_model
 
 log = logging.getLogger(__name__)
+
+# Probe size measured on SmolLM2 (benchmarks/quality_reconstruct.md); generation is its cost.
+DEFAULT_PROBE_TOKENS = 4096
+RECONSTRUCT = ("ls", "bias", "none")
 
 # The former second option axis: ``--variant NAME`` named what is now ``--method NAME``.
 VARIANT_METHODS = {"reference": PruneNet.name, "self-generated": DEFAULT_METHOD}
@@ -58,7 +66,12 @@ class CompressOptions:
     """How to compress; every default is held here once (the command line reads them).
 
     ``method`` None: the default method, or ``prunenet`` when the model is streamed (the default
-    runs the model, which a streamed checkpoint never holds) or a policy is given. ``format``:
+    runs the model, which a streamed checkpoint never holds) or a policy is given.
+    ``probe_tokens`` of the model's own text (sequences of ``probe_length``) feed the
+    ``self-generated`` selection and the refit; ``probe_cache`` keeps them for a later run.
+    ``reconstruct`` refits what remains after any selection (:mod:`prunenet.refit`): ``ls`` the
+    second FFN matrix by ridge least squares (``ridge`` relative to the Gram's scale), ``bias``
+    its bias (FLAP), ``none``. ``format``:
     what the output folder holds: safetensors (a stock checkpoint), gguf (``model.gguf``, cut
     from a .gguf input) or both; ``auto`` is both for a .gguf input, else safetensors. ``selection``
     and ``training`` concern ``prunenet`` only, ``calibration`` ``activation`` only.
@@ -71,6 +84,11 @@ class CompressOptions:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     calibration: Calibration = field(default_factory=Calibration)
     resume: bool = False
+    probe_tokens: int = DEFAULT_PROBE_TOKENS
+    probe_length: int = ProbeRecipe.sequence_length
+    probe_cache: str | os.PathLike | None = None
+    reconstruct: str | None = None  # ls, bias or none; None: ls in memory, none when streamed
+    ridge: float = DEFAULT_RIDGE
     format: str = "auto"  # safetensors, gguf or both; auto: both for a .gguf input
     max_memory: int | str | None = None
     trust_remote_code: bool = False
@@ -92,6 +110,10 @@ class CompressOptions:
         options.training = TrainingConfig(ratio=ratio, seed=options.seed,
                                           **{k: v for k, v in keywords.items() if k in trained})
         return options
+
+
+# A probe cache prunenet wrote: probe files only.
+is_probe_cache = folder_of(None, ("probe-*.safetensors",))
 
 
 def method_of_variant(variant: str, method: str | None = None) -> str:
@@ -164,6 +186,7 @@ class Plan:
     overwrite: bool = False
 
     formats: tuple[str, ...] = ("safetensors",)
+    reconstruct: str = "none"
 
     @property
     def trains_policy(self) -> bool:
@@ -206,7 +229,14 @@ def plan_compression(model: Any, ratio: float, options: CompressOptions, *,
         raise InputError(f"--policy-out needs a trained policy: method 'prunenet' without "
                          f"--policy (method {method!r} trains none)")
     state_of = (out if out is not None else policy_out) if trains else None
+    if options.reconstruct not in (None, *RECONSTRUCT):
+        raise InputError(f"unknown --reconstruct {options.reconstruct!r}; choose from "
+                         f"{', '.join(RECONSTRUCT)}")
+    if isinstance(options.ridge, bool) or not options.ridge > 0:
+        raise InputError(f"--ridge must be a positive number, got {options.ridge!r}")
     guard_outputs([
+        Output(options.probe_cache, "--probe-cache", working=True, ours=is_probe_cache)
+        if options.probe_cache is not None else None,
         Output(out, "--out", ours=is_model_output) if out is not None else None,
         Output(record_dir, "--record", ours=is_run_record) if record_dir is not None else None,
         Output(policy_out, "--policy-out", folder=False, ours=is_policy_file)
@@ -227,7 +257,11 @@ def plan_compression(model: Any, ratio: float, options: CompressOptions, *,
     trains = selector_class(method) is PruneNet and policy is None
     state_path = training_state_path(state_of) if trains and state_of is not None else None
     selector = make_selector(method, options, policy, state_path)
+    reconstruct = options.reconstruct or ("none" if streamed is not None else "ls")
     if streamed is not None:
+        if reconstruct != "none":
+            raise InputError(f"--reconstruct {reconstruct} runs the model and needs it in memory; "
+                             "a streamed model takes --reconstruct none (or raise --max-memory)")
         if selector.needs_model:
             streamable = [name for name, cls in SELECTORS.items() if not cls.needs_model]
             raise InputError(
@@ -240,7 +274,7 @@ def plan_compression(model: Any, ratio: float, options: CompressOptions, *,
                              "streaming (raise --max-memory)")
     formats = output_formats(options.format, reads[0] if source is not None else None)
     return Plan(model, source, ratio, options, selector, streamed, out, record_dir, policy_out,
-                overwrite, formats)
+                overwrite, formats, reconstruct)
 
 
 FORMATS = ("auto", "safetensors", "gguf", "both")
@@ -281,7 +315,12 @@ def run_compression(plan: Plan, tokenizer: Any = None) -> CompressionResult:
     selector = plan.selector
     if isinstance(selector, PruneNet) and selector.policy is not None:
         selector.policy.check_fits(weights.d_model, weights.d_ff)
-    source = Source(weights, model, tokenizer, device, options.progress)
+    probe = None
+    if model is not None and (isinstance(selector, SelfGenerated) or plan.reconstruct != "none"):
+        probe = Probe(model, tokenizer, options.probe_tokens, options.seed,
+                      ProbeRecipe(sequence_length=options.probe_length), options.probe_cache,
+                      options.progress)
+    source = Source(weights, model, tokenizer, device, options.progress, probe)
     if isinstance(selector, PruneNet):
         selector.train(source)
         if plan.policy_out is not None:
@@ -293,12 +332,20 @@ def run_compression(plan: Plan, tokenizer: Any = None) -> CompressionResult:
     original_spectra = first_matrix_spectra(model) if plan.record_dir is not None else None
     before = weights.parameter_counts()
     rows = selector.select(source, kept, options.seed)
+    refit = None
+    if plan.reconstruct != "none":
+        statistics = collect_ffn_statistics(model, probe.ids(), progress=options.progress)
+        refit = refit_model(model, rows, statistics, plan.reconstruct, options.ridge)
+        del statistics
     if model is not None:
         slice_model(model, rows)
         after = FFNView(model).parameter_counts()
     else:
         after = weights.parameter_counts(kept)
     record = compression_record(plan, selector, before, after, weights.d_ff, kept)
+    if probe is not None:
+        record["probe"] = probe.record()
+    record["reconstruct"] = refit if refit is not None else {"mode": "none"}
     saved = None
     if plan.out is not None:
         if model is None:

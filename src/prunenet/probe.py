@@ -2,21 +2,26 @@
 
 :func:`generate_probe` samples ``tokens`` token ids in batches with the KV cache, seeded inside a
 forked RNG (no effect on the caller's random state), so the same seed gives the same ids. The
-recipe knobs: how sequences start (the BOS token or a random ordinary token), the temperature
-(optionally rising linearly over the first tokens, as in self-calibration, arXiv 2410.17170),
+recipe knobs: how sequences start (the BOS token or a token drawn uniformly from the
+vocabulary), the temperature (optionally rising linearly over the first tokens, as in
+self-calibration, arXiv 2410.17170),
 top-p, and dropping degenerate samples (few distinct 4-grams) before they reach the statistics.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .errors import InputError
+from .families import context_length
 
 
 @dataclass(frozen=True)
@@ -26,7 +31,7 @@ class ProbeRecipe:
 
     sequence_length: int = 512
     batch_size: int = 16
-    first_token: str = "bos"  # "bos" or "random" (a uniform ordinary token per sequence)
+    first_token: str = "bos"  # "bos" or "random" (a uniform token of the vocabulary per sequence)
     temperature: float = 1.0
     start_temperature: float | None = None  # rises linearly to ``temperature`` ...
     warmup_tokens: int = 0  # ... over this many first generated tokens
@@ -59,10 +64,8 @@ def distinct_4gram_fraction(sequence: Tensor) -> float:
 
 
 def max_sequence_length(model: nn.Module, wanted: int) -> int:
-    """``wanted`` capped by the positions the model has (max_position_embeddings / n_positions)."""
-    config = model.config
-    positions = getattr(config, "max_position_embeddings", None) or getattr(
-        config, "n_positions", None)
+    """``wanted`` capped by the positions the model has (longer probes become more sequences)."""
+    positions = context_length(model.config)
     return min(wanted, positions) if positions else wanted
 
 
@@ -74,9 +77,7 @@ def _first_tokens(model: nn.Module, tokenizer, recipe: ProbeRecipe, count: int,
         return torch.full((count, 1), bos, dtype=torch.long)
     if recipe.first_token not in ("bos", "random"):
         raise InputError(f"unknown first_token {recipe.first_token!r}; use 'bos' or 'random'")
-    special = set(getattr(tokenizer, "all_special_ids", None) or [])
-    ordinary = torch.tensor([i for i in range(vocab) if i not in special])
-    return ordinary[torch.randint(0, ordinary.numel(), (count, 1), generator=generator)]
+    return torch.randint(0, vocab, (count, 1), generator=generator)  # uniform over the vocabulary
 
 
 @torch.no_grad()
@@ -121,3 +122,65 @@ def generate_probe(model: nn.Module, tokenizer, tokens: int, seed: int,
                     dropped += 1
                     bar.total += length
     return torch.stack(kept[:wanted])
+
+
+class Probe:
+    """The calibration-free probe of one run: ``tokens`` of ``model``'s own text from ``seed``,
+    generated once when first asked for and shared by every stage that reads it (selection,
+    refit). With ``cache`` (a folder) a probe made before for the same model, seed, size and
+    recipe is read back instead of generated; ``compare`` reuses it across ratios and methods in
+    one process as well. ``generated`` counts generations (0 when a cache served it)."""
+
+    _memory: dict[str, Tensor] = {}
+
+    def __init__(self, model: nn.Module, tokenizer, tokens: int, seed: int,
+                 recipe: ProbeRecipe | None = None, cache: str | os.PathLike | None = None,
+                 progress: bool = True) -> None:
+        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
+            raise InputError(f"--probe-tokens must be a positive integer, got {tokens!r}")
+        self.model, self.tokenizer, self.tokens, self.seed = model, tokenizer, tokens, seed
+        self.recipe = recipe or ProbeRecipe()
+        self.cache = Path(cache) if cache is not None else None
+        self.progress = progress
+        self.generated = 0
+        self._ids: Tensor | None = None
+
+    def key(self) -> str:
+        """What the probe depends on: the model (config and first layer's weights), the seed,
+        the size and the recipe."""
+        digest = hashlib.sha256(self.model.config.to_json_string(use_diff=False).encode())
+        first = next(self.model.parameters()).detach().float().cpu().contiguous()
+        digest.update(first.numpy().tobytes())
+        digest.update(repr((self.seed, self.tokens, self.recipe)).encode())
+        return digest.hexdigest()[:32]
+
+    def ids(self) -> Tensor:
+        """The probe's token ids (sequences x length)."""
+        if self._ids is not None:
+            return self._ids
+        key = self.key()
+        path = None if self.cache is None else self.cache / f"probe-{key}.safetensors"
+        if key in Probe._memory:
+            self._ids = Probe._memory[key]
+        elif path is not None and path.is_file():
+            from safetensors.torch import load_file
+
+            self._ids = load_file(str(path))["ids"]
+        else:
+            self._ids = generate_probe(self.model, self.tokenizer, self.tokens, self.seed,
+                                       self.recipe, self.progress)
+            self.generated += 1
+        Probe._memory[key] = self._ids
+        if path is not None and not path.is_file():
+            from safetensors.torch import save_file
+
+            from .io.files import atomic_file
+
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_file(path) as tmp:
+                save_file({"ids": self._ids.contiguous()}, str(tmp))
+        return self._ids
+
+    def record(self) -> dict:
+        return {"tokens": self.tokens, "seed": self.seed,
+                "sequence_length": self.recipe.sequence_length}

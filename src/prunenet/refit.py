@@ -27,7 +27,6 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .calibration import second_matrix_module
 from .errors import InputError, NumericalError
 from .ffn_statistics import LayerStatistics, add_activations, second_matrix
 from .model_view import FFNView
@@ -252,7 +251,7 @@ def _stream_statistics(view: FFNView, index: int, layer: nn.Module, original: nn
     def hook(_module: nn.Module, args: tuple) -> None:
         captured.append(args[0].detach().reshape(-1, args[0].shape[-1]).float().cpu())
 
-    modules = [second_matrix_module(view, index)]
+    modules = [view.second_matrix_module(index)]
     if original is not None:
         modules.append(original.get_submodule(_relative_name(view, index)))
     handles = [module.register_forward_pre_hook(hook) for module in modules]
@@ -273,7 +272,7 @@ def _stream_statistics(view: FFNView, index: int, layer: nn.Module, original: nn
 
 def _relative_name(view: FFNView, index: int) -> str:
     layer = view.layers[index]
-    module = second_matrix_module(view, index)
+    module = view.second_matrix_module(index)
     return next(name for name, candidate in layer.named_modules() if candidate is module)
 
 

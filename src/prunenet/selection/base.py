@@ -34,13 +34,16 @@ class FFNWeights(Protocol):
 
 @dataclass
 class Source:
-    """What a selector reads: FFN ``weights`` always; ``model`` and ``tokenizer`` when loaded."""
+    """What a selector reads: FFN ``weights`` always; ``model`` and ``tokenizer`` when loaded,
+    and the run's ``probe`` (:class:`prunenet.probe.Probe`: the model's own text, generated once
+    and shared with the refit stage)."""
 
     weights: FFNWeights
     model: nn.Module | None = None
     tokenizer: Any = None
     device: torch.device = torch.device("cpu")
     progress: bool = True
+    probe: Any = None
 
 
 class Selector(ABC):

@@ -1,9 +1,10 @@
 """``self-generated`` (the default): neurons most active on text the model writes itself.
 
-The model samples a few sequences of its own text from its BOS token (seeded, temperature 1);
-each layer keeps the neurons of highest ``mean h_i^2 * ||first-matrix row i||^2`` on them: the
-Wanda-style product of the calibration-based ``activation`` baseline, with no data but the
-model's own. Calibration-free, but it runs the model (so not on a streamed checkpoint).
+The run's probe (:class:`prunenet.probe.Probe`: the model's own sampled text from its BOS token,
+seeded) is run through the model once; each layer keeps the neurons of highest
+``mean h_i^2 * ||first-matrix row i||^2`` on it: the Wanda-style product of the calibration-based
+``activation`` baseline, with no data but the model's own. Calibration-free, but it runs the
+model (so not on a streamed checkpoint).
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ class SelfGenerated(Selector):
 
     def select(self, source: Source, kept: int, seed: int) -> list[Tensor]:
         model = source.model
-        return top_rows_per_layer(self_generated_scores(model, self_generated_tokens(model, seed)),
-                                  kept)
+        tokens = source.probe.ids() if source.probe is not None else self_generated_tokens(
+            model, seed)
+        return top_rows_per_layer(self_generated_scores(model, tokens), kept)
 
 
 @torch.no_grad()
