@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from conftest import TINY_CONFIGS, make_tiny_model  # noqa: E402
 from prunenet.cli import main  # noqa: E402
+
 try:
     from prunenet.io.loading import resolve_source
 except ImportError:  # the code before the io package

@@ -31,7 +31,12 @@ from torch import Tensor
 from prunenet.evaluation.corpora import load_corpus
 from prunenet.evaluation.perplexity import perplexity
 from prunenet.families import kept_count
-from prunenet.ffn_statistics import SCORES, LayerStatistics, collect_ffn_statistics
+from prunenet.ffn_statistics import (
+    SCORES,
+    LayerStatistics,
+    collect_ffn_statistics,
+    second_matrix,
+)
 from prunenet.io.loading import load_model_and_tokenizer
 from prunenet.model_view import FFNView
 from prunenet.pipeline import select_rows, train_policy
@@ -81,7 +86,7 @@ def held_out_ridge(model, stats_fit: list[LayerStatistics], stats_test: list[Lay
     for ridge in ridges:
         total = 0.0
         for index, kept in enumerate(rows):
-            matrix = view.layers[index].mlp.down_proj.weight.detach().double()
+            matrix = second_matrix(view, index)[0].double()  # SmolLM2: no bias
             columns, _ = refit_layer(matrix, None, kept, stats_fit[index], "ls", ridge)
             error = reconstruction_error(matrix, None, kept, columns, None, stats_test[index])
             energy = reconstruction_error(matrix, None, kept, torch.zeros_like(columns), None,
