@@ -1,0 +1,113 @@
+"""The probe and refit stages through compress and the command line."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+import torch
+import transformers
+
+import prunenet
+from conftest import make_tiny_model
+from prunenet import probe as probe_module
+from prunenet.cli import main
+
+
+def _hashes(folder):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.iterdir()) if p.suffix == ".safetensors"}
+
+
+def test_reconstruction_is_reproducible_keeps_size_and_reloads_exactly(tmp_path):
+    source = tmp_path / "m"
+    make_tiny_model("llama").save_pretrained(source)
+    outs = {}
+    for name, extra in (("a", []), ("b", []), ("plain", ["--reconstruct", "none"])):
+        outs[name] = tmp_path / name
+        assert main(["-q", "compress", str(source), "--ratio", "0.3", "--out", str(outs[name]),
+                     "--probe-tokens", "256", *extra]) == 0
+    assert _hashes(outs["a"]) == _hashes(outs["b"])  # same inputs and seed: same bytes
+    assert _hashes(outs["a"]) != _hashes(outs["plain"])  # the refit changed the down matrix
+    records = {k: json.loads((v / "prunenet.json").read_text()) for k, v in outs.items()}
+    assert records["a"]["parameters_after"] == records["plain"]["parameters_after"]
+    assert records["a"]["reconstruct"]["mode"] == "ls"
+    assert records["a"]["reconstruct"]["ridge"] == 1.0
+    assert records["plain"]["reconstruct"] == {"mode": "none"}
+    assert records["a"]["probe"] == {"tokens": 256, "seed": 42, "sequence_length": 512}
+    layers = records["a"]["reconstruct"]["layers"]
+    assert all(layer["relative_error_refit"] <= layer["relative_error_sliced"] + 1e-12
+               for layer in layers)
+    # Only the second matrix changed: the same kept neurons, gate and up rows identical.
+    a = transformers.AutoModelForCausalLM.from_pretrained(outs["a"]).eval()
+    plain = transformers.AutoModelForCausalLM.from_pretrained(outs["plain"]).eval()
+    for la, lp in zip(a.model.layers, plain.model.layers):
+        assert torch.equal(la.mlp.gate_proj.weight, lp.mlp.gate_proj.weight)
+        assert not torch.equal(la.mlp.down_proj.weight, lp.mlp.down_proj.weight)
+
+
+def test_the_saved_model_is_the_model_in_memory(tmp_path):
+    model = make_tiny_model("gpt2")
+    result = prunenet.compress(model, 0.25, out=tmp_path / "out", probe_tokens=128,
+                               progress=False)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, result.model(ids).logits, atol=0,
+                                   rtol=0)
+
+
+def test_one_probe_per_run_and_a_cache_serves_the_next(tmp_path, monkeypatch):
+    calls = []
+    original = probe_module.generate_probe
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(probe_module, "generate_probe", counting)
+    monkeypatch.setattr(probe_module.Probe, "_memory", {})
+    model = make_tiny_model("llama")
+    cache = tmp_path / "probes"
+    first = prunenet.compress(model, 0.3, probe_tokens=128, probe_cache=cache, progress=False)
+    assert len(calls) == 1  # the selection and the refit share one probe
+    assert [p.name.startswith("probe-") for p in cache.iterdir()] == [True]
+    monkeypatch.setattr(probe_module.Probe, "_memory", {})  # a new process: only the disk
+    second = prunenet.compress(make_tiny_model("llama"), 0.3, probe_tokens=128,
+                               probe_cache=cache, progress=False)
+    assert len(calls) == 1
+    assert [r.tolist() for r in first.kept_rows] == [r.tolist() for r in second.kept_rows]
+    other_seed = prunenet.compress(make_tiny_model("llama"), 0.3, probe_tokens=128, seed=7,
+                                   probe_cache=cache, progress=False)
+    assert len(calls) == 2 and other_seed.record["probe"]["seed"] == 7
+
+
+def test_bias_refit_for_families_with_a_bias_and_refused_without(tmp_path, capsys):
+    opt = prunenet.compress(make_tiny_model("opt"), 0.25, reconstruct="bias", probe_tokens=128,
+                            progress=False)
+    assert opt.record["reconstruct"]["mode"] == "bias"
+    source = tmp_path / "m"
+    make_tiny_model("llama").save_pretrained(source)
+    assert main(["-q", "compress", str(source), "--ratio", "0.3", "--out", str(tmp_path / "o"),
+                 "--reconstruct", "bias", "--probe-tokens", "64"]) == 2
+    assert "bias" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_reconstruct_bad_values_and_streaming(tmp_path, capsys):
+    source = tmp_path / "m"
+    make_tiny_model("llama").save_pretrained(source)
+    with pytest.raises(SystemExit):
+        main(["compress", str(source), "--ratio", "0.3", "--out", str(tmp_path / "o"),
+              "--probe-tokens", "0"])
+    with pytest.raises(SystemExit):
+        main(["compress", str(source), "--ratio", "0.3", "--out", str(tmp_path / "o"),
+              "--reconstruct", "magic"])
+    capsys.readouterr()
+    from prunenet.io.streaming import StreamedCheckpoint
+
+    budget = StreamedCheckpoint(source).streaming_memory(training=False)  # streams, fits
+    assert main(["-q", "compress", str(source), "--ratio", "0.3", "--out", str(tmp_path / "o"),
+                 "--max-memory", str(budget), "--method", "random", "--reconstruct", "ls"]) == 2
+    assert "--reconstruct ls runs the model" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
