@@ -178,11 +178,12 @@ def test_no_teacher_and_no_record_is_a_clear_error(setup, tmp_path):
 def test_a_mismatched_teacher_is_a_one_line_error(setup, tmp_path, capsys):
     other = tmp_path / "other-vocabulary"
     make_tiny_model("llama").save_pretrained(other)  # vocabulary 128, not 49152
-    argv = ["finetune", str(setup.pruned), "--data", "self-generated", "--teacher", str(other),
-            "--out", str(tmp_path / "out"), "--steps", "2", "--seqlen", "32"]
+    argv = ["-q", "finetune", str(setup.pruned), "--data", "self-generated", "--teacher",
+            str(other), "--out", str(tmp_path / "out"), "--steps", "2", "--seqlen", "32"]
+    capsys.readouterr()
     assert main(argv) == 2
     error = capsys.readouterr().err.strip()
-    assert len(error.splitlines()) == 1
+    assert len(error.splitlines()) == 1, error
     assert "vocabulary of 128" in error and "49152" in error and "--teacher" in error
     gpt2 = tmp_path / "other-family"
     make_tiny_model("gpt2").save_pretrained(gpt2)

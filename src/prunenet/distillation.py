@@ -61,8 +61,8 @@ def check_teacher(student_config: Any, teacher: str, trust_remote_code: bool = F
         (teacher_type, teacher_vocab), (student_type, student_vocab) = described.values()
         raise InputError(
             f"teacher {teacher} is a {teacher_type} model with a vocabulary of {teacher_vocab}, "
-            f"the student a {student_type} model with {student_vocab}; distil from the dense "
-            "model the student was pruned from (--teacher)"
+            f"the student a {student_type} model with a vocabulary of {student_vocab}; distil "
+            "from the dense model the student was pruned from (--teacher)"
         )
 
 

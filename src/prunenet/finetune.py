@@ -331,6 +331,10 @@ def finetune(
                     "teacher": teacher_source}
     process = PartialState()
     _check_work_folder(work, run_settings, resume, overwrite)
+    if config.distils:
+        from .distillation import check_teacher
+
+        check_teacher(load_config(source), teacher_source)
 
     loaded, tokenizer = load_model_and_tokenizer(source, dtype=torch.float32)
     check_sequence_length(loaded.config, config.seqlen)
@@ -338,9 +342,6 @@ def finetune(
         "format": "prunenet-compression/1", "prunenet_version": __version__, "source": source}
     teacher_model = None
     if config.distils:
-        from .distillation import check_teacher
-
-        check_teacher(loaded.config, teacher_source)
         teacher_model, _ = load_model_and_tokenizer(teacher_source, dtype=torch.float32)
     else:
         training, evaluation = corpus_windows(config.data, tokenizer, config.seqlen,
