@@ -243,13 +243,15 @@ def run_compress(args: argparse.Namespace) -> int:
     from .io.loading import is_model_output
     from .pipeline import CompressOptions, plan_compression
 
-    extra_outputs, extra_reads = [], []
-    if args.finetune_steps:  # its output, working folder and data are checked before any work
-        tuned = f"{args.out}-finetuned"
-        extra_outputs = [Output(tuned, "--finetune-steps output", ours=is_model_output),
-                         Output(sibling_path(tuned, ".work"), "fine-tuning work folder",
-                                working=True, ours=is_work_folder)]
-        extra_reads = [args.finetune_data]
+    recoveries = [(steps, f"{args.out}-{suffix}", option) for steps, suffix, option in (
+        (args.finetune_steps, "finetuned", "--finetune-steps"),
+        (args.recover_steps, "recovered", "--recover-steps")) if steps]
+    # their outputs, working folders and data are checked with the compression's, before any work
+    extra_outputs = [output for _, folder, option in recoveries for output in (
+        Output(folder, f"{option} output", ours=is_model_output),
+        Output(sibling_path(folder, ".work"), f"{option} work folder", working=True,
+               ours=is_work_folder))]
+    extra_reads = [args.finetune_data] if args.finetune_steps else []
     options = CompressOptions.from_keywords(args.ratio, **_compress_options(args))
     plan = plan_compression(args.model, args.ratio, options, out=args.out,
                             record_dir=args.record, policy_out=args.policy_out,
@@ -258,13 +260,14 @@ def run_compress(args: argparse.Namespace) -> int:
     result = _run_plan(plan)
     _print_summary(result)
     _print_record(args)
-    if args.finetune_steps:
-        from .finetune import finetune
+    for steps, folder, option in recoveries:
+        from .finetune import SELF_GENERATED, finetune
 
-        tuned = finetune(result.out, args.finetune_data, f"{args.out}-finetuned",
-                         steps=args.finetune_steps, seqlen=args.finetune_seqlen, seed=args.seed,
-                         device=args.device, overwrite=args.overwrite,
-                         progress=not args.quiet)
+        distil = option == "--recover-steps"
+        tuned = finetune(result.out, SELF_GENERATED if distil else args.finetune_data, folder,
+                         teacher=args.model if distil else None, steps=steps,
+                         seqlen=args.finetune_seqlen, seed=args.seed, device=args.device,
+                         overwrite=args.overwrite, progress=not args.quiet)
         _print_finetune_summary(tuned)
     return 0
 
@@ -294,8 +297,13 @@ def add_compress(subparsers) -> None:
                        "OUT-finetuned (other settings: finetune's defaults)")
     group.add_argument("--finetune-data", default="wiki",
                        help="corpus for --finetune-steps (default: wiki)")
+    group.add_argument("--recover-steps", type=positive_int, metavar="N",
+                       help="after saving, recover without data: distil MODEL (the teacher) into "
+                       "the pruned model for N steps on text MODEL generates itself, into "
+                       "OUT-recovered (`finetune --data self-generated`, its other defaults)")
     group.add_argument("--finetune-seqlen", type=positive_int, default=1024,
-                       help="window length for --finetune-steps (default: 1024)")
+                       help="window length for --finetune-steps and --recover-steps "
+                       "(default: 1024)")
     parser.set_defaults(run=run_compress)
 
 
@@ -583,11 +591,14 @@ def target_list(text: str) -> tuple[str, ...]:
 
 def _print_finetune_summary(result) -> None:
     entry = result.record["finetune"]
+    kl = (f"held-out KL to the teacher {entry['eval_kl_before']:.4f} -> "
+          f"{entry['eval_kl_after']:.4f}, " if "eval_kl_before" in entry else "")
+    adapter = f" (adapter in {result.out}/adapter)" if entry["trained"] == "LoRA adapters" else ""
     print(
         f"fine-tuned {entry['steps_run']} steps ({entry['train_seconds']:.0f} s this run): "
-        f"evaluation perplexity {entry['eval_perplexity_before']:.2f} -> "
+        f"{kl}evaluation perplexity {entry['eval_perplexity_before']:.2f} -> "
         f"{entry['eval_perplexity_after']:.2f} (best step {entry['best_step']}); saved to "
-        f"{result.out} (adapter in {result.out}/adapter)"
+        f"{result.out}{adapter}"
     )
 
 
@@ -595,11 +606,12 @@ def run_finetune(args: argparse.Namespace) -> int:
     from .finetune import finetune
 
     result = finetune(
-        args.model, args.data, args.out, merge=args.merge, resume=args.resume,
-        overwrite=args.overwrite, device=args.device, steps=args.steps, seqlen=args.seqlen,
-        batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
-        lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-        targets=args.targets, eval_every=args.eval_every, eval_windows=args.eval_windows,
+        args.model, args.data, args.out, teacher=args.teacher, merge=args.merge,
+        resume=args.resume, overwrite=args.overwrite, device=args.device, steps=args.steps,
+        seqlen=args.seqlen, batch_size=args.batch_size, grad_accum=args.grad_accum,
+        train=args.train, lr=args.lr, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout, targets=args.targets, eval_every=args.eval_every,
+        eval_windows=args.eval_windows, generated_windows=args.generated_windows,
         patience=args.patience or None, seed=args.seed, progress=not args.quiet,
     )
     _print_finetune_summary(result)
@@ -607,14 +619,20 @@ def run_finetune(args: argparse.Namespace) -> int:
 
 
 def add_finetune(subparsers) -> None:
+    from .finetune import DEFAULT_LR, DEFAULT_TRAIN, SELF_GENERATED, TRAINABLE
+
     parser = subparsers.add_parser(
-        "finetune", help="LoRA recovery fine-tuning of a pruned model",
+        "finetune", help="recovery fine-tuning of a pruned model (LoRA or FFN weights), on a "
+        "corpus or distilled from the dense model without data",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Recover a pruned model with LoRA (peft + the transformers Trainer) on the "
-        "training windows of --data; its evaluation windows are held out and scored every "
-        "--eval-every steps, the best checkpoint is kept. Writes OUT/adapter/ (a standard PEFT "
-        "adapter) and OUT/ (the merged stock checkpoint with prunenet.json and a 'finetune' "
-        "entry). Trainer checkpoints stay in OUT.work until the output is complete.",
+        description="Recover a pruned model (peft LoRA or its FFN weights, the transformers "
+        "Trainer) on the training windows of --data, or with --data self-generated without "
+        "data: distil the dense --teacher (KL(teacher || student) on the next-token logits) on "
+        "text the teacher samples itself. Evaluation windows (of the corpus, or held-back "
+        "samples of the teacher) are scored every --eval-every steps, the best checkpoint is "
+        "kept. Writes OUT/ (the merged stock checkpoint with prunenet.json and a 'finetune' "
+        "entry) and, for LoRA, OUT/adapter/ (a standard PEFT adapter). Trainer checkpoints stay "
+        "in OUT.work until the output is complete.",
         epilog="several GPUs (data parallel, the Trainer distributes the work):\n"
         "  accelerate launch -m prunenet finetune PRUNED_DIR --out DIR ...\n"
         "  (configure once with `accelerate config`; --batch-size is per GPU)\n"
@@ -623,7 +641,19 @@ def add_finetune(subparsers) -> None:
     parser.add_argument("model", metavar="PRUNED_DIR",
                         help="model folder to fine-tune (usually the --out of compress/prune)")
     parser.add_argument("--data", default="wiki",
-                        help="corpus: wiki (default), a .txt or .jsonl file, or a datasets folder")
+                        help="corpus: wiki (default), a .txt or .jsonl file, or a datasets "
+                        "folder; or self-generated: distil --teacher on text it writes itself")
+    parser.add_argument("--teacher", metavar="DENSE",
+                        help="--data self-generated: the dense model to distil (default: the "
+                        "source named in PRUNED_DIR/prunenet.json); same family and vocabulary")
+    parser.add_argument("--train", choices=list(TRAINABLE), default=None,
+                        help="what trains: lora (adapters on --targets) or ffn (the FFN weights "
+                        f"themselves). Default: {DEFAULT_TRAIN['corpus']} on a corpus, "
+                        f"{DEFAULT_TRAIN[SELF_GENERATED]} for self-generated")
+    parser.add_argument("--generated-windows", type=positive_int, metavar="N",
+                        help="--data self-generated: training sequences of --seqlen tokens the "
+                        "teacher writes (default: one per window trained on, none repeated; "
+                        "--eval-windows more are held back)")
     parser.add_argument("--out", required=True, help="output folder (must not exist)")
     parser.add_argument("--steps", type=positive_int, default=200,
                         help="optimizer steps (default: 200)")
@@ -633,8 +663,9 @@ def add_finetune(subparsers) -> None:
                         help="windows per step and device (default: 1)")
     parser.add_argument("--grad-accum", type=positive_int, default=1,
                         help="gradient accumulation steps (default: 1)")
-    parser.add_argument("--lr", type=positive_float, default=2e-4,
-                        help="peak learning rate, linear decay (default: 2e-4)")
+    parser.add_argument("--lr", type=positive_float, default=None,
+                        help="peak learning rate, linear decay (default: "
+                        f"{DEFAULT_LR['lora']:g} for lora, {DEFAULT_LR['ffn']:g} for ffn)")
     parser.add_argument("--lora-r", type=positive_int, default=8, help="LoRA rank (default: 8)")
     parser.add_argument("--lora-alpha", type=positive_float, default=32.0,
                         help="LoRA alpha (default: 32)")

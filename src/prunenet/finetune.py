@@ -1,11 +1,14 @@
-"""Recovery fine-tuning of a pruned model with LoRA, ending in a stock checkpoint.
+"""Recovery fine-tuning of a pruned model, ending in a stock checkpoint.
 
-pruned folder -> LoRA adapters on the family's attention / FFN modules (peft) -> the transformers
-Trainer on training windows of a corpus (evaluation windows held out, scored periodically, best
-checkpoint kept, early stopping) -> ``DIR/adapter/`` (a standard PEFT adapter) and, unless
-``merge=False``, ``DIR/`` the merged stock checkpoint with the input's ``prunenet.json`` plus a
-``finetune`` entry. Trainer checkpoints live in ``DIR.work`` beside the output so that an
-interrupted run resumes from its last saved step; it is removed once the output is complete.
+pruned folder -> what trains: LoRA adapters on the family's attention / FFN modules (peft), or
+the FFN weights themselves -> the transformers Trainer on training windows (evaluation windows
+held out, scored periodically, best checkpoint kept, early stopping) of either a corpus (loss:
+next-token cross-entropy) or, with ``data="self-generated"``, text the dense teacher writes itself
+(loss: KL to the teacher's distributions, :mod:`prunenet.distillation`) -> ``DIR/adapter/`` (LoRA:
+a standard PEFT adapter) and, unless ``merge=False``, ``DIR/`` the merged stock checkpoint with the
+input's ``prunenet.json`` plus a ``finetune`` entry. Trainer checkpoints (and the teacher's text)
+live in ``DIR.work`` beside the output so that an interrupted run resumes from its last saved step;
+it is removed once the output is complete.
 Multi-GPU runs go through ``accelerate launch -m prunenet finetune ...``: the Trainer distributes
 the work, and only the main process writes.
 """
@@ -30,6 +33,7 @@ from .evaluation.corpora import load_corpus
 from .families import check_sequence_length, family_for
 from .io.files import (
     Output,
+    atomic_file,
     atomic_folder,
     folder_of,
     guard_outputs,
@@ -48,15 +52,25 @@ from .io.loading import (
 
 TARGET_GROUPS = ("attn", "mlp")
 SETTINGS_NAME = "prunenet-finetune.json"
+GENERATED_NAME = "generated-windows.pt"  # the teacher's text, kept in OUT.work for --resume
+SELF_GENERATED = "self-generated"  # the data value that selects self-distillation
+TRAINABLE = ("lora", "ffn")
+# Defaults per kind of data: what trains, and at which learning rate (benchmarks/README.md).
+DEFAULT_TRAIN = {"corpus": "lora", SELF_GENERATED: "lora"}
+DEFAULT_LR = {"lora": 2e-4, "ffn": 5e-5}
 
 
 @dataclass(frozen=True)
 class FinetuneConfig:
     """Every setting that shapes a fine-tuning run; a resumed run must repeat them exactly.
 
-    ``targets`` holds group names of the family entry ("attn", "mlp") and/or module names from
-    those groups. ``eval_every`` None means four evaluations over the run; ``patience`` None turns
-    early stopping off (the best checkpoint is still the one kept).
+    ``data`` is a corpus, or ``"self-generated"`` for distillation from the teacher's own text.
+    ``train`` is "lora" or "ffn" (the FFN weights themselves); None: :data:`DEFAULT_TRAIN`. ``lr``
+    None: :data:`DEFAULT_LR` of what trains. ``targets`` (LoRA) holds group names of the family
+    entry ("attn", "mlp") and/or module names from those groups. ``generated_windows``
+    (distillation) is how many training sequences the teacher writes; None: one per window the run
+    trains on, so none repeats. ``eval_every`` None means four evaluations over the run;
+    ``patience`` None turns early stopping off (the best checkpoint is still the one kept).
     """
 
     data: str = "wiki"
@@ -64,21 +78,31 @@ class FinetuneConfig:
     seqlen: int = 1024
     batch_size: int = 1
     grad_accum: int = 1
-    lr: float = 2e-4
+    train: str | None = None
+    lr: float | None = None
     lora_r: int = 8
     lora_alpha: float = 32.0
     lora_dropout: float = 0.05
     targets: tuple[str, ...] = TARGET_GROUPS
     eval_every: int | None = None
     eval_windows: int = 8
+    generated_windows: int | None = None
     patience: int | None = 3
     seed: int = 42
 
     def __post_init__(self) -> None:
+        if self.train is None:
+            object.__setattr__(self, "train", DEFAULT_TRAIN[
+                SELF_GENERATED if self.distils else "corpus"])
+        if self.train not in TRAINABLE:
+            raise InputError(f"train must be one of {', '.join(TRAINABLE)}, got {self.train!r}")
+        if self.lr is None:
+            object.__setattr__(self, "lr", DEFAULT_LR[self.train])
         counts = {"steps": self.steps, "batch_size": self.batch_size,
                   "grad_accum": self.grad_accum, "lora_r": self.lora_r,
                   "eval_windows": self.eval_windows, "eval_every": self.eval_every or 1,
-                  "patience": self.patience or 1}
+                  "patience": self.patience or 1,
+                  "generated_windows": self.generated_windows or 1}
         for name, value in counts.items():
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InputError(f"{name} must be a positive integer, got {value!r}")
@@ -95,6 +119,11 @@ class FinetuneConfig:
         object.__setattr__(self, "targets", tuple(self.targets))
         if self.eval_every is None:
             object.__setattr__(self, "eval_every", max(1, self.steps // 4))
+
+    @property
+    def distils(self) -> bool:
+        """Whether the run distils the teacher on its own text instead of training on a corpus."""
+        return self.data == SELF_GENERATED
 
 
 @dataclass
@@ -149,6 +178,16 @@ def add_lora(model: nn.Module, config: FinetuneConfig) -> nn.Module:
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, lora)
+
+
+def train_ffn_only(model: nn.Module) -> nn.Module:
+    """Freeze every weight of ``model`` but its FFN tensors (the family entry's cuts: the ones
+    pruning sliced); returns ``model``."""
+    family = family_for(getattr(model.config, "model_type", None))
+    ffn_names = tuple(f".{cut.name}" for cut in family.cuts)
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(name.startswith(f"{family.layers}.") and name.endswith(ffn_names))
+    return model
 
 
 class WindowDataset(torch.utils.data.Dataset):
@@ -262,6 +301,7 @@ def finetune(
     data: str,
     out: str | os.PathLike,
     *,
+    teacher: str | os.PathLike | None = None,
     merge: bool = True,
     resume: bool = False,
     overwrite: bool = False,
@@ -270,39 +310,57 @@ def finetune(
     callbacks: list | tuple = (),
     **settings: Any,
 ) -> FinetuneResult:
-    """LoRA recovery fine-tuning of the model folder ``model`` on corpus ``data``; saves to ``out``.
+    """Recovery fine-tuning of the model folder ``model`` on ``data``; saves to ``out``.
 
-    ``settings`` are :class:`FinetuneConfig` fields (steps, seqlen, batch_size, grad_accum, lr,
-    lora_r, lora_alpha, lora_dropout, targets, eval_every, eval_windows, patience, seed).
-    ``callbacks`` are extra transformers ``TrainerCallback`` objects. Returns the merged model
-    (or the PEFT model when ``merge=False``) and the record written as ``out/prunenet.json``.
+    ``data`` is a corpus (cross-entropy on its training windows) or ``"self-generated"``:
+    distillation from ``teacher`` (default: the ``source`` in ``model``'s prunenet.json) on text
+    the teacher samples itself, loss ``KL(teacher || student)``, evaluated on held-back samples.
+    ``settings`` are :class:`FinetuneConfig` fields (steps, seqlen, batch_size, grad_accum, train,
+    lr, lora_r, lora_alpha, lora_dropout, targets, eval_every, eval_windows, generated_windows,
+    patience, seed). ``callbacks`` are extra transformers ``TrainerCallback`` objects. Returns the
+    merged model (or the PEFT model when ``merge=False``) and the record written as
+    ``out/prunenet.json``.
 
     Raises :class:`InputError` for a folder that is not a model, a missing or too short corpus,
-    invalid settings or LoRA targets, and a ``resume`` whose settings contradict the checkpoint;
-    :class:`OutputError` for an output that exists or sits inside the input.
+    a missing teacher or one of another family or vocabulary, invalid settings or LoRA targets,
+    and a ``resume`` whose settings contradict the checkpoint; :class:`OutputError` for an output
+    that exists or overlaps an input (the teacher included).
     """
     from accelerate import PartialState
     from transformers import EarlyStoppingCallback, Trainer
     from transformers.trainer_utils import get_last_checkpoint
 
     config = FinetuneConfig(data=str(data), **settings)
+    if config.train == "ffn" and not merge:
+        raise InputError("--no-merge keeps a LoRA adapter apart; with --train ffn the output is "
+                         "always the full checkpoint: drop --no-merge")
     source = str(Path(model).expanduser().resolve())
+    teacher_source = _teacher_source(source, teacher, config)
     out_path, work = guard_outputs(
         [Output(out, "--out", ours=is_model_output),
          Output(sibling_path(out, ".work"), "work folder", working=True, ours=is_work_folder)],
-        [source, data], overwrite)
-    run_settings = {**asdict(config), "targets": list(config.targets), "source": source}
+        [source, data, teacher_source], overwrite)
+    run_settings = {**asdict(config), "targets": list(config.targets), "source": source,
+                    "teacher": teacher_source}
     process = PartialState()
     _check_work_folder(work, run_settings, resume, overwrite)
+    if config.distils:
+        from .distillation import check_teacher
+
+        check_teacher(load_config(source), teacher_source)
 
     loaded, tokenizer = load_model_and_tokenizer(source, dtype=torch.float32)
     check_sequence_length(loaded.config, config.seqlen)
     record = read_record(source) if (Path(source) / RECORD_NAME).exists() else {
         "format": "prunenet-compression/1", "prunenet_version": __version__, "source": source}
-    training, evaluation = corpus_windows(config.data, tokenizer, config.seqlen,
-                                          config.eval_windows)
-    peft_model = add_lora(loaded, config)
-    peft_model.config.use_cache = False
+    teacher_model = None
+    if config.distils:
+        teacher_model, _ = load_model_and_tokenizer(teacher_source, dtype=torch.float32)
+    else:
+        training, evaluation = corpus_windows(config.data, tokenizer, config.seqlen,
+                                              config.eval_windows)
+    student = add_lora(loaded, config) if config.train == "lora" else train_ffn_only(loaded)
+    student.config.use_cache = False
 
     process.wait_for_everyone()  # every process has checked the work folder before it changes
     if process.is_main_process:
@@ -312,36 +370,43 @@ def finetune(
         write_json_atomic(work / SETTINGS_NAME, run_settings)
     process.wait_for_everyone()
     checkpoint = get_last_checkpoint(str(work)) if resume else None
+    if teacher_model is not None:
+        training, evaluation, generation_seeds = _teacher_text(
+            teacher_model, config, work, process.num_processes, process.is_main_process)
 
     trainer_callbacks = [*callbacks]
     if config.patience is not None:
         trainer_callbacks.append(EarlyStoppingCallback(early_stopping_patience=config.patience))
-    trainer = Trainer(
-        model=peft_model,
-        args=_training_arguments(config, work, device),
-        train_dataset=WindowDataset(training),
-        eval_dataset=WindowDataset(evaluation),
-        callbacks=trainer_callbacks,
-    )
+    arguments = dict(model=student, args=_training_arguments(config, work, device),
+                     train_dataset=WindowDataset(training), eval_dataset=WindowDataset(evaluation),
+                     callbacks=trainer_callbacks)
+    if teacher_model is None:
+        trainer = Trainer(**arguments)
+    else:
+        from .distillation import DistillationTrainer
+
+        trainer = DistillationTrainer(teacher=teacher_model, **arguments)
     if not progress:
         from transformers import ProgressCallback
 
         trainer.remove_callback(ProgressCallback)
-    # Every window has the same length, so exp(mean eval loss) is the token-level perplexity.
-    perplexity_before = math.exp(trainer.evaluate()["eval_loss"])
+    before = _evaluation(trainer.evaluate())
     started = time.perf_counter()
     trainer.train(resume_from_checkpoint=checkpoint)
     seconds = time.perf_counter() - started
     history = list(trainer.state.log_history)
-    perplexity_after = math.exp(trainer.evaluate()["eval_loss"])
-    _check_finite_run(peft_model, history, perplexity_after, work)
+    after = _evaluation(trainer.evaluate())
+    _check_finite_run(student, history, after["perplexity"], work)
 
     state = trainer.state
+    settings_record = {**asdict(config), "targets": list(config.targets)}
+    if config.train == "lora":
+        settings_record["target_modules"] = sorted(student.peft_config["default"].target_modules)
     record["finetune"] = {
         "prunenet_version": __version__,
         "source": source,
-        "settings": {**asdict(config), "targets": list(config.targets),
-                     "target_modules": sorted(peft_model.peft_config["default"].target_modules)},
+        "settings": settings_record,
+        "trained": "LoRA adapters" if config.train == "lora" else "FFN weights",
         "merged": merge,
         "device": str(trainer.args.device),
         "world_size": trainer.args.world_size,
@@ -351,28 +416,89 @@ def finetune(
         "train_seconds": round(seconds, 1),
         "training_windows": training.shape[0],
         "evaluation_windows": evaluation.shape[0],
-        "eval_perplexity_before": perplexity_before,
-        "eval_perplexity_after": perplexity_after,
-        "eval_history": [{"step": log["step"], "perplexity": math.exp(log["eval_loss"])}
+        **{f"eval_{name}_before": value for name, value in before.items()},
+        **{f"eval_{name}_after": value for name, value in after.items()},
+        "eval_history": [{"step": log["step"], **_evaluation(log)}
                          for log in history if "eval_loss" in log],
         "train_loss": [{"step": log["step"], "loss": log["loss"]}
                        for log in history if "loss" in log],
     }
+    if teacher_model is not None:
+        record["finetune"]["distillation"] = {
+            "teacher": teacher_source,
+            "loss": "kl",
+            "direction": "KL(teacher || student) on next-token logits",
+            "temperature": 1.0,
+            "text": "sampled by the teacher from its BOS token, temperature 1",
+            "generated_tokens": {"training": training.numel(), "evaluation": evaluation.numel()},
+            "generation_seeds": generation_seeds,
+            "evaluation": "the first seed's sequences, held back (never trained on)",
+        }
     if process.is_main_process:
         with atomic_folder(out_path, overwrite) as staging:
-            result_model = _write_output(peft_model, tokenizer, staging, record, source, merge)
+            result_model = _write_output(student, tokenizer, staging, record, source, merge)
         shutil.rmtree(work, ignore_errors=True)
     else:
-        result_model = peft_model.merge_and_unload() if merge else peft_model
+        result_model = _merged(student) if merge else student
     process.wait_for_everyone()
     return FinetuneResult(result_model.eval(), tokenizer, record, str(out_path))
 
 
-def _check_finite_run(peft_model: nn.Module, history: list[dict[str, Any]], perplexity: float,
+def _teacher_source(student: str, teacher: str | os.PathLike | None,
+                    config: FinetuneConfig) -> str | None:
+    """The teacher a distillation reads: ``teacher``, else the student record's source; the
+    local path (folder or .gguf file) when it is one. None when the run does not distil."""
+    from .pipeline import input_path
+
+    if not config.distils:
+        if teacher is not None:
+            raise InputError(f"--teacher applies to --data {SELF_GENERATED} only (this run trains "
+                             f"on {config.data}); drop --teacher")
+        return None
+    from .distillation import default_teacher
+
+    named = str(teacher) if teacher is not None else default_teacher(student)
+    try:
+        path = input_path(named)
+    except InputError as error:
+        given = "--teacher" if teacher is not None else f"the source in {student}/{RECORD_NAME}"
+        raise InputError(f"teacher {named} ({given}): {error}; pass --teacher DENSE") from error
+    return str(Path(path).resolve()) if Path(path).exists() else path
+
+
+def _teacher_text(teacher: nn.Module, config: FinetuneConfig, work: Path, processes: int,
+                  main_process: bool) -> tuple[Tensor, Tensor, list[int]]:
+    """The teacher's training and evaluation windows, and their generation seeds: sampled once,
+    kept in the work folder so that a resumed run trains on the very same text."""
+    from .distillation import teacher_windows
+
+    saved = work / GENERATED_NAME
+    if saved.exists():
+        kept = torch.load(saved)
+        return kept["training"], kept["evaluation"], kept["seeds"]
+    windows = config.generated_windows or (config.steps * config.batch_size * config.grad_accum
+                                           * processes)
+    training, evaluation, seeds = teacher_windows(teacher, windows, config.eval_windows,
+                                                  config.seqlen, config.seed)
+    if main_process:
+        with atomic_file(saved) as staging:
+            torch.save({"training": training, "evaluation": evaluation, "seeds": seeds}, staging)
+    return training, evaluation, seeds
+
+
+def _evaluation(metrics: dict[str, float]) -> dict[str, float]:
+    """Perplexity (and, distilling, the KL to the teacher) from Trainer evaluation metrics."""
+    if "eval_perplexity" in metrics:  # distillation: the loss is the KL
+        return {"perplexity": metrics["eval_perplexity"], "kl": metrics["eval_loss"]}
+    # Every window has the same length, so exp(mean eval loss) is the token-level perplexity.
+    return {"perplexity": math.exp(metrics["eval_loss"])}
+
+
+def _check_finite_run(student: nn.Module, history: list[dict[str, Any]], perplexity: float,
                       work: Path) -> None:
     """Refuse to keep a run whose loss or weights became NaN or Inf (no output, no work)."""
     losses = [log[key] for log in history for key in ("loss", "eval_loss") if key in log]
-    bad = next((name for name, parameter in peft_model.named_parameters()
+    bad = next((name for name, parameter in student.named_parameters()
                 if not torch.isfinite(parameter).all()), None)
     if bad is None and all(math.isfinite(value) for value in [*losses, perplexity]):
         return
@@ -382,14 +508,20 @@ def _check_finite_run(peft_model: nn.Module, history: list[dict[str, Any]], perp
                          "Lower --lr and run again")
 
 
-def _write_output(peft_model, tokenizer, folder: Path, record: dict[str, Any], source: str,
+def _merged(student: nn.Module) -> nn.Module:
+    """The plain model: LoRA adapters merged into the weights (an FFN-trained model as is)."""
+    return student.merge_and_unload() if hasattr(student, "peft_config") else student
+
+
+def _write_output(student, tokenizer, folder: Path, record: dict[str, Any], source: str,
                   merge: bool) -> nn.Module:
-    """``folder/adapter`` (PEFT), then the merged checkpoint, then the record (last)."""
-    peft_model.peft_config["default"].base_model_name_or_path = source
-    peft_model.save_pretrained(folder / "adapter")
-    model = peft_model
+    """``folder/adapter`` (LoRA: PEFT), then the merged checkpoint, then the record (last)."""
+    model = student
+    if hasattr(student, "peft_config"):
+        student.peft_config["default"].base_model_name_or_path = source
+        student.save_pretrained(folder / "adapter")
     if merge:
-        model = peft_model.merge_and_unload()
+        model = _merged(student)
         saved_dtype = _saved_dtype(source)
         if saved_dtype is not None:
             model.to(saved_dtype)

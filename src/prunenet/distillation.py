@@ -1,0 +1,114 @@
+"""Self-distillation without data: the pruned student learns the dense teacher's next-token
+distributions on text the teacher writes itself.
+
+teacher (dense model) -> :func:`teacher_windows`: sequences it samples from its BOS token
+(seeded, temperature 1; held-back ones for evaluation) -> :class:`DistillationTrainer`: the
+transformers Trainer whose loss is ``KL(teacher || student)`` on the logits (teacher under
+``no_grad``, on the student's device) and whose evaluation adds the student's perplexity on the
+teacher's held-back text. :mod:`prunenet.finetune` does the rest (LoRA or FFN weights, resume,
+the merged stock checkpoint, the record) and imports this module only when it distils.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import Trainer
+
+from .errors import InputError
+from .io.loading import RECORD_NAME, load_config, read_record
+from .selection.self_generated import generated_tokens
+
+GENERATION_BATCH = 32  # sequences per generate() call: bounds the KV cache, not the result
+
+
+def kl_to_teacher(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+    """Mean over token positions of ``KL(p_teacher || p_student)`` (temperature 1, in nats),
+    from logits of shape (..., vocab); computed in float32."""
+    vocab = student_logits.shape[-1]
+    student = F.log_softmax(student_logits.float().reshape(-1, vocab), dim=-1)
+    teacher = F.log_softmax(teacher_logits.float().reshape(-1, vocab), dim=-1)
+    return F.kl_div(student, teacher, log_target=True, reduction="batchmean")
+
+
+def default_teacher(student: str | os.PathLike) -> str:
+    """The ``source`` named in the student folder's ``prunenet.json`` (the model it was pruned
+    from). Raises :class:`InputError` when there is no record or it names no source."""
+    if not (Path(student) / RECORD_NAME).exists():
+        raise InputError(f"{student} has no {RECORD_NAME} naming the dense model it was pruned "
+                         "from; pass --teacher DENSE")
+    source = read_record(student).get("source")
+    if not source:
+        raise InputError(f"{Path(student) / RECORD_NAME} names no source model; pass --teacher "
+                         "DENSE")
+    return str(source)
+
+
+def check_teacher(student_config: Any, teacher: str, trust_remote_code: bool = False) -> None:
+    """Refuse a teacher of another family or vocabulary than the student (config only, before
+    any weight loads): :class:`InputError` naming both."""
+    teacher_config = load_config(teacher, trust_remote_code=trust_remote_code)
+    described = {}
+    for role, config in (("teacher", teacher_config), ("student", student_config)):
+        described[role] = (getattr(config, "model_type", None), getattr(config, "vocab_size", None))
+    if described["teacher"] != described["student"]:
+        (teacher_type, teacher_vocab), (student_type, student_vocab) = described.values()
+        raise InputError(
+            f"teacher {teacher} is a {teacher_type} model with a vocabulary of {teacher_vocab}, "
+            f"the student a {student_type} model with a vocabulary of {student_vocab}; distil "
+            "from the dense model the student was pruned from (--teacher)"
+        )
+
+
+def teacher_windows(teacher: nn.Module, training: int, evaluation: int, seqlen: int,
+                    seed: int) -> tuple[Tensor, Tensor, list[int]]:
+    """``(training_windows, evaluation_windows, seeds)``: ``training`` and ``evaluation``
+    sequences of ``seqlen`` tokens the teacher samples from its BOS token
+    (:func:`generated_tokens`), in batches of :data:`GENERATION_BATCH` whose seeds are drawn
+    from ``seed``. The evaluation sequences are a batch of their own, never trained on."""
+    generator = torch.Generator().manual_seed(int(seed))
+    counts = [evaluation] + [min(GENERATION_BATCH, training - start)
+                             for start in range(0, training, GENERATION_BATCH)]
+    seeds = torch.randint(0, 2**62, (len(counts),), generator=generator).tolist()
+    batches = [generated_tokens(teacher, count, seqlen, batch_seed)
+               for count, batch_seed in zip(counts, seeds)]
+    return torch.cat(batches[1:]), batches[0], seeds
+
+
+class DistillationTrainer(Trainer):
+    """The transformers Trainer with ``KL(teacher || student)`` as its loss (``teacher`` under
+    ``no_grad``, moved to the training device); evaluation also reports ``eval_perplexity``, the
+    student's perplexity on the evaluation windows' own tokens (the teacher's text)."""
+
+    def __init__(self, *args: Any, teacher: nn.Module, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.teacher = teacher.to(self.args.device).eval().requires_grad_(False)
+        # our loss is a mean per token: the Trainer must divide it by the accumulation steps
+        self.model_accepts_loss_kwargs = False
+        self._held_out: list[tuple[float, int]] = []
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        input_ids = inputs["input_ids"]
+        with torch.no_grad():
+            teacher_logits = self.teacher(input_ids=input_ids).logits
+        if model.training:
+            outputs = model(input_ids=input_ids)
+        else:  # the labels (the teacher's own text) give the student's perplexity on it
+            outputs = model(input_ids=input_ids, labels=inputs["labels"])
+            self._held_out.append((float(outputs.loss), input_ids.shape[0]))
+        loss = kl_to_teacher(outputs.logits, teacher_logits)
+        return (loss, outputs) if return_outputs else loss
+
+    def evaluation_loop(self, *args: Any, metric_key_prefix: str = "eval", **kwargs: Any):
+        self._held_out = []
+        output = super().evaluation_loop(*args, metric_key_prefix=metric_key_prefix, **kwargs)
+        windows = sum(count for _, count in self._held_out)
+        mean = sum(loss * count for loss, count in self._held_out) / windows
+        output.metrics[f"{metric_key_prefix}_perplexity"] = math.exp(mean)
+        return output

@@ -1,0 +1,217 @@
+"""Recovery without data: a tiny pruned LLaMA (SmolLM2's real vocabulary) distilled from its
+dense teacher on text the teacher writes itself."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file
+from test_finetune import InterruptAt, Interrupted, Recorder
+
+from conftest import make_tiny_model
+from prunenet.cli import main
+from prunenet.errors import InputError, OutputError
+from prunenet.finetune import finetune
+from prunenet.pipeline import prune
+from prunenet.selection.self_generated import generated_tokens
+
+SETTINGS = dict(data="self-generated", seqlen=32, batch_size=4, eval_windows=4, lr=1e-3, seed=0,
+                progress=False)
+FFN_NAMES = ("gate_proj", "up_proj", "down_proj")
+
+
+def _load(folder) -> transformers.PreTrainedModel:
+    return transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+
+
+def kl_teacher_student(teacher, student, tokens) -> float:
+    """Mean over positions of sum_v p_t(v) (log p_t(v) - log p_s(v)), written out plainly."""
+    with torch.no_grad():
+        teacher_probs = torch.softmax(teacher(tokens).logits.double(), dim=-1)
+        student_probs = torch.softmax(student(tokens).logits.double(), dim=-1)
+    per_position = (teacher_probs * (teacher_probs.log() - student_probs.log())).sum(-1)
+    return float(per_position.mean())
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_llama_real_tokenizer_dir):
+    """The teacher: the tiny real-tokenizer LLaMA with strong FFNs and an untied head that
+    favours 512 tokens (so that 40 short training windows cover what held-back text says);
+    the student: it pruned at 0.5 by random rows, with prunenet.json naming the teacher; and
+    held-back teacher text of a seed of its own."""
+    root = tmp_path_factory.mktemp("distill")
+    dense = root / "dense"
+    model = _load(tiny_llama_real_tokenizer_dir)
+    head = torch.randn(model.lm_head.weight.shape, generator=torch.Generator().manual_seed(1))
+    head[:512] *= 0.6
+    head[512:] *= 0.02
+    model.config.tie_word_embeddings = False
+    model.lm_head.weight = torch.nn.Parameter(head)
+    with torch.no_grad():  # make the FFNs, and so pruning them, matter
+        for layer in model.model.layers:
+            layer.mlp.down_proj.weight.mul_(20)
+    model.save_pretrained(dense)
+    transformers.AutoTokenizer.from_pretrained(tiny_llama_real_tokenizer_dir).save_pretrained(
+        dense)
+    pruned = root / "pruned"
+    prune(str(dense), None, 0.5, method="random", out=pruned)
+    held_back = generated_tokens(_load(dense), 8, 32, seed=987654321)
+    return SimpleNamespace(root=root, dense=dense, pruned=pruned, held_back=held_back)
+
+
+@pytest.fixture(scope="module")
+def distilled(setup):
+    recorder = Recorder()
+    out = setup.root / "distilled"
+    result = finetune(setup.pruned, SETTINGS["data"], out, steps=10, eval_every=5, patience=None,
+                      callbacks=[recorder], **{k: v for k, v in SETTINGS.items() if k != "data"})
+    return SimpleNamespace(result=result, out=out, recorder=recorder)
+
+
+def test_distillation_lowers_the_kl_to_the_teacher_on_held_back_text(setup, distilled):
+    teacher = _load(setup.dense)
+    before = kl_teacher_student(teacher, _load(setup.pruned), setup.held_back)
+    after = kl_teacher_student(teacher, _load(distilled.out), setup.held_back)
+    assert after < 0.9 * before, (before, after)  # 1.27 -> 1.06 when written
+    entry = distilled.result.record["finetune"]
+    assert entry["eval_kl_after"] < entry["eval_kl_before"]
+    assert entry["eval_perplexity_after"] < entry["eval_perplexity_before"]
+    assert entry["steps_run"] == 10 and distilled.recorder.steps == list(range(1, 11))
+
+
+def test_the_record_says_what_was_distilled(setup, distilled):
+    record = json.loads((distilled.out / "prunenet.json").read_text())
+    source = json.loads((setup.pruned / "prunenet.json").read_text())
+    assert {k: v for k, v in record.items() if k != "finetune"} == source
+    entry = record["finetune"]
+    distillation = entry["distillation"]
+    assert distillation["teacher"] == str(setup.dense.resolve())  # from prunenet.json
+    assert distillation["loss"] == "kl" and distillation["temperature"] == 1.0
+    # one training window per window trained on (10 steps x 4), 4 held back: 32 tokens each
+    assert distillation["generated_tokens"] == {"training": 40 * 32, "evaluation": 4 * 32}
+    assert len(distillation["generation_seeds"]) == 3  # evaluation + two batches of at most 32
+    assert entry["settings"]["data"] == "self-generated"
+    assert entry["trained"] == "LoRA adapters" and entry["settings"]["train"] == "lora"
+    assert [point["step"] for point in entry["eval_history"]] == [5, 10]
+    kls = [point["kl"] for point in entry["eval_history"]]
+    assert entry["eval_kl_after"] == pytest.approx(min(kls), rel=1e-5)
+    assert not (setup.root / "distilled.work").exists()
+
+
+def test_training_never_sees_the_held_back_windows(distilled):
+    fed = {tuple(row.tolist()) for batch in distilled.recorder.batches for row in batch}
+    assert len(fed) == 10 * 4  # every training window once
+    distillation = distilled.result.record["finetune"]["distillation"]
+    # the evaluation windows are the first seed's sequences: regenerate them from the teacher
+    evaluation = generated_tokens(_load(distillation["teacher"]), 4, 32,
+                                  distillation["generation_seeds"][0])
+    assert not fed & {tuple(row.tolist()) for row in evaluation}
+
+
+def test_merged_output_reloads_with_plain_transformers_and_gives_the_same_logits(distilled):
+    reloaded = _load(distilled.out)
+    tokens = torch.randint(0, 49152, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = distilled.result.model(tokens).logits
+        assert torch.equal(reloaded(tokens).logits, expected)
+    assert (distilled.out / "adapter" / "adapter_config.json").exists()
+
+
+def test_ffn_training_changes_only_the_ffn_weights(setup):
+    out = setup.root / "ffn"
+    result = finetune(setup.pruned, SETTINGS["data"], out, steps=4, train="ffn",
+                      **{k: v for k, v in SETTINGS.items() if k not in ("data", "lr")})
+    assert result.record["finetune"]["trained"] == "FFN weights"
+    assert result.record["finetune"]["settings"]["lr"] == 5e-5  # the ffn default
+    assert not (out / "adapter").exists()
+    before, after = load_file(setup.pruned / "model.safetensors"), load_file(
+        out / "model.safetensors")
+    assert before.keys() == after.keys()
+    for name, tensor in before.items():
+        changed = not torch.equal(tensor, after[name])
+        assert changed == (name.rsplit(".", 2)[-2] in FFN_NAMES), name
+
+
+def test_resume_ends_with_the_weights_of_an_uninterrupted_run(setup):
+    settings = dict(steps=6, eval_every=2, **{k: v for k, v in SETTINGS.items() if k != "data"})
+    straight = finetune(setup.pruned, "self-generated", setup.root / "straight", **settings)
+    out = setup.root / "resumed"
+    with pytest.raises(Interrupted):
+        finetune(setup.pruned, "self-generated", out, callbacks=[InterruptAt(3)], **settings)
+    assert not out.exists()
+    work = setup.root / "resumed.work"
+    assert sorted(p.name for p in work.glob("checkpoint-*")) == ["checkpoint-2"]
+    assert (work / "generated-windows.pt").exists()
+    recorder = Recorder()
+    resumed = finetune(setup.pruned, "self-generated", out, resume=True, callbacks=[recorder],
+                       **settings)
+    assert recorder.steps == [3, 4, 5, 6]
+    assert resumed.record["finetune"]["resumed_from_step"] == 2
+    expected = load_file(setup.root / "straight" / "model.safetensors")
+    actual = load_file(out / "model.safetensors")
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], atol=1e-6, rtol=1e-6)
+    assert resumed.record["finetune"]["eval_kl_after"] == pytest.approx(
+        straight.record["finetune"]["eval_kl_after"], rel=1e-5)
+
+
+def test_a_teacher_path_equal_to_out_is_refused(setup):
+    with pytest.raises(OutputError, match="is the input"):
+        finetune(setup.pruned, "self-generated", setup.dense, teacher=setup.dense, overwrite=True,
+                 steps=2, **{k: v for k, v in SETTINGS.items() if k != "data"})
+    assert (setup.dense / "model.safetensors").exists()
+
+
+def test_no_teacher_and_no_record_is_a_clear_error(setup, tmp_path):
+    bare = tmp_path / "bare"
+    _load(setup.pruned).save_pretrained(bare)
+    with pytest.raises(InputError, match="has no prunenet.json .* pass --teacher DENSE"):
+        finetune(bare, "self-generated", tmp_path / "out", steps=2)
+    with pytest.raises(InputError, match="--teacher applies to --data self-generated only"):
+        finetune(bare, "wiki", tmp_path / "out", teacher=setup.dense, steps=2)
+
+
+def test_a_mismatched_teacher_is_a_one_line_error(setup, tmp_path, capsys):
+    other = tmp_path / "other-vocabulary"
+    make_tiny_model("llama").save_pretrained(other)  # vocabulary 128, not 49152
+    argv = ["-q", "finetune", str(setup.pruned), "--data", "self-generated", "--teacher",
+            str(other), "--out", str(tmp_path / "out"), "--steps", "2", "--seqlen", "32"]
+    capsys.readouterr()
+    assert main(argv) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1, error
+    assert "vocabulary of 128" in error and "49152" in error and "--teacher" in error
+    gpt2 = tmp_path / "other-family"
+    make_tiny_model("gpt2").save_pretrained(gpt2)
+    with pytest.raises(InputError, match="a gpt2 model .* the student a llama model"):
+        finetune(setup.pruned, "self-generated", tmp_path / "out", teacher=gpt2, steps=2)
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_finetune_distils(setup, tmp_path, capsys):
+    out = tmp_path / "cli"
+    assert main(["-q", "finetune", str(setup.pruned), "--data", "self-generated", "--out",
+                 str(out), "--steps", "2", "--seqlen", "32", "--eval-windows", "2"]) == 0
+    assert "held-out KL to the teacher" in capsys.readouterr().out
+    entry = json.loads((out / "prunenet.json").read_text())["finetune"]
+    assert entry["distillation"]["teacher"] == str(setup.dense.resolve())
+
+
+def test_compress_recovers_without_data(setup, tmp_path):
+    out = tmp_path / "compressed"
+    recovered = tmp_path / "compressed-recovered"
+    recovered.mkdir()
+    (recovered / "mine.txt").write_text("not prunenet's")
+    argv = ["-q", "compress", str(setup.dense), "--ratio", "0.5", "--method", "random",
+            "--out", str(out), "--recover-steps", "2", "--finetune-seqlen", "32"]
+    assert main(argv) == 2  # the recovery output is checked before any work
+    assert not out.exists()
+    (recovered / "mine.txt").unlink()
+    assert main(argv) == 0
+    entry = json.loads((recovered / "prunenet.json").read_text())["finetune"]
+    assert entry["source"] == str(out.resolve()) and entry["steps_run"] == 2
+    assert entry["distillation"]["teacher"] == str(setup.dense.resolve())
