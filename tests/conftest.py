@@ -103,3 +103,14 @@ def tiny_llama_real_tokenizer_dir(tmp_path_factory):
     model.save_pretrained(folder)
     transformers.AutoTokenizer.from_pretrained(source).save_pretrained(folder)
     return folder
+
+
+def assert_same_weights(expected_folder, actual_folder, atol: float = 1e-6) -> None:
+    """Every tensor of ``expected_folder/model.safetensors`` equals ``actual_folder``'s."""
+    from safetensors.torch import load_file
+
+    expected = load_file(expected_folder / "model.safetensors")
+    actual = load_file(actual_folder / "model.safetensors")
+    assert set(actual) == set(expected)
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], atol=atol, rtol=atol)

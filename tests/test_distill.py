@@ -12,7 +12,7 @@ import transformers
 from safetensors.torch import load_file
 from test_finetune import InterruptAt, Interrupted, Recorder
 
-from conftest import make_tiny_model
+from conftest import assert_same_weights, make_tiny_model
 from prunenet.cli import main
 from prunenet.errors import InputError, OutputError
 from prunenet.finetune import finetune
@@ -151,10 +151,7 @@ def test_resume_ends_with_the_weights_of_an_uninterrupted_run(setup):
                        **settings)
     assert recorder.steps == [3, 4, 5, 6]
     assert resumed.record["finetune"]["resumed_from_step"] == 2
-    expected = load_file(setup.root / "straight" / "model.safetensors")
-    actual = load_file(out / "model.safetensors")
-    for name in expected:
-        torch.testing.assert_close(actual[name], expected[name], atol=1e-6, rtol=1e-6)
+    assert_same_weights(setup.root / "straight", out)
     assert resumed.record["finetune"]["eval_kl_after"] == pytest.approx(
         straight.record["finetune"]["eval_kl_after"], rel=1e-5)
 

@@ -12,7 +12,7 @@ import transformers
 from safetensors.torch import load_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from conftest import VOCAB, make_tiny_model
+from conftest import VOCAB, assert_same_weights, make_tiny_model
 from prunenet.cli import main
 from prunenet.errors import InputError, OutputError
 from prunenet.evaluation.corpora import load_corpus
@@ -193,10 +193,7 @@ def test_resume_continues_from_the_saved_step_and_matches_an_uninterrupted_run(s
     assert recorder.steps == [3, 4, 5, 6]
     assert resumed.record["finetune"]["resumed_from_step"] == 2
     assert resumed.record["finetune"]["steps_run"] == 6
-    expected = load_file(setup.root / "straight" / "model.safetensors")
-    actual = load_file(out / "model.safetensors")
-    for name in expected:
-        torch.testing.assert_close(actual[name], expected[name], atol=1e-6, rtol=1e-6)
+    assert_same_weights(setup.root / "straight", out)
     assert resumed.record["finetune"]["eval_perplexity_after"] == pytest.approx(
         straight.record["finetune"]["eval_perplexity_after"], rel=1e-5)
 

@@ -15,7 +15,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import __version__
 from .assets import asset_path
 from .errors import InputError
 from .evaluation.corpora import load_corpus
@@ -30,6 +29,7 @@ from .pipeline import input_path, method_of_variant, prune, train_policy
 from .selection import SELECTORS
 from .selection.activation import Calibration
 from .selection.prunenet import PruneNet
+from .version import __version__
 
 log = logging.getLogger("prunenet")
 

@@ -27,7 +27,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import __version__
 from .errors import InputError, NumericalError, OutputError
 from .evaluation.corpora import load_corpus
 from .families import check_sequence_length, family_for
@@ -49,6 +48,7 @@ from .io.loading import (
     save_plain_checkpoint,
     write_card,
 )
+from .version import __version__
 
 TARGET_GROUPS = ("attn", "mlp")
 SETTINGS_NAME = "prunenet-finetune.json"

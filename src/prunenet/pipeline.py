@@ -19,7 +19,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import __version__
 from .errors import InputError
 from .families import kept_count
 from .ffn_statistics import collect_ffn_statistics
@@ -50,6 +49,7 @@ from .selection.prunenet.policy import PrunePolicy
 from .selection.prunenet.reinforce import TrainingConfig, TrainingResult, is_training_state
 from .selection.self_generated import SelfGenerated
 from .slicing import slice_model
+from .version import __version__
 
 log = logging.getLogger(__name__)
 
