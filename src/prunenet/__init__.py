@@ -1,12 +1,12 @@
 """prunenet: calibration-free structured FFN pruning of Hugging Face causal language models."""
 
-from .errors import PruneNetError  # noqa: E402
-from .evaluation.evaluate import evaluate  # noqa: E402
-from .finetune import finetune  # noqa: E402
-from .io.loading import load_model_and_tokenizer  # noqa: E402
-from .io.policy_file import load_policy, save_policy  # noqa: E402
-from .pipeline import compress, prune, select_rows, train_policy  # noqa: E402
-from .version import __version__  # noqa: E402
+from .errors import PruneNetError
+from .evaluation.evaluate import evaluate
+from .finetune import finetune
+from .io.loading import load_model_and_tokenizer
+from .io.policy_file import load_policy, save_policy
+from .pipeline import compress, prune, select_rows, train_policy
+from .version import __version__
 
 __all__ = [
     "compress",
