@@ -41,3 +41,17 @@ def test_without_an_input_card_nothing_is_invented(tmp_path):
     lines = front_matter(text)
     assert not any(line.startswith(("license", "base_model")) for line in lines)
     assert "PruneNet policy checksum" in text and "--selection sample" in text
+
+
+def test_compress_eval_puts_the_measurement_in_record_and_card(tmp_path,
+                                                               tiny_llama_real_tokenizer_dir):
+    import json
+
+    out = tmp_path / "out"
+    assert main(["-q", "compress", str(tiny_llama_real_tokenizer_dir), "--ratio", "0.25",
+                 "--out", str(out), "--method", "random", "--reconstruct", "none",
+                 "--eval", "1"]) == 0
+    measured = json.loads((out / "prunenet.json").read_text())["evaluation"]["perplexity"]
+    assert measured["windows"] == 1 and measured["value"] > 1
+    assert f"perplexity {measured['value']:.2f} on the first 1 evaluation" in (
+        out / "README.md").read_text()

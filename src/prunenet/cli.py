@@ -168,6 +168,11 @@ def _add_method_arguments(parser: argparse.ArgumentParser, takes_policy: bool = 
     group.add_argument("--ridge", type=positive_float, default=CompressOptions.ridge,
                        help="ls ridge, relative to the mean diagonal of the kept neurons' Gram "
                        f"matrix (default: {CompressOptions.ridge:g})")
+    parser.add_argument("--eval", type=positive_int, metavar="WINDOWS", dest="evaluate_windows",
+                        default=CompressOptions.evaluate_windows or None,
+                        help="also measure the pruned model's perplexity on the first WINDOWS "
+                        "evaluation windows of the wiki sample; kept in prunenet.json and the "
+                        "model card")
     parser.add_argument("--format", choices=list(FORMATS), default=CompressOptions.format,
                         help="what --out holds: safetensors (a stock checkpoint), gguf (model.gguf "
                         "cut from a .gguf input: rows copied in their quantized blocks, ffn_down "
@@ -181,7 +186,8 @@ def _compress_options(args: argparse.Namespace) -> dict:
         "method": args.method, "variant": args.variant, "seed": args.seed,
         "device": args.device, "selection": args.selection, "calibration": _calibration(args),
         "max_memory": args.max_memory, "trust_remote_code": args.trust_remote_code,
-        "format": args.format, "probe_tokens": args.probe_tokens,
+        "format": args.format, "evaluate_windows": args.evaluate_windows or 0,
+        "probe_tokens": args.probe_tokens,
         "probe_length": args.probe_length, "probe_cache": args.probe_cache,
         "reconstruct": args.reconstruct, "ridge": args.ridge,
         "progress": not args.quiet, "resume": getattr(args, "resume", False),

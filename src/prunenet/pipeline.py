@@ -90,6 +90,7 @@ class CompressOptions:
     reconstruct: str | None = None  # ls, bias or none; None: ls in memory, none when streamed
     ridge: float = DEFAULT_RIDGE
     format: str = "auto"  # safetensors, gguf or both; auto: both for a .gguf input
+    evaluate_windows: int = 0  # > 0: perplexity on that many wiki windows, kept in the record
     max_memory: int | str | None = None
     trust_remote_code: bool = False
     progress: bool = True
@@ -343,6 +344,12 @@ def run_compression(plan: Plan, tokenizer: Any = None) -> CompressionResult:
     else:
         after = weights.parameter_counts(kept)
     record = compression_record(plan, selector, before, after, weights.d_ff, kept)
+    if options.evaluate_windows and model is not None:
+        from .evaluation.evaluate import evaluate
+
+        measured = evaluate(model, tokenizer, windows=options.evaluate_windows,
+                            progress=options.progress)["perplexity"]
+        record["evaluation"] = {"perplexity": measured}
     if probe is not None:
         record["probe"] = probe.record()
     record["reconstruct"] = refit if refit is not None else {"mode": "none"}

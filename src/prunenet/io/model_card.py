@@ -85,6 +85,11 @@ def render_card(record: dict[str, Any], input_folder: str | os.PathLike | None =
                  f"{'/'.join(kept)} blocks and ffn_down written as {'/'.join(written)}"
                  + (" (the input's type cannot hold the new width or cannot be written)"
                     if record["gguf"].get("substituted") else "") + ".", ""]
+    if record.get("evaluation", {}).get("perplexity"):
+        measured = record["evaluation"]["perplexity"]
+        body += [f"Measured after pruning: perplexity {measured['value']:.2f} on the first "
+                 f"{measured['windows']} evaluation windows of {measured['seqlen']} tokens of "
+                 f"{measured['corpus']} (`prunenet eval` reproduces it).", ""]
     if record.get("policy_sha256"):
         body += [f"PruneNet policy checksum (sha256): `{record['policy_sha256']}`.", ""]
     if record.get("finetune"):
