@@ -70,15 +70,15 @@ def teacher_windows(teacher: nn.Module, training: int, evaluation: int, seqlen: 
                     seed: int) -> tuple[Tensor, Tensor, list[int]]:
     """``(training_windows, evaluation_windows, seeds)``: ``training`` and ``evaluation``
     sequences of ``seqlen`` tokens the teacher samples from its BOS token
-    (:func:`generated_tokens`), in batches of :data:`GENERATION_BATCH` whose seeds are drawn
-    from ``seed``. The evaluation sequences are a batch of their own, never trained on."""
+    (:func:`generated_tokens`), in batches of up to :data:`GENERATION_BATCH` whose seeds are
+    drawn from ``seed``. The first ``evaluation`` sequences are held back, never trained on."""
+    total = training + evaluation
     generator = torch.Generator().manual_seed(int(seed))
-    counts = [evaluation] + [min(GENERATION_BATCH, training - start)
-                             for start in range(0, training, GENERATION_BATCH)]
+    counts = [min(GENERATION_BATCH, total - start) for start in range(0, total, GENERATION_BATCH)]
     seeds = torch.randint(0, 2**62, (len(counts),), generator=generator).tolist()
-    batches = [generated_tokens(teacher, count, seqlen, batch_seed)
-               for count, batch_seed in zip(counts, seeds)]
-    return torch.cat(batches[1:]), batches[0], seeds
+    sequences = torch.cat([generated_tokens(teacher, count, seqlen, batch_seed)
+                           for count, batch_seed in zip(counts, seeds)])
+    return sequences[evaluation:], sequences[:evaluation], seeds
 
 
 class DistillationTrainer(Trainer):

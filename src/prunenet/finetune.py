@@ -57,7 +57,7 @@ SELF_GENERATED = "self-generated"  # the data value that selects self-distillati
 TRAINABLE = ("lora", "ffn")
 # Defaults per kind of data: what trains, and at which learning rate (benchmarks/README.md).
 DEFAULT_TRAIN = {"corpus": "lora", SELF_GENERATED: "lora"}
-DEFAULT_LR = {"lora": 2e-4, "ffn": 5e-5}
+DEFAULT_LR = {"lora": 2e-4, "ffn": 1e-4}
 
 
 @dataclass(frozen=True)
@@ -432,7 +432,7 @@ def finetune(
             "text": "sampled by the teacher from its BOS token, temperature 1",
             "generated_tokens": {"training": training.numel(), "evaluation": evaluation.numel()},
             "generation_seeds": generation_seeds,
-            "evaluation": "the first seed's sequences, held back (never trained on)",
+            "evaluation": "the first evaluation_windows sequences, held back (never trained on)",
         }
     if process.is_main_process:
         with atomic_folder(out_path, overwrite) as staging:
