@@ -252,7 +252,7 @@ def _training_arguments(config: FinetuneConfig, work: Path, device: str):
 
 
 # A fine-tune's working folder: its settings record and the Trainer's checkpoint-N folders.
-is_work_folder = folder_of(SETTINGS_NAME, (SETTINGS_NAME,), folders={
+is_work_folder = folder_of(SETTINGS_NAME, (SETTINGS_NAME, GENERATED_NAME), folders={
     "checkpoint-*": folder_of("trainer_state.json", ("*",), folders={"*": lambda _: True})})
 
 
