@@ -102,6 +102,8 @@ class CompressOptions:
         variant = keywords.pop("variant", None)
         if variant is not None:
             keywords["method"] = method_of_variant(variant, keywords.get("method"))
+        if keywords.get("calibration", 0) is None:
+            del keywords["calibration"]  # None: the default calibration
         own = {f.name for f in fields(cls)} - {"training"}
         trained = {f.name for f in fields(TrainingConfig)} - {"ratio", "seed"}
         unknown = set(keywords) - own - trained
