@@ -139,6 +139,7 @@ def _kl(reference: torch.Tensor, other: torch.Tensor) -> float:
 
 def test_tinycoder_round_trip(tmp_path, tinycoder):
     result = prunenet.compress(str(tinycoder), ratio=0.25, method="random", seed=3,
+                               reconstruct="none",  # F16-exact kept columns: an exact round trip
                                progress=False)
     out = tmp_path / "pruned.gguf"
     report = write_pruned_gguf(tinycoder, result.model, result.kept_rows, out)
