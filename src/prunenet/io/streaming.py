@@ -120,10 +120,17 @@ class StreamedCheckpoint:
             )
         validate_weight_files(self.folder)  # missing shards, truncated files, lying headers
         self.entries = self._read_entries()
-        # Every weight the architecture expects, and no other: as the in-memory load checks.
         load_config(self.folder)  # types and family checked as the in-memory load checks them
-        check_weights_on_meta(self.folder)
         self._check_layers()
+        self._weights_checked = False
+
+    def check_weights(self) -> None:
+        """Refuse missing or unused weights, as the in-memory load does (transformers matches
+        them on the meta device). Run once a checkpoint is streamed: one loaded in memory gets
+        the load's own check, so a choice that ends in memory does not pay for it."""
+        if not self._weights_checked:
+            check_weights_on_meta(self.folder)
+            self._weights_checked = True
 
     def _read_entries(self) -> dict[str, TensorEntry]:
         if self.sharded:
@@ -311,6 +318,7 @@ def choose_streaming(
     naming the minimum.
     """
     if isinstance(source, StreamedCheckpoint):
+        source.check_weights()
         return source  # the caller already chose to stream
     checkpoint = streamable(source)
     if checkpoint is None:
@@ -326,6 +334,7 @@ def choose_streaming(
         budget = parse_memory(max_memory)
     if checkpoint.in_memory_need(training) <= budget:
         return None
+    checkpoint.check_weights()  # a broken checkpoint is refused as such, whatever the budget
     minimum = checkpoint.streaming_memory(training)
     if minimum > budget:
         raise InputError(
