@@ -45,19 +45,23 @@ def resolved(path: str | os.PathLike, what: str = "path") -> Path:
         raise InputError(f"{what} {path} cannot be resolved: {error}") from error
 
 
-def sibling_prefix(target: Path, tag: str) -> str:
-    """A hidden name prefix beside ``target`` (``.NAME.TAG-``), short enough for any valid NAME.
+def _fitting_name(name: str, before: str, after: str, reserve: int = 0) -> str:
+    """``before + name + after``, or, when that would pass :data:`NAME_MAX` bytes less
+    ``reserve``, ``name`` cut and marked with a hash of the whole name (so two long names never
+    share the result)."""
+    whole = f"{before}{name}{after}"
+    if len(whole.encode()) + reserve <= NAME_MAX:
+        return whole
+    digest = hashlib.sha256(name.encode()).hexdigest()[:12]
+    room = NAME_MAX - reserve - len(f"{before}.{digest}{after}".encode())
+    cut = name.encode()[:room].decode(errors="ignore")
+    return f"{before}{cut}.{digest}{after}"
 
-    Names too long to carry the prefix and a random suffix within :data:`NAME_MAX` bytes are cut
-    and marked with a hash of the full name, so two long names never share a prefix.
-    """
-    prefix = f".{target.name}.{tag}-"
-    if len(prefix.encode()) + _RANDOM_SUFFIX <= NAME_MAX:
-        return prefix
-    digest = hashlib.sha256(target.name.encode()).hexdigest()[:12]
-    room = NAME_MAX - _RANDOM_SUFFIX - len(f"..{digest}.{tag}-".encode())
-    cut = target.name.encode()[:room].decode(errors="ignore")
-    return f".{cut}.{digest}.{tag}-"
+
+def sibling_prefix(target: Path, tag: str) -> str:
+    """A hidden name prefix beside ``target`` (``.NAME.TAG-``), short enough for any valid NAME
+    to take the random suffix tempfile adds."""
+    return _fitting_name(target.name, ".", f".{tag}-", _RANDOM_SUFFIX)
 
 
 def sibling_path(target: str | os.PathLike, suffix: str) -> Path:
@@ -66,13 +70,7 @@ def sibling_path(target: str | os.PathLike, suffix: str) -> Path:
     target = Path(os.path.abspath(Path(target).expanduser()))  # "." and ".." have no name
     if not target.name:
         raise OutputError(f"{target} has no name to write beside; choose a folder or file name")
-    name = target.name + suffix
-    if len(name.encode()) <= NAME_MAX:
-        return target.with_name(name)
-    digest = hashlib.sha256(target.name.encode()).hexdigest()[:12]
-    room = NAME_MAX - len(f".{digest}{suffix}".encode())
-    cut = target.name.encode()[:room].decode(errors="ignore")
-    return target.with_name(f"{cut}.{digest}{suffix}")
+    return target.with_name(_fitting_name(target.name, "", suffix))
 
 
 def is_staging_name(name: str) -> bool:
