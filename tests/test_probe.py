@@ -69,3 +69,31 @@ def test_degenerate_samples_are_dropped():
     recipe = ProbeRecipe(sequence_length=12, batch_size=2, min_distinct_4grams=0.5)
     with pytest.raises(InputError, match="degenerate"):
         generate_probe(model, None, 24, seed=0, recipe=recipe, progress=False)
+
+
+@pytest.mark.parametrize("family", sorted(__import__("conftest").TINY_CONFIGS))
+def test_activation_passes_skip_the_head_and_read_the_same_values(family):
+    """The statistics passes run the decoder stack only; the FFN activations they read are the
+    full model's, bit for bit."""
+    from prunenet.ffn_statistics import collect_ffn_statistics
+    from prunenet.model_view import FFNView, squared_activation_sums
+
+    tiny = make_tiny_model(family)
+    tokens = torch.randint(0, VOCAB, (3, 12), generator=torch.Generator().manual_seed(1))
+    view = FFNView(tiny)
+    seen: list[list[torch.Tensor]] = [[] for _ in range(view.num_layers)]
+    handles = [view.second_matrix_module(i).register_forward_pre_hook(
+        lambda _m, inputs, i=i: seen[i].append(inputs[0].reshape(-1, inputs[0].shape[-1])))
+        for i in range(view.num_layers)]
+    with torch.no_grad():
+        for sequence in tokens:
+            tiny(sequence.unsqueeze(0))
+    for handle in handles:
+        handle.remove()
+    expected = [sum(part.pow(2).sum(0) for part in parts) for parts in seen]  # per sequence
+    sums = squared_activation_sums(tiny, tokens, torch.float32)
+    assert all(torch.equal(a, b) for a, b in zip(sums, expected, strict=True))
+    stats = collect_ffn_statistics(tiny, tokens, batch_size=3)
+    assert all(s.count == tokens.numel() for s in stats)
+    assert all(torch.allclose(s.mean_square, e.double() / tokens.numel(), rtol=1e-5)
+               for s, e in zip(stats, expected, strict=True))

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .model_view import FFNView
+from .model_view import FFNView, backbone
 
 
 @dataclass
@@ -82,7 +82,7 @@ def collect_ffn_statistics(model: nn.Module, probe_tokens: Tensor, batch_size: i
     try:
         for start in tqdm(range(0, probe_tokens.shape[0], batch_size), desc="statistics",
                           disable=not progress, leave=False):
-            model(probe_tokens[start:start + batch_size].to(device), use_cache=False)
+            backbone(model)(probe_tokens[start:start + batch_size].to(device), use_cache=False)
     finally:
         for handle in handles:
             handle.remove()
