@@ -69,7 +69,7 @@ def unified_methods() -> bool:
     return "self-generated" in help_text.getvalue().split("--method", 1)[1].split("--", 1)[0]
 
 
-LEGACY_STAGES = ["--probe-length", "128", "--reconstruct", "none"]
+LEGACY_STAGES = ["--probe-length", "128", "--probe-temperature", "1", "--reconstruct", "none"]
 
 
 def today_arguments(arguments: list[str]) -> list[str]:

@@ -102,8 +102,9 @@ def run(args: argparse.Namespace) -> None:
     log.parent.mkdir(parents=True, exist_ok=True)
     done = {json.dumps(record["key"]) for record in _records(log)}
     model, tokenizer = load_model_and_tokenizer("smollm2-135m")
-    windows = load_corpus("wiki", tokenizer).evaluation_windows(1024, args.windows)
-    recipe = ProbeRecipe(sequence_length=args.probe_length, batch_size=args.probe_batch)
+    windows = load_corpus(_evaluation_text(args.eval_text), tokenizer).evaluation_windows(
+        1024, args.windows)
+    recipe = _recipe(args)
 
     def record(key: dict, **values) -> None:
         entry = {"key": key, **values, "peak_rss_mb": _peak_rss_mb()}
@@ -112,6 +113,8 @@ def run(args: argparse.Namespace) -> None:
         print(json.dumps(entry), flush=True)
 
     dense_key = {"method": "dense", "windows": args.windows}
+    if args.eval_text != "wiki":
+        dense_key["eval_text"] = args.eval_text
     if json.dumps(dense_key) not in done:
         record(dense_key, perplexity=perplexity(model, windows, progress=False))
 
@@ -137,6 +140,12 @@ def run(args: argparse.Namespace) -> None:
                        "tokens": tokens, "ratio": ratio, "seed": seed, "windows": args.windows,
                        "probe_seed": args.seed, "ridge": args.ridge,
                        "probe_length": args.probe_length}
+                if (args.probe_batch, args.first_token) != (16, "bos"):
+                    key.update(probe_batch=args.probe_batch, first_token=args.first_token)
+                if args.eval_text != "wiki":
+                    key["eval_text"] = args.eval_text
+                if (args.temperature, args.top_p) != (1.0, 1.0):
+                    key.update(temperature=args.temperature, top_p=args.top_p)
                 if json.dumps(key) in done:
                     continue
                 stats, info = text_statistics(text, tokens)
@@ -178,7 +187,7 @@ def ridge_sweep(args: argparse.Namespace) -> None:
     sequences, measure on the second half, at each ratio; no perplexity involved."""
     torch.set_num_threads(args.threads)
     model, tokenizer = load_model_and_tokenizer("smollm2-135m")
-    recipe = ProbeRecipe(sequence_length=args.probe_length, batch_size=args.probe_batch)
+    recipe = _recipe(args)
     ids, _ = probe_text(model, tokenizer, args.tokens, args.seed, recipe)
     half = ids.shape[0] // 2
     fit, _ = timed_statistics(model, ids[:half])
@@ -201,7 +210,7 @@ def end_to_end(args: argparse.Namespace) -> None:
     started = time.perf_counter()
     model, tokenizer = load_model_and_tokenizer("smollm2-135m")
     times["load_s"] = time.perf_counter() - started
-    recipe = ProbeRecipe(sequence_length=args.probe_length, batch_size=args.probe_batch)
+    recipe = _recipe(args)
     mark = time.perf_counter()
     probe = generate_probe(model, tokenizer, args.tokens, args.seed, recipe, progress=False)
     times["probe_s"] = time.perf_counter() - mark
@@ -223,6 +232,37 @@ def end_to_end(args: argparse.Namespace) -> None:
     times["total_s"] = time.perf_counter() - started
     print(json.dumps({"ratio": ratio, "tokens": int(probe.numel()), **times,
                       "peak_rss_mb": _peak_rss_mb()}), flush=True)
+
+
+def _evaluation_text(name: str) -> str:
+    """``wiki``, or ``hellaswag``: a second held-out text no method sees, HellaSwag's
+    validation contexts each followed by its correct ending (WikiHow articles and ActivityNet
+    captions, markup removed), from example 1000 on (zero-shot runs read the first examples)."""
+    if name == "wiki":
+        return name
+    import re
+
+    import datasets
+
+    from prunenet.assets import asset_path
+
+    path = CACHE / "hellaswag-text.txt"
+    if not path.exists():
+        rows = datasets.load_from_disk(str(asset_path("zeroshot") / "hf_datasets" / "hellaswag"
+                                           / "none" / "validation"))
+        lines = []
+        for row in rows.select(range(1000, len(rows))):
+            text = f"{row['ctx']} {row['endings'][int(row['label'])]}"
+            lines.append(re.sub(r"\s+", " ", re.sub(r"\[[a-z]+\]", " ", text)).strip())
+        CACHE.mkdir(parents=True, exist_ok=True)
+        path.write_text("\n\n".join(lines) + "\n")
+    return str(path)
+
+
+def _recipe(args: argparse.Namespace) -> ProbeRecipe:
+    return ProbeRecipe(sequence_length=args.probe_length, batch_size=args.probe_batch,
+                       first_token=args.first_token, temperature=args.temperature,
+                       top_p=args.top_p)
 
 
 def _parse(job: str, args) -> tuple[str, str, str, str, int]:
@@ -250,31 +290,53 @@ def _records(log: Path) -> list[dict]:
     return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
 
 
-def report(log: Path) -> str:
-    """Markdown: perplexity per (method, refit, score, text, tokens, windows) and ratio."""
+def _recipe_label(key: dict) -> str:
+    """The probe recipe of a run, as the table shows it (blank: BOS start, T 1, top-p 1)."""
+    parts = []
+    if key.get("first_token", "bos") != "bos":
+        parts.append(f"{key['first_token']} start")
+    if key.get("temperature", 1.0) != 1.0:
+        parts.append(f"T {key['temperature']}")
+    if key.get("top_p", 1.0) != 1.0:
+        parts.append(f"top-p {key['top_p']}")
+    return ", ".join(parts)
+
+
+def report(log: Path, windows: int | None = None) -> str:
+    """Markdown: perplexity per (method, refit, score, text, tokens, recipe, windows, evaluation
+    text, ridge) and ratio; repeated seeds (random selection's, or the probe's) as the geometric
+    mean with the range and count. ``windows``: only runs on that many evaluation windows."""
     groups: dict[tuple, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
     dense = {}
     for entry in _records(log):
         key = entry["key"]
+        if windows is not None and key["windows"] != windows:
+            continue
+        evaluated_on = key.get("eval_text", "wiki")
         if key["method"] == "dense":
-            dense[key["windows"]] = entry["perplexity"]
+            dense[(key["windows"], evaluated_on)] = entry["perplexity"]
             continue
         group = (key["method"], key["refit"], key["score"], key["text"], key["tokens"],
-                 key["windows"], key.get("ridge"))
+                 _recipe_label(key), key["windows"], evaluated_on, key.get("ridge"))
         groups[group][key["ratio"]].append(entry["perplexity"])
     ratios = sorted({r for cells in groups.values() for r in cells})
-    lines = ["| method | refit | score | text | tokens | windows | ridge | "
-             + " | ".join(f"r={r}" for r in ratios) + " |", "|---" * (len(ratios) + 7) + "|"]
-    for windows, value in sorted(dense.items()):
-        lines.append(f"| dense | - | - | - | - | {windows} | - | "
+    lines = ["| method | refit | score | text | tokens | probe recipe | windows | evaluated on | "
+             "ridge | " + " | ".join(f"r={r}" for r in ratios) + " |",
+             "|---" * (len(ratios) + 9) + "|"]
+    for (count, evaluated_on), value in sorted(dense.items()):
+        lines.append(f"| dense | - | - | - | - | - | {count} | {evaluated_on} | - | "
                      + " | ".join(f"{value:.2f}" for _ in ratios) + " |")
     for group, cells in sorted(groups.items(), key=lambda item: str(item[0])):
         values = []
         for ratio in ratios:
             found = cells.get(ratio, [])
-            geometric = math.exp(statistics.mean(math.log(v) for v in found)) if found else None
-            values.append("-" if geometric is None else f"{geometric:.2f}"
-                          + (f" (n={len(found)})" if len(found) > 1 else ""))
+            if not found:
+                values.append("-")
+                continue
+            geometric = math.exp(statistics.mean(math.log(v) for v in found))
+            values.append(f"{geometric:.2f}" + (
+                f" ({min(found):.2f}-{max(found):.2f}, n={len(found)})" if len(found) > 1
+                else ""))
         lines.append("| " + " | ".join(str(part) for part in group) + " | "
                      + " | ".join(values) + " |")
     return "\n".join(lines)
@@ -292,6 +354,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="probe seed")
     parser.add_argument("--probe-length", type=int, default=256)
     parser.add_argument("--probe-batch", type=int, default=16)
+    parser.add_argument("--eval-text", default="wiki", choices=("wiki", "hellaswag"),
+                        help="perplexity text (hellaswag: a second held-out text)")
+    parser.add_argument("--first-token", default="bos", choices=("bos", "random"))
+    parser.add_argument("--temperature", type=float, default=1.0, help="probe sampling")
+    parser.add_argument("--top-p", type=float, default=1.0, help="probe sampling")
     parser.add_argument("--ridge", type=float, default=1.0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--episodes", type=int, default=5, help="prunenet policy training")
@@ -300,11 +367,12 @@ def main() -> None:
                         "first --ratios value into OUT")
     parser.add_argument("--log", default=LOG)
     parser.add_argument("--report", action="store_true")
+    parser.add_argument("--report-windows", type=int, help="--report: only these runs")
     parser.add_argument("--ridge-sweep", action="store_true",
                         help="instead: held-out probe reconstruction error per ridge")
     args = parser.parse_args()
     if args.report:
-        print(report(Path(args.log)))
+        print(report(Path(args.log), args.report_windows))
     elif args.end_to_end:
         end_to_end(args)
     elif args.ridge_sweep:

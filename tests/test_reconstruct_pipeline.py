@@ -35,7 +35,9 @@ def test_reconstruction_is_reproducible_keeps_size_and_reloads_exactly(tmp_path)
     assert records["a"]["reconstruct"]["mode"] == "ls"
     assert records["a"]["reconstruct"]["ridge"] == 1.0
     assert records["plain"]["reconstruct"] == {"mode": "none"}
-    assert records["a"]["probe"] == {"tokens": 256, "seed": 42, "sequence_length": 512}
+    assert records["a"]["probe"] == {"tokens": 256, "seed": 42, "sequence_length": 256,
+                                     "temperature": probe_module.ProbeRecipe.temperature,
+                                     "batch_size": 32}
     layers = records["a"]["reconstruct"]["layers"]
     assert all(layer["relative_error_refit"] <= layer["relative_error_sliced"] + 1e-12
                for layer in layers)

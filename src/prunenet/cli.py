@@ -157,6 +157,10 @@ def _add_method_arguments(parser: argparse.ArgumentParser, takes_policy: bool = 
                        default=CompressOptions.probe_length,
                        help="tokens per probe sequence, cut to the model's context (default: "
                        f"{CompressOptions.probe_length})")
+    group.add_argument("--probe-temperature", type=positive_float,
+                       default=CompressOptions.probe_temperature,
+                       help="sampling temperature of the probe text (default: "
+                       f"{CompressOptions.probe_temperature:g})")
     group.add_argument("--probe-cache", metavar="DIR",
                        help="keep the probe in DIR and reuse it in later runs of the same model, "
                        "seed and size")
@@ -189,6 +193,7 @@ def _compress_options(args: argparse.Namespace) -> dict:
         "format": args.format, "evaluate_windows": args.evaluate_windows or 0,
         "probe_tokens": args.probe_tokens,
         "probe_length": args.probe_length, "probe_cache": args.probe_cache,
+        "probe_temperature": args.probe_temperature,
         "reconstruct": args.reconstruct, "ridge": args.ridge,
         "progress": not args.quiet, "resume": getattr(args, "resume", False),
         **(_training_options(args) if hasattr(args, "episodes") else {}),

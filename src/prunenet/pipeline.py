@@ -54,7 +54,7 @@ from .version import __version__
 log = logging.getLogger(__name__)
 
 # Probe size measured on SmolLM2 (benchmarks/quality_reconstruct.md); generation is its cost.
-DEFAULT_PROBE_TOKENS = 4096
+DEFAULT_PROBE_TOKENS = 8192
 RECONSTRUCT = ("ls", "bias", "none")
 
 # The former second option axis: ``--variant NAME`` named what is now ``--method NAME``.
@@ -67,7 +67,8 @@ class CompressOptions:
 
     ``method`` None: the default method, or ``prunenet`` when the model is streamed (the default
     runs the model, which a streamed checkpoint never holds) or a policy is given.
-    ``probe_tokens`` of the model's own text (sequences of ``probe_length``) feed the
+    ``probe_tokens`` of the model's own text (sequences of ``probe_length``, sampled at
+    ``probe_temperature``) feed the
     ``self-generated`` selection and the refit; ``probe_cache`` keeps them for a later run.
     ``reconstruct`` refits what remains after any selection (:mod:`prunenet.refit`): ``ls`` the
     second FFN matrix by ridge least squares (``ridge`` relative to the Gram's scale), ``bias``
@@ -86,6 +87,7 @@ class CompressOptions:
     resume: bool = False
     probe_tokens: int = DEFAULT_PROBE_TOKENS
     probe_length: int = ProbeRecipe.sequence_length
+    probe_temperature: float = ProbeRecipe.temperature
     probe_cache: str | os.PathLike | None = None
     reconstruct: str | None = None  # ls, bias or none; None: ls in memory, none when streamed
     ridge: float = DEFAULT_RIDGE
@@ -321,7 +323,8 @@ def run_compression(plan: Plan, tokenizer: Any = None) -> CompressionResult:
     probe = None
     if model is not None and (isinstance(selector, SelfGenerated) or plan.reconstruct != "none"):
         probe = Probe(model, tokenizer, options.probe_tokens, options.seed,
-                      ProbeRecipe(sequence_length=options.probe_length), options.probe_cache,
+                      ProbeRecipe(sequence_length=options.probe_length,
+                                  temperature=options.probe_temperature), options.probe_cache,
                       options.progress)
     source = Source(weights, model, tokenizer, device, options.progress, probe)
     if isinstance(selector, PruneNet):

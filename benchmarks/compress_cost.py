@@ -1,0 +1,89 @@
+"""Time and peak memory of one ``prunenet compress``, stage by stage.
+
+Runs the command line in this process (``prunenet.cli.main``) and times its stages by wrapping
+the pipeline's functions: load, probe generation, selection (its activation pass included),
+refit statistics, refit solve, slicing and saving. Prints one JSON line with the seconds of each
+stage, the total wall time from before the import of prunenet, and the peak resident memory
+(``VmHWM``).
+
+    python benchmarks/compress_cost.py /tmp/smol-r30 -- smollm2-135m --ratio 0.3
+"""
+
+from __future__ import annotations
+
+import time
+
+STARTED = time.perf_counter()
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+from collections import defaultdict  # noqa: E402
+
+import prunenet.pipeline as pipeline  # noqa: E402
+import prunenet.probe as probe  # noqa: E402
+from prunenet.cli import main as cli_main  # noqa: E402
+from prunenet.io.streaming import peak_rss  # noqa: E402
+
+STAGES = [  # (module, function, stage name)
+    (pipeline, "_as_model", "load"),
+    (probe, "generate_probe", "probe"),
+    (pipeline, "collect_ffn_statistics", "refit statistics"),
+    (pipeline, "refit_model", "refit solve"),
+    (pipeline, "slice_model", "slice"),
+    (pipeline, "save_compressed", "save"),
+]
+
+
+def timed(seconds: dict[str, float], stage: str, function):
+    def wrapper(*args, **kwargs):
+        started = time.perf_counter()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            seconds[stage] += time.perf_counter() - started
+    return wrapper
+
+
+def run(out: str, arguments: list[str]) -> dict:
+    seconds: dict[str, float] = defaultdict(float)
+    for module, name, stage in STAGES:
+        setattr(module, name, timed(seconds, stage, getattr(module, name)))
+    original_run = pipeline.run_compression
+
+    def run_compression(plan, tokenizer=None):
+        selector = plan.selector
+        select = selector.select
+
+        def timed_select(*args, **kwargs):  # without the probe it may generate first
+            started, generating = time.perf_counter(), seconds["probe"]
+            try:
+                return select(*args, **kwargs)
+            finally:
+                seconds["selection"] += (time.perf_counter() - started
+                                         - (seconds["probe"] - generating))
+        selector.select = timed_select
+        return original_run(plan, tokenizer)
+
+    pipeline.run_compression = run_compression
+    code = cli_main(["-q", "compress", *arguments, "--out", out])
+    if code:
+        raise SystemExit(code)
+    total = time.perf_counter() - STARTED
+    refit = seconds["refit statistics"] + seconds["refit solve"]
+    return {"arguments": arguments, "seconds": {k: round(v, 1) for k, v in seconds.items()},
+            "total_s": round(total, 1), "refit_share": round(refit / total, 3),
+            "peak_rss_gb": round(peak_rss() / 1e9, 2)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", help="output folder (must not exist)")
+    parser.add_argument("arguments", nargs=argparse.REMAINDER,
+                        help="after --: the compress arguments (MODEL --ratio R ...)")
+    args = parser.parse_args()
+    arguments = args.arguments[1:] if args.arguments[:1] == ["--"] else args.arguments
+    print(json.dumps(run(args.out, arguments)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
