@@ -115,8 +115,8 @@ def test_calibration_windows_never_overlap_evaluation_windows(word_corpus):
     # End to end: every token the model sees while calibrating is from the training region.
     model = make_tiny_model("llama")
     seen: list[torch.Tensor] = []
-    model.register_forward_pre_hook(lambda _m, args, kwargs: seen.append(
-        (args[0] if args else kwargs["input_ids"]).flatten()), with_kwargs=True)
+    model.get_input_embeddings().register_forward_pre_hook(  # every token the model reads
+        lambda _m, args: seen.append(args[0].flatten()))
     activation_rows(model, WordTokenizer(), 10,
                     Calibration(corpus=word_corpus, windows=7, seqlen=8), progress=False)
     tokens = torch.cat(seen)

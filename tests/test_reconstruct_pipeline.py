@@ -24,12 +24,14 @@ def test_reconstruction_is_reproducible_keeps_size_and_reloads_exactly(tmp_path)
     source = tmp_path / "m"
     make_tiny_model("llama").save_pretrained(source)
     outs = {}
-    for name, extra in (("a", []), ("b", []), ("plain", ["--reconstruct", "none"])):
+    for name, extra in (("a", []), ("b", []), ("plain", ["--reconstruct", "none"]),
+                        ("hot", ["--probe-temperature", "0.7"])):
         outs[name] = tmp_path / name
         assert main(["-q", "compress", str(source), "--ratio", "0.3", "--out", str(outs[name]),
                      "--probe-tokens", "256", *extra]) == 0
     assert _hashes(outs["a"]) == _hashes(outs["b"])  # same inputs and seed: same bytes
     assert _hashes(outs["a"]) != _hashes(outs["plain"])  # the refit changed the down matrix
+    assert _hashes(outs["a"]) != _hashes(outs["hot"])  # another probe temperature, another probe
     records = {k: json.loads((v / "prunenet.json").read_text()) for k, v in outs.items()}
     assert records["a"]["parameters_after"] == records["plain"]["parameters_after"]
     assert records["a"]["reconstruct"]["mode"] == "ls"
@@ -38,6 +40,7 @@ def test_reconstruction_is_reproducible_keeps_size_and_reloads_exactly(tmp_path)
     assert records["a"]["probe"] == {"tokens": 256, "seed": 42, "sequence_length": 256,
                                      "temperature": probe_module.ProbeRecipe.temperature,
                                      "batch_size": 32}
+    assert records["hot"]["probe"]["temperature"] == 0.7
     layers = records["a"]["reconstruct"]["layers"]
     assert all(layer["relative_error_refit"] <= layer["relative_error_sliced"] + 1e-12
                for layer in layers)
@@ -105,7 +108,12 @@ def test_reconstruct_bad_values_and_streaming(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["compress", str(source), "--ratio", "0.3", "--out", str(tmp_path / "o"),
               "--reconstruct", "magic"])
-    capsys.readouterr()
+    for temperature in ("0", "-1", "nan", "hot"):
+        with pytest.raises(SystemExit):
+            main(["compress", str(source), "--ratio", "0.3", "--out", str(tmp_path / "o"),
+                  "--probe-temperature", temperature])
+        assert "--probe-temperature" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
     from prunenet.io.streaming import StreamedCheckpoint
 
     budget = StreamedCheckpoint(source).streaming_memory(training=False)  # streams, fits
