@@ -121,3 +121,37 @@ def test_reconstruct_bad_values_and_streaming(tmp_path, capsys):
                  "--max-memory", str(budget), "--method", "random", "--reconstruct", "ls"]) == 2
     assert "--reconstruct ls runs the model" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt", "falcon"])
+def test_the_default_selection_reads_the_refit_statistics_and_keeps_the_same_rows(family):
+    """With the refit on, the self-generated score comes from the refit's one pass over the
+    probe (the Gram's diagonal) instead of a pass of its own; the rows are the same."""
+    from prunenet.ffn_statistics import collect_ffn_statistics
+    from prunenet.model_view import FFNView
+    from prunenet.probe import Probe
+    from prunenet.selection.base import Source
+    from prunenet.selection.self_generated import SelfGenerated
+
+    model = make_tiny_model(family)
+    probe = Probe(model, None, 192, seed=3, progress=False)
+    view = FFNView(model)
+    alone = SelfGenerated().select(Source(view, model, probe=probe), 40, seed=0)
+    stats = collect_ffn_statistics(model, probe.ids())
+    shared = SelfGenerated().select(Source(view, model, probe=probe,
+                                           probe_statistics=lambda: stats), 40, seed=0)
+    assert all(torch.equal(a, b) for a, b in zip(alone, shared, strict=True))
+
+
+def test_a_default_compress_runs_the_model_once_over_the_probe(tmp_path):
+    model = make_tiny_model("llama")
+    length = model.config.max_position_embeddings
+    full_passes = []
+    model.get_input_embeddings().register_forward_pre_hook(
+        lambda _m, args: full_passes.append(args[0].shape) if args[0].shape[-1] == length
+        else None)
+    prunenet.compress(model, 0.3, probe_tokens=4 * length, progress=False)
+    assert full_passes == [torch.Size([4, length])]  # one batch: selection and refit share it
+    full_passes.clear()
+    prunenet.compress(model, 0.3, probe_tokens=4 * length, reconstruct="none", progress=False)
+    assert full_passes == [torch.Size([1, length])] * 4  # the selection's own pass

@@ -326,7 +326,15 @@ def run_compression(plan: Plan, tokenizer: Any = None) -> CompressionResult:
                       ProbeRecipe(sequence_length=options.probe_length,
                                   temperature=options.probe_temperature), options.probe_cache,
                       options.progress)
-    source = Source(weights, model, tokenizer, device, options.progress, probe)
+    shared: list = []  # the probe's activation statistics, computed once when the refit runs
+
+    def probe_statistics() -> list:
+        if not shared:
+            shared.append(collect_ffn_statistics(model, probe.ids(), progress=options.progress))
+        return shared[0]
+
+    source = Source(weights, model, tokenizer, device, options.progress, probe,
+                    probe_statistics if plan.reconstruct != "none" else None)
     if isinstance(selector, PruneNet):
         selector.train(source)
         if plan.policy_out is not None:
@@ -340,9 +348,8 @@ def run_compression(plan: Plan, tokenizer: Any = None) -> CompressionResult:
     rows = selector.select(source, kept, options.seed)
     refit = None
     if plan.reconstruct != "none":
-        statistics = collect_ffn_statistics(model, probe.ids(), progress=options.progress)
-        refit = refit_model(model, rows, statistics, plan.reconstruct, options.ridge)
-        del statistics
+        refit = refit_model(model, rows, probe_statistics(), plan.reconstruct, options.ridge)
+        shared.clear()
     if model is not None:
         slice_model(model, rows)
         after = FFNView(model).parameter_counts()

@@ -9,7 +9,7 @@ streamed checkpoint cannot serve it) and ``needs_data`` (it reads calibration te
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
@@ -36,7 +36,11 @@ class FFNWeights(Protocol):
 class Source:
     """What a selector reads: FFN ``weights`` always; ``model`` and ``tokenizer`` when loaded,
     and the run's ``probe`` (:class:`prunenet.probe.Probe`: the model's own text, generated once
-    and shared with the refit stage)."""
+    and shared with the refit stage). ``probe_statistics``, set when the refit will run: returns
+    the dense model's activation statistics on the probe
+    (:class:`prunenet.ffn_statistics.LayerStatistics` per layer), computed on the first call and
+    shared with the refit, so a selector that reads the probe's activations needs no pass of its
+    own."""
 
     weights: FFNWeights
     model: nn.Module | None = None
@@ -44,6 +48,7 @@ class Source:
     device: torch.device = torch.device("cpu")
     progress: bool = True
     probe: Any = None
+    probe_statistics: Callable[[], list[Any]] | None = None
 
 
 class Selector(ABC):

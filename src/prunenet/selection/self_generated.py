@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from ..families import context_length
+from ..ffn_statistics import wanda_scores
 from ..model_view import FFNView, squared_activation_sums
 from .base import Selector, Source, top_rows_per_layer
 
@@ -28,6 +29,8 @@ class SelfGenerated(Selector):
 
     def select(self, source: Source, kept: int, seed: int) -> list[Tensor]:
         model = source.model
+        if source.probe_statistics is not None:  # the refit's pass over the probe serves both
+            return top_rows_per_layer(wanda_scores(model, source.probe_statistics()), kept)
         tokens = source.probe.ids() if source.probe is not None else self_generated_tokens(
             model, seed)
         return top_rows_per_layer(self_generated_scores(model, tokens), kept)
