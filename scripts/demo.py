@@ -33,6 +33,12 @@ def generate(model, tokenizer, prompt: str) -> str:
     return tokenizer.decode(output[0, inputs.input_ids.shape[1]:], skip_special_tokens=True)
 
 
+def label(record: dict) -> str:
+    """The method that ran, and the refit when one did (e.g. ``random+ls``)."""
+    mode = record.get("reconstruct", {}).get("mode", "none")
+    return record["method"] + ("" if mode == "none" else f"+{mode}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--ratio", type=float, default=0.3)
@@ -55,21 +61,22 @@ def main() -> None:
     method = result.record["method"]
     seconds = time.perf_counter() - started
     reloaded = AutoModelForCausalLM.from_pretrained(out).eval()  # plain transformers
-    rows.append((f"{method} r={args.ratio}", result.record["parameters_after"], folder_bytes(out),
-                 perplexity(reloaded, windows, progress=False), seconds))
+    rows.append((f"{label(result.record)} r={args.ratio}", result.record["parameters_after"],
+                 folder_bytes(out), perplexity(reloaded, windows, progress=False), seconds))
 
     baseline, _ = prunenet.load_model_and_tokenizer(source)
-    prunenet.compress(baseline, args.ratio, method="random", seed=0, progress=False)
-    rows.append((f"random r={args.ratio}", FFNView(baseline).parameter_counts()["total"], None,
+    random = prunenet.compress(baseline, args.ratio, method="random", seed=0, progress=False)
+    rows.append((f"{label(random.record)} r={args.ratio}",
+                 FFNView(baseline).parameter_counts()["total"], None,
                  perplexity(baseline, windows, progress=False), None))
 
     print(f"\nSmolLM2-135M-Instruct, perplexity on the first {args.windows} evaluation windows "
           "(1024 tokens) of the Wikipedia sample")
-    print(f"{'model':<22}{'parameters':>14}{'size on disk':>16}{'perplexity':>12}{'time':>9}")
+    print(f"{'model':<26}{'parameters':>14}{'size on disk':>16}{'perplexity':>12}{'time':>9}")
     for name, params, size, ppl, secs in rows:
         size_text = f"{size / 1e6:,.1f} MB" if size else "-"
         time_text = f"{secs:.0f} s" if secs else "-"
-        print(f"{name:<22}{params:>14,}{size_text:>16}{ppl:>12.2f}{time_text:>9}")
+        print(f"{name:<26}{params:>14,}{size_text:>16}{ppl:>12.2f}{time_text:>9}")
     print(f"\nsaved to {out} (method {method}; record in prunenet.json, model card README.md)")
     tokenizer = AutoTokenizer.from_pretrained(out)
     prompt = "The capital of France is"
