@@ -96,11 +96,17 @@ def add_activations(stats: LayerStatistics, activation: Tensor) -> None:
     stats.count += activation.shape[0]
 
 
-def wanda_scores(model: nn.Module, stats: list[LayerStatistics]) -> list[Tensor]:
-    """Per layer ``mean a_i^2 * ||first-matrix row i||^2`` (the default's Wanda-style score)."""
+def wanda_product(model: nn.Module, mean_squares: list[Tensor]) -> list[Tensor]:
+    """Per layer ``mean a_i^2 * ||first-matrix row i||^2`` (float32) from each neuron's mean
+    squared activation: the Wanda-style score of the default and of ``activation``."""
     view = FFNView(model)
-    return [s.mean_square.float() * view.first_matrix(i, "cpu").norm(dim=1).pow(2)
-            for i, s in enumerate(stats)]
+    return [mean_square.float() * view.first_matrix(i, "cpu").norm(dim=1).pow(2)
+            for i, mean_square in enumerate(mean_squares)]
+
+
+def wanda_scores(model: nn.Module, stats: list[LayerStatistics]) -> list[Tensor]:
+    """:func:`wanda_product` read from the statistics (the Gram's diagonal over the count)."""
+    return wanda_product(model, [s.mean_square for s in stats])
 
 
 def energy_scores(model: nn.Module, stats: list[LayerStatistics]) -> list[Tensor]:

@@ -9,6 +9,7 @@ and save, or a streamed write) -> record. Settings live in :class:`CompressOptio
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Sequence
@@ -326,12 +327,9 @@ def run_compression(plan: Plan, tokenizer: Any = None) -> CompressionResult:
                       ProbeRecipe(sequence_length=options.probe_length,
                                   temperature=options.probe_temperature), options.probe_cache,
                       options.progress)
-    shared: list = []  # the probe's activation statistics, computed once when the refit runs
-
+    @functools.cache  # one pass over the probe serves the selection and the refit
     def probe_statistics() -> list:
-        if not shared:
-            shared.append(collect_ffn_statistics(model, probe.ids(), progress=options.progress))
-        return shared[0]
+        return collect_ffn_statistics(model, probe.ids(), progress=options.progress)
 
     source = Source(weights, model, tokenizer, device, options.progress, probe,
                     probe_statistics if plan.reconstruct != "none" else None)
@@ -349,7 +347,7 @@ def run_compression(plan: Plan, tokenizer: Any = None) -> CompressionResult:
     refit = None
     if plan.reconstruct != "none":
         refit = refit_model(model, rows, probe_statistics(), plan.reconstruct, options.ridge)
-        shared.clear()
+        probe_statistics.cache_clear()  # the Grams (d_ff^2 float64 per layer) are not kept
     if model is not None:
         slice_model(model, rows)
         after = FFNView(model).parameter_counts()

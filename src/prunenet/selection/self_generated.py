@@ -13,8 +13,8 @@ import torch
 from torch import Tensor, nn
 
 from ..families import context_length
-from ..ffn_statistics import wanda_scores
-from ..model_view import FFNView, squared_activation_sums
+from ..ffn_statistics import wanda_product, wanda_scores
+from ..model_view import squared_activation_sums
 from .base import Selector, Source, top_rows_per_layer
 
 SELF_GENERATED_SEQUENCES = 4
@@ -72,9 +72,7 @@ def self_generated_scores(model: nn.Module, tokens: Tensor) -> list[Tensor]:
     data (chosen over the output energy ``mean h_i^2 * ||down_i||^2`` by measurement:
     benchmarks/quality_ablation.md).
     """
-    view = FFNView(model)
-    return [mean_h2 * view.first_matrix(index, "cpu").float().norm(dim=1).pow(2)
-            for index, mean_h2 in enumerate(mean_squared_activations(model, tokens))]
+    return wanda_product(model, mean_squared_activations(model, tokens))
 
 
 def self_generated_tokens(model: nn.Module, seed: int) -> Tensor:
