@@ -78,6 +78,39 @@ def timed_statistics(model, tokens: Tensor) -> tuple[list[LayerStatistics], floa
     return stats, time.perf_counter() - started
 
 
+def refit_aware_rows(second: Tensor, stats: LayerStatistics, kept: int, ridge: float,
+                     greedy: bool = False, block: int = 8) -> Tensor:
+    """The ``kept`` neurons whose removal costs the least probe reconstruction error *after* the
+    ``ls`` refit (an OBS / ZipLM-style selection; SmolLM2: no bias, uncentred statistics).
+
+    With ``H = E[a a^T] + lambda I`` (``lambda = ridge * mean diag``, the refit's own ridge), the
+    refit's error for a removed set R is ``tr(W_R (H^-1)_RR^-1 W_R^T) - lambda ||W_R||^2``. One
+    shot: each neuron's cost alone, ``||w_i||^2 (1 / H^-1_ii - lambda)``. Greedy: remove the
+    ``block`` cheapest, update the compensated columns and ``H^-1`` (block elimination), repeat.
+    """
+    second = second.double()
+    gram = stats.gram / max(stats.count, 1)
+    penalty = ridge * float(gram.diagonal().mean())
+    inverse = torch.linalg.inv(gram + penalty * torch.eye(gram.shape[0], dtype=torch.float64))
+    norms = second.pow(2).sum(0)
+    if not greedy:
+        cost = norms / inverse.diagonal() - penalty * norms
+        return torch.sort(torch.topk(cost, kept).indices).values
+    compensated, alive = second.clone(), torch.ones(gram.shape[0], dtype=torch.bool)
+    removed = 0
+    while removed < gram.shape[0] - kept:
+        cost = compensated.pow(2).sum(0) / inverse.diagonal() - penalty * norms
+        cost[~alive] = float("inf")
+        count = min(block, gram.shape[0] - kept - removed)
+        for j in torch.topk(cost, count, largest=False).indices.tolist():
+            pivot = inverse[j, j].clone()
+            compensated -= torch.outer(compensated[:, j], inverse[j, :]) / pivot
+            inverse -= torch.outer(inverse[:, j], inverse[j, :]) / pivot
+            inverse[j, j], alive[j] = 1.0, False
+            removed += 1
+    return alive.nonzero().squeeze(1)
+
+
 def held_out_ridge(model, stats_fit: list[LayerStatistics], stats_test: list[LayerStatistics],
                    rows: list[Tensor], ridges: list[float]) -> dict[float, float]:
     """Sum over layers of the relative reconstruction error on held-out probe statistics."""
@@ -146,6 +179,11 @@ def run(args: argparse.Namespace) -> None:
                     key["eval_text"] = args.eval_text
                 if (args.temperature, args.top_p) != (1.0, 1.0):
                     key.update(temperature=args.temperature, top_p=args.top_p)
+                if args.min_p:
+                    key["min_p"] = args.min_p
+                if args.start_temperature is not None:
+                    key.update(start_temperature=args.start_temperature,
+                               warmup_tokens=args.warmup_tokens)
                 if json.dumps(key) in done:
                     continue
                 stats, info = text_statistics(text, tokens)
@@ -160,6 +198,11 @@ def run(args: argparse.Namespace) -> None:
                                           device="cpu", progress=False).policy
                     rows = select_rows(pruned, ratio, policy=policy, method="prunenet",
                                        seed=seed, device="cpu", progress=False)
+                elif score in ("obs", "obs-greedy"):
+                    view = FFNView(pruned)
+                    rows = [refit_aware_rows(second_matrix(view, i)[0], s, kept, args.ridge,
+                                             greedy=score == "obs-greedy")
+                            for i, s in enumerate(stats)]
                 else:
                     rows = [top_rows(s, kept) for s in SCORES[score](pruned, stats)]
                 select_seconds = time.perf_counter() - started
@@ -262,7 +305,9 @@ def _evaluation_text(name: str) -> str:
 def _recipe(args: argparse.Namespace) -> ProbeRecipe:
     return ProbeRecipe(sequence_length=args.probe_length, batch_size=args.probe_batch,
                        first_token=args.first_token, temperature=args.temperature,
-                       top_p=args.top_p)
+                       top_p=args.top_p, min_p=args.min_p,
+                       start_temperature=args.start_temperature,
+                       warmup_tokens=args.warmup_tokens)
 
 
 def _parse(job: str, args) -> tuple[str, str, str, str, int]:
@@ -299,6 +344,10 @@ def _recipe_label(key: dict) -> str:
         parts.append(f"T {key['temperature']}")
     if key.get("top_p", 1.0) != 1.0:
         parts.append(f"top-p {key['top_p']}")
+    if key.get("min_p"):
+        parts.append(f"min-p {key['min_p']}")
+    if key.get("start_temperature") is not None:
+        parts.append(f"from T {key['start_temperature']} over {key['warmup_tokens']} tokens")
     return ", ".join(parts)
 
 
@@ -359,6 +408,10 @@ def main() -> None:
     parser.add_argument("--first-token", default="bos", choices=("bos", "random"))
     parser.add_argument("--temperature", type=float, default=1.0, help="probe sampling")
     parser.add_argument("--top-p", type=float, default=1.0, help="probe sampling")
+    parser.add_argument("--min-p", type=float, default=0.0, help="probe sampling")
+    parser.add_argument("--start-temperature", type=float,
+                        help="probe sampling: the temperature rises from this ...")
+    parser.add_argument("--warmup-tokens", type=int, default=32, help="... over these tokens")
     parser.add_argument("--ridge", type=float, default=1.0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--episodes", type=int, default=5, help="prunenet policy training")

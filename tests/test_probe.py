@@ -61,6 +61,19 @@ def test_recipe_knobs(model):
         generate_probe(model, None, 0, seed=0, recipe=recipe, progress=False)
 
 
+def test_min_p_one_keeps_only_the_most_likely_token(model):
+    """min-p 1 leaves only the argmax at every step, whatever the temperature: greedy decoding."""
+    recipe = ProbeRecipe(sequence_length=12, batch_size=3, min_p=1.0, temperature=1.5)
+    tokens = generate_probe(model, None, 36, seed=4, recipe=recipe, progress=False)
+    prompt = tokens[:, :1]
+    greedy = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                            max_new_tokens=11, min_new_tokens=11, pad_token_id=0)
+    assert torch.equal(tokens, greedy)
+    sampled = generate_probe(model, None, 36, seed=4, recipe=ProbeRecipe(
+        sequence_length=12, batch_size=3, temperature=1.5), progress=False)
+    assert not torch.equal(tokens, sampled)
+
+
 def test_degenerate_samples_are_dropped():
     assert distinct_4gram_fraction(torch.tensor([7] * 20)) == pytest.approx(1 / 17)
     assert distinct_4gram_fraction(torch.arange(20)) == 1.0
