@@ -5,8 +5,11 @@ Every run prunes a fresh copy of the dense model: select rows (``self-generated`
 own probe text, ``activation`` on real training windows, ``random``, ``magnitude``), optionally
 refit the second FFN matrix (``ls`` from dense statistics, ``ls-seq`` sequential with the dense
 target), slice, and measure perplexity on the first ``--windows`` evaluation windows of the wiki
-sample (never used for calibration). Results are appended to a JSON-lines log; finished runs are
-skipped, ``--report`` prints the table.
+sample (never used for calibration). The score (third field of a job): ``wanda``, ``energy``,
+``fluctuation`` (``prunenet.ffn_statistics.SCORES``), or two that know about the refit: ``obs`` /
+``obs-greedy`` (the neurons whose removal the refit repairs best) and ``wanda-obs`` (Wanda
+discounted by how well the other neurons predict each one). Results are appended to a JSON-lines
+log; finished runs are skipped, ``--report`` prints the table.
 
     nice -n 10 python -u benchmarks/quality_reconstruct.py --ratios 0.3,0.2,0.1 --windows 4
     python benchmarks/quality_reconstruct.py --report
@@ -79,14 +82,17 @@ def timed_statistics(model, tokens: Tensor) -> tuple[list[LayerStatistics], floa
 
 
 def refit_aware_rows(second: Tensor, stats: LayerStatistics, kept: int, ridge: float,
-                     greedy: bool = False, block: int = 8) -> Tensor:
-    """The ``kept`` neurons whose removal costs the least probe reconstruction error *after* the
-    ``ls`` refit (an OBS / ZipLM-style selection; SmolLM2: no bias, uncentred statistics).
+                     greedy: bool = False, block: int = 8,
+                     costs: list[float] | None = None) -> Tensor:
+    """The ``kept`` neurons whose removal costs the least probe reconstruction error *after* a
+    ridge refit (an OBS / ZipLM-style selection; SmolLM2: no bias, uncentred statistics).
 
-    With ``H = E[a a^T] + lambda I`` (``lambda = ridge * mean diag``, the refit's own ridge), the
-    refit's error for a removed set R is ``tr(W_R (H^-1)_RR^-1 W_R^T) - lambda ||W_R||^2``. One
-    shot: each neuron's cost alone, ``||w_i||^2 (1 / H^-1_ii - lambda)``. Greedy: remove the
-    ``block`` cheapest, update the compensated columns and ``H^-1`` (block elimination), repeat.
+    With ``S = E[a a^T]``, ``lambda = ridge * mean diag S`` and ``H = S + lambda I``, refitting
+    the kept columns to minimise ``E||W2 a - W' a_K||^2 + lambda ||W' - W2[:, K]||^2`` leaves
+    ``tr(W_R (H^-1)_RR^-1 W_R^T) - lambda ||W_R||^2`` for a removed set R. One shot: each
+    neuron's cost alone, ``||w_i||^2 (1 / H^-1_ii - lambda)``. Greedy: remove the ``block``
+    cheapest, update the compensated columns and ``H^-1`` (block elimination), repeat; each
+    removal's cost increment is appended to ``costs`` when given.
     """
     second = second.double()
     gram = stats.gram / max(stats.count, 1)
@@ -95,6 +101,8 @@ def refit_aware_rows(second: Tensor, stats: LayerStatistics, kept: int, ridge: f
     norms = second.pow(2).sum(0)
     if not greedy:
         cost = norms / inverse.diagonal() - penalty * norms
+        if costs is not None:
+            costs.extend(cost.tolist())
         return torch.sort(torch.topk(cost, kept).indices).values
     compensated, alive = second.clone(), torch.ones(gram.shape[0], dtype=torch.bool)
     removed = 0
@@ -104,11 +112,27 @@ def refit_aware_rows(second: Tensor, stats: LayerStatistics, kept: int, ridge: f
         count = min(block, gram.shape[0] - kept - removed)
         for j in torch.topk(cost, count, largest=False).indices.tolist():
             pivot = inverse[j, j].clone()
+            if costs is not None:
+                costs.append(float(compensated[:, j].pow(2).sum() / pivot - penalty * norms[j]))
             compensated -= torch.outer(compensated[:, j], inverse[j, :]) / pivot
             inverse -= torch.outer(inverse[:, j], inverse[j, :]) / pivot
             inverse[j, j], alive[j] = 1.0, False
             removed += 1
     return alive.nonzero().squeeze(1)
+
+
+def wanda_refit_aware(model, stats: list[LayerStatistics], ridge: float) -> list[Tensor]:
+    """The Wanda-style score times ``1 - R^2_i``, the share of neuron i's activation the others
+    cannot predict linearly (``1 / (H_ii (H^-1)_ii)`` with the refit's ridged Gram ``H``): a
+    neuron the refit can stand in for costs less."""
+    scores = []
+    for score, s in zip(SCORES["wanda"](model, stats), stats, strict=True):
+        gram = s.gram / max(s.count, 1)
+        penalty = ridge * float(gram.diagonal().mean())
+        ridged = gram + penalty * torch.eye(gram.shape[0], dtype=torch.float64)
+        unexplained = 1.0 / (ridged.diagonal() * torch.linalg.inv(ridged).diagonal())
+        scores.append(score * unexplained.float())
+    return scores
 
 
 def held_out_ridge(model, stats_fit: list[LayerStatistics], stats_test: list[LayerStatistics],
@@ -177,11 +201,11 @@ def run(args: argparse.Namespace) -> None:
                     key.update(probe_batch=args.probe_batch, first_token=args.first_token)
                 if args.eval_text != "wiki":
                     key["eval_text"] = args.eval_text
-                if (args.temperature, args.top_p) != (1.0, 1.0):
+                if text == "probe" and (args.temperature, args.top_p) != (1.0, 1.0):
                     key.update(temperature=args.temperature, top_p=args.top_p)
-                if args.min_p:
+                if text == "probe" and args.min_p:
                     key["min_p"] = args.min_p
-                if args.start_temperature is not None:
+                if text == "probe" and args.start_temperature is not None:
                     key.update(start_temperature=args.start_temperature,
                                warmup_tokens=args.warmup_tokens)
                 if json.dumps(key) in done:
@@ -203,6 +227,8 @@ def run(args: argparse.Namespace) -> None:
                     rows = [refit_aware_rows(second_matrix(view, i)[0], s, kept, args.ridge,
                                              greedy=score == "obs-greedy")
                             for i, s in enumerate(stats)]
+                elif score == "wanda-obs":
+                    rows = [top_rows(s, kept) for s in wanda_refit_aware(pruned, stats, args.ridge)]
                 else:
                     rows = [top_rows(s, kept) for s in SCORES[score](pruned, stats)]
                 select_seconds = time.perf_counter() - started

@@ -1,0 +1,89 @@
+"""The refit-aware selections of benchmarks/quality_reconstruct.py against the refit they
+predict, computed independently here by least squares on the activations themselves."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from quality_reconstruct import refit_aware_rows, wanda_refit_aware  # noqa: E402
+
+from prunenet.ffn_statistics import SCORES, LayerStatistics, add_activations  # noqa: E402
+
+D_MODEL, D_FF, TOKENS, RIDGE = 5, 8, 300, 0.5
+
+
+def _layer(seed: int) -> tuple[torch.Tensor, torch.Tensor, LayerStatistics]:
+    generator = torch.Generator().manual_seed(seed)
+    second = torch.randn(D_MODEL, D_FF, generator=generator, dtype=torch.float64)
+    mixing = torch.randn(D_FF, D_FF, generator=generator, dtype=torch.float64)
+    activations = torch.randn(TOKENS, D_FF, generator=generator, dtype=torch.float64) @ mixing
+    stats = LayerStatistics(torch.zeros(D_FF, D_FF, dtype=torch.float64),
+                            torch.zeros(D_FF, dtype=torch.float64), 0)
+    add_activations(stats, activations)
+    return second, activations, stats
+
+
+def _penalty(activations: torch.Tensor) -> float:
+    return RIDGE * float(activations.pow(2).mean())  # ridge x mean diagonal of E[a a^T]
+
+
+def _refit_cost(second: torch.Tensor, activations: torch.Tensor, removed: list[int]) -> float:
+    """min over D of mean_t ||W_R a_R,t - D a_K,t||^2 + lambda ||D||^2, by an augmented lstsq
+    (D = W' - W2[:, K]: the refit's change to the kept columns)."""
+    kept = [i for i in range(D_FF) if i not in removed]
+    penalty = _penalty(activations)
+    scale = TOKENS ** -0.5
+    design = torch.cat([activations[:, kept] * scale,
+                        penalty ** 0.5 * torch.eye(len(kept), dtype=torch.float64)])
+    target = torch.cat([activations[:, removed] @ second[:, removed].T * scale,
+                        torch.zeros(len(kept), D_MODEL, dtype=torch.float64)])
+    solution = torch.linalg.lstsq(design, target).solution
+    return float((design @ solution - target).pow(2).sum())
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_one_shot_cost_is_the_refit_cost_of_each_neuron_alone(seed):
+    second, activations, stats = _layer(seed)
+    costs: list[float] = []
+    refit_aware_rows(second, stats, D_FF - 1, RIDGE, costs=costs)
+    expected = [_refit_cost(second, activations, [i]) for i in range(D_FF)]
+    assert costs == pytest.approx(expected, rel=1e-8)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_greedy_costs_add_up_to_the_refit_cost_of_what_it_removed(seed):
+    """One removal per step: the running sum of the increments is the refit cost of the removed
+    set at every step, and each step removes the cheapest next neuron."""
+    second, activations, stats = _layer(seed)
+    costs: list[float] = []
+    kept = refit_aware_rows(second, stats, D_FF - 4, RIDGE, greedy=True, block=1, costs=costs)
+    order: list[int] = []
+    for step in range(4):  # replay: the order follows from the cheapest next removal
+        candidates = [i for i in range(D_FF) if i not in order]
+        best = min(candidates, key=lambda i: _refit_cost(second, activations, order + [i]))
+        order.append(best)
+        assert sum(costs[:step + 1]) == pytest.approx(
+            _refit_cost(second, activations, order), rel=1e-8)
+    assert sorted(order) == sorted(set(range(D_FF)) - set(kept.tolist()))
+
+
+def test_wanda_discount_is_the_unexplained_share_of_each_activation(monkeypatch):
+    _, activations, stats = _layer(3)
+    monkeypatch.setitem(SCORES, "wanda", lambda model, stats: [torch.ones(D_FF)])
+    (discount,) = wanda_refit_aware(None, [stats], RIDGE)  # 1 x the discount
+    penalty = _penalty(activations)
+    for i in range(D_FF):  # ridge regression of a_i on the others, residual over E[a_i^2] + lambda
+        others = [j for j in range(D_FF) if j != i]
+        design = torch.cat([activations[:, others] * TOKENS ** -0.5,
+                            penalty ** 0.5 * torch.eye(D_FF - 1, dtype=torch.float64)])
+        target = torch.cat([activations[:, i:i + 1] * TOKENS ** -0.5,
+                            torch.zeros(D_FF - 1, 1, dtype=torch.float64)])
+        residual = (design @ torch.linalg.lstsq(design, target).solution - target).pow(2).sum()
+        share = (residual + penalty) / (activations[:, i].pow(2).mean() + penalty)
+        assert float(discount[i]) == pytest.approx(float(share), rel=1e-5)
