@@ -13,6 +13,7 @@ import prunenet
 from conftest import make_tiny_model
 from prunenet import probe as probe_module
 from prunenet.cli import main
+from prunenet.refit import DEFAULT_RIDGE
 
 
 def _hashes(folder):
@@ -35,7 +36,7 @@ def test_reconstruction_is_reproducible_keeps_size_and_reloads_exactly(tmp_path)
     records = {k: json.loads((v / "prunenet.json").read_text()) for k, v in outs.items()}
     assert records["a"]["parameters_after"] == records["plain"]["parameters_after"]
     assert records["a"]["reconstruct"]["mode"] == "ls"
-    assert records["a"]["reconstruct"]["ridge"] == 1.0
+    assert records["a"]["reconstruct"]["ridge"] == DEFAULT_RIDGE == 0.3
     assert records["plain"]["reconstruct"] == {"mode": "none"}
     assert records["a"]["probe"] == {"tokens": 256, "seed": 42, "sequence_length": 256,
                                      "temperature": probe_module.ProbeRecipe.temperature,

@@ -32,7 +32,9 @@ from .ffn_statistics import LayerStatistics, add_activations, second_matrix
 from .model_view import FFNView
 
 MODES = ("ls", "bias")
-DEFAULT_RIDGE = 1.0  # held-out probe reconstruction: smaller ridges overfit 2-4k tokens
+# Measured on SmolLM2 with the default 8,192-token probe: 0.3 beats 1.0 by 2% in perplexity at
+# r = 0.3 (three probe seeds) and ties it at 0.1-0.2; 3.0 is worse; below 0.01 overfits the probe.
+DEFAULT_RIDGE = 0.3
 
 
 def least_squares_columns(second: Tensor, kept_rows: Tensor, cross: Tensor, kept_gram: Tensor,
