@@ -37,8 +37,9 @@ class SelfGenerated(Selector):
 
 
 @torch.no_grad()
-def generated_tokens(model: nn.Module, sequences: int, length: int, seed: int) -> Tensor:
-    """``sequences`` x ``length`` token ids the model writes itself (temperature 1), each
+def generated_tokens(model: nn.Module, sequences: int, length: int, seed: int,
+                     temperature: float = 1.0) -> Tensor:
+    """``sequences`` x ``length`` token ids the model writes itself (at ``temperature``), each
     continuing its BOS token (or a random first token when it has none or it lies outside the
     vocabulary), seeded by ``seed`` without touching the global random state."""
     generator = torch.Generator().manual_seed(int(seed))
@@ -52,8 +53,9 @@ def generated_tokens(model: nn.Module, sequences: int, length: int, seed: int) -
         torch.manual_seed(int(seed))
         prompt = first.to(device)
         tokens = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=True,
-                                temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=length - 1,
-                                min_new_tokens=length - 1, pad_token_id=0)
+                                temperature=temperature, top_k=0, top_p=1.0,
+                                max_new_tokens=length - 1, min_new_tokens=length - 1,
+                                pad_token_id=0)
     return tokens.cpu()
 
 
