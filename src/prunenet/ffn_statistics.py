@@ -98,7 +98,8 @@ def add_activations(stats: LayerStatistics, activation: Tensor) -> None:
 
 def wanda_product(model: nn.Module, mean_squares: list[Tensor]) -> list[Tensor]:
     """Per layer ``mean a_i^2 * ||first-matrix row i||^2`` (float32) from each neuron's mean
-    squared activation: the Wanda-style score of the default and of ``activation``."""
+    squared activation: the default's Wanda-style score, whether the mean squares come from the
+    refit's statistics or from the selection's own pass over the probe."""
     view = FFNView(model)
     return [mean_square.float() * view.first_matrix(i, "cpu").norm(dim=1).pow(2)
             for i, mean_square in enumerate(mean_squares)]
