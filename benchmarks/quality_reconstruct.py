@@ -40,6 +40,7 @@ from prunenet.ffn_statistics import (
     collect_ffn_statistics,
     second_matrix,
 )
+from prunenet.io.files import atomic_file
 from prunenet.io.loading import load_model_and_tokenizer
 from prunenet.model_view import FFNView
 from prunenet.pipeline import select_rows, train_policy
@@ -64,7 +65,8 @@ def probe_text(model, tokenizer, tokens: int, seed: int, recipe: ProbeRecipe) ->
     probe = generate_probe(model, tokenizer, tokens, seed, recipe, progress=False)
     seconds = time.perf_counter() - started
     CACHE.mkdir(parents=True, exist_ok=True)
-    torch.save({"tokens": probe, "seconds": seconds}, path)
+    with atomic_file(path) as staging:  # an interrupted run leaves no partial probe to reuse
+        torch.save({"tokens": probe, "seconds": seconds}, staging)
     return probe, seconds
 
 
@@ -271,38 +273,6 @@ def ridge_sweep(args: argparse.Namespace) -> None:
                           "sliced": plain, "refit": errors}), flush=True)
 
 
-def end_to_end(args: argparse.Namespace) -> None:
-    """One compression as the pipeline would run it, timed by stage, with the peak RSS."""
-    torch.set_num_threads(args.threads)
-    ratio = float(args.ratios.split(",")[0])
-    times = {}
-    started = time.perf_counter()
-    model, tokenizer = load_model_and_tokenizer("smollm2-135m")
-    times["load_s"] = time.perf_counter() - started
-    recipe = _recipe(args)
-    mark = time.perf_counter()
-    probe = generate_probe(model, tokenizer, args.tokens, args.seed, recipe, progress=False)
-    times["probe_s"] = time.perf_counter() - mark
-    mark = time.perf_counter()
-    stats = collect_ffn_statistics(model, probe, batch_size=4)
-    times["statistics_s"] = time.perf_counter() - mark
-    mark = time.perf_counter()
-    kept = kept_count(FFNView(model).d_ff, ratio)
-    rows = [top_rows(s, kept) for s in SCORES["wanda"](model, stats)]
-    times["select_s"] = time.perf_counter() - mark
-    mark = time.perf_counter()
-    refit_model(model, rows, stats, "ls", args.ridge)
-    times["refit_s"] = time.perf_counter() - mark
-    mark = time.perf_counter()
-    slice_model(model, rows)
-    model.save_pretrained(args.end_to_end)
-    tokenizer.save_pretrained(args.end_to_end)
-    times["slice_save_s"] = time.perf_counter() - mark
-    times["total_s"] = time.perf_counter() - started
-    print(json.dumps({"ratio": ratio, "tokens": int(probe.numel()), **times,
-                      "peak_rss_mb": _peak_rss_mb()}), flush=True)
-
-
 def _evaluation_text(name: str) -> str:
     """``wiki``, or ``hellaswag``: a second held-out text no method sees, HellaSwag's
     validation contexts each followed by its correct ending (WikiHow articles and ActivityNet
@@ -324,7 +294,8 @@ def _evaluation_text(name: str) -> str:
             text = f"{row['ctx']} {row['endings'][int(row['label'])]}"
             lines.append(re.sub(r"\s+", " ", re.sub(r"\[[a-z]+\]", " ", text)).strip())
         CACHE.mkdir(parents=True, exist_ok=True)
-        path.write_text("\n\n".join(lines) + "\n")
+        with atomic_file(path) as staging:
+            staging.write_text("\n\n".join(lines) + "\n")
     return str(path)
 
 
@@ -441,9 +412,6 @@ def main() -> None:
     parser.add_argument("--ridge", type=float, default=1.0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--episodes", type=int, default=5, help="prunenet policy training")
-    parser.add_argument("--end-to-end", metavar="OUT",
-                        help="instead: time load, probe, select, refit, slice, save at the "
-                        "first --ratios value into OUT")
     parser.add_argument("--log", default=LOG)
     parser.add_argument("--report", action="store_true")
     parser.add_argument("--report-windows", type=int, help="--report: only these runs")
@@ -452,8 +420,6 @@ def main() -> None:
     args = parser.parse_args()
     if args.report:
         print(report(Path(args.log), args.report_windows))
-    elif args.end_to_end:
-        end_to_end(args)
     elif args.ridge_sweep:
         ridge_sweep(args)
     else:
