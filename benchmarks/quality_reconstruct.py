@@ -83,6 +83,13 @@ def timed_statistics(model, tokens: Tensor) -> tuple[list[LayerStatistics], floa
     return stats, time.perf_counter() - started
 
 
+def _ridged_gram(stats: LayerStatistics, ridge: float) -> tuple[Tensor, float]:
+    """``E[a a^T] + lambda I`` and ``lambda = ridge * mean diag E[a a^T]`` (float64)."""
+    gram = stats.gram / max(stats.count, 1)
+    penalty = ridge * float(gram.diagonal().mean())
+    return gram + penalty * torch.eye(gram.shape[0], dtype=torch.float64), penalty
+
+
 def refit_aware_rows(second: Tensor, stats: LayerStatistics, kept: int, ridge: float,
                      greedy: bool = False, block: int = 8,
                      costs: list[float] | None = None) -> Tensor:
@@ -97,21 +104,20 @@ def refit_aware_rows(second: Tensor, stats: LayerStatistics, kept: int, ridge: f
     removal's cost increment is appended to ``costs`` when given.
     """
     second = second.double()
-    gram = stats.gram / max(stats.count, 1)
-    penalty = ridge * float(gram.diagonal().mean())
-    inverse = torch.linalg.inv(gram + penalty * torch.eye(gram.shape[0], dtype=torch.float64))
+    ridged, penalty = _ridged_gram(stats, ridge)
+    inverse = torch.linalg.inv(ridged)
     norms = second.pow(2).sum(0)
     if not greedy:
         cost = norms / inverse.diagonal() - penalty * norms
         if costs is not None:
             costs.extend(cost.tolist())
         return torch.sort(torch.topk(cost, kept).indices).values
-    compensated, alive = second.clone(), torch.ones(gram.shape[0], dtype=torch.bool)
+    compensated, alive = second.clone(), torch.ones(ridged.shape[0], dtype=torch.bool)
     removed = 0
-    while removed < gram.shape[0] - kept:
+    while removed < ridged.shape[0] - kept:
         cost = compensated.pow(2).sum(0) / inverse.diagonal() - penalty * norms
         cost[~alive] = float("inf")
-        count = min(block, gram.shape[0] - kept - removed)
+        count = min(block, ridged.shape[0] - kept - removed)
         for j in torch.topk(cost, count, largest=False).indices.tolist():
             pivot = inverse[j, j].clone()
             if costs is not None:
@@ -129,9 +135,7 @@ def wanda_refit_aware(model, stats: list[LayerStatistics], ridge: float) -> list
     neuron the refit can stand in for costs less."""
     scores = []
     for score, s in zip(SCORES["wanda"](model, stats), stats, strict=True):
-        gram = s.gram / max(s.count, 1)
-        penalty = ridge * float(gram.diagonal().mean())
-        ridged = gram + penalty * torch.eye(gram.shape[0], dtype=torch.float64)
+        ridged, _ = _ridged_gram(s, ridge)
         unexplained = 1.0 / (ridged.diagonal() * torch.linalg.inv(ridged).diagonal())
         scores.append(score * unexplained.float())
     return scores
