@@ -12,6 +12,9 @@ rerun, not shipped in the package.
 - ``random_probe_tokens`` / ``probe_activation_scores``: output energy on uniformly random token
   ids, or on any probe.
 - ``rank_with_protection``: keep a fraction of outlier neurons first, then follow a base score.
+- ``generated_tokens`` / ``earlier_default_probe``: the model's own text as the ablation sampled
+  it (one seed per call), and the default method's probe of that time (4 x 128 tokens), so the
+  recorded ablation reproduces; the package's probe is ``prunenet.probe.generate_probe``.
 """
 
 from __future__ import annotations
@@ -19,9 +22,41 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from prunenet.families import context_length
 from prunenet.model_view import FFNView
 from prunenet.selection.magnitude import cut_norms
 from prunenet.selection.self_generated import mean_squared_activations
+
+EARLIER_PROBE_SEQUENCES, EARLIER_PROBE_LENGTH = 4, 128
+
+
+@torch.no_grad()
+def generated_tokens(model: nn.Module, sequences: int, length: int, seed: int) -> Tensor:
+    """``sequences`` x ``length`` token ids the model samples itself (temperature 1), each
+    continuing its BOS token (or a random first token when it has none), seeded by ``seed``
+    without touching the global random state."""
+    generator = torch.Generator().manual_seed(int(seed))
+    vocab = model.get_input_embeddings().weight.shape[0]
+    bos = getattr(model.config, "bos_token_id", None)
+    first = torch.randint(0, vocab, (sequences, 1), generator=generator)
+    if isinstance(bos, int) and 0 <= bos < vocab:
+        first[:] = bos
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        prompt = first.to(next(model.parameters()).device)
+        tokens = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=True,
+                                temperature=1.0, top_k=0, top_p=1.0,
+                                max_new_tokens=length - 1, min_new_tokens=length - 1,
+                                pad_token_id=0)
+    return tokens.cpu()
+
+
+def earlier_default_probe(model: nn.Module, seed: int) -> Tensor:
+    """The probe the ``self-generated`` default read when the ablation ran: 4 samples of 128
+    tokens (fewer when the model has fewer positions)."""
+    length = min(EARLIER_PROBE_LENGTH, context_length(model.config) or EARLIER_PROBE_LENGTH)
+    return generated_tokens(model, EARLIER_PROBE_SEQUENCES, length, seed)
+
 
 # The norm whose output feeds the FFN, per model_type, and whether its weight is stored as w - 1
 # (Gemma's RMSNorm multiplies by 1 + w). Families not listed see the FFN input unscaled.

@@ -25,7 +25,9 @@ from pathlib import Path
 import torch
 from ablation_scores import (  # benchmarks/ablation_scores.py (this script's folder)
     down_column_norms,
+    earlier_default_probe,
     expected_activation_scores,
+    generated_tokens,
     input_scale,
     leverage_scores,
     probe_activation_scores,
@@ -41,11 +43,7 @@ from prunenet.families import kept_count
 from prunenet.io.loading import load_model_and_tokenizer
 from prunenet.model_view import FFNView
 from prunenet.selection.base import top_rows
-from prunenet.selection.self_generated import (
-    generated_tokens,
-    self_generated_scores,
-    self_generated_tokens,
-)
+from prunenet.selection.self_generated import self_generated_scores
 from prunenet.slicing import slice_model
 
 Selector = Callable[[torch.nn.Module, float, int], tuple[list[Tensor], float]]
@@ -92,17 +90,17 @@ def _activation(windows: int = 4) -> Selector:
 
 
 def _self_generated(score: Callable[[torch.nn.Module, Tensor], list[Tensor]]) -> Selector:
-    """Keep the top ``score`` on the default method's probe text, generated once per model and
-    seed and reused across ratios (the text does not depend on the ratio). With
-    ``self_generated_scores`` this is the default method exactly as ``pipeline.select_rows``
-    runs it (tests/test_methods.py checks the pipeline against the same functions)."""
+    """Keep the top ``score`` on the default method's probe text as it was when the ablation
+    ran (4 x 128 tokens, ``earlier_default_probe``), generated once per model and seed and
+    reused across ratios. With ``self_generated_scores`` this is the default of that time
+    (today's default reads a larger probe and refits: benchmarks/quality_reconstruct.md)."""
     tokens_of: dict[tuple[str, int], Tensor] = {}  # (model_type, seed) -> probe text
 
     def select(model, ratio, seed):
         started = time.perf_counter()
         key = (model.config.model_type, seed)
         if key not in tokens_of:
-            tokens_of[key] = self_generated_tokens(model, seed)
+            tokens_of[key] = earlier_default_probe(model, seed)
         kept = kept_count(FFNView(model).d_ff, ratio)
         scores = score(model, tokens_of[key])
         return [top_rows(layer, kept) for layer in scores], time.perf_counter() - started

@@ -11,7 +11,10 @@ import copy
 import sys
 
 import torch
-from ablation_scores import down_column_norms  # benchmarks/ablation_scores.py
+from ablation_scores import (  # benchmarks/ablation_scores.py
+    down_column_norms,
+    earlier_default_probe,
+)
 
 from prunenet.evaluation.corpora import load_corpus
 from prunenet.evaluation.perplexity import perplexity
@@ -20,7 +23,7 @@ from prunenet.io.loading import load_model_and_tokenizer
 from prunenet.model_view import FFNView
 from prunenet.selection.activation import Calibration, activation_norms, calibration_windows
 from prunenet.selection.base import top_rows
-from prunenet.selection.self_generated import mean_squared_activations, self_generated_tokens
+from prunenet.selection.self_generated import mean_squared_activations
 from prunenet.slicing import slice_model
 
 
@@ -35,7 +38,7 @@ def main() -> None:
     gate2 = [view.first_matrix(i, "cpu").norm(dim=1).pow(2) for i in range(view.num_layers)]
     texts = {}  # text name -> per layer, each neuron's mean squared activation
     for seed in map(int, sys.argv[1].split(",")):
-        tokens = self_generated_tokens(model, seed)
+        tokens = earlier_default_probe(model, seed)
         texts[f"self-generated seed {seed}"] = mean_squared_activations(model, tokens)
     real = activation_norms(model, calibration_windows(corpus, Calibration(windows=4)),
                             progress=False)

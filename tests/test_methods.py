@@ -15,15 +15,12 @@ from prunenet.cli import main
 from prunenet.errors import InputError, NumericalError
 from prunenet.io.loading import RECORD_NAME
 from prunenet.model_view import FFNView
+from prunenet.probe import ProbeRecipe, generate_probe
 from prunenet.selection import DEFAULT_METHOD
 from prunenet.selection.base import top_rows
 from prunenet.selection.prunenet.policy import PrunePolicy, policy_checksum
 from prunenet.selection.prunenet.reinforce import TrainingConfig, train_policy_on_matrices
-from prunenet.selection.self_generated import (
-    SELF_GENERATED_SEQUENCES,
-    generated_tokens,
-    self_generated_scores,
-)
+from prunenet.selection.self_generated import self_generated_scores
 
 
 def _overflowing_policy(d_model: int, d_ff: int) -> PrunePolicy:
@@ -61,7 +58,8 @@ def test_default_score_is_mean_squared_activation_times_first_row_norm(model_typ
     gpt2's Conv1D column)."""
     model = make_tiny_model(model_type)
     view = FFNView(model)
-    tokens = generated_tokens(model, 2, 5, seed=0)
+    tokens = generate_probe(model, None, 10, seed=0, recipe=ProbeRecipe(sequence_length=5),
+                            progress=False)
     second = {"gpt2": "mlp.c_proj"}.get(model_type, "mlp.down_proj")
     captured = []
     handle = view.layers[1].get_submodule(second).register_forward_pre_hook(
@@ -81,24 +79,23 @@ def test_default_score_is_mean_squared_activation_times_first_row_norm(model_typ
     torch.testing.assert_close(scores[1], expected, rtol=1e-4, atol=1e-7)
 
 
-def test_generated_tokens_are_seeded_and_start_with_bos():
+def test_default_selection_keeps_the_top_scores_on_the_runs_probe():
+    """select_rows reads the probe compress reads (its size, temperature and seed), and keeps
+    the rows compress keeps without the refit."""
     model = make_tiny_model("llama")
-    generated = generated_tokens(model, 2, 6, seed=5)
-    assert generated.shape == (2, 6) and 0 <= generated.min() and generated.max() < 128
-    assert (generated[:, 0] == model.config.bos_token_id).all()
-    assert torch.equal(generated, generated_tokens(model, 2, 6, seed=5))
-    assert not torch.equal(generated, generated_tokens(model, 2, 6, seed=6))
-
-
-def test_default_selection_keeps_the_top_scores_on_self_generated_text():
-    model = make_tiny_model("llama")
-    rows = prunenet.select_rows(model, 0.25, seed=3, progress=False)
-    tokens = generated_tokens(model, SELF_GENERATED_SEQUENCES, 64, 3)  # 64 positions
+    options = dict(seed=3, probe_tokens=320, probe_temperature=1.0, progress=False)
+    rows = prunenet.select_rows(model, 0.25, **options)
+    tokens = generate_probe(model, None, 320, seed=3, recipe=ProbeRecipe(temperature=1.0),
+                            progress=False)
+    assert tokens.shape == (5, 64)  # 64 positions
     scores = self_generated_scores(model, tokens)
     assert [r.tolist() for r in rows] == [top_rows(s, 36).tolist() for s in scores]
-    assert [r.tolist() for r in prunenet.select_rows(model, 0.25, seed=3, progress=False,
-                                                     method=DEFAULT_METHOD)] == [
-        r.tolist() for r in rows]
+    assert [r.tolist() for r in prunenet.select_rows(model, 0.25, method=DEFAULT_METHOD,
+                                                     **options)] == [r.tolist() for r in rows]
+    other_seed = prunenet.select_rows(model, 0.25, **{**options, "seed": 4})
+    assert [r.tolist() for r in other_seed] != [r.tolist() for r in rows]
+    compressed = prunenet.compress(model, 0.25, reconstruct="none", **options)
+    assert [r.tolist() for r in compressed.kept_rows] == [r.tolist() for r in rows]
 
 
 def test_a_policy_means_the_prunenet_method():

@@ -34,6 +34,7 @@ def test_same_seed_same_tokens_and_different_seeds_differ(model):
     assert first.shape == (5, 16) and first.dtype == torch.long  # 80 tokens in 16-token rows
     assert torch.equal(first, again)
     assert not torch.equal(first, other)
+    assert (first[:, 0] == model.config.bos_token_id).all()  # each sample starts at BOS
     assert int(first.min()) >= 0 and int(first.max()) < VOCAB
 
 

@@ -323,10 +323,7 @@ def run_compression(plan: Plan, tokenizer: Any = None) -> CompressionResult:
         selector.policy.check_fits(weights.d_model, weights.d_ff)
     probe = None
     if model is not None and (isinstance(selector, SelfGenerated) or plan.reconstruct != "none"):
-        probe = Probe(model, tokenizer, options.probe_tokens, options.seed,
-                      ProbeRecipe(sequence_length=options.probe_length,
-                                  temperature=options.probe_temperature), options.probe_cache,
-                      options.progress)
+        probe = run_probe(model, tokenizer, options)
     @functools.cache  # one pass over the probe serves the selection and the refit
     def probe_statistics() -> list:
         return collect_ffn_statistics(model, probe.ids(), progress=options.progress)
@@ -462,8 +459,24 @@ def select_rows(model: nn.Module, ratio: float, *, tokenizer: Any = None,
     method = settings.method or (PruneNet.name if policy is not None else DEFAULT_METHOD)
     selector = make_selector(method, settings, policy)
     view = FFNView(model)
-    source = Source(view, model, tokenizer, resolve_device(settings.device), settings.progress)
+    probe = None
+    if isinstance(selector, SelfGenerated):
+        if settings.probe_cache is not None:  # checked as compress checks it
+            guard_outputs([Output(settings.probe_cache, "--probe-cache", working=True,
+                                  ours=is_probe_cache)], [], overwrite=False)
+        probe = run_probe(model, tokenizer, settings)
+    source = Source(view, model, tokenizer, resolve_device(settings.device), settings.progress,
+                    probe)
     return selector.select(source, kept_count(view.d_ff, ratio), settings.seed)
+
+
+def run_probe(model: nn.Module, tokenizer: Any, options: CompressOptions) -> Probe:
+    """The run's probe as ``options`` describe it (size, sequence length, temperature, seed,
+    cache): the same text for :func:`compress` and :func:`select_rows`."""
+    return Probe(model, tokenizer, options.probe_tokens, options.seed,
+                 ProbeRecipe(sequence_length=options.probe_length,
+                             temperature=options.probe_temperature), options.probe_cache,
+                 options.progress)
 
 
 def train_policy(model: Any, ratio: float = 0.3, *, device: str | torch.device = "auto",
