@@ -1,52 +1,96 @@
-"""Self-distillation with the teacher's text sampled at another temperature.
+"""Self-distillation settings side by side: teacher temperature, what trains, learning rate.
 
-The probe for selection and refit is sampled at temperature 1.2 (better than 1.0 there); this
-checks whether the distillation's teacher text gains the same way. Distils a pruned model
-(``prunenet finetune --data self-generated`` settings below, teacher read from its record) with
-the teacher's windows sampled at ``--temperature``, then prints one JSON line with the wall time
-and the perplexity on the wiki evaluation windows and on a second text.
+Distils a pruned model (``prunenet finetune --data self-generated``, teacher read from its
+record; 256-token windows, half as many teacher windows as steps so each is seen twice, four
+held-back windows, no early stopping) with the settings given, then prints one JSON line with
+the settings, the wall time of the run and the perplexity on the wiki evaluation windows and on
+a second text. ``--temperature`` samples the teacher's windows at another temperature than the
+distillation's 1. The teacher's windows are cached under ~/.cache/prunenet/bench-distill (by
+count, length, seed and temperature), so arms that differ only in training train on the very
+same text and pay for it once; ``seconds`` excludes generating them when they were cached.
 
-    python benchmarks/distill_teacher_temperature.py PRUNED OUT --temperature 1.2 --steps 100 \\
+    python benchmarks/distill_screen.py PRUNED OUT --lr 3e-3 --steps 100 \\
         --ppl ~/.cache/prunenet/bench-reconstruct/hellaswag-text.txt
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
+import dataclasses
+import hashlib
 import json
 import time
+from pathlib import Path
+
+import torch
 
 import prunenet.distillation as distillation
 from prunenet.evaluation.evaluate import evaluate
 from prunenet.finetune import finetune
+from prunenet.io.files import atomic_file
 from prunenet.io.loading import load_model_and_tokenizer
-from prunenet.selection.self_generated import generated_tokens
+
+CACHE = Path.home() / ".cache" / "prunenet" / "bench-distill"
+
+
+def cached_teacher_windows(temperature: float):
+    """:func:`prunenet.distillation.teacher_windows` at ``temperature``, read from CACHE when the
+    same windows were sampled before (keyed by the teacher's weights too)."""
+    sample = distillation.teacher_windows
+
+    def windows(teacher, training, evaluation, seqlen, seed, progress=True):
+        first = next(teacher.parameters()).detach().flatten()[:4096].numpy().tobytes()
+        digest = hashlib.sha256(first).hexdigest()[:12]
+        path = CACHE / f"{digest}-{training}-{evaluation}-{seqlen}-{seed}-t{temperature}.pt"
+        if path.exists():
+            return tuple(torch.load(path))[:2]
+        result = sample(teacher, training, evaluation, seqlen, seed, progress=False)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_file(path) as staging:
+            torch.save(result, staging)
+        return result
+
+    return windows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("pruned")
     parser.add_argument("out")
-    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--temperature", type=float, default=1.0, help="the teacher's sampling")
     parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--train", choices=("lora", "ffn"), default="lora")
+    parser.add_argument("--lora-r", type=int, default=8)
+    parser.add_argument("--lora-alpha", type=float, default=32.0)
+    parser.add_argument("--targets", default="attn,mlp")
     parser.add_argument("--windows", type=int, default=16, help="evaluation windows")
     parser.add_argument("--ppl", help="a second evaluation text (a file)")
+    parser.add_argument("--log", help="also append the JSON line to this file")
     args = parser.parse_args()
-    distillation.generated_tokens = functools.partial(generated_tokens,
+    distillation.TEACHER_RECIPE = dataclasses.replace(distillation.TEACHER_RECIPE,
                                                       temperature=args.temperature)
+    distillation.teacher_windows = cached_teacher_windows(args.temperature)
     started = time.perf_counter()
     finetune(args.pruned, "self-generated", args.out, steps=args.steps, seqlen=256,
              generated_windows=args.steps // 2, eval_every=args.steps // 2, eval_windows=4,
-             lr=1e-3, patience=None, progress=False)
+             lr=args.lr, train=args.train, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
+             targets=tuple(args.targets.split(",")), patience=None, progress=False)
     seconds = time.perf_counter() - started
     model, tokenizer = load_model_and_tokenizer(args.out)
-    result = {"temperature": args.temperature, "steps": args.steps, "seconds": seconds}
+    result = {"temperature": args.temperature, "steps": args.steps, "train": args.train,
+              "lr": args.lr, "targets": args.targets, "seconds": seconds}
+    if args.train == "lora":
+        result.update(lora_r=args.lora_r, lora_alpha=args.lora_alpha)
     for name, corpus in (("wiki", "wiki"), ("second", args.ppl)):
         if corpus is not None:
             report = evaluate(model, tokenizer, ppl=corpus, windows=args.windows, progress=False)
             result[name] = report["perplexity"]["value"]
-    print(json.dumps(result), flush=True)
+    line = json.dumps(result)
+    print(line, flush=True)
+    if args.log:
+        with open(args.log, "a") as log:
+            log.write(line + "\n")
 
 
 if __name__ == "__main__":

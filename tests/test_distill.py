@@ -4,6 +4,7 @@ dense teacher on text the teacher writes itself."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -14,10 +15,11 @@ from test_finetune import InterruptAt, Interrupted, Recorder
 
 from conftest import assert_same_weights, make_tiny_model
 from prunenet.cli import main
+from prunenet.distillation import TEACHER_RECIPE
 from prunenet.errors import InputError, OutputError
 from prunenet.finetune import finetune
 from prunenet.pipeline import prune
-from prunenet.selection.self_generated import generated_tokens
+from prunenet.probe import generate_probe
 
 SETTINGS = dict(data="self-generated", seqlen=32, batch_size=4, eval_windows=4, lr=1e-3, seed=0,
                 progress=False)
@@ -59,7 +61,8 @@ def setup(tmp_path_factory, tiny_llama_real_tokenizer_dir):
         dense)
     pruned = root / "pruned"
     prune(str(dense), None, 0.5, method="random", out=pruned)
-    held_back = generated_tokens(_load(dense), 8, 32, seed=987654321)
+    held_back = generate_probe(_load(dense), None, 8 * 32, seed=987654321,
+                               recipe=replace(TEACHER_RECIPE, sequence_length=32), progress=False)
     return SimpleNamespace(root=root, dense=dense, pruned=pruned, held_back=held_back)
 
 
@@ -93,7 +96,8 @@ def test_the_record_says_what_was_distilled(setup, distilled):
     assert distillation["loss"] == "kl" and distillation["temperature"] == 1.0
     # one training window per window trained on (10 steps x 4), 4 held back: 32 tokens each
     assert distillation["generated_tokens"] == {"training": 40 * 32, "evaluation": 4 * 32}
-    assert len(distillation["generation_seeds"]) == 2  # 44 sequences in batches of 32
+    assert distillation["generation"] == {"seed": 0, "batch_size": 32, "temperature": 1.0}
+    assert distillation["text"] == "sampled by the teacher from its BOS token, temperature 1"
     assert entry["settings"]["data"] == "self-generated"
     assert entry["trained"] == "LoRA adapters" and entry["settings"]["train"] == "lora"
     assert [point["step"] for point in entry["eval_history"]] == [5, 10]
@@ -106,9 +110,15 @@ def test_training_never_sees_the_held_back_windows(distilled):
     fed = {tuple(row.tolist()) for batch in distilled.recorder.batches for row in batch}
     assert len(fed) == 10 * 4  # every training window once
     distillation = distilled.result.record["finetune"]["distillation"]
-    # the evaluation windows are the first 4 of the first batch: regenerate it from the teacher
-    evaluation = generated_tokens(_load(distillation["teacher"]), 32, 32,
-                                  distillation["generation_seeds"][0])[:4]
+    # the evaluation windows are the first 4 sequences: regenerate them from the teacher
+    generation = distillation["generation"]
+    recipe = replace(TEACHER_RECIPE, sequence_length=32, batch_size=generation["batch_size"],
+                     temperature=generation["temperature"])
+    sequences = generate_probe(_load(distillation["teacher"]), None, 44 * 32,
+                               generation["seed"], recipe, progress=False)
+    evaluation = sequences[:4]
+    # the record reproduces the text: the rest are exactly the windows trained on
+    assert fed == {tuple(row.tolist()) for row in sequences[4:]}
     assert not fed & {tuple(row.tolist()) for row in evaluation}
 
 

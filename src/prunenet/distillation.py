@@ -12,6 +12,7 @@ checkpoint, the record) and imports this module only when it distils.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from pathlib import Path
@@ -24,9 +25,12 @@ from transformers import Trainer
 
 from .errors import InputError
 from .io.loading import RECORD_NAME, load_config, read_record
-from .selection.self_generated import generated_tokens
+from .probe import ProbeRecipe, generate_probe
 
-GENERATION_BATCH = 32  # sequences per generate() call: bounds the KV cache, not the result
+GENERATION_BATCH = 32  # sequences per generate() call: bounds the KV cache
+# The teacher's text: sampled at temperature 1, which distils better than the probe's 1.2
+# (benchmarks/README.md, "Recovery without data").
+TEACHER_RECIPE = ProbeRecipe(batch_size=GENERATION_BATCH, temperature=1.0)
 
 
 def kl_to_teacher(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
@@ -68,18 +72,16 @@ def check_teacher(student_config: Any, teacher: str, trust_remote_code: bool = F
 
 
 def teacher_windows(teacher: nn.Module, training: int, evaluation: int, seqlen: int,
-                    seed: int) -> tuple[Tensor, Tensor, list[int]]:
-    """``(training_windows, evaluation_windows, seeds)``: ``training`` and ``evaluation``
-    sequences of ``seqlen`` tokens the teacher samples from its BOS token
-    (:func:`generated_tokens`), in batches of up to :data:`GENERATION_BATCH` whose seeds are
-    drawn from ``seed``. The first ``evaluation`` sequences are held back, never trained on."""
-    total = training + evaluation
-    generator = torch.Generator().manual_seed(int(seed))
-    counts = [min(GENERATION_BATCH, total - start) for start in range(0, total, GENERATION_BATCH)]
-    seeds = torch.randint(0, 2**62, (len(counts),), generator=generator).tolist()
-    sequences = torch.cat([generated_tokens(teacher, count, seqlen, batch_seed)
-                           for count, batch_seed in zip(counts, seeds)])
-    return sequences[evaluation:], sequences[:evaluation], seeds
+                    seed: int, progress: bool = True) -> tuple[Tensor, Tensor]:
+    """``(training_windows, evaluation_windows)``: ``training`` and ``evaluation`` sequences of
+    ``seqlen`` tokens the teacher samples from its BOS token at :data:`TEACHER_RECIPE`'s
+    temperature, with the probe's generator (:func:`prunenet.probe.generate_probe`: batches of
+    up to :data:`GENERATION_BATCH` with the KV cache, reproducible from ``seed``, a progress bar
+    with tokens/s). The first ``evaluation`` sequences are held back, never trained on."""
+    recipe = dataclasses.replace(TEACHER_RECIPE, sequence_length=seqlen)
+    sequences = generate_probe(teacher, None, (training + evaluation) * seqlen, seed, recipe,
+                               progress)
+    return sequences[evaluation:], sequences[:evaluation]
 
 
 class DistillationTrainer(Trainer):

@@ -371,8 +371,8 @@ def finetune(
     process.wait_for_everyone()
     checkpoint = get_last_checkpoint(str(work)) if resume else None
     if teacher_model is not None:
-        training, evaluation, generation_seeds = _teacher_text(
-            teacher_model, config, work, process.num_processes, process.is_main_process)
+        training, evaluation = _teacher_text(teacher_model, config, work, process.num_processes,
+                                             process.is_main_process, progress)
 
     trainer_callbacks = [*callbacks]
     if config.patience is not None:
@@ -424,14 +424,19 @@ def finetune(
                        for log in history if "loss" in log],
     }
     if teacher_model is not None:
+        from .distillation import TEACHER_RECIPE
+
         record["finetune"]["distillation"] = {
             "teacher": teacher_source,
             "loss": "kl",
             "direction": "KL(teacher || student) on next-token logits",
             "temperature": 1.0,
-            "text": "sampled by the teacher from its BOS token, temperature 1",
+            "text": "sampled by the teacher from its BOS token, temperature "
+                    f"{TEACHER_RECIPE.temperature:g}",
             "generated_tokens": {"training": training.numel(), "evaluation": evaluation.numel()},
-            "generation_seeds": generation_seeds,
+            # with the window length, what the sampled tokens depend on
+            "generation": {"seed": config.seed, "batch_size": TEACHER_RECIPE.batch_size,
+                           "temperature": TEACHER_RECIPE.temperature},
             "evaluation": "the first evaluation_windows sequences, held back (never trained on)",
         }
     if process.is_main_process:
@@ -467,23 +472,23 @@ def _teacher_source(student: str, teacher: str | os.PathLike | None,
 
 
 def _teacher_text(teacher: nn.Module, config: FinetuneConfig, work: Path, processes: int,
-                  main_process: bool) -> tuple[Tensor, Tensor, list[int]]:
-    """The teacher's training and evaluation windows, and their generation seeds: sampled once,
-    kept in the work folder so that a resumed run trains on the very same text."""
+                  main_process: bool, progress: bool) -> tuple[Tensor, Tensor]:
+    """The teacher's training and evaluation windows: sampled once, kept in the work folder so
+    that a resumed run trains on the very same text."""
     from .distillation import teacher_windows
 
     saved = work / GENERATED_NAME
     if saved.exists():
         kept = torch.load(saved)
-        return kept["training"], kept["evaluation"], kept["seeds"]
+        return kept["training"], kept["evaluation"]
     windows = config.generated_windows or (config.steps * config.batch_size * config.grad_accum
                                            * processes)
-    training, evaluation, seeds = teacher_windows(teacher, windows, config.eval_windows,
-                                                  config.seqlen, config.seed)
+    training, evaluation = teacher_windows(teacher, windows, config.eval_windows, config.seqlen,
+                                           config.seed, progress and main_process)
     if main_process:
         with atomic_file(saved) as staging:
-            torch.save({"training": training, "evaluation": evaluation, "seeds": seeds}, staging)
-    return training, evaluation, seeds
+            torch.save({"training": training, "evaluation": evaluation}, staging)
+    return training, evaluation
 
 
 def _evaluation(metrics: dict[str, float]) -> dict[str, float]:
