@@ -1,11 +1,12 @@
-"""Self-distillation settings side by side: teacher temperature, what trains, learning rate.
+"""Self-distillation settings side by side: teacher text, what trains, learning rate, loss.
 
 Distils a pruned model (``prunenet finetune --data self-generated``, teacher read from its
-record; 256-token windows, half as many teacher windows as steps so each is seen twice, four
-held-back windows, no early stopping) with the settings given, then prints one JSON line with
-the settings, the wall time of the run and the perplexity on the wiki evaluation windows and on
-a second text. ``--temperature`` samples the teacher's windows at another temperature than the
-distillation's 1. The teacher's windows are cached under ~/.cache/prunenet/bench-distill (by
+record; windows of ``--seqlen`` tokens (256), half as many teacher windows as steps so each is
+seen twice, four held-back windows, no early stopping) with the settings given, then prints
+one JSON line with the settings, the wall time of the run and the perplexity on the wiki
+evaluation windows and on a second text. ``--temperature`` samples the teacher's windows at
+another temperature than the distillation's 1; ``--hidden-weight`` adds matching every layer's
+hidden states to the KL. The teacher's windows are cached under ~/.cache/prunenet/bench-distill (by
 count, length, seed and temperature), so arms that differ only in training train on the very
 same text and pay for it once; ``seconds`` excludes generating them when they were cached.
 
@@ -53,17 +54,41 @@ def cached_teacher_windows(temperature: float):
     return windows
 
 
+class HiddenStateTrainer(distillation.DistillationTrainer):
+    """Training loss ``KL + hidden_weight * mean over layers of ||h_s - h_t||^2 / ||h_t||^2``
+    (every layer's output, per token); evaluation (and so the kept checkpoint) by the KL alone."""
+
+    hidden_weight = 0.0
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not model.training:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        input_ids = inputs["input_ids"]
+        with torch.no_grad():
+            teacher = self.teacher(input_ids=input_ids, output_hidden_states=True)
+        outputs = model(input_ids=input_ids, output_hidden_states=True)
+        loss = distillation.kl_to_teacher(outputs.logits, teacher.logits)
+        pairs = list(zip(outputs.hidden_states[1:], teacher.hidden_states[1:]))
+        hidden = sum(((s.float() - t.float()).pow(2).sum(-1) / t.float().pow(2).sum(-1)).mean()
+                     for s, t in pairs) / len(pairs)
+        loss = loss + self.hidden_weight * hidden
+        return (loss, outputs) if return_outputs else loss
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("pruned")
     parser.add_argument("out")
     parser.add_argument("--temperature", type=float, default=1.0, help="the teacher's sampling")
     parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--seqlen", type=int, default=256, help="window length")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--train", choices=("lora", "ffn"), default="lora")
     parser.add_argument("--lora-r", type=int, default=8)
     parser.add_argument("--lora-alpha", type=float, default=32.0)
     parser.add_argument("--targets", default="attn,mlp")
+    parser.add_argument("--hidden-weight", type=float, default=0.0,
+                        help="also match every layer's hidden states (relative squared error)")
     parser.add_argument("--windows", type=int, default=16, help="evaluation windows")
     parser.add_argument("--ppl", help="a second evaluation text (a file)")
     parser.add_argument("--log", help="also append the JSON line to this file")
@@ -71,17 +96,23 @@ def main() -> None:
     distillation.TEACHER_RECIPE = dataclasses.replace(distillation.TEACHER_RECIPE,
                                                       temperature=args.temperature)
     distillation.teacher_windows = cached_teacher_windows(args.temperature)
+    if args.hidden_weight:
+        HiddenStateTrainer.hidden_weight = args.hidden_weight
+        distillation.DistillationTrainer = HiddenStateTrainer
     started = time.perf_counter()
-    finetune(args.pruned, "self-generated", args.out, steps=args.steps, seqlen=256,
+    finetune(args.pruned, "self-generated", args.out, steps=args.steps, seqlen=args.seqlen,
              generated_windows=args.steps // 2, eval_every=args.steps // 2, eval_windows=4,
              lr=args.lr, train=args.train, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
              targets=tuple(args.targets.split(",")), patience=None, progress=False)
     seconds = time.perf_counter() - started
     model, tokenizer = load_model_and_tokenizer(args.out)
-    result = {"temperature": args.temperature, "steps": args.steps, "train": args.train,
+    result = {"temperature": args.temperature, "steps": args.steps, "seqlen": args.seqlen,
+              "train": args.train,
               "lr": args.lr, "targets": args.targets, "seconds": seconds}
     if args.train == "lora":
         result.update(lora_r=args.lora_r, lora_alpha=args.lora_alpha)
+    if args.hidden_weight:
+        result["hidden_weight"] = args.hidden_weight
     for name, corpus in (("wiki", "wiki"), ("second", args.ppl)):
         if corpus is not None:
             report = evaluate(model, tokenizer, ppl=corpus, windows=args.windows, progress=False)

@@ -19,6 +19,7 @@ from prunenet.evaluation.corpora import load_corpus
 from prunenet.evaluation.perplexity import perplexity
 from prunenet.finetune import (
     DEFAULT_LR,
+    DEFAULT_SEQLEN,
     SELF_GENERATED,
     FinetuneConfig,
     corpus_windows,
@@ -277,3 +278,13 @@ def test_default_learning_rates_are_the_measured_ones():
     assert FinetuneConfig(data=SELF_GENERATED).lr == 1e-3
     assert FinetuneConfig(data=SELF_GENERATED, train="ffn").lr == DEFAULT_LR["ffn"] == 1e-4
     assert FinetuneConfig(lr=5e-4).lr == 5e-4
+
+
+def test_default_window_length_depends_on_the_data():
+    """1024 tokens on a corpus (the evaluation's windows), 256 distilling (measured better for the
+    same teacher tokens); an explicit length wins."""
+    assert FinetuneConfig().seqlen == DEFAULT_SEQLEN["corpus"] == 1024
+    assert FinetuneConfig(data=SELF_GENERATED).seqlen == DEFAULT_SEQLEN[SELF_GENERATED] == 256
+    assert FinetuneConfig(data=SELF_GENERATED, seqlen=64).seqlen == 64
+    with pytest.raises(InputError, match="seqlen must be at least 2"):
+        FinetuneConfig(seqlen=1)

@@ -312,9 +312,9 @@ def add_compress(subparsers) -> None:
                        help="after saving, recover without data: distil MODEL (the teacher) into "
                        "the pruned model for N steps on text MODEL generates itself, into "
                        "OUT-recovered (`finetune --data self-generated`, its other defaults)")
-    group.add_argument("--finetune-seqlen", type=positive_int, default=1024,
+    group.add_argument("--finetune-seqlen", type=positive_int, default=None,
                        help="window length for --finetune-steps and --recover-steps "
-                       "(default: 1024)")
+                       "(default: finetune's, 1024 on a corpus and 256 distilling)")
     parser.set_defaults(run=run_compress)
 
 
@@ -630,7 +630,7 @@ def run_finetune(args: argparse.Namespace) -> int:
 
 
 def add_finetune(subparsers) -> None:
-    from .finetune import DEFAULT_LR, DEFAULT_TRAIN, SELF_GENERATED, TRAINABLE
+    from .finetune import DEFAULT_LR, DEFAULT_SEQLEN, DEFAULT_TRAIN, SELF_GENERATED, TRAINABLE
 
     parser = subparsers.add_parser(
         "finetune", help="recovery fine-tuning of a pruned model (LoRA or FFN weights), on a "
@@ -668,8 +668,10 @@ def add_finetune(subparsers) -> None:
     parser.add_argument("--out", required=True, help="output folder (must not exist)")
     parser.add_argument("--steps", type=positive_int, default=200,
                         help="optimizer steps (default: 200)")
-    parser.add_argument("--seqlen", type=positive_int, default=1024,
-                        help="tokens per training window (default: 1024)")
+    parser.add_argument("--seqlen", type=positive_int, default=None,
+                        help="tokens per training window (default: "
+                        f"{DEFAULT_SEQLEN['corpus']} on a corpus, "
+                        f"{DEFAULT_SEQLEN[SELF_GENERATED]} for self-generated)")
     parser.add_argument("--batch-size", type=positive_int, default=1,
                         help="windows per step and device (default: 1)")
     parser.add_argument("--grad-accum", type=positive_int, default=1,
