@@ -197,7 +197,8 @@ def run(args: argparse.Namespace) -> None:
     for ratio in [float(r) for r in args.ratios.split(",")]:
         for job in args.jobs.split(","):
             method, refit, score, text, tokens = _parse(job, args)
-            seeds = [int(s) for s in args.random_seeds.split(",")] if method == "random" else [0]
+            seeds = ([int(s) for s in args.random_seeds.split(",")]
+                     if method in ("random", "prunenet") else [0])
             for seed in seeds:
                 key = {"method": method, "refit": refit, "score": score, "text": text,
                        "tokens": tokens, "ratio": ratio, "seed": seed, "windows": args.windows,
@@ -398,7 +399,8 @@ def main() -> None:
                         "activation:none,activation:ls,random:none,random:ls,magnitude:none,"
                         "magnitude:ls")
     parser.add_argument("--ratios", default="0.3,0.2,0.1")
-    parser.add_argument("--random-seeds", default="0")
+    parser.add_argument("--random-seeds", default="0",
+                        help="seeds of the stochastic selections (random, prunenet)")
     parser.add_argument("--windows", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=4096, help="probe / real-text tokens")
     parser.add_argument("--seed", type=int, default=0, help="probe seed")
