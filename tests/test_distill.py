@@ -222,3 +222,12 @@ def test_compress_recovers_without_data(setup, tmp_path):
     entry = json.loads((recovered / "prunenet.json").read_text())["finetune"]
     assert entry["source"] == str(out.resolve()) and entry["steps_run"] == 2
     assert entry["distillation"]["teacher"] == str(setup.dense.resolve())
+
+
+def test_the_teacher_text_progress_bar_names_what_it_samples(setup, capsys):
+    from prunenet.distillation import teacher_windows
+
+    training, evaluation = teacher_windows(_load(setup.dense), 3, 1, 8, seed=0, progress=True)
+    assert training.shape == (3, 8) and evaluation.shape == (1, 8)
+    err = capsys.readouterr().err
+    assert "teacher text" in err and "probe" not in err

@@ -80,7 +80,7 @@ def teacher_windows(teacher: nn.Module, training: int, evaluation: int, seqlen: 
     with tokens/s). The first ``evaluation`` sequences are held back, never trained on."""
     recipe = dataclasses.replace(TEACHER_RECIPE, sequence_length=seqlen)
     sequences = generate_probe(teacher, None, (training + evaluation) * seqlen, seed, recipe,
-                               progress)
+                               progress, label="teacher text")
     return sequences[evaluation:], sequences[:evaluation]
 
 

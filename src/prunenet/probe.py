@@ -85,13 +85,15 @@ def _first_tokens(model: nn.Module, tokenizer, recipe: ProbeRecipe, count: int,
 
 @torch.no_grad()
 def generate_probe(model: nn.Module, tokenizer, tokens: int, seed: int,
-                   recipe: ProbeRecipe | None = None, progress: bool = True) -> Tensor:
+                   recipe: ProbeRecipe | None = None, progress: bool = True,
+                   label: str = "probe") -> Tensor:
     """About ``tokens`` token ids (sequences x length, rounded up to whole sequences) of the
     model's own sampled text, reproducible from ``seed``.
 
     The length is ``recipe.sequence_length`` capped by the model's positions (more, shorter
     sequences then). ``tokenizer`` may be None (random first tokens then range over the whole
-    vocabulary). Raises :class:`InputError` for a non-positive ``tokens``.
+    vocabulary). ``label`` names the progress bar. Raises :class:`InputError` for a
+    non-positive ``tokens``.
     """
     recipe = recipe or ProbeRecipe()
     if tokens < 1:
@@ -103,7 +105,7 @@ def generate_probe(model: nn.Module, tokenizer, tokens: int, seed: int,
     dropped = 0
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices), tqdm(
-            total=wanted * length, unit="tok", desc="probe", disable=not progress,
+            total=wanted * length, unit="tok", desc=label, disable=not progress,
             leave=False) as bar:
         torch.manual_seed(int(seed))
         generator = torch.Generator().manual_seed(int(seed))
