@@ -164,6 +164,36 @@ def test_resume_ends_with_the_weights_of_an_uninterrupted_run(setup):
     assert_same_weights(setup.root / "straight", out)
     assert resumed.record["finetune"]["eval_kl_after"] == pytest.approx(
         straight.record["finetune"]["eval_kl_after"], rel=1e-5)
+    assert (resumed.record["finetune"]["distillation"]["generation"]
+            == straight.record["finetune"]["distillation"]["generation"])
+
+
+def test_resuming_a_work_folder_of_an_earlier_version_keeps_its_settings_and_text(setup):
+    """A run started with other defaults resumes with the command repeated as it was (unset
+    lr and seqlen take the checkpoint's), and the record names how that text was sampled."""
+    settings = dict(steps=4, eval_every=2, **{k: v for k, v in SETTINGS.items() if k != "data"})
+    settings["lr"] = 2e-3  # neither today's default nor the earlier one
+    out = setup.root / "earlier"
+    with pytest.raises(Interrupted):
+        finetune(setup.pruned, "self-generated", out, callbacks=[InterruptAt(3)], **settings)
+    saved = setup.root / "earlier.work" / "generated-windows.pt"
+    kept = torch.load(saved)
+    torch.save({"training": kept["training"], "evaluation": kept["evaluation"],
+                "seeds": [11, 12]}, saved)  # as the earlier sampler kept it
+    repeated = {k: v for k, v in settings.items() if k not in ("lr", "seqlen")}
+    resumed = finetune(setup.pruned, "self-generated", out, resume=True, **repeated)
+    entry = resumed.record["finetune"]
+    assert entry["settings"]["lr"] == 2e-3 and entry["settings"]["seqlen"] == 32
+    assert entry["resumed_from_step"] == 2 and entry["steps_run"] == 4
+    assert entry["distillation"]["generation"] == {
+        "seeds": [11, 12], "sampler": "one seed per batch of 32 sequences"}
+
+
+def test_a_teacher_with_fewer_positions_than_the_windows_is_refused(setup):
+    from prunenet.distillation import teacher_windows
+
+    with pytest.raises(InputError, match="the teacher has 2048 positions, fewer than the 4096"):
+        teacher_windows(_load(setup.dense), 2, 1, 4096, seed=0, progress=False)
 
 
 def test_a_teacher_path_equal_to_out_is_refused(setup):

@@ -141,3 +141,12 @@ def test_cli_method_names_and_the_deprecated_variant(tiny_llama_dir, tmp_path, c
     with pytest.raises(SystemExit):
         main(["compress", str(tiny_llama_dir), "--ratio", "0.25", "--variant", "magic",
               "--out", str(tmp_path / "d")])
+
+
+def test_self_generated_selection_without_a_probe_is_a_programming_error():
+    from prunenet.selection.base import Source
+    from prunenet.selection.self_generated import SelfGenerated
+
+    model = make_tiny_model("llama")
+    with pytest.raises(ValueError, match="reads the run's probe"):
+        SelfGenerated().select(Source(FFNView(model), model), 4, seed=0)

@@ -265,6 +265,24 @@ is_work_folder = folder_of(SETTINGS_NAME, (SETTINGS_NAME, GENERATED_NAME), folde
     "checkpoint-*": folder_of("trainer_state.json", ("*",), folders={"*": lambda _: True})})
 
 
+# Settings whose None means "the default for this data": a resumed run that leaves them unset
+# takes the checkpoint's value, so a default changed between the two runs cannot refuse it.
+RESUMED_DEFAULTS = ("train", "lr", "seqlen")
+
+
+def _unset_from_checkpoint(settings: dict[str, Any], work: Path) -> dict[str, Any]:
+    """``settings`` with the :data:`RESUMED_DEFAULTS` left unset filled from ``work``'s saved
+    settings (as they are when it has none or cannot be read: the later check says why)."""
+    try:
+        saved = json.loads((work / SETTINGS_NAME).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return settings
+    if not isinstance(saved, dict):
+        return settings
+    return {**settings, **{key: saved[key] for key in RESUMED_DEFAULTS
+                           if settings.get(key) is None and saved.get(key) is not None}}
+
+
 def _check_work_folder(work: Path, settings: dict[str, Any], resume: bool, overwrite: bool) -> None:
     """Refuse to mix runs: a leftover work folder needs --resume (same settings) or --overwrite."""
     saved_path = work / SETTINGS_NAME
@@ -339,6 +357,8 @@ def finetune(
     from transformers import EarlyStoppingCallback, Trainer
     from transformers.trainer_utils import get_last_checkpoint
 
+    if resume:
+        settings = _unset_from_checkpoint(settings, sibling_path(out, ".work"))
     config = FinetuneConfig(data=str(data), **settings)
     if config.train == "ffn" and not merge:
         raise InputError("--no-merge keeps a LoRA adapter apart; with --train ffn the output is "
@@ -380,8 +400,8 @@ def finetune(
     process.wait_for_everyone()
     checkpoint = get_last_checkpoint(str(work)) if resume else None
     if teacher_model is not None:
-        training, evaluation = _teacher_text(teacher_model, config, work, process.num_processes,
-                                             process.is_main_process, progress)
+        training, evaluation, generation = _teacher_text(
+            teacher_model, config, work, process.num_processes, process.is_main_process, progress)
 
     trainer_callbacks = [*callbacks]
     if config.patience is not None:
@@ -444,8 +464,7 @@ def finetune(
                     f"{TEACHER_RECIPE.temperature:g}",
             "generated_tokens": {"training": training.numel(), "evaluation": evaluation.numel()},
             # with the window length, what the sampled tokens depend on
-            "generation": {"seed": config.seed, "batch_size": TEACHER_RECIPE.batch_size,
-                           "temperature": TEACHER_RECIPE.temperature},
+            "generation": generation,
             "evaluation": "the first evaluation_windows sequences, held back (never trained on)",
         }
     if process.is_main_process:
@@ -481,23 +500,28 @@ def _teacher_source(student: str, teacher: str | os.PathLike | None,
 
 
 def _teacher_text(teacher: nn.Module, config: FinetuneConfig, work: Path, processes: int,
-                  main_process: bool, progress: bool) -> tuple[Tensor, Tensor]:
-    """The teacher's training and evaluation windows: sampled once, kept in the work folder so
-    that a resumed run trains on the very same text."""
-    from .distillation import teacher_windows
+                  main_process: bool, progress: bool) -> tuple[Tensor, Tensor, dict[str, Any]]:
+    """The teacher's training and evaluation windows and how they were sampled: sampled once,
+    kept in the work folder so that a resumed run trains on the very same text."""
+    from .distillation import TEACHER_RECIPE, teacher_windows
 
     saved = work / GENERATED_NAME
     if saved.exists():
         kept = torch.load(saved)
-        return kept["training"], kept["evaluation"]
+        generation = kept.get("generation") or {  # a work folder from before generate_probe
+            "seeds": kept.get("seeds"), "sampler": "one seed per batch of 32 sequences"}
+        return kept["training"], kept["evaluation"], generation
+    generation = {"seed": config.seed, "batch_size": TEACHER_RECIPE.batch_size,
+                  "temperature": TEACHER_RECIPE.temperature}
     windows = config.generated_windows or (config.steps * config.batch_size * config.grad_accum
                                            * processes)
     training, evaluation = teacher_windows(teacher, windows, config.eval_windows, config.seqlen,
                                            config.seed, progress and main_process)
     if main_process:
         with atomic_file(saved) as staging:
-            torch.save({"training": training, "evaluation": evaluation}, staging)
-    return training, evaluation
+            torch.save({"training": training, "evaluation": evaluation,
+                        "generation": generation}, staging)
+    return training, evaluation, generation
 
 
 def _evaluation(metrics: dict[str, float]) -> dict[str, float]:
