@@ -40,7 +40,7 @@ def cached_teacher_windows(temperature: float):
     sample = distillation.teacher_windows
 
     def windows(teacher, training, evaluation, seqlen, seed, progress=True):
-        first = next(teacher.parameters()).detach().flatten()[:4096].numpy().tobytes()
+        first = next(teacher.parameters()).detach().flatten()[:4096].cpu().numpy().tobytes()
         digest = hashlib.sha256(first).hexdigest()[:12]
         path = CACHE / f"{digest}-{training}-{evaluation}-{seqlen}-{seed}-t{temperature}.pt"
         if path.exists():
