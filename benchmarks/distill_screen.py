@@ -6,9 +6,10 @@ seen twice, four held-back windows, no early stopping) with the settings given, 
 one JSON line with the settings, the wall time of the run and the perplexity on the wiki
 evaluation windows and on a second text. ``--temperature`` samples the teacher's windows at
 another temperature than the distillation's 1; ``--hidden-weight`` adds matching every layer's
-hidden states to the KL. The teacher's windows are cached under ~/.cache/prunenet/bench-distill (by
-count, length, seed and temperature), so arms that differ only in training train on the very
-same text and pay for it once; ``seconds`` excludes generating them when they were cached.
+hidden states to the KL. The teacher's windows go through the package's probe cache in
+~/.cache/prunenet/bench-distill (keyed by the teacher, seed, size and recipe), so arms that differ
+only in training train on the very same text and pay for it once; ``seconds`` excludes
+generating them when they were cached.
 
     python benchmarks/distill_screen.py PRUNED OUT --lr 3e-3 --steps 100 \\
         --ppl ~/.cache/prunenet/bench-reconstruct/hellaswag-text.txt
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -28,30 +28,17 @@ import torch
 import prunenet.distillation as distillation
 from prunenet.evaluation.evaluate import evaluate
 from prunenet.finetune import finetune
-from prunenet.io.files import atomic_file
 from prunenet.io.loading import load_model_and_tokenizer
+from prunenet.probe import Probe
 
 CACHE = Path.home() / ".cache" / "prunenet" / "bench-distill"
 
 
-def cached_teacher_windows(temperature: float):
-    """:func:`prunenet.distillation.teacher_windows` at ``temperature``, read from CACHE when the
-    same windows were sampled before (keyed by the teacher's weights too)."""
-    sample = distillation.teacher_windows
-
-    def windows(teacher, training, evaluation, seqlen, seed, progress=True):
-        first = next(teacher.parameters()).detach().flatten()[:4096].cpu().numpy().tobytes()
-        digest = hashlib.sha256(first).hexdigest()[:12]
-        path = CACHE / f"{digest}-{training}-{evaluation}-{seqlen}-{seed}-t{temperature}.pt"
-        if path.exists():
-            return tuple(torch.load(path))[:2]
-        result = sample(teacher, training, evaluation, seqlen, seed, progress=False)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_file(path) as staging:
-            torch.save(result, staging)
-        return result
-
-    return windows
+def cached_generation(model, tokenizer, tokens, seed, recipe, progress=True, label="probe"):
+    """:func:`prunenet.probe.generate_probe` through the package's probe cache in CACHE
+    (:class:`prunenet.probe.Probe`: keyed by the model's config and weights, the seed, the size
+    and the recipe), for :func:`prunenet.distillation.teacher_windows` to call."""
+    return Probe(model, tokenizer, tokens, seed, recipe, cache=CACHE, progress=False).ids()
 
 
 class HiddenStateTrainer(distillation.DistillationTrainer):
@@ -95,7 +82,7 @@ def main() -> None:
     args = parser.parse_args()
     distillation.TEACHER_RECIPE = dataclasses.replace(distillation.TEACHER_RECIPE,
                                                       temperature=args.temperature)
-    distillation.teacher_windows = cached_teacher_windows(args.temperature)
+    distillation.generate_probe = cached_generation
     if args.hidden_weight:
         HiddenStateTrainer.hidden_weight = args.hidden_weight
         distillation.DistillationTrainer = HiddenStateTrainer
