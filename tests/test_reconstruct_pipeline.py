@@ -13,6 +13,7 @@ import prunenet
 from conftest import make_tiny_model
 from prunenet import probe as probe_module
 from prunenet.cli import main
+from prunenet.errors import OutputError
 from prunenet.refit import DEFAULT_RIDGE
 
 
@@ -156,3 +157,31 @@ def test_a_default_compress_runs_the_model_once_over_the_probe(tmp_path):
     full_passes.clear()
     prunenet.compress(model, 0.3, probe_tokens=4 * length, reconstruct="none", progress=False)
     assert full_passes == [torch.Size([1, length])] * 4  # the selection's own pass
+
+
+def test_select_rows_checks_and_shares_the_probe_cache_as_compress_does(tmp_path, monkeypatch):
+    calls = []
+    original = probe_module.generate_probe
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(probe_module, "generate_probe", counting)
+    monkeypatch.setattr(probe_module.Probe, "_memory", {})
+    model = make_tiny_model("llama")
+    user_folder = tmp_path / "notes"
+    user_folder.mkdir()
+    (user_folder / "notes.txt").write_text("mine")
+    with pytest.raises(OutputError, match="--probe-cache"):
+        prunenet.select_rows(model, 0.3, probe_tokens=128, probe_cache=user_folder,
+                             progress=False)
+    assert [p.name for p in user_folder.iterdir()] == ["notes.txt"] and calls == []
+    cache = tmp_path / "probes"
+    rows = prunenet.select_rows(model, 0.3, probe_tokens=128, probe_cache=cache, progress=False)
+    assert len(calls) == 1 and [p.name.startswith("probe-") for p in cache.iterdir()] == [True]
+    monkeypatch.setattr(probe_module.Probe, "_memory", {})  # a new process: only the disk
+    compressed = prunenet.compress(make_tiny_model("llama"), 0.3, probe_tokens=128,
+                                   probe_cache=cache, reconstruct="none", progress=False)
+    assert len(calls) == 1
+    assert [r.tolist() for r in compressed.kept_rows] == [r.tolist() for r in rows]

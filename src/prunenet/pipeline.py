@@ -241,8 +241,7 @@ def plan_compression(model: Any, ratio: float, options: CompressOptions, *,
     if isinstance(options.ridge, bool) or not options.ridge > 0:
         raise InputError(f"--ridge must be a positive number, got {options.ridge!r}")
     guard_outputs([
-        Output(options.probe_cache, "--probe-cache", working=True, ours=is_probe_cache)
-        if options.probe_cache is not None else None,
+        probe_cache_output(options),
         Output(out, "--out", ours=is_model_output) if out is not None else None,
         Output(record_dir, "--record", ours=is_run_record) if record_dir is not None else None,
         Output(policy_out, "--policy-out", folder=False, ours=is_policy_file)
@@ -461,13 +460,18 @@ def select_rows(model: nn.Module, ratio: float, *, tokenizer: Any = None,
     view = FFNView(model)
     probe = None
     if isinstance(selector, SelfGenerated):
-        if settings.probe_cache is not None:  # checked as compress checks it
-            guard_outputs([Output(settings.probe_cache, "--probe-cache", working=True,
-                                  ours=is_probe_cache)], [], overwrite=False)
+        guard_outputs([probe_cache_output(settings)], [], overwrite=False)
         probe = run_probe(model, tokenizer, settings)
     source = Source(view, model, tokenizer, resolve_device(settings.device), settings.progress,
                     probe)
     return selector.select(source, kept_count(view.d_ff, ratio), settings.seed)
+
+
+def probe_cache_output(options: CompressOptions) -> Output | None:
+    """The ``--probe-cache`` folder as an output to check before any work (None without one)."""
+    if options.probe_cache is None:
+        return None
+    return Output(options.probe_cache, "--probe-cache", working=True, ours=is_probe_cache)
 
 
 def run_probe(model: nn.Module, tokenizer: Any, options: CompressOptions) -> Probe:
