@@ -192,7 +192,8 @@ def test_resuming_a_work_folder_of_an_earlier_version_keeps_its_settings_and_tex
 def test_a_teacher_with_fewer_positions_than_the_windows_is_refused(setup):
     from prunenet.distillation import teacher_windows
 
-    with pytest.raises(InputError, match="the teacher has 2048 positions, fewer than the 4096"):
+    with pytest.raises(InputError,
+                       match="--seqlen 4096 exceeds the teacher's context of 2048 tokens"):
         teacher_windows(_load(setup.dense), 2, 1, 4096, seed=0, progress=False)
 
 

@@ -24,8 +24,9 @@ from torch import Tensor, nn
 from transformers import Trainer
 
 from .errors import InputError
+from .families import check_sequence_length
 from .io.loading import RECORD_NAME, load_config, read_record
-from .probe import ProbeRecipe, generate_probe, max_sequence_length
+from .probe import ProbeRecipe, generate_probe
 
 GENERATION_BATCH = 32  # sequences per generate() call: bounds the KV cache
 # The teacher's text: sampled at temperature 1, which distils better than the probe's 1.2
@@ -78,10 +79,7 @@ def teacher_windows(teacher: nn.Module, training: int, evaluation: int, seqlen: 
     temperature, with the probe's generator (:func:`prunenet.probe.generate_probe`: batches of
     up to :data:`GENERATION_BATCH` with the KV cache, reproducible from ``seed``, a progress bar
     with tokens/s). The first ``evaluation`` sequences are held back, never trained on."""
-    positions = max_sequence_length(teacher, seqlen)
-    if positions < seqlen:
-        raise InputError(f"the teacher has {positions} positions, fewer than the {seqlen}-token "
-                         "windows asked for; lower --seqlen")
+    check_sequence_length(teacher.config, seqlen, model="teacher")  # generate_probe would split
     recipe = dataclasses.replace(TEACHER_RECIPE, sequence_length=seqlen)
     sequences = generate_probe(teacher, None, (training + evaluation) * seqlen, seed, recipe,
                                progress, label="teacher text")

@@ -141,13 +141,15 @@ def context_length(config) -> int | None:
     return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
 
 
-def check_sequence_length(config, seqlen: int, option: str = "--seqlen") -> None:
-    """Refuse windows of fewer than 2 tokens (no next token to predict) or beyond the context."""
+def check_sequence_length(config, seqlen: int, option: str = "--seqlen",
+                          model: str = "model") -> None:
+    """Refuse windows of fewer than 2 tokens (no next token to predict) or beyond the context of
+    the ``model`` (its name in the message) that ``config`` describes."""
     if seqlen < 2:
         raise InputError(f"{option} must be at least 2 tokens, got {seqlen}")
     context = context_length(config)
     if context is not None and seqlen > context:
-        raise InputError(f"{option} {seqlen} exceeds the model's context of {context} tokens")
+        raise InputError(f"{option} {seqlen} exceeds the {model}'s context of {context} tokens")
 
 
 def kept_count(d_ff: int, ratio: float) -> int:
