@@ -65,8 +65,10 @@ def test_the_saved_model_is_the_model_in_memory(tmp_path):
                                    rtol=0)
 
 
-def test_one_probe_per_run_and_a_cache_serves_the_next(tmp_path, monkeypatch):
-    calls = []
+@pytest.fixture
+def generations(monkeypatch) -> list[int]:
+    """One entry per probe generation from here on (no probe kept in memory from other tests)."""
+    calls: list[int] = []
     original = probe_module.generate_probe
 
     def counting(*args, **kwargs):
@@ -75,19 +77,23 @@ def test_one_probe_per_run_and_a_cache_serves_the_next(tmp_path, monkeypatch):
 
     monkeypatch.setattr(probe_module, "generate_probe", counting)
     monkeypatch.setattr(probe_module.Probe, "_memory", {})
+    return calls
+
+
+def test_one_probe_per_run_and_a_cache_serves_the_next(tmp_path, monkeypatch, generations):
     model = make_tiny_model("llama")
     cache = tmp_path / "probes"
     first = prunenet.compress(model, 0.3, probe_tokens=128, probe_cache=cache, progress=False)
-    assert len(calls) == 1  # the selection and the refit share one probe
+    assert len(generations) == 1  # the selection and the refit share one probe
     assert [p.name.startswith("probe-") for p in cache.iterdir()] == [True]
     monkeypatch.setattr(probe_module.Probe, "_memory", {})  # a new process: only the disk
     second = prunenet.compress(make_tiny_model("llama"), 0.3, probe_tokens=128,
                                probe_cache=cache, progress=False)
-    assert len(calls) == 1
+    assert len(generations) == 1
     assert [r.tolist() for r in first.kept_rows] == [r.tolist() for r in second.kept_rows]
     other_seed = prunenet.compress(make_tiny_model("llama"), 0.3, probe_tokens=128, seed=7,
                                    probe_cache=cache, progress=False)
-    assert len(calls) == 2 and other_seed.record["probe"]["seed"] == 7
+    assert len(generations) == 2 and other_seed.record["probe"]["seed"] == 7
 
 
 def test_bias_refit_for_families_with_a_bias_and_refused_without(tmp_path, capsys):
@@ -159,16 +165,8 @@ def test_a_default_compress_runs_the_model_once_over_the_probe(tmp_path):
     assert full_passes == [torch.Size([1, length])] * 4  # the selection's own pass
 
 
-def test_select_rows_checks_and_shares_the_probe_cache_as_compress_does(tmp_path, monkeypatch):
-    calls = []
-    original = probe_module.generate_probe
-
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(probe_module, "generate_probe", counting)
-    monkeypatch.setattr(probe_module.Probe, "_memory", {})
+def test_select_rows_checks_and_shares_the_probe_cache_as_compress_does(tmp_path, monkeypatch,
+                                                                        generations):
     model = make_tiny_model("llama")
     user_folder = tmp_path / "notes"
     user_folder.mkdir()
@@ -176,12 +174,13 @@ def test_select_rows_checks_and_shares_the_probe_cache_as_compress_does(tmp_path
     with pytest.raises(OutputError, match="--probe-cache"):
         prunenet.select_rows(model, 0.3, probe_tokens=128, probe_cache=user_folder,
                              progress=False)
-    assert [p.name for p in user_folder.iterdir()] == ["notes.txt"] and calls == []
+    assert [p.name for p in user_folder.iterdir()] == ["notes.txt"] and generations == []
     cache = tmp_path / "probes"
     rows = prunenet.select_rows(model, 0.3, probe_tokens=128, probe_cache=cache, progress=False)
-    assert len(calls) == 1 and [p.name.startswith("probe-") for p in cache.iterdir()] == [True]
+    assert len(generations) == 1
+    assert [p.name.startswith("probe-") for p in cache.iterdir()] == [True]
     monkeypatch.setattr(probe_module.Probe, "_memory", {})  # a new process: only the disk
     compressed = prunenet.compress(make_tiny_model("llama"), 0.3, probe_tokens=128,
                                    probe_cache=cache, reconstruct="none", progress=False)
-    assert len(calls) == 1
+    assert len(generations) == 1
     assert [r.tolist() for r in compressed.kept_rows] == [r.tolist() for r in rows]
