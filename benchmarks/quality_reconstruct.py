@@ -3,9 +3,10 @@ calibration?
 
 Every run prunes a fresh copy of the dense model: select rows (``self-generated`` on the model's
 own probe text, ``activation`` on real training windows, ``random``, ``magnitude``), optionally
-refit the second FFN matrix (``ls`` from dense statistics, ``ls-seq`` sequential with the dense
-target), slice, and measure perplexity on the first ``--windows`` evaluation windows of the wiki
-sample (never used for calibration). The score (third field of a job): ``wanda``, ``energy``,
+refit the second FFN matrix (``ls`` from dense statistics; sequential statistics: ``ls-seq``
+matching the dense stream's FFN output, ``ls-seq-pruned`` the original FFN on the pruned
+stream), slice, and measure perplexity on the first ``--windows`` evaluation windows of the
+wiki sample (never used for calibration). The score (third field of a job): ``wanda``, ``energy``,
 ``fluctuation`` (``prunenet.ffn_statistics.SCORES``), or two that know about the refit: ``obs`` /
 ``obs-greedy`` (the neurons whose removal the refit repairs best) and ``wanda-obs`` (Wanda
 discounted by how well the other neurons predict each one). Results are appended to a JSON-lines
