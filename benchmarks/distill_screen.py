@@ -6,10 +6,12 @@ seen twice, four held-back windows, no early stopping) with the settings given, 
 one JSON line with the settings, the wall time of the run and the perplexity on the wiki
 evaluation windows and on a second text. ``--temperature`` samples the teacher's windows at
 another temperature than the distillation's 1; ``--hidden-weight`` adds matching every layer's
-hidden states to the KL. The teacher's windows go through the package's probe cache in
-~/.cache/prunenet/bench-distill (keyed by the teacher, seed, size and recipe), so arms that differ
-only in training train on the very same text and pay for it once; ``seconds`` excludes
-generating them when they were cached.
+hidden states to the KL; ``--teacher-top K`` trains on the KL over the teacher's K most likely
+tokens plus one bucket (what a run could learn from log-probabilities kept while the teacher
+samples); ``--precision`` is finetune's (float32 here unless given). The teacher's windows go
+through the package's probe cache in ~/.cache/prunenet/bench-distill (keyed by the teacher,
+seed, size and recipe, not the precision), so arms that differ only in training train on the
+very same text and pay for it once; ``seconds`` excludes generating them when they were cached.
 
     python benchmarks/distill_screen.py PRUNED OUT --lr 3e-3 --steps 100 \\
         --ppl ~/.cache/prunenet/bench-reconstruct/hellaswag-text.txt
@@ -62,6 +64,41 @@ class HiddenStateTrainer(distillation.DistillationTrainer):
         return (loss, outputs) if return_outputs else loss
 
 
+def top_k_kl(student_logits, teacher_logits, k: int):
+    """``KL(teacher || student)`` between the two distributions coarsened to the teacher's ``k``
+    most likely tokens plus one bucket for all the others (per position, mean over positions):
+    the loss a run could compute from only the teacher's top-k log-probabilities, kept while it
+    samples, without a teacher forward per step."""
+    vocab = student_logits.shape[-1]
+    student = torch.log_softmax(student_logits.float().reshape(-1, vocab), dim=-1)
+    teacher = torch.log_softmax(teacher_logits.float().reshape(-1, vocab), dim=-1)
+    top, index = teacher.topk(k, dim=-1)
+    student_top = student.gather(-1, index)
+    masked = student.scatter(-1, index, float("-inf"))
+    student_rest = torch.logsumexp(masked, dim=-1)
+    teacher_rest = torch.log1p(-top.exp().sum(-1).clamp(max=1 - 1e-6))
+    inside = (top.exp() * (top - student_top)).sum(-1)
+    outside = teacher_rest.exp() * (teacher_rest - student_rest)
+    return (inside + outside).mean()
+
+
+class TopKTrainer(distillation.DistillationTrainer):
+    """Training loss :func:`top_k_kl` (the teacher still runs here: this measures the loss's
+    quality, not its speed); evaluation by the full KL."""
+
+    top_k = 64
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not model.training:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        input_ids = inputs["input_ids"]
+        with torch.no_grad():
+            teacher_logits = self.teacher(input_ids=input_ids).logits
+        outputs = model(input_ids=input_ids)
+        loss = top_k_kl(outputs.logits, teacher_logits, self.top_k)
+        return (loss, outputs) if return_outputs else loss
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("pruned")
@@ -76,6 +113,10 @@ def main() -> None:
     parser.add_argument("--targets", default="attn,mlp")
     parser.add_argument("--hidden-weight", type=float, default=0.0,
                         help="also match every layer's hidden states (relative squared error)")
+    parser.add_argument("--teacher-top", type=int, default=0,
+                        help="train on the KL over the teacher's top-k tokens plus one bucket")
+    parser.add_argument("--precision", choices=("float32", "bfloat16"), default="float32",
+                        help="the training step's arithmetic (finetune's precision)")
     parser.add_argument("--windows", type=int, default=16, help="evaluation windows")
     parser.add_argument("--ppl", help="a second evaluation text (a file)")
     parser.add_argument("--log", help="also append the JSON line to this file")
@@ -86,11 +127,15 @@ def main() -> None:
     if args.hidden_weight:
         HiddenStateTrainer.hidden_weight = args.hidden_weight
         distillation.DistillationTrainer = HiddenStateTrainer
+    if args.teacher_top:
+        TopKTrainer.top_k = args.teacher_top
+        distillation.DistillationTrainer = TopKTrainer
     started = time.perf_counter()
     finetune(args.pruned, "self-generated", args.out, steps=args.steps, seqlen=args.seqlen,
              generated_windows=args.steps // 2, eval_every=args.steps // 2, eval_windows=4,
              lr=args.lr, train=args.train, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
-             targets=tuple(args.targets.split(",")), patience=None, progress=False)
+             targets=tuple(args.targets.split(",")), patience=None, progress=False,
+             precision=args.precision)
     seconds = time.perf_counter() - started
     model, tokenizer = load_model_and_tokenizer(args.out)
     result = {"temperature": args.temperature, "steps": args.steps, "seqlen": args.seqlen,
@@ -100,6 +145,10 @@ def main() -> None:
         result.update(lora_r=args.lora_r, lora_alpha=args.lora_alpha)
     if args.hidden_weight:
         result["hidden_weight"] = args.hidden_weight
+    if args.teacher_top:
+        result["teacher_top"] = args.teacher_top
+    if args.precision != "float32":
+        result["precision"] = args.precision
     for name, corpus in (("wiki", "wiki"), ("second", args.ppl)):
         if corpus is not None:
             report = evaluate(model, tokenizer, ppl=corpus, windows=args.windows, progress=False)

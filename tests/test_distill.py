@@ -17,7 +17,7 @@ from conftest import assert_same_weights, make_tiny_model
 from prunenet.cli import main
 from prunenet.distillation import TEACHER_RECIPE
 from prunenet.errors import InputError, OutputError
-from prunenet.finetune import finetune
+from prunenet.finetune import autocast, finetune
 from prunenet.pipeline import prune
 from prunenet.probe import generate_probe
 
@@ -96,7 +96,9 @@ def test_the_record_says_what_was_distilled(setup, distilled):
     assert distillation["loss"] == "kl" and distillation["temperature"] == 1.0
     # one training window per window trained on (10 steps x 4), 4 held back: 32 tokens each
     assert distillation["generated_tokens"] == {"training": 40 * 32, "evaluation": 4 * 32}
-    assert distillation["generation"] == {"seed": 0, "batch_size": 32, "temperature": 1.0}
+    precision = entry["settings"]["precision"]  # the device's default
+    assert distillation["generation"] == {"seed": 0, "batch_size": 32, "temperature": 1.0,
+                                          "precision": precision}
     assert distillation["text"] == "sampled by the teacher from its BOS token, temperature 1"
     assert entry["settings"]["data"] == "self-generated"
     assert entry["trained"] == "LoRA adapters" and entry["settings"]["train"] == "lora"
@@ -114,8 +116,9 @@ def test_training_never_sees_the_held_back_windows(distilled):
     generation = distillation["generation"]
     recipe = replace(TEACHER_RECIPE, sequence_length=32, batch_size=generation["batch_size"],
                      temperature=generation["temperature"])
-    sequences = generate_probe(_load(distillation["teacher"]), None, 44 * 32,
-                               generation["seed"], recipe, progress=False)
+    with autocast("cpu", generation["precision"]):
+        sequences = generate_probe(_load(distillation["teacher"]), None, 44 * 32,
+                                   generation["seed"], recipe, progress=False)
     evaluation = sequences[:4]
     # the record reproduces the text: the rest are exactly the windows trained on
     assert fed == {tuple(row.tolist()) for row in sequences[4:]}
@@ -170,9 +173,11 @@ def test_resume_ends_with_the_weights_of_an_uninterrupted_run(setup):
 
 def test_resuming_a_work_folder_of_an_earlier_version_keeps_its_settings_and_text(setup):
     """A run started with other defaults resumes with the command repeated as it was (unset
-    lr and seqlen take the checkpoint's), and the record names how that text was sampled."""
+    lr, seqlen and precision take the checkpoint's; a checkpoint that names no precision ran in
+    float32), and the record names how that text was sampled."""
     settings = dict(steps=4, eval_every=2, **{k: v for k, v in SETTINGS.items() if k != "data"})
     settings["lr"] = 2e-3  # neither today's default nor the earlier one
+    settings["precision"] = "float32"  # what every run computed in before the setting
     out = setup.root / "earlier"
     with pytest.raises(Interrupted):
         finetune(setup.pruned, "self-generated", out, callbacks=[InterruptAt(3)], **settings)
@@ -180,13 +185,19 @@ def test_resuming_a_work_folder_of_an_earlier_version_keeps_its_settings_and_tex
     kept = torch.load(saved)
     torch.save({"training": kept["training"], "evaluation": kept["evaluation"],
                 "seeds": [11, 12]}, saved)  # as the earlier sampler kept it
-    repeated = {k: v for k, v in settings.items() if k not in ("lr", "seqlen")}
+    settings_file = setup.root / "earlier.work" / "prunenet-finetune.json"
+    saved_settings = json.loads(settings_file.read_text())
+    del saved_settings["precision"]  # saved before the setting existed: float32 ran
+    settings_file.write_text(json.dumps(saved_settings))
+    repeated = {k: v for k, v in settings.items() if k not in ("lr", "seqlen", "precision")}
     resumed = finetune(setup.pruned, "self-generated", out, resume=True, **repeated)
     entry = resumed.record["finetune"]
     assert entry["settings"]["lr"] == 2e-3 and entry["settings"]["seqlen"] == 32
+    assert entry["settings"]["precision"] == "float32"
     assert entry["resumed_from_step"] == 2 and entry["steps_run"] == 4
     assert entry["distillation"]["generation"] == {
-        "seeds": [11, 12], "sampler": "one seed per batch of 32 sequences"}
+        "seeds": [11, 12], "sampler": "one seed per batch of 32 sequences",
+        "precision": "float32"}
 
 
 def test_a_teacher_with_fewer_positions_than_the_windows_is_refused(setup):
@@ -233,10 +244,13 @@ def test_a_mismatched_teacher_is_a_one_line_error(setup, tmp_path, capsys):
 def test_cli_finetune_distils(setup, tmp_path, capsys):
     out = tmp_path / "cli"
     assert main(["-q", "finetune", str(setup.pruned), "--data", "self-generated", "--out",
-                 str(out), "--steps", "2", "--seqlen", "32", "--eval-windows", "2"]) == 0
+                 str(out), "--steps", "2", "--seqlen", "32", "--eval-windows", "2",
+                 "--precision", "float32"]) == 0
     assert "held-out KL to the teacher" in capsys.readouterr().out
     entry = json.loads((out / "prunenet.json").read_text())["finetune"]
     assert entry["distillation"]["teacher"] == str(setup.dense.resolve())
+    assert entry["settings"]["precision"] == entry["distillation"]["generation"]["precision"] \
+        == "float32"
 
 
 def test_compress_recovers_without_data(setup, tmp_path):
@@ -245,7 +259,8 @@ def test_compress_recovers_without_data(setup, tmp_path):
     recovered.mkdir()
     (recovered / "mine.txt").write_text("not prunenet's")
     argv = ["-q", "compress", str(setup.dense), "--ratio", "0.5", "--method", "random",
-            "--out", str(out), "--recover-steps", "2", "--finetune-seqlen", "32"]
+            "--out", str(out), "--recover-steps", "2", "--finetune-seqlen", "32",
+            "--finetune-precision", "bfloat16"]
     assert main(argv) == 2  # the recovery output is checked before any work
     assert not out.exists()
     (recovered / "mine.txt").unlink()
@@ -253,6 +268,7 @@ def test_compress_recovers_without_data(setup, tmp_path):
     entry = json.loads((recovered / "prunenet.json").read_text())["finetune"]
     assert entry["source"] == str(out.resolve()) and entry["steps_run"] == 2
     assert entry["distillation"]["teacher"] == str(setup.dense.resolve())
+    assert entry["settings"]["precision"] == "bfloat16"
 
 
 def test_the_teacher_text_progress_bar_names_what_it_samples(setup, capsys):

@@ -20,9 +20,12 @@ from prunenet.evaluation.perplexity import perplexity
 from prunenet.finetune import (
     DEFAULT_LR,
     DEFAULT_SEQLEN,
+    PRECISIONS,
     SELF_GENERATED,
     FinetuneConfig,
+    autocast,
     corpus_windows,
+    default_precision,
     finetune,
 )
 from prunenet.pipeline import prune
@@ -166,8 +169,9 @@ def test_record_is_carried_over_and_the_best_checkpoint_kept(setup, trained):
     assert entry["best_step"] == [5, 10][history.index(min(history))]
     tokenizer = transformers.AutoTokenizer.from_pretrained(setup.pruned)
     _, evaluation = corpus_windows(setup.corpus, tokenizer, 32, 4)
-    assert entry["eval_perplexity_before"] == pytest.approx(
-        perplexity(_load(setup.pruned), evaluation, progress=False), rel=1e-5)
+    with autocast("cpu", entry["settings"]["precision"]):  # evaluation computes as training
+        expected = perplexity(_load(setup.pruned), evaluation, progress=False)
+    assert entry["eval_perplexity_before"] == pytest.approx(expected, rel=1e-5)
     assert not (setup.root / "trained.work").exists()
 
 
@@ -288,3 +292,50 @@ def test_default_window_length_depends_on_the_data():
     assert FinetuneConfig(data=SELF_GENERATED, seqlen=64).seqlen == 64
     with pytest.raises(InputError, match="seqlen must be at least 2"):
         FinetuneConfig(seqlen=1)
+
+
+@pytest.mark.parametrize(("avx512_bf16", "amx", "expected"), [
+    (True, False, "bfloat16"), (False, True, "bfloat16"), (False, False, "float32")])
+def test_default_precision_is_bfloat16_only_where_the_cpu_computes_it(monkeypatch, avx512_bf16,
+                                                                     amx, expected):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert default_precision("auto") == default_precision("cpu") == expected
+    with pytest.raises(InputError, match="precision must be one of float32, bfloat16"):
+        FinetuneConfig(precision="float16")
+
+
+class Arithmetic(transformers.TrainerCallback):
+    """The dtype of the first LoRA-wrapped projection's output in training forwards."""
+
+    def __init__(self) -> None:
+        self.dtypes: set[torch.dtype] = set()
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        def capture(module, _inputs, output):
+            if module.training:
+                self.dtypes.add(output.dtype)
+
+        model.get_submodule("base_model.model.model.layers.0.mlp.down_proj").register_forward_hook(
+            capture)
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_the_training_step_runs_in_the_precision_asked_and_the_weights_stay_float32(
+        setup, precision):
+    arithmetic = Arithmetic()
+    out = setup.root / f"precision-{precision}"
+    result = finetune(setup.pruned, setup.corpus, out, steps=2, eval_every=2, patience=None,
+                      progress=False, callbacks=[arithmetic], precision=precision, **SETTINGS)
+    assert arithmetic.dtypes == {getattr(torch, precision)}
+    assert result.record["finetune"]["settings"]["precision"] == precision
+    assert {p.dtype for p in _load(out).parameters()} == {torch.float32}
+
+
+def test_an_unset_precision_is_the_devices_default(setup, monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    result = finetune(setup.pruned, setup.corpus, setup.root / "unset-precision", steps=1,
+                      eval_every=1, patience=None, progress=False, device="cpu", **SETTINGS)
+    assert result.record["finetune"]["settings"]["precision"] == "float32"

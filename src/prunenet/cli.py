@@ -278,6 +278,7 @@ def run_compress(args: argparse.Namespace) -> int:
         tuned = finetune(result.out, SELF_GENERATED if distil else args.finetune_data, folder,
                          teacher=args.model if distil else None, steps=steps,
                          seqlen=args.finetune_seqlen, seed=args.seed, device=args.device,
+                         precision=_precision(args.finetune_precision),
                          overwrite=args.overwrite, progress=not args.quiet)
         _print_finetune_summary(tuned)
     return 0
@@ -315,6 +316,7 @@ def add_compress(subparsers) -> None:
     group.add_argument("--finetune-seqlen", type=positive_int, default=None,
                        help="window length for --finetune-steps and --recover-steps "
                        "(default: finetune's, 1024 on a corpus and 256 distilling)")
+    _add_precision_argument(group, "--finetune-precision")
     parser.set_defaults(run=run_compress)
 
 
@@ -613,6 +615,21 @@ def _print_finetune_summary(result) -> None:
     )
 
 
+def _precision(value: str) -> str | None:
+    """A fine-tune's --precision as finetune() takes it (None: the device's default)."""
+    return None if value == "auto" else value
+
+
+def _add_precision_argument(group, option: str) -> None:
+    from .finetune import PRECISIONS
+
+    group.add_argument(option, choices=["auto", *PRECISIONS], default="auto",
+                       help="the training step's arithmetic (and, distilling, the teacher's): "
+                       "bfloat16 autocast over float32 weights, or float32. Default auto: "
+                       "bfloat16 on a CUDA GPU that supports it or a CPU with AVX512-BF16 or "
+                       "AMX, float32 elsewhere. The weights train in float32 either way")
+
+
 def run_finetune(args: argparse.Namespace) -> int:
     from .finetune import finetune
 
@@ -624,6 +641,7 @@ def run_finetune(args: argparse.Namespace) -> int:
         lora_dropout=args.lora_dropout, targets=args.targets, eval_every=args.eval_every,
         eval_windows=args.eval_windows, generated_windows=args.generated_windows,
         patience=args.patience or None, seed=args.seed, progress=not args.quiet,
+        precision=_precision(args.precision),
     )
     _print_finetune_summary(result)
     return 0
@@ -679,6 +697,7 @@ def add_finetune(subparsers) -> None:
     parser.add_argument("--lr", type=positive_float, default=None,
                         help="peak learning rate, linear decay (default: "
                         f"{DEFAULT_LR['lora']:g} for lora, {DEFAULT_LR['ffn']:g} for ffn)")
+    _add_precision_argument(parser, "--precision")
     parser.add_argument("--lora-r", type=positive_int, default=8, help="LoRA rank (default: 8)")
     parser.add_argument("--lora-alpha", type=positive_float, default=32.0,
                         help="LoRA alpha (default: 32)")

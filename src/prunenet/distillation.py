@@ -73,22 +73,28 @@ def check_teacher(student_config: Any, teacher: str, trust_remote_code: bool = F
 
 
 def teacher_windows(teacher: nn.Module, training: int, evaluation: int, seqlen: int,
-                    seed: int, progress: bool = True) -> tuple[Tensor, Tensor]:
+                    seed: int, progress: bool = True, precision: str = "float32"
+                    ) -> tuple[Tensor, Tensor]:
     """``(training_windows, evaluation_windows)``: ``training`` and ``evaluation`` sequences of
     ``seqlen`` tokens the teacher samples from its BOS token at :data:`TEACHER_RECIPE`'s
     temperature, with the probe's generator (:func:`prunenet.probe.generate_probe`: batches of
     up to :data:`GENERATION_BATCH` with the KV cache, reproducible from ``seed``, a progress bar
-    with tokens/s). The first ``evaluation`` sequences are held back, never trained on."""
+    with tokens/s), the teacher computing in ``precision`` (bfloat16: autocast). The first
+    ``evaluation`` sequences are held back, never trained on."""
+    from .finetune import autocast
+
     check_sequence_length(teacher.config, seqlen, model="teacher")  # generate_probe would split
     recipe = dataclasses.replace(TEACHER_RECIPE, sequence_length=seqlen)
-    sequences = generate_probe(teacher, None, (training + evaluation) * seqlen, seed, recipe,
-                               progress, label="teacher text")
+    with autocast(next(teacher.parameters()).device, precision):
+        sequences = generate_probe(teacher, None, (training + evaluation) * seqlen, seed, recipe,
+                                   progress, label="teacher text")
     return sequences[evaluation:], sequences[:evaluation]
 
 
 class DistillationTrainer(Trainer):
     """The transformers Trainer with ``KL(teacher || student)`` as its loss (``teacher`` under
-    ``no_grad``, moved to the training device); evaluation also reports ``eval_perplexity``, the
+    ``no_grad``, moved to the training device, in bfloat16 autocast when the run's arguments say
+    ``bf16`` as the student's forward is); evaluation also reports ``eval_perplexity``, the
     student's perplexity on the evaluation windows' own tokens (the teacher's text)."""
 
     def __init__(self, *args: Any, teacher: nn.Module, **kwargs: Any) -> None:
@@ -99,8 +105,11 @@ class DistillationTrainer(Trainer):
         self._held_out: list[tuple[float, int]] = []
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        from .finetune import autocast
+
         input_ids = inputs["input_ids"]
-        with torch.no_grad():
+        precision = "bfloat16" if self.args.bf16 else "float32"
+        with torch.no_grad(), autocast(self.args.device, precision):
             teacher_logits = self.teacher(input_ids=input_ids).logits
         if model.training:
             outputs = model(input_ids=input_ids)
