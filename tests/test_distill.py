@@ -14,10 +14,11 @@ from safetensors.torch import load_file
 from test_finetune import InterruptAt, Interrupted, Recorder
 
 from conftest import assert_same_weights, make_tiny_model
+from prunenet.arithmetic import autocast
 from prunenet.cli import main
 from prunenet.distillation import TEACHER_RECIPE
 from prunenet.errors import InputError, OutputError
-from prunenet.finetune import autocast, finetune
+from prunenet.finetune import finetune
 from prunenet.pipeline import prune
 from prunenet.probe import generate_probe
 

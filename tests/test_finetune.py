@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from conftest import VOCAB, assert_same_weights, make_tiny_model
+from prunenet.arithmetic import PRECISIONS, autocast, default_precision
 from prunenet.cli import main
 from prunenet.errors import InputError, OutputError
 from prunenet.evaluation.corpora import load_corpus
@@ -20,12 +21,9 @@ from prunenet.evaluation.perplexity import perplexity
 from prunenet.finetune import (
     DEFAULT_LR,
     DEFAULT_SEQLEN,
-    PRECISIONS,
     SELF_GENERATED,
     FinetuneConfig,
-    autocast,
     corpus_windows,
-    default_precision,
     finetune,
 )
 from prunenet.pipeline import prune

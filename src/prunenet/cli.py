@@ -621,7 +621,7 @@ def _precision(value: str) -> str | None:
 
 
 def _add_precision_argument(group, option: str) -> None:
-    from .finetune import PRECISIONS
+    from .arithmetic import PRECISIONS
 
     group.add_argument(option, choices=["auto", *PRECISIONS], default="auto",
                        help="the training step's arithmetic (and, distilling, the teacher's): "

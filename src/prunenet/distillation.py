@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import Trainer
 
+from .arithmetic import autocast
 from .errors import InputError
 from .families import check_sequence_length
 from .io.loading import RECORD_NAME, load_config, read_record
@@ -81,8 +82,6 @@ def teacher_windows(teacher: nn.Module, training: int, evaluation: int, seqlen: 
     up to :data:`GENERATION_BATCH` with the KV cache, reproducible from ``seed``, a progress bar
     with tokens/s), the teacher computing in ``precision`` (bfloat16: autocast). The first
     ``evaluation`` sequences are held back, never trained on."""
-    from .finetune import autocast
-
     check_sequence_length(teacher.config, seqlen, model="teacher")  # generate_probe would split
     recipe = dataclasses.replace(TEACHER_RECIPE, sequence_length=seqlen)
     with autocast(next(teacher.parameters()).device, precision):
@@ -105,8 +104,6 @@ class DistillationTrainer(Trainer):
         self._held_out: list[tuple[float, int]] = []
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        from .finetune import autocast
-
         input_ids = inputs["input_ids"]
         precision = "bfloat16" if self.args.bf16 else "float32"
         with torch.no_grad(), autocast(self.args.device, precision):

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .arithmetic import PRECISIONS, default_precision
 from .errors import InputError, NumericalError, OutputError
 from .evaluation.corpora import load_corpus
 from .families import check_sequence_length, family_for
@@ -63,10 +64,9 @@ DEFAULT_LR = {"lora": 1e-3, "ffn": 1e-4}
 # Window length: 256 tokens distil better than 1024 for the same teacher tokens (and sample
 # faster); real text keeps the evaluation's 1024.
 DEFAULT_SEQLEN = {"corpus": 1024, SELF_GENERATED: 256}
-# Arithmetic of the training step (and, distilling, of the teacher and its text): bfloat16
-# autocast over float32 weights where the device computes bfloat16 natively: 100 distillation
-# steps 1.7x faster on a CPU with AVX512-BF16, ending at the same perplexity (benchmarks/README.md).
-PRECISIONS = ("float32", "bfloat16")
+# Arithmetic (prunenet.arithmetic): bfloat16 autocast where the device computes it natively; 100
+# distillation steps ran 1.7x faster on a CPU with AVX512-BF16 and ended at the same perplexity
+# (benchmarks/README.md).
 # What a work folder saved before a setting existed ran with, for --resume.
 EARLIER_SETTINGS = {"precision": "float32"}
 
@@ -84,7 +84,8 @@ class FinetuneConfig:
     trains on, so none repeats. ``eval_every`` None means four evaluations over the run;
     ``patience`` None turns early stopping off (the best checkpoint is still the one kept).
     ``precision``: "float32", or "bfloat16" (autocast: the weights and the optimizer stay
-    float32); None: :func:`default_precision` of the device, chosen by :func:`finetune`.
+    float32); None: :func:`prunenet.arithmetic.default_precision` of the device, chosen by
+    :func:`finetune`.
     """
 
     data: str = "wiki"
@@ -155,22 +156,6 @@ class FinetuneResult:
     tokenizer: Any
     record: dict[str, Any]
     out: str | None = None
-
-
-def default_precision(device: str) -> str:
-    """"bfloat16" where ``device`` ("auto", "cpu", "cuda"...) computes it natively (a CUDA GPU
-    with bfloat16 support; a CPU with AVX512-BF16 or AMX), otherwise "float32"."""
-    if device != "cpu" and torch.cuda.is_available():
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
-    native = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported",
-                                                          "_is_amx_tile_supported")]
-    return "bfloat16" if any(check is not None and check() for check in native) else "float32"
-
-
-def autocast(device: torch.device | str, precision: str):
-    """The autocast context of ``precision`` on ``device`` (disabled for float32)."""
-    device_type = torch.device(device).type
-    return torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bfloat16")
 
 
 def lora_target_modules(model: nn.Module, targets: tuple[str, ...] | list[str]) -> list[str]:
