@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 import prunenet.distillation as distillation
+from prunenet.arithmetic import autocast
 from prunenet.evaluation.evaluate import evaluate
 from prunenet.finetune import finetune
 from prunenet.io.loading import load_model_and_tokenizer
@@ -43,25 +44,41 @@ def cached_generation(model, tokenizer, tokens, seed, recipe, progress=True, lab
     return Probe(model, tokenizer, tokens, seed, recipe, cache=CACHE, progress=False).ids()
 
 
-class HiddenStateTrainer(distillation.DistillationTrainer):
-    """Training loss ``KL + hidden_weight * mean over layers of ||h_s - h_t||^2 / ||h_t||^2``
-    (every layer's output, per token); evaluation (and so the kept checkpoint) by the KL alone."""
+class TrainingLossTrainer(distillation.DistillationTrainer):
+    """The package's distillation, with another training loss (:meth:`training_loss` of the
+    student's and the teacher's outputs, the teacher in the run's precision); evaluation (and so
+    the kept checkpoint) stays the KL on the logits."""
 
-    hidden_weight = 0.0
+    hidden_states = False  # whether the loss reads every layer's hidden states
+
+    def training_loss(self, student, teacher):
+        raise NotImplementedError
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not model.training:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         input_ids = inputs["input_ids"]
-        with torch.no_grad():
-            teacher = self.teacher(input_ids=input_ids, output_hidden_states=True)
-        outputs = model(input_ids=input_ids, output_hidden_states=True)
-        loss = distillation.kl_to_teacher(outputs.logits, teacher.logits)
-        pairs = list(zip(outputs.hidden_states[1:], teacher.hidden_states[1:]))
+        precision = "bfloat16" if self.args.bf16 else "float32"
+        with torch.no_grad(), autocast(self.args.device, precision):
+            teacher = self.teacher(input_ids=input_ids, output_hidden_states=self.hidden_states)
+        outputs = model(input_ids=input_ids, output_hidden_states=self.hidden_states)
+        loss = self.training_loss(outputs, teacher)
+        return (loss, outputs) if return_outputs else loss
+
+
+class HiddenStateTrainer(TrainingLossTrainer):
+    """Training loss ``KL + hidden_weight * mean over layers of ||h_s - h_t||^2 / ||h_t||^2``
+    (every layer's output, per token)."""
+
+    hidden_states = True
+    hidden_weight = 0.0
+
+    def training_loss(self, student, teacher):
+        loss = distillation.kl_to_teacher(student.logits, teacher.logits)
+        pairs = list(zip(student.hidden_states[1:], teacher.hidden_states[1:]))
         hidden = sum(((s.float() - t.float()).pow(2).sum(-1) / t.float().pow(2).sum(-1)).mean()
                      for s, t in pairs) / len(pairs)
-        loss = loss + self.hidden_weight * hidden
-        return (loss, outputs) if return_outputs else loss
+        return loss + self.hidden_weight * hidden
 
 
 def top_k_kl(student_logits, teacher_logits, k: int):
@@ -82,21 +99,14 @@ def top_k_kl(student_logits, teacher_logits, k: int):
     return (inside + outside).mean()
 
 
-class TopKTrainer(distillation.DistillationTrainer):
+class TopKTrainer(TrainingLossTrainer):
     """Training loss :func:`top_k_kl` (the teacher still runs here: this measures the loss's
-    quality, not its speed); evaluation by the full KL."""
+    quality, not its speed)."""
 
     top_k = 64
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if not model.training:
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        input_ids = inputs["input_ids"]
-        with torch.no_grad():
-            teacher_logits = self.teacher(input_ids=input_ids).logits
-        outputs = model(input_ids=input_ids)
-        loss = top_k_kl(outputs.logits, teacher_logits, self.top_k)
-        return (loss, outputs) if return_outputs else loss
+    def training_loss(self, student, teacher):
+        return top_k_kl(student.logits, teacher.logits, self.top_k)
 
 
 def main() -> None:
