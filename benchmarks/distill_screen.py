@@ -131,6 +131,8 @@ def main() -> None:
     parser.add_argument("--ppl", help="a second evaluation text (a file)")
     parser.add_argument("--log", help="also append the JSON line to this file")
     args = parser.parse_args()
+    if args.teacher_top and args.hidden_weight:
+        parser.error("--teacher-top and --hidden-weight are separate arms; give one")
     distillation.TEACHER_RECIPE = dataclasses.replace(distillation.TEACHER_RECIPE,
                                                       temperature=args.temperature)
     distillation.generate_probe = cached_generation

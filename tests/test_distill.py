@@ -3,6 +3,7 @@ dense teacher on text the teacher writes itself."""
 
 from __future__ import annotations
 
+import importlib
 import json
 from dataclasses import replace
 from types import SimpleNamespace
@@ -148,6 +149,36 @@ def test_ffn_training_changes_only_the_ffn_weights(setup):
     for name, tensor in before.items():
         changed = not torch.equal(tensor, after[name])
         assert changed == (name.rsplit(".", 2)[-2] in FFN_NAMES), name
+
+
+def test_the_teacher_samples_and_scores_in_the_runs_precision(setup, monkeypatch):
+    """A bfloat16 run: the teacher's forward during training computes in bfloat16, and its text
+    was sampled in the precision the record names (bfloat16 where the CPU has it natively)."""
+    finetune_module = importlib.import_module("prunenet.finetune")  # not the function
+    seen: dict[int, set] = {}  # per sequence length: the dtypes the teacher's FFN computed in
+    loaded = []
+    original = finetune_module.load_model_and_tokenizer
+
+    def load(*args, **kwargs):
+        model, tokenizer = original(*args, **kwargs)
+        loaded.append(model)
+        if len(loaded) == 2:  # the student loads first, then the teacher
+            def capture(_module, _inputs, output):
+                seen.setdefault(output.shape[1], set()).add(output.dtype)
+
+            model.model.layers[0].mlp.down_proj.register_forward_hook(capture)
+        return model, tokenizer
+
+    monkeypatch.setattr(finetune_module, "load_model_and_tokenizer", load)
+    result = finetune(setup.pruned, "self-generated", setup.root / "teacher-bf16", steps=2,
+                      eval_every=2, patience=None, precision="bfloat16",
+                      **{k: v for k, v in SETTINGS.items() if k != "data"})
+    sampled = result.record["finetune"]["distillation"]["generation"]["precision"]
+    assert seen[32] == {torch.bfloat16}  # training and evaluation: whole 32-token windows
+    assert seen[1] == {getattr(torch, sampled)}  # sampling: one token per step
+    from prunenet.arithmetic import default_precision
+
+    assert sampled == default_precision("cpu")
 
 
 def test_resume_ends_with_the_weights_of_an_uninterrupted_run(setup):

@@ -248,6 +248,13 @@ def test_cli_bad_input_exits_2(setup, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([*argv, "--steps", "0"])
     assert exit_info.value.code == 2
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--precision", "float16"])
+    assert exit_info.value.code == 2
+    assert ("invalid choice: 'float16' (choose from 'auto', 'float32', 'bfloat16')"
+            in capsys.readouterr().err)
+    assert not (tmp_path / "o").exists()
 
 
 def test_compress_chains_finetune(setup, tmp_path):
@@ -292,6 +299,24 @@ def test_default_window_length_depends_on_the_data():
         FinetuneConfig(seqlen=1)
 
 
+@pytest.mark.parametrize(("native", "expected"), [(True, "bfloat16"), (False, "float32")])
+def test_default_precision_on_a_gpu_is_bfloat16_only_where_it_is_native(monkeypatch, native,
+                                                                        expected):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    asked = []
+
+    def supported(including_emulation=True):
+        asked.append(including_emulation)
+        return native or including_emulation  # V100-like when not native: emulation only
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", supported)
+    assert default_precision("auto") == default_precision("cuda") == expected
+    assert asked == [False, False]
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")  # an older or other torch
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
+    assert default_precision("cpu") == "float32"
+
+
 @pytest.mark.parametrize(("avx512_bf16", "amx", "expected"), [
     (True, False, "bfloat16"), (False, True, "bfloat16"), (False, False, "float32")])
 def test_default_precision_is_bfloat16_only_where_the_cpu_computes_it(monkeypatch, avx512_bf16,
@@ -321,7 +346,9 @@ class Arithmetic(transformers.TrainerCallback):
 
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_the_training_step_runs_in_the_precision_asked_and_the_weights_stay_float32(
-        setup, precision):
+        setup, precision, monkeypatch):
+    # what `accelerate config` may leave behind must not change the arithmetic the record names
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
     arithmetic = Arithmetic()
     out = setup.root / f"precision-{precision}"
     result = finetune(setup.pruned, setup.corpus, out, steps=2, eval_every=2, patience=None,
@@ -337,3 +364,14 @@ def test_an_unset_precision_is_the_devices_default(setup, monkeypatch):
     result = finetune(setup.pruned, setup.corpus, setup.root / "unset-precision", steps=1,
                       eval_every=1, patience=None, progress=False, device="cpu", **SETTINGS)
     assert result.record["finetune"]["settings"]["precision"] == "float32"
+
+
+def test_bfloat16_on_a_gpu_that_cannot_compute_it_is_refused_before_any_work(setup, tmp_path,
+                                                                             monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: "Tesla P100")
+    with pytest.raises(InputError, match=r"this GPU \(Tesla P100\) cannot compute bfloat16; "
+                                         "use --precision float32"):
+        finetune(setup.pruned, setup.corpus, tmp_path / "o", precision="bfloat16", **SETTINGS)
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.work").exists()

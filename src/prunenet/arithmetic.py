@@ -6,14 +6,16 @@ from __future__ import annotations
 
 import torch
 
+from .errors import InputError
+
 PRECISIONS = ("float32", "bfloat16")
 
 
 def default_precision(device: str) -> str:
     """"bfloat16" where ``device`` ("auto", "cpu", "cuda"...) computes it natively (a CUDA GPU
     with bfloat16 support; a CPU with AVX512-BF16 or AMX), otherwise "float32"."""
-    if device != "cpu" and torch.cuda.is_available():
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+    if device != "cpu" and torch.cuda.is_available():  # emulation (V100, T4) is not native
+        return "bfloat16" if torch.cuda.is_bf16_supported(including_emulation=False) else "float32"
     native = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported",
                                                           "_is_amx_tile_supported")]
     return "bfloat16" if any(check is not None and check() for check in native) else "float32"
@@ -23,3 +25,17 @@ def autocast(device: torch.device | str, precision: str) -> torch.autocast:
     """The autocast context of ``precision`` on ``device`` (disabled for float32)."""
     device_type = torch.device(device).type
     return torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bfloat16")
+
+
+def accelerator_available() -> bool:
+    """Whether torch sees an accelerator (CUDA, MPS, XPU...) that a Trainer would train on."""
+    return bool(getattr(torch, "accelerator", None) and torch.accelerator.is_available())
+
+
+def check_precision(device: str, precision: str) -> None:
+    """Refuse bfloat16 on a CUDA GPU that cannot compute it at all (:class:`InputError`, before
+    any work), where the Trainer would refuse it only after the teacher's text is sampled."""
+    if (precision == "bfloat16" and device != "cpu" and torch.cuda.is_available()
+            and not torch.cuda.is_bf16_supported()):
+        raise InputError(f"this GPU ({torch.cuda.get_device_name()}) cannot compute bfloat16; "
+                         "use --precision float32")

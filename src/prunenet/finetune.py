@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .arithmetic import PRECISIONS, default_precision
+from .arithmetic import PRECISIONS, accelerator_available, check_precision, default_precision
 from .errors import InputError, NumericalError, OutputError
 from .evaluation.corpora import load_corpus
 from .families import check_sequence_length, family_for
@@ -64,10 +64,8 @@ DEFAULT_LR = {"lora": 1e-3, "ffn": 1e-4}
 # Window length: 256 tokens distil better than 1024 for the same teacher tokens (and sample
 # faster); real text keeps the evaluation's 1024.
 DEFAULT_SEQLEN = {"corpus": 1024, SELF_GENERATED: 256}
-# Arithmetic (prunenet.arithmetic): bfloat16 autocast where the device computes it natively; 100
-# distillation steps ran 1.7x faster on a CPU with AVX512-BF16 and ended at the same perplexity
-# (benchmarks/README.md).
-# What a work folder saved before a setting existed ran with, for --resume.
+# What a work folder saved before a setting existed ran with, for --resume (the arithmetic,
+# prunenet.arithmetic, was float32 before it could be chosen).
 EARLIER_SETTINGS = {"precision": "float32"}
 
 
@@ -248,7 +246,7 @@ def corpus_windows(data: str, tokenizer, seqlen: int, eval_windows: int) -> tupl
 def _training_arguments(config: FinetuneConfig, work: Path, device: str):
     from transformers import TrainingArguments
 
-    return TrainingArguments(
+    arguments = TrainingArguments(
         output_dir=str(work),
         max_steps=config.steps,
         per_device_train_batch_size=config.batch_size,
@@ -266,14 +264,18 @@ def _training_arguments(config: FinetuneConfig, work: Path, device: str):
         greater_is_better=False,
         logging_steps=max(1, min(10, config.eval_every)),
         report_to="none",
-        # bfloat16 without a CUDA GPU is the CPU's (default_precision): the Trainer must be told
+        # bfloat16 with no accelerator is the CPU's: the Trainer must be told, or it refuses
         use_cpu=device == "cpu" or (config.precision == "bfloat16"
-                                    and not torch.cuda.is_available()),
+                                    and not accelerator_available()),
         remove_unused_columns=False,
         bf16=config.precision == "bfloat16",
         dataloader_num_workers=0,
         dataloader_pin_memory=device != "cpu" and torch.cuda.is_available(),
     )
+    # without bf16 the Trainer would take ACCELERATE_MIXED_PRECISION (`accelerate config`):
+    # the run computes in the precision its settings and record name, nothing else
+    arguments.mixed_precision = "bf16" if config.precision == "bfloat16" else "no"
+    return arguments
 
 
 # A fine-tune's working folder: its settings record and the Trainer's checkpoint-N folders.
@@ -335,7 +337,8 @@ def _check_work_folder(work: Path, settings: dict[str, Any], resume: bool, overw
 
 
 def _saved_dtype(source: str) -> torch.dtype | None:
-    """The checkpoint's own floating dtype (training runs in fp32; the output keeps this one)."""
+    """The checkpoint's own floating dtype (the weights train in float32, whatever the
+    precision; the output keeps this one)."""
     dtype = getattr(load_config(source), "dtype", None)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype, None)
@@ -363,9 +366,9 @@ def finetune(
     the teacher samples itself, loss ``KL(teacher || student)``, evaluated on held-back samples.
     ``settings`` are :class:`FinetuneConfig` fields (steps, seqlen, batch_size, grad_accum, train,
     lr, lora_r, lora_alpha, lora_dropout, targets, eval_every, eval_windows, generated_windows,
-    patience, seed). ``callbacks`` are extra transformers ``TrainerCallback`` objects. Returns the
-    merged model (or the PEFT model when ``merge=False``) and the record written as
-    ``out/prunenet.json``.
+    patience, seed, precision). ``callbacks`` are extra transformers ``TrainerCallback``
+    objects. Returns the merged model (or the PEFT model when ``merge=False``) and the record
+    written as ``out/prunenet.json``.
 
     Raises :class:`InputError` for a folder that is not a model, a missing or too short corpus,
     a missing teacher or one of another family or vocabulary, invalid settings or LoRA targets,
@@ -381,6 +384,7 @@ def finetune(
     if settings.get("precision") is None:
         settings = {**settings, "precision": default_precision(device)}
     config = FinetuneConfig(data=str(data), **settings)
+    check_precision(device, config.precision)
     if config.train == "ffn" and not merge:
         raise InputError("--no-merge keeps a LoRA adapter apart; with --train ffn the output is "
                          "always the full checkpoint: drop --no-merge")
@@ -532,13 +536,15 @@ def _teacher_text(teacher: nn.Module, config: FinetuneConfig, work: Path, proces
         generation = kept.get("generation") or {  # a work folder from before generate_probe
             "seeds": kept.get("seeds"), "sampler": "one seed per batch of 32 sequences"}
         return kept["training"], kept["evaluation"], {**EARLIER_SETTINGS, **generation}
+    # the teacher samples on the CPU (before the Trainer moves it): in bfloat16 only where the
+    # CPU computes it natively, whatever the training device's precision
+    precision = config.precision if default_precision("cpu") == "bfloat16" else "float32"
     generation = {"seed": config.seed, "batch_size": TEACHER_RECIPE.batch_size,
-                  "temperature": TEACHER_RECIPE.temperature, "precision": config.precision}
+                  "temperature": TEACHER_RECIPE.temperature, "precision": precision}
     windows = config.generated_windows or (config.steps * config.batch_size * config.grad_accum
                                            * processes)
     training, evaluation = teacher_windows(teacher, windows, config.eval_windows, config.seqlen,
-                                           config.seed, progress and main_process,
-                                           config.precision)
+                                           config.seed, progress and main_process, precision)
     if main_process:
         with atomic_file(saved) as staging:
             torch.save({"training": training, "evaluation": evaluation,
