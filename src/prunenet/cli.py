@@ -626,8 +626,9 @@ def _add_precision_argument(group, option: str) -> None:
     group.add_argument(option, choices=["auto", *PRECISIONS], default="auto",
                        help="the training step's arithmetic (and, distilling, the teacher's): "
                        "bfloat16 autocast over float32 weights, or float32. Default auto: "
-                       "bfloat16 on a CUDA GPU that supports it or a CPU with AVX512-BF16 or "
-                       "AMX, float32 elsewhere. The weights train in float32 either way")
+                       "bfloat16 where the hardware computes it natively (a CUDA GPU that does "
+                       "not merely emulate it, a CPU with AVX512-BF16 or AMX), float32 "
+                       "elsewhere. The weights train in float32 either way")
 
 
 def run_finetune(args: argparse.Namespace) -> int:
