@@ -28,7 +28,6 @@ from pathlib import Path
 import torch
 
 import prunenet.distillation as distillation
-from prunenet.arithmetic import autocast
 from prunenet.evaluation.evaluate import evaluate
 from prunenet.finetune import finetune
 from prunenet.io.loading import load_model_and_tokenizer
@@ -58,9 +57,7 @@ class TrainingLossTrainer(distillation.DistillationTrainer):
         if not model.training:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         input_ids = inputs["input_ids"]
-        precision = "bfloat16" if self.args.bf16 else "float32"
-        with torch.no_grad(), autocast(self.args.device, precision):
-            teacher = self.teacher(input_ids=input_ids, output_hidden_states=self.hidden_states)
+        teacher = self.teacher_outputs(input_ids, output_hidden_states=self.hidden_states)
         outputs = model(input_ids=input_ids, output_hidden_states=self.hidden_states)
         loss = self.training_loss(outputs, teacher)
         return (loss, outputs) if return_outputs else loss

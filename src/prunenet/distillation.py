@@ -103,11 +103,15 @@ class DistillationTrainer(Trainer):
         self.model_accepts_loss_kwargs = False
         self._held_out: list[tuple[float, int]] = []
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        input_ids = inputs["input_ids"]
+    def teacher_outputs(self, input_ids: Tensor, **kwargs: Any) -> Any:
+        """The teacher's forward on ``input_ids`` (no gradients, the run's precision)."""
         precision = "bfloat16" if self.args.bf16 else "float32"
         with torch.no_grad(), autocast(self.args.device, precision):
-            teacher_logits = self.teacher(input_ids=input_ids).logits
+            return self.teacher(input_ids=input_ids, **kwargs)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        input_ids = inputs["input_ids"]
+        teacher_logits = self.teacher_outputs(input_ids).logits
         if model.training:
             outputs = model(input_ids=input_ids)
         else:  # the labels (the teacher's own text) give the student's perplexity on it
