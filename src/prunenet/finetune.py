@@ -289,41 +289,40 @@ is_work_folder = folder_of(SETTINGS_NAME, (SETTINGS_NAME, GENERATED_NAME), folde
 RESUMED_DEFAULTS = ("train", "lr", "seqlen", "precision")
 
 
-def _unset_from_checkpoint(settings: dict[str, Any], work: Path) -> dict[str, Any]:
-    """``settings`` with the :data:`RESUMED_DEFAULTS` left unset filled from ``work``'s saved
-    settings (as they are when it has none or cannot be read: the later check says why)."""
+def _saved_settings(work: Path) -> dict[str, Any]:
+    """The settings record of the interrupted run in ``work``, settings it predates at their
+    earlier values (:data:`EARLIER_SETTINGS`); :class:`InputError` when there is none to resume."""
+    path = work / SETTINGS_NAME
+    if not path.exists():
+        raise InputError(f"nothing to resume: {work} holds no fine-tuning run; drop --resume")
     try:
-        saved = json.loads((work / SETTINGS_NAME).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return settings
+        saved = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise InputError(f"{path} is not readable JSON; start over with --overwrite "
+                         "instead of --resume") from error
     if not isinstance(saved, dict):
-        return settings
-    saved = {**EARLIER_SETTINGS, **saved}
+        raise InputError(f"{path} is not a fine-tuning settings record; start over with "
+                         "--overwrite instead of --resume")
+    return {**EARLIER_SETTINGS, **saved}
+
+
+def _unset_from_checkpoint(settings: dict[str, Any], saved: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` with the :data:`RESUMED_DEFAULTS` left unset taken from the ``saved`` ones."""
     return {**settings, **{key: saved[key] for key in RESUMED_DEFAULTS
                            if settings.get(key) is None and saved.get(key) is not None}}
 
 
-def _check_work_folder(work: Path, settings: dict[str, Any], resume: bool, overwrite: bool) -> None:
-    """Refuse to mix runs: a leftover work folder needs --resume (same settings) or --overwrite."""
-    saved_path = work / SETTINGS_NAME
-    if not resume:
+def _check_work_folder(work: Path, settings: dict[str, Any], saved: dict[str, Any] | None,
+                       overwrite: bool) -> None:
+    """Refuse to mix runs: a leftover work folder needs --resume (``saved``: its settings, which
+    must equal ``settings``) or --overwrite."""
+    if saved is None:
         if work.exists() and not overwrite:
             raise OutputError(
                 f"{work} holds an interrupted fine-tuning run; pass --resume to continue it or "
                 "--overwrite to start over"
             )
         return
-    if not saved_path.exists():
-        raise InputError(f"nothing to resume: {work} holds no fine-tuning run; drop --resume")
-    try:
-        saved = json.loads(saved_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise InputError(f"{saved_path} is not readable JSON; start over with --overwrite "
-                         "instead of --resume") from error
-    if not isinstance(saved, dict):
-        raise InputError(f"{saved_path} is not a fine-tuning settings record; start over with "
-                         "--overwrite instead of --resume")
-    saved = {**EARLIER_SETTINGS, **saved}
     differences = [
         f"{key}: checkpoint {saved.get(key)!r}, now {settings.get(key)!r}"
         for key in sorted(set(saved) | set(settings)) if saved.get(key) != settings.get(key)
@@ -379,8 +378,9 @@ def finetune(
     from transformers import EarlyStoppingCallback, Trainer
     from transformers.trainer_utils import get_last_checkpoint
 
-    if resume:
-        settings = _unset_from_checkpoint(settings, sibling_path(out, ".work"))
+    saved = _saved_settings(sibling_path(out, ".work")) if resume else None
+    if saved is not None:
+        settings = _unset_from_checkpoint(settings, saved)
     if settings.get("precision") is None:
         settings = {**settings, "precision": default_precision(device)}
     config = FinetuneConfig(data=str(data), **settings)
@@ -397,7 +397,7 @@ def finetune(
     run_settings = {**asdict(config), "targets": list(config.targets), "source": source,
                     "teacher": teacher_source}
     process = PartialState()
-    _check_work_folder(work, run_settings, resume, overwrite)
+    _check_work_folder(work, run_settings, saved, overwrite)
     if config.distils:
         from .distillation import check_teacher
 
