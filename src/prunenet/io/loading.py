@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 
+from ..assets import MODELS, model_path
 from ..errors import InputError
 from ..families import family_for
 from .files import (
@@ -33,7 +34,7 @@ from .files import (
 from .model_card import CARD_NAME, render_card
 
 RECORD_NAME = "prunenet.json"
-MODEL_ALIASES = {"smollm2-135m": "the default real model, SmolLM2-135M-Instruct (prunenet fetch)"}
+MODEL_ALIASES = {alias: model.description for alias, model in MODELS.items()}
 
 
 def _looks_like_path(source: str) -> bool:
@@ -44,9 +45,7 @@ def resolve_source(source: str | os.PathLike) -> tuple[str, str | None]:
     """Return ``(folder_or_hub_id, gguf_file_name_or_None)`` for a user's MODEL argument."""
     text = str(source)
     if text in MODEL_ALIASES:
-        from ..assets import smollm2_path
-
-        return str(smollm2_path()), None
+        return str(model_path(text)), None
     path = Path(text).expanduser()
     if path.is_file():
         if path.suffix.lower() == ".gguf":
@@ -415,15 +414,16 @@ def read_record(folder: str | os.PathLike) -> dict[str, Any]:
     return record
 
 
-def convert_default_model(force: bool = False) -> Path:
-    """Dequantize the default model's GGUF (SmolLM2) once into a plain fp32 safetensors folder
-    in the cache; return the folder."""
-    from ..assets import SMOLLM2_FOLDER, SMOLLM2_GGUF_NAME, asset_path, cache_dir
+def convert_model(alias: str, force: bool = False) -> Path:
+    """Dequantize a real model's GGUF (:data:`prunenet.assets.MODELS`) once into a plain fp32
+    safetensors folder in the cache; return the folder."""
+    from ..assets import asset_path, cache_dir
 
-    target = cache_dir() / SMOLLM2_FOLDER
+    model_entry = MODELS[alias]
+    target = cache_dir() / model_entry.folder
     if (target / "config.json").exists() and not force:
         return target
-    gguf_file = asset_path("smollm2-gguf") / SMOLLM2_GGUF_NAME
+    gguf_file = asset_path(model_entry.asset) / model_entry.gguf
     model, tokenizer = load_model_and_tokenizer(str(gguf_file))
     with atomic_folder(target, overwrite=True) as staging:
         save_plain_checkpoint(model, tokenizer, staging)

