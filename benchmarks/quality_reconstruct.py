@@ -52,12 +52,15 @@ from prunenet.slicing import slice_model
 
 CACHE = Path.home() / ".cache" / "prunenet" / "bench-reconstruct"
 LOG = "benchmarks/results/quality_reconstruct.jsonl"
+DEFAULT_MODEL = "smollm2-135m"
 
 
-def probe_text(model, tokenizer, tokens: int, seed: int, recipe: ProbeRecipe) -> tuple[Tensor,
-                                                                                        float]:
-    """The self-generated probe (cached on disk by size, seed and recipe) and its seconds."""
-    digest = hashlib.sha256(repr(recipe).encode()).hexdigest()[:12]
+def probe_text(model, tokenizer, tokens: int, seed: int, recipe: ProbeRecipe,
+               name: str = DEFAULT_MODEL) -> tuple[Tensor, float]:
+    """The self-generated probe of the model ``name`` (cached on disk by model, size, seed and
+    recipe) and its seconds."""
+    described = repr(recipe) if name == DEFAULT_MODEL else repr((name, recipe))
+    digest = hashlib.sha256(described.encode()).hexdigest()[:12]
     path = CACHE / f"probe-{tokens}-{seed}-{digest}.pt"
     if path.exists():
         saved = torch.load(path)
@@ -165,7 +168,7 @@ def run(args: argparse.Namespace) -> None:
     log = Path(args.log)
     log.parent.mkdir(parents=True, exist_ok=True)
     done = {json.dumps(record["key"]) for record in _records(log)}
-    model, tokenizer = load_model_and_tokenizer("smollm2-135m")
+    model, tokenizer = load_model_and_tokenizer(args.model)
     windows = load_corpus(_evaluation_text(args.eval_text), tokenizer).evaluation_windows(
         1024, args.windows)
     recipe = _recipe(args)
@@ -177,6 +180,8 @@ def run(args: argparse.Namespace) -> None:
         print(json.dumps(entry), flush=True)
 
     dense_key = {"method": "dense", "windows": args.windows}
+    if args.model != DEFAULT_MODEL:
+        dense_key["model"] = args.model
     if args.eval_text != "wiki":
         dense_key["eval_text"] = args.eval_text
     if json.dumps(dense_key) not in done:
@@ -187,7 +192,8 @@ def run(args: argparse.Namespace) -> None:
     def text_statistics(name: str, tokens: int) -> tuple[list[LayerStatistics], dict]:
         if (name, tokens) not in texts:
             if name == "probe":
-                ids, generate_seconds = probe_text(model, tokenizer, tokens, args.seed, recipe)
+                ids, generate_seconds = probe_text(model, tokenizer, tokens, args.seed, recipe,
+                                                   args.model)
             else:
                 ids, generate_seconds = real_text(tokenizer, tokens), 0.0
             stats, stats_seconds = timed_statistics(model, ids)
@@ -209,6 +215,8 @@ def run(args: argparse.Namespace) -> None:
                     key.update(probe_batch=args.probe_batch, first_token=args.first_token)
                 if args.eval_text != "wiki":
                     key["eval_text"] = args.eval_text
+                if args.model != DEFAULT_MODEL:
+                    key["model"] = args.model
                 if text == "probe" and (args.temperature, args.top_p) != (1.0, 1.0):
                     key.update(temperature=args.temperature, top_p=args.top_p)
                 if text == "probe" and args.min_p:
@@ -263,9 +271,9 @@ def ridge_sweep(args: argparse.Namespace) -> None:
     """Pick the ridge by held-out reconstruction: fit on the first half of the probe's
     sequences, measure on the second half, at each ratio; no perplexity involved."""
     torch.set_num_threads(args.threads)
-    model, tokenizer = load_model_and_tokenizer("smollm2-135m")
+    model, tokenizer = load_model_and_tokenizer(args.model)
     recipe = _recipe(args)
-    ids, _ = probe_text(model, tokenizer, args.tokens, args.seed, recipe)
+    ids, _ = probe_text(model, tokenizer, args.tokens, args.seed, recipe, args.model)
     half = ids.shape[0] // 2
     fit, _ = timed_statistics(model, ids[:half])
     test, _ = timed_statistics(model, ids[half:])
@@ -396,6 +404,9 @@ def report(log: Path, windows: int | None = None) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help="the dense model (an alias or a folder); recorded in each run's key "
+                        "unless it is the default")
     parser.add_argument("--jobs", default="self-generated:none,self-generated:ls,"
                         "activation:none,activation:ls,random:none,random:ls,magnitude:none,"
                         "magnitude:ls")
