@@ -8,7 +8,7 @@ import torch
 
 from conftest import VOCAB, make_tiny_model
 from prunenet.errors import InputError
-from prunenet.probe import ProbeRecipe, distinct_4gram_fraction, generate_probe
+from prunenet.probe import Probe, ProbeRecipe, distinct_4gram_fraction, generate_probe
 
 SHORT = ProbeRecipe(sequence_length=16, batch_size=3)
 
@@ -60,6 +60,45 @@ def test_recipe_knobs(model):
     assert len(set(tokens[:, 0].tolist())) > 1  # random first tokens
     with pytest.raises(InputError):
         generate_probe(model, None, 0, seed=0, recipe=recipe, progress=False)
+
+
+class _Words:
+    """A tokenizer stand-in: one id per word (5 + its length)."""
+
+    def __call__(self, text, add_special_tokens=True):
+        assert not add_special_tokens  # the probe adds BOS itself
+        return {"input_ids": [5 + len(word) for word in text.split()]}
+
+
+def test_a_prompt_follows_bos_in_every_sequence_of_the_same_length(model):
+    recipe = ProbeRecipe(sequence_length=16, batch_size=3, prompt="The old harbour")
+    tokens = generate_probe(model, _Words(), 80, seed=5, recipe=recipe, progress=False)
+    again = generate_probe(model, _Words(), 80, seed=5, recipe=recipe, progress=False)
+    plain = generate_probe(model, _Words(), 80, seed=5, recipe=SHORT, progress=False)
+    assert tokens.shape == plain.shape == (5, 16)  # the prompt counts in the length
+    assert (tokens[:, 0] == model.config.bos_token_id).all()
+    assert (tokens[:, 1:4] == torch.tensor([8, 8, 12])).all()
+    assert torch.equal(tokens, again)
+    assert not torch.equal(tokens[:, 4:], plain[:, 4:])  # the text continues the prompt
+
+
+def test_a_prompt_too_long_for_the_sequences_or_without_a_tokenizer_is_refused(model):
+    with pytest.raises(InputError, match="the probe prompt takes 15 tokens, too many for "
+                                         "probe sequences of 16"):
+        generate_probe(model, _Words(), 32, seed=0, progress=False,
+                       recipe=ProbeRecipe(sequence_length=16, prompt="a " * 15))
+    with pytest.raises(InputError, match="needs the model's tokenizer"):
+        generate_probe(model, None, 32, seed=0, progress=False,
+                       recipe=ProbeRecipe(sequence_length=16, prompt="a"))
+
+
+def test_the_prompt_keys_the_cache_and_is_recorded(model):
+    def probe(prompt):
+        return Probe(model, _Words(), 64, 0, ProbeRecipe(sequence_length=16, prompt=prompt))
+
+    assert probe("The").key() == probe("The").key() != probe("A").key() != probe("").key()
+    assert probe("The").record()["prompt"] == "The"
+    assert "prompt" not in probe("").record()  # a plain probe's record is as it was
 
 
 def test_min_p_one_keeps_only_the_most_likely_token(model):

@@ -184,3 +184,24 @@ def test_select_rows_checks_and_shares_the_probe_cache_as_compress_does(tmp_path
                                    probe_cache=cache, reconstruct="none", progress=False)
     assert len(generations) == 1
     assert [r.tolist() for r in compressed.kept_rows] == [r.tolist() for r in rows]
+
+
+def test_probe_prompt_through_the_command_line(tiny_llama_real_tokenizer_dir, tmp_path, capsys):
+    """--probe-prompt starts every probe sequence with its words after BOS: another probe, so
+    other rows or refit, named in the record; a prompt longer than the sequences is refused
+    before any output."""
+    source = tiny_llama_real_tokenizer_dir
+    outs = {name: tmp_path / name for name in ("plain", "prompted", "long")}
+    common = ["--ratio", "0.3", "--probe-tokens", "128", "--probe-length", "32"]
+    assert main(["-q", "compress", str(source), "--out", str(outs["plain"]), *common]) == 0
+    assert main(["-q", "compress", str(source), "--out", str(outs["prompted"]), *common,
+                 "--probe-prompt", "The history of"]) == 0
+    records = {k: json.loads((outs[k] / "prunenet.json").read_text())
+               for k in ("plain", "prompted")}
+    assert records["prompted"]["probe"]["prompt"] == "The history of"
+    assert "prompt" not in records["plain"]["probe"]
+    assert _hashes(outs["plain"]) != _hashes(outs["prompted"])
+    assert main(["-q", "compress", str(source), "--out", str(outs["long"]), *common,
+                 "--probe-prompt", "word " * 40]) == 2
+    assert "the probe prompt takes" in capsys.readouterr().err
+    assert not outs["long"].exists()

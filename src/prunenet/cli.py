@@ -161,6 +161,10 @@ def _add_method_arguments(parser: argparse.ArgumentParser, takes_policy: bool = 
                        default=CompressOptions.probe_temperature,
                        help="sampling temperature of the probe text (default: "
                        f"{CompressOptions.probe_temperature:g})")
+    group.add_argument("--probe-prompt", metavar="TEXT", default=CompressOptions.probe_prompt,
+                       help="words every probe sequence starts with after BOS, to steer the "
+                       "model's own text towards a language or style (no corpus); default: "
+                       "none, the model's text from BOS alone")
     group.add_argument("--probe-cache", metavar="DIR",
                        help="keep the probe in DIR and reuse it in later runs of the same model, "
                        "seed and size")
@@ -193,7 +197,7 @@ def _compress_options(args: argparse.Namespace) -> dict:
         "format": args.format, "evaluate_windows": args.evaluate_windows or 0,
         "probe_tokens": args.probe_tokens,
         "probe_length": args.probe_length, "probe_cache": args.probe_cache,
-        "probe_temperature": args.probe_temperature,
+        "probe_temperature": args.probe_temperature, "probe_prompt": args.probe_prompt,
         "reconstruct": args.reconstruct, "ridge": args.ridge,
         "progress": not args.quiet, "resume": getattr(args, "resume", False),
         **(_training_options(args) if hasattr(args, "episodes") else {}),

@@ -69,7 +69,7 @@ class CompressOptions:
     ``method`` None: the default method, or ``prunenet`` when the model is streamed (the default
     runs the model, which a streamed checkpoint never holds) or a policy is given.
     ``probe_tokens`` of the model's own text (sequences of ``probe_length``, sampled at
-    ``probe_temperature``) feed the
+    ``probe_temperature``, each started with ``probe_prompt`` after BOS) feed the
     ``self-generated`` selection and the refit; ``probe_cache`` keeps them for a later run.
     ``reconstruct`` refits what remains after any selection (:mod:`prunenet.refit`): ``ls`` the
     second FFN matrix by ridge least squares (``ridge`` relative to the Gram's scale), ``bias``
@@ -89,6 +89,7 @@ class CompressOptions:
     probe_tokens: int = DEFAULT_PROBE_TOKENS
     probe_length: int = ProbeRecipe.sequence_length
     probe_temperature: float = ProbeRecipe.temperature
+    probe_prompt: str = ProbeRecipe.prompt
     probe_cache: str | os.PathLike | None = None
     reconstruct: str | None = None  # ls, bias or none; None: ls in memory, none when streamed
     ridge: float = DEFAULT_RIDGE
@@ -475,11 +476,12 @@ def probe_cache_output(options: CompressOptions) -> Output | None:
 
 
 def run_probe(model: nn.Module, tokenizer: Any, options: CompressOptions) -> Probe:
-    """The run's probe as ``options`` describe it (size, sequence length, temperature, seed,
-    cache): the same text for :func:`compress` and :func:`select_rows`."""
+    """The run's probe as ``options`` describe it (size, sequence length, temperature, prompt,
+    seed, cache): the same text for :func:`compress` and :func:`select_rows`."""
     return Probe(model, tokenizer, options.probe_tokens, options.seed,
                  ProbeRecipe(sequence_length=options.probe_length,
-                             temperature=options.probe_temperature), options.probe_cache,
+                             temperature=options.probe_temperature,
+                             prompt=options.probe_prompt), options.probe_cache,
                  options.progress)
 
 

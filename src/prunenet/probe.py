@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -40,6 +40,10 @@ class ProbeRecipe:
     top_p: float = 1.0
     min_p: float = 0.0  # drop tokens below this fraction of the most likely one's probability
     min_distinct_4grams: float = 0.0  # drop samples with a smaller fraction of distinct 4-grams
+    # Text every sequence starts with after the first token (BOS): a few words that steer the
+    # model's own text towards a language or style, no corpus. Empty: BOS alone (the default).
+    # Left out of the repr, so probes cached before it existed keep their keys; Probe.key adds it.
+    prompt: str = field(default="", repr=False)
 
 
 class _Sampling:
@@ -72,15 +76,27 @@ def max_sequence_length(model: nn.Module, wanted: int) -> int:
     return min(wanted, positions) if positions else wanted
 
 
+def prompt_ids(tokenizer, recipe: ProbeRecipe) -> list[int]:
+    """The token ids of ``recipe.prompt`` (none for an empty prompt)."""
+    if not recipe.prompt:
+        return []
+    if tokenizer is None:
+        raise InputError("a probe prompt needs the model's tokenizer; load the model with it")
+    return list(tokenizer(recipe.prompt, add_special_tokens=False)["input_ids"])
+
+
 def _first_tokens(model: nn.Module, tokenizer, recipe: ProbeRecipe, count: int,
                   generator: torch.Generator) -> Tensor:
     vocab = model.get_input_embeddings().weight.shape[0]
     bos = getattr(model.config, "bos_token_id", None)
-    if recipe.first_token == "bos" and isinstance(bos, int) and 0 <= bos < vocab:
-        return torch.full((count, 1), bos, dtype=torch.long)
     if recipe.first_token not in ("bos", "random"):
         raise InputError(f"unknown first_token {recipe.first_token!r}; use 'bos' or 'random'")
-    return torch.randint(0, vocab, (count, 1), generator=generator)  # uniform over the vocabulary
+    if recipe.first_token == "bos" and isinstance(bos, int) and 0 <= bos < vocab:
+        first = torch.full((count, 1), bos, dtype=torch.long)
+    else:
+        first = torch.randint(0, vocab, (count, 1), generator=generator)  # uniform over vocab
+    prompt = torch.tensor(prompt_ids(tokenizer, recipe), dtype=torch.long)
+    return torch.cat([first, prompt.expand(count, -1)], dim=1)
 
 
 @torch.no_grad()
@@ -91,14 +107,18 @@ def generate_probe(model: nn.Module, tokenizer, tokens: int, seed: int,
     model's own sampled text, reproducible from ``seed``.
 
     The length is ``recipe.sequence_length`` capped by the model's positions (more, shorter
-    sequences then). ``tokenizer`` may be None (random first tokens then range over the whole
-    vocabulary). ``label`` names the progress bar. Raises :class:`InputError` for a
+    sequences then), ``recipe.prompt`` included. ``tokenizer`` may be None unless there is a
+    prompt. ``label`` names the progress bar. Raises :class:`InputError` for a
     non-positive ``tokens``.
     """
     recipe = recipe or ProbeRecipe()
     if tokens < 1:
         raise InputError(f"the probe needs at least 1 token, got {tokens}")
     length = max(2, max_sequence_length(model, recipe.sequence_length))
+    prompted = 1 + len(prompt_ids(tokenizer, recipe))
+    if prompted >= length:
+        raise InputError(f"the probe prompt takes {prompted - 1} tokens, too many for probe "
+                         f"sequences of {length}; shorten it or raise --probe-length")
     wanted = math.ceil(tokens / length)
     device = next(model.parameters()).device
     kept: list[Tensor] = []
@@ -118,7 +138,8 @@ def generate_probe(model: nn.Module, tokenizer, tokens: int, seed: int,
             output = model.generate(
                 prompt, attention_mask=torch.ones_like(prompt), do_sample=True, top_k=0,
                 top_p=recipe.top_p, min_p=recipe.min_p or None, temperature=1.0,
-                max_new_tokens=length - 1, min_new_tokens=length - 1, pad_token_id=0,
+                max_new_tokens=length - prompt.shape[1],
+                min_new_tokens=length - prompt.shape[1], pad_token_id=0,
                 logits_processor=[_Sampling(recipe, prompt.shape[1], bar)]).cpu()
             for sequence in output:
                 if distinct_4gram_fraction(sequence) >= recipe.min_distinct_4grams:
@@ -157,6 +178,8 @@ class Probe:
         first = next(self.model.parameters()).detach().float().cpu().contiguous()
         digest.update(first.numpy().tobytes())
         digest.update(repr((self.seed, self.tokens, self.recipe)).encode())
+        if self.recipe.prompt:
+            digest.update(b"prompt:" + self.recipe.prompt.encode())
         return digest.hexdigest()[:32]
 
     def ids(self) -> Tensor:
@@ -187,7 +210,9 @@ class Probe:
         return self._ids
 
     def record(self) -> dict:
+        prompt = {"prompt": self.recipe.prompt} if self.recipe.prompt else {}
         return {"tokens": self.tokens, "seed": self.seed,
                 "sequence_length": self.recipe.sequence_length,
                 "temperature": self.recipe.temperature,
-                "batch_size": self.recipe.batch_size}  # the batch decides the sampled tokens
+                "batch_size": self.recipe.batch_size,  # the batch decides the sampled tokens
+                **prompt}
