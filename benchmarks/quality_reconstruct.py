@@ -60,6 +60,8 @@ def probe_text(model, tokenizer, tokens: int, seed: int, recipe: ProbeRecipe,
     """The self-generated probe of the model ``name`` (cached on disk by model, size, seed and
     recipe) and its seconds."""
     described = repr(recipe) if name == DEFAULT_MODEL else repr((name, recipe))
+    if recipe.prompt:  # not in the recipe's repr (probes cached before it keep their names)
+        described += f" prompt={recipe.prompt!r}"
     digest = hashlib.sha256(described.encode()).hexdigest()[:12]
     path = CACHE / f"probe-{tokens}-{seed}-{digest}.pt"
     if path.exists():
@@ -221,9 +223,11 @@ def run(args: argparse.Namespace) -> None:
                     key.update(temperature=args.temperature, top_p=args.top_p)
                 if text == "probe" and args.min_p:
                     key["min_p"] = args.min_p
+                if text == "probe" and args.prompt:
+                    key["prompt"] = args.prompt
                 if text == "probe" and args.start_temperature is not None:
                     key.update(start_temperature=args.start_temperature,
-                               warmup_tokens=args.warmup_tokens)
+                               warmup_tokens=args.warmup_tokens, prompt=args.prompt)
                 if json.dumps(key) in done:
                     continue
                 stats, info = text_statistics(text, tokens)
@@ -318,7 +322,7 @@ def _recipe(args: argparse.Namespace) -> ProbeRecipe:
                        first_token=args.first_token, temperature=args.temperature,
                        top_p=args.top_p, min_p=args.min_p,
                        start_temperature=args.start_temperature,
-                       warmup_tokens=args.warmup_tokens)
+                       warmup_tokens=args.warmup_tokens, prompt=args.prompt)
 
 
 def _parse(job: str, args) -> tuple[str, str, str, str, int]:
@@ -427,6 +431,8 @@ def main() -> None:
     parser.add_argument("--start-temperature", type=float,
                         help="probe sampling: the temperature rises from this ...")
     parser.add_argument("--warmup-tokens", type=int, default=32, help="... over these tokens")
+    parser.add_argument("--prompt", default="",
+                        help="probe sampling: words each sequence starts with after BOS")
     parser.add_argument("--ridge", type=float, default=1.0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--episodes", type=int, default=5, help="prunenet policy training")
