@@ -60,8 +60,7 @@ def probe_text(model, tokenizer, tokens: int, seed: int, recipe: ProbeRecipe,
     """The self-generated probe of the model ``name`` (cached on disk by model, size, seed and
     recipe) and its seconds."""
     described = repr(recipe) if name == DEFAULT_MODEL else repr((name, recipe))
-    if recipe.prompt:  # not in the recipe's repr (probes cached before it keep their names)
-        described += f" prompt={recipe.prompt!r}"
+    described += recipe.cache_suffix()
     digest = hashlib.sha256(described.encode()).hexdigest()[:12]
     path = CACHE / f"probe-{tokens}-{seed}-{digest}.pt"
     if path.exists():
@@ -227,7 +226,7 @@ def run(args: argparse.Namespace) -> None:
                     key["prompt"] = args.prompt
                 if text == "probe" and args.start_temperature is not None:
                     key.update(start_temperature=args.start_temperature,
-                               warmup_tokens=args.warmup_tokens, prompt=args.prompt)
+                               warmup_tokens=args.warmup_tokens)
                 if json.dumps(key) in done:
                     continue
                 stats, info = text_statistics(text, tokens)

@@ -42,8 +42,13 @@ class ProbeRecipe:
     min_distinct_4grams: float = 0.0  # drop samples with a smaller fraction of distinct 4-grams
     # Text every sequence starts with after the first token (BOS): a few words that steer the
     # model's own text towards a language or style, no corpus. Empty: BOS alone (the default).
-    # Left out of the repr, so probes cached before it existed keep their keys; Probe.key adds it.
+    # Left out of the repr, so probes cached before it existed keep their keys; cache keys
+    # add it through cache_suffix.
     prompt: str = field(default="", repr=False)
+
+    def cache_suffix(self) -> str:
+        """What a cache key adds to the repr: the prompt, when there is one."""
+        return f" prompt={self.prompt!r}" if self.prompt else ""
 
 
 class _Sampling:
@@ -85,7 +90,7 @@ def prompt_ids(tokenizer, recipe: ProbeRecipe) -> list[int]:
     return list(tokenizer(recipe.prompt, add_special_tokens=False)["input_ids"])
 
 
-def _first_tokens(model: nn.Module, tokenizer, recipe: ProbeRecipe, count: int,
+def _first_tokens(model: nn.Module, recipe: ProbeRecipe, prompt: list[int], count: int,
                   generator: torch.Generator) -> Tensor:
     vocab = model.get_input_embeddings().weight.shape[0]
     bos = getattr(model.config, "bos_token_id", None)
@@ -95,8 +100,7 @@ def _first_tokens(model: nn.Module, tokenizer, recipe: ProbeRecipe, count: int,
         first = torch.full((count, 1), bos, dtype=torch.long)
     else:
         first = torch.randint(0, vocab, (count, 1), generator=generator)  # uniform over vocab
-    prompt = torch.tensor(prompt_ids(tokenizer, recipe), dtype=torch.long)
-    return torch.cat([first, prompt.expand(count, -1)], dim=1)
+    return torch.cat([first, torch.tensor(prompt, dtype=torch.long).expand(count, -1)], dim=1)
 
 
 @torch.no_grad()
@@ -115,9 +119,9 @@ def generate_probe(model: nn.Module, tokenizer, tokens: int, seed: int,
     if tokens < 1:
         raise InputError(f"the probe needs at least 1 token, got {tokens}")
     length = max(2, max_sequence_length(model, recipe.sequence_length))
-    prompted = 1 + len(prompt_ids(tokenizer, recipe))
-    if prompted >= length:
-        raise InputError(f"the probe prompt takes {prompted - 1} tokens, too many for probe "
+    words = prompt_ids(tokenizer, recipe)
+    if 1 + len(words) >= length:
+        raise InputError(f"the probe prompt takes {len(words)} tokens, too many for probe "
                          f"sequences of {length}; shorten it or raise --probe-length")
     wanted = math.ceil(tokens / length)
     device = next(model.parameters()).device
@@ -134,7 +138,7 @@ def generate_probe(model: nn.Module, tokenizer, tokens: int, seed: int,
                 raise InputError(f"{dropped} probe samples were degenerate; lower "
                                  "min_distinct_4grams or raise the temperature")
             count = min(recipe.batch_size, wanted - len(kept))
-            prompt = _first_tokens(model, tokenizer, recipe, count, generator).to(device)
+            prompt = _first_tokens(model, recipe, words, count, generator).to(device)
             output = model.generate(
                 prompt, attention_mask=torch.ones_like(prompt), do_sample=True, top_k=0,
                 top_p=recipe.top_p, min_p=recipe.min_p or None, temperature=1.0,
@@ -177,9 +181,8 @@ class Probe:
         digest = hashlib.sha256(self.model.config.to_json_string(use_diff=False).encode())
         first = next(self.model.parameters()).detach().float().cpu().contiguous()
         digest.update(first.numpy().tobytes())
-        digest.update(repr((self.seed, self.tokens, self.recipe)).encode())
-        if self.recipe.prompt:
-            digest.update(b"prompt:" + self.recipe.prompt.encode())
+        digest.update((repr((self.seed, self.tokens, self.recipe))
+                       + self.recipe.cache_suffix()).encode())
         return digest.hexdigest()[:32]
 
     def ids(self) -> Tensor:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 
-from ..assets import MODELS, model_path
+from ..assets import MODELS, asset_path, cache_dir, model_path
 from ..errors import InputError
 from ..families import family_for
 from .files import (
@@ -417,8 +417,6 @@ def read_record(folder: str | os.PathLike) -> dict[str, Any]:
 def convert_model(alias: str, force: bool = False) -> Path:
     """Dequantize a real model's GGUF (:data:`prunenet.assets.MODELS`) once into a plain fp32
     safetensors folder in the cache; return the folder."""
-    from ..assets import asset_path, cache_dir
-
     model_entry = MODELS[alias]
     target = cache_dir() / model_entry.folder
     if (target / "config.json").exists() and not force:
