@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 import prunenet
 from conftest import make_tiny_model
-from prunenet.cli import main
+from prunenet.cli import _training_options, main
 from prunenet.errors import InputError, OutputError, PolicyMismatchError, UnsupportedModelError
 from prunenet.io.loading import RECORD_NAME
 from prunenet.io.policy_file import load_policy, save_policy
@@ -271,3 +271,23 @@ def test_cuda_asked_without_a_gpu(tiny_llama):
         pytest.skip("this machine has a GPU")
     with pytest.raises(InputError, match="no CUDA GPU"):
         prunenet.train_policy(tiny_llama, ratio=0.3, episodes=1, device="cuda")
+
+
+def test_spectral_and_finetune_precision_are_different_options():
+    """compress / train-policy: --spectral-precision (the Gram path's float type); finetune:
+    --precision (the training step's arithmetic). Neither command takes the other's."""
+    from prunenet.cli import build_parser
+
+    parser = build_parser()
+    for command in ("compress", "train-policy"):
+        args = parser.parse_args([command, "m", "--ratio", "0.3", "--out", "o",
+                                  "--spectral-precision", "float64"])
+        assert _training_options(args)["precision"] == "float64"
+        with pytest.raises(SystemExit):
+            parser.parse_args([command, "m", "--ratio", "0.3", "--out", "o",
+                               "--precision", "float64"])
+    assert parser.parse_args(["finetune", "m", "--data", "wiki", "--out", "o",
+                              "--precision", "bfloat16"]).precision == "bfloat16"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["finetune", "m", "--data", "wiki", "--out", "o",
+                           "--spectral-precision", "float64"])

@@ -119,8 +119,8 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
                        "regulariser")
     group.add_argument("--spectral", choices=["gram", "svd"], default=TrainingConfig.spectral,
                        help="singular values by Gram downdate (fast, default) or svdvals")
-    group.add_argument("--precision", choices=["auto", "float32", "float64"],
-                       default=TrainingConfig.precision,
+    group.add_argument("--spectral-precision", dest="precision",
+                       choices=["auto", "float32", "float64"], default=TrainingConfig.precision,
                        help="Gram path's float type: auto (default) uses float32 for layers "
                        "conditioned well enough that it keeps the KS statistic of float64 "
                        "(benchmarks/README.md), float64 for the others")
