@@ -224,6 +224,8 @@ def run(args: argparse.Namespace) -> None:
                     key["min_p"] = args.min_p
                 if text == "probe" and args.prompt:
                     key["prompt"] = args.prompt
+                if text == "probe" and args.one_script:
+                    key["one_script"] = True
                 if text == "probe" and args.start_temperature is not None:
                     key.update(start_temperature=args.start_temperature,
                                warmup_tokens=args.warmup_tokens)
@@ -321,7 +323,8 @@ def _recipe(args: argparse.Namespace) -> ProbeRecipe:
                        first_token=args.first_token, temperature=args.temperature,
                        top_p=args.top_p, min_p=args.min_p,
                        start_temperature=args.start_temperature,
-                       warmup_tokens=args.warmup_tokens, prompt=args.prompt)
+                       warmup_tokens=args.warmup_tokens, prompt=args.prompt,
+                       one_script=args.one_script)
 
 
 def _parse(job: str, args) -> tuple[str, str, str, str, int]:
@@ -432,6 +435,8 @@ def main() -> None:
     parser.add_argument("--warmup-tokens", type=int, default=32, help="... over these tokens")
     parser.add_argument("--prompt", default="",
                         help="probe sampling: words each sequence starts with after BOS")
+    parser.add_argument("--one-script", action="store_true",
+                        help="probe sampling: keep only sequences in the probe's main script")
     parser.add_argument("--ridge", type=float, default=1.0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--episodes", type=int, default=5, help="prunenet policy training")

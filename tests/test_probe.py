@@ -8,7 +8,13 @@ import torch
 
 from conftest import VOCAB, make_tiny_model
 from prunenet.errors import InputError
-from prunenet.probe import Probe, ProbeRecipe, distinct_4gram_fraction, generate_probe
+from prunenet.probe import (
+    Probe,
+    ProbeRecipe,
+    distinct_4gram_fraction,
+    generate_probe,
+    main_script,
+)
 
 SHORT = ProbeRecipe(sequence_length=16, batch_size=3)
 
@@ -99,6 +105,43 @@ def test_the_prompt_keys_the_cache_and_is_recorded(model):
     assert probe("The").key() == probe("The").key() != probe("A").key() != probe("").key()
     assert probe("The").record()["prompt"] == "The"
     assert "prompt" not in probe("").record()  # a plain probe's record is as it was
+
+
+class _TwoScripts:
+    """A tokenizer stand-in that decodes every third id to a Cyrillic letter, the others to a
+    Latin one, so a sequence's main script depends on the ids sampled."""
+
+    @staticmethod
+    def letters(row) -> str:
+        return "".join("ж" if int(i) % 3 == 0 else "a" for i in row)
+
+    def batch_decode(self, rows, skip_special_tokens=True):
+        return [self.letters(row) for row in rows]
+
+
+def test_main_script_of_a_text():
+    assert main_script("Hello, world 42") == "LATIN"
+    assert main_script("Привет, world") == "CYRILLIC"
+    assert main_script("東京 is") == "CJK"
+    assert main_script("12 + 3 = 15") is None  # no letters
+
+
+def test_one_script_keeps_only_sequences_in_the_first_batchs_main_script(model):
+    """Without the filter some short sequences are mostly Cyrillic; with it every kept sequence
+    is mostly Latin (the first batch's main script), with as many tokens, reproducibly."""
+    plain = ProbeRecipe(sequence_length=8, batch_size=6, temperature=2.0)
+    kept = ProbeRecipe(sequence_length=8, batch_size=6, temperature=2.0, one_script=True)
+    before = generate_probe(model, _TwoScripts(), 96, seed=3, recipe=plain, progress=False)
+    after = generate_probe(model, _TwoScripts(), 96, seed=3, recipe=kept, progress=False)
+    again = generate_probe(model, _TwoScripts(), 96, seed=3, recipe=kept, progress=False)
+    scripts = [main_script(_TwoScripts.letters(row[1:])) for row in before]
+    assert "CYRILLIC" in scripts and scripts.count("LATIN") > len(scripts) / 2
+    assert after.shape == before.shape == (12, 8)
+    assert {main_script(_TwoScripts.letters(row[1:])) for row in after} == {"LATIN"}
+    assert torch.equal(after, again)
+    with pytest.raises(InputError, match="needs the model's tokenizer"):
+        generate_probe(model, None, 32, seed=0, recipe=kept, progress=False)
+    assert Probe(model, None, 64, 0, kept).key() != Probe(model, None, 64, 0, plain).key()
 
 
 def test_min_p_one_keeps_only_the_most_likely_token(model):

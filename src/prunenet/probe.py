@@ -5,7 +5,8 @@ forked RNG (no effect on the caller's random state), so the same seed gives the 
 recipe knobs: how sequences start (the BOS token or a token drawn uniformly from the
 vocabulary), the temperature (optionally rising linearly over the first tokens, as in
 self-calibration, arXiv 2410.17170), top-p and min-p truncation (applied after the temperature),
-and dropping degenerate samples (few distinct 4-grams) before they reach the statistics.
+and dropping degenerate samples (few distinct 4-grams) or, optionally, samples written mostly
+in another script than the probe's main one, before they reach the statistics.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import unicodedata
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,10 +48,15 @@ class ProbeRecipe:
     # Left out of the repr, so probes cached before it existed keep their keys; cache keys
     # add it through cache_suffix.
     prompt: str = field(default="", repr=False)
+    # Keep only sequences written mostly in the probe's main script (the one most sequences of
+    # the first batch are written in): a multilingual model's probe stays in one writing
+    # system without anyone naming a language. Needs the tokenizer. Out of the repr like prompt.
+    one_script: bool = field(default=False, repr=False)
 
     def cache_suffix(self) -> str:
-        """What a cache key adds to the repr: the prompt, when there is one."""
-        return f" prompt={self.prompt!r}" if self.prompt else ""
+        """What a cache key adds to the repr: the prompt and the script filter, when set."""
+        return ((f" prompt={self.prompt!r}" if self.prompt else "")
+                + (" one_script=True" if self.one_script else ""))
 
 
 class _Sampling:
@@ -73,6 +81,13 @@ def distinct_4gram_fraction(sequence: Tensor) -> float:
     """Fraction of a 1-D token sequence's 4-grams that are distinct (1.0: no repetition)."""
     grams = sequence.unfold(0, 4, 1) if sequence.numel() >= 4 else sequence.view(1, -1)
     return torch.unique(grams, dim=0).shape[0] / grams.shape[0]
+
+
+def main_script(text: str) -> str | None:
+    """The writing system most of ``text``'s letters belong to (the first word of their Unicode
+    names: ``LATIN``, ``CYRILLIC``, ``CJK``, ``ARABIC``, ...), or None without letters."""
+    counts = Counter(unicodedata.name(ch, "?").split()[0] for ch in text if ch.isalpha())
+    return counts.most_common(1)[0][0] if counts else None
 
 
 def max_sequence_length(model: nn.Module, wanted: int) -> int:
@@ -127,6 +142,10 @@ def generate_probe(model: nn.Module, tokenizer, tokens: int, seed: int,
     device = next(model.parameters()).device
     kept: list[Tensor] = []
     dropped = 0
+    script: str | None = None  # the probe's main script, from the first batch (one_script)
+    if recipe.one_script and tokenizer is None:
+        raise InputError("a probe kept in one script needs the model's tokenizer; load the "
+                         "model with it")
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices), tqdm(
             total=wanted * length, unit="tok", desc=label, disable=not progress,
@@ -135,8 +154,9 @@ def generate_probe(model: nn.Module, tokenizer, tokens: int, seed: int,
         generator = torch.Generator().manual_seed(int(seed))
         while len(kept) < wanted:
             if dropped > 4 * wanted:
-                raise InputError(f"{dropped} probe samples were degenerate; lower "
-                                 "min_distinct_4grams or raise the temperature")
+                raise InputError(f"{dropped} probe samples were degenerate or in another "
+                                 "script; lower min_distinct_4grams, raise the temperature "
+                                 "or keep every script")
             count = min(recipe.batch_size, wanted - len(kept))
             prompt = _first_tokens(model, recipe, words, count, generator).to(device)
             output = model.generate(
@@ -145,8 +165,15 @@ def generate_probe(model: nn.Module, tokenizer, tokens: int, seed: int,
                 max_new_tokens=length - prompt.shape[1],
                 min_new_tokens=length - prompt.shape[1], pad_token_id=0,
                 logits_processor=[_Sampling(recipe, prompt.shape[1], bar)]).cpu()
-            for sequence in output:
-                if distinct_4gram_fraction(sequence) >= recipe.min_distinct_4grams:
+            scripts = [None] * len(output)
+            if recipe.one_script:
+                scripts = [main_script(text) for text in tokenizer.batch_decode(
+                    output[:, prompt.shape[1]:], skip_special_tokens=True)]
+                if script is None:
+                    script = Counter(scripts).most_common(1)[0][0]
+            for sequence, written in zip(output, scripts, strict=True):
+                if (distinct_4gram_fraction(sequence) >= recipe.min_distinct_4grams
+                        and written == script):
                     kept.append(sequence)
                 else:
                     dropped += 1
