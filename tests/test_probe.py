@@ -142,6 +142,8 @@ def test_one_script_keeps_only_sequences_in_the_first_batchs_main_script(model):
     with pytest.raises(InputError, match="needs the model's tokenizer"):
         generate_probe(model, None, 32, seed=0, recipe=kept, progress=False)
     assert Probe(model, None, 64, 0, kept).key() != Probe(model, None, 64, 0, plain).key()
+    assert Probe(model, None, 64, 0, kept).record()["one_script"] is True
+    assert "one_script" not in Probe(model, None, 64, 0, plain).record()
 
 
 def test_min_p_one_keeps_only_the_most_likely_token(model):

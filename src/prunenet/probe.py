@@ -241,8 +241,9 @@ class Probe:
 
     def record(self) -> dict:
         prompt = {"prompt": self.recipe.prompt} if self.recipe.prompt else {}
+        script = {"one_script": True} if self.recipe.one_script else {}
         return {"tokens": self.tokens, "seed": self.seed,
                 "sequence_length": self.recipe.sequence_length,
                 "temperature": self.recipe.temperature,
                 "batch_size": self.recipe.batch_size,  # the batch decides the sampled tokens
-                **prompt}
+                **prompt, **script}
