@@ -154,9 +154,10 @@ def generate_probe(model: nn.Module, tokenizer, tokens: int, seed: int,
         generator = torch.Generator().manual_seed(int(seed))
         while len(kept) < wanted:
             if dropped > 4 * wanted:
-                raise InputError(f"{dropped} probe samples were degenerate or in another "
-                                 "script; lower min_distinct_4grams, raise the temperature "
-                                 "or keep every script")
+                why = ("degenerate or in another script; lower min_distinct_4grams, raise "
+                       "the temperature or keep every script" if recipe.one_script else
+                       "degenerate; lower min_distinct_4grams or raise the temperature")
+                raise InputError(f"{dropped} probe samples were {why}")
             count = min(recipe.batch_size, wanted - len(kept))
             prompt = _first_tokens(model, recipe, words, count, generator).to(device)
             output = model.generate(
@@ -169,7 +170,7 @@ def generate_probe(model: nn.Module, tokenizer, tokens: int, seed: int,
             if recipe.one_script:
                 scripts = [main_script(text) for text in tokenizer.batch_decode(
                     output[:, prompt.shape[1]:], skip_special_tokens=True)]
-                if script is None:
+                if not kept and not dropped:  # the first batch decides, even if it is None
                     script = Counter(scripts).most_common(1)[0][0]
             for sequence, written in zip(output, scripts, strict=True):
                 if (distinct_4gram_fraction(sequence) >= recipe.min_distinct_4grams
