@@ -21,7 +21,14 @@ from prunenet.errors import InputError, OutputError
 from prunenet.io import streaming
 from prunenet.io.policy_file import save_policy
 from prunenet.io.streaming import StreamedCheckpoint, choose_streaming, parse_memory
-from prunenet.pipeline import compress, prune, train_policy
+from prunenet.pipeline import (
+    CompressOptions,
+    compress,
+    plan_compression,
+    prune,
+    train_policy,
+    training_state_path,
+)
 
 
 def sharded_checkpoint(folder: Path, model_type: str = "llama") -> Path:
@@ -109,6 +116,16 @@ def test_cli_streams_when_the_model_exceeds_max_memory(tmp_path, capsys, caplog)
     assert status != 0 and "needs it in memory" in capsys.readouterr().err
     assert not (tmp_path / "out2").exists()
     assert json.loads((tmp_path / "out" / "config.json").read_text())["intermediate_size"] == 24
+    # The policy it trains can be kept, and its training state is resumable beside --out.
+    status = main(["compress", str(source), "--ratio", "0.5", "--episodes", "1", "--out",
+                   str(tmp_path / "out3"), "--max-memory", str(budget), "--device", "cpu",
+                   "--policy-out", str(tmp_path / "streamed-policy.safetensors")])
+    assert status == 0 and (tmp_path / "streamed-policy.safetensors").is_file()
+    plan = plan_compression(str(source), 0.5, CompressOptions(max_memory=budget),
+                            out=tmp_path / "out4")
+    assert plan.selector.name == "prunenet" and plan.streamed is not None
+    assert plan.selector.state_path == training_state_path(tmp_path / "out4")
+    assert not (tmp_path / "out4").exists()
     status = main(["train-policy", str(source), "--ratio", "0.5", "--episodes", "1", "--out",
                    str(tmp_path / "policy.safetensors"), "--max-memory", str(budget)])
     assert status == 0 and (tmp_path / "policy.safetensors").exists()
@@ -222,6 +239,19 @@ def test_streaming_refuses_methods_that_need_the_model(tmp_path):
         compress(StreamedCheckpoint(source), 0.5, method="self-generated", out=tmp_path / "out",
                  progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_streaming_refuses_what_needs_the_model_in_memory(tmp_path, capsys):
+    """--eval and --record read the model in memory: a streamed run refuses them up front,
+    rather than finishing without what was asked for."""
+    source = sharded_checkpoint(tmp_path / "model")
+    budget = StreamedCheckpoint(source).streaming_memory(training=True)
+    for extra, what in ((["--eval", "2"], "--eval needs the model in memory"),
+                        (["--record", str(tmp_path / "run")], "--record needs the model")):
+        status = main(["compress", str(source), "--ratio", "0.5", "--method", "random",
+                       "--out", str(tmp_path / "out"), "--max-memory", str(budget), *extra])
+        assert status != 0 and what in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
 
 # --- peak resident memory, measured in a subprocess ------------------------------------------

@@ -232,15 +232,28 @@ def plan_compression(model: Any, ratio: float, options: CompressOptions, *,
     reads.append(options.calibration.corpus)  # a corpus named by its path is read too
     method = options.method or (PruneNet.name if policy is not None else DEFAULT_METHOD)
     trains = selector_class(method) is PruneNet and policy is None
-    if policy_out is not None and not trains:
-        raise InputError(f"--policy-out needs a trained policy: method 'prunenet' without "
-                         f"--policy (method {method!r} trains none)")
-    state_of = (out if out is not None else policy_out) if trains else None
     if options.reconstruct not in (None, *RECONSTRUCT):
         raise InputError(f"unknown --reconstruct {options.reconstruct!r}; choose from "
                          f"{', '.join(RECONSTRUCT)}")
     if isinstance(options.ridge, bool) or not options.ridge > 0:
         raise InputError(f"--ridge must be a positive number, got {options.ridge!r}")
+    # Whether the model is streamed decides the method when none was asked for, and the
+    # method decides what is written (a policy, a resumable training state): settle both
+    # before the outputs are checked. Reading the checkpoint's header writes nothing.
+    streamed = None
+    if source is not None:
+        streamed = choose_streaming(model, options.max_memory, training=trains)
+    if streamed is not None and options.method is None and policy is None:
+        method = STREAMED_DEFAULT_METHOD
+        trains = selector_class(method) is PruneNet
+        if trains:  # training needs more memory than selecting: check the budget for it
+            streamed = choose_streaming(model, options.max_memory, training=True) or streamed
+        log.warning("the model is streamed, and the default method %r needs it in memory: "
+                    "training a PruneNet policy instead (--method %s)", DEFAULT_METHOD, method)
+    if policy_out is not None and not trains:
+        raise InputError(f"--policy-out needs a trained policy: method 'prunenet' without "
+                         f"--policy (method {method!r} trains none)")
+    state_of = (out if out is not None else policy_out) if trains else None
     guard_outputs([
         probe_cache_output(options),
         Output(out, "--out", ours=is_model_output) if out is not None else None,
@@ -251,17 +264,9 @@ def plan_compression(model: Any, ratio: float, options: CompressOptions, *,
                ours=is_training_state) if state_of is not None else None,
         *extra_outputs,
     ], [*reads, *extra_reads], overwrite)
-    streamed = None
-    if source is not None:
-        streamed = choose_streaming(model, options.max_memory, training=trains)
-    if streamed is not None and options.method is None and policy is None:
-        method = STREAMED_DEFAULT_METHOD
-        log.warning("the model is streamed, and the default method %r needs it in memory: "
-                    "training a PruneNet policy instead (--method %s)", DEFAULT_METHOD, method)
     if isinstance(policy, (str, os.PathLike)):
         policy, _ = load_policy(policy)
-    trains = selector_class(method) is PruneNet and policy is None
-    state_path = training_state_path(state_of) if trains and state_of is not None else None
+    state_path = training_state_path(state_of) if state_of is not None else None
     selector = make_selector(method, options, policy, state_path)
     reconstruct = options.reconstruct or ("none" if streamed is not None else "ls")
     if streamed is not None:
@@ -278,6 +283,10 @@ def plan_compression(model: Any, ratio: float, options: CompressOptions, *,
         if record_dir is not None:
             raise InputError("--record needs the model in memory; it is not available when "
                              "streaming (raise --max-memory)")
+        if options.evaluate_windows:
+            raise InputError("--eval needs the model in memory; it is not available when "
+                             "streaming (raise --max-memory, or run prunenet eval on the "
+                             "output)")
     formats = output_formats(options.format, reads[0] if source is not None else None)
     return Plan(model, source, ratio, options, selector, streamed, out, record_dir, policy_out,
                 overwrite, formats, reconstruct)
