@@ -243,6 +243,21 @@ def test_cli_bad_ratio_text(tiny_llama_dir, tmp_path, capsys, ratio):
     assert "ratio" in message and (ratio != "30%" or "write 0.3 for 30%" in message)
 
 
+@pytest.mark.parametrize("argv", [["compress", "m", "--ratio", "0.3"],
+                                  ["compress", "m", "--ratio", "0.3", "--out", "o",
+                                   "--reconstruct", "magic"],
+                                  ["eval", "m", "--windows", "-1"], ["no-such-command"], []])
+def test_cli_option_errors_are_one_line(capsys, argv):
+    """argparse's usage block is not printed: one line, that names the command's --help."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1
+    assert err.startswith("prunenet: error: ") and "--help)" in err and "usage:" not in err
+    if argv[:1] == ["compress"]:
+        assert "(see prunenet compress --help)" in err
+
+
 def test_cli_error_is_one_line_without_traceback(tmp_path, capsys):
     code = main(["compress", str(tmp_path / "missing"), "--ratio", "0.3", "--out",
                  str(tmp_path / "o")])

@@ -87,7 +87,10 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--device", default=CompressOptions.device,
                         choices=["auto", "cpu", "cuda"],
-                        help=f"where selection runs (default: {CompressOptions.device})")
+                        help="where the PruneNet policy trains and selects, and compress's "
+                        "--finetune-steps / --recover-steps recovery runs; the model's own "
+                        "passes (probe, statistics, refit, activation scores) run on the CPU "
+                        f"(default: {CompressOptions.device})")
     parser.add_argument("--seed", type=seed_value, default=CompressOptions.seed,
                         help=f"random seed (default: {CompressOptions.seed})")
     parser.add_argument("--trust-remote-code", action="store_true",
@@ -741,8 +744,15 @@ COMMANDS: list[Callable] = [add_compress, add_train_policy, add_prune, add_fetch
                             add_compare, add_report, add_finetune]
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a bad option answered in one line, as every other bad input is."""
+
+    def error(self, message: str):
+        self.exit(2, f"prunenet: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="prunenet",
         description="Calibration-free structured pruning of causal LM FFNs with PruneNet.",
     )
