@@ -25,6 +25,7 @@ from prunenet.errors import InputError, NumericalError, OutputError
 from prunenet.families import Cut, kept_count, slice_tensor
 from prunenet.io.loading import load_model_and_tokenizer, read_record
 from prunenet.io.policy_file import load_policy
+from prunenet.io.streaming import StreamedCheckpoint
 from prunenet.selection.base import top_rows
 from prunenet.selection.prunenet.policy import keep_probabilities, sample_rows
 from prunenet.selection.prunenet.reinforce import TrainingConfig, train_policy_on_matrices
@@ -196,6 +197,57 @@ def test_nan_weights_are_reported_with_the_layer_name():
         model.model.layers[1].mlp.up_proj.weight[3, 4] = float("nan")
     with pytest.raises(NumericalError, match=r"model\.layers\.1\.mlp\.up_proj\.weight"):
         prunenet.compress(model, ratio=0.3, episodes=1, progress=False)
+
+
+def test_nan_outside_the_ffn_is_refused_in_memory_and_streamed(tmp_path):
+    """A NaN anywhere (here an attention matrix, which no method reads) is never written out:
+    in memory every parameter is checked after loading, streamed every copied tensor's bytes."""
+    model = make_tiny_model("llama")
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.weight[2, 1] = float("nan")
+    with pytest.raises(NumericalError, match=r"model\.layers\.0\.self_attn\.q_proj\.weight"):
+        prunenet.compress(model, ratio=0.5, method="random", reconstruct="none",
+                          out=tmp_path / "memory", progress=False)
+    model.save_pretrained(tmp_path / "model", max_shard_size="20KB")
+    with pytest.raises(NumericalError, match=r"model\.layers\.0\.self_attn\.q_proj\.weight"):
+        prunenet.compress(str(tmp_path / "model"), ratio=0.5, method="random",
+                          out=tmp_path / "streamed", progress=False,
+                          max_memory=StreamedCheckpoint(tmp_path / "model")
+                          .streaming_memory(training=True))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_a_nan_result_is_never_reported_or_saved(tmp_path):
+    from prunenet.evaluation.perplexity import perplexity
+    from prunenet.io.files import write_json_atomic
+
+    model = make_tiny_model("llama")
+    with torch.no_grad():
+        model.lm_head.weight[5, 0] = float("nan")
+    windows = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator()
+                            .manual_seed(0))
+    with pytest.raises(NumericalError, match="window 0 is nan"):
+        perplexity(model, windows, progress=False)
+    with pytest.raises(NumericalError, match="result.json would hold a NaN or Inf value"):
+        write_json_atomic(tmp_path / "result.json", {"perplexity": float("nan")})
+    with pytest.raises(NumericalError):
+        write_json_atomic(tmp_path / "result.json", {"values": [1.0, float("inf")]})
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("dtype,code", [(torch.float16, "F16"), (torch.bfloat16, "BF16"),
+                                        (torch.float32, "F32"), (torch.float64, "F64")])
+def test_raw_bytes_check_finds_every_non_finite_value(dtype, code):
+    from prunenet.io.streaming import _check_finite_bytes
+
+    finite = torch.tensor([0.0, -0.0, 1.5, -3.0, 65000.0 if dtype == torch.float16 else 1e30,
+                           torch.finfo(dtype).max, torch.finfo(dtype).tiny], dtype=dtype)
+    _check_finite_bytes("w", code, finite.view(torch.uint8).numpy().tobytes())
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        values = finite.clone()
+        values[3] = bad
+        with pytest.raises(NumericalError, match="w holds NaN or Inf"):
+            _check_finite_bytes("w", code, values.view(torch.uint8).numpy().tobytes())
 
 
 def test_unfinished_output_is_refused_as_input(tmp_path, tiny_llama):

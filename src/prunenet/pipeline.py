@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .errors import InputError
+from .errors import InputError, NumericalError
 from .families import kept_count
 from .ffn_statistics import collect_ffn_statistics
 from .io.files import Output, folder_of, guard_outputs, sibling_path
@@ -45,7 +45,7 @@ from .selection import (
     selector_class,
 )
 from .selection.activation import Activation, Calibration
-from .selection.prunenet import PruneNet, check_finite_weights, train_on
+from .selection.prunenet import PruneNet, train_on
 from .selection.prunenet.policy import PrunePolicy
 from .selection.prunenet.reinforce import TrainingConfig, TrainingResult, is_training_state
 from .selection.self_generated import SelfGenerated
@@ -316,6 +316,15 @@ def output_formats(fmt: str, read_path: str | None) -> tuple[str, ...]:
     return formats
 
 
+def check_finite_parameters(model: nn.Module) -> None:
+    """Raise naming the first parameter that holds NaN or Inf: nothing is pruned from, or
+    written for, a damaged model (a streamed one is checked tensor by tensor as it is copied)."""
+    for name, parameter in model.named_parameters():
+        if parameter.is_floating_point() and not torch.isfinite(parameter).all():
+            raise NumericalError(f"{name} holds NaN or Inf; the checkpoint is damaged and "
+                                 "cannot be pruned")
+
+
 def run_compression(plan: Plan, tokenizer: Any = None) -> CompressionResult:
     """Open the source, select, write and record, as ``plan`` says."""
     options = plan.options
@@ -325,6 +334,7 @@ def run_compression(plan: Plan, tokenizer: Any = None) -> CompressionResult:
     else:
         model, loaded_tokenizer = _as_model(plan.model, options.trust_remote_code)
         tokenizer = loaded_tokenizer if tokenizer is None else tokenizer
+        check_finite_parameters(model)
         weights = FFNView(model)
     kept = kept_count(weights.d_ff, plan.ratio)
     selector = plan.selector
@@ -345,8 +355,6 @@ def run_compression(plan: Plan, tokenizer: Any = None) -> CompressionResult:
             save_policy(selector.policy, plan.policy_out,
                         policy_metadata(model if model is not None else weights,
                                         selector.training), plan.overwrite)
-    if model is not None:
-        check_finite_weights(weights)
     original_spectra = first_matrix_spectra(model) if plan.record_dir is not None else None
     before = weights.parameter_counts()
     rows = selector.select(source, kept, options.seed)

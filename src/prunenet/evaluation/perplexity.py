@@ -8,6 +8,8 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..errors import NumericalError
+
 
 @torch.no_grad()
 def perplexity(
@@ -16,7 +18,8 @@ def perplexity(
     """``exp(mean NLL)`` of every next-token prediction inside each window (count x seqlen).
 
     Each window is scored independently; the first position is context only, so every window
-    contributes ``seqlen - 1`` predictions.
+    contributes ``seqlen - 1`` predictions. Raises :class:`NumericalError` when the model's loss
+    is not finite (its outputs hold NaN or Inf): no such number is ever reported or saved.
     """
     device = next(model.parameters()).device
     total_nll, total_tokens = 0.0, 0
@@ -27,6 +30,9 @@ def perplexity(
         nll = nn.functional.cross_entropy(
             logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
         )
+        if not math.isfinite(float(nll)):
+            raise NumericalError(f"the model's loss on evaluation window {start} is {float(nll)}: "
+                                 "its outputs hold NaN or Inf, so it has no perplexity")
         total_nll += float(nll)
         total_tokens += batch[:, 1:].numel()
     return math.exp(total_nll / total_tokens)

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import InputError, OutputError
+from ..errors import InputError, NumericalError, OutputError
 
 NAME_MAX = 255  # bytes in one file name on Linux, macOS and Windows file systems
 _RANDOM_SUFFIX = 8  # characters tempfile appends to a prefix
@@ -347,10 +347,16 @@ def atomic_file(path: Path, overwrite: bool = True,
 def write_json_atomic(path: Path, data: Any, ours: Recognizer | None = None) -> None:
     """Write ``data`` as indented, key-sorted JSON to ``path`` atomically; an existing file is
     replaced only when ``ours`` (if given) recognizes it."""
+    try:  # strict JSON: a NaN or Inf result is refused, never written as a bare NaN
+        text = json.dumps(data, indent=2, sort_keys=True, allow_nan=False)
+    except ValueError as error:
+        if "Out of range float" not in str(error):
+            raise
+        raise NumericalError(f"{Path(path).name} would hold a NaN or Inf value; nothing was "
+                             "written") from error
     with atomic_file(Path(path), ours=ours) as tmp:
         with open(tmp, "w") as stream:
-            json.dump(data, stream, indent=2, sort_keys=True)
-            stream.write("\n")
+            stream.write(text + "\n")
 
 
 def write_text_atomic(path: Path, text: str) -> None:

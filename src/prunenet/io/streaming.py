@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from torch import Tensor
@@ -296,6 +297,24 @@ def _check_finite(name: str, tensor: Tensor) -> None:
         )
 
 
+# The exponent field of each IEEE float type safetensors names: all ones is NaN or Inf.
+_EXPONENT_MASKS = {"F64": (np.uint64, 0x7FF0000000000000), "F32": (np.uint32, 0x7F800000),
+                   "F16": (np.uint16, 0x7C00), "BF16": (np.uint16, 0x7F80)}
+
+
+def _check_finite_bytes(name: str, dtype: str, data: bytes) -> None:
+    """:func:`_check_finite` on a tensor's raw little-endian bytes (a whole number of elements),
+    for tensors copied without being decoded."""
+    if dtype not in _EXPONENT_MASKS:
+        return
+    kind, mask = _EXPONENT_MASKS[dtype]
+    bits = np.frombuffer(data, dtype=np.dtype(kind).newbyteorder("<"))
+    if ((bits & kind(mask)) == kind(mask)).any():
+        raise NumericalError(
+            f"{name} holds NaN or Inf; the checkpoint is damaged and cannot be pruned"
+        )
+
+
 def streamable(source: Any) -> StreamedCheckpoint | None:
     """A :class:`StreamedCheckpoint` when ``source`` is a local safetensors model folder."""
     if not isinstance(source, (str, os.PathLike)):
@@ -395,6 +414,7 @@ def _write_shard(checkpoint: StreamedCheckpoint, shard: str, names: list[str],
                 chunk = source.read(min(_COPY_CHUNK, remaining))
                 if not chunk:
                     raise InputError(f"{checkpoint.folder / shard} ended while copying {name}")
+                _check_finite_bytes(name, entry.dtype, chunk)
                 sink.write(chunk)
                 remaining -= len(chunk)
     return sizes
