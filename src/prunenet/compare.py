@@ -157,7 +157,7 @@ def compare(
                                 "evaluation": evaluation})
         report(f"[{number}/{len(pairs)}] {method} at {ratio}: {_one_line(evaluation)}")
         del pruned
-    with atomic_folder(out_path, overwrite) as staging:
+    with atomic_folder(out_path, overwrite, ours=is_compare_output) as staging:
         write_json_atomic(staging / "results.json", results)
         plots = write_plots(results, staging)
         (staging / "report.md").write_text(render_report(results, [p.name for p in plots]))

@@ -493,7 +493,7 @@ def finetune(
             "evaluation": "the first evaluation_windows sequences, held back (never trained on)",
         }
     if process.is_main_process:
-        with atomic_folder(out_path, overwrite) as staging:
+        with atomic_folder(out_path, overwrite, ours=is_model_output) as staging:
             result_model = _write_output(student, tokenizer, staging, record, source, merge)
         shutil.rmtree(work, ignore_errors=True)
     else:

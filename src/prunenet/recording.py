@@ -87,7 +87,7 @@ def write_run_record(record_dir: str | os.PathLike, pruned_model: nn.Module,
     for index, (before, after) in enumerate(zip(original, pruned)):
         tensors[f"layer.{index}.original"] = before.contiguous()
         tensors[f"layer.{index}.pruned"] = after.contiguous()
-    with atomic_folder(path, overwrite) as staging:
+    with atomic_folder(path, overwrite, ours=is_run_record) as staging:
         save_file(tensors, staging / SPECTRA_NAME)
         write_json_atomic(staging / RUN_RECORD_NAME,
                           run_record(record, kept_rows, original, pruned, training))

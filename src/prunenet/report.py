@@ -244,7 +244,7 @@ def write_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
     target, = guard_outputs([Output(target, "--out", ours=is_report)],
                             [folder / RUN_RECORD_NAME, folder / SPECTRA_NAME],
                             overwrite=overwrite or is_report(target))
-    with atomic_folder(target, overwrite=True) as staging:
+    with atomic_folder(target, overwrite=True, ours=is_report) as staging:
         plots = write_plots(data, original, pruned, chosen, staging)
         write_text_atomic(staging / "report.md", render_markdown(data, plots))
         write_text_atomic(staging / "report.html", render_html(data, plots, staging))

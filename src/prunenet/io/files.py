@@ -281,11 +281,13 @@ def output_lock(out: Path) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def atomic_folder(out: Path, overwrite: bool = False) -> Iterator[Path]:
+def atomic_folder(out: Path, overwrite: bool = False,
+                  ours: Recognizer | None = None) -> Iterator[Path]:
     """Yield a temporary sibling folder; on success it replaces ``out`` in one rename.
 
     On any exception (Ctrl-C included) the temporary folder is removed and ``out`` is untouched.
-    A non-empty ``out`` that appeared while the work ran is replaced only with ``overwrite``.
+    A non-empty ``out`` that appeared while the work ran is replaced only with ``overwrite``,
+    and, when ``ours`` is given, only if ``ours`` recognizes it (checked again at the rename).
     """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -303,6 +305,9 @@ def atomic_folder(out: Path, overwrite: bool = False) -> Iterator[Path]:
                         f"output {out} was written by another run while this one worked; "
                         "not replaced (pass --overwrite to replace it)"
                     )
+                if ours is not None and any(out.iterdir()) and not ours(out):
+                    raise OutputError(f"output {out} holds files prunenet did not write (they "
+                                      "appeared while this run worked); not replaced")
                 old = Path(tempfile.mkdtemp(prefix=sibling_prefix(out, "old"), dir=out.parent))
                 os.rename(out, old / "previous")
                 os.rename(staging, out)

@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError
 
 from ..assets import MODELS, asset_path, cache_dir, model_path
-from ..errors import InputError
+from ..errors import InputError, OutputError
 from ..families import family_for
 from .files import (
     Output,
@@ -377,7 +377,7 @@ def save_compressed(
     model came from (for the card); ``also(folder)`` writes further files into the folder being
     staged and returns what the record says of them (merged into ``record``)."""
     out_path = check_output_path(out, overwrite, list(inputs))
-    with atomic_folder(out_path, overwrite) as staging:
+    with atomic_folder(out_path, overwrite, ours=is_model_output) as staging:
         if safetensors:
             save_plain_checkpoint(model, tokenizer, staging)
         if also is not None:
@@ -421,8 +421,32 @@ def convert_model(alias: str, force: bool = False) -> Path:
     target = cache_dir() / model_entry.folder
     if (target / "config.json").exists() and not force:
         return target
+    if not _is_conversion(target):
+        raise OutputError(f"{target} exists and was not written by prunenet fetch; it is not "
+                          "replaced. Move it away (or set PRUNENET_CACHE to another folder)")
     gguf_file = asset_path(model_entry.asset) / model_entry.gguf
     model, tokenizer = load_model_and_tokenizer(str(gguf_file))
-    with atomic_folder(target, overwrite=True) as staging:
+    with atomic_folder(target, overwrite=True, ours=_is_conversion) as staging:
         save_plain_checkpoint(model, tokenizer, staging)
+        (staging / CONVERTED_MARKER).write_text(model_entry.gguf + "\n")
     return target
+
+
+CONVERTED_MARKER = ".converted"  # in a cache folder convert_model wrote: the GGUF it came from
+# What a conversion wrote before it left a marker: recognized so that --force can redo it.
+_CONVERSION_FILES = {"config.json", "generation_config.json", "model.safetensors",
+                     "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+                     "special_tokens_map.json"}
+
+
+def _is_conversion(folder: Path) -> bool:
+    """Whether ``folder`` is absent, empty or a model :func:`convert_model` wrote."""
+    if not folder.exists() and not folder.is_symlink():
+        return True
+    if folder.is_symlink() or not folder.is_dir():
+        return False
+    entries = list(folder.iterdir())
+    if not entries or (folder / CONVERTED_MARKER).is_file():
+        return True
+    return all(entry.is_file() and entry.name in _CONVERSION_FILES for entry in entries) \
+        and (folder / "config.json").is_file()

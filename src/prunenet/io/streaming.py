@@ -34,6 +34,7 @@ from .files import atomic_folder, write_json_atomic
 from .loading import (
     RECORD_NAME,
     check_weights_on_meta,
+    is_model_output,
     load_config,
     read_config_json,
     validate_safetensors,
@@ -449,7 +450,7 @@ def write_streamed(checkpoint: StreamedCheckpoint, kept_rows: Sequence[Tensor], 
                           f"needed, {format_bytes(free)} free")
     current = out
     try:
-        with atomic_folder(out, overwrite) as staging:
+        with atomic_folder(out, overwrite, ours=is_model_output) as staging:
             weight_map, total = {}, 0
             for shard in tqdm(sorted(by_shard), desc="writing shards", disable=not progress):
                 current = out / shard
