@@ -115,10 +115,46 @@ def run_record(models, tmp_path) -> Path:
 
 
 def test_report_out_onto_its_run_record_is_refused(run_record, capsys):
+    """Only the record's own report/ folder may sit inside it; the record itself, or any other
+    folder inside it, is refused (a foreign folder inside would make it no record any more)."""
     before = digest(run_record)
     refused(capsys, ["-q", "report", str(run_record), "--out", str(run_record), "--overwrite"],
-            "contains the input")
+            "is the input")
+    refused(capsys, ["-q", "report", str(run_record), "--out", str(run_record / "plots")],
+            "lies inside the input")
     assert digest(run_record) == before
+
+
+def test_eval_json_inside_a_ppl_dataset_folder_is_refused(models, tmp_path, capsys):
+    data = tmp_path / "my_dataset"
+    data.mkdir()
+    (data / "dataset_info.json").write_text("{}")
+    before = digest(data)
+    refused(capsys, ["-q", "eval", str(models / "llama"), "--ppl", str(data), "--json",
+                     str(data / "results.json")], "lies inside the input")
+    assert digest(data) == before
+
+
+def test_outputs_inside_a_gguf_model_folder_are_refused(tmp_path, capsys):
+    """A folder holding one .gguf is the model the user named: nothing is written into it."""
+    from prunenet.assets import asset_path
+
+    folder = tmp_path / "ggufmodel"
+    folder.mkdir()
+    shutil.copy(asset_path("tinycoder-gguf") / "tiny.gguf", folder / "tiny.gguf")
+    (folder / "notes.txt").write_text("mine")
+    before = digest(folder)
+    refused(capsys, ["-q", "compress", str(folder), "--ratio", "0.5", "--method", "random",
+                     "--out", str(folder / "pruned")], "lies inside the input")
+    refused(capsys, ["-q", "eval", str(folder), "--ppl", "none", "--json",
+                     str(folder / "eval.json")], "lies inside the input")
+    refused(capsys, ["-q", "train-policy", str(folder), "--ratio", "0.5", "--out",
+                     str(folder / "policy.safetensors")], "lies inside the input")
+    student = tmp_path / "student"
+    make_tiny_model("llama").save_pretrained(student)
+    refused(capsys, ["-q", "finetune", str(student), "--data", "self-generated", "--teacher",
+                     str(folder), "--out", str(folder / "distilled")], "lies inside the input")
+    assert digest(folder) == before
 
 
 @pytest.mark.parametrize("overwrite", [False, True])

@@ -333,13 +333,13 @@ def run_train_policy(args: argparse.Namespace) -> int:
     from .io.loading import load_model_and_tokenizer
     from .io.policy_file import is_policy_file, save_policy
     from .io.streaming import bound_heap_growth, choose_streaming
-    from .pipeline import input_path, policy_metadata, train_policy, training_state_path
+    from .pipeline import input_paths, policy_metadata, train_policy, training_state_path
     from .selection.prunenet.reinforce import is_training_state
 
     guard_outputs([Output(args.out, "--out", folder=False, ours=is_policy_file),
                    Output(training_state_path(args.out), "training state", folder=False,
                           working=True, ours=is_training_state)],
-                  [input_path(args.model)], args.overwrite)
+                  input_paths(args.model), args.overwrite)
     model = choose_streaming(args.model, args.max_memory, training=True)
     if model is None:
         model, _ = load_model_and_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
@@ -482,15 +482,15 @@ def run_eval(args: argparse.Namespace) -> int:
     from .evaluation.evaluate import FORMAT, evaluate, format_table
     from .io.files import Output, guard_outputs, json_with_format, write_json_atomic
     from .io.loading import load_model_and_tokenizer
-    from .pipeline import input_path
+    from .pipeline import input_paths
 
     _offline_tasks(args)
     json_path = None
-    if args.json:
+    if args.json:  # a --ppl text named by its path is read too
         json_path, = guard_outputs(
             [Output(args.json, "--json", folder=False,
                     ours=lambda path: json_with_format(path, FORMAT))],
-            [input_path(args.model)], overwrite=True)
+            [*input_paths(args.model), _ppl(args)], overwrite=True)
     model, tokenizer = load_model_and_tokenizer(args.model,
                                                 trust_remote_code=args.trust_remote_code)
     result = evaluate(model, tokenizer, ppl=_ppl(args), seqlen=args.seqlen, windows=args.windows,

@@ -25,7 +25,7 @@ from .families import kept_count
 from .io.files import atomic_folder, folder_of, json_with_format, write_json_atomic
 from .io.loading import check_output_path, load_model_and_tokenizer
 from .model_view import FFNView
-from .pipeline import input_path, method_of_variant, prune, train_policy
+from .pipeline import input_paths, method_of_variant, prune, train_policy
 from .selection import SELECTORS
 from .selection.activation import Calibration
 from .selection.prunenet import PruneNet
@@ -95,7 +95,7 @@ def compare(
     if not ratios:
         raise InputError("give at least one ratio, e.g. --ratios 0.1,0.2,0.3")
     # Text corpora named by path are read too ("wiki" and other names are not paths).
-    reads = [input_path(model), ppl, (calibration or Calibration()).corpus]
+    reads = [*input_paths(model), ppl, (calibration or Calibration()).corpus]
     out_path = check_output_path(out, overwrite, reads, ours=is_compare_output)
     if task_names:
         asset_path("zeroshot")  # data not fetched: fail before any work, naming the command

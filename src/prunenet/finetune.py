@@ -390,10 +390,11 @@ def finetune(
                          "always the full checkpoint: drop --no-merge")
     source = str(Path(model).expanduser().resolve())
     teacher_source = _teacher_source(source, teacher, config)
+    teacher_reads = [] if teacher_source is None else _teacher_reads(teacher, teacher_source)
     out_path, work = guard_outputs(
         [Output(out, "--out", ours=is_model_output),
          Output(sibling_path(out, ".work"), "work folder", working=True, ours=is_work_folder)],
-        [source, data, teacher_source], overwrite)
+        [source, data, *teacher_reads], overwrite)
     run_settings = {**asdict(config), "targets": list(config.targets), "source": source,
                     "teacher": teacher_source}
     process = PartialState()
@@ -500,6 +501,13 @@ def finetune(
         result_model = _merged(student) if merge else student
     process.wait_for_everyone()
     return FinetuneResult(result_model.eval(), tokenizer, record, str(out_path))
+
+
+def _teacher_reads(teacher: str | os.PathLike | None, teacher_source: str) -> list[str]:
+    """The teacher's paths no output may touch: its file, and the folder --teacher named."""
+    from .pipeline import input_paths
+
+    return [teacher_source, *(input_paths(teacher)[1:] if teacher is not None else [])]
 
 
 def _teacher_source(student: str, teacher: str | os.PathLike | None,

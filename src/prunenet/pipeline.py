@@ -152,6 +152,17 @@ def input_path(source: str | os.PathLike) -> str:
     return str(Path(folder) / gguf_file) if gguf_file else folder
 
 
+def input_paths(source: str | os.PathLike) -> list[str]:
+    """Every local path a MODEL argument puts off limits to outputs: what it reads
+    (:func:`input_path`, first) and, for a folder that holds a .gguf, that whole folder."""
+    read = input_path(source)
+    folder, gguf_file = resolve_source(source)
+    named = Path(source).expanduser()
+    if gguf_file and named.is_dir():
+        return [read, folder]
+    return [read]
+
+
 def training_state_path(output: str | os.PathLike) -> Path:
     """Where a run writing ``output`` keeps its resumable training state: a sibling file."""
     return sibling_path(output, ".train-state.pt")
@@ -226,7 +237,7 @@ def plan_compression(model: Any, ratio: float, options: CompressOptions, *,
     write and read after the compression (a fine-tune of its output), checked together."""
     options.training.validate()
     source = None if isinstance(model, nn.Module) else str(model)
-    reads = [input_path(source)] if source is not None else []  # a bad input fails first
+    reads = input_paths(source) if source is not None else []  # a bad input fails first
     if isinstance(policy, (str, os.PathLike)):
         reads.append(policy)
     reads.append(options.calibration.corpus)  # a corpus named by its path is read too
@@ -383,7 +394,7 @@ def run_compression(plan: Plan, tokenizer: Any = None) -> CompressionResult:
             saved = str(write_streamed(weights, rows, Path(plan.out).expanduser().resolve(),
                                        record, plan.overwrite, options.progress))
         else:
-            reads = [input_path(plan.source)] if plan.source else []
+            reads = input_paths(plan.source) if plan.source else []
             saved = str(save_compressed(model, tokenizer, plan.out, record, plan.overwrite,
                                         reads, safetensors="safetensors" in plan.formats,
                                         also=_gguf_writer(reads, model, rows)

@@ -240,9 +240,11 @@ def write_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
     chosen = _check_layers(layers, data["num_layers"])
     folder = Path(run_dir).expanduser()
     target = folder / "report" if out is None else Path(out).expanduser()
-    # The record's files are what is read: its default report folder may sit beside them.
-    target, = guard_outputs([Output(target, "--out", ours=is_report)],
-                            [folder / RUN_RECORD_NAME, folder / SPECTRA_NAME],
+    # The record's default report folder may sit beside its files (a run record holds it);
+    # anywhere else inside the record, or around it, is refused.
+    beside = target.resolve() == (folder / "report").resolve()
+    reads = [folder / RUN_RECORD_NAME, folder / SPECTRA_NAME] if beside else [folder]
+    target, = guard_outputs([Output(target, "--out", ours=is_report)], reads,
                             overwrite=overwrite or is_report(target))
     with atomic_folder(target, overwrite=True, ours=is_report) as staging:
         plots = write_plots(data, original, pruned, chosen, staging)
