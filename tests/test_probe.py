@@ -195,3 +195,24 @@ def test_activation_passes_skip_the_head_and_read_the_same_values(family):
     assert all(s.count == tokens.numel() for s in stats)
     assert all(torch.allclose(s.mean_square, e.double() / tokens.numel(), rtol=1e-5)
                for s, e in zip(stats, expected, strict=True))
+
+
+def test_the_record_says_what_was_generated(model):
+    """Asked for 130 tokens of 256-token sequences from a model with 64 positions: the record
+    keeps the ask (130 tokens) and says what ran (3 sequences of 64)."""
+    probe = Probe(model, None, 130, 0, ProbeRecipe(sequence_length=256, batch_size=4))
+    assert probe.record()["sequence_length"] == 64 and "shape" not in probe.record()
+    ids = probe.ids()
+    record = probe.record()
+    assert record["tokens"] == 130 and record["sequence_length"] == 64
+    assert record["shape"] == [3, 64] == list(ids.shape)
+
+
+def test_models_differing_only_in_deeper_layers_never_share_a_probe(model):
+    import copy
+
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.model.layers[-1].mlp.down_proj.weight.mul_(1.5)
+    assert Probe(model, None, 64, 0).key() != Probe(other, None, 64, 0).key()
+    assert Probe(model, None, 64, 0).key() == Probe(copy.deepcopy(model), None, 64, 0).key()

@@ -39,7 +39,9 @@ def test_reconstruction_is_reproducible_keeps_size_and_reloads_exactly(tmp_path)
     assert records["a"]["reconstruct"]["mode"] == "ls"
     assert records["a"]["reconstruct"]["ridge"] == DEFAULT_RIDGE == 0.3
     assert records["plain"]["reconstruct"] == {"mode": "none"}
-    assert records["a"]["probe"] == {"tokens": 256, "seed": 42, "sequence_length": 256,
+    # 256 tokens asked for; the tiny model has 64 positions: 4 sequences of 64 were made.
+    assert records["a"]["probe"] == {"tokens": 256, "seed": 42, "sequence_length": 64,
+                                     "shape": [4, 64],
                                      "temperature": probe_module.ProbeRecipe.temperature,
                                      "batch_size": 32}
     assert records["hot"]["probe"]["temperature"] == 0.7

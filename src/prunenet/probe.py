@@ -204,11 +204,14 @@ class Probe:
         self._ids: Tensor | None = None
 
     def key(self) -> str:
-        """What the probe depends on: the model (config and first layer's weights), the seed,
+        """What the probe depends on: the model (its config and every weight, so two models
+        that share a config and embeddings but not their layers never share a probe), the seed,
         the size and the recipe."""
         digest = hashlib.sha256(self.model.config.to_json_string(use_diff=False).encode())
-        first = next(self.model.parameters()).detach().float().cpu().contiguous()
-        digest.update(first.numpy().tobytes())
+        for name, parameter in self.model.named_parameters():
+            digest.update(f"{name}:{parameter.dtype}:{tuple(parameter.shape)}".encode())
+            digest.update(memoryview(parameter.detach().cpu().contiguous().view(-1)
+                                     .view(torch.uint8).numpy()))
         digest.update((repr((self.seed, self.tokens, self.recipe))
                        + self.recipe.cache_suffix()).encode())
         return digest.hexdigest()[:32]
@@ -241,10 +244,14 @@ class Probe:
         return self._ids
 
     def record(self) -> dict:
+        """What was asked for and what was made: ``tokens`` as asked (``--probe-tokens``),
+        ``sequence_length`` as generated (capped by the model's positions) and, once it was
+        made, ``shape``, the generated sequences x length."""
         prompt = {"prompt": self.recipe.prompt} if self.recipe.prompt else {}
         script = {"one_script": True} if self.recipe.one_script else {}
-        return {"tokens": self.tokens, "seed": self.seed,
-                "sequence_length": self.recipe.sequence_length,
+        shape = {"shape": list(self._ids.shape)} if self._ids is not None else {}
+        length = max(2, max_sequence_length(self.model, self.recipe.sequence_length))
+        return {"tokens": self.tokens, "seed": self.seed, **shape, "sequence_length": length,
                 "temperature": self.recipe.temperature,
                 "batch_size": self.recipe.batch_size,  # the batch decides the sampled tokens
                 **prompt, **script}
