@@ -268,6 +268,29 @@ def test_compress_chains_finetune(setup, tmp_path):
     assert record["finetune"]["source"] == str(out.resolve())
 
 
+def test_a_fine_tune_record_says_what_changed_and_keeps_an_earlier_one(setup, tmp_path):
+    """A compress output with a measured perplexity, fine-tuned twice: the output holds no
+    claim about weights it no longer has (the measurement moves under finetune.input), the
+    second fine-tune nests the first, and the card names what trained on which data."""
+    out = tmp_path / "compressed"
+    assert main(["-q", "compress", str(setup.dense), "--ratio", "0.25", "--method", "random",
+                 "--reconstruct", "none", "--out", str(out), "--eval", "1"]) == 0
+    measured = json.loads((out / "prunenet.json").read_text())["evaluation"]
+    finetune(out, setup.corpus, tmp_path / "once", steps=2, progress=False, **SETTINGS)
+    once = json.loads((tmp_path / "once" / "prunenet.json").read_text())
+    assert "evaluation" not in once and once["finetune"]["input"] == {"evaluation": measured}
+    assert "previous" not in once["finetune"]
+    finetune(tmp_path / "once", setup.corpus, tmp_path / "twice", steps=2, progress=False,
+             train="ffn", **SETTINGS)
+    twice = json.loads((tmp_path / "twice" / "prunenet.json").read_text())
+    assert twice["finetune"]["trained"] == "FFN weights"
+    assert twice["finetune"]["previous"]["trained"] == "LoRA adapters"
+    assert twice["finetune"]["previous"]["input"] == {"evaluation": measured}
+    card = (tmp_path / "twice" / "README.md").read_text()
+    assert f"Recovered by fine-tuning FFN weights on `{setup.corpus}` for 2 steps" in card
+    assert "Measured after pruning" not in card and "prunenet finetune OUT" in card
+
+
 def test_no_merge_writes_only_the_adapter_and_the_record(setup):
     from peft import PeftModel
 

@@ -126,6 +126,23 @@ def test_records_name_the_method_that_ran(tmp_path):
                           policy_out=tmp_path / "p.safetensors")
 
 
+def test_a_record_of_an_earlier_version_is_read_as_the_method_that_ran(tmp_path):
+    """Outputs written before methods had one name said "prunenet" and the variant that ran:
+    every reader (eval, fine-tune, its card) gets the method that ran."""
+    from prunenet.evaluation.evaluate import evaluate
+    from prunenet.io.loading import read_record
+
+    folder = tmp_path / "old"
+    make_tiny_model("llama").save_pretrained(folder)
+    (folder / RECORD_NAME).write_text(json.dumps({
+        "format": "prunenet-compression/1", "method": "prunenet", "variant": "self-generated",
+        "ratio": 0.25, "seed": 42, "selection": None}))
+    record = read_record(folder)
+    assert record["method"] == "self-generated" and "variant" not in record
+    result = evaluate(str(folder), ppl=None, progress=False)
+    assert result["compression"]["method"] == "self-generated"
+
+
 def test_cli_method_names_and_the_deprecated_variant(tiny_llama_dir, tmp_path, capsys, caplog):
     assert main(["-q", "compress", str(tiny_llama_dir), "--ratio", "0.25", "--out",
                  str(tmp_path / "a")]) == 0

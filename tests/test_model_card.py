@@ -55,3 +55,53 @@ def test_compress_eval_puts_the_measurement_in_record_and_card(tmp_path,
     assert measured["windows"] == 1 and measured["value"] > 1
     assert f"perplexity {measured['value']:.2f} on the first 1 evaluation" in (
         out / "README.md").read_text()
+
+
+def test_the_command_on_the_card_repeats_the_run_and_parses(tmp_path):
+    """The card's command carries every setting that changed the result (probe, refit), and
+    the command line accepts it."""
+    import shlex
+
+    from prunenet.cli import build_parser
+
+    model = tmp_path / "m"
+    make_tiny_model("llama").save_pretrained(model)
+    assert main(["-q", "compress", str(model), "--ratio", "0.25", "--out", str(tmp_path / "out"),
+                 "--probe-tokens", "128", "--probe-temperature", "0.9", "--ridge", "0.5"]) == 0
+    text = (tmp_path / "out" / "README.md").read_text()
+    command = text.split("```bash\n")[1].split("\n```")[0]
+    assert command == (f"prunenet compress {model} --ratio 0.25 --method self-generated --seed 42"
+                       " --probe-tokens 128 --probe-length 64 --probe-temperature 0.9"
+                       " --reconstruct ls --ridge 0.5 --out OUT")
+    args = build_parser().parse_args(shlex.split(command)[1:])
+    assert (args.probe_tokens, args.probe_temperature, args.ridge) == (128, 0.9, 0.5)
+
+
+def test_the_card_says_what_the_folder_holds_and_what_recovered_it():
+    from prunenet.io.model_card import render_card
+
+    record = {"method": "random", "ratio": 0.3, "seed": 1, "ffn_width_before": 64,
+              "ffn_width_after": 45, "prunenet_version": "0", "parameters_before": 10,
+              "parameters_after": 8, "parameter_reduction": 0.2, "source": "/m/x.gguf",
+              "gguf": {"file": "model.gguf", "sliced": {"a": "Q4_0"}, "requantized": {"b": "Q8_0"}}}
+    only_gguf = render_card(record, files={"model.gguf"})
+    assert "holds the GGUF file only" in only_gguf and "from_pretrained" not in only_gguf
+    assert "Also `model.gguf`" not in only_gguf and "--format both" in only_gguf
+    both = render_card(record, files={"model.gguf", "config.json", "model.safetensors"})
+    assert "from_pretrained" in both and "Also `model.gguf`" in both
+    tune = {"trained": "LoRA adapters", "steps_run": 60, "eval_kl_before": 0.6,
+            "eval_kl_after": 0.5, "settings": {"data": "self-generated", "steps": 60},
+            "distillation": {"teacher": "/m/dense"}}
+    distilled = render_card({**record, "gguf": None, "finetune": tune},
+                            files={"config.json", "model.safetensors"})
+    assert ("Recovered without data by self-distillation from `/m/dense`" in distilled
+            and "training LoRA adapters for 60 steps: held-out KL to the teacher 0.6 -> 0.5"
+            in distilled and "--data self-generated --teacher /m/dense --steps 60" in distilled)
+    assert "LoRA fine-tuning" not in distilled
+    # A model prunenet fine-tuned but never pruned: no pruning claimed, no compress command.
+    plain = render_card({"source": "/m/dense", "prunenet_version": "0",
+                         "finetune": {**tune, "distillation": None,
+                                      "settings": {"data": "wiki", "steps": 5}}},
+                        files={"config.json", "model.safetensors"})
+    assert "fine-tuned with prunenet" in plain and "FFN-pruned" not in plain
+    assert "prunenet compress" not in plain and "prunenet finetune OUT --data wiki" in plain

@@ -408,6 +408,11 @@ def finetune(
     check_sequence_length(loaded.config, config.seqlen)
     record = read_record(source) if (Path(source) / RECORD_NAME).exists() else {
         "format": "prunenet-compression/1", "prunenet_version": __version__, "source": source}
+    # What describes the input's files or weights no longer holds for the output: its GGUF
+    # is not rewritten, its measured perplexity was of the weights before training; an earlier
+    # fine-tune is kept, nested, rather than replaced.
+    superseded = {key: record.pop(key) for key in ("gguf", "evaluation") if key in record}
+    earlier = record.pop("finetune", None)
     teacher_model = None
     if config.distils:
         teacher_model, _ = load_model_and_tokenizer(teacher_source, dtype=torch.float32)
@@ -477,16 +482,22 @@ def finetune(
                          for log in history if "eval_loss" in log],
         "train_loss": [{"step": log["step"], "loss": log["loss"]}
                        for log in history if "loss" in log],
+        **({"input": superseded} if superseded else {}),
+        **({"previous": earlier} if earlier else {}),
     }
     if teacher_model is not None:
         from .distillation import TEACHER_RECIPE
+        from .probe import starts_from_bos
+
+        start = ("its BOS token" if starts_from_bos(teacher_model, TEACHER_RECIPE)
+                 else "a token drawn uniformly from its vocabulary (its config names no BOS)")
 
         record["finetune"]["distillation"] = {
             "teacher": teacher_source,
             "loss": "kl",
             "direction": "KL(teacher || student) on next-token logits",
             "temperature": 1.0,
-            "text": "sampled by the teacher from its BOS token, temperature "
+            "text": f"sampled by the teacher from {start}, temperature "
                     f"{TEACHER_RECIPE.temperature:g}",
             "generated_tokens": {"training": training.numel(), "evaluation": evaluation.numel()},
             # with the window length, what the sampled tokens depend on

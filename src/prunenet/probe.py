@@ -105,14 +105,21 @@ def prompt_ids(tokenizer, recipe: ProbeRecipe) -> list[int]:
     return list(tokenizer(recipe.prompt, add_special_tokens=False)["input_ids"])
 
 
+def starts_from_bos(model: nn.Module, recipe: ProbeRecipe) -> bool:
+    """Whether the probe's sequences start with the model's BOS token (the recipe asks for it
+    and the config names one inside the vocabulary); otherwise a uniformly drawn token."""
+    vocab = model.get_input_embeddings().weight.shape[0]
+    bos = getattr(model.config, "bos_token_id", None)
+    return recipe.first_token == "bos" and isinstance(bos, int) and 0 <= bos < vocab
+
+
 def _first_tokens(model: nn.Module, recipe: ProbeRecipe, prompt: list[int], count: int,
                   generator: torch.Generator) -> Tensor:
     vocab = model.get_input_embeddings().weight.shape[0]
-    bos = getattr(model.config, "bos_token_id", None)
     if recipe.first_token not in ("bos", "random"):
         raise InputError(f"unknown first_token {recipe.first_token!r}; use 'bos' or 'random'")
-    if recipe.first_token == "bos" and isinstance(bos, int) and 0 <= bos < vocab:
-        first = torch.full((count, 1), bos, dtype=torch.long)
+    if starts_from_bos(model, recipe):
+        first = torch.full((count, 1), model.config.bos_token_id, dtype=torch.long)
     else:
         first = torch.randint(0, vocab, (count, 1), generator=generator)  # uniform over vocab
     return torch.cat([first, torch.tensor(prompt, dtype=torch.long).expand(count, -1)], dim=1)

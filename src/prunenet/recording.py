@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from .errors import InputError
 from .io.files import atomic_folder, folder_of, json_with_format, write_json_atomic
-from .io.loading import check_output_path
+from .io.loading import check_output_path, method_that_ran
 from .model_view import FFNView
 from .selection.prunenet.reinforce import TrainingResult
 from .selection.prunenet.spectral import LayerSpectrum, ks_statistic
@@ -110,16 +110,6 @@ _COMPRESSION_FIELDS = {
 }
 
 
-# Records written before methods had one namespace said "prunenet" plus the variant that ran.
-_VARIANT_METHODS = {"reference": "prunenet", "self-generated": "self-generated"}
-
-
-def method_that_ran(compression: dict[str, Any]) -> str:
-    """The method a compression record describes, for records of every prunenet version."""
-    variant = compression.get("variant")
-    if compression.get("method") == "prunenet" and isinstance(variant, str):
-        return _VARIANT_METHODS.get(variant, variant)
-    return compression["method"]
 
 
 def schema_problem(data: dict[str, Any]) -> str | None:

@@ -392,8 +392,10 @@ def write_card(folder: Path, record: dict[str, Any], source: str | os.PathLike |
     local = source is not None and Path(source).expanduser().is_dir()
     hub_id = str(source) if source is not None and not Path(source).expanduser().exists() \
         and str(source).count("/") == 1 else None
+    files = {path.name for path in Path(folder).iterdir()}  # what the card may say loads
     write_text_atomic(folder / CARD_NAME,
-                      render_card(record, Path(source).expanduser() if local else None, hub_id))
+                      render_card(record, Path(source).expanduser() if local else None, hub_id,
+                                  files))
 
 
 def read_record(folder: str | os.PathLike) -> dict[str, Any]:
@@ -411,7 +413,22 @@ def read_record(folder: str | os.PathLike) -> dict[str, Any]:
                          "damaged") from error
     if not isinstance(record, dict):
         raise InputError(f"{path} must hold a JSON object; the record is damaged")
+    if isinstance(record.get("method"), str):  # every reader sees the method that ran
+        record["method"] = method_that_ran(record)
+        record.pop("variant", None)
     return record
+
+
+# Records written before methods had one namespace said "prunenet" plus the variant that ran.
+_VARIANT_METHODS = {"reference": "prunenet", "self-generated": "self-generated"}
+
+
+def method_that_ran(compression: dict[str, Any]) -> str:
+    """The method a compression record describes, for records of every prunenet version."""
+    variant = compression.get("variant")
+    if compression.get("method") == "prunenet" and isinstance(variant, str):
+        return _VARIANT_METHODS.get(variant, variant)
+    return compression["method"]
 
 
 def convert_model(alias: str, force: bool = False) -> Path:

@@ -44,47 +44,64 @@ def _yaml_value(value: str) -> str:
 
 
 def render_card(record: dict[str, Any], input_folder: str | os.PathLike | None = None,
-                hub_id: str | None = None) -> str:
+                hub_id: str | None = None, files: set[str] | None = None) -> str:
     """The card of an output described by ``record`` (its ``prunenet.json``).
 
     ``input_folder``: the local model folder it came from (its card gives ``license`` and the
-    lineage); ``hub_id``: the Hub id it came from, when it did.
+    lineage); ``hub_id``: the Hub id it came from, when it did; ``files``: the names in the
+    output folder (what it says loads where follows them; None: a stock checkpoint).
     """
     inherited = card_fields(input_folder)
     base_model = hub_id or inherited.get("base_model")
-    method = record["method"]
+    method = record.get("method")  # None: a model prunenet fine-tuned but did not prune
+    tune = record.get("finetune")
     front = ["---"]
     if base_model:
         front.append(f"base_model: {_yaml_value(base_model)}")
-    front += ["tags:", "- pruned", "- prunenet", f"- {_yaml_value(method)}"]
+    front += ["tags:", "- pruned" if method else "- fine-tuned", "- prunenet"]
+    if method:
+        front.append(f"- {_yaml_value(method)}")
     if "license" in inherited:
         front.append(f"license: {_yaml_value(inherited['license'])}")
     front += ["pipeline_tag: text-generation", "library_name: transformers", "---", ""]
     source = record.get("source") or "an in-memory model"
-    reduction = 100 * record["parameter_reduction"]
-    command = ["prunenet", "compress", str(source), "--ratio", f"{record['ratio']:g}",
-               "--method", method, "--seed", str(record["seed"])]
-    if record.get("selection") and method == "prunenet":
-        command += ["--selection", record["selection"]]
-    body = [
-        f"# {Path(str(source)).name or source}, FFN-pruned with prunenet ({method})",
-        "",
-        f"Structured pruning: {100 * record['ratio']:g}% of the FFN neurons of every layer were "
-        f"removed (FFN width {record['ffn_width_before']} -> {record['ffn_width_after']}) with "
-        f"the `{method}` method of prunenet {record['prunenet_version']}. Parameters "
-        f"{record['parameters_before']:,} -> {record['parameters_after']:,} (-{reduction:.1f}%). "
-        "The architecture is unchanged: the checkpoint loads with plain "
-        "`transformers.AutoModelForCausalLM.from_pretrained`.",
-        "",
-    ]
-    if record.get("gguf"):
-        written = sorted(set(record["gguf"].get("requantized", {}).values()))
-        kept = sorted(set(record["gguf"].get("sliced", {}).values()))
-        body += [f"Also `{record['gguf'].get('file', 'model.gguf')}` for llama.cpp: the input's "
-                 f"GGUF with every non-FFN tensor unchanged, FFN rows kept in their "
-                 f"{'/'.join(kept)} blocks and ffn_down written as {'/'.join(written)}"
+    checkpoint = files is None or ("config.json" in files and any(
+        name.endswith(".safetensors") for name in files))
+    gguf = record.get("gguf") if files is None or (record.get("gguf") or {}).get(
+        "file", "model.gguf") in files else None
+    if checkpoint:
+        loads = ("The architecture is unchanged: the checkpoint loads with plain "
+                 "`transformers.AutoModelForCausalLM.from_pretrained`.")
+    elif gguf:
+        loads = (f"The architecture is unchanged; this folder holds the GGUF file only "
+                 f"(`{gguf.get('file', 'model.gguf')}`, for llama.cpp), no safetensors "
+                 "checkpoint.")
+    elif files is not None and "adapter" in files:
+        loads = (f"This folder holds a LoRA adapter (`adapter/`, PEFT) for `{source}`, not "
+                 "merged into a checkpoint.")
+    else:
+        loads = "This folder holds no model weights."
+    if method:
+        reduction = 100 * record["parameter_reduction"]
+        title = f"# {Path(str(source)).name or source}, FFN-pruned with prunenet ({method})"
+        body = [
+            title, "",
+            f"Structured pruning: {100 * record['ratio']:g}% of the FFN neurons of every layer "
+            f"were removed (FFN width {record['ffn_width_before']} -> "
+            f"{record['ffn_width_after']}) with the `{method}` method of prunenet "
+            f"{record['prunenet_version']}. Parameters {record['parameters_before']:,} -> "
+            f"{record['parameters_after']:,} (-{reduction:.1f}%). " + loads, "",
+        ]
+    else:
+        body = [f"# {Path(str(source)).name or source}, fine-tuned with prunenet", "", loads, ""]
+    if gguf:
+        written = sorted(set(gguf.get("requantized", {}).values()))
+        kept = sorted(set(gguf.get("sliced", {}).values()))
+        body += [f"{'Also `' if checkpoint else '`'}{gguf.get('file', 'model.gguf')}` for "
+                 f"llama.cpp: the input's GGUF with every non-FFN tensor unchanged, FFN rows kept "
+                 f"in their {'/'.join(kept)} blocks and ffn_down written as {'/'.join(written)}"
                  + (" (the input's type cannot hold the new width or cannot be written)"
-                    if record["gguf"].get("substituted") else "") + ".", ""]
+                    if gguf.get("substituted") else "") + ".", ""]
     if record.get("evaluation", {}).get("perplexity"):
         measured = record["evaluation"]["perplexity"]
         body += [f"Measured after pruning: perplexity {measured['value']:.2f} on the first "
@@ -92,11 +109,85 @@ def render_card(record: dict[str, Any], input_folder: str | os.PathLike | None =
                  f"{measured['corpus']} (`prunenet eval` reproduces it).", ""]
     if record.get("policy_sha256"):
         body += [f"PruneNet policy checksum (sha256): `{record['policy_sha256']}`.", ""]
-    if record.get("finetune"):
-        tune = record["finetune"]
-        body += [f"Recovered by LoRA fine-tuning ({tune.get('steps_run')} steps): evaluation "
-                 f"perplexity {tune.get('eval_perplexity_before', float('nan')):.2f} -> "
-                 f"{tune.get('eval_perplexity_after', float('nan')):.2f}.", ""]
-    body += ["Made with:", "", "```bash", shlex.join(command), "```", "",
-             "The full record of the compression is `prunenet.json` in this folder.", ""]
+    if tune:
+        body += [_finetune_sentence(tune), ""]
+    commands = [_compress_command(record)] if method else []
+    if tune:
+        commands.append(_finetune_command(tune))
+    if commands:
+        body += ["Made with:", "", "```bash", *(shlex.join(c) for c in commands), "```", ""]
+    body += ["The full record is `prunenet.json` in this folder.", ""]
     return "\n".join(front + body)
+
+
+def _finetune_sentence(tune: dict[str, Any]) -> str:
+    """What the recovery trained, on what, and what it measured."""
+    trained = tune.get("trained", "LoRA adapters")
+    steps = tune.get("steps_run")
+    distilled = tune.get("distillation")
+    if distilled:
+        how = (f"Recovered without data by self-distillation from `{distilled.get('teacher')}` "
+               f"(KL to its next-token distributions on text it sampled itself), training "
+               f"{trained} for {steps} steps")
+        measure = "held-out KL to the teacher"
+        before, after = tune.get("eval_kl_before"), tune.get("eval_kl_after")
+    else:
+        data = (tune.get("settings") or {}).get("data")
+        how = f"Recovered by fine-tuning {trained} on `{data}` for {steps} steps"
+        measure = "evaluation perplexity"
+        before = tune.get("eval_perplexity_before")
+        after = tune.get("eval_perplexity_after")
+    if isinstance(before, (int, float)) and isinstance(after, (int, float)):
+        return f"{how}: {measure} {before:.3g} -> {after:.3g}."
+    return how + "."
+
+
+def _compress_command(record: dict[str, Any]) -> list[str]:
+    """A command that repeats the compression this record describes (``OUT``: any folder)."""
+    method = record["method"]
+    source = str(record.get("source") or "MODEL")
+    reused = method == "prunenet" and record.get("policy_sha256") and not record.get("training")
+    command = ["prunenet", "prune" if reused else "compress", source,
+               *(["--policy", "POLICY.safetensors"] if reused else []),
+               "--ratio", f"{record['ratio']:g}", "--method", method,
+               "--seed", str(record["seed"])]
+    if method == "prunenet":
+        if record.get("selection"):
+            command += ["--selection", record["selection"]]
+        training = record.get("training") or {}
+        for key, option in (("episodes", "--episodes"), ("lr", "--lr")):
+            if key in training:
+                command += [option, f"{training[key]:g}"]
+    calibration = record.get("calibration")
+    if method == "activation" and isinstance(calibration, dict):
+        command += ["--calibration-corpus", str(calibration.get("corpus")),
+                    "--calibration-windows", str(calibration.get("windows"))]
+    probe = record.get("probe")
+    if isinstance(probe, dict):
+        for key, option in (("tokens", "--probe-tokens"), ("sequence_length", "--probe-length"),
+                            ("temperature", "--probe-temperature"), ("prompt", "--probe-prompt")):
+            if probe.get(key) not in (None, ""):
+                command += [option, f"{probe[key]:g}" if isinstance(probe[key], float)
+                            else str(probe[key])]
+    reconstruct = record.get("reconstruct")
+    if isinstance(reconstruct, dict) and reconstruct.get("mode"):
+        command += ["--reconstruct", reconstruct["mode"]]
+        if reconstruct.get("ridge") is not None and reconstruct["mode"] == "ls":
+            command += ["--ridge", f"{reconstruct['ridge']:g}"]
+    if record.get("gguf"):
+        command += ["--format", "both"]
+    return command + ["--out", "OUT"]
+
+
+def _finetune_command(tune: dict[str, Any]) -> list[str]:
+    settings = tune.get("settings") or {}
+    command = ["prunenet", "finetune", "OUT", "--data", str(settings.get("data"))]
+    distilled = tune.get("distillation")
+    if distilled:
+        command += ["--teacher", str(distilled.get("teacher"))]
+    for key, option in (("steps", "--steps"), ("seqlen", "--seqlen"), ("train", "--train"),
+                        ("lr", "--lr")):
+        if settings.get(key) is not None:
+            value = settings[key]
+            command += [option, f"{value:g}" if isinstance(value, float) else str(value)]
+    return command + ["--out", "OUT2"]
