@@ -49,7 +49,7 @@ def test_compare_writes_report_json_and_plots(tiny_llama_real_tokenizer_dir, tex
                             "settings", "training", "dense", "runs"}
     assert results["format"] == FORMAT
     assert set(results["settings"]) == {"corpus", "seqlen", "windows", "tasks", "limit", "seed",
-                                        "speed", "calibration"}
+                                        "speed", "calibration", "reconstruct"}
     assert set(results["dense"]) == set(SCHEMA_KEYS)
     pairs = [(r["method"], r["ratio"]) for r in results["runs"]]
     assert pairs == [(m, r) for m in ("prunenet", "random", "magnitude", "activation")
@@ -67,7 +67,7 @@ def test_compare_writes_report_json_and_plots(tiny_llama_real_tokenizer_dir, tex
 
     report = (out / "report.md").read_text()
     for method in ("prunenet", "random", "magnitude", "activation"):
-        assert f"| {method} | 0.25 |" in report and f"| {method} | 0.5 |" in report
+        assert f"| {method}+ls | 0.25 |" in report and f"| {method}+ls | 0.5 |" in report
     assert "| dense | 0 |" in report and "![perplexity](perplexity.png)" in report
 
     for name in ("perplexity.png", "accuracy.png", "speed.png", "size.png"):
@@ -94,6 +94,16 @@ def test_compare_names_the_method_that_ran(tiny_llama_real_tokenizer_dir, text_f
                     progress=False, speed=SpeedProtocol(prompt_tokens=4, new_tokens=1, repeats=1))
     assert again["methods"] == [DEFAULT_METHOD]
     assert again["runs"][0]["record"] == results["runs"][0]["record"]
+    # Every method is refitted, as compress does, and the tables say so; none turns it off.
+    assert results["runs"][0]["record"]["reconstruct"]["mode"] == "ls"
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert f"| {DEFAULT_METHOD}+ls | 0.5 |" in report and "Refit after every method: `ls`" in report
+    alone = compare(tiny_llama_real_tokenizer_dir, [0.5], "random", tmp_path / "alone",
+                    reconstruct="none", ppl=text_file, seqlen=32, windows=1, tasks="",
+                    progress=False, speed=SpeedProtocol(prompt_tokens=4, new_tokens=1, repeats=1))
+    assert alone["runs"][0]["record"]["reconstruct"] == {"mode": "none"}
+    report = (tmp_path / "alone" / "report.md").read_text()
+    assert "| random | 0.5 |" in report and "+ls" not in report
 
 
 def test_compare_refuses_existing_and_unwritable_out_before_work(tmp_path, tiny_llama_dir,

@@ -534,7 +534,8 @@ def run_compare(args: argparse.Namespace) -> int:
             episodes=args.episodes,
             train_ratio=args.train_ratio, ppl=args.ppl, seqlen=args.seqlen,
             windows=args.windows, tasks=args.tasks, limit=args.limit,
-            speed=_speed_protocol(args), calibration=_calibration(args), seed=args.seed,
+            speed=_speed_protocol(args), calibration=_calibration(args),
+            reconstruct=args.reconstruct, seed=args.seed,
             overwrite=args.overwrite, progress=not args.quiet, report=print)
     print(f"report written to {args.out}/report.md")
     return 0
@@ -563,6 +564,9 @@ def add_compare(subparsers) -> None:
                         f"{TrainingConfig.episodes})")
     parser.add_argument("--train-ratio", type=ratio_value, default=None,
                         help="ratio the one policy is trained at (default: the largest ratio)")
+    parser.add_argument("--reconstruct", choices=list(RECONSTRUCT), default="ls",
+                        help="the refit after every method, as in compress (default: ls); none "
+                        "compares the selections alone. Tables name it: random+ls")
     parser.add_argument("--variant", choices=list(VARIANT_METHODS), default=None,
                         help="deprecated: renames prunenet in --methods (reference -> prunenet, "
                         "self-generated -> self-generated)")

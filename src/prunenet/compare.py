@@ -72,6 +72,7 @@ def compare(
     limit: int | None = 100,
     speed: SpeedProtocol | None = None,
     calibration: Calibration | None = None,
+    reconstruct: str = "ls",
     seed: int = 42,
     overwrite: bool = False,
     progress: bool = True,
@@ -84,7 +85,8 @@ def compare(
     ``episodes`` (None: the default) and reused at every ratio. ``variant`` is the deprecated
     name of a method (see :func:`parse_methods`). Evaluation: ``windows`` perplexity windows of
     ``seqlen`` tokens of ``ppl``; ``tasks`` with ``limit`` examples each; speed under ``speed``
-    (default protocol).
+    (default protocol). ``reconstruct`` is the refit after every method (``ls``, as compress
+    does in memory; ``none`` for selection alone); tables and plots name it beside the method.
     Returns the results dict also written to ``out/results.json``. Raises :class:`InputError`
     for unknown methods/tasks/corpora, bad ratios, too many windows, and :class:`OutputError`
     for an ``out`` that exists (without ``overwrite``) or cannot be written, before any work.
@@ -124,7 +126,7 @@ def compare(
         "methods": method_names,
         "settings": {
             "corpus": ppl, "seqlen": seqlen, "windows": windows, "tasks": task_names,
-            "limit": limit, "seed": seed, "speed": vars(speed),
+            "limit": limit, "seed": seed, "speed": vars(speed), "reconstruct": reconstruct,
             "calibration": vars(calibration or Calibration()) if "activation" in method_names
             else None,
         },
@@ -150,12 +152,13 @@ def compare(
     for number, (method, ratio) in enumerate(pairs, 1):
         pruned = prune(copy.deepcopy(dense), policy if method == PruneNet.name else None, ratio,
                        method=method, seed=seed, tokenizer=tokenizer, calibration=calibration,
-                       progress=progress)
+                       reconstruct=reconstruct, progress=progress)
         evaluation = run_evaluation(pruned.model)
         record = {k: v for k, v in pruned.record.items() if k not in ("training", "source")}
         results["runs"].append({"method": method, "ratio": ratio, "record": record,
                                 "evaluation": evaluation})
-        report(f"[{number}/{len(pairs)}] {method} at {ratio}: {_one_line(evaluation)}")
+        report(f"[{number}/{len(pairs)}] {run_label(results, method)} at {ratio}: "
+               f"{_one_line(evaluation)}")
         del pruned
     with atomic_folder(out_path, overwrite, ours=is_compare_output) as staging:
         write_json_atomic(staging / "results.json", results)
@@ -173,6 +176,12 @@ def _one_line(evaluation: dict[str, Any]) -> str:
     if evaluation["speed"]:
         parts.append(f"decode {evaluation['speed']['decode_tokens_per_s']:.1f} tok/s")
     return ", ".join(parts)
+
+
+def run_label(results: dict[str, Any], method: str) -> str:
+    """A method as it ran: with its refit (``random+ls``) unless there was none."""
+    refit = results["settings"].get("reconstruct", "none")
+    return method if refit == "none" else f"{method}+{refit}"
 
 
 def _series(results: dict[str, Any], method: str, pick: Callable[[dict], float | None]):
@@ -203,7 +212,7 @@ def write_plots(results: dict[str, Any], folder: Path) -> list[Path]:
     def panel(axis, pick, ylabel: str, title: str, log_scale: bool = False) -> None:
         for method in methods:
             x, y = _series(results, method, pick)
-            axis.plot(x, y, marker="o", label=method)
+            axis.plot(x, y, marker="o", label=run_label(results, method))
         axis.set_xlabel("compression ratio (fraction of FFN neurons removed)")
         axis.set_ylabel(ylabel)
         axis.set_title(title)
@@ -281,7 +290,8 @@ def results_table(results: dict[str, Any]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines.append(_row("dense", "0", results["dense"], tasks))
     for run in sorted(results["runs"], key=lambda r: (r["ratio"], r["method"])):
-        lines.append(_row(run["method"], f"{run['ratio']:g}", run["evaluation"], tasks))
+        lines.append(_row(run_label(results, run["method"]), f"{run['ratio']:g}",
+                          run["evaluation"], tasks))
     return "\n".join(lines)
 
 
@@ -295,7 +305,7 @@ def _winners(results: dict[str, Any]) -> list[str]:
             ("average accuracy", lambda e: e["zero_shot"]["average"] if e["zero_shot"] else None,
              False),
         ):
-            scored = [(key(r["evaluation"]), r["method"]) for r in runs]
+            scored = [(key(r["evaluation"]), run_label(results, r["method"])) for r in runs]
             scored = [(v, m) for v, m in scored if v is not None]
             if not scored:
                 continue
@@ -330,6 +340,10 @@ def render_report(results: dict[str, Any], plots: Sequence[str] = PLOTS) -> str:
             f"{dense_speed['repeats']} after {dense_speed['warmup']} warm-up, "
             f"{dense_speed['device']}, {dense_speed['threads']} threads."
         )
+    refit = settings.get("reconstruct", "none")
+    lines.append("- Refit after every method: none (the selections alone)." if refit == "none"
+                 else f"- Refit after every method: `{refit}` on the model's own probe text "
+                 f"(named `+{refit}` in the tables).")
     for method in results["methods"]:
         lines.append(f"- {method}: {SELECTORS[method].summary}." if method in SELECTORS
                      else f"- {method}.")
