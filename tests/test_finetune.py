@@ -207,6 +207,31 @@ def test_resume_continues_from_the_saved_step_and_matches_an_uninterrupted_run(s
         straight.record["finetune"]["eval_perplexity_after"], rel=1e-5)
 
 
+def test_a_checkpoint_whose_save_was_killed_is_dropped_on_resume(setup):
+    """Killed while the Trainer saved checkpoint-4 (its trainer_state.json, written last, is
+    missing): --resume continues from checkpoint-2 and ends as an uninterrupted run, and
+    --overwrite may replace the work folder; neither refuses it as someone else's."""
+    settings = dict(steps=6, eval_every=2, progress=False, **SETTINGS)
+    if not (setup.root / "straight").exists():  # the uninterrupted run of the test above
+        finetune(setup.pruned, setup.corpus, setup.root / "straight", **settings)
+    out = setup.root / "killed"
+    with pytest.raises(Interrupted):
+        finetune(setup.pruned, setup.corpus, out, callbacks=[InterruptAt(5)], **settings)
+    work = setup.root / "killed.work"
+    (work / "checkpoint-4" / "trainer_state.json").unlink()
+    recorder = Recorder()
+    resumed = finetune(setup.pruned, setup.corpus, out, resume=True, callbacks=[recorder],
+                       **settings)
+    assert recorder.steps == [3, 4, 5, 6] and resumed.record["finetune"]["resumed_from_step"] == 2
+    assert_same_weights(setup.root / "straight", out)
+    with pytest.raises(Interrupted):
+        finetune(setup.pruned, setup.corpus, setup.root / "killed2",
+                 callbacks=[InterruptAt(5)], **settings)
+    (setup.root / "killed2.work" / "checkpoint-4" / "trainer_state.json").unlink()
+    finetune(setup.pruned, setup.corpus, setup.root / "killed2", overwrite=True, **settings)
+    assert_same_weights(setup.root / "straight", setup.root / "killed2")
+
+
 def test_resume_refuses_contradicting_settings(setup):
     out = setup.root / "contradict"
     with pytest.raises(Interrupted):

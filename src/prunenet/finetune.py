@@ -279,8 +279,10 @@ def _training_arguments(config: FinetuneConfig, work: Path, device: str):
 
 
 # A fine-tune's working folder: its settings record and the Trainer's checkpoint-N folders.
+# A checkpoint the Trainer was killed while saving lacks its trainer_state.json (written last):
+# still the run's own, never resumed from (removed on --resume).
 is_work_folder = folder_of(SETTINGS_NAME, (SETTINGS_NAME, GENERATED_NAME), folders={
-    "checkpoint-*": folder_of("trainer_state.json", ("*",), folders={"*": lambda _: True})})
+    "checkpoint-*": folder_of(None, ("*",), folders={"*": lambda _: True})})
 
 
 # Settings whose None means "the default for this data or device": a resumed run that leaves
@@ -426,6 +428,9 @@ def finetune(
     if process.is_main_process:
         if not resume and work.exists():
             shutil.rmtree(work)
+        for partial in work.glob("checkpoint-*") if resume else ():
+            if not (partial / "trainer_state.json").is_file():  # its save was interrupted
+                shutil.rmtree(partial)
         work.mkdir(parents=True, exist_ok=True)
         write_json_atomic(work / SETTINGS_NAME, run_settings)
     process.wait_for_everyone()
