@@ -86,9 +86,10 @@ def test_the_card_says_what_the_folder_holds_and_what_recovered_it():
               "gguf": {"file": "model.gguf", "sliced": {"a": "Q4_0"}, "requantized": {"b": "Q8_0"}}}
     only_gguf = render_card(record, files={"model.gguf"})
     assert "holds the GGUF file only" in only_gguf and "from_pretrained" not in only_gguf
-    assert "Also `model.gguf`" not in only_gguf and "--format both" in only_gguf
+    assert "Also `model.gguf`" not in only_gguf and "--format gguf --out" in only_gguf
     both = render_card(record, files={"model.gguf", "config.json", "model.safetensors"})
     assert "from_pretrained" in both and "Also `model.gguf`" in both
+    assert "--format both --out" in both
     tune = {"trained": "LoRA adapters", "steps_run": 60, "eval_kl_before": 0.6,
             "eval_kl_after": 0.5, "settings": {"data": "self-generated", "steps": 60},
             "distillation": {"teacher": "/m/dense"}}

@@ -111,7 +111,7 @@ def render_card(record: dict[str, Any], input_folder: str | os.PathLike | None =
         body += [f"PruneNet policy checksum (sha256): `{record['policy_sha256']}`.", ""]
     if tune:
         body += [_finetune_sentence(tune), ""]
-    commands = [_compress_command(record)] if method else []
+    commands = [_compress_command(record, "both" if checkpoint else "gguf")] if method else []
     if tune:
         commands.append(_finetune_command(tune))
     if commands:
@@ -142,8 +142,9 @@ def _finetune_sentence(tune: dict[str, Any]) -> str:
     return how + "."
 
 
-def _compress_command(record: dict[str, Any]) -> list[str]:
-    """A command that repeats the compression this record describes (``OUT``: any folder)."""
+def _compress_command(record: dict[str, Any], gguf_format: str = "both") -> list[str]:
+    """A command that repeats the compression this record describes (``OUT``: any folder);
+    ``gguf_format`` is its --format when it wrote a GGUF (``both``, or ``gguf`` alone)."""
     method = record["method"]
     source = str(record.get("source") or "MODEL")
     reused = method == "prunenet" and record.get("policy_sha256") and not record.get("training")
@@ -175,7 +176,7 @@ def _compress_command(record: dict[str, Any]) -> list[str]:
         if reconstruct.get("ridge") is not None and reconstruct["mode"] == "ls":
             command += ["--ridge", f"{reconstruct['ridge']:g}"]
     if record.get("gguf"):
-        command += ["--format", "both"]
+        command += ["--format", gguf_format]
     return command + ["--out", "OUT"]
 
 
