@@ -365,6 +365,10 @@ def _recipe_label(key: dict) -> str:
         parts.append(f"min-p {key['min_p']}")
     if key.get("start_temperature") is not None:
         parts.append(f"from T {key['start_temperature']} over {key['warmup_tokens']} tokens")
+    if key.get("prompt"):
+        parts.append(f"prompt {key['prompt']!r}")
+    if key.get("one_script"):
+        parts.append("one script")
     return ", ".join(parts)
 
 
