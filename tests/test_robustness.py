@@ -298,7 +298,12 @@ _SLOW_SAVE = textwrap.dedent("""
     def slow(model, tokenizer, folder):
         plain(model, tokenizer, folder)
         Path(sys.argv[1]).write_text("saving")  # tell the test we are mid-save
-        time.sleep(float(sys.argv[2]))
+        wait = sys.argv[2]
+        if wait.replace(".", "", 1).isdigit():
+            time.sleep(float(wait))
+        else:  # a file: stay mid-save until the test creates it
+            while not Path(wait).exists():
+                time.sleep(0.05)
 
     loading.save_plain_checkpoint = slow
     sys.exit(main(sys.argv[3:]))
@@ -339,10 +344,17 @@ def test_signal_during_save_leaves_no_output_and_input_untouched(tiny_llama_dir,
 
 
 def test_two_runs_writing_the_same_output(tiny_llama_dir, tmp_path):
+    """Two runs past their checks, both mid-save, then released together: one publishes, the
+    other finds the output written meanwhile and leaves it alone (held mid-save by a file, so
+    a loaded machine cannot let one run finish before the other starts)."""
     out = tmp_path / "out"
-    first, first_marker = _start_slow_save(tmp_path, tiny_llama_dir, out, 2, "m1")
-    second, second_marker = _start_slow_save(tmp_path, tiny_llama_dir, out, 2, "m2")
-    results = [process.communicate(timeout=120) for process in (first, second)]
+    release = tmp_path / "release"
+    first, first_marker = _start_slow_save(tmp_path, tiny_llama_dir, out, release, "m1")
+    second, second_marker = _start_slow_save(tmp_path, tiny_llama_dir, out, release, "m2")
+    _wait_for(first_marker, first)
+    _wait_for(second_marker, second)
+    release.write_text("go")
+    results = [process.communicate() for process in (first, second)]
     codes = sorted([first.returncode, second.returncode])
     assert codes == [0, 2], results
     loser_err = [err for (_, err), p in zip(results, (first, second)) if p.returncode == 2][0]
