@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .errors import InputError, NumericalError
+from .errors import InputError
 from .families import kept_count
 from .ffn_statistics import collect_ffn_statistics
 from .io.files import Output, folder_of, guard_outputs, sibling_path
@@ -31,7 +31,7 @@ from .io.loading import (
     save_compressed,
 )
 from .io.policy_file import is_policy_file, load_policy, save_policy
-from .io.streaming import StreamedCheckpoint, choose_streaming, write_streamed
+from .io.streaming import StreamedCheckpoint, check_finite, choose_streaming, write_streamed
 from .model_view import FFNView
 from .probe import Probe, ProbeRecipe
 from .recording import first_matrix_spectra, is_run_record, write_run_record
@@ -331,9 +331,7 @@ def check_finite_parameters(model: nn.Module) -> None:
     """Raise naming the first parameter that holds NaN or Inf: nothing is pruned from, or
     written for, a damaged model (a streamed one is checked tensor by tensor as it is copied)."""
     for name, parameter in model.named_parameters():
-        if parameter.is_floating_point() and not torch.isfinite(parameter).all():
-            raise NumericalError(f"{name} holds NaN or Inf; the checkpoint is damaged and "
-                                 "cannot be pruned")
+        check_finite(name, parameter)
 
 
 def run_compression(plan: Plan, tokenizer: Any = None) -> CompressionResult:

@@ -90,6 +90,11 @@ def main_script(text: str) -> str | None:
     return counts.most_common(1)[0][0] if counts else None
 
 
+def probe_sequence_length(model: nn.Module, recipe: ProbeRecipe) -> int:
+    """The length of the probe's sequences: the recipe's, capped by the model's positions."""
+    return max(2, max_sequence_length(model, recipe.sequence_length))
+
+
 def max_sequence_length(model: nn.Module, wanted: int) -> int:
     """``wanted`` capped by the positions the model has (longer probes become more sequences)."""
     positions = context_length(model.config)
@@ -140,7 +145,7 @@ def generate_probe(model: nn.Module, tokenizer, tokens: int, seed: int,
     recipe = recipe or ProbeRecipe()
     if tokens < 1:
         raise InputError(f"the probe needs at least 1 token, got {tokens}")
-    length = max(2, max_sequence_length(model, recipe.sequence_length))
+    length = probe_sequence_length(model, recipe)
     words = prompt_ids(tokenizer, recipe)
     if 1 + len(words) >= length:
         raise InputError(f"the probe prompt takes {len(words)} tokens, too many for probe "
@@ -257,7 +262,7 @@ class Probe:
         prompt = {"prompt": self.recipe.prompt} if self.recipe.prompt else {}
         script = {"one_script": True} if self.recipe.one_script else {}
         shape = {"shape": list(self._ids.shape)} if self._ids is not None else {}
-        length = max(2, max_sequence_length(self.model, self.recipe.sequence_length))
+        length = probe_sequence_length(self.model, self.recipe)
         return {"tokens": self.tokens, "seed": self.seed, **shape, "sequence_length": length,
                 "temperature": self.recipe.temperature,
                 "batch_size": self.recipe.batch_size,  # the batch decides the sampled tokens

@@ -209,7 +209,7 @@ class StreamedCheckpoint:
         """Layer ``layer_index``'s first FFN matrix, d_ff x d_model, fp32, as FFNView gives it."""
         name = self.family.tensor_name(layer_index, self.family.first)
         tensor = self.tensor(name)
-        _check_finite(name, tensor)
+        check_finite(name, tensor)
         matrix = self.family.first_matrix(tensor, self.d_ff)
         return matrix.to(device=device or "cpu", dtype=torch.float32).contiguous()
 
@@ -291,7 +291,8 @@ def bound_heap_growth() -> None:
         ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, 2**20)
 
 
-def _check_finite(name: str, tensor: Tensor) -> None:
+def check_finite(name: str, tensor: Tensor) -> None:
+    """Raise naming ``name`` when the floating ``tensor`` holds NaN or Inf."""
     if tensor.is_floating_point() and not torch.isfinite(tensor).all():
         raise NumericalError(
             f"{name} holds NaN or Inf; the checkpoint is damaged and cannot be pruned"
@@ -304,7 +305,7 @@ _EXPONENT_MASKS = {"F64": (np.uint64, 0x7FF0000000000000), "F32": (np.uint32, 0x
 
 
 def _check_finite_bytes(name: str, dtype: str, data: bytes) -> None:
-    """:func:`_check_finite` on a tensor's raw little-endian bytes (a whole number of elements),
+    """:func:`check_finite` on a tensor's raw little-endian bytes (a whole number of elements),
     for tensors copied without being decoded."""
     if dtype not in _EXPONENT_MASKS:
         return
@@ -403,7 +404,7 @@ def _write_shard(checkpoint: StreamedCheckpoint, shard: str, names: list[str],
             if name in cuts:
                 index, cut = cuts[name]
                 tensor = checkpoint.tensor(name)
-                _check_finite(name, tensor)
+                check_finite(name, tensor)
                 sliced = slice_tensor(tensor, cut, kept_rows[index], checkpoint.d_ff)
                 del tensor
                 sink.write(_tensor_bytes(sliced))
