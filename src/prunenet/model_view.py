@@ -6,8 +6,21 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .errors import InputError
+from .errors import InputError, NumericalError
 from .families import Family, family_for
+
+
+def non_finite_error(name: str) -> NumericalError:
+    """The error for a weight tensor ``name`` that holds NaN or Inf."""
+    return NumericalError(
+        f"{name} holds NaN or Inf; the checkpoint is damaged and cannot be pruned"
+    )
+
+
+def check_finite(name: str, tensor: Tensor) -> None:
+    """Raise naming ``name`` when the floating ``tensor`` holds NaN or Inf."""
+    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        raise non_finite_error(name)
 
 
 class FFNView:

@@ -31,8 +31,8 @@ from .io.loading import (
     save_compressed,
 )
 from .io.policy_file import is_policy_file, load_policy, save_policy
-from .io.streaming import StreamedCheckpoint, check_finite, choose_streaming, write_streamed
-from .model_view import FFNView
+from .io.streaming import StreamedCheckpoint, choose_streaming, write_streamed
+from .model_view import FFNView, check_finite
 from .probe import Probe, ProbeRecipe
 from .recording import first_matrix_spectra, is_run_record, write_run_record
 from .refit import DEFAULT_RIDGE, refit_model

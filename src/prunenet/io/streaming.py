@@ -28,8 +28,9 @@ from safetensors import safe_open
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..errors import InputError, NumericalError, OutputError
+from ..errors import InputError, OutputError
 from ..families import Cut, family_for, slice_tensor
+from ..model_view import check_finite, non_finite_error
 from .files import atomic_folder, write_json_atomic
 from .loading import (
     RECORD_NAME,
@@ -291,14 +292,6 @@ def bound_heap_growth() -> None:
         ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, 2**20)
 
 
-def check_finite(name: str, tensor: Tensor) -> None:
-    """Raise naming ``name`` when the floating ``tensor`` holds NaN or Inf."""
-    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-        raise NumericalError(
-            f"{name} holds NaN or Inf; the checkpoint is damaged and cannot be pruned"
-        )
-
-
 # The exponent field of each IEEE float type safetensors names: all ones is NaN or Inf.
 _EXPONENT_MASKS = {"F64": (np.uint64, 0x7FF0000000000000), "F32": (np.uint32, 0x7F800000),
                    "F16": (np.uint16, 0x7C00), "BF16": (np.uint16, 0x7F80)}
@@ -312,9 +305,7 @@ def _check_finite_bytes(name: str, dtype: str, data: bytes) -> None:
     kind, mask = _EXPONENT_MASKS[dtype]
     bits = np.frombuffer(data, dtype=np.dtype(kind).newbyteorder("<"))
     if ((bits & kind(mask)) == kind(mask)).any():
-        raise NumericalError(
-            f"{name} holds NaN or Inf; the checkpoint is damaged and cannot be pruned"
-        )
+        raise non_finite_error(name)
 
 
 def streamable(source: Any) -> StreamedCheckpoint | None:

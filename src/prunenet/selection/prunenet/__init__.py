@@ -17,8 +17,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ...errors import InputError, NumericalError
-from ...model_view import FFNView
+from ...errors import InputError
+from ...model_view import FFNView, check_finite
 from ..base import FFNWeights, Selector, Source, top_rows
 from .policy import PrunePolicy, keep_probabilities, policy_checksum, sample_rows
 from .reinforce import TrainingConfig, TrainingResult, make_generator, train_policy_on_matrices
@@ -34,11 +34,7 @@ def check_finite_weights(view: FFNView) -> None:
                 tensor = layer.get_parameter(cut.name)
             except AttributeError:
                 continue
-            if not torch.isfinite(tensor).all():
-                raise NumericalError(
-                    f"{view.family.tensor_name(index, cut)} holds NaN or Inf; the checkpoint is "
-                    "damaged and cannot be pruned"
-                )
+            check_finite(view.family.tensor_name(index, cut), tensor)
 
 
 class LayerMatrices(Sequence):
