@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -137,6 +138,24 @@ def test_max_memory_below_one_layer_names_the_minimum(tmp_path):
     with pytest.raises(InputError, match="needs at least") as caught:
         choose_streaming(str(source), "1MB", training=True)
     assert streaming.format_bytes(minimum) in str(caught.value)
+
+
+def test_streamed_default_is_checked_against_the_training_budget_once(tmp_path, caplog):
+    source = sharded_checkpoint(tmp_path / "model")
+    checkpoint = StreamedCheckpoint(source)
+    selecting, training = checkpoint.streaming_memory(False), checkpoint.streaming_memory(True)
+    assert selecting < training < checkpoint.in_memory_need(training=False)
+    # Enough to stream a selection, too little to stream the training the default falls back to.
+    with pytest.raises(InputError, match="needs at least") as caught:
+        plan_compression(str(source), 0.5, CompressOptions(max_memory=selecting),
+                         out=tmp_path / "out")
+    assert streaming.format_bytes(training) in str(caught.value)
+    caplog.set_level(logging.INFO, logger="prunenet")
+    plan = plan_compression(str(source), 0.5, CompressOptions(max_memory=training),
+                            out=tmp_path / "out")
+    assert plan.selector.name == "prunenet" and plan.streamed is not None
+    assert caplog.text.count("streaming ") == 1  # the headers are read and reported once
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("text,expected", [("2GB", 2 * 10**9), ("2GiB", 2 * 2**30),

@@ -251,14 +251,16 @@ def plan_compression(model: Any, ratio: float, options: CompressOptions, *,
     # Whether the model is streamed decides the method when none was asked for, and the
     # method decides what is written (a policy, a resumable training state): settle both
     # before the outputs are checked. Reading the checkpoint's header writes nothing.
+    falls_back = options.method is None and policy is None
+    streamed_method = STREAMED_DEFAULT_METHOD if falls_back else method
     streamed = None
-    if source is not None:
-        streamed = choose_streaming(model, options.max_memory, training=trains)
-    if streamed is not None and options.method is None and policy is None:
+    if source is not None:  # a streamed fallback that trains needs the training's budget
+        streamed = choose_streaming(
+            model, options.max_memory, training=trains,
+            training_if_streamed=selector_class(streamed_method) is PruneNet and policy is None)
+    if streamed is not None and falls_back:
         method = STREAMED_DEFAULT_METHOD
         trains = selector_class(method) is PruneNet
-        if trains:  # training needs more memory than selecting: check the budget for it
-            streamed = choose_streaming(model, options.max_memory, training=True) or streamed
         log.warning("the model is streamed, and the default method %r needs it in memory: "
                     "training a PruneNet policy instead (--method %s)", DEFAULT_METHOD, method)
     if policy_out is not None and not trains:

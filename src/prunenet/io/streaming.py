@@ -321,14 +321,19 @@ def streamable(source: Any) -> StreamedCheckpoint | None:
 
 
 def choose_streaming(
-    source: Any, max_memory: int | str | None, training: bool
+    source: Any, max_memory: int | str | None, training: bool,
+    training_if_streamed: bool | None = None,
 ) -> StreamedCheckpoint | None:
     """The checkpoint to stream, or None to work in memory.
 
-    Streams when the in-memory path would need more than ``max_memory`` (default: half the RAM
-    available now). Raises :class:`InputError` when even streaming would not fit ``max_memory``,
-    naming the minimum.
+    Streams when the in-memory path (training a policy or not, as ``training`` says) would need
+    more than ``max_memory`` (default: half the RAM available now). Raises :class:`InputError`
+    when even streaming would not fit ``max_memory``, naming the minimum; that minimum counts
+    training when ``training_if_streamed`` (default ``training``) is true, for a run whose method
+    changes to one that trains when its model is streamed.
     """
+    if training_if_streamed is None:
+        training_if_streamed = training
     if isinstance(source, StreamedCheckpoint):
         source.check_weights()
         return source  # the caller already chose to stream
@@ -347,7 +352,7 @@ def choose_streaming(
     if checkpoint.in_memory_need(training) <= budget:
         return None
     checkpoint.check_weights()  # a broken checkpoint is refused as such, whatever the budget
-    minimum = checkpoint.streaming_memory(training)
+    minimum = checkpoint.streaming_memory(training_if_streamed)
     if minimum > budget:
         raise InputError(
             f"--max-memory {format_bytes(budget)} is too small: streaming {checkpoint.folder} "
