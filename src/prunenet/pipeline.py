@@ -155,12 +155,11 @@ def input_path(source: str | os.PathLike) -> str:
 def input_paths(source: str | os.PathLike) -> list[str]:
     """Every local path a MODEL argument puts off limits to outputs: what it reads
     (:func:`input_path`, first) and, for a folder that holds a .gguf, that whole folder."""
-    read = input_path(source)
     folder, gguf_file = resolve_source(source)
-    named = Path(source).expanduser()
-    if gguf_file and named.is_dir():
-        return [read, folder]
-    return [read]
+    if not gguf_file:
+        return [folder]
+    read = str(Path(folder) / gguf_file)
+    return [read, folder] if Path(source).expanduser().is_dir() else [read]
 
 
 def training_state_path(output: str | os.PathLike) -> Path:
