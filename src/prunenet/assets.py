@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import MissingAssetError, PruneNetError
+from .io.files import absent_or_empty, any_tree, folder_of
 
 
 @dataclass(frozen=True)
@@ -273,13 +274,13 @@ def fetch_asset(name: str, force: bool = False) -> Path:
     return target
 
 
+_is_fetched = folder_of(".complete", ("*",), folders={"*": any_tree})
+
+
 def _check_ours(target: Path, command: str) -> None:
     """Refuse to replace ``target`` in the cache unless a fetch made it (its ``.complete``
     marker) or it is an empty folder: the cache may hold something of the user's."""
-    if not target.exists() and not target.is_symlink():
-        return
-    if target.is_dir() and not target.is_symlink() and (
-            (target / ".complete").is_file() or not any(target.iterdir())):
+    if absent_or_empty(target) or _is_fetched(target):
         return
     raise PruneNetError(f"{target} exists and was not written by prunenet {command}; it is not "
                         "replaced. Move it away (or set PRUNENET_CACHE to another folder)")

@@ -119,6 +119,18 @@ def folder_of(marker: str | None, allowed: Sequence[str],
     return recognize
 
 
+def any_tree(folder: Path) -> bool:
+    """A recognizer for a folder of any files and subfolders, with no symlink anywhere."""
+    return folder_of(None, ("*",), folders={"*": any_tree})(folder)
+
+
+def absent_or_empty(path: Path) -> bool:
+    """Whether nothing is at ``path`` (not even a dangling symlink) or it is an empty folder."""
+    if not path.exists() and not path.is_symlink():
+        return True
+    return path.is_dir() and not path.is_symlink() and not any(path.iterdir())
+
+
 def json_with_format(path: Path, prefix: str) -> bool:
     """Whether ``path`` is a JSON object whose ``format`` starts with ``prefix``."""
     try:

@@ -23,6 +23,8 @@ from ..families import family_for
 from .files import (
     Output,
     Recognizer,
+    absent_or_empty,
+    any_tree,
     atomic_folder,
     folder_of,
     guard_outputs,
@@ -456,14 +458,11 @@ _CONVERSION_FILES = {"config.json", "generation_config.json", "model.safetensors
                      "special_tokens_map.json"}
 
 
+_is_marked_conversion = folder_of(CONVERTED_MARKER, ("*",), folders={"*": any_tree})
+_is_unmarked_conversion = folder_of("config.json", tuple(sorted(_CONVERSION_FILES)))
+
+
 def _is_conversion(folder: Path) -> bool:
     """Whether ``folder`` is absent, empty or a model :func:`convert_model` wrote."""
-    if not folder.exists() and not folder.is_symlink():
-        return True
-    if folder.is_symlink() or not folder.is_dir():
-        return False
-    entries = list(folder.iterdir())
-    if not entries or (folder / CONVERTED_MARKER).is_file():
-        return True
-    return all(entry.is_file() and entry.name in _CONVERSION_FILES for entry in entries) \
-        and (folder / "config.json").is_file()
+    return absent_or_empty(folder) or _is_marked_conversion(folder) \
+        or _is_unmarked_conversion(folder)
