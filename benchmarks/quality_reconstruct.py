@@ -38,6 +38,7 @@ from prunenet.families import kept_count
 from prunenet.ffn_statistics import (
     SCORES,
     LayerStatistics,
+    add_activations,
     collect_ffn_statistics,
     second_matrix,
 )
@@ -82,9 +83,34 @@ def real_text(tokenizer, tokens: int) -> Tensor:
     return windows[: max(1, tokens // length)]
 
 
-def timed_statistics(model, tokens: Tensor) -> tuple[list[LayerStatistics], float]:
+def timed_statistics(model, tokens: Tensor, skip_positions: int = 0
+                     ) -> tuple[list[LayerStatistics], float]:
+    """The statistics of ``tokens`` and their seconds; ``skip_positions``: leave each
+    sequence's first positions (the BOS token, the attention sink) out of the sums."""
     started = time.perf_counter()
-    stats = collect_ffn_statistics(model, tokens, batch_size=4)
+    if skip_positions == 0:
+        stats = collect_ffn_statistics(model, tokens, batch_size=4)
+    else:
+        view = FFNView(model)
+        stats = [LayerStatistics(torch.zeros(view.d_ff, view.d_ff, dtype=torch.float64),
+                                 torch.zeros(view.d_ff, dtype=torch.float64), 0)
+                 for _ in range(view.num_layers)]
+
+        def accumulate(index: int):
+            def hook(_module, inputs) -> None:
+                kept = inputs[0].detach()[:, skip_positions:].float()
+                add_activations(stats[index], kept.reshape(-1, kept.shape[-1]))
+            return hook
+
+        handles = [view.second_matrix_module(i).register_forward_pre_hook(accumulate(i))
+                   for i in range(view.num_layers)]
+        try:
+            with torch.no_grad():
+                for start in range(0, tokens.shape[0], 4):
+                    model(tokens[start:start + 4], use_cache=False)
+        finally:
+            for handle in handles:
+                handle.remove()
     return stats, time.perf_counter() - started
 
 
@@ -197,7 +223,8 @@ def run(args: argparse.Namespace) -> None:
                                                    args.model)
             else:
                 ids, generate_seconds = real_text(tokenizer, tokens), 0.0
-            stats, stats_seconds = timed_statistics(model, ids)
+            stats, stats_seconds = timed_statistics(
+                model, ids, args.skip_positions if name == "probe" else 0)
             texts[(name, tokens)] = (stats, {"generate_s": generate_seconds,
                                              "statistics_s": stats_seconds, "ids": ids})
         return texts[(name, tokens)]
@@ -226,6 +253,8 @@ def run(args: argparse.Namespace) -> None:
                     key["prompt"] = args.prompt
                 if text == "probe" and args.one_script:
                     key["one_script"] = True
+                if text == "probe" and args.skip_positions:
+                    key["skip_positions"] = args.skip_positions
                 if text == "probe" and args.start_temperature is not None:
                     key.update(start_temperature=args.start_temperature,
                                warmup_tokens=args.warmup_tokens)
@@ -369,6 +398,8 @@ def _recipe_label(key: dict) -> str:
         parts.append(f"prompt {key['prompt']!r}")
     if key.get("one_script"):
         parts.append("one script")
+    if key.get("skip_positions"):
+        parts.append(f"statistics from position {key['skip_positions']}")
     return ", ".join(parts)
 
 
@@ -441,6 +472,9 @@ def main() -> None:
                         help="probe sampling: words each sequence starts with after BOS")
     parser.add_argument("--one-script", action="store_true",
                         help="probe sampling: keep only sequences in the probe's main script")
+    parser.add_argument("--skip-positions", type=int, default=0,
+                        help="leave each probe sequence's first positions (BOS) out of the "
+                             "statistics")
     parser.add_argument("--ridge", type=float, default=1.0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--episodes", type=int, default=5, help="prunenet policy training")
