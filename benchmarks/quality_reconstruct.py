@@ -322,11 +322,29 @@ def ridge_sweep(args: argparse.Namespace) -> None:
 
 
 def _evaluation_text(name: str) -> str:
-    """``wiki``, or ``hellaswag``: a second held-out text no method sees, HellaSwag's
-    validation contexts each followed by its correct ending (WikiHow articles and ActivityNet
-    captions, markup removed), from example 1000 on (zero-shot runs read the first examples)."""
+    """``wiki``, or a held-out text no method sees: ``hellaswag``, HellaSwag's validation
+    contexts each followed by its correct ending (WikiHow articles and ActivityNet captions,
+    markup removed), from example 1000 on (zero-shot runs read the first examples); or
+    ``python``, the running Python's standard library, its top-level modules in name order up
+    to a million characters (code, for a model that writes code)."""
     if name == "wiki":
         return name
+    if name == "python":
+        import sys
+        import sysconfig
+
+        path = CACHE / f"python{sys.version_info.major}.{sys.version_info.minor}-stdlib.txt"
+        if not path.exists():
+            parts, size = [], 0
+            for module in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
+                parts.append(module.read_text(encoding="utf-8"))
+                size += len(parts[-1])
+                if size >= 1_000_000:
+                    break
+            CACHE.mkdir(parents=True, exist_ok=True)
+            with atomic_file(path) as staging:
+                staging.write_text("\n\n".join(parts))
+        return str(path)
     import re
 
     import datasets
@@ -459,8 +477,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="probe seed")
     parser.add_argument("--probe-length", type=int, default=256)
     parser.add_argument("--probe-batch", type=int, default=16)
-    parser.add_argument("--eval-text", default="wiki", choices=("wiki", "hellaswag"),
-                        help="perplexity text (hellaswag: a second held-out text)")
+    parser.add_argument("--eval-text", default="wiki", choices=("wiki", "hellaswag", "python"),
+                        help="perplexity text (hellaswag, python: held-out texts)")
     parser.add_argument("--first-token", default="bos", choices=("bos", "random"))
     parser.add_argument("--temperature", type=float, default=1.0, help="probe sampling")
     parser.add_argument("--top-p", type=float, default=1.0, help="probe sampling")
