@@ -490,6 +490,28 @@ def test_converted_safetensors_output_in_llama_cpp(tmp_path, llama_cpp, llama_cp
     assert _kl(_hf_log_probs(reloaded, ids), _llama_cpp_log_probs(llm, ids)) < 1e-4
 
 
+def test_format_auto_writes_safetensors_alone_for_a_gguf_it_cannot_cut(tmp_path, caplog):
+    """A .gguf input of an architecture GGUF output does not support gets safetensors (the
+    reason logged) under --format auto; asked for by name, GGUF output is refused as before."""
+    from prunenet.pipeline import output_formats
+
+    writer = GGUFWriter(tmp_path / "mamba.gguf", "mamba")
+    writer.add_tensor("blk.0.ssm_in.weight", np.zeros((4, 4), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    source = str(tmp_path / "mamba.gguf")
+    assert output_formats("auto", source) == ("safetensors",)
+    assert "supports the architectures llama; mamba.gguf is 'mamba'" in caplog.text
+    for fmt in ("gguf", "both"):
+        with pytest.raises(InputError, match="mamba.gguf is 'mamba'"):
+            output_formats(fmt, source)
+    tiny = str(asset_path("tinycoder-gguf") / "tiny.gguf")
+    assert output_formats("auto", tiny) == ("safetensors", "gguf")
+    assert output_formats("auto", str(tmp_path)) == ("safetensors",)
+
+
 def test_compress_writes_gguf_beside_safetensors_for_a_gguf_input(tmp_path, capsys):
     """--format auto: a .gguf input gets both outputs, named in the record and the card; gguf
     alone leaves out the safetensors; a folder input cannot be cut as GGUF (refused first)."""

@@ -187,8 +187,8 @@ def _add_method_arguments(parser: argparse.ArgumentParser, takes_policy: bool = 
     parser.add_argument("--format", choices=list(FORMATS), default=CompressOptions.format,
                         help="what --out holds: safetensors (a stock checkpoint), gguf (model.gguf "
                         "cut from a .gguf input: rows copied in their quantized blocks, ffn_down "
-                        "requantized) or both; auto (default): both for a .gguf input, else "
-                        "safetensors")
+                        "requantized) or both; auto (default): both for a .gguf input whose "
+                        "architecture GGUF output supports, else safetensors")
 
 
 def _compress_options(args: argparse.Namespace) -> dict:

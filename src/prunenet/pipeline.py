@@ -93,7 +93,7 @@ class CompressOptions:
     probe_cache: str | os.PathLike | None = None
     reconstruct: str | None = None  # ls, bias or none; None: ls in memory, none when streamed
     ridge: float = DEFAULT_RIDGE
-    format: str = "auto"  # safetensors, gguf or both; auto: both for a .gguf input
+    format: str = "auto"  # safetensors, gguf or both; auto: both for a .gguf input it can cut
     evaluate_windows: int = 0  # > 0: perplexity on that many wiki windows, kept in the record
     max_memory: int | str | None = None
     trust_remote_code: bool = False
@@ -313,17 +313,24 @@ def output_formats(fmt: str, read_path: str | None) -> tuple[str, ...]:
     checked here (its source must be a .gguf file the writer can cut), before any work."""
     if fmt not in FORMATS:
         raise InputError(f"unknown --format {fmt!r}; choose from {', '.join(FORMATS)}")
+    from .io.gguf_out import gguf_output_supported
+
     is_gguf = read_path is not None and read_path.lower().endswith(".gguf")
     if fmt == "auto":
-        fmt = "both" if is_gguf else "safetensors"
+        if not is_gguf:
+            return ("safetensors",)
+        try:  # both where the GGUF can be cut, else what can be written
+            gguf_output_supported(read_path)
+        except InputError as error:
+            log.warning("--format auto writes safetensors only: %s", error)
+            return ("safetensors",)
+        return ("safetensors", "gguf")
     formats = ("safetensors", "gguf") if fmt == "both" else (fmt,)
     if "gguf" in formats:
         if not is_gguf:
             raise InputError("--format gguf cuts the input's own GGUF file, and this input is "
                              "not one; write safetensors and convert it with llama.cpp's "
                              "convert_hf_to_gguf.py")
-        from .io.gguf_out import gguf_output_supported
-
         gguf_output_supported(read_path)
     return formats
 
