@@ -299,6 +299,16 @@ def test_failed_write_leaves_the_old_file(tmp_path, tinycoder, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["pruned.gguf"]
 
 
+def _write_mamba_gguf(path) -> None:
+    """A one-tensor GGUF of an architecture GGUF output does not map."""
+    writer = GGUFWriter(path, "mamba")
+    writer.add_tensor("blk.0.ssm_in.weight", np.zeros((4, 4), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
 def test_unsupported_sources_are_refused_up_front(tmp_path, tinycoder):
     gguf_output_supported(tinycoder)
     folder = tmp_path / "folder"
@@ -308,12 +318,7 @@ def test_unsupported_sources_are_refused_up_front(tmp_path, tinycoder):
     (tmp_path / "junk.gguf").write_bytes(b"not a gguf at all")
     with pytest.raises(InputError, match="not a valid GGUF"):
         gguf_output_supported(tmp_path / "junk.gguf")
-    writer = GGUFWriter(tmp_path / "mamba.gguf", "mamba")
-    writer.add_tensor("blk.0.ssm_in.weight", np.zeros((4, 4), np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    _write_mamba_gguf(tmp_path / "mamba.gguf")
     with pytest.raises(InputError, match="supports the architectures llama; mamba.gguf is 'mamba'"):
         gguf_output_supported(tmp_path / "mamba.gguf")
     writer = GGUFWriter(tmp_path / "moe.gguf", "llama")
@@ -495,12 +500,7 @@ def test_format_auto_writes_safetensors_alone_for_a_gguf_it_cannot_cut(tmp_path,
     reason logged) under --format auto; asked for by name, GGUF output is refused as before."""
     from prunenet.pipeline import output_formats
 
-    writer = GGUFWriter(tmp_path / "mamba.gguf", "mamba")
-    writer.add_tensor("blk.0.ssm_in.weight", np.zeros((4, 4), np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    _write_mamba_gguf(tmp_path / "mamba.gguf")
     source = str(tmp_path / "mamba.gguf")
     assert output_formats("auto", source) == ("safetensors",)
     assert "supports the architectures llama; mamba.gguf is 'mamba'" in caplog.text
