@@ -148,13 +148,12 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 def input_path(source: str | os.PathLike) -> str:
     """The local path a MODEL argument reads (the folder, or the .gguf file); a Hub id as is."""
-    folder, gguf_file = resolve_source(source)
-    return str(Path(folder) / gguf_file) if gguf_file else folder
+    return input_paths(source)[0]
 
 
 def input_paths(source: str | os.PathLike) -> list[str]:
-    """Every local path a MODEL argument puts off limits to outputs: what it reads
-    (:func:`input_path`, first) and, for a folder that holds a .gguf, that whole folder."""
+    """Every local path a MODEL argument puts off limits to outputs: what it reads (first:
+    the folder, or the .gguf file) and, for a folder that holds a .gguf, that whole folder."""
     folder, gguf_file = resolve_source(source)
     if not gguf_file:
         return [folder]
@@ -251,15 +250,14 @@ def plan_compression(model: Any, ratio: float, options: CompressOptions, *,
     # method decides what is written (a policy, a resumable training state): settle both
     # before the outputs are checked. Reading the checkpoint's header writes nothing.
     falls_back = options.method is None and policy is None
-    streamed_method = STREAMED_DEFAULT_METHOD if falls_back else method
+    trains_if_streamed = (selector_class(STREAMED_DEFAULT_METHOD) is PruneNet if falls_back
+                          else trains)
     streamed = None
     if source is not None:  # a streamed fallback that trains needs the training's budget
-        streamed = choose_streaming(
-            model, options.max_memory, training=trains,
-            training_if_streamed=selector_class(streamed_method) is PruneNet and policy is None)
+        streamed = choose_streaming(model, options.max_memory, training=trains,
+                                    training_if_streamed=trains_if_streamed)
     if streamed is not None and falls_back:
-        method = STREAMED_DEFAULT_METHOD
-        trains = selector_class(method) is PruneNet
+        method, trains = STREAMED_DEFAULT_METHOD, trains_if_streamed
         log.warning("the model is streamed, and the default method %r needs it in memory: "
                     "training a PruneNet policy instead (--method %s)", DEFAULT_METHOD, method)
     if policy_out is not None and not trains:
