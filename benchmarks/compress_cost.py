@@ -2,12 +2,16 @@
 
 Runs the command line in this process (``prunenet.cli.main``) and times its stages by wrapping
 the pipeline's functions: load, probe generation, selection, the activation statistics pass
-(shared by the selection and the refit when the refit runs), refit solve, slicing and saving. A
-stage started inside another (the probe or the statistics pass inside the selection) is counted
-once, as itself. Prints one JSON line with the seconds of each stage, the total wall time from
-before the import of prunenet, and the peak resident memory (``VmHWM``).
+(shared by the selection and the refit when the refit runs), the later layer groups run again
+where the Grams are held a few layers at a time, refit solve, slicing and saving. A stage
+started inside another (the probe or a statistics pass inside the selection or the refit) is
+counted once, as itself.
+Prints one JSON line with the seconds of each stage, the total wall time from before the import
+of prunenet, and the peak resident memory (``VmHWM``).
 
     python benchmarks/compress_cost.py /tmp/smol-r30 -- smollm2-135m --ratio 0.3
+    python benchmarks/compress_cost.py --gram-budget -1 /tmp/smol-r30-one -- smollm2-135m \
+        --ratio 0.3
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 from collections import defaultdict  # noqa: E402
 
+import prunenet.ffn_statistics as ffn_statistics  # noqa: E402
 import prunenet.pipeline as pipeline  # noqa: E402
 import prunenet.probe as probe  # noqa: E402
 from prunenet.cli import main as cli_main  # noqa: E402
@@ -28,7 +33,8 @@ from prunenet.io.streaming import peak_rss  # noqa: E402
 STAGES = [  # (module, function, stage name)
     (pipeline, "_as_model", "load"),
     (probe, "generate_probe", "probe"),
-    (pipeline, "collect_ffn_statistics", "statistics"),  # shared by selection and refit
+    (ffn_statistics.ProbeStatistics, "every_layer", "statistics"),  # selection and refit
+    (ffn_statistics.ProbeStatistics, "_run_again", "statistics, later groups"),
     (pipeline, "refit_model", "refit solve"),
     (pipeline, "slice_model", "slice"),
     (pipeline, "save_compressed", "save"),
@@ -36,12 +42,14 @@ STAGES = [  # (module, function, stage name)
 
 
 def timed(seconds: dict[str, float], stage: str, function):
+    """``function``, adding its seconds to ``stage`` less those of the stages it starts."""
     def wrapper(*args, **kwargs):
-        started = time.perf_counter()
+        started, inner = time.perf_counter(), sum(seconds.values())
         try:
             return function(*args, **kwargs)
         finally:
-            seconds[stage] += time.perf_counter() - started
+            seconds[stage] += (time.perf_counter() - started
+                               - (sum(seconds.values()) - inner))
     return wrapper
 
 
@@ -52,17 +60,7 @@ def run(out: str, arguments: list[str]) -> dict:
     original_run = pipeline.run_compression
 
     def run_compression(plan, tokenizer=None):
-        selector = plan.selector
-        select = selector.select
-
-        def timed_select(*args, **kwargs):  # less the stages it starts (probe, statistics)
-            started, inner = time.perf_counter(), sum(seconds.values())
-            try:
-                return select(*args, **kwargs)
-            finally:
-                seconds["selection"] += (time.perf_counter() - started
-                                         - (sum(seconds.values()) - inner))
-        selector.select = timed_select
+        plan.selector.select = timed(seconds, "selection", plan.selector.select)
         return original_run(plan, tokenizer)
 
     pipeline.run_compression = run_compression
@@ -78,11 +76,18 @@ def run(out: str, arguments: list[str]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", help="output folder (must not exist)")
+    parser.add_argument("--gram-budget", type=int,
+                        help="bytes of Grams the refit's statistics hold at once (default: "
+                        "prunenet's GRAM_BUDGET; negative: every layer's at once)")
     parser.add_argument("arguments", nargs=argparse.REMAINDER,
                         help="after --: the compress arguments (MODEL --ratio R ...)")
     args = parser.parse_args()
     arguments = args.arguments[1:] if args.arguments[:1] == ["--"] else args.arguments
-    print(json.dumps(run(args.out, arguments)), flush=True)
+    if args.gram_budget is not None:
+        ffn_statistics.GRAM_BUDGET = args.gram_budget
+    result = run(args.out, arguments)
+    result["gram_budget"] = ffn_statistics.GRAM_BUDGET
+    print(json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":

@@ -92,9 +92,7 @@ def timed_statistics(model, tokens: Tensor, skip_positions: int = 0
         stats = collect_ffn_statistics(model, tokens, batch_size=4)
     else:
         view = FFNView(model)
-        stats = [LayerStatistics(torch.zeros(view.d_ff, view.d_ff, dtype=torch.float64),
-                                 torch.zeros(view.d_ff, dtype=torch.float64), 0)
-                 for _ in range(view.num_layers)]
+        stats = [LayerStatistics.empty(view.d_ff) for _ in range(view.num_layers)]
 
         def accumulate(index: int):
             def hook(_module, inputs) -> None:

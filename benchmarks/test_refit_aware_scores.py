@@ -23,8 +23,7 @@ def _layer(seed: int) -> tuple[torch.Tensor, torch.Tensor, LayerStatistics]:
     second = torch.randn(D_MODEL, D_FF, generator=generator, dtype=torch.float64)
     mixing = torch.randn(D_FF, D_FF, generator=generator, dtype=torch.float64)
     activations = torch.randn(TOKENS, D_FF, generator=generator, dtype=torch.float64) @ mixing
-    stats = LayerStatistics(torch.zeros(D_FF, D_FF, dtype=torch.float64),
-                            torch.zeros(D_FF, dtype=torch.float64), 0)
+    stats = LayerStatistics.empty(D_FF)
     add_activations(stats, activations)
     return second, activations, stats
 

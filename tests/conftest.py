@@ -52,10 +52,24 @@ TINY_CONFIGS = {
 }
 
 
-def make_tiny_model(model_type: str, seed: int = 0) -> torch.nn.Module:
-    """A randomly initialised tiny *ForCausalLM of ``model_type`` in eval mode (fp32)."""
-    torch.manual_seed(seed)
+def _tiny_config(model_type: str, **fields) -> transformers.PretrainedConfig:
     config = TINY_CONFIGS[model_type]()
+    if not fields:
+        return config
+    values = {**config.to_dict(), **fields}
+    if "num_hidden_layers" in fields:
+        if "layer_types" not in fields:
+            values.pop("layer_types", None)  # derived again for the new depth
+        values.pop(config.attribute_map.get("num_hidden_layers", "num_hidden_layers"), None)
+        values["num_hidden_layers"] = fields["num_hidden_layers"]
+    return type(config)(**values)
+
+
+def make_tiny_model(model_type: str, seed: int = 0, **config) -> torch.nn.Module:
+    """A randomly initialised tiny *ForCausalLM of ``model_type`` in eval mode (fp32); keywords
+    replace fields of its config (``num_hidden_layers=5``)."""
+    torch.manual_seed(seed)
+    config = _tiny_config(model_type, **config)
     model = transformers.AutoModelForCausalLM.from_config(config)
     # Make every FFN weight and bias non-trivial (some families initialise biases to zero).
     with torch.no_grad():

@@ -4,6 +4,7 @@ slicing on the probe, and a stock checkpoint of the same size."""
 from __future__ import annotations
 
 import copy
+import weakref
 
 import pytest
 import torch
@@ -11,11 +12,12 @@ import transformers
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import FFN, VOCAB, make_tiny_model
+from conftest import FFN, TINY_CONFIGS, VOCAB, make_tiny_model
 from prunenet.errors import InputError, NumericalError
 from prunenet.ffn_statistics import (
     SCORES,
     LayerStatistics,
+    ProbeStatistics,
     add_activations,
     collect_ffn_statistics,
 )
@@ -27,9 +29,7 @@ KEPT = torch.arange(0, FFN, 2)  # even neurons kept, odd ones removed
 
 
 def _stats(activations: torch.Tensor) -> LayerStatistics:
-    stats = LayerStatistics(torch.zeros(activations.shape[1], activations.shape[1],
-                                        dtype=torch.float64),
-                            torch.zeros(activations.shape[1], dtype=torch.float64), 0)
+    stats = LayerStatistics.empty(activations.shape[1])
     add_activations(stats, activations)
     return stats
 
@@ -154,8 +154,11 @@ def test_non_finite_statistics_raise_naming_the_layer():
     model = make_tiny_model("llama")
     stats = collect_ffn_statistics(model, _probe())
     stats[1].gram[0, 0] = float("nan")
+    before = copy.deepcopy(model.state_dict())
     with pytest.raises(NumericalError, match="layer 1"):
         refit_model(model, [KEPT] * 2, stats)
+    after = model.state_dict()  # layer 0's refit was fine, and is not written either
+    assert all(torch.equal(before[name], after[name]) for name in before)
 
 
 @pytest.mark.parametrize("model_type", ["llama", "gpt2", "phi3", "falcon"])
@@ -185,3 +188,84 @@ def test_scores_read_the_statistics():
         values = score(model, stats)
         assert len(values) == 2 and values[0].shape == (FFN,), name
         assert torch.isfinite(values[0]).all() and (values[0] >= 0).all(), name
+
+
+def _budget_of(layers: int) -> int:
+    return layers * FFN * FFN * 8  # bytes of that many float64 Grams
+
+
+def _deep_model(model_type: str, layers: int = 5) -> torch.nn.Module:
+    """A tiny model of ``layers`` layers; where the family has sliding-window attention, a window
+    of 8 (shorter than the probe) on alternate layers, so that layers receive different masks."""
+    fields = {"num_hidden_layers": layers}
+    config = TINY_CONFIGS[model_type]()
+    if hasattr(config, "sliding_window"):
+        fields["sliding_window"] = 8
+    if getattr(config, "layer_types", None) is not None and model_type.startswith("gemma"):
+        fields["layer_types"] = ["sliding_attention", "full_attention"] * (layers // 2) + [
+            "sliding_attention"] * (layers % 2)
+    return make_tiny_model(model_type, **fields)
+
+
+@pytest.mark.parametrize("model_type", sorted(TINY_CONFIGS))
+def test_statistics_held_a_few_layers_at_a_time_equal_one_pass(model_type):
+    """Grams collected two layers at a time, the later groups' layers run again from the
+    hidden states entering them, are the single pass's, bit for bit; no layer runs twice
+    after the first pass."""
+    model = _deep_model(model_type)
+    tokens = _probe(sequences=7)
+    whole = collect_ffn_statistics(model, tokens, batch_size=3)
+    calls = {index: 0 for index in range(5)}
+    for index in calls:
+        FFNView(model).second_matrix_module(index).register_forward_pre_hook(
+            lambda _m, _a, index=index: calls.__setitem__(index, calls[index] + 1))
+    statistics = ProbeStatistics(model, tokens, budget=_budget_of(2), batch_size=3)
+    assert [list(group) for group in statistics.groups] == [[0, 1], [2, 3], [4]]
+    every = statistics.every_layer()
+    assert [stats.gram for stats in every] == [None] * 5
+    assert calls == {index: 3 for index in range(5)}  # one pass of three batches
+    grouped = list(statistics.with_grams())
+    assert calls == {0: 3, 1: 3, 2: 6, 3: 6, 4: 6}
+    for one, few, cheap in zip(whole, grouped, every, strict=True):
+        assert torch.equal(one.gram, few.gram)
+        assert torch.equal(one.total, cheap.total) and torch.equal(one.squares, cheap.squares)
+        assert one.count == cheap.count == few.count == 7 * 24
+        # the same squares, summed in float64 here and in the Gram's float32 products there
+        assert torch.allclose(one.squares, one.gram.diagonal(), rtol=1e-5, atol=0)
+
+
+def test_statistics_hold_at_most_one_group_of_grams():
+    model = _deep_model("llama")
+    created = []
+    empty = LayerStatistics.empty
+
+    def tracked(d_ff, gram=True):
+        stats = empty(d_ff, gram)
+        if stats.gram is not None:
+            created.append(weakref.ref(stats.gram))
+        return stats
+
+    alive = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(LayerStatistics, "empty", staticmethod(tracked))
+        statistics = ProbeStatistics(model, _probe(), budget=_budget_of(2))
+        for stats in statistics.with_grams():
+            alive.append(sum(ref() is not None for ref in created))
+            del stats
+    assert len(created) == 5 and alive == [2, 1, 2, 1, 1]
+
+
+def test_a_model_refitted_from_grams_held_layer_by_layer_is_the_same(monkeypatch):
+    import prunenet
+    from prunenet import ffn_statistics
+
+    results = []
+    for budget in (ffn_statistics.GRAM_BUDGET, 1):  # all layers at once; one layer per pass
+        monkeypatch.setattr(ffn_statistics, "GRAM_BUDGET", budget)
+        model = _deep_model("gemma3_text", layers=4)
+        results.append(prunenet.compress(model, 0.3, probe_tokens=256, progress=False))
+    one, layered = results
+    assert [r.tolist() for r in one.kept_rows] == [r.tolist() for r in layered.kept_rows]
+    assert one.record["reconstruct"] == layered.record["reconstruct"]
+    one_state, layered_state = one.model.state_dict(), layered.model.state_dict()
+    assert all(torch.equal(one_state[name], layered_state[name]) for name in one_state)

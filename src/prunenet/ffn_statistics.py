@@ -1,14 +1,16 @@
 """Second-order statistics of each FFN's intermediate activation, and neuron scores read from them.
 
 The intermediate activation ``a`` of a layer is what its second FFN matrix (down_proj, fc2,
-c_proj, dense_4h_to_h) receives: ``output = W2 a (+ b)``. One hooked pass over probe token ids
-accumulates, per layer, the Gram ``sum a a^T`` (d_ff x d_ff, float64), ``sum a`` and the token
-count. The refit (:mod:`prunenet.refit`) and the probe-based selection scores below read only
-these statistics.
+c_proj, dense_4h_to_h) receives: ``output = W2 a (+ b)``. A hooked pass over probe token ids
+accumulates, per layer, ``sum a``, ``sum a^2`` (per neuron) and the token count, and where asked
+the Gram ``sum a a^T`` (d_ff x d_ff, float64). The refit (:mod:`prunenet.refit`) and the
+probe-based selection scores below read only these statistics. :class:`ProbeStatistics` holds the
+Grams a few layers at a time, so that their memory stays within a budget whatever the model.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -17,17 +19,30 @@ from tqdm.auto import tqdm
 
 from .model_view import FFNView, backbone
 
+GRAM_BUDGET = 1 << 30
+"""Bytes of float64 Grams :class:`ProbeStatistics` holds at once (at least one layer's): every
+layer of SmolLM2-135M (30 x 1536^2 x 8 = 566 MB) or Gemma 3 270M fits in one group;
+Qwen2.5-0.5B (24 x 4864^2 x 8 = 4.5 GB) takes five."""
+
 
 @dataclass
 class LayerStatistics:
     """Sums over probe tokens of one layer's intermediate activation ``a`` (d_ff values).
 
-    ``gram = sum a a^T`` (d_ff x d_ff), ``total = sum a`` (d_ff), both float64; ``count`` tokens.
+    ``total = sum a`` and ``squares = sum a^2`` (d_ff each), ``gram = sum a a^T`` (d_ff x d_ff)
+    where collected (else None), all float64; ``count`` tokens.
     """
 
-    gram: Tensor
     total: Tensor
+    squares: Tensor
     count: int
+    gram: Tensor | None = None
+
+    @classmethod
+    def empty(cls, d_ff: int, gram: bool = True) -> LayerStatistics:
+        zeros = torch.zeros(d_ff, dtype=torch.float64)
+        return cls(zeros, zeros.clone(), 0,
+                   torch.zeros(d_ff, d_ff, dtype=torch.float64) if gram else None)
 
     @property
     def mean(self) -> Tensor:
@@ -35,8 +50,8 @@ class LayerStatistics:
 
     @property
     def mean_square(self) -> Tensor:
-        """Per neuron ``mean a_i^2`` (the diagonal of the Gram over the count)."""
-        return self.gram.diagonal() / max(self.count, 1)
+        """Per neuron ``mean a_i^2``."""
+        return self.squares / max(self.count, 1)
 
 
 def second_matrix(view: FFNView, layer_index: int) -> tuple[Tensor, Tensor | None]:
@@ -57,43 +72,154 @@ def _second_axis(view: FFNView) -> int:
                 if cut.name.endswith(".weight") and cut.axis != family.first.axis)
 
 
-@torch.no_grad()
 def collect_ffn_statistics(model: nn.Module, probe_tokens: Tensor, batch_size: int = 8,
                            progress: bool = False) -> list[LayerStatistics]:
-    """Per layer, the activation statistics of ``model`` on ``probe_tokens`` (sequences x length).
-
-    One forward pass per batch of ``batch_size`` sequences; each batch's Gram is a float32
-    product added to a float64 sum (d_ff^2 x 8 bytes per layer: 19 MB for d_ff 1536).
-    """
-    view = FFNView(model)
-    stats = [LayerStatistics(torch.zeros(view.d_ff, view.d_ff, dtype=torch.float64),
-                             torch.zeros(view.d_ff, dtype=torch.float64), 0)
-             for _ in range(view.num_layers)]
-
-    def accumulate(index: int):
-        def hook(_module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
-            activation = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float().cpu()
-            add_activations(stats[index], activation)
-        return hook
-
-    handles = [view.second_matrix_module(i).register_forward_pre_hook(accumulate(i))
-               for i in range(view.num_layers)]
-    device = next(model.parameters()).device
-    try:
-        for start in tqdm(range(0, probe_tokens.shape[0], batch_size), desc="statistics",
-                          disable=not progress, leave=False):
-            backbone(model)(probe_tokens[start:start + batch_size].to(device), use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return stats
+    """Per layer, the activation statistics of ``model`` on ``probe_tokens`` (sequences x
+    length), every layer's Gram included, from one pass over them."""
+    return list(ProbeStatistics(model, probe_tokens, budget=-1, batch_size=batch_size,
+                                progress=progress).with_grams())
 
 
 def add_activations(stats: LayerStatistics, activation: Tensor) -> None:
-    """Add the rows of ``activation`` (tokens x d_ff) to ``stats`` in place."""
-    stats.gram += (activation.T @ activation).double()
-    stats.total += activation.sum(0).double()
+    """Add the rows of ``activation`` (tokens x d_ff) to ``stats`` in place (the Gram, where
+    collected, as a float32 product added to the float64 sum)."""
+    if stats.gram is not None:
+        stats.gram += (activation.T @ activation).double()
+    wide = activation.double()
+    stats.total += wide.sum(0)
+    stats.squares += wide.pow(2).sum(0)
     stats.count += activation.shape[0]
+
+
+@dataclass
+class _LayerCall:
+    """What a decoder layer received in one batch, its hidden states apart."""
+
+    args: tuple
+    kwargs: dict
+    keyword: bool  # the hidden states came as ``hidden_states=``
+
+    @classmethod
+    def of(cls, args: tuple, kwargs: dict) -> tuple[Tensor, _LayerCall]:
+        if args:
+            return args[0], cls(args[1:], kwargs, False)
+        rest = {key: value for key, value in kwargs.items() if key != "hidden_states"}
+        return kwargs["hidden_states"], cls((), rest, True)
+
+    def run(self, layer: nn.Module, hidden: Tensor) -> Tensor:
+        output = (layer(*self.args, hidden_states=hidden, **self.kwargs) if self.keyword
+                  else layer(hidden, *self.args, **self.kwargs))
+        return output[0] if isinstance(output, tuple) else output
+
+
+class ProbeStatistics:
+    """Every layer's activation statistics on the probe, with the Grams ``budget`` bytes at a
+    time (default :data:`GRAM_BUDGET`; at least one layer's; negative: every layer at once).
+
+    Layers are taken in consecutive groups whose float64 Grams fit the budget.
+    :meth:`every_layer` runs the model over the probe once: every layer's sums, the first
+    group's Grams, and what each later layer receives besides its hidden states (masks,
+    position embeddings: shared tensors) with the hidden states entering the second group.
+    :meth:`with_grams` then yields the layers in order, Gram included: each later group's layers
+    are run again from those hidden states, and each group is dropped once passed. Every
+    layer runs once more at most, whatever the number of groups; where every Gram fits
+    (SmolLM2, Gemma 3 270M) nothing runs again. The sums are the single pass's, bit for bit.
+    """
+
+    def __init__(self, model: nn.Module, tokens: Tensor, budget: int | None = None,
+                 batch_size: int = 8, progress: bool = False):
+        self._view = view = FFNView(model)
+        budget = GRAM_BUDGET if budget is None else budget
+        size = view.num_layers if budget < 0 else max(1, budget // max(view.d_ff ** 2 * 8, 1))
+        self.groups = [range(start, min(start + size, view.num_layers))
+                       for start in range(0, view.num_layers, size)]
+        self._model, self._tokens = model, tokens
+        self._batch_size, self._progress = batch_size, progress
+        self._every: list[LayerStatistics] | None = None
+        self._held: dict[int, Tensor] = {}
+        self._calls: dict[int, list[_LayerCall]] = {}
+        self._hidden: list[Tensor] = []
+
+    @torch.no_grad()
+    def every_layer(self) -> list[LayerStatistics]:
+        """Per layer ``total``, ``squares`` and ``count`` (the Gram only where held)."""
+        if self._every is None:
+            view, first, later = self._view, self.groups[0], self.groups[1:]
+            stats = [LayerStatistics.empty(view.d_ff, gram=index in first)
+                     for index in range(view.num_layers)]
+            handles = [view.second_matrix_module(index).register_forward_pre_hook(
+                _accumulating(stats[index])) for index in range(view.num_layers)]
+            for group in later:
+                for index in group:
+                    self._calls[index] = []
+                    handles.append(view.layers[index].register_forward_pre_hook(
+                        self._recording(index, entering=index == later[0].start),
+                        with_kwargs=True))
+            device = next(self._model.parameters()).device
+            try:
+                for start in tqdm(range(0, self._tokens.shape[0], self._batch_size),
+                                  desc="statistics", disable=not self._progress, leave=False):
+                    batch = self._tokens[start:start + self._batch_size].to(device)
+                    backbone(self._model)(batch, use_cache=False)
+            finally:
+                for handle in handles:
+                    handle.remove()
+            self._held = {index: stats[index].gram for index in first}
+            for layer_stats in stats:
+                layer_stats.gram = None  # held apart, so that with_grams can let each one go
+            self._every = stats
+        return self._every
+
+    def with_grams(self) -> Iterator[LayerStatistics]:
+        """Each layer's statistics with its Gram, in layer order."""
+        every = self.every_layer()
+        for number, group in enumerate(self.groups):
+            if number > 0:
+                self._held = self._run_again(group)
+            for index in group:
+                gram = self._held.pop(index)
+                yield LayerStatistics(every[index].total, every[index].squares,
+                                      every[index].count, gram)
+                del gram
+
+    def _recording(self, index: int, entering: bool):
+        def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+            hidden, call = _LayerCall.of(args, kwargs)
+            self._calls[index].append(call)
+            if entering:
+                self._hidden.append(hidden)
+        return hook
+
+    @torch.no_grad()
+    def _run_again(self, group: range) -> dict[int, Tensor]:
+        """Run ``group``'s layers on the hidden states entering it, summing their Grams;
+        leaves the hidden states leaving it for the next group."""
+        view = self._view
+        stats = {index: LayerStatistics.empty(view.d_ff) for index in group}
+        handles = [view.second_matrix_module(index).register_forward_pre_hook(
+            _accumulating(stats[index])) for index in group]
+        try:
+            for batch in tqdm(range(len(self._hidden)), desc=f"statistics, layers "
+                              f"{group.start}-{group.stop - 1}", disable=not self._progress,
+                              leave=False):
+                hidden = self._hidden[batch]
+                for index in group:
+                    hidden = self._calls[index][batch].run(view.layers[index], hidden)
+                self._hidden[batch] = hidden
+        finally:
+            for handle in handles:
+                handle.remove()
+        for index in group:
+            del self._calls[index]
+        return {index: stats[index].gram for index in group}
+
+
+def _accumulating(stats: LayerStatistics):
+    """A forward pre-hook adding the module's input activations to ``stats``."""
+    def hook(_module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
+        activation = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float().cpu()
+        add_activations(stats, activation)
+    return hook
 
 
 def wanda_product(model: nn.Module, mean_squares: list[Tensor]) -> list[Tensor]:

@@ -9,7 +9,6 @@ and save, or a streamed write) -> record. Settings live in :class:`CompressOptio
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 from collections.abc import Sequence
@@ -22,7 +21,7 @@ from torch import Tensor, nn
 
 from .errors import InputError
 from .families import kept_count
-from .ffn_statistics import collect_ffn_statistics
+from .ffn_statistics import ProbeStatistics
 from .io.files import Output, folder_of, guard_outputs, sibling_path
 from .io.loading import (
     is_model_output,
@@ -358,12 +357,11 @@ def run_compression(plan: Plan, tokenizer: Any = None) -> CompressionResult:
     probe = None
     if model is not None and (isinstance(selector, SelfGenerated) or plan.reconstruct != "none"):
         probe = run_probe(model, tokenizer, options)
-    @functools.cache  # one pass over the probe serves the selection and the refit
-    def probe_statistics() -> list:
-        return collect_ffn_statistics(model, probe.ids(), progress=options.progress)
-
+    statistics = None  # one pass over the probe serves the selection and the refit
+    if plan.reconstruct != "none" and model is not None:
+        statistics = ProbeStatistics(model, probe.ids(), progress=options.progress)
     source = Source(weights, model, tokenizer, device, options.progress, probe,
-                    probe_statistics if plan.reconstruct != "none" else None)
+                    statistics.every_layer if statistics is not None else None)
     if isinstance(selector, PruneNet):
         selector.train(source)
         if plan.policy_out is not None:
@@ -375,8 +373,9 @@ def run_compression(plan: Plan, tokenizer: Any = None) -> CompressionResult:
     rows = selector.select(source, kept, options.seed)
     refit = None
     if plan.reconstruct != "none":
-        refit = refit_model(model, rows, probe_statistics(), plan.reconstruct, options.ridge)
-        probe_statistics.cache_clear()  # the Grams (d_ff^2 float64 per layer) are not kept
+        refit = refit_model(model, rows, statistics.with_grams(), plan.reconstruct,
+                            options.ridge)
+        statistics = None
     if model is not None:
         slice_model(model, rows)
         after = FFNView(model).parameter_counts()

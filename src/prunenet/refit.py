@@ -21,7 +21,7 @@ slice_model` then removes the others, so the checkpoint keeps its architecture a
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -126,13 +126,17 @@ def _removed(kept_rows: Tensor, d_ff: int) -> Tensor:
     return mask.nonzero().squeeze(1)
 
 
+def _check_finite(layer_index: int, columns: Tensor, new_bias: Tensor | None) -> None:
+    if not (torch.isfinite(columns).all() and (new_bias is None or torch.isfinite(new_bias).all())):
+        raise NumericalError(f"the refit of layer {layer_index} is not finite; raise the ridge or "
+                             "check the probe activations for inf/nan")
+
+
 @torch.no_grad()
 def _write(view: FFNView, layer_index: int, kept_rows: Tensor, columns: Tensor,
            new_bias: Tensor | None, zero_removed: bool = False) -> None:
     matrix, bias = second_matrix(view, layer_index)
-    if not (torch.isfinite(columns).all() and (new_bias is None or torch.isfinite(new_bias).all())):
-        raise NumericalError(f"the refit of layer {layer_index} is not finite; raise the ridge or "
-                             "check the probe activations for inf/nan")
+    _check_finite(layer_index, columns, new_bias)
     matrix[:, kept_rows.to(matrix.device)] = columns.to(matrix.dtype).to(matrix.device)
     if zero_removed:
         matrix[:, _removed(kept_rows, matrix.shape[1]).to(matrix.device)] = 0
@@ -141,21 +145,31 @@ def _write(view: FFNView, layer_index: int, kept_rows: Tensor, columns: Tensor,
 
 
 def refit_model(model: nn.Module, kept_rows: Sequence[Tensor],
-                statistics: Sequence[LayerStatistics], mode: str = "ls",
+                statistics: Iterable[LayerStatistics], mode: str = "ls",
                 ridge: float = DEFAULT_RIDGE) -> dict:
     """Refit every layer's kept second-matrix columns (and bias) in place, before slicing.
 
-    ``statistics``: from :func:`prunenet.ffn_statistics.collect_ffn_statistics` on the unpruned
-    model. Returns a record: mode, ridge and, per layer, the probe reconstruction error of plain
+    ``statistics``: the unpruned model's, in layer order, Grams included: the list of
+    :func:`prunenet.ffn_statistics.collect_ffn_statistics`, or
+    :meth:`prunenet.ffn_statistics.ProbeStatistics.with_grams`, which is read one layer at a
+    time. Returns a record: mode, ridge and, per layer, the probe reconstruction error of plain
     slicing and of the refit (relative to the output energy).
     """
     view = FFNView(model)
-    layers = []
+    layers, refitted = [], []
     for index, (rows, stats) in enumerate(zip(kept_rows, statistics, strict=True)):
         matrix, bias = second_matrix(view, index)
         matrix, bias = matrix.cpu(), None if bias is None else bias.cpu()
         columns, new_bias = _named(index, refit_layer, matrix, bias, rows, stats, mode, ridge)
         layers.append(_layer_record(index, matrix, bias, rows, columns, new_bias, stats))
+        del stats  # a Gram held apart is released before the next layer's is collected
+        columns = columns.to(matrix.dtype)  # k of the d_ff columns: less than the matrix
+        new_bias = None if new_bias is None else new_bias.to(bias.dtype)
+        _check_finite(index, columns, new_bias)
+        refitted.append((columns, new_bias))
+    # Written once every layer is refitted: statistics collected a few layers per pass come
+    # from the unchanged model, and a layer that fails leaves the model as it was.
+    for index, (rows, (columns, new_bias)) in enumerate(zip(kept_rows, refitted, strict=True)):
         _write(view, index, rows, columns, new_bias)
     return {"mode": mode, "ridge": ridge, "statistics": "dense", "layers": layers}
 
@@ -279,5 +293,4 @@ def _relative_name(view: FFNView, index: int) -> str:
 
 
 def _empty(d_ff: int) -> LayerStatistics:
-    return LayerStatistics(torch.zeros(d_ff, d_ff, dtype=torch.float64),
-                           torch.zeros(d_ff, dtype=torch.float64), 0)
+    return LayerStatistics.empty(d_ff)

@@ -38,9 +38,9 @@ class Source:
     and the run's ``probe`` (:class:`prunenet.probe.Probe`: the model's own text, generated once
     and shared with the refit stage). ``probe_statistics``, set when the refit will run: returns
     the dense model's activation statistics on the probe
-    (:class:`prunenet.ffn_statistics.LayerStatistics` per layer), computed on the first call and
-    shared with the refit, so a selector that reads the probe's activations needs no pass of its
-    own."""
+    (:class:`prunenet.ffn_statistics.LayerStatistics` per layer: sums of ``a`` and ``a^2``,
+    without Grams), computed on the first call and shared with the refit, so a selector that
+    reads the probe's activations needs no pass of its own."""
 
     weights: FFNWeights
     model: nn.Module | None = None
