@@ -1,5 +1,6 @@
-"""GGUF output (prunenet.io.gguf_out) on SmolLM2-135M-Instruct Q4_1: cost of the written type,
-write time and size, and agreement of llama.cpp with transformers on the written files.
+"""GGUF output (prunenet.io.gguf_out): cost of the written type, write time and size, and
+agreement of llama.cpp with transformers on the written files. SmolLM2-135M-Instruct Q4_1 by
+default; any GGUF of a mapped architecture with --gguf (its tokenizer read from the file).
 
 For each ratio: compress the GGUF (default variant unless --method), write it as GGUF with
 ffn_down in the source type (Q4_1, or F16 where the kept width is not a multiple of 32), Q8_0 and
@@ -8,6 +9,8 @@ Wikipedia passage) and NLL of transformers' reading of the file against the prun
 and the max KL of llama.cpp against transformers on the same file (a short prompt).
 
     python benchmarks/gguf_output.py --ratios 0.3,0.25 --json benchmarks/results/gguf_output.json
+    python benchmarks/gguf_output.py --gguf ~/.cache/prunenet/gemma3-gguf/gemma-3-270m-q4_k_m.gguf \
+        --method self-generated --ratios 0.3 --down-types source
 """
 
 from __future__ import annotations
@@ -65,9 +68,18 @@ def main() -> None:
     parser.add_argument("--method", default="prunenet")
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--gguf", type=Path, help="the GGUF to compress (default: SmolLM2's)")
+    parser.add_argument("--down-types", default="source,Q8_0,F16",
+                        help="ffn_down types to write, comma-separated (source: the input's)")
+    parser.add_argument("--probe-tokens", type=int, help="passed to compress (default: its own)")
     args = parser.parse_args()
-    source = asset_path("smollm2-gguf") / SMOLLM2_GGUF_NAME
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_path())
+    if args.gguf is None:
+        source = asset_path("smollm2-gguf") / SMOLLM2_GGUF_NAME
+        tokenizer = AutoTokenizer.from_pretrained(smollm2_path())
+    else:
+        source = args.gguf.expanduser()
+        tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+    options = {} if args.probe_tokens is None else {"probe_tokens": args.probe_tokens}
     text = (asset_path("wiki") / "wiki.utf8").read_text()[5000:12000]
     wiki_ids = tokenizer(text)["input_ids"][: args.tokens]
     prompt_ids = tokenizer(PROMPT.decode())["input_ids"]
@@ -78,10 +90,12 @@ def main() -> None:
     print(json.dumps(results["source"]), flush=True)
     for ratio in [float(r) for r in args.ratios.split(",")]:
         started = time.perf_counter()
-        result = prunenet.compress(str(source), ratio=ratio, method=args.method, progress=False)
+        result = prunenet.compress(str(source), ratio=ratio, method=args.method, progress=False,
+                                   **options)
         compress_seconds = time.perf_counter() - started
         memory_wiki = log_probs(result.model, wiki_ids)
-        for down_type in (None, "Q8_0", "F16"):
+        for down_type in [None if name == "source" else name
+                          for name in args.down_types.split(",")]:
             with tempfile.TemporaryDirectory() as tmp:
                 out = Path(tmp) / "pruned.gguf"
                 started = time.perf_counter()

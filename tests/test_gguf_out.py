@@ -71,9 +71,10 @@ def _check_written_file(source: Path, written: Path, kept_rows: list[torch.Tenso
     width = len(kept_rows[0])
     old_fields, new_fields = _raw_fields(before), _raw_fields(after)
     assert list(old_fields) == list(new_fields)  # same keys, same order
-    assert after.fields["llama.feed_forward_length"].contents() == width
+    width_key = f"{before.fields['general.architecture'].contents()}.feed_forward_length"
+    assert after.fields[width_key].contents() == width
     changed = [name for name in old_fields if old_fields[name] != new_fields[name]]
-    assert changed == ["llama.feed_forward_length"]
+    assert changed == [width_key]
     old_tensors, new_tensors = _tensors(before), _tensors(after)
     assert list(old_tensors) == list(new_tensors)
     for name, old in old_tensors.items():
@@ -170,7 +171,7 @@ def test_keeping_every_neuron_reproduces_the_source_file(tmp_path, tinycoder):
 
 
 def test_down_type(tmp_path, tinycoder):
-    source = _tiny_llama_gguf(tmp_path / "tiny.gguf", GGMLQuantizationType.Q4_1, tinycoder)
+    source = _tiny_gguf(tmp_path / "tiny.gguf", GGMLQuantizationType.Q4_1, tinycoder)
     result = prunenet.compress(str(source), ratio=0.25, method="random", progress=False)
     out = tmp_path / "pruned.gguf"
     report = write_pruned_gguf(source, result.model, result.kept_rows, out, down_type="Q8_0")
@@ -189,20 +190,32 @@ def _q4_k_blocks(rows: int, columns: int, generator: np.random.Generator) -> np.
     return blocks.reshape(rows, columns // 256 * 144)
 
 
-def _tiny_llama_gguf(path: Path, ffn_type: GGMLQuantizationType, tinycoder: Path,
-                     d_model: int = 256, d_ff: int = 512, layers: int = 2,
-                     vocab: int = 512) -> Path:
+def _tiny_gguf(path: Path, ffn_type: GGMLQuantizationType, tinycoder: Path,
+               d_model: int = 256, d_ff: int = 512, layers: int = 2,
+               vocab: int = 512, architecture: str = "llama") -> Path:
     """A random LLaMA GGUF whose FFN matrices are stored in ``ffn_type``; its vocabulary is the
     first ``vocab`` tokens of tinycoder's SentencePiece vocabulary (byte fallback included), so
-    llama.cpp loads it. d_model and d_ff are multiples of 256 so that K-quants fit."""
+    llama.cpp loads it. d_model and d_ff are multiples of 256 so that K-quants fit.
+    ``architecture="qwen2"``: the same with Qwen2's attention biases (q, k, v); ``"gemma3"``:
+    Gemma 3's blocks (q/k norms, norms after attention and FFN, 256-wide heads, one KV head,
+    the output matrix tied to the embeddings)."""
     generator = np.random.default_rng(0)
-    writer = GGUFWriter(path, "llama")
-    for key, value in [("llama.context_length", 256), ("llama.embedding_length", d_model),
-                       ("llama.block_count", layers), ("llama.feed_forward_length", d_ff),
-                       ("llama.rope.dimension_count", 64), ("llama.attention.head_count", 4),
-                       ("llama.attention.head_count_kv", 2)]:
-        writer.add_uint32(key, value)
-    writer.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-5)
+    arch = architecture
+    gemma = arch == "gemma3"
+    heads, kv_heads, head_dim = (2, 1, 256) if gemma else (4, 2, d_model // 4)
+    writer = GGUFWriter(path, arch)
+    for key, value in [("context_length", 256), ("embedding_length", d_model),
+                       ("block_count", layers), ("feed_forward_length", d_ff),
+                       ("attention.head_count", heads), ("attention.head_count_kv", kv_heads)]:
+        writer.add_uint32(f"{arch}.{key}", value)
+    if gemma:
+        for key in ("attention.key_length", "attention.value_length"):
+            writer.add_uint32(f"{arch}.{key}", head_dim)
+        writer.add_uint32(f"{arch}.attention.sliding_window", 512)
+        writer.add_float32(f"{arch}.rope.freq_base", 10000.0)
+    else:
+        writer.add_uint32(f"{arch}.rope.dimension_count", head_dim)
+    writer.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)
     source = GGUFReader(str(tinycoder))
     for name, field in source.fields.items():
         if name.startswith("tokenizer."):
@@ -218,19 +231,37 @@ def _tiny_llama_gguf(path: Path, ffn_type: GGMLQuantizationType, tinycoder: Path
             return _q4_k_blocks(rows, columns, generator)
         return quantize(random(rows, columns), ffn_type)
 
-    writer.add_tensor("token_embd.weight", random(vocab, d_model, scale=1.0).astype(np.float16))
+    def norm(name: str, width: int = d_model, gain: float = 1.0) -> None:
+        writer.add_tensor(name, gain + random(width))
+
+    embedding_scale = 0.2 if gemma else 1.0  # Gemma's is also its output matrix
+    writer.add_tensor("token_embd.weight",
+                      random(vocab, d_model, scale=embedding_scale).astype(np.float16))
     for layer in range(layers):
         prefix = f"blk.{layer}."
-        writer.add_tensor(prefix + "attn_norm.weight", 1 + random(d_model))
-        for name, rows in [("attn_q", d_model), ("attn_k", d_model // 2),
-                           ("attn_v", d_model // 2), ("attn_output", d_model)]:
-            writer.add_tensor(prefix + name + ".weight", random(rows, d_model).astype(np.float16))
-        writer.add_tensor(prefix + "ffn_norm.weight", 1 + random(d_model))
+        norm(prefix + "attn_norm.weight")
+        for name, shape in [("attn_q", (heads * head_dim, d_model)),
+                            ("attn_k", (kv_heads * head_dim, d_model)),
+                            ("attn_v", (kv_heads * head_dim, d_model)),
+                            ("attn_output", (d_model, heads * head_dim))]:
+            writer.add_tensor(prefix + name + ".weight", random(*shape).astype(np.float16))
+            if arch == "qwen2" and name != "attn_output":
+                writer.add_tensor(prefix + name + ".bias", random(shape[0], scale=0.5))
+        if gemma:
+            norm(prefix + "attn_q_norm.weight", head_dim)
+            norm(prefix + "attn_k_norm.weight", head_dim)
+            # Gemma's residual stream starts at 16 x the embedding, which the tied output
+            # matrix reads back: gains of 5 let the blocks, not the input token, decide.
+            norm(prefix + "post_attention_norm.weight", gain=5.0)
+        norm(prefix + "ffn_norm.weight")
         writer.add_tensor(prefix + "ffn_gate.weight", ffn(d_ff, d_model), raw_dtype=ffn_type)
         writer.add_tensor(prefix + "ffn_up.weight", ffn(d_ff, d_model), raw_dtype=ffn_type)
         writer.add_tensor(prefix + "ffn_down.weight", ffn(d_model, d_ff), raw_dtype=ffn_type)
-    writer.add_tensor("output_norm.weight", 1 + random(d_model))
-    writer.add_tensor("output.weight", random(vocab, d_model, scale=0.2).astype(np.float16))
+        if gemma:
+            norm(prefix + "post_ffw_norm.weight", gain=5.0)
+    norm("output_norm.weight")
+    if not gemma:
+        writer.add_tensor("output.weight", random(vocab, d_model, scale=0.2).astype(np.float16))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -247,9 +278,11 @@ def _tiny_llama_gguf(path: Path, ffn_type: GGMLQuantizationType, tinycoder: Path
     ("Q4_1", 0.4140625, "F16", True),
     ("Q4_K", 0.4140625, "F16", True),
 ])
-def test_quantized_ffn_types(tmp_path, tinycoder, source_type, ratio, written, substituted):
-    source = _tiny_llama_gguf(tmp_path / "tiny.gguf", GGMLQuantizationType[source_type],
-                              tinycoder)
+@pytest.mark.parametrize("architecture", ["llama", "qwen2", "gemma3"])
+def test_quantized_ffn_types(tmp_path, tinycoder, source_type, ratio, written, substituted,
+                             architecture):
+    source = _tiny_gguf(tmp_path / "tiny.gguf", GGMLQuantizationType[source_type], tinycoder,
+                        architecture=architecture)
     result = prunenet.compress(str(source), ratio=ratio, method="random", progress=False)
     width = result.model.config.intermediate_size
     out = tmp_path / "out" / "pruned.gguf"
@@ -319,7 +352,8 @@ def test_unsupported_sources_are_refused_up_front(tmp_path, tinycoder):
     with pytest.raises(InputError, match="not a valid GGUF"):
         gguf_output_supported(tmp_path / "junk.gguf")
     _write_mamba_gguf(tmp_path / "mamba.gguf")
-    with pytest.raises(InputError, match="supports the architectures llama; mamba.gguf is 'mamba'"):
+    with pytest.raises(InputError, match="supports the architectures gemma3, llama, qwen2; "
+                                         "mamba.gguf is 'mamba'"):
         gguf_output_supported(tmp_path / "mamba.gguf")
     writer = GGUFWriter(tmp_path / "moe.gguf", "llama")
     writer.add_tensor("blk.0.ffn_gate_exps.weight", np.zeros((2, 4, 4), np.float32))
@@ -364,17 +398,19 @@ def test_metadata_value_types_copy_byte_for_byte(tmp_path, tinycoder):
 # --- llama.cpp reads what we write -------------------------------------------------------------
 
 
-# Measured max next-token KL between llama.cpp and transformers on the written file: F16 9e-7
-# (the same function up to float rounding), Q4_K 1.0e-3 (llama.cpp quantizes activations to 8 bits
-# in quantized matmuls; on the unpruned Q4_K source itself it is 2.1e-3).
+# Measured max next-token KL between llama.cpp and transformers on the written file: F16 1.0e-6
+# (the same function up to float rounding), Q4_K 1.2e-3 (llama.cpp quantizes activations to 8 bits
+# in quantized matmuls; on the unpruned Q4_K source itself it is 2.1e-3); Qwen2 (attention
+# biases) F16 9.9e-7, Q4_K 4.9e-4; Gemma 3 F16 3.3e-6 (its source file 5.4e-6), Q4_K 2.7e-4.
 @pytest.mark.parametrize("source_type,written,bound", [("F16", "F16", 1e-5),
                                                       ("Q4_K", "Q8_0", 5e-3)])
+@pytest.mark.parametrize("architecture", ["llama", "qwen2", "gemma3"])
 def test_llama_cpp_runs_written_tiny_gguf(tmp_path, tinycoder, llama_cpp, source_type, written,
-                                          bound):
+                                          bound, architecture):
     """Gate/up rows kept in the source type, ffn_down requantized (Q4_K: written as Q8_0);
-    llama.cpp and transformers agree on the written file."""
-    source = _tiny_llama_gguf(tmp_path / "tiny.gguf", GGMLQuantizationType[source_type],
-                              tinycoder)
+    llama.cpp and transformers agree on the written file (Qwen2: with attention biases)."""
+    source = _tiny_gguf(tmp_path / "tiny.gguf", GGMLQuantizationType[source_type], tinycoder,
+                        architecture=architecture)
     result = prunenet.compress(str(source), ratio=0.25, method="random", progress=False)
     out = tmp_path / "pruned.gguf"
     report = write_pruned_gguf(source, result.model, result.kept_rows, out)
@@ -503,7 +539,7 @@ def test_format_auto_writes_safetensors_alone_for_a_gguf_it_cannot_cut(tmp_path,
     _write_mamba_gguf(tmp_path / "mamba.gguf")
     source = str(tmp_path / "mamba.gguf")
     assert output_formats("auto", source) == ("safetensors",)
-    assert "supports the architectures llama; mamba.gguf is 'mamba'" in caplog.text
+    assert "supports the architectures gemma3, llama, qwen2; mamba.gguf is 'mamba'" in caplog.text
     for fmt in ("gguf", "both"):
         with pytest.raises(InputError, match="mamba.gguf is 'mamba'"):
             output_formats(fmt, source)

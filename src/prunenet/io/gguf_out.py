@@ -53,6 +53,8 @@ _GATED_FFN = GGUFFFNLayout(
 # transformers and llama.cpp are listed (tests/test_gguf_out.py).
 GGUF_FFN_LAYOUTS: dict[str, GGUFFFNLayout] = {
     "llama": _GATED_FFN,
+    "qwen2": _GATED_FFN,
+    "gemma3": _GATED_FFN,
 }
 
 # Types gguf.quants.quantize writes faithfully; the others raise NotImplementedError (K-quants,

@@ -1,0 +1,58 @@
+"""Does llama.cpp read a written GGUF as transformers does? For one GGUF file: the max next-token
+KL between the two on a short prompt, and llama.cpp's greedy continuation checked token by token
+against transformers' reading of the same file (each token's margin below transformers' best
+choice; 0 where both pick the same token).
+
+    python benchmarks/gguf_agreement.py OUT/model.gguf   # after prunenet compress X.gguf --out OUT
+    python benchmarks/gguf_agreement.py X.gguf           # the input itself, for reference
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoModelForCausalLM
+
+PROMPT = b"The capital of France is Paris. The largest planet of the solar system is"
+
+
+def main() -> None:
+    import llama_cpp
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("gguf", type=Path)
+    parser.add_argument("--tokens", type=int, default=12, help="greedy tokens to check")
+    args = parser.parse_args()
+    path = args.gguf.expanduser()
+    llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=128, n_threads=2,
+                          n_batch=128, seed=0, verbose=False)
+    ids = llm.tokenize(PROMPT, add_bos=True)
+    llm.reset()
+    llm.eval(ids)
+    prompt_scores = np.array(llm.scores[: len(ids)], dtype=np.float64)
+    generated: list[int] = []
+    for _ in range(args.tokens):
+        generated.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+        llm.eval(generated[-1:])
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                 dtype=torch.float32).eval()
+    with torch.no_grad():
+        log_probs = torch.log_softmax(model(torch.tensor([ids + generated])).logits[0].double(),
+                                      dim=-1)
+    reference = log_probs[: len(ids)]
+    other = torch.log_softmax(torch.from_numpy(prompt_scores), dim=-1)
+    kl = (reference.exp() * (reference - other)).sum(-1)
+    continued = log_probs[len(ids) - 1:-1]
+    margins = continued.max(-1).values - continued[torch.arange(len(generated)), generated]
+    print(json.dumps({"gguf": path.name, "prompt_tokens": len(ids),
+                      "llama_cpp_max_kl": float(kl.max()),
+                      "greedy_text": llm.detokenize(generated).decode("utf-8", "replace"),
+                      "greedy_margins": [round(float(m), 4) for m in margins]}))
+
+
+if __name__ == "__main__":
+    main()
