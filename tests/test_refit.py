@@ -20,8 +20,9 @@ from prunenet.ffn_statistics import (
     ProbeStatistics,
     add_activations,
     collect_ffn_statistics,
+    layer_calls,
 )
-from prunenet.model_view import FFNView
+from prunenet.model_view import FFNView, backbone
 from prunenet.refit import reconstruction_error, refit_layer, refit_model, sequential_refit
 from prunenet.slicing import slice_model
 
@@ -269,3 +270,23 @@ def test_a_model_refitted_from_grams_held_layer_by_layer_is_the_same(monkeypatch
     assert one.record["reconstruct"] == layered.record["reconstruct"]
     one_state, layered_state = one.model.state_dict(), layered.model.state_dict()
     assert all(torch.equal(one_state[name], layered_state[name]) for name in one_state)
+
+
+@pytest.mark.parametrize("model_type", sorted(TINY_CONFIGS))
+def test_layers_run_again_one_at_a_time_compute_what_the_model_computes(model_type):
+    """What each layer received in a pass (its own mask and position embeddings: sliding-window
+    layers beside global ones) lets the layers run again one at a time, as the sequential refit
+    does, with the hidden states of the whole model's forward, bit for bit."""
+    model = _deep_model(model_type)
+    tokens = _probe(sequences=4)
+    entering, calls = layer_calls(model, tokens, batch_size=3)
+    assert [len(layer) for layer in calls] == [2] * 5
+    for batch, start in enumerate(range(0, 4, 3)):
+        with torch.no_grad():
+            expected = backbone(model)(tokens[start:start + 3], use_cache=False,
+                                       output_hidden_states=True).hidden_states
+        hidden = entering[batch]
+        assert torch.equal(hidden, expected[0])
+        for index, layer in enumerate(FFNView(model).layers[:-1]):
+            hidden = calls[index][batch].run(layer, hidden)
+            assert torch.equal(hidden, expected[index + 1]), index

@@ -92,7 +92,7 @@ def add_activations(stats: LayerStatistics, activation: Tensor) -> None:
 
 
 @dataclass
-class _LayerCall:
+class LayerCall:
     """What a decoder layer received in one batch, its hidden states apart."""
 
     args: tuple
@@ -100,7 +100,7 @@ class _LayerCall:
     keyword: bool  # the hidden states came as ``hidden_states=``
 
     @classmethod
-    def of(cls, args: tuple, kwargs: dict) -> tuple[Tensor, _LayerCall]:
+    def of(cls, args: tuple, kwargs: dict) -> tuple[Tensor, LayerCall]:
         if args:
             return args[0], cls(args[1:], kwargs, False)
         rest = {key: value for key, value in kwargs.items() if key != "hidden_states"}
@@ -137,7 +137,7 @@ class ProbeStatistics:
         self._batch_size, self._progress = batch_size, progress
         self._every: list[LayerStatistics] | None = None
         self._held: dict[int, Tensor] = {}
-        self._calls: dict[int, list[_LayerCall]] = {}
+        self._calls: dict[int, list[LayerCall]] = {}
         self._hidden: list[Tensor] = []
 
     @torch.no_grad()
@@ -183,12 +183,7 @@ class ProbeStatistics:
                 del gram
 
     def _recording(self, index: int, entering: bool):
-        def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-            hidden, call = _LayerCall.of(args, kwargs)
-            self._calls[index].append(call)
-            if entering:
-                self._hidden.append(hidden)
-        return hook
+        return _recording(self._calls[index], self._hidden if entering else None)
 
     @torch.no_grad()
     def _run_again(self, group: range) -> dict[int, Tensor]:
@@ -212,6 +207,40 @@ class ProbeStatistics:
         for index in group:
             del self._calls[index]
         return {index: stats[index].gram for index in group}
+
+
+def _recording(calls: list[LayerCall], hidden_states: list[Tensor] | None):
+    """A forward pre-hook (with kwargs) appending what the layer receives to ``calls``, and its
+    hidden states to ``hidden_states`` where given."""
+    def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden, call = LayerCall.of(args, kwargs)
+        calls.append(call)
+        if hidden_states is not None:
+            hidden_states.append(hidden)
+    return hook
+
+
+@torch.no_grad()
+def layer_calls(model: nn.Module, tokens: Tensor, batch_size: int = 8
+                ) -> tuple[list[Tensor], list[list[LayerCall]]]:
+    """One pass of ``tokens`` through the decoder, batch by batch: the hidden states entering
+    the first layer, and per layer and batch what it receives besides its hidden states, so
+    that the layers can be run again one at a time (``call.run(layer, hidden)``), each with its
+    own mask and position embeddings (sliding-window layers differ from global ones)."""
+    view = FFNView(model)
+    entering: list[Tensor] = []
+    calls: list[list[LayerCall]] = [[] for _ in range(view.num_layers)]
+    handles = [layer.register_forward_pre_hook(
+        _recording(calls[index], entering if index == 0 else None), with_kwargs=True)
+        for index, layer in enumerate(view.layers)]
+    device = next(model.parameters()).device
+    try:
+        for start in range(0, tokens.shape[0], batch_size):
+            backbone(model)(tokens[start:start + batch_size].to(device), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return entering, calls
 
 
 def _accumulating(stats: LayerStatistics):

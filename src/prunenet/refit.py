@@ -28,7 +28,13 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .errors import InputError, NumericalError
-from .ffn_statistics import LayerStatistics, add_activations, second_matrix
+from .ffn_statistics import (
+    LayerCall,
+    LayerStatistics,
+    add_activations,
+    layer_calls,
+    second_matrix,
+)
 from .model_view import FFNView
 
 MODES = ("ls", "bias")
@@ -184,38 +190,6 @@ def _layer_record(index: int, matrix: Tensor, bias: Tensor | None, rows: Tensor,
             "relative_error_refit": after / max(energy, 1e-30)}
 
 
-class _LayerInputs(Exception):
-    """Raised by a hook to stop a forward pass once the first layer's inputs are captured."""
-
-
-@torch.no_grad()
-def _first_layer_inputs(model: nn.Module, view: FFNView, tokens: Tensor, batch_size: int
-                        ) -> list[tuple[tuple, dict]]:
-    """Per batch, the positional and keyword arguments the first decoder layer receives."""
-    captured: list[tuple[tuple, dict]] = []
-
-    def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-        captured.append((args, kwargs))
-        raise _LayerInputs
-
-    handle = view.layers[0].register_forward_pre_hook(hook, with_kwargs=True)
-    device = next(model.parameters()).device
-    try:
-        for start in range(0, tokens.shape[0], batch_size):
-            try:
-                model(tokens[start:start + batch_size].to(device), use_cache=False)
-            except _LayerInputs:
-                pass
-    finally:
-        handle.remove()
-    return captured
-
-
-def _run_layer(layer: nn.Module, hidden: Tensor, args: tuple, kwargs: dict) -> Tensor:
-    output = layer(hidden, *args[1:], **kwargs)
-    return output[0] if isinstance(output, tuple) else output
-
-
 @torch.no_grad()
 def sequential_refit(model: nn.Module, kept_rows: Sequence[Tensor], probe_tokens: Tensor,
                      mode: str = "ls", ridge: float = DEFAULT_RIDGE, target: str = "dense",
@@ -232,28 +206,27 @@ def sequential_refit(model: nn.Module, kept_rows: Sequence[Tensor], probe_tokens
     if target not in ("dense", "pruned"):
         raise InputError(f"unknown refit target {target!r}; use 'dense' or 'pruned'")
     view = FFNView(model)
-    inputs = _first_layer_inputs(model, view, probe_tokens, batch_size)
-    pruned = [args[0] for args, _ in inputs]
+    pruned, calls = layer_calls(model, probe_tokens, batch_size)
     dense = list(pruned) if target == "dense" else None
     layers = []
     for index in tqdm(range(view.num_layers), desc="refit", disable=not progress, leave=False):
         layer, rows = view.layers[index], kept_rows[index].cpu()
         original = copy.deepcopy(layer) if dense is not None else None
         stats, target_stats, cross = _stream_statistics(view, index, layer, original, rows,
-                                                        inputs, pruned, dense)
+                                                        calls[index], pruned, dense)
         matrix, bias = second_matrix(view, index)
         matrix, bias = matrix.cpu().clone(), None if bias is None else bias.cpu().clone()
         columns, new_bias = _named(index, refit_layer, matrix, bias, rows, stats, mode, ridge,
                                    target_stats, cross)
         layers.append(_layer_record(index, matrix, bias, rows, columns, new_bias, stats))
         _write(view, index, rows, columns, new_bias, zero_removed=True)
-        for batch, (args, kwargs) in enumerate(inputs):
-            pruned[batch] = _run_layer(layer, pruned[batch], args, kwargs)
+        for batch, call in enumerate(calls[index]):
+            pruned[batch] = call.run(layer, pruned[batch])
     return {"mode": mode, "ridge": ridge, "statistics": f"sequential-{target}", "layers": layers}
 
 
 def _stream_statistics(view: FFNView, index: int, layer: nn.Module, original: nn.Module | None,
-                       rows: Tensor, inputs: list, pruned: list[Tensor],
+                       rows: Tensor, calls: list[LayerCall], pruned: list[Tensor],
                        dense: list[Tensor] | None
                        ) -> tuple[LayerStatistics, LayerStatistics | None, Tensor | None]:
     """Statistics of layer ``index`` on the pruned stream; with a dense stream also its own
@@ -272,12 +245,12 @@ def _stream_statistics(view: FFNView, index: int, layer: nn.Module, original: nn
         modules.append(original.get_submodule(_relative_name(view, index)))
     handles = [module.register_forward_pre_hook(hook) for module in modules]
     try:
-        for batch, (args, kwargs) in enumerate(inputs):
+        for batch, call in enumerate(calls):
             captured.clear()
-            _run_layer(layer, pruned[batch], args, kwargs)
+            call.run(layer, pruned[batch])
             add_activations(stats, captured[-1])
             if dense is not None:
-                dense[batch] = _run_layer(original, dense[batch], args, kwargs)
+                dense[batch] = call.run(original, dense[batch])
                 add_activations(target, captured[-1])
                 cross += (captured[-1].T @ captured[0][:, rows]).double()
     finally:
