@@ -152,18 +152,10 @@ class ProbeStatistics:
             for group in later:
                 for index in group:
                     self._calls[index] = []
+                    entering = self._hidden if index == later[0].start else None
                     handles.append(view.layers[index].register_forward_pre_hook(
-                        self._recording(index, entering=index == later[0].start),
-                        with_kwargs=True))
-            device = next(self._model.parameters()).device
-            try:
-                for start in tqdm(range(0, self._tokens.shape[0], self._batch_size),
-                                  desc="statistics", disable=not self._progress, leave=False):
-                    batch = self._tokens[start:start + self._batch_size].to(device)
-                    backbone(self._model)(batch, use_cache=False)
-            finally:
-                for handle in handles:
-                    handle.remove()
+                        _recording(self._calls[index], entering), with_kwargs=True))
+            _run_batches(self._model, self._tokens, self._batch_size, handles, self._progress)
             self._held = {index: stats[index].gram for index in first}
             for layer_stats in stats:
                 layer_stats.gram = None  # held apart, so that with_grams can let each one go
@@ -181,9 +173,7 @@ class ProbeStatistics:
                 yield LayerStatistics(every[index].total, every[index].squares,
                                       every[index].count, gram)
                 del gram
-
-    def _recording(self, index: int, entering: bool):
-        return _recording(self._calls[index], self._hidden if entering else None)
+        self._hidden = []  # the hidden states leaving the last group: nothing reads them
 
     @torch.no_grad()
     def _run_again(self, group: range) -> dict[int, Tensor]:
@@ -233,14 +223,22 @@ def layer_calls(model: nn.Module, tokens: Tensor, batch_size: int = 8
     handles = [layer.register_forward_pre_hook(
         _recording(calls[index], entering if index == 0 else None), with_kwargs=True)
         for index, layer in enumerate(view.layers)]
+    _run_batches(model, tokens, batch_size, handles, progress=False)
+    return entering, calls
+
+
+def _run_batches(model: nn.Module, tokens: Tensor, batch_size: int, handles: list,
+                 progress: bool) -> None:
+    """Run ``tokens`` through the decoder (not the head) ``batch_size`` sequences at a time,
+    for the hooks behind ``handles``, which are removed afterwards."""
     device = next(model.parameters()).device
     try:
-        for start in range(0, tokens.shape[0], batch_size):
+        for start in tqdm(range(0, tokens.shape[0], batch_size), desc="statistics",
+                          disable=not progress, leave=False):
             backbone(model)(tokens[start:start + batch_size].to(device), use_cache=False)
     finally:
         for handle in handles:
             handle.remove()
-    return entering, calls
 
 
 def _accumulating(stats: LayerStatistics):

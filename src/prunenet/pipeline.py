@@ -375,7 +375,6 @@ def run_compression(plan: Plan, tokenizer: Any = None) -> CompressionResult:
     if plan.reconstruct != "none":
         refit = refit_model(model, rows, statistics.with_grams(), plan.reconstruct,
                             options.ridge)
-        statistics = None
     if model is not None:
         slice_model(model, rows)
         after = FFNView(model).parameter_counts()

@@ -142,7 +142,6 @@ def _check_finite(layer_index: int, columns: Tensor, new_bias: Tensor | None) ->
 def _write(view: FFNView, layer_index: int, kept_rows: Tensor, columns: Tensor,
            new_bias: Tensor | None, zero_removed: bool = False) -> None:
     matrix, bias = second_matrix(view, layer_index)
-    _check_finite(layer_index, columns, new_bias)
     matrix[:, kept_rows.to(matrix.device)] = columns.to(matrix.dtype).to(matrix.device)
     if zero_removed:
         matrix[:, _removed(kept_rows, matrix.shape[1]).to(matrix.device)] = 0
@@ -219,6 +218,7 @@ def sequential_refit(model: nn.Module, kept_rows: Sequence[Tensor], probe_tokens
         columns, new_bias = _named(index, refit_layer, matrix, bias, rows, stats, mode, ridge,
                                    target_stats, cross)
         layers.append(_layer_record(index, matrix, bias, rows, columns, new_bias, stats))
+        _check_finite(index, columns, new_bias)
         _write(view, index, rows, columns, new_bias, zero_removed=True)
         for batch, call in enumerate(calls[index]):
             pruned[batch] = call.run(layer, pruned[batch])
@@ -232,8 +232,8 @@ def _stream_statistics(view: FFNView, index: int, layer: nn.Module, original: nn
     """Statistics of layer ``index`` on the pruned stream; with a dense stream also its own
     statistics and the cross sum ``sum a_dense a_pruned,K^T``; advances the dense stream."""
     d_ff = view.d_ff
-    stats = _empty(d_ff)
-    target = _empty(d_ff) if dense is not None else None
+    stats = LayerStatistics.empty(d_ff)
+    target = LayerStatistics.empty(d_ff) if dense is not None else None
     cross = torch.zeros(d_ff, rows.numel(), dtype=torch.float64) if dense is not None else None
     captured: list[Tensor] = []
 
@@ -264,6 +264,3 @@ def _relative_name(view: FFNView, index: int) -> str:
     module = view.second_matrix_module(index)
     return next(name for name, candidate in layer.named_modules() if candidate is module)
 
-
-def _empty(d_ff: int) -> LayerStatistics:
-    return LayerStatistics.empty(d_ff)
