@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoModelForCausalLM
 
-PROMPT = b"The capital of France is Paris. The largest planet of the solar system is"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from gguf_output import PROMPT, kl_per_token, load  # noqa: E402
 
 
 def main() -> None:
@@ -38,14 +40,12 @@ def main() -> None:
     for _ in range(args.tokens):
         generated.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
         llm.eval(generated[-1:])
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
-                                                 dtype=torch.float32).eval()
+    model = load(path)
     with torch.no_grad():
         log_probs = torch.log_softmax(model(torch.tensor([ids + generated])).logits[0].double(),
                                       dim=-1)
-    reference = log_probs[: len(ids)]
-    other = torch.log_softmax(torch.from_numpy(prompt_scores), dim=-1)
-    kl = (reference.exp() * (reference - other)).sum(-1)
+    kl = kl_per_token(log_probs[: len(ids)],
+                      torch.log_softmax(torch.from_numpy(prompt_scores), dim=-1))
     continued = log_probs[len(ids) - 1:-1]
     margins = continued.max(-1).values - continued[torch.arange(len(generated)), generated]
     print(json.dumps({"gguf": path.name, "prompt_tokens": len(ids),
