@@ -2,15 +2,17 @@
 agreement of llama.cpp with transformers on the written files. SmolLM2-135M-Instruct Q4_1 by
 default; any GGUF of a mapped architecture with --gguf (its tokenizer read from the file).
 
-For each ratio: compress the GGUF (default variant unless --method), write it as GGUF with
-ffn_down in the source type (Q4_1, or F16 where the kept width is not a multiple of 32), Q8_0 and
-F16, then report for each file: size, write time, next-token KL (mean and max over the tokens of a
+For each ratio: compress the GGUF (--method, the kept width rounded to --round-to), write it as
+GGUF with ffn_down in each of --down-types (``default``: the writer's default, Q8_0 for a quantized
+source; or a type such as Q4_1, F16 where the kept width is not a multiple of its blocks), then
+report for each file: size, write time, next-token KL (mean and max over the tokens of a
 Wikipedia passage) and NLL of transformers' reading of the file against the pruned model in memory,
 and the max KL of llama.cpp against transformers on the same file (a short prompt).
 
-    python benchmarks/gguf_output.py --ratios 0.3,0.25 --json benchmarks/results/gguf_output.json
-    python benchmarks/gguf_output.py --gguf ~/.cache/prunenet/gemma3-gguf/gemma-3-270m-q4_k_m.gguf \
-        --method self-generated --ratios 0.3 --down-types source
+    python benchmarks/gguf_output.py --method self-generated --ratios 0.3 --round-to 32 \\
+        --down-types default,Q4_1,Q5_0,Q5_1 --json benchmarks/results/gguf_output_round32.json
+    python benchmarks/gguf_output.py --method self-generated --ratios 0.3 --round-to 32 \\
+        --gguf ~/.cache/prunenet/gemma3-gguf/gemma-3-270m-q4_k_m.gguf --down-types default,Q5_0
 """
 
 from __future__ import annotations
@@ -69,9 +71,11 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--gguf", type=Path, help="the GGUF to compress (default: SmolLM2's)")
-    parser.add_argument("--down-types", default="source,Q8_0,F16",
-                        help="ffn_down types to write, comma-separated (source: the input's)")
+    parser.add_argument("--down-types", default="default,F16",
+                        help="ffn_down types to write, comma-separated (default: the writer's)")
     parser.add_argument("--probe-tokens", type=int, help="passed to compress (default: its own)")
+    parser.add_argument("--round-to", type=int, default=1,
+                        help="passed to compress: the kept width's multiple (default: 1, exact)")
     args = parser.parse_args()
     if args.gguf is None:
         source = asset_path("smollm2-gguf") / SMOLLM2_GGUF_NAME
@@ -79,7 +83,9 @@ def main() -> None:
     else:
         source = args.gguf.expanduser()
         tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
-    options = {} if args.probe_tokens is None else {"probe_tokens": args.probe_tokens}
+    options = {"round_to": args.round_to}
+    if args.probe_tokens is not None:
+        options["probe_tokens"] = args.probe_tokens
     text = (asset_path("wiki") / "wiki.utf8").read_text()[5000:12000]
     wiki_ids = tokenizer(text)["input_ids"][: args.tokens]
     prompt_ids = tokenizer(PROMPT.decode())["input_ids"]
@@ -94,7 +100,7 @@ def main() -> None:
                                    **options)
         compress_seconds = time.perf_counter() - started
         memory_wiki = log_probs(result.model, wiki_ids)
-        for down_type in [None if name == "source" else name
+        for down_type in [None if name == "default" else name
                           for name in args.down_types.split(",")]:
             with tempfile.TemporaryDirectory() as tmp:
                 out = Path(tmp) / "pruned.gguf"
@@ -111,7 +117,8 @@ def main() -> None:
                                                  do_sample=False)[0, len(prompt_ids):]
                 kl = kl_per_token(memory_wiki, file_wiki)
                 row = {
-                    "ratio": ratio, "method": args.method, "down_type": down_type or "source",
+                    "ratio": ratio, "width": int(result.kept_rows[0].numel()),
+                    "method": args.method, "down_type": down_type or "default",
                     "written_down": sorted(set(report["requantized"].values())),
                     "compress_seconds": round(compress_seconds, 1),
                     "write_seconds": round(write_seconds, 1), "bytes": out.stat().st_size,

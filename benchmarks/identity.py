@@ -97,6 +97,8 @@ def normalized_record(record: dict[str, Any]) -> dict[str, Any]:
     record = {k: v for k, v in record.items() if k not in VOLATILE}
     if record.get("reconstruct") == {"mode": "none"}:
         del record["reconstruct"]  # the stage did not run: as before it existed
+    if record.get("round_to") == 1:
+        del record["round_to"]  # the exact kept count: as before the option existed
     if record.get("probe", {}).get("sequence_length") == 128:
         del record["probe"]
     variant = record.pop("variant", None)

@@ -383,6 +383,36 @@ def test_selection_keeps_exactly_k_distinct_rows(d_ff, ratio, seed):
         assert 0 <= int(rows.min()) and int(rows.max()) < d_ff
 
 
+@settings(max_examples=200, deadline=None)
+@given(d_ff=st.integers(1, 5000), ratio=st.floats(0, 0.999), multiple=st.integers(2, 300))
+def test_rounded_kept_count_is_the_nearest_whole_multiple(d_ff, ratio, multiple):
+    """--round-to N: a multiple of N, at least N, below d_ff for a positive ratio, and no
+    further from (1 - ratio) d_ff than any other multiple of N allowed there."""
+    largest = (d_ff - (1 if ratio > 0 else 0)) // multiple * multiple
+    if largest < multiple:
+        with pytest.raises(InputError, match=f"--round-to {multiple} leaves no whole multiple"):
+            kept_count(d_ff, ratio, multiple)
+        return
+    kept = kept_count(d_ff, ratio, multiple)
+    assert kept % multiple == 0 and multiple <= kept <= largest
+    assert kept < d_ff or ratio == 0
+    wanted = (1 - ratio) * d_ff
+    allowed = range(multiple, largest + 1, multiple)
+    assert abs(kept - wanted) <= min(abs(k - wanted) for k in allowed) + 1e-9
+
+
+def test_round_to_one_is_the_exact_count_and_bad_multiples_are_refused():
+    assert [kept_count(d, r, 1) for d, r in [(2048, 0.3), (4864, 0.3), (1536, 0.3)]] == [
+        1433, 3404, 1075]
+    assert [kept_count(d, r, 32) for d, r in [(2048, 0.3), (4864, 0.3), (1536, 0.3)]] == [
+        1440, 3392, 1088]
+    assert kept_count(2048, 0.001, 32) == 2016  # rounding never undoes a positive ratio
+    assert kept_count(2048, 0.0, 32) == 2048
+    for bad in (0, -32, 1.5, True):
+        with pytest.raises(InputError, match="--round-to must be a positive integer"):
+            kept_count(2048, 0.3, bad)
+
+
 @settings(max_examples=60, deadline=None)
 @given(d_ff=st.integers(1, 40), other=st.integers(1, 8), axis=st.integers(0, 1),
        blocks=st.integers(1, 2), data=st.data())

@@ -16,6 +16,7 @@ import sys
 from collections.abc import Callable
 
 from .errors import PruneNetError
+from .io.gguf_out import WRITABLE_TYPES
 from .pipeline import FORMATS, RECONSTRUCT, VARIANT_METHODS, CompressOptions
 from .selection import DEFAULT_METHOD, SELECTORS, STREAMED_DEFAULT_METHOD
 from .selection.prunenet import SELECTIONS
@@ -189,6 +190,16 @@ def _add_method_arguments(parser: argparse.ArgumentParser, takes_policy: bool = 
                         "cut from a .gguf input: rows copied in their quantized blocks, ffn_down "
                         "requantized) or both; auto (default): both for a .gguf input whose "
                         "architecture GGUF output supports, else safetensors")
+    parser.add_argument("--gguf-down-type", default=CompressOptions.gguf_down_type,
+                        choices=["auto", *WRITABLE_TYPES],
+                        help="the type model.gguf's ffn_down is requantized to; auto (default): "
+                        "Q8_0 for a quantized input (a second rounding to 4-6 bits costs "
+                        "perplexity), the input's own type for a float one")
+    parser.add_argument("--round-to", type=positive_int, metavar="N", default=None,
+                        help="keep in every layer the multiple of N nearest to what --ratio "
+                        "keeps (whole quantization blocks or kernel tiles). Default: 32 when "
+                        "model.gguf is written with a quantized ffn_down (whole blocks keep it "
+                        "quantized, not F16), else 1 (the exact count)")
 
 
 def _compress_options(args: argparse.Namespace) -> dict:
@@ -197,7 +208,8 @@ def _compress_options(args: argparse.Namespace) -> dict:
         "method": args.method, "variant": args.variant, "seed": args.seed,
         "device": args.device, "selection": args.selection, "calibration": _calibration(args),
         "max_memory": args.max_memory, "trust_remote_code": args.trust_remote_code,
-        "format": args.format, "evaluate_windows": args.evaluate_windows or 0,
+        "format": args.format, "gguf_down_type": args.gguf_down_type,
+        "round_to": args.round_to, "evaluate_windows": args.evaluate_windows or 0,
         "probe_tokens": args.probe_tokens,
         "probe_length": args.probe_length, "probe_cache": args.probe_cache,
         "probe_temperature": args.probe_temperature, "probe_prompt": args.probe_prompt,

@@ -8,6 +8,7 @@ streaming shards, config updates) is derived from it.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -152,12 +153,26 @@ def check_sequence_length(config, seqlen: int, option: str = "--seqlen",
         raise InputError(f"{option} {seqlen} exceeds the {model}'s context of {context} tokens")
 
 
-def kept_count(d_ff: int, ratio: float) -> int:
-    """Neurons kept per layer at compression ``ratio``: ``int((1 - ratio) * d_ff)``."""
+def kept_count(d_ff: int, ratio: float, multiple: int = 1) -> int:
+    """Neurons kept per layer at compression ``ratio``: ``int((1 - ratio) * d_ff)``.
+
+    ``multiple`` > 1: the multiple of it nearest to ``(1 - ratio) * d_ff`` instead (whole
+    quantization blocks, whole kernel tiles), at least ``multiple`` and, for a positive ratio,
+    less than ``d_ff``.
+    """
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
         raise InputError(f"ratio must be a number in [0, 1), got {ratio!r}")
     if not 0.0 <= float(ratio) < 1.0:
         raise InputError(f"ratio must be in [0, 1), got {ratio}")
+    if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
+        raise InputError(f"--round-to must be a positive integer, got {multiple!r}")
+    if multiple > 1:
+        largest = (d_ff - (1 if ratio > 0 else 0)) // multiple * multiple
+        if largest < multiple:
+            raise InputError(f"--round-to {multiple} leaves no whole multiple of {multiple} "
+                             f"below the FFN width {d_ff}; use a smaller --round-to")
+        nearest = math.floor((1.0 - float(ratio)) * d_ff / multiple + 0.5) * multiple
+        return min(max(nearest, multiple), largest)
     kept = int((1.0 - float(ratio)) * d_ff)
     if kept < 1:
         raise InputError(

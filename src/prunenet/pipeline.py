@@ -74,7 +74,12 @@ class CompressOptions:
     second FFN matrix by ridge least squares (``ridge`` relative to the Gram's scale), ``bias``
     its bias (FLAP), ``none``. ``format``:
     what the output folder holds: safetensors (a stock checkpoint), gguf (``model.gguf``, cut
-    from a .gguf input) or both; ``auto`` is both for a .gguf input, else safetensors. ``selection``
+    from a .gguf input) or both; ``auto`` is both for a .gguf input, else safetensors.
+    ``gguf_down_type``: the type ``model.gguf``'s ``ffn_down`` is requantized to; ``auto``: Q8_0
+    for a quantized source, the source's type for a float one (:mod:`prunenet.io.gguf_out`).
+    ``round_to``: every layer keeps the multiple of it nearest the ratio's count; None (auto):
+    32 when a GGUF is written whose ``ffn_down`` is quantized (whole 32-value blocks keep it
+    quantized rather than F16), else 1 (the exact count). ``selection``
     and ``training`` concern ``prunenet`` only, ``calibration`` ``activation`` only.
     """
 
@@ -93,6 +98,8 @@ class CompressOptions:
     reconstruct: str | None = None  # ls, bias or none; None: ls in memory, none when streamed
     ridge: float = DEFAULT_RIDGE
     format: str = "auto"  # safetensors, gguf or both; auto: both for a .gguf input it can cut
+    gguf_down_type: str = "auto"  # auto: Q8_0 for a quantized source, else the source's type
+    round_to: int | None = None  # None: 32 when a quantized GGUF is written, else 1
     evaluate_windows: int = 0  # > 0: perplexity on that many wiki windows, kept in the record
     max_memory: int | str | None = None
     trust_remote_code: bool = False
@@ -202,6 +209,7 @@ class Plan:
 
     formats: tuple[str, ...] = ("safetensors",)
     reconstruct: str = "none"
+    round_to: int = 1  # the kept count's multiple (CompressOptions.round_to, resolved)
 
     @property
     def trains_policy(self) -> bool:
@@ -298,7 +306,30 @@ def plan_compression(model: Any, ratio: float, options: CompressOptions, *,
                              "output)")
     formats = output_formats(options.format, reads[0] if source is not None else None)
     return Plan(model, source, ratio, options, selector, streamed, out, record_dir, policy_out,
-                overwrite, formats, reconstruct)
+                overwrite, formats, reconstruct,
+                kept_multiple(options, formats,
+                              reads[0] if out is not None and source is not None else None))
+
+
+def kept_multiple(options: CompressOptions, formats: tuple[str, ...], written_from: str | None
+                  ) -> int:
+    """The multiple every layer's kept count is rounded to: ``options.round_to`` when given,
+    else 32 where a GGUF is written (from ``written_from``) whose ``ffn_down`` is written
+    quantized, else 1. Refuses an unknown ``gguf_down_type``."""
+    from .io.gguf_out import WRITABLE_TYPES, block_multiple
+
+    down_type = options.gguf_down_type
+    if down_type not in ("auto", *WRITABLE_TYPES):
+        raise InputError(f"unknown --gguf-down-type {down_type!r}; choose from auto, "
+                         f"{', '.join(WRITABLE_TYPES)}")
+    round_to = options.round_to
+    if round_to is not None:
+        if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
+            raise InputError(f"--round-to must be a positive integer, got {round_to!r}")
+        return round_to
+    if "gguf" not in formats or written_from is None:
+        return 1
+    return block_multiple(written_from, None if down_type == "auto" else down_type)
 
 
 FORMATS = ("auto", "safetensors", "gguf", "both")
@@ -350,7 +381,14 @@ def run_compression(plan: Plan, tokenizer: Any = None) -> CompressionResult:
         tokenizer = loaded_tokenizer if tokenizer is None else tokenizer
         check_finite_parameters(model)
         weights = FFNView(model)
-    kept = kept_count(weights.d_ff, plan.ratio)
+    kept = kept_count(weights.d_ff, plan.ratio, plan.round_to)
+    if kept != kept_count(weights.d_ff, plan.ratio):
+        log.warning("keeping %d of %d FFN neurons per layer (ratio %.4f), the multiple of %d "
+                    "nearest ratio %g%s; --round-to 1 keeps %d", kept, weights.d_ff,
+                    1 - kept / weights.d_ff, plan.round_to, plan.ratio,
+                    ": whole blocks keep model.gguf's ffn_down quantized"
+                    if plan.options.round_to is None else "",
+                    kept_count(weights.d_ff, plan.ratio))
     selector = plan.selector
     if isinstance(selector, PruneNet) and selector.policy is not None:
         selector.policy.check_fits(weights.d_model, weights.d_ff)
@@ -399,7 +437,8 @@ def run_compression(plan: Plan, tokenizer: Any = None) -> CompressionResult:
             reads = input_paths(plan.source) if plan.source else []
             saved = str(save_compressed(model, tokenizer, plan.out, record, plan.overwrite,
                                         reads, safetensors="safetensors" in plan.formats,
-                                        also=_gguf_writer(reads, model, rows)
+                                        also=_gguf_writer(reads, model, rows,
+                                                          options.gguf_down_type)
                                         if "gguf" in plan.formats else None))
     if plan.record_dir is not None:
         training = selector.training if isinstance(selector, PruneNet) else None
@@ -412,12 +451,14 @@ def run_compression(plan: Plan, tokenizer: Any = None) -> CompressionResult:
     return CompressionResult(model, tokenizer, rows, record, policy, training, saved)
 
 
-def _gguf_writer(reads: list[str], model: nn.Module, rows: list[Tensor]):
-    """Writes the pruned model as ``model.gguf`` cut from its GGUF source; returns its record."""
+def _gguf_writer(reads: list[str], model: nn.Module, rows: list[Tensor], down_type: str):
+    """Writes the pruned model as ``model.gguf`` cut from its GGUF source (``ffn_down`` as
+    ``down_type``, ``auto``: the writer's default); returns its record."""
     from .io.gguf_out import write_pruned_gguf
 
     def write(folder: Path) -> dict[str, Any]:
-        report = write_pruned_gguf(reads[0], model, rows, folder / GGUF_NAME)
+        report = write_pruned_gguf(reads[0], model, rows, folder / GGUF_NAME,
+                                   None if down_type == "auto" else down_type)
         return {"gguf": {key: value for key, value in report.items()
                          if key not in ("out_file", "summary")} | {"file": GGUF_NAME}}
 
@@ -436,6 +477,7 @@ def compression_record(plan: Plan, selector: Selector, before: dict, after: dict
         "selection": None,
         "ffn_width_before": d_ff,
         "ffn_width_after": kept,
+        "round_to": plan.round_to,
         "parameters_before": before["total"],
         "parameters_after": after["total"],
         "ffn_parameters_before": before["ffn"],

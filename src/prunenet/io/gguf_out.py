@@ -6,9 +6,13 @@ In GGUF a weight's quantization blocks run along its input dimension (ne0), so a
 the first matrices (``ffn_gate``, ``ffn_up``) is one row of whole blocks: those rows are copied in
 their quantized form. The second matrix (``ffn_down``) loses columns, which cuts through blocks, so
 it is requantized from the model's float weights (pruned, possibly refitted) with
-``gguf.quants.quantize`` to the source's type, or, where that type cannot be written (K-quants,
-i-quants) or the kept width is not a whole number of its blocks, to the nearest type that can:
-Q8_0, else F16. The returned report says which tensors were substituted and why.
+``gguf.quants.quantize``: by default to Q8_0 where the source's is a quantized type (a second
+rounding at 4-6 bits costs perplexity, Q8_0 nothing measurable: benchmarks/README.md, "GGUF
+output") and to the source's own type where it is a float type; or to a type asked for. Where
+that type cannot be written (K-quants, i-quants) or the kept width is not a whole number of its
+blocks, it becomes Q8_0, else F16 (a width that is not a multiple of 32). The returned report
+says which tensors were substituted and why. :func:`block_multiple` is the kept-width multiple
+that avoids F16.
 """
 
 from __future__ import annotations
@@ -136,6 +140,17 @@ def _field_value(field) -> tuple[Any, Any, Any]:
     return items.tolist(), main_type, sub_type
 
 
+FLOAT_TYPES = ("F32", "F16", "BF16")
+Q8_0_BLOCK = 32
+
+
+def default_down_type(source_type: str) -> str:
+    """What ``ffn_down`` is written as by default: the source's type where it is a float type or
+    Q8_0, else Q8_0 (requantizing pruned and refitted weights to 4-6 bits rounds them a second
+    time: SmolLM2 at 0.3, Q4_1 +7% perplexity, Q5_0 +4%, Q8_0 none measurable)."""
+    return source_type if source_type in (*FLOAT_TYPES, "Q8_0") else "Q8_0"
+
+
 def _written_type(target, width: int) -> tuple[Any, str | None]:
     """The type to requantize a tensor of row length ``width`` to, and why it is not ``target``.
 
@@ -151,9 +166,24 @@ def _written_type(target, width: int) -> tuple[Any, str | None]:
         reason = f"the kept width {width} is not a multiple of {target.name}'s {block}-value blocks"
     else:
         return target, None
-    if width % gguf.GGML_QUANT_SIZES[types.Q8_0][0] == 0:
+    if width % Q8_0_BLOCK == 0:
         return types.Q8_0, reason
     return types.F16, reason
+
+
+def block_multiple(source_gguf: str | os.PathLike, down_type: str | None = None) -> int:
+    """The kept width's multiple that keeps every ``ffn_down`` written from ``source_gguf`` (as
+    ``down_type``, default :func:`default_down_type`) in a block type rather than F16: 32 where
+    one is written quantized, 1 where all are written as float. Reads the header only."""
+    if down_type is not None:
+        return 1 if down_type in FLOAT_TYPES else Q8_0_BLOCK
+    reader, _, layout = _open_source(source_gguf)
+    for tensor in reader.tensors:
+        match = _BLOCK_TENSOR.fullmatch(tensor.name)
+        if match and match.group(2) in layout.columns and \
+                default_down_type(tensor.tensor_type.name) not in FLOAT_TYPES:
+            return Q8_0_BLOCK
+    return 1
 
 
 def _model_tensor(model: nn.Module, layers: str, layer: int, name: str) -> Tensor:
@@ -187,9 +217,10 @@ def write_pruned_gguf(
     ``kept_rows[l]``: the FFN neurons layer l kept, in the order the model's weights hold them.
     Rows of ``ffn_gate``/``ffn_up`` are copied from the source in their quantized form, after a
     check that they are exactly the model's (dequantized) weights; ``ffn_down`` is requantized from
-    the model, to ``down_type`` (one of :data:`WRITABLE_TYPES`; default: the source tensor's type).
-    Requantizing to a 4-bit type adds a second rounding to already rounded weights; "Q8_0" keeps
-    them within 0.6% at about 1.7x the bytes of Q4_1 for that tensor. All other tensors and
+    the model, to ``down_type`` (one of :data:`WRITABLE_TYPES`; default: :func:`default_down_type`
+    of the source tensor's type). Requantizing to a 4-bit type adds a second rounding to already
+    rounded weights; Q8_0 keeps them within 0.6% at about 1.7x the bytes of Q4_1 for that
+    tensor. All other tensors and
     metadata are the source's. The file is written to a temporary sibling and renamed onto
     ``out_file``.
 
@@ -251,7 +282,8 @@ def write_pruned_gguf(
                 if tuple(matrix.shape) != expected:
                     raise InputError(f"the model's {layout.columns[suffix]} in layer {layer} has "
                                      f"shape {tuple(matrix.shape)}, expected {expected}")
-                target = gguf.GGMLQuantizationType[down_type] if down_type else tensor.tensor_type
+                target = gguf.GGMLQuantizationType[
+                    down_type or default_down_type(tensor.tensor_type.name)]
                 written, reason = _written_type(target, kept)
                 data = gguf.quants.quantize(matrix.float().numpy(), written)
                 writer.add_tensor(tensor.name, data, raw_dtype=written)
