@@ -9,7 +9,9 @@ stream), slice, and measure perplexity on the first ``--windows`` evaluation win
 wiki sample (never used for calibration). The score (third field of a job): ``wanda``, ``energy``,
 ``fluctuation`` (``prunenet.ffn_statistics.SCORES``), or two that know about the refit: ``obs`` /
 ``obs-greedy`` (the neurons whose removal the refit repairs best) and ``wanda-obs`` (Wanda
-discounted by how well the other neurons predict each one). Results are appended to a JSON-lines
+discounted by how well the other neurons predict each one), or gradient scores ``fisher-token``,
+``fisher-sequence``, ``fisher-token-sampled`` (each neuron's diagonal Fisher information on the
+probe, :func:`fisher_scores`). Results are appended to a JSON-lines
 log; finished runs are skipped, ``--report`` prints the table.
 
     nice -n 10 python -u benchmarks/quality_reconstruct.py --ratios 0.3,0.2,0.1 --windows 4
@@ -110,6 +112,58 @@ def timed_statistics(model, tokens: Tensor, skip_positions: int = 0
             for handle in handles:
                 handle.remove()
     return stats, time.perf_counter() - started
+
+
+def fisher_scores(model, tokens: Tensor, per: str = "token", labels: str = "text",
+                  batch_size: int = 4, seed: int = 0) -> list[Tensor]:
+    """Each FFN neuron's diagonal Fisher information as a mask on its activation (Kwon et al.,
+    2022): the squared derivative of the log-likelihood with respect to a multiplier on neuron
+    i's activation, ``sum_t a_i(t) g_i(t)``, summed over probe sequences (``per="sequence"``)
+    or taken per token (``per="token"``: ``sum (a_i(t) g_i(t))^2``). ``labels``: the text's own
+    next tokens (``text``) or tokens sampled from the model's distribution at temperature 1 at
+    every position (``sampled``: the true Fisher). The second-order estimate of the model's KL
+    when the neuron is removed is half of it."""
+    view = FFNView(model)
+    scores = [torch.zeros(view.d_ff, dtype=torch.float64) for _ in range(view.num_layers)]
+    masks: list[Tensor | None] = [None] * view.num_layers
+
+    def masking(index: int):
+        def hook(_module, inputs):
+            activation = inputs[0]
+            shape = activation.shape if per == "token" else (activation.shape[0], 1,
+                                                             activation.shape[-1])
+            mask = torch.ones(shape, dtype=activation.dtype, requires_grad=True)
+            masks[index] = mask
+            return (activation * mask,) + tuple(inputs[1:])
+        return hook
+
+    generator = torch.Generator().manual_seed(seed)
+    requires = [p.requires_grad for p in model.parameters()]
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    handles = [view.second_matrix_module(i).register_forward_pre_hook(masking(i))
+               for i in range(view.num_layers)]
+    try:
+        for start in range(0, tokens.shape[0], batch_size):
+            batch = tokens[start:start + batch_size]
+            logits = model(batch, use_cache=False).logits[:, :-1].float()
+            log_probs = torch.log_softmax(logits, dim=-1)
+            if labels == "text":
+                targets = batch[:, 1:]
+            else:
+                with torch.no_grad():
+                    targets = torch.multinomial(log_probs.exp().reshape(-1, log_probs.shape[-1]),
+                                                1, generator=generator).reshape(batch.shape[0], -1)
+            log_likelihood = log_probs.gather(-1, targets.unsqueeze(-1)).sum()
+            grads = torch.autograd.grad(log_likelihood, masks)
+            for index, grad in enumerate(grads):
+                scores[index] += grad.double().pow(2).sum(dim=(0, 1))
+    finally:
+        for handle in handles:
+            handle.remove()
+        for parameter, flag in zip(model.parameters(), requires, strict=True):
+            parameter.requires_grad_(flag)
+    return scores
 
 
 def _ridged_gram(stats: LayerStatistics, ridge: float) -> tuple[Tensor, float]:
@@ -275,6 +329,11 @@ def run(args: argparse.Namespace) -> None:
                     rows = [refit_aware_rows(second_matrix(view, i)[0], s, kept, args.ridge,
                                              greedy=score == "obs-greedy")
                             for i, s in enumerate(stats)]
+                elif score.startswith("fisher"):  # fisher-token|sequence[-sampled]
+                    parts = score.split("-")
+                    fisher = fisher_scores(model, info["ids"], per=parts[1],
+                                           labels="sampled" if parts[-1] == "sampled" else "text")
+                    rows = [top_rows(f, kept) for f in fisher]
                 elif score == "wanda-obs":
                     rows = [top_rows(s, kept) for s in wanda_refit_aware(pruned, stats, args.ridge)]
                 else:
