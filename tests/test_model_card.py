@@ -77,6 +77,28 @@ def test_the_command_on_the_card_repeats_the_run_and_parses(tmp_path):
     assert (args.probe_tokens, args.probe_temperature, args.ridge) == (128, 0.9, 0.5)
 
 
+def test_a_rounded_kept_count_is_what_the_card_says_and_repeats():
+    """With --round-to the card states the share actually removed and its command repeats the
+    rounding and the GGUF type asked for."""
+    from prunenet.io.model_card import render_card
+
+    record = {"method": "random", "ratio": 0.3, "seed": 1, "ffn_width_before": 1536,
+              "ffn_width_after": 1088, "round_to": 32, "prunenet_version": "0",
+              "parameters_before": 10, "parameters_after": 8, "parameter_reduction": 0.2,
+              "source": "/m/x.gguf",
+              "gguf": {"file": "model.gguf", "sliced": {"a": "Q4_1"},
+                       "requantized": {"b": "Q5_0"}, "down_type": "Q5_0"}}
+    card = render_card(record, files={"model.gguf", "config.json", "model.safetensors"})
+    assert ("29.2% (ratio 0.3, rounded to a multiple of 32 kept neurons) of the FFN neurons of "
+            "every layer were removed (FFN width 1536 -> 1088)") in card
+    assert "--format both --gguf-down-type Q5_0 --round-to 32 --out OUT" in card
+    exact = render_card({**record, "round_to": 1, "ffn_width_after": 1075,
+                         "gguf": {**record["gguf"], "down_type": "auto"}},
+                        files={"model.gguf", "config.json", "model.safetensors"})
+    assert "30% of the FFN neurons" in exact and "--round-to" not in exact
+    assert "--format both --out OUT" in exact
+
+
 def test_the_card_says_what_the_folder_holds_and_what_recovered_it():
     from prunenet.io.model_card import render_card
 

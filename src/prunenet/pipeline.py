@@ -460,7 +460,8 @@ def _gguf_writer(reads: list[str], model: nn.Module, rows: list[Tensor], down_ty
         report = write_pruned_gguf(reads[0], model, rows, folder / GGUF_NAME,
                                    None if down_type == "auto" else down_type)
         return {"gguf": {key: value for key, value in report.items()
-                         if key not in ("out_file", "summary")} | {"file": GGUF_NAME}}
+                         if key not in ("out_file", "summary")}
+                | {"file": GGUF_NAME, "down_type": down_type}}
 
     return write
 

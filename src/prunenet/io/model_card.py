@@ -84,11 +84,15 @@ def render_card(record: dict[str, Any], input_folder: str | os.PathLike | None =
     if method:
         reduction = 100 * record["parameter_reduction"]
         title = f"# {Path(str(source)).name or source}, FFN-pruned with prunenet ({method})"
+        before, after = record["ffn_width_before"], record["ffn_width_after"]
+        share = f"{100 * record['ratio']:g}%"
+        if record.get("round_to", 1) > 1:  # the kept count was rounded: say what was removed
+            share = (f"{100 * (1 - after / before):.1f}% (ratio {record['ratio']:g}, rounded to "
+                     f"a multiple of {record['round_to']} kept neurons)")
         body = [
             title, "",
-            f"Structured pruning: {100 * record['ratio']:g}% of the FFN neurons of every layer "
-            f"were removed (FFN width {record['ffn_width_before']} -> "
-            f"{record['ffn_width_after']}) with the `{method}` method of prunenet "
+            f"Structured pruning: {share} of the FFN neurons of every layer "
+            f"were removed (FFN width {before} -> {after}) with the `{method}` method of prunenet "
             f"{record['prunenet_version']}. Parameters {record['parameters_before']:,} -> "
             f"{record['parameters_after']:,} (-{reduction:.1f}%). " + loads, "",
         ]
@@ -100,7 +104,7 @@ def render_card(record: dict[str, Any], input_folder: str | os.PathLike | None =
         body += [f"{'Also `' if checkpoint else '`'}{gguf.get('file', 'model.gguf')}` for "
                  f"llama.cpp: the input's GGUF with every non-FFN tensor unchanged, FFN rows kept "
                  f"in their {'/'.join(kept)} blocks and ffn_down written as {'/'.join(written)}"
-                 + (" (the input's type cannot hold the new width or cannot be written)"
+                 + (" (the type asked for cannot hold the new width or cannot be written)"
                     if gguf.get("substituted") else "") + ".", ""]
     if record.get("evaluation", {}).get("perplexity"):
         measured = record["evaluation"]["perplexity"]
@@ -177,6 +181,10 @@ def _compress_command(record: dict[str, Any], gguf_format: str = "both") -> list
             command += ["--ridge", f"{reconstruct['ridge']:g}"]
     if record.get("gguf"):
         command += ["--format", gguf_format]
+        if record["gguf"].get("down_type", "auto") != "auto":
+            command += ["--gguf-down-type", record["gguf"]["down_type"]]
+    if record.get("round_to", 1) != 1:
+        command += ["--round-to", str(record["round_to"])]
     return command + ["--out", "OUT"]
 
 
