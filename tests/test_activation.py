@@ -156,3 +156,15 @@ def test_compress_command_offers_activation(tiny_llama_real_tokenizer_dir, tmp_p
                  "activation", "--calibration-corpus", str(text), "--calibration-windows",
                  "100000", "--out", str(tmp_path / "too-many")]) == 2
     assert "calibration windows of 1024 tokens; asked for 100000" in capsys.readouterr().err
+
+
+def test_select_rows_and_compress_round_the_kept_count_alike():
+    """round_to applies to select_rows as to compress: the multiple of 16 nearest 0.75 x 48."""
+    model = make_tiny_model("llama")
+    rows = select_rows(model, 0.25, method="magnitude", round_to=16)
+    assert {len(layer) for layer in rows} == {32}
+    result = prunenet.compress(make_tiny_model("llama"), ratio=0.25, method="magnitude",
+                               round_to=16, progress=False)
+    assert [torch.equal(a, b) for a, b in zip(rows, result.kept_rows, strict=True)] == [
+        True] * len(rows)
+    assert (result.record["ffn_width_after"], result.record["round_to"]) == (32, 16)

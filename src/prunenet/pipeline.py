@@ -538,7 +538,8 @@ def select_rows(model: nn.Module, ratio: float, *, tokenizer: Any = None,
         probe = run_probe(model, tokenizer, settings)
     source = Source(view, model, tokenizer, resolve_device(settings.device), settings.progress,
                     probe)
-    return selector.select(source, kept_count(view.d_ff, ratio), settings.seed)
+    return selector.select(source, kept_count(view.d_ff, ratio, settings.round_to or 1),
+                           settings.seed)
 
 
 def probe_cache_output(options: CompressOptions) -> Output | None:

@@ -220,9 +220,8 @@ def write_pruned_gguf(
     the model, to ``down_type`` (one of :data:`WRITABLE_TYPES`; default: :func:`default_down_type`
     of the source tensor's type). Requantizing to a 4-bit type adds a second rounding to already
     rounded weights; Q8_0 keeps them within 0.6% at about 1.7x the bytes of Q4_1 for that
-    tensor. All other tensors and
-    metadata are the source's. The file is written to a temporary sibling and renamed onto
-    ``out_file``.
+    tensor. All other tensors and metadata are the source's. The file is written to a temporary
+    sibling and renamed onto ``out_file``.
 
     Returns a report: ``architecture``, ``feed_forward_length`` (before/after), ``sliced`` and
     ``requantized`` (tensor -> type written), ``substituted`` (tensor -> "SOURCE -> WRITTEN: why"),
