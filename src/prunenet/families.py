@@ -153,6 +153,12 @@ def check_sequence_length(config, seqlen: int, option: str = "--seqlen",
         raise InputError(f"{option} {seqlen} exceeds the {model}'s context of {context} tokens")
 
 
+def check_multiple(multiple: int) -> None:
+    """Refuse a kept-count multiple (``--round-to``) that is not a positive integer."""
+    if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
+        raise InputError(f"--round-to must be a positive integer, got {multiple!r}")
+
+
 def kept_count(d_ff: int, ratio: float, multiple: int = 1) -> int:
     """Neurons kept per layer at compression ``ratio``: ``int((1 - ratio) * d_ff)``.
 
@@ -164,8 +170,7 @@ def kept_count(d_ff: int, ratio: float, multiple: int = 1) -> int:
         raise InputError(f"ratio must be a number in [0, 1), got {ratio!r}")
     if not 0.0 <= float(ratio) < 1.0:
         raise InputError(f"ratio must be in [0, 1), got {ratio}")
-    if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
-        raise InputError(f"--round-to must be a positive integer, got {multiple!r}")
+    check_multiple(multiple)
     if multiple > 1:
         largest = (d_ff - (1 if ratio > 0 else 0)) // multiple * multiple
         if largest < multiple:

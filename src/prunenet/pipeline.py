@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import InputError
-from .families import kept_count
+from .families import check_multiple, kept_count
 from .ffn_statistics import ProbeStatistics
 from .io.files import Output, folder_of, guard_outputs, sibling_path
 from .io.loading import (
@@ -324,8 +324,7 @@ def kept_multiple(options: CompressOptions, formats: tuple[str, ...], written_fr
                          f"{', '.join(WRITABLE_TYPES)}")
     round_to = options.round_to
     if round_to is not None:
-        if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
-            raise InputError(f"--round-to must be a positive integer, got {round_to!r}")
+        check_multiple(round_to)
         return round_to
     if "gguf" not in formats or written_from is None:
         return 1
@@ -382,13 +381,13 @@ def run_compression(plan: Plan, tokenizer: Any = None) -> CompressionResult:
         check_finite_parameters(model)
         weights = FFNView(model)
     kept = kept_count(weights.d_ff, plan.ratio, plan.round_to)
-    if kept != kept_count(weights.d_ff, plan.ratio):
+    exact = kept_count(weights.d_ff, plan.ratio)
+    if kept != exact:
         log.warning("keeping %d of %d FFN neurons per layer (ratio %.4f), the multiple of %d "
                     "nearest ratio %g%s; --round-to 1 keeps %d", kept, weights.d_ff,
                     1 - kept / weights.d_ff, plan.round_to, plan.ratio,
                     ": whole blocks keep model.gguf's ffn_down quantized"
-                    if plan.options.round_to is None else "",
-                    kept_count(weights.d_ff, plan.ratio))
+                    if plan.options.round_to is None else "", exact)
     selector = plan.selector
     if isinstance(selector, PruneNet) and selector.policy is not None:
         selector.policy.check_fits(weights.d_model, weights.d_ff)
