@@ -37,6 +37,8 @@ LLAMA_CPP_REASON = "llama-cpp-python is not installed (scripts/test.sh installs 
 LLAMA_CPP_SDIST = ("llama-cpp-python==0.3.36",
                    "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e")
 FFN_SUFFIXES = ("ffn_gate.weight", "ffn_up.weight", "ffn_down.weight")
+# Every architecture GGUF output maps, each built as a tiny file by _tiny_gguf.
+GGUF_ARCHITECTURES = ["llama", "qwen2", "qwen3", "gemma3", "phi3"]
 
 
 def _asset(name: str) -> Path:
@@ -78,6 +80,7 @@ def _check_written_file(source: Path, written: Path, kept_rows: list[torch.Tenso
     old_fields, new_fields = _raw_fields(before), _raw_fields(after)
     assert list(old_fields) == list(new_fields)  # same keys, same order
     width_key = f"{before.fields['general.architecture'].contents()}.feed_forward_length"
+    d_ff = before.fields[width_key].contents()
     assert after.fields[width_key].contents() == width
     changed = [name for name in old_fields if old_fields[name] != new_fields[name]]
     assert changed == [width_key]
@@ -89,14 +92,17 @@ def _check_written_file(source: Path, written: Path, kept_rows: list[torch.Tenso
             assert new.tensor_type == old.tensor_type and bytes(new.data) == bytes(old.data), name
             continue
         layer = int(name.split(".")[1])
+        blocks = int(old.shape[1]) // d_ff  # 2: phi3's gate and up rows in one ffn_up
         assert [int(n) for n in new.shape] == (
-            [width, int(old.shape[1])] if "ffn_down" in name else [int(old.shape[0]), width])
+            [width, int(old.shape[1])] if "ffn_down" in name
+            else [int(old.shape[0]), blocks * width])
         if "ffn_down" in name:  # requantized from the pruned model's float weights
             down = pruned_model.model.layers[layer].mlp.down_proj.weight.detach().numpy()
             expected = quantize(down, new.tensor_type)
             assert bytes(new.data) == bytes(np.ascontiguousarray(expected)), name
         else:  # whole quantized rows of the source, byte for byte
-            rows = old.data[kept_rows[layer].numpy()]
+            kept = kept_rows[layer].numpy()
+            rows = old.data[np.concatenate([kept + block * d_ff for block in range(blocks)])]
             assert new.tensor_type == old.tensor_type
             assert bytes(new.data) == bytes(np.ascontiguousarray(rows)), name
     return after
@@ -207,19 +213,23 @@ def _tiny_gguf(path: Path, ffn_type: GGMLQuantizationType, tinycoder: Path,
     llama.cpp loads it. d_model and d_ff are multiples of 256 so that K-quants fit.
     ``architecture="qwen2"``: the same with Qwen2's attention biases (q, k, v); ``"gemma3"``:
     Gemma 3's blocks (q/k norms, norms after attention and FFN, 256-wide heads, one KV head,
-    the output matrix tied to the embeddings)."""
+    the output matrix tied to the embeddings); ``"qwen3"``: q/k norms and 128-wide heads (the
+    head width transformers assumes for a Qwen3 GGUF); ``"phi3"``: fused q/k/v and one
+    ``ffn_up`` of 2 x d_ff rows, the gate's above the up's, no ``ffn_gate``."""
     generator = np.random.default_rng(0)
     arch = architecture
-    gemma = arch == "gemma3"
-    heads, kv_heads, head_dim = (2, 1, 256) if gemma else (4, 2, d_model // 4)
+    gemma, fused = arch == "gemma3", arch == "phi3"
+    heads, kv_heads, head_dim = {"gemma3": (2, 1, 256), "qwen3": (2, 1, 128)}.get(
+        arch, (4, 2, d_model // 4))
     writer = GGUFWriter(path, arch)
     for key, value in [("context_length", 256), ("embedding_length", d_model),
                        ("block_count", layers), ("feed_forward_length", d_ff),
                        ("attention.head_count", heads), ("attention.head_count_kv", kv_heads)]:
         writer.add_uint32(f"{arch}.{key}", value)
-    if gemma:
+    if gemma or arch == "qwen3":
         for key in ("attention.key_length", "attention.value_length"):
             writer.add_uint32(f"{arch}.{key}", head_dim)
+    if gemma:
         writer.add_uint32(f"{arch}.attention.sliding_window", 512)
         writer.add_float32(f"{arch}.rope.freq_base", 10000.0)
     else:
@@ -231,6 +241,8 @@ def _tiny_gguf(path: Path, ffn_type: GGMLQuantizationType, tinycoder: Path,
             value = field.contents()
             writer.add_key_value(name, value[:vocab] if isinstance(value, list) else value,
                                  field.types[0], field.types[-1] if len(field.types) > 1 else None)
+    if fused:  # else transformers' Phi-3 default, 32000, lies outside this vocabulary
+        writer.add_uint32("tokenizer.ggml.padding_token_id", 0)
 
     def random(*shape: int, scale: float = 0.05) -> np.ndarray:
         return (generator.standard_normal(shape) * scale).astype(np.float32)
@@ -249,22 +261,29 @@ def _tiny_gguf(path: Path, ffn_type: GGMLQuantizationType, tinycoder: Path,
     for layer in range(layers):
         prefix = f"blk.{layer}."
         norm(prefix + "attn_norm.weight")
-        for name, shape in [("attn_q", (heads * head_dim, d_model)),
-                            ("attn_k", (kv_heads * head_dim, d_model)),
-                            ("attn_v", (kv_heads * head_dim, d_model)),
-                            ("attn_output", (d_model, heads * head_dim))]:
+        attention = [("attn_q", (heads * head_dim, d_model)),
+                     ("attn_k", (kv_heads * head_dim, d_model)),
+                     ("attn_v", (kv_heads * head_dim, d_model))]
+        if fused:
+            attention = [("attn_qkv", ((heads + 2 * kv_heads) * head_dim, d_model))]
+        for name, shape in [*attention, ("attn_output", (d_model, heads * head_dim))]:
             writer.add_tensor(prefix + name + ".weight", random(*shape).astype(np.float16))
             if arch == "qwen2" and name != "attn_output":
                 writer.add_tensor(prefix + name + ".bias", random(shape[0], scale=0.5))
-        if gemma:
+        if gemma or arch == "qwen3":
             norm(prefix + "attn_q_norm.weight", head_dim)
             norm(prefix + "attn_k_norm.weight", head_dim)
+        if gemma:
             # Gemma's residual stream starts at 16 x the embedding, which the tied output
             # matrix reads back: gains of 5 let the blocks, not the input token, decide.
             norm(prefix + "post_attention_norm.weight", gain=5.0)
         norm(prefix + "ffn_norm.weight")
-        writer.add_tensor(prefix + "ffn_gate.weight", ffn(d_ff, d_model), raw_dtype=ffn_type)
-        writer.add_tensor(prefix + "ffn_up.weight", ffn(d_ff, d_model), raw_dtype=ffn_type)
+        if fused:
+            writer.add_tensor(prefix + "ffn_up.weight", ffn(2 * d_ff, d_model),
+                              raw_dtype=ffn_type)
+        else:
+            writer.add_tensor(prefix + "ffn_gate.weight", ffn(d_ff, d_model), raw_dtype=ffn_type)
+            writer.add_tensor(prefix + "ffn_up.weight", ffn(d_ff, d_model), raw_dtype=ffn_type)
         writer.add_tensor(prefix + "ffn_down.weight", ffn(d_model, d_ff), raw_dtype=ffn_type)
         if gemma:
             norm(prefix + "post_ffw_norm.weight", gain=5.0)
@@ -289,7 +308,7 @@ def _tiny_gguf(path: Path, ffn_type: GGMLQuantizationType, tinycoder: Path,
     ("Q4_K", 0.4140625, "F16", "Q8_0"),
     ("BF16", 0.4140625, "BF16", None),
 ])
-@pytest.mark.parametrize("architecture", ["llama", "qwen2", "gemma3"])
+@pytest.mark.parametrize("architecture", GGUF_ARCHITECTURES)
 def test_quantized_ffn_types(tmp_path, tinycoder, source_type, ratio, written, substituted_from,
                              architecture):
     source = _tiny_gguf(tmp_path / "tiny.gguf", GGMLQuantizationType[source_type], tinycoder,
@@ -307,9 +326,10 @@ def test_quantized_ffn_types(tmp_path, tinycoder, source_type, ratio, written, s
     _check_written_file(source, out, result.kept_rows, result.model)
     reloaded = _load_gguf(out)
     assert reloaded.config.intermediate_size == width
+    rows = ("gate_up_proj",) if architecture == "phi3" else ("gate_proj", "up_proj")
     for layer, original in zip(reloaded.model.layers, result.model.model.layers):
-        assert torch.equal(layer.mlp.gate_proj.weight, original.mlp.gate_proj.weight)
-        assert torch.equal(layer.mlp.up_proj.weight, original.mlp.up_proj.weight)
+        for name in rows:
+            assert torch.equal(getattr(layer.mlp, name).weight, getattr(original.mlp, name).weight)
         down = original.mlp.down_proj.weight.detach().numpy()
         requantized = dequantize(quantize(down, GGMLQuantizationType[written]),
                                  GGMLQuantizationType[written])
@@ -417,6 +437,23 @@ def test_refuses_a_model_that_is_not_the_pruned_source(tmp_path, tinycoder):
     assert not list(tmp_path.iterdir())  # nothing written, no temporary file left
 
 
+def test_a_fused_ffn_up_that_is_not_two_blocks_high_is_refused(tmp_path, tinycoder):
+    """phi3's ffn_up holds the gate's d_ff rows above the up's; a file whose header names another
+    width is refused with both numbers, before any row is copied."""
+    source = _tiny_gguf(tmp_path / "tiny.gguf", GGMLQuantizationType.Q8_0, tinycoder,
+                        architecture="phi3")
+    result = prunenet.compress(str(source), ratio=0.25, method="random", progress=False)
+    edited = GGUFReader(str(source), "r+")  # the header's width, edited in place
+    edited.fields["phi3.feed_forward_length"].parts[-1][0] = 1024
+    edited.data.flush()
+    del edited
+    out = tmp_path / "out"
+    with pytest.raises(InputError, match=r"blk\.0\.ffn_up\.weight has 1024 rows; "
+                                         r"2 x phi3\.feed_forward_length = 2048 expected"):
+        write_pruned_gguf(source, result.model, result.kept_rows, out / "pruned.gguf")
+    assert not list(out.iterdir())  # no temporary file left
+
+
 def test_failed_write_leaves_the_old_file(tmp_path, tinycoder, monkeypatch):
     result = prunenet.compress(str(tinycoder), ratio=0.25, method="random", progress=False)
     out = tmp_path / "pruned.gguf"
@@ -452,8 +489,9 @@ def test_unsupported_sources_are_refused_up_front(tmp_path, tinycoder):
     with pytest.raises(InputError, match="not a valid GGUF"):
         gguf_output_supported(tmp_path / "junk.gguf")
     _write_mamba_gguf(tmp_path / "mamba.gguf")
-    with pytest.raises(InputError, match="supports the architectures gemma3, llama, qwen2; "
-                                         "mamba.gguf is 'mamba'"):
+    with pytest.raises(InputError,
+                       match="supports the architectures gemma3, llama, phi3, qwen2, qwen3; "
+                             "mamba.gguf is 'mamba'"):
         gguf_output_supported(tmp_path / "mamba.gguf")
     writer = GGUFWriter(tmp_path / "moe.gguf", "llama")
     writer.add_tensor("blk.0.ffn_gate_exps.weight", np.zeros((2, 4, 4), np.float32))
@@ -506,7 +544,7 @@ def test_metadata_value_types_copy_byte_for_byte(tmp_path, tinycoder):
 # 7.1e-4 / 3.9e-4.
 @pytest.mark.parametrize("source_type,down_type,written,bound", [
     ("F16", None, "F16", 1e-5), ("Q4_K", None, "Q8_0", 5e-3), ("Q4_K", "Q5_0", "Q5_0", 5e-3)])
-@pytest.mark.parametrize("architecture", ["llama", "qwen2", "gemma3"])
+@pytest.mark.parametrize("architecture", GGUF_ARCHITECTURES)
 def test_llama_cpp_runs_written_tiny_gguf(tmp_path, tinycoder, llama_cpp, source_type,
                                           down_type, written, bound, architecture):
     """Gate/up rows kept in the source type, ffn_down requantized (Q4_K: Q8_0 by default);
@@ -650,7 +688,8 @@ def test_format_auto_writes_safetensors_alone_for_a_gguf_it_cannot_cut(tmp_path,
     _write_mamba_gguf(tmp_path / "mamba.gguf")
     source = str(tmp_path / "mamba.gguf")
     assert output_formats("auto", source) == ("safetensors",)
-    assert "supports the architectures gemma3, llama, qwen2; mamba.gguf is 'mamba'" in caplog.text
+    assert ("supports the architectures gemma3, llama, phi3, qwen2, qwen3; mamba.gguf is 'mamba'"
+            in caplog.text)
     for fmt in ("gguf", "both"):
         with pytest.raises(InputError, match="mamba.gguf is 'mamba'"):
             output_formats(fmt, source)

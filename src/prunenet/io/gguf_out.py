@@ -41,11 +41,13 @@ class GGUFFFNLayout:
     Both maps go from the GGUF tensor name inside ``blk.N.`` to the Hugging Face parameter name
     inside decoder layer N (as transformers' GGUF loader names it). ``rows``: neurons are rows
     (ne1), copied from the source in their quantized form. ``columns``: neurons are columns (ne0),
-    requantized from the model's weights.
+    requantized from the model's weights. ``fused``: tensors of ``rows`` that stack two blocks of
+    d_ff rows (phi3's gate then up in one ``ffn_up``); a kept neuron keeps its row in both.
     """
 
     rows: dict[str, str]
     columns: dict[str, str]
+    fused: frozenset[str] = frozenset()
 
 
 _GATED_FFN = GGUFFFNLayout(
@@ -53,12 +55,20 @@ _GATED_FFN = GGUFFFNLayout(
     columns={"ffn_down.weight": "mlp.down_proj.weight"},
 )
 
+_FUSED_GATED_FFN = GGUFFFNLayout(
+    rows={"ffn_up.weight": "mlp.gate_up_proj.weight"},
+    columns={"ffn_down.weight": "mlp.down_proj.weight"},
+    fused=frozenset({"ffn_up.weight"}),
+)
+
 # GGUF ``general.architecture`` -> FFN layout. Only architectures checked end to end against
 # transformers and llama.cpp are listed (tests/test_gguf_out.py).
 GGUF_FFN_LAYOUTS: dict[str, GGUFFFNLayout] = {
     "llama": _GATED_FFN,
     "qwen2": _GATED_FFN,
+    "qwen3": _GATED_FFN,
     "gemma3": _GATED_FFN,
+    "phi3": _FUSED_GATED_FFN,
 }
 
 # Types gguf.quants.quantize writes faithfully; the others raise NotImplementedError (K-quants,
@@ -269,7 +279,14 @@ def write_pruned_gguf(
             suffix = match.group(2) if match else None
             if suffix in layout.rows:
                 layer = int(match.group(1))
-                data = _kept_source_rows(tensor, kept_rows[layer],
+                rows = kept_rows[layer]
+                blocks = 2 if suffix in layout.fused else 1
+                if tensor.data.shape[0] != blocks * d_ff:
+                    raise InputError(f"{tensor.name} has {tensor.data.shape[0]} rows; "
+                                     f"{blocks} x {width_key} = {blocks * d_ff} expected")
+                if blocks == 2:  # the same neurons in the gate and the up block
+                    rows = torch.cat([rows, rows + d_ff])
+                data = _kept_source_rows(tensor, rows,
                                          _model_tensor(model, family.layers, layer,
                                                        layout.rows[suffix]))
                 writer.add_tensor(tensor.name, data, raw_dtype=tensor.tensor_type)
