@@ -720,3 +720,44 @@ def test_compress_writes_gguf_beside_safetensors_for_a_gguf_input(tmp_path, caps
     assert main(["-q", "compress", str(tmp_path / "both"), "--ratio", "0.25", "--out",
                  str(tmp_path / "no"), "--method", "random", "--format", "gguf"]) == 2
     assert "not one" in capsys.readouterr().err and not (tmp_path / "no").exists()
+
+
+def test_a_gguf_header_is_parsed_once_per_compression_and_again_when_the_file_changes(
+        tmp_path, tinycoder):
+    """The input check, the output's formats and block multiple, and the writer share one
+    parse of an unchanged file's header (gguf_reader); loading passes the config it read to
+    transformers. Both give what separate reads give: the same model, the same written file."""
+    from prunenet.cli import main
+    from prunenet.io.loading import _gguf_reader, gguf_reader, load_model_and_tokenizer
+
+    source = _tiny_gguf(tmp_path / "tiny.gguf", GGMLQuantizationType.Q4_1, tinycoder)
+    _gguf_reader.cache_clear()
+    assert main(["-q", "compress", str(source), "--ratio", "0.25", "--out",
+                 str(tmp_path / "shared"), "--method", "random"]) == 0
+    assert _gguf_reader.cache_info().misses == 1  # one parse, then only hits
+    assert _gguf_reader.cache_info().hits >= 3
+    result = prunenet.compress(str(source), ratio=0.25, method="random", progress=False)
+    _gguf_reader.cache_clear()  # the writer from a parse of its own, as before the sharing
+    write_pruned_gguf(source, result.model, result.kept_rows, tmp_path / "fresh.gguf")
+    assert _gguf_reader.cache_info().misses == 1
+    result = prunenet.compress(str(source), ratio=0.25, method="random", progress=False)
+    write_pruned_gguf(source, result.model, result.kept_rows, tmp_path / "shared.gguf")
+    assert _gguf_reader.cache_info().misses == 1  # the same parse for the second write
+    assert (tmp_path / "fresh.gguf").read_bytes() == (tmp_path / "shared.gguf").read_bytes()
+
+    model, _ = load_model_and_tokenizer(source)
+    plain = _load_gguf(source)
+    plain_config = plain.config.to_dict()
+    del plain_config["quantization_config"]  # the loader drops it: the output saves unquantized
+    assert model.config.to_dict() == plain_config
+    assert list(model.state_dict()) == list(plain.state_dict())
+    assert all(torch.equal(tensor, plain.state_dict()[name])
+               for name, tensor in model.state_dict().items())
+
+    first = gguf_reader(source)
+    assert gguf_reader(source) is first
+    _tiny_gguf(source, GGMLQuantizationType.Q8_0, tinycoder)  # replaced: read again
+    replaced = gguf_reader(source)
+    assert replaced is not first
+    assert {tensor.tensor_type.name for tensor in replaced.tensors
+            if _is_ffn(tensor.name)} == {"Q8_0"}

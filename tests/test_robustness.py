@@ -413,6 +413,42 @@ def test_round_to_one_is_the_exact_count_and_bad_multiples_are_refused():
             kept_count(2048, 0.3, bad)
 
 
+def test_every_family_declares_its_ffn_width_before_it_loads(tmp_path, tiny_model_type):
+    """config.json's width field of each family is the width its weights have."""
+    from prunenet.io.loading import declared_ffn_width
+    from prunenet.model_view import FFNView
+
+    model = make_tiny_model(tiny_model_type)
+    model.save_pretrained(tmp_path / "m")
+    assert declared_ffn_width(tmp_path / "m") == FFNView(model).d_ff
+
+
+def test_a_ratio_or_round_to_the_width_cannot_take_is_refused_before_the_load(
+        tmp_path, tiny_llama_dir, monkeypatch, capsys):
+    """Read from config.json or the GGUF header: the same one-line refusal as after a load,
+    with nothing loaded or written (tinycoder's FFN is 64 wide, the tiny LLaMA's 48)."""
+    import prunenet.pipeline
+    from prunenet.assets import asset_path
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(prunenet.pipeline, "load_model_and_tokenizer", no_load)
+    gguf = str(asset_path("tinycoder-gguf") / "tiny.gguf")
+    out = tmp_path / "out"
+    for source, options, message in [
+        (gguf, ["--round-to", "64"], "--round-to 64 leaves no whole multiple of 64 below the "
+                                     "FFN width 64"),
+        (str(tiny_llama_dir), ["--round-to", "48"], "--round-to 48 leaves no whole multiple "
+                                                    "of 48 below the FFN width 48"),
+        (str(tiny_llama_dir), ["--ratio", "0.99"], "ratio 0.99 keeps 0 of 48 FFN neurons"),
+    ]:
+        ratio = [] if "--ratio" in options else ["--ratio", "0.25"]
+        assert main(["-q", "compress", source, *ratio, *options, "--out", str(out)]) == 2
+        assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
 @settings(max_examples=60, deadline=None)
 @given(d_ff=st.integers(1, 40), other=st.integers(1, 8), axis=st.integers(0, 1),
        blocks=st.integers(1, 2), data=st.data())

@@ -24,6 +24,7 @@ from .families import check_multiple, kept_count
 from .ffn_statistics import ProbeStatistics
 from .io.files import Output, folder_of, guard_outputs, sibling_path
 from .io.loading import (
+    declared_ffn_width,
     is_model_output,
     load_model_and_tokenizer,
     resolve_source,
@@ -305,10 +306,13 @@ def plan_compression(model: Any, ratio: float, options: CompressOptions, *,
                              "streaming (raise --max-memory, or run prunenet eval on the "
                              "output)")
     formats = output_formats(options.format, reads[0] if source is not None else None)
+    round_to = kept_multiple(options, formats,
+                             reads[0] if out is not None and source is not None else None)
+    width = declared_ffn_width(source) if source is not None else None
+    if width is not None:  # a ratio or --round-to the width cannot take fails before the load
+        kept_count(width, ratio, round_to)
     return Plan(model, source, ratio, options, selector, streamed, out, record_dir, policy_out,
-                overwrite, formats, reconstruct,
-                kept_multiple(options, formats,
-                              reads[0] if out is not None and source is not None else None))
+                overwrite, formats, reconstruct, round_to)
 
 
 def kept_multiple(options: CompressOptions, formats: tuple[str, ...], written_from: str | None

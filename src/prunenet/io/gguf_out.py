@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from ..errors import InputError
 from ..families import family_for
+from .loading import gguf_reader
 
 
 @dataclass(frozen=True)
@@ -92,9 +93,8 @@ def _open_source(source_gguf: str | os.PathLike):
             f"GGUF output needs a .gguf input, and {path} is not one; convert a safetensors output "
             "with llama.cpp's convert_hf_to_gguf.py instead"
         )
-    gguf = _gguf()
     try:
-        reader = gguf.GGUFReader(str(path))
+        reader = gguf_reader(path)
     except (ValueError, IndexError, KeyError, OverflowError) as error:
         raise InputError(f"{path} is not a valid GGUF file ({error})") from error
     if reader.byte_order != "I":
