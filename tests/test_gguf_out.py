@@ -724,18 +724,33 @@ def test_compress_writes_gguf_beside_safetensors_for_a_gguf_input(tmp_path, caps
 
 def test_a_gguf_header_is_parsed_once_per_compression_and_again_when_the_file_changes(
         tmp_path, tinycoder):
-    """The input check, the output's formats and block multiple, and the writer share one
-    parse of an unchanged file's header (gguf_reader); loading passes the config it read to
-    transformers. Both give what separate reads give: the same model, the same written file."""
+    """The input checks, its width and the output's formats and block multiple share one parse
+    of an unchanged file's header (gguf_reader), released before the weights load; the writer
+    parses it again. Loading passes the config it read to transformers. Both give what separate
+    reads give: the same model, the same written file."""
     from prunenet.cli import main
     from prunenet.io.loading import _gguf_reader, gguf_reader, load_model_and_tokenizer
 
+    import gguf
+
+    parsed_by = []
+
+    class CountingReader(GGUFReader):
+        def __init__(self, *args, **kwargs):
+            parsed_by.append(sys._getframe(1).f_code.co_name)
+            super().__init__(*args, **kwargs)
+
     source = _tiny_gguf(tmp_path / "tiny.gguf", GGMLQuantizationType.Q4_1, tinycoder)
     _gguf_reader.cache_clear()
-    assert main(["-q", "compress", str(source), "--ratio", "0.25", "--out",
-                 str(tmp_path / "shared"), "--method", "random"]) == 0
-    assert _gguf_reader.cache_info().misses == 1  # one parse, then only hits
-    assert _gguf_reader.cache_info().hits >= 3
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(gguf, "GGUFReader", CountingReader)
+        assert main(["-q", "compress", str(source), "--ratio", "0.25", "--out",
+                     str(tmp_path / "shared"), "--method", "random"]) == 0
+    # prunenet's: the plan's and the load's checks, then the writer's; transformers' own:
+    # the config, the weights and the tokenizer.
+    assert parsed_by.count("_gguf_reader") == 2
+    assert len(parsed_by) == 5
+    assert _gguf_reader.cache_info().currsize == 1  # the writer's, until another file is read
     result = prunenet.compress(str(source), ratio=0.25, method="random", progress=False)
     _gguf_reader.cache_clear()  # the writer from a parse of its own, as before the sharing
     write_pruned_gguf(source, result.model, result.kept_rows, tmp_path / "fresh.gguf")

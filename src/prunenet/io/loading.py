@@ -113,9 +113,10 @@ def gguf_reader(path: str | os.PathLike):
 
     Parsing the header builds an array per vocabulary entry and takes seconds (SmolLM2's 49,152
     tokens about 2.5 s, Qwen2.5's 151,936 tokens and merges about 7 s); a compression that writes
-    GGUF reads it to check the input, to choose the output's formats and block multiple, and to
-    write. The last file's reader is kept, keyed by its resolved path, size and modification time,
-    so an edited or replaced file is read again.
+    GGUF reads it to check the input, its FFN width, the output's formats and block multiple. The
+    last file's reader is kept, keyed by its resolved path, size and modification time, so an
+    edited or replaced file is read again; :func:`load_model_and_tokenizer` releases it before
+    the weights load (the parsed header holds 160-360 MiB), and the writer parses it once more.
     """
     resolved = Path(path).expanduser().resolve()
     stat = resolved.stat()
@@ -303,6 +304,7 @@ def load_model_and_tokenizer(
     stored = getattr(config, "dtype", None) if dtype == "auto" else None
     if isinstance(stored, torch.dtype) and stored.itemsize < 2 and stored.is_floating_point:
         dtype = torch.float32  # float8 weights: computed in float32 (exact), saved as stored
+    _gguf_reader.cache_clear()  # not held beside the weights while they load
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
             folder, config=config, gguf_file=gguf_file, dtype=dtype,
