@@ -728,10 +728,10 @@ def test_a_gguf_header_is_parsed_once_per_compression_and_again_when_the_file_ch
     of an unchanged file's header (gguf_reader), released before the weights load; the writer
     parses it again. Loading passes the config it read to transformers. Both give what separate
     reads give: the same model, the same written file."""
+    import gguf
+
     from prunenet.cli import main
     from prunenet.io.loading import _gguf_reader, gguf_reader, load_model_and_tokenizer
-
-    import gguf
 
     parsed_by = []
 
