@@ -153,6 +153,42 @@ def test_truncated_gguf(tmp_path):
         load_model_and_tokenizer(tmp_path / "bad.gguf")
 
 
+def test_truncated_or_oversized_gguf_is_refused_by_compress_before_the_load(
+        tmp_path, monkeypatch, capsys):
+    """A GGUF is loaded whole, dequantized to float32: one that would not fit the memory
+    available now is refused in the plan (the parameters counted from its header), and a
+    damaged one is refused as such first; nothing is loaded or written."""
+    import psutil
+
+    import prunenet.pipeline
+    from prunenet.assets import asset_path
+    from prunenet.io.loading import gguf_reader
+
+    def no_load(*args, **kwargs):
+        raise InputError("the load starts here")
+
+    source = asset_path("tinycoder-gguf") / "tiny.gguf"
+    parameters = sum(int(tensor.n_elements) for tensor in gguf_reader(source).tensors)
+    (tmp_path / "bad.gguf").write_bytes(source.read_bytes()[: source.stat().st_size // 2])
+    real = psutil.virtual_memory()
+    for available in (4 * parameters - 1, 4 * parameters):
+        memory = real._replace(available=available)
+        monkeypatch.setattr(psutil, "virtual_memory", lambda memory=memory: memory)
+        monkeypatch.setattr(prunenet.pipeline, "load_model_and_tokenizer", no_load)
+        for gguf in (tmp_path / "bad.gguf", source):
+            assert main(["-q", "compress", str(gguf), "--ratio", "0.25", "--out",
+                         str(tmp_path / "out"), "--method", "random"]) == 2
+            error = capsys.readouterr().err
+            fits = available >= 4 * parameters and gguf == source
+            assert ("the load starts here" in error) == fits
+            if gguf != source:
+                assert "is not a valid GGUF file" in error
+            elif not fits:
+                assert (f"tiny.gguf holds {parameters / 1e9:.2f}B parameters: "
+                        f"{4 * parameters / 2**20:.2f}MiB once dequantized to float32") in error
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("change", ["wrong", "missing"])
 def test_config_with_wrong_or_missing_ffn_width(tiny_llama_dir, change):
     config_file = tiny_llama_dir / "config.json"

@@ -35,9 +35,12 @@ from .files import atomic_folder, write_json_atomic
 from .loading import (
     RECORD_NAME,
     check_weights_on_meta,
+    gguf_reader,
     is_model_output,
     load_config,
     read_config_json,
+    resolve_source,
+    validate_gguf,
     validate_safetensors,
     validate_weight_files,
     write_card,
@@ -320,6 +323,28 @@ def streamable(source: Any) -> StreamedCheckpoint | None:
     return StreamedCheckpoint(folder)
 
 
+def check_gguf_fits(source: str | os.PathLike) -> None:
+    """Refuse a GGUF input whose weights alone, dequantized to float32 as transformers loads a
+    GGUF, exceed the memory available now (a GGUF is not streamed; the load itself needs more:
+    Qwen2.5-Coder-0.5B's 2.5 GB of weights peaked at 4.6 GB). Other sources pass."""
+    folder, gguf_file = resolve_source(source)
+    if gguf_file is None:
+        return
+    import psutil
+
+    path = Path(folder) / gguf_file
+    validate_gguf(path)  # a damaged file is refused as such first
+    parameters = sum(int(tensor.n_elements) for tensor in gguf_reader(path).tensors)
+    need, available = 4 * parameters, psutil.virtual_memory().available
+    if need > available:
+        raise InputError(
+            f"{gguf_file} holds {parameters / 1e9:.2f}B parameters: {format_bytes(need)} once "
+            f"dequantized to float32, as a GGUF is loaded, and {format_bytes(available)} of "
+            "memory is available now. Use a machine with more memory, or prune the model's "
+            "safetensors checkpoint, which is streamed (--max-memory)"
+        )
+
+
 def choose_streaming(
     source: Any, max_memory: int | str | None, training: bool,
     training_if_streamed: bool | None = None,
@@ -342,6 +367,8 @@ def choose_streaming(
         if max_memory is not None and not isinstance(source, torch.nn.Module):
             log.warning("--max-memory applies to local safetensors folders only; loading %s "
                         "in memory", source)
+        if isinstance(source, (str, os.PathLike)):
+            check_gguf_fits(source)
         return None
     if max_memory is None:
         import psutil
