@@ -26,6 +26,7 @@ import prunenet
 from prunenet.assets import asset_path, cache_dir
 from prunenet.errors import InputError, MissingAssetError
 from prunenet.io.gguf_out import (
+    GGUF_FFN_LAYOUTS,
     _written_type,
     block_multiple,
     default_down_type,
@@ -37,7 +38,7 @@ LLAMA_CPP_REASON = "llama-cpp-python is not installed (scripts/test.sh installs 
 LLAMA_CPP_SDIST = ("llama-cpp-python==0.3.36",
                    "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e")
 FFN_SUFFIXES = ("ffn_gate.weight", "ffn_up.weight", "ffn_down.weight")
-# Every architecture GGUF output maps, each built as a tiny file by _tiny_gguf.
+# Every architecture GGUF output maps, each built as a tiny file by _tiny_gguf (checked below).
 GGUF_ARCHITECTURES = ["llama", "qwen2", "qwen3", "gemma3", "phi3"]
 
 
@@ -218,7 +219,7 @@ def _tiny_gguf(path: Path, ffn_type: GGMLQuantizationType, tinycoder: Path,
     ``ffn_up`` of 2 x d_ff rows, the gate's above the up's, no ``ffn_gate``."""
     generator = np.random.default_rng(0)
     arch = architecture
-    gemma, fused = arch == "gemma3", arch == "phi3"
+    gemma, fused, qk_norms = arch == "gemma3", arch == "phi3", arch in ("gemma3", "qwen3")
     heads, kv_heads, head_dim = {"gemma3": (2, 1, 256), "qwen3": (2, 1, 128)}.get(
         arch, (4, 2, d_model // 4))
     writer = GGUFWriter(path, arch)
@@ -226,7 +227,7 @@ def _tiny_gguf(path: Path, ffn_type: GGMLQuantizationType, tinycoder: Path,
                        ("block_count", layers), ("feed_forward_length", d_ff),
                        ("attention.head_count", heads), ("attention.head_count_kv", kv_heads)]:
         writer.add_uint32(f"{arch}.{key}", value)
-    if gemma or arch == "qwen3":
+    if qk_norms:  # and their own head width
         for key in ("attention.key_length", "attention.value_length"):
             writer.add_uint32(f"{arch}.{key}", head_dim)
     if gemma:
@@ -270,7 +271,7 @@ def _tiny_gguf(path: Path, ffn_type: GGMLQuantizationType, tinycoder: Path,
             writer.add_tensor(prefix + name + ".weight", random(*shape).astype(np.float16))
             if arch == "qwen2" and name != "attn_output":
                 writer.add_tensor(prefix + name + ".bias", random(shape[0], scale=0.5))
-        if gemma or arch == "qwen3":
+        if qk_norms:
             norm(prefix + "attn_q_norm.weight", head_dim)
             norm(prefix + "attn_k_norm.weight", head_dim)
         if gemma:
@@ -334,6 +335,10 @@ def test_quantized_ffn_types(tmp_path, tinycoder, source_type, ratio, written, s
         requantized = dequantize(quantize(down, GGMLQuantizationType[written]),
                                  GGMLQuantizationType[written])
         assert torch.equal(layer.mlp.down_proj.weight, torch.from_numpy(requantized))
+
+
+def test_every_mapped_architecture_is_built_and_tested():
+    assert sorted(GGUF_ARCHITECTURES) == sorted(GGUF_FFN_LAYOUTS)
 
 
 def test_written_types():

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from ..errors import InputError
 from ..families import family_for
-from .loading import gguf_reader
+from .loading import gguf_reader, validate_gguf
 
 
 @dataclass(frozen=True)
@@ -93,10 +93,8 @@ def _open_source(source_gguf: str | os.PathLike):
             f"GGUF output needs a .gguf input, and {path} is not one; convert a safetensors output "
             "with llama.cpp's convert_hf_to_gguf.py instead"
         )
-    try:
-        reader = gguf_reader(path)
-    except (ValueError, IndexError, KeyError, OverflowError) as error:
-        raise InputError(f"{path} is not a valid GGUF file ({error})") from error
+    validate_gguf(path)
+    reader = gguf_reader(path)
     if reader.byte_order != "I":
         raise InputError(f"{path} is a big-endian GGUF; GGUF output writes little-endian only")
     field = reader.get_field("general.architecture")
