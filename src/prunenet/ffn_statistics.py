@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .model_view import FFNView, backbone
+from .model_view import FFNView, backbone, input_device
 
 GRAM_BUDGET = 1 << 30
 """Bytes of float64 Grams :class:`ProbeStatistics` holds at once (at least one layer's): every
@@ -57,13 +57,15 @@ class LayerStatistics:
 def second_matrix(view: FFNView, layer_index: int) -> tuple[Tensor, Tensor | None]:
     """Layer ``layer_index``'s second FFN matrix as (d_model x d_ff) and its bias (or None).
 
-    Returns views of the live parameters (Conv1D's (in, out) weight comes back transposed).
+    Returns views of the live parameters (Conv1D's (in, out) weight comes back transposed);
+    copies where the layer is offloaded.
     """
-    module = view.second_matrix_module(layer_index)
-    weight = module.weight.detach()
+    name = view.second_module_name
+    weight = view.parameter(layer_index, name + ".weight")
     matrix = weight if _second_axis(view) == 1 else weight.T
-    bias = getattr(module, "bias", None)
-    return matrix, None if bias is None else bias.detach()
+    if getattr(view.second_matrix_module(layer_index), "bias", None) is None:
+        return matrix, None
+    return matrix, view.parameter(layer_index, name + ".bias")
 
 
 def _second_axis(view: FFNView) -> int:
@@ -231,7 +233,7 @@ def _run_batches(model: nn.Module, tokens: Tensor, batch_size: int, handles: lis
                  progress: bool) -> None:
     """Run ``tokens`` through the decoder (not the head) ``batch_size`` sequences at a time,
     for the hooks behind ``handles``, which are removed afterwards."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     try:
         for start in tqdm(range(0, tokens.shape[0], batch_size), desc="statistics",
                           disable=not progress, leave=False):

@@ -1,6 +1,15 @@
-"""A read-only view of a loaded model's FFNs through its family entry."""
+"""A read-only view of a loaded model's FFNs through its family entry.
+
+A model dispatched with disk offload (:func:`prunenet.io.loading.load_offloaded`: a checkpoint
+larger than memory, run layer by layer) keeps its offloaded weights on the meta device between
+uses; every read here brings the module holding them into memory for the read and returns a
+copy, so the same code serves a loaded and an offloaded model.
+"""
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
@@ -50,20 +59,36 @@ class FFNView:
         return len(self.layers)
 
     def first_tensor(self, layer_index: int) -> Tensor:
+        """The live first FFN parameter (on the meta device where offloaded: shape only)."""
         return self.layers[layer_index].get_parameter(self.family.first.name)
+
+    def parameter(self, layer_index: int, name: str) -> Tensor:
+        """Layer ``layer_index``'s parameter ``name`` (relative to the layer), detached; a copy
+        read into memory where the layer is offloaded."""
+        layer = self.layers[layer_index]
+        if not is_offloaded(layer):
+            return layer.get_parameter(name).detach()
+        with onloaded(layer):
+            return layer.get_parameter(name).detach().clone()
 
     def first_matrix(self, layer_index: int, device: torch.device | str | None = None) -> Tensor:
         """Layer ``layer_index``'s first FFN matrix, d_ff x d_model, as a detached fp32 copy."""
-        tensor = self.first_tensor(layer_index).detach()
+        tensor = self.parameter(layer_index, self.family.first.name)
         matrix = self.family.first_matrix(tensor, self.d_ff)
         return matrix.to(device=device or tensor.device, dtype=torch.float32).contiguous()
 
-    def second_matrix_module(self, layer_index: int) -> nn.Module:
-        """The module whose input is the FFN's intermediate activation (down_proj, fc2, ...)."""
+    @property
+    def second_module_name(self) -> str:
+        """The name, in a layer, of the module whose input is the FFN's intermediate activation
+        (down_proj, fc2, ...)."""
         family = self.family
         second = [cut for cut in family.cuts
                   if cut.name.endswith(".weight") and cut.axis != family.first.axis]
-        return self.layers[layer_index].get_submodule(second[0].name.rsplit(".", 1)[0])
+        return second[0].name.rsplit(".", 1)[0]
+
+    def second_matrix_module(self, layer_index: int) -> nn.Module:
+        """The module whose input is the FFN's intermediate activation (down_proj, fc2, ...)."""
+        return self.layers[layer_index].get_submodule(self.second_module_name)
 
     def parameter_counts(self) -> dict[str, int]:
         """Total and FFN parameter counts (tied weights counted once)."""
@@ -81,6 +106,64 @@ class FFNView:
                 except AttributeError:
                     pass
         return {"total": total, "ffn": ffn}
+
+
+def _offloading_modules(module: nn.Module) -> list[nn.Module]:
+    from accelerate.utils import has_offloaded_params
+
+    return [part for part in module.modules() if has_offloaded_params(part)]
+
+
+def is_offloaded(module: nn.Module) -> bool:
+    """Whether some of ``module``'s weights are offloaded (kept on disk between uses)."""
+    return bool(_offloading_modules(module))
+
+
+@contextlib.contextmanager
+def onloaded(module: nn.Module) -> Iterator[nn.Module]:
+    """``module`` with every offloaded weight inside it read into memory for the block (the
+    dispatch hooks' own load and release; nothing else changes)."""
+    from accelerate.utils import align_module_device
+
+    with contextlib.ExitStack() as stack:
+        for part in _offloading_modules(module):
+            stack.enter_context(align_module_device(part))
+        yield module
+
+
+def parameters_in_memory(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
+    """``model.named_parameters()`` in their order, each in memory: an offloaded one is read
+    with the module that holds it (one such module in memory at a time)."""
+    from accelerate.utils import has_offloaded_params
+
+    owners = {name: part for name, part in model.named_modules() if has_offloaded_params(part)}
+    current, stack = None, contextlib.ExitStack()
+    try:
+        for name, parameter in model.named_parameters():
+            if parameter.device.type != "meta":
+                yield name, parameter.detach()
+                continue
+            owner = max((prefix for prefix in owners if name.startswith(prefix + ".")),
+                        key=len, default=None)
+            if owner is None:
+                raise ValueError(f"{name} is on the meta device and no module loads it")
+            if owner != current:
+                stack.close()
+                stack = contextlib.ExitStack()
+                stack.enter_context(onloaded(owners[owner]))
+                current = owner
+            yield name, model.get_parameter(name).detach()
+    finally:
+        stack.close()
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Where ``model``'s inputs go: its first parameter's device, or the CPU for a model whose
+    first weights are offloaded (its dispatch hooks run every layer there)."""
+    for parameter in model.parameters():
+        if parameter.device.type != "meta":
+            return parameter.device
+    return torch.device("cpu")
 
 
 def backbone(model: nn.Module) -> nn.Module:
@@ -108,7 +191,7 @@ def squared_activation_sums(model: nn.Module, tokens: Tensor, dtype: torch.dtype
 
     handles = [view.second_matrix_module(i).register_forward_pre_hook(accumulate(i))
                for i in range(view.num_layers)]
-    device = next(model.parameters()).device
+    device = input_device(model)
     try:
         for sequence in tqdm(tokens, desc=desc, disable=not progress, leave=False):
             backbone(model)(sequence.unsqueeze(0).to(device))

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from .errors import InputError
 from .families import context_length
+from .model_view import input_device, parameters_in_memory
 
 
 @dataclass(frozen=True)
@@ -151,7 +152,7 @@ def generate_probe(model: nn.Module, tokenizer, tokens: int, seed: int,
         raise InputError(f"the probe prompt takes {len(words)} tokens, too many for probe "
                          f"sequences of {length}; shorten it or raise --probe-length")
     wanted = math.ceil(tokens / length)
-    device = next(model.parameters()).device
+    device = input_device(model)
     kept: list[Tensor] = []
     dropped = 0
     script: str | None = None  # the probe's main script, from the first batch (one_script)
@@ -220,7 +221,7 @@ class Probe:
         that share a config and embeddings but not their layers never share a probe), the seed,
         the size and the recipe."""
         digest = hashlib.sha256(self.model.config.to_json_string(use_diff=False).encode())
-        for name, parameter in self.model.named_parameters():
+        for name, parameter in parameters_in_memory(self.model):
             digest.update(f"{name}:{parameter.dtype}:{tuple(parameter.shape)}".encode())
             digest.update(memoryview(parameter.detach().cpu().contiguous().view(-1)
                                      .view(torch.uint8).numpy()))

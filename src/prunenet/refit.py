@@ -21,7 +21,7 @@ slice_model` then removes the others, so the checkpoint keeps its architecture a
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -149,6 +149,31 @@ def _write(view: FFNView, layer_index: int, kept_rows: Tensor, columns: Tensor,
         bias.copy_(new_bias.to(bias.dtype))
 
 
+def refit_layers(view: FFNView, kept_rows: Sequence[Tensor],
+                 statistics: Iterable[LayerStatistics], mode: str = "ls",
+                 ridge: float = DEFAULT_RIDGE
+                 ) -> Iterator[tuple[int, Tensor, Tensor | None, dict]]:
+    """Per layer, in order: (index, new kept columns (d_model x k) and bias in the matrix's
+    dtype, the layer's record), from the unpruned model's statistics; the model is not changed.
+    Raises :class:`NumericalError` naming the layer whose refit is not finite."""
+    for index, (rows, stats) in enumerate(zip(kept_rows, statistics, strict=True)):
+        matrix, bias = second_matrix(view, index)
+        matrix, bias = matrix.cpu(), None if bias is None else bias.cpu()
+        columns, new_bias = _named(index, refit_layer, matrix, bias, rows, stats, mode, ridge)
+        layer = _layer_record(index, matrix, bias, rows, columns, new_bias, stats)
+        del stats  # a Gram held apart is released before the next layer's is collected
+        columns = columns.to(matrix.dtype)  # k of the d_ff columns: less than the matrix
+        new_bias = None if new_bias is None else new_bias.to(bias.dtype)
+        _check_finite(index, columns, new_bias)
+        yield index, columns, new_bias, layer
+
+
+def refit_record(mode: str, ridge: float, layers: list[dict]) -> dict:
+    """The refit's part of the compression record: mode, ridge and, per layer, the probe
+    reconstruction error of plain slicing and of the refit (relative to the output energy)."""
+    return {"mode": mode, "ridge": ridge, "statistics": "dense", "layers": layers}
+
+
 def refit_model(model: nn.Module, kept_rows: Sequence[Tensor],
                 statistics: Iterable[LayerStatistics], mode: str = "ls",
                 ridge: float = DEFAULT_RIDGE) -> dict:
@@ -157,26 +182,18 @@ def refit_model(model: nn.Module, kept_rows: Sequence[Tensor],
     ``statistics``: the unpruned model's, in layer order, Grams included: the list of
     :func:`prunenet.ffn_statistics.collect_ffn_statistics`, or
     :meth:`prunenet.ffn_statistics.ProbeStatistics.with_grams`, which is read one layer at a
-    time. Returns a record: mode, ridge and, per layer, the probe reconstruction error of plain
-    slicing and of the refit (relative to the output energy).
+    time. Returns the record (:func:`refit_record`).
     """
     view = FFNView(model)
     layers, refitted = [], []
-    for index, (rows, stats) in enumerate(zip(kept_rows, statistics, strict=True)):
-        matrix, bias = second_matrix(view, index)
-        matrix, bias = matrix.cpu(), None if bias is None else bias.cpu()
-        columns, new_bias = _named(index, refit_layer, matrix, bias, rows, stats, mode, ridge)
-        layers.append(_layer_record(index, matrix, bias, rows, columns, new_bias, stats))
-        del stats  # a Gram held apart is released before the next layer's is collected
-        columns = columns.to(matrix.dtype)  # k of the d_ff columns: less than the matrix
-        new_bias = None if new_bias is None else new_bias.to(bias.dtype)
-        _check_finite(index, columns, new_bias)
+    for _, columns, new_bias, layer in refit_layers(view, kept_rows, statistics, mode, ridge):
+        layers.append(layer)
         refitted.append((columns, new_bias))
     # Written once every layer is refitted: statistics collected a few layers per pass come
     # from the unchanged model, and a layer that fails leaves the model as it was.
     for index, (rows, (columns, new_bias)) in enumerate(zip(kept_rows, refitted, strict=True)):
         _write(view, index, rows, columns, new_bias)
-    return {"mode": mode, "ridge": ridge, "statistics": "dense", "layers": layers}
+    return refit_record(mode, ridge, layers)
 
 
 def _layer_record(index: int, matrix: Tensor, bias: Tensor | None, rows: Tensor,

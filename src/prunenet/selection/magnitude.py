@@ -22,7 +22,7 @@ class Magnitude(Selector):
 
 def cut_norms(view: FFNView, layer_index: int, cut: Cut) -> Tensor:
     """L2 norm of each neuron's slice of the weight ``cut`` (blocks * d_ff values)."""
-    tensor = view.layers[layer_index].get_parameter(cut.name).detach().float()
+    tensor = view.parameter(layer_index, cut.name).float()
     return tensor.norm(dim=1 - cut.axis)
 
 

@@ -96,7 +96,7 @@ class PruneNet(Selector):
         """Train the policy (unless one was given) and return it."""
         if self.policy is None:
             self.training = train_on(source.weights, self.training_config, source.device,
-                                     in_memory=source.model is not None,
+                                     in_memory=isinstance(source.weights, FFNView),
                                      progress=source.progress, state_path=self.state_path,
                                      resume=self.resume)
             self.policy = self.training.policy
