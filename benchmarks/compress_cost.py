@@ -12,6 +12,10 @@ of prunenet, and the peak resident memory (``VmHWM``).
     python benchmarks/compress_cost.py /tmp/smol-r30 -- smollm2-135m --ratio 0.3
     python benchmarks/compress_cost.py --gram-budget -1 /tmp/smol-r30-one -- smollm2-135m \
         --ratio 0.3
+    python benchmarks/compress_cost.py --same-as /tmp/smol-r30 /tmp/smol-r30-disk -- \
+        smollm2-135m --ratio 0.3 --max-memory 1111MiB     # layers read from disk as they run
+
+``--same-as DIR`` adds whether every tensor written equals DIR's (names, dtypes, values).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ STARTED = time.perf_counter()
 import argparse  # noqa: E402
 import json  # noqa: E402
 from collections import defaultdict  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import prunenet.ffn_statistics as ffn_statistics  # noqa: E402
 import prunenet.pipeline as pipeline  # noqa: E402
@@ -32,12 +37,16 @@ from prunenet.io.streaming import peak_rss  # noqa: E402
 
 STAGES = [  # (module, function, stage name)
     (pipeline, "_as_model", "load"),
+    (pipeline, "load_model_and_tokenizer", "load"),  # a streamed model that runs: offloaded
+    (pipeline, "check_finite_parameters", "check weights"),
     (probe, "generate_probe", "probe"),
     (ffn_statistics.ProbeStatistics, "every_layer", "statistics"),  # selection and refit
     (ffn_statistics.ProbeStatistics, "_run_again", "statistics, later groups"),
     (pipeline, "refit_model", "refit solve"),
+    (pipeline, "spill_refit", "refit solve"),  # offloaded: set aside for the streamed write
     (pipeline, "slice_model", "slice"),
     (pipeline, "save_compressed", "save"),
+    (pipeline, "write_streamed", "save"),
 ]
 
 
@@ -73,12 +82,30 @@ def run(out: str, arguments: list[str]) -> dict:
             "peak_rss_gb": round(peak_rss() / 1e9, 2)}
 
 
+def same_tensors(a: Path, b: Path) -> bool:
+    """Whether two outputs hold the same tensors: names, dtypes and values."""
+    from safetensors.torch import load_file
+
+    def tensors(folder: Path) -> dict:
+        found = {}
+        for file in sorted(folder.glob("*.safetensors")):
+            found.update(load_file(file))
+        return found
+
+    first, second = tensors(a), tensors(b)
+    return sorted(first) == sorted(second) and all(
+        first[name].dtype == second[name].dtype and bool((first[name] == second[name]).all())
+        for name in first)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", help="output folder (must not exist)")
     parser.add_argument("--gram-budget", type=int,
                         help="bytes of Grams the refit's statistics hold at once (default: "
                         "prunenet's GRAM_BUDGET; negative: every layer's at once)")
+    parser.add_argument("--same-as", metavar="DIR",
+                        help="an earlier output: report whether every tensor equals its")
     parser.add_argument("arguments", nargs=argparse.REMAINDER,
                         help="after --: the compress arguments (MODEL --ratio R ...)")
     args = parser.parse_args()
@@ -87,6 +114,9 @@ def main() -> None:
         ffn_statistics.GRAM_BUDGET = args.gram_budget
     result = run(args.out, arguments)
     result["gram_budget"] = ffn_statistics.GRAM_BUDGET
+    if args.same_as is not None:
+        result["same_tensors_as"] = args.same_as
+        result["same_tensors"] = same_tensors(Path(args.same_as), Path(args.out))
     print(json.dumps(result), flush=True)
 
 

@@ -34,7 +34,7 @@ from prunenet.io.streaming import StreamedCheckpoint, bound_heap_growth, peak_rs
 bound_heap_growth()  # as the command line does for a streamed run
 started = time.perf_counter()
 compress(StreamedCheckpoint(sys.argv[1]), 0.3, episodes=1, out=sys.argv[2], progress=False,
-         device="cpu", method="prunenet")
+         device="cpu", method="prunenet", reconstruct="none")
 print(json.dumps({"peak_rss": peak_rss(),
                   "seconds": time.perf_counter() - started}))
 """

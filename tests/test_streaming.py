@@ -16,9 +16,10 @@ import transformers
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from conftest import make_tiny_model
+from conftest import TINY_CONFIGS, make_tiny_model
 from prunenet.cli import main
-from prunenet.errors import InputError, OutputError
+from prunenet.errors import InputError, NumericalError, OutputError
+from prunenet.ffn_statistics import GRAM_BUDGET
 from prunenet.io import streaming
 from prunenet.io.policy_file import save_policy
 from prunenet.io.streaming import StreamedCheckpoint, choose_streaming, parse_memory
@@ -30,6 +31,8 @@ from prunenet.pipeline import (
     train_policy,
     training_state_path,
 )
+from prunenet.probe import ProbeRecipe
+from prunenet.selection.activation import Calibration
 
 
 def sharded_checkpoint(folder: Path, model_type: str = "llama") -> Path:
@@ -50,11 +53,11 @@ def all_tensors(folder: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("model_type", ["llama", "phi3", "gpt2"])
 def test_streamed_compress_equals_in_memory(tmp_path, model_type):
     source = sharded_checkpoint(tmp_path / "model", model_type)
-    # A streamed model takes no refit (it is never in memory): compare with none in memory.
+    # Without the refit nothing runs the model: only the FFN weights are read, tensor by tensor.
     in_memory = compress(str(source), 0.5, episodes=2, out=tmp_path / "memory", progress=False,
                          method="prunenet", reconstruct="none")
     streamed = compress(StreamedCheckpoint(source), 0.5, episodes=2, out=tmp_path / "stream",
-                        progress=False, method="prunenet")
+                        progress=False, method="prunenet", reconstruct="none")
     assert streamed.model is None and in_memory.model is not None
     for rows_a, rows_b in zip(in_memory.kept_rows, streamed.kept_rows, strict=True):
         assert torch.equal(rows_a, rows_b)
@@ -84,7 +87,7 @@ def test_streamed_prune_with_saved_policy_equals_in_memory(tmp_path):
                   reconstruct="none",
                   out=tmp_path / f"memory-{selection}")
         b = prune(StreamedCheckpoint(source), policy_file, 0.4, selection=selection,
-                  progress=False, out=tmp_path / f"stream-{selection}")
+                  progress=False, reconstruct="none", out=tmp_path / f"stream-{selection}")
         assert all(torch.equal(x, y) for x, y in zip(a.kept_rows, b.kept_rows, strict=True))
         assert a.record == b.record
 
@@ -98,6 +101,13 @@ def test_streamed_training_equals_in_memory(tmp_path):
         assert torch.equal(tensor, b.policy.state_dict()[name]), name
 
 
+def run_budget(checkpoint: StreamedCheckpoint, probe_tokens: int = 8192,
+               probe_length: int = 256) -> int:
+    """The least --max-memory that runs ``checkpoint`` offloaded: no layer stays in memory."""
+    return checkpoint.model_run_memory(probe_tokens, ProbeRecipe.batch_size, probe_length,
+                                       GRAM_BUDGET)
+
+
 def test_cli_streams_when_the_model_exceeds_max_memory(tmp_path, capsys, caplog):
     source = sharded_checkpoint(tmp_path / "model")
     checkpoint = StreamedCheckpoint(source)
@@ -105,31 +115,153 @@ def test_cli_streams_when_the_model_exceeds_max_memory(tmp_path, capsys, caplog)
     assert checkpoint.in_memory_need(training=True) > budget
     assert choose_streaming(str(source), budget, training=True) is not None
     assert choose_streaming(str(source), "100GB", training=True) is None
-    # No --method: streaming implies prunenet (the default method runs the model).
-    status = main(["compress", str(source), "--ratio", "0.5", "--episodes", "1", "--out",
-                   str(tmp_path / "out"), "--max-memory", str(budget), "--device", "cpu"])
+    # No --method: the default method and its refit run the model layer by layer from disk.
+    least = run_budget(checkpoint)
+    assert checkpoint.in_memory_need(training=False) < least  # streams only as the model runs
+    caplog.set_level(logging.INFO, logger="prunenet")
+    status = main(["compress", str(source), "--ratio", "0.5", "--out", str(tmp_path / "out"),
+                   "--max-memory", str(least), "--device", "cpu"])
     assert status == 0
-    assert json.loads((tmp_path / "out" / "prunenet.json").read_text())["method"] == "prunenet"
-    assert "training a PruneNet policy instead (--method prunenet)" in caplog.text
-    # Asked for explicitly, the default method is refused rather than silently replaced.
-    status = main(["compress", str(source), "--ratio", "0.5", "--out", str(tmp_path / "out2"),
-                   "--max-memory", str(budget), "--method", "self-generated"])
-    assert status != 0 and "needs it in memory" in capsys.readouterr().err
-    assert not (tmp_path / "out2").exists()
+    record = json.loads((tmp_path / "out" / "prunenet.json").read_text())
+    assert record["method"] == "self-generated" and record["reconstruct"]["mode"] == "ls"
+    assert "with 2 of its 2 layers read from disk" in caplog.text
     assert json.loads((tmp_path / "out" / "config.json").read_text())["intermediate_size"] == 24
-    # The policy it trains can be kept, and its training state is resumable beside --out.
-    status = main(["compress", str(source), "--ratio", "0.5", "--episodes", "1", "--out",
-                   str(tmp_path / "out3"), "--max-memory", str(budget), "--device", "cpu",
-                   "--policy-out", str(tmp_path / "streamed-policy.safetensors")])
-    assert status == 0 and (tmp_path / "streamed-policy.safetensors").is_file()
-    plan = plan_compression(str(source), 0.5, CompressOptions(max_memory=budget),
-                            out=tmp_path / "out4")
+    # The policy PruneNet trains on a streamed model can be kept, and its training state is
+    # resumable beside --out.
+    plan = plan_compression(str(source), 0.5, CompressOptions(
+        max_memory=budget, method="prunenet", reconstruct="none"), out=tmp_path / "out4")
     assert plan.selector.name == "prunenet" and plan.streamed is not None
+    assert plan.resident is None  # nothing runs the model
     assert plan.selector.state_path == training_state_path(tmp_path / "out4")
     assert not (tmp_path / "out4").exists()
+    status = main(["compress", str(source), "--ratio", "0.5", "--episodes", "1", "--out",
+                   str(tmp_path / "out3"), "--max-memory", str(budget), "--device", "cpu",
+                   "--method", "prunenet", "--reconstruct", "none",
+                   "--policy-out", str(tmp_path / "streamed-policy.safetensors")])
+    assert status == 0 and (tmp_path / "streamed-policy.safetensors").is_file()
     status = main(["train-policy", str(source), "--ratio", "0.5", "--episodes", "1", "--out",
                    str(tmp_path / "policy.safetensors"), "--max-memory", str(budget)])
     assert status == 0 and (tmp_path / "policy.safetensors").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "model", "out", "out3", "policy.safetensors", "streamed-policy.safetensors"]
+
+
+def test_a_budget_too_small_to_run_the_model_names_its_need(tmp_path, capsys, caplog):
+    source = sharded_checkpoint(tmp_path / "model")
+    checkpoint = StreamedCheckpoint(source)
+    least = run_budget(checkpoint)
+    status = main(["-q", "compress", str(source), "--ratio", "0.5", "--out",
+                   str(tmp_path / "out"), "--max-memory", str(least - 1)])
+    error = capsys.readouterr().err
+    assert status == 2 and f"needs at least {streaming.format_bytes(least)}" in error
+    assert "--reconstruct none" in error  # what works in less
+    # Less probe text needs less memory: the need follows the options.
+    smaller = run_budget(checkpoint, 512, 64)
+    assert smaller < least
+    plan = plan_compression(str(source), 0.5, CompressOptions(
+        max_memory=smaller, probe_tokens=512, probe_length=64), out=tmp_path / "out")
+    assert plan.selector.name == "self-generated" and plan.resident == 0
+    # Without the model running, the streaming minimum is enough, and the headers are read once.
+    caplog.set_level(logging.INFO, logger="prunenet")
+    selecting = checkpoint.streaming_memory(False)
+    plan = plan_compression(str(source), 0.5, CompressOptions(
+        max_memory=selecting, method="random", reconstruct="none"), out=tmp_path / "out")
+    assert plan.resident is None and plan.streamed is not None
+    assert caplog.text.count("streaming ") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+SMALL_PROBE = {"probe_tokens": 256, "probe_length": 32, "progress": False}
+
+
+def assert_same_output(a: Path, b: Path) -> None:
+    """Every tensor (dtype and values) and the record of two outputs are the same."""
+    expected, actual = all_tensors(a), all_tensors(b)
+    assert sorted(actual) == sorted(expected)
+    for name, tensor in expected.items():
+        assert actual[name].dtype == tensor.dtype and torch.equal(actual[name], tensor), name
+    assert (json.loads((a / "prunenet.json").read_text())
+            == json.loads((b / "prunenet.json").read_text()))
+
+
+@pytest.mark.parametrize("model_type", sorted(TINY_CONFIGS))
+def test_offloaded_default_equals_in_memory(tmp_path, model_type, caplog):
+    """The default (probe, selection, refit) on a model read layer by layer from disk writes
+    what it writes in memory, tensor for tensor, in every family."""
+    source = sharded_checkpoint(tmp_path / "model", model_type)
+    bias = model_type in ("opt", "gpt2", "phi", "gpt_neox")
+    reconstruct = "bias" if bias else "ls"
+    in_memory = compress(str(source), 0.5, out=tmp_path / "memory", reconstruct=reconstruct,
+                         **SMALL_PROBE)
+    caplog.set_level(logging.INFO, logger="prunenet")
+    least = run_budget(StreamedCheckpoint(source), 256, 32)
+    streamed = compress(StreamedCheckpoint(source), 0.5, out=tmp_path / "stream",
+                        max_memory=least, reconstruct=reconstruct, **SMALL_PROBE)
+    layers = in_memory.model.config.num_hidden_layers
+    assert f"with {layers} of its {layers} layers read from disk" in caplog.text
+    assert streamed.model is None
+    for rows_a, rows_b in zip(in_memory.kept_rows, streamed.kept_rows, strict=True):
+        assert torch.equal(rows_a, rows_b)
+    assert_same_output(tmp_path / "memory", tmp_path / "stream")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["memory", "model", "stream"]
+
+
+def test_an_offloaded_run_reads_the_probe_a_run_in_memory_kept(tmp_path, monkeypatch):
+    """The probe's key reads every weight, offloaded ones too: a probe kept by a run in memory
+    (--probe-cache) serves a run from disk of the same model, with no second generation."""
+    import prunenet.probe
+
+    source = sharded_checkpoint(tmp_path / "model")
+    generated = []
+    real = prunenet.probe.generate_probe
+    monkeypatch.setattr(prunenet.probe, "generate_probe",
+                        lambda *args, **kwargs: generated.append(1) or real(*args, **kwargs))
+    monkeypatch.setattr(prunenet.probe.Probe, "_memory", {})  # only the cache folder serves
+    compress(str(source), 0.5, out=tmp_path / "memory", probe_cache=tmp_path / "probes",
+             **SMALL_PROBE)
+    prunenet.probe.Probe._memory.clear()
+    least = run_budget(StreamedCheckpoint(source), 256, 32)
+    compress(StreamedCheckpoint(source), 0.5, out=tmp_path / "stream", max_memory=least,
+             probe_cache=tmp_path / "probes", **SMALL_PROBE)
+    assert len(generated) == 1 and len(list((tmp_path / "probes").iterdir())) == 1
+    assert_same_output(tmp_path / "memory", tmp_path / "stream")
+
+
+def test_a_failed_offloaded_run_leaves_nothing(tmp_path):
+    """A damaged weight found while the model is read layer by layer: the run stops naming it,
+    and neither the output nor the folder its offloaded run set aside remains."""
+    model = make_tiny_model("llama")
+    with torch.no_grad():
+        model.model.layers[1].self_attn.o_proj.weight[0, 3] = float("inf")
+    model.save_pretrained(tmp_path / "model", max_shard_size="20KB")
+    least = run_budget(StreamedCheckpoint(tmp_path / "model"), 256, 32)
+    with pytest.raises(NumericalError, match=r"model\.layers\.1\.self_attn\.o_proj\.weight"):
+        compress(StreamedCheckpoint(tmp_path / "model"), 0.5, out=tmp_path / "outputs" / "out",
+                 max_memory=least, **SMALL_PROBE)
+    assert list((tmp_path / "outputs").iterdir()) == []
+
+
+@pytest.mark.parametrize("options", [
+    {"method": "activation", "reconstruct": "none", "calibration": {"windows": 2, "seqlen": 64}},
+    {"method": "magnitude-product", "reconstruct": "ls"},
+    {"method": "prunenet", "reconstruct": "ls", "episodes": 1},
+    {"method": "random", "reconstruct": "bias"},
+], ids=["activation", "magnitude-product", "prunenet-ls", "random-bias"])
+def test_offloaded_methods_equal_in_memory(tmp_path, options, request, caplog):
+    """Every method that runs the model or refits, on a model read from disk, as in memory."""
+    model_type = "gpt2" if options["reconstruct"] == "bias" else "llama"
+    source = sharded_checkpoint(tmp_path / "model", model_type)
+    options = dict(options)
+    if "calibration" in options:  # real text: a tokenizer, read with the model
+        options["calibration"] = Calibration(**options["calibration"])
+        source = request.getfixturevalue("tiny_llama_real_tokenizer_dir")
+    compress(str(source), 0.5, out=tmp_path / "memory", **options, **SMALL_PROBE)
+    least = run_budget(StreamedCheckpoint(source), 256, 32)
+    caplog.set_level(logging.INFO, logger="prunenet")
+    compress(StreamedCheckpoint(source), 0.5, out=tmp_path / "stream", max_memory=least,
+             **options, **SMALL_PROBE)
+    assert "with 2 of its 2 layers read from disk" in caplog.text
+    assert_same_output(tmp_path / "memory", tmp_path / "stream")
 
 
 def test_max_memory_below_one_layer_names_the_minimum(tmp_path):
@@ -138,24 +270,6 @@ def test_max_memory_below_one_layer_names_the_minimum(tmp_path):
     with pytest.raises(InputError, match="needs at least") as caught:
         choose_streaming(str(source), "1MB", training=True)
     assert streaming.format_bytes(minimum) in str(caught.value)
-
-
-def test_streamed_default_is_checked_against_the_training_budget_once(tmp_path, caplog):
-    source = sharded_checkpoint(tmp_path / "model")
-    checkpoint = StreamedCheckpoint(source)
-    selecting, training = checkpoint.streaming_memory(False), checkpoint.streaming_memory(True)
-    assert selecting < training < checkpoint.in_memory_need(training=False)
-    # Enough to stream a selection, too little to stream the training the default falls back to.
-    with pytest.raises(InputError, match="needs at least") as caught:
-        plan_compression(str(source), 0.5, CompressOptions(max_memory=selecting),
-                         out=tmp_path / "out")
-    assert streaming.format_bytes(training) in str(caught.value)
-    caplog.set_level(logging.INFO, logger="prunenet")
-    plan = plan_compression(str(source), 0.5, CompressOptions(max_memory=training),
-                            out=tmp_path / "out")
-    assert plan.selector.name == "prunenet" and plan.streamed is not None
-    assert caplog.text.count("streaming ") == 1  # the headers are read and reported once
-    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("text,expected", [("2GB", 2 * 10**9), ("2GiB", 2 * 2**30),
@@ -249,17 +363,6 @@ def test_disk_full_while_writing_leaves_nothing(tmp_path, monkeypatch):
     assert list(out.parent.iterdir()) == []
 
 
-def test_streaming_refuses_methods_that_need_the_model(tmp_path):
-    source = sharded_checkpoint(tmp_path / "model")
-    with pytest.raises(InputError, match="needs it in memory"):
-        prune(StreamedCheckpoint(source), None, 0.5, method="activation", out=tmp_path / "out",
-              progress=False)
-    with pytest.raises(InputError, match="needs it in memory"):
-        compress(StreamedCheckpoint(source), 0.5, method="self-generated", out=tmp_path / "out",
-                 progress=False)
-    assert not (tmp_path / "out").exists()
-
-
 def test_streaming_refuses_what_needs_the_model_in_memory(tmp_path, capsys):
     """--eval and --record read the model in memory: a streamed run refuses them up front,
     rather than finishing without what was asked for."""
@@ -280,30 +383,31 @@ D_MODEL, D_FF, VOCAB = 256, 16384, 256
 LAYER_BYTES = 3 * D_MODEL * D_FF * 4  # gate, up, down in fp32: 48 MiB
 
 
-def generated_checkpoint(folder: Path, layers: int) -> Path:
+def generated_checkpoint(folder: Path, layers: int, d_model: int = D_MODEL,
+                         d_ff: int = D_FF) -> Path:
     """A LLaMA-layout checkpoint of ``layers`` layers, one shard per layer, random fp32 weights."""
     folder.mkdir(parents=True)
-    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=D_MODEL,
-                                      intermediate_size=D_FF, num_hidden_layers=layers,
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=d_model,
+                                      intermediate_size=d_ff, num_hidden_layers=layers,
                                       num_attention_heads=8, num_key_value_heads=8)
     config.save_pretrained(folder)
     generator = torch.Generator().manual_seed(0)
     weight_map = {}
-    shared = {"model.embed_tokens.weight": torch.randn(VOCAB, D_MODEL, generator=generator),
-              "model.norm.weight": torch.ones(D_MODEL),
-              "lm_head.weight": torch.randn(VOCAB, D_MODEL, generator=generator)}
+    shared = {"model.embed_tokens.weight": torch.randn(VOCAB, d_model, generator=generator),
+              "model.norm.weight": torch.ones(d_model),
+              "lm_head.weight": torch.randn(VOCAB, d_model, generator=generator)}
     save_file(shared, folder / "shared.safetensors")
     weight_map.update(dict.fromkeys(shared, "shared.safetensors"))
     for layer in range(layers):
         prefix = f"model.layers.{layer}"
         tensors = {
-            f"{prefix}.mlp.gate_proj.weight": torch.randn(D_FF, D_MODEL, generator=generator),
-            f"{prefix}.mlp.up_proj.weight": torch.randn(D_FF, D_MODEL, generator=generator),
-            f"{prefix}.mlp.down_proj.weight": torch.randn(D_MODEL, D_FF, generator=generator),
-            f"{prefix}.input_layernorm.weight": torch.ones(D_MODEL),
-            f"{prefix}.post_attention_layernorm.weight": torch.ones(D_MODEL),
+            f"{prefix}.mlp.gate_proj.weight": torch.randn(d_ff, d_model, generator=generator),
+            f"{prefix}.mlp.up_proj.weight": torch.randn(d_ff, d_model, generator=generator),
+            f"{prefix}.mlp.down_proj.weight": torch.randn(d_model, d_ff, generator=generator),
+            f"{prefix}.input_layernorm.weight": torch.ones(d_model),
+            f"{prefix}.post_attention_layernorm.weight": torch.ones(d_model),
             **{f"{prefix}.self_attn.{name}_proj.weight":
-               torch.randn(D_MODEL, D_MODEL, generator=generator) for name in "qkvo"},
+               torch.randn(d_model, d_model, generator=generator) for name in "qkvo"},
         }
         shard = f"layer-{layer:03d}.safetensors"
         save_file(tensors, folder / shard, metadata={"format": "pt"})
@@ -318,20 +422,24 @@ def generated_checkpoint(folder: Path, layers: int) -> Path:
 # that forked it into the child's ru_maxrss across exec, so after tests that loaded models the
 # pytest parent's 2.8 GiB showed up as the child's peak (issue 4's "in-suite anomaly").
 _CHILD = """
-import sys
+import json, sys
+import prunenet.ffn_statistics
 from prunenet.pipeline import compress
 from prunenet.io.streaming import StreamedCheckpoint, bound_heap_growth
 bound_heap_growth()  # as the command line does for a streamed run
-compress(StreamedCheckpoint(sys.argv[1]), 0.3, episodes=1, out=sys.argv[2], progress=False,
-         device="cpu", method="prunenet")
+options = json.loads(sys.argv[3])
+prunenet.ffn_statistics.GRAM_BUDGET = options.pop("gram_budget", 1 << 30)
+compress(StreamedCheckpoint(sys.argv[1]), 0.3, out=sys.argv[2], progress=False, device="cpu",
+         **options)
 from prunenet.io.streaming import peak_rss
 print(peak_rss())
 """
+WEIGHTS_ONLY = {"method": "prunenet", "reconstruct": "none", "episodes": 1}
 
 
-def peak_rss_of_streamed_compress(source: Path, out: Path) -> int:
-    done = subprocess.run([sys.executable, "-c", _CHILD, str(source), str(out)],
-                          capture_output=True, text=True, check=True)
+def peak_rss_of_streamed_compress(source: Path, out: Path, options: dict = WEIGHTS_ONLY) -> int:
+    done = subprocess.run([sys.executable, "-c", _CHILD, str(source), str(out),
+                           json.dumps(options)], capture_output=True, text=True, check=True)
     return int(done.stdout.strip().splitlines()[-1])
 
 
@@ -347,3 +455,23 @@ def test_peak_memory_does_not_grow_with_layers(tmp_path):
     assert rss_many < size_many, (rss_many, size_many)
     index = json.loads((tmp_path / "out-many" / streaming.INDEX_NAME).read_text())
     assert len(index["weight_map"]) == 3 + 9 * 12
+
+
+def test_peak_memory_of_the_offloaded_default_does_not_grow_with_layers(tmp_path):
+    """The default and its refit on a model read layer by layer from disk: more layers add no
+    layer's worth of memory (Grams one layer at a time; the budget below keeps no layer)."""
+    d_model, d_ff = 512, 4096
+    layer = 3 * d_model * d_ff * 4 + 4 * d_model**2 * 4  # FFN and attention, fp32: 28 MiB
+    few = generated_checkpoint(tmp_path / "few", 2, d_model, d_ff)
+    many = generated_checkpoint(tmp_path / "many", 10, d_model, d_ff)
+    options = {"probe_tokens": 256, "probe_length": 16, "gram_budget": d_ff**2 * 8}
+    peaks = []
+    for source in (few, many):
+        budget = StreamedCheckpoint(source).model_run_memory(256, ProbeRecipe.batch_size, 16,
+                                                             d_ff**2 * 8)
+        peaks.append(peak_rss_of_streamed_compress(source, tmp_path / f"out-{source.name}",
+                                                   {**options, "max_memory": budget}))
+    record = json.loads((tmp_path / "out-many" / "prunenet.json").read_text())
+    assert record["method"] == "self-generated" and len(record["reconstruct"]["layers"]) == 10
+    # Eight more layers (224 MiB of weights, 1 GiB of Grams) add less than one layer.
+    assert peaks[1] - peaks[0] < layer, peaks

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from .errors import PruneNetError
 from .io.gguf_out import WRITABLE_TYPES
 from .pipeline import FORMATS, RECONSTRUCT, VARIANT_METHODS, CompressOptions
-from .selection import DEFAULT_METHOD, SELECTORS, STREAMED_DEFAULT_METHOD
+from .selection import DEFAULT_METHOD, SELECTORS
 from .selection.prunenet import SELECTIONS
 from .selection.prunenet.reinforce import TrainingConfig
 
@@ -98,9 +98,11 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="allow the checkpoint's own Python code to run (off by default)")
     parser.add_argument("--max-memory", metavar="SIZE",
                         help="memory budget as accelerate reads it (2GB = 2x10^9 bytes, 2GiB = "
-                        "2x2^30, 512MB); a safetensors folder that would not fit is streamed "
-                        "one layer at a time (default: stream when it needs over half the free "
-                        "RAM)")
+                        "2x2^30, 512MB); a safetensors folder that would not fit is streamed: "
+                        "its weights are read from disk as they are used, and the model, where "
+                        "a method or the refit runs it, keeps in memory the layers that fit and "
+                        "reads the others from disk each time they run (default: stream when it "
+                        "needs over half the free RAM)")
 
 
 def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
@@ -142,9 +144,8 @@ def _training_options(args: argparse.Namespace) -> dict:
 
 def _add_method_arguments(parser: argparse.ArgumentParser, takes_policy: bool = False) -> None:
     methods = "; ".join(f"{name}: {cls.summary}" for name, cls in SELECTORS.items())
-    default = (f"prunenet with --policy, else {DEFAULT_METHOD}" if takes_policy else
-               f"{DEFAULT_METHOD}; {STREAMED_DEFAULT_METHOD} when the model is streamed "
-               f"(--max-memory), since {DEFAULT_METHOD} runs the model")
+    default = f"prunenet with --policy, else {DEFAULT_METHOD}" if takes_policy else (
+        f"{DEFAULT_METHOD} (a model larger than --max-memory runs layer by layer from disk)")
     parser.add_argument("--method", choices=list(SELECTORS), default=None,
                         help=f"how neurons are chosen. {methods}. Default: {default}")
     parser.add_argument("--selection", choices=list(SELECTIONS), default=CompressOptions.selection,
@@ -175,8 +176,7 @@ def _add_method_arguments(parser: argparse.ArgumentParser, takes_policy: bool = 
     group.add_argument("--reconstruct", choices=list(RECONSTRUCT), default=None,
                        help="after any selection, refit what remains so each FFN reproduces its "
                        "output on the probe: ls (the second matrix, ridge least squares), bias "
-                       "(its bias, FLAP; families with one), none. Default: ls, none when "
-                       "streamed")
+                       "(its bias, FLAP; families with one), none. Default: ls")
     group.add_argument("--ridge", type=positive_float, default=CompressOptions.ridge,
                        help="ls ridge, relative to the mean diagonal of the kept neurons' Gram "
                        f"matrix (default: {CompressOptions.ridge:g})")
@@ -811,6 +811,9 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Its warning that offloaded weights sit on the meta device: our own line says how many
+    # layers a streamed run reads from disk.
+    logging.getLogger("accelerate.big_modeling").setLevel(logging.ERROR)
     signal.signal(signal.SIGTERM, _terminate)
     if args.quiet:  # no progress bars either, ours or transformers' ("Loading weights")
         import transformers.utils.logging as transformers_logging

@@ -13,16 +13,18 @@ import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from . import ffn_statistics
 from .errors import InputError
 from .families import check_multiple, kept_count
 from .ffn_statistics import ProbeStatistics
-from .io.files import Output, folder_of, guard_outputs, sibling_path
+from .io.files import Output, folder_of, guard_outputs, scratch_folder, sibling_path
 from .io.loading import (
     declared_ffn_width,
     is_model_output,
@@ -31,15 +33,21 @@ from .io.loading import (
     save_compressed,
 )
 from .io.policy_file import is_policy_file, load_policy, save_policy
-from .io.streaming import StreamedCheckpoint, choose_streaming, write_streamed
-from .model_view import FFNView, check_finite
+from .io.streaming import (
+    StreamedCheckpoint,
+    TensorSpill,
+    choose_streaming,
+    format_bytes,
+    memory_budget,
+    write_streamed,
+)
+from .model_view import FFNView, check_finite, is_offloaded, parameters_in_memory
 from .probe import Probe, ProbeRecipe
 from .recording import first_matrix_spectra, is_run_record, write_run_record
-from .refit import DEFAULT_RIDGE, refit_model
+from .refit import DEFAULT_RIDGE, refit_layers, refit_model, refit_record
 from .selection import (
     DEFAULT_METHOD,
     SELECTORS,
-    STREAMED_DEFAULT_METHOD,
     Selector,
     Source,
     selector_class,
@@ -211,6 +219,9 @@ class Plan:
     formats: tuple[str, ...] = ("safetensors",)
     reconstruct: str = "none"
     round_to: int = 1  # the kept count's multiple (CompressOptions.round_to, resolved)
+    # A streamed model that runs (probe, statistics, text): bytes of its layers kept in memory,
+    # the others read from disk as they run. None: not run, or in memory.
+    resident: int | None = None
 
     @property
     def trains_policy(self) -> bool:
@@ -254,20 +265,13 @@ def plan_compression(model: Any, ratio: float, options: CompressOptions, *,
                          f"{', '.join(RECONSTRUCT)}")
     if isinstance(options.ridge, bool) or not options.ridge > 0:
         raise InputError(f"--ridge must be a positive number, got {options.ridge!r}")
-    # Whether the model is streamed decides the method when none was asked for, and the
-    # method decides what is written (a policy, a resumable training state): settle both
-    # before the outputs are checked. Reading the checkpoint's header writes nothing.
-    falls_back = options.method is None and policy is None
-    trains_if_streamed = (selector_class(STREAMED_DEFAULT_METHOD) is PruneNet if falls_back
-                          else trains)
+    reconstruct = options.reconstruct or "ls"
+    runs = selector_class(method).needs_model or reconstruct != "none"
     streamed = None
-    if source is not None:  # a streamed fallback that trains needs the training's budget
+    if source is not None:  # reading the checkpoint's header writes nothing
         streamed = choose_streaming(model, options.max_memory, training=trains,
-                                    training_if_streamed=trains_if_streamed)
-    if streamed is not None and falls_back:
-        method, trains = STREAMED_DEFAULT_METHOD, trains_if_streamed
-        log.warning("the model is streamed, and the default method %r needs it in memory: "
-                    "training a PruneNet policy instead (--method %s)", DEFAULT_METHOD, method)
+                                    working=partial(run_working_memory, options)
+                                    if runs else None)
     if policy_out is not None and not trains:
         raise InputError(f"--policy-out needs a trained policy: method 'prunenet' without "
                          f"--policy (method {method!r} trains none)")
@@ -286,16 +290,8 @@ def plan_compression(model: Any, ratio: float, options: CompressOptions, *,
         policy, _ = load_policy(policy)
     state_path = training_state_path(state_of) if state_of is not None else None
     selector = make_selector(method, options, policy, state_path)
-    reconstruct = options.reconstruct or ("none" if streamed is not None else "ls")
+    resident = None
     if streamed is not None:
-        if reconstruct != "none":
-            raise InputError(f"--reconstruct {reconstruct} runs the model and needs it in memory; "
-                             "a streamed model takes --reconstruct none (or raise --max-memory)")
-        if selector.needs_model:
-            streamable = [name for name, cls in SELECTORS.items() if not cls.needs_model]
-            raise InputError(
-                f"method {method!r} runs the model and needs it in memory; a streamed model "
-                f"supports {', '.join(streamable)}. Raise --max-memory to work in memory")
         if out is None:
             raise InputError("a streamed compression writes its result to disk: pass --out")
         if record_dir is not None:
@@ -305,6 +301,8 @@ def plan_compression(model: Any, ratio: float, options: CompressOptions, *,
             raise InputError("--eval needs the model in memory; it is not available when "
                              "streaming (raise --max-memory, or run prunenet eval on the "
                              "output)")
+        if runs:  # the model runs, offloaded
+            resident = resident_bytes(streamed, options, method, reconstruct)
     formats = output_formats(options.format, reads[0] if source is not None else None)
     round_to = kept_multiple(options, formats,
                              reads[0] if out is not None and source is not None else None)
@@ -312,7 +310,36 @@ def plan_compression(model: Any, ratio: float, options: CompressOptions, *,
     if width is not None:  # a ratio or --round-to the width cannot take fails before the load
         kept_count(width, ratio, round_to)
     return Plan(model, source, ratio, options, selector, streamed, out, record_dir, policy_out,
-                overwrite, formats, reconstruct, round_to)
+                overwrite, formats, reconstruct, round_to, resident)
+
+
+def _run_sizes(options: CompressOptions) -> tuple[int, int, int, int]:
+    return (options.probe_tokens, ProbeRecipe.batch_size, options.probe_length,
+            ffn_statistics.GRAM_BUDGET)  # read when used: a benchmark may change it
+
+
+def run_working_memory(options: CompressOptions, checkpoint: StreamedCheckpoint) -> int:
+    """What running the model (probe, statistics, refit) needs besides its weights."""
+    return checkpoint.run_working_memory(*_run_sizes(options))
+
+
+def resident_bytes(checkpoint: StreamedCheckpoint, options: CompressOptions, method: str,
+                   reconstruct: str) -> int:
+    """How many bytes of a streamed model's layers may stay in memory while the model runs
+    (the probe, the statistics, a method that reads text) offloaded: the budget less what
+    the run needs besides them. Refuses a budget below that need, naming it."""
+    budget = memory_budget(options.max_memory)
+    need = checkpoint.model_run_memory(*_run_sizes(options))
+    if need > budget:
+        what = f"method {method!r}" + (f" with --reconstruct {reconstruct}"
+                                       if reconstruct != "none" else "")
+        streamable = [name for name, cls in SELECTORS.items() if not cls.needs_model]
+        raise InputError(
+            f"--max-memory {format_bytes(budget)} is too small: {what} runs {checkpoint.folder} "
+            f"layer by layer and needs at least {format_bytes(need)} (one layer, the probe's "
+            f"cache and the refit's statistics); give at least that, or use --method "
+            f"{'|'.join(streamable)} --reconstruct none, which read only the FFN weights")
+    return budget - need
 
 
 def kept_multiple(options: CompressOptions, formats: tuple[str, ...], written_from: str | None
@@ -368,17 +395,36 @@ def output_formats(fmt: str, read_path: str | None) -> tuple[str, ...]:
 
 def check_finite_parameters(model: nn.Module) -> None:
     """Raise naming the first parameter that holds NaN or Inf: nothing is pruned from, or
-    written for, a damaged model (a streamed one is checked tensor by tensor as it is copied)."""
-    for name, parameter in model.named_parameters():
+    written for, a damaged model (an offloaded one is read a layer at a time; a streamed one
+    is also checked tensor by tensor as it is copied)."""
+    for name, parameter in parameters_in_memory(model):
         check_finite(name, parameter)
 
 
 def run_compression(plan: Plan, tokenizer: Any = None) -> CompressionResult:
     """Open the source, select, write and record, as ``plan`` says."""
+    if plan.resident is None:
+        return _compress(plan, tokenizer)
+    # A streamed model that runs: offloaded, its refitted matrices set aside until the write.
+    with scratch_folder(Path(plan.out).expanduser().resolve()) as scratch:
+        (scratch / "offload").mkdir()
+        (scratch / "refit").mkdir()
+        model, tokenizer = load_model_and_tokenizer(
+            plan.streamed.folder, trust_remote_code=plan.options.trust_remote_code,
+            offload=(plan.resident, scratch / "offload"))
+        return _compress(plan, tokenizer, model, TensorSpill(scratch / "refit"))
+
+
+def _compress(plan: Plan, tokenizer: Any = None, offloaded: nn.Module | None = None,
+              spill: TensorSpill | None = None) -> CompressionResult:
     options = plan.options
     device = resolve_device(options.device)
     if plan.streamed is not None:
-        model, weights = None, plan.streamed
+        model, weights = offloaded, plan.streamed
+        if model is not None:
+            check_finite_parameters(model)
+            log.info("running %s with %d of its %d layers read from disk as they run",
+                     plan.streamed.folder, layers_from_disk(model), weights.num_layers)
     else:
         model, loaded_tokenizer = _as_model(plan.model, options.trust_remote_code)
         tokenizer = loaded_tokenizer if tokenizer is None else tokenizer
@@ -413,10 +459,12 @@ def run_compression(plan: Plan, tokenizer: Any = None) -> CompressionResult:
     before = weights.parameter_counts()
     rows = selector.select(source, kept, options.seed)
     refit = None
-    if plan.reconstruct != "none":
+    if plan.reconstruct != "none" and spill is not None:
+        refit = spill_refit(model, rows, statistics, plan.reconstruct, options.ridge, spill)
+    elif plan.reconstruct != "none":
         refit = refit_model(model, rows, statistics.with_grams(), plan.reconstruct,
                             options.ridge)
-    if model is not None:
+    if plan.streamed is None:
         slice_model(model, rows)
         after = FFNView(model).parameter_counts()
     else:
@@ -433,9 +481,9 @@ def run_compression(plan: Plan, tokenizer: Any = None) -> CompressionResult:
     record["reconstruct"] = refit if refit is not None else {"mode": "none"}
     saved = None
     if plan.out is not None:
-        if model is None:
+        if plan.streamed is not None:
             saved = str(write_streamed(weights, rows, Path(plan.out).expanduser().resolve(),
-                                       record, plan.overwrite, options.progress))
+                                       record, plan.overwrite, options.progress, spill))
         else:
             reads = input_paths(plan.source) if plan.source else []
             saved = str(save_compressed(model, tokenizer, plan.out, record, plan.overwrite,
@@ -451,7 +499,32 @@ def run_compression(plan: Plan, tokenizer: Any = None) -> CompressionResult:
     training = selector.training if isinstance(selector, PruneNet) else None
     if training is not None and selector.state_path is not None:
         Path(selector.state_path).unlink(missing_ok=True)  # finished: nothing left to resume
-    return CompressionResult(model, tokenizer, rows, record, policy, training, saved)
+    return CompressionResult(model if plan.streamed is None else None, tokenizer, rows, record,
+                             policy, training, saved)
+
+
+def layers_from_disk(model: nn.Module) -> int:
+    """How many of an offloaded model's decoder layers are read from disk as they run."""
+    return sum(is_offloaded(layer) for layer in FFNView(model).layers)
+
+
+def spill_refit(model: nn.Module, rows: list[Tensor], statistics: ProbeStatistics, mode: str,
+                ridge: float, spill: TensorSpill) -> dict:
+    """The refit of an offloaded model: each layer's refitted second matrix, cut to the kept
+    neurons in the checkpoint's layout, and its bias, set aside in ``spill`` for the streamed
+    write (the model is not changed). Returns the refit's record."""
+    view = FFNView(model)
+    family = view.family
+    second = next(cut for cut in family.cuts
+                  if cut.name == view.second_module_name + ".weight")
+    layers = []
+    for index, columns, new_bias, layer in refit_layers(view, rows, statistics.with_grams(),
+                                                        mode, ridge):
+        spill.put(family.tensor_name(index, second), columns if second.axis == 1 else columns.T)
+        if new_bias is not None:
+            spill.put(f"{family.layers}.{index}.{view.second_module_name}.bias", new_bias)
+        layers.append(layer)
+    return refit_record(mode, ridge, layers)
 
 
 def _gguf_writer(reads: list[str], model: nn.Module, rows: list[Tensor], down_type: str):

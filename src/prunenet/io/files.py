@@ -332,6 +332,17 @@ def atomic_folder(out: Path, overwrite: bool = False,
 
 
 @contextlib.contextmanager
+def scratch_folder(out: Path) -> Iterator[Path]:
+    """A hidden working folder beside the output ``out`` for the length of the block (what a
+    run sets aside on disk before it writes ``out``), removed afterwards whatever happens."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=sibling_prefix(out, STAGING_TAG),
+                                     dir=out.parent) as folder:
+        yield Path(folder)
+
+
+@contextlib.contextmanager
 def atomic_file(path: Path, overwrite: bool = True,
                 ours: Recognizer | None = None) -> Iterator[Path]:
     """Yield a temporary sibling file name; on success it replaces ``path`` in one rename.

@@ -286,12 +286,17 @@ def load_model_and_tokenizer(
     dtype: str | torch.dtype = "auto",
     device: str | torch.device = "cpu",
     trust_remote_code: bool = False,
+    offload: tuple[int, str | os.PathLike] | None = None,
 ):
     """Load a causal LM and its tokenizer (None when the source has none).
 
     ``source``: a folder with config.json and safetensors, a .gguf file (dequantized to fp32 by
     transformers), the alias ``smollm2-135m``, or a Hub id. ``dtype="auto"`` keeps the checkpoint's
-    dtype. Raises :class:`InputError` for a missing, unreadable or unsupported model.
+    dtype. ``offload`` (resident bytes, a scratch folder), for a model larger than memory: the
+    model is dispatched on the CPU by accelerate with as many decoder layers as fit the resident
+    bytes held in memory and the rest read from disk each time they run (safetensors shards
+    are read in place; the folder is where accelerate may put what it cannot read in place).
+    Raises :class:`InputError` for a missing, unreadable or unsupported model.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -310,7 +315,7 @@ def load_model_and_tokenizer(
             folder, config=config, gguf_file=gguf_file, dtype=dtype,
             trust_remote_code=trust_remote_code,
             use_safetensors=None if gguf_file else _prefer_safetensors(folder),
-            output_loading_info=True,
+            output_loading_info=True, **_dispatch(offload),
         )  # the config read above: a GGUF's header is not parsed again for it
     except (OSError, ValueError, RuntimeError, TypeError, KeyError) as error:
         if "ignore_mismatched_sizes" in str(error):  # name the wrongly shaped weights
@@ -324,6 +329,10 @@ def load_model_and_tokenizer(
                              f"{_first_line(error)}") from error
         raise _hub_error(folder, error) from error
     report_loading(source, info)
+    if offload is not None:
+        model = _by_layer(model, lambda device_map: AutoModelForCausalLM.from_pretrained(
+            folder, config=config, dtype=dtype, trust_remote_code=trust_remote_code,
+            use_safetensors=True, device_map=device_map, offload_folder=str(offload[1])))
     if dtype == torch.float32 and isinstance(stored, torch.dtype) and stored.itemsize < 2:
         setattr(model, STORAGE_DTYPE, stored)
     if gguf_file is not None:
@@ -331,7 +340,9 @@ def load_model_and_tokenizer(
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
-    model.to(device).eval()
+    if offload is None:
+        model.to(device)
+    model.eval()
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             folder, gguf_file=gguf_file, trust_remote_code=trust_remote_code
@@ -343,6 +354,37 @@ def load_model_and_tokenizer(
                              f"({_first_line(error)}); repair or remove it") from error
         tokenizer = None
     return model, tokenizer
+
+
+def _by_layer(model: Any, reload: Callable[[dict[str, str]], Any]) -> Any:
+    """``model`` dispatched so that no decoder layer shares its disk offload with another:
+    where accelerate put the whole model, or the module holding the layers, on disk as one
+    piece (it does for a model smaller than its share of memory would suggest), the piece is
+    split into its children down to single layers, and the model dispatched again that way
+    (nothing is read: offloaded weights stay in their files)."""
+    layers = family_for(model.config.model_type).layers
+    device_map = getattr(model, "hf_device_map", None) or {}
+    refined = dict(device_map)
+    whole = [key for key, device in refined.items() if device == "disk"
+             and (key == "" or key == layers or layers.startswith(key + "."))]
+    while whole:
+        key = whole.pop()
+        device = refined.pop(key)
+        for child, _ in model.get_submodule(key).named_children():
+            name = f"{key}.{child}" if key else child
+            refined[name] = device
+            if name == layers or layers.startswith(name + "."):
+                whole.append(name)
+    return model if refined == device_map else reload(refined)
+
+
+def _dispatch(offload: tuple[int, str | os.PathLike] | None) -> dict[str, Any]:
+    """from_pretrained's arguments for ``offload`` (resident bytes, scratch folder)."""
+    if offload is None:
+        return {}
+    resident, folder = offload
+    return {"device_map": "auto", "max_memory": {"cpu": max(int(resident), 1)},
+            "offload_folder": str(folder)}
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",

@@ -17,7 +17,7 @@ import logging
 import math
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,11 +53,18 @@ SINGLE_NAME = "model.safetensors"
 # Resident memory of the interpreter with torch, safetensors and prunenet imported (223 MB
 # measured), rounded up.
 BASE_MEMORY = 250 * 2**20
+# What a run of the model adds to that by importing transformers, accelerate and a model class
+# (372 MiB in all measured), rounded up.
+MODEL_RUN_IMPORTS = 150 * 2**20
 # Without --max-memory, stream when the in-memory path would need more than this share of free RAM.
 DEFAULT_RAM_SHARE = 0.5
 _COPY_CHUNK = 16 * 2**20
 _M_MMAP_THRESHOLD = -3  # mallopt parameter of glibc's malloc.h
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt")
+# safetensors' float types: a replaced tensor is written as one, a cache is sized by one.
+_FLOAT_TYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+                "BF16": torch.bfloat16, "F8_E4M3": torch.float8_e4m3fn,
+                "F8_E5M2": torch.float8_e5m2}
 
 
 def parse_memory(text: str | int) -> int:
@@ -259,6 +266,53 @@ class StreamedCheckpoint:
         # 1.79e9 bytes peak, estimated 1.96e9 (benchmarks/memory.py).
         return BASE_MEMORY + 5 * policy + max(spectral, policy + matrix, writing)
 
+    def layer_bytes(self) -> int:
+        """The largest decoder layer's weights, as stored."""
+        prefix = self.family.layers + "."
+        sizes: dict[str, int] = {}
+        for name, entry in self.entries.items():
+            if name.startswith(prefix):
+                layer = name[len(prefix):].split(".", 1)[0]
+                sizes[layer] = sizes.get(layer, 0) + entry.end - entry.start
+        return max(sizes.values())
+
+    def run_working_memory(self, probe_tokens: int, batch: int, length: int,
+                           gram_budget: int) -> int:
+        """Estimated bytes a run of the model needs besides its weights and the interpreter
+        (:data:`BASE_MEMORY`): transformers' own imports, then the probe's generation (a
+        key-value cache in the weights' float type and the head's logits for ``batch``
+        sequences of ``length``), then the statistics pass and the refit (Grams within
+        ``gram_budget``, the probe's hidden states; summing a Gram takes one and a half more,
+        a layer's refit up to six more: its kept rows and columns, in float64, copied as the
+        solve needs them)."""
+        vocabulary = int(self.config.get("vocab_size") or 0)
+        cache = 2 * self.num_layers * batch * length * self._key_value_width() * (
+            _FLOAT_TYPES[self.dtype].itemsize if self.dtype in _FLOAT_TYPES else 4)
+        logits = 4 * batch * vocabulary * 4
+        grams = max(min(gram_budget, self.num_layers * self.d_ff**2 * 8), self.d_ff**2 * 8)
+        hidden = 2 * probe_tokens * self.d_model * 4 + batch * length * self.d_ff * 4
+        refit = 6 * self.d_ff**2 * 8  # more than summing a Gram takes (1.5 Grams)
+        return MODEL_RUN_IMPORTS + max(cache + logits, grams + hidden + refit)
+
+    def _key_value_width(self) -> int:
+        """Keys (or values) cached per token and layer: the key-value heads' width where the
+        config names them, else the model width (an upper bound)."""
+        config = self.config
+        heads, shared = config.get("num_attention_heads"), config.get("num_key_value_heads")
+        if not (isinstance(heads, int) and isinstance(shared, int) and heads > 0):
+            return self.d_model
+        return shared * int(config.get("head_dim") or self.d_model // heads)
+
+    def model_run_memory(self, probe_tokens: int, batch: int, length: int, gram_budget: int
+                         ) -> int:
+        """Estimated peak resident bytes of running the model offloaded with no layer kept in
+        memory: one layer (or the embeddings or head) read at a time, and the run's working
+        memory (:meth:`run_working_memory`)."""
+        outside = max((entry.end - entry.start for name, entry in self.entries.items()
+                       if not name.startswith(self.family.layers + ".")), default=0)
+        return (BASE_MEMORY + 2 * max(self.layer_bytes(), outside)
+                + self.run_working_memory(probe_tokens, batch, length, gram_budget))
+
     def in_memory_need(self, training: bool) -> int:
         """Estimated peak resident bytes of the in-memory path (weights, matrices, Grams)."""
         per_layer = self.d_ff * self.d_model * 4 + self.d_model**2 * 8
@@ -312,10 +366,17 @@ def _check_finite_bytes(name: str, dtype: str, data: bytes) -> None:
 
 
 def streamable(source: Any) -> StreamedCheckpoint | None:
-    """A :class:`StreamedCheckpoint` when ``source`` is a local safetensors model folder."""
+    """A :class:`StreamedCheckpoint` when ``source`` is a local safetensors model folder (or a
+    model alias, which names one)."""
     if not isinstance(source, (str, os.PathLike)):
         return None
-    folder = Path(source).expanduser()
+    try:
+        name, gguf_file = resolve_source(source)
+    except InputError:
+        return None  # the load names what is wrong
+    if gguf_file is not None:
+        return None
+    folder = Path(name).expanduser()
     if not (folder / "config.json").is_file():
         return None
     if not ((folder / INDEX_NAME).exists() or (folder / SINGLE_NAME).exists()):
@@ -345,20 +406,25 @@ def check_gguf_fits(source: str | os.PathLike) -> None:
         )
 
 
-def choose_streaming(
-    source: Any, max_memory: int | str | None, training: bool,
-    training_if_streamed: bool | None = None,
-) -> StreamedCheckpoint | None:
+def memory_budget(max_memory: int | str | None) -> int:
+    """Bytes a run may use: ``max_memory``, or by default half the RAM available now."""
+    if max_memory is not None:
+        return parse_memory(max_memory)
+    import psutil
+
+    return int(psutil.virtual_memory().available * DEFAULT_RAM_SHARE)
+
+
+def choose_streaming(source: Any, max_memory: int | str | None, training: bool,
+                     working: Callable[[StreamedCheckpoint], int] | None = None
+                     ) -> StreamedCheckpoint | None:
     """The checkpoint to stream, or None to work in memory.
 
-    Streams when the in-memory path (training a policy or not, as ``training`` says) would need
-    more than ``max_memory`` (default: half the RAM available now). Raises :class:`InputError`
-    when even streaming would not fit ``max_memory``, naming the minimum; that minimum counts
-    training when ``training_if_streamed`` (default ``training``) is true, for a run whose method
-    changes to one that trains when its model is streamed.
+    Streams when the in-memory path (training a policy or not, as ``training`` says, and
+    ``working(checkpoint)`` bytes for running the model where given) would need more than
+    ``max_memory`` (default: half the RAM available now). Raises :class:`InputError` when even
+    streaming would not fit ``max_memory``, naming the minimum.
     """
-    if training_if_streamed is None:
-        training_if_streamed = training
     if isinstance(source, StreamedCheckpoint):
         source.check_weights()
         return source  # the caller already chose to stream
@@ -370,16 +436,12 @@ def choose_streaming(
         if isinstance(source, (str, os.PathLike)):
             check_gguf_fits(source)
         return None
-    if max_memory is None:
-        import psutil
-
-        budget = int(psutil.virtual_memory().available * DEFAULT_RAM_SHARE)
-    else:
-        budget = parse_memory(max_memory)
-    if checkpoint.in_memory_need(training) <= budget:
+    budget = memory_budget(max_memory)
+    need = checkpoint.in_memory_need(training) + (working(checkpoint) if working else 0)
+    if need <= budget:
         return None
     checkpoint.check_weights()  # a broken checkpoint is refused as such, whatever the budget
-    minimum = checkpoint.streaming_memory(training_if_streamed)
+    minimum = checkpoint.streaming_memory(training)
     if minimum > budget:
         raise InputError(
             f"--max-memory {format_bytes(budget)} is too small: streaming {checkpoint.folder} "
@@ -387,7 +449,7 @@ def choose_streaming(
             f"{checkpoint.d_ff} x {checkpoint.d_model} plus the policy); give at least that"
         )
     log.info("streaming %s (in memory it would need about %s, budget %s)", checkpoint.folder,
-             format_bytes(checkpoint.in_memory_need(training)), format_bytes(budget))
+             format_bytes(need), format_bytes(budget))
     return checkpoint
 
 
@@ -398,9 +460,47 @@ def _tensor_bytes(tensor: Tensor) -> memoryview:
     return memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
+class TensorSpill:
+    """Tensors a streamed run computes (refitted second matrices and biases), kept on disk in
+    ``folder`` until the streamed write copies them in place of the checkpoint's: one
+    safetensors file each, so that none is held in memory meanwhile."""
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        self.folder = Path(folder)
+        self._files: dict[str, Path] = {}
+
+    def put(self, name: str, tensor: Tensor) -> None:
+        from safetensors.torch import save_file
+
+        path = self.folder / f"{len(self._files)}.safetensors"
+        save_file({"tensor": tensor.contiguous()}, str(path))
+        self._files[name] = path
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._files
+
+    def get(self, name: str) -> Tensor:
+        from safetensors.torch import load_file
+
+        return load_file(str(self._files[name]))["tensor"]
+
+
+def _replacement(spill: TensorSpill, name: str, entry: TensorEntry, shape: list[int]) -> Tensor:
+    """The spilled tensor written for ``name``: the output's shape, the checkpoint's dtype."""
+    tensor = spill.get(name)
+    if list(tensor.shape) != shape or entry.dtype not in _FLOAT_TYPES:
+        raise ValueError(f"{name}: the replacement has shape {list(tensor.shape)}, the output "
+                         f"needs {shape} ({entry.dtype})")
+    tensor = tensor.to(_FLOAT_TYPES[entry.dtype])
+    check_finite(name, tensor)
+    return tensor
+
+
 def _write_shard(checkpoint: StreamedCheckpoint, shard: str, names: list[str],
-                 kept_rows: Sequence[Tensor], target: Path) -> dict[str, int]:
-    """Write one output shard tensor by tensor; returns each tensor's byte size."""
+                 kept_rows: Sequence[Tensor], target: Path,
+                 replaced: TensorSpill | None = None) -> dict[str, int]:
+    """Write one output shard tensor by tensor, the tensors in ``replaced`` (already cut to the
+    kept neurons) in place of the checkpoint's; returns each tensor's byte size."""
     cuts = checkpoint.ffn_cuts()
     kept = int(kept_rows[0].numel())
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
@@ -424,6 +524,10 @@ def _write_shard(checkpoint: StreamedCheckpoint, shard: str, names: list[str],
         sink.write(encoded)
         for name in names:
             entry = checkpoint.entries[name]
+            if replaced is not None and name in replaced:
+                sink.write(_tensor_bytes(_replacement(replaced, name, entry,
+                                                      header[name]["shape"])))
+                continue
             if name in cuts:
                 index, cut = cuts[name]
                 tensor = checkpoint.tensor(name)
@@ -456,9 +560,11 @@ def _copy_side_files(source: Path, target: Path) -> None:
 
 def write_streamed(checkpoint: StreamedCheckpoint, kept_rows: Sequence[Tensor], out: Path,
                    record: dict[str, Any], overwrite: bool = False,
-                   progress: bool = True) -> Path:
+                   progress: bool = True, replaced: TensorSpill | None = None) -> Path:
     """Write the pruned checkpoint to ``out`` atomically: shards, index, config, side files,
-    then ``prunenet.json`` last. A full disk leaves nothing behind (:class:`OutputError`)."""
+    then ``prunenet.json`` last; the tensors in ``replaced`` (cut to the kept neurons) are
+    written instead of the checkpoint's. A full disk leaves nothing behind
+    (:class:`OutputError`)."""
     if len(kept_rows) != checkpoint.num_layers:
         raise ValueError(f"got {len(kept_rows)} index sets for {checkpoint.num_layers} layers")
     kept = int(kept_rows[0].numel())
@@ -479,7 +585,7 @@ def write_streamed(checkpoint: StreamedCheckpoint, kept_rows: Sequence[Tensor], 
             for shard in tqdm(sorted(by_shard), desc="writing shards", disable=not progress):
                 current = out / shard
                 sizes = _write_shard(checkpoint, shard, by_shard[shard], kept_rows,
-                                     staging / shard)
+                                     staging / shard, replaced)
                 weight_map.update({name: shard for name in sizes})
                 total += sum(sizes.values())
             current = out / INDEX_NAME

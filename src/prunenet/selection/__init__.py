@@ -23,8 +23,6 @@ SELECTORS: dict[str, type[Selector]] = {
     Activation.name: Activation,
 }
 DEFAULT_METHOD = SelfGenerated.name
-# A streamed checkpoint is never held in memory: the methods that run the model cannot use it.
-STREAMED_DEFAULT_METHOD = PruneNet.name
 
 
 def selector_class(method: str) -> type[Selector]:
@@ -35,5 +33,4 @@ def selector_class(method: str) -> type[Selector]:
         raise InputError(f"unknown method {method!r}; known: {', '.join(SELECTORS)}") from None
 
 
-__all__ = ["DEFAULT_METHOD", "SELECTORS", "STREAMED_DEFAULT_METHOD", "Selector", "Source",
-           "selector_class"]
+__all__ = ["DEFAULT_METHOD", "SELECTORS", "Selector", "Source", "selector_class"]
