@@ -1,9 +1,9 @@
 """A read-only view of a loaded model's FFNs through its family entry.
 
-A model dispatched with disk offload (:func:`prunenet.io.loading.load_offloaded`: a checkpoint
-larger than memory, run layer by layer) keeps its offloaded weights on the meta device between
-uses; every read here brings the module holding them into memory for the read and returns a
-copy, so the same code serves a loaded and an offloaded model.
+A model dispatched with disk offload (a checkpoint larger than memory, run layer by layer:
+``prunenet.io.loading.load_model_and_tokenizer(..., offload=...)``) keeps its offloaded weights
+on the meta device between uses; every read here brings the module holding them into memory
+for the read and returns a copy, so the same code serves a loaded and an offloaded model.
 """
 
 from __future__ import annotations
@@ -143,8 +143,8 @@ def parameters_in_memory(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
             if parameter.device.type != "meta":
                 yield name, parameter.detach()
                 continue
-            owner = max((prefix for prefix in owners if name.startswith(prefix + ".")),
-                        key=len, default=None)
+            owner = max((prefix for prefix in owners
+                         if prefix == "" or name.startswith(prefix + ".")), key=len, default=None)
             if owner is None:
                 raise ValueError(f"{name} is on the meta device and no module loads it")
             if owner != current:

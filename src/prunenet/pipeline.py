@@ -74,8 +74,7 @@ VARIANT_METHODS = {"reference": PruneNet.name, "self-generated": DEFAULT_METHOD}
 class CompressOptions:
     """How to compress; every default is held here once (the command line reads them).
 
-    ``method`` None: the default method, or ``prunenet`` when the model is streamed (the default
-    runs the model, which a streamed checkpoint never holds) or a policy is given.
+    ``method`` None: the default method, or ``prunenet`` when a policy is given.
     ``probe_tokens`` of the model's own text (sequences of ``probe_length``, sampled at
     ``probe_temperature``, each started with ``probe_prompt`` after BOS) feed the
     ``self-generated`` selection and the refit; ``probe_cache`` keeps them for a later run.

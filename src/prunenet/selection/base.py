@@ -2,8 +2,9 @@
 
 A selection method is a :class:`Selector`: it reads a :class:`Source` (the model's FFN weights,
 and the loaded model and tokenizer when it has them) and returns, per layer, the sorted indices
-of the ``kept`` neurons. Its class says what it needs: ``needs_model`` (it runs the model, so a
-streamed checkpoint cannot serve it) and ``needs_data`` (it reads calibration text).
+of the ``kept`` neurons. Its class says what it needs: ``needs_model`` (it runs the model, which
+a streamed checkpoint then does layer by layer from disk) and ``needs_data`` (it reads
+calibration text).
 """
 
 from __future__ import annotations

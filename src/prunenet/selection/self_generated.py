@@ -4,7 +4,7 @@ The run's probe (:class:`prunenet.probe.Probe`: the model's own sampled text fro
 seeded) is run through the model once; each layer keeps the neurons of highest
 ``mean h_i^2 * ||first-matrix row i||^2`` on it: the Wanda-style product of the calibration-based
 ``activation`` baseline, with no data but the model's own. Calibration-free, but it runs the
-model (so not on a streamed checkpoint).
+model (a streamed checkpoint layer by layer from disk).
 """
 
 from __future__ import annotations
