@@ -54,7 +54,9 @@ def least_squares_columns(second: Tensor, kept_rows: Tensor, cross: Tensor, kept
     second, kept_gram = second.double(), kept_gram.double()
     scale = float(kept_gram.diagonal().mean())
     penalty = ridge * (scale if scale > 0 else 1.0)
-    regularised = kept_gram + penalty * torch.eye(kept_gram.shape[0], dtype=torch.float64)
+    # kept_gram + penalty I, without a second k x k temporary (the same values, bit for bit)
+    regularised = torch.add(kept_gram, torch.eye(kept_gram.shape[0], dtype=torch.float64),
+                            alpha=penalty)
     right = (second @ cross.double() + penalty * second[:, kept_rows]).T  # k x d_model
     # kept_gram is symmetric: solve (A + lambda I) X = C^T W2^T, then W2' = X^T.
     return torch.linalg.solve(regularised, right).T
@@ -84,13 +86,17 @@ def refit_layer(second: Tensor, bias: Tensor | None, kept_rows: Tensor, stats: L
                              "has none: use refit 'ls'")
         removed = _removed(kept_rows, second.shape[1])
         return second[:, kept_rows], bias.double() + second[:, removed] @ stats.mean[removed]
-    if cross is None:
-        cross = stats.gram[:, kept_rows]
-    cross = cross / count
-    kept_gram = stats.gram[kept_rows][:, kept_rows] / count
+    # Fresh tensors, scaled and centred in place: a d_ff x d_ff Gram is large (969 MB at
+    # LLaMA-2-7B's width), and every copy of its kept part costs as much again.
+    if cross is None:  # one stream: the kept Gram is the kept rows of the cross sums
+        cross = stats.gram[:, kept_rows].div_(count)
+        kept_gram = cross[kept_rows]
+    else:
+        cross = cross / count
+        kept_gram = stats.gram[kept_rows[:, None], kept_rows].div_(count)
     if bias is not None:  # centre: the (unshrunk) bias absorbs the means
-        cross = cross - torch.outer(target_mean, kept_mean)
-        kept_gram = kept_gram - torch.outer(kept_mean, kept_mean)
+        cross.sub_(torch.outer(target_mean, kept_mean))
+        kept_gram.sub_(torch.outer(kept_mean, kept_mean))
     try:
         columns = least_squares_columns(second, kept_rows, cross, kept_gram, ridge)
     except RuntimeError as error:  # a singular system (ridge 0 with dead neurons)

@@ -283,15 +283,15 @@ class StreamedCheckpoint:
         key-value cache in the weights' float type and the head's logits for ``batch``
         sequences of ``length``), then the statistics pass and the refit (Grams within
         ``gram_budget``, the probe's hidden states; summing a Gram takes one and a half more,
-        a layer's refit up to six more: its kept rows and columns, in float64, copied as the
-        solve needs them)."""
+        a layer's refit up to five more: its kept columns, the kept Gram, the identity, the
+        regularised system and the solve's factor, in float64)."""
         vocabulary = int(self.config.get("vocab_size") or 0)
         cache = 2 * self.num_layers * batch * length * self._key_value_width() * (
             _FLOAT_TYPES[self.dtype].itemsize if self.dtype in _FLOAT_TYPES else 4)
         logits = 4 * batch * vocabulary * 4
         grams = max(min(gram_budget, self.num_layers * self.d_ff**2 * 8), self.d_ff**2 * 8)
         hidden = 2 * probe_tokens * self.d_model * 4 + batch * length * self.d_ff * 4
-        refit = 6 * self.d_ff**2 * 8  # more than summing a Gram takes (1.5 Grams)
+        refit = 5 * self.d_ff**2 * 8  # more than summing a Gram takes (1.5 Grams)
         return MODEL_RUN_IMPORTS + max(cache + logits, grams + hidden + refit)
 
     def _key_value_width(self) -> int:
