@@ -246,3 +246,77 @@ def test_defaults_fit_a_model_with_a_short_context(tiny_llama_real_tokenizer_dir
     assert result["zero_shot"] is None  # piqa's answers do not fit 32 tokens: skipped, said
     assert "zero-shot task piqa skipped" in caplog.text
     assert "perplexity windows of 32 tokens" in caplog.text
+
+
+@pytest.fixture(scope="module")
+def wide_layers_dir(tmp_path_factory):
+    """A tiny LLaMA whose decoder layers outweigh its embedding (so that reading them from disk
+    saves memory), with SmolLM2's real tokenizer, saved in several shards."""
+    from prunenet.assets import smollm2_path
+
+    try:
+        tokenizer_source = smollm2_path()
+    except MissingAssetError as error:
+        pytest.skip(str(error))
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=49152, hidden_size=16, intermediate_size=16384,
+                                      num_hidden_layers=8, num_attention_heads=2,
+                                      num_key_value_heads=1, max_position_embeddings=512,
+                                      tie_word_embeddings=True)
+    folder = tmp_path_factory.mktemp("wide-layers")
+    transformers.LlamaForCausalLM(config).eval().save_pretrained(folder, max_shard_size="4MB")
+    transformers.AutoTokenizer.from_pretrained(tokenizer_source).save_pretrained(folder)
+    return folder
+
+
+def test_a_model_larger_than_the_budget_is_evaluated_from_disk_with_the_same_numbers(
+        wide_layers_dir, tmp_path, monkeypatch, caplog, capsys):
+    """Past --max-memory, the layers are read from disk as they run: perplexity and zero-shot
+    accuracy are those of the model in memory, nothing is left in the temporary folder, and a
+    budget below one layer at a time, or --speed, is refused with the reason."""
+    import logging
+    import tempfile
+
+    from prunenet.io.streaming import BASE_MEMORY, StreamedCheckpoint, format_bytes
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    text_file = tmp_path / "tiny.txt"
+    text_file.write_text(TEXT)
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    checkpoint = StreamedCheckpoint(wide_layers_dir)
+    need = checkpoint.offloaded_memory(max(checkpoint.evaluation_memory(1, 32),
+                                           checkpoint.evaluation_memory(8, 256)))
+    arguments = {"ppl": str(text_file), "seqlen": 32, "windows": 3, "tasks": "piqa,arc_easy",
+                 "limit": 4, "progress": False}
+    in_memory = evaluate(str(wide_layers_dir), **arguments)
+    caplog.set_level(logging.INFO, logger="prunenet")
+    from_disk = evaluate(str(wide_layers_dir), max_memory=need, **arguments)
+    assert "with 8 of 8 layers read from disk" in caplog.text
+    assert from_disk == in_memory
+    assert in_memory["zero_shot"]["tasks"]["piqa"]["examples"] == 4
+    assert list(scratch.iterdir()) == []
+    # The command: the same table, at a budget that keeps some layers in memory.
+    perplexity_need = checkpoint.offloaded_memory(checkpoint.evaluation_memory(1, 32))
+    argv = ["eval", str(wide_layers_dir), "--ppl", str(text_file), "--seqlen", "32",
+            "--windows", "3"]
+    bounded = []  # the heap's growth is bounded for a run from disk, as for a streamed one
+    monkeypatch.setattr("prunenet.io.streaming.bound_heap_growth", lambda: bounded.append(1))
+    assert main(argv) == 0
+    table = capsys.readouterr().out
+    assert bounded == []
+    caplog.clear()
+    caplog.set_level(logging.INFO, logger="prunenet")
+    in_memory_need = BASE_MEMORY + checkpoint.weight_bytes + checkpoint.evaluation_memory(1, 32)
+    assert main([*argv, "--max-memory", str((perplexity_need + in_memory_need) // 2)]) == 0
+    assert capsys.readouterr().out == table
+    assert re.search(r"with [1-7] of 8 layers read from disk", caplog.text)
+    assert bounded == [1]
+    assert main([*argv, "--max-memory", str(perplexity_need - 1)]) == 2
+    error = capsys.readouterr().err
+    assert f"needs at least {format_bytes(perplexity_need)}" in error
+    assert main([*argv, "--max-memory", str(perplexity_need), "--speed"]) == 2
+    assert "--speed measures a model held in memory" in capsys.readouterr().err
+    assert list(scratch.iterdir()) == []

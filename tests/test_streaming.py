@@ -22,7 +22,7 @@ from prunenet.errors import InputError, NumericalError, OutputError
 from prunenet.ffn_statistics import GRAM_BUDGET
 from prunenet.io import streaming
 from prunenet.io.policy_file import save_policy
-from prunenet.io.streaming import StreamedCheckpoint, choose_streaming, parse_memory
+from prunenet.io.streaming import BASE_MEMORY, StreamedCheckpoint, choose_streaming, parse_memory
 from prunenet.pipeline import (
     CompressOptions,
     compress,
@@ -364,15 +364,14 @@ def test_disk_full_while_writing_leaves_nothing(tmp_path, monkeypatch):
 
 
 def test_streaming_refuses_what_needs_the_model_in_memory(tmp_path, capsys):
-    """--eval and --record read the model in memory: a streamed run refuses them up front,
-    rather than finishing without what was asked for."""
+    """--record reads the model in memory: a streamed run refuses it up front, rather than
+    finishing without what was asked for."""
     source = sharded_checkpoint(tmp_path / "model")
     budget = StreamedCheckpoint(source).streaming_memory(training=True)
-    for extra, what in ((["--eval", "2"], "--eval needs the model in memory"),
-                        (["--record", str(tmp_path / "run")], "--record needs the model")):
-        status = main(["compress", str(source), "--ratio", "0.5", "--method", "random",
-                       "--out", str(tmp_path / "out"), "--max-memory", str(budget), *extra])
-        assert status != 0 and what in capsys.readouterr().err
+    status = main(["compress", str(source), "--ratio", "0.5", "--method", "random",
+                   "--out", str(tmp_path / "out"), "--max-memory", str(budget),
+                   "--record", str(tmp_path / "run")])
+    assert status != 0 and "--record needs the model" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
 
@@ -475,3 +474,61 @@ def test_peak_memory_of_the_offloaded_default_does_not_grow_with_layers(tmp_path
     assert record["method"] == "self-generated" and len(record["reconstruct"]["layers"]) == 10
     # Eight more layers (224 MiB of weights, 1 GiB of Grams) add less than one layer.
     assert peaks[1] - peaks[0] < layer, peaks
+
+
+@pytest.mark.parametrize("options", [{"method": "random", "reconstruct": "none"}, {}],
+                         ids=["weights-only", "default"])
+def test_a_streamed_run_evaluates_what_it_wrote(tiny_llama_real_tokenizer_dir, tmp_path,
+                                                options):
+    """--eval on a streamed run scores the output as written, every layer read from disk,
+    before its record is written: the record says what a run in memory says."""
+    source = tiny_llama_real_tokenizer_dir
+    compress(str(source), 0.5, out=tmp_path / "memory", evaluate_windows=2, **options,
+             **SMALL_PROBE)
+    checkpoint = StreamedCheckpoint(source)
+    evaluating = checkpoint.offloaded_memory(checkpoint.evaluation_memory(1, 1024))
+    budget = max(evaluating, run_budget(checkpoint, 256, 32))
+    compress(StreamedCheckpoint(source), 0.5, out=tmp_path / "stream", evaluate_windows=2,
+             max_memory=budget, **options, **SMALL_PROBE)
+    assert_same_output(tmp_path / "memory", tmp_path / "stream")
+    record = json.loads((tmp_path / "stream" / "prunenet.json").read_text())
+    assert record["evaluation"]["perplexity"]["windows"] == 2
+    assert "perplexity" in (tmp_path / "stream" / "README.md").read_text().lower()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["memory", "stream"]
+    # Less than the evaluation needs is refused before any work, naming the need.
+    with pytest.raises(InputError, match=f"--eval: .* needs at least "
+                                         f"{streaming.format_bytes(evaluating)}"):
+        compress(StreamedCheckpoint(source), 0.5, out=tmp_path / "small", evaluate_windows=2,
+                 max_memory=evaluating - 1, method="random", reconstruct="none",
+                 progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["memory", "stream"]
+
+
+_EVALUATION_CHILD = """
+import sys, torch
+from prunenet.evaluation.evaluate import opened_model
+from prunenet.evaluation.perplexity import perplexity
+from prunenet.io.streaming import bound_heap_growth, peak_rss
+with opened_model(sys.argv[1], max_memory=int(sys.argv[2]), seqlen=256,
+                  on_offload=bound_heap_growth) as (model, _):  # as the command line does
+    windows = torch.randint(0, 256, (4, 256), generator=torch.Generator().manual_seed(0))
+    perplexity(model, windows, progress=False)
+print(peak_rss())
+"""
+
+
+def test_peak_memory_of_an_evaluation_from_disk_stays_within_its_estimate(tmp_path):
+    """A model evaluated with every layer read from disk peaks below the need the budget is
+    checked against, and more layers add less than one layer's worth."""
+    peaks = []
+    for layers in (2, 10):
+        source = generated_checkpoint(tmp_path / f"m{layers}", layers)
+        checkpoint = StreamedCheckpoint(source)
+        working = checkpoint.evaluation_memory(1, 256)
+        need = checkpoint.offloaded_memory(working)
+        assert need < BASE_MEMORY + checkpoint.weight_bytes + working  # it reads from disk
+        done = subprocess.run([sys.executable, "-c", _EVALUATION_CHILD, str(source), str(need)],
+                              capture_output=True, text=True, check=True)
+        peaks.append(int(done.stdout.strip().splitlines()[-1]))
+        assert peaks[-1] < need, (peaks, need)
+    assert peaks[1] - peaks[0] < LAYER_BYTES, peaks

@@ -184,7 +184,8 @@ def _add_method_arguments(parser: argparse.ArgumentParser, takes_policy: bool = 
                         default=CompressOptions.evaluate_windows or None,
                         help="also measure the pruned model's perplexity on the first WINDOWS "
                         "evaluation windows of the wiki sample; kept in prunenet.json and the "
-                        "model card")
+                        "model card (a streamed run evaluates the output it wrote, every layer "
+                        "read from disk)")
     parser.add_argument("--format", choices=list(FORMATS), default=CompressOptions.format,
                         help="what --out holds: safetensors (a stock checkpoint), gguf (model.gguf "
                         "cut from a .gguf input: rows copied in their quantized blocks, ffn_down "
@@ -491,9 +492,10 @@ def _ppl(args: argparse.Namespace) -> str | None:
 
 def run_eval(args: argparse.Namespace) -> int:
 
-    from .evaluation.evaluate import FORMAT, evaluate, format_table
+    from .evaluation.evaluate import FORMAT, evaluate, format_table, opened_model
+    from .evaluation.zeroshot import parse_tasks
     from .io.files import Output, guard_outputs, json_with_format, write_json_atomic
-    from .io.loading import load_model_and_tokenizer
+    from .io.streaming import bound_heap_growth
     from .pipeline import input_paths
 
     _offline_tasks(args)
@@ -503,12 +505,14 @@ def run_eval(args: argparse.Namespace) -> int:
             [Output(args.json, "--json", folder=False,
                     ours=lambda path: json_with_format(path, FORMAT))],
             [*input_paths(args.model), _ppl(args)], overwrite=True)
-    model, tokenizer = load_model_and_tokenizer(args.model,
-                                                trust_remote_code=args.trust_remote_code)
-    result = evaluate(model, tokenizer, ppl=_ppl(args), seqlen=args.seqlen, windows=args.windows,
-                      tasks=args.tasks, limit=args.limit,
-                      speed=_speed_protocol(args) if args.speed else False, source=args.model,
-                      progress=not args.quiet)
+    with opened_model(args.model, max_memory=args.max_memory, seqlen=args.seqlen,
+                      tasks=parse_tasks(args.tasks), speed=args.speed,
+                      trust_remote_code=args.trust_remote_code,
+                      on_offload=bound_heap_growth) as (model, tokenizer):
+        result = evaluate(model, tokenizer, ppl=_ppl(args), seqlen=args.seqlen,
+                          windows=args.windows, tasks=args.tasks, limit=args.limit,
+                          speed=_speed_protocol(args) if args.speed else False,
+                          source=args.model, progress=not args.quiet)
     print(format_table(result))
     if json_path is not None:
         write_json_atomic(json_path, result, ours=lambda path: json_with_format(path, FORMAT))
@@ -529,6 +533,12 @@ def add_eval(subparsers) -> None:
     parser.add_argument("--json", help="also write the results to this JSON file")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="allow the checkpoint's own Python code to run (off by default)")
+    parser.add_argument("--max-memory", metavar="SIZE",
+                        help="memory budget as accelerate reads it (2GB, 2GiB, 512MB); a "
+                        "safetensors folder that would not fit keeps in memory the layers that "
+                        "fit and reads the others from disk each time they run: the same "
+                        "numbers, more slowly; --speed is refused then (default: read from "
+                        "disk when it needs over half the free RAM)")
     _add_evaluation_arguments(parser, windows=16, tasks="", limit=None)
     parser.set_defaults(run=run_eval)
 

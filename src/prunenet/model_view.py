@@ -157,6 +157,11 @@ def parameters_in_memory(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
         stack.close()
 
 
+def layers_from_disk(model: nn.Module) -> int:
+    """How many of an offloaded model's decoder layers are read from disk as they run."""
+    return sum(is_offloaded(layer) for layer in FFNView(model).layers)
+
+
 def input_device(model: nn.Module) -> torch.device:
     """Where ``model``'s inputs go: its first parameter's device, or the CPU for a model whose
     first weights are offloaded (its dispatch hooks run every layer there)."""

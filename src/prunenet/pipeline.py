@@ -41,7 +41,7 @@ from .io.streaming import (
     memory_budget,
     write_streamed,
 )
-from .model_view import FFNView, check_finite, is_offloaded, parameters_in_memory
+from .model_view import FFNView, check_finite, layers_from_disk, parameters_in_memory
 from .probe import Probe, ProbeRecipe
 from .recording import first_matrix_spectra, is_run_record, write_run_record
 from .refit import DEFAULT_RIDGE, refit_layers, refit_model, refit_record
@@ -296,12 +296,10 @@ def plan_compression(model: Any, ratio: float, options: CompressOptions, *,
         if record_dir is not None:
             raise InputError("--record needs the model in memory; it is not available when "
                              "streaming (raise --max-memory)")
-        if options.evaluate_windows:
-            raise InputError("--eval needs the model in memory; it is not available when "
-                             "streaming (raise --max-memory, or run prunenet eval on the "
-                             "output)")
-        if runs:  # the model runs, offloaded
-            resident = resident_bytes(streamed, options, method, reconstruct)
+        evaluating = evaluation_need(streamed, options) if options.evaluate_windows else 0
+        if runs:  # the model runs, offloaded; its resident layers stay while the output is
+            resident = min(resident_bytes(streamed, options, method, reconstruct),  # evaluated
+                           memory_budget(options.max_memory) - evaluating)
     formats = output_formats(options.format, reads[0] if source is not None else None)
     round_to = kept_multiple(options, formats,
                              reads[0] if out is not None and source is not None else None)
@@ -339,6 +337,37 @@ def resident_bytes(checkpoint: StreamedCheckpoint, options: CompressOptions, met
             f"cache and the refit's statistics); give at least that, or use --method "
             f"{'|'.join(streamable)} --reconstruct none, which read only the FFN weights")
     return budget - need
+
+
+def evaluation_need(checkpoint: StreamedCheckpoint, options: CompressOptions) -> int:
+    """What --eval needs on a streamed run, whose written output is evaluated with every layer
+    read from disk (the source's layers bound the pruned ones). Refuses a budget below it,
+    naming it."""
+    from .evaluation.evaluate import DEFAULT_SEQLEN
+
+    budget = memory_budget(options.max_memory)
+    need = checkpoint.offloaded_memory(checkpoint.evaluation_memory(1, DEFAULT_SEQLEN))
+    if need > budget:
+        raise InputError(
+            f"--max-memory {format_bytes(budget)} is too small for --eval: evaluating the output "
+            f"of {checkpoint.folder} layer by layer needs at least {format_bytes(need)} (two "
+            f"layers and the logits of a {DEFAULT_SEQLEN}-token window); give at least that, or "
+            "leave out --eval and run prunenet eval on the output")
+    return need
+
+
+def evaluate_written(options: CompressOptions, out: Path, folder: Path) -> dict[str, Any]:
+    """--eval on a streamed run: the checkpoint written to ``folder`` (staged, before its
+    record), every layer read from disk as it runs; what joins the record."""
+    from .evaluation.evaluate import evaluate
+
+    with scratch_folder(out) as scratch:
+        model, tokenizer = load_model_and_tokenizer(
+            folder, trust_remote_code=options.trust_remote_code, offload=(0, scratch),
+            staged=True)
+        measured = evaluate(model, tokenizer, windows=options.evaluate_windows,
+                            progress=options.progress)["perplexity"]
+    return {"evaluation": {"perplexity": measured}}
 
 
 def kept_multiple(options: CompressOptions, formats: tuple[str, ...], written_from: str | None
@@ -469,7 +498,7 @@ def _compress(plan: Plan, tokenizer: Any = None, offloaded: nn.Module | None = N
     else:
         after = weights.parameter_counts(kept)
     record = compression_record(plan, selector, before, after, weights.d_ff, kept)
-    if options.evaluate_windows and model is not None:
+    if options.evaluate_windows and plan.streamed is None:  # a streamed output: as written
         from .evaluation.evaluate import evaluate
 
         measured = evaluate(model, tokenizer, windows=options.evaluate_windows,
@@ -481,8 +510,11 @@ def _compress(plan: Plan, tokenizer: Any = None, offloaded: nn.Module | None = N
     saved = None
     if plan.out is not None:
         if plan.streamed is not None:
-            saved = str(write_streamed(weights, rows, Path(plan.out).expanduser().resolve(),
-                                       record, plan.overwrite, options.progress, spill))
+            out = Path(plan.out).expanduser().resolve()
+            saved = str(write_streamed(weights, rows, out, record, plan.overwrite,
+                                       options.progress, spill,
+                                       measure=partial(evaluate_written, options, out)
+                                       if options.evaluate_windows else None))
         else:
             reads = input_paths(plan.source) if plan.source else []
             saved = str(save_compressed(model, tokenizer, plan.out, record, plan.overwrite,
@@ -500,11 +532,6 @@ def _compress(plan: Plan, tokenizer: Any = None, offloaded: nn.Module | None = N
         Path(selector.state_path).unlink(missing_ok=True)  # finished: nothing left to resume
     return CompressionResult(model if plan.streamed is None else None, tokenizer, rows, record,
                              policy, training, saved)
-
-
-def layers_from_disk(model: nn.Module) -> int:
-    """How many of an offloaded model's decoder layers are read from disk as they run."""
-    return sum(is_offloaded(layer) for layer in FFNView(model).layers)
 
 
 def spill_refit(model: nn.Module, rows: list[Tensor], statistics: ProbeStatistics, mode: str,

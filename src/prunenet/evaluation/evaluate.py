@@ -5,16 +5,28 @@ The dict always has the same keys (``SCHEMA_KEYS``); a part that was not asked f
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
+from ..errors import InputError
 from ..families import check_sequence_length, context_length
 from ..io.loading import RECORD_NAME, load_model_and_tokenizer, read_record, resolve_source
-from ..model_view import FFNView
+from ..io.streaming import (
+    BASE_MEMORY,
+    StreamedCheckpoint,
+    check_gguf_fits,
+    format_bytes,
+    memory_budget,
+    streamable,
+)
+from ..model_view import FFNView, layers_from_disk
 from .corpora import TokenCorpus, load_corpus
 from .perplexity import perplexity
 from .speed import SpeedProtocol, measure_speed
@@ -37,6 +49,81 @@ def bytes_on_disk(source: str | os.PathLike) -> int | None:
 
 
 DEFAULT_SEQLEN = 1024
+
+
+# Zero-shot answers are scored in batches of 8 (zeroshot.zero_shot); the shipped tasks' longest
+# context with its answer is taken as 256 tokens for the memory estimate.
+ZERO_SHOT_BATCH, ZERO_SHOT_LENGTH = 8, 256
+
+
+def offload_budget(checkpoint: StreamedCheckpoint, max_memory: int | str | None,
+                   seqlen: int | None, tasks: Iterable[str] = ()) -> int | None:
+    """How many bytes of ``checkpoint``'s layers may stay in memory while it is evaluated with
+    the others read from disk, or None when the whole model fits ``max_memory`` (default: half
+    the free RAM). Raises :class:`InputError` naming the need when not even one layer at a
+    time fits."""
+    length = seqlen or DEFAULT_SEQLEN
+    working = checkpoint.evaluation_memory(1, length)
+    if list(tasks):
+        working = max(working, checkpoint.evaluation_memory(ZERO_SHOT_BATCH, ZERO_SHOT_LENGTH))
+    budget = memory_budget(max_memory)
+    in_memory = BASE_MEMORY + checkpoint.weight_bytes + working
+    if in_memory <= budget:
+        return None
+    checkpoint.check_weights()  # a broken checkpoint is refused as such, whatever the budget
+    need = checkpoint.offloaded_memory(working)
+    if need > budget:
+        raise InputError(
+            f"--max-memory {format_bytes(budget)} is too small: evaluating {checkpoint.folder} "
+            f"layer by layer needs at least {format_bytes(need)} (two layers and the logits of "
+            f"{length}-token windows); give at least that, or evaluate shorter windows (--seqlen)")
+    log.info("evaluating %s with the layers that do not fit read from disk as they run (in "
+             "memory it would need about %s, budget %s)", checkpoint.folder,
+             format_bytes(in_memory), format_bytes(budget))
+    return budget - need
+
+
+@contextlib.contextmanager
+def opened_model(source: str | os.PathLike, *, max_memory: int | str | None = None,
+                 seqlen: int | None = None, tasks: Iterable[str] = (), speed: bool = False,
+                 trust_remote_code: bool = False, on_offload: Callable[[], None] | None = None
+                 ) -> Iterator[tuple[nn.Module, Any]]:
+    """``source`` loaded for evaluation: (model, tokenizer) for the length of the block.
+
+    A local safetensors model that would need more than ``max_memory`` (accelerate's units;
+    default: half the free RAM) is dispatched by accelerate with the decoder layers that fit
+    held in memory and the others read from its files each time they run: the same numbers,
+    more slowly. Raises :class:`InputError` when not even one layer at a time fits (naming the
+    need), or for ``speed`` on a model that does not fit (its rate would be the disk's).
+    ``on_offload`` is called before a model is loaded that way (the command line bounds the
+    heap's growth there, as for a streamed compression).
+    """
+    checkpoint = streamable(source)
+    resident = None
+    if checkpoint is None:
+        if max_memory is not None:
+            log.warning("--max-memory applies to local safetensors folders only; loading %s "
+                        "in memory", source)
+        check_gguf_fits(source)
+    else:
+        resident = offload_budget(checkpoint, max_memory, seqlen, tasks)
+    if resident is None:
+        yield load_model_and_tokenizer(source, trust_remote_code=trust_remote_code)
+        return
+    if speed:
+        raise InputError(f"--speed measures a model held in memory, and {checkpoint.folder} "
+                         f"does not fit {format_bytes(memory_budget(max_memory))}: raise "
+                         "--max-memory, or measure speed on a machine that holds it")
+    if on_offload is not None:
+        on_offload()
+    # accelerate reads safetensors weights in place; the folder takes what it cannot (none of
+    # a checkpoint loaded in its own dtype) and is removed afterwards.
+    with tempfile.TemporaryDirectory(prefix="prunenet-offload-") as scratch:
+        model, tokenizer = load_model_and_tokenizer(
+            source, trust_remote_code=trust_remote_code, offload=(resident, scratch))
+        log.info("evaluating with %d of %d layers read from disk", layers_from_disk(model),
+                 checkpoint.num_layers)
+        yield model, tokenizer
 
 
 def fitted_seqlen(config, seqlen: int | None) -> int:
@@ -91,6 +178,7 @@ def evaluate(
     speed: bool | SpeedProtocol = False,
     source: str | os.PathLike | None = None,
     progress: bool = True,
+    max_memory: int | str | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``model`` (a loaded model, or a folder / GGUF / alias to load) and return a dict.
 
@@ -101,14 +189,19 @@ def evaluate(
     :data:`~prunenet.evaluation.zeroshot.TASK_METRICS`), ``limit`` examples each. ``speed``: True
     or a :class:`SpeedProtocol` to measure CPU/GPU throughput. ``source`` (set automatically when
     ``model`` is a path) adds bytes on disk and the compression record of a prunenet output.
+    ``max_memory``: for a model to load, the budget above which its layers are read from disk
+    as they run (:func:`opened_model`).
 
     Raises :class:`InputError` for unknown corpora or tasks, too many windows, a model without a
     tokenizer, and :class:`MissingAssetError` when data has not been fetched.
     """
     task_names = parse_tasks(tasks)
     if not isinstance(model, nn.Module):
-        source = model
-        model, tokenizer = load_model_and_tokenizer(model)
+        with opened_model(model, max_memory=max_memory, seqlen=seqlen, tasks=task_names,
+                          speed=bool(speed)) as (loaded, tokenizer):
+            return evaluate(loaded, tokenizer, ppl=ppl, seqlen=seqlen, windows=windows,
+                            tasks=task_names, limit=limit, speed=speed, source=model,
+                            progress=progress)
     view = FFNView(model)
     counts = view.parameter_counts()
     compression = None

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..errors import NumericalError
+from ..model_view import input_device
 
 
 @torch.no_grad()
@@ -21,7 +22,7 @@ def perplexity(
     contributes ``seqlen - 1`` predictions. Raises :class:`NumericalError` when the model's loss
     is not finite (its outputs hold NaN or Inf): no such number is ever reported or saved.
     """
-    device = next(model.parameters()).device
+    device = input_device(model)  # the CPU where the first weights are offloaded
     total_nll, total_tokens = 0.0, 0
     batches = range(0, windows.shape[0], batch_size)
     for start in tqdm(batches, desc="perplexity", disable=not progress, leave=False):

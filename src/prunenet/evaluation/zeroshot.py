@@ -19,6 +19,7 @@ from torch import nn
 
 from ..assets import asset_path
 from ..errors import InputError
+from ..model_view import input_device
 
 log = logging.getLogger(__name__)
 TASK_DIR = Path(__file__).with_name("tasks")
@@ -82,8 +83,11 @@ def zero_shot(
 
     for name in ("lm-eval", "lm_eval"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    device = str(next(model.parameters()).device)
+    device = str(input_device(model))  # the CPU where the first weights are offloaded
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+    # HFLM takes a given model's device from its first weight, which is on the meta device
+    # where accelerate keeps that layer on disk; inputs go where the dispatch runs it.
+    lm._device = input_device(model)
     manager = TaskManager(include_path=str(TASK_DIR), include_defaults=False)
     results = {}
     for name in names:  # one task at a time, so a task that does not fit skips alone

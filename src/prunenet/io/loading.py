@@ -44,8 +44,9 @@ def _looks_like_path(source: str) -> bool:
     return source.startswith((".", "/", "~")) or os.sep in source and source.count("/") != 1
 
 
-def resolve_source(source: str | os.PathLike) -> tuple[str, str | None]:
-    """Return ``(folder_or_hub_id, gguf_file_name_or_None)`` for a user's MODEL argument."""
+def resolve_source(source: str | os.PathLike, staged: bool = False) -> tuple[str, str | None]:
+    """Return ``(folder_or_hub_id, gguf_file_name_or_None)`` for a user's MODEL argument; an
+    unfinished output's folder is refused unless ``staged`` (a run reading its own)."""
     text = str(source)
     if text in MODEL_ALIASES:
         return str(model_path(text)), None
@@ -55,7 +56,7 @@ def resolve_source(source: str | os.PathLike) -> tuple[str, str | None]:
             return str(path.parent), path.name
         raise InputError(f"{path} is a file but not a .gguf; pass a model folder or a GGUF file")
     if path.is_dir():
-        if is_staging_name(path.name):
+        if is_staging_name(path.name) and not staged:
             raise InputError(f"{path} is an unfinished prunenet output (interrupted); delete it")
         if (path / "config.json").exists():
             return str(path), None
@@ -167,12 +168,14 @@ def validate_weight_files(folder: Path) -> None:
         validate_safetensors(file)
 
 
-def load_config(source: str | os.PathLike, trust_remote_code: bool = False):
-    """The transformers config of ``source``, with its family checked before any weight loads."""
+def load_config(source: str | os.PathLike, trust_remote_code: bool = False,
+                staged: bool = False):
+    """The transformers config of ``source``, with its family checked before any weight loads
+    (``staged``: as :func:`resolve_source`)."""
     from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoConfig
 
-    folder, gguf_file = resolve_source(source)
+    folder, gguf_file = resolve_source(source, staged)
     if gguf_file is not None:
         validate_gguf(Path(folder) / gguf_file)
     elif Path(folder).is_dir():
@@ -287,6 +290,7 @@ def load_model_and_tokenizer(
     device: str | torch.device = "cpu",
     trust_remote_code: bool = False,
     offload: tuple[int, str | os.PathLike] | None = None,
+    staged: bool = False,
 ):
     """Load a causal LM and its tokenizer (None when the source has none).
 
@@ -296,12 +300,14 @@ def load_model_and_tokenizer(
     model is dispatched on the CPU by accelerate with as many decoder layers as fit the resident
     bytes held in memory and the rest read from disk each time they run (safetensors shards
     are read in place; the folder is where accelerate may put what it cannot read in place).
-    Raises :class:`InputError` for a missing, unreadable or unsupported model.
+    ``staged``: ``source`` is this run's own output, not yet in place (an unfinished output is
+    otherwise refused). Raises :class:`InputError` for a missing, unreadable or unsupported
+    model.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder, gguf_file = resolve_source(source)
-    config = load_config(source, trust_remote_code)
+    folder, gguf_file = resolve_source(source, staged)
+    config = load_config(source, trust_remote_code, staged)
     if Path(folder).is_dir() and gguf_file is None:
         validate_weight_files(Path(folder))
     if gguf_file is not None and dtype == "auto":

@@ -286,8 +286,8 @@ class StreamedCheckpoint:
         a layer's refit up to five more: its kept columns, the kept Gram, the identity, the
         regularised system and the solve's factor, in float64)."""
         vocabulary = int(self.config.get("vocab_size") or 0)
-        cache = 2 * self.num_layers * batch * length * self._key_value_width() * (
-            _FLOAT_TYPES[self.dtype].itemsize if self.dtype in _FLOAT_TYPES else 4)
+        cache = (2 * self.num_layers * batch * length * self._key_value_width()
+                 * self._float_size())
         logits = 4 * batch * vocabulary * 4
         grams = max(min(gram_budget, self.num_layers * self.d_ff**2 * 8), self.d_ff**2 * 8)
         hidden = 2 * probe_tokens * self.d_model * 4 + batch * length * self.d_ff * 4
@@ -308,10 +308,34 @@ class StreamedCheckpoint:
         """Estimated peak resident bytes of running the model offloaded with no layer kept in
         memory: one layer (or the embeddings or head) read at a time, and the run's working
         memory (:meth:`run_working_memory`)."""
+        return self.offloaded_memory(
+            self.run_working_memory(probe_tokens, batch, length, gram_budget))
+
+    def offloaded_memory(self, working: int) -> int:
+        """Estimated peak resident bytes of a pass over the model offloaded with no layer kept
+        in memory: the interpreter, two of the largest piece read from disk (a layer, or the
+        embeddings or head, and the next one) and ``working`` bytes."""
         outside = max((entry.end - entry.start for name, entry in self.entries.items()
                        if not name.startswith(self.family.layers + ".")), default=0)
-        return (BASE_MEMORY + 2 * max(self.layer_bytes(), outside)
-                + self.run_working_memory(probe_tokens, batch, length, gram_budget))
+        return BASE_MEMORY + 2 * max(self.layer_bytes(), outside) + working
+
+    def evaluation_memory(self, batch: int, length: int) -> int:
+        """Estimated bytes scoring ``batch`` sequences of ``length`` tokens at once (perplexity
+        windows, or a batch of zero-shot answers) needs besides the weights and the
+        interpreter: transformers' imports, the head's logits in the weights' type, in float32
+        and as the loss's log-probabilities, and one layer's activations (hidden states, the
+        FFN's, every head's attention scores)."""
+        vocabulary = int(self.config.get("vocab_size") or 0)
+        heads = self.config.get("num_attention_heads")
+        heads = heads if isinstance(heads, int) and heads > 0 else 1
+        tokens = batch * length
+        logits = tokens * vocabulary * (self._float_size() + 4 + 4)
+        activations = (4 * tokens * (4 * self.d_model + 3 * self.d_ff)
+                       + 2 * 4 * heads * batch * length**2)
+        return MODEL_RUN_IMPORTS + logits + activations
+
+    def _float_size(self) -> int:
+        return _FLOAT_TYPES[self.dtype].itemsize if self.dtype in _FLOAT_TYPES else 4
 
     def in_memory_need(self, training: bool) -> int:
         """Estimated peak resident bytes of the in-memory path (weights, matrices, Grams)."""
@@ -560,11 +584,14 @@ def _copy_side_files(source: Path, target: Path) -> None:
 
 def write_streamed(checkpoint: StreamedCheckpoint, kept_rows: Sequence[Tensor], out: Path,
                    record: dict[str, Any], overwrite: bool = False,
-                   progress: bool = True, replaced: TensorSpill | None = None) -> Path:
+                   progress: bool = True, replaced: TensorSpill | None = None,
+                   measure: Callable[[Path], dict[str, Any]] | None = None) -> Path:
     """Write the pruned checkpoint to ``out`` atomically: shards, index, config, side files,
     then ``prunenet.json`` last; the tensors in ``replaced`` (cut to the kept neurons) are
-    written instead of the checkpoint's. A full disk leaves nothing behind
-    (:class:`OutputError`)."""
+    written instead of the checkpoint's. ``measure`` is called with the staged folder once it
+    holds a loadable checkpoint, and what it returns joins ``record`` before the card and the
+    record are written. A full disk, or a failed ``measure``, leaves nothing behind
+    (:class:`OutputError` for the disk)."""
     if len(kept_rows) != checkpoint.num_layers:
         raise ValueError(f"got {len(kept_rows)} index sets for {checkpoint.num_layers} layers")
     kept = int(kept_rows[0].numel())
@@ -598,6 +625,8 @@ def write_streamed(checkpoint: StreamedCheckpoint, kept_rows: Sequence[Tensor], 
             current = out / "config.json"
             write_json_atomic(staging / "config.json", config)
             _copy_side_files(checkpoint.folder, staging)
+            if measure is not None:
+                record.update(measure(staging))
             write_card(staging, record, checkpoint.folder)  # replaces the input's own card
             current = out / RECORD_NAME
             write_json_atomic(staging / RECORD_NAME, record)
