@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -96,10 +97,11 @@ def tiny_llama_dir(tmp_path, tiny_llama):
     return folder
 
 
-@pytest.fixture(scope="session")
-def tiny_llama_real_tokenizer_dir(tmp_path_factory):
-    """A tiny random LLaMA with SmolLM2's vocabulary (49152) saved with SmolLM2's real tokenizer,
-    for evaluation tests that need text (perplexity on a corpus, lm-eval tasks)."""
+def real_tokenizer_model(tmp_path_factory, name: str, max_shard_size: str = "5GB",
+                         **config: int) -> Path:
+    """A random LLaMA (seed 0) of ``config`` with SmolLM2's vocabulary (49152) and tied
+    embeddings, saved in ``name`` with SmolLM2's real tokenizer; skips when SmolLM2 is not
+    fetched."""
     from prunenet.assets import smollm2_path
     from prunenet.errors import MissingAssetError
 
@@ -108,15 +110,22 @@ def tiny_llama_real_tokenizer_dir(tmp_path_factory):
     except MissingAssetError as error:
         pytest.skip(str(error))
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=48,
-                                      num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, max_position_embeddings=2048,
-                                      tie_word_embeddings=True)
-    model = transformers.LlamaForCausalLM(config).eval()
-    folder = tmp_path_factory.mktemp("tiny-real-tokenizer")
-    model.save_pretrained(folder)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=49152, tie_word_embeddings=True, **config)).eval()
+    folder = tmp_path_factory.mktemp(name)
+    model.save_pretrained(folder, max_shard_size=max_shard_size)
     transformers.AutoTokenizer.from_pretrained(source).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_real_tokenizer_dir(tmp_path_factory):
+    """A tiny random LLaMA with SmolLM2's vocabulary (49152) saved with SmolLM2's real tokenizer,
+    for evaluation tests that need text (perplexity on a corpus, lm-eval tasks)."""
+    return real_tokenizer_model(tmp_path_factory, "tiny-real-tokenizer", hidden_size=32,
+                                intermediate_size=48, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=2,
+                                max_position_embeddings=2048)
 
 
 def assert_same_weights(expected_folder, actual_folder, atol: float = 1e-6) -> None:

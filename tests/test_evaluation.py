@@ -12,7 +12,7 @@ import torch
 import transformers
 
 import prunenet
-from conftest import make_tiny_model
+from conftest import make_tiny_model, real_tokenizer_model
 from prunenet.cli import main
 from prunenet.errors import InputError, MissingAssetError
 from prunenet.evaluation.corpora import TokenCorpus, load_corpus
@@ -252,21 +252,10 @@ def test_defaults_fit_a_model_with_a_short_context(tiny_llama_real_tokenizer_dir
 def wide_layers_dir(tmp_path_factory):
     """A tiny LLaMA whose decoder layers outweigh its embedding (so that reading them from disk
     saves memory), with SmolLM2's real tokenizer, saved in several shards."""
-    from prunenet.assets import smollm2_path
-
-    try:
-        tokenizer_source = smollm2_path()
-    except MissingAssetError as error:
-        pytest.skip(str(error))
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=49152, hidden_size=16, intermediate_size=16384,
-                                      num_hidden_layers=8, num_attention_heads=2,
-                                      num_key_value_heads=1, max_position_embeddings=512,
-                                      tie_word_embeddings=True)
-    folder = tmp_path_factory.mktemp("wide-layers")
-    transformers.LlamaForCausalLM(config).eval().save_pretrained(folder, max_shard_size="4MB")
-    transformers.AutoTokenizer.from_pretrained(tokenizer_source).save_pretrained(folder)
-    return folder
+    return real_tokenizer_model(tmp_path_factory, "wide-layers", max_shard_size="4MB",
+                                hidden_size=16, intermediate_size=16384, num_hidden_layers=8,
+                                num_attention_heads=2, num_key_value_heads=1,
+                                max_position_embeddings=512)
 
 
 def test_a_model_larger_than_the_budget_is_evaluated_from_disk_with_the_same_numbers(

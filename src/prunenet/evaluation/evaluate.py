@@ -22,6 +22,7 @@ from ..io.streaming import (
     BASE_MEMORY,
     StreamedCheckpoint,
     check_gguf_fits,
+    exceeds,
     format_bytes,
     memory_budget,
     streamable,
@@ -68,15 +69,12 @@ def offload_budget(checkpoint: StreamedCheckpoint, max_memory: int | str | None,
         working = max(working, checkpoint.evaluation_memory(ZERO_SHOT_BATCH, ZERO_SHOT_LENGTH))
     budget = memory_budget(max_memory)
     in_memory = BASE_MEMORY + checkpoint.weight_bytes + working
-    if in_memory <= budget:
-        return None
-    checkpoint.check_weights()  # a broken checkpoint is refused as such, whatever the budget
     need = checkpoint.offloaded_memory(working)
-    if need > budget:
-        raise InputError(
-            f"--max-memory {format_bytes(budget)} is too small: evaluating {checkpoint.folder} "
-            f"layer by layer needs at least {format_bytes(need)} (two layers and the logits of "
-            f"{length}-token windows); give at least that, or evaluate shorter windows (--seqlen)")
+    if not exceeds(checkpoint, budget, in_memory, need,
+                   f"evaluating {checkpoint.folder} layer by layer needs at least {{}} (two "
+                   f"layers and the logits of {length}-token windows); give at least that, or "
+                   "evaluate shorter windows (--seqlen)"):
+        return None
     log.info("evaluating %s with the layers that do not fit read from disk as they run (in "
              "memory it would need about %s, budget %s)", checkpoint.folder,
              format_bytes(in_memory), format_bytes(budget))

@@ -439,6 +439,21 @@ def memory_budget(max_memory: int | str | None) -> int:
     return int(psutil.virtual_memory().available * DEFAULT_RAM_SHARE)
 
 
+def exceeds(checkpoint: StreamedCheckpoint, budget: int, in_memory: int, minimum: int,
+            refusal: str) -> bool:
+    """Whether work on ``checkpoint`` needing ``in_memory`` bytes with the model held must read
+    it from disk to fit ``budget``; then a budget below ``minimum``, what the work needs that
+    way, is refused: "--max-memory BUDGET is too small: " and ``refusal`` with the minimum in
+    place of ``{}``. A broken checkpoint is refused as such first, whatever the budget."""
+    if in_memory <= budget:
+        return False
+    checkpoint.check_weights()
+    if minimum > budget:
+        raise InputError(f"--max-memory {format_bytes(budget)} is too small: "
+                         + refusal.format(format_bytes(minimum)))
+    return True
+
+
 def choose_streaming(source: Any, max_memory: int | str | None, training: bool,
                      working: Callable[[StreamedCheckpoint], int] | None = None
                      ) -> StreamedCheckpoint | None:
@@ -462,16 +477,11 @@ def choose_streaming(source: Any, max_memory: int | str | None, training: bool,
         return None
     budget = memory_budget(max_memory)
     need = checkpoint.in_memory_need(training) + (working(checkpoint) if working else 0)
-    if need <= budget:
+    if not exceeds(checkpoint, budget, need, checkpoint.streaming_memory(training),
+                   f"streaming {checkpoint.folder} needs at least {{}} (one layer's FFN "
+                   f"matrices {checkpoint.d_ff} x {checkpoint.d_model} plus the policy); give "
+                   "at least that"):
         return None
-    checkpoint.check_weights()  # a broken checkpoint is refused as such, whatever the budget
-    minimum = checkpoint.streaming_memory(training)
-    if minimum > budget:
-        raise InputError(
-            f"--max-memory {format_bytes(budget)} is too small: streaming {checkpoint.folder} "
-            f"needs at least {format_bytes(minimum)} (one layer's FFN matrices "
-            f"{checkpoint.d_ff} x {checkpoint.d_model} plus the policy); give at least that"
-        )
     log.info("streaming %s (in memory it would need about %s, budget %s)", checkpoint.folder,
              format_bytes(need), format_bytes(budget))
     return checkpoint
