@@ -150,6 +150,8 @@ def test_outputs_inside_a_gguf_model_folder_are_refused(tmp_path, capsys):
                      str(folder / "eval.json")], "lies inside the input")
     refused(capsys, ["-q", "train-policy", str(folder), "--ratio", "0.5", "--out",
                      str(folder / "policy.safetensors")], "lies inside the input")
+    refused(capsys, ["-q", "convert", str(folder), "--out", str(folder / "converted")],
+            "lies inside the input")
     student = tmp_path / "student"
     make_tiny_model("llama").save_pretrained(student)
     refused(capsys, ["-q", "finetune", str(student), "--data", "self-generated", "--teacher",

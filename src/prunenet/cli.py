@@ -444,6 +444,35 @@ def add_fetch(subparsers) -> None:
     parser.set_defaults(run=run_fetch)
 
 
+def run_convert(args: argparse.Namespace) -> int:
+    from .io.files import Output, guard_outputs
+    from .io.gguf_convert import convert_gguf
+    from .io.loading import is_conversion
+    from .io.streaming import bound_heap_growth
+    from .pipeline import input_paths
+
+    out, = guard_outputs([Output(args.out, "--out", ours=is_conversion)],
+                         input_paths(args.model), args.overwrite)
+    bound_heap_growth()  # one layer at a time: freed layers must not stay in the heap
+    print(f"saved to {convert_gguf(args.model, out, args.overwrite, not args.quiet)}")
+    return 0
+
+
+def add_convert(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "convert", help="write a GGUF model as a safetensors checkpoint, one layer at a time",
+        description="Dequantize MODEL.gguf to a float32 safetensors checkpoint (one shard per "
+        "decoder layer, config, tokenizer), holding one layer in memory at a time: the same "
+        "tensors transformers loads from the GGUF. A GGUF too large to load can be converted "
+        "this way and the checkpoint compressed with streaming (--max-memory).",
+    )
+    parser.add_argument("model", help="a .gguf file (or a folder holding exactly one)")
+    parser.add_argument("--out", required=True, help="output folder (must not exist)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing --out that a conversion wrote")
+    parser.set_defaults(run=run_convert)
+
+
 def _add_evaluation_arguments(parser: argparse.ArgumentParser, windows: int, tasks: str,
                               limit: int | None) -> None:
     group = parser.add_argument_group("evaluation")
@@ -766,8 +795,8 @@ def add_finetune(subparsers) -> None:
     parser.set_defaults(run=run_finetune)
 
 
-COMMANDS: list[Callable] = [add_compress, add_train_policy, add_prune, add_fetch, add_eval,
-                            add_compare, add_report, add_finetune]
+COMMANDS: list[Callable] = [add_compress, add_train_policy, add_prune, add_fetch, add_convert,
+                            add_eval, add_compare, add_report, add_finetune]
 
 
 class _Parser(argparse.ArgumentParser):

@@ -537,12 +537,12 @@ def convert_model(alias: str, force: bool = False) -> Path:
     target = cache_dir() / model_entry.folder
     if (target / "config.json").exists() and not force:
         return target
-    if not _is_conversion(target):
+    if not is_conversion(target):
         raise OutputError(f"{target} exists and was not written by prunenet fetch; it is not "
                           "replaced. Move it away (or set PRUNENET_CACHE to another folder)")
     gguf_file = asset_path(model_entry.asset) / model_entry.gguf
     model, tokenizer = load_model_and_tokenizer(str(gguf_file))
-    with atomic_folder(target, overwrite=True, ours=_is_conversion) as staging:
+    with atomic_folder(target, overwrite=True, ours=is_conversion) as staging:
         save_plain_checkpoint(model, tokenizer, staging)
         (staging / CONVERTED_MARKER).write_text(model_entry.gguf + "\n")
     return target
@@ -559,7 +559,7 @@ _is_marked_conversion = folder_of(CONVERTED_MARKER, ("*",), folders={"*": any_tr
 _is_unmarked_conversion = folder_of("config.json", tuple(sorted(_CONVERSION_FILES)))
 
 
-def _is_conversion(folder: Path) -> bool:
+def is_conversion(folder: Path) -> bool:
     """Whether ``folder`` is absent, empty or a model :func:`convert_model` wrote."""
     return absent_or_empty(folder) or _is_marked_conversion(folder) \
         or _is_unmarked_conversion(folder)

@@ -425,8 +425,8 @@ def check_gguf_fits(source: str | os.PathLike) -> None:
         raise InputError(
             f"{gguf_file} holds {parameters / 1e9:.2f}B parameters: {format_bytes(need)} once "
             f"dequantized to float32, as a GGUF is loaded, and {format_bytes(available)} of "
-            "memory is available now. Use a machine with more memory, or prune the model's "
-            "safetensors checkpoint, which is streamed (--max-memory)"
+            "memory is available now. Convert it one layer at a time (prunenet convert "
+            f"{path} --out DIR) and compress DIR, which is streamed (--max-memory)"
         )
 
 

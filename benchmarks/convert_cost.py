@@ -1,0 +1,78 @@
+"""Time and peak memory of converting a GGUF to safetensors one layer at a time, against
+transformers' whole-model load and save.
+
+Each conversion runs in a fresh process; the peak is the child's own ``VmHWM``. Prints one JSON
+line per conversion and a last line with the ratios of the layer-by-layer conversion to the
+whole-model one and whether every tensor is the same (names, dtypes, values).
+
+    python benchmarks/convert_cost.py ~/.cache/prunenet/smollm2-gguf/*.gguf
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+CHILDREN = {
+    "whole model (transformers)": """
+import sys, time
+started = time.perf_counter()
+from pathlib import Path
+from prunenet.io.loading import load_model_and_tokenizer, save_plain_checkpoint
+from prunenet.io.streaming import peak_rss
+model, tokenizer = load_model_and_tokenizer(sys.argv[1])
+save_plain_checkpoint(model, tokenizer, Path(sys.argv[2]))
+print(round(time.perf_counter() - started, 1), peak_rss())
+""",
+    "layer by layer (prunenet convert)": """
+import sys, time
+started = time.perf_counter()
+from prunenet.io.gguf_convert import convert_gguf
+from prunenet.io.streaming import bound_heap_growth, peak_rss
+bound_heap_growth()  # as the command line does
+convert_gguf(sys.argv[1], sys.argv[2], progress=False)
+print(round(time.perf_counter() - started, 1), peak_rss())
+""",
+}
+
+
+def tensors(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    found = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        found.update(load_file(file))
+    return found
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("gguf", help="the .gguf file to convert")
+    args = parser.parse_args()
+    runs = []
+    with tempfile.TemporaryDirectory() as folder:
+        for index, (name, child) in enumerate(CHILDREN.items()):
+            out = Path(folder) / str(index)
+            done = subprocess.run([sys.executable, "-c", child, args.gguf, str(out)],
+                                  capture_output=True, text=True)
+            if done.returncode != 0:
+                raise SystemExit(f"{name} failed: {done.stderr.strip()[-2000:]}")
+            seconds, peak = done.stdout.strip().splitlines()[-1].split()
+            runs.append({"conversion": name, "seconds": float(seconds),
+                         "peak_rss_mib": round(int(peak) / 2**20)})
+            print(json.dumps(runs[-1]), flush=True)
+        first, second = tensors(Path(folder) / "0"), tensors(Path(folder) / "1")
+        same = sorted(first) == sorted(second) and all(
+            first[name].dtype == second[name].dtype and bool((first[name] == second[name]).all())
+            for name in first)
+    print(json.dumps({"time": round(runs[1]["seconds"] / runs[0]["seconds"], 2),
+                      "peak_rss": round(runs[1]["peak_rss_mib"] / runs[0]["peak_rss_mib"], 2),
+                      "same_tensors": same}))
+
+
+if __name__ == "__main__":
+    main()
