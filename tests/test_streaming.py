@@ -363,16 +363,28 @@ def test_disk_full_while_writing_leaves_nothing(tmp_path, monkeypatch):
     assert list(out.parent.iterdir()) == []
 
 
-def test_streaming_refuses_what_needs_the_model_in_memory(tmp_path, capsys):
-    """--record reads the model in memory: a streamed run refuses it up front, rather than
-    finishing without what was asked for."""
+@pytest.mark.parametrize("options", [{"method": "random", "reconstruct": "none"}, {}],
+                         ids=["weights-only", "default"])
+def test_a_streamed_run_records_what_a_run_in_memory_records(tmp_path, options):
+    """--record on a streamed run: the spectra of every layer's first matrix, before and after,
+    read a layer at a time, and the record, as a run in memory writes them."""
+    from prunenet.recording import read_run_record
+
     source = sharded_checkpoint(tmp_path / "model")
-    budget = StreamedCheckpoint(source).streaming_memory(training=True)
-    status = main(["compress", str(source), "--ratio", "0.5", "--method", "random",
-                   "--out", str(tmp_path / "out"), "--max-memory", str(budget),
-                   "--record", str(tmp_path / "run")])
-    assert status != 0 and "--record needs the model" in capsys.readouterr().err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    compress(str(source), 0.5, out=tmp_path / "memory", record_dir=tmp_path / "memory-run",
+             **options, **SMALL_PROBE)
+    compress(StreamedCheckpoint(source), 0.5, out=tmp_path / "stream",
+             record_dir=tmp_path / "stream-run", max_memory=run_budget(
+                 StreamedCheckpoint(source), 256, 32), **options, **SMALL_PROBE)
+    assert_same_output(tmp_path / "memory", tmp_path / "stream")
+    expected, actual = read_run_record(tmp_path / "memory-run"), read_run_record(
+        tmp_path / "stream-run")
+    assert actual[0] == expected[0] and actual[0]["num_layers"] == 2
+    for before, after in zip(expected[1:], actual[1:], strict=True):
+        assert len(before) == len(after) == 2
+        assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "memory", "memory-run", "model", "stream", "stream-run"]
 
 
 # --- peak resident memory, measured in a subprocess ------------------------------------------

@@ -293,9 +293,6 @@ def plan_compression(model: Any, ratio: float, options: CompressOptions, *,
     if streamed is not None:
         if out is None:
             raise InputError("a streamed compression writes its result to disk: pass --out")
-        if record_dir is not None:
-            raise InputError("--record needs the model in memory; it is not available when "
-                             "streaming (raise --max-memory)")
         evaluating = evaluation_need(streamed, options) if options.evaluate_windows else 0
         if runs:  # the model runs, offloaded; its resident layers stay while the output is
             resident = min(resident_bytes(streamed, options, method, reconstruct),  # evaluated
@@ -483,9 +480,11 @@ def _compress(plan: Plan, tokenizer: Any = None, offloaded: nn.Module | None = N
             save_policy(selector.policy, plan.policy_out,
                         policy_metadata(model if model is not None else weights,
                                         selector.training), plan.overwrite)
-    original_spectra = first_matrix_spectra(model) if plan.record_dir is not None else None
+    original_spectra = first_matrix_spectra(weights) if plan.record_dir is not None else None
     before = weights.parameter_counts()
     rows = selector.select(source, kept, options.seed)
+    pruned_spectra = (first_matrix_spectra(weights, rows) if plan.record_dir is not None
+                      else None)  # before any slice; a streamed model reads its layers again
     refit = None
     if plan.reconstruct != "none" and spill is not None:
         refit = spill_refit(model, rows, statistics, plan.reconstruct, options.ridge, spill)
@@ -524,7 +523,7 @@ def _compress(plan: Plan, tokenizer: Any = None, offloaded: nn.Module | None = N
                                         if "gguf" in plan.formats else None))
     if plan.record_dir is not None:
         training = selector.training if isinstance(selector, PruneNet) else None
-        write_run_record(plan.record_dir, model, rows, record, original_spectra, training,
+        write_run_record(plan.record_dir, pruned_spectra, rows, record, original_spectra, training,
                          plan.overwrite)
     policy = selector.policy if isinstance(selector, PruneNet) else None
     training = selector.training if isinstance(selector, PruneNet) else None

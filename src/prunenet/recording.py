@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,15 +40,24 @@ is_run_record = folder_of(
 )
 
 
-def first_matrix_spectra(model: nn.Module) -> list[Tensor]:
-    """Singular values (descending, fp32, on cpu) of every layer's first FFN matrix.
+def first_matrix_spectra(weights: nn.Module | Any,
+                         kept_rows: Sequence[Tensor] | None = None) -> list[Tensor]:
+    """Singular values (descending, fp32, on cpu) of every layer's first FFN matrix, or of its
+    ``kept_rows`` (sorted, as slicing keeps them): the pruned model's, taken before the slice.
 
-    Computed as the reward computes them (a Gram matrix in the precision ``LayerSpectrum``
-    chooses for the layer): faster than ``svdvals``, the same order of values (tested).
+    ``weights``: a model, or what reads its layers (``num_layers`` and ``first_matrix(index,
+    device)``: an :class:`FFNView`, a streamed checkpoint), one layer at a time. Computed as the
+    reward computes them (a Gram matrix in the precision ``LayerSpectrum`` chooses for the
+    layer): faster than ``svdvals``, the same order of values (tested).
     """
-    view = FFNView(model)
-    return [LayerSpectrum(view.first_matrix(index, "cpu")).original
-            for index in range(view.num_layers)]
+    view = FFNView(weights) if isinstance(weights, nn.Module) else weights
+    spectra = []
+    for index in range(view.num_layers):
+        matrix = view.first_matrix(index, "cpu")
+        if kept_rows is not None:
+            matrix = matrix[kept_rows[index]]
+        spectra.append(LayerSpectrum(matrix).original)
+    return spectra
 
 
 def run_record(record: dict[str, Any], kept_rows: list[Tensor], original: list[Tensor],
@@ -72,16 +82,16 @@ def run_record(record: dict[str, Any], kept_rows: list[Tensor], original: list[T
     }
 
 
-def write_run_record(record_dir: str | os.PathLike, pruned_model: nn.Module,
+def write_run_record(record_dir: str | os.PathLike, pruned: list[Tensor],
                      kept_rows: list[Tensor], record: dict[str, Any], original: list[Tensor],
                      training: TrainingResult | None = None, overwrite: bool = False) -> Path:
-    """Write the run record of ``pruned_model`` into ``record_dir`` atomically; returns its path.
+    """Write the run record into ``record_dir`` atomically; returns its path.
 
-    ``original`` are the spectra of the model before slicing (:func:`first_matrix_spectra`),
-    ``record`` the compression record (``prunenet.json`` content). Raises :class:`OutputError`
-    when ``record_dir`` cannot be written or exists and ``overwrite`` is false.
+    ``original`` and ``pruned`` are the spectra of the first FFN matrices before and after
+    pruning (:func:`first_matrix_spectra`), ``record`` the compression record
+    (``prunenet.json`` content). Raises :class:`OutputError` when ``record_dir`` cannot be
+    written or exists and ``overwrite`` is false.
     """
-    pruned = first_matrix_spectra(pruned_model)
     path = check_output_path(record_dir, overwrite, what="--record", ours=is_run_record)
     tensors = {}
     for index, (before, after) in enumerate(zip(original, pruned)):
