@@ -499,3 +499,37 @@ def test_slice_equals_masking(d_ff, other, axis, blocks, data):
     full_mask = mask.repeat(blocks)
     expected = tensor[full_mask] if axis == 0 else tensor[:, full_mask]
     assert torch.equal(slice_tensor(tensor, cut, kept_rows, d_ff), expected)
+
+
+def test_commands_that_hold_whole_models_refuse_models_larger_than_memory(tmp_path, monkeypatch,
+                                                                          capsys):
+    """compare and finetune hold their models in memory: weights that alone exceed the memory
+    available are refused before any load, naming each model's size, and nothing is written."""
+    import psutil
+
+    from prunenet.io.streaming import StreamedCheckpoint, format_bytes
+
+    dense = tmp_path / "dense"
+    make_tiny_model("llama").save_pretrained(dense)
+    student = tmp_path / "student"
+    make_tiny_model("llama").save_pretrained(student)
+    size = StreamedCheckpoint(dense).weight_bytes  # float32, as finetune loads them too
+    real = psutil.virtual_memory()
+    commands = [  # (arguments, memory available, the models named)
+        (["compare", str(dense), "--ratios", "0.5", "--methods", "random", "--out",
+          str(tmp_path / "compared")], size - 1,
+         f"prunenet compare holds {dense} ({format_bytes(size)})"),
+        # Student and teacher together: either alone would fit.
+        (["finetune", str(student), "--data", "self-generated", "--teacher", str(dense),
+          "--out", str(tmp_path / "tuned"), "--steps", "1"], 2 * size - 1,
+         f"prunenet finetune holds {student} ({format_bytes(size)}) and {dense} "
+         f"({format_bytes(size)})"),
+    ]
+    for argv, available, named in commands:
+        memory = real._replace(available=available)
+        monkeypatch.setattr(psutil, "virtual_memory", lambda memory=memory: memory)
+        assert main(["-q", *argv]) == 2
+        error = capsys.readouterr().err
+        assert named in error and "in memory, weights alone" in error, error
+        assert f"{format_bytes(available)} of memory is available now" in error
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dense", "student"]

@@ -24,6 +24,7 @@ from .evaluation.zeroshot import parse_tasks
 from .families import kept_count
 from .io.files import atomic_folder, folder_of, json_with_format, write_json_atomic
 from .io.loading import check_output_path, load_model_and_tokenizer
+from .io.streaming import check_models_fit
 from .model_view import FFNView
 from .pipeline import input_paths, method_of_variant, prune, train_policy
 from .selection import SELECTORS
@@ -103,6 +104,7 @@ def compare(
         asset_path("zeroshot")  # data not fetched: fail before any work, naming the command
     speed = speed or SpeedProtocol()
     speed.validate()
+    check_models_fit([model], "prunenet compare")
     dense, tokenizer = load_model_and_tokenizer(model)
     view = FFNView(dense)
     for ratio in [*ratios, *([train_ratio] if train_ratio is not None else [])]:

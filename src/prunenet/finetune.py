@@ -49,6 +49,7 @@ from .io.loading import (
     save_plain_checkpoint,
     write_card,
 )
+from .io.streaming import check_models_fit
 from .version import __version__
 
 TARGET_GROUPS = ("attn", "mlp")
@@ -406,6 +407,8 @@ def finetune(
 
         check_teacher(load_config(source), teacher_source)
 
+    check_models_fit([source, *([teacher_source] if config.distils else [])],
+                     "prunenet finetune", float32=True)
     loaded, tokenizer = load_model_and_tokenizer(source, dtype=torch.float32)
     check_sequence_length(loaded.config, config.seqlen)
     record = read_record(source) if (Path(source) / RECORD_NAME).exists() else {

@@ -430,6 +430,36 @@ def check_gguf_fits(source: str | os.PathLike) -> None:
         )
 
 
+def check_models_fit(sources: Sequence[str | os.PathLike], command: str,
+                     float32: bool = False) -> None:
+    """Refuse, before any load, models that ``command`` holds in memory together when their
+    weights alone (as loaded: in their own float type, or in float32 with ``float32``; a GGUF
+    always in float32) exceed the memory available now: such a command cannot read a model
+    from disk as it runs. Each GGUF is first checked as :func:`check_gguf_fits` checks it;
+    Hub ids pass."""
+    import psutil
+
+    sizes = []
+    for source in sources:
+        check_gguf_fits(source)
+        folder, gguf_file = resolve_source(source)
+        checkpoint = streamable(folder) if gguf_file is None else None
+        if gguf_file is not None:
+            parameters = sum(int(tensor.n_elements)
+                             for tensor in gguf_reader(Path(folder) / gguf_file).tensors)
+            sizes.append((source, 4 * parameters))
+        elif checkpoint is not None:
+            sizes.append((source, 4 * sum(entry.numel for entry in checkpoint.entries.values())
+                          if float32 else checkpoint.weight_bytes))
+    need, available = sum(size for _, size in sizes), psutil.virtual_memory().available
+    if need > available:
+        what = " and ".join(f"{source} ({format_bytes(size)})" for source, size in sizes)
+        raise InputError(
+            f"{command} holds {what} in memory, weights alone, and {format_bytes(available)} "
+            "of memory is available now. Use a machine with more memory; prunenet compress and "
+            "prunenet eval read a model this large from disk as it runs (--max-memory)")
+
+
 def memory_budget(max_memory: int | str | None) -> int:
     """Bytes a run may use: ``max_memory``, or by default half the RAM available now."""
     if max_memory is not None:
