@@ -5,6 +5,7 @@ model."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -112,7 +113,7 @@ def test_convert_refuses_what_it_cannot_convert_and_leaves_nothing(tmp_path, tin
         convert_gguf(source, tmp_path / "failed", progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "in", "mine"]
     # Not enough disk for the float32 checkpoint: refused before writing.
-    monkeypatch.setattr(gguf_convert.shutil, "disk_usage",
+    monkeypatch.setattr(shutil, "disk_usage",
                         lambda path: type("Usage", (), {"free": 1000})())
     with pytest.raises(OutputError, match="not enough disk space"):
         convert_gguf(source, tmp_path / "full", progress=False)

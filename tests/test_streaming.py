@@ -265,11 +265,12 @@ def test_offloaded_methods_equal_in_memory(tmp_path, options, request, caplog):
 
 
 def test_max_memory_below_one_layer_names_the_minimum(tmp_path):
-    source = sharded_checkpoint(tmp_path / "model")
+    source = sharded_checkpoint(tmp_path / "model {0}")  # braces in a path are only text
     minimum = StreamedCheckpoint(source).streaming_memory(training=True)
     with pytest.raises(InputError, match="needs at least") as caught:
         choose_streaming(str(source), "1MB", training=True)
     assert streaming.format_bytes(minimum) in str(caught.value)
+    assert f"streaming {source} needs" in str(caught.value)
 
 
 @pytest.mark.parametrize("text,expected", [("2GB", 2 * 10**9), ("2GiB", 2 * 2**30),

@@ -62,16 +62,10 @@ def second_matrix(view: FFNView, layer_index: int) -> tuple[Tensor, Tensor | Non
     """
     name = view.second_module_name
     weight = view.parameter(layer_index, name + ".weight")
-    matrix = weight if _second_axis(view) == 1 else weight.T
+    matrix = weight if view.second_cut.axis == 1 else weight.T
     if getattr(view.second_matrix_module(layer_index), "bias", None) is None:
         return matrix, None
     return matrix, view.parameter(layer_index, name + ".bias")
-
-
-def _second_axis(view: FFNView) -> int:
-    family = view.family
-    return next(cut.axis for cut in family.cuts
-                if cut.name.endswith(".weight") and cut.axis != family.first.axis)
 
 
 def collect_ffn_statistics(model: nn.Module, probe_tokens: Tensor, batch_size: int = 8,

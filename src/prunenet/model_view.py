@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .errors import InputError, NumericalError
-from .families import Family, family_for
+from .families import Cut, Family, family_for
 
 
 def non_finite_error(name: str) -> NumericalError:
@@ -78,13 +78,17 @@ class FFNView:
         return matrix.to(device=device or tensor.device, dtype=torch.float32).contiguous()
 
     @property
-    def second_module_name(self) -> str:
-        """The name, in a layer, of the module whose input is the FFN's intermediate activation
-        (down_proj, fc2, ...)."""
+    def second_cut(self) -> Cut:
+        """The cut of the second FFN matrix's weight: the module whose input is the FFN's
+        intermediate activation (down_proj, fc2, ...)."""
         family = self.family
-        second = [cut for cut in family.cuts
-                  if cut.name.endswith(".weight") and cut.axis != family.first.axis]
-        return second[0].name.rsplit(".", 1)[0]
+        return next(cut for cut in family.cuts
+                    if cut.name.endswith(".weight") and cut.axis != family.first.axis)
+
+    @property
+    def second_module_name(self) -> str:
+        """The name, in a layer, of that module."""
+        return self.second_cut.name.rsplit(".", 1)[0]
 
     def second_matrix_module(self, layer_index: int) -> nn.Module:
         """The module whose input is the FFN's intermediate activation (down_proj, fc2, ...)."""

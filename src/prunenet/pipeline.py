@@ -37,8 +37,8 @@ from .io.streaming import (
     StreamedCheckpoint,
     TensorSpill,
     choose_streaming,
-    format_bytes,
     memory_budget,
+    refuse_below,
     write_streamed,
 )
 from .model_view import FFNView, check_finite, layers_from_disk, parameters_in_memory
@@ -293,10 +293,12 @@ def plan_compression(model: Any, ratio: float, options: CompressOptions, *,
     if streamed is not None:
         if out is None:
             raise InputError("a streamed compression writes its result to disk: pass --out")
-        evaluating = evaluation_need(streamed, options) if options.evaluate_windows else 0
+        # Read once: the default budget is a share of the memory free now, which moves.
+        budget = memory_budget(options.max_memory)
+        evaluating = evaluation_need(streamed, budget) if options.evaluate_windows else 0
         if runs:  # the model runs, offloaded; its resident layers stay while the output is
-            resident = min(resident_bytes(streamed, options, method, reconstruct),  # evaluated
-                           memory_budget(options.max_memory) - evaluating)
+            resident = min(resident_bytes(streamed, options, budget, method, reconstruct),
+                           budget - evaluating)  # evaluated
     formats = output_formats(options.format, reads[0] if source is not None else None)
     round_to = kept_multiple(options, formats,
                              reads[0] if out is not None and source is not None else None)
@@ -317,39 +319,32 @@ def run_working_memory(options: CompressOptions, checkpoint: StreamedCheckpoint)
     return checkpoint.run_working_memory(*_run_sizes(options))
 
 
-def resident_bytes(checkpoint: StreamedCheckpoint, options: CompressOptions, method: str,
-                   reconstruct: str) -> int:
+def resident_bytes(checkpoint: StreamedCheckpoint, options: CompressOptions, budget: int,
+                   method: str, reconstruct: str) -> int:
     """How many bytes of a streamed model's layers may stay in memory while the model runs
     (the probe, the statistics, a method that reads text) offloaded: the budget less what
     the run needs besides them. Refuses a budget below that need, naming it."""
-    budget = memory_budget(options.max_memory)
     need = checkpoint.model_run_memory(*_run_sizes(options))
-    if need > budget:
-        what = f"method {method!r}" + (f" with --reconstruct {reconstruct}"
-                                       if reconstruct != "none" else "")
-        streamable = [name for name, cls in SELECTORS.items() if not cls.needs_model]
-        raise InputError(
-            f"--max-memory {format_bytes(budget)} is too small: {what} runs {checkpoint.folder} "
-            f"layer by layer and needs at least {format_bytes(need)} (one layer, the probe's "
-            f"cache and the refit's statistics); give at least that, or use --method "
-            f"{'|'.join(streamable)} --reconstruct none, which read only the FFN weights")
+    what = f"method {method!r}" + (f" with --reconstruct {reconstruct}"
+                                   if reconstruct != "none" else "")
+    streamable = [name for name, cls in SELECTORS.items() if not cls.needs_model]
+    refuse_below(budget, need, f": {what} runs {checkpoint.folder} layer by layer and",
+                 "one layer, the probe's cache and the refit's statistics",
+                 f", or use --method {'|'.join(streamable)} --reconstruct none, which read only "
+                 "the FFN weights")
     return budget - need
 
 
-def evaluation_need(checkpoint: StreamedCheckpoint, options: CompressOptions) -> int:
+def evaluation_need(checkpoint: StreamedCheckpoint, budget: int) -> int:
     """What --eval needs on a streamed run, whose written output is evaluated with every layer
     read from disk (the source's layers bound the pruned ones). Refuses a budget below it,
     naming it."""
     from .evaluation.evaluate import DEFAULT_SEQLEN
 
-    budget = memory_budget(options.max_memory)
     need = checkpoint.offloaded_memory(checkpoint.evaluation_memory(1, DEFAULT_SEQLEN))
-    if need > budget:
-        raise InputError(
-            f"--max-memory {format_bytes(budget)} is too small for --eval: evaluating the output "
-            f"of {checkpoint.folder} layer by layer needs at least {format_bytes(need)} (two "
-            f"layers and the logits of a {DEFAULT_SEQLEN}-token window); give at least that, or "
-            "leave out --eval and run prunenet eval on the output")
+    refuse_below(budget, need, f" for --eval: evaluating the output of {checkpoint.folder} "
+                 "layer by layer", f"two layers and the logits of a {DEFAULT_SEQLEN}-token window",
+                 ", or leave out --eval and run prunenet eval on the output")
     return need
 
 
@@ -539,9 +534,7 @@ def spill_refit(model: nn.Module, rows: list[Tensor], statistics: ProbeStatistic
     neurons in the checkpoint's layout, and its bias, set aside in ``spill`` for the streamed
     write (the model is not changed). Returns the refit's record."""
     view = FFNView(model)
-    family = view.family
-    second = next(cut for cut in family.cuts
-                  if cut.name == view.second_module_name + ".weight")
+    family, second = view.family, view.second_cut
     layers = []
     for index, columns, new_bias, layer in refit_layers(view, rows, statistics.with_grams(),
                                                         mode, ridge):

@@ -71,9 +71,9 @@ def offload_budget(checkpoint: StreamedCheckpoint, max_memory: int | str | None,
     in_memory = BASE_MEMORY + checkpoint.weight_bytes + working
     need = checkpoint.offloaded_memory(working)
     if not exceeds(checkpoint, budget, in_memory, need,
-                   f"evaluating {checkpoint.folder} layer by layer needs at least {{}} (two "
-                   f"layers and the logits of {length}-token windows); give at least that, or "
-                   "evaluate shorter windows (--seqlen)"):
+                   f": evaluating {checkpoint.folder} layer by layer",
+                   f"two layers and the logits of {length}-token windows",
+                   ", or evaluate shorter windows (--seqlen)"):
         return None
     log.info("evaluating %s with the layers that do not fit read from disk as they run (in "
              "memory it would need about %s, budget %s)", checkpoint.folder,

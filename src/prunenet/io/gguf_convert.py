@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,16 +23,18 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from ..errors import InputError, OutputError
+from ..errors import InputError
 from .files import atomic_folder
 from .loading import (
     CONVERTED_MARKER,
+    gguf_parameters,
     gguf_reader,
     is_conversion,
     load_config,
     resolve_source,
     validate_gguf,
 )
+from .streaming import check_disk_space
 
 log = logging.getLogger(__name__)
 INDEX_NAME = "model.safetensors.index.json"
@@ -81,21 +82,17 @@ def convert_gguf(source: str | Path, out: str | Path, overwrite: bool = False,
     """Write the GGUF model ``source`` to ``out`` as a float32 safetensors checkpoint (one
     shard per decoder layer, an index, config.json, the tokenizer), one layer in memory at a
     time, atomically. Raises :class:`InputError` for a source that is not a readable GGUF, and
-    :class:`OutputError` when the disk cannot hold the result."""
+    :class:`OutputError` when the disk cannot hold the result
+    (:func:`~prunenet.io.streaming.check_disk_space`)."""
     folder, gguf_file = resolve_source(source)
     if gguf_file is None:
         raise InputError(f"{source} is not a GGUF file; only a .gguf model is converted")
     path = Path(folder) / gguf_file
     validate_gguf(path)
     config = load_config(path)
-    parameters = sum(int(tensor.n_elements) for tensor in gguf_reader(path).tensors)
     out = Path(out).expanduser().resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(out.parent).free
-    if 4 * parameters > free:
-        raise OutputError(f"not enough disk space for {out}: {parameters / 1e9:.2f}B parameters "
-                          f"take {4 * parameters / 2**30:.2f} GiB in float32, "
-                          f"{free / 2**30:.2f} GiB free")
+    check_disk_space(out, 4 * gguf_parameters(path))  # float32
     from transformers import AutoTokenizer, GenerationConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 

@@ -131,6 +131,11 @@ def _gguf_reader(path: str, size: int, mtime_ns: int):
     return gguf.GGUFReader(path)
 
 
+def gguf_parameters(path: str | os.PathLike) -> int:
+    """How many parameters the GGUF at ``path`` holds, counted from its header."""
+    return sum(int(tensor.n_elements) for tensor in gguf_reader(path).tensors)
+
+
 def validate_gguf(path: Path) -> None:
     """Parse a GGUF file's header and tensor table; a damaged file is an :class:`InputError`."""
     try:

@@ -35,7 +35,7 @@ from .files import atomic_folder, write_json_atomic
 from .loading import (
     RECORD_NAME,
     check_weights_on_meta,
-    gguf_reader,
+    gguf_parameters,
     is_model_output,
     load_config,
     read_config_json,
@@ -419,7 +419,7 @@ def check_gguf_fits(source: str | os.PathLike) -> None:
 
     path = Path(folder) / gguf_file
     validate_gguf(path)  # a damaged file is refused as such first
-    parameters = sum(int(tensor.n_elements) for tensor in gguf_reader(path).tensors)
+    parameters = gguf_parameters(path)
     need, available = 4 * parameters, psutil.virtual_memory().available
     if need > available:
         raise InputError(
@@ -433,22 +433,19 @@ def check_gguf_fits(source: str | os.PathLike) -> None:
 def check_models_fit(sources: Sequence[str | os.PathLike], command: str,
                      float32: bool = False) -> None:
     """Refuse, before any load, models that ``command`` holds in memory together when their
-    weights alone (as loaded: in their own float type, or in float32 with ``float32``; a GGUF
-    always in float32) exceed the memory available now: such a command cannot read a model
-    from disk as it runs. Each GGUF is first checked as :func:`check_gguf_fits` checks it;
-    Hub ids pass."""
+    weights alone (as stored, or in float32 with ``float32``; a GGUF always in float32: a lower
+    bound of what the load takes) exceed the memory available now: such a command cannot read
+    a model from disk as it runs. Each GGUF is first checked as :func:`check_gguf_fits` checks
+    it; Hub ids pass."""
     import psutil
 
     sizes = []
     for source in sources:
         check_gguf_fits(source)
         folder, gguf_file = resolve_source(source)
-        checkpoint = streamable(folder) if gguf_file is None else None
         if gguf_file is not None:
-            parameters = sum(int(tensor.n_elements)
-                             for tensor in gguf_reader(Path(folder) / gguf_file).tensors)
-            sizes.append((source, 4 * parameters))
-        elif checkpoint is not None:
+            sizes.append((source, 4 * gguf_parameters(Path(folder) / gguf_file)))
+        elif (checkpoint := streamable(folder)) is not None:
             sizes.append((source, 4 * sum(entry.numel for entry in checkpoint.entries.values())
                           if float32 else checkpoint.weight_bytes))
     need, available = sum(size for _, size in sizes), psutil.virtual_memory().available
@@ -469,18 +466,24 @@ def memory_budget(max_memory: int | str | None) -> int:
     return int(psutil.virtual_memory().available * DEFAULT_RAM_SHARE)
 
 
+def refuse_below(budget: int, need: int, work: str, why: str, instead: str = "") -> None:
+    """Refuse a --max-memory ``budget`` below ``need``, in one shape: "--max-memory BUDGET is too
+    small{work} needs at least NEED ({why}); give at least that{instead}"."""
+    if need > budget:
+        raise InputError(f"--max-memory {format_bytes(budget)} is too small{work} needs at "
+                         f"least {format_bytes(need)} ({why}); give at least that{instead}")
+
+
 def exceeds(checkpoint: StreamedCheckpoint, budget: int, in_memory: int, minimum: int,
-            refusal: str) -> bool:
+            work: str, why: str, instead: str = "") -> bool:
     """Whether work on ``checkpoint`` needing ``in_memory`` bytes with the model held must read
     it from disk to fit ``budget``; then a budget below ``minimum``, what the work needs that
-    way, is refused: "--max-memory BUDGET is too small: " and ``refusal`` with the minimum in
-    place of ``{}``. A broken checkpoint is refused as such first, whatever the budget."""
+    way, is refused (:func:`refuse_below`). A broken checkpoint is refused as such first,
+    whatever the budget."""
     if in_memory <= budget:
         return False
     checkpoint.check_weights()
-    if minimum > budget:
-        raise InputError(f"--max-memory {format_bytes(budget)} is too small: "
-                         + refusal.format(format_bytes(minimum)))
+    refuse_below(budget, minimum, work, why, instead)
     return True
 
 
@@ -508,9 +511,8 @@ def choose_streaming(source: Any, max_memory: int | str | None, training: bool,
     budget = memory_budget(max_memory)
     need = checkpoint.in_memory_need(training) + (working(checkpoint) if working else 0)
     if not exceeds(checkpoint, budget, need, checkpoint.streaming_memory(training),
-                   f"streaming {checkpoint.folder} needs at least {{}} (one layer's FFN "
-                   f"matrices {checkpoint.d_ff} x {checkpoint.d_model} plus the policy); give "
-                   "at least that"):
+                   f": streaming {checkpoint.folder}", f"one layer's FFN matrices "
+                   f"{checkpoint.d_ff} x {checkpoint.d_model} plus the policy"):
         return None
     log.info("streaming %s (in memory it would need about %s, budget %s)", checkpoint.folder,
              format_bytes(need), format_bytes(budget))
@@ -622,6 +624,15 @@ def _copy_side_files(source: Path, target: Path) -> None:
             shutil.copy2(path, target / path.name)
 
 
+def check_disk_space(out: Path, needed: int) -> None:
+    """Refuse an output ``out`` of about ``needed`` bytes that its disk cannot hold, before
+    anything is written (:class:`OutputError`)."""
+    free = shutil.disk_usage(out.parent).free
+    if needed > free:
+        raise OutputError(f"not enough disk space for {out}: about {format_bytes(needed)} "
+                          f"needed, {format_bytes(free)} free")
+
+
 def write_streamed(checkpoint: StreamedCheckpoint, kept_rows: Sequence[Tensor], out: Path,
                    record: dict[str, Any], overwrite: bool = False,
                    progress: bool = True, replaced: TensorSpill | None = None,
@@ -640,11 +651,7 @@ def write_streamed(checkpoint: StreamedCheckpoint, kept_rows: Sequence[Tensor], 
     by_shard: dict[str, list[str]] = {}
     for name, entry in sorted(checkpoint.entries.items(), key=lambda item: item[1].start):
         by_shard.setdefault(entry.shard, []).append(name)
-    needed = checkpoint.weight_bytes
-    free = shutil.disk_usage(out.parent).free
-    if needed > free:
-        raise OutputError(f"not enough disk space for {out}: about {format_bytes(needed)} "
-                          f"needed, {format_bytes(free)} free")
+    check_disk_space(out, checkpoint.weight_bytes)
     current = out
     try:
         with atomic_folder(out, overwrite, ours=is_model_output) as staging:
