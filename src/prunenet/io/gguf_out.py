@@ -23,6 +23,7 @@ import re
 import tempfile
 from collections import Counter
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -261,6 +262,7 @@ def write_pruned_gguf(
         "requantized": {},
         "substituted": {},
     }
+    source_file = open(Path(source_gguf).expanduser(), "rb")  # noqa: SIM115 (closed below)
     try:
         writer = gguf.GGUFWriter(tmp, architecture)
         writer.kv_data[0].clear()  # re-added below in the source's order
@@ -272,6 +274,9 @@ def write_pruned_gguf(
             if name == width_key:
                 value = kept
             writer.add_key_value(name, value, value_type, sub_type)
+        # The tensor table first, then the tensors one at a time, each made only when written:
+        # at most one tensor of the model is held, whatever its size.
+        makers = []
         for tensor in reader.tensors:
             match = _BLOCK_TENSOR.fullmatch(tensor.name)
             suffix = match.group(2) if match else None
@@ -284,32 +289,35 @@ def write_pruned_gguf(
                                      f"{blocks} x {width_key} = {blocks * d_ff} expected")
                 if blocks == 2:  # the same neurons in the gate and the up block
                     rows = torch.cat([rows, rows + d_ff])
-                data = _kept_source_rows(tensor, rows,
-                                         _model_tensor(model, family.layers, layer,
-                                                       layout.rows[suffix]))
-                writer.add_tensor(tensor.name, data, raw_dtype=tensor.tensor_type)
+                shape = (int(rows.numel()), *tensor.data.shape[1:])
+                _add_info(writer, tensor.name, shape, tensor.data.dtype, tensor.tensor_type)
+                makers.append(partial(_kept_source_rows, source_file, tensor, rows, partial(
+                    _model_tensor, model, family.layers, layer, layout.rows[suffix])))
                 report["sliced"][tensor.name] = tensor.tensor_type.name
             elif suffix in layout.columns:
                 layer = int(match.group(1))
-                matrix = _model_tensor(model, family.layers, layer, layout.columns[suffix])
-                expected = (int(tensor.shape[1]), kept)
-                if tuple(matrix.shape) != expected:
-                    raise InputError(f"the model's {layout.columns[suffix]} in layer {layer} has "
-                                     f"shape {tuple(matrix.shape)}, expected {expected}")
                 target = gguf.GGMLQuantizationType[
                     down_type or default_down_type(tensor.tensor_type.name)]
                 written, reason = _written_type(target, kept)
-                data = gguf.quants.quantize(matrix.float().numpy(), written)
-                writer.add_tensor(tensor.name, data, raw_dtype=written)
+                rows_of = int(tensor.shape[1])
+                example = gguf.quants.quantize(np.zeros((1, kept), np.float32), written)
+                _add_info(writer, tensor.name, (rows_of, *example.shape[1:]), example.dtype,
+                          written)
+                makers.append(partial(_requantized, model, family.layers, layer,
+                                      layout.columns[suffix], (rows_of, kept), written))
                 report["requantized"][tensor.name] = written.name
                 if reason is not None:
                     report["substituted"][tensor.name] = (
                         f"{target.name} -> {written.name}: {reason}")
             else:
-                writer.add_tensor(tensor.name, tensor.data, raw_dtype=tensor.tensor_type)
+                _add_info(writer, tensor.name, tensor.data.shape, tensor.data.dtype,
+                          tensor.tensor_type)
+                makers.append(partial(_read, source_file, tensor))
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
+        writer.write_ti_data_to_file()
+        for make in makers:
+            writer.write_tensor_data(make())
         writer.close()
         umask = os.umask(0)
         os.umask(umask)
@@ -319,16 +327,45 @@ def write_pruned_gguf(
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+    finally:
+        source_file.close()
     report["out_file"] = str(out_file)
     report["summary"] = _summary(report)
     return report
 
 
-def _kept_source_rows(tensor, kept_rows: Tensor, model_rows: Tensor) -> np.ndarray:
-    """The source tensor's kept rows, still quantized, once they are known to be the model's."""
+def _add_info(writer, name: str, shape: tuple[int, ...], dtype: np.dtype, raw_dtype) -> None:
+    """Add a tensor to the table as ``GGUFWriter.add_tensor`` adds an array of this shape and
+    dtype, without the array."""
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    writer.add_tensor_info(name, shape, np.dtype(dtype), nbytes, raw_dtype=raw_dtype)
+
+
+def _read(handle, tensor) -> np.ndarray:
+    """A source tensor's stored bytes, read from the file rather than its memory map: pages of
+    a mapping stay resident until the whole file is unmapped, which would hold the model."""
+    handle.seek(tensor.data_offset)
+    return np.fromfile(handle, dtype=tensor.data.dtype,
+                       count=tensor.data.size).reshape(tensor.data.shape)
+
+
+def _requantized(model: nn.Module, layers: str, layer: int, name: str,
+                 expected: tuple[int, int], written) -> np.ndarray:
+    """The model's (pruned, possibly refitted) second matrix of ``layer``, quantized."""
+    matrix = _model_tensor(model, layers, layer, name)
+    if tuple(matrix.shape) != expected:
+        raise InputError(f"the model's {name} in layer {layer} has shape "
+                         f"{tuple(matrix.shape)}, expected {expected}")
+    return _gguf().quants.quantize(matrix.float().numpy(), written)
+
+
+def _kept_source_rows(handle, tensor, kept_rows: Tensor, model_rows) -> np.ndarray:
+    """The source tensor's kept rows, still quantized, once they are known to be the model's
+    (``model_rows()``)."""
     gguf = _gguf()
-    rows = np.ascontiguousarray(tensor.data[kept_rows.cpu().numpy()])
+    rows = np.ascontiguousarray(_read(handle, tensor)[kept_rows.cpu().numpy()])
     dequantized = torch.from_numpy(gguf.quants.dequantize(rows, tensor.tensor_type))
+    model_rows = model_rows()
     if tuple(model_rows.shape) != tuple(dequantized.shape) or not torch.equal(
         dequantized.to(model_rows.dtype), model_rows
     ):
