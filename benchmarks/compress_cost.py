@@ -15,7 +15,13 @@ of prunenet, and the peak resident memory (``VmHWM``).
     python benchmarks/compress_cost.py --same-as /tmp/smol-r30 /tmp/smol-r30-disk -- \
         smollm2-135m --ratio 0.3 --max-memory 1111MiB     # layers read from disk as they run
 
-``--same-as DIR`` adds whether every tensor written equals DIR's (names, dtypes, values).
+``--same-as DIR`` adds whether every tensor written equals DIR's (names, dtypes, values), and
+model.gguf its bytes.
+
+    python benchmarks/compress_cost.py /tmp/smol-gguf -- SmolLM2-135M-Instruct.Q4_1.gguf \
+        --ratio 0.3                                         # GGUF in, safetensors + GGUF out
+    python benchmarks/compress_cost.py --same-as /tmp/smol-gguf /tmp/smol-gguf-disk -- \
+        SmolLM2-135M-Instruct.Q4_1.gguf --ratio 0.3 --max-memory 1400MiB   # converted, streamed
 """
 
 from __future__ import annotations
@@ -30,12 +36,15 @@ from collections import defaultdict  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import prunenet.ffn_statistics as ffn_statistics  # noqa: E402
+import prunenet.io.gguf_convert as gguf_convert  # noqa: E402
+import prunenet.io.gguf_out as gguf_out  # noqa: E402
 import prunenet.pipeline as pipeline  # noqa: E402
 import prunenet.probe as probe  # noqa: E402
 from prunenet.cli import main as cli_main  # noqa: E402
 from prunenet.io.streaming import peak_rss  # noqa: E402
 
 STAGES = [  # (module, function, stage name)
+    (gguf_convert, "convert_gguf", "convert"),  # a GGUF over the budget, before it streams
     (pipeline, "_as_model", "load"),
     (pipeline, "load_model_and_tokenizer", "load"),  # a streamed model that runs: offloaded
     (pipeline, "check_finite_parameters", "check weights"),
@@ -47,6 +56,7 @@ STAGES = [  # (module, function, stage name)
     (pipeline, "slice_model", "slice"),
     (pipeline, "save_compressed", "save"),
     (pipeline, "write_streamed", "save"),
+    (gguf_out, "write_pruned_gguf", "model.gguf"),
 ]
 
 
@@ -83,7 +93,8 @@ def run(out: str, arguments: list[str]) -> dict:
 
 
 def same_tensors(a: Path, b: Path) -> bool:
-    """Whether two outputs hold the same tensors: names, dtypes and values."""
+    """Whether two outputs hold the same tensors (names, dtypes and values) and, where either
+    has one, the same model.gguf bytes."""
     from safetensors.torch import load_file
 
     def tensors(folder: Path) -> dict:
@@ -93,9 +104,11 @@ def same_tensors(a: Path, b: Path) -> bool:
         return found
 
     first, second = tensors(a), tensors(b)
+    gguf = [folder / "model.gguf" for folder in (a, b)]
     return sorted(first) == sorted(second) and all(
         first[name].dtype == second[name].dtype and bool((first[name] == second[name]).all())
-        for name in first)
+        for name in first) and [path.exists() for path in gguf] == [gguf[0].exists()] * 2 and (
+        not gguf[0].exists() or gguf[0].read_bytes() == gguf[1].read_bytes())
 
 
 def main() -> None:

@@ -299,7 +299,7 @@ def test_checkpoints_that_do_not_match_their_config_are_refused(tmp_path, capsys
     assert not (tmp_path / "out").exists()
 
 
-def test_gguf_promising_more_blocks_than_it_holds_is_refused(tmp_path, capsys):
+def test_gguf_promising_more_blocks_than_it_holds_is_refused(tmp_path, capsys, monkeypatch):
     gguf = pytest.importorskip("gguf")
     from prunenet.assets import asset_path
 
@@ -327,6 +327,16 @@ def test_gguf_promising_more_blocks_than_it_holds_is_refused(tmp_path, capsys):
                             "--out", str(tmp_path / "out"), "--method", "random"],
                    "does not match its config")
     assert "lacks" in line
+    # Converted to be read from disk (as a GGUF larger than memory is): refused once converted,
+    # the scratch conversion removed.
+    from prunenet.io.streaming import PlannedConversion
+
+    monkeypatch.setattr(PlannedConversion, "in_memory_need", lambda self, training: 2**50)
+    line = refused(capsys, ["-q", "compress", str(tmp_path / "bad.gguf"), "--ratio", "0.3",
+                            "--out", str(tmp_path / "out"), "--method", "random",
+                            "--max-memory", "64GB"], "does not match its config")
+    assert "lacks" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.gguf"]
 
 
 def test_finetune_that_diverges_leaves_nothing(tmp_path, capsys, tiny_llama_real_tokenizer_dir):

@@ -5,6 +5,7 @@ model."""
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import subprocess
 import sys
@@ -19,10 +20,12 @@ from transformers import AutoModelForCausalLM
 
 from prunenet.cli import main
 from prunenet.errors import InputError, OutputError
-from prunenet.io import gguf_convert
+from prunenet.ffn_statistics import GRAM_BUDGET
+from prunenet.io import gguf_convert, streaming
 from prunenet.io.gguf_convert import convert_gguf
-from prunenet.io.streaming import StreamedCheckpoint
+from prunenet.io.streaming import PlannedConversion, StreamedCheckpoint
 from prunenet.pipeline import compress
+from prunenet.probe import ProbeRecipe
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +68,21 @@ def test_a_converted_gguf_holds_what_transformers_loads(tmp_path, tinycoder, arc
     with torch.no_grad():
         assert torch.equal(reloaded(ids).logits, loaded(ids).logits)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "out"]
+    # What a plan sizes before converting is what the conversion writes.
+    planned, converted = PlannedConversion(source), StreamedCheckpoint(tmp_path / "out")
+    assert _layout(planned) == _layout(converted)
+    # In memory, transformers holds the dequantized tensors beside the model as it loads.
+    assert planned.in_memory_need(False) == (converted.in_memory_need(False)
+                                             + converted.weight_bytes)
+
+
+def _layout(checkpoint: StreamedCheckpoint) -> tuple:
+    """Everything a plan reads of a checkpoint to size a run: tensors (dtype, shape, bytes),
+    layers, widths, and the largest layer and outside piece."""
+    return ({name: (entry.dtype, entry.shape, entry.end - entry.start)
+             for name, entry in checkpoint.entries.items()},
+            checkpoint.num_layers, checkpoint.d_ff, checkpoint.d_model,
+            checkpoint.weight_bytes, checkpoint.offloaded_memory(0))
 
 
 def test_a_converted_gguf_streams_to_the_output_the_gguf_gives_in_memory(tmp_path, tinycoder):
@@ -142,5 +160,149 @@ def test_peak_memory_of_a_conversion_does_not_grow_with_layers(tmp_path, tinycod
                                str(tmp_path / f"out{layers}")],
                               capture_output=True, text=True, check=True)
         peaks.append(int(done.stdout.strip().splitlines()[-1]))
+    assert peaks[1] - peaks[0] < layer, peaks
+    assert peaks[1] < 10 * layer, peaks  # less than the FFN weights alone
+
+
+SMALL = ["--probe-tokens", "256", "--probe-length", "32"]
+
+
+def _too_large_for_memory(monkeypatch) -> None:
+    """From now on every GGUF is judged too large to compress in memory, as a GGUF larger than
+    memory is (a tiny one needs less in memory than the conversion's imports alone)."""
+    monkeypatch.setattr(PlannedConversion, "in_memory_need", lambda self, training: 2**50)
+
+
+def _conversion_budget(source: Path) -> int:
+    """The least --max-memory that converts ``source`` and runs it with no layer in memory."""
+    planned = PlannedConversion(source)
+    return max(planned.conversion_memory(),
+               planned.model_run_memory(256, ProbeRecipe.batch_size, 32, GRAM_BUDGET))
+
+
+def _outputs_agree(memory: Path, stream: Path) -> None:
+    """Two outputs of one compression, in memory and streamed: the same tensors, model.gguf
+    bytes, record and card; the streamed one as shards."""
+    assert _tensors(stream).keys() == _tensors(memory).keys()
+    for name, tensor in _tensors(memory).items():
+        assert torch.equal(_tensors(stream)[name], tensor), name
+    assert ((memory / "model.gguf").exists() == (stream / "model.gguf").exists())
+    if (memory / "model.gguf").exists():
+        assert (memory / "model.gguf").read_bytes() == (stream / "model.gguf").read_bytes()
+    for name in ("prunenet.json", "README.md"):
+        assert (memory / name).read_text() == (stream / name).read_text(), name
+    shards = {p.name for p in stream.glob("model-*.safetensors")} | (
+        {gguf_convert.INDEX_NAME} if (stream / gguf_convert.INDEX_NAME).exists() else set())
+    single = {"model.safetensors"} & {p.name for p in memory.iterdir()}
+    assert {p.name for p in stream.iterdir()} - shards == {p.name for p in memory.iterdir()} \
+        - single
+
+
+@pytest.mark.parametrize("architecture", GGUF_ARCHITECTURES)
+def test_a_gguf_over_the_budget_is_converted_beside_the_output_and_streamed(
+        tmp_path, tinycoder, architecture, caplog, monkeypatch):
+    """compress MODEL.gguf over --max-memory converts it into a scratch folder beside --out,
+    one layer at a time, and streams it: the default (probe, selection, refit) gives the
+    in-memory output exactly, model.gguf cut from the source included, and the scratch folder
+    is gone."""
+    source = _gguf(tmp_path / "in", GGMLQuantizationType.Q8_0, tinycoder, layers=3,
+                   architecture=architecture)
+    budget = _conversion_budget(source)
+    common = ["compress", str(source), "--ratio", "0.5", *SMALL]
+    assert main(["-q", *common, "--out", str(tmp_path / "memory")]) == 0
+    _too_large_for_memory(monkeypatch)
+    caplog.set_level(logging.INFO, logger="prunenet")  # -q would silence the log
+    assert main([*common, "--out", str(tmp_path / "stream"), "--max-memory",
+                 str(budget)]) == 0
+    assert "converting " in caplog.text and " layers read from disk as they run" in caplog.text
+    _outputs_agree(tmp_path / "memory", tmp_path / "stream")
+    record = json.loads((tmp_path / "stream" / "prunenet.json").read_text())
+    assert record["source"] == str(source) and record["reconstruct"]["mode"] == "ls"
+    assert "gguf" in record
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "memory", "stream"]
+
+
+def test_a_streamed_gguf_writes_gguf_alone_and_without_running_the_model(tmp_path, tinycoder,
+                                                                        monkeypatch):
+    """--format gguf keeps only model.gguf (the staged checkpoint it is cut with is removed);
+    a method that reads only the FFN weights writes it from the converted tensors."""
+    source = _gguf(tmp_path / "in", GGMLQuantizationType.Q4_1, tinycoder)
+    budget = _conversion_budget(source)
+    runs = [["--format", "gguf"], ["--method", "magnitude", "--reconstruct", "none"],
+            ["--format", "gguf", "--eval", "2", "--method", "random"]]
+    for index, options in enumerate(runs):
+        common = ["-q", "compress", str(source), "--ratio", "0.25", *SMALL, *options]
+        assert main([*common, "--out", str(tmp_path / f"memory{index}")]) == 0
+        with monkeypatch.context() as patch:
+            _too_large_for_memory(patch)
+            assert main([*common, "--out", str(tmp_path / f"stream{index}"), "--max-memory",
+                         str(budget)]) == 0
+        _outputs_agree(tmp_path / f"memory{index}", tmp_path / f"stream{index}")
+    assert sorted(p.name for p in (tmp_path / "stream0").iterdir()) == [
+        "README.md", "model.gguf", "prunenet.json"]
+    record = json.loads((tmp_path / "stream2" / "prunenet.json").read_text())
+    assert record["evaluation"]["perplexity"]["value"] > 1  # --eval read the staged checkpoint
+
+
+def test_a_streamed_gguf_that_cannot_run_leaves_nothing(tmp_path, tinycoder, monkeypatch,
+                                                      capsys):
+    """Below what converting needs, or on a disk too small for the conversion and the output:
+    refused before any work; a conversion that fails part way leaves no output and no scratch
+    folder."""
+    source = _gguf(tmp_path / "in", GGMLQuantizationType.Q8_0, tinycoder)
+    planned = PlannedConversion(source)
+    _too_large_for_memory(monkeypatch)
+    common = ["-q", "compress", str(source), "--ratio", "0.5", "--out", str(tmp_path / "out"),
+              "--method", "random", "--reconstruct", "none"]
+    least = planned.streaming_memory(training=False)
+    assert least == planned.conversion_memory()  # here converting needs more than selecting
+    assert main([*common, "--max-memory", str(least - 1)]) == 2
+    error = capsys.readouterr().err
+    assert "converting it to safetensors one layer at a time" in error
+    assert f"needs at least {streaming.format_bytes(least)}" in error
+    calls = []
+
+    def fail_part_way(tensors, path, metadata=None):
+        calls.append(path)
+        if len(calls) == 3:
+            raise OSError(5, "Input/output error")
+        return real_save(tensors, path, metadata=metadata)
+
+    real_save = gguf_convert.save_file
+    monkeypatch.setattr(gguf_convert, "save_file", fail_part_way)
+    assert main([*common, "--max-memory", str(least)]) == 2
+    assert len(calls) == 3 and sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+    free = 2 * planned.weight_bytes + source.stat().st_size  # float32 twice, and model.gguf
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: type("Usage", (), {"free": free - 1})())
+    assert main([*common, "--max-memory", str(least)]) == 2
+    assert "not enough disk space" in capsys.readouterr().err
+    assert len(calls) == 3 and sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+
+
+_COMPRESS_CHILD = """
+import sys
+from prunenet.cli import main
+from prunenet.io.streaming import peak_rss
+assert main(["-q", "compress", *sys.argv[1:]]) == 0
+print(peak_rss())
+"""
+
+
+def test_peak_memory_of_a_streamed_gguf_does_not_grow_with_layers(tmp_path, tinycoder):
+    """Conversion, streamed write and model.gguf together: eight more layers of 48 MiB add
+    less than one layer to the peak (the GGUF writer, too, holds one tensor at a time)."""
+    layer = 3 * 256 * 16384 * 4
+    peaks = []
+    for layers in (2, 10):
+        source = _gguf(tmp_path / f"in{layers}", GGMLQuantizationType.F32, tinycoder,
+                       d_model=256, d_ff=16384, layers=layers)
+        budget = PlannedConversion(source).streaming_memory(training=False)
+        done = subprocess.run(
+            [sys.executable, "-c", _COMPRESS_CHILD, str(source), "--ratio", "0.5",
+             "--method", "magnitude", "--reconstruct", "none", "--format", "both",
+             "--max-memory", str(budget), "--out", str(tmp_path / f"out{layers}")],
+            capture_output=True, text=True, check=True)
+        peaks.append(int(done.stdout.strip().splitlines()[-1]))
+        assert (tmp_path / f"out{layers}" / "model.gguf").is_file()
     assert peaks[1] - peaks[0] < layer, peaks
     assert peaks[1] < 10 * layer, peaks  # less than the FFN weights alone

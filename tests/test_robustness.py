@@ -153,13 +153,15 @@ def test_truncated_gguf(tmp_path):
         load_model_and_tokenizer(tmp_path / "bad.gguf")
 
 
-def test_truncated_or_oversized_gguf_is_refused_by_compress_before_the_load(
-        tmp_path, monkeypatch, capsys):
-    """A GGUF is loaded whole, dequantized to float32: one that would not fit the memory
-    available now is refused in the plan (the parameters counted from its header), and a
-    damaged one is refused as such first; nothing is loaded or written."""
+def test_truncated_or_oversized_gguf_is_refused_before_the_load(tmp_path, monkeypatch, capsys):
+    """A GGUF is loaded whole, dequantized to float32: for prunenet eval, one that would not fit
+    the memory available now is refused (the parameters counted from its header), naming how
+    to read it; prunenet compress converts and streams such a GGUF instead, and refuses it
+    only when not even that fits, naming the need. A damaged one is refused as such first;
+    nothing is loaded or written."""
     import psutil
 
+    import prunenet.evaluation.evaluate
     import prunenet.pipeline
     from prunenet.assets import asset_path
     from prunenet.io.loading import gguf_reader
@@ -171,13 +173,13 @@ def test_truncated_or_oversized_gguf_is_refused_by_compress_before_the_load(
     parameters = sum(int(tensor.n_elements) for tensor in gguf_reader(source).tensors)
     (tmp_path / "bad.gguf").write_bytes(source.read_bytes()[: source.stat().st_size // 2])
     real = psutil.virtual_memory()
+    monkeypatch.setattr(prunenet.pipeline, "load_model_and_tokenizer", no_load)
+    monkeypatch.setattr(prunenet.evaluation.evaluate, "load_model_and_tokenizer", no_load)
     for available in (4 * parameters - 1, 4 * parameters):
         memory = real._replace(available=available)
         monkeypatch.setattr(psutil, "virtual_memory", lambda memory=memory: memory)
-        monkeypatch.setattr(prunenet.pipeline, "load_model_and_tokenizer", no_load)
         for gguf in (tmp_path / "bad.gguf", source):
-            assert main(["-q", "compress", str(gguf), "--ratio", "0.25", "--out",
-                         str(tmp_path / "out"), "--method", "random"]) == 2
+            assert main(["-q", "eval", str(gguf), "--windows", "1"]) == 2
             error = capsys.readouterr().err
             fits = available >= 4 * parameters and gguf == source
             assert ("the load starts here" in error) == fits
@@ -186,7 +188,15 @@ def test_truncated_or_oversized_gguf_is_refused_by_compress_before_the_load(
             elif not fits:
                 assert (f"tiny.gguf holds {parameters / 1e9:.2f}B parameters: "
                         f"{4 * parameters / 2**20:.2f}MiB once dequantized to float32") in error
-    assert not (tmp_path / "out").exists()
+                assert "prunenet compress converts and reads it from disk" in error
+            assert main(["-q", "compress", str(gguf), "--ratio", "0.25", "--out",
+                         str(tmp_path / "out"), "--method", "random"]) == 2
+            error = capsys.readouterr().err
+            if gguf != source:
+                assert "is not a valid GGUF file" in error
+            else:  # half of what is free: too little even to convert it
+                assert "converting it to safetensors one layer at a time" in error
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.gguf"]
 
 
 @pytest.mark.parametrize("change", ["wrong", "missing"])

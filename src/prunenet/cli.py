@@ -80,7 +80,9 @@ def positive_float(text: str) -> float:
     return value
 
 
-def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+def _add_model_arguments(parser: argparse.ArgumentParser, converts_gguf: bool = True) -> None:
+    """MODEL and the options every command that compresses or trains on it shares;
+    ``converts_gguf``: a GGUF over --max-memory is converted and streamed (else refused)."""
     parser.add_argument(
         "model",
         help="model folder (config.json + safetensors), a .gguf file, the alias smollm2-135m "
@@ -101,8 +103,11 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         "2x2^30, 512MB); a safetensors folder that would not fit is streamed: "
                         "its weights are read from disk as they are used, and the model, where "
                         "a method or the refit runs it, keeps in memory the layers that fit and "
-                        "reads the others from disk each time they run (default: stream when it "
-                        "needs over half the free RAM)")
+                        "reads the others from disk each time they run; "
+                        + ("a GGUF file that would not fit is first converted to float32 "
+                           "safetensors in a scratch folder beside --out, one layer at a time, "
+                           "then streamed " if converts_gguf else "a GGUF is loaded whole ")
+                        + "(default: stream when it needs over half the free RAM)")
 
 
 def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
@@ -376,7 +381,7 @@ def add_train_policy(subparsers) -> None:
         description="Train a PruneNet policy on MODEL's FFN weights at --ratio and save it "
         "(safetensors + metadata). Reuse it with `prunenet prune` at any ratio.",
     )
-    _add_model_arguments(parser)
+    _add_model_arguments(parser, converts_gguf=False)
     parser.add_argument("--ratio", type=ratio_value, required=True, help="training ratio")
     parser.add_argument("--out", required=True, help="policy file to write (.safetensors)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing file")

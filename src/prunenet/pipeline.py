@@ -12,9 +12,10 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -34,8 +35,10 @@ from .io.loading import (
 )
 from .io.policy_file import is_policy_file, load_policy, save_policy
 from .io.streaming import (
+    PlannedConversion,
     StreamedCheckpoint,
     TensorSpill,
+    check_disk_space,
     choose_streaming,
     memory_budget,
     refuse_below,
@@ -270,7 +273,7 @@ def plan_compression(model: Any, ratio: float, options: CompressOptions, *,
     if source is not None:  # reading the checkpoint's header writes nothing
         streamed = choose_streaming(model, options.max_memory, training=trains,
                                     working=partial(run_working_memory, options)
-                                    if runs else None)
+                                    if runs else None, convert=True)
     if policy_out is not None and not trains:
         raise InputError(f"--policy-out needs a trained policy: method 'prunenet' without "
                          f"--policy (method {method!r} trains none)")
@@ -302,6 +305,9 @@ def plan_compression(model: Any, ratio: float, options: CompressOptions, *,
     formats = output_formats(options.format, reads[0] if source is not None else None)
     round_to = kept_multiple(options, formats,
                              reads[0] if out is not None and source is not None else None)
+    if isinstance(streamed, PlannedConversion):  # the conversion, then the output, on one disk
+        check_disk_space(Path(out).expanduser().resolve(), 2 * streamed.weight_bytes
+                         + (streamed.gguf.stat().st_size if "gguf" in formats else 0))
     width = declared_ffn_width(source) if source is not None else None
     if width is not None:  # a ratio or --round-to the width cannot take fails before the load
         kept_count(width, ratio, round_to)
@@ -422,7 +428,25 @@ def check_finite_parameters(model: nn.Module) -> None:
 
 
 def run_compression(plan: Plan, tokenizer: Any = None) -> CompressionResult:
-    """Open the source, select, write and record, as ``plan`` says."""
+    """Open the source, select, write and record, as ``plan`` says. A GGUF planned for
+    streaming is first converted into a scratch folder beside the output, one layer at a
+    time, and the checkpoint written there is streamed (the scratch folder is removed
+    whatever happens)."""
+    if isinstance(plan.streamed, PlannedConversion):
+        from .io.gguf_convert import convert_gguf
+
+        planned = plan.streamed
+        with scratch_folder(Path(plan.out).expanduser().resolve()) as scratch:
+            log.info("converting %s to float32 safetensors beside the output, one layer at a "
+                     "time, to read it from disk as it runs", planned.gguf)
+            converted = StreamedCheckpoint(convert_gguf(planned.gguf, scratch / "converted",
+                                                        progress=plan.options.progress))
+            converted.check_weights()  # a GGUF holding fewer blocks than its header promises
+            if (converted.num_layers, converted.d_ff) != (planned.num_layers, planned.d_ff):
+                raise InputError(f"{planned.gguf} converted to {converted.num_layers} layers of "
+                                 f"width {converted.d_ff}; its config declares "
+                                 f"{planned.num_layers} of width {planned.d_ff}")
+            return run_compression(replace(plan, streamed=converted), tokenizer)
     if plan.resident is None:
         return _compress(plan, tokenizer)
     # A streamed model that runs: offloaded, its refitted matrices set aside until the write.
@@ -507,8 +531,8 @@ def _compress(plan: Plan, tokenizer: Any = None, offloaded: nn.Module | None = N
             out = Path(plan.out).expanduser().resolve()
             saved = str(write_streamed(weights, rows, out, record, plan.overwrite,
                                        options.progress, spill,
-                                       measure=partial(evaluate_written, options, out)
-                                       if options.evaluate_windows else None))
+                                       measure=_staged_work(plan, rows, out),
+                                       source=input_path(plan.source)))
         else:
             reads = input_paths(plan.source) if plan.source else []
             saved = str(save_compressed(model, tokenizer, plan.out, record, plan.overwrite,
@@ -545,13 +569,60 @@ def spill_refit(model: nn.Module, rows: list[Tensor], statistics: ProbeStatistic
     return refit_record(mode, ridge, layers)
 
 
-def _gguf_writer(reads: list[str], model: nn.Module, rows: list[Tensor], down_type: str):
+def _staged_work(plan: Plan, rows: list[Tensor], out: Path):
+    """What a streamed run does with its output once the checkpoint is staged, before the card
+    and the record: ``model.gguf`` cut from the GGUF source, with the staged FFN tensors;
+    --eval; and, where only GGUF is asked for, the staged checkpoint removed again. Returns
+    the work (staged folder -> what joins the record), or None."""
+    work = []
+    if "gguf" in plan.formats:
+        work.append(_gguf_writer(input_paths(plan.source), None, rows,
+                                 plan.options.gguf_down_type))
+    if plan.options.evaluate_windows:
+        work.append(partial(evaluate_written, plan.options, out))
+    if "safetensors" not in plan.formats:
+        work.append(_keep_only_gguf)
+    if not work:
+        return None
+
+    def run(folder: Path) -> dict[str, Any]:
+        record: dict[str, Any] = {}
+        for step in work:
+            record.update(step(folder))
+        return record
+
+    return run
+
+
+def _keep_only_gguf(folder: Path) -> dict[str, Any]:
+    """Remove from a staged output everything but ``model.gguf`` (the card and record follow)."""
+    for path in folder.iterdir():
+        if path.name != GGUF_NAME:
+            path.unlink()
+    return {}
+
+
+class StagedTensors:
+    """A staged checkpoint's tensors by their model names, read from disk when asked for: what
+    :func:`~prunenet.io.gguf_out.write_pruned_gguf` reads from a model."""
+
+    def __init__(self, folder: Path) -> None:
+        self.checkpoint = StreamedCheckpoint(folder, staged=True)
+        self.config = SimpleNamespace(model_type=self.checkpoint.model_type)
+
+    def get_parameter(self, name: str) -> Tensor:
+        return self.checkpoint.tensor(name)
+
+
+def _gguf_writer(reads: list[str], model: nn.Module | None, rows: list[Tensor], down_type: str):
     """Writes the pruned model as ``model.gguf`` cut from its GGUF source (``ffn_down`` as
-    ``down_type``, ``auto``: the writer's default); returns its record."""
+    ``down_type``, ``auto``: the writer's default) into a folder; returns its record. Without
+    ``model``, the FFN tensors are the checkpoint staged in that folder (a streamed run)."""
     from .io.gguf_out import write_pruned_gguf
 
     def write(folder: Path) -> dict[str, Any]:
-        report = write_pruned_gguf(reads[0], model, rows, folder / GGUF_NAME,
+        report = write_pruned_gguf(reads[0], StagedTensors(folder) if model is None else model,
+                                   rows, folder / GGUF_NAME,
                                    None if down_type == "auto" else down_type)
         return {"gguf": {key: value for key, value in report.items()
                          if key not in ("out_file", "summary")}

@@ -8,6 +8,7 @@ runs only when the caller asks for it.
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import os
@@ -136,6 +137,12 @@ def gguf_parameters(path: str | os.PathLike) -> int:
     return sum(int(tensor.n_elements) for tensor in gguf_reader(path).tensors)
 
 
+def gguf_header_bytes(path: str | os.PathLike) -> int:
+    """The size of the GGUF's header: its metadata (the tokenizer's vocabulary and merges among
+    it) and tensor table, everything before the tensor data."""
+    return int(gguf_reader(path).data_offset)
+
+
 def validate_gguf(path: Path) -> None:
     """Parse a GGUF file's header and tensor table; a damaged file is an :class:`InputError`."""
     try:
@@ -186,9 +193,12 @@ def load_config(source: str | os.PathLike, trust_remote_code: bool = False,
     elif Path(folder).is_dir():
         read_config_json(Path(folder))
     try:
-        config = AutoConfig.from_pretrained(
-            folder, gguf_file=gguf_file, trust_remote_code=trust_remote_code
-        )
+        if gguf_file is not None:  # transformers parses the whole header for it: once a file
+            stat = (Path(folder) / gguf_file).stat()
+            config = copy.deepcopy(_gguf_config(folder, gguf_file, stat.st_size,
+                                                stat.st_mtime_ns))
+        else:
+            config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, TypeError, KeyError, AttributeError,
             StrictDataclassError) as error:  # the last: a field of the wrong type
         if Path(folder).exists():
@@ -202,6 +212,15 @@ def load_config(source: str | os.PathLike, trust_remote_code: bool = False,
             raise InputError(f"{source}: config field {field} must be a positive integer, got "
                              f"{value!r}")
     return config
+
+
+@functools.lru_cache(maxsize=1)
+def _gguf_config(folder: str, gguf_file: str, size: int, mtime_ns: int):
+    """The transformers config of a GGUF, parsed once per unchanged file (the plan sizes the
+    model from it, and the load passes it to transformers)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(folder, gguf_file=gguf_file)
 
 
 def read_config_json(folder: Path) -> dict[str, Any]:

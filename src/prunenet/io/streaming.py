@@ -33,8 +33,10 @@ from ..families import Cut, family_for, slice_tensor
 from ..model_view import check_finite, non_finite_error
 from .files import atomic_folder, write_json_atomic
 from .loading import (
+    CONVERTED_MARKER,
     RECORD_NAME,
     check_weights_on_meta,
+    gguf_header_bytes,
     gguf_parameters,
     is_model_output,
     load_config,
@@ -58,6 +60,12 @@ BASE_MEMORY = 250 * 2**20
 MODEL_RUN_IMPORTS = 150 * 2**20
 # Without --max-memory, stream when the in-memory path would need more than this share of free RAM.
 DEFAULT_RAM_SHARE = 0.5
+# Converting a GGUF (benchmarks/convert_cost.py; a tiny GGUF and SmolLM2's): what the imports
+# (transformers, gguf, tokenizers) add to the interpreter, and the resident bytes per byte of
+# the GGUF's header once it is parsed and a tokenizer built from it (about 260 MiB and 52 were
+# measured), rounded up.
+CONVERSION_IMPORTS = 300 * 2**20
+GGUF_PARSE_FACTOR = 64
 _COPY_CHUNK = 16 * 2**20
 _M_MMAP_THRESHOLD = -3  # mallopt parameter of glibc's malloc.h
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt")
@@ -115,9 +123,11 @@ class StreamedCheckpoint:
 
     Raises :class:`InputError` naming the file for a missing or truncated index or shard, a tensor
     the index promises but its shard lacks, and an FFN tensor whose shape differs from layer 0's.
+    ``staged``: ``folder`` is an output this run is staging (as :func:`~prunenet.io.loading.
+    resolve_source` reads one).
     """
 
-    def __init__(self, folder: str | os.PathLike) -> None:
+    def __init__(self, folder: str | os.PathLike, staged: bool = False) -> None:
         self.source = str(folder)  # as the user wrote it, for the compression record
         self.folder = Path(folder).expanduser().resolve()
         if not (self.folder / "config.json").is_file():
@@ -133,7 +143,8 @@ class StreamedCheckpoint:
             )
         validate_weight_files(self.folder)  # missing shards, truncated files, lying headers
         self.entries = self._read_entries()
-        load_config(self.folder)  # types and family checked as the in-memory load checks them
+        # types and family checked as the in-memory load checks them
+        load_config(self.folder, staged=staged)
         self._check_layers()
         self._weights_checked = False
 
@@ -315,9 +326,12 @@ class StreamedCheckpoint:
         """Estimated peak resident bytes of a pass over the model offloaded with no layer kept
         in memory: the interpreter, two of the largest piece read from disk (a layer, or the
         embeddings or head, and the next one) and ``working`` bytes."""
-        outside = max((entry.end - entry.start for name, entry in self.entries.items()
-                       if not name.startswith(self.family.layers + ".")), default=0)
-        return BASE_MEMORY + 2 * max(self.layer_bytes(), outside) + working
+        return BASE_MEMORY + 2 * max(self.layer_bytes(), self._outside()) + working
+
+    def _outside(self) -> int:
+        """The largest tensor outside the decoder layers (the embeddings or the head)."""
+        return max((entry.end - entry.start for name, entry in self.entries.items()
+                    if not name.startswith(self.family.layers + ".")), default=0)
 
     def evaluation_memory(self, batch: int, length: int) -> int:
         """Estimated bytes scoring ``batch`` sequences of ``length`` tokens at once (perplexity
@@ -343,6 +357,59 @@ class StreamedCheckpoint:
         policy = (self.d_ff * self.d_model + 2 * self.d_ff) * 4
         return (BASE_MEMORY + self.weight_bytes + self.num_layers * per_layer
                 + policy * (6 if training else 1))
+
+
+class PlannedConversion(StreamedCheckpoint):
+    """A GGUF model seen as the float32 checkpoint :func:`prunenet.io.gguf_convert.convert_gguf`
+    writes from it, before it is written: its tensors' names and shapes come from the GGUF's
+    config on the meta device (one shard per decoder layer, as the conversion writes them), so
+    a plan can size a streamed run of it without reading a weight. It holds no tensors; the run
+    converts the GGUF and streams the checkpoint it wrote (:func:`prunenet.pipeline.
+    run_compression`)."""
+
+    def __init__(self, gguf: str | os.PathLike) -> None:
+        from transformers import AutoModelForCausalLM
+
+        self.source = str(gguf)
+        self.gguf = self.folder = Path(gguf).expanduser().resolve()
+        config = load_config(self.gguf)
+        self.config = config.to_dict()
+        self.model_type = config.model_type
+        self.family = family_for(self.model_type)
+        self.sharded = True
+        with torch.device("meta"):  # the names and shapes only
+            model = AutoModelForCausalLM.from_config(config)
+        entries, offset = {}, 0
+        for name, parameter in model.named_parameters():  # a tied matrix once, as converted
+            layer = name.split(f"{self.family.layers}.", 1)
+            shard = f"layer-{layer[1].split('.', 1)[0]}" if len(layer) == 2 else name
+            size = 4 * parameter.numel()
+            entries[name] = TensorEntry(shard, "F32", tuple(parameter.shape), offset,
+                                        offset + size)
+            offset += size
+        self.entries = entries
+        self._check_layers()
+        self._weights_checked = True  # the conversion writes what the model expects
+
+    def tensor(self, name: str) -> Tensor:
+        raise RuntimeError(f"{self.gguf} is not converted yet; stream the converted checkpoint")
+
+    def conversion_memory(self) -> int:
+        """Estimated peak resident bytes of converting the GGUF: the interpreter with
+        transformers, the GGUF's header parsed into Python objects (the tokenizer's vocabulary
+        and merges, and the tokenizer built from them), and three of the largest piece (a
+        layer, or the embeddings: dequantized, processed, and held for its shard)."""
+        return (BASE_MEMORY + CONVERSION_IMPORTS + 3 * max(self.layer_bytes(), self._outside())
+                + GGUF_PARSE_FACTOR * gguf_header_bytes(self.gguf))
+
+    def streaming_memory(self, training: bool) -> int:
+        return max(super().streaming_memory(training), self.conversion_memory())
+
+    def in_memory_need(self, training: bool) -> int:
+        """The in-memory path's need, plus a second copy of the weights: transformers holds
+        every dequantized tensor beside the model while it loads a GGUF (Qwen2.5-Coder-0.5B:
+        2.5 GB of float32 weights, 4.6 GB at the load's peak)."""
+        return super().in_memory_need(training) + self.weight_bytes
 
 
 def peak_rss() -> int:
@@ -408,6 +475,17 @@ def streamable(source: Any) -> StreamedCheckpoint | None:
     return StreamedCheckpoint(folder)
 
 
+def local_gguf(source: Any) -> Path | None:
+    """The GGUF file a local MODEL argument names (the file, or a folder holding one)."""
+    if not isinstance(source, (str, os.PathLike)):
+        return None
+    try:
+        folder, gguf_file = resolve_source(source)
+    except InputError:
+        return None  # the load names what is wrong
+    return None if gguf_file is None else Path(folder) / gguf_file
+
+
 def check_gguf_fits(source: str | os.PathLike) -> None:
     """Refuse a GGUF input whose weights alone, dequantized to float32 as transformers loads a
     GGUF, exceed the memory available now (a GGUF is not streamed; the load itself needs more:
@@ -425,8 +503,9 @@ def check_gguf_fits(source: str | os.PathLike) -> None:
         raise InputError(
             f"{gguf_file} holds {parameters / 1e9:.2f}B parameters: {format_bytes(need)} once "
             f"dequantized to float32, as a GGUF is loaded, and {format_bytes(available)} of "
-            "memory is available now. Convert it one layer at a time (prunenet convert "
-            f"{path} --out DIR) and compress DIR, which is streamed (--max-memory)"
+            "memory is available now. prunenet compress converts and reads it from disk as "
+            f"it runs; for other commands convert it first (prunenet convert {path} --out DIR) "
+            "and give DIR"
         )
 
 
@@ -488,31 +567,38 @@ def exceeds(checkpoint: StreamedCheckpoint, budget: int, in_memory: int, minimum
 
 
 def choose_streaming(source: Any, max_memory: int | str | None, training: bool,
-                     working: Callable[[StreamedCheckpoint], int] | None = None
-                     ) -> StreamedCheckpoint | None:
+                     working: Callable[[StreamedCheckpoint], int] | None = None,
+                     convert: bool = False) -> StreamedCheckpoint | None:
     """The checkpoint to stream, or None to work in memory.
 
     Streams when the in-memory path (training a policy or not, as ``training`` says, and
     ``working(checkpoint)`` bytes for running the model where given) would need more than
-    ``max_memory`` (default: half the RAM available now). Raises :class:`InputError` when even
-    streaming would not fit ``max_memory``, naming the minimum.
+    ``max_memory`` (default: half the RAM available now). With ``convert``, a local GGUF file
+    is judged the same way and, to stream, planned for conversion (:class:`PlannedConversion`:
+    the caller converts it); without, a GGUF whose weights exceed the free memory is refused.
+    Raises :class:`InputError` when even streaming would not fit ``max_memory``, naming the
+    minimum.
     """
     if isinstance(source, StreamedCheckpoint):
         source.check_weights()
         return source  # the caller already chose to stream
     checkpoint = streamable(source)
+    if checkpoint is None and convert and (gguf := local_gguf(source)) is not None:
+        checkpoint = PlannedConversion(gguf)
     if checkpoint is None:
         if max_memory is not None and not isinstance(source, torch.nn.Module):
-            log.warning("--max-memory applies to local safetensors folders only; loading %s "
-                        "in memory", source)
+            log.warning("--max-memory applies to local safetensors folders%s only; loading %s "
+                        "in memory", " and GGUF files" if convert else "", source)
         if isinstance(source, (str, os.PathLike)):
             check_gguf_fits(source)
         return None
     budget = memory_budget(max_memory)
     need = checkpoint.in_memory_need(training) + (working(checkpoint) if working else 0)
+    why = (f"one layer's FFN matrices {checkpoint.d_ff} x {checkpoint.d_model} plus the policy"
+           + (", and converting it to safetensors one layer at a time first"
+              if isinstance(checkpoint, PlannedConversion) else ""))
     if not exceeds(checkpoint, budget, need, checkpoint.streaming_memory(training),
-                   f": streaming {checkpoint.folder}", f"one layer's FFN matrices "
-                   f"{checkpoint.d_ff} x {checkpoint.d_model} plus the policy"):
+                   f": streaming {checkpoint.folder}", why):
         return None
     log.info("streaming %s (in memory it would need about %s, budget %s)", checkpoint.folder,
              format_bytes(need), format_bytes(budget))
@@ -617,7 +703,7 @@ def _write_shard(checkpoint: StreamedCheckpoint, shard: str, names: list[str],
 
 def _copy_side_files(source: Path, target: Path) -> None:
     """Tokenizer, generation config and other small files; not weights, config or records."""
-    skip = {"config.json", INDEX_NAME, RECORD_NAME}
+    skip = {"config.json", INDEX_NAME, RECORD_NAME, CONVERTED_MARKER}
     for path in sorted(source.iterdir()):
         if path.is_file() and path.name not in skip and not path.name.endswith(_WEIGHT_SUFFIXES) \
                 and not path.name.endswith(".index.json"):
@@ -636,13 +722,15 @@ def check_disk_space(out: Path, needed: int) -> None:
 def write_streamed(checkpoint: StreamedCheckpoint, kept_rows: Sequence[Tensor], out: Path,
                    record: dict[str, Any], overwrite: bool = False,
                    progress: bool = True, replaced: TensorSpill | None = None,
-                   measure: Callable[[Path], dict[str, Any]] | None = None) -> Path:
+                   measure: Callable[[Path], dict[str, Any]] | None = None,
+                   source: str | os.PathLike | None = None) -> Path:
     """Write the pruned checkpoint to ``out`` atomically: shards, index, config, side files,
     then ``prunenet.json`` last; the tensors in ``replaced`` (cut to the kept neurons) are
     written instead of the checkpoint's. ``measure`` is called with the staged folder once it
     holds a loadable checkpoint, and what it returns joins ``record`` before the card and the
-    record are written. A full disk, or a failed ``measure``, leaves nothing behind
-    (:class:`OutputError` for the disk)."""
+    record are written. ``source``: what the model card names as the input (default: the
+    checkpoint's folder; a GGUF the checkpoint was converted from). A full disk, or a failed
+    ``measure``, leaves nothing behind (:class:`OutputError` for the disk)."""
     if len(kept_rows) != checkpoint.num_layers:
         raise ValueError(f"got {len(kept_rows)} index sets for {checkpoint.num_layers} layers")
     kept = int(kept_rows[0].numel())
@@ -674,7 +762,8 @@ def write_streamed(checkpoint: StreamedCheckpoint, kept_rows: Sequence[Tensor], 
             _copy_side_files(checkpoint.folder, staging)
             if measure is not None:
                 record.update(measure(staging))
-            write_card(staging, record, checkpoint.folder)  # replaces the input's own card
+            # replaces the input's own card
+            write_card(staging, record, checkpoint.folder if source is None else source)
             current = out / RECORD_NAME
             write_json_atomic(staging / RECORD_NAME, record)
     except OSError as error:
