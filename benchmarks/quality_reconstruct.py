@@ -85,25 +85,41 @@ def real_text(tokenizer, tokens: int) -> Tensor:
     return windows[: max(1, tokens // length)]
 
 
-def timed_statistics(model, tokens: Tensor, skip_positions: int = 0
+def timed_statistics(model, tokens: Tensor, skip_positions: int = 0, weighting: str = "none"
                      ) -> tuple[list[LayerStatistics], float]:
     """The statistics of ``tokens`` and their seconds; ``skip_positions``: leave each
-    sequence's first positions (the BOS token, the attention sink) out of the sums."""
+    sequence's first positions (the BOS token, the attention sink) out of the sums;
+    ``weighting="residual"``: weigh each token's activations in every sum by ``1 / mean(h^2)``
+    of the residual stream entering the decoder layer (what the next layers' norms divide an
+    FFN's error by), so the Gram is ``sum_t w_t a_t a_t^T``."""
     started = time.perf_counter()
-    if skip_positions == 0:
+    if skip_positions == 0 and weighting == "none":
         stats = collect_ffn_statistics(model, tokens, batch_size=4)
     else:
         view = FFNView(model)
         stats = [LayerStatistics.empty(view.d_ff) for _ in range(view.num_layers)]
+        weights: dict[int, Tensor] = {}
+
+        def residual(index: int):
+            def hook(_module, args, kwargs) -> None:
+                hidden = args[0] if args else kwargs["hidden_states"]
+                weights[index] = hidden.detach().float().pow(2).mean(-1).reciprocal().sqrt()
+            return hook
 
         def accumulate(index: int):
             def hook(_module, inputs) -> None:
-                kept = inputs[0].detach()[:, skip_positions:].float()
+                activation = inputs[0].detach().float()
+                if weighting == "residual":
+                    activation = activation * weights[index][..., None]
+                kept = activation[:, skip_positions:]
                 add_activations(stats[index], kept.reshape(-1, kept.shape[-1]))
             return hook
 
         handles = [view.second_matrix_module(i).register_forward_pre_hook(accumulate(i))
                    for i in range(view.num_layers)]
+        if weighting == "residual":
+            handles += [layer.register_forward_pre_hook(residual(i), with_kwargs=True)
+                        for i, layer in enumerate(view.layers)]
         try:
             with torch.no_grad():
                 for start in range(0, tokens.shape[0], 4):
@@ -276,7 +292,7 @@ def run(args: argparse.Namespace) -> None:
             else:
                 ids, generate_seconds = real_text(tokenizer, tokens), 0.0
             stats, stats_seconds = timed_statistics(
-                model, ids, args.skip_positions if name == "probe" else 0)
+                model, ids, args.skip_positions if name == "probe" else 0, args.weight_tokens)
             texts[(name, tokens)] = (stats, {"generate_s": generate_seconds,
                                              "statistics_s": stats_seconds, "ids": ids})
         return texts[(name, tokens)]
@@ -307,6 +323,8 @@ def run(args: argparse.Namespace) -> None:
                     key["one_script"] = True
                 if text == "probe" and args.skip_positions:
                     key["skip_positions"] = args.skip_positions
+                if args.weight_tokens != "none":
+                    key["weight_tokens"] = args.weight_tokens
                 if text == "probe" and args.start_temperature is not None:
                     key.update(start_temperature=args.start_temperature,
                                warmup_tokens=args.warmup_tokens)
@@ -475,6 +493,10 @@ def _recipe_label(key: dict) -> str:
         parts.append("one script")
     if key.get("skip_positions"):
         parts.append(f"statistics from position {key['skip_positions']}")
+    if key.get("probe_length", 256) != 256 and key["text"] == "probe":
+        parts.append(f"sequences of {key['probe_length']}")
+    if key.get("weight_tokens"):
+        parts.append(f"tokens weighted by 1/{key['weight_tokens']} norm^2")
     return ", ".join(parts)
 
 
@@ -550,6 +572,9 @@ def main() -> None:
     parser.add_argument("--skip-positions", type=int, default=0,
                         help="leave each probe sequence's first positions (BOS) out of the "
                              "statistics")
+    parser.add_argument("--weight-tokens", default="none", choices=("none", "residual"),
+                        help="weigh each token in the statistics (selection and refit) by "
+                             "1 / mean(h^2) of the residual entering its layer")
     parser.add_argument("--ridge", type=float, default=1.0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--episodes", type=int, default=5, help="prunenet policy training")
