@@ -171,6 +171,43 @@ def test_a_budget_too_small_to_run_the_model_names_its_need(tmp_path, capsys, ca
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
 
+def test_a_recovery_that_cannot_hold_a_streamed_model_is_refused_before_the_compression(
+        tmp_path, capsys, monkeypatch):
+    """--recover-steps holds the pruned model and its teacher in float32, --finetune-steps the
+    pruned model: after a streamed compression, sizes that exceed the free memory are refused
+    before any work (the source's size bounds the pruned model's), not once the compression
+    is done."""
+    import psutil
+
+    import prunenet.pipeline
+
+    source = sharded_checkpoint(tmp_path / "model")
+    checkpoint = StreamedCheckpoint(source)
+    size = 4 * sum(entry.numel for entry in checkpoint.entries.values())
+    budget = str(checkpoint.streaming_memory(training=False))
+    real = psutil.virtual_memory()
+    monkeypatch.setattr(psutil, "virtual_memory",
+                        lambda: real._replace(available=2 * size - 1))
+    class Started(Exception):
+        pass
+
+    def started(plan, tokenizer=None):
+        raise Started
+
+    monkeypatch.setattr(prunenet.pipeline, "run_compression", started)
+    common = ["-q", "compress", str(source), "--ratio", "0.5", "--out", str(tmp_path / "out"),
+              "--method", "random", "--reconstruct", "none", "--max-memory", budget]
+    assert main([*common, "--recover-steps", "1"]) == 2
+    error = capsys.readouterr().err
+    assert "--recover-steps holds the pruned model (at most the source's size)" in error
+    assert f"(the teacher) ({streaming.format_bytes(size)})" in error
+    assert "Compress without --recover-steps" in error
+    # One float32 copy fits: --finetune-steps passes this check (and goes on to compress).
+    with pytest.raises(Started):
+        main([*common, "--finetune-steps", "1"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
 SMALL_PROBE = {"probe_tokens": 256, "probe_length": 32, "progress": False}
 
 

@@ -293,6 +293,17 @@ def run_compress(args: argparse.Namespace) -> int:
                             record_dir=args.record, policy_out=args.policy_out,
                             overwrite=args.overwrite, extra_outputs=extra_outputs,
                             extra_reads=extra_reads)
+    if plan.streamed is not None:  # a recovery holds its models whole: known before any work
+        from .io.streaming import refuse_over_free_memory
+
+        size = 4 * sum(entry.numel for entry in plan.streamed.entries.values())  # float32
+        for _, _, option in recoveries:
+            teacher = [(f"{args.model} (the teacher)", size)] if option == "--recover-steps" \
+                else []
+            refuse_over_free_memory(
+                [("the pruned model (at most the source's size)", size), *teacher], option,
+                f"Compress without {option} (the model is read from disk), then recover on a "
+                "machine with more memory")
     result = _run_plan(plan)
     _print_summary(result)
     _print_record(args)
@@ -468,8 +479,9 @@ def add_convert(subparsers) -> None:
         "convert", help="write a GGUF model as a safetensors checkpoint, one layer at a time",
         description="Dequantize MODEL.gguf to a float32 safetensors checkpoint (one shard per "
         "decoder layer, config, tokenizer), holding one layer in memory at a time: the same "
-        "tensors transformers loads from the GGUF. A GGUF too large to load can be converted "
-        "this way and the checkpoint compressed with streaming (--max-memory).",
+        "tensors transformers loads from the GGUF. prunenet compress does this by itself, in "
+        "a scratch folder, for a GGUF over its --max-memory; convert keeps the checkpoint for "
+        "the commands that do not (eval reads it from disk as it runs).",
     )
     parser.add_argument("model", help="a .gguf file (or a folder holding exactly one)")
     parser.add_argument("--out", required=True, help="output folder (must not exist)")

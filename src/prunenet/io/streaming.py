@@ -516,8 +516,6 @@ def check_models_fit(sources: Sequence[str | os.PathLike], command: str,
     bound of what the load takes) exceed the memory available now: such a command cannot read
     a model from disk as it runs. Each GGUF is first checked as :func:`check_gguf_fits` checks
     it; Hub ids pass."""
-    import psutil
-
     sizes = []
     for source in sources:
         check_gguf_fits(source)
@@ -527,13 +525,23 @@ def check_models_fit(sources: Sequence[str | os.PathLike], command: str,
         elif (checkpoint := streamable(folder)) is not None:
             sizes.append((source, 4 * sum(entry.numel for entry in checkpoint.entries.values())
                           if float32 else checkpoint.weight_bytes))
+    refuse_over_free_memory(sizes, command, "Use a machine with more memory; prunenet "
+                            "compress and prunenet eval read a model this large from disk as it "
+                            "runs (--max-memory)")
+
+
+def refuse_over_free_memory(sizes: Sequence[tuple[Any, int]], command: str, instead: str
+                            ) -> None:
+    """Refuse ``command``, which holds the models ``sizes`` names ((what, bytes) each) in
+    memory together, when they exceed the memory available now, naming each and ``instead``."""
+    import psutil
+
     need, available = sum(size for _, size in sizes), psutil.virtual_memory().available
     if need > available:
         what = " and ".join(f"{source} ({format_bytes(size)})" for source, size in sizes)
         raise InputError(
             f"{command} holds {what} in memory, weights alone, and {format_bytes(available)} "
-            "of memory is available now. Use a machine with more memory; prunenet compress and "
-            "prunenet eval read a model this large from disk as it runs (--max-memory)")
+            f"of memory is available now. {instead}")
 
 
 def memory_budget(max_memory: int | str | None) -> int:
