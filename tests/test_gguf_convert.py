@@ -117,16 +117,7 @@ def test_convert_refuses_what_it_cannot_convert_and_leaves_nothing(tmp_path, tin
     # A conversion's own output is replaced with --overwrite.
     assert main(["-q", "convert", str(source), "--out", str(folder), "--overwrite"]) == 0
     # A failure part way leaves neither the output nor its staging folder.
-    saved = []
-
-    def fail_on_the_third(tensors, path, metadata=None):
-        saved.append(path)
-        if len(saved) == 3:
-            raise OSError(28, "No space left on device")
-        return real_save(tensors, path, metadata=metadata)
-
-    real_save = gguf_convert.save_file
-    monkeypatch.setattr(gguf_convert, "save_file", fail_on_the_third)
+    _fail_third_shard(monkeypatch, OSError(28, "No space left on device"))
     with pytest.raises(OSError):
         convert_gguf(source, tmp_path / "failed", progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "in", "mine"]
@@ -136,6 +127,20 @@ def test_convert_refuses_what_it_cannot_convert_and_leaves_nothing(tmp_path, tin
     with pytest.raises(OutputError, match="not enough disk space"):
         convert_gguf(source, tmp_path / "full", progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "in", "mine"]
+
+
+def _fail_third_shard(monkeypatch, error: OSError) -> list:
+    """Make the conversion's third shard fail with ``error``; returns the shards attempted."""
+    calls, real_save = [], gguf_convert.save_file
+
+    def fail_on_the_third(tensors, path, metadata=None):
+        calls.append(path)
+        if len(calls) == 3:
+            raise error
+        return real_save(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(gguf_convert, "save_file", fail_on_the_third)
+    return calls
 
 
 _CHILD = """
@@ -260,16 +265,7 @@ def test_a_streamed_gguf_that_cannot_run_leaves_nothing(tmp_path, tinycoder, mon
     error = capsys.readouterr().err
     assert "converting it to safetensors one layer at a time" in error
     assert f"needs at least {streaming.format_bytes(least)}" in error
-    calls = []
-
-    def fail_part_way(tensors, path, metadata=None):
-        calls.append(path)
-        if len(calls) == 3:
-            raise OSError(5, "Input/output error")
-        return real_save(tensors, path, metadata=metadata)
-
-    real_save = gguf_convert.save_file
-    monkeypatch.setattr(gguf_convert, "save_file", fail_part_way)
+    calls = _fail_third_shard(monkeypatch, OSError(5, "Input/output error"))
     assert main([*common, "--max-memory", str(least)]) == 2
     assert len(calls) == 3 and sorted(p.name for p in tmp_path.iterdir()) == ["in"]
     free = 2 * planned.weight_bytes + source.stat().st_size  # float32 twice, and model.gguf

@@ -456,18 +456,23 @@ def _check_finite_bytes(name: str, dtype: str, data: bytes) -> None:
         raise non_finite_error(name)
 
 
-def streamable(source: Any) -> StreamedCheckpoint | None:
-    """A :class:`StreamedCheckpoint` when ``source`` is a local safetensors model folder (or a
-    model alias, which names one)."""
+def _resolved(source: Any) -> tuple[str, str | None] | None:
+    """``resolve_source(source)`` for a path or name, else (or where it fails) None."""
     if not isinstance(source, (str, os.PathLike)):
         return None
     try:
-        name, gguf_file = resolve_source(source)
+        return resolve_source(source)
     except InputError:
         return None  # the load names what is wrong
-    if gguf_file is not None:
+
+
+def streamable(source: Any) -> StreamedCheckpoint | None:
+    """A :class:`StreamedCheckpoint` when ``source`` is a local safetensors model folder (or a
+    model alias, which names one)."""
+    resolved = _resolved(source)
+    if resolved is None or resolved[1] is not None:
         return None
-    folder = Path(name).expanduser()
+    folder = Path(resolved[0]).expanduser()
     if not (folder / "config.json").is_file():
         return None
     if not ((folder / INDEX_NAME).exists() or (folder / SINGLE_NAME).exists()):
@@ -477,13 +482,10 @@ def streamable(source: Any) -> StreamedCheckpoint | None:
 
 def local_gguf(source: Any) -> Path | None:
     """The GGUF file a local MODEL argument names (the file, or a folder holding one)."""
-    if not isinstance(source, (str, os.PathLike)):
+    resolved = _resolved(source)
+    if resolved is None or resolved[1] is None:
         return None
-    try:
-        folder, gguf_file = resolve_source(source)
-    except InputError:
-        return None  # the load names what is wrong
-    return None if gguf_file is None else Path(folder) / gguf_file
+    return Path(resolved[0]) / resolved[1]
 
 
 def check_gguf_fits(source: str | os.PathLike) -> None:
