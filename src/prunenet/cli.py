@@ -82,7 +82,8 @@ def positive_float(text: str) -> float:
 
 def _add_model_arguments(parser: argparse.ArgumentParser, converts_gguf: bool = True) -> None:
     """MODEL and the options every command that compresses or trains on it shares;
-    ``converts_gguf``: a GGUF over --max-memory is converted and streamed (else refused)."""
+    ``converts_gguf``: a GGUF over --max-memory is converted and streamed (else it is loaded
+    whole, and refused when larger than the free memory)."""
     parser.add_argument(
         "model",
         help="model folder (config.json + safetensors), a .gguf file, the alias smollm2-135m "

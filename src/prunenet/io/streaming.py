@@ -489,8 +489,8 @@ def local_gguf(source: Any) -> Path | None:
 
 
 def check_gguf_fits(source: str | os.PathLike) -> None:
-    """Refuse a GGUF input whose weights alone, dequantized to float32 as transformers loads a
-    GGUF, exceed the memory available now (a GGUF is not streamed; the load itself needs more:
+    """Refuse a GGUF input to be loaded whole whose weights alone, dequantized to float32 as
+    transformers loads a GGUF, exceed the memory available now (the load itself needs more:
     Qwen2.5-Coder-0.5B's 2.5 GB of weights peaked at 4.6 GB). Other sources pass."""
     folder, gguf_file = resolve_source(source)
     if gguf_file is None:
