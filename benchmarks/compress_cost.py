@@ -104,11 +104,14 @@ def same_tensors(a: Path, b: Path) -> bool:
         return found
 
     first, second = tensors(a), tensors(b)
-    gguf = [folder / "model.gguf" for folder in (a, b)]
-    return sorted(first) == sorted(second) and all(
+    same = sorted(first) == sorted(second) and all(
         first[name].dtype == second[name].dtype and bool((first[name] == second[name]).all())
-        for name in first) and [path.exists() for path in gguf] == [gguf[0].exists()] * 2 and (
-        not gguf[0].exists() or gguf[0].read_bytes() == gguf[1].read_bytes())
+        for name in first)
+    gguf_a, gguf_b = a / "model.gguf", b / "model.gguf"
+    if gguf_a.exists() or gguf_b.exists():
+        same = same and gguf_a.exists() and gguf_b.exists() and \
+            gguf_a.read_bytes() == gguf_b.read_bytes()
+    return same
 
 
 def main() -> None:

@@ -188,9 +188,10 @@ def _conversion_budget(source: Path) -> int:
 def _outputs_agree(memory: Path, stream: Path) -> None:
     """Two outputs of one compression, in memory and streamed: the same tensors, model.gguf
     bytes, record and card; the streamed one as shards."""
-    assert _tensors(stream).keys() == _tensors(memory).keys()
-    for name, tensor in _tensors(memory).items():
-        assert torch.equal(_tensors(stream)[name], tensor), name
+    expected, actual = _tensors(memory), _tensors(stream)
+    assert actual.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(actual[name], tensor), name
     assert ((memory / "model.gguf").exists() == (stream / "model.gguf").exists())
     if (memory / "model.gguf").exists():
         assert (memory / "model.gguf").read_bytes() == (stream / "model.gguf").read_bytes()

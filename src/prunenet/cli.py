@@ -297,7 +297,7 @@ def run_compress(args: argparse.Namespace) -> int:
     if plan.streamed is not None:  # a recovery holds its models whole: known before any work
         from .io.streaming import refuse_over_free_memory
 
-        size = 4 * sum(entry.numel for entry in plan.streamed.entries.values())  # float32
+        size = plan.streamed.float32_bytes
         for _, _, option in recoveries:
             teacher = [(f"{args.model} (the teacher)", size)] if option == "--recover-steps" \
                 else []

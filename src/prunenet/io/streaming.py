@@ -262,6 +262,11 @@ class StreamedCheckpoint:
     def weight_bytes(self) -> int:
         return sum(entry.end - entry.start for entry in self.entries.values())
 
+    @property
+    def float32_bytes(self) -> int:
+        """The weights' size in float32, as a fine-tune or a GGUF's load holds them."""
+        return 4 * sum(entry.numel for entry in self.entries.values())
+
     def streaming_memory(self, training: bool) -> int:
         """Estimated peak resident bytes of streamed work: about one layer plus the policy."""
         matrix = self.d_ff * self.d_model * 4
@@ -526,8 +531,8 @@ def check_models_fit(sources: Sequence[str | os.PathLike], command: str,
         if gguf_file is not None:
             sizes.append((source, 4 * gguf_parameters(Path(folder) / gguf_file)))
         elif (checkpoint := streamable(folder)) is not None:
-            sizes.append((source, 4 * sum(entry.numel for entry in checkpoint.entries.values())
-                          if float32 else checkpoint.weight_bytes))
+            sizes.append((source, checkpoint.float32_bytes if float32
+                          else checkpoint.weight_bytes))
     refuse_over_free_memory(sizes, command, "Use a machine with more memory; prunenet "
                             "compress and prunenet eval read a model this large from disk as it "
                             "runs (--max-memory)")
