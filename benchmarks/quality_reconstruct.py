@@ -48,7 +48,7 @@ from prunenet.io.files import atomic_file
 from prunenet.io.loading import load_model_and_tokenizer
 from prunenet.model_view import FFNView
 from prunenet.pipeline import select_rows, train_policy
-from prunenet.probe import ProbeRecipe, generate_probe
+from prunenet.probe import SAMPLER, ProbeRecipe, generate_probe
 from prunenet.refit import reconstruction_error, refit_layer, refit_model, sequential_refit
 from prunenet.selection.base import top_rows
 from prunenet.slicing import slice_model
@@ -63,7 +63,7 @@ def probe_text(model, tokenizer, tokens: int, seed: int, recipe: ProbeRecipe,
     """The self-generated probe of the model ``name`` (cached on disk by model, size, seed and
     recipe) and its seconds."""
     described = repr(recipe) if name == DEFAULT_MODEL else repr((name, recipe))
-    described += recipe.cache_suffix()
+    described += recipe.cache_suffix() + f" sampler={SAMPLER}"
     digest = hashlib.sha256(described.encode()).hexdigest()[:12]
     path = CACHE / f"probe-{tokens}-{seed}-{digest}.pt"
     if path.exists():
@@ -325,6 +325,8 @@ def run(args: argparse.Namespace) -> None:
                     key["skip_positions"] = args.skip_positions
                 if args.weight_tokens != "none":
                     key["weight_tokens"] = args.weight_tokens
+                if text == "probe":  # runs logged without it drew with torch.multinomial
+                    key["sampler"] = SAMPLER
                 if text == "probe" and args.start_temperature is not None:
                     key.update(start_temperature=args.start_temperature,
                                warmup_tokens=args.warmup_tokens)
@@ -497,6 +499,8 @@ def _recipe_label(key: dict) -> str:
         parts.append(f"sequences of {key['probe_length']}")
     if key.get("weight_tokens"):
         parts.append(f"tokens weighted by 1/{key['weight_tokens']} norm^2")
+    if key.get("sampler"):
+        parts.append(f"{key['sampler']} draws")
     return ", ".join(parts)
 
 

@@ -100,7 +100,7 @@ def test_the_record_says_what_was_distilled(setup, distilled):
     assert distillation["generated_tokens"] == {"training": 40 * 32, "evaluation": 4 * 32}
     precision = entry["settings"]["precision"]  # the device's default
     assert distillation["generation"] == {"seed": 0, "batch_size": 32, "temperature": 1.0,
-                                          "precision": precision}
+                                          "precision": precision, "sampler": "inverse-cdf"}
     assert distillation["text"] == "sampled by the teacher from its BOS token, temperature 1"
     assert entry["settings"]["data"] == "self-generated"
     assert entry["trained"] == "LoRA adapters" and entry["settings"]["train"] == "lora"
@@ -201,6 +201,23 @@ def test_resume_ends_with_the_weights_of_an_uninterrupted_run(setup):
         straight.record["finetune"]["eval_kl_after"], rel=1e-5)
     assert (resumed.record["finetune"]["distillation"]["generation"]
             == straight.record["finetune"]["distillation"]["generation"])
+
+
+def test_a_resumed_text_sampled_by_torch_multinomial_is_named_so(setup):
+    """Teacher text kept by a version whose generator drew with torch.multinomial (its saved
+    generation names no sampler) is trained on as it is, and the record says how it was
+    drawn."""
+    settings = dict(steps=4, eval_every=2, **{k: v for k, v in SETTINGS.items() if k != "data"})
+    out = setup.root / "multinomial"
+    with pytest.raises(Interrupted):
+        finetune(setup.pruned, "self-generated", out, callbacks=[InterruptAt(3)], **settings)
+    saved = setup.root / "multinomial.work" / "generated-windows.pt"
+    kept = torch.load(saved)
+    generation = {k: v for k, v in kept["generation"].items() if k != "sampler"}
+    torch.save({**kept, "generation": generation}, saved)
+    resumed = finetune(setup.pruned, "self-generated", out, resume=True, **settings)
+    assert resumed.record["finetune"]["distillation"]["generation"] == {
+        **generation, "sampler": "multinomial"}
 
 
 def test_resuming_a_work_folder_of_an_earlier_version_keeps_its_settings_and_text(setup):

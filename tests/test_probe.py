@@ -12,6 +12,7 @@ from prunenet.probe import (
     Probe,
     ProbeRecipe,
     distinct_4gram_fraction,
+    draw_tokens,
     generate_probe,
     main_script,
 )
@@ -26,6 +27,17 @@ class _AlwaysThree(torch.nn.Module):
         logits = torch.zeros(*hidden.shape[:-1], VOCAB)
         logits[..., 3] = 100.0
         return logits
+
+
+class _Fixed(torch.nn.Module):
+    """A language-model head with the same next-token distribution everywhere."""
+
+    def __init__(self, logits: torch.Tensor) -> None:
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.logits.expand(*hidden.shape[:-1], VOCAB).clone()
 
 
 @pytest.fixture(scope="module")
@@ -216,3 +228,87 @@ def test_models_differing_only_in_deeper_layers_never_share_a_probe(model):
         other.model.layers[-1].mlp.down_proj.weight.mul_(1.5)
     assert Probe(model, None, 64, 0).key() != Probe(other, None, 64, 0).key()
     assert Probe(model, None, 64, 0).key() == Probe(copy.deepcopy(model), None, 64, 0).key()
+
+
+def _frequencies_match(probabilities: torch.Tensor, draws: torch.Tensor) -> None:
+    """Every entry drawn as often as its probability says, within five standard deviations of
+    the binomial count, and no entry of probability zero drawn at all."""
+    expected = probabilities / probabilities.sum() * len(draws)
+    counts = torch.bincount(draws, minlength=len(probabilities)).double()
+    assert counts[probabilities == 0].sum() == 0
+    spread = (expected * (1 - expected / len(draws))).sqrt()
+    assert ((counts - expected).abs() <= 5 * spread + 1e-9).all(), (counts, expected)
+
+
+def test_draw_tokens_follows_the_distribution_across_blocks():
+    """Mass in the first block, on both sides of a block boundary and in the shorter last block
+    (3,000 entries: two whole blocks of 1,024 and one of 952), unnormalised, zeros between."""
+    probabilities = torch.zeros(3000)
+    probabilities[[1, 3, 1023, 1024, 2047, 2048, 2999]] = torch.tensor(
+        [0.5, 2.0, 1.0, 0.25, 3.0, 0.75, 1.5])
+    generator = torch.Generator().manual_seed(0)
+    draws = draw_tokens(probabilities.expand(200_000, -1), generator)
+    assert draws.shape == (200_000,) and draws.dtype == torch.long
+    _frequencies_match(probabilities, draws)
+
+
+def test_draw_tokens_follows_a_softmax_over_a_large_vocabulary():
+    logits = torch.randn(1, 50_000, generator=torch.Generator().manual_seed(1)) * 4
+    probabilities = torch.softmax(logits, dim=-1)[0]
+    probabilities[probabilities < probabilities.sort().values[-40]] = 0  # 40 entries with mass
+    draws = draw_tokens(probabilities.expand(100_000, -1), torch.Generator().manual_seed(2))
+    _frequencies_match(probabilities, draws)
+
+
+def test_draw_tokens_is_reproducible_per_generator_and_row():
+    probabilities = torch.softmax(torch.randn(6, 2500), dim=-1)
+    first = draw_tokens(probabilities, torch.Generator().manual_seed(7))
+    again = draw_tokens(probabilities, torch.Generator().manual_seed(7))
+    assert torch.equal(first, again)
+    one_hot = torch.zeros(3, 2500)
+    one_hot[0, 0] = one_hot[1, 1023] = one_hot[2, 2499] = 1.0
+    assert draw_tokens(one_hot, torch.Generator()).tolist() == [0, 1023, 2499]
+
+
+def test_a_uniform_draw_at_the_top_of_the_range_stays_on_an_entry_with_mass(monkeypatch):
+    """Ten entries of 0.1 (float32) sum to more in the block's float32 sum than in the float64
+    running sum inside it, so the largest uniform number below 1 lands past the block's last
+    entry: the draw takes that last entry, never a zero or one past the vocabulary."""
+    probabilities = torch.zeros(2, 3000)
+    probabilities[0, :10] = 0.1
+    probabilities[1, 2040:2050] = 0.1
+    top = torch.nextafter(torch.tensor(1.0, dtype=torch.float64),
+                          torch.tensor(0.0, dtype=torch.float64))
+    monkeypatch.setattr(torch, "rand", lambda *shape, **kwargs: top.expand(2, 1).clone())
+    assert draw_tokens(probabilities, torch.Generator()).tolist() == [9, 2049]
+
+
+def test_generated_tokens_follow_the_model_at_the_recipe_temperature():
+    """Every generated token is a draw from softmax(logits / T): here a head with one fixed
+    distribution over 6 tokens, sampled at T 2 (probabilities proportional to p ** 0.5)."""
+    model = make_tiny_model("llama")
+    p = torch.zeros(VOCAB)
+    p[[4, 9, 20, 64, 100, 127]] = torch.tensor([0.4, 0.25, 0.15, 0.1, 0.06, 0.04])
+    model.lm_head = _Fixed(p.log())
+    recipe = ProbeRecipe(sequence_length=64, batch_size=64, temperature=2.0)
+    tokens = generate_probe(model, None, 64 * 64, seed=3, recipe=recipe, progress=False)
+    assert tokens.shape == (64, 64) and (tokens[:, 0] == model.config.bos_token_id).all()
+    _frequencies_match(p.sqrt(), tokens[:, 1:].flatten())
+
+
+def test_the_probe_ignores_the_checkpoints_generation_settings():
+    """A generation_config.json that would reshape sampling (beams, a repetition penalty,
+    top-k / top-p, a temperature, a banned token) changes neither the probe nor the model's
+    own config, which is back in place after the probe."""
+    from transformers import GenerationConfig
+
+    model = make_tiny_model("llama")
+    plain = generate_probe(model, None, 64, seed=1, recipe=SHORT, progress=False)
+    shaped = GenerationConfig(do_sample=True, temperature=0.3, top_p=0.5, top_k=5, num_beams=2,
+                              repetition_penalty=1.5, no_repeat_ngram_size=2,
+                              bad_words_ids=[[7]], bos_token_id=model.config.bos_token_id,
+                              eos_token_id=model.config.eos_token_id)
+    model.generation_config = shaped
+    assert torch.equal(generate_probe(model, None, 64, seed=1, recipe=SHORT, progress=False),
+                       plain)
+    assert model.generation_config is shaped

@@ -43,7 +43,7 @@ def test_reconstruction_is_reproducible_keeps_size_and_reloads_exactly(tmp_path)
     assert records["a"]["probe"] == {"tokens": 256, "seed": 42, "sequence_length": 64,
                                      "shape": [4, 64],
                                      "temperature": probe_module.ProbeRecipe.temperature,
-                                     "batch_size": 32}
+                                     "sampler": "inverse-cdf", "batch_size": 32}
     assert records["hot"]["probe"]["temperature"] == 0.7
     layers = records["a"]["reconstruct"]["layers"]
     assert all(layer["relative_error_refit"] <= layer["relative_error_sliced"] + 1e-12

@@ -556,18 +556,22 @@ def _teacher_text(teacher: nn.Module, config: FinetuneConfig, work: Path, proces
     """The teacher's training and evaluation windows and how they were sampled: sampled once,
     kept in the work folder so that a resumed run trains on the very same text."""
     from .distillation import TEACHER_RECIPE, teacher_windows
+    from .probe import SAMPLER
 
     saved = work / GENERATED_NAME
     if saved.exists():
         kept = torch.load(saved)
         generation = kept.get("generation") or {  # a work folder from before generate_probe
             "seeds": kept.get("seeds"), "sampler": "one seed per batch of 32 sequences"}
-        return kept["training"], kept["evaluation"], {**EARLIER_SETTINGS, **generation}
+        # a work folder without a sampler was sampled by torch.multinomial
+        return kept["training"], kept["evaluation"], {**EARLIER_SETTINGS,
+                                                      "sampler": "multinomial", **generation}
     # the teacher samples on the CPU (before the Trainer moves it): in bfloat16 only where the
     # CPU computes it natively, whatever the training device's precision
     precision = config.precision if default_precision("cpu") == "bfloat16" else "float32"
     generation = {"seed": config.seed, "batch_size": TEACHER_RECIPE.batch_size,
-                  "temperature": TEACHER_RECIPE.temperature, "precision": precision}
+                  "temperature": TEACHER_RECIPE.temperature, "precision": precision,
+                  "sampler": SAMPLER}
     windows = config.generated_windows or (config.steps * config.batch_size * config.grad_accum
                                            * processes)
     training, evaluation = teacher_windows(teacher, windows, config.eval_windows, config.seqlen,
