@@ -327,3 +327,29 @@ def test_the_teacher_text_progress_bar_names_what_it_samples(setup, capsys):
     assert training.shape == (3, 8) and evaluation.shape == (1, 8)
     err = capsys.readouterr().err
     assert "teacher text" in err and "probe" not in err
+
+
+def test_the_teacher_is_the_model_compressed_whatever_folder_the_commands_run_in(
+        tmp_path, monkeypatch, capsys):
+    """A compression given a relative path records it absolute, so a later distillation run
+    from another folder, where that relative name is another model, reads the dense model it
+    was pruned from; a record of an earlier version holding a relative name that exists here
+    is refused, not guessed."""
+    from prunenet.distillation import default_teacher
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    make_tiny_model("llama", seed=1).save_pretrained(first / "dense")
+    make_tiny_model("llama", seed=2).save_pretrained(second / "dense")
+    monkeypatch.chdir(first)
+    assert main(["-q", "compress", "dense", "--ratio", "0.3", "--out", "pruned", "--method",
+                 "random", "--reconstruct", "none"]) == 0
+    record = json.loads((first / "pruned" / "prunenet.json").read_text())
+    assert record["source"] == str(first / "dense")
+    monkeypatch.chdir(second)
+    assert default_teacher(first / "pruned") == str(first / "dense")
+    record["source"] = "dense"  # as an earlier version wrote it
+    (first / "pruned" / "prunenet.json").write_text(json.dumps(record))
+    with pytest.raises(InputError, match="names the source 'dense' relative to the folder"):
+        default_teacher(first / "pruned")
+    monkeypatch.chdir(tmp_path)  # where no "dense" exists: a Hub id, as before
+    assert default_teacher(first / "pruned") == "dense"

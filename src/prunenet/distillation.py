@@ -26,7 +26,7 @@ from transformers import Trainer
 from .arithmetic import autocast
 from .errors import InputError
 from .families import check_sequence_length
-from .io.loading import RECORD_NAME, load_config, read_record
+from .io.loading import MODEL_ALIASES, RECORD_NAME, load_config, read_record
 from .probe import ProbeRecipe, generate_probe
 
 GENERATION_BATCH = 32  # sequences per generate() call: bounds the KV cache
@@ -54,6 +54,12 @@ def default_teacher(student: str | os.PathLike) -> str:
     if not source:
         raise InputError(f"{Path(student) / RECORD_NAME} names no source model; pass --teacher "
                          "DENSE")
+    path = Path(str(source)).expanduser()
+    if str(source) not in MODEL_ALIASES and not path.is_absolute() and path.exists():
+        # an earlier version recorded the path as given: relative to a folder now unknown
+        raise InputError(f"{Path(student) / RECORD_NAME} names the source {source!r} relative "
+                         "to the folder the compression ran in, which may not be this one; "
+                         "pass --teacher DENSE")
     return str(source)
 
 

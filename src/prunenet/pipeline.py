@@ -30,6 +30,7 @@ from .io.loading import (
     declared_ffn_width,
     is_model_output,
     load_model_and_tokenizer,
+    recorded_source,
     resolve_source,
     save_compressed,
 )
@@ -647,7 +648,7 @@ def compression_record(plan: Plan, selector: Selector, before: dict, after: dict
         "ffn_parameters_before": before["ffn"],
         "ffn_parameters_after": after["ffn"],
         "parameter_reduction": 1 - after["total"] / before["total"],
-        "source": plan.source,
+        "source": recorded_source(plan.source) if plan.source is not None else None,
         "policy_sha256": None,
         **selector.record(),
     }

@@ -72,6 +72,16 @@ def resolve_source(source: str | os.PathLike, staged: bool = False) -> tuple[str
     return text, None  # a Hub id
 
 
+def recorded_source(source: str | os.PathLike) -> str:
+    """How a record names a MODEL argument so that a later command finds the same model from
+    any folder: an alias or a Hub id as given, a local path made absolute."""
+    text = str(source)
+    if text in MODEL_ALIASES:
+        return text
+    path = Path(text).expanduser()
+    return str(path.resolve()) if path.exists() else text
+
+
 def _hub_error(source: str, error: Exception) -> InputError:
     offline = os.environ.get("HF_HUB_OFFLINE") == "1"
     return InputError(
