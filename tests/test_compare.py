@@ -42,7 +42,8 @@ def test_compare_writes_report_json_and_plots(tiny_llama_real_tokenizer_dir, tex
     assert main(_compare_argv(tiny_llama_real_tokenizer_dir, text_file, out)) == 0, \
         capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == [
-        "accuracy.png", "perplexity.png", "report.md", "results.json", "size.png", "speed.png"]
+        ".prunenet-files", "accuracy.png", "perplexity.png", "report.md", "results.json",
+        "size.png", "speed.png"]
 
     results = json.loads((out / "results.json").read_text())
     assert set(results) == {"format", "prunenet_version", "model", "ratios", "methods",

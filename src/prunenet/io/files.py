@@ -7,8 +7,9 @@ The rules, checked before any work by :func:`guard_outputs`:
 - an existing output is replaced only with ``overwrite``, and only when it is something prunenet
   made (each output names a recognizer: a model folder with ``prunenet.json``, a run record, a
   report, a policy file with its header...); an arbitrary file or folder is never replaced, and a
-  folder holding files prunenet does not write is never deleted;
-- parent folders are created for every output alike.
+  folder holding anything prunenet did not write there is never deleted (every folder prunenet
+  commits lists its contents in :data:`MANIFEST_NAME`);
+- missing parent folders are created for every output alike, when it is written.
 
 Outputs are staged in hidden siblings and renamed into place complete (:func:`atomic_folder`,
 :func:`atomic_file`); staging names stay within the file system's 255-byte name limit.
@@ -83,20 +84,81 @@ def is_staging_name(name: str) -> bool:
 Recognizer = Callable[[Path], bool]
 
 
+# Every folder prunenet commits lists what it wrote (relative POSIX paths, folders ending in
+# "/"): on --overwrite, a folder with this list is prunenet's only while everything in it is
+# listed, so a file or folder the user added later, whatever its name, is never deleted.
+MANIFEST_NAME = ".prunenet-files"
+
+
+def write_manifest(folder: Path) -> None:
+    """List everything under ``folder`` in its :data:`MANIFEST_NAME` (the list itself aside)."""
+    manifest = folder / MANIFEST_NAME
+    entries = sorted(path.relative_to(folder).as_posix() + ("/" if path.is_dir() else "")
+                     for path in folder.rglob("*") if path != manifest)
+    manifest.write_text(json.dumps(entries, indent=0) + "\n", encoding="utf-8")
+
+
+def read_manifest(folder: Path) -> frozenset[str] | None:
+    """The paths ``folder``'s manifest lists; None without one (a folder written before
+    manifests, judged by its names alone); empty when it is damaged (nothing counts as
+    listed)."""
+    manifest = folder / MANIFEST_NAME
+    if not manifest.is_file() or manifest.is_symlink():
+        return None
+    try:
+        entries = json.loads(manifest.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return frozenset()
+    if not isinstance(entries, list) or not all(isinstance(entry, str) for entry in entries):
+        return frozenset()
+    return frozenset(entries)
+
+
+def _all_listed(folder: Path, listed: frozenset[str], prefix: str,
+                later: Callable[[Path], bool], still_ours: Callable[[Path], bool]) -> bool:
+    """Whether everything under ``folder`` is in ``listed`` (paths below ``prefix``) and its
+    files pass ``still_ours``, but for top-level folders added after the commit that ``later``
+    recognizes (a report inside a run record: committed on its own, with its own list)."""
+    for entry in folder.iterdir():
+        path = prefix + entry.name
+        if entry.is_symlink():
+            return False
+        if entry.is_dir():
+            if path + "/" in listed:
+                if not _all_listed(entry, listed, path + "/", later, still_ours):
+                    return False
+            elif prefix or not later(entry):
+                return False
+        elif not entry.is_file() or not (path == MANIFEST_NAME or path in listed
+                                         and still_ours(entry)):
+            return False
+    return True
+
+
 def folder_of(marker: str | None, allowed: Sequence[str],
               folders: dict[str, Recognizer] | None = None,
               check: Callable[[Path], bool] | None = None,
               files: dict[str, Callable[[Path], bool]] | None = None) -> Recognizer:
     """A recognizer for a folder prunenet wrote: it holds ``marker`` (passing ``check``); every
-    file matches one of the ``allowed`` patterns (and the test ``files`` gives its name, if
-    any); every subfolder's name matches a pattern of ``folders`` and passes its recognizer.
-    Symlinks never count as prunenet's."""
+    file passes the test ``files`` gives its name, if any (a model card still prunenet's own);
+    and, where it has a manifest (:data:`MANIFEST_NAME`), it holds nothing the manifest does
+    not list but subfolders added later that ``folders`` recognizes. A folder without a
+    manifest (written before them) is judged by names: every file matches one of the
+    ``allowed`` patterns; every subfolder's name matches a pattern of ``folders`` and passes
+    its recognizer. Symlinks never count as prunenet's."""
 
-    def allowed_file(entry: Path) -> bool:
-        if not any(fnmatch.fnmatch(entry.name, pattern) for pattern in allowed):
-            return False
+    def still_ours(entry: Path) -> bool:  # a file whose content shows whose it is
         test = (files or {}).get(entry.name)
         return test is None or test(entry)
+
+    def allowed_file(entry: Path) -> bool:
+        return any(fnmatch.fnmatch(entry.name, pattern) for pattern in allowed) \
+            and still_ours(entry)
+
+    def subfolder(entry: Path) -> bool:
+        test = next((recognizer for pattern, recognizer in (folders or {}).items()
+                     if fnmatch.fnmatch(entry.name, pattern)), None)
+        return test is not None and test(entry)
 
     def recognize(folder: Path) -> bool:
         if folder.is_symlink() or not folder.is_dir():
@@ -104,13 +166,14 @@ def folder_of(marker: str | None, allowed: Sequence[str],
         if marker is not None and (not (folder / marker).is_file()
                                    or (check is not None and not check(folder))):
             return False
+        listed = read_manifest(folder)
+        if listed is not None:
+            return _all_listed(folder, listed, "", subfolder, still_ours)
         for entry in folder.iterdir():
             if entry.is_symlink():
                 return False
             if entry.is_dir():
-                test = next((recognizer for pattern, recognizer in (folders or {}).items()
-                             if fnmatch.fnmatch(entry.name, pattern)), None)
-                if test is None or not test(entry):
+                if not subfolder(entry):
                     return False
             elif not (entry.is_file() and allowed_file(entry)):
                 return False
@@ -177,7 +240,8 @@ def guard_outputs(outputs: Iterable[Output | None], inputs: Iterable[str | os.Pa
     """Check every output of a command against every input and each other; see the module doc.
 
     ``inputs`` that do not exist locally (Hub ids) are skipped; ``None`` entries of either are
-    ignored. Returns the resolved output paths in order, after creating their parent folders.
+    ignored. Returns the resolved output paths in order (their missing parent folders are made
+    when they are written).
     Raises :class:`OutputError` (or :class:`InputError` for unresolvable paths) before anything
     is written.
     """
@@ -216,7 +280,7 @@ def guard_outputs(outputs: Iterable[Output | None], inputs: Iterable[str | os.Pa
     for output, path in zip(wanted, paths):
         _check_existing(output, path, overwrite)
     for output, path in zip(wanted, paths):
-        _prepare_parent(output, path)
+        _check_parent(output, path)
     return paths
 
 
@@ -244,15 +308,18 @@ def _check_existing(output: Output, path: Path, overwrite: bool) -> None:
         )
 
 
-def _prepare_parent(output: Output, path: Path) -> None:
-    parent = path.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise OutputError(f"cannot create the folder {parent} for {output.what}: "
-                          f"{error.strerror or error}") from error
-    if not os.access(parent, os.W_OK):
-        raise OutputError(f"cannot write to {parent}: permission denied or read-only")
+def _check_parent(output: Output, path: Path) -> None:
+    """Refuse an output whose folder cannot be made or written to. Nothing is created here:
+    the missing folders above an output are made when it is written, so a command refused
+    later leaves none behind."""
+    parent = existing = path.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputError(f"cannot create the folder {parent} for {output.what}: {existing} is "
+                          "not a folder")
+    if not os.access(existing, os.W_OK):
+        raise OutputError(f"cannot write to {existing}: permission denied or read-only")
 
 
 # --- atomic writing -------------------------------------------------------------------------
@@ -306,6 +373,7 @@ def atomic_folder(out: Path, overwrite: bool = False,
     staging = Path(tempfile.mkdtemp(prefix=sibling_prefix(out, STAGING_TAG), dir=out.parent))
     try:
         yield staging
+        write_manifest(staging)
         os.chmod(staging, 0o755)
         for file in staging.rglob("*"):
             if file.is_file():
@@ -352,11 +420,12 @@ def atomic_file(path: Path, overwrite: bool = True,
     that appeared while the work ran is never lost (:class:`OutputError`).
     """
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(prefix=sibling_prefix(path, STAGING_TAG), dir=path.parent)
     os.close(handle)
-    make_readable(tmp)
     try:
         yield Path(tmp)
+        make_readable(tmp)  # after the writer, which may have made the file anew (0600)
         with output_lock(path):
             if path.exists() or path.is_symlink():
                 if not overwrite:
