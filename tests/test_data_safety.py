@@ -775,3 +775,47 @@ def test_a_foreign_folder_appearing_at_the_output_during_a_run_is_kept(tmp_path)
         (staging / "config.json").write_text("{}")
     assert sorted(p.name for p in out.iterdir()) == [".prunenet-files", "config.json"]
 
+
+@pytest.mark.parametrize("recovery", [["--recover-steps", "2"],
+                                      ["--finetune-steps", "2", "--finetune-seqlen", "128"]])
+def test_a_recovery_the_model_cannot_run_is_refused_before_the_compression(models, tmp_path,
+                                                                           capsys, recovery):
+    """The tiny model has 64 positions: recovery windows of 256 (distillation's default) or
+    128 tokens are refused before anything is compressed or written."""
+    before = sorted(p.name for p in tmp_path.iterdir())
+    refused(capsys, ["-q", "compress", str(models / "llama"), "--ratio", "0.3", "--out",
+                     str(tmp_path / "out" / "m"), "--method", "random", *recovery],
+            f"--finetune-seqlen {256 if recovery[0] == '--recover-steps' else 128} exceeds the "
+            "model's context of 64 tokens")
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_a_compression_failing_after_training_writes_no_policy(models, tmp_path, monkeypatch,
+                                                               capsys):
+    """--policy-out is written with the output, not when training ends: a run that fails
+    afterwards (here: the output's save) leaves no policy behind to block the next run."""
+    import prunenet.pipeline
+
+    def fail(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(prunenet.pipeline, "save_compressed", fail)
+    policy = tmp_path / "policy.safetensors"
+    assert main(["-q", "compress", str(models / "llama"), "--ratio", "0.3", "--method",
+                 "prunenet", "--episodes", "1", "--policy-out", str(policy), "--out",
+                 str(tmp_path / "out")]) != 0
+    assert "No space left on device" in capsys.readouterr().err
+    assert not policy.exists() and not (tmp_path / "out").exists()
+
+
+def test_a_bias_refit_without_a_bias_is_refused_before_any_work(models, tmp_path, capsys,
+                                                               monkeypatch):
+    import prunenet.selection.prunenet as prunenet_selection
+
+    monkeypatch.setattr(prunenet_selection, "train_on", None)  # training would fail loudly
+    before = sorted(p.name for p in tmp_path.iterdir())
+    refused(capsys, ["-q", "compress", str(models / "llama"), "--ratio", "0.3", "--method",
+                     "prunenet", "--episodes", "1", "--reconstruct", "bias", "--policy-out",
+                     str(tmp_path / "p.safetensors"), "--out", str(tmp_path / "out")],
+            "this model's has none; use --reconstruct ls")
+    assert sorted(p.name for p in tmp_path.iterdir()) == before

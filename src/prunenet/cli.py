@@ -254,7 +254,8 @@ def _add_calibration_arguments(parser: argparse.ArgumentParser) -> None:
                        help="corpus name, text/jsonl file or datasets folder (default: wiki); "
                        "windows come from its training region, never its evaluation windows")
     group.add_argument("--calibration-windows", type=positive_int, default=16,
-                       help="calibration windows of 1024 tokens (default: 16)")
+                       help="calibration windows of 1024 tokens, or of the model's context "
+                       "where it is shorter (default: 16)")
 
 
 def _calibration(args: argparse.Namespace):
@@ -305,6 +306,12 @@ def run_compress(args: argparse.Namespace) -> int:
                 [("the pruned model (at most the source's size)", size), *teacher], option,
                 f"Compress without {option} (the model is read from disk), then recover on a "
                 "machine with more memory")
+    for steps, _, option in recoveries:  # their settings, refused before the compression
+        from .finetune import SELF_GENERATED, check_recovery
+
+        check_recovery(args.model, SELF_GENERATED if option == "--recover-steps"
+                       else args.finetune_data, steps, args.finetune_seqlen,
+                       _precision(args.finetune_precision), args.device)
     result = _run_plan(plan)
     _print_summary(result)
     _print_record(args)

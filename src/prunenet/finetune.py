@@ -347,6 +347,19 @@ def _saved_dtype(source: str) -> torch.dtype | None:
     return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None
 
 
+def check_recovery(source: str | os.PathLike, data: str, steps: int, seqlen: int | None,
+                   precision: str | None, device: str) -> None:
+    """Refuse, before a compression, the recovery ``compress --finetune-steps`` or
+    ``--recover-steps`` would refuse after it: its settings, a precision the device does not
+    compute, and windows longer than the context of ``source`` (the pruned model keeps it)."""
+    settings = {"steps": steps, "seqlen": seqlen, "precision": precision or default_precision(
+        device)}
+    config = FinetuneConfig(data=str(data), **settings)
+    check_precision(device, config.precision)
+    check_sequence_length(load_config(source), config.seqlen, option="--finetune-seqlen",
+                          model="model")
+
+
 def finetune(
     model: str | os.PathLike,
     data: str,

@@ -29,6 +29,7 @@ from .io.files import Output, folder_of, guard_outputs, scratch_folder, sibling_
 from .io.loading import (
     declared_ffn_width,
     is_model_output,
+    load_config,
     load_model_and_tokenizer,
     recorded_source,
     resolve_source,
@@ -245,6 +246,20 @@ def make_selector(method: str, options: CompressOptions, policy: PrunePolicy | N
     return cls()
 
 
+def second_has_bias(model: Any, trust_remote_code: bool = False) -> bool:
+    """Whether ``model``'s second FFN matrix has a bias (what ``--reconstruct bias`` adds to):
+    read from the model, or for a path from a model of its config on the meta device (no
+    weight is read)."""
+    if not isinstance(model, nn.Module):
+        from transformers import AutoModelForCausalLM
+
+        config = load_config(model, trust_remote_code=trust_remote_code)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    view = FFNView(model)
+    return getattr(view.second_matrix_module(0), "bias", None) is not None
+
+
 def plan_compression(model: Any, ratio: float, options: CompressOptions, *,
                      policy: PrunePolicy | str | os.PathLike | None = None,
                      out: str | os.PathLike | None = None,
@@ -269,6 +284,10 @@ def plan_compression(model: Any, ratio: float, options: CompressOptions, *,
     if isinstance(options.ridge, bool) or not options.ridge > 0:
         raise InputError(f"--ridge must be a positive number, got {options.ridge!r}")
     reconstruct = options.reconstruct or "ls"
+    if reconstruct == "bias" and not second_has_bias(model, options.trust_remote_code):
+        raise InputError("--reconstruct bias adds the removed neurons' mean output to the bias "
+                         "of the second FFN matrix, and this model's has none; use "
+                         "--reconstruct ls")
     runs = selector_class(method).needs_model or reconstruct != "none"
     streamed = None
     if source is not None:  # reading the checkpoint's header writes nothing
@@ -492,12 +511,12 @@ def _compress(plan: Plan, tokenizer: Any = None, offloaded: nn.Module | None = N
         statistics = ProbeStatistics(model, probe.ids(), progress=options.progress)
     source = Source(weights, model, tokenizer, device, options.progress, probe,
                     statistics.every_layer if statistics is not None else None)
+    policy_file = None  # what --policy-out gets, described before the model is sliced
     if isinstance(selector, PruneNet):
         selector.train(source)
         if plan.policy_out is not None:
-            save_policy(selector.policy, plan.policy_out,
-                        policy_metadata(model if model is not None else weights,
-                                        selector.training), plan.overwrite)
+            policy_file = policy_metadata(model if model is not None else weights,
+                                          selector.training)
     original_spectra = first_matrix_spectra(weights) if plan.record_dir is not None else None
     before = weights.parameter_counts()
     rows = selector.select(source, kept, options.seed)
@@ -539,6 +558,8 @@ def _compress(plan: Plan, tokenizer: Any = None, offloaded: nn.Module | None = N
                                         also=_gguf_writer(reads, model, rows,
                                                           options.gguf_down_type)
                                         if "gguf" in plan.formats else None))
+    if policy_file is not None:  # with the output, not before: a failed run writes neither
+        save_policy(selector.policy, plan.policy_out, policy_file, plan.overwrite)
     if plan.record_dir is not None:
         training = selector.training if isinstance(selector, PruneNet) else None
         write_run_record(plan.record_dir, pruned_spectra, rows, record, original_spectra, training,
