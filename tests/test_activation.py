@@ -3,6 +3,8 @@ calibration-based `activation` score (hand computation, calibration never sees e
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -168,3 +170,23 @@ def test_select_rows_and_compress_round_the_kept_count_alike():
     assert [torch.equal(a, b) for a, b in zip(rows, result.kept_rows, strict=True)] == [
         True] * len(rows)
     assert (result.record["ffn_width_after"], result.record["round_to"]) == (32, 16)
+
+
+def test_calibration_windows_longer_than_the_context_are_cut_to_it(tmp_path):
+    """The tiny LLaMA has 64 positions: windows of the default 1024 tokens are read as windows
+    of 64 (the same rows as asking for 64), and the record names the 64 that ran."""
+    word_corpus = str(tmp_path / "long.txt")  # 600 words: 300 of them training tokens
+    Path(word_corpus).write_text(" ".join(f"w{(7 * i) % 128}" for i in range(600)))
+    model = make_tiny_model("llama")
+    seen: list[torch.Tensor] = []
+    model.get_input_embeddings().register_forward_pre_hook(
+        lambda _m, args: seen.append(args[0]))
+    result = prunenet.prune(model, None, 0.5, method="activation", tokenizer=WordTokenizer(),
+                            calibration=Calibration(corpus=word_corpus, windows=2),
+                            reconstruct="none", progress=False)
+    assert result.record["calibration"] == {"corpus": word_corpus, "windows": 2, "seqlen": 64}
+    assert max(batch.shape[1] for batch in seen) == 64
+    expected = activation_rows(make_tiny_model("llama"), WordTokenizer(), 24,
+                               Calibration(corpus=word_corpus, windows=2, seqlen=64),
+                               progress=False)
+    assert [r.tolist() for r in result.kept_rows] == [r.tolist() for r in expected]

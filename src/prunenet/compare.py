@@ -28,7 +28,7 @@ from .io.streaming import check_models_fit
 from .model_view import FFNView
 from .pipeline import input_paths, method_of_variant, prune, train_policy
 from .selection import SELECTORS
-from .selection.activation import Calibration
+from .selection.activation import Calibration, fitted_calibration
 from .selection.prunenet import PruneNet
 from .version import __version__
 
@@ -110,6 +110,8 @@ def compare(
     for ratio in [*ratios, *([train_ratio] if train_ratio is not None else [])]:
         kept_count(view.d_ff, ratio)
     seqlen = fitted_seqlen(dense.config, seqlen)
+    if "activation" in method_names:
+        calibration = fitted_calibration(dense.config, calibration or Calibration())
     corpus = None
     if ppl not in (None, "none"):
         corpus = load_corpus(ppl, tokenizer)

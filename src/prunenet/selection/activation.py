@@ -9,7 +9,8 @@ needs text and forward passes of the model: it shows what calibration buys or co
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -17,6 +18,7 @@ from torch import Tensor, nn
 
 from ..errors import InputError
 from ..evaluation.corpora import TokenCorpus, load_corpus
+from ..families import context_length
 from ..model_view import FFNView, squared_activation_sums
 from .base import Selector, Source, top_rows
 
@@ -35,6 +37,20 @@ class Calibration:
                 f"calibration needs at least 1 window of at least 2 tokens, got {self.windows} "
                 f"x {self.seqlen}"
             )
+
+
+log = logging.getLogger(__name__)
+
+
+def fitted_calibration(config: Any, calibration: Calibration) -> Calibration:
+    """``calibration`` with its windows cut to the model's context where it is shorter (said
+    once in the log; the record then names the length that ran)."""
+    context = context_length(config)
+    if context is None or calibration.seqlen <= context:
+        return calibration
+    log.warning("calibration windows of %d tokens: the model's context (the default is %d)",
+                context, calibration.seqlen)
+    return replace(calibration, seqlen=context)
 
 
 def calibration_windows(corpus: TokenCorpus, calibration: Calibration) -> Tensor:
@@ -66,6 +82,7 @@ class Activation(Selector):
         self.calibration.validate()
 
     def select(self, source: Source, kept: int, seed: int) -> list[Tensor]:
+        self.calibration = fitted_calibration(source.model.config, self.calibration)
         return activation_rows(source.model, source.tokenizer, kept, self.calibration,
                                source.progress)
 
