@@ -87,7 +87,7 @@ def parse_memory(text: str | int) -> int:
         text = int(text.strip())
     try:
         value = convert_file_size_to_int(text)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, OverflowError):  # OverflowError: infinite, e.g. 1e400GB
         raise InputError(f"memory size {text!r} is not understood; write e.g. 2GB (10^9 bytes), "
                          "2GiB (2^30 bytes) or 512MB") from None
     if value <= 0:
