@@ -309,6 +309,9 @@ def test_a_fine_tune_record_says_what_changed_and_keeps_an_earlier_one(setup, tm
              train="ffn", **SETTINGS)
     twice = json.loads((tmp_path / "twice" / "prunenet.json").read_text())
     assert twice["finetune"]["trained"] == "FFN weights"
+    assert not {"lora_r", "lora_alpha", "lora_dropout", "targets"} & set(
+        twice["finetune"]["settings"])  # no adapter ran: none of its settings is recorded
+    assert once["finetune"]["settings"]["lora_r"] == 8  # the LoRA run names its rank
     assert twice["finetune"]["previous"]["trained"] == "LoRA adapters"
     assert twice["finetune"]["previous"]["input"] == {"evaluation": measured}
     card = (tmp_path / "twice" / "README.md").read_text()

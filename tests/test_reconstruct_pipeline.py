@@ -100,8 +100,13 @@ def test_one_probe_per_run_and_a_cache_serves_the_next(tmp_path, monkeypatch, ge
 
 def test_bias_refit_for_families_with_a_bias_and_refused_without(tmp_path, capsys):
     opt = prunenet.compress(make_tiny_model("opt"), 0.25, reconstruct="bias", probe_tokens=128,
-                            progress=False)
+                            ridge=5.0, progress=False)
     assert opt.record["reconstruct"]["mode"] == "bias"
+    assert "ridge" not in opt.record["reconstruct"]  # the bias refit has none to record
+    again = prunenet.compress(make_tiny_model("opt"), 0.25, reconstruct="bias",
+                              probe_tokens=128, progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(opt.model.state_dict().values(),
+                                                 again.model.state_dict().values(), strict=True))
     source = tmp_path / "m"
     make_tiny_model("llama").save_pretrained(source)
     assert main(["-q", "compress", str(source), "--ratio", "0.3", "--out", str(tmp_path / "o"),

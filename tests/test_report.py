@@ -154,7 +154,11 @@ def test_report_of_a_baseline_has_no_training_plot(magnitude_run, tmp_path):
     assert names == TRAINING_PLOTS - {"training.png"} | {"report.md", "report.html"}
     for name in names - {"report.md", "report.html"}:
         _check_png(folder / name)
-    assert "No policy training: magnitude" in (folder / "report.md").read_text()
+    markdown = (folder / "report.md").read_text()
+    assert "No policy training: magnitude" in markdown
+    assert "untrained" not in markdown + (folder / "report.html").read_text()  # no such policy
+    assert "*Per-layer KS statistic of the selection (magnitude).*" in markdown
+    assert "| layer | kept neurons | KS final selection |" in markdown
 
 
 def test_not_a_record_says_what_is_missing(tmp_path, prunenet_run):

@@ -68,6 +68,8 @@ DEFAULT_SEQLEN = {"corpus": 1024, SELF_GENERATED: 256}
 # What a work folder saved before a setting existed ran with, for --resume (the arithmetic,
 # prunenet.arithmetic, was float32 before it could be chosen).
 EARLIER_SETTINGS = {"precision": "float32"}
+# FinetuneConfig fields that only a LoRA run uses (left out of an FFN run's record)
+LORA_SETTINGS = ("lora_r", "lora_alpha", "lora_dropout", "targets")
 
 
 @dataclass(frozen=True)
@@ -483,6 +485,9 @@ def finetune(
     settings_record = {**asdict(config), "targets": list(config.targets)}
     if config.train == "lora":
         settings_record["target_modules"] = sorted(student.peft_config["default"].target_modules)
+    else:  # no adapter ran: its settings describe nothing
+        for name in LORA_SETTINGS:
+            settings_record.pop(name)
     record["finetune"] = {
         "prunenet_version": __version__,
         "source": source,

@@ -175,9 +175,11 @@ def refit_layers(view: FFNView, kept_rows: Sequence[Tensor],
 
 
 def refit_record(mode: str, ridge: float, layers: list[dict]) -> dict:
-    """The refit's part of the compression record: mode, ridge and, per layer, the probe
-    reconstruction error of plain slicing and of the refit (relative to the output energy)."""
-    return {"mode": mode, "ridge": ridge, "statistics": "dense", "layers": layers}
+    """The refit's part of the compression record: mode, the ridge where the mode uses one
+    (``ls``; ``bias`` has none) and, per layer, the probe reconstruction error of plain slicing
+    and of the refit (relative to the output energy)."""
+    ridged = {"ridge": ridge} if mode == "ls" else {}
+    return {"mode": mode, **ridged, "statistics": "dense", "layers": layers}
 
 
 def refit_model(model: nn.Module, kept_rows: Sequence[Tensor],
@@ -245,7 +247,8 @@ def sequential_refit(model: nn.Module, kept_rows: Sequence[Tensor], probe_tokens
         _write(view, index, rows, columns, new_bias, zero_removed=True)
         for batch, call in enumerate(calls[index]):
             pruned[batch] = call.run(layer, pruned[batch])
-    return {"mode": mode, "ridge": ridge, "statistics": f"sequential-{target}", "layers": layers}
+    ridged = {"ridge": ridge} if mode == "ls" else {}
+    return {"mode": mode, **ridged, "statistics": f"sequential-{target}", "layers": layers}
 
 
 def _stream_statistics(view: FFNView, index: int, layer: nn.Module, original: nn.Module | None,

@@ -163,12 +163,12 @@ def summary_lines(data: dict[str, Any]) -> list[str]:
 def layer_table(data: dict[str, Any]) -> list[str]:
     """Markdown table: per layer, kept neurons and KS before/after selection."""
     per_layer = data["layers"]
-    before = per_layer["ks_first_episode"]
-    header = "| layer | kept neurons | KS untrained policy (episode 0) | KS final selection |"
-    lines = [header, "|---|---|---|---|"]
+    before = per_layer["ks_first_episode"]  # None: no policy was trained
+    lines = ["| layer | kept neurons |" + (" KS untrained policy (episode 0) |" if before else "")
+             + " KS final selection |", "|---|---|" + ("---|" if before else "") + "---|"]
     for layer in range(data["num_layers"]):
-        untrained = "-" if before is None else f"{before[layer]:.4f}"
-        lines.append(f"| {layer} | {per_layer['kept_neurons'][layer]} | {untrained} | "
+        untrained = f" {before[layer]:.4f} |" if before else ""
+        lines.append(f"| {layer} | {per_layer['kept_neurons'][layer]} |{untrained} "
                      f"{per_layer['ks_selected'][layer]:.4f} |")
     return lines
 
@@ -181,13 +181,20 @@ CAPTIONS = {
 }
 
 
+def caption(name: str, data: dict[str, Any]) -> str:
+    """The caption of plot ``name``: a run that trained no policy has no "before" curve."""
+    if name == "layer_ks.png" and data["layers"]["ks_first_episode"] is None:
+        return f"Per-layer KS statistic of the selection ({data['compression']['method']})."
+    return CAPTIONS[name]
+
+
 def render_markdown(data: dict[str, Any], plots: Sequence[str]) -> str:
     """``report.md``: the summary, the plots (relative links) and the per-layer table."""
     title = f"prunenet run report: {data['compression']['method']} at ratio " \
             f"{data['compression']['ratio']:g}"
     lines = [f"# {title}", "", *summary_lines(data), "", "## Plots", ""]
     for name in plots:
-        lines += [f"![{CAPTIONS[name]}]({name})", "", f"*{CAPTIONS[name]}*", ""]
+        lines += [f"![{caption(name, data)}]({name})", "", f"*{caption(name, data)}*", ""]
     lines += ["## Per layer", "", *layer_table(data)]
     return "\n".join(lines) + "\n"
 
@@ -207,9 +214,9 @@ def render_html(data: dict[str, Any], plots: Sequence[str], folder: Path) -> str
     body += ["</ul>", "<h2>Plots</h2>"]
     for name in plots:
         encoded = base64.b64encode((folder / name).read_bytes()).decode("ascii")
-        caption = html.escape(CAPTIONS[name])
-        body.append(f'<figure><img src="data:image/png;base64,{encoded}" alt="{caption}">'
-                    f"<figcaption>{caption}</figcaption></figure>")
+        text = html.escape(caption(name, data))
+        body.append(f'<figure><img src="data:image/png;base64,{encoded}" alt="{text}">'
+                    f"<figcaption>{text}</figcaption></figure>")
     rows = layer_table(data)
     header = [cell.strip() for cell in rows[0].strip("|").split("|")]
     body += ["<h2>Per layer</h2>", "<table>",
