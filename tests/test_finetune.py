@@ -427,3 +427,9 @@ def test_bfloat16_on_a_gpu_that_cannot_compute_it_is_refused_before_any_work(set
                                          "use --precision float32"):
         finetune(setup.pruned, setup.corpus, tmp_path / "o", precision="bfloat16", **SETTINGS)
     assert not (tmp_path / "o").exists() and not (tmp_path / "o.work").exists()
+
+
+def test_patience_takes_zero_for_never_and_refuses_negatives(capsys):
+    with pytest.raises(SystemExit):
+        main(["finetune", "pruned", "--out", "tuned", "--patience", "-1"])
+    assert "--patience: expected 0 or a positive integer, got -1" in capsys.readouterr().err

@@ -13,7 +13,7 @@ import prunenet
 from conftest import make_tiny_model
 from prunenet import probe as probe_module
 from prunenet.cli import main
-from prunenet.errors import OutputError
+from prunenet.errors import InputError, OutputError
 from prunenet.refit import DEFAULT_RIDGE
 
 
@@ -123,11 +123,15 @@ def test_reconstruct_bad_values_and_streaming(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["compress", str(source), "--ratio", "0.3", "--out", str(tmp_path / "o"),
               "--reconstruct", "magic"])
-    for temperature in ("0", "-1", "nan", "hot"):
-        with pytest.raises(SystemExit):
-            main(["compress", str(source), "--ratio", "0.3", "--out", str(tmp_path / "o"),
-                  "--probe-temperature", temperature])
-        assert "--probe-temperature" in capsys.readouterr().err
+    for option in ("--probe-temperature", "--ridge"):
+        for value in ("0", "-1", "nan", "inf", "1e400", "hot"):
+            with pytest.raises(SystemExit):
+                main(["compress", str(source), "--ratio", "0.3", "--out", str(tmp_path / "o"),
+                      option, value])
+            assert option in capsys.readouterr().err
+    for keyword in ("probe_temperature", "ridge"):  # the API checks them too, before any work
+        with pytest.raises(InputError, match="must be a positive finite number"):
+            prunenet.compress(str(source), 0.3, out=tmp_path / "o", **{keyword: float("inf")})
     assert not (tmp_path / "o").exists()
     from prunenet.io.streaming import StreamedCheckpoint
 

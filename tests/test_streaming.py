@@ -308,6 +308,10 @@ def test_max_memory_below_one_layer_names_the_minimum(tmp_path):
         choose_streaming(str(source), "1MB", training=True)
     assert streaming.format_bytes(minimum) in str(caught.value)
     assert f"streaming {source} needs" in str(caught.value)
+    assert "plus the policy" in str(caught.value)
+    with pytest.raises(InputError, match="needs at least") as caught:  # no policy to train
+        choose_streaming(str(source), "1MB", training=False)
+    assert "plus the policy" not in str(caught.value)
 
 
 @pytest.mark.parametrize("text,expected", [("2GB", 2 * 10**9), ("2GiB", 2 * 2**30),

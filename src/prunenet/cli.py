@@ -10,12 +10,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import signal
 import sys
 from collections.abc import Callable
 
-from .errors import PruneNetError
+from .errors import InputError, PruneNetError
 from .io.gguf_out import WRITABLE_TYPES
 from .pipeline import FORMATS, RECONSTRUCT, VARIANT_METHODS, CompressOptions
 from .selection import DEFAULT_METHOD, SELECTORS
@@ -49,6 +50,17 @@ def _is_percent(text: str) -> bool:
         return False
 
 
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 0 or a positive integer, got {text!r}") \
+            from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 or a positive integer, got {text}")
+    return value
+
+
 def positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -75,8 +87,8 @@ def positive_float(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text}")
     return value
 
 
@@ -438,9 +450,12 @@ def add_prune(subparsers) -> None:
 
 
 def run_fetch(args: argparse.Namespace) -> int:
-    from .assets import MODELS, fetch_all
+    from .assets import ASSETS, MODELS, fetch_all
     from .io.loading import convert_model
 
+    unknown = [name for name in args.assets if name not in ASSETS]
+    if unknown:
+        raise InputError(f"unknown asset {unknown[0]!r}; choose from {', '.join(ASSETS)}")
     paths = fetch_all(args.assets or None, force=args.force)
     for alias, model in MODELS.items():
         if model.asset in paths:
@@ -460,7 +475,7 @@ def add_fetch(subparsers) -> None:
         "data into $PRUNENET_CACHE (default ~/.cache/prunenet) and convert each model's GGUF to "
         "safetensors.",
     )
-    parser.add_argument("assets", nargs="*", choices=[[], *ASSETS],
+    parser.add_argument("assets", nargs="*", metavar="ASSET",
                         help=f"which to fetch (default: all but {', '.join(on_request)}): "
                         + "; ".join(f"{name}: {asset.description}"
                                     for name, asset in ASSETS.items()))
@@ -805,7 +820,7 @@ def add_finetune(subparsers) -> None:
                         help="evaluate and save a checkpoint every N steps (default: steps/4)")
     parser.add_argument("--eval-windows", type=positive_int, default=8,
                         help="held-out evaluation windows (default: 8)")
-    parser.add_argument("--patience", type=int, default=3,
+    parser.add_argument("--patience", type=non_negative_int, default=3,
                         help="stop after N evaluations without improvement; 0 = never "
                         "(default: 3)")
     parser.add_argument("--merge", action=argparse.BooleanOptionalAction, default=True,

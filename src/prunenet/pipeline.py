@@ -281,8 +281,11 @@ def plan_compression(model: Any, ratio: float, options: CompressOptions, *,
     if options.reconstruct not in (None, *RECONSTRUCT):
         raise InputError(f"unknown --reconstruct {options.reconstruct!r}; choose from "
                          f"{', '.join(RECONSTRUCT)}")
-    if isinstance(options.ridge, bool) or not options.ridge > 0:
-        raise InputError(f"--ridge must be a positive number, got {options.ridge!r}")
+    for name, value in (("--ridge", options.ridge),
+                        ("--probe-temperature", options.probe_temperature)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or not 0 < value < float("inf"):
+            raise InputError(f"{name} must be a positive finite number, got {value!r}")
     reconstruct = options.reconstruct or "ls"
     if reconstruct == "bias" and not second_has_bias(model, options.trust_remote_code):
         raise InputError("--reconstruct bias adds the removed neurons' mean output to the bias "

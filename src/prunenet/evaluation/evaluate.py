@@ -30,7 +30,7 @@ from ..io.streaming import (
 from ..model_view import FFNView, layers_from_disk
 from .corpora import TokenCorpus, load_corpus
 from .perplexity import perplexity
-from .speed import SpeedProtocol, measure_speed
+from .speed import SpeedProtocol, fitted_protocol, measure_speed
 from .zeroshot import parse_tasks, zero_shot
 
 log = logging.getLogger(__name__)
@@ -200,6 +200,9 @@ def evaluate(
             return evaluate(loaded, tokenizer, ppl=ppl, seqlen=seqlen, windows=windows,
                             tasks=task_names, limit=limit, speed=speed, source=model,
                             progress=progress)
+    if speed:  # a protocol the model cannot run fails before the other measurements
+        fitted_protocol(model.config, speed if isinstance(speed, SpeedProtocol)
+                        else SpeedProtocol(), quiet=True)
     view = FFNView(model)
     counts = view.parameter_counts()
     compression = None

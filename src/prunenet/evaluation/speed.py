@@ -77,6 +77,30 @@ def _one_run(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> tuple[f
     return prefill, time.perf_counter() - start
 
 
+def fitted_protocol(config: Any, protocol: SpeedProtocol, quiet: bool = False
+                    ) -> SpeedProtocol:
+    """``protocol`` for the model ``config`` describes: the default prompt shortened to fit its
+    context (said in the log unless ``quiet``). Raises :class:`InputError` for a prompt plus
+    generation the user gave that exceeds the context."""
+    protocol.validate()
+    context = context_length(config)
+    if protocol.prompt_tokens is None:  # the default prompt, shortened to fit the context
+        prompt_tokens, new_tokens = DEFAULT_PROMPT_TOKENS, protocol.new_tokens
+        if context is not None and prompt_tokens + new_tokens > context:
+            new_tokens = max(1, min(new_tokens, context // 4))
+            prompt_tokens = max(1, context - new_tokens)
+            if not quiet:
+                log.warning("speed: a prompt of %d tokens and %d new tokens, to fit the "
+                            "model's context of %d", prompt_tokens, new_tokens, context)
+        protocol = replace(protocol, prompt_tokens=prompt_tokens, new_tokens=new_tokens)
+    if context is not None and protocol.prompt_tokens + protocol.new_tokens > context:
+        raise InputError(
+            f"speed prompt ({protocol.prompt_tokens}) + new tokens ({protocol.new_tokens}) exceed "
+            f"the model's context of {context} tokens"
+        )
+    return protocol
+
+
 def measure_speed(model: nn.Module, protocol: SpeedProtocol | None = None) -> dict[str, Any]:
     """Median prefill and decode throughput of ``model`` under ``protocol``.
 
@@ -84,22 +108,7 @@ def measure_speed(model: nn.Module, protocol: SpeedProtocol | None = None) -> di
     ``decode_tokens_per_s``. Raises :class:`InputError` for a protocol that does not fit the
     model (a prompt plus generation longer than its context window).
     """
-    protocol = protocol or SpeedProtocol()
-    protocol.validate()
-    context = context_length(model.config)
-    if protocol.prompt_tokens is None:  # the default prompt, shortened to fit the context
-        prompt_tokens, new_tokens = DEFAULT_PROMPT_TOKENS, protocol.new_tokens
-        if context is not None and prompt_tokens + new_tokens > context:
-            new_tokens = max(1, min(new_tokens, context // 4))
-            prompt_tokens = max(1, context - new_tokens)
-            log.warning("speed: a prompt of %d tokens and %d new tokens, to fit the model's "
-                        "context of %d", prompt_tokens, new_tokens, context)
-        protocol = replace(protocol, prompt_tokens=prompt_tokens, new_tokens=new_tokens)
-    if context is not None and protocol.prompt_tokens + protocol.new_tokens > context:
-        raise InputError(
-            f"speed prompt ({protocol.prompt_tokens}) + new tokens ({protocol.new_tokens}) exceed "
-            f"the model's context of {context} tokens"
-        )
+    protocol = fitted_protocol(model.config, protocol or SpeedProtocol())
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(protocol.seed)
     shape = (protocol.batch_size, protocol.prompt_tokens)

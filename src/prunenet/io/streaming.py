@@ -610,7 +610,8 @@ def choose_streaming(source: Any, max_memory: int | str | None, training: bool,
         return None
     budget = memory_budget(max_memory)
     need = checkpoint.in_memory_need(training) + (working(checkpoint) if working else 0)
-    why = (f"one layer's FFN matrices {checkpoint.d_ff} x {checkpoint.d_model} plus the policy"
+    why = (f"one layer's FFN matrices {checkpoint.d_ff} x {checkpoint.d_model}"
+           + (" plus the policy" if training else "")
            + (", and converting it to safetensors one layer at a time first"
               if isinstance(checkpoint, PlannedConversion) else ""))
     if not exceeds(checkpoint, budget, need, checkpoint.streaming_memory(training),
