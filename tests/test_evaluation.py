@@ -322,3 +322,24 @@ def test_a_model_larger_than_the_budget_is_evaluated_from_disk_with_the_same_num
     assert main([*argv, "--max-memory", str(perplexity_need), "--speed"]) == 2
     assert "--speed measures a model held in memory" in capsys.readouterr().err
     assert list(scratch.iterdir()) == []
+
+
+def test_quiet_commands_print_no_library_progress_bars_nor_git_noise(
+        tiny_llama_real_tokenizer_dir, tmp_path, monkeypatch, capfd):
+    """-q silences every progress bar (lm-eval's requests, transformers' weight loading),
+    not only prunenet's, and restores them afterwards; lm-eval asks git nothing, so outside a
+    git repository no "fatal: not a git repository" line appears, with or without -q."""
+    from tqdm import std
+
+    monkeypatch.chdir(tmp_path)  # not inside a git repository
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))
+    original = std.tqdm.__dict__["__init__"]
+    argv = ["eval", str(tiny_llama_real_tokenizer_dir), "--ppl", "none", "--tasks", "piqa",
+            "--limit", "2"]
+    assert main(["-q", *argv]) == 0
+    err = capfd.readouterr().err
+    assert "%|" not in err and "it/s" not in err and "fatal" not in err, err
+    assert std.tqdm.__dict__["__init__"] is original
+    assert main(argv) == 0  # without -q the bars are back, and still no git noise
+    err = capfd.readouterr().err
+    assert "%|" in err and "fatal" not in err

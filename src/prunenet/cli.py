@@ -8,13 +8,14 @@ runs. Errors of prunenet print as one line (no traceback unless ``--debug``) and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from .errors import InputError, PruneNetError
 from .io.gguf_out import WRITABLE_TYPES
@@ -883,6 +884,27 @@ def _terminate(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+@contextlib.contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """-q: no progress bar at all while the command runs, ours or a library's (transformers'
+    "Loading weights" and GGUF conversion, lm-eval's requests), since libraries create their
+    tqdm bars with their own ``disable`` settings."""
+    from tqdm import std
+
+    saved = std.tqdm.__dict__["__init__"]  # restored as it was (tqdm wraps it itself)
+    original = std.tqdm.__init__
+
+    def silent(self, *args, **kwargs):
+        kwargs["disable"] = True
+        original(self, *args, **kwargs)
+
+    std.tqdm.__init__ = silent
+    try:
+        yield
+    finally:
+        std.tqdm.__init__ = saved
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -894,12 +916,9 @@ def main(argv: list[str] | None = None) -> int:
     # layers a streamed run reads from disk.
     logging.getLogger("accelerate.big_modeling").setLevel(logging.ERROR)
     signal.signal(signal.SIGTERM, _terminate)
-    if args.quiet:  # no progress bars either, ours or transformers' ("Loading weights")
-        import transformers.utils.logging as transformers_logging
-
-        transformers_logging.disable_progress_bar()
     try:
-        return int(args.run(args) or 0)
+        with _no_progress_bars() if args.quiet else contextlib.nullcontext():
+            return int(args.run(args) or 0)
     except (PruneNetError, *_KNOWN_ERRORS) as error:
         if args.debug:
             raise
@@ -908,7 +927,4 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("prunenet: interrupted; no partial output was left behind", file=sys.stderr)
         return 130
-    finally:
-        if args.quiet:
-            transformers_logging.enable_progress_bar()
 

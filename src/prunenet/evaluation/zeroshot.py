@@ -77,9 +77,14 @@ def zero_shot(
     if limit is not None and limit < 1:
         raise InputError(f"limit must be a positive number of examples, got {limit}")
     asset_path("zeroshot")  # fail early, naming the fetch command
+    import lm_eval.evaluator
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
+
+    # lm-eval records the git commit of the current folder, which is not ours to describe,
+    # and git prints "fatal: not a git repository" outside one: nothing is asked of git.
+    lm_eval.evaluator.get_git_commit_hash = lambda: None
 
     for name in ("lm-eval", "lm_eval"):
         logging.getLogger(name).setLevel(logging.ERROR)
