@@ -117,8 +117,8 @@ def read_manifest(folder: Path) -> frozenset[str] | None:
 def _all_listed(folder: Path, listed: frozenset[str], prefix: str,
                 later: Callable[[Path], bool], still_ours: Callable[[Path], bool]) -> bool:
     """Whether everything under ``folder`` is in ``listed`` (paths below ``prefix``) and its
-    files pass ``still_ours``, but for top-level folders added after the commit that ``later``
-    recognizes (a report inside a run record: committed on its own, with its own list)."""
+    files pass ``still_ours``, but for top-level folders added after the commit that carry
+    their own list and that ``later`` recognizes (a report inside a run record)."""
     for entry in folder.iterdir():
         path = prefix + entry.name
         if entry.is_symlink():
@@ -127,8 +127,8 @@ def _all_listed(folder: Path, listed: frozenset[str], prefix: str,
             if path + "/" in listed:
                 if not _all_listed(entry, listed, path + "/", later, still_ours):
                     return False
-            elif prefix or not later(entry):
-                return False
+            elif prefix or read_manifest(entry) is None or not later(entry):
+                return False  # only an output committed on its own may have joined later
         elif not entry.is_file() or not (path == MANIFEST_NAME or path in listed
                                          and still_ours(entry)):
             return False
