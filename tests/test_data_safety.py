@@ -819,3 +819,23 @@ def test_a_bias_refit_without_a_bias_is_refused_before_any_work(models, tmp_path
                      str(tmp_path / "p.safetensors"), "--out", str(tmp_path / "out")],
             "this model's has none; use --reconstruct ls")
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_outputs_inside_a_named_corpus_folder_are_refused(tiny_llama_real_tokenizer_dir,
+                                                          tmp_path, capsys):
+    """A corpus named by its name (wiki) is read from its folder in the cache: no output may
+    lie inside it either."""
+    from prunenet.assets import asset_path
+    from prunenet.errors import MissingAssetError
+
+    try:
+        wiki = asset_path("wiki")
+    except MissingAssetError as error:
+        pytest.skip(str(error))
+    before = digest(wiki)
+    refused(capsys, ["-q", "eval", str(tiny_llama_real_tokenizer_dir), "--ppl", "wiki",
+                     "--json", str(wiki / "results.json")], "lies inside the input")
+    refused(capsys, ["-q", "compress", str(tiny_llama_real_tokenizer_dir), "--ratio", "0.3",
+                     "--method", "activation", "--out", str(wiki / "pruned")],
+            "lies inside the input")
+    assert digest(wiki) == before

@@ -289,6 +289,7 @@ def _print_record(args: argparse.Namespace) -> None:
 
 
 def run_compress(args: argparse.Namespace) -> int:
+    from .evaluation.corpora import corpus_read_path
     from .finetune import is_work_folder
     from .io.files import Output, sibling_path
     from .io.loading import is_model_output
@@ -302,7 +303,7 @@ def run_compress(args: argparse.Namespace) -> int:
         Output(folder, f"{option} output", ours=is_model_output),
         Output(sibling_path(folder, ".work"), f"{option} work folder", working=True,
                ours=is_work_folder))]
-    extra_reads = [args.finetune_data] if args.finetune_steps else []
+    extra_reads = [corpus_read_path(args.finetune_data)] if args.finetune_steps else []
     options = CompressOptions.from_keywords(args.ratio, **_compress_options(args))
     plan = plan_compression(args.model, args.ratio, options, out=args.out,
                             record_dir=args.record, policy_out=args.policy_out,
@@ -562,6 +563,7 @@ def _ppl(args: argparse.Namespace) -> str | None:
 
 def run_eval(args: argparse.Namespace) -> int:
 
+    from .evaluation.corpora import corpus_read_path
     from .evaluation.evaluate import FORMAT, evaluate, format_table, opened_model
     from .evaluation.zeroshot import parse_tasks
     from .io.files import Output, guard_outputs, json_with_format, write_json_atomic
@@ -574,7 +576,7 @@ def run_eval(args: argparse.Namespace) -> int:
         json_path, = guard_outputs(
             [Output(args.json, "--json", folder=False,
                     ours=lambda path: json_with_format(path, FORMAT))],
-            [*input_paths(args.model), _ppl(args)], overwrite=True)
+            [*input_paths(args.model), corpus_read_path(_ppl(args))], overwrite=True)
     with opened_model(args.model, max_memory=args.max_memory, seqlen=args.seqlen,
                       tasks=parse_tasks(args.tasks), speed=args.speed,
                       trust_remote_code=args.trust_remote_code,

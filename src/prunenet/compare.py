@@ -17,7 +17,7 @@ from typing import Any
 
 from .assets import asset_path
 from .errors import InputError
-from .evaluation.corpora import load_corpus
+from .evaluation.corpora import corpus_read_path, load_corpus
 from .evaluation.evaluate import evaluate, fitted_seqlen
 from .evaluation.speed import SpeedProtocol
 from .evaluation.zeroshot import parse_tasks
@@ -98,7 +98,8 @@ def compare(
     if not ratios:
         raise InputError("give at least one ratio, e.g. --ratios 0.1,0.2,0.3")
     # Text corpora named by path are read too ("wiki" and other names are not paths).
-    reads = [*input_paths(model), ppl, (calibration or Calibration()).corpus]
+    reads = [*input_paths(model), corpus_read_path(ppl),
+             corpus_read_path((calibration or Calibration()).corpus)]
     out_path = check_output_path(out, overwrite, reads, ours=is_compare_output)
     if task_names:
         asset_path("zeroshot")  # data not fetched: fail before any work, naming the command

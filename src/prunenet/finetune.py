@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from .arithmetic import PRECISIONS, accelerator_available, check_precision, default_precision
 from .errors import InputError, NumericalError, OutputError
-from .evaluation.corpora import load_corpus
+from .evaluation.corpora import corpus_read_path, load_corpus
 from .families import check_sequence_length, family_for
 from .io.files import (
     Output,
@@ -412,7 +412,7 @@ def finetune(
     out_path, work = guard_outputs(
         [Output(out, "--out", ours=is_model_output),
          Output(sibling_path(out, ".work"), "work folder", working=True, ours=is_work_folder)],
-        [source, data, *teacher_reads], overwrite)
+        [source, corpus_read_path(data), *teacher_reads], overwrite)
     run_settings = {**asdict(config), "targets": list(config.targets), "source": source,
                     "teacher": teacher_source}
     process = PartialState()

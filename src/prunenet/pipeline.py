@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from . import ffn_statistics
 from .errors import InputError
+from .evaluation.corpora import corpus_read_path
 from .families import check_multiple, kept_count
 from .ffn_statistics import ProbeStatistics
 from .io.files import Output, folder_of, guard_outputs, scratch_folder, sibling_path
@@ -275,7 +276,7 @@ def plan_compression(model: Any, ratio: float, options: CompressOptions, *,
     reads = input_paths(source) if source is not None else []  # a bad input fails first
     if isinstance(policy, (str, os.PathLike)):
         reads.append(policy)
-    reads.append(options.calibration.corpus)  # a corpus named by its path is read too
+    reads.append(corpus_read_path(options.calibration.corpus))  # its file, or the cache's
     method = options.method or (PruneNet.name if policy is not None else DEFAULT_METHOD)
     trains = selector_class(method) is PruneNet and policy is None
     if options.reconstruct not in (None, *RECONSTRUCT):

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..assets import asset_path
+from ..assets import asset_path, cache_dir
 from ..errors import InputError
 
 EVALUATION_TOKENS = 128 * 1024
@@ -25,6 +25,15 @@ NAMED_CORPORA = {"wiki": "the Wikipedia sample (2,349 articles) shipped in exlla
 def _wiki_text() -> str:
     lines = (asset_path("wiki") / "wiki.utf8").read_text(encoding="utf-8").splitlines()
     return "\n".join(line for line in lines if not line.startswith(("<doc", "</doc>")))
+
+
+def corpus_read_path(source: str | None) -> str | None:
+    """The path a corpus argument reads, for the output guard: a named corpus's folder in the
+    cache (None before it is fetched), else the argument itself (a file or folder)."""
+    if source in NAMED_CORPORA:
+        folder = cache_dir() / "wiki"
+        return str(folder) if folder.exists() else None
+    return source
 
 
 def read_corpus_text(source: str) -> str:
