@@ -39,8 +39,9 @@ HASHED = ("*.safetensors", "*.png")
 VOLATILE = ("source", "prunenet_version")  # paths of this machine, the package version
 
 # Runs on every tiny family: (name, compress/prune arguments in today's option names). The code
-# before the probe and refit stages had a probe of 4 sequences of min(128, positions) tokens and
-# no refit: LEGACY_STAGES repeats that (the tiny models have 64 positions).
+# before the probe and refit stages had a probe of 4 sequences of min(128, positions) tokens
+# drawn by torch.multinomial and no refit: LEGACY_STAGES repeats that (the tiny models have 64
+# positions).
 TINY_RUNS = [
     ("self-generated", ["--method", "self-generated", "--probe-tokens", "{probe}"]),
     ("random", ["--method", "random", "--seed", "3"]),
@@ -69,7 +70,8 @@ def unified_methods() -> bool:
     return "self-generated" in help_text.getvalue().split("--method", 1)[1].split("--", 1)[0]
 
 
-LEGACY_STAGES = ["--probe-length", "128", "--probe-temperature", "1", "--reconstruct", "none"]
+LEGACY_STAGES = ["--probe-length", "128", "--probe-temperature", "1", "--reconstruct", "none",
+                 "--probe-sampler", "multinomial"]
 
 
 def today_arguments(arguments: list[str]) -> list[str]:

@@ -312,3 +312,20 @@ def test_the_probe_ignores_the_checkpoints_generation_settings():
     assert torch.equal(generate_probe(model, None, 64, seed=1, recipe=SHORT, progress=False),
                        plain)
     assert model.generation_config is shaped
+
+
+def test_the_earlier_multinomial_sampler_stays_available_and_named(model):
+    """--probe-sampler multinomial draws as earlier versions did (their probes repeat token for
+    token: tests/test_identity.py against outputs recorded from that code); it is seeded,
+    differs from the default's stream, and a probe cache keeps the two apart."""
+    earlier = ProbeRecipe(sequence_length=16, batch_size=3, sampler="multinomial")
+    first = generate_probe(model, None, 80, seed=5, recipe=earlier, progress=False)
+    assert torch.equal(first, generate_probe(model, None, 80, seed=5, recipe=earlier,
+                                             progress=False))
+    assert not torch.equal(first, generate_probe(model, None, 80, seed=5, recipe=SHORT,
+                                                 progress=False))
+    assert Probe(model, None, 80, 5, earlier).key() != Probe(model, None, 80, 5, SHORT).key()
+    assert Probe(model, None, 80, 5, earlier).record()["sampler"] == "multinomial"
+    with pytest.raises(InputError, match="unknown probe sampler 'gumbel'"):
+        generate_probe(model, None, 80, seed=5, progress=False,
+                       recipe=ProbeRecipe(sampler="gumbel"))

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from .errors import InputError, PruneNetError
 from .io.gguf_out import WRITABLE_TYPES
 from .pipeline import FORMATS, RECONSTRUCT, VARIANT_METHODS, CompressOptions
+from .probe import SAMPLERS
 from .selection import DEFAULT_METHOD, SELECTORS
 from .selection.prunenet import SELECTIONS
 from .selection.prunenet.reinforce import TrainingConfig
@@ -189,6 +190,11 @@ def _add_method_arguments(parser: argparse.ArgumentParser, takes_policy: bool = 
                        help="words every probe sequence starts with after BOS, to steer the "
                        "model's own text towards a language or style (no corpus); default: "
                        "none, the model's text from BOS alone")
+    group.add_argument("--probe-sampler", choices=list(SAMPLERS),
+                       default=CompressOptions.probe_sampler,
+                       help="how each probe token is drawn: inverse-cdf (default), or "
+                       "multinomial, as prunenet drew them before, to repeat an earlier run's "
+                       "probe token for token")
     group.add_argument("--probe-cache", metavar="DIR",
                        help="keep the probe in DIR and reuse it in later runs of the same model, "
                        "seed and size")
@@ -233,6 +239,7 @@ def _compress_options(args: argparse.Namespace) -> dict:
         "probe_tokens": args.probe_tokens,
         "probe_length": args.probe_length, "probe_cache": args.probe_cache,
         "probe_temperature": args.probe_temperature, "probe_prompt": args.probe_prompt,
+        "probe_sampler": args.probe_sampler,
         "reconstruct": args.reconstruct, "ridge": args.ridge,
         "progress": not args.quiet, "resume": getattr(args, "resume", False),
         **(_training_options(args) if hasattr(args, "episodes") else {}),

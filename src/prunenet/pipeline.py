@@ -108,6 +108,7 @@ class CompressOptions:
     probe_length: int = ProbeRecipe.sequence_length
     probe_temperature: float = ProbeRecipe.temperature
     probe_prompt: str = ProbeRecipe.prompt
+    probe_sampler: str = ProbeRecipe.sampler
     probe_cache: str | os.PathLike | None = None
     reconstruct: str | None = None  # ls, bias or none; None: ls in memory, none when streamed
     ridge: float = DEFAULT_RIDGE
@@ -744,7 +745,8 @@ def run_probe(model: nn.Module, tokenizer: Any, options: CompressOptions) -> Pro
     return Probe(model, tokenizer, options.probe_tokens, options.seed,
                  ProbeRecipe(sequence_length=options.probe_length,
                              temperature=options.probe_temperature,
-                             prompt=options.probe_prompt), options.probe_cache,
+                             prompt=options.probe_prompt, sampler=options.probe_sampler),
+                 options.probe_cache,
                  options.progress)
 
 

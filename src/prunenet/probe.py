@@ -30,6 +30,15 @@ from .errors import InputError
 from .families import context_length
 from .model_view import input_device, parameters_in_memory
 
+# How a token is drawn from the sampling distribution (named in cache keys and records):
+# inverse CDF, one uniform draw per sequence (torch.multinomial, which draws one exponential per
+# vocabulary entry, took 36 ms of every decoding step of 32 sequences over SmolLM2's 49,152
+# tokens and 236 ms over Gemma 3's 262,144 here; this takes 0.5 ms and 1.8 ms).
+SAMPLER = "inverse-cdf"
+# "multinomial": the earlier sampler (transformers' sampling with torch.multinomial on the
+# seeded global generator, the model's generation config applied), to repeat earlier probes.
+SAMPLERS = (SAMPLER, "multinomial")
+
 
 @dataclass(frozen=True)
 class ProbeRecipe:
@@ -56,6 +65,8 @@ class ProbeRecipe:
     # the first batch are written in): a multilingual model's probe stays in one writing
     # system without anyone naming a language. Needs the tokenizer. Out of the repr like prompt.
     one_script: bool = field(default=False, repr=False)
+    # How each token is drawn (SAMPLERS). Out of the repr like prompt; cache keys add it.
+    sampler: str = field(default=SAMPLER, repr=False)
 
     def cache_suffix(self) -> str:
         """What a cache key adds to the repr: the prompt and the script filter, when set."""
@@ -63,11 +74,6 @@ class ProbeRecipe:
                 + (" one_script=True" if self.one_script else ""))
 
 
-# How a token is drawn from the sampling distribution (named in cache keys and records):
-# inverse CDF, one uniform draw per sequence (torch.multinomial, which draws one exponential per
-# vocabulary entry, took 36 ms of every decoding step of 32 sequences over SmolLM2's 49,152
-# tokens and 236 ms over Gemma 3's 262,144 here; this takes 2 ms and 10 ms).
-SAMPLER = "inverse-cdf"
 _BLOCK = 1024  # vocabulary entries per block of the two-level search
 
 
@@ -111,11 +117,11 @@ class _Sampling:
     decoding to pick."""
 
     def __init__(self, recipe: ProbeRecipe, prompt_length: int, bar: tqdm,
-                 generator: torch.Generator) -> None:
+                 generator: torch.Generator | None) -> None:
         from transformers import MinPLogitsWarper, TopPLogitsWarper
 
         self.recipe, self.prompt_length, self.bar = recipe, prompt_length, bar
-        self.generator = generator
+        self.generator = generator  # None: only the temperature (transformers draws)
         self.warpers = ([TopPLogitsWarper(recipe.top_p)] if recipe.top_p < 1.0 else []) + (
             [MinPLogitsWarper(recipe.min_p)] if recipe.min_p > 0 else [])
 
@@ -129,6 +135,8 @@ class _Sampling:
             temperature = recipe.start_temperature + fraction * (
                 recipe.temperature - recipe.start_temperature)
         scores = scores / max(temperature, 1e-4)
+        if self.generator is None:
+            return scores
         for warper in self.warpers:
             scores = warper(input_ids, scores)
         drawn = draw_tokens(torch.softmax(scores, dim=-1), self.generator)
@@ -221,6 +229,9 @@ def generate_probe(model: nn.Module, tokenizer, tokens: int, seed: int,
     non-positive ``tokens``.
     """
     recipe = recipe or ProbeRecipe()
+    if recipe.sampler not in SAMPLERS:
+        raise InputError(f"unknown probe sampler {recipe.sampler!r}; use one of "
+                         f"{', '.join(SAMPLERS)}")
     if tokens < 1:
         raise InputError(f"the probe needs at least 1 token, got {tokens}")
     length = probe_sequence_length(model, recipe)
@@ -250,13 +261,21 @@ def generate_probe(model: nn.Module, tokenizer, tokens: int, seed: int,
                 raise InputError(f"{dropped} probe samples were {why}")
             count = min(recipe.batch_size, wanted - len(kept))
             prompt = _first_tokens(model, recipe, words, count, generator).to(device)
-            with _own_distribution(model):
+            new_tokens = length - prompt.shape[1]
+            if recipe.sampler == "multinomial":  # as earlier versions drew, to repeat them
                 output = model.generate(
-                    prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
-                    num_beams=1, max_new_tokens=length - prompt.shape[1],
-                    min_new_tokens=length - prompt.shape[1], pad_token_id=0,
-                    logits_processor=[_Sampling(recipe, prompt.shape[1], bar, generator)]
-                ).cpu()
+                    prompt, attention_mask=torch.ones_like(prompt), do_sample=True, top_k=0,
+                    top_p=recipe.top_p, min_p=recipe.min_p or None, temperature=1.0,
+                    max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0,
+                    logits_processor=[_Sampling(recipe, prompt.shape[1], bar, None)]).cpu()
+            else:
+                with _own_distribution(model):
+                    output = model.generate(
+                        prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                        num_beams=1, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                        pad_token_id=0,
+                        logits_processor=[_Sampling(recipe, prompt.shape[1], bar, generator)]
+                    ).cpu()
             scripts = [None] * len(output)
             if recipe.one_script:
                 scripts = [main_script(text) for text in tokenizer.batch_decode(
@@ -297,14 +316,15 @@ class Probe:
     def key(self) -> str:
         """What the probe depends on: the model (its config and every weight, so two models
         that share a config and embeddings but not their layers never share a probe), the seed,
-        the size, the recipe and the sampler (:data:`SAMPLER`)."""
+        the size, the recipe and its sampler."""
         digest = hashlib.sha256(self.model.config.to_json_string(use_diff=False).encode())
         for name, parameter in parameters_in_memory(self.model):
             digest.update(f"{name}:{parameter.dtype}:{tuple(parameter.shape)}".encode())
             digest.update(memoryview(parameter.detach().cpu().contiguous().view(-1)
                                      .view(torch.uint8).numpy()))
         digest.update((repr((self.seed, self.tokens, self.recipe))
-                       + self.recipe.cache_suffix() + f" sampler={SAMPLER}").encode())
+                       + self.recipe.cache_suffix()
+                       + f" sampler={self.recipe.sampler}").encode())
         return digest.hexdigest()[:32]
 
     def ids(self) -> Tensor:
@@ -343,6 +363,6 @@ class Probe:
         shape = {"shape": list(self._ids.shape)} if self._ids is not None else {}
         length = probe_sequence_length(self.model, self.recipe)
         return {"tokens": self.tokens, "seed": self.seed, **shape, "sequence_length": length,
-                "temperature": self.recipe.temperature, "sampler": SAMPLER,
+                "temperature": self.recipe.temperature, "sampler": self.recipe.sampler,
                 "batch_size": self.recipe.batch_size,  # the batch decides the sampled tokens
                 **prompt, **script}
