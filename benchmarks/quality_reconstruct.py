@@ -63,7 +63,7 @@ def probe_text(model, tokenizer, tokens: int, seed: int, recipe: ProbeRecipe,
     """The self-generated probe of the model ``name`` (cached on disk by model, size, seed and
     recipe) and its seconds."""
     described = repr(recipe) if name == DEFAULT_MODEL else repr((name, recipe))
-    described += recipe.cache_suffix() + f" sampler={SAMPLER}"
+    described += recipe.cache_suffix()
     digest = hashlib.sha256(described.encode()).hexdigest()[:12]
     path = CACHE / f"probe-{tokens}-{seed}-{digest}.pt"
     if path.exists():

@@ -69,9 +69,11 @@ class ProbeRecipe:
     sampler: str = field(default=SAMPLER, repr=False)
 
     def cache_suffix(self) -> str:
-        """What a cache key adds to the repr: the prompt and the script filter, when set."""
+        """What a cache key adds to the repr: the prompt and the script filter, when set, and
+        the sampler."""
         return ((f" prompt={self.prompt!r}" if self.prompt else "")
-                + (" one_script=True" if self.one_script else ""))
+                + (" one_script=True" if self.one_script else "")
+                + f" sampler={self.sampler}")
 
 
 _BLOCK = 1024  # vocabulary entries per block of the two-level search
@@ -323,8 +325,7 @@ class Probe:
             digest.update(memoryview(parameter.detach().cpu().contiguous().view(-1)
                                      .view(torch.uint8).numpy()))
         digest.update((repr((self.seed, self.tokens, self.recipe))
-                       + self.recipe.cache_suffix()
-                       + f" sampler={self.recipe.sampler}").encode())
+                       + self.recipe.cache_suffix()).encode())
         return digest.hexdigest()[:32]
 
     def ids(self) -> Tensor:
