@@ -139,19 +139,19 @@ def main() -> None:
     if args.teacher_top:
         TopKTrainer.top_k = args.teacher_top
         distillation.DistillationTrainer = TopKTrainer
+    lora = (dict(lora_r=args.lora_r, lora_alpha=args.lora_alpha,
+                 targets=tuple(args.targets.split(","))) if args.train == "lora" else {})
     started = time.perf_counter()
     finetune(args.pruned, "self-generated", args.out, steps=args.steps, seqlen=args.seqlen,
              generated_windows=args.steps // 2, eval_every=args.steps // 2, eval_windows=4,
-             lr=args.lr, train=args.train, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
-             targets=tuple(args.targets.split(",")), patience=None, progress=False,
-             precision=args.precision)
+             lr=args.lr, train=args.train, patience=None, progress=False,
+             precision=args.precision, **lora)
     seconds = time.perf_counter() - started
     model, tokenizer = load_model_and_tokenizer(args.out)
     result = {"temperature": args.temperature, "steps": args.steps, "seqlen": args.seqlen,
-              "train": args.train,
-              "lr": args.lr, "targets": args.targets, "seconds": seconds}
+              "train": args.train, "lr": args.lr, "seconds": seconds}
     if args.train == "lora":
-        result.update(lora_r=args.lora_r, lora_alpha=args.lora_alpha)
+        result.update(lora_r=args.lora_r, lora_alpha=args.lora_alpha, targets=args.targets)
     if args.hidden_weight:
         result["hidden_weight"] = args.hidden_weight
     if args.teacher_top:

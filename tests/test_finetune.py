@@ -248,6 +248,44 @@ def test_resume_refuses_contradicting_settings(setup):
         finetune(setup.pruned, setup.corpus, setup.root / "never", resume=True, **SETTINGS)
 
 
+def test_resume_takes_lora_settings_left_out_from_the_checkpoint(setup):
+    """A LoRA run of rank 4 with alpha 8, resumed without naming them, continues with the
+    checkpoint's adapters and ends as the uninterrupted run; naming another rank is refused."""
+    lora = dict(lora_r=4, lora_alpha=8.0, targets=("mlp",))
+    settings = dict(steps=4, eval_every=2, progress=False, **SETTINGS)
+    straight = finetune(setup.pruned, setup.corpus, setup.root / "rank4", **settings, **lora)
+    out = setup.root / "rank4-resumed"
+    with pytest.raises(Interrupted):
+        finetune(setup.pruned, setup.corpus, out, callbacks=[InterruptAt(3)], **settings,
+                 **lora)
+    with pytest.raises(InputError, match="lora_r: checkpoint 4, now 8"):
+        finetune(setup.pruned, setup.corpus, out, resume=True, lora_r=8, **settings)
+    resumed = finetune(setup.pruned, setup.corpus, out, resume=True, **settings)
+    assert resumed.record["finetune"]["resumed_from_step"] == 2
+    assert {key: resumed.record["finetune"]["settings"][key] for key in lora} == {
+        "lora_r": 4, "lora_alpha": 8.0, "targets": ["mlp"]}
+    assert straight.record["finetune"]["settings"]["lora_r"] == 4
+    assert_same_weights(setup.root / "rank4", out)
+
+
+def test_lora_settings_with_ffn_training_are_refused_before_any_work(setup, tmp_path, capsys):
+    """--train ffn trains no adapter: a LoRA setting given with it is refused in one line,
+    naming the option, and nothing is written; left out, the FFN run takes no LoRA setting."""
+    assert FinetuneConfig(train="ffn").lora_r == 8  # the defaults, never given
+    with pytest.raises(InputError, match="--lora-r sets the LoRA adapters; with train 'ffn'"):
+        FinetuneConfig(train="ffn", lora_r=8)  # the default's value, given, is refused too
+    with pytest.raises(InputError, match="--lora-alpha, --targets set the LoRA adapters"):
+        finetune(setup.pruned, setup.corpus, tmp_path / "f", train="ffn", lora_alpha=16.0,
+                 targets=("mlp",), **SETTINGS)
+    argv = ["finetune", str(setup.pruned), "--data", setup.corpus, "--out", str(tmp_path / "o"),
+            "--train", "ffn", "--seqlen", "32"]
+    assert main([*argv, "--lora-r", "64"]) == 2
+    err = capsys.readouterr().err
+    assert "--lora-r sets the LoRA adapters; with train 'ffn' no adapter trains" in err
+    assert len(err.strip().splitlines()) == 1
+    assert not any(tmp_path.iterdir())
+
+
 def test_bad_input_is_refused_with_a_clear_message(setup, tmp_path):
     not_a_model = tmp_path / "not-a-model"
     not_a_model.mkdir()

@@ -768,7 +768,14 @@ def run_finetune(args: argparse.Namespace) -> int:
 
 
 def add_finetune(subparsers) -> None:
-    from .finetune import DEFAULT_LR, DEFAULT_SEQLEN, DEFAULT_TRAIN, SELF_GENERATED, TRAINABLE
+    from .finetune import (
+        DEFAULT_LORA,
+        DEFAULT_LR,
+        DEFAULT_SEQLEN,
+        DEFAULT_TRAIN,
+        SELF_GENERATED,
+        TRAINABLE,
+    )
 
     parser = subparsers.add_parser(
         "finetune", help="recovery fine-tuning of a pruned model (LoRA or FFN weights), on a "
@@ -818,14 +825,19 @@ def add_finetune(subparsers) -> None:
                         help="peak learning rate, linear decay (default: "
                         f"{DEFAULT_LR['lora']:g} for lora, {DEFAULT_LR['ffn']:g} for ffn)")
     _add_precision_argument(parser, "--precision")
-    parser.add_argument("--lora-r", type=positive_int, default=8, help="LoRA rank (default: 8)")
-    parser.add_argument("--lora-alpha", type=positive_float, default=32.0,
-                        help="LoRA alpha (default: 32)")
-    parser.add_argument("--lora-dropout", type=float, default=0.05,
-                        help="LoRA dropout in [0, 1) (default: 0.05)")
-    parser.add_argument("--targets", type=target_list, default=("attn", "mlp"),
-                        help="LoRA targets from the model family's entry: attn, mlp, or module "
-                        "names of those groups, comma-separated (default: attn,mlp)")
+    lora = parser.add_argument_group(
+        "LoRA adapters", "only with --train lora (refused with --train ffn); --resume takes "
+        "any left out from the interrupted run")
+    lora.add_argument("--lora-r", type=positive_int, help="LoRA rank (default: "
+                      f"{DEFAULT_LORA['lora_r']})")
+    lora.add_argument("--lora-alpha", type=positive_float,
+                      help=f"LoRA alpha (default: {DEFAULT_LORA['lora_alpha']:g})")
+    lora.add_argument("--lora-dropout", type=float,
+                      help=f"LoRA dropout in [0, 1) (default: {DEFAULT_LORA['lora_dropout']:g})")
+    lora.add_argument("--targets", type=target_list,
+                      help="LoRA targets from the model family's entry: attn, mlp, or module "
+                      "names of those groups, comma-separated (default: "
+                      f"{','.join(DEFAULT_LORA['targets'])})")
     parser.add_argument("--eval-every", type=positive_int,
                         help="evaluate and save a checkpoint every N steps (default: steps/4)")
     parser.add_argument("--eval-windows", type=positive_int, default=8,

@@ -68,8 +68,10 @@ DEFAULT_SEQLEN = {"corpus": 1024, SELF_GENERATED: 256}
 # What a work folder saved before a setting existed ran with, for --resume (the arithmetic,
 # prunenet.arithmetic, was float32 before it could be chosen).
 EARLIER_SETTINGS = {"precision": "float32"}
-# FinetuneConfig fields that only a LoRA run uses (left out of an FFN run's record)
-LORA_SETTINGS = ("lora_r", "lora_alpha", "lora_dropout", "targets")
+# FinetuneConfig fields that only a LoRA run uses (left out of an FFN run's record, refused
+# when given to one), and their defaults
+DEFAULT_LORA = {"lora_r": 8, "lora_alpha": 32.0, "lora_dropout": 0.05, "targets": TARGET_GROUPS}
+LORA_SETTINGS = tuple(DEFAULT_LORA)
 
 
 @dataclass(frozen=True)
@@ -79,11 +81,13 @@ class FinetuneConfig:
     ``data`` is a corpus, or ``"self-generated"`` for distillation from the teacher's own text.
     ``train`` is "lora" or "ffn" (the FFN weights themselves); None: :data:`DEFAULT_TRAIN`. ``lr``
     None: :data:`DEFAULT_LR` of what trains; ``seqlen`` None: :data:`DEFAULT_SEQLEN` of the data.
-    ``targets`` (LoRA) holds group names of the family
-    entry ("attn", "mlp") and/or module names from those groups. ``generated_windows``
-    (distillation) is how many training sequences the teacher writes; None: one per window the run
-    trains on, so none repeats. ``eval_every`` None means four evaluations over the run;
-    ``patience`` None turns early stopping off (the best checkpoint is still the one kept).
+    ``lora_r``, ``lora_alpha``, ``lora_dropout`` and ``targets`` shape the LoRA adapters (None:
+    :data:`DEFAULT_LORA`; given with ``train="ffn"``, an :class:`InputError`); ``targets`` holds
+    group names of the family entry ("attn", "mlp") and/or module names from those groups.
+    ``generated_windows`` (distillation) is how many training sequences the teacher writes;
+    None: one per window the run trains on, so none repeats. ``eval_every`` None means four
+    evaluations over the run; ``patience`` None turns early stopping off (the best checkpoint
+    is still the one kept).
     ``precision``: "float32", or "bfloat16" (autocast: the weights and the optimizer stay
     float32); None: :func:`prunenet.arithmetic.default_precision` of the device, chosen by
     :func:`finetune`.
@@ -96,10 +100,10 @@ class FinetuneConfig:
     grad_accum: int = 1
     train: str | None = None
     lr: float | None = None
-    lora_r: int = 8
-    lora_alpha: float = 32.0
-    lora_dropout: float = 0.05
-    targets: tuple[str, ...] = TARGET_GROUPS
+    lora_r: int | None = None
+    lora_alpha: float | None = None
+    lora_dropout: float | None = None
+    targets: tuple[str, ...] | None = None
     eval_every: int | None = None
     eval_windows: int = 8
     generated_windows: int | None = None
@@ -113,6 +117,15 @@ class FinetuneConfig:
                 SELF_GENERATED if self.distils else "corpus"])
         if self.train not in TRAINABLE:
             raise InputError(f"train must be one of {', '.join(TRAINABLE)}, got {self.train!r}")
+        given = [name for name in LORA_SETTINGS if getattr(self, name) is not None]
+        if self.train != "lora" and given:
+            options = ", ".join("--" + name.replace("_", "-") for name in given)
+            raise InputError(f"{options} set{'s' if len(given) == 1 else ''} the LoRA adapters; "
+                             f"with train {self.train!r} no adapter trains: drop "
+                             f"{'it' if len(given) == 1 else 'them'} or train lora")
+        for name, value in DEFAULT_LORA.items():  # an FFN run records none of them
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
         if self.lr is None:
             object.__setattr__(self, "lr", DEFAULT_LR[self.train])
         if self.seqlen is None:
@@ -291,7 +304,7 @@ is_work_folder = folder_of(SETTINGS_NAME, (SETTINGS_NAME, GENERATED_NAME), folde
 # Settings whose None means "the default for this data or device": a resumed run that leaves
 # them unset takes the checkpoint's value, so a default changed between the two runs cannot
 # refuse it.
-RESUMED_DEFAULTS = ("train", "lr", "seqlen", "precision")
+RESUMED_DEFAULTS = ("train", "lr", "seqlen", "precision", *LORA_SETTINGS)
 
 
 def _saved_settings(work: Path) -> dict[str, Any]:
@@ -312,9 +325,13 @@ def _saved_settings(work: Path) -> dict[str, Any]:
 
 
 def _unset_from_checkpoint(settings: dict[str, Any], saved: dict[str, Any]) -> dict[str, Any]:
-    """``settings`` with the :data:`RESUMED_DEFAULTS` left unset taken from the ``saved`` ones."""
+    """``settings`` with the :data:`RESUMED_DEFAULTS` left unset taken from the ``saved`` ones
+    (the LoRA settings only for a run that trains LoRA: an FFN run's record holds defaults it
+    never used)."""
+    lora = (settings.get("train") or saved.get("train")) == "lora"
     return {**settings, **{key: saved[key] for key in RESUMED_DEFAULTS
-                           if settings.get(key) is None and saved.get(key) is not None}}
+                           if settings.get(key) is None and saved.get(key) is not None
+                           and (lora or key not in LORA_SETTINGS)}}
 
 
 def _check_work_folder(work: Path, settings: dict[str, Any], saved: dict[str, Any] | None,
