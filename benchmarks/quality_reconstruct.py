@@ -5,8 +5,10 @@ Every run prunes a fresh copy of the dense model: select rows (``self-generated`
 own probe text, ``activation`` on real training windows, ``random``, ``magnitude``), optionally
 refit the second FFN matrix (``ls`` from dense statistics; sequential statistics: ``ls-seq``
 matching the dense stream's FFN output, ``ls-seq-pruned`` the original FFN on the pruned
-stream), slice, and measure perplexity on the first ``--windows`` evaluation windows of the
-wiki sample (never used for calibration). The score (third field of a job): ``wanda``, ``energy``,
+stream; ``ls-diag``: each kept neuron's ridge proportional to its own mean square instead of
+the mean over neurons, :func:`diagonal_ridge_columns`), slice, and measure perplexity on the
+first ``--windows`` evaluation windows of the wiki sample (never used for calibration). The
+score (third field of a job): ``wanda``, ``energy``,
 ``fluctuation`` (``prunenet.ffn_statistics.SCORES``), or two that know about the refit: ``obs`` /
 ``obs-greedy`` (the neurons whose removal the refit repairs best) and ``wanda-obs`` (Wanda
 discounted by how well the other neurons predict each one), or gradient scores ``fisher-token``,
@@ -34,6 +36,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+import prunenet.refit
 from prunenet.evaluation.corpora import load_corpus
 from prunenet.evaluation.perplexity import perplexity
 from prunenet.families import kept_count
@@ -258,6 +261,21 @@ def held_out_ridge(model, stats_fit: list[LayerStatistics], stats_test: list[Lay
     return result
 
 
+def diagonal_ridge_columns(second: Tensor, kept_rows: Tensor, cross: Tensor,
+                           kept_gram: Tensor, ridge: float) -> Tensor:
+    """The ``ls`` refit with a per-neuron ridge: ``(W2 C + W2[:, K] L) (A + L)^-1`` with
+    ``L = ridge * diag(A)`` (a neuron whose mean square is zero gets the mean's penalty), the
+    uniform ridge on activations standardised to unit mean square. Same signature as
+    :func:`prunenet.refit.least_squares_columns`."""
+    second, kept_gram = second.double(), kept_gram.double()
+    diagonal = kept_gram.diagonal().clone()
+    floor = float(diagonal.mean()) if float(diagonal.mean()) > 0 else 1.0
+    penalty = ridge * torch.where(diagonal > 0, diagonal, torch.full_like(diagonal, floor))
+    regularised = kept_gram + torch.diag(penalty)
+    right = (second @ cross.double() + second[:, kept_rows] * penalty).T
+    return torch.linalg.solve(regularised, right).T
+
+
 def run(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     log = Path(args.log)
@@ -363,6 +381,14 @@ def run(args: argparse.Namespace) -> None:
                 errors = None
                 if refit == "ls":
                     rec = refit_model(pruned, rows, stats, "ls", args.ridge)
+                    errors = _mean_errors(rec)
+                elif refit == "ls-diag":
+                    original = prunenet.refit.least_squares_columns
+                    prunenet.refit.least_squares_columns = diagonal_ridge_columns
+                    try:
+                        rec = refit_model(pruned, rows, stats, "ls", args.ridge)
+                    finally:
+                        prunenet.refit.least_squares_columns = original
                     errors = _mean_errors(rec)
                 elif refit.startswith("ls-seq"):
                     target = "pruned" if refit.endswith("pruned") else "dense"
