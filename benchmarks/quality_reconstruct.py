@@ -404,6 +404,62 @@ def run(args: argparse.Namespace) -> None:
                 del pruned
 
 
+def cross(args: argparse.Namespace) -> None:
+    """Where the gap between the probe and real text lies: the rows selected on one text
+    refitted on the other's statistics (``rows real, refit probe`` and the reverse, beside the
+    default and the calibrated selection and refit, in the same process), and the
+    default with the calibrated selection and refit in one group of ``--cross`` consecutive
+    layers only (0: no groups), at each ratio; appended to the log like :func:`run`'s runs."""
+    torch.set_num_threads(args.threads)
+    log = Path(args.log)
+    done = {json.dumps(record["key"]) for record in _records(log)}
+    model, tokenizer = load_model_and_tokenizer(args.model)
+    windows = load_corpus(_evaluation_text(args.eval_text), tokenizer).evaluation_windows(
+        1024, args.windows)
+    ids, _ = probe_text(model, tokenizer, args.tokens, args.seed, _recipe(args), args.model)
+    stats = {"probe": timed_statistics(model, ids)[0],
+             "real": timed_statistics(model, real_text(tokenizer, args.tokens))[0]}
+    layers = FFNView(model).num_layers
+    for ratio in [float(r) for r in args.ratios.split(",")]:
+        kept = kept_count(FFNView(model).d_ff, ratio)
+        rows = {text: [top_rows(s, kept) for s in SCORES["wanda"](model, stats[text])]
+                for text in stats}
+        runs = [(f"rows {a}, refit {b}", [a] * layers, [b] * layers)
+                for a, b in (("probe", "probe"), ("real", "probe"), ("probe", "real"),
+                             ("real", "real"))]
+        for start in range(0, layers, args.cross) if args.cross else ():
+            group = range(start, min(layers, start + args.cross))
+            texts = ["real" if i in group else "probe" for i in range(layers)]
+            runs.append((f"rows and refit real in layers {group[0]}-{group[-1]} only", texts,
+                         texts))
+        for method, row_texts, refit_texts in runs:
+            key = {"method": method, "refit": "ls", "score": "wanda", "text": "probe+real",
+                   "tokens": args.tokens, "ratio": ratio, "seed": 0, "windows": args.windows,
+                   "probe_seed": args.seed, "ridge": args.ridge,
+                   "probe_length": args.probe_length, "probe_batch": args.probe_batch,
+                   "temperature": args.temperature, "sampler": SAMPLER}
+            if args.eval_text != "wiki":
+                key["eval_text"] = args.eval_text
+            if args.model != DEFAULT_MODEL:
+                key["model"] = args.model
+            if json.dumps(key) in done:
+                continue
+            pruned = copy.deepcopy(model)
+            chosen = [rows[text][i] for i, text in enumerate(row_texts)]
+            refit_model(pruned, chosen, [stats[text][i] for i, text in enumerate(refit_texts)],
+                        "ls", args.ridge)
+            slice_model(pruned, chosen)
+            overlap = statistics.mean(
+                len(set(a.tolist()) & set(b.tolist())) / kept
+                for a, b in zip(rows["probe"], rows["real"], strict=True))
+            entry = {"key": key, "perplexity": perplexity(pruned, windows, progress=False),
+                     "kept_overlap": overlap, "peak_rss_mb": _peak_rss_mb()}
+            with log.open("a") as handle:
+                handle.write(json.dumps(entry) + "\n")
+            print(json.dumps(entry), flush=True)
+            del pruned
+
+
 def ridge_sweep(args: argparse.Namespace) -> None:
     """Pick the ridge by held-out reconstruction: fit on the first half of the probe's
     sequences, measure on the second half, at each ratio; no perplexity involved."""
@@ -613,11 +669,17 @@ def main() -> None:
     parser.add_argument("--report-windows", type=int, help="--report: only these runs")
     parser.add_argument("--ridge-sweep", action="store_true",
                         help="instead: held-out probe reconstruction error per ridge")
+    parser.add_argument("--cross", type=int, metavar="LAYERS",
+                        help="instead: the rows of one text refitted on the other's statistics, "
+                        "and the calibrated rows and refit in each group of LAYERS consecutive "
+                        "layers only (0: no groups)")
     args = parser.parse_args()
     if args.report:
         print(report(Path(args.log), args.report_windows))
     elif args.ridge_sweep:
         ridge_sweep(args)
+    elif args.cross is not None:
+        cross(args)
     else:
         run(args)
 
