@@ -1,5 +1,6 @@
 """The refit-aware selections of benchmarks/quality_reconstruct.py against the refit they
-predict, computed independently here by least squares on the activations themselves."""
+predict, and its per-neuron ridge refit against the objective it minimises, computed
+independently here by least squares on the activations themselves."""
 
 from __future__ import annotations
 
@@ -11,9 +12,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from quality_reconstruct import refit_aware_rows, wanda_refit_aware  # noqa: E402
+from quality_reconstruct import (  # noqa: E402
+    diagonal_ridge_columns,
+    refit_aware_rows,
+    wanda_refit_aware,
+)
 
 from prunenet.ffn_statistics import SCORES, LayerStatistics, add_activations  # noqa: E402
+from prunenet.refit import least_squares_columns  # noqa: E402
 
 D_MODEL, D_FF, TOKENS, RIDGE = 5, 8, 300, 0.5
 
@@ -86,3 +92,25 @@ def test_wanda_discount_is_the_unexplained_share_of_each_activation(monkeypatch)
         residual = (design @ torch.linalg.lstsq(design, target).solution - target).pow(2).sum()
         share = (residual + penalty) / (activations[:, i].pow(2).mean() + penalty)
         assert float(discount[i]) == pytest.approx(float(share), rel=1e-5)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_per_neuron_ridge_minimises_its_objective(seed):
+    """``ls-diag``: W' minimises mean_t ||W2 a_t - W' a_K,t||^2 + sum_i ridge E[a_i^2]
+    ||W'_i - W2_i||^2 over the kept columns i, solved here as an augmented least squares."""
+    second, activations, stats = _layer(seed)
+    kept = torch.tensor([0, 2, 3, 5, 7])
+    gram = stats.gram / stats.count
+    columns = diagonal_ridge_columns(second, kept, gram[:, kept], gram[kept][:, kept], RIDGE)
+    roots = (RIDGE * gram.diagonal()[kept]).sqrt()
+    scale = TOKENS ** -0.5
+    design = torch.cat([activations[:, kept] * scale, torch.diag(roots)])
+    target = torch.cat([activations @ second.T * scale, (second[:, kept] * roots).T])
+    expected = torch.linalg.lstsq(design, target).solution.T
+    torch.testing.assert_close(columns, expected, rtol=1e-9, atol=1e-10)
+    # equal mean squares make it the refit's uniform ridge
+    unit = gram / gram.diagonal().sqrt()[:, None] / gram.diagonal().sqrt()[None, :]
+    torch.testing.assert_close(
+        diagonal_ridge_columns(second, kept, unit[:, kept], unit[kept][:, kept], RIDGE),
+        least_squares_columns(second, kept, unit[:, kept], unit[kept][:, kept], RIDGE),
+        rtol=1e-12, atol=1e-12)
