@@ -269,7 +269,7 @@ def diagonal_ridge_columns(second: Tensor, kept_rows: Tensor, cross: Tensor,
     :func:`prunenet.refit.least_squares_columns`."""
     second, kept_gram = second.double(), kept_gram.double()
     diagonal = kept_gram.diagonal().clone()
-    floor = float(diagonal.mean()) if float(diagonal.mean()) > 0 else 1.0
+    floor = float(diagonal.mean()) or 1.0  # the mean of non-negative squares: 0 or positive
     penalty = ridge * torch.where(diagonal > 0, diagonal, torch.full_like(diagonal, floor))
     regularised = kept_gram + torch.diag(penalty)
     right = (second @ cross.double() + second[:, kept_rows] * penalty).T
@@ -287,10 +287,7 @@ def run(args: argparse.Namespace) -> None:
     recipe = _recipe(args)
 
     def record(key: dict, **values) -> None:
-        entry = {"key": key, **values, "peak_rss_mb": _peak_rss_mb()}
-        with log.open("a") as handle:
-            handle.write(json.dumps(entry) + "\n")
-        print(json.dumps(entry), flush=True)
+        _append(log, {"key": key, **values, "peak_rss_mb": _peak_rss_mb()})
 
     dense_key = {"method": "dense", "windows": args.windows}
     if args.model != DEFAULT_MODEL:
@@ -419,11 +416,15 @@ def cross(args: argparse.Namespace) -> None:
     ids, _ = probe_text(model, tokenizer, args.tokens, args.seed, _recipe(args), args.model)
     stats = {"probe": timed_statistics(model, ids)[0],
              "real": timed_statistics(model, real_text(tokenizer, args.tokens))[0]}
-    layers = FFNView(model).num_layers
+    view = FFNView(model)
+    layers = view.num_layers
     for ratio in [float(r) for r in args.ratios.split(",")]:
-        kept = kept_count(FFNView(model).d_ff, ratio)
+        kept = kept_count(view.d_ff, ratio)
         rows = {text: [top_rows(s, kept) for s in SCORES["wanda"](model, stats[text])]
                 for text in stats}
+        overlap = statistics.mean(
+            len(set(a.tolist()) & set(b.tolist())) / kept
+            for a, b in zip(rows["probe"], rows["real"], strict=True))
         runs = [(f"rows {a}, refit {b}", [a] * layers, [b] * layers)
                 for a, b in (("probe", "probe"), ("real", "probe"), ("probe", "real"),
                              ("real", "real"))]
@@ -449,14 +450,8 @@ def cross(args: argparse.Namespace) -> None:
             refit_model(pruned, chosen, [stats[text][i] for i, text in enumerate(refit_texts)],
                         "ls", args.ridge)
             slice_model(pruned, chosen)
-            overlap = statistics.mean(
-                len(set(a.tolist()) & set(b.tolist())) / kept
-                for a, b in zip(rows["probe"], rows["real"], strict=True))
-            entry = {"key": key, "perplexity": perplexity(pruned, windows, progress=False),
-                     "kept_overlap": overlap, "peak_rss_mb": _peak_rss_mb()}
-            with log.open("a") as handle:
-                handle.write(json.dumps(entry) + "\n")
-            print(json.dumps(entry), flush=True)
+            _append(log, {"key": key, "perplexity": perplexity(pruned, windows, progress=False),
+                          "kept_overlap": overlap, "peak_rss_mb": _peak_rss_mb()})
             del pruned
 
 
@@ -548,6 +543,13 @@ def _mean_errors(record: dict) -> dict:
     layers = record["layers"]
     return {"sliced": statistics.mean(x["relative_error_sliced"] for x in layers),
             "refit": statistics.mean(x["relative_error_refit"] for x in layers)}
+
+
+def _append(log: Path, entry: dict) -> None:
+    """One run's line, appended to the log and printed."""
+    with log.open("a") as handle:
+        handle.write(json.dumps(entry) + "\n")
+    print(json.dumps(entry), flush=True)
 
 
 def _peak_rss_mb() -> float:
