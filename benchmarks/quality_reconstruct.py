@@ -13,8 +13,10 @@ score (third field of a job): ``wanda``, ``energy``,
 ``obs-greedy`` (the neurons whose removal the refit repairs best) and ``wanda-obs`` (Wanda
 discounted by how well the other neurons predict each one), or gradient scores ``fisher-token``,
 ``fisher-sequence``, ``fisher-token-sampled`` (each neuron's diagonal Fisher information on the
-probe, :func:`fisher_scores`). Results are appended to a JSON-lines
-log; finished runs are skipped, ``--report`` prints the table.
+probe, :func:`fisher_scores`), or the Wanda-style product with an aggregate over tokens or
+sequences less swayed by a few of them, ``wanda-l1``, ``wanda-tokennorm``, ``wanda-seqnorm``,
+``wanda-seqmedian``, ``wanda-seqq25``, ``wanda-seqgeo`` (:func:`aggregate_scores`). Results are
+appended to a JSON-lines log; finished runs are skipped, ``--report`` prints the table.
 
     nice -n 10 python -u benchmarks/quality_reconstruct.py --ratios 0.3,0.2,0.1 --windows 4
     python benchmarks/quality_reconstruct.py --report
@@ -46,6 +48,7 @@ from prunenet.ffn_statistics import (
     add_activations,
     collect_ffn_statistics,
     second_matrix,
+    wanda_product,
 )
 from prunenet.io.files import atomic_file
 from prunenet.io.loading import load_model_and_tokenizer
@@ -183,6 +186,58 @@ def fisher_scores(model, tokens: Tensor, per: str = "token", labels: str = "text
         for parameter, flag in zip(model.parameters(), requires, strict=True):
             parameter.requires_grad_(flag)
     return scores
+
+
+AGGREGATES = ("l1", "tokennorm", "seqnorm", "seqmedian", "seqq25", "seqgeo")
+
+
+def aggregate_scores(model, tokens: Tensor, how: str, batch_size: int = 4) -> list[Tensor]:
+    """The Wanda-style product with the mean square ``mean_t a_i^2`` replaced by an aggregate
+    less swayed by a few tokens or sequences (``how``): ``l1``, ``(mean_t |a_i|)^2``;
+    ``tokennorm``, ``mean_t a_i^2 / mean_j a_j^2`` (every token's activation energy counts
+    once); ``seqnorm``, each probe sequence's share ``sum_t a_i^2 / sum_tj a_j^2`` summed
+    (every sequence counts once); ``seqmedian`` / ``seqq25`` / ``seqgeo``, the median, lower
+    quartile or geometric mean over sequences of each sequence's ``mean_t a_i^2`` (a neuron
+    the probe's many sequences use before one that a few use heavily)."""
+    view = FFNView(model)
+    per_sequence: list[list[Tensor]] = [[] for _ in range(view.num_layers)]
+    absolute = [torch.zeros(view.d_ff, dtype=torch.float64) for _ in range(view.num_layers)]
+    normalised = [torch.zeros(view.d_ff, dtype=torch.float64) for _ in range(view.num_layers)]
+
+    def collect(index: int):
+        def hook(_module, inputs) -> None:
+            activation = inputs[0].detach().double()  # sequences x positions x d_ff
+            squares = activation.pow(2)
+            absolute[index] += activation.abs().sum((0, 1))
+            normalised[index] += (squares / squares.mean(-1, keepdim=True).clamp_min(1e-30)
+                                  ).sum((0, 1))
+            per_sequence[index].append(squares.mean(1))
+        return hook
+
+    handles = [view.second_matrix_module(i).register_forward_pre_hook(collect(i))
+               for i in range(view.num_layers)]
+    try:
+        with torch.no_grad():
+            for start in range(0, tokens.shape[0], batch_size):
+                model(tokens[start:start + batch_size], use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    count = tokens.numel()
+    sequences = [torch.cat(means) for means in per_sequence]  # sequences x d_ff per layer
+    if how == "l1":
+        means = [(total / count) ** 2 for total in absolute]
+    elif how == "tokennorm":
+        means = [total / count for total in normalised]
+    elif how == "seqnorm":
+        means = [(s / s.sum(-1, keepdim=True)).sum(0) for s in sequences]
+    elif how in ("seqmedian", "seqq25"):
+        means = [s.quantile(0.5 if how == "seqmedian" else 0.25, dim=0) for s in sequences]
+    elif how == "seqgeo":
+        means = [(s + 1e-6 * s.mean()).log().mean(0).exp() for s in sequences]
+    else:
+        raise ValueError(f"unknown aggregate {how!r}; use one of {', '.join(AGGREGATES)}")
+    return wanda_product(model, means)
 
 
 def _ridged_gram(stats: LayerStatistics, ridge: float) -> tuple[Tensor, float]:
@@ -369,6 +424,9 @@ def run(args: argparse.Namespace) -> None:
                     fisher = fisher_scores(model, info["ids"], per=parts[1],
                                            labels="sampled" if parts[-1] == "sampled" else "text")
                     rows = [top_rows(f, kept) for f in fisher]
+                elif score.startswith("wanda-") and score[6:] in AGGREGATES:
+                    rows = [top_rows(a, kept)
+                            for a in aggregate_scores(model, info["ids"], score[6:])]
                 elif score == "wanda-obs":
                     rows = [top_rows(s, kept) for s in wanda_refit_aware(pruned, stats, args.ridge)]
                 else:
