@@ -393,6 +393,8 @@ def run(args: argparse.Namespace) -> None:
                     key["one_script"] = True
                 if text == "probe" and args.skip_positions:
                     key["skip_positions"] = args.skip_positions
+                if text == "probe" and args.select_tokens:
+                    key["select_tokens"] = args.select_tokens
                 if args.weight_tokens != "none":
                     key["weight_tokens"] = args.weight_tokens
                 if text == "probe":  # runs logged without it drew with torch.multinomial
@@ -403,6 +405,9 @@ def run(args: argparse.Namespace) -> None:
                 if json.dumps(key) in done:
                     continue
                 stats, info = text_statistics(text, tokens)
+                # The selection's statistics: the job's text, or a probe of --select-tokens.
+                chosen_from = (text_statistics(text, args.select_tokens)[0]
+                               if text == "probe" and args.select_tokens else stats)
                 pruned = copy.deepcopy(model)
                 started = time.perf_counter()
                 kept = kept_count(FFNView(model).d_ff, ratio)
@@ -430,7 +435,7 @@ def run(args: argparse.Namespace) -> None:
                 elif score == "wanda-obs":
                     rows = [top_rows(s, kept) for s in wanda_refit_aware(pruned, stats, args.ridge)]
                 else:
-                    rows = [top_rows(s, kept) for s in SCORES[score](pruned, stats)]
+                    rows = [top_rows(s, kept) for s in SCORES[score](pruned, chosen_from)]
                 select_seconds = time.perf_counter() - started
                 started = time.perf_counter()
                 errors = None
@@ -637,6 +642,8 @@ def _recipe_label(key: dict) -> str:
         parts.append("one script")
     if key.get("skip_positions"):
         parts.append(f"statistics from position {key['skip_positions']}")
+    if key.get("select_tokens"):
+        parts.append(f"rows from a {key['select_tokens']}-token probe")
     if key.get("probe_length", 256) != 256 and key["text"] == "probe":
         parts.append(f"sequences of {key['probe_length']}")
     if key.get("weight_tokens"):
@@ -718,6 +725,10 @@ def main() -> None:
     parser.add_argument("--skip-positions", type=int, default=0,
                         help="leave each probe sequence's first positions (BOS) out of the "
                              "statistics")
+    parser.add_argument("--select-tokens", type=int,
+                        help="probe jobs: the selection reads a probe of this many tokens (the "
+                        "same seed and recipe; scores of --jobs' third field from "
+                        "prunenet.ffn_statistics), the refit the job's")
     parser.add_argument("--weight-tokens", default="none", choices=("none", "residual"),
                         help="weigh each token in the statistics (selection and refit) by "
                              "1 / mean(h^2) of the residual entering its layer")
