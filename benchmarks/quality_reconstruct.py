@@ -199,6 +199,8 @@ def aggregate_scores(model, tokens: Tensor, how: str, batch_size: int = 4) -> li
     (every sequence counts once); ``seqmedian`` / ``seqq25`` / ``seqgeo``, the median, lower
     quartile or geometric mean over sequences of each sequence's ``mean_t a_i^2`` (a neuron
     the probe's many sequences use before one that a few use heavily)."""
+    if how not in AGGREGATES:  # before the pass over the probe
+        raise ValueError(f"unknown aggregate {how!r}; use one of {', '.join(AGGREGATES)}")
     view = FFNView(model)
     per_sequence: list[list[Tensor]] = [[] for _ in range(view.num_layers)]
     absolute = [torch.zeros(view.d_ff, dtype=torch.float64) for _ in range(view.num_layers)]
@@ -233,10 +235,8 @@ def aggregate_scores(model, tokens: Tensor, how: str, batch_size: int = 4) -> li
         means = [(s / s.sum(-1, keepdim=True)).sum(0) for s in sequences]
     elif how in ("seqmedian", "seqq25"):
         means = [s.quantile(0.5 if how == "seqmedian" else 0.25, dim=0) for s in sequences]
-    elif how == "seqgeo":
+    else:  # seqgeo
         means = [(s + 1e-6 * s.mean()).log().mean(0).exp() for s in sequences]
-    else:
-        raise ValueError(f"unknown aggregate {how!r}; use one of {', '.join(AGGREGATES)}")
     return wanda_product(model, means)
 
 
@@ -332,6 +332,12 @@ def diagonal_ridge_columns(second: Tensor, kept_rows: Tensor, cross: Tensor,
 
 
 def run(args: argparse.Namespace) -> None:
+    for job in args.jobs.split(",") if args.select_tokens else ():  # before any work
+        method, _, score, text, _ = _parse(job, args)
+        if text == "probe" and (method in ("random", "magnitude", "prunenet")
+                                or score not in SCORES):
+            raise SystemExit(f"--select-tokens applies to probe jobs scored by "
+                             f"{', '.join(SCORES)}; {job!r} selects otherwise")
     torch.set_num_threads(args.threads)
     log = Path(args.log)
     log.parent.mkdir(parents=True, exist_ok=True)
