@@ -256,6 +256,40 @@ def test_statistics_hold_at_most_one_group_of_grams():
     assert len(created) == 5 and alive == [2, 1, 2, 1, 1]
 
 
+def test_the_refit_lets_each_gram_go_before_the_next_is_collected():
+    """Grams collected one layer per pass and refitted as they come: when a layer's Gram is
+    created, no earlier layer's is alive (the memory of an offloaded run holds one)."""
+    model = _deep_model("llama")
+    created, alive_when_created = [], []
+    empty = LayerStatistics.empty
+
+    def tracked(d_ff, gram=True):
+        if gram:
+            alive_when_created.append(sum(ref() is not None for ref in created))
+        stats = empty(d_ff, gram)
+        if stats.gram is not None:
+            created.append(weakref.ref(stats.gram))
+        return stats
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(LayerStatistics, "empty", staticmethod(tracked))
+        statistics = ProbeStatistics(model, _probe(), budget=_budget_of(1))
+        record = refit_model(model, [torch.arange(FFN // 2)] * 5, statistics.with_grams())
+    assert len(record["layers"]) == len(created) == 5
+    assert alive_when_created == [0] * 5
+
+
+def test_the_refit_refuses_statistics_for_another_number_of_layers():
+    model = _deep_model("llama", layers=3)
+    stats = collect_ffn_statistics(model, _probe())
+    state = {name: value.clone() for name, value in model.state_dict().items()}
+    rows = [torch.arange(FFN // 2)] * 3
+    for statistics in (stats[:2], [*stats, stats[0]]):
+        with pytest.raises(ValueError, match="statistics for"):
+            refit_model(model, rows, statistics)
+    assert all(torch.equal(state[name], value) for name, value in model.state_dict().items())
+
+
 def test_a_model_refitted_from_grams_held_layer_by_layer_is_the_same(monkeypatch):
     import prunenet
     from prunenet import ffn_statistics

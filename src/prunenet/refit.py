@@ -162,7 +162,13 @@ def refit_layers(view: FFNView, kept_rows: Sequence[Tensor],
     """Per layer, in order: (index, new kept columns (d_model x k) and bias in the matrix's
     dtype, the layer's record), from the unpruned model's statistics; the model is not changed.
     Raises :class:`NumericalError` naming the layer whose refit is not finite."""
-    for index, (rows, stats) in enumerate(zip(kept_rows, statistics, strict=True)):
+    # Not zip(): it keeps its last tuple, and with it the previous layer's Gram, until the next
+    # layer's statistics (a new Gram, collected as they are asked for) are in hand.
+    statistics = iter(statistics)
+    for index, rows in enumerate(kept_rows):
+        stats = next(statistics, None)
+        if stats is None:
+            raise ValueError(f"statistics for {index} layers, kept rows for {len(kept_rows)}")
         matrix, bias = second_matrix(view, index)
         matrix, bias = matrix.cpu(), None if bias is None else bias.cpu()
         columns, new_bias = _named(index, refit_layer, matrix, bias, rows, stats, mode, ridge)
@@ -172,6 +178,8 @@ def refit_layers(view: FFNView, kept_rows: Sequence[Tensor],
         new_bias = None if new_bias is None else new_bias.to(bias.dtype)
         _check_finite(index, columns, new_bias)
         yield index, columns, new_bias, layer
+    if next(statistics, None) is not None:
+        raise ValueError(f"statistics for more layers than the {len(kept_rows)} kept rows")
 
 
 def refit_record(mode: str, ridge: float, layers: list[dict]) -> dict:

@@ -435,15 +435,18 @@ def peak_rss() -> int:
 
 
 def bound_heap_growth() -> None:
-    """Serve every allocation of 1 MiB or more by mmap, returned to the system when freed.
+    """Serve every allocation of 256 KiB or more by mmap, returned to the system when freed.
 
     glibc otherwise raises its mmap threshold after each freed large block (up to 32 MiB), so the
     per-layer matrices of a streamed run come from a heap that fragments and grows with the
-    number of layers (measured: +15 MB per layer of 4096 x 1024). Process-wide: the command line
-    calls it for a run that streams; library code never does.
+    number of layers (measured: +15 MB per layer of 4096 x 1024). The bound lies below the
+    smallest matrix a layer reads (a key projection of 576 x 192 float32 is 432 KiB): at 1 MiB,
+    reading every layer of a model with 512 x 512 attention matrices (exactly 1 MiB) twice left
+    3.3 MB per layer in the heap, all of it free. Process-wide: the command line calls it for a
+    run that streams; library code never does.
     """
     with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, 2**20)
+        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, 2**18)
 
 
 # The exponent field of each IEEE float type safetensors names: all ones is NaN or Inf.
