@@ -171,6 +171,27 @@ def test_a_budget_too_small_to_run_the_model_names_its_need(tmp_path, capsys, ca
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
 
+def test_a_probe_too_large_for_the_default_budget_is_refused_naming_that_budget(
+        tmp_path, capsys):
+    """Without --max-memory the refusal names the default budget as such, not an option the
+    user never gave; with it, the option's value; nothing is written either way."""
+    source = sharded_checkpoint(tmp_path / "model")
+    capsys.readouterr()
+    huge = ["--probe-tokens", str(10**11)]
+    status = main(["-q", "compress", str(source), "--ratio", "0.5", *huge, "--out",
+                   str(tmp_path / "out")])
+    error = capsys.readouterr().err
+    assert status == 2 and error.count("\n") == 1
+    assert "the memory budget " in error and "--max-memory sets it) is too small" in error
+    assert "--max-memory 64" not in error
+    status = main(["-q", "compress", str(source), "--ratio", "0.5", *huge, "--out",
+                   str(tmp_path / "out"), "--max-memory", "64GiB"])
+    error = capsys.readouterr().err
+    assert status == 2 and "--max-memory 64.00GiB is too small" in error
+    assert "the memory budget" not in error
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
 def test_a_recovery_that_cannot_hold_a_streamed_model_is_refused_before_the_compression(
         tmp_path, capsys, monkeypatch):
     """--recover-steps holds the pruned model and its teacher in float32, --finetune-steps the

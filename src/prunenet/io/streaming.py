@@ -555,20 +555,41 @@ def refuse_over_free_memory(sizes: Sequence[tuple[Any, int]], command: str, inst
             f"of memory is available now. {instead}")
 
 
-def memory_budget(max_memory: int | str | None) -> int:
+class MemoryBudget(int):
+    """Bytes a run may use, remembering whether ``--max-memory`` gave them (arithmetic on it
+    gives plain ints)."""
+
+    given: bool
+
+    def __new__(cls, count: int, given: bool) -> MemoryBudget:
+        budget = super().__new__(cls, count)
+        budget.given = given
+        return budget
+
+
+def memory_budget(max_memory: int | str | None) -> MemoryBudget:
     """Bytes a run may use: ``max_memory``, or by default half the RAM available now."""
     if max_memory is not None:
-        return parse_memory(max_memory)
+        return MemoryBudget(parse_memory(max_memory), given=True)
     import psutil
 
-    return int(psutil.virtual_memory().available * DEFAULT_RAM_SHARE)
+    return MemoryBudget(int(psutil.virtual_memory().available * DEFAULT_RAM_SHARE), given=False)
+
+
+def describe_budget(budget: int) -> str:
+    """``--max-memory BUDGET``, or where no --max-memory was given, the default's origin."""
+    if getattr(budget, "given", True):
+        return f"--max-memory {format_bytes(budget)}"
+    return (f"the memory budget {format_bytes(budget)} (by default {DEFAULT_RAM_SHARE:.0%} of "
+            "the RAM available now; --max-memory sets it)")
 
 
 def refuse_below(budget: int, need: int, work: str, why: str, instead: str = "") -> None:
-    """Refuse a --max-memory ``budget`` below ``need``, in one shape: "--max-memory BUDGET is too
-    small{work} needs at least NEED ({why}); give at least that{instead}"."""
+    """Refuse a ``budget`` below ``need``, in one shape: "--max-memory BUDGET is too
+    small{work} needs at least NEED ({why}); give at least that{instead}" (the default budget
+    named as such where --max-memory was not given)."""
     if need > budget:
-        raise InputError(f"--max-memory {format_bytes(budget)} is too small{work} needs at "
+        raise InputError(f"{describe_budget(budget)} is too small{work} needs at "
                          f"least {format_bytes(need)} ({why}); give at least that{instead}")
 
 
