@@ -84,6 +84,24 @@ def probe_text(model, tokenizer, tokens: int, seed: int, recipe: ProbeRecipe,
     return probe, seconds
 
 
+@torch.no_grad()
+def sequence_losses(model, ids: Tensor) -> Tensor:
+    """Per sequence, the model's mean negative log-likelihood (temperature 1) of its tokens
+    after the first, one sequence at a time (a vocabulary of 262k makes the logits large)."""
+    losses = []
+    for sequence in ids:
+        logits = model(sequence[None], use_cache=False).logits[0, :-1].float()
+        losses.append(torch.nn.functional.cross_entropy(logits, sequence[1:]))
+    return torch.stack(losses)
+
+
+def likeliest(model, ids: Tensor, count: int) -> Tensor:
+    """The ``count`` sequences of ``ids`` the model finds likeliest (lowest mean loss), in their
+    original order."""
+    chosen = sequence_losses(model, ids).argsort()[:count].sort().values
+    return ids[chosen]
+
+
 def real_text(tokenizer, tokens: int) -> Tensor:
     """The first ``tokens`` of the wiki training region in 1024-token windows (or one shorter)."""
     length = min(1024, tokens)
@@ -362,7 +380,12 @@ def run(args: argparse.Namespace) -> None:
 
     def text_statistics(name: str, tokens: int) -> tuple[list[LayerStatistics], dict]:
         if (name, tokens) not in texts:
-            if name == "probe":
+            if name == "probe" and args.keep_likely < 1.0:  # a larger probe, filtered
+                pool, generate_seconds = probe_text(
+                    model, tokenizer, math.ceil(tokens / args.keep_likely), args.seed, recipe,
+                    args.model)
+                ids = likeliest(model, pool, math.ceil(tokens / pool.shape[1]))
+            elif name == "probe":
                 ids, generate_seconds = probe_text(model, tokenizer, tokens, args.seed, recipe,
                                                    args.model)
             else:
@@ -401,6 +424,8 @@ def run(args: argparse.Namespace) -> None:
                     key["skip_positions"] = args.skip_positions
                 if text == "probe" and args.select_tokens:
                     key["select_tokens"] = args.select_tokens
+                if text == "probe" and args.keep_likely < 1.0:
+                    key["keep_likely"] = args.keep_likely
                 if args.weight_tokens != "none":
                     key["weight_tokens"] = args.weight_tokens
                 if text == "probe":  # runs logged without it drew with torch.multinomial
@@ -650,6 +675,8 @@ def _recipe_label(key: dict) -> str:
         parts.append(f"statistics from position {key['skip_positions']}")
     if key.get("select_tokens"):
         parts.append(f"rows from a {key['select_tokens']}-token probe")
+    if key.get("keep_likely"):
+        parts.append(f"likeliest {key['keep_likely']:.0%} of a larger probe")
     if key.get("probe_length", 256) != 256 and key["text"] == "probe":
         parts.append(f"sequences of {key['probe_length']}")
     if key.get("weight_tokens"):
@@ -735,6 +762,9 @@ def main() -> None:
                         help="probe jobs: the selection reads a probe of this many tokens (the "
                         "same seed and recipe; scores of --jobs' third field from "
                         "prunenet.ffn_statistics), the refit the job's")
+    parser.add_argument("--keep-likely", type=float, default=1.0, metavar="FRACTION",
+                        help="probe jobs: generate tokens / FRACTION and keep the sequences the "
+                        "model finds likeliest (lowest mean loss at temperature 1)")
     parser.add_argument("--weight-tokens", default="none", choices=("none", "residual"),
                         help="weigh each token in the statistics (selection and refit) by "
                              "1 / mean(h^2) of the residual entering its layer")
