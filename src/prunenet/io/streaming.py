@@ -69,6 +69,8 @@ CONVERSION_IMPORTS = 300 * 2**20
 GGUF_PARSE_FACTOR = 128
 _COPY_CHUNK = 16 * 2**20
 _M_MMAP_THRESHOLD = -3  # mallopt parameter of glibc's malloc.h
+# Allocations of this many bytes or more are served by mmap in a streamed run (bound_heap_growth).
+MMAP_THRESHOLD = 2**18
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt")
 # safetensors' float types: a replaced tensor is written as one, a cache is sized by one.
 _FLOAT_TYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
@@ -446,7 +448,7 @@ def bound_heap_growth() -> None:
     run that streams; library code never does.
     """
     with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, 2**18)
+        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
 
 
 # The exponent field of each IEEE float type safetensors names: all ones is NaN or Inf.
