@@ -2,9 +2,11 @@
 
 A run that streams sets glibc's mmap threshold (``bound_heap_growth``) so that freed matrices
 go back to the system. This runs the same ``prunenet compress`` command, every layer read from
-disk, in a fresh process per run, alternating the project's threshold with ``--against``, and
-prints each run's seconds, peak RSS and the sha256 of the written ``model.safetensors``: a lower
-threshold means more allocations served by mmap, which could cost time.
+disk, in a fresh process per run, alternating the project's threshold with ``--against`` (each
+first in every other repeat, as the first run after a pause may find the files out of the page
+cache), and prints each run's seconds, peak RSS and the sha256 of the written
+``model.safetensors``: a lower threshold means more allocations served by mmap, which could cost
+time.
 
     python benchmarks/heap_threshold.py --repeats 2 -- smollm2-135m --ratio 0.3 --max-memory 1348MiB
 """
@@ -12,7 +14,6 @@ threshold means more allocations served by mmap, which could cost time.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import hashlib
 import json
 import subprocess
@@ -27,8 +28,7 @@ def _one_run(threshold: int, out: str, arguments: list[str]) -> None:
     import prunenet.io.streaming as streaming
     from prunenet.cli import main
 
-    streaming.bound_heap_growth = lambda: ctypes.CDLL("libc.so.6").mallopt(
-        streaming._M_MMAP_THRESHOLD, threshold)
+    streaming.MMAP_THRESHOLD = threshold  # bound_heap_growth reads it when the run streams
     started = time.perf_counter()
     status = main(["-q", "compress", *arguments, "--out", out])
     seconds = time.perf_counter() - started
@@ -52,8 +52,9 @@ def main() -> None:
     from prunenet.io.streaming import MMAP_THRESHOLD
 
     with tempfile.TemporaryDirectory(prefix="heap-threshold-") as work:
-        for repeat in range(args.repeats):
-            for threshold in (MMAP_THRESHOLD, args.against):
+        pair = (MMAP_THRESHOLD, args.against)
+        for repeat in range(args.repeats):  # each threshold first in every other repeat
+            for threshold in pair if repeat % 2 == 0 else pair[::-1]:
                 out = str(Path(work) / f"out-{threshold}-{repeat}")
                 subprocess.run([sys.executable, __file__, "--one", str(threshold), out, "--",
                                 *args.arguments], check=True)
