@@ -5,8 +5,9 @@ Every run prunes a fresh copy of the dense model: select rows (``self-generated`
 own probe text, ``activation`` on real training windows, ``random``, ``magnitude``), optionally
 refit the second FFN matrix (``ls`` from dense statistics; sequential statistics: ``ls-seq``
 matching the dense stream's FFN output, ``ls-seq-pruned`` the original FFN on the pruned
-stream; ``ls-diag``: each kept neuron's ridge proportional to its own mean square instead of
-the mean over neurons, :func:`diagonal_ridge_columns`), slice, and measure perplexity on the
+stream, ``ls-seq-select`` the same with the rows chosen on the pruned stream too;
+``ls-diag``: each kept neuron's ridge proportional to its own mean square instead of the mean
+over neurons, :func:`diagonal_ridge_columns`), slice, and measure perplexity on the
 first ``--windows`` evaluation windows of the wiki sample (never used for calibration). The
 score (third field of a job): ``wanda``, ``energy``,
 ``fluctuation`` (``prunenet.ffn_statistics.SCORES``), or two that know about the refit: ``obs`` /
@@ -47,6 +48,7 @@ from prunenet.ffn_statistics import (
     LayerStatistics,
     add_activations,
     collect_ffn_statistics,
+    layer_wanda_product,
     second_matrix,
     wanda_product,
 )
@@ -334,6 +336,23 @@ def held_out_ridge(model, stats_fit: list[LayerStatistics], stats_test: list[Lay
     return result
 
 
+def sequential_selection(model, ids: Tensor, kept: int, ridge: float
+                         ) -> tuple[list[Tensor], dict]:
+    """Layer by layer, in place: each layer's rows chosen by the Wanda-style score from its
+    statistics on the probe run through the layers below, already pruned and refitted, then
+    refitted on the same statistics (target: the original FFN on that input). Returns the rows
+    and the refit's record."""
+    view, rows = FFNView(model), []
+
+    def select(index: int, stats: LayerStatistics) -> Tensor:
+        rows.append(top_rows(layer_wanda_product(view, index, stats.mean_square), kept))
+        return rows[-1]
+
+    record = sequential_refit(model, None, ids, "ls", ridge, "pruned", batch_size=4,
+                              select=select)
+    return rows, record
+
+
 def diagonal_ridge_columns(second: Tensor, kept_rows: Tensor, cross: Tensor,
                            kept_gram: Tensor, ridge: float) -> Tensor:
     """The ``ls`` refit with a per-neuron ridge: ``(W2 C + W2[:, K] L) (A + L)^-1`` with
@@ -480,6 +499,9 @@ def run(args: argparse.Namespace) -> None:
                         rec = refit_model(pruned, rows, stats, "ls", args.ridge)
                     finally:
                         prunenet.refit.least_squares_columns = original
+                    errors = _mean_errors(rec)
+                elif refit == "ls-seq-select":  # rows chosen on the pruned stream too
+                    rows, rec = sequential_selection(pruned, info["ids"], kept, args.ridge)
                     errors = _mean_errors(rec)
                 elif refit.startswith("ls-seq"):
                     target = "pruned" if refit.endswith("pruned") else "dense"
@@ -668,7 +690,7 @@ def _recipe_label(key: dict) -> str:
     if key.get("start_temperature") is not None:
         parts.append(f"from T {key['start_temperature']} over {key['warmup_tokens']} tokens")
     if key.get("prompt"):
-        parts.append(f"prompt {key['prompt']!r}")
+        parts.append(f"prompt {key['prompt']!r}".replace("|", "\\|"))  # a table cell
     if key.get("one_script"):
         parts.append("one script")
     if key.get("skip_positions"):

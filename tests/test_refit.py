@@ -21,9 +21,11 @@ from prunenet.ffn_statistics import (
     add_activations,
     collect_ffn_statistics,
     layer_calls,
+    layer_wanda_product,
 )
 from prunenet.model_view import FFNView, backbone
 from prunenet.refit import reconstruction_error, refit_layer, refit_model, sequential_refit
+from prunenet.selection.base import top_rows
 from prunenet.slicing import slice_model
 
 KEPT = torch.arange(0, FFN, 2)  # even neurons kept, odd ones removed
@@ -81,6 +83,34 @@ def test_ls_is_exact_when_removed_activations_are_combinations_of_kept(model_typ
     assert (_logits(model, tokens) - reference).abs().max() < 1e-5
     assert (_logits(model, held_out) - held_out_reference).abs().max() < 1e-5
     assert (_logits(plain, tokens) - reference).abs().max() > 1e-3  # slicing alone is not exact
+
+
+def test_sequential_selection_reads_the_pruned_stream():
+    """``select`` sees each layer's statistics on the probe through the layers below, already
+    pruned and refitted: layer 0's are the dense model's, later ones differ; the rows it returns
+    give what the same rows given up front give."""
+    model = make_tiny_model("llama")
+    view, tokens = FFNView(model), _probe()
+    dense = collect_ffn_statistics(model, tokens)
+    seen: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+
+    def select(index: int, stats: LayerStatistics) -> torch.Tensor:
+        rows = top_rows(layer_wanda_product(view, index, stats.mean_square), FFN // 2)
+        seen.append((index, stats.gram.clone(), rows))
+        return rows
+
+    chosen = copy.deepcopy(model)
+    sequential_refit(chosen, None, tokens, target="pruned", select=select)
+    assert [index for index, _, _ in seen] == list(range(view.num_layers))
+    assert torch.allclose(seen[0][1], dense[0].gram, rtol=1e-6, atol=1e-9)
+    assert not torch.allclose(seen[-1][1], dense[-1].gram, rtol=1e-3)
+    given = copy.deepcopy(model)
+    sequential_refit(given, [rows for _, _, rows in seen], tokens, target="pruned")
+    for a, b in zip(chosen.state_dict().values(), given.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    for wrong in ({"target": "dense", "select": select}, {"target": "pruned"}):
+        with pytest.raises(ValueError):
+            sequential_refit(copy.deepcopy(model), None, tokens, **wrong)
 
 
 def test_ls_is_exact_for_linear_dependence_with_an_offset():

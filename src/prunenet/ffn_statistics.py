@@ -250,8 +250,12 @@ def wanda_product(model: nn.Module, mean_squares: list[Tensor]) -> list[Tensor]:
     squared activation: the default's Wanda-style score, whether the mean squares come from the
     refit's statistics or from the selection's own pass over the probe."""
     view = FFNView(model)
-    return [mean_square.float() * view.first_matrix(i, "cpu").norm(dim=1).pow(2)
-            for i, mean_square in enumerate(mean_squares)]
+    return [layer_wanda_product(view, i, mean_square) for i, mean_square in enumerate(mean_squares)]
+
+
+def layer_wanda_product(view: FFNView, layer_index: int, mean_square: Tensor) -> Tensor:
+    """:func:`wanda_product` of one layer."""
+    return mean_square.float() * view.first_matrix(layer_index, "cpu").norm(dim=1).pow(2)
 
 
 def wanda_scores(model: nn.Module, stats: list[LayerStatistics]) -> list[Tensor]:

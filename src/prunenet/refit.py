@@ -21,7 +21,7 @@ slice_model` then removes the others, so the checkpoint keeps its architecture a
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -223,29 +223,37 @@ def _layer_record(index: int, matrix: Tensor, bias: Tensor | None, rows: Tensor,
 
 
 @torch.no_grad()
-def sequential_refit(model: nn.Module, kept_rows: Sequence[Tensor], probe_tokens: Tensor,
+def sequential_refit(model: nn.Module, kept_rows: Sequence[Tensor] | None, probe_tokens: Tensor,
                      mode: str = "ls", ridge: float = DEFAULT_RIDGE, target: str = "dense",
-                     batch_size: int = 8, progress: bool = False) -> dict:
+                     batch_size: int = 8, progress: bool = False,
+                     select: Callable[[int, LayerStatistics], Tensor] | None = None) -> dict:
     """Refit layer by layer on the activations of the model pruned so far, in place.
 
     Layer l's statistics come from the probe run through layers < l already refitted (their
     removed columns zeroed, so the unsliced model computes what the sliced one will).
     ``target="dense"``: match the dense model's FFN output (cross sums between the dense and
     the pruned stream); ``"pruned"``: match the original FFN on the pruned stream's input.
-    Slice afterwards with :func:`prunenet.slicing.slice_model`. Returns the record of
-    :func:`refit_model` with ``statistics`` set to ``sequential-<target>``.
+    ``select(l, statistics)``, with ``target="pruned"`` and no ``kept_rows``, chooses layer l's
+    kept rows from its statistics on the pruned stream. Slice afterwards with
+    :func:`prunenet.slicing.slice_model`. Returns the record of :func:`refit_model` with
+    ``statistics`` set to ``sequential-<target>``.
     """
     if target not in ("dense", "pruned"):
         raise InputError(f"unknown refit target {target!r}; use 'dense' or 'pruned'")
+    if (select is None) == (kept_rows is None) or (select is not None and target != "pruned"):
+        raise ValueError("give kept_rows, or select with target='pruned'")
     view = FFNView(model)
     pruned, calls = layer_calls(model, probe_tokens, batch_size)
     dense = list(pruned) if target == "dense" else None
     layers = []
     for index in tqdm(range(view.num_layers), desc="refit", disable=not progress, leave=False):
-        layer, rows = view.layers[index], kept_rows[index].cpu()
+        layer = view.layers[index]
+        rows = None if kept_rows is None else kept_rows[index].cpu()
         original = copy.deepcopy(layer) if dense is not None else None
         stats, target_stats, cross = _stream_statistics(view, index, layer, original, rows,
                                                         calls[index], pruned, dense)
+        if select is not None:
+            rows = select(index, stats).cpu()
         matrix, bias = second_matrix(view, index)
         matrix, bias = matrix.cpu().clone(), None if bias is None else bias.cpu().clone()
         columns, new_bias = _named(index, refit_layer, matrix, bias, rows, stats, mode, ridge,
@@ -260,7 +268,7 @@ def sequential_refit(model: nn.Module, kept_rows: Sequence[Tensor], probe_tokens
 
 
 def _stream_statistics(view: FFNView, index: int, layer: nn.Module, original: nn.Module | None,
-                       rows: Tensor, calls: list[LayerCall], pruned: list[Tensor],
+                       rows: Tensor | None, calls: list[LayerCall], pruned: list[Tensor],
                        dense: list[Tensor] | None
                        ) -> tuple[LayerStatistics, LayerStatistics | None, Tensor | None]:
     """Statistics of layer ``index`` on the pruned stream; with a dense stream also its own
