@@ -89,9 +89,10 @@ def test_sequential_selection_reads_the_pruned_stream():
     """``select`` sees each layer's statistics on the probe through the layers below, already
     pruned and refitted: layer 0's are the dense model's, later ones differ; the rows it returns
     give what the same rows given up front give."""
-    model = make_tiny_model("llama")
-    view, tokens = FFNView(model), _probe()
+    model, tokens = make_tiny_model("llama"), _probe()
     dense = collect_ffn_statistics(model, tokens)
+    chosen = copy.deepcopy(model)
+    view = FFNView(chosen)  # the model being refitted, as the selection reads it
     seen: list[tuple[int, torch.Tensor, torch.Tensor]] = []
 
     def select(index: int, stats: LayerStatistics) -> torch.Tensor:
@@ -99,7 +100,6 @@ def test_sequential_selection_reads_the_pruned_stream():
         seen.append((index, stats.gram.clone(), rows))
         return rows
 
-    chosen = copy.deepcopy(model)
     sequential_refit(chosen, None, tokens, target="pruned", select=select)
     assert [index for index, _, _ in seen] == list(range(view.num_layers))
     assert torch.allclose(seen[0][1], dense[0].gram, rtol=1e-6, atol=1e-9)
