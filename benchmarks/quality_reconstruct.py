@@ -117,7 +117,9 @@ def timed_statistics(model, tokens: Tensor, skip_positions: int = 0, weighting: 
     sequence's first positions (the BOS token, the attention sink) out of the sums;
     ``weighting="residual"``: weigh each token's activations in every sum by ``1 / mean(h^2)``
     of the residual stream entering the decoder layer (what the next layers' norms divide an
-    FFN's error by), so the Gram is ``sum_t w_t a_t a_t^T``."""
+    FFN's error by), so the Gram is ``sum_t w_t a_t a_t^T``; ``weighting="output"``: by
+    ``1 / mean(y^2)`` of the FFN's own output ``y = W2 a`` (what a norm after the FFN, as
+    Gemma's ``post_feedforward_layernorm``, divides its error by)."""
     started = time.perf_counter()
     if skip_positions == 0 and weighting == "none":
         stats = collect_ffn_statistics(model, tokens, batch_size=4)
@@ -133,15 +135,18 @@ def timed_statistics(model, tokens: Tensor, skip_positions: int = 0, weighting: 
             return hook
 
         def accumulate(index: int):
-            def hook(_module, inputs) -> None:
+            def hook(_module, inputs, output) -> None:
                 activation = inputs[0].detach().float()
                 if weighting == "residual":
                     activation = activation * weights[index][..., None]
+                elif weighting == "output":
+                    scale = output.detach().float().pow(2).mean(-1).reciprocal().sqrt()
+                    activation = activation * scale[..., None]
                 kept = activation[:, skip_positions:]
                 add_activations(stats[index], kept.reshape(-1, kept.shape[-1]))
             return hook
 
-        handles = [view.second_matrix_module(i).register_forward_pre_hook(accumulate(i))
+        handles = [view.second_matrix_module(i).register_forward_hook(accumulate(i))
                    for i in range(view.num_layers)]
         if weighting == "residual":
             handles += [layer.register_forward_pre_hook(residual(i), with_kwargs=True)
@@ -787,9 +792,10 @@ def main() -> None:
     parser.add_argument("--keep-likely", type=float, default=1.0, metavar="FRACTION",
                         help="probe jobs: generate tokens / FRACTION and keep the sequences the "
                         "model finds likeliest (lowest mean loss at temperature 1)")
-    parser.add_argument("--weight-tokens", default="none", choices=("none", "residual"),
+    parser.add_argument("--weight-tokens", default="none", choices=("none", "residual", "output"),
                         help="weigh each token in the statistics (selection and refit) by "
-                             "1 / mean(h^2) of the residual entering its layer")
+                             "1 / mean(h^2) of the residual entering its layer, or by 1 / "
+                             "mean(y^2) of the FFN's output")
     parser.add_argument("--ridge", type=float, default=1.0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--episodes", type=int, default=5, help="prunenet policy training")
