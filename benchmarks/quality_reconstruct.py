@@ -16,7 +16,10 @@ discounted by how well the other neurons predict each one), or gradient scores `
 ``fisher-sequence``, ``fisher-token-sampled`` (each neuron's diagonal Fisher information on the
 probe, :func:`fisher_scores`), or the Wanda-style product with an aggregate over tokens or
 sequences less swayed by a few of them, ``wanda-l1``, ``wanda-tokennorm``, ``wanda-seqnorm``,
-``wanda-seqmedian``, ``wanda-seqq25``, ``wanda-seqgeo`` (:func:`aggregate_scores`). Results are
+``wanda-seqmedian``, ``wanda-seqq25``, ``wanda-seqgeo`` (:func:`aggregate_scores`), or the
+mean square times another weight norm of gated FFNs, ``wanda-up`` (the up row), ``wanda-gate-up``
+(gate and up rows), ``mean-square`` (none), ``wanda-gate-pP`` (the gate row's norm to the power
+P instead of 2) (:func:`weight_norm_scores`). Results are
 appended to a JSON-lines log; finished runs are skipped, ``--report`` prints the table.
 
     nice -n 10 python -u benchmarks/quality_reconstruct.py --ratios 0.3,0.2,0.1 --windows 4
@@ -373,6 +376,29 @@ def diagonal_ridge_columns(second: Tensor, kept_rows: Tensor, cross: Tensor,
     return torch.linalg.solve(regularised, right).T
 
 
+WEIGHT_NORMS = ("wanda-up", "wanda-gate-up", "mean-square")
+GATE_POWER = "wanda-gate-p"
+
+
+def weight_norm_scores(model, stats: list[LayerStatistics], which: str) -> list[Tensor]:
+    """Per layer ``mean a_i^2`` times the squared norm of neuron i's up row (``wanda-up``), the
+    product of its gate and up rows' squared norms (``wanda-gate-up``) or nothing
+    (``mean-square``), or the gate row's norm to the power P (``wanda-gate-pP``), for gated
+    FFNs (``mlp.gate_proj`` / ``mlp.up_proj``); the default multiplies by the gate row's squared
+    norm."""
+    scores = []
+    for layer, s in zip(FFNView(model).layers, stats, strict=True):
+        gate = layer.mlp.gate_proj.weight.detach().float().pow(2).sum(1)
+        up = layer.mlp.up_proj.weight.detach().float().pow(2).sum(1)
+        if which.startswith(GATE_POWER):
+            norm = gate.pow(float(which[len(GATE_POWER):]) / 2)
+        else:
+            norm = {"wanda-up": up, "wanda-gate-up": gate * up,
+                    "mean-square": torch.ones_like(up)}[which]
+        scores.append(s.mean_square.float() * norm)
+    return scores
+
+
 def run(args: argparse.Namespace) -> None:
     for job in args.jobs.split(",") if args.select_tokens else ():  # before any work
         method, _, score, text, _ = _parse(job, args)
@@ -487,6 +513,9 @@ def run(args: argparse.Namespace) -> None:
                 elif score.startswith("wanda-") and score[6:] in AGGREGATES:
                     rows = [top_rows(a, kept)
                             for a in aggregate_scores(model, info["ids"], score[6:])]
+                elif score in WEIGHT_NORMS or score.startswith(GATE_POWER):
+                    rows = [top_rows(w, kept)
+                            for w in weight_norm_scores(pruned, chosen_from, score)]
                 elif score == "wanda-obs":
                     rows = [top_rows(s, kept) for s in wanda_refit_aware(pruned, stats, args.ridge)]
                 else:
