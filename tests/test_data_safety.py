@@ -839,3 +839,132 @@ def test_outputs_inside_a_named_corpus_folder_are_refused(tiny_llama_real_tokeni
                      "--method", "activation", "--out", str(wiki / "pruned")],
             "lies inside the input")
     assert digest(wiki) == before
+
+
+# --- names a user's own folder has too, and one file by two names ------------------------------
+
+
+@pytest.mark.parametrize("where", ["--out", "the record's report folder"])
+def test_report_never_replaces_a_users_own_report_pages(run_record, tmp_path, capsys, where):
+    """A folder of the user's holding report.md, report.html and figures, the names a report
+    takes, is not a report prunenet wrote (it has no list of what prunenet wrote there):
+    refused, with and without --overwrite, every file kept."""
+    folder = tmp_path / "mydocs" if where == "--out" else run_record / "report"
+    folder.mkdir()
+    (folder / "report.md").write_text("# My thesis chapter\n")
+    (folder / "report.html").write_text("<html>mine</html>\n")
+    (folder / "figure1.png").write_bytes(b"png of the user's")
+    before = digest(folder)
+    option = ["--out", str(folder)] if where == "--out" else []
+    refused(capsys, ["-q", "report", str(run_record), *option], "already exists")
+    refused(capsys, ["-q", "report", str(run_record), *option, "--overwrite"],
+            "not written by prunenet")
+    assert digest(folder) == before
+
+
+def test_an_input_of_links_into_the_output_is_refused(models, tmp_path, capsys):
+    """A model folder whose files are links into an earlier output reads that output: replacing
+    it would replace the weights the run reads and leave the links pointing at the new model."""
+    out = tmp_path / "o"
+    assert main(["-q", "compress", str(models / "llama"), "--ratio", "0.3", "--out", str(out),
+                 "--method", "random"]) == 0
+    view = tmp_path / "view"
+    view.mkdir()
+    for file in out.iterdir():
+        (view / file.name).symlink_to(file)
+    before = digest(out)
+    refused(capsys, ["-q", "compress", str(view), "--ratio", "0.5", "--out", str(out),
+                     "--method", "random", "--overwrite"], "contains the input")
+    assert digest(out) == before
+
+
+def test_a_file_by_two_names_is_one_path(tmp_path):
+    """A hard link to an input is the input, even to an output prunenet would replace."""
+    from prunenet.errors import OutputError
+    from prunenet.io.files import Output, guard_outputs
+
+    source = tmp_path / "texts" / "corpus.txt"
+    source.parent.mkdir()
+    source.write_text("words\n")
+    link = tmp_path / "results.json"
+    os.link(source, link)
+    with pytest.raises(OutputError, match="is the input"):
+        guard_outputs([Output(link, "--json", folder=False, ours=lambda _: True)], [source],
+                      overwrite=True)
+    assert source.read_text() == "words\n"
+
+
+def test_one_folder_by_two_names_is_one_input(tmp_path, monkeypatch):
+    """A folder reached by another name (a bind mount: the same device and inode) is compared
+    as the folder it is: an output below the other name lies inside the input, and an output
+    at it contains what the input holds."""
+    from prunenet.errors import OutputError
+    from prunenet.io import files
+
+    real, mount = tmp_path / "real", tmp_path / "mount"
+    (real / "model").mkdir(parents=True)
+    mount.mkdir()
+    identity = files._identity
+    monkeypatch.setattr(files, "_identity", lambda path: identity(real if path == mount else path))
+    with pytest.raises(OutputError, match="lies inside the input"):
+        files.guard_outputs([files.Output(mount / "out", "--out")], [real], overwrite=True)
+    with pytest.raises(OutputError, match="contains the input"):
+        files.guard_outputs([files.Output(mount, "--out", ours=lambda _: True)],
+                            [real / "model"], overwrite=True)
+    assert files.guard_outputs([files.Output(tmp_path / "elsewhere", "--out")], [real],
+                               overwrite=False) == [tmp_path / "elsewhere"]
+
+
+@pytest.mark.parametrize("settings, intruder", [
+    ("{}", "checkpoint-1/notes.txt"),
+    ('{"source": "m", "data": "wiki", "steps": 1, "targets": []}',
+     "checkpoint-1/mydata/precious.txt")])
+def test_finetune_never_deletes_a_folder_that_only_looks_like_its_work(
+        tmp_path, capsys, settings, intruder, tiny_llama_real_tokenizer_dir):
+    """The work folder is recognized by its settings' content (not the file's name) and by
+    checkpoints that hold files only, as the Trainer writes them."""
+    out = tmp_path / "f" / "o"
+    work = sibling_path(out, ".work")
+    (work / intruder).parent.mkdir(parents=True)
+    (work / "prunenet-finetune.json").write_text(settings)
+    (work / intruder).write_text("mine")
+    before = digest(work)
+    refused(capsys, ["-q", "finetune", str(tiny_llama_real_tokenizer_dir), "--out", str(out),
+                     "--steps", "1", "--seqlen", "16", "--eval-windows", "1", "--overwrite"],
+            "not written by prunenet")
+    assert digest(work) == before
+
+
+def test_an_interrupt_between_outputs_names_what_was_written(models, tmp_path, capsys,
+                                                             monkeypatch):
+    """A compression commits --out, then --policy-out and --record: interrupted between them,
+    it says which outputs are in place (complete; the policy's training state too, kept for
+    --resume) and that the others were not written."""
+    import prunenet.pipeline
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prunenet.pipeline, "save_policy", interrupted)
+    out, policy, record = tmp_path / "o", tmp_path / "p.safetensors", tmp_path / "run"
+    assert main(["-q", "compress", str(models / "llama"), "--ratio", "0.3", "--out", str(out),
+                 "--method", "prunenet", "--episodes", "1", "--policy-out", str(policy),
+                 "--record", str(record)]) == 130
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    state = sibling_path(out, ".train-state.pt")
+    assert line == (f"prunenet: interrupted; written complete before the interrupt: "
+                    f"{state}, {out.resolve()}; every other output was not written and nothing "
+                    "partial was left behind")
+    assert (out / "prunenet.json").is_file() and not policy.exists() and not record.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["models", "o", state.name]
+
+
+@pytest.mark.parametrize("corpus, message", [
+    ("no-such.txt", "unknown corpus"), ("models", "is not a datasets folder")])
+def test_a_bad_finetune_corpus_is_refused_before_the_compression(models, tmp_path, capsys,
+                                                                 corpus, message):
+    out = tmp_path / "o"
+    refused(capsys, ["-q", "compress", str(models / "llama"), "--ratio", "0.3", "--out", str(out),
+                     "--method", "random", "--finetune-steps", "2", "--finetune-data",
+                     str(tmp_path / corpus)], message)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["models"]

@@ -15,9 +15,11 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType
 from safetensors.torch import load_file
+from test_data_safety import digest
 from test_gguf_out import GGUF_ARCHITECTURES, _asset, _load_gguf, _tiny_gguf
 from transformers import AutoModelForCausalLM
 
+from conftest import make_tiny_model
 from prunenet.cli import main
 from prunenet.errors import InputError, OutputError
 from prunenet.ffn_statistics import GRAM_BUDGET
@@ -136,6 +138,27 @@ def test_convert_refuses_what_it_cannot_convert_and_leaves_nothing(tmp_path, tin
     with pytest.raises(OutputError, match="not enough disk space"):
         convert_gguf(source, tmp_path / "full", progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "in", "mine"]
+
+
+@pytest.mark.parametrize("holds", ["a model", "a config", "a marker and data"])
+def test_convert_overwrite_never_replaces_a_users_model_folder(tmp_path, tinycoder, capsys, holds):
+    """A conversion writes any checkpoint's files (config.json, model.safetensors, the
+    tokenizer's) and a marker anyone can name: without its list of what it wrote, a folder is
+    the user's, and --overwrite leaves it."""
+    source = _gguf(tmp_path / "in", GGMLQuantizationType.Q8_0, tinycoder)
+    mine = tmp_path / "mine"
+    if holds == "a model":
+        make_tiny_model("llama").save_pretrained(mine)
+    else:
+        mine.mkdir()
+        (mine / "config.json").write_text('{"model_type": "llama"}\n')
+    if holds == "a marker and data":
+        (mine / ".converted").write_text("model.gguf\n")
+        (mine / "data.csv").write_text("1,2\n")
+    before = digest(mine)
+    assert main(["-q", "convert", str(source), "--out", str(mine), "--overwrite"]) == 2
+    assert "not written by prunenet" in capsys.readouterr().err
+    assert digest(mine) == before
 
 
 def _fail_third_shard(monkeypatch, error: OSError) -> list:

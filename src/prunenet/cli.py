@@ -15,9 +15,11 @@ import math
 import os
 import signal
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 
 from .errors import InputError, PruneNetError
+from .io.files import committed_outputs
 from .io.gguf_out import WRITABLE_TYPES
 from .pipeline import FORMATS, RECONSTRUCT, VARIANT_METHODS, CompressOptions
 from .probe import SAMPLERS
@@ -901,6 +903,17 @@ def error_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[0] if text else ''}"
 
 
+def interrupted_line(written: Sequence[Path]) -> str:
+    """What an interrupted command leaves: never a partial output; the outputs it had already
+    put in place, complete, named (a compression commits --out before --policy-out and
+    --record)."""
+    if not written:
+        return "interrupted; no partial output was left behind"
+    return (f"interrupted; written complete before the interrupt: "
+            f"{', '.join(str(path) for path in written)}; every other output was not written "
+            "and nothing partial was left behind")
+
+
 def _terminate(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -937,6 +950,7 @@ def main(argv: list[str] | None = None) -> int:
     # layers a streamed run reads from disk.
     logging.getLogger("accelerate.big_modeling").setLevel(logging.ERROR)
     signal.signal(signal.SIGTERM, _terminate)
+    written_before = len(committed_outputs())  # a process may run several commands
     try:
         with _no_progress_bars() if args.quiet else contextlib.nullcontext():
             return int(args.run(args) or 0)
@@ -946,6 +960,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"prunenet: error: {error_line(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("prunenet: interrupted; no partial output was left behind", file=sys.stderr)
+        print(f"prunenet: {interrupted_line(committed_outputs()[written_before:])}",
+              file=sys.stderr)
         return 130
 

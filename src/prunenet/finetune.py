@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from .arithmetic import PRECISIONS, accelerator_available, check_precision, default_precision
 from .errors import InputError, NumericalError, OutputError
-from .evaluation.corpora import corpus_read_path, load_corpus
+from .evaluation.corpora import check_corpus, corpus_read_path, load_corpus
 from .families import check_sequence_length, family_for
 from .io.files import (
     Output,
@@ -294,11 +294,23 @@ def _training_arguments(config: FinetuneConfig, work: Path, device: str):
     return arguments
 
 
-# A fine-tune's working folder: its settings record and the Trainer's checkpoint-N folders.
-# A checkpoint the Trainer was killed while saving lacks its trainer_state.json (written last):
-# still the run's own, never resumed from (removed on --resume).
-is_work_folder = folder_of(SETTINGS_NAME, (SETTINGS_NAME, GENERATED_NAME), folders={
-    "checkpoint-*": folder_of(None, ("*",), folders={"*": lambda _: True})})
+def _is_run_settings(folder: Path) -> bool:
+    """Whether the folder's settings file is one a fine-tune wrote (a JSON object naming the
+    run's source, data, steps and targets), not merely a file of that name."""
+    try:
+        saved = json.loads((folder / SETTINGS_NAME).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(saved, dict) and {"source", "data", "steps", "targets"} <= saved.keys()
+
+
+# A fine-tune's working folder, written as it trains (so it keeps no manifest): its settings
+# record, the teacher's text, and the Trainer's checkpoint-N folders of files. A checkpoint the
+# Trainer was killed while saving lacks its trainer_state.json (written last): still the
+# run's own, never resumed from (removed on --resume).
+is_work_folder = folder_of(SETTINGS_NAME, (SETTINGS_NAME, GENERATED_NAME),
+                           folders={"checkpoint-*": folder_of(None, ("*",))},
+                           check=_is_run_settings)
 
 
 # Settings whose None means "the default for this data or device": a resumed run that leaves
@@ -374,6 +386,8 @@ def check_recovery(source: str | os.PathLike, data: str, steps: int, seqlen: int
     settings = {"steps": steps, "seqlen": seqlen, "precision": precision or default_precision(
         device)}
     config = FinetuneConfig(data=str(data), **settings)
+    if not config.distils:
+        check_corpus(config.data)
     check_precision(device, config.precision)
     check_sequence_length(load_config(source), config.seqlen, option="--finetune-seqlen",
                           model="model")
@@ -419,6 +433,8 @@ def finetune(
     if settings.get("precision") is None:
         settings = {**settings, "precision": default_precision(device)}
     config = FinetuneConfig(data=str(data), **settings)
+    if not config.distils:
+        check_corpus(config.data)
     check_precision(device, config.precision)
     if config.train == "ffn" and not merge:
         raise InputError("--no-merge keeps a LoRA adapter apart; with --train ffn the output is "

@@ -30,9 +30,11 @@ RUN_RECORD_NAME = "record.json"
 SPECTRA_NAME = "spectra.safetensors"
 
 REPORT_NAMES = ("report.md", "report.html")
-# A report prunenet wrote: its two pages and its plots, nothing else.
+# A report prunenet wrote: its two pages and its plots, nothing else, as its manifest lists
+# (a user's own report.md, report.html and figures carry the same names).
 is_report = folder_of(REPORT_NAMES[0], (*REPORT_NAMES, "*.png"),
-                      check=lambda folder: (folder / REPORT_NAMES[1]).is_file())
+                      check=lambda folder: (folder / REPORT_NAMES[1]).is_file(),
+                      names_suffice=False)
 # A run record prunenet wrote; its default report folder may sit inside it.
 is_run_record = folder_of(
     RUN_RECORD_NAME, (RUN_RECORD_NAME, SPECTRA_NAME), folders={"report": is_report},

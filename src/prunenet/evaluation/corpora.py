@@ -36,16 +36,31 @@ def corpus_read_path(source: str | None) -> str | None:
     return source
 
 
-def read_corpus_text(source: str) -> str:
-    """Raw text of a named corpus, a .txt file, a .jsonl file ("text" field) or a dataset folder."""
+def check_corpus(source: str) -> None:
+    """Refuse, before any work, a corpus argument that names nothing readable: not a named
+    corpus and no such file or folder, or a folder that is not a datasets folder."""
     if source in NAMED_CORPORA:
-        return _wiki_text()
+        return
     path = Path(source).expanduser()
     if not path.exists():
         raise InputError(
             f"unknown corpus {source!r}: not a named corpus ({', '.join(NAMED_CORPORA)}) "
             "and no such file or folder"
         )
+    if path.is_dir() and not any((path / name).is_file() for name in DATASET_MARKERS):
+        raise InputError(f"{path} is not a datasets folder (save_to_disk writes "
+                         f"{' or '.join(DATASET_MARKERS)}); give a folder, .txt or .jsonl file")
+
+
+DATASET_MARKERS = ("dataset_info.json", "dataset_dict.json")
+
+
+def read_corpus_text(source: str) -> str:
+    """Raw text of a named corpus, a .txt file, a .jsonl file ("text" field) or a dataset folder."""
+    if source in NAMED_CORPORA:
+        return _wiki_text()
+    check_corpus(source)
+    path = Path(source).expanduser()
     if path.is_dir():
         from datasets import load_from_disk
 

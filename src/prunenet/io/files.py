@@ -3,7 +3,9 @@
 The rules, checked before any work by :func:`guard_outputs`:
 
 - a written path never equals, contains or lies inside a path the command reads (after
-  resolving ``~``, ``..`` and symlinks), and no two written paths overlap;
+  resolving ``~``, ``..`` and symlinks, and as files on disk: a bind mount or a hard link is
+  the same file by another name; what the symlinks inside an input folder point at is read
+  too), and no two written paths overlap;
 - an existing output is replaced only with ``overwrite``, and only when it is something prunenet
   made (each output names a recognizer: a model folder with ``prunenet.json``, a run record, a
   report, a policy file with its header...); an arbitrary file or folder is never replaced, and a
@@ -138,14 +140,17 @@ def _all_listed(folder: Path, listed: frozenset[str], prefix: str,
 def folder_of(marker: str | None, allowed: Sequence[str],
               folders: dict[str, Recognizer] | None = None,
               check: Callable[[Path], bool] | None = None,
-              files: dict[str, Callable[[Path], bool]] | None = None) -> Recognizer:
+              files: dict[str, Callable[[Path], bool]] | None = None,
+              names_suffice: bool = True) -> Recognizer:
     """A recognizer for a folder prunenet wrote: it holds ``marker`` (passing ``check``); every
     file passes the test ``files`` gives its name, if any (a model card still prunenet's own);
     and, where it has a manifest (:data:`MANIFEST_NAME`), it holds nothing the manifest does
     not list but subfolders added later that ``folders`` recognizes. A folder without a
-    manifest (written before them) is judged by names: every file matches one of the
-    ``allowed`` patterns; every subfolder's name matches a pattern of ``folders`` and passes
-    its recognizer. Symlinks never count as prunenet's."""
+    manifest (written before them, or by a writer that keeps none) is judged by names, unless
+    ``names_suffice`` is false (names a user's own folder may have too: a report's pages, a
+    model's files): every file matches one of the ``allowed`` patterns; every subfolder's name
+    matches a pattern of ``folders`` and passes its recognizer. Symlinks never count as
+    prunenet's."""
 
     def still_ours(entry: Path) -> bool:  # a file whose content shows whose it is
         test = (files or {}).get(entry.name)
@@ -169,6 +174,8 @@ def folder_of(marker: str | None, allowed: Sequence[str],
         listed = read_manifest(folder)
         if listed is not None:
             return _all_listed(folder, listed, "", subfolder, still_ours)
+        if not names_suffice:
+            return False
         for entry in folder.iterdir():
             if entry.is_symlink():
                 return False
@@ -225,14 +232,58 @@ class Output:
     working: bool = False
 
 
+LINKS_LOOKED_AT = 10_000
+"""Folders of one input searched for symlinks (a model or a record has one or two)."""
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        status = path.stat()
+    except OSError:
+        return None
+    return status.st_dev, status.st_ino
+
+
+def _identities(path: Path) -> list[tuple[int, int]]:
+    """The (device, inode) of ``path``'s existing ancestors, nearest first."""
+    found = (_identity(parent) for parent in path.parents)
+    return [identity for identity in found if identity is not None]
+
+
 def _overlap(a: Path, b: Path) -> str | None:
+    """How the resolved path ``a`` stands to ``b``: by name, then as files on disk (one
+    folder reached by two names, as a bind mount or a hard-linked file gives)."""
     if a == b:
         return "is"
     if b in a.parents:
         return "lies inside"
     if a in b.parents:
         return "contains"
+    first, second = _identity(a), _identity(b)
+    if first is not None and first == second:
+        return "is"
+    if second is not None and second in _identities(a):
+        return "lies inside"
+    if first is not None and first in _identities(b):
+        return "contains"
     return None
+
+
+def _linked_targets(folder: Path) -> list[Path]:
+    """What the symlinks inside an input folder point at (a folder of links to another
+    model's files reads those files): resolved, those that exist."""
+    targets = []
+    for count, (root, names, files) in enumerate(os.walk(folder)):
+        if count > LINKS_LOOKED_AT:
+            break
+        for name in names + files:
+            entry = Path(root) / name
+            if entry.is_symlink():
+                with contextlib.suppress(OSError, RuntimeError):
+                    target = entry.resolve()
+                    if target.exists():
+                        targets.append(target)
+    return targets
 
 
 def guard_outputs(outputs: Iterable[Output | None], inputs: Iterable[str | os.PathLike | None],
@@ -251,6 +302,8 @@ def guard_outputs(outputs: Iterable[Output | None], inputs: Iterable[str | os.Pa
         if source is None or not Path(source).expanduser().exists():
             continue
         read.append(resolved(source, "input"))
+        if read[-1].is_dir():
+            read += _linked_targets(read[-1])
     paths = [resolved(output.path, output.what) for output in wanted]
     for output, path in zip(wanted, paths):
         if not path.name:
@@ -324,6 +377,19 @@ def _check_parent(output: Output, path: Path) -> None:
 
 # --- atomic writing -------------------------------------------------------------------------
 
+_committed: list[Path] = []
+
+
+def committed_outputs() -> list[Path]:
+    """Every output this process has put in place so far (folders and files, not the files
+    written inside a staged folder), in order: what an interrupted command did finish."""
+    return list(_committed)
+
+
+def _note_committed(path: Path) -> None:
+    if not any(is_staging_name(part) for part in path.parts):
+        _committed.append(path)
+
 
 def make_readable(path: str | os.PathLike) -> None:
     """mkstemp makes 0600 files; outputs get the usual 0644 less the process umask."""
@@ -391,9 +457,11 @@ def atomic_folder(out: Path, overwrite: bool = False,
                 old = Path(tempfile.mkdtemp(prefix=sibling_prefix(out, "old"), dir=out.parent))
                 os.rename(out, old / "previous")
                 os.rename(staging, out)
+                _note_committed(out)
                 shutil.rmtree(old, ignore_errors=True)
             else:
                 os.rename(staging, out)
+                _note_committed(out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -435,6 +503,7 @@ def atomic_file(path: Path, overwrite: bool = True,
                     raise OutputError(f"{path} was replaced by a file prunenet did not write "
                                       "while this run worked; not replaced")
             os.replace(tmp, path)
+            _note_committed(path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

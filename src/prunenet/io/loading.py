@@ -582,18 +582,14 @@ def convert_model(alias: str, force: bool = False) -> Path:
     return target
 
 
-CONVERTED_MARKER = ".converted"  # in a cache folder convert_model wrote: the GGUF it came from
-# What a conversion wrote before it left a marker: recognized so that --force can redo it.
-_CONVERSION_FILES = {"config.json", "generation_config.json", "model.safetensors",
-                     "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
-                     "special_tokens_map.json"}
-
-
-_is_marked_conversion = folder_of(CONVERTED_MARKER, ("*",), folders={"*": any_tree})
-_is_unmarked_conversion = folder_of("config.json", tuple(sorted(_CONVERSION_FILES)))
+CONVERTED_MARKER = ".converted"  # in a folder a conversion wrote: the GGUF it came from
+# A conversion's files are those of any Hugging Face checkpoint: only its manifest, listing
+# everything in the folder, tells it from the user's own model.
+_is_marked_conversion = folder_of(CONVERTED_MARKER, ("*",), folders={"*": any_tree},
+                                  names_suffice=False)
 
 
 def is_conversion(folder: Path) -> bool:
-    """Whether ``folder`` is absent, empty or a model :func:`convert_model` wrote."""
-    return absent_or_empty(folder) or _is_marked_conversion(folder) \
-        or _is_unmarked_conversion(folder)
+    """Whether ``folder`` is absent, empty or a model :func:`convert_model` or
+    :func:`~prunenet.io.gguf_convert.convert_gguf` wrote (and nothing else since)."""
+    return absent_or_empty(folder) or _is_marked_conversion(folder)
