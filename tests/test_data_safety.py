@@ -960,11 +960,53 @@ def test_an_interrupt_between_outputs_names_what_was_written(models, tmp_path, c
 
 
 @pytest.mark.parametrize("corpus, message", [
-    ("no-such.txt", "unknown corpus"), ("models", "is not a datasets folder")])
-def test_a_bad_finetune_corpus_is_refused_before_the_compression(models, tmp_path, capsys,
-                                                                 corpus, message):
+    ("no-such.txt", "unknown corpus"), ("models", "is not a datasets folder"),
+    ("", "the corpus is empty"), ("empty.txt", "has 0 tokens in all"),
+    ("short.txt", "give more text"), ("binary.txt", "is not UTF-8 text")])
+def test_a_bad_finetune_corpus_is_refused_before_the_compression(
+        tiny_llama_real_tokenizer_dir, tmp_path, capsys, corpus, message):
+    """What the recovery would refuse after the compression is refused before it: a missing or
+    unreadable corpus, or one too short for a training and an evaluation window."""
+    (tmp_path / "models").mkdir()
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "short.txt").write_text("Four words, no more.")
+    (tmp_path / "binary.txt").write_bytes(bytes(range(256)))
+    texts = sorted(p.name for p in tmp_path.iterdir())
     out = tmp_path / "o"
-    refused(capsys, ["-q", "compress", str(models / "llama"), "--ratio", "0.3", "--out", str(out),
-                     "--method", "random", "--finetune-steps", "2", "--finetune-data",
-                     str(tmp_path / corpus)], message)
+    refused(capsys, ["-q", "compress", str(tiny_llama_real_tokenizer_dir), "--ratio", "0.3",
+                     "--out", str(out), "--method", "random", "--finetune-steps", "2",
+                     "--finetune-seqlen", "16",
+                     "--finetune-data", str(tmp_path / corpus) if corpus else ""], message)
+    assert sorted(p.name for p in tmp_path.iterdir()) == texts
+
+
+@pytest.mark.parametrize("option, path, message", [
+    ("--out", "", "--out is empty"), ("--record", "", "--record is empty"),
+    ("--out", "o\udcff\udcfe", "is not valid UTF-8"),
+    ("--record", "r\udcff", "is not valid UTF-8")])
+def test_an_empty_or_undecodable_output_path_is_refused(models, tmp_path, capsys, monkeypatch,
+                                                        option, path, message):
+    """An empty path would name the current folder; a name of bytes that are not UTF-8
+    (a surrogate in Python's view of argv) cannot be written in a record or a message."""
+    run = tmp_path / "cwd"
+    run.mkdir()
+    monkeypatch.chdir(run)
+    argv = ["-q", "compress", str(models / "llama"), "--ratio", "0.3", "--method", "random"]
+    argv += ["--out", path] if option == "--out" else ["--out", str(tmp_path / "o"), option, path]
+    refused(capsys, argv, message)
+    assert list(run.iterdir()) == [] and not (tmp_path / "o").exists()
+
+
+def test_a_full_disk_while_training_a_policy_is_one_line(models, tmp_path, capsys, monkeypatch):
+    """torch reports a failed write of the training state as a RuntimeError: one line, exit 2,
+    and no staging file left."""
+    from prunenet.selection.prunenet import reinforce
+
+    def full(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 128 vs 0")
+
+    monkeypatch.setattr(reinforce.torch, "save", full)
+    refused(capsys, ["-q", "train-policy", str(models / "llama"), "--ratio", "0.3", "--episodes",
+                     "2", "--out", str(tmp_path / "p.safetensors")],
+            "cannot write the policy's training state")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["models"]

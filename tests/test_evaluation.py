@@ -343,3 +343,14 @@ def test_quiet_commands_print_no_library_progress_bars_nor_git_noise(
     assert main(argv) == 0  # without -q the bars are back, and still no git noise
     err = capfd.readouterr().err
     assert "%|" in err and "fatal" not in err
+
+
+def test_zero_shot_needs_an_end_of_text_token():
+    """lm-eval ends every context with the tokenizer's end-of-text token: a tokenizer without
+    one is refused in one line before lm-eval runs, not met with its TypeError."""
+    from test_finetune import _tokenizer
+
+    tokenizer = _tokenizer()
+    assert tokenizer.eos_token_id is None
+    with pytest.raises(InputError, match="need the tokenizer's end-of-text token"):
+        zero_shot(make_tiny_model("llama"), tokenizer, "piqa", limit=1)

@@ -45,6 +45,7 @@ from .io.loading import (
     is_model_output,
     load_config,
     load_model_and_tokenizer,
+    load_tokenizer,
     read_record,
     save_plain_checkpoint,
     write_card,
@@ -382,15 +383,18 @@ def check_recovery(source: str | os.PathLike, data: str, steps: int, seqlen: int
                    precision: str | None, device: str) -> None:
     """Refuse, before a compression, the recovery ``compress --finetune-steps`` or
     ``--recover-steps`` would refuse after it: its settings, a precision the device does not
-    compute, and windows longer than the context of ``source`` (the pruned model keeps it)."""
+    compute, windows longer than the context of ``source`` (the pruned model keeps it), and a
+    corpus that is missing, unreadable or too short for its windows (tokenized by ``source``'s
+    tokenizer, which the pruned model keeps)."""
     settings = {"steps": steps, "seqlen": seqlen, "precision": precision or default_precision(
         device)}
     config = FinetuneConfig(data=str(data), **settings)
-    if not config.distils:
-        check_corpus(config.data)
     check_precision(device, config.precision)
     check_sequence_length(load_config(source), config.seqlen, option="--finetune-seqlen",
                           model="model")
+    if not config.distils:  # the corpus read as the fine-tune will read it: enough windows
+        check_corpus(config.data)
+        corpus_windows(config.data, load_tokenizer(source), config.seqlen, config.eval_windows)
 
 
 def finetune(

@@ -41,6 +41,9 @@ def check_corpus(source: str) -> None:
     corpus and no such file or folder, or a folder that is not a datasets folder."""
     if source in NAMED_CORPORA:
         return
+    if not source.strip():
+        raise InputError(f"the corpus is empty; give a named corpus ({', '.join(NAMED_CORPORA)}), "
+                         "a .txt or .jsonl file or a datasets folder")
     path = Path(source).expanduser()
     if not path.exists():
         raise InputError(
@@ -156,7 +159,8 @@ class TokenCorpus:
 def load_corpus(source: str, tokenizer) -> TokenCorpus:
     """Tokenize ``source`` (see :func:`read_corpus_text`) with ``tokenizer``, no special tokens."""
     if tokenizer is None:
-        raise InputError("this model has no tokenizer; save one next to the model to evaluate it")
+        raise InputError("this model has no tokenizer; save one next to the model to read text "
+                         "with it")
     text = read_corpus_text(source)
     ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False).input_ids
     tokens = torch.tensor(ids, dtype=torch.long)

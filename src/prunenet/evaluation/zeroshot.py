@@ -64,7 +64,8 @@ def zero_shot(
     """Accuracy of ``model`` on each task: ``{task: {metric, value, stderr, examples}}``.
 
     ``limit`` takes the first ``limit`` examples of each task (lm-eval's ``--limit``). Raises
-    :class:`InputError` for unknown tasks or a model without a tokenizer, and
+    :class:`InputError` for unknown tasks, a model without a tokenizer or a tokenizer without
+    an end-of-text token, and
     :class:`MissingAssetError` when the data has not been fetched. The task data are local
     files; set ``HF_HUB_OFFLINE=1`` and ``HF_DATASETS_OFFLINE=1`` (the command line does) so
     that lm-eval and datasets never try the network.
@@ -74,6 +75,10 @@ def zero_shot(
         return {}
     if tokenizer is None:
         raise InputError("this model has no tokenizer; save one next to the model to evaluate it")
+    if getattr(tokenizer, "eos_token_id", None) is None:  # lm-eval ends its contexts with it
+        raise InputError("zero-shot tasks need the tokenizer's end-of-text token and this "
+                         "tokenizer has none (set eos_token in its tokenizer_config.json), or "
+                         "pass --tasks none")
     if limit is not None and limit < 1:
         raise InputError(f"limit must be a positive number of examples, got {limit}")
     asset_path("zeroshot")  # fail early, naming the fetch command

@@ -304,6 +304,14 @@ def guard_outputs(outputs: Iterable[Output | None], inputs: Iterable[str | os.Pa
         read.append(resolved(source, "input"))
         if read[-1].is_dir():
             read += _linked_targets(read[-1])
+    for output in wanted:
+        if not str(output.path).strip():
+            raise OutputError(f"{output.what} is empty; give a path")
+        try:
+            str(output.path).encode()
+        except UnicodeEncodeError:
+            raise OutputError(f"{output.what} {output.path!r} is not valid UTF-8; choose a name "
+                              "of UTF-8 characters") from None
     paths = [resolved(output.path, output.what) for output in wanted]
     for output, path in zip(wanted, paths):
         if not path.name:

@@ -338,7 +338,7 @@ def load_model_and_tokenizer(
     otherwise refused). Raises :class:`InputError` for a missing, unreadable or unsupported
     model.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     folder, gguf_file = resolve_source(source, staged)
     config = load_config(source, trust_remote_code, staged)
@@ -383,8 +383,21 @@ def load_model_and_tokenizer(
     if offload is None:
         model.to(device)
     model.eval()
+    return model, _tokenizer(source, folder, gguf_file, trust_remote_code)
+
+
+def load_tokenizer(source: str | os.PathLike, trust_remote_code: bool = False):
+    """The tokenizer of a model ``source`` (as :func:`load_model_and_tokenizer` names it)
+    without its weights; None when it has none."""
+    folder, gguf_file = resolve_source(source)
+    return _tokenizer(source, folder, gguf_file, trust_remote_code)
+
+
+def _tokenizer(source, folder, gguf_file: str | None, trust_remote_code: bool):
+    from transformers import AutoTokenizer
+
     try:
-        tokenizer = AutoTokenizer.from_pretrained(
+        return AutoTokenizer.from_pretrained(
             folder, gguf_file=gguf_file, trust_remote_code=trust_remote_code
         )
     except Exception as error:  # noqa: BLE001  (tokenizers raises its own exception types)
@@ -392,8 +405,7 @@ def load_model_and_tokenizer(
         if gguf_file is None and present:
             raise InputError(f"{source}: the tokenizer ({', '.join(present)}) cannot be read "
                              f"({_first_line(error)}); repair or remove it") from error
-        tokenizer = None
-    return model, tokenizer
+        return None
 
 
 def _by_layer(model: Any, reload: Callable[[dict[str, str]], Any]) -> Any:

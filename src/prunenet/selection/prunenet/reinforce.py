@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ...errors import InputError, NumericalError
+from ...errors import InputError, NumericalError, OutputError
 from ...families import kept_count
 from ...io.files import atomic_file
 from .policy import PrunePolicy, keep_probabilities, sample_rows
@@ -142,9 +142,16 @@ _RESUME_FIELDS = ("ratio", "lr", "seed", "gamma", "reward", "reward_to_go", "bas
 
 
 def _save_state(path: Path, state: dict) -> None:
-    """Write the training state atomically (tmp file + rename): a reader never sees half."""
-    with atomic_file(path) as tmp:
-        torch.save(state, tmp)
+    """Write the training state atomically (tmp file + rename): a reader never sees half. A
+    write that fails (a full disk: torch reports it as a RuntimeError) is an
+    :class:`OutputError`; the state saved before it, if any, stays for ``--resume``."""
+    try:
+        with atomic_file(path) as tmp:
+            torch.save(state, tmp)
+    except (OSError, RuntimeError) as error:
+        detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise OutputError(f"cannot write the policy's training state {path} ({detail}); is the "
+                          "disk full? Free space and run again with --resume") from error
 
 
 def matrices_fingerprint(first_matrices: Sequence[Tensor]) -> str:
