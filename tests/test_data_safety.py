@@ -580,8 +580,13 @@ def test_corrupt_record_in_a_model_folder_is_one_line(models, tmp_path, capsys):
     (lambda d: d.update(num_layers=-1), "num_layers"),
     (lambda d: d.pop("layers"), "layers"),
     (lambda d: d["compression"].update(ratio="0.3"), "compression.ratio"),
+    (lambda d: d["layers"]["ks_selected"].__setitem__(0, float("nan")), "finite numbers"),
+    (lambda d: d["layers"]["kept_neurons"].__setitem__(0, -5), "kept_neurons must lie"),
+    (lambda d: d["layers"]["kept_neurons"].__setitem__(0, 10 ** 30), "kept_neurons must lie"),
+    (lambda d: d["compression"].update(ratio=float("inf")), "compression.ratio"),
 ])
 def test_edited_run_records_are_one_line(run_record, capsys, edit, match):
+    """Damaged numbers (NaN, Inf, a kept count outside the layer) are refused, never drawn."""
     path = run_record / "record.json"
     data = json.loads(path.read_text())
     edit(data)

@@ -9,6 +9,7 @@ policy's training history when the method has one. The whole folder is written a
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -109,8 +110,9 @@ def write_run_record(record_dir: str | os.PathLike, pruned: list[Tensor],
 def _is(value: Any, kind: str) -> bool:
     if kind == "int":
         return isinstance(value, int) and not isinstance(value, bool)
-    if kind == "number":
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind == "number":  # finite: a report never draws or prints NaN or Inf
+        return isinstance(value, (int, float)) and not isinstance(value, bool) \
+            and math.isfinite(value)
     return isinstance(value, str)
 
 
@@ -145,7 +147,10 @@ def schema_problem(data: dict[str, Any]) -> str | None:
             continue
         if not isinstance(values, list) or len(values) != count or not all(
                 _is(value, kind) for value in values):
-            return f"layers.{key} must be a list of {count} {kind}s"
+            return f"layers.{key} must be a list of {count} finite {kind}s"
+    width = compression["ffn_width_before"]
+    if not all(0 <= kept <= width for kept in layers["kept_neurons"]):
+        return f"layers.kept_neurons must lie between 0 and ffn_width_before ({width})"
     training = data.get("training", "absent")
     if training is None:
         return None
