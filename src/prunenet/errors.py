@@ -6,6 +6,12 @@ The CLI prints ``PruneNetError`` messages without a traceback and exits with sta
 from __future__ import annotations
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of a library error's message (its type's name when it has none)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 class PruneNetError(Exception):
     """Base class of every error prunenet raises on purpose."""
 

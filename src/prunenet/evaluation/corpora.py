@@ -36,6 +36,9 @@ def corpus_read_path(source: str | None) -> str | None:
     return source
 
 
+DATASET_MARKERS = ("dataset_info.json", "dataset_dict.json")  # what save_to_disk writes
+
+
 def check_corpus(source: str) -> None:
     """Refuse, before any work, a corpus argument that names nothing readable: not a named
     corpus and no such file or folder, or a folder that is not a datasets folder."""
@@ -53,9 +56,6 @@ def check_corpus(source: str) -> None:
     if path.is_dir() and not any((path / name).is_file() for name in DATASET_MARKERS):
         raise InputError(f"{path} is not a datasets folder (save_to_disk writes "
                          f"{' or '.join(DATASET_MARKERS)}); give a folder, .txt or .jsonl file")
-
-
-DATASET_MARKERS = ("dataset_info.json", "dataset_dict.json")
 
 
 def read_corpus_text(source: str) -> str:

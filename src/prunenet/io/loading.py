@@ -20,7 +20,7 @@ import torch
 from safetensors import SafetensorError
 
 from ..assets import MODELS, asset_path, cache_dir, model_path
-from ..errors import InputError, OutputError
+from ..errors import InputError, OutputError, first_line
 from ..families import family_for
 from .files import (
     Output,
@@ -92,11 +92,6 @@ def _hub_error(source: str, error: Exception) -> InputError:
     )
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
 def validate_safetensors(path: Path) -> dict[str, Any]:
     """Let safetensors judge a weights file (header, offsets, dtypes); return its raw header.
 
@@ -113,7 +108,7 @@ def validate_safetensors(path: Path) -> dict[str, Any]:
         with safe_open(str(path), framework="pt") as handle:
             handle.keys()
     except (SafetensorError, OSError, ValueError, RuntimeError) as error:
-        raise InputError(f"{path} is not a valid safetensors file ({_first_line(error)}); the "
+        raise InputError(f"{path} is not a valid safetensors file ({first_line(error)}); the "
                          "file is truncated, damaged or its header lies") from error
     with open(path, "rb") as handle:
         header_length = int.from_bytes(handle.read(8), "little")
@@ -212,7 +207,7 @@ def load_config(source: str | os.PathLike, trust_remote_code: bool = False,
     except (OSError, ValueError, TypeError, KeyError, AttributeError,
             StrictDataclassError) as error:  # the last: a field of the wrong type
         if Path(folder).exists():
-            raise InputError(f"{source} is not a readable model: {_first_line(error)}") from error
+            raise InputError(f"{source} is not a readable model: {first_line(error)}") from error
         raise _hub_error(folder, error) from error
     family = family_for(getattr(config, "model_type", None))
     for field in family.width_fields:
@@ -239,7 +234,7 @@ def read_config_json(folder: Path) -> dict[str, Any]:
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise InputError(f"{path} is not readable JSON ({_first_line(error)})") from error
+        raise InputError(f"{path} is not readable JSON ({first_line(error)})") from error
     if not isinstance(config, dict):
         raise InputError(f"{path} must hold a JSON object, got a {type(config).__name__}")
     if not isinstance(config.get("model_type"), str):
@@ -286,7 +281,7 @@ def check_weights_on_meta(folder: str | os.PathLike) -> None:
             folder, device_map="meta", dtype=torch.float32, output_loading_info=True,
             use_safetensors=True, ignore_mismatched_sizes=True)
     except (OSError, ValueError, RuntimeError, TypeError, KeyError) as error:
-        raise InputError(f"could not read the weights of {folder}: {_first_line(error)}") from error
+        raise InputError(f"could not read the weights of {folder}: {first_line(error)}") from error
     finally:
         transformers_logging.set_verbosity(verbosity)
     report_loading(folder, info)
@@ -312,7 +307,7 @@ def report_loading(source: Any, info: dict[str, Any]) -> None:
             shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
             problems.append(f"{what} {shown}")
     if info.get("error_msgs"):
-        problems.append(_first_line(Exception(info["error_msgs"][0])))
+        problems.append(first_line(Exception(info["error_msgs"][0])))
     if problems:
         raise InputError(f"{source}: the checkpoint does not match its config: "
                          f"{'; '.join(problems)}. prunenet does not fill in or drop weights")
@@ -366,7 +361,7 @@ def load_model_and_tokenizer(
             report_loading(source, info)
         if Path(folder).exists():
             raise InputError(f"could not load the weights of {source}: "
-                             f"{_first_line(error)}") from error
+                             f"{first_line(error)}") from error
         raise _hub_error(folder, error) from error
     report_loading(source, info)
     if offload is not None:
@@ -404,7 +399,7 @@ def _tokenizer(source, folder, gguf_file: str | None, trust_remote_code: bool):
         present = [name for name in TOKENIZER_FILES if (Path(folder) / name).exists()]
         if gguf_file is None and present:
             raise InputError(f"{source}: the tokenizer ({', '.join(present)}) cannot be read "
-                             f"({_first_line(error)}); repair or remove it") from error
+                             f"({first_line(error)}); repair or remove it") from error
         return None
 
 
@@ -554,7 +549,7 @@ def read_record(folder: str | os.PathLike) -> dict[str, Any]:
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise InputError(f"{path} is not readable JSON ({_first_line(error)}); the record is "
+        raise InputError(f"{path} is not readable JSON ({first_line(error)}); the record is "
                          "damaged") from error
     if not isinstance(record, dict):
         raise InputError(f"{path} must hold a JSON object; the record is damaged")

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ...errors import InputError, NumericalError, OutputError
+from ...errors import InputError, NumericalError, OutputError, first_line
 from ...families import kept_count
 from ...io.files import atomic_file
 from .policy import PrunePolicy, keep_probabilities, sample_rows
@@ -149,9 +149,9 @@ def _save_state(path: Path, state: dict) -> None:
         with atomic_file(path) as tmp:
             torch.save(state, tmp)
     except (OSError, RuntimeError) as error:
-        detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise OutputError(f"cannot write the policy's training state {path} ({detail}); is the "
-                          "disk full? Free space and run again with --resume") from error
+        raise OutputError(f"cannot write the policy's training state {path} "
+                          f"({first_line(error)}); is the disk full? Free space and run again "
+                          "with --resume") from error
 
 
 def matrices_fingerprint(first_matrices: Sequence[Tensor]) -> str:
