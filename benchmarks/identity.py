@@ -40,8 +40,8 @@ VOLATILE = ("source", "prunenet_version")  # paths of this machine, the package 
 
 # Runs on every tiny family: (name, compress/prune arguments in today's option names). The code
 # before the probe and refit stages had a probe of 4 sequences of min(128, positions) tokens
-# drawn by torch.multinomial and no refit: LEGACY_STAGES repeats that (the tiny models have 64
-# positions).
+# drawn by torch.multinomial and no refit: NO_REFIT and LEGACY_PROBE repeat that (the tiny
+# models have 64 positions).
 TINY_RUNS = [
     ("self-generated", ["--method", "self-generated", "--probe-tokens", "{probe}"]),
     ("random", ["--method", "random", "--seed", "3"]),
@@ -70,13 +70,16 @@ def unified_methods() -> bool:
     return "self-generated" in help_text.getvalue().split("--method", 1)[1].split("--", 1)[0]
 
 
-LEGACY_STAGES = ["--probe-length", "128", "--probe-temperature", "1", "--reconstruct", "none",
-                 "--probe-sampler", "multinomial"]
+NO_REFIT = ["--reconstruct", "none"]
+LEGACY_PROBE = ["--probe-length", "128", "--probe-temperature", "1", "--probe-sampler",
+                "multinomial"]
 
 
 def today_arguments(arguments: list[str]) -> list[str]:
-    """The arguments with the probe and refit stages set as the code before them ran."""
-    return [*arguments, *LEGACY_STAGES]
+    """The arguments with the probe and refit stages set as the code before them ran (the
+    probe's options only for the method that generates one: others refuse them)."""
+    generates = arguments[arguments.index("--method") + 1] == "self-generated"
+    return [*arguments, *NO_REFIT, *(LEGACY_PROBE if generates else [])]
 
 
 def legacy_arguments(arguments: list[str]) -> list[str]:
@@ -142,7 +145,7 @@ def run(source: str, arguments: list[str], work: Path, legacy: bool) -> dict[str
     if (work / "policy.safetensors").is_file():  # the saved policy reused at another ratio
         if main(["-q", "prune", source, "--policy", str(work / "policy.safetensors"),
                  "--ratio", "0.2", "--out", str(work / "reused"), "--method", "prunenet",
-                 *(["--variant", "reference"] if legacy else LEGACY_STAGES)]) != 0:
+                 *(["--variant", "reference"] if legacy else NO_REFIT)]) != 0:
             raise SystemExit("failed: prunenet prune with the saved policy")
     return fingerprint(work)
 

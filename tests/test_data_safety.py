@@ -695,7 +695,7 @@ def test_a_calibration_corpus_inside_the_output_is_an_input(models, tmp_path, ca
     corpus = out / "tokenizer_corpus.txt"
     corpus.write_text("words " * 100)
     refused(capsys, ["-q", "compress", str(models / "llama"), "--ratio", "0.3", "--out",
-                     str(out), "--method", "random", "--calibration-corpus", str(corpus),
+                     str(out), "--method", "activation", "--calibration-corpus", str(corpus),
                      "--overwrite"], "contains the input")
     assert corpus.read_text() == "words " * 100
 

@@ -113,9 +113,10 @@ def test_every_registered_method_round_trips_to_a_stock_checkpoint(method, tmp_p
     out = tmp_path / "out"
     text = tmp_path / "text.txt"
     text.write_text("the river runs high in spring and low in autumn " * 300)
+    own = {"prunenet": ["--episodes", "1"],
+           "activation": ["--calibration-corpus", str(text), "--calibration-windows", "1"]}
     assert main(["-q", "compress", str(tiny_llama_real_tokenizer_dir), "--ratio", "0.25",
-                 "--out", str(out), "--method", method, "--episodes", "1",
-                 "--calibration-corpus", str(text), "--calibration-windows", "1"]) == 0
+                 "--out", str(out), "--method", method, *own.get(method, [])]) == 0
     record = prunenet.io.loading.read_record(out)
     assert record["method"] == method
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()

@@ -96,6 +96,75 @@ def positive_float(text: str) -> float:
     return value
 
 
+# Options whose dest is not their name with dashes.
+OPTION_NAMES = {"precision": "--spectral-precision", "evaluate_windows": "--eval"}
+
+
+def refuse_unused(args: argparse.Namespace,
+                  rules: Sequence[tuple[Sequence[str], str | None]]) -> None:
+    """Refuse options the command line gives that this run would not use, before any work: a
+    user who sets them expects an effect. Each rule pairs option dests with why they do nothing
+    here, or None where they apply."""
+    given = getattr(args, "given", frozenset())
+    for dests, reason in rules:
+        named = [OPTION_NAMES.get(dest, "--" + dest.replace("_", "-"))
+                 for dest in dests if dest in given]
+        if named and reason is not None:
+            one = len(named) == 1
+            raise InputError(f"{', '.join(named)} {'has' if one else 'have'} no effect here: "
+                             f"{reason}; drop {'it' if one else 'them'}")
+
+
+TRAINING_OPTIONS = ("episodes", "lr", "gamma", "reward", "reward_to_go", "baseline", "kld",
+                    "spectral", "precision", "resume")
+PROBE_OPTIONS = ("probe_tokens", "probe_length", "probe_temperature", "probe_prompt",
+                 "probe_sampler", "probe_cache")
+
+
+def _method_rules(args: argparse.Namespace) -> list[tuple[Sequence[str], str | None]]:
+    """compress and prune: options of a method, the probe, the refit or the GGUF writer given
+    to a run that does not use them."""
+    from .pipeline import input_path
+
+    policy = getattr(args, "policy", None)
+    method = args.method or VARIANT_METHODS.get(args.variant) or (
+        "prunenet" if policy else DEFAULT_METHOD)
+    reconstruct = args.reconstruct or "ls"
+    writes_gguf = "gguf_down_type" not in getattr(args, "given", ()) or args.format in (
+        "gguf", "both") or args.format == "auto" and input_path(args.model).lower().endswith(
+        ".gguf")
+    trains = method == "prunenet" and not policy
+    return [
+        (TRAINING_OPTIONS, None if trains else
+         "method 'prunenet' with --policy uses that policy and trains none"
+         if method == "prunenet" else f"method {method!r} trains no PruneNet policy"),
+        (("selection",), None if method == "prunenet" else
+         f"only a PruneNet policy's rows are drawn, and the method is {method!r}"),
+        (("calibration_corpus", "calibration_windows"), None if method == "activation" else
+         f"calibration text feeds --method activation only, and the method is {method!r}"),
+        (("ridge",), None if reconstruct == "ls" else
+         f"the ridge regularizes --reconstruct ls, and this run refits with {reconstruct}"),
+        (PROBE_OPTIONS, None if method == DEFAULT_METHOD or reconstruct != "none" else
+         f"method {method!r} with --reconstruct none generates no probe text"),
+        (("gguf_down_type",), None if writes_gguf else "no model.gguf is written (one is cut "
+         "only from a .gguf input, with --format auto, gguf or both)"),
+    ]
+
+
+def _evaluation_rules(args: argparse.Namespace) -> list[tuple[Sequence[str], str | None]]:
+    """eval and compare: options of a measurement the run does not make."""
+    from .evaluation.zeroshot import parse_tasks
+
+    rules = [(("seqlen", "windows"), None if _ppl(args) else
+              "no perplexity window is read with --ppl none"),
+             (("limit",), None if parse_tasks(args.tasks) else
+              "no zero-shot task runs (--tasks)")]
+    if args.command == "eval":
+        rules.append((("speed_batch", "speed_prompt", "speed_new_tokens", "speed_repeats"),
+                      None if args.speed else "speed is measured with --speed only"))
+    return rules
+
+
 def _add_model_arguments(parser: argparse.ArgumentParser, converts_gguf: bool = True) -> None:
     """MODEL and the options every command that compresses or trains on it shares;
     ``converts_gguf``: a GGUF over --max-memory is converted and streamed (else it is loaded
@@ -304,6 +373,13 @@ def run_compress(args: argparse.Namespace) -> int:
     from .io.loading import is_model_output
     from .pipeline import CompressOptions, plan_compression
 
+    refuse_unused(args, [*_method_rules(args),
+                         (("finetune_data",), None if args.finetune_steps else
+                          "only --finetune-steps reads a corpus, and it is not given"),
+                         (("finetune_seqlen", "finetune_precision"),
+                          None if args.finetune_steps or args.recover_steps else
+                          "recovery settings apply with --finetune-steps or --recover-steps, "
+                          "and neither is given")])
     recoveries = [(steps, f"{args.out}-{suffix}", option) for steps, suffix, option in (
         (args.finetune_steps, "finetuned", "--finetune-steps"),
         (args.recover_steps, "recovered", "--recover-steps")) if steps]
@@ -362,7 +438,8 @@ def add_compress(subparsers) -> None:
     _add_model_arguments(parser)
     parser.add_argument("--ratio", type=ratio_value, required=True,
                         help="fraction of FFN neurons to remove in every layer, in [0, 1)")
-    parser.add_argument("--out", required=True, help="output folder (must not exist)")
+    parser.add_argument("--out", required=True, help="output folder (must not exist, or be "
+                        "empty)")
     _add_method_arguments(parser)
     parser.add_argument("--policy-out", help="--method prunenet: also save the trained policy "
                         "to this file")
@@ -382,7 +459,8 @@ def add_compress(subparsers) -> None:
                        "OUT-recovered (`finetune --data self-generated`, its other defaults)")
     group.add_argument("--finetune-seqlen", type=positive_int, default=None,
                        help="window length for --finetune-steps and --recover-steps "
-                       "(default: finetune's, 1024 on a corpus and 256 distilling)")
+                       "(default: finetune's, 1024 on a corpus and 256 distilling, cut to "
+                       "the model's context where it is shorter)")
     _add_precision_argument(group, "--finetune-precision")
     parser.set_defaults(run=run_compress)
 
@@ -394,12 +472,14 @@ def run_train_policy(args: argparse.Namespace) -> int:
     from .io.policy_file import is_policy_file, save_policy
     from .io.streaming import bound_heap_growth, choose_streaming
     from .pipeline import input_paths, policy_metadata, train_policy, training_state_path
-    from .selection.prunenet.reinforce import is_training_state
+    from .selection.prunenet.reinforce import check_resumable, is_training_state
 
     guard_outputs([Output(args.out, "--out", folder=False, ours=is_policy_file),
                    Output(training_state_path(args.out), "training state", folder=False,
                           working=True, ours=is_training_state)],
                   input_paths(args.model), args.overwrite)
+    if args.resume:
+        check_resumable(training_state_path(args.out))
     model = choose_streaming(args.model, args.max_memory, training=True)
     if model is None:
         model, _ = load_model_and_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
@@ -434,6 +514,7 @@ def add_train_policy(subparsers) -> None:
 def run_prune(args: argparse.Namespace) -> int:
     from .pipeline import CompressOptions, plan_compression
 
+    refuse_unused(args, _method_rules(args))
     options = CompressOptions.from_keywords(args.ratio, **_compress_options(args))
     plan = plan_compression(args.model, args.ratio, options, policy=args.policy, out=args.out,
                             record_dir=args.record, overwrite=args.overwrite)
@@ -452,7 +533,8 @@ def add_prune(subparsers) -> None:
     parser.add_argument("--policy", help="policy file from train-policy (for --method prunenet)")
     parser.add_argument("--ratio", type=ratio_value, required=True,
                         help="fraction of FFN neurons to remove, in [0, 1)")
-    parser.add_argument("--out", required=True, help="output folder (must not exist)")
+    parser.add_argument("--out", required=True, help="output folder (must not exist, or be "
+                        "empty)")
     _add_method_arguments(parser, takes_policy=True)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     _add_record_argument(parser)
@@ -518,7 +600,8 @@ def add_convert(subparsers) -> None:
         "the commands that do not (eval reads it from disk as it runs).",
     )
     parser.add_argument("model", help="a .gguf file (or a folder holding exactly one)")
-    parser.add_argument("--out", required=True, help="output folder (must not exist)")
+    parser.add_argument("--out", required=True, help="output folder (must not exist, or be "
+                        "empty)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing --out that a conversion wrote")
     parser.set_defaults(run=run_convert)
@@ -546,8 +629,9 @@ def _add_evaluation_arguments(parser: argparse.ArgumentParser, windows: int, tas
     group.add_argument("--speed-prompt", type=positive_int, default=None,
                        help="speed: prompt tokens per sequence (default: 128, shortened to fit "
                        "the model's context)")
-    group.add_argument("--speed-new-tokens", type=positive_int, default=32,
-                       help="speed: decoded tokens per sequence (default: 32)")
+    group.add_argument("--speed-new-tokens", type=positive_int, default=None,
+                       help="speed: decoded tokens per sequence (default: 32, shortened to fit "
+                       "the model's context)")
     group.add_argument("--speed-repeats", type=positive_int, default=5,
                        help="speed: timed repeats, median reported (default: 5)")
 
@@ -579,6 +663,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from .io.streaming import bound_heap_growth
     from .pipeline import input_paths
 
+    refuse_unused(args, _evaluation_rules(args))
     _offline_tasks(args)
     json_path = None
     if args.json:  # a --ppl text named by its path is read too
@@ -630,8 +715,16 @@ def ratio_list(text: str) -> list[float]:
 
 
 def run_compare(args: argparse.Namespace) -> int:
-    from .compare import compare
+    from .compare import compare, parse_methods
 
+    methods = parse_methods(args.methods, args.variant) if getattr(args, "given", set()) & {
+        "episodes", "train_ratio", "calibration_corpus", "calibration_windows"} else ()
+    refuse_unused(args, [*_evaluation_rules(args),
+                         (("episodes", "train_ratio"), None if "prunenet" in methods else
+                          "prunenet is not in --methods, so no policy trains"),
+                         (("calibration_corpus", "calibration_windows"),
+                          None if "activation" in methods else "activation, the method that "
+                          "reads calibration text, is not in --methods")])
     _offline_tasks(args)
     compare(args.model, args.ratios, args.methods, args.out, variant=args.variant,
             episodes=args.episodes,
@@ -658,7 +751,8 @@ def add_compare(subparsers) -> None:
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                         help=f"comma-separated methods from {', '.join(SELECTORS)} (default: "
                         f"{','.join(DEFAULT_METHODS)})")
-    parser.add_argument("--out", required=True, help="output folder (must not exist)")
+    parser.add_argument("--out", required=True, help="output folder (must not exist, or be "
+                        "empty)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     parser.add_argument("--seed", type=seed_value, default=CompressOptions.seed,
                         help=f"random seed (default: {CompressOptions.seed})")
@@ -812,13 +906,15 @@ def add_finetune(subparsers) -> None:
                         help="--data self-generated: training sequences of --seqlen tokens the "
                         "teacher writes (default: one per window trained on, none repeated; "
                         "--eval-windows more are held back)")
-    parser.add_argument("--out", required=True, help="output folder (must not exist)")
+    parser.add_argument("--out", required=True, help="output folder (must not exist, or be "
+                        "empty)")
     parser.add_argument("--steps", type=positive_int, default=200,
                         help="optimizer steps (default: 200)")
     parser.add_argument("--seqlen", type=positive_int, default=None,
                         help="tokens per training window (default: "
                         f"{DEFAULT_SEQLEN['corpus']} on a corpus, "
-                        f"{DEFAULT_SEQLEN[SELF_GENERATED]} for self-generated)")
+                        f"{DEFAULT_SEQLEN[SELF_GENERATED]} for self-generated, cut to the "
+                        "model's context where it is shorter)")
     parser.add_argument("--batch-size", type=positive_int, default=1,
                         help="windows per step and device (default: 1)")
     parser.add_argument("--grad-accum", type=positive_int, default=1,
@@ -881,7 +977,19 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in COMMANDS:
         add(subparsers)
+    parser.commands = subparsers.choices
     return parser
+
+
+def given_options(argv: Sequence[str] | None, args: argparse.Namespace) -> frozenset[str]:
+    """The options of ``args.command`` the command line sets itself (argparse dests), not
+    left to their defaults: the same line parsed again with every default a marker."""
+    unset = object()  # not a string: argparse converts string defaults by the option's type
+    parser = build_parser()
+    parser.commands[args.command].set_defaults(**dict.fromkeys(vars(args), unset))
+    again = vars(parser.parse_args(argv))
+    return frozenset(name for name, value in again.items()
+                     if value is not unset and name in vars(args)) - {"command"}
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
@@ -942,6 +1050,7 @@ def _no_progress_bars() -> Iterator[None]:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.given = given_options(argv, args)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub"):

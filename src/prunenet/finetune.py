@@ -20,6 +20,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from torch import Tensor, nn
 from .arithmetic import PRECISIONS, accelerator_available, check_precision, default_precision
 from .errors import InputError, NumericalError, OutputError
 from .evaluation.corpora import check_corpus, corpus_read_path, load_corpus
-from .families import check_sequence_length, family_for
+from .families import check_sequence_length, context_length, family_for
 from .io.files import (
     Output,
     atomic_file,
@@ -214,7 +215,10 @@ def add_lora(model: nn.Module, config: FinetuneConfig) -> nn.Module:
         target_modules=lora_target_modules(model, config.targets), bias="none",
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, lora)
+    with warnings.catch_warnings():  # peft reads a property transformers 5 deprecates
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
+                                category=FutureWarning)
+        return get_peft_model(model, lora)
 
 
 def train_ffn_only(model: nn.Module) -> nn.Module:
@@ -379,6 +383,14 @@ def _saved_dtype(source: str) -> torch.dtype | None:
     return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None
 
 
+def default_seqlen(data: str, model_config: Any) -> int:
+    """The window length of a run that sets none: :data:`DEFAULT_SEQLEN` of its data, cut to
+    the context of the model ``model_config`` describes, as evaluation cuts its windows."""
+    default = DEFAULT_SEQLEN[SELF_GENERATED if data == SELF_GENERATED else "corpus"]
+    context = context_length(model_config)
+    return default if context is None else min(default, context)
+
+
 def check_recovery(source: str | os.PathLike, data: str, steps: int, seqlen: int | None,
                    precision: str | None, device: str) -> None:
     """Refuse, before a compression, the recovery ``compress --finetune-steps`` or
@@ -386,11 +398,12 @@ def check_recovery(source: str | os.PathLike, data: str, steps: int, seqlen: int
     compute, windows longer than the context of ``source`` (the pruned model keeps it), and a
     corpus that is missing, unreadable or too short for its windows (tokenized by ``source``'s
     tokenizer, which the pruned model keeps)."""
-    settings = {"steps": steps, "seqlen": seqlen, "precision": precision or default_precision(
-        device)}
+    model_config = load_config(source)
+    settings = {"steps": steps, "seqlen": seqlen or default_seqlen(str(data), model_config),
+                "precision": precision or default_precision(device)}
     config = FinetuneConfig(data=str(data), **settings)
     check_precision(device, config.precision)
-    check_sequence_length(load_config(source), config.seqlen, option="--finetune-seqlen",
+    check_sequence_length(model_config, config.seqlen, option="--finetune-seqlen",
                           model="model")
     if not config.distils:  # the corpus read as the fine-tune will read it: enough windows
         check_corpus(config.data)
@@ -436,6 +449,8 @@ def finetune(
         settings = _unset_from_checkpoint(settings, saved)
     if settings.get("precision") is None:
         settings = {**settings, "precision": default_precision(device)}
+    if settings.get("seqlen") is None:
+        settings = {**settings, "seqlen": default_seqlen(str(data), load_config(model))}
     config = FinetuneConfig(data=str(data), **settings)
     if not config.distils:
         check_corpus(config.data)

@@ -61,7 +61,12 @@ from .selection import (
 from .selection.activation import Activation, Calibration
 from .selection.prunenet import PruneNet, train_on
 from .selection.prunenet.policy import PrunePolicy
-from .selection.prunenet.reinforce import TrainingConfig, TrainingResult, is_training_state
+from .selection.prunenet.reinforce import (
+    TrainingConfig,
+    TrainingResult,
+    check_resumable,
+    is_training_state,
+)
 from .selection.self_generated import SelfGenerated
 from .slicing import slice_model
 from .version import __version__
@@ -276,6 +281,8 @@ def plan_compression(model: Any, ratio: float, options: CompressOptions, *,
     source = None if isinstance(model, nn.Module) else str(model)
     reads = input_paths(source) if source is not None else []  # a bad input fails first
     if isinstance(policy, (str, os.PathLike)):
+        if not str(policy).strip():
+            raise InputError("--policy is empty; give the policy file train-policy wrote")
         reads.append(policy)
     reads.append(corpus_read_path(options.calibration.corpus))  # its file, or the cache's
     method = options.method or (PruneNet.name if policy is not None else DEFAULT_METHOD)
@@ -303,6 +310,8 @@ def plan_compression(model: Any, ratio: float, options: CompressOptions, *,
         raise InputError(f"--policy-out needs a trained policy: method 'prunenet' without "
                          f"--policy (method {method!r} trains none)")
     state_of = (out if out is not None else policy_out) if trains else None
+    if options.resume and state_of is not None:
+        check_resumable(training_state_path(state_of))
     guard_outputs([
         probe_cache_output(options),
         Output(out, "--out", ours=is_model_output) if out is not None else None,

@@ -23,6 +23,7 @@ from ..families import context_length
 
 log = logging.getLogger(__name__)
 DEFAULT_PROMPT_TOKENS = 128
+DEFAULT_NEW_TOKENS = 32
 
 
 @dataclass(frozen=True)
@@ -31,14 +32,14 @@ class SpeedProtocol:
 
     batch_size: int = 1
     prompt_tokens: int | None = None  # None: DEFAULT_PROMPT_TOKENS, cut to fit the model
-    new_tokens: int = 32
+    new_tokens: int | None = None  # None: DEFAULT_NEW_TOKENS, cut to fit the model
     repeats: int = 5
     warmup: int = 1
     seed: int = 0
 
     def validate(self) -> None:
         for name, value in asdict(self).items():
-            if name == "prompt_tokens" and value is None:
+            if name in ("prompt_tokens", "new_tokens") and value is None:
                 continue
             smallest = 0 if name == "warmup" else 1
             if name != "seed" and (not isinstance(value, int) or value < smallest):
@@ -79,20 +80,24 @@ def _one_run(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> tuple[f
 
 def fitted_protocol(config: Any, protocol: SpeedProtocol, quiet: bool = False
                     ) -> SpeedProtocol:
-    """``protocol`` for the model ``config`` describes: the default prompt shortened to fit its
-    context (said in the log unless ``quiet``). Raises :class:`InputError` for a prompt plus
-    generation the user gave that exceeds the context."""
+    """``protocol`` for the model ``config`` describes: the default prompt and generation
+    lengths (those left None) shortened to fit its context, said in the log unless ``quiet``.
+    Raises :class:`InputError` for lengths the user gave that exceed the context."""
     protocol.validate()
     context = context_length(config)
-    if protocol.prompt_tokens is None:  # the default prompt, shortened to fit the context
-        prompt_tokens, new_tokens = DEFAULT_PROMPT_TOKENS, protocol.new_tokens
-        if context is not None and prompt_tokens + new_tokens > context:
-            new_tokens = max(1, min(new_tokens, context // 4))
+    prompt_tokens = protocol.prompt_tokens or DEFAULT_PROMPT_TOKENS
+    new_tokens = protocol.new_tokens or DEFAULT_NEW_TOKENS
+    if context is not None and prompt_tokens + new_tokens > context:
+        if protocol.new_tokens is None:  # a quarter of the context, or what the prompt leaves
+            new_tokens = max(1, min(new_tokens, context // 4 if protocol.prompt_tokens is None
+                                    else context - prompt_tokens))
+        if protocol.prompt_tokens is None:
             prompt_tokens = max(1, context - new_tokens)
-            if not quiet:
-                log.warning("speed: a prompt of %d tokens and %d new tokens, to fit the "
-                            "model's context of %d", prompt_tokens, new_tokens, context)
-        protocol = replace(protocol, prompt_tokens=prompt_tokens, new_tokens=new_tokens)
+        if not quiet and (prompt_tokens, new_tokens) != (protocol.prompt_tokens,
+                                                        protocol.new_tokens):
+            log.warning("speed: a prompt of %d tokens and %d new tokens, to fit the "
+                        "model's context of %d", prompt_tokens, new_tokens, context)
+    protocol = replace(protocol, prompt_tokens=prompt_tokens, new_tokens=new_tokens)
     if context is not None and protocol.prompt_tokens + protocol.new_tokens > context:
         raise InputError(
             f"speed prompt ({protocol.prompt_tokens}) + new tokens ({protocol.new_tokens}) exceed "

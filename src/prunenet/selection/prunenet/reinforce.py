@@ -173,6 +173,14 @@ def is_training_state(path: Path) -> bool:
     return isinstance(state, dict) and {"config", "history", "policy"} <= set(state)
 
 
+def check_resumable(state_path: str | os.PathLike) -> None:
+    """Refuse ``--resume`` where no training state was saved: there is nothing to continue.
+    Called before the model loads, and by the training itself."""
+    if not Path(state_path).exists():
+        raise InputError(f"nothing to resume: no training state was saved at {state_path}; "
+                         "drop --resume to start afresh")
+
+
 def _load_state(path: Path, config: TrainingConfig, shapes: tuple[int, int],
                 fingerprint: str) -> dict:
     try:
@@ -204,6 +212,16 @@ def _load_state(path: Path, config: TrainingConfig, shapes: tuple[int, int],
     return state
 
 
+def _diverged(state_file: Path | None, what: str) -> NumericalError:
+    """The error of a run that diverged; its saved state goes, as resuming it with the same
+    settings (which a resume must keep) would diverge the same way."""
+    if state_file is not None:
+        state_file.unlink(missing_ok=True)
+    return NumericalError(f"{what}; lower the learning rate (--lr) or use --reward penalty"
+                          + (" (the training state is removed: a resume would diverge too)"
+                             if state_file is not None else ""))
+
+
 def train_policy_on_matrices(
     first_matrices: Sequence[Tensor],
     config: TrainingConfig,
@@ -230,6 +248,8 @@ def train_policy_on_matrices(
     sequence that reads each layer's matrix when indexed, and memory stays at about one layer.
     """
     config.validate()
+    if resume and state_path is not None:
+        check_resumable(state_path)
     if not first_matrices:
         raise InputError("no layers to train on")
     d_ff, d_model = first_matrices[0].shape
@@ -252,7 +272,7 @@ def train_policy_on_matrices(
     best_state, best_total, best_episode = None, -math.inf, -1
     state_file = Path(state_path) if state_path is not None else None
     fingerprint = matrices_fingerprint(first_matrices) if state_file is not None else ""
-    if resume and state_file is not None and state_file.exists():
+    if resume and state_file is not None:
         state = _load_state(state_file, config, (d_ff, d_model), fingerprint)
         policy.load_state_dict(state["policy"])
         optimizer.load_state_dict(state["optimizer"])
@@ -300,16 +320,11 @@ def train_policy_on_matrices(
             optimizer.step()
             total_loss += loss.item()
         if not all(torch.isfinite(p).all() for p in policy.parameters()):
-            raise NumericalError(
-                f"policy parameters became non-finite in episode {episode}; "
-                "lower the learning rate (--lr) or use --reward penalty"
-            )
+            raise _diverged(state_file, f"policy parameters became non-finite in episode "
+                            f"{episode}")
         if skipped == len(actions):
-            raise NumericalError(
-                f"every update of episode {episode} had a non-finite loss or gradient, so "
-                "training cannot make progress; lower the learning rate (--lr) or use "
-                "--reward penalty"
-            )
+            raise _diverged(state_file, f"every update of episode {episode} had a non-finite "
+                            "loss or gradient, so training cannot make progress")
         if skipped:
             log.warning("episode %d: skipped %d of %d updates with a non-finite loss or "
                         "gradient", episode, skipped, len(actions))

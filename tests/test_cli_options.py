@@ -1,0 +1,182 @@
+"""Command-line options: what the user gave is told from defaults, options a run would not use
+are refused before any work, and defaults fit the model where a given value is refused."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import transformers
+
+from conftest import make_tiny_model
+from prunenet.cli import build_parser, given_options, main
+from prunenet.errors import InputError
+from prunenet.evaluation.speed import SpeedProtocol, fitted_protocol
+from prunenet.finetune import DEFAULT_SEQLEN, SELF_GENERATED, default_seqlen
+from prunenet.io.loading import read_record
+from prunenet.selection.prunenet.reinforce import TrainingConfig, train_policy_on_matrices
+
+
+def refused(capsys, argv: list[str], match: str) -> str:
+    """Run the CLI; assert exit 2 with one error line holding ``match``; return it."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("prunenet: error: "), err
+    assert match in err[0], err[0]
+    return err[0]
+
+
+@pytest.fixture
+def llama(tmp_path) -> Path:
+    folder = tmp_path / "llama"
+    make_tiny_model("llama").save_pretrained(folder)
+    return folder
+
+
+def test_given_options_are_told_from_defaults():
+    """An option given at its default value, in --name=value form or abbreviated counts as
+    given; one left out does not, whatever its default."""
+    argv = ["-q", "compress", "m", "--ratio", "0.3", "--out", "o", "--ridge=0.3",
+            "--probe-tok", "64", "--method", "random"]
+    args = build_parser().parse_args(argv)
+    assert given_options(argv, args) == {"model", "ratio", "out", "ridge", "probe_tokens",
+                                         "method"}
+    argv = ["eval", "m", "--speed"]
+    assert given_options(argv, build_parser().parse_args(argv)) == {"model", "speed"}
+
+
+COMPRESS_UNUSED = [
+    (["--method", "random", "--reconstruct", "none", "--ridge=0.3"],
+     "--ridge has no effect here: the ridge regularizes --reconstruct ls, and this run refits "
+     "with none; drop it"),
+    (["--method", "prunenet", "--reconstruct", "bias", "--ridge", "0.5"],
+     "this run refits with bias"),
+    (["--method", "magnitude", "--reconstruct", "none", "--probe-tokens", "64",
+      "--probe-prompt", "The"],
+     "--probe-tokens, --probe-prompt have no effect here: method 'magnitude' with --reconstruct "
+     "none generates no probe text; drop them"),
+    (["--episodes", "3", "--lr", "0.1"],
+     "--episodes, --lr have no effect here: method 'self-generated' trains no PruneNet policy"),
+    (["--method", "random", "--resume"], "--resume has no effect here"),
+    (["--method", "random", "--spectral-precision", "float64"],
+     "--spectral-precision has no effect here"),
+    (["--method", "magnitude", "--selection", "topk"],
+     "--selection has no effect here: only a PruneNet policy's rows are drawn"),
+    (["--calibration-windows", "2"],
+     "calibration text feeds --method activation only, and the method is 'self-generated'"),
+    (["--method", "random", "--gguf-down-type", "Q8_0"], "no model.gguf is written"),
+    (["--method", "random", "--format", "safetensors", "--gguf-down-type", "Q8_0"],
+     "no model.gguf is written"),
+    (["--method", "random", "--finetune-data", "wiki"],
+     "--finetune-data has no effect here: only --finetune-steps reads a corpus"),
+    (["--method", "random", "--finetune-seqlen", "64", "--finetune-precision", "float32"],
+     "--finetune-seqlen, --finetune-precision have no effect here"),
+]
+
+
+@pytest.mark.parametrize("options, match", COMPRESS_UNUSED)
+def test_compress_options_a_run_would_not_use_are_refused_before_any_work(
+        llama, tmp_path, capsys, options, match):
+    out = tmp_path / "out"
+    refused(capsys, ["-q", "compress", str(llama), "--ratio", "0.3", "--out", str(out),
+                     *options], match)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["llama"]
+
+
+@pytest.mark.parametrize("command, options, match", [
+    ("prune", ["--method", "random", "--reconstruct", "none", "--probe-length", "16"],
+     "--probe-length has no effect here"),
+    ("prune", ["--method", "magnitude", "--calibration-corpus", "wiki"],
+     "--calibration-corpus has no effect here"),
+    ("eval", ["--ppl", "none", "--windows", "3"],
+     "--windows has no effect here: no perplexity window is read with --ppl none"),
+    ("eval", ["--ppl", "none", "--speed-new-tokens", "4", "--speed-repeats", "2"],
+     "--speed-new-tokens, --speed-repeats have no effect here: speed is measured with --speed "
+     "only"),
+    ("eval", ["--ppl", "none", "--limit", "5"], "--limit has no effect here"),
+    ("compare", ["--methods", "random,magnitude", "--episodes", "2"],
+     "--episodes has no effect here: prunenet is not in --methods"),
+    ("compare", ["--methods", "random", "--calibration-windows", "2"],
+     "--calibration-windows has no effect here: activation"),
+    ("compare", ["--methods", "random", "--tasks", "", "--limit", "2"],
+     "--limit has no effect here"),
+])
+def test_options_of_other_commands_a_run_would_not_use_are_refused(
+        llama, tmp_path, capsys, command, options, match):
+    out = ["--out", str(tmp_path / "out")] if command != "eval" else []
+    ratio = {"prune": ["--ratio", "0.3"], "compare": ["--ratios", "0.3"]}.get(command, [])
+    refused(capsys, ["-q", command, str(llama), *ratio, *out, *options], match)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["llama"]
+
+
+def test_options_that_apply_take_effect(llama, tmp_path):
+    """The same options the refusals name run where they apply, and the record shows them."""
+    out = tmp_path / "out"
+    assert main(["-q", "compress", str(llama), "--ratio", "0.3", "--out", str(out), "--method",
+                 "prunenet", "--episodes", "1", "--selection", "topk", "--ridge", "0.5",
+                 "--probe-tokens", "64", "--probe-length", "16"]) == 0
+    record = read_record(out)
+    assert record["method"] == "prunenet" and record["selection"] == "topk"
+    assert record["reconstruct"]["ridge"] == 0.5
+    assert record["probe"]["tokens"] == 64 and record["probe"]["sequence_length"] == 16
+
+
+def test_resume_without_a_saved_state_is_refused(llama, tmp_path, capsys):
+    """--resume where no run saved a state: one line before the model loads, nothing written
+    (a fresh run silently standing in for a resumed one would hide a wrong path)."""
+    refused(capsys, ["-q", "compress", str(llama), "--ratio", "0.3", "--out",
+                     str(tmp_path / "o"), "--method", "prunenet", "--episodes", "2", "--resume"],
+            f"nothing to resume: no training state was saved at {tmp_path / 'o.train-state.pt'}")
+    refused(capsys, ["-q", "train-policy", str(llama), "--ratio", "0.3", "--out",
+                     str(tmp_path / "p.safetensors"), "--episodes", "2", "--resume"],
+            "nothing to resume")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["llama"]
+    matrices = [layer.mlp.gate_proj.weight.detach() for layer in
+                make_tiny_model("llama").model.layers]
+    with pytest.raises(InputError, match="nothing to resume"):
+        train_policy_on_matrices(matrices, TrainingConfig(episodes=1), progress=False,
+                                 state_path=tmp_path / "none.pt", resume=True)
+
+
+def test_speed_lengths_given_are_kept_or_refused_and_defaults_fit_the_context():
+    """Only lengths left to their defaults are shortened to the context; a given length that
+    does not fit is refused rather than changed."""
+    config = transformers.LlamaConfig(max_position_embeddings=32)
+    fitted = fitted_protocol(config, SpeedProtocol(), quiet=True)
+    assert (fitted.prompt_tokens, fitted.new_tokens) == (24, 8)
+    fitted = fitted_protocol(config, SpeedProtocol(prompt_tokens=30), quiet=True)
+    assert (fitted.prompt_tokens, fitted.new_tokens) == (30, 2)
+    fitted = fitted_protocol(config, SpeedProtocol(new_tokens=20), quiet=True)
+    assert (fitted.prompt_tokens, fitted.new_tokens) == (12, 20)
+    wide = fitted_protocol(transformers.LlamaConfig(max_position_embeddings=2048),
+                           SpeedProtocol(), quiet=True)
+    assert (wide.prompt_tokens, wide.new_tokens) == (128, 32)
+    for given in (SpeedProtocol(new_tokens=40), SpeedProtocol(prompt_tokens=32),
+                  SpeedProtocol(prompt_tokens=20, new_tokens=20)):
+        with pytest.raises(InputError, match="exceed the model's context of 32 tokens"):
+            fitted_protocol(config, given, quiet=True)
+
+
+def test_finetune_default_window_fits_a_short_context(tiny_llama_real_tokenizer_dir, tmp_path,
+                                                     capsys):
+    """finetune's default window (1024 tokens on a corpus) is cut to a shorter context, as
+    eval's is; a window the user gives beyond it is still refused."""
+    assert default_seqlen("wiki", transformers.LlamaConfig(max_position_embeddings=64)) == 64
+    assert default_seqlen(SELF_GENERATED, transformers.LlamaConfig(
+        max_position_embeddings=4096)) == DEFAULT_SEQLEN[SELF_GENERATED]
+    folder = tmp_path / "short"
+    shutil.copytree(tiny_llama_real_tokenizer_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["max_position_embeddings"] = 64
+    (folder / "config.json").write_text(json.dumps(config))
+    text = tmp_path / "text.txt"
+    text.write_text("the river runs high in spring and low in autumn. " * 200)
+    out = tmp_path / "ft"
+    assert main(["-q", "finetune", str(folder), "--data", str(text), "--out", str(out),
+                 "--steps", "1", "--eval-windows", "1"]) == 0
+    assert read_record(out)["finetune"]["settings"]["seqlen"] == 64
+    refused(capsys, ["-q", "finetune", str(folder), "--data", str(text), "--out",
+                     str(tmp_path / "ft2"), "--seqlen", "128"],
+            "--seqlen 128 exceeds the model's context of 64 tokens")
