@@ -543,3 +543,148 @@ def test_commands_that_hold_whole_models_refuse_models_larger_than_memory(tmp_pa
         assert named in error and "in memory, weights alone" in error, error
         assert f"{format_bytes(available)} of memory is available now" in error
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dense", "student"]
+
+
+# --- names and values that would mislead or hang ----------------------------------------------
+
+def _config_edited(folder: Path, **changes) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    config.update(changes)
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def _refused_line(capsys, argv: list[str]) -> str:
+    """Run the CLI; assert exit 2 with exactly one line on stderr; return it."""
+    capsys.readouterr()  # what the test printed before
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("prunenet: error: "), err
+    return err[0]
+
+
+def test_a_mistyped_model_name_is_refused_at_once_naming_the_nearest(tmp_path, capsys,
+                                                                     monkeypatch):
+    """Neither a path nor an alias, with the Hub's host not resolving: one line before any
+    Hub request (the Hub client retries for half a minute), with the nearest local name or
+    alias; a name in the Hub cache is still loaded from it."""
+    import socket
+
+    import huggingface_hub
+    import transformers
+    from huggingface_hub import constants
+
+    from prunenet.io.loading import resolve_source
+
+    def no_dns(*args, **kwargs):
+        raise socket.gaierror(-2, "Name or service not known")
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("the Hub was asked")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", no_hub)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.chdir(tmp_path)
+    make_tiny_model("llama").save_pretrained(tmp_path / "llama")
+    common = ["--ratio", "0.3", "--out", "o", "--method", "random"]
+    line = _refused_line(capsys, ["-q", "compress", "lama", *common])
+    assert "model 'lama' is not a local path nor one of prunenet's models" in line
+    assert "huggingface.co cannot be reached" in line and line.endswith("did you mean llama?")
+    assert _refused_line(capsys, ["-q", "eval", "smollm2-13m"]).endswith(
+        "did you mean smollm2-135m?")
+    assert _refused_line(capsys, ["-q", "convert", "lama.gguf", "--out", "c"]).endswith(
+        "model path lama.gguf does not exist")
+    assert _refused_line(capsys, ["-q", "eval", ""]).endswith("the model path is empty; give "
+                                                               "a model folder, a .gguf file "
+                                                               "or one of smollm2-135m, "
+                                                               "gemma3-270m")
+    snapshot = tmp_path / "hub" / "models--org--name" / "snapshots" / "abc"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (tmp_path / "hub" / "models--org--name" / "refs").mkdir()
+    (tmp_path / "hub" / "models--org--name" / "refs" / "main").write_text("abc")
+    assert isinstance(huggingface_hub.try_to_load_from_cache("org/name", "config.json"), str)
+    assert resolve_source("org/name") == ("org/name", None)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["hub", "llama"]
+
+
+@pytest.mark.parametrize("changes, field", [
+    ({"rms_norm_eps": float("nan")}, "rms_norm_eps"),
+    ({"rope_parameters": {"rope_theta": float("inf"), "rope_type": "default"}},
+     "rope_parameters.rope_theta"),
+])
+def test_a_config_value_that_is_not_finite_is_refused(tmp_path, capsys, changes, field):
+    """NaN or Inf in config.json (JSON allows them as NaN / Infinity) would be copied into the
+    output by a method that does not run the model: refused on load, for every method."""
+    folder = tmp_path / "m"
+    make_tiny_model("llama").save_pretrained(folder)
+    _config_edited(folder, **changes)
+    for method in (["--method", "random", "--reconstruct", "none"], []):
+        line = _refused_line(capsys, ["-q", "compress", str(folder), "--ratio", "0.3", "--out",
+                                      str(tmp_path / "o"), *method])
+        assert f"config field {field}" in line and "is not a finite number" in line, line
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_config_field_of_the_wrong_type_names_the_field_and_the_type(tmp_path, capsys):
+    """A library message whose first line only announces the next (ends in a colon) keeps
+    that next line."""
+    folder = tmp_path / "m"
+    make_tiny_model("llama").save_pretrained(folder)
+    _config_edited(folder, intermediate_size=None)
+    line = _refused_line(capsys, ["-q", "compress", str(folder), "--ratio", "0.3", "--out",
+                                  str(tmp_path / "o"), "--method", "random"])
+    assert "intermediate_size" in line and "expected int, got NoneType" in line, line
+
+
+@pytest.mark.parametrize("changes", [{"vocab_size": 100}, {"num_hidden_layers": 1}])
+def test_a_config_contradicting_its_weights_is_one_line_on_stderr(tmp_path, changes):
+    """transformers' own LOAD REPORT table is left out: the refusal names the same weights."""
+    folder = tmp_path / "m"
+    make_tiny_model("llama").save_pretrained(folder)
+    _config_edited(folder, **changes)
+    done = subprocess.run([sys.executable, "-m", "prunenet", "-q", "compress", str(folder),
+                           "--ratio", "0.3", "--out", str(tmp_path / "o"), "--method", "random"],
+                          capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "does not match its config" in lines[0], lines
+
+
+def test_devices_and_pipes_are_refused_as_corpora_and_as_output_files(tmp_path, capsys,
+                                                                      tiny_llama_dir):
+    """A corpus that reads without end (a device, a FIFO) or an output file that is not a
+    regular file: one line, before anything is read or written."""
+    from prunenet.evaluation.corpora import check_corpus
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for device in ("/dev/zero", str(fifo)):
+        with pytest.raises(InputError, match="is not a regular file"):
+            check_corpus(device)
+    line = _refused_line(capsys, ["-q", "eval", str(tiny_llama_dir), "--ppl", "none", "--json",
+                                  "/dev/null"])
+    assert line.endswith("--json /dev/null is not a regular file; give the name of a file to "
+                         "write")
+    if Path("/proc/self").is_dir():  # a place where no file can be made, even by root
+        line = _refused_line(capsys, ["-q", "eval", str(tiny_llama_dir), "--ppl", "none",
+                                      "--json", "/proc/x.json"])
+        assert line.startswith("prunenet: error: cannot write to /proc: "), line
+
+
+def test_an_empty_policy_path_is_named(tiny_llama_dir, tmp_path, capsys):
+    """'' would resolve to the current folder and be refused for overlapping --out."""
+    line = _refused_line(capsys, ["-q", "prune", str(tiny_llama_dir), "--policy", "",
+                                  "--ratio", "0.3", "--out", str(tmp_path / "o")])
+    assert line.endswith("--policy is empty; give the policy file train-policy wrote")
+
+
+def test_a_diverged_policy_run_leaves_no_training_state(tiny_llama_dir, tmp_path, capsys):
+    """A resume repeats the run's settings, so it would diverge again: the state goes too."""
+    out = tmp_path / "p.safetensors"
+    line = _refused_line(capsys, ["-q", "train-policy", str(tiny_llama_dir), "--ratio", "0.3",
+                                  "--out", str(out), "--episodes", "5", "--lr", "1e29"])
+    assert "non-finite" in line and "the training state is removed" in line, line
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["tiny-llama"]

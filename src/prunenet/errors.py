@@ -7,9 +7,12 @@ from __future__ import annotations
 
 
 def first_line(error: BaseException) -> str:
-    """The first line of a library error's message (its type's name when it has none)."""
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+    """The first line of a library error's message (its type's name when it has none), with
+    the line after it where the first only announces it (ends in a colon)."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    return f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
 
 
 class PruneNetError(Exception):

@@ -356,7 +356,9 @@ def _check_existing(output: Output, path: Path, overwrite: bool) -> None:
     if output.folder and not path.is_dir():
         raise OutputError(f"{output.what} {path} exists and is not a folder; it is not replaced")
     if not output.folder and not path.is_file():
-        raise OutputError(f"{output.what} {path} is a folder; give a file name")
+        raise OutputError(f"{output.what} {path} is "
+                          f"{'a folder' if path.is_dir() else 'not a regular file'}; give the "
+                          "name of a file to write")
     if output.folder and not any(path.iterdir()):
         return  # an empty folder the user made for us
     if not overwrite:
@@ -379,8 +381,12 @@ def _check_parent(output: Output, path: Path) -> None:
     if not existing.is_dir():
         raise OutputError(f"cannot create the folder {parent} for {output.what}: {existing} is "
                           "not a folder")
-    if not os.access(existing, os.W_OK):
-        raise OutputError(f"cannot write to {existing}: permission denied or read-only")
+    try:  # a file with no name where the filesystem allows (O_TMPFILE), else one unlinked at once
+        with tempfile.TemporaryFile(dir=existing, prefix=".prunenet-write-check-"):
+            pass
+    except OSError as error:
+        raise OutputError(f"cannot write to {existing}: {error.strerror or 'permission denied'}"
+                          " (read-only, or not a place for files)") from None
 
 
 # --- atomic writing -------------------------------------------------------------------------

@@ -8,13 +8,19 @@ runs only when the caller asks for it.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import difflib
 import functools
 import json
+import logging
+import math
 import os
-from collections.abc import Callable, Sequence
+import socket
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
 from safetensors import SafetensorError
@@ -42,7 +48,8 @@ MODEL_ALIASES = {alias: model.description for alias, model in MODELS.items()}
 
 
 def _looks_like_path(source: str) -> bool:
-    return source.startswith((".", "/", "~")) or os.sep in source and source.count("/") != 1
+    return source.startswith((".", "/", "~")) or source.lower().endswith(".gguf") or (
+        os.sep in source and source.count("/") != 1)
 
 
 def resolve_source(source: str | os.PathLike, staged: bool = False) -> tuple[str, str | None]:
@@ -51,6 +58,9 @@ def resolve_source(source: str | os.PathLike, staged: bool = False) -> tuple[str
     text = str(source)
     if text in MODEL_ALIASES:
         return str(model_path(text)), None
+    if not text.strip():
+        raise InputError("the model path is empty; give a model folder, a .gguf file or one of "
+                         f"{', '.join(MODEL_ALIASES)}")
     path = Path(text).expanduser()
     if path.is_file():
         if path.suffix.lower() == ".gguf":
@@ -68,8 +78,48 @@ def resolve_source(source: str | os.PathLike, staged: bool = False) -> tuple[str
     if path.exists():
         raise InputError(f"{path} is neither a model folder nor a .gguf file")
     if _looks_like_path(text) or text.count("/") > 1:
-        raise InputError(f"model path {text} does not exist")
+        raise InputError(f"model path {text} does not exist{_did_you_mean(text)}")
+    _check_hub_id(text)
     return text, None  # a Hub id
+
+
+def _did_you_mean(text: str) -> str:
+    """``; did you mean X?`` for the alias or neighbouring file name nearest a missing path."""
+    path = Path(text).expanduser()
+    try:
+        names = [entry.name for entry in path.parent.iterdir()] if path.parent.is_dir() else []
+    except OSError:
+        names = []
+    close = difflib.get_close_matches(path.name, [*names, *MODEL_ALIASES], n=1, cutoff=0.6)
+    if not close:
+        return ""
+    suggestion = close[0] if close[0] in MODEL_ALIASES and close[0] not in names else str(
+        Path(text).parent / close[0])
+    return f"; did you mean {suggestion}?"
+
+
+def _check_hub_id(text: str) -> None:
+    """Refuse at once a name that is neither a local path nor loadable from the Hugging Face
+    Hub: not a valid repository id, or the Hub's host does not resolve and the Hub cache does
+    not hold it (the Hub client would retry for half a minute before failing)."""
+    import huggingface_hub
+    from huggingface_hub import constants
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        cached = huggingface_hub.try_to_load_from_cache(text, "config.json")
+    except HFValidationError:
+        raise InputError(f"model path {text} does not exist{_did_you_mean(text)}") from None
+    if isinstance(cached, str) or constants.HF_HUB_OFFLINE:
+        return  # transformers reads the cache, or fails at once naming offline mode
+    host = urlparse(constants.ENDPOINT).hostname or constants.ENDPOINT
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        raise InputError(
+            f"model {text!r} is not a local path nor one of prunenet's models "
+            f"({', '.join(MODEL_ALIASES)}), and as a Hugging Face Hub id it cannot be fetched: "
+            f"{host} cannot be reached (offline?){_did_you_mean(text)}") from None
 
 
 def recorded_source(source: str | os.PathLike) -> str:
@@ -88,7 +138,7 @@ def _hub_error(source: str, error: Exception) -> InputError:
         f"could not load {source!r}: it is not a local path, and fetching it as a Hugging Face Hub "
         f"id failed ({'offline mode' if offline else type(error).__name__}: "
         f"{str(error).splitlines()[0] if str(error) else ''}). Pass a local model folder or GGUF "
-        "file, or connect to the Hub."
+        f"file, or connect to the Hub{_did_you_mean(source)}."
     )
 
 
@@ -210,6 +260,10 @@ def load_config(source: str | os.PathLike, trust_remote_code: bool = False,
             raise InputError(f"{source} is not a readable model: {first_line(error)}") from error
         raise _hub_error(folder, error) from error
     family = family_for(getattr(config, "model_type", None))
+    field = _non_finite_field(config.to_dict())
+    if field is not None:
+        raise InputError(f"{source}: config field {field} is not a finite number; a model "
+                         "computes nothing finite with it. The config is damaged")
     for field in family.width_fields:
         value = getattr(config, field, None)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool)
@@ -217,6 +271,19 @@ def load_config(source: str | os.PathLike, trust_remote_code: bool = False,
             raise InputError(f"{source}: config field {field} must be a positive integer, got "
                              f"{value!r}")
     return config
+
+
+def _non_finite_field(values: Any, name: str = "") -> str | None:
+    """The dotted name of the first NaN or infinite number in a config's values, else None."""
+    if isinstance(values, float) and not math.isfinite(values):
+        return name
+    items = values.items() if isinstance(values, dict) else enumerate(values) if isinstance(
+        values, list) else ()
+    for key, value in items:
+        found = _non_finite_field(value, f"{name}.{key}" if name else str(key))
+        if found is not None:
+            return found
+    return None
 
 
 @functools.lru_cache(maxsize=1)
@@ -272,19 +339,31 @@ def check_weights_on_meta(folder: str | os.PathLike) -> None:
     """Let transformers match a safetensors folder's weights to its config without reading any
     tensor data (a model on the meta device); refuse missing or unused weights as loading would."""
     from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as transformers_logging
 
-    verbosity = transformers_logging.get_verbosity()
-    transformers_logging.set_verbosity_error()  # its own load report would repeat ours
     try:
-        _, info = AutoModelForCausalLM.from_pretrained(
-            folder, device_map="meta", dtype=torch.float32, output_loading_info=True,
-            use_safetensors=True, ignore_mismatched_sizes=True)
+        with _without_load_report():
+            _, info = AutoModelForCausalLM.from_pretrained(
+                folder, device_map="meta", dtype=torch.float32, output_loading_info=True,
+                use_safetensors=True, ignore_mismatched_sizes=True)
     except (OSError, ValueError, RuntimeError, TypeError, KeyError) as error:
         raise InputError(f"could not read the weights of {folder}: {first_line(error)}") from error
-    finally:
-        transformers_logging.set_verbosity(verbosity)
     report_loading(folder, info)
+
+
+@contextlib.contextmanager
+def _without_load_report() -> Iterator[None]:
+    """Leave out transformers' LOAD REPORT table of weights that did not fit the config:
+    :func:`report_loading` refuses the same weights in one line."""
+    logger = logging.getLogger("transformers.modeling_utils")
+
+    def no_report(record: logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in record.getMessage()
+
+    logger.addFilter(no_report)
+    try:
+        yield
+    finally:
+        logger.removeFilter(no_report)
 
 
 def _loading_entry(entry: Any) -> str:
@@ -346,18 +425,20 @@ def load_model_and_tokenizer(
         dtype = torch.float32  # float8 weights: computed in float32 (exact), saved as stored
     _gguf_reader.cache_clear()  # not held beside the weights while they load
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(
-            folder, config=config, gguf_file=gguf_file, dtype=dtype,
-            trust_remote_code=trust_remote_code,
-            use_safetensors=None if gguf_file else _prefer_safetensors(folder),
-            output_loading_info=True, **_dispatch(offload),
-        )  # the config read above: a GGUF's header is not parsed again for it
+        with _without_load_report():
+            model, info = AutoModelForCausalLM.from_pretrained(
+                folder, config=config, gguf_file=gguf_file, dtype=dtype,
+                trust_remote_code=trust_remote_code,
+                use_safetensors=None if gguf_file else _prefer_safetensors(folder),
+                output_loading_info=True, **_dispatch(offload),
+            )  # the config read above: a GGUF's header is not parsed again for it
     except (OSError, ValueError, RuntimeError, TypeError, KeyError) as error:
         if "ignore_mismatched_sizes" in str(error):  # name the wrongly shaped weights
-            _, info = AutoModelForCausalLM.from_pretrained(
-                folder, gguf_file=gguf_file, device_map="meta", ignore_mismatched_sizes=True,
-                output_loading_info=True, dtype=torch.float32,
-                trust_remote_code=trust_remote_code)
+            with _without_load_report():
+                _, info = AutoModelForCausalLM.from_pretrained(
+                    folder, gguf_file=gguf_file, device_map="meta", ignore_mismatched_sizes=True,
+                    output_loading_info=True, dtype=torch.float32,
+                    trust_remote_code=trust_remote_code)
             report_loading(source, info)
         if Path(folder).exists():
             raise InputError(f"could not load the weights of {source}: "
