@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -126,6 +127,13 @@ def tiny_llama_real_tokenizer_dir(tmp_path_factory):
                                 intermediate_size=48, num_hidden_layers=2,
                                 num_attention_heads=4, num_key_value_heads=2,
                                 max_position_embeddings=2048)
+
+
+def edit_config(folder: Path, **changes) -> None:
+    """Update ``folder/config.json`` with ``changes``."""
+    config = json.loads((folder / "config.json").read_text())
+    config.update(changes)
+    (folder / "config.json").write_text(json.dumps(config))
 
 
 def assert_same_weights(expected_folder, actual_folder, atol: float = 1e-6) -> None:

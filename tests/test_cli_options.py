@@ -3,14 +3,13 @@ are refused before any work, and defaults fit the model where a given value is r
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 import pytest
 import transformers
 
-from conftest import make_tiny_model
+from conftest import edit_config, make_tiny_model
 from prunenet.cli import build_parser, given_options, main
 from prunenet.errors import InputError
 from prunenet.evaluation.speed import SpeedProtocol, fitted_protocol
@@ -102,6 +101,9 @@ def test_compress_options_a_run_would_not_use_are_refused_before_any_work(
      "--calibration-windows has no effect here: activation"),
     ("compare", ["--methods", "random", "--tasks", "", "--limit", "2"],
      "--limit has no effect here"),
+    ("finetune", ["--data", "wiki", "--generated-windows", "4"],
+     "--generated-windows sets how much text the teacher writes for --data self-generated; a "
+     "run on a corpus (wiki) generates none: drop it"),
 ])
 def test_options_of_other_commands_a_run_would_not_use_are_refused(
         llama, tmp_path, capsys, command, options, match):
@@ -168,9 +170,7 @@ def test_finetune_default_window_fits_a_short_context(tiny_llama_real_tokenizer_
         max_position_embeddings=4096)) == DEFAULT_SEQLEN[SELF_GENERATED]
     folder = tmp_path / "short"
     shutil.copytree(tiny_llama_real_tokenizer_dir, folder)
-    config = json.loads((folder / "config.json").read_text())
-    config["max_position_embeddings"] = 64
-    (folder / "config.json").write_text(json.dumps(config))
+    edit_config(folder, max_position_embeddings=64)
     text = tmp_path / "text.txt"
     text.write_text("the river runs high in spring and low in autumn. " * 200)
     out = tmp_path / "ft"

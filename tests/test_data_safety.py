@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from conftest import make_tiny_model
+from conftest import edit_config, make_tiny_model
 from prunenet.cli import main
 from prunenet.errors import InputError
 from prunenet.io.files import NAME_MAX, sibling_path, sibling_prefix
@@ -270,12 +270,6 @@ def _edit_weights(folder: Path, edit) -> None:
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
 
 
-def _edit_config(folder: Path, **changes) -> None:
-    config = json.loads((folder / "config.json").read_text())
-    config.update(changes)
-    (folder / "config.json").write_text(json.dumps(config))
-
-
 @pytest.mark.parametrize("stream", [False, True])
 @pytest.mark.parametrize("case", ["more layers", "missing weight", "unused weight",
                                   "untied lm_head absent"])
@@ -283,14 +277,14 @@ def test_checkpoints_that_do_not_match_their_config_are_refused(tmp_path, capsys
     folder = tmp_path / "m"
     make_tiny_model("llama").save_pretrained(folder)
     if case == "more layers":
-        _edit_config(folder, num_hidden_layers=3)
+        edit_config(folder, num_hidden_layers=3)
     elif case == "missing weight":
         _edit_weights(folder, lambda t: t.pop("model.layers.1.self_attn.k_proj.weight"))
     elif case == "unused weight":
         _edit_weights(folder, lambda t: t.update({"model.layers.9.mlp.up_proj.weight":
                                                   torch.zeros(48, 32)}))
     else:
-        _edit_config(folder, tie_word_embeddings=False)
+        edit_config(folder, tie_word_embeddings=False)
         _edit_weights(folder, lambda t: t.pop("lm_head.weight", None))
     memory = ["--max-memory", "1MB", "--method", "prunenet", "--episodes", "1"] if stream \
         else ["--method", "random"]
@@ -460,7 +454,7 @@ def test_float8_weights_are_pruned_and_saved_as_float8(tmp_path):
     folder = tmp_path / "f8"
     make_tiny_model("llama").save_pretrained(folder)
     _edit_weights(folder, lambda t: t.update({k: v.to(torch.float8_e4m3fn) for k, v in t.items()}))
-    _edit_config(folder, dtype="float8_e4m3fn")
+    edit_config(folder, dtype="float8_e4m3fn")
     assert main(["-q", "compress", str(folder), "--ratio", "0.3", "--out", str(tmp_path / "out"),
                  "--method", "random"]) == 0
     saved = load_file(str(tmp_path / "out" / "model.safetensors"))
@@ -511,7 +505,7 @@ def test_bad_configs_are_one_line(tmp_path, capsys, config):
     folder = tmp_path / "m"
     make_tiny_model("llama").save_pretrained(folder)
     if config == "width-float":
-        _edit_config(folder, intermediate_size=48.0)
+        edit_config(folder, intermediate_size=48.0)
     else:
         (folder / "config.json").write_text(config)
     refused(capsys, ["-q", "compress", str(folder), "--ratio", "0.3", "--out",

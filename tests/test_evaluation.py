@@ -13,7 +13,7 @@ import torch
 import transformers
 
 import prunenet
-from conftest import make_tiny_model, real_tokenizer_model
+from conftest import edit_config, make_tiny_model, real_tokenizer_model
 from prunenet.cli import main
 from prunenet.errors import InputError, MissingAssetError
 from prunenet.evaluation.corpora import TokenCorpus, load_corpus
@@ -247,9 +247,7 @@ def test_defaults_fit_a_model_with_a_short_context(tiny_llama_real_tokenizer_dir
 
     folder = tmp_path / "short"
     shutil.copytree(tiny_llama_real_tokenizer_dir, folder)
-    config = json.loads((folder / "config.json").read_text())
-    config["max_position_embeddings"] = 32
-    (folder / "config.json").write_text(json.dumps(config))
+    edit_config(folder, max_position_embeddings=32)
     out = tmp_path / "eval.json"
     assert main(["-q", "eval", str(folder), "--windows", "1", "--tasks", "piqa", "--limit", "2",
                  "--speed", "--speed-repeats", "1", "--json", str(out)]) == 0

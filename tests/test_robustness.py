@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import prunenet
-from conftest import make_tiny_model
+from conftest import edit_config, make_tiny_model
 from prunenet.cli import main
 from prunenet.errors import InputError, NumericalError, OutputError
 from prunenet.families import Cut, kept_count, slice_tensor
@@ -547,12 +547,6 @@ def test_commands_that_hold_whole_models_refuse_models_larger_than_memory(tmp_pa
 
 # --- names and values that would mislead or hang ----------------------------------------------
 
-def _config_edited(folder: Path, **changes) -> None:
-    config = json.loads((folder / "config.json").read_text())
-    config.update(changes)
-    (folder / "config.json").write_text(json.dumps(config))
-
-
 def _refused_line(capsys, argv: list[str]) -> str:
     """Run the CLI; assert exit 2 with exactly one line on stderr; return it."""
     capsys.readouterr()  # what the test printed before
@@ -619,7 +613,7 @@ def test_a_config_value_that_is_not_finite_is_refused(tmp_path, capsys, changes,
     output by a method that does not run the model: refused on load, for every method."""
     folder = tmp_path / "m"
     make_tiny_model("llama").save_pretrained(folder)
-    _config_edited(folder, **changes)
+    edit_config(folder, **changes)
     for method in (["--method", "random", "--reconstruct", "none"], []):
         line = _refused_line(capsys, ["-q", "compress", str(folder), "--ratio", "0.3", "--out",
                                       str(tmp_path / "o"), *method])
@@ -632,7 +626,7 @@ def test_a_config_field_of_the_wrong_type_names_the_field_and_the_type(tmp_path,
     that next line."""
     folder = tmp_path / "m"
     make_tiny_model("llama").save_pretrained(folder)
-    _config_edited(folder, intermediate_size=None)
+    edit_config(folder, intermediate_size=None)
     line = _refused_line(capsys, ["-q", "compress", str(folder), "--ratio", "0.3", "--out",
                                   str(tmp_path / "o"), "--method", "random"])
     assert "intermediate_size" in line and "expected int, got NoneType" in line, line
@@ -643,7 +637,7 @@ def test_a_config_contradicting_its_weights_is_one_line_on_stderr(tmp_path, chan
     """transformers' own LOAD REPORT table is left out: the refusal names the same weights."""
     folder = tmp_path / "m"
     make_tiny_model("llama").save_pretrained(folder)
-    _config_edited(folder, **changes)
+    edit_config(folder, **changes)
     done = subprocess.run([sys.executable, "-m", "prunenet", "-q", "compress", str(folder),
                            "--ratio", "0.3", "--out", str(tmp_path / "o"), "--method", "random"],
                           capture_output=True, text=True,

@@ -125,6 +125,10 @@ class FinetuneConfig:
             raise InputError(f"{options} set{'s' if len(given) == 1 else ''} the LoRA adapters; "
                              f"with train {self.train!r} no adapter trains: drop "
                              f"{'it' if len(given) == 1 else 'them'} or train lora")
+        if self.generated_windows is not None and not self.distils:
+            raise InputError(f"--generated-windows sets how much text the teacher writes for "
+                             f"--data {SELF_GENERATED}; a run on a corpus ({self.data}) "
+                             "generates none: drop it")
         for name, value in DEFAULT_LORA.items():  # an FFN run records none of them
             if getattr(self, name) is None:
                 object.__setattr__(self, name, value)
