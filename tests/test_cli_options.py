@@ -3,6 +3,7 @@ are refused before any work, and defaults fit the model where a given value is r
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -50,8 +51,8 @@ COMPRESS_UNUSED = [
     (["--method", "random", "--reconstruct", "none", "--ridge=0.3"],
      "--ridge has no effect here: the ridge regularizes --reconstruct ls, and this run refits "
      "with none; drop it"),
-    (["--method", "prunenet", "--reconstruct", "bias", "--ridge", "0.5"],
-     "this run refits with bias"),
+    (["--method", "prunenet", "--episodes", "1", "--reconstruct", "none", "--ridge", "0.5"],
+     "--ridge has no effect here"),
     (["--method", "magnitude", "--reconstruct", "none", "--probe-tokens", "64",
       "--probe-prompt", "The"],
      "--probe-tokens, --probe-prompt have no effect here: method 'magnitude' with --reconstruct "
@@ -95,10 +96,15 @@ def test_compress_options_a_run_would_not_use_are_refused_before_any_work(
      "--speed-new-tokens, --speed-repeats have no effect here: speed is measured with --speed "
      "only"),
     ("eval", ["--ppl", "none", "--limit", "5"], "--limit has no effect here"),
+    ("eval", ["--ppl", "none", "--windows", "2", "--limit", "3"],
+     "--windows has no effect here: no perplexity window is read with --ppl none; drop it; "
+     "--limit has no effect here: no zero-shot task runs (--tasks); drop it"),
     ("compare", ["--methods", "random,magnitude", "--episodes", "2"],
-     "--episodes has no effect here: prunenet is not in --methods"),
+     "--episodes has no effect here: no method compared trains a PruneNet policy"),
+    ("compare", ["--methods", "prunenet", "--variant", "self-generated", "--train-ratio", "0.5"],
+     "--train-ratio has no effect here: no method compared trains a PruneNet policy"),
     ("compare", ["--methods", "random", "--calibration-windows", "2"],
-     "--calibration-windows has no effect here: activation"),
+     "--calibration-windows has no effect here: no method compared reads calibration text"),
     ("compare", ["--methods", "random", "--tasks", "", "--limit", "2"],
      "--limit has no effect here"),
     ("finetune", ["--data", "wiki", "--generated-windows", "4"],
@@ -111,6 +117,58 @@ def test_options_of_other_commands_a_run_would_not_use_are_refused(
     ratio = {"prune": ["--ratio", "0.3"], "compare": ["--ratios", "0.3"]}.get(command, [])
     refused(capsys, ["-q", command, str(llama), *ratio, *out, *options], match)
     assert sorted(path.name for path in tmp_path.iterdir()) == ["llama"]
+
+
+@pytest.mark.parametrize("command, options, match", [
+    ("compress", ["--variant", "reference", "--method", "random", "--episodes", "3"],
+     "--variant reference means --method prunenet, which conflicts with --method random"),
+    ("prune", ["--policy", "", "--selection", "topk"], "--policy is empty"),
+])
+def test_a_conflict_is_named_before_the_options_it_leaves_unused(llama, tmp_path, capsys,
+                                                                command, options, match):
+    """Unused options are judged for the run as planned: a conflict that stops the plan is
+    the error, not an option the conflicting reading would leave unused."""
+    refused(capsys, ["-q", command, str(llama), "--ratio", "0.3", "--out", str(tmp_path / "o"),
+                     *options], match)
+
+
+def test_a_memory_budget_for_a_model_loaded_whole_is_refused(tmp_path, capsys):
+    """eval and train-policy load a GGUF whole: --max-memory would bound nothing."""
+    from prunenet.assets import asset_path
+    from prunenet.errors import MissingAssetError
+
+    try:
+        source = asset_path("tinycoder-gguf") / "tiny.gguf"
+    except MissingAssetError as error:
+        pytest.skip(str(error))
+    refused(capsys, ["-q", "eval", str(source), "--ppl", "none", "--max-memory", "1GB"],
+            f"--max-memory has no effect here: it bounds local safetensors folders only, and "
+            f"{source} is loaded whole; drop it; to read a GGUF from disk, convert it first")
+    refused(capsys, ["-q", "train-policy", str(source), "--ratio", "0.3", "--out",
+                     str(tmp_path / "p.safetensors"), "--max-memory", "1GB"],
+            "--max-memory has no effect here")
+    assert not any(tmp_path.iterdir())
+
+
+def test_eval_window_length_without_perplexity_is_accepted(llama, capsys):
+    """--seqlen sizes the windows a model read from disk is planned for, even with --ppl none
+    (the refusal of a budget too small suggests it), so it is not refused there."""
+    assert main(["-q", "eval", str(llama), "--ppl", "none", "--seqlen", "16"]) == 0
+
+
+def test_an_endless_corpus_is_refused_before_the_model_loads(llama, tmp_path, capsys,
+                                                             monkeypatch):
+    import os
+
+    import prunenet.evaluation.evaluate as evaluate_module
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(evaluate_module, "opened_model", no_load)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    refused(capsys, ["-q", "eval", str(llama), "--ppl", str(fifo)], "is not a regular file")
 
 
 def test_options_that_apply_take_effect(llama, tmp_path):
@@ -155,9 +213,13 @@ def test_speed_lengths_given_are_kept_or_refused_and_defaults_fit_the_context():
     wide = fitted_protocol(transformers.LlamaConfig(max_position_embeddings=2048),
                            SpeedProtocol(), quiet=True)
     assert (wide.prompt_tokens, wide.new_tokens) == (128, 32)
-    for given in (SpeedProtocol(new_tokens=40), SpeedProtocol(prompt_tokens=32),
-                  SpeedProtocol(prompt_tokens=20, new_tokens=20)):
-        with pytest.raises(InputError, match="exceed the model's context of 32 tokens"):
+    refusals = {SpeedProtocol(new_tokens=40): "--speed-new-tokens 40 leaves no room in the "
+                "model's context of 32 tokens; give at most 31",
+                SpeedProtocol(prompt_tokens=32): "--speed-prompt 32 leaves no room",
+                SpeedProtocol(prompt_tokens=20, new_tokens=20): "--speed-prompt 20 + "
+                "--speed-new-tokens 20 exceed the model's context of 32 tokens"}
+    for given, message in refusals.items():
+        with pytest.raises(InputError, match=re.escape(message)):
             fitted_protocol(config, given, quiet=True)
 
 

@@ -563,7 +563,6 @@ def test_a_mistyped_model_name_is_refused_at_once_naming_the_nearest(tmp_path, c
     alias; a name in the Hub cache is still loaded from it."""
     import socket
 
-    import huggingface_hub
     import transformers
     from huggingface_hub import constants
 
@@ -583,7 +582,7 @@ def test_a_mistyped_model_name_is_refused_at_once_naming_the_nearest(tmp_path, c
     make_tiny_model("llama").save_pretrained(tmp_path / "llama")
     common = ["--ratio", "0.3", "--out", "o", "--method", "random"]
     line = _refused_line(capsys, ["-q", "compress", "lama", *common])
-    assert "model 'lama' is not a local path nor one of prunenet's models" in line
+    assert "model 'lama' is neither a local path nor one of prunenet's models" in line
     assert "huggingface.co cannot be reached" in line and line.endswith("did you mean llama?")
     assert _refused_line(capsys, ["-q", "eval", "smollm2-13m"]).endswith(
         "did you mean smollm2-135m?")
@@ -593,14 +592,40 @@ def test_a_mistyped_model_name_is_refused_at_once_naming_the_nearest(tmp_path, c
                                                                "a model folder, a .gguf file "
                                                                "or one of smollm2-135m, "
                                                                "gemma3-270m")
-    snapshot = tmp_path / "hub" / "models--org--name" / "snapshots" / "abc"
-    snapshot.mkdir(parents=True)
-    (snapshot / "config.json").write_text("{}")
-    (tmp_path / "hub" / "models--org--name" / "refs").mkdir()
-    (tmp_path / "hub" / "models--org--name" / "refs" / "main").write_text("abc")
-    assert isinstance(huggingface_hub.try_to_load_from_cache("org/name", "config.json"), str)
-    assert resolve_source("org/name") == ("org/name", None)
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["hub", "llama"]
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")  # it may resolve the Hub
+    assert resolve_source("lama") == ("lama", None)
+    monkeypatch.delenv("HTTPS_PROXY")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["llama"]
+
+
+def test_a_hub_id_in_the_cache_loads_from_it_without_asking_the_unreachable_hub(
+        tmp_path, capsys, monkeypatch):
+    """Where the Hub's host does not resolve, a cached Hub id is read from the cache alone
+    (the Hub client retried for minutes before falling back to it)."""
+    import socket
+
+    import huggingface_hub.file_download as file_download
+    from huggingface_hub import constants
+
+    def no_dns(*args, **kwargs):
+        raise socket.gaierror(-2, "Name or service not known")
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("the Hub was asked")
+
+    repository = tmp_path / "hub" / "models--org--tiny"
+    make_tiny_model("llama").save_pretrained(repository / "snapshots" / "abc")
+    (repository / "refs").mkdir()
+    (repository / "refs" / "main").write_text("abc")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    monkeypatch.setattr(file_download, "get_hf_file_metadata", no_hub)
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert main(["-q", "compress", "org/tiny", "--ratio", "0.5", "--out", str(out), "--method",
+                 "random", "--reconstruct", "none"]) == 0, capsys.readouterr().err
+    assert json.loads((out / "config.json").read_text())["intermediate_size"] == 24
 
 
 @pytest.mark.parametrize("changes, field", [

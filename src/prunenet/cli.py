@@ -104,15 +104,18 @@ def refuse_unused(args: argparse.Namespace,
                   rules: Sequence[tuple[Sequence[str], str | None]]) -> None:
     """Refuse options the command line gives that this run would not use, before any work: a
     user who sets them expects an effect. Each rule pairs option dests with why they do nothing
-    here, or None where they apply."""
+    here, or None where they apply; every broken rule is named in the one line."""
     given = getattr(args, "given", frozenset())
+    problems = []
     for dests, reason in rules:
         named = [OPTION_NAMES.get(dest, "--" + dest.replace("_", "-"))
                  for dest in dests if dest in given]
         if named and reason is not None:
             one = len(named) == 1
-            raise InputError(f"{', '.join(named)} {'has' if one else 'have'} no effect here: "
-                             f"{reason}; drop {'it' if one else 'them'}")
+            problems.append(f"{', '.join(named)} {'has' if one else 'have'} no effect here: "
+                            f"{reason}; drop {'it' if one else 'them'}")
+    if problems:
+        raise InputError("; ".join(problems))
 
 
 TRAINING_OPTIONS = ("episodes", "lr", "gamma", "reward", "reward_to_go", "baseline", "kld",
@@ -121,19 +124,11 @@ PROBE_OPTIONS = ("probe_tokens", "probe_length", "probe_temperature", "probe_pro
                  "probe_sampler", "probe_cache")
 
 
-def _method_rules(args: argparse.Namespace) -> list[tuple[Sequence[str], str | None]]:
+def _method_rules(plan) -> list[tuple[Sequence[str], str | None]]:
     """compress and prune: options of a method, the probe, the refit or the GGUF writer given
-    to a run that does not use them."""
-    from .pipeline import input_path
-
-    policy = getattr(args, "policy", None)
-    method = args.method or VARIANT_METHODS.get(args.variant) or (
-        "prunenet" if policy else DEFAULT_METHOD)
-    reconstruct = args.reconstruct or "ls"
-    writes_gguf = "gguf_down_type" not in getattr(args, "given", ()) or args.format in (
-        "gguf", "both") or args.format == "auto" and input_path(args.model).lower().endswith(
-        ".gguf")
-    trains = method == "prunenet" and not policy
+    to the planned run (its method, refit and formats as resolved) that does not use them."""
+    method = plan.selector.name
+    trains = method == "prunenet" and plan.selector.policy is None
     return [
         (TRAINING_OPTIONS, None if trains else
          "method 'prunenet' with --policy uses that policy and trains none"
@@ -142,12 +137,13 @@ def _method_rules(args: argparse.Namespace) -> list[tuple[Sequence[str], str | N
          f"only a PruneNet policy's rows are drawn, and the method is {method!r}"),
         (("calibration_corpus", "calibration_windows"), None if method == "activation" else
          f"calibration text feeds --method activation only, and the method is {method!r}"),
-        (("ridge",), None if reconstruct == "ls" else
-         f"the ridge regularizes --reconstruct ls, and this run refits with {reconstruct}"),
-        (PROBE_OPTIONS, None if method == DEFAULT_METHOD or reconstruct != "none" else
+        (("ridge",), None if plan.reconstruct == "ls" else
+         f"the ridge regularizes --reconstruct ls, and this run refits with {plan.reconstruct}"),
+        (PROBE_OPTIONS, None if method == DEFAULT_METHOD or plan.reconstruct != "none" else
          f"method {method!r} with --reconstruct none generates no probe text"),
-        (("gguf_down_type",), None if writes_gguf else "no model.gguf is written (one is cut "
-         "only from a .gguf input, with --format auto, gguf or both)"),
+        (("gguf_down_type",), None if "gguf" in plan.formats else "no model.gguf is written "
+         "(one is cut only from a .gguf input of an architecture GGUF output supports, with "
+         "--format auto, gguf or both)"),
     ]
 
 
@@ -155,7 +151,7 @@ def _evaluation_rules(args: argparse.Namespace) -> list[tuple[Sequence[str], str
     """eval and compare: options of a measurement the run does not make."""
     from .evaluation.zeroshot import parse_tasks
 
-    rules = [(("seqlen", "windows"), None if _ppl(args) else
+    rules = [(("windows",), None if _ppl(args) else
               "no perplexity window is read with --ppl none"),
              (("limit",), None if parse_tasks(args.tasks) else
               "no zero-shot task runs (--tasks)")]
@@ -192,7 +188,8 @@ def _add_model_arguments(parser: argparse.ArgumentParser, converts_gguf: bool = 
                         "reads the others from disk each time they run; "
                         + ("a GGUF file that would not fit is first converted to float32 "
                            "safetensors in a scratch folder beside --out, one layer at a time, "
-                           "then streamed " if converts_gguf else "a GGUF is loaded whole ")
+                           "then streamed " if converts_gguf else "a GGUF is loaded whole, so "
+                           "--max-memory is refused for one ")
                         + "(default: stream when it needs over half the free RAM)")
 
 
@@ -373,13 +370,6 @@ def run_compress(args: argparse.Namespace) -> int:
     from .io.loading import is_model_output
     from .pipeline import CompressOptions, plan_compression
 
-    refuse_unused(args, [*_method_rules(args),
-                         (("finetune_data",), None if args.finetune_steps else
-                          "only --finetune-steps reads a corpus, and it is not given"),
-                         (("finetune_seqlen", "finetune_precision"),
-                          None if args.finetune_steps or args.recover_steps else
-                          "recovery settings apply with --finetune-steps or --recover-steps, "
-                          "and neither is given")])
     recoveries = [(steps, f"{args.out}-{suffix}", option) for steps, suffix, option in (
         (args.finetune_steps, "finetuned", "--finetune-steps"),
         (args.recover_steps, "recovered", "--recover-steps")) if steps]
@@ -394,6 +384,13 @@ def run_compress(args: argparse.Namespace) -> int:
                             record_dir=args.record, policy_out=args.policy_out,
                             overwrite=args.overwrite, extra_outputs=extra_outputs,
                             extra_reads=extra_reads)
+    refuse_unused(args, [*_method_rules(plan),
+                         (("finetune_data",), None if args.finetune_steps else
+                          "only --finetune-steps reads a corpus, and it is not given"),
+                         (("finetune_seqlen", "finetune_precision"),
+                          None if args.finetune_steps or args.recover_steps else
+                          "recovery settings apply with --finetune-steps or --recover-steps, "
+                          "and neither is given")])
     if plan.streamed is not None:  # a recovery holds its models whole: known before any work
         from .io.streaming import refuse_over_free_memory
 
@@ -514,10 +511,10 @@ def add_train_policy(subparsers) -> None:
 def run_prune(args: argparse.Namespace) -> int:
     from .pipeline import CompressOptions, plan_compression
 
-    refuse_unused(args, _method_rules(args))
     options = CompressOptions.from_keywords(args.ratio, **_compress_options(args))
     plan = plan_compression(args.model, args.ratio, options, policy=args.policy, out=args.out,
                             record_dir=args.record, overwrite=args.overwrite)
+    refuse_unused(args, _method_rules(plan))
     result = _run_plan(plan)
     _print_summary(result)
     _print_record(args)
@@ -656,7 +653,7 @@ def _ppl(args: argparse.Namespace) -> str | None:
 
 def run_eval(args: argparse.Namespace) -> int:
 
-    from .evaluation.corpora import corpus_read_path
+    from .evaluation.corpora import check_corpus, corpus_read_path
     from .evaluation.evaluate import FORMAT, evaluate, format_table, opened_model
     from .evaluation.zeroshot import parse_tasks
     from .io.files import Output, guard_outputs, json_with_format, write_json_atomic
@@ -665,6 +662,8 @@ def run_eval(args: argparse.Namespace) -> int:
 
     refuse_unused(args, _evaluation_rules(args))
     _offline_tasks(args)
+    if _ppl(args):
+        check_corpus(_ppl(args))  # a missing or endless corpus: refused before the model loads
     json_path = None
     if args.json:  # a --ppl text named by its path is read too
         json_path, = guard_outputs(
@@ -703,7 +702,8 @@ def add_eval(subparsers) -> None:
                         help="memory budget as accelerate reads it (2GB, 2GiB, 512MB); a "
                         "safetensors folder that would not fit keeps in memory the layers that "
                         "fit and reads the others from disk each time they run: the same "
-                        "numbers, more slowly; --speed is refused then (default: read from "
+                        "numbers, more slowly; --speed is refused then. A GGUF or Hub id is "
+                        "loaded whole, so --max-memory is refused for one (default: read from "
                         "disk when it needs over half the free RAM)")
     _add_evaluation_arguments(parser, windows=16, tasks="", limit=None)
     parser.set_defaults(run=run_eval)
@@ -717,14 +717,13 @@ def ratio_list(text: str) -> list[float]:
 def run_compare(args: argparse.Namespace) -> int:
     from .compare import compare, parse_methods
 
-    methods = parse_methods(args.methods, args.variant) if getattr(args, "given", set()) & {
-        "episodes", "train_ratio", "calibration_corpus", "calibration_windows"} else ()
+    methods = parse_methods(args.methods, args.variant, quiet=True)
     refuse_unused(args, [*_evaluation_rules(args),
                          (("episodes", "train_ratio"), None if "prunenet" in methods else
-                          "prunenet is not in --methods, so no policy trains"),
+                          "no method compared trains a PruneNet policy"),
                          (("calibration_corpus", "calibration_windows"),
-                          None if "activation" in methods else "activation, the method that "
-                          "reads calibration text, is not in --methods")])
+                          None if "activation" in methods else "no method compared reads "
+                          "calibration text (activation does)")])
     _offline_tasks(args)
     compare(args.model, args.ratios, args.methods, args.out, variant=args.variant,
             episodes=args.episodes,

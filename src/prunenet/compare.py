@@ -17,9 +17,9 @@ from typing import Any
 
 from .assets import asset_path
 from .errors import InputError
-from .evaluation.corpora import corpus_read_path, load_corpus
+from .evaluation.corpora import check_corpus, corpus_read_path, load_corpus
 from .evaluation.evaluate import evaluate, fitted_seqlen
-from .evaluation.speed import SpeedProtocol
+from .evaluation.speed import SpeedProtocol, fitted_protocol
 from .evaluation.zeroshot import parse_tasks
 from .families import kept_count
 from .io.files import atomic_folder, folder_of, json_with_format, write_json_atomic
@@ -42,12 +42,14 @@ is_compare_output = folder_of("results.json", ("results.json", "report.md", *PLO
                                                                     FORMAT))
 
 
-def parse_methods(methods: str | Sequence[str], variant: str | None = None) -> list[str]:
+def parse_methods(methods: str | Sequence[str], variant: str | None = None,
+                  quiet: bool = False) -> list[str]:
     """Method names from ``"self-generated,random"`` or a list; unknown names list the known
-    ones. A deprecated ``variant`` renames ``prunenet`` in the list to the method it means."""
+    ones. A deprecated ``variant`` renames ``prunenet`` in the list to the method it means
+    (with its deprecation warning unless ``quiet``)."""
     names = [m.strip() for m in methods.split(",")] if isinstance(methods, str) else list(methods)
     if variant is not None:
-        named = method_of_variant(variant)
+        named = method_of_variant(variant, warn=not quiet)
         names = [named if name == PruneNet.name else name for name in names]
     names = list(dict.fromkeys(name for name in names if name))
     unknown = [name for name in names if name not in SELECTORS]
@@ -105,12 +107,16 @@ def compare(
         asset_path("zeroshot")  # data not fetched: fail before any work, naming the command
     speed = speed or SpeedProtocol()
     speed.validate()
+    if ppl not in (None, "none"):
+        check_corpus(ppl)  # a missing or endless corpus: refused before the model loads
     check_models_fit([model], "prunenet compare")
     dense, tokenizer = load_model_and_tokenizer(model)
     view = FFNView(dense)
     for ratio in [*ratios, *([train_ratio] if train_ratio is not None else [])]:
         kept_count(view.d_ff, ratio)
-    seqlen = fitted_seqlen(dense.config, seqlen)
+    if ppl not in (None, "none"):
+        seqlen = fitted_seqlen(dense.config, seqlen)
+    speed = fitted_protocol(dense.config, speed)  # recorded as measured, defaults resolved
     if "activation" in method_names:
         calibration = fitted_calibration(dense.config, calibration or Calibration())
     corpus = None

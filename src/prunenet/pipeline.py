@@ -115,7 +115,7 @@ class CompressOptions:
     probe_prompt: str = ProbeRecipe.prompt
     probe_sampler: str = ProbeRecipe.sampler
     probe_cache: str | os.PathLike | None = None
-    reconstruct: str | None = None  # ls, bias or none; None: ls in memory, none when streamed
+    reconstruct: str | None = None  # ls, bias or none; None: ls
     ridge: float = DEFAULT_RIDGE
     format: str = "auto"  # safetensors, gguf or both; auto: both for a .gguf input it can cut
     gguf_down_type: str = "auto"  # auto: Q8_0 for a quantized source, else the source's type
@@ -149,8 +149,9 @@ class CompressOptions:
 is_probe_cache = folder_of(None, ("probe-*.safetensors",))
 
 
-def method_of_variant(variant: str, method: str | None = None) -> str:
-    """The method a deprecated ``variant`` names; refuses an unknown one or a conflict."""
+def method_of_variant(variant: str, method: str | None = None, warn: bool = True) -> str:
+    """The method a deprecated ``variant`` names (said in a deprecation warning if ``warn``);
+    refuses an unknown one or a conflict."""
     if variant not in VARIANT_METHODS:
         raise InputError(f"unknown variant {variant!r}; --variant is deprecated, use --method "
                          f"({', '.join(f'{v} -> {m}' for v, m in VARIANT_METHODS.items())})")
@@ -158,7 +159,8 @@ def method_of_variant(variant: str, method: str | None = None) -> str:
     if method is not None and method != named:
         raise InputError(f"--variant {variant} means --method {named}, which conflicts with "
                          f"--method {method}; give --method only")
-    log.warning("--variant is deprecated: --variant %s is --method %s", variant, named)
+    if warn:
+        log.warning("--variant is deprecated: --variant %s is --method %s", variant, named)
     return named
 
 

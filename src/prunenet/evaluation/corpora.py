@@ -54,8 +54,9 @@ def check_corpus(source: str) -> None:
             "and no such file or folder"
         )
     if not path.is_dir() and not path.is_file():
-        raise InputError(f"{path} is not a regular file (a device, pipe or socket reads without "
-                         "end); give a named corpus, a .txt or .jsonl file or a datasets folder")
+        raise InputError(f"{path} is not a regular file (a device, pipe or socket: a corpus is "
+                         "read more than once, and a device may never end); give a named corpus, "
+                         "a .txt or .jsonl file or a datasets folder")
     if path.is_dir() and not any((path / name).is_file() for name in DATASET_MARKERS):
         raise InputError(f"{path} is not a datasets folder (save_to_disk writes "
                          f"{' or '.join(DATASET_MARKERS)}); give a folder, .txt or .jsonl file")

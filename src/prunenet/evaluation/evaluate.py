@@ -26,6 +26,7 @@ from ..io.streaming import (
     format_bytes,
     memory_budget,
     streamable,
+    unused_budget,
 )
 from ..model_view import FFNView, layers_from_disk
 from .corpora import TokenCorpus, load_corpus
@@ -100,8 +101,7 @@ def opened_model(source: str | os.PathLike, *, max_memory: int | str | None = No
     resident = None
     if checkpoint is None:
         if max_memory is not None:
-            log.warning("--max-memory applies to local safetensors folders only; loading %s "
-                        "in memory", source)
+            raise unused_budget(source)
         check_gguf_fits(source)
     else:
         resident = offload_budget(checkpoint, max_memory, seqlen, tasks)

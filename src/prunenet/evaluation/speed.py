@@ -85,25 +85,26 @@ def fitted_protocol(config: Any, protocol: SpeedProtocol, quiet: bool = False
     Raises :class:`InputError` for lengths the user gave that exceed the context."""
     protocol.validate()
     context = context_length(config)
-    prompt_tokens = protocol.prompt_tokens or DEFAULT_PROMPT_TOKENS
-    new_tokens = protocol.new_tokens or DEFAULT_NEW_TOKENS
-    if context is not None and prompt_tokens + new_tokens > context:
-        if protocol.new_tokens is None:  # a quarter of the context, or what the prompt leaves
-            new_tokens = max(1, min(new_tokens, context // 4 if protocol.prompt_tokens is None
-                                    else context - prompt_tokens))
-        if protocol.prompt_tokens is None:
-            prompt_tokens = max(1, context - new_tokens)
-        if not quiet and (prompt_tokens, new_tokens) != (protocol.prompt_tokens,
-                                                        protocol.new_tokens):
+    prompt, new = protocol.prompt_tokens, protocol.new_tokens
+    if context is not None:  # lengths given: kept, or refused naming what was given
+        for option, value in (("--speed-prompt", prompt), ("--speed-new-tokens", new)):
+            if value is not None and value >= context:
+                raise InputError(f"{option} {value} leaves no room in the model's context of "
+                                 f"{context} tokens; give at most {context - 1}")
+        if prompt is not None and new is not None and prompt + new > context:
+            raise InputError(f"--speed-prompt {prompt} + --speed-new-tokens {new} exceed the "
+                             f"model's context of {context} tokens")
+    fitted_prompt, fitted_new = prompt or DEFAULT_PROMPT_TOKENS, new or DEFAULT_NEW_TOKENS
+    if context is not None and fitted_prompt + fitted_new > context:
+        if new is None:  # a quarter of the context, or what a given prompt leaves
+            fitted_new = max(1, min(fitted_new, context // 4 if prompt is None
+                                    else context - prompt))
+        if prompt is None:
+            fitted_prompt = context - fitted_new
+        if not quiet:
             log.warning("speed: a prompt of %d tokens and %d new tokens, to fit the "
-                        "model's context of %d", prompt_tokens, new_tokens, context)
-    protocol = replace(protocol, prompt_tokens=prompt_tokens, new_tokens=new_tokens)
-    if context is not None and protocol.prompt_tokens + protocol.new_tokens > context:
-        raise InputError(
-            f"speed prompt ({protocol.prompt_tokens}) + new tokens ({protocol.new_tokens}) exceed "
-            f"the model's context of {context} tokens"
-        )
-    return protocol
+                        "model's context of %d", fitted_prompt, fitted_new, context)
+    return replace(protocol, prompt_tokens=fitted_prompt, new_tokens=fitted_new)
 
 
 def measure_speed(model: nn.Module, protocol: SpeedProtocol | None = None) -> dict[str, Any]:

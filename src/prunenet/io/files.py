@@ -385,8 +385,9 @@ def _check_parent(output: Output, path: Path) -> None:
         with tempfile.TemporaryFile(dir=existing, prefix=".prunenet-write-check-"):
             pass
     except OSError as error:
-        raise OutputError(f"cannot write to {existing}: {error.strerror or 'permission denied'}"
-                          " (read-only, or not a place for files)") from None
+        raise OutputError(f"cannot write to {existing}: no file can be created there "
+                          f"({error.strerror or error}; read-only, or not a place for files)"
+                          ) from None
 
 
 # --- atomic writing -------------------------------------------------------------------------

@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import socket
+import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -100,26 +101,48 @@ def _did_you_mean(text: str) -> str:
 
 def _check_hub_id(text: str) -> None:
     """Refuse at once a name that is neither a local path nor loadable from the Hugging Face
-    Hub: not a valid repository id, or the Hub's host does not resolve and the Hub cache does
-    not hold it (the Hub client would retry for half a minute before failing)."""
+    Hub: not a valid repository id, or not in the Hub cache while the Hub cannot be reached
+    (the Hub client would retry for half a minute before failing)."""
     import huggingface_hub
-    from huggingface_hub import constants
     from huggingface_hub.errors import HFValidationError
 
     try:
         cached = huggingface_hub.try_to_load_from_cache(text, "config.json")
     except HFValidationError:
         raise InputError(f"model path {text} does not exist{_did_you_mean(text)}") from None
-    if isinstance(cached, str) or constants.HF_HUB_OFFLINE:
-        return  # transformers reads the cache, or fails at once naming offline mode
+    host = _unreachable_hub()
+    if host is not None and not isinstance(cached, str):
+        raise InputError(
+            f"model {text!r} is neither a local path nor one of prunenet's models "
+            f"({', '.join(MODEL_ALIASES)}), and as a Hugging Face Hub id it cannot be fetched: "
+            f"{host} cannot be reached (offline?){_did_you_mean(text)}")
+
+
+def _unreachable_hub() -> str | None:
+    """The Hub's host name where the Hub cannot be reached from here: its name does not
+    resolve and no proxy is set to resolve it (in offline mode the Hub client fails at once
+    by itself); None where it may be reached."""
+    from huggingface_hub import constants
+
+    proxies = urllib.request.getproxies()
+    if constants.HF_HUB_OFFLINE or proxies.get("https") or proxies.get("all"):
+        return None
     host = urlparse(constants.ENDPOINT).hostname or constants.ENDPOINT
     try:
         socket.getaddrinfo(host, 443)
     except OSError:
-        raise InputError(
-            f"model {text!r} is not a local path nor one of prunenet's models "
-            f"({', '.join(MODEL_ALIASES)}), and as a Hugging Face Hub id it cannot be fetched: "
-            f"{host} cannot be reached (offline?){_did_you_mean(text)}") from None
+        return host
+    return None
+
+
+def _hub_options(folder: str, model: bool = False) -> dict[str, Any]:
+    """``from_pretrained`` keywords for ``folder``: for a Hub id while the Hub cannot be
+    reached, its cached files only (the client would otherwise retry for minutes first);
+    ``model``: for a model class, whose adapter lookup takes them separately."""
+    if Path(folder).exists() or _unreachable_hub() is None:
+        return {}
+    cached = {"local_files_only": True}
+    return {**cached, "adapter_kwargs": cached} if model else cached
 
 
 def recorded_source(source: str | os.PathLike) -> str:
@@ -138,7 +161,7 @@ def _hub_error(source: str, error: Exception) -> InputError:
         f"could not load {source!r}: it is not a local path, and fetching it as a Hugging Face Hub "
         f"id failed ({'offline mode' if offline else type(error).__name__}: "
         f"{str(error).splitlines()[0] if str(error) else ''}). Pass a local model folder or GGUF "
-        f"file, or connect to the Hub{_did_you_mean(source)}."
+        f"file, or connect to the Hub{_did_you_mean(source) or '.'}"
     )
 
 
@@ -253,7 +276,8 @@ def load_config(source: str | os.PathLike, trust_remote_code: bool = False,
             config = copy.deepcopy(_gguf_config(folder, gguf_file, stat.st_size,
                                                 stat.st_mtime_ns))
         else:
-            config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+            config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code,
+                                                **_hub_options(folder))
     except (OSError, ValueError, TypeError, KeyError, AttributeError,
             StrictDataclassError) as error:  # the last: a field of the wrong type
         if Path(folder).exists():
@@ -430,7 +454,7 @@ def load_model_and_tokenizer(
                 folder, config=config, gguf_file=gguf_file, dtype=dtype,
                 trust_remote_code=trust_remote_code,
                 use_safetensors=None if gguf_file else _prefer_safetensors(folder),
-                output_loading_info=True, **_dispatch(offload),
+                output_loading_info=True, **_dispatch(offload), **_hub_options(folder, True),
             )  # the config read above: a GGUF's header is not parsed again for it
     except (OSError, ValueError, RuntimeError, TypeError, KeyError) as error:
         if "ignore_mismatched_sizes" in str(error):  # name the wrongly shaped weights
@@ -474,8 +498,8 @@ def _tokenizer(source, folder, gguf_file: str | None, trust_remote_code: bool):
 
     try:
         return AutoTokenizer.from_pretrained(
-            folder, gguf_file=gguf_file, trust_remote_code=trust_remote_code
-        )
+            folder, gguf_file=gguf_file, trust_remote_code=trust_remote_code,
+            **_hub_options(folder))
     except Exception as error:  # noqa: BLE001  (tokenizers raises its own exception types)
         present = [name for name in TOKENIZER_FILES if (Path(folder) / name).exists()]
         if gguf_file is None and present:

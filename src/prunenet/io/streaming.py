@@ -491,6 +491,15 @@ def streamable(source: Any) -> StreamedCheckpoint | None:
     return StreamedCheckpoint(folder)
 
 
+def unused_budget(source: Any, readable: str = "") -> InputError:
+    """The refusal of ``--max-memory`` for a model it cannot bound: one loaded whole (a Hub
+    id, or a GGUF where the command does not convert it; ``readable`` adds what it bounds)."""
+    hint = ("; to read a GGUF from disk, convert it first (prunenet convert) and give the "
+            "folder" if local_gguf(source) is not None else "")
+    return InputError(f"--max-memory has no effect here: it bounds local safetensors folders"
+                      f"{readable} only, and {source} is loaded whole; drop it{hint}")
+
+
 def local_gguf(source: Any) -> Path | None:
     """The GGUF file a local MODEL argument names (the file, or a folder holding one)."""
     resolved = _resolved(source)
@@ -629,8 +638,7 @@ def choose_streaming(source: Any, max_memory: int | str | None, training: bool,
         checkpoint = PlannedConversion(gguf)
     if checkpoint is None:
         if max_memory is not None and not isinstance(source, torch.nn.Module):
-            log.warning("--max-memory applies to local safetensors folders%s only; loading %s "
-                        "in memory", " and GGUF files" if convert else "", source)
+            raise unused_budget(source, " and GGUF files" if convert else "")
         if isinstance(source, (str, os.PathLike)):
             check_gguf_fits(source)
         return None
