@@ -775,12 +775,12 @@ def test_a_foreign_folder_appearing_at_the_output_during_a_run_is_kept(tmp_path)
     assert sorted(p.name for p in out.iterdir()) == [".prunenet-files", "config.json"]
 
 
-@pytest.mark.parametrize("recovery", [["--recover-steps", "2"],
+@pytest.mark.parametrize("recovery", [["--recover-steps", "2", "--finetune-seqlen", "256"],
                                       ["--finetune-steps", "2", "--finetune-seqlen", "128"]])
 def test_a_recovery_the_model_cannot_run_is_refused_before_the_compression(models, tmp_path,
                                                                            capsys, recovery):
-    """The tiny model has 64 positions: recovery windows of 256 (distillation's default) or
-    128 tokens are refused before anything is compressed or written."""
+    """The tiny model has 64 positions: recovery windows given as 256 or 128 tokens are
+    refused before anything is compressed or written (defaults are cut to the context)."""
     before = sorted(p.name for p in tmp_path.iterdir())
     refused(capsys, ["-q", "compress", str(models / "llama"), "--ratio", "0.3", "--out",
                      str(tmp_path / "out" / "m"), "--method", "random", *recovery],
