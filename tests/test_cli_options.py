@@ -242,3 +242,22 @@ def test_finetune_default_window_fits_a_short_context(tiny_llama_real_tokenizer_
     refused(capsys, ["-q", "finetune", str(folder), "--data", str(text), "--out",
                      str(tmp_path / "ft2"), "--seqlen", "128"],
             "--seqlen 128 exceeds the model's context of 64 tokens")
+
+
+def test_a_probe_prompt_the_run_cannot_use_is_refused_before_the_model_loads(
+        llama, tiny_llama_real_tokenizer_dir, tmp_path, capsys, monkeypatch):
+    """No tokenizer to read it, or too long for the probe's sequences: refused in the plan,
+    before the model (of any size) loads."""
+    import prunenet.pipeline
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(prunenet.pipeline, "load_model_and_tokenizer", no_load)
+    common = ["--ratio", "0.3", "--out", str(tmp_path / "o")]
+    refused(capsys, ["-q", "compress", str(llama), *common, "--probe-prompt", "The"],
+            "a probe prompt needs the model's tokenizer, and there is none")
+    refused(capsys, ["-q", "compress", str(tiny_llama_real_tokenizer_dir), *common,
+                     "--probe-length", "8", "--probe-prompt", "word " * 10],
+            "tokens, too many for probe sequences of 8; shorten it or raise --probe-length")
+    assert not (tmp_path / "o").exists()

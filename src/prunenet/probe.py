@@ -194,8 +194,19 @@ def prompt_ids(tokenizer, recipe: ProbeRecipe) -> list[int]:
     if not recipe.prompt:
         return []
     if tokenizer is None:
-        raise InputError("a probe prompt needs the model's tokenizer; load the model with it")
+        raise InputError("a probe prompt needs the model's tokenizer, and there is none: save "
+                         "one beside the model (or load it with the model), or drop the prompt")
     return list(tokenizer(recipe.prompt, add_special_tokens=False)["input_ids"])
+
+
+def checked_prompt_ids(tokenizer, recipe: ProbeRecipe, length: int) -> list[int]:
+    """:func:`prompt_ids`, refused where the prompt leaves no room in sequences of ``length``
+    tokens (BOS first) for a generated token."""
+    words = prompt_ids(tokenizer, recipe)
+    if 1 + len(words) >= length:
+        raise InputError(f"the probe prompt takes {len(words)} tokens, too many for probe "
+                         f"sequences of {length}; shorten it or raise --probe-length")
+    return words
 
 
 def starts_from_bos(model: nn.Module, recipe: ProbeRecipe) -> bool:
@@ -237,10 +248,7 @@ def generate_probe(model: nn.Module, tokenizer, tokens: int, seed: int,
     if tokens < 1:
         raise InputError(f"the probe needs at least 1 token, got {tokens}")
     length = probe_sequence_length(model, recipe)
-    words = prompt_ids(tokenizer, recipe)
-    if 1 + len(words) >= length:
-        raise InputError(f"the probe prompt takes {len(words)} tokens, too many for probe "
-                         f"sequences of {length}; shorten it or raise --probe-length")
+    words = checked_prompt_ids(tokenizer, recipe, length)
     wanted = math.ceil(tokens / length)
     device = input_device(model)
     kept: list[Tensor] = []
