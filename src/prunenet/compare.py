@@ -107,20 +107,21 @@ def compare(
         asset_path("zeroshot")  # data not fetched: fail before any work, naming the command
     speed = speed or SpeedProtocol()
     speed.validate()
-    if ppl not in (None, "none"):
+    reads_text = ppl not in (None, "none")
+    if reads_text:
         check_corpus(ppl)  # a missing or endless corpus: refused before the model loads
     check_models_fit([model], "prunenet compare")
     dense, tokenizer = load_model_and_tokenizer(model)
     view = FFNView(dense)
     for ratio in [*ratios, *([train_ratio] if train_ratio is not None else [])]:
         kept_count(view.d_ff, ratio)
-    if ppl not in (None, "none"):
+    if reads_text:
         seqlen = fitted_seqlen(dense.config, seqlen)
     speed = fitted_protocol(dense.config, speed)  # recorded as measured, defaults resolved
     if "activation" in method_names:
         calibration = fitted_calibration(dense.config, calibration or Calibration())
     corpus = None
-    if ppl not in (None, "none"):
+    if reads_text:
         corpus = load_corpus(ppl, tokenizer)
         corpus.evaluation_windows(seqlen, windows)  # too many windows: fail before work
 

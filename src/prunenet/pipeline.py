@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from . import ffn_statistics
 from .errors import InputError
 from .evaluation.corpora import corpus_read_path
-from .families import check_multiple, context_length, kept_count
+from .families import check_multiple, kept_count
 from .ffn_statistics import ProbeStatistics
 from .io.files import Output, folder_of, guard_outputs, scratch_folder, sibling_path
 from .io.loading import (
@@ -49,7 +49,7 @@ from .io.streaming import (
     write_streamed,
 )
 from .model_view import FFNView, check_finite, layers_from_disk, parameters_in_memory
-from .probe import Probe, ProbeRecipe, checked_prompt_ids
+from .probe import Probe, ProbeRecipe, checked_prompt_ids, sequence_length_for
 from .recording import first_matrix_spectra, is_run_record, write_run_record
 from .refit import DEFAULT_RIDGE, refit_layers, refit_model, refit_record
 from .selection import (
@@ -358,10 +358,10 @@ def plan_compression(model: Any, ratio: float, options: CompressOptions, *,
 def check_probe_prompt(source: str, options: CompressOptions) -> None:
     """Refuse a ``probe_prompt`` the probe of ``source`` could not use: no tokenizer to read
     it, or too long for the probe's sequences (``probe_length`` cut to the context)."""
-    tokenizer = load_tokenizer(source, options.trust_remote_code)
-    context = context_length(load_config(source, options.trust_remote_code))
-    length = max(2, min(options.probe_length, context) if context else options.probe_length)
-    checked_prompt_ids(tokenizer, ProbeRecipe(prompt=options.probe_prompt), length)
+    length = sequence_length_for(load_config(source, options.trust_remote_code),
+                                 options.probe_length)
+    checked_prompt_ids(load_tokenizer(source, options.trust_remote_code),
+                       ProbeRecipe(prompt=options.probe_prompt), length)
 
 
 def _run_sizes(options: CompressOptions) -> tuple[int, int, int, int]:

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -180,13 +181,14 @@ def main_script(text: str) -> str | None:
 
 def probe_sequence_length(model: nn.Module, recipe: ProbeRecipe) -> int:
     """The length of the probe's sequences: the recipe's, capped by the model's positions."""
-    return max(2, max_sequence_length(model, recipe.sequence_length))
+    return sequence_length_for(model.config, recipe.sequence_length)
 
 
-def max_sequence_length(model: nn.Module, wanted: int) -> int:
-    """``wanted`` capped by the positions the model has (longer probes become more sequences)."""
-    positions = context_length(model.config)
-    return min(wanted, positions) if positions else wanted
+def sequence_length_for(config: Any, wanted: int) -> int:
+    """``wanted`` capped by the positions a model of ``config`` has (longer probes become more
+    sequences), and at least 2."""
+    positions = context_length(config)
+    return max(2, min(wanted, positions) if positions else wanted)
 
 
 def prompt_ids(tokenizer, recipe: ProbeRecipe) -> list[int]:
