@@ -274,7 +274,10 @@ def test_cli_ratio_leaving_no_neuron(tiny_llama_dir, tmp_path, capsys):
 
 
 def test_hub_id_offline_is_a_clear_error(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # read once, when first imported
     with pytest.raises(InputError, match="Hugging Face Hub id failed.*Pass a local model folder"):
         prunenet.compress("some-org/some-model-that-is-not-cached", ratio=0.3,
                           out=tmp_path / "o")

@@ -556,8 +556,18 @@ def _refused_line(capsys, argv: list[str]) -> str:
     return err[0]
 
 
+@pytest.fixture
+def hub_check():
+    """The Hub's reachability is asked once per process; each test that fakes it asks anew."""
+    from prunenet.io.loading import _connects
+
+    _connects.cache_clear()
+    yield
+    _connects.cache_clear()
+
+
 def test_a_mistyped_model_name_is_refused_at_once_naming_the_nearest(tmp_path, capsys,
-                                                                     monkeypatch):
+                                                                     monkeypatch, hub_check):
     """Neither a path nor an alias, with the Hub's host not resolving: one line before any
     Hub request (the Hub client retries for half a minute), with the nearest local name or
     alias; a name in the Hub cache is still loaded from it."""
@@ -599,7 +609,7 @@ def test_a_mistyped_model_name_is_refused_at_once_naming_the_nearest(tmp_path, c
 
 
 def test_a_hub_id_in_the_cache_loads_from_it_without_asking_the_unreachable_hub(
-        tmp_path, capsys, monkeypatch):
+        tmp_path, capsys, monkeypatch, hub_check):
     """Where the Hub's host does not resolve, a cached Hub id is read from the cache alone
     (the Hub client retried for minutes before falling back to it)."""
     import socket
@@ -626,6 +636,51 @@ def test_a_hub_id_in_the_cache_loads_from_it_without_asking_the_unreachable_hub(
     assert main(["-q", "compress", "org/tiny", "--ratio", "0.5", "--out", str(out), "--method",
                  "random", "--reconstruct", "none"]) == 0, capsys.readouterr().err
     assert json.loads((out / "config.json").read_text())["intermediate_size"] == 24
+
+
+def test_a_hub_that_resolves_but_refuses_connections_is_judged_unreachable_at_once(
+        tmp_path, capsys, monkeypatch, hub_check):
+    """A Hub host whose name resolves while nothing answers on its port (a firewall, a
+    closed port): one line before any Hub request, as for a name that does not resolve (the
+    Hub client retried for about 30 s), and the connection is tried once per command."""
+    import socket
+
+    import transformers
+    from huggingface_hub import constants
+
+    from prunenet.io import loading
+
+    with socket.socket() as probe:  # a port nothing listens on once this socket closes
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    tries = []
+    connect = socket.create_connection
+
+    def counted(address, *args, **kwargs):
+        tries.append(address)
+        return connect(address, *args, **kwargs)
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("the Hub was asked")
+
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(socket, "create_connection", counted)
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", no_hub)
+    for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    line = _refused_line(capsys, ["-q", "compress", "someone/some-model", "--ratio", "0.3",
+                                  "--out", str(tmp_path / "o")])
+    assert "as a Hugging Face Hub id it cannot be fetched: 127.0.0.1 cannot be reached" in line
+    assert loading._unreachable_hub() == "127.0.0.1"
+    assert tries == [("127.0.0.1", port)]
+    with socket.socket() as server:  # the same check passes where the port answers
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{server.getsockname()[1]}")
+        assert loading._unreachable_hub() is None
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("changes, field", [

@@ -118,21 +118,34 @@ def _check_hub_id(text: str) -> None:
             f"{host} cannot be reached (offline?){_did_you_mean(text)}")
 
 
+HUB_CONNECT_TIMEOUT = 3.0  # seconds; the Hub client retries for about 30 s where this fails
+
+
 def _unreachable_hub() -> str | None:
     """The Hub's host name where the Hub cannot be reached from here: its name does not
-    resolve and no proxy is set to resolve it (in offline mode the Hub client fails at once
-    by itself); None where it may be reached."""
+    resolve, or a connection to it is refused or times out, and no proxy is set that might
+    reach it (in offline mode the Hub client fails at once by itself); None where it may be
+    reached."""
     from huggingface_hub import constants
 
     proxies = urllib.request.getproxies()
     if constants.HF_HUB_OFFLINE or proxies.get("https") or proxies.get("all"):
         return None
-    host = urlparse(constants.ENDPOINT).hostname or constants.ENDPOINT
+    endpoint = urlparse(constants.ENDPOINT)
+    host = endpoint.hostname or constants.ENDPOINT
+    port = endpoint.port or (80 if endpoint.scheme == "http" else 443)
+    return None if _connects(host, port) else host
+
+
+@functools.cache
+def _connects(host: str, port: int) -> bool:
+    """Whether a TCP connection to ``host:port`` opens within :data:`HUB_CONNECT_TIMEOUT`;
+    asked once per process (a command loads a config, a model and a tokenizer)."""
     try:
-        socket.getaddrinfo(host, 443)
+        socket.create_connection((host, port), timeout=HUB_CONNECT_TIMEOUT).close()
     except OSError:
-        return host
-    return None
+        return False
+    return True
 
 
 def _hub_options(folder: str, model: bool = False) -> dict[str, Any]:
@@ -160,7 +173,7 @@ def _hub_error(source: str, error: Exception) -> InputError:
     return InputError(
         f"could not load {source!r}: it is not a local path, and fetching it as a Hugging Face Hub "
         f"id failed ({'offline mode' if offline else type(error).__name__}: "
-        f"{str(error).splitlines()[0] if str(error) else ''}). Pass a local model folder or GGUF "
+        f"{first_line(error)}). Pass a local model folder or GGUF "
         f"file, or connect to the Hub{_did_you_mean(source) or '.'}"
     )
 
