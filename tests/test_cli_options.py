@@ -103,6 +103,8 @@ def test_compress_options_a_run_would_not_use_are_refused_before_any_work(
      "--episodes has no effect here: no method compared trains a PruneNet policy"),
     ("compare", ["--methods", "prunenet", "--variant", "self-generated", "--train-ratio", "0.5"],
      "--train-ratio has no effect here: no method compared trains a PruneNet policy"),
+    ("compare", ["--methods", "random,self-generated", "--variant", "reference"],
+     "--variant has no effect here: it renames prunenet in --methods, which does not list it"),
     ("compare", ["--methods", "random", "--calibration-windows", "2"],
      "--calibration-windows has no effect here: no method compared reads calibration text"),
     ("compare", ["--methods", "random", "--tasks", "", "--limit", "2"],

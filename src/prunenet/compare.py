@@ -46,10 +46,15 @@ def parse_methods(methods: str | Sequence[str], variant: str | None = None,
                   quiet: bool = False) -> list[str]:
     """Method names from ``"self-generated,random"`` or a list; unknown names list the known
     ones. A deprecated ``variant`` renames ``prunenet`` in the list to the method it means
-    (with its deprecation warning unless ``quiet``)."""
+    (with its deprecation warning unless ``quiet``); with no ``prunenet`` to rename it is
+    refused."""
     names = [m.strip() for m in methods.split(",")] if isinstance(methods, str) else list(methods)
     if variant is not None:
         named = method_of_variant(variant, warn=not quiet)
+        if PruneNet.name not in names:
+            raise InputError(f"--variant has no effect here: it renames {PruneNet.name} in "
+                             f"--methods, which does not list it; drop it (--variant is "
+                             f"deprecated: name the methods in --methods)")
         names = [named if name == PruneNet.name else name for name in names]
     names = list(dict.fromkeys(name for name in names if name))
     unknown = [name for name in names if name not in SELECTORS]
