@@ -263,3 +263,43 @@ def test_a_probe_prompt_the_run_cannot_use_is_refused_before_the_model_loads(
                      "--probe-length", "8", "--probe-prompt", "word " * 10],
             "tokens, too many for probe sequences of 8; shorten it or raise --probe-length")
     assert not (tmp_path / "o").exists()
+
+
+def test_an_eval_window_beyond_the_context_is_refused_for_that_before_memory(llama, capsys):
+    """A window longer than the model reads is refused as such, not as a memory budget too
+    small for it (a budget the user could never meet usefully)."""
+    refused(capsys, ["-q", "eval", str(llama), "--seqlen", "100000", "--max-memory", "1MB"],
+            "--seqlen 100000 exceeds the model's context of 64 tokens")
+
+
+def test_finetune_reads_a_model_alias_and_refuses_a_window_beyond_its_context_before_loading(
+        tiny_llama_real_tokenizer_dir, tmp_path, capsys, monkeypatch):
+    """An alias names its folder in the cache from any working folder (it was taken as a
+    path there); a window longer than the model's context is refused before the model loads."""
+    import importlib
+
+    from prunenet.assets import MODELS, cache_dir, model_path
+
+    finetune_module = importlib.import_module("prunenet.finetune")  # not the function
+    monkeypatch.setenv("PRUNENET_CACHE", str(tmp_path / "cache"))
+    folder = cache_dir() / MODELS["smollm2-135m"].folder
+    shutil.copytree(tiny_llama_real_tokenizer_dir, folder)
+    edit_config(folder, max_position_embeddings=64)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    text = tmp_path / "text.txt"
+    text.write_text("the river runs high in spring and low in autumn. " * 200)
+    load = finetune_module.load_model_and_tokenizer
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(finetune_module, "load_model_and_tokenizer", no_load)
+    refused(capsys, ["-q", "finetune", "smollm2-135m", "--data", str(text), "--out", "ft",
+                     "--seqlen", "65"], "--seqlen 65 exceeds the model's context of 64 tokens")
+    monkeypatch.setattr(finetune_module, "load_model_and_tokenizer", load)
+    assert main(["-q", "finetune", "smollm2-135m", "--data", str(text), "--out", "ft",
+                 "--steps", "1", "--eval-windows", "1"]) == 0, capsys.readouterr().err
+    assert read_record(work / "ft")["source"] == str(model_path("smollm2-135m").resolve())
+    assert sorted(path.name for path in work.iterdir()) == ["ft"]

@@ -453,22 +453,25 @@ def finetune(
         settings = _unset_from_checkpoint(settings, saved)
     if settings.get("precision") is None:
         settings = {**settings, "precision": default_precision(device)}
+    model_config = load_config(model)
     if settings.get("seqlen") is None:
-        settings = {**settings, "seqlen": default_seqlen(str(data), load_config(model))}
+        settings = {**settings, "seqlen": default_seqlen(str(data), model_config)}
     config = FinetuneConfig(data=str(data), **settings)
+    check_sequence_length(model_config, config.seqlen)  # before anything loads or is written
     if not config.distils:
         check_corpus(config.data)
     check_precision(device, config.precision)
     if config.train == "ffn" and not merge:
         raise InputError("--no-merge keeps a LoRA adapter apart; with --train ffn the output is "
                          "always the full checkpoint: drop --no-merge")
-    source = str(Path(model).expanduser().resolve())
+    reads = _model_reads(model)
+    source = reads[0]
     teacher_source = _teacher_source(source, teacher, config)
     teacher_reads = [] if teacher_source is None else _teacher_reads(teacher, teacher_source)
     out_path, work = guard_outputs(
         [Output(out, "--out", ours=is_model_output),
          Output(sibling_path(out, ".work"), "work folder", working=True, ours=is_work_folder)],
-        [source, corpus_read_path(data), *teacher_reads], overwrite)
+        [*reads, corpus_read_path(data), *teacher_reads], overwrite)
     run_settings = {**asdict(config), "targets": list(config.targets), "source": source,
                     "teacher": teacher_source}
     process = PartialState()
@@ -481,7 +484,6 @@ def finetune(
     check_models_fit([source, *([teacher_source] if config.distils else [])],
                      "prunenet finetune", float32=True)
     loaded, tokenizer = load_model_and_tokenizer(source, dtype=torch.float32)
-    check_sequence_length(loaded.config, config.seqlen)
     record = read_record(source) if (Path(source) / RECORD_NAME).exists() else {
         "format": "prunenet-compression/1", "prunenet_version": __version__, "source": source}
     # What describes the input's files or weights no longer holds for the output: its GGUF
@@ -596,19 +598,24 @@ def finetune(
     return FinetuneResult(result_model.eval(), tokenizer, record, str(out_path))
 
 
-def _teacher_reads(teacher: str | os.PathLike | None, teacher_source: str) -> list[str]:
-    """The teacher's paths no output may touch: its file, and the folder --teacher named."""
+def _model_reads(model: str | os.PathLike) -> list[str]:
+    """The paths the model to train reads, made absolute (first: the folder or .gguf file it
+    loads; a model alias names its folder), which no output may touch; a Hub id as is."""
     from .pipeline import input_paths
 
-    return [teacher_source, *(input_paths(teacher)[1:] if teacher is not None else [])]
+    return [str(Path(path).resolve()) if Path(path).exists() else path
+            for path in input_paths(model)]
+
+
+def _teacher_reads(teacher: str | os.PathLike | None, teacher_source: str) -> list[str]:
+    """The teacher's paths no output may touch: its file, and the folder --teacher named."""
+    return [teacher_source, *(_model_reads(teacher)[1:] if teacher is not None else [])]
 
 
 def _teacher_source(student: str, teacher: str | os.PathLike | None,
                     config: FinetuneConfig) -> str | None:
     """The teacher a distillation reads: ``teacher``, else the student record's source; the
     local path (folder or .gguf file) when it is one. None when the run does not distil."""
-    from .pipeline import input_path
-
     if not config.distils:
         if teacher is not None:
             raise InputError(f"--teacher applies to --data {SELF_GENERATED} only (this run trains "
@@ -618,11 +625,10 @@ def _teacher_source(student: str, teacher: str | os.PathLike | None,
 
     named = str(teacher) if teacher is not None else default_teacher(student)
     try:
-        path = input_path(named)
+        return _model_reads(named)[0]
     except InputError as error:
         given = "--teacher" if teacher is not None else f"the source in {student}/{RECORD_NAME}"
         raise InputError(f"teacher {named} ({given}): {error}; pass --teacher DENSE") from error
-    return str(Path(path).resolve()) if Path(path).exists() else path
 
 
 def _teacher_text(teacher: nn.Module, config: FinetuneConfig, work: Path, processes: int,
