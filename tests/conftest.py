@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 
-import pytest
-import torch
-import transformers
-
+# Set before transformers imports the Hugging Face Hub client, which reads them once: the tests
+# never ask the Hub, however pytest is started.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
 
 HIDDEN, FFN, LAYERS, HEADS, VOCAB = 32, 48, 2, 4, 128
 
