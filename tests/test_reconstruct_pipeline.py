@@ -217,3 +217,48 @@ def test_probe_prompt_through_the_command_line(tiny_llama_real_tokenizer_dir, tm
                  "--probe-prompt", "word " * 40]) == 2
     assert "the probe prompt takes" in capsys.readouterr().err
     assert not outs["long"].exists()
+
+
+@pytest.mark.parametrize("damage, why", [
+    (lambda ids: {"ids": ids[:0]}, "its ids have shape [0, 64], not [2, 64]"),
+    (lambda ids: {"ids": ids[:, :32].contiguous()}, "its ids have shape [2, 32], not [2, 64]"),
+    (lambda ids: {"ids": ids.flatten()}, "its ids have shape [128], not [2, 64]"),
+    (lambda ids: {"ids": ids.float()}, "its ids are float32, not int64"),
+    (lambda ids: {"ids": ids + 1000}, "its ids leave the model's vocabulary of 128"),
+    (lambda ids: {"ids": ids - 1000}, "its ids leave the model's vocabulary of 128"),
+    (lambda ids: {"tokens": ids}, "it holds no tensor 'ids'"),
+    (None, "Error while deserializing header"),
+])
+def test_a_damaged_cached_probe_is_refused_naming_the_file(tmp_path, monkeypatch, generations,
+                                                           damage, why):
+    """A cache file edited or damaged after it was written would select and refit on other
+    text than the probe's (or on none): refused, naming the file, and no output is written."""
+    from safetensors.torch import load_file, save_file
+
+    cache = tmp_path / "probes"
+    prunenet.select_rows(make_tiny_model("llama"), 0.3, probe_tokens=128, probe_cache=cache,
+                         progress=False)
+    path, = cache.iterdir()
+    if damage is None:
+        path.write_bytes(b"\xff" * 64)
+    else:
+        save_file(damage(load_file(str(path))["ids"]), str(path))
+    monkeypatch.setattr(probe_module.Probe, "_memory", {})  # a new process: only the disk
+    with pytest.raises(InputError, match="the cached probe .* is damaged") as error:
+        prunenet.compress(make_tiny_model("llama"), 0.3, probe_tokens=128, probe_cache=cache,
+                          out=tmp_path / "out", progress=False)
+    assert str(path) in str(error.value) and why in str(error.value), error.value
+    assert len(generations) == 1 and not (tmp_path / "out").exists()
+
+
+def test_the_probe_cache_is_not_put_into_another_prunenet_output(tmp_path, generations):
+    """A model or report folder prunenet wrote is not a probe cache: a probe file in it would
+    make it a folder prunenet no longer recognizes (and refuses to replace)."""
+    model_out = tmp_path / "pruned"
+    prunenet.compress(make_tiny_model("llama"), 0.5, method="random", reconstruct="none",
+                      out=model_out, progress=False)
+    before = sorted(path.name for path in model_out.iterdir())
+    with pytest.raises(OutputError, match="--probe-cache .* was not written by prunenet"):
+        prunenet.compress(make_tiny_model("llama"), 0.3, probe_tokens=128,
+                          probe_cache=model_out, progress=False)
+    assert sorted(path.name for path in model_out.iterdir()) == before and generations == []

@@ -26,7 +26,14 @@ from .errors import InputError
 from .evaluation.corpora import corpus_read_path
 from .families import check_multiple, kept_count
 from .ffn_statistics import ProbeStatistics
-from .io.files import Output, folder_of, guard_outputs, scratch_folder, sibling_path
+from .io.files import (
+    Output,
+    folder_of,
+    guard_outputs,
+    read_manifest,
+    scratch_folder,
+    sibling_path,
+)
 from .io.loading import (
     declared_ffn_width,
     is_model_output,
@@ -146,8 +153,13 @@ class CompressOptions:
         return options
 
 
-# A probe cache prunenet wrote: probe files only.
-is_probe_cache = folder_of(None, ("probe-*.safetensors",))
+_probe_files_only = folder_of(None, ("probe-*.safetensors",))
+
+
+def is_probe_cache(folder: Path) -> bool:
+    """A probe cache prunenet wrote: probe files only, and no manifest (a folder with one is
+    another prunenet output, a model or a report, which a probe file would spoil)."""
+    return read_manifest(folder) is None and _probe_files_only(folder)
 
 
 def method_of_variant(variant: str, method: str | None = None, warn: bool = True) -> str:

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .errors import InputError
+from .errors import InputError, first_line
 from .families import context_length
 from .model_view import input_device, parameters_in_memory
 
@@ -347,9 +347,7 @@ class Probe:
         if key in Probe._memory:
             self._ids = Probe._memory[key]
         elif path is not None and path.is_file():
-            from safetensors.torch import load_file
-
-            self._ids = load_file(str(path))["ids"]
+            self._ids = self._cached(path)
         else:
             self._ids = generate_probe(self.model, self.tokenizer, self.tokens, self.seed,
                                        self.recipe, self.progress)
@@ -364,6 +362,32 @@ class Probe:
             with atomic_file(path) as tmp:
                 save_file({"ids": self._ids.contiguous()}, str(tmp))
         return self._ids
+
+    def _cached(self, path: Path) -> Tensor:
+        """The ids a cache file holds, refused unless they are what this probe would generate:
+        token ids of the model's vocabulary, in the probe's own shape."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        length = probe_sequence_length(self.model, self.recipe)
+        shape = (math.ceil(self.tokens / length), length)
+        vocabulary = self.model.get_input_embeddings().num_embeddings
+        try:
+            ids = load_file(str(path)).get("ids")
+        except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+            why = first_line(error)
+        else:
+            why = ("it holds no tensor 'ids'" if ids is None
+                   else f"its ids are {str(ids.dtype).removeprefix('torch.')}, not int64"
+                   if ids.dtype != torch.int64
+                   else f"its ids have shape {list(ids.shape)}, not {list(shape)}"
+                   if tuple(ids.shape) != shape
+                   else f"its ids leave the model's vocabulary of {vocabulary}"
+                   if ids.numel() and (ids.min() < 0 or ids.max() >= vocabulary) else None)
+        if why is not None:
+            raise InputError(f"the cached probe {path} is damaged ({why}); delete it, and the "
+                             "probe is generated again")
+        return ids
 
     def record(self) -> dict:
         """What was asked for and what was made: ``tokens`` as asked (``--probe-tokens``),
