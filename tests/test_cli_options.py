@@ -303,3 +303,20 @@ def test_finetune_reads_a_model_alias_and_refuses_a_window_beyond_its_context_be
                  "--steps", "1", "--eval-windows", "1"]) == 0, capsys.readouterr().err
     assert read_record(work / "ft")["source"] == str(model_path("smollm2-135m").resolve())
     assert sorted(path.name for path in work.iterdir()) == ["ft"]
+
+
+@pytest.mark.parametrize("argv", [
+    ["train-policy", "{llama}", "--ratio", "0", "--out", "{tmp}/p.safetensors"],
+    ["compress", "{llama}", "--ratio", "0", "--method", "prunenet", "--out", "{tmp}/o"],
+    ["compare", "{llama}", "--ratios", "0.2", "--methods", "prunenet,random", "--train-ratio",
+     "0", "--ppl", "none", "--tasks", "", "--out", "{tmp}/o"],
+])
+def test_a_policy_is_not_trained_at_ratio_0(llama, tmp_path, capsys, argv):
+    """At ratio 0 every spectrum is kept whatever the policy does: training learns nothing,
+    and a policy saved from it would prune at other ratios as if it had. Refused before any
+    work; ratio 0 without training stays allowed."""
+    refused(capsys, ["-q", *(part.format(llama=llama, tmp=tmp_path) for part in argv)],
+            "a PruneNet policy trains at a ratio above 0")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["llama"]
+    assert main(["-q", "compress", str(llama), "--ratio", "0", "--method", "random",
+                 "--reconstruct", "none", "--out", str(tmp_path / "kept")]) == 0

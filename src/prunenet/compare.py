@@ -30,6 +30,7 @@ from .pipeline import input_paths, method_of_variant, prune, train_policy
 from .selection import SELECTORS
 from .selection.activation import Calibration, fitted_calibration
 from .selection.prunenet import PruneNet
+from .selection.prunenet.reinforce import check_trainable_ratio
 from .version import __version__
 
 log = logging.getLogger("prunenet")
@@ -115,6 +116,8 @@ def compare(
     reads_text = ppl not in (None, "none")
     if reads_text:
         check_corpus(ppl)  # a missing or endless corpus: refused before the model loads
+    if PruneNet.name in method_names:
+        check_trainable_ratio(max(ratios) if train_ratio is None else train_ratio)
     check_models_fit([model], "prunenet compare")
     dense, tokenizer = load_model_and_tokenizer(model)
     view = FFNView(dense)

@@ -73,6 +73,7 @@ from .selection.prunenet.reinforce import (
     TrainingConfig,
     TrainingResult,
     check_resumable,
+    check_trainable_ratio,
     is_training_state,
 )
 from .selection.self_generated import SelfGenerated
@@ -302,6 +303,8 @@ def plan_compression(model: Any, ratio: float, options: CompressOptions, *,
     reads.append(corpus_read_path(options.calibration.corpus))  # its file, or the cache's
     method = options.method or (PruneNet.name if policy is not None else DEFAULT_METHOD)
     trains = selector_class(method) is PruneNet and policy is None
+    if trains:
+        check_trainable_ratio(options.training.ratio)
     if options.reconstruct not in (None, *RECONSTRUCT):
         raise InputError(f"unknown --reconstruct {options.reconstruct!r}; choose from "
                          f"{', '.join(RECONSTRUCT)}")
@@ -799,6 +802,7 @@ def train_policy(model: Any, ratio: float = 0.3, *, device: str | torch.device =
     """
     config = TrainingConfig(ratio=ratio, **training)
     config.validate()
+    check_trainable_ratio(config.ratio)
     run_device = resolve_device(device)
     streamed = choose_streaming(model, max_memory, training=True)
     if streamed is not None:

@@ -34,6 +34,15 @@ MAX_LEARNING_RATE = 1e30
 ZERO_KS_REWARD = 99999.0
 
 
+def check_trainable_ratio(ratio: float) -> None:
+    """Refuse training a policy at ratio 0: no neuron is removed, every spectrum is kept
+    whatever the policy does, and it learns nothing."""
+    if float(ratio) == 0.0:
+        raise InputError("a PruneNet policy trains at a ratio above 0: at ratio 0 no neuron is "
+                         "removed, every spectrum is kept whatever the policy does, and it "
+                         "learns nothing; train at the ratio you prune at")
+
+
 @dataclass
 class TrainingConfig:
     """Every setting of a policy-training run. Defaults follow the reference code."""
