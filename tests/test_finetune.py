@@ -471,3 +471,27 @@ def test_patience_takes_zero_for_never_and_refuses_negatives(capsys):
     with pytest.raises(SystemExit):
         main(["finetune", "pruned", "--out", "tuned", "--patience", "-1"])
     assert "--patience: expected 0 or a positive integer, got -1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("train", ["lora", "ffn"])
+def test_a_gguf_file_fine_tunes_and_saves_a_plain_checkpoint(tmp_path, capsys, train):
+    """A GGUF read by transformers is dequantized, and no longer marked quantized: the
+    Trainer fine-tunes it (it refused a model marked quantized, and crashed naming none), the
+    output is a plain checkpoint, and the adapter needs no config.json beside the GGUF."""
+    from prunenet.assets import asset_path
+
+    gguf = asset_path("tinycoder-gguf") / "tiny.gguf"
+    text = tmp_path / "text.txt"
+    text.write_text("the river runs high in spring and low in autumn. " * 200)
+    out = tmp_path / "ft"
+    capsys.readouterr()
+    assert main(["-q", "finetune", str(gguf), "--data", str(text), "--out", str(out),
+                 "--steps", "1", "--seqlen", "16", "--eval-windows", "1", "--train",
+                 train]) == 0, capsys.readouterr().err
+    assert "Could not find a config file" not in capsys.readouterr().err
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in config
+    assert (out / "adapter").is_dir() == (train == "lora")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert reloaded.dtype == torch.float32 and not getattr(reloaded, "is_quantized", False)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["ft", "text.txt"]

@@ -533,7 +533,10 @@ def finetune(
         trainer.remove_callback(ProgressCallback)
     before = _evaluation(trainer.evaluate())
     started = time.perf_counter()
-    trainer.train(resume_from_checkpoint=checkpoint)
+    with warnings.catch_warnings():  # a GGUF source has no config.json for peft to read
+        warnings.filterwarnings("ignore", message="Could not find a config file in",
+                                category=UserWarning)
+        trainer.train(resume_from_checkpoint=checkpoint)
     seconds = time.perf_counter() - started
     history = list(trainer.state.log_history)
     after = _evaluation(trainer.evaluate())
@@ -696,7 +699,9 @@ def _write_output(student, tokenizer, folder: Path, record: dict[str, Any], sour
     model = student
     if hasattr(student, "peft_config"):
         student.peft_config["default"].base_model_name_or_path = source
-        student.save_pretrained(folder / "adapter")
+        # The vocabulary never changes here, so the base embeddings are not saved with the
+        # adapter (peft would look for the base's config.json, which a GGUF source lacks).
+        student.save_pretrained(folder / "adapter", save_embedding_layers=False)
     if merge:
         model = _merged(student)
         saved_dtype = _saved_dtype(source)

@@ -449,7 +449,7 @@ def load_model_and_tokenizer(
     otherwise refused). Raises :class:`InputError` for a missing, unreadable or unsupported
     model.
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, PreTrainedModel
 
     folder, gguf_file = resolve_source(source, staged)
     config = load_config(source, trust_remote_code, staged)
@@ -489,8 +489,13 @@ def load_model_and_tokenizer(
     if dtype == torch.float32 and isinstance(stored, torch.dtype) and stored.itemsize < 2:
         setattr(model, STORAGE_DTYPE, stored)
     if gguf_file is not None:
-        # A dequantized GGUF model must save as ordinary safetensors.
+        # A dequantized GGUF model is an ordinary float model: it saves as plain safetensors
+        # and trains (transformers' Trainer refuses a model marked quantized).
         model.hf_quantizer = None
+        model.is_quantized = False
+        for module in model.modules():
+            if isinstance(module, PreTrainedModel):
+                module.config._is_quantized = False
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
     if offload is None:
