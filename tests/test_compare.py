@@ -160,3 +160,37 @@ def test_compare_names_the_fetch_command_when_data_is_missing(tiny_llama_real_to
         compare(tiny_llama_real_tokenizer_dir, [0.5], "random", tmp_path / "out", ppl=text_file,
                 seqlen=32, windows=1, tasks="piqa", limit=1)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("model, options, match", [
+    ("plain", ["--methods", "random,activation", "--ppl", "none"],
+     "method 'activation' needs the model's tokenizer"),
+    ("tokenizer", ["--methods", "activation", "--ppl", "none", "--calibration-corpus", "{short}"],
+     "training tokens, fewer than one window"),
+    ("tokenizer", ["--methods", "random", "--ppl", "{text}", "--seqlen", "1"],
+     "--seqlen must be at least 2 tokens, got 1"),
+    ("tokenizer", ["--methods", "random", "--ppl", "{text}", "--seqlen", "100000"],
+     "--seqlen 100000 exceeds the model's context of"),
+])
+def test_compare_refuses_what_a_method_or_window_cannot_use_before_any_evaluation(
+        tiny_llama_dir, tiny_llama_real_tokenizer_dir, text_file, tmp_path, capsys,
+        monkeypatch, model, options, match):
+    """Calibration text the method cannot read, or windows the model cannot take, are refused
+    before the dense model is evaluated and any method runs (they were refused after)."""
+    import prunenet.compare
+
+    def no_evaluation(*args, **kwargs):
+        raise AssertionError("a model was evaluated")
+
+    monkeypatch.setattr(prunenet.compare, "evaluate", no_evaluation)
+    short = tmp_path / "short.txt"
+    short.write_text("two words")
+    folder = tiny_llama_dir if model == "plain" else tiny_llama_real_tokenizer_dir
+    argv = ["-q", "compare", str(folder), "--ratios", "0.3", "--tasks", "", "--out",
+            str(tmp_path / "out"), *(part.format(short=short, text=text_file)
+                                     for part in options)]
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and match in err[0], err
+    assert not (tmp_path / "out").exists()

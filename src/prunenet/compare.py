@@ -28,7 +28,7 @@ from .io.streaming import check_models_fit
 from .model_view import FFNView
 from .pipeline import input_paths, method_of_variant, prune, train_policy
 from .selection import SELECTORS
-from .selection.activation import Calibration, fitted_calibration
+from .selection.activation import Calibration, calibration_text, fitted_calibration
 from .selection.prunenet import PruneNet
 from .selection.prunenet.reinforce import check_trainable_ratio
 from .version import __version__
@@ -116,6 +116,8 @@ def compare(
     reads_text = ppl not in (None, "none")
     if reads_text:
         check_corpus(ppl)  # a missing or endless corpus: refused before the model loads
+    if "activation" in method_names:
+        check_corpus((calibration or Calibration()).corpus)
     if PruneNet.name in method_names:
         check_trainable_ratio(max(ratios) if train_ratio is None else train_ratio)
     check_models_fit([model], "prunenet compare")
@@ -126,8 +128,9 @@ def compare(
     if reads_text:
         seqlen = fitted_seqlen(dense.config, seqlen)
     speed = fitted_protocol(dense.config, speed)  # recorded as measured, defaults resolved
-    if "activation" in method_names:
+    if "activation" in method_names:  # its text is read now: refused before any work
         calibration = fitted_calibration(dense.config, calibration or Calibration())
+        calibration_text(tokenizer, calibration)
     corpus = None
     if reads_text:
         corpus = load_corpus(ppl, tokenizer)

@@ -133,8 +133,10 @@ def opened_model(source: str | os.PathLike, *, max_memory: int | str | None = No
 
 
 def fitted_seqlen(config, seqlen: int | None) -> int:
-    """``seqlen``, or when None the default window length cut to the model's context (and said)."""
+    """``seqlen`` (refused below 2 tokens or beyond the model's context), or when None the
+    default window length cut to the model's context (and said)."""
     if seqlen is not None:
+        check_sequence_length(config, seqlen)
         return seqlen
     context = context_length(config)
     if context is not None and context < DEFAULT_SEQLEN:
@@ -147,7 +149,6 @@ def fitted_seqlen(config, seqlen: int | None) -> int:
 def _perplexity_part(model: nn.Module, tokenizer: Any, ppl: str | TokenCorpus, seqlen: int | None,
                      windows: int, progress: bool) -> dict[str, Any]:
     seqlen = fitted_seqlen(model.config, seqlen)
-    check_sequence_length(model.config, seqlen)
     corpus = ppl if isinstance(ppl, TokenCorpus) else load_corpus(ppl, tokenizer)
     batch = corpus.evaluation_windows(seqlen, windows)
     return {

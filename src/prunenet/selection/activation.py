@@ -64,6 +64,14 @@ def calibration_windows(corpus: TokenCorpus, calibration: Calibration) -> Tensor
     return windows[: calibration.windows]
 
 
+def calibration_text(tokenizer: Any, calibration: Calibration) -> Tensor:
+    """The calibration windows ``tokenizer`` reads from ``calibration``'s corpus; refused
+    without a tokenizer, or with too little text for the windows asked for."""
+    if tokenizer is None:
+        raise InputError("method 'activation' needs the model's tokenizer to read calibration text")
+    return calibration_windows(load_corpus(calibration.corpus, tokenizer), calibration)
+
+
 def activation_norms(model: nn.Module, windows: Tensor, progress: bool = True) -> list[Tensor]:
     """Per layer, the L2 norm of each FFN neuron's activation over all tokens of ``windows``."""
     sums = squared_activation_sums(model, windows, torch.float64, progress, "calibration")
@@ -93,10 +101,7 @@ class Activation(Selector):
 def activation_rows(model: nn.Module, tokenizer: Any, kept: int, calibration: Calibration,
                     progress: bool = True) -> list[Tensor]:
     """The ``kept`` neurons per layer with the largest row-norm x activation-norm score."""
-    if tokenizer is None:
-        raise InputError("method 'activation' needs the model's tokenizer to read calibration text")
-    corpus = load_corpus(calibration.corpus, tokenizer)
-    norms = activation_norms(model, calibration_windows(corpus, calibration), progress)
+    norms = activation_norms(model, calibration_text(tokenizer, calibration), progress)
     view = FFNView(model)
     rows = []
     for index in range(view.num_layers):
