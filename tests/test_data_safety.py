@@ -578,6 +578,13 @@ def test_corrupt_record_in_a_model_folder_is_one_line(models, tmp_path, capsys):
     (lambda d: d["layers"]["kept_neurons"].__setitem__(0, -5), "kept_neurons must lie"),
     (lambda d: d["layers"]["kept_neurons"].__setitem__(0, 10 ** 30), "kept_neurons must lie"),
     (lambda d: d["compression"].update(ratio=float("inf")), "compression.ratio"),
+    (lambda d: d["compression"].update(ratio=7), "compression.ratio must lie in [0, 1)"),
+    (lambda d: d["compression"].update(method="magic"), "compression.method 'magic' is none"),
+    (lambda d: d["layers"]["ks_selected"].__setitem__(0, -1), "ks_selected must lie in [0, 1]"),
+    (lambda d: d["layers"]["ks_selected"].__setitem__(0, 5.0), "ks_selected must lie in [0, 1]"),
+    (lambda d: d["compression"].update(parameters_before=-1),
+     "compression.parameters_after"),
+    (lambda d: d["compression"].update(ffn_width_after=10 ** 6), "compression.ffn_width_after"),
 ])
 def test_edited_run_records_are_one_line(run_record, capsys, edit, match):
     """Damaged numbers (NaN, Inf, a kept count outside the layer) are refused, never drawn."""
@@ -586,6 +593,22 @@ def test_edited_run_records_are_one_line(run_record, capsys, edit, match):
     edit(data)
     path.write_text(json.dumps(data))
     refused(capsys, ["-q", "report", str(run_record)], match)
+
+
+@pytest.mark.parametrize("spectrum", [torch.ones(5, 5), torch.full((8,), float("nan")),
+                                      torch.ones(0)])
+def test_edited_spectra_are_one_line(run_record, tmp_path, capsys, spectrum):
+    """A spectrum that is not a finite list of singular values is refused, not drawn (a NaN
+    curve vanished from its plot under a legend that still named it; a matrix crashed)."""
+    from safetensors.torch import load_file, save_file
+
+    path = run_record / "spectra.safetensors"
+    tensors = load_file(str(path))
+    tensors["layer.0.pruned"] = spectrum
+    save_file(tensors, str(path))
+    refused(capsys, ["-q", "report", str(run_record), "--out", str(tmp_path / "r")],
+            "layer.0.pruned is not a list of finite singular values")
+    assert not (tmp_path / "r").exists()
 
 
 # --- prunenet's own working files, locks and races ---------------------------------------------

@@ -206,3 +206,21 @@ def test_cli_compress_record_then_report(tiny_llama_dir, tmp_path, capsys):
     assert (record / "report" / "report.html").is_file()
     assert main(["-q", "report", str(tmp_path / "model")]) == 2
     assert "not a prunenet run record" in capsys.readouterr().err
+
+
+def test_a_report_names_the_saved_policy_a_run_applied(tiny_llama_dir, tmp_path):
+    """prune --policy trains nothing in the run but does not select neurons directly either:
+    the report says a saved policy was applied, and which (its checksum)."""
+    policy = tmp_path / "policy.safetensors"
+    assert main(["-q", "train-policy", str(tiny_llama_dir), "--ratio", "0.5", "--episodes", "1",
+                 "--out", str(policy)]) == 0
+    record = tmp_path / "record"
+    assert main(["-q", "prune", str(tiny_llama_dir), "--policy", str(policy), "--ratio", "0.3",
+                 "--out", str(tmp_path / "model"), "--record", str(record)]) == 0
+    checksum = read_record(tmp_path / "model")["policy_sha256"]
+    assert re.fullmatch("[0-9a-f]{64}", checksum)
+    assert main(["-q", "report", str(record)]) == 0
+    page = (record / "report" / "report.md").read_text()
+    assert (f"- No policy training in this run: prunenet applied a saved policy (sha256 "
+            f"{checksum}).") in page
+    assert "selects neurons directly" not in page

@@ -23,6 +23,7 @@ from .errors import InputError
 from .io.files import atomic_folder, folder_of, json_with_format, write_json_atomic
 from .io.loading import check_output_path, method_that_ran
 from .model_view import FFNView
+from .selection import SELECTORS
 from .selection.prunenet.reinforce import TrainingResult
 from .selection.prunenet.spectral import LayerSpectrum, ks_statistic
 
@@ -151,6 +152,20 @@ def schema_problem(data: dict[str, Any]) -> str | None:
     width = compression["ffn_width_before"]
     if not all(0 <= kept <= width for kept in layers["kept_neurons"]):
         return f"layers.kept_neurons must lie between 0 and ffn_width_before ({width})"
+    method = method_that_ran(compression)
+    if method not in SELECTORS:
+        return f"compression.method {method!r} is none of prunenet's ({', '.join(SELECTORS)})"
+    if not 0 <= compression["ratio"] < 1:
+        return f"compression.ratio must lie in [0, 1), got {compression['ratio']!r}"
+    sizes = ("ffn_width", "parameters", "ffn_parameters")
+    for size in sizes:
+        before, after = compression[f"{size}_before"], compression[f"{size}_after"]
+        if not 0 <= after <= before:
+            return (f"compression.{size}_after ({after}) must lie between 0 and "
+                    f"{size}_before ({before})")
+    for key in ("ks_selected", "ks_first_episode"):
+        if not all(0 <= ks <= 1 for ks in layers.get(key) or []):
+            return f"layers.{key} must lie in [0, 1] (KS statistics)"
     training = data.get("training", "absent")
     if training is None:
         return None
@@ -213,6 +228,11 @@ def read_run_record(run_dir: str | os.PathLike) -> tuple[dict[str, Any], list[Te
     if absent:
         raise InputError(f"{spectra_path} lacks {len(absent)} spectra (first: {absent[0]}); "
                          "the record is damaged")
+    for name in names:
+        spectrum = tensors[name]
+        if spectrum.dim() != 1 or not spectrum.numel() or not spectrum.isfinite().all():
+            raise InputError(f"{spectra_path}: {name} is not a list of finite singular values "
+                             f"(shape {list(spectrum.shape)}); the record is damaged")
     count = data["num_layers"]
     return (data, [tensors[f"layer.{i}.original"] for i in range(count)],
             [tensors[f"layer.{i}.pruned"] for i in range(count)])

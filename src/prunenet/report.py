@@ -155,6 +155,9 @@ def summary_lines(data: dict[str, Any]) -> list[str]:
             f"episode 0, {best['mean_ks']:.4f} in the best episode {best['episode']} (total "
             f"reward {best['total_reward']:.4g}), {episodes[-1]['mean_ks']:.4f} in the last."
         )
+    elif c.get("policy_sha256"):
+        lines.append(f"- No policy training in this run: {c['method']} applied a saved policy "
+                     f"(sha256 {c['policy_sha256']}).")
     else:
         lines.append(f"- No policy training: {c['method']} selects neurons directly.")
     return lines
