@@ -570,6 +570,44 @@ def test_corrupt_record_in_a_model_folder_is_one_line(models, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("edit, match", [
+    (lambda r: r.update(method="magic"), "method 'magic' is none of prunenet's"),
+    (lambda r: r.update(format="x"), "its format tag 'x' is not prunenet-compression/N"),
+    (lambda r: r.update(source=5), "source must name the model it was made from, got 5"),
+    (lambda r: r.update(source=""), "source must name the model it was made from, got ''"),
+])
+def test_an_edited_record_in_a_model_folder_is_refused_not_passed_on(models, tmp_path, capsys,
+                                                                     edit, match):
+    """eval would print the method a record names, and a fine-tune copy it into its output:
+    a record naming no method prunenet has, or no model, is refused by every reader."""
+    out = tmp_path / "out"
+    assert main(["-q", "compress", str(models / "llama"), "--ratio", "0.3", "--out", str(out),
+                 "--method", "random", "--reconstruct", "none"]) == 0
+    record = json.loads((out / "prunenet.json").read_text())
+    edit(record)
+    (out / "prunenet.json").write_text(json.dumps(record))
+    line = refused(capsys, ["-q", "eval", str(out), "--ppl", "none"], match)
+    assert line.endswith("the record is damaged")
+    refused(capsys, ["-q", "finetune", str(out), "--data", "self-generated", "--out",
+                     str(tmp_path / "ft"), "--steps", "1"], match)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["models", "out"]
+
+
+def test_a_record_naming_the_student_as_its_teacher_is_refused(models, tmp_path, capsys):
+    """Distilling a model from itself learns nothing (its KL is 0 throughout)."""
+    out = tmp_path / "out"
+    assert main(["-q", "compress", str(models / "llama"), "--ratio", "0.3", "--out", str(out),
+                 "--method", "random", "--reconstruct", "none"]) == 0
+    record = json.loads((out / "prunenet.json").read_text())
+    record["source"] = str(out)
+    (out / "prunenet.json").write_text(json.dumps(record))
+    for teacher in ([], ["--teacher", str(out)]):
+        refused(capsys, ["-q", "finetune", str(out), "--data", "self-generated", "--out",
+                         str(tmp_path / "ft"), "--steps", "1", *teacher],
+                f"the teacher {out} is the model being trained")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["models", "out"]
+
+
+@pytest.mark.parametrize("edit, match", [
     (lambda d: d.update(num_layers="2"), "num_layers"),
     (lambda d: d.update(num_layers=-1), "num_layers"),
     (lambda d: d.pop("layers"), "layers"),

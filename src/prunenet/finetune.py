@@ -467,6 +467,9 @@ def finetune(
     reads = _model_reads(model)
     source = reads[0]
     teacher_source = _teacher_source(source, teacher, config)
+    if teacher_source is not None and teacher_source in reads:
+        raise InputError(f"the teacher {teacher_source} is the model being trained; distil from "
+                         "the dense model it was pruned from (--teacher DENSE)")
     teacher_reads = [] if teacher_source is None else _teacher_reads(teacher, teacher_source)
     out_path, work = guard_outputs(
         [Output(out, "--out", ours=is_model_output),

@@ -676,10 +676,32 @@ def read_record(folder: str | os.PathLike) -> dict[str, Any]:
                          "damaged") from error
     if not isinstance(record, dict):
         raise InputError(f"{path} must hold a JSON object; the record is damaged")
-    if isinstance(record.get("method"), str):  # every reader sees the method that ran
+    problem = _record_problem(record)
+    if problem is not None:
+        raise InputError(f"{path}: {problem}; the record is damaged")
+    if "method" in record:  # every reader sees the method that ran
         record["method"] = method_that_ran(record)
         record.pop("variant", None)
     return record
+
+
+def _record_problem(record: dict[str, Any]) -> str | None:
+    """What is wrong with a ``prunenet.json`` object that readers would pass on (eval's
+    table, a fine-tune's record and teacher), or None."""
+    from ..selection import SELECTORS
+
+    form = record.get("format")
+    if not isinstance(form, str) or not form.startswith("prunenet-compression/"):
+        return f"its format tag {form!r} is not prunenet-compression/N"
+    if "method" in record:
+        method = record["method"]
+        method = method_that_ran(record) if isinstance(method, str) else method
+        if method not in SELECTORS:
+            return f"method {method!r} is none of prunenet's ({', '.join(SELECTORS)})"
+    source = record.get("source")
+    if source is not None and (not isinstance(source, str) or not source.strip()):
+        return f"source must name the model it was made from, got {source!r}"
+    return None
 
 
 # Records written before methods had one namespace said "prunenet" plus the variant that ran.
