@@ -999,7 +999,8 @@ def test_an_interrupt_between_outputs_names_what_was_written(models, tmp_path, c
                                                              monkeypatch):
     """A compression commits --out, then --policy-out and --record: interrupted between them,
     it says which outputs are in place (complete; the policy's training state too, kept for
-    --resume) and that the others were not written."""
+    --resume, named once however often it was replaced) and that the others were not
+    written."""
     import prunenet.pipeline
 
     def interrupted(*args, **kwargs):
@@ -1008,8 +1009,8 @@ def test_an_interrupt_between_outputs_names_what_was_written(models, tmp_path, c
     monkeypatch.setattr(prunenet.pipeline, "save_policy", interrupted)
     out, policy, record = tmp_path / "o", tmp_path / "p.safetensors", tmp_path / "run"
     assert main(["-q", "compress", str(models / "llama"), "--ratio", "0.3", "--out", str(out),
-                 "--method", "prunenet", "--episodes", "1", "--policy-out", str(policy),
-                 "--record", str(record)]) == 130
+                 "--method", "prunenet", "--episodes", "3", "--policy-out", str(policy),
+                 "--record", str(record)]) == 130  # the state is replaced after each episode
     line = capsys.readouterr().err.strip().splitlines()[-1]
     state = sibling_path(out, ".train-state.pt")
     assert line == (f"prunenet: interrupted; written complete before the interrupt: "

@@ -402,7 +402,8 @@ def committed_outputs() -> list[Path]:
 
 
 def _note_committed(path: Path) -> None:
-    if not any(is_staging_name(part) for part in path.parts):
+    """Note ``path`` once, however often it is replaced (a training state after each episode)."""
+    if not any(is_staging_name(part) for part in path.parts) and path not in _committed:
         _committed.append(path)
 
 
