@@ -109,6 +109,13 @@ def test_compress_options_a_run_would_not_use_are_refused_before_any_work(
      "--calibration-windows has no effect here: no method compared reads calibration text"),
     ("compare", ["--methods", "random", "--tasks", "", "--limit", "2"],
      "--limit has no effect here"),
+    ("compare", ["--methods", "random", "--tasks", "", "--ppl", "none", "--seqlen", "16"],
+     "--seqlen has no effect here: no perplexity window is read with --ppl none"),
+    ("train-policy", ["--spectral", "svd", "--spectral-precision", "float64"],
+     "--spectral-precision has no effect here: it sets the Gram path's float type, and "
+     "--spectral svd takes singular values directly"),
+    ("compress", ["--method", "prunenet", "--spectral", "svd", "--spectral-precision", "auto"],
+     "--spectral-precision has no effect here"),
     ("finetune", ["--data", "wiki", "--generated-windows", "4"],
      "--generated-windows sets how much text the teacher writes for --data self-generated; a "
      "run on a corpus (wiki) generates none: drop it"),
@@ -116,7 +123,8 @@ def test_compress_options_a_run_would_not_use_are_refused_before_any_work(
 def test_options_of_other_commands_a_run_would_not_use_are_refused(
         llama, tmp_path, capsys, command, options, match):
     out = ["--out", str(tmp_path / "out")] if command != "eval" else []
-    ratio = {"prune": ["--ratio", "0.3"], "compare": ["--ratios", "0.3"]}.get(command, [])
+    ratio = {"compare": ["--ratios", "0.3"], "eval": [], "finetune": []}.get(command,
+                                                                             ["--ratio", "0.3"])
     refused(capsys, ["-q", command, str(llama), *ratio, *out, *options], match)
     assert sorted(path.name for path in tmp_path.iterdir()) == ["llama"]
 

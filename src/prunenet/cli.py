@@ -133,6 +133,7 @@ def _method_rules(plan) -> list[tuple[Sequence[str], str | None]]:
         (TRAINING_OPTIONS, None if trains else
          "method 'prunenet' with --policy uses that policy and trains none"
          if method == "prunenet" else f"method {method!r} trains no PruneNet policy"),
+        *([_spectral_rule(plan.options.training.spectral)] if trains else []),
         (("selection",), None if method == "prunenet" else
          f"only a PruneNet policy's rows are drawn, and the method is {method!r}"),
         (("calibration_corpus", "calibration_windows"), None if method == "activation" else
@@ -147,6 +148,14 @@ def _method_rules(plan) -> list[tuple[Sequence[str], str | None]]:
     ]
 
 
+def _spectral_rule(spectral: str) -> tuple[Sequence[str], str | None]:
+    """Policy training: the Gram path's float type means nothing to singular values taken
+    directly."""
+    return (("precision",), None if spectral == "gram" else
+            "it sets the Gram path's float type, and --spectral svd takes singular values "
+            "directly")
+
+
 def _evaluation_rules(args: argparse.Namespace) -> list[tuple[Sequence[str], str | None]]:
     """eval and compare: options of a measurement the run does not make."""
     from .evaluation.zeroshot import parse_tasks
@@ -158,6 +167,9 @@ def _evaluation_rules(args: argparse.Namespace) -> list[tuple[Sequence[str], str
     if args.command == "eval":
         rules.append((("speed_batch", "speed_prompt", "speed_new_tokens", "speed_repeats"),
                       None if args.speed else "speed is measured with --speed only"))
+    else:  # eval sizes a model read from disk by its windows; compare holds it in memory
+        rules.append((("seqlen",), None if _ppl(args) else
+                      "no perplexity window is read with --ppl none"))
     return rules
 
 
@@ -471,6 +483,7 @@ def run_train_policy(args: argparse.Namespace) -> int:
     from .pipeline import input_paths, policy_metadata, train_policy, training_state_path
     from .selection.prunenet.reinforce import check_resumable, is_training_state
 
+    refuse_unused(args, [_spectral_rule(args.spectral)])
     guard_outputs([Output(args.out, "--out", folder=False, ours=is_policy_file),
                    Output(training_state_path(args.out), "training state", folder=False,
                           working=True, ours=is_training_state)],
