@@ -194,3 +194,21 @@ def test_compare_refuses_what_a_method_or_window_cannot_use_before_any_evaluatio
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and match in err[0], err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_compare_without_measurements_says_so(tiny_llama_dir, tmp_path, capsys):
+    """--ppl none and --tasks none (as --help writes it): the page says nothing was measured
+    rather than naming windows of None tokens and examples that were never read."""
+    out = tmp_path / "out"
+    assert main(["-q", "compare", str(tiny_llama_dir), "--ratios", "0.3", "--methods", "random",
+                 "--ppl", "none", "--tasks", "none", "--out", str(out)]) == 0, \
+        capsys.readouterr().err
+    results = json.loads((out / "results.json").read_text())
+    assert results["settings"]["tasks"] == []
+    page = (out / "report.md").read_text()
+    assert "- Perplexity: not measured (--ppl none)." in page
+    assert "- Zero-shot: not measured (no --tasks)." in page
+    assert "None" not in page
+    ranking = page.split("## Ranking per ratio (best first)\n\n")[1].split("\n\n")[0]
+    assert ranking == ("Nothing to rank the methods by: neither perplexity nor zero-shot "
+                       "accuracy was measured.")

@@ -174,6 +174,10 @@ def test_unknown_task_lists_known_ones():
     with pytest.raises(InputError, match="known: piqa, hellaswag, winogrande, arc_easy"):
         parse_tasks("piqa,boolq")
     assert parse_tasks("piqa, arc_easy,piqa") == ["piqa", "arc_easy"]
+    # "none" is what --help writes for no task; compare refused it as an unknown task
+    assert parse_tasks("none") == parse_tasks(" None ") == parse_tasks("") == []
+    with pytest.raises(InputError, match="unknown task 'none'"):
+        parse_tasks("piqa,none")  # only alone
 
 
 def test_data_not_fetched_names_the_fetch_command(tiny_llama, tmp_path, monkeypatch):

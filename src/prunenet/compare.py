@@ -349,9 +349,11 @@ def render_report(results: dict[str, Any], plots: Sequence[str] = PLOTS) -> str:
         f"ratios: {', '.join(f'{r:g}' for r in results['ratios'])} (fraction of FFN neurons "
         "removed in every layer; no recovery fine-tuning).",
         "",
+        "- Perplexity: not measured (--ppl none)." if settings["corpus"] in (None, "none") else
         f"- Perplexity: {settings['corpus']}, the first {settings['windows']} evaluation windows "
         f"of {settings['seqlen']} tokens.",
-        f"- Zero-shot: {', '.join(settings['tasks']) or 'none'}; "
+        "- Zero-shot: not measured (no --tasks)." if not settings["tasks"] else
+        f"- Zero-shot: {', '.join(settings['tasks'])}; "
         + ("all examples" if settings["limit"] is None else
            f"the first {settings['limit']} examples of each") +
         " (acc_norm, WinoGrande acc; ARC on its validation split).",
@@ -381,7 +383,9 @@ def render_report(results: dict[str, Any], plots: Sequence[str] = PLOTS) -> str:
         c = settings["calibration"]
         lines.append(f"- activation: {c['windows']} calibration windows of {c['seqlen']} tokens "
                      f"from the training region of {c['corpus']} (never the evaluation windows).")
+    winners = _winners(results) or ["Nothing to rank the methods by: neither perplexity nor "
+                                    "zero-shot accuracy was measured."]
     lines += ["", "## Results", "", results_table(results), "", "## Ranking per ratio (best first)",
-              "", *_winners(results), "", "## Plots", ""]
+              "", *winners, "", "## Plots", ""]
     lines += [f"![{Path(name).stem}]({name})" for name in plots]
     return "\n".join(lines) + "\n"

@@ -33,7 +33,10 @@ TASK_METRICS = {
 
 
 def parse_tasks(tasks: str | Iterable[str]) -> list[str]:
-    """Task names from ``"piqa,arc_easy"`` or a list; unknown names raise listing the known ones."""
+    """Task names from ``"piqa,arc_easy"`` or a list (``"none"`` or ``""``: none, as ``--help``
+    writes the default); unknown names raise listing the known ones."""
+    if isinstance(tasks, str) and tasks.strip().lower() == "none":
+        return []
     names = [t.strip() for t in tasks.split(",")] if isinstance(tasks, str) else list(tasks)
     names = [name for name in names if name]
     unknown = [name for name in names if name not in TASK_METRICS]
