@@ -350,7 +350,7 @@ def test_parse_memory(text, expected):
 
 @pytest.mark.parametrize("text", ["lots", "-1GB", "0", "2PB", "512M", "infGB", "1e400GB", "nanGB"])
 def test_parse_memory_rejects(text):
-    with pytest.raises(InputError):
+    with pytest.raises(InputError, match="^--max-memory "):  # the option is named
         parse_memory(text)
 
 

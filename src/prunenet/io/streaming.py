@@ -84,16 +84,16 @@ def parse_memory(text: str | int) -> int:
     from accelerate.utils import convert_file_size_to_int
 
     if isinstance(text, bool):
-        raise InputError(f"memory size must be a size such as 2GB, got {text!r}")
+        raise InputError(f"--max-memory must be a size such as 2GB, got {text!r}")
     if isinstance(text, str) and text.strip().isdigit():
         text = int(text.strip())
     try:
         value = convert_file_size_to_int(text)
     except (ValueError, TypeError, OverflowError):  # OverflowError: infinite, e.g. 1e400GB
-        raise InputError(f"memory size {text!r} is not understood; write e.g. 2GB (10^9 bytes), "
+        raise InputError(f"--max-memory {text!r} is not understood; write e.g. 2GB (10^9 bytes), "
                          "2GiB (2^30 bytes) or 512MB") from None
     if value <= 0:
-        raise InputError(f"memory size must be positive, got {text!r}")
+        raise InputError(f"--max-memory must be positive, got {text!r}")
     return int(value)
 
 
