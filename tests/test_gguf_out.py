@@ -721,10 +721,13 @@ def test_compress_writes_gguf_beside_safetensors_for_a_gguf_input(tmp_path, caps
     assert sorted(p.name for p in (tmp_path / "gguf").iterdir()) == [
         ".prunenet-files", "README.md", "model.gguf", "prunenet.json"]
     assert _load_gguf(tmp_path / "gguf" / "model.gguf").config.intermediate_size == 48
-    capsys.readouterr()
-    assert main(["-q", "compress", str(tmp_path / "both"), "--ratio", "0.25", "--out",
-                 str(tmp_path / "no"), "--method", "random", "--format", "gguf"]) == 2
-    assert "not one" in capsys.readouterr().err and not (tmp_path / "no").exists()
+    for fmt in ("gguf", "both"):  # the message names the format asked for
+        capsys.readouterr()
+        assert main(["-q", "compress", str(tmp_path / "both"), "--ratio", "0.25", "--out",
+                     str(tmp_path / "no"), "--method", "random", "--format", fmt]) == 2
+        err = capsys.readouterr().err
+        assert f"--format {fmt} writes a model.gguf cut from the input's own GGUF file, and " \
+            "this input is not one" in err and not (tmp_path / "no").exists()
 
 
 def test_a_gguf_header_is_parsed_once_per_compression_and_again_when_the_file_changes(

@@ -476,8 +476,9 @@ def output_formats(fmt: str, read_path: str | None) -> tuple[str, ...]:
     formats = ("safetensors", "gguf") if fmt == "both" else (fmt,)
     if "gguf" in formats:
         if not is_gguf:
-            raise InputError("--format gguf cuts the input's own GGUF file, and this input is "
-                             "not one; write safetensors and convert it with llama.cpp's "
+            raise InputError(f"--format {fmt} writes a model.gguf cut from the input's own "
+                             "GGUF file, and this input is not one; write safetensors "
+                             "(--format safetensors) and convert it with llama.cpp's "
                              "convert_hf_to_gguf.py")
         gguf_output_supported(read_path)
     return formats
