@@ -762,3 +762,19 @@ def test_a_diverged_policy_run_leaves_no_training_state(tiny_llama_dir, tmp_path
                                   "--out", str(out), "--episodes", "5", "--lr", "1e29"])
     assert "non-finite" in line and "the training state is removed" in line, line
     assert sorted(path.name for path in tmp_path.iterdir()) == ["tiny-llama"]
+
+
+def test_a_folder_without_config_names_its_gguf_files(tmp_path, capsys):
+    """A folder of one .gguf reads that file; with two, the message names them rather than
+    only saying the folder has no config.json."""
+    folder = tmp_path / "two"
+    folder.mkdir()
+    for name in ("a-Q4.gguf", "b-Q8.gguf"):
+        (folder / name).write_bytes(b"")
+    (tmp_path / "dir.gguf").mkdir()  # a folder named like a GGUF file is not one
+    line = _refused_line(capsys, ["-q", "eval", str(folder)])
+    assert line.endswith(f"{folder} holds 2 .gguf files (a-Q4.gguf, b-Q8.gguf) and no "
+                         "config.json; name the .gguf file to read")
+    line = _refused_line(capsys, ["-q", "eval", str(tmp_path)])
+    assert line.endswith(f"{tmp_path} is not a model folder: it has no config.json (nor one "
+                         ".gguf file)")

@@ -72,10 +72,15 @@ def resolve_source(source: str | os.PathLike, staged: bool = False) -> tuple[str
             raise InputError(f"{path} is an unfinished prunenet output (interrupted); delete it")
         if (path / "config.json").exists():
             return str(path), None
-        ggufs = sorted(path.glob("*.gguf"))
+        ggufs = sorted(entry for entry in path.glob("*.gguf") if entry.is_file())
         if len(ggufs) == 1:
             return str(path), ggufs[0].name
-        raise InputError(f"{path} is not a model folder: it has no config.json")
+        if ggufs:
+            names = ", ".join(entry.name for entry in ggufs)
+            raise InputError(f"{path} holds {len(ggufs)} .gguf files ({names}) and no "
+                             "config.json; name the .gguf file to read")
+        raise InputError(f"{path} is not a model folder: it has no config.json (nor one .gguf "
+                         "file)")
     if path.exists():
         raise InputError(f"{path} is neither a model folder nor a .gguf file")
     if _looks_like_path(text) or text.count("/") > 1:
