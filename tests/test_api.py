@@ -160,6 +160,10 @@ def test_unsupported_architecture(tmp_path):
 
 
 def test_corrupted_and_wrong_shape_policy_files(tiny_llama, tmp_path):
+    with pytest.raises(InputError, match="policy file .* is a folder; give the .safetensors"):
+        load_policy(tmp_path)
+    with pytest.raises(InputError, match="policy file .* does not exist"):
+        load_policy(tmp_path / "none.safetensors")
     (tmp_path / "garbage.safetensors").write_bytes(b"\x00" * 64)
     with pytest.raises(InputError, match="not a readable safetensors policy"):
         load_policy(tmp_path / "garbage.safetensors")

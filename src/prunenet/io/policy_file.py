@@ -67,6 +67,9 @@ def load_policy(path: str | os.PathLike) -> tuple[PrunePolicy, dict[str, Any]]:
     from safetensors import safe_open
 
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise InputError(f"policy file {path} is a folder; give the .safetensors file "
+                         "`prunenet train-policy` wrote")
     if not path.is_file():
         raise InputError(f"policy file {path} does not exist")
     try:
