@@ -111,7 +111,7 @@ def test_record_path_is_checked_before_any_work(tmp_path):
     taken = tmp_path / "taken"
     taken.mkdir()
     (taken / "keep.txt").write_text("x")
-    with pytest.raises(OutputError, match="already exists"):
+    with pytest.raises(OutputError, match="not written by prunenet"):
         prunenet.prune(make_tiny_model("llama"), None, 0.5, method="random", progress=False,
                        record_dir=taken)
     assert not out.exists()

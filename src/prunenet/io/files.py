@@ -361,14 +361,14 @@ def _check_existing(output: Output, path: Path, overwrite: bool) -> None:
                           "name of a file to write")
     if output.folder and not any(path.iterdir()):
         return  # an empty folder the user made for us
-    if not overwrite:
-        raise OutputError(f"{output.what} {path} already exists; pass --overwrite to replace it")
-    if not output.ours(path):
+    if not output.ours(path):  # said first: --overwrite would not help
         raise OutputError(
             f"{output.what} {path} exists and was not written by prunenet (or holds other "
             "files too); --overwrite replaces only prunenet's own outputs. Choose another "
             f"{output.what}"
         )
+    if not overwrite:
+        raise OutputError(f"{output.what} {path} already exists; pass --overwrite to replace it")
 
 
 def _check_parent(output: Output, path: Path) -> None:
