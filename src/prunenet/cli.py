@@ -537,7 +537,10 @@ def run_prune(args: argparse.Namespace) -> int:
 def add_prune(subparsers) -> None:
     parser = subparsers.add_parser(
         "prune", help="prune a model with a saved policy (or a baseline) at any ratio",
-        description="Apply a saved policy to MODEL at --ratio and write a stock checkpoint.",
+        description="Prune MODEL at --ratio and write a stock checkpoint: with a saved PruneNet "
+        "policy (--policy, from train-policy; the method is then prunenet), or with --method "
+        "(default self-generated). --method prunenet without --policy trains a policy first, "
+        "with the default training settings (compress takes options for them).",
     )
     _add_model_arguments(parser)
     parser.add_argument("--policy", help="policy file from train-policy (for --method prunenet)")
