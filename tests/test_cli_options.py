@@ -328,3 +328,15 @@ def test_a_policy_is_not_trained_at_ratio_0(llama, tmp_path, capsys, argv):
     assert sorted(path.name for path in tmp_path.iterdir()) == ["llama"]
     assert main(["-q", "compress", str(llama), "--ratio", "0", "--method", "random",
                  "--reconstruct", "none", "--out", str(tmp_path / "kept")]) == 0
+
+
+@pytest.mark.parametrize("argv", [
+    ["train-policy", "{llama}", "--ratio", "0.3", "--out", "{tmp}/policy.pt"],
+    ["compress", "{llama}", "--ratio", "0.3", "--method", "prunenet", "--out", "{tmp}/o",
+     "--policy-out", "{tmp}/policy"],
+])
+def test_a_policy_file_name_must_say_safetensors(llama, tmp_path, capsys, argv):
+    """A policy is a safetensors file; a name like policy.pt promises a pickle."""
+    refused(capsys, ["-q", *(part.format(llama=llama, tmp=tmp_path) for part in argv)],
+            "a policy is written as safetensors; give a name ending in .safetensors")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["llama"]

@@ -44,7 +44,7 @@ from .io.loading import (
     resolve_source,
     save_compressed,
 )
-from .io.policy_file import is_policy_file, load_policy, save_policy
+from .io.policy_file import check_policy_name, is_policy_file, load_policy, save_policy
 from .io.streaming import (
     PlannedConversion,
     StreamedCheckpoint,
@@ -327,6 +327,8 @@ def plan_compression(model: Any, ratio: float, options: CompressOptions, *,
         streamed = choose_streaming(model, options.max_memory, training=trains,
                                     working=partial(run_working_memory, options)
                                     if runs else None, convert=True)
+    if policy_out is not None:
+        check_policy_name(policy_out, "--policy-out")
     if policy_out is not None and not trains:
         raise InputError(f"--policy-out needs a trained policy: method 'prunenet' without "
                          f"--policy (method {method!r} trains none)")

@@ -58,6 +58,14 @@ def is_policy_file(path: Path) -> bool:
     return isinstance(header, dict) and header.get("format") == POLICY_FORMAT
 
 
+def check_policy_name(path: str | os.PathLike, option: str) -> None:
+    """Refuse a policy file name that does not say what it holds: a policy is a safetensors
+    file (a name such as ``policy.pt`` promises a pickle, which prunenet never writes)."""
+    if not str(path).lower().endswith(".safetensors"):
+        raise InputError(f"{option} {path}: a policy is written as safetensors; give a name "
+                         "ending in .safetensors")
+
+
 def load_policy(path: str | os.PathLike) -> tuple[PrunePolicy, dict[str, Any]]:
     """Load a policy saved by :func:`save_policy`; returns ``(policy, metadata)``.
 
