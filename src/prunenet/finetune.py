@@ -466,11 +466,11 @@ def finetune(
                          "always the full checkpoint: drop --no-merge")
     reads = _model_reads(model)
     source = reads[0]
-    teacher_source = _teacher_source(source, teacher, config)
-    if teacher_source is not None and teacher_source in reads:
+    teacher_reads = _teacher_reads(source, teacher, config)
+    teacher_source = teacher_reads[0] if teacher_reads else None
+    if teacher_source in reads:
         raise InputError(f"the teacher {teacher_source} is the model being trained; distil from "
                          "the dense model it was pruned from (--teacher DENSE)")
-    teacher_reads = [] if teacher_source is None else _teacher_reads(teacher, teacher_source)
     out_path, work = guard_outputs(
         [Output(out, "--out", ours=is_model_output),
          Output(sibling_path(out, ".work"), "work folder", working=True, ours=is_work_folder)],
@@ -482,7 +482,7 @@ def finetune(
     if config.distils:
         from .distillation import check_teacher
 
-        check_teacher(load_config(source), teacher_source)
+        check_teacher(model_config, teacher_source)
 
     check_models_fit([source, *([teacher_source] if config.distils else [])],
                      "prunenet finetune", float32=True)
@@ -613,28 +613,26 @@ def _model_reads(model: str | os.PathLike) -> list[str]:
             for path in input_paths(model)]
 
 
-def _teacher_reads(teacher: str | os.PathLike | None, teacher_source: str) -> list[str]:
-    """The teacher's paths no output may touch: its file, and the folder --teacher named."""
-    return [teacher_source, *(_model_reads(teacher)[1:] if teacher is not None else [])]
-
-
-def _teacher_source(student: str, teacher: str | os.PathLike | None,
-                    config: FinetuneConfig) -> str | None:
-    """The teacher a distillation reads: ``teacher``, else the student record's source; the
-    local path (folder or .gguf file) when it is one. None when the run does not distil."""
+def _teacher_reads(student: str, teacher: str | os.PathLike | None,
+                   config: FinetuneConfig) -> list[str]:
+    """The paths a distillation's teacher reads, which no output may touch: first the local
+    path (folder or .gguf file) it loads, or its Hub id; then the folder ``--teacher`` named
+    around a .gguf. The teacher is ``teacher``, else the student record's source; none when
+    the run does not distil."""
     if not config.distils:
         if teacher is not None:
             raise InputError(f"--teacher applies to --data {SELF_GENERATED} only (this run trains "
                              f"on {config.data}); drop --teacher")
-        return None
+        return []
     from .distillation import default_teacher
 
     named = str(teacher) if teacher is not None else default_teacher(student)
     try:
-        return _model_reads(named)[0]
+        reads = _model_reads(named)
     except InputError as error:
         given = "--teacher" if teacher is not None else f"the source in {student}/{RECORD_NAME}"
         raise InputError(f"teacher {named} ({given}): {error}; pass --teacher DENSE") from error
+    return reads if teacher is not None else reads[:1]
 
 
 def _teacher_text(teacher: nn.Module, config: FinetuneConfig, work: Path, processes: int,

@@ -305,6 +305,8 @@ def plan_compression(model: Any, ratio: float, options: CompressOptions, *,
     trains = selector_class(method) is PruneNet and policy is None
     if trains:
         check_trainable_ratio(options.training.ratio)
+    if policy_out is not None:
+        check_policy_name(policy_out, "--policy-out")
     if options.reconstruct not in (None, *RECONSTRUCT):
         raise InputError(f"unknown --reconstruct {options.reconstruct!r}; choose from "
                          f"{', '.join(RECONSTRUCT)}")
@@ -327,8 +329,6 @@ def plan_compression(model: Any, ratio: float, options: CompressOptions, *,
         streamed = choose_streaming(model, options.max_memory, training=trains,
                                     working=partial(run_working_memory, options)
                                     if runs else None, convert=True)
-    if policy_out is not None:
-        check_policy_name(policy_out, "--policy-out")
     if policy_out is not None and not trains:
         raise InputError(f"--policy-out needs a trained policy: method 'prunenet' without "
                          f"--policy (method {method!r} trains none)")

@@ -17,13 +17,7 @@ from torch import nn
 
 from ..errors import InputError
 from ..families import check_sequence_length, context_length
-from ..io.loading import (
-    RECORD_NAME,
-    load_config,
-    load_model_and_tokenizer,
-    read_record,
-    resolve_source,
-)
+from ..io.loading import RECORD_NAME, load_model_and_tokenizer, read_record, resolve_source
 from ..io.streaming import (
     BASE_MEMORY,
     StreamedCheckpoint,
@@ -71,7 +65,7 @@ def offload_budget(checkpoint: StreamedCheckpoint, max_memory: int | str | None,
     the free RAM). Raises :class:`InputError` naming the need when not even one layer at a
     time fits; before that, a given ``seqlen`` beyond the model's context."""
     if seqlen is not None:  # the context is the first reason to refuse a window length
-        check_sequence_length(load_config(checkpoint.folder), seqlen)
+        check_sequence_length(checkpoint.model_config, seqlen)
     length = seqlen or DEFAULT_SEQLEN
     working = checkpoint.evaluation_memory(1, length)
     if list(tasks):

@@ -147,7 +147,7 @@ class StreamedCheckpoint:
         validate_weight_files(self.folder)  # missing shards, truncated files, lying headers
         self.entries = self._read_entries()
         # types and family checked as the in-memory load checks them
-        load_config(self.folder, staged=staged)
+        self.model_config = load_config(self.folder, staged=staged)
         self._check_layers()
         self._weights_checked = False
 
@@ -380,7 +380,7 @@ class PlannedConversion(StreamedCheckpoint):
 
         self.source = str(gguf)
         self.gguf = self.folder = Path(gguf).expanduser().resolve()
-        config = load_config(self.gguf)
+        config = self.model_config = load_config(self.gguf)
         self.config = config.to_dict()
         self.model_type = config.model_type
         self.family = family_for(self.model_type)
