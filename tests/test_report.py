@@ -224,3 +224,21 @@ def test_a_report_names_the_saved_policy_a_run_applied(tiny_llama_dir, tmp_path)
     assert (f"- No policy training in this run: prunenet applied a saved policy (sha256 "
             f"{checksum}).") in page
     assert "selects neurons directly" not in page
+
+
+def test_a_source_with_a_newline_stays_on_its_summary_line(magnitude_run, tmp_path):
+    """A model folder whose name holds a newline is written with escapes: the summary keeps one
+    bullet per line, and the page shows the name as Python spells it."""
+    _, record_dir = magnitude_run
+    copy = tmp_path / "record"
+    copy.mkdir()
+    for item in record_dir.iterdir():
+        if item.is_file():
+            (copy / item.name).write_bytes(item.read_bytes())
+    data = json.loads((copy / RUN_RECORD_NAME).read_text())
+    data["compression"]["source"] = "models/tiny\nllama"
+    (copy / RUN_RECORD_NAME).write_text(json.dumps(data))
+    markdown = (write_report(copy, tmp_path / "pages", layers=[0]) / "report.md").read_text()
+    summary = markdown.split("\n\n")[1].splitlines()
+    assert len(summary) == 4 and all(line.startswith("- ") for line in summary)
+    assert summary[0].startswith("- Model: 'models/tiny\\nllama'; method **magnitude**")

@@ -130,12 +130,18 @@ def _mean(values: Sequence[float]) -> float:
     return sum(values) / len(values)
 
 
+def _one_line(text: str | None) -> str | None:
+    """``text`` on one line: a path holding a newline or another control character is written
+    with Python's escapes, so it cannot split the markdown list it stands in."""
+    return text if text is None or text.isprintable() else repr(text)
+
+
 def summary_lines(data: dict[str, Any]) -> list[str]:
     """Markdown bullet lines: what was compressed, how, and what it gave."""
     c = data["compression"]
     per_layer = data["layers"]
     lines = [
-        f"- Model: {c.get('source') or 'an in-memory model'}; method **{c['method']}**"
+        f"- Model: {_one_line(c.get('source')) or 'an in-memory model'}; method **{c['method']}**"
         + (f" (selection {c['selection']})" if c.get("selection") else "")
         + f", ratio {c['ratio']:g}, seed {c['seed']}, prunenet {c['prunenet_version']}.",
         f"- FFN width {c['ffn_width_before']} -> {c['ffn_width_after']} in each of "
