@@ -232,6 +232,33 @@ def test_a_checkpoint_whose_save_was_killed_is_dropped_on_resume(setup):
     assert_same_weights(setup.root / "straight", setup.root / "killed2")
 
 
+class CtrlCAt(transformers.TrainerCallback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt
+
+
+def test_a_crash_before_the_first_checkpoint_leaves_no_work_folder(setup, capsys):
+    """A crash before any checkpoint was saved leaves nothing to resume, so no work folder
+    that the next run would refuse as an interrupted run; Ctrl-C keeps its folder as always."""
+    settings = dict(steps=4, eval_every=2, progress=False, **SETTINGS)
+    out = setup.root / "crashed"
+    with pytest.raises(Interrupted):
+        finetune(setup.pruned, setup.corpus, out, callbacks=[InterruptAt(1)], **settings)
+    assert not out.exists() and not (setup.root / "crashed.work").exists()
+    assert finetune(setup.pruned, setup.corpus, out, **settings).record["finetune"][
+        "steps_run"] == 4
+    stopped = setup.root / "stopped"
+    with pytest.raises(KeyboardInterrupt):
+        finetune(setup.pruned, setup.corpus, stopped, callbacks=[CtrlCAt(1)], **settings)
+    assert (setup.root / "stopped.work").is_dir()
+    with pytest.raises(OutputError, match="holds an interrupted fine-tuning run"):
+        finetune(setup.pruned, setup.corpus, stopped, **settings)
+
+
 def test_resume_refuses_contradicting_settings(setup):
     out = setup.root / "contradict"
     with pytest.raises(Interrupted):

@@ -514,32 +514,41 @@ def finetune(
         write_json_atomic(work / SETTINGS_NAME, run_settings)
     process.wait_for_everyone()
     checkpoint = get_last_checkpoint(str(work)) if resume else None
-    if teacher_model is not None:
-        training, evaluation, generation = _teacher_text(
-            teacher_model, config, work, process.num_processes, process.is_main_process, progress)
+    try:
+        if teacher_model is not None:
+            training, evaluation, generation = _teacher_text(
+                teacher_model, config, work, process.num_processes, process.is_main_process,
+                progress)
 
-    trainer_callbacks = [*callbacks]
-    if config.patience is not None:
-        trainer_callbacks.append(EarlyStoppingCallback(early_stopping_patience=config.patience))
-    arguments = dict(model=student, args=_training_arguments(config, work, device),
-                     train_dataset=WindowDataset(training), eval_dataset=WindowDataset(evaluation),
-                     callbacks=trainer_callbacks)
-    if teacher_model is None:
-        trainer = Trainer(**arguments)
-    else:
-        from .distillation import DistillationTrainer
+        trainer_callbacks = [*callbacks]
+        if config.patience is not None:
+            trainer_callbacks.append(
+                EarlyStoppingCallback(early_stopping_patience=config.patience))
+        arguments = dict(model=student, args=_training_arguments(config, work, device),
+                         train_dataset=WindowDataset(training),
+                         eval_dataset=WindowDataset(evaluation), callbacks=trainer_callbacks)
+        if teacher_model is None:
+            trainer = Trainer(**arguments)
+        else:
+            from .distillation import DistillationTrainer
 
-        trainer = DistillationTrainer(teacher=teacher_model, **arguments)
-    if not progress:
-        from transformers import ProgressCallback
+            trainer = DistillationTrainer(teacher=teacher_model, **arguments)
+        if not progress:
+            from transformers import ProgressCallback
 
-        trainer.remove_callback(ProgressCallback)
-    before = _evaluation(trainer.evaluate())
-    started = time.perf_counter()
-    with warnings.catch_warnings():  # a GGUF source has no config.json for peft to read
-        warnings.filterwarnings("ignore", message="Could not find a config file in",
-                                category=UserWarning)
-        trainer.train(resume_from_checkpoint=checkpoint)
+            trainer.remove_callback(ProgressCallback)
+        before = _evaluation(trainer.evaluate())
+        started = time.perf_counter()
+        with warnings.catch_warnings():  # a GGUF source has no config.json for peft to read
+            warnings.filterwarnings("ignore", message="Could not find a config file in",
+                                    category=UserWarning)
+            trainer.train(resume_from_checkpoint=checkpoint)
+    except Exception:
+        # A crash (not Ctrl-C, which keeps the folder for --resume) before anything worth
+        # resuming was saved leaves no work folder that the next run would call interrupted.
+        if process.is_main_process and not _holds_progress(work):
+            shutil.rmtree(work, ignore_errors=True)
+        raise
     seconds = time.perf_counter() - started
     history = list(trainer.state.log_history)
     after = _evaluation(trainer.evaluate())
@@ -602,6 +611,13 @@ def finetune(
         result_model = _merged(student) if merge else student
     process.wait_for_everyone()
     return FinetuneResult(result_model.eval(), tokenizer, record, str(out_path))
+
+
+def _holds_progress(work: Path) -> bool:
+    """Whether ``work`` holds what a --resume would reuse: a completely saved checkpoint, or the
+    teacher's generated text."""
+    return (work / GENERATED_NAME).is_file() or any(
+        (checkpoint / "trainer_state.json").is_file() for checkpoint in work.glob("checkpoint-*"))
 
 
 def _model_reads(model: str | os.PathLike) -> list[str]:
