@@ -131,7 +131,21 @@ def test_unknown_method_lists_known_ones():
     with pytest.raises(InputError,
                        match="unknown method 'wanda'; known: self-generated, prunenet, random"):
         parse_methods("random,wanda")
-    assert parse_methods("random, magnitude,random") == ["random", "magnitude"]
+    assert parse_methods("random, magnitude,") == ["random", "magnitude"]
+
+
+def test_a_method_or_ratio_given_twice_is_refused(tiny_llama_dir, tmp_path):
+    """Each method and ratio runs once in a comparison; naming one twice (or renaming prunenet
+    by --variant to a method already listed) is a typo, said before any work."""
+    with pytest.raises(InputError, match="--methods names random more than once; give each once"):
+        parse_methods("random, magnitude,random")
+    with pytest.raises(InputError, match="--variant self-generated renames prunenet to "
+                                         "self-generated, which --methods already lists"):
+        parse_methods("prunenet,self-generated", "self-generated", quiet=True)
+    out = tmp_path / "cmp"
+    with pytest.raises(InputError, match="--ratios names 0.1 more than once"):
+        compare(str(tiny_llama_dir), [0.3, 0.1, 0.10], "random", out)
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -56,13 +57,24 @@ def parse_methods(methods: str | Sequence[str], variant: str | None = None,
             raise InputError(f"--variant has no effect here: it renames {PruneNet.name} in "
                              f"--methods, which does not list it; drop it (--variant is "
                              f"deprecated: name the methods in --methods)")
+        if named in names:
+            raise InputError(f"--variant {variant} renames {PruneNet.name} to {named}, which "
+                             f"--methods already lists; drop --variant")
         names = [named if name == PruneNet.name else name for name in names]
-    names = list(dict.fromkeys(name for name in names if name))
+    names = [name for name in names if name]
+    _refuse_repeats("--methods", names)
     unknown = [name for name in names if name not in SELECTORS]
     if unknown or not names:
         raise InputError(f"unknown method {', '.join(map(repr, unknown)) or '(none given)'}; "
                          f"known: {', '.join(SELECTORS)}")
     return names
+
+
+def _refuse_repeats(option: str, values: Sequence[str]) -> None:
+    """One comparison runs each method and ratio once: a value given twice is a typo."""
+    repeated = [value for value, count in Counter(values).items() if count > 1]
+    if repeated:
+        raise InputError(f"{option} names {', '.join(repeated)} more than once; give each once")
 
 
 def compare(
@@ -102,7 +114,9 @@ def compare(
     """
     method_names = parse_methods(methods, variant)
     task_names = parse_tasks(tasks)
-    ratios = sorted(dict.fromkeys(float(r) for r in ratios))
+    ratios = [float(r) for r in ratios]
+    _refuse_repeats("--ratios", [str(r) for r in ratios])
+    ratios = sorted(ratios)
     if not ratios:
         raise InputError("give at least one ratio, e.g. --ratios 0.1,0.2,0.3")
     # Text corpora named by path are read too ("wiki" and other names are not paths).
