@@ -40,12 +40,13 @@ class Interrupted(Exception):
 
 
 class InterruptAt(transformers.TrainerCallback):
-    def __init__(self, step: int) -> None:
+    def __init__(self, step: int, error: type[BaseException] = Interrupted) -> None:
         self.step = step
+        self.error = error
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step == self.step:
-            raise Interrupted
+            raise self.error
 
 
 class Recorder(transformers.TrainerCallback):
@@ -232,15 +233,6 @@ def test_a_checkpoint_whose_save_was_killed_is_dropped_on_resume(setup):
     assert_same_weights(setup.root / "straight", setup.root / "killed2")
 
 
-class CtrlCAt(transformers.TrainerCallback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            raise KeyboardInterrupt
-
-
 def test_a_crash_before_the_first_checkpoint_leaves_no_work_folder(setup, capsys):
     """A crash before any checkpoint was saved leaves nothing to resume, so no work folder
     that the next run would refuse as an interrupted run; Ctrl-C keeps its folder as always."""
@@ -253,7 +245,8 @@ def test_a_crash_before_the_first_checkpoint_leaves_no_work_folder(setup, capsys
         "steps_run"] == 4
     stopped = setup.root / "stopped"
     with pytest.raises(KeyboardInterrupt):
-        finetune(setup.pruned, setup.corpus, stopped, callbacks=[CtrlCAt(1)], **settings)
+        finetune(setup.pruned, setup.corpus, stopped,
+                 callbacks=[InterruptAt(1, KeyboardInterrupt)], **settings)
     assert (setup.root / "stopped.work").is_dir()
     with pytest.raises(OutputError, match="holds an interrupted fine-tuning run"):
         finetune(setup.pruned, setup.corpus, stopped, **settings)
