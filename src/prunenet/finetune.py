@@ -508,7 +508,7 @@ def finetune(
         if not resume and work.exists():
             shutil.rmtree(work)
         for partial in work.glob("checkpoint-*") if resume else ():
-            if not (partial / "trainer_state.json").is_file():  # its save was interrupted
+            if not _saved_completely(partial):  # its save was interrupted
                 shutil.rmtree(partial)
         work.mkdir(parents=True, exist_ok=True)
         write_json_atomic(work / SETTINGS_NAME, run_settings)
@@ -613,11 +613,16 @@ def finetune(
     return FinetuneResult(result_model.eval(), tokenizer, record, str(out_path))
 
 
+def _saved_completely(checkpoint: Path) -> bool:
+    """Whether the Trainer finished saving ``checkpoint`` (it writes trainer_state.json last)."""
+    return (checkpoint / "trainer_state.json").is_file()
+
+
 def _holds_progress(work: Path) -> bool:
     """Whether ``work`` holds what a --resume would reuse: a completely saved checkpoint, or the
     teacher's generated text."""
     return (work / GENERATED_NAME).is_file() or any(
-        (checkpoint / "trainer_state.json").is_file() for checkpoint in work.glob("checkpoint-*"))
+        _saved_completely(checkpoint) for checkpoint in work.glob("checkpoint-*"))
 
 
 def _model_reads(model: str | os.PathLike) -> list[str]:
