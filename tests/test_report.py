@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -230,11 +231,7 @@ def test_a_source_with_a_newline_stays_on_its_summary_line(magnitude_run, tmp_pa
     """A model folder whose name holds a newline is written with escapes: the summary keeps one
     bullet per line, and the page shows the name as Python spells it."""
     _, record_dir = magnitude_run
-    copy = tmp_path / "record"
-    copy.mkdir()
-    for item in record_dir.iterdir():
-        if item.is_file():
-            (copy / item.name).write_bytes(item.read_bytes())
+    copy = shutil.copytree(record_dir, tmp_path / "record")
     data = json.loads((copy / RUN_RECORD_NAME).read_text())
     data["compression"]["source"] = "models/tiny\nllama"
     (copy / RUN_RECORD_NAME).write_text(json.dumps(data))
