@@ -173,7 +173,10 @@ def test_shipped_tasks_read_the_cached_splits():
 def test_unknown_task_lists_known_ones():
     with pytest.raises(InputError, match="known: piqa, hellaswag, winogrande, arc_easy"):
         parse_tasks("piqa,boolq")
-    assert parse_tasks("piqa, arc_easy,piqa") == ["piqa", "arc_easy"]
+    assert parse_tasks(" arc_easy,piqa") == ["arc_easy", "piqa"]
+    # a task named twice is a typo (it was evaluated once, silently), as in compare's lists
+    with pytest.raises(InputError, match="--tasks names piqa more than once; give each once"):
+        parse_tasks("piqa, arc_easy,piqa")
     # "none" is what --help writes for no task; compare refused it as an unknown task
     assert parse_tasks("none") == parse_tasks(" None ") == parse_tasks("") == []
     with pytest.raises(InputError, match="unknown task 'none'"):
@@ -213,6 +216,7 @@ def test_eval_command_prints_a_table_and_writes_json(tiny_llama_real_tokenizer_d
     (["--ppl", "no-such-corpus"], "unknown corpus 'no-such-corpus'.*named corpus \\(wiki\\)"),
     (["--windows", "1000", "--seqlen", "16"], "holds \\d+ evaluation windows of 16 tokens"),
     (["--tasks", "piqa,mmlu"], "unknown task 'mmlu'; known: piqa"),
+    (["--tasks", "piqa,piqa"], "--tasks names piqa more than once"),
     (["--seqlen", "4096"], "exceeds the model's context of 2048"),
 ])
 def test_eval_bad_input_is_one_line(tiny_llama_real_tokenizer_dir, tmp_path, capsys, argv,

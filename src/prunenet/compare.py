@@ -11,13 +11,12 @@ from __future__ import annotations
 import copy
 import logging
 import os
-from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from .assets import asset_path
-from .errors import InputError
+from .errors import InputError, refuse_repeats
 from .evaluation.corpora import check_corpus, corpus_read_path, load_corpus
 from .evaluation.evaluate import evaluate, fitted_seqlen
 from .evaluation.speed import SpeedProtocol, fitted_protocol
@@ -62,19 +61,12 @@ def parse_methods(methods: str | Sequence[str], variant: str | None = None,
                              f"--methods already lists; drop --variant")
         names = [named if name == PruneNet.name else name for name in names]
     names = [name for name in names if name]
-    _refuse_repeats("--methods", names)
+    refuse_repeats("--methods", names)
     unknown = [name for name in names if name not in SELECTORS]
     if unknown or not names:
         raise InputError(f"unknown method {', '.join(map(repr, unknown)) or '(none given)'}; "
                          f"known: {', '.join(SELECTORS)}")
     return names
-
-
-def _refuse_repeats(option: str, values: Sequence[str]) -> None:
-    """One comparison runs each method and ratio once: a value given twice is a typo."""
-    repeated = [value for value, count in Counter(values).items() if count > 1]
-    if repeated:
-        raise InputError(f"{option} names {', '.join(repeated)} more than once; give each once")
 
 
 def compare(
@@ -115,7 +107,7 @@ def compare(
     method_names = parse_methods(methods, variant)
     task_names = parse_tasks(tasks)
     ratios = [float(r) for r in ratios]
-    _refuse_repeats("--ratios", [str(r) for r in ratios])
+    refuse_repeats("--ratios", [str(r) for r in ratios])
     ratios = sorted(ratios)
     if not ratios:
         raise InputError("give at least one ratio, e.g. --ratios 0.1,0.2,0.3")

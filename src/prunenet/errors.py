@@ -5,6 +5,9 @@ The CLI prints ``PruneNetError`` messages without a traceback and exits with sta
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Sequence
+
 
 def first_line(error: BaseException) -> str:
     """The first line of a library error's message (its type's name when it has none), with
@@ -13,6 +16,14 @@ def first_line(error: BaseException) -> str:
     if not lines:
         return type(error).__name__
     return f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
+
+
+def refuse_repeats(option: str, values: Sequence[str]) -> None:
+    """Refuse a list option naming one value twice: each names one piece of work, run once, so
+    a repeat is a typo."""
+    repeated = [value for value, count in Counter(values).items() if count > 1]
+    if repeated:
+        raise InputError(f"{option} names {', '.join(repeated)} more than once; give each once")
 
 
 class PruneNetError(Exception):

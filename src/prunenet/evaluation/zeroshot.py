@@ -18,7 +18,7 @@ from typing import Any
 from torch import nn
 
 from ..assets import asset_path
-from ..errors import InputError
+from ..errors import InputError, refuse_repeats
 from ..model_view import input_device
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,8 @@ TASK_METRICS = {
 
 def parse_tasks(tasks: str | Iterable[str]) -> list[str]:
     """Task names from ``"piqa,arc_easy"`` or a list (``"none"`` or ``""``: none, as ``--help``
-    writes the default); unknown names raise listing the known ones."""
+    writes the default); unknown names raise listing the known ones, and so does a name given
+    twice (each task is evaluated once)."""
     if isinstance(tasks, str) and tasks.strip().lower() == "none":
         return []
     names = [t.strip() for t in tasks.split(",")] if isinstance(tasks, str) else list(tasks)
@@ -44,7 +45,8 @@ def parse_tasks(tasks: str | Iterable[str]) -> list[str]:
         raise InputError(
             f"unknown task {', '.join(map(repr, unknown))}; known: {', '.join(TASK_METRICS)}"
         )
-    return list(dict.fromkeys(names))
+    refuse_repeats("--tasks", names)
+    return names
 
 
 def load_split(folder: str, **_metadata: Any):
