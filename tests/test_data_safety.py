@@ -180,6 +180,24 @@ def test_report_replaces_its_own_previous_report(run_record):
         "report.html", "report.md"]
 
 
+def test_report_of_one_record_never_replaces_anothers_report_unasked(run_record, models,
+                                                                       tmp_path, capsys):
+    """A report already in a record's report/ folder describes that record: another record's
+    report goes there only with --overwrite."""
+    other = tmp_path / "other-run"
+    assert main(["-q", "compress", str(models / "llama"), "--ratio", "0.5", "--out",
+                 str(tmp_path / "other-out"), "--method", "magnitude", "--reconstruct", "none",
+                 "--record", str(other)]) == 0
+    assert main(["-q", "report", str(run_record)]) == 0
+    before = digest(run_record)
+    refused(capsys, ["-q", "report", str(other), "--out", str(run_record / "report")],
+            "already exists")
+    assert digest(run_record) == before
+    assert main(["-q", "report", str(other), "--out", str(run_record / "report"),
+                 "--overwrite"]) == 0
+    assert "magnitude" in (run_record / "report" / "report.md").read_text()
+
+
 def test_eval_json_onto_the_model_config_is_refused(models, capsys):
     before = digest(models)
     refused(capsys, ["-q", "eval", str(models / "llama"), "--ppl", "none", "--json",

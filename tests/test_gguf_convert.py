@@ -161,6 +161,22 @@ def test_convert_overwrite_never_replaces_a_users_model_folder(tmp_path, tinycod
     assert digest(mine) == before
 
 
+def test_convert_overwrite_never_replaces_prunenet_outputs_saved_inside(tmp_path, tinycoder,
+                                                                         tiny_llama_dir, capsys):
+    """A pruned model and a run record the user saved inside a conversion's folder are whole
+    prunenet outputs of their own, but not the conversion's: --overwrite keeps all of it."""
+    source = _gguf(tmp_path / "in", GGMLQuantizationType.Q8_0, tinycoder)
+    converted = tmp_path / "converted"
+    assert main(["-q", "convert", str(source), "--out", str(converted)]) == 0
+    assert main(["-q", "compress", str(tiny_llama_dir), "--ratio", "0.5", "--method", "random",
+                 "--reconstruct", "none", "--out", str(converted / "pruned"),
+                 "--record", str(converted / "record")]) == 0
+    before = digest(converted)
+    assert main(["-q", "convert", str(source), "--out", str(converted), "--overwrite"]) == 2
+    assert "not written by prunenet" in capsys.readouterr().err
+    assert digest(converted) == before
+
+
 def _fail_third_shard(monkeypatch, error: OSError) -> list:
     """Make the conversion's third shard fail with ``error``; returns the shards attempted."""
     calls, real_save = [], gguf_convert.save_file

@@ -40,6 +40,7 @@ is_report = folder_of(REPORT_NAMES[0], (*REPORT_NAMES, "*.png"),
 # A run record prunenet wrote; its default report folder may sit inside it.
 is_run_record = folder_of(
     RUN_RECORD_NAME, (RUN_RECORD_NAME, SPECTRA_NAME), folders={"report": is_report},
+    joined_later={"report": is_report},
     check=lambda folder: json_with_format(folder / RUN_RECORD_NAME, RUN_RECORD_FORMAT),
 )
 

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from .errors import InputError
 from .io.files import Output, atomic_folder, guard_outputs, write_text_atomic
-from .recording import RUN_RECORD_NAME, SPECTRA_NAME, is_report, read_run_record
+from .recording import RUN_RECORD_NAME, SPECTRA_NAME, is_report, is_run_record, read_run_record
 
 FIGURE_SIZE = (7.0, 4.2)  # inches; at DPI this gives 700 x 420 pixel PNGs
 DPI = 100
@@ -247,7 +247,8 @@ def write_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
     """Write the report of the run record ``run_dir`` into ``out`` (default ``RUN_DIR/report``).
 
     ``layers`` picks the layers whose singular-value CDFs are drawn (default: first, middle,
-    last). A previous report in ``out`` is replaced; no other non-empty folder is, and ``out``
+    last). A previous report in ``out`` is replaced, unless another run record holds it (then
+    only with ``overwrite``); no other non-empty folder is, and ``out``
     never holds the record's own files. Returns the output folder. Raises :class:`InputError`
     for a folder that is not a run record or layers it does not have, :class:`OutputError` for
     an unwritable output.
@@ -260,8 +261,10 @@ def write_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
     # anywhere else inside the record, or around it, is refused.
     beside = target.resolve() == (folder / "report").resolve()
     reads = [folder / RUN_RECORD_NAME, folder / SPECTRA_NAME] if beside else [folder]
+    # A previous report is replaced without --overwrite, but not the report of another record.
+    theirs = not beside and is_run_record(target.parent)
     target, = guard_outputs([Output(target, "--out", ours=is_report)], reads,
-                            overwrite=overwrite or is_report(target))
+                            overwrite=overwrite or (is_report(target) and not theirs))
     with atomic_folder(target, overwrite=True, ours=is_report) as staging:
         plots = write_plots(data, original, pruned, chosen, staging)
         write_text_atomic(staging / "report.md", render_markdown(data, plots))

@@ -141,7 +141,8 @@ def folder_of(marker: str | None, allowed: Sequence[str],
               folders: dict[str, Recognizer] | None = None,
               check: Callable[[Path], bool] | None = None,
               files: dict[str, Callable[[Path], bool]] | None = None,
-              names_suffice: bool = True) -> Recognizer:
+              names_suffice: bool = True,
+              joined_later: dict[str, Recognizer] | None = None) -> Recognizer:
     """A recognizer for a folder prunenet wrote: it holds ``marker`` (passing ``check``); every
     file passes the test ``files`` gives its name, if any (a model card still prunenet's own);
     and, where it has a manifest (:data:`MANIFEST_NAME`), it holds nothing the manifest does
@@ -149,8 +150,11 @@ def folder_of(marker: str | None, allowed: Sequence[str],
     manifest (written before them, or by a writer that keeps none) is judged by names, unless
     ``names_suffice`` is false (names a user's own folder may have too: a report's pages, a
     model's files): every file matches one of the ``allowed`` patterns; every subfolder's name
-    matches a pattern of ``folders`` and passes its recognizer. Symlinks never count as
-    prunenet's."""
+    matches a pattern of ``folders`` and passes its recognizer. Only the folders
+    ``joined_later`` names (a record's own report folder) may join a folder with a manifest
+    after its commit, each an output of its own; any other folder found there, even another
+    clean prunenet output the user put inside, makes the folder not prunenet's to replace.
+    Symlinks never count as prunenet's."""
 
     def still_ours(entry: Path) -> bool:  # a file whose content shows whose it is
         test = (files or {}).get(entry.name)
@@ -165,6 +169,10 @@ def folder_of(marker: str | None, allowed: Sequence[str],
                      if fnmatch.fnmatch(entry.name, pattern)), None)
         return test is not None and test(entry)
 
+    def later(entry: Path) -> bool:
+        test = (joined_later or {}).get(entry.name)
+        return test is not None and test(entry)
+
     def recognize(folder: Path) -> bool:
         if folder.is_symlink() or not folder.is_dir():
             return False
@@ -173,7 +181,7 @@ def folder_of(marker: str | None, allowed: Sequence[str],
             return False
         listed = read_manifest(folder)
         if listed is not None:
-            return _all_listed(folder, listed, "", subfolder, still_ours)
+            return _all_listed(folder, listed, "", later, still_ours)
         if not names_suffice:
             return False
         for entry in folder.iterdir():
