@@ -6,10 +6,12 @@ is one line ``prunenet: error: ...`` with exit status 2 and no traceback.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -22,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from conftest import edit_config, make_tiny_model
 from prunenet.cli import main
 from prunenet.errors import InputError
-from prunenet.io.files import NAME_MAX, sibling_path, sibling_prefix
+from prunenet.io.files import NAME_MAX, is_staging_name, sibling_path, sibling_prefix
 from prunenet.io.loading import load_model_and_tokenizer, validate_safetensors
 from prunenet.io.policy_file import save_policy
 from prunenet.selection.prunenet.policy import PrunePolicy
@@ -1088,4 +1090,82 @@ def test_a_full_disk_while_training_a_policy_is_one_line(models, tmp_path, capsy
     refused(capsys, ["-q", "train-policy", str(models / "llama"), "--ratio", "0.3", "--episodes",
                      "2", "--out", str(tmp_path / "p.safetensors")],
             "cannot write the policy's training state")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["models"]
+
+
+def _compress_random(models: Path, out: Path, ratio: str, *extra: str) -> list[str]:
+    return ["-q", "compress", str(models / "llama"), "--ratio", ratio, "--method", "random",
+            "--reconstruct", "none", "--out", str(out), *extra]
+
+
+def test_an_interrupt_while_an_output_is_replaced_keeps_one_whole_output(models, tmp_path,
+                                                                         capsys, monkeypatch):
+    """--overwrite moves the previous output aside, then renames the new one in: SIGTERM
+    between the two renames is held until both are done, so the new output is in place and
+    nothing is left aside (it had left no --out at all, the previous one hidden)."""
+    out = tmp_path / "o"
+    assert main(_compress_random(models, out, "0.5")) == 0
+    real_rename = os.rename
+
+    def rename_then_terminate(source, destination):
+        real_rename(source, destination)
+        if Path(source) == out:  # the previous output just moved aside
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(os, "rename", rename_then_terminate)
+    assert main(_compress_random(models, out, "0.25", "--overwrite")) == 130
+    assert f"written complete before the interrupt: {out.resolve()}" in capsys.readouterr().err
+    config = json.loads((out / "config.json").read_text())
+    assert config["intermediate_size"] == int(0.75 * make_tiny_model("llama").config
+                                              .intermediate_size)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["models", "o"]
+
+
+def test_a_failed_replacement_puts_the_previous_output_back(models, tmp_path, capsys,
+                                                          monkeypatch):
+    out = tmp_path / "o"
+    assert main(_compress_random(models, out, "0.5")) == 0
+    before = digest(out)
+    real_rename = os.rename
+
+    def refuse_the_new_output(source, destination):
+        if Path(destination) == out and is_staging_name(Path(source).name):
+            raise OSError(errno.EIO, "Input/output error")
+        real_rename(source, destination)
+
+    monkeypatch.setattr(os, "rename", refuse_the_new_output)
+    refused(capsys, _compress_random(models, out, "0.25", "--overwrite"), "Input/output error")
+    assert digest(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["models", "o"]
+
+
+def test_a_mount_point_as_out_is_refused_before_any_work(models, tmp_path, capsys,
+                                                        monkeypatch):
+    """A mount point cannot be renamed onto: refused at once, not after the work."""
+    mount = tmp_path / "mnt"
+    mount.mkdir()
+    real_ismount = os.path.ismount
+    monkeypatch.setattr(os.path, "ismount", lambda path: Path(path) == mount
+                        or real_ismount(path))
+    refused(capsys, _compress_random(models, mount, "0.5"), f"--out {mount} is a mount point")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mnt", "models"]
+    assert not any(mount.iterdir())
+
+
+@pytest.mark.parametrize("argv", [
+    lambda models, where: _compress_random(models, where / "o", "0.5"),
+    lambda models, where: ["-q", "eval", str(models / "llama"), "--ppl", "none", "--json",
+                           str(where / "result.json")],
+])
+def test_a_write_failing_on_a_full_disk_leaves_no_folders_it_made(models, tmp_path, capsys,
+                                                                   monkeypatch, argv):
+    """The folders made above an output (a folder, a file) are removed with it when its write
+    fails: here the disk is full as the finished files are made readable."""
+    import prunenet.io.files
+
+    def full(path):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(prunenet.io.files, "make_readable", full)
+    refused(capsys, argv(models, tmp_path / "a" / "b"), "No space left on device")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["models"]

