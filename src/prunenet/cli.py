@@ -337,9 +337,11 @@ def _run_plan(plan):
 
 
 def _print_summary(result) -> None:
+    from .naming import compression_summary, run_label
+
     record = result.record
     print(
-        f"pruned {record['method']} at ratio {record['ratio']}: FFN width "
+        f"pruned {run_label(compression_summary(record))}: FFN width "
         f"{record['ffn_width_before']} -> {record['ffn_width_after']}, parameters "
         f"{record['parameters_before']:,} -> {record['parameters_after']:,} "
         f"(-{100 * record['parameter_reduction']:.1f}%)"
