@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 from conftest import make_tiny_model
 from prunenet.cli import main
 from prunenet.io.model_card import card_fields
@@ -288,3 +290,38 @@ def test_the_card_finetune_command_parses_back_to_every_recorded_setting():
         "distillation": {"teacher": "/m/dense"}}}))
     args, settings = parsed_finetune(command)
     assert settings == distil and args.teacher == "/m/dense" and args.merge is True
+
+
+def test_a_measurement_beside_a_requantized_gguf_says_what_it_measured(tmp_path):
+    """--eval measures the pruned float weights, not model.gguf (its ffn_down requantized
+    after): the record says so, and the card promises that `prunenet eval` repeats the number
+    only from the checkpoint, never from the GGUF."""
+    import json
+
+    from prunenet.assets import asset_path
+    from prunenet.errors import MissingAssetError
+    from prunenet.io.model_card import render_card
+
+    try:
+        source = asset_path("tinycoder-gguf") / "tiny.gguf"
+    except MissingAssetError as error:
+        pytest.skip(str(error))
+    out = tmp_path / "out"
+    assert main(["-q", "compress", str(source), "--ratio", "0.25", "--method", "random",
+                 "--reconstruct", "none", "--format", "gguf", "--gguf-down-type", "Q4_0",
+                 "--eval", "1", "--out", str(out)]) == 0
+    record = json.loads((out / "prunenet.json").read_text())
+    assert record["evaluation"]["weights"] == "safetensors"
+    card = (out / "README.md").read_text()
+    value = f"perplexity {record['evaluation']['perplexity']['value']:.2f} on the first 1"
+    assert "reproduces it" not in card
+    assert (f"on the pruned model's float weights before `model.gguf`'s ffn_down was written as "
+            f"Q4_0 (that checkpoint is not kept in this folder): {value}") in card
+    assert "`model.gguf` itself was not measured" in card
+    both = render_card(record, files={"model.gguf", "config.json", "model.safetensors"})
+    assert (f"on the safetensors checkpoint: {value}" in both and "`prunenet eval` of this "
+            "folder, which reads the checkpoint, reproduces it" in both)
+    plain = render_card({**record, "gguf": None},
+                        files={"config.json", "model.safetensors"})
+    assert f"Measured after pruning: {value}" in plain
+    assert "(`prunenet eval` reproduces it)." in plain

@@ -107,10 +107,7 @@ def render_card(record: dict[str, Any], input_folder: str | os.PathLike | None =
                  + (" (the type asked for cannot hold the new width or cannot be written)"
                     if gguf.get("substituted") else "") + ".", ""]
     if record.get("evaluation", {}).get("perplexity"):
-        measured = record["evaluation"]["perplexity"]
-        body += [f"Measured after pruning: perplexity {measured['value']:.2f} on the first "
-                 f"{measured['windows']} evaluation windows of {measured['seqlen']} tokens of "
-                 f"{measured['corpus']} (`prunenet eval` reproduces it).", ""]
+        body += [_measured_sentence(record, checkpoint), ""]
     if record.get("policy_sha256"):
         body += [f"PruneNet policy checksum (sha256): `{record['policy_sha256']}`.", ""]
     if tune:
@@ -122,6 +119,30 @@ def render_card(record: dict[str, Any], input_folder: str | os.PathLike | None =
         body += ["Made with:", "", "```bash", *(shlex.join(c) for c in commands), "```", ""]
     body += ["The full record is `prunenet.json` in this folder.", ""]
     return "\n".join(front + body)
+
+
+def _measured_sentence(record: dict[str, Any], checkpoint: bool) -> str:
+    """What --eval measured and what measures it again. It measured the pruned checkpoint's
+    float weights; where a GGUF was written, not that file, whose ffn_down was requantized
+    after: `prunenet eval` reproduces the number from the checkpoint (``checkpoint``: this
+    folder holds it), never from the GGUF."""
+    measured = record["evaluation"]["perplexity"]
+    value = (f"perplexity {measured['value']:.2f} on the first {measured['windows']} evaluation "
+             f"windows of {measured['seqlen']} tokens of {measured['corpus']}")
+    gguf = record.get("gguf")
+    if not gguf:
+        return f"Measured after pruning: {value} (`prunenet eval` reproduces it)."
+    file = gguf.get("file", "model.gguf")
+    down = "/".join(sorted(set(gguf.get("requantized", {}).values()))) or "its own type"
+    if checkpoint:
+        return (f"Measured after pruning, on the safetensors checkpoint: {value} (`prunenet "
+                f"eval` of this folder, which reads the checkpoint, reproduces it). `{file}`, "
+                f"whose ffn_down was then written as {down}, was not measured: `prunenet eval "
+                f"{file}` measures that file, which can differ.")
+    return (f"Measured after pruning, on the pruned model's float weights before `{file}`'s "
+            f"ffn_down was written as {down} (that checkpoint is not kept in this folder): "
+            f"{value}. `{file}` itself was not measured: `prunenet eval {file}` measures the "
+            "file as written, which can differ.")
 
 
 def _finetune_sentence(tune: dict[str, Any]) -> str:
