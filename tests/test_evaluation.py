@@ -17,7 +17,7 @@ from conftest import edit_config, make_tiny_model, real_tokenizer_model
 from prunenet.cli import main
 from prunenet.errors import InputError, MissingAssetError
 from prunenet.evaluation.corpora import TokenCorpus, load_corpus
-from prunenet.evaluation.evaluate import SCHEMA_KEYS, evaluate
+from prunenet.evaluation.evaluate import SCHEMA_KEYS, evaluate, format_table
 from prunenet.evaluation.speed import SpeedProtocol, measure_speed
 from prunenet.evaluation.zeroshot import TASK_DIR, TASK_METRICS, parse_tasks, zero_shot
 
@@ -117,6 +117,63 @@ def test_evaluation_is_json_with_a_stable_schema(tiny_llama):
     skipped = evaluate(tiny_llama, None, ppl=None, progress=False)
     assert tuple(skipped) == SCHEMA_KEYS
     assert skipped["perplexity"] is None and skipped["speed"] is None
+
+
+def test_eval_and_compress_name_the_refit_the_rounding_and_the_fine_tune(tmp_path, capsys):
+    """Outputs that differ in their refit are told apart: compress's summary line and eval's
+    table name the method with its refit as compare does (random+ls; random alone after
+    none), a rounded kept count and a recovery fine-tune; eval's JSON adds reconstruct,
+    round_to and finetune to its compression's earlier keys."""
+    model = tmp_path / "m"
+    make_tiny_model("llama").save_pretrained(model)
+    runs = {"none": ["--reconstruct", "none"], "ls": ["--probe-tokens", "64", "--round-to", "8"]}
+    printed, compressions, labels = {}, {}, {}
+    for name, extra in runs.items():
+        out = tmp_path / name
+        assert main(["-q", "compress", str(model), "--ratio", "0.25", "--method", "random",
+                     "--out", str(out), *extra]) == 0
+        printed[name] = capsys.readouterr().out.splitlines()[0]
+        result = evaluate(transformers.AutoModelForCausalLM.from_pretrained(out), None,
+                          ppl=None, source=out, progress=False)
+        compressions[name] = result["compression"]
+        labels[name] = re.findall(r"^compression +(.*)$", format_table(result), re.M)
+    assert printed["none"].startswith("pruned random at ratio 0.25: FFN width 48 -> 36")
+    assert printed["ls"].startswith("pruned random+ls at ratio 0.25, kept rounded to a multiple "
+                                    "of 8: FFN width 48 -> ")
+    assert labels == {"none": ["random at ratio 0.25"],
+                      "ls": ["random+ls at ratio 0.25, kept rounded to a multiple of 8"]}
+    common = {"method": "random", "ratio": 0.25, "selection": None, "seed": 42, "finetune": None}
+    assert compressions == {"none": {**common, "reconstruct": "none", "round_to": 1},
+                            "ls": {**common, "reconstruct": "ls", "round_to": 8}}
+    record_path = tmp_path / "ls" / "prunenet.json"
+    record = json.loads(record_path.read_text())
+    record["finetune"] = {"trained": "LoRA adapters", "steps_run": 60,
+                          "settings": {"data": "wiki", "steps": 60}}
+    record_path.write_text(json.dumps(record))
+    result = evaluate(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ls"), None,
+                      ppl=None, source=tmp_path / "ls", progress=False)
+    assert result["compression"]["finetune"] == {"trained": "LoRA adapters", "data": "wiki",
+                                                 "steps": 60, "teacher": None}
+    assert re.findall(r"^compression +(.*)$", format_table(result), re.M) == [
+        "random+ls at ratio 0.25, kept rounded to a multiple of 8 + LoRA fine-tune 60 steps "
+        "on wiki"]
+
+
+def test_a_distilled_or_only_fine_tuned_model_is_named_so():
+    from prunenet.naming import compression_summary, run_label
+
+    distilled = {"trained": "FFN weights", "steps_run": 40,
+                 "settings": {"data": "self-generated"}, "distillation": {"teacher": "/m/d"}}
+    record = {"method": "self-generated", "ratio": 0.3, "seed": 1, "round_to": 1,
+              "reconstruct": {"mode": "bias"}, "finetune": distilled}
+    assert run_label(compression_summary(record)) == (
+        "self-generated+bias at ratio 0.3 + FFN self-distillation 40 steps")
+    only = compression_summary({"source": "/m/d", "finetune": {**distilled,
+                                                               "distillation": None}})
+    assert only["method"] is None and only["reconstruct"] is None
+    assert run_label(only) == "not pruned + FFN fine-tune 40 steps on self-generated"
+    assert run_label(compression_summary({"method": "random", "ratio": 0.3})) == (
+        "random at ratio 0.3")  # a record from before the refit: none ran
 
 
 def test_speed_reports_its_protocol_and_positive_rates(tiny_llama):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 from conftest import make_tiny_model
 from prunenet.cli import main
 from prunenet.io.model_card import card_fields
@@ -72,7 +74,8 @@ def test_the_command_on_the_card_repeats_the_run_and_parses(tmp_path):
     command = text.split("```bash\n")[1].split("\n```")[0]
     assert command == (f"prunenet compress {model} --ratio 0.25 --method self-generated --seed 42"
                        " --probe-tokens 128 --probe-length 64 --probe-temperature 0.9"
-                       " --reconstruct ls --ridge 0.5 --out OUT")
+                       " --probe-sampler inverse-cdf --reconstruct ls --ridge 0.5"
+                       " --format safetensors --round-to 1 --out OUT")
     args = build_parser().parse_args(shlex.split(command)[1:])
     assert (args.probe_tokens, args.probe_temperature, args.ridge) == (128, 0.9, 0.5)
 
@@ -95,8 +98,8 @@ def test_a_rounded_kept_count_is_what_the_card_says_and_repeats():
     exact = render_card({**record, "round_to": 1, "ffn_width_after": 1075,
                          "gguf": {**record["gguf"], "down_type": "auto"}},
                         files={"model.gguf", "config.json", "model.safetensors"})
-    assert "30% of the FFN neurons" in exact and "--round-to" not in exact
-    assert "--format both --out OUT" in exact
+    assert "30% of the FFN neurons" in exact
+    assert "--format both --gguf-down-type auto --round-to 1 --out OUT" in exact
 
 
 def test_the_card_says_what_the_folder_holds_and_what_recovered_it():
@@ -108,10 +111,10 @@ def test_the_card_says_what_the_folder_holds_and_what_recovered_it():
               "gguf": {"file": "model.gguf", "sliced": {"a": "Q4_0"}, "requantized": {"b": "Q8_0"}}}
     only_gguf = render_card(record, files={"model.gguf"})
     assert "holds the GGUF file only" in only_gguf and "from_pretrained" not in only_gguf
-    assert "Also `model.gguf`" not in only_gguf and "--format gguf --out" in only_gguf
+    assert "Also `model.gguf`" not in only_gguf and "--format gguf --gguf-down-type" in only_gguf
     both = render_card(record, files={"model.gguf", "config.json", "model.safetensors"})
     assert "from_pretrained" in both and "Also `model.gguf`" in both
-    assert "--format both --out" in both
+    assert "--format both --gguf-down-type" in both
     tune = {"trained": "LoRA adapters", "steps_run": 60, "eval_kl_before": 0.6,
             "eval_kl_after": 0.5, "settings": {"data": "self-generated", "steps": 60},
             "distillation": {"teacher": "/m/dense"}}
@@ -128,3 +131,197 @@ def test_the_card_says_what_the_folder_holds_and_what_recovered_it():
                         files={"config.json", "model.safetensors"})
     assert "fine-tuned with prunenet" in plain and "FFN-pruned" not in plain
     assert "prunenet compress" not in plain and "prunenet finetune OUT --data wiki" in plain
+
+
+def card_commands(card: str) -> list[list[str]]:
+    """The "Made with" commands of a card, each split as a shell splits it."""
+    import shlex
+
+    return [shlex.split(line) for line in card.split("```bash\n")[1].split("\n```")[0].splitlines()]
+
+
+def parsed_compression(command: list[str]):
+    """The options the command line builds from a card's compress/prune command."""
+    from prunenet.cli import _compress_options, build_parser
+    from prunenet.pipeline import CompressOptions
+
+    args = build_parser().parse_args(command[1:])
+    return args, CompressOptions.from_keywords(args.ratio, **_compress_options(args))
+
+
+TRAINED = {"method": "prunenet", "ratio": 0.123456789, "seed": 7, "selection": "topk",
+           "ffn_width_before": 64, "ffn_width_after": 56, "round_to": 8,
+           "prunenet_version": "0", "parameters_before": 10, "parameters_after": 8,
+           "parameter_reduction": 0.2, "source": "/m/dense", "policy_sha256": "ab",
+           "training": {"ratio": 0.123456789, "episodes": 3, "lr": 0.0001234567, "seed": 7,
+                        "gamma": 0.912345678, "reward": "penalty", "reward_to_go": True,
+                        "baseline": "mean", "kld": True, "clip_norm": 1.0, "spectral": "gram",
+                        "precision": "float64", "best_episode": 1},
+           "probe": {"tokens": 96, "seed": 7, "sequence_length": 24,
+                     "temperature": 0.912345678, "sampler": "multinomial",
+                     "prompt": "Il était une fois"},
+           "reconstruct": {"mode": "ls", "ridge": 0.0123456789},
+           "evaluation": {"perplexity": {"value": 3.0, "windows": 3, "seqlen": 8,
+                                         "corpus": "wiki"}}}
+
+
+def test_the_card_command_parses_back_to_every_recorded_compression_setting():
+    """Split as a shell splits it and parsed by the command line's own parser, the card's
+    command gives the settings the record holds, every float to its last digit: the policy
+    training's, the probe's, the refit's, the rounding and the measurement."""
+    from prunenet.io.model_card import render_card
+
+    command, = card_commands(render_card(TRAINED, files={"config.json", "model.safetensors"}))
+    assert command[:3] == ["prunenet", "compress", "/m/dense"]
+    args, options = parsed_compression(command)
+    training = {key: getattr(options.training, key) for key in TRAINED["training"]
+                if key != "best_episode"}
+    assert training == {key: value for key, value in TRAINED["training"].items()
+                        if key != "best_episode"}
+    probe = TRAINED["probe"]
+    assert (options.probe_tokens, options.probe_length, options.probe_temperature,
+            options.probe_prompt, options.probe_sampler) == (
+        probe["tokens"], probe["sequence_length"], probe["temperature"], probe["prompt"],
+        probe["sampler"])
+    assert (options.method, options.seed, options.selection, options.reconstruct,
+            options.ridge, options.round_to, options.evaluate_windows, options.format) == (
+        "prunenet", 7, "topk", "ls", 0.0123456789, 8, 3, "safetensors")
+    assert args.ratio == TRAINED["ratio"]
+
+
+def test_the_card_command_names_no_option_the_run_did_not_use():
+    """The command line refuses an option a run would not use: a refit without a ridge, a
+    method without a probe or a policy, singular values taken directly (no Gram float type),
+    a calibration for activation only; a saved policy's run is `prune --policy`."""
+    from prunenet.io.model_card import render_card
+
+    base = {key: value for key, value in TRAINED.items()
+            if key not in ("training", "probe", "policy_sha256", "selection", "evaluation")}
+    activation, = card_commands(render_card(
+        {**base, "method": "activation", "reconstruct": {"mode": "none"},
+         "calibration": {"corpus": "book.txt", "windows": 5, "seqlen": 1024}}))
+    args, options = parsed_compression(activation)
+    assert not {"--ridge", "--probe-tokens", "--probe-sampler", "--selection", "--episodes",
+                "--eval"} & set(activation)
+    assert (options.reconstruct, options.calibration.corpus, options.calibration.windows) == (
+        "none", "book.txt", 5)
+    svd, = card_commands(render_card(
+        {**TRAINED, "training": {**TRAINED["training"], "spectral": "svd"}}))
+    assert "--spectral" in svd and "--spectral-precision" not in svd
+    reused, = card_commands(render_card(
+        {**TRAINED, "training": None, "reconstruct": {"mode": "bias"}}))
+    assert reused[:5] == ["prunenet", "prune", "/m/dense", "--policy", "POLICY.safetensors"]
+    assert not {"--episodes", "--lr", "--gamma", "--kld", "--ridge"} & set(reused)
+    assert parsed_compression(reused)[1].reconstruct == "bias"
+
+
+def test_running_the_card_command_writes_the_same_record(tmp_path):
+    """The card's command, run again, writes a record equal to the first: every setting that
+    shaped it (a trained policy's non-default settings, the probe's sampler) was on the card,
+    and the command line accepted it (it refuses options a run does not use)."""
+    import json
+
+    model = tmp_path / "m"
+    make_tiny_model("llama").save_pretrained(model)
+    assert main(["-q", "compress", str(model), "--ratio", "0.3", "--out", str(tmp_path / "one"),
+                 "--method", "prunenet", "--episodes", "2", "--lr", "0.0001234567",
+                 "--gamma", "0.9", "--reward", "penalty", "--reward-to-go", "--baseline", "mean",
+                 "--kld", "--spectral", "svd", "--selection", "topk", "--probe-tokens", "64",
+                 "--probe-sampler", "multinomial", "--ridge", "0.123456789", "--seed", "3"]) == 0
+    command, = card_commands((tmp_path / "one" / "README.md").read_text())
+    assert main(["-q", *command[1:-1], str(tmp_path / "two")]) == 0
+    first, again = (json.loads((tmp_path / name / "prunenet.json").read_text())
+                    for name in ("one", "two"))
+    assert first["training"]["lr"] == 0.0001234567 and first["probe"]["sampler"] == "multinomial"
+    assert again == first
+
+
+def parsed_finetune(command: list[str]):
+    """The settings the command line gives finetune() from a card's finetune command, as the
+    record keeps them."""
+    from dataclasses import asdict
+
+    from prunenet.cli import _precision, build_parser
+    from prunenet.finetune import FinetuneConfig
+
+    args = build_parser().parse_args(command[1:])
+    config = FinetuneConfig(
+        data=args.data, steps=args.steps, seqlen=args.seqlen, batch_size=args.batch_size,
+        grad_accum=args.grad_accum, train=args.train, lr=args.lr, lora_r=args.lora_r,
+        lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, targets=args.targets,
+        eval_every=args.eval_every, eval_windows=args.eval_windows,
+        generated_windows=args.generated_windows, patience=args.patience or None,
+        seed=args.seed, precision=_precision(args.precision))
+    return args, {**asdict(config), "targets": list(config.targets)}
+
+
+LORA_SETTINGS = {"data": "book.txt", "steps": 30, "seqlen": 96, "batch_size": 2,
+                 "grad_accum": 3, "train": "lora", "lr": 0.000123456789, "lora_r": 4,
+                 "lora_alpha": 16.5, "lora_dropout": 0.125, "targets": ["mlp", "q_proj"],
+                 "eval_every": 5, "eval_windows": 3, "generated_windows": None,
+                 "patience": None, "seed": 9, "precision": "float32"}
+
+
+def test_the_card_finetune_command_parses_back_to_every_recorded_setting():
+    """The fine-tune's command gives finetune() the settings its record entry holds (the
+    evaluation windows that chose the checkpoint kept, the LoRA shape, the seed, no early
+    stopping as --patience 0, an unmerged adapter as --no-merge); an FFN run's names no LoRA
+    setting and a distillation's its teacher and the text the teacher wrote."""
+    from prunenet.io.model_card import render_card
+
+    record = {key: value for key, value in TRAINED.items() if key != "evaluation"}
+    tune = {"trained": "LoRA adapters", "steps_run": 30, "merged": False,
+            "settings": {**LORA_SETTINGS, "target_modules": ["mlp.up_proj", "q_proj"]}}
+    _, command = card_commands(render_card({**record, "finetune": tune}))
+    args, settings = parsed_finetune(command)
+    assert settings == LORA_SETTINGS and args.merge is False
+    assert (args.model, args.out) == ("OUT", "OUT2")
+    ffn = {key: value for key, value in LORA_SETTINGS.items()
+           if not key.startswith("lora_") and key != "targets"}
+    _, command = card_commands(render_card({**record, "finetune": {
+        "trained": "FFN weights", "steps_run": 30, "merged": True,
+        "settings": {**ffn, "train": "ffn", "patience": 2}}}))
+    assert not {"--lora-r", "--targets", "--no-merge"} & set(command)
+    assert {key: parsed_finetune(command)[1][key] for key in ffn} == {
+        **ffn, "train": "ffn", "patience": 2}
+    distil = {**LORA_SETTINGS, "data": "self-generated", "generated_windows": 12}
+    _, command = card_commands(render_card({**record, "finetune": {
+        "trained": "LoRA adapters", "steps_run": 30, "merged": True, "settings": distil,
+        "distillation": {"teacher": "/m/dense"}}}))
+    args, settings = parsed_finetune(command)
+    assert settings == distil and args.teacher == "/m/dense" and args.merge is True
+
+
+def test_a_measurement_beside_a_requantized_gguf_says_what_it_measured(tmp_path):
+    """--eval measures the pruned float weights, not model.gguf (its ffn_down requantized
+    after): the record says so, and the card promises that `prunenet eval` repeats the number
+    only from the checkpoint, never from the GGUF."""
+    import json
+
+    from prunenet.assets import asset_path
+    from prunenet.errors import MissingAssetError
+    from prunenet.io.model_card import render_card
+
+    try:
+        source = asset_path("tinycoder-gguf") / "tiny.gguf"
+    except MissingAssetError as error:
+        pytest.skip(str(error))
+    out = tmp_path / "out"
+    assert main(["-q", "compress", str(source), "--ratio", "0.25", "--method", "random",
+                 "--reconstruct", "none", "--format", "gguf", "--gguf-down-type", "Q4_0",
+                 "--eval", "1", "--out", str(out)]) == 0
+    record = json.loads((out / "prunenet.json").read_text())
+    assert record["evaluation"]["weights"] == "safetensors"
+    card = (out / "README.md").read_text()
+    value = f"perplexity {record['evaluation']['perplexity']['value']:.2f} on the first 1"
+    assert "reproduces it" not in card
+    assert (f"on the pruned model's float weights before `model.gguf`'s ffn_down was written as "
+            f"Q4_0 (that checkpoint is not kept in this folder): {value}") in card
+    assert "`model.gguf` itself was not measured" in card
+    both = render_card(record, files={"model.gguf", "config.json", "model.safetensors"})
+    assert (f"on the safetensors checkpoint: {value}" in both and "`prunenet eval` of this "
+            "folder, which reads the checkpoint, reproduces it" in both)
+    plain = render_card({**record, "gguf": None},
+                        files={"config.json", "model.safetensors"})
+    assert f"Measured after pruning: {value}" in plain
+    assert "(`prunenet eval` reproduces it)." in plain

@@ -237,5 +237,29 @@ def test_a_source_with_a_newline_stays_on_its_summary_line(magnitude_run, tmp_pa
     (copy / RUN_RECORD_NAME).write_text(json.dumps(data))
     markdown = (write_report(copy, tmp_path / "pages", layers=[0]) / "report.md").read_text()
     summary = markdown.split("\n\n")[1].splitlines()
-    assert len(summary) == 4 and all(line.startswith("- ") for line in summary)
-    assert summary[0].startswith("- Model: 'models/tiny\\nllama'; method **magnitude**")
+    assert len(summary) == 5 and all(line.startswith("- ") for line in summary)
+    assert summary[0].startswith("- Model: 'models/tiny\\nllama'; method **magnitude+ls**")
+
+
+def test_the_report_names_the_refit_and_the_rounding(magnitude_run, tmp_path):
+    """The title and summary name the method with its refit (magnitude+ls, as compare does),
+    the ridge, and a kept count rounded to a multiple; a run without a refit says so."""
+    _, record_dir = magnitude_run
+    markdown = (write_report(record_dir, tmp_path / "ls", layers=[0]) / "report.md").read_text()
+    summary = markdown.split("\n\n")[1].splitlines()
+    assert markdown.startswith("# prunenet run report: magnitude+ls at ratio 0.5\n")
+    assert "; method **magnitude+ls**, ratio 0.5, seed 42," in summary[0]
+    assert summary[1] == "- Refit: `ls` on the model's own probe text (ridge 0.3)."
+    copy = shutil.copytree(record_dir, tmp_path / "record")
+    data = json.loads((copy / RUN_RECORD_NAME).read_text())
+    data["compression"].update(reconstruct={"mode": "none"}, round_to=8)
+    (copy / RUN_RECORD_NAME).write_text(json.dumps(data))
+    page = write_report(copy, tmp_path / "none", layers=[0])
+    markdown = (page / "report.md").read_text()
+    summary = markdown.split("\n\n")[1].splitlines()
+    assert markdown.startswith("# prunenet run report: magnitude at ratio 0.5, kept rounded to a "
+                               "multiple of 8\n")
+    assert ("; method **magnitude**, ratio 0.5 (kept neurons rounded to a multiple of 8), seed "
+            "42,") in summary[0]
+    assert summary[1] == "- Refit: none (the selection alone)."
+    assert "<li>Refit: none (the selection alone).</li>" in (page / "report.html").read_text()

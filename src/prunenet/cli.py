@@ -290,7 +290,9 @@ def _add_method_arguments(parser: argparse.ArgumentParser, takes_policy: bool = 
                         help="also measure the pruned model's perplexity on the first WINDOWS "
                         "evaluation windows of the wiki sample; kept in prunenet.json and the "
                         "model card (a streamed run evaluates the output it wrote, every layer "
-                        "read from disk)")
+                        "read from disk). It measures the pruned checkpoint's float weights, "
+                        "also with --format gguf: never model.gguf, whose ffn_down is "
+                        "requantized after")
     parser.add_argument("--format", choices=list(FORMATS), default=CompressOptions.format,
                         help="what --out holds: safetensors (a stock checkpoint), gguf (model.gguf "
                         "cut from a .gguf input: rows copied in their quantized blocks, ffn_down "
@@ -337,9 +339,11 @@ def _run_plan(plan):
 
 
 def _print_summary(result) -> None:
+    from .naming import compression_summary, run_label
+
     record = result.record
     print(
-        f"pruned {record['method']} at ratio {record['ratio']}: FFN width "
+        f"pruned {run_label(compression_summary(record))}: FFN width "
         f"{record['ffn_width_before']} -> {record['ffn_width_after']}, parameters "
         f"{record['parameters_before']:,} -> {record['parameters_after']:,} "
         f"(-{100 * record['parameter_reduction']:.1f}%)"

@@ -26,6 +26,7 @@ from .io.files import atomic_folder, folder_of, json_with_format, write_json_ato
 from .io.loading import check_output_path, load_model_and_tokenizer
 from .io.streaming import check_models_fit
 from .model_view import FFNView
+from .naming import method_label
 from .pipeline import input_paths, method_of_variant, prune, train_policy
 from .selection import SELECTORS
 from .selection.activation import Calibration, calibration_text, fitted_calibration
@@ -209,8 +210,7 @@ def _one_line(evaluation: dict[str, Any]) -> str:
 
 def run_label(results: dict[str, Any], method: str) -> str:
     """A method as it ran: with its refit (``random+ls``) unless there was none."""
-    refit = results["settings"].get("reconstruct", "none")
-    return method if refit == "none" else f"{method}+{refit}"
+    return method_label(method, results["settings"].get("reconstruct", "none"))
 
 
 def _series(results: dict[str, Any], method: str, pick: Callable[[dict], float | None]):

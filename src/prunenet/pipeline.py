@@ -431,7 +431,14 @@ def evaluate_written(options: CompressOptions, out: Path, folder: Path) -> dict[
             staged=True)
         measured = evaluate(model, tokenizer, windows=options.evaluate_windows,
                             progress=options.progress)["perplexity"]
-    return {"evaluation": {"perplexity": measured}}
+    return {"evaluation": evaluation_entry(measured)}
+
+
+def evaluation_entry(measured: dict[str, Any]) -> dict[str, Any]:
+    """The record's ``evaluation`` of --eval: the perplexity, and the weights it is of
+    (``weights``): the pruned checkpoint's (``safetensors``, in float), also where only
+    ``model.gguf`` is kept; never ``model.gguf``, whose ``ffn_down`` is requantized after."""
+    return {"perplexity": measured, "weights": "safetensors"}
 
 
 def kept_multiple(options: CompressOptions, formats: tuple[str, ...], written_from: str | None
@@ -586,7 +593,7 @@ def _compress(plan: Plan, tokenizer: Any = None, offloaded: nn.Module | None = N
 
         measured = evaluate(model, tokenizer, windows=options.evaluate_windows,
                             progress=options.progress)["perplexity"]
-        record["evaluation"] = {"perplexity": measured}
+        record["evaluation"] = evaluation_entry(measured)
     if probe is not None:
         record["probe"] = probe.record()
     record["reconstruct"] = refit if refit is not None else {"mode": "none"}

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from .errors import InputError
 from .io.files import Output, atomic_folder, guard_outputs, write_text_atomic
+from .naming import compression_summary, method_label, refit_mode, run_label
 from .recording import RUN_RECORD_NAME, SPECTRA_NAME, is_report, is_run_record, read_run_record
 
 FIGURE_SIZE = (7.0, 4.2)  # inches; at DPI this gives 700 x 420 pixel PNGs
@@ -141,9 +142,12 @@ def summary_lines(data: dict[str, Any]) -> list[str]:
     c = data["compression"]
     per_layer = data["layers"]
     lines = [
-        f"- Model: {_one_line(c.get('source')) or 'an in-memory model'}; method **{c['method']}**"
+        f"- Model: {_one_line(c.get('source')) or 'an in-memory model'}; method "
+        f"**{method_label(c['method'], refit_mode(c))}**"
         + (f" (selection {c['selection']})" if c.get("selection") else "")
-        + f", ratio {c['ratio']:g}, seed {c['seed']}, prunenet {c['prunenet_version']}.",
+        + f", ratio {c['ratio']}" + _rounding(c)
+        + f", seed {c['seed']}, prunenet {c['prunenet_version']}.",
+        _refit_line(c),
         f"- FFN width {c['ffn_width_before']} -> {c['ffn_width_after']} in each of "
         f"{data['num_layers']} layers; parameters {c['parameters_before']:,} -> "
         f"{c['parameters_after']:,} (-{100 * c['parameter_reduction']:.1f}%), FFN parameters "
@@ -167,6 +171,24 @@ def summary_lines(data: dict[str, Any]) -> list[str]:
     else:
         lines.append(f"- No policy training: {c['method']} selects neurons directly.")
     return lines
+
+
+def _rounding(compression: dict[str, Any]) -> str:
+    """The multiple every layer's kept count was rounded to, where it was not the exact one."""
+    round_to = compression.get("round_to") or 1
+    return f" (kept neurons rounded to a multiple of {round_to})" if round_to > 1 else ""
+
+
+def _refit_line(compression: dict[str, Any]) -> str:
+    """What followed the selection: the refit of each layer's second FFN matrix on the model's
+    own probe text, with its ridge, or none."""
+    reconstruct = compression.get("reconstruct")
+    mode = refit_mode(compression)
+    if mode == "none":
+        return "- Refit: none (the selection alone)."
+    ridge = reconstruct.get("ridge") if isinstance(reconstruct, dict) else None
+    return (f"- Refit: `{mode}` on the model's own probe text"
+            + (f" (ridge {ridge})" if ridge is not None else "") + ".")
 
 
 def layer_table(data: dict[str, Any]) -> list[str]:
@@ -199,8 +221,7 @@ def caption(name: str, data: dict[str, Any]) -> str:
 
 def render_markdown(data: dict[str, Any], plots: Sequence[str]) -> str:
     """``report.md``: the summary, the plots (relative links) and the per-layer table."""
-    title = f"prunenet run report: {data['compression']['method']} at ratio " \
-            f"{data['compression']['ratio']:g}"
+    title = f"prunenet run report: {run_label(compression_summary(data['compression']))}"
     lines = [f"# {title}", "", *summary_lines(data), "", "## Plots", ""]
     for name in plots:
         lines += [f"![{caption(name, data)}]({name})", "", f"*{caption(name, data)}*", ""]
@@ -217,7 +238,7 @@ def _inline_markdown(text: str) -> str:
 def render_html(data: dict[str, Any], plots: Sequence[str], folder: Path) -> str:
     """``report.html``: the same content as the markdown, images embedded as base64 PNG."""
     c = data["compression"]
-    title = html.escape(f"prunenet run report: {c['method']} at ratio {c['ratio']:g}")
+    title = html.escape(f"prunenet run report: {run_label(compression_summary(c))}")
     body = [f"<h1>{title}</h1>", "<ul>"]
     body += [f"<li>{_inline_markdown(line[2:])}</li>" for line in summary_lines(data)]
     body += ["</ul>", "<h2>Plots</h2>"]

@@ -29,6 +29,7 @@ from ..io.streaming import (
     unused_budget,
 )
 from ..model_view import FFNView, layers_from_disk
+from ..naming import compression_summary, run_label
 from .corpora import TokenCorpus, load_corpus
 from .perplexity import perplexity
 from .speed import SpeedProtocol, fitted_protocol, measure_speed
@@ -210,8 +211,7 @@ def evaluate(
     counts = view.parameter_counts()
     compression = None
     if source is not None and (Path(resolve_source(source)[0]) / RECORD_NAME).exists():
-        record = read_record(resolve_source(source)[0])
-        compression = {key: record.get(key) for key in ("method", "ratio", "selection", "seed")}
+        compression = compression_summary(read_record(resolve_source(source)[0]))
     result: dict[str, Any] = {
         "format": FORMAT,
         "model": {
@@ -248,8 +248,7 @@ def format_table(result: dict[str, Any]) -> str:
     rows.append(("model", f"{model['source'] or model['model_type']} ({model['model_type']}, "
                           f"{model['num_layers']} layers, d_ff {model['d_ff']})"))
     if result["compression"]:
-        c = result["compression"]
-        rows.append(("compression", f"{c['method']} at ratio {c['ratio']}"))
+        rows.append(("compression", run_label(result["compression"])))
     size = result["size"]
     rows.append(("parameters", f"{size['parameters']:,} (FFN {size['ffn_parameters']:,})"))
     if size["bytes_on_disk"] is not None:

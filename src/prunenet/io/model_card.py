@@ -107,10 +107,7 @@ def render_card(record: dict[str, Any], input_folder: str | os.PathLike | None =
                  + (" (the type asked for cannot hold the new width or cannot be written)"
                     if gguf.get("substituted") else "") + ".", ""]
     if record.get("evaluation", {}).get("perplexity"):
-        measured = record["evaluation"]["perplexity"]
-        body += [f"Measured after pruning: perplexity {measured['value']:.2f} on the first "
-                 f"{measured['windows']} evaluation windows of {measured['seqlen']} tokens of "
-                 f"{measured['corpus']} (`prunenet eval` reproduces it).", ""]
+        body += [_measured_sentence(record, checkpoint), ""]
     if record.get("policy_sha256"):
         body += [f"PruneNet policy checksum (sha256): `{record['policy_sha256']}`.", ""]
     if tune:
@@ -122,6 +119,30 @@ def render_card(record: dict[str, Any], input_folder: str | os.PathLike | None =
         body += ["Made with:", "", "```bash", *(shlex.join(c) for c in commands), "```", ""]
     body += ["The full record is `prunenet.json` in this folder.", ""]
     return "\n".join(front + body)
+
+
+def _measured_sentence(record: dict[str, Any], checkpoint: bool) -> str:
+    """What --eval measured and what measures it again. It measured the pruned checkpoint's
+    float weights; where a GGUF was written, not that file, whose ffn_down was requantized
+    after: `prunenet eval` reproduces the number from the checkpoint (``checkpoint``: this
+    folder holds it), never from the GGUF."""
+    measured = record["evaluation"]["perplexity"]
+    value = (f"perplexity {measured['value']:.2f} on the first {measured['windows']} evaluation "
+             f"windows of {measured['seqlen']} tokens of {measured['corpus']}")
+    gguf = record.get("gguf")
+    if not gguf:
+        return f"Measured after pruning: {value} (`prunenet eval` reproduces it)."
+    file = gguf.get("file", "model.gguf")
+    down = "/".join(sorted(set(gguf.get("requantized", {}).values()))) or "its own type"
+    if checkpoint:
+        return (f"Measured after pruning, on the safetensors checkpoint: {value} (`prunenet "
+                f"eval` of this folder, which reads the checkpoint, reproduces it). `{file}`, "
+                f"whose ffn_down was then written as {down}, was not measured: `prunenet eval "
+                f"{file}` measures that file, which can differ.")
+    return (f"Measured after pruning, on the pruned model's float weights before `{file}`'s "
+            f"ffn_down was written as {down} (that checkpoint is not kept in this folder): "
+            f"{value}. `{file}` itself was not measured: `prunenet eval {file}` measures the "
+            "file as written, which can differ.")
 
 
 def _finetune_sentence(tune: dict[str, Any]) -> str:
@@ -146,57 +167,121 @@ def _finetune_sentence(tune: dict[str, Any]) -> str:
     return how + "."
 
 
+def _number(value: Any) -> str:
+    """A setting as the command line reads it back to the same value: a float as its shortest
+    round-trip text (``repr``), never rounded to fewer digits."""
+    return repr(float(value)) if isinstance(value, float) else str(value)
+
+
+# Record keys of a PruneNet policy training, with the options that set them: valued, then flags.
+_TRAINING_OPTIONS = (("episodes", "--episodes"), ("lr", "--lr"), ("gamma", "--gamma"),
+                     ("reward", "--reward"), ("baseline", "--baseline"),
+                     ("spectral", "--spectral"))
+_TRAINING_FLAGS = (("reward_to_go", "--reward-to-go"), ("kld", "--kld"))
+_PROBE_OPTIONS = (("tokens", "--probe-tokens"), ("sequence_length", "--probe-length"),
+                  ("temperature", "--probe-temperature"), ("prompt", "--probe-prompt"),
+                  ("sampler", "--probe-sampler"))
+
+
+def _valued(settings: dict[str, Any], options: tuple[tuple[str, str], ...]) -> list[str]:
+    """``option value`` for every key of ``settings`` that holds a value (None and "" hold
+    none)."""
+    command = []
+    for key, option in options:
+        if settings.get(key) not in (None, ""):
+            command += [option, _number(settings[key])]
+    return command
+
+
 def _compress_command(record: dict[str, Any], gguf_format: str = "both") -> list[str]:
     """A command that repeats the compression this record describes (``OUT``: any folder);
-    ``gguf_format`` is its --format when it wrote a GGUF (``both``, or ``gguf`` alone)."""
+    ``gguf_format`` is its --format when it wrote a GGUF (``both``, or ``gguf`` alone).
+
+    It names every setting the record holds that the run used, defaults included, so that it
+    repeats the run under a prunenet whose defaults differ; the options the run did not use
+    (the command line refuses them) are left out: training options where no policy was
+    trained, the probe's where no probe ran, the ridge of a refit that has none, the GGUF
+    type where no GGUF was written.
+    """
     method = record["method"]
     source = str(record.get("source") or "MODEL")
     reused = method == "prunenet" and record.get("policy_sha256") and not record.get("training")
     command = ["prunenet", "prune" if reused else "compress", source,
                *(["--policy", "POLICY.safetensors"] if reused else []),
-               "--ratio", f"{record['ratio']:g}", "--method", method,
+               "--ratio", _number(record["ratio"]), "--method", method,
                "--seed", str(record["seed"])]
     if method == "prunenet":
         if record.get("selection"):
             command += ["--selection", record["selection"]]
-        training = record.get("training") or {}
-        for key, option in (("episodes", "--episodes"), ("lr", "--lr")):
-            if key in training:
-                command += [option, f"{training[key]:g}"]
+        command += _training_arguments(record.get("training") or {})
     calibration = record.get("calibration")
     if method == "activation" and isinstance(calibration, dict):
         command += ["--calibration-corpus", str(calibration.get("corpus")),
                     "--calibration-windows", str(calibration.get("windows"))]
     probe = record.get("probe")
     if isinstance(probe, dict):
-        for key, option in (("tokens", "--probe-tokens"), ("sequence_length", "--probe-length"),
-                            ("temperature", "--probe-temperature"), ("prompt", "--probe-prompt")):
-            if probe.get(key) not in (None, ""):
-                command += [option, f"{probe[key]:g}" if isinstance(probe[key], float)
-                            else str(probe[key])]
+        command += _valued(probe, _PROBE_OPTIONS)
     reconstruct = record.get("reconstruct")
     if isinstance(reconstruct, dict) and reconstruct.get("mode"):
         command += ["--reconstruct", reconstruct["mode"]]
         if reconstruct.get("ridge") is not None and reconstruct["mode"] == "ls":
-            command += ["--ridge", f"{reconstruct['ridge']:g}"]
+            command += ["--ridge", _number(reconstruct["ridge"])]
     if record.get("gguf"):
-        command += ["--format", gguf_format]
-        if record["gguf"].get("down_type", "auto") != "auto":
-            command += ["--gguf-down-type", record["gguf"]["down_type"]]
-    if record.get("round_to", 1) != 1:
+        command += ["--format", gguf_format,
+                    "--gguf-down-type", record["gguf"].get("down_type", "auto")]
+    else:
+        command += ["--format", "safetensors"]
+    if record.get("round_to") is not None:
         command += ["--round-to", str(record["round_to"])]
+    measured = (record.get("evaluation") or {}).get("perplexity")
+    if measured:
+        command += ["--eval", str(measured["windows"])]
     return command + ["--out", "OUT"]
 
 
+def _training_arguments(training: dict[str, Any]) -> list[str]:
+    """The options of a recorded policy training: its valued settings, its flags that were on,
+    and the Gram path's float type where the Gram path ran (--spectral svd refuses it)."""
+    command = _valued(training, _TRAINING_OPTIONS)
+    command += [option for key, option in _TRAINING_FLAGS if training.get(key)]
+    if training.get("precision") and training.get("spectral", "gram") == "gram":
+        command += ["--spectral-precision", training["precision"]]
+    return command
+
+
+# Recorded fine-tuning settings, with the options that set them; LoRA's only where LoRA trained.
+_FINETUNE_OPTIONS = (("train", "--train"), ("steps", "--steps"), ("seqlen", "--seqlen"),
+                     ("batch_size", "--batch-size"), ("grad_accum", "--grad-accum"),
+                     ("lr", "--lr"), ("precision", "--precision"), ("seed", "--seed"))
+_LORA_OPTIONS = (("lora_r", "--lora-r"), ("lora_alpha", "--lora-alpha"),
+                 ("lora_dropout", "--lora-dropout"))
+_EVALUATION_OPTIONS = (("eval_every", "--eval-every"), ("eval_windows", "--eval-windows"),
+                       ("generated_windows", "--generated-windows"))
+
+
 def _finetune_command(tune: dict[str, Any]) -> list[str]:
+    """A command that repeats the fine-tune this record entry describes on ``OUT`` (the
+    compression's output) into ``OUT2``.
+
+    Like the compression's, it names every setting the entry records, defaults and the
+    resolved ones (the learning rate, window length and arithmetic the run chose) included;
+    the LoRA settings and --no-merge only where LoRA adapters trained, --generated-windows only
+    where the run distilled and set it. --patience 0 stands for a run that never stopped early.
+    """
     settings = tune.get("settings") or {}
     command = ["prunenet", "finetune", "OUT", "--data", str(settings.get("data"))]
     distilled = tune.get("distillation")
     if distilled:
         command += ["--teacher", str(distilled.get("teacher"))]
-    for key, option in (("steps", "--steps"), ("seqlen", "--seqlen"), ("train", "--train"),
-                        ("lr", "--lr")):
-        if settings.get(key) is not None:
-            value = settings[key]
-            command += [option, f"{value:g}" if isinstance(value, float) else str(value)]
+    command += _valued(settings, _FINETUNE_OPTIONS)
+    lora = settings.get("train", "lora") == "lora"
+    if lora:
+        command += _valued(settings, _LORA_OPTIONS)
+        if settings.get("targets"):
+            command += ["--targets", ",".join(settings["targets"])]
+    command += _valued(settings, _EVALUATION_OPTIONS)
+    if "patience" in settings:
+        command += ["--patience", str(settings["patience"] or 0)]
+    if lora and tune.get("merged") is False:
+        command.append("--no-merge")
     return command + ["--out", "OUT2"]

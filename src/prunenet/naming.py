@@ -1,0 +1,73 @@
+"""How a pruned or fine-tuned model is named wherever prunenet shows one (``eval``'s table and
+JSON, ``report``, compress's summary line, ``compare``'s tables): the method with the refit that
+followed it (``random+ls``; the method alone after ``none``), the ratio, a kept count rounded to
+a multiple, and the recovery fine-tune, read from its record (``prunenet.json``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def method_label(method: str, refit: str | None) -> str:
+    """A method as it ran: with its refit (``random+ls``) unless there was none."""
+    return method if refit in (None, "none") else f"{method}+{refit}"
+
+
+def refit_mode(record: dict[str, Any]) -> str:
+    """The refit a record names: its ``reconstruct`` mode (a compression record holds an object,
+    an evaluation's ``compression`` the mode alone); ``none`` where it names none (records of
+    prunenet versions before the refit)."""
+    reconstruct = record.get("reconstruct")
+    if isinstance(reconstruct, dict):
+        return reconstruct.get("mode") or "none"
+    return reconstruct if isinstance(reconstruct, str) else "none"
+
+
+def finetune_summary(tune: dict[str, Any]) -> dict[str, Any]:
+    """A record's ``finetune`` entry in short: what trained (``LoRA adapters``, ``FFN
+    weights``), on which data, for how many steps, and the teacher a distillation learnt from
+    (None on a corpus)."""
+    return {"trained": tune.get("trained"), "data": (tune.get("settings") or {}).get("data"),
+            "steps": tune.get("steps_run"),
+            "teacher": (tune.get("distillation") or {}).get("teacher")}
+
+
+def finetune_label(summary: dict[str, Any]) -> str:
+    """``+ LoRA fine-tune 200 steps on wiki``, ``+ FFN self-distillation 100 steps``."""
+    kind = "FFN" if summary.get("trained") == "FFN weights" else "LoRA"
+    steps = summary.get("steps")
+    if summary.get("teacher"):
+        return f"+ {kind} self-distillation {steps} steps"
+    return f"+ {kind} fine-tune {steps} steps on {summary.get('data')}"
+
+
+def compression_summary(record: dict[str, Any]) -> dict[str, Any]:
+    """What a record says of how its model was made: the method, ratio, selection and seed,
+    the refit (``reconstruct``: ls, bias, none), the multiple kept counts were rounded to
+    (``round_to``) and the recovery fine-tune (``finetune``, :func:`finetune_summary`; None
+    when there was none). A model prunenet fine-tuned but did not prune has method, ratio and
+    refit None."""
+    pruned = record.get("method") is not None
+    tune = record.get("finetune")
+    return {
+        **{key: record.get(key) for key in ("method", "ratio", "selection", "seed")},
+        "reconstruct": refit_mode(record) if pruned else None,
+        "round_to": record.get("round_to"),
+        "finetune": finetune_summary(tune) if isinstance(tune, dict) else None,
+    }
+
+
+def run_label(summary: dict[str, Any]) -> str:
+    """A model as it was made, from its :func:`compression_summary`: ``random+ls at ratio
+    0.25``, with ``, kept rounded to a multiple of 32`` and ``+ LoRA fine-tune 200 steps on
+    wiki`` where they apply; ``not pruned + ...`` for a model only fine-tuned."""
+    if summary.get("method") is None:
+        label = "not pruned"
+    else:
+        label = (f"{method_label(summary['method'], refit_mode(summary))} at ratio "
+                 f"{summary.get('ratio')}")
+        if (summary.get("round_to") or 1) > 1:
+            label += f", kept rounded to a multiple of {summary['round_to']}"
+    if summary.get("finetune"):
+        label += " " + finetune_label(summary["finetune"])
+    return label
