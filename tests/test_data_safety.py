@@ -26,7 +26,7 @@ from prunenet.cli import main
 from prunenet.errors import InputError
 from prunenet.io.files import NAME_MAX, is_staging_name, sibling_path, sibling_prefix
 from prunenet.io.loading import load_model_and_tokenizer, validate_safetensors
-from prunenet.io.policy_file import save_policy
+from prunenet.io.policy_file import is_policy_file, save_policy
 from prunenet.selection.prunenet.policy import PrunePolicy
 
 
@@ -106,6 +106,26 @@ def test_policy_out_replaces_a_previous_policy_with_overwrite(models, tmp_path):
                  str(tmp_path / "out"), "--method", "prunenet", "--episodes", "1",
                  "--policy-out", str(policy_file), "--overwrite"]) == 0
     assert policy_file.read_bytes() != old
+
+
+@pytest.mark.parametrize("command", ["train-policy", "compress"])
+def test_a_policy_output_named_by_a_symlink_is_written_through_it(models, tmp_path, command):
+    """A link as the policy's name: the file it names is written (absent first, then replaced
+    with --overwrite), as the output checks judged it; the link stays a link."""
+    target, link = tmp_path / "kept" / "policy.safetensors", tmp_path / "p.safetensors"
+    target.parent.mkdir()
+    link.symlink_to(target)  # dangling until the first run
+    argv = (["-q", "train-policy", str(models / "llama"), "--ratio", "0.5", "--episodes", "1",
+             "--out", str(link)] if command == "train-policy" else
+            ["-q", "compress", str(models / "llama"), "--ratio", "0.5", "--method", "prunenet",
+             "--episodes", "1", "--reconstruct", "none", "--out", str(tmp_path / "o"),
+             "--policy-out", str(link)])
+    assert main(argv) == 0
+    assert link.is_symlink() and is_policy_file(target)
+    first = target.read_bytes()
+    assert main([*argv, "--seed", "1", "--overwrite"]) == 0
+    assert link.is_symlink() and is_policy_file(target) and target.read_bytes() != first
+    assert sorted(p.name for p in target.parent.iterdir()) == ["policy.safetensors"]
 
 
 @pytest.fixture

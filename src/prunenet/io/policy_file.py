@@ -23,13 +23,14 @@ POLICY_HEADER_KEY = "prunenet"
 def save_policy(policy: PrunePolicy, path: str | os.PathLike, metadata: dict[str, Any],
                 overwrite: bool = False) -> Path:
     """Save a policy as safetensors; ``metadata`` (JSON-able) goes into the header. Atomic; an
-    existing file is replaced only with ``overwrite`` and only if it is a policy file."""
-    path = Path(path).expanduser()
+    existing file is replaced only with ``overwrite`` and only if it is a policy file. A
+    symlink is written through: the file it names is the output (as the output checks judged
+    it), and the link stays."""
+    path = Path(path).expanduser().resolve()
     if path.is_dir():
         raise OutputError(
             f"policy output {path} is a folder; give a file name (e.g. policy.safetensors)"
         )
-    path.parent.mkdir(parents=True, exist_ok=True)
     # One header key: safetensors writes several in a random order, breaking byte-identity.
     header = {POLICY_HEADER_KEY: json.dumps({
         "format": POLICY_FORMAT,
