@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from . import ffn_statistics
 from .errors import InputError
-from .evaluation.corpora import corpus_read_path
+from .evaluation.corpora import check_corpus, corpus_read_path
 from .families import check_multiple, kept_count
 from .ffn_statistics import ProbeStatistics
 from .io.files import (
@@ -66,7 +66,12 @@ from .selection import (
     Source,
     selector_class,
 )
-from .selection.activation import Activation, Calibration
+from .selection.activation import (
+    Activation,
+    Calibration,
+    calibration_text,
+    fitted_calibration,
+)
 from .selection.prunenet import PruneNet, train_on
 from .selection.prunenet.policy import PrunePolicy
 from .selection.prunenet.reinforce import (
@@ -289,10 +294,12 @@ def plan_compression(model: Any, ratio: float, options: CompressOptions, *,
                      record_dir: str | os.PathLike | None = None,
                      policy_out: str | os.PathLike | None = None,
                      overwrite: bool = False, extra_outputs: Sequence[Output] = (),
-                     extra_reads: Sequence[str | os.PathLike] = ()) -> Plan:
+                     extra_reads: Sequence[str | os.PathLike] = (),
+                     tokenizer: Any = None) -> Plan:
     """Decide the run and check it before any work: a bad input, method or output path fails
     here, with nothing written. ``extra_outputs`` and ``extra_reads`` are what a caller will
-    write and read after the compression (a fine-tune of its output), checked together."""
+    write and read after the compression (a fine-tune of its output), checked together.
+    ``tokenizer``: the one the run will read text with (None: the model's own)."""
     options.training.validate()
     source = None if isinstance(model, nn.Module) else str(model)
     reads = input_paths(source) if source is not None else []  # a bad input fails first
@@ -345,6 +352,8 @@ def plan_compression(model: Any, ratio: float, options: CompressOptions, *,
                ours=is_training_state) if state_of is not None else None,
         *extra_outputs,
     ], [*reads, *extra_reads], overwrite)
+    if source is not None:
+        options = check_text(source, method, options, tokenizer)
     if isinstance(policy, (str, os.PathLike)):
         policy, _ = load_policy(policy)
     state_path = training_state_path(state_of) if state_of is not None else None
@@ -379,6 +388,31 @@ def check_probe_prompt(source: str, options: CompressOptions) -> None:
                                  options.probe_length)
     checked_prompt_ids(load_tokenizer(source, options.trust_remote_code),
                        ProbeRecipe(prompt=options.probe_prompt), length)
+
+
+def check_text(source: str, method: str, options: CompressOptions, tokenizer: Any = None
+               ) -> CompressOptions:
+    """Refuse, before the model loads, text the run would read and could not: --eval's
+    windows of the wiki sample, and method activation's calibration text (its corpus, and its
+    windows, cut to the model's context), each read with ``tokenizer`` (None: the model's
+    own). Returns ``options`` with the calibration cut to the context, as the run reads it."""
+    activation = selector_class(method) is Activation
+    if not options.evaluate_windows and not activation:
+        return options
+    from .evaluation.evaluate import check_evaluation_windows
+
+    if activation:
+        check_corpus(options.calibration.corpus)
+    config = load_config(source, options.trust_remote_code)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(source, options.trust_remote_code)
+    if options.evaluate_windows:
+        check_evaluation_windows(config, tokenizer, options.evaluate_windows)
+    if not activation:
+        return options
+    calibration = fitted_calibration(config, options.calibration)
+    calibration_text(tokenizer, calibration)
+    return replace(options, calibration=calibration)
 
 
 def _run_sizes(options: CompressOptions) -> tuple[int, int, int, int]:
@@ -742,7 +776,7 @@ def compress(model: Any, ratio: float = 0.3, *, out: str | os.PathLike | None = 
     """
     plan = plan_compression(model, ratio, CompressOptions.from_keywords(ratio, **options),
                             out=out, record_dir=record_dir, policy_out=policy_out,
-                            overwrite=overwrite)
+                            overwrite=overwrite, tokenizer=tokenizer)
     return run_compression(plan, tokenizer)
 
 
@@ -752,7 +786,8 @@ def prune(model: Any, policy: PrunePolicy | str | os.PathLike | None = None, rat
     """:func:`compress` with a trained ``policy`` (object or policy file): PruneNet without
     training, at any ``ratio``. Without a policy, ``options["method"]`` selects as compress."""
     plan = plan_compression(model, ratio, CompressOptions.from_keywords(ratio, **options),
-                            policy=policy, out=out, record_dir=record_dir, overwrite=overwrite)
+                            policy=policy, out=out, record_dir=record_dir, overwrite=overwrite,
+                            tokenizer=tokenizer)
     return run_compression(plan, tokenizer)
 
 
