@@ -288,6 +288,18 @@ def second_has_bias(model: Any, trust_remote_code: bool = False) -> bool:
     return getattr(view.second_matrix_module(0), "bias", None) is not None
 
 
+def check_reconstruct(model: Any, reconstruct: str, trust_remote_code: bool = False) -> None:
+    """Refuse a refit ``model`` cannot take: an unknown mode, or ``bias`` where its second FFN
+    matrix has no bias (read from its config for a path: no weight is loaded)."""
+    if reconstruct not in RECONSTRUCT:
+        raise InputError(f"unknown --reconstruct {reconstruct!r}; choose from "
+                         f"{', '.join(RECONSTRUCT)}")
+    if reconstruct == "bias" and not second_has_bias(model, trust_remote_code):
+        raise InputError("--reconstruct bias adds the removed neurons' mean output to the bias "
+                         "of the second FFN matrix, and this model's has none; use "
+                         "--reconstruct ls")
+
+
 def plan_compression(model: Any, ratio: float, options: CompressOptions, *,
                      policy: PrunePolicy | str | os.PathLike | None = None,
                      out: str | os.PathLike | None = None,
@@ -314,19 +326,13 @@ def plan_compression(model: Any, ratio: float, options: CompressOptions, *,
         check_trainable_ratio(options.training.ratio)
     if policy_out is not None:
         check_policy_name(policy_out, "--policy-out")
-    if options.reconstruct not in (None, *RECONSTRUCT):
-        raise InputError(f"unknown --reconstruct {options.reconstruct!r}; choose from "
-                         f"{', '.join(RECONSTRUCT)}")
     for name, value in (("--ridge", options.ridge),
                         ("--probe-temperature", options.probe_temperature)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) \
                 or not 0 < value < float("inf"):
             raise InputError(f"{name} must be a positive finite number, got {value!r}")
-    reconstruct = options.reconstruct or "ls"
-    if reconstruct == "bias" and not second_has_bias(model, options.trust_remote_code):
-        raise InputError("--reconstruct bias adds the removed neurons' mean output to the bias "
-                         "of the second FFN matrix, and this model's has none; use "
-                         "--reconstruct ls")
+    reconstruct = "ls" if options.reconstruct is None else options.reconstruct
+    check_reconstruct(model, reconstruct, options.trust_remote_code)
     runs = selector_class(method).needs_model or reconstruct != "none"
     if options.probe_prompt and source is not None and (
             selector_class(method) is SelfGenerated or reconstruct != "none"):
