@@ -808,3 +808,30 @@ def test_an_eval_that_cannot_be_measured_is_refused_before_the_load(
                                       "1", "--reconstruct", "none", "--eval", windows])
         assert line == f"prunenet: error: {message}"
     assert not (tmp_path / "np").exists()
+
+
+def test_train_policy_refuses_settings_it_cannot_train_before_the_load(
+        tiny_llama_dir, tmp_path, monkeypatch, capsys):
+    """A ratio that keeps no neuron of the width config.json declares, --gamma above 1 and
+    --device cuda without a GPU are refused before the model loads, as compress refuses them;
+    nothing is written."""
+    import prunenet.io.loading
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(prunenet.io.loading, "load_model_and_tokenizer", no_load)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "p.safetensors"
+    for options, message in [
+        (["--ratio", "0.99"], "ratio 0.99 keeps 0 of 48 FFN neurons; the largest usable ratio "
+                              "keeps 1 (ratio < 0.979167)"),
+        (["--gamma", "2"], "gamma must be in (0, 1], got 2.0"),
+        (["--device", "cuda"], "--device cuda was asked for, but no CUDA GPU is available; "
+                               "use cpu"),
+    ]:
+        ratio = [] if "--ratio" in options else ["--ratio", "0.3"]
+        line = _refused_line(capsys, ["-q", "train-policy", str(tiny_llama_dir), *ratio,
+                                      *options, "--out", str(out)])
+        assert line == f"prunenet: error: {message}"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["tiny-llama"]

@@ -480,10 +480,18 @@ def run_train_policy(args: argparse.Namespace) -> int:
     from .io.loading import load_model_and_tokenizer
     from .io.policy_file import check_policy_name, is_policy_file, save_policy
     from .io.streaming import bound_heap_growth, choose_streaming
-    from .pipeline import input_paths, policy_metadata, train_policy, training_state_path
+    from .pipeline import (
+        check_training,
+        input_paths,
+        policy_metadata,
+        train_policy,
+        training_state_path,
+    )
     from .selection.prunenet.reinforce import check_resumable, is_training_state
 
     refuse_unused(args, [_spectral_rule(args.spectral)])
+    check_training(args.model, args.ratio, args.device, seed=args.seed,
+                   **_training_options(args))  # before the model loads
     check_policy_name(args.out, "--out")
     guard_outputs([Output(args.out, "--out", folder=False, ours=is_policy_file),
                    Output(training_state_path(args.out), "training state", folder=False,

@@ -844,10 +844,7 @@ def train_policy(model: Any, ratio: float = 0.3, *, device: str | torch.device =
     continues an interrupted run. A safetensors folder that would not fit ``max_memory`` is
     streamed one layer at a time. Returns a :class:`TrainingResult`.
     """
-    config = TrainingConfig(ratio=ratio, **training)
-    config.validate()
-    check_trainable_ratio(config.ratio)
-    run_device = resolve_device(device)
+    config, run_device = check_training(model, ratio, device, **training)
     streamed = choose_streaming(model, max_memory, training=True)
     if streamed is not None:
         weights, in_memory = streamed, False
@@ -856,6 +853,21 @@ def train_policy(model: Any, ratio: float = 0.3, *, device: str | torch.device =
     kept_count(weights.d_ff, ratio)
     return train_on(weights, config, run_device, in_memory=in_memory, progress=progress,
                     state_path=state_path, resume=resume)
+
+
+def check_training(model: Any, ratio: float, device: str | torch.device = "auto",
+                   **training: Any) -> tuple[TrainingConfig, torch.device]:
+    """Refuse, before ``model`` loads, a policy training that cannot run: settings out of
+    range, ratio 0, a device this machine lacks, or a ratio that keeps no neuron of the FFN
+    width a path's config.json or GGUF header declares. Returns the settings and the device."""
+    config = TrainingConfig(ratio=ratio, **training)
+    config.validate()
+    check_trainable_ratio(config.ratio)
+    run_device = resolve_device(device)
+    width = declared_ffn_width(model) if isinstance(model, (str, os.PathLike)) else None
+    if width is not None:
+        kept_count(width, ratio)
+    return config, run_device
 
 
 def policy_metadata(model: Any, training: TrainingResult) -> dict[str, Any]:
