@@ -193,11 +193,12 @@ def _add_model_arguments(parser: argparse.ArgumentParser, converts_gguf: bool = 
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="allow the checkpoint's own Python code to run (off by default)")
     parser.add_argument("--max-memory", metavar="SIZE",
-                        help="memory budget as accelerate reads it (2GB = 2x10^9 bytes, 2GiB = "
-                        "2x2^30, 512MB); a safetensors folder that would not fit is streamed: "
-                        "its weights are read from disk as they are used, and the model, where "
-                        "a method or the refit runs it, keeps in memory the layers that fit and "
-                        "reads the others from disk each time they run; "
+                        help="memory budget in bytes (2GB = 2x10^9 bytes, 2GiB = 2x2^30, 512MB; "
+                        "units in any case: 2gb is 2GB, never bits); a safetensors folder "
+                        "that would not fit is streamed: its weights are read from disk as "
+                        "they are used, and the model, where a method or the refit runs it, "
+                        "keeps in memory the layers that fit and reads the others from disk "
+                        "each time they run; "
                         + ("a GGUF file that would not fit is first converted to float32 "
                            "safetensors in a scratch folder beside --out, one layer at a time, "
                            "then streamed " if converts_gguf else "a GGUF is loaded whole, so "
@@ -724,7 +725,8 @@ def add_eval(subparsers) -> None:
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="allow the checkpoint's own Python code to run (off by default)")
     parser.add_argument("--max-memory", metavar="SIZE",
-                        help="memory budget as accelerate reads it (2GB, 2GiB, 512MB); a "
+                        help="memory budget in bytes (2GB, 2GiB, 512MB; units in any case: 2gb is "
+                        "2GB, never bits); a "
                         "safetensors folder that would not fit keeps in memory the layers that "
                         "fit and reads the others from disk each time they run: the same "
                         "numbers, more slowly; --speed is refused then. A GGUF or Hub id is "
