@@ -383,7 +383,8 @@ def run_compress(args: argparse.Namespace) -> int:
     from .io.loading import is_model_output
     from .pipeline import CompressOptions, plan_compression
 
-    recoveries = [(steps, f"{args.out}-{suffix}", option) for steps, suffix, option in (
+    recoveries = [(steps, sibling_path(args.out, f"-{suffix}"), option)
+                  for steps, suffix, option in (
         (args.finetune_steps, "finetuned", "--finetune-steps"),
         (args.recover_steps, "recovered", "--recover-steps")) if steps]
     # their outputs, working folders and data are checked with the compression's, before any work
