@@ -75,6 +75,14 @@ def positive_int(text: str) -> int:
     return value
 
 
+def token_length(text: str) -> int:
+    """argparse type for a sequence length in tokens: at least 2 (a token and the next one)."""
+    value = positive_int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"must be at least 2 tokens, got {value}")
+    return value
+
+
 def seed_value(text: str) -> int:
     """argparse type for a random seed: an integer in [0, 2**63)."""
     try:
@@ -259,9 +267,10 @@ def _add_method_arguments(parser: argparse.ArgumentParser, takes_policy: bool = 
     group.add_argument("--probe-tokens", type=positive_int, default=CompressOptions.probe_tokens,
                        help="tokens of the model's own sampled text for the self-generated "
                        f"selection and the refit (default: {CompressOptions.probe_tokens})")
-    group.add_argument("--probe-length", type=positive_int,
+    group.add_argument("--probe-length", type=token_length,
                        default=CompressOptions.probe_length,
-                       help="tokens per probe sequence, cut to the model's context (default: "
+                       help="tokens per probe sequence, at least 2, cut to the model's "
+                       "context (default: "
                        f"{CompressOptions.probe_length})")
     group.add_argument("--probe-temperature", type=positive_float,
                        default=CompressOptions.probe_temperature,

@@ -331,6 +331,9 @@ def plan_compression(model: Any, ratio: float, options: CompressOptions, *,
         if isinstance(value, bool) or not isinstance(value, (int, float)) \
                 or not 0 < value < float("inf"):
             raise InputError(f"{name} must be a positive finite number, got {value!r}")
+    length = options.probe_length
+    if isinstance(length, bool) or not isinstance(length, int) or length < 2:
+        raise InputError(f"--probe-length must be at least 2 tokens, got {length!r}")
     reconstruct = "ls" if options.reconstruct is None else options.reconstruct
     check_reconstruct(model, reconstruct, options.trust_remote_code)
     runs = selector_class(method).needs_model or reconstruct != "none"
