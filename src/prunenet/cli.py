@@ -168,7 +168,7 @@ def _evaluation_rules(args: argparse.Namespace) -> list[tuple[Sequence[str], str
     """eval and compare: options of a measurement the run does not make."""
     from .evaluation.zeroshot import parse_tasks
 
-    rules = [(("windows",), None if _ppl(args) else
+    rules = [(("windows",), None if _ppl(args) is not None else
               "no perplexity window is read with --ppl none"),
              (("limit",), None if parse_tasks(args.tasks) else
               "no zero-shot task runs (--tasks)")]
@@ -176,7 +176,7 @@ def _evaluation_rules(args: argparse.Namespace) -> list[tuple[Sequence[str], str
         rules.append((("speed_batch", "speed_prompt", "speed_new_tokens", "speed_repeats"),
                       None if args.speed else "speed is measured with --speed only"))
     else:  # eval sizes a model read from disk by its windows; compare holds it in memory
-        rules.append((("seqlen",), None if _ppl(args) else
+        rules.append((("seqlen",), None if _ppl(args) is not None else
                       "no perplexity window is read with --ppl none"))
     return rules
 
@@ -698,10 +698,10 @@ def run_eval(args: argparse.Namespace) -> int:
 
     refuse_unused(args, _evaluation_rules(args))
     _offline_tasks(args)
-    if _ppl(args):
+    if _ppl(args) is not None:  # '' too: refused as empty
         check_corpus(_ppl(args))  # a missing or endless corpus: refused before the model loads
     json_path = None
-    if args.json:  # a --ppl text named by its path is read too
+    if args.json is not None:  # a --ppl text named by its path is read too
         json_path, = guard_outputs(
             [Output(args.json, "--json", folder=False,
                     ours=lambda path: json_with_format(path, FORMAT))],
