@@ -190,3 +190,43 @@ def test_calibration_windows_longer_than_the_context_are_cut_to_it(tmp_path):
                                Calibration(corpus=word_corpus, windows=2, seqlen=64),
                                progress=False)
     assert [r.tolist() for r in result.kept_rows] == [r.tolist() for r in expected]
+
+
+def test_bad_calibration_text_is_refused_before_the_model_loads(
+        tiny_llama_dir, tiny_llama_real_tokenizer_dir, tmp_path, monkeypatch, capsys):
+    """compress and prune --method activation read their calibration text with the model's
+    tokenizer in planning: a missing, empty or binary file, a device, more windows than the
+    corpus holds, or no tokenizer is refused in one line before the model loads (no probe is
+    generated), with nothing written."""
+    import prunenet.pipeline
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(prunenet.pipeline, "load_model_and_tokenizer", no_load)
+    empty, binary = tmp_path / "empty.txt", tmp_path / "binary.txt"
+    empty.write_text("")
+    binary.write_bytes(bytes(range(128, 256)) * 8)
+    model = str(tiny_llama_real_tokenizer_dir)
+    cases = [
+        (model, ["--calibration-corpus", str(tmp_path / "missing.txt")],
+         f"unknown corpus '{tmp_path / 'missing.txt'}': not a named corpus (wiki) and no such "
+         "file or folder"),
+        (model, ["--calibration-corpus", str(empty)],
+         f"corpus '{empty}' has 0 training tokens, fewer than one window of 1024"),
+        (model, ["--calibration-corpus", str(binary)], f"{binary} is not UTF-8 text"),
+        (model, ["--calibration-corpus", "/dev/zero"], "/dev/zero is not a regular file"),
+        (model, ["--calibration-windows", "100000"],
+         "corpus 'wiki' holds 319 calibration windows of 1024 tokens; asked for 100000"),
+        (str(tiny_llama_dir), [], "method 'activation' needs the model's tokenizer to read "
+         "calibration text"),
+    ]
+    out = tmp_path / "o"
+    for command in ("compress", "prune"):
+        for source, options, message in cases:
+            capsys.readouterr()
+            assert main(["-q", command, source, "--ratio", "0.25", "--method", "activation",
+                         *options, "--out", str(out)]) == 2
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and err[0].startswith(f"prunenet: error: {message}"), err
+    assert not out.exists()

@@ -340,3 +340,21 @@ def test_a_policy_file_name_must_say_safetensors(llama, tmp_path, capsys, argv):
     refused(capsys, ["-q", *(part.format(llama=llama, tmp=tmp_path) for part in argv)],
             "a policy is written as safetensors; give a name ending in .safetensors")
     assert sorted(path.name for path in tmp_path.iterdir()) == ["llama"]
+
+
+def test_a_probe_length_below_two_tokens_is_refused(tiny_llama_dir, tmp_path, capsys):
+    """A probe sequence of 1 token has no next token: refused in one line (it was read as 2,
+    and the record said sequence_length 2), on the command line and from Python."""
+    import prunenet
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exited:
+        main(["-q", "compress", str(tiny_llama_dir), "--ratio", "0.25", "--probe-length", "1",
+              "--out", str(tmp_path / "o")])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "prunenet: error: argument --probe-length: must be at least 2 tokens, got 1 (see "
+        "prunenet compress --help)"]
+    with pytest.raises(InputError, match="^--probe-length must be at least 2 tokens, got 1$"):
+        prunenet.compress(str(tiny_llama_dir), 0.25, probe_length=1, out=tmp_path / "o")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["tiny-llama"]

@@ -227,3 +227,23 @@ def test_a_compare_without_measurements_says_so(tiny_llama_dir, tmp_path, capsys
     ranking = page.split("## Ranking per ratio (best first)\n\n")[1].split("\n\n")[0]
     assert ranking == ("Nothing to rank the methods by: neither perplexity nor zero-shot "
                        "accuracy was measured.")
+
+
+def test_a_bias_refit_without_a_bias_is_refused_before_the_load(tiny_llama_dir, tmp_path,
+                                                                capsys, monkeypatch):
+    """--reconstruct bias on a model whose second FFN matrix has no bias (LLaMA) is read from
+    its config: refused before the dense model loads, is evaluated or a policy trains."""
+    import prunenet.compare as compare_module
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(compare_module, "load_model_and_tokenizer", no_load)
+    capsys.readouterr()
+    assert main(["-q", "compare", str(tiny_llama_dir), "--ratios", "0.3", "--methods",
+                 "random,prunenet", "--episodes", "1", "--ppl", "none", "--tasks", "",
+                 "--reconstruct", "bias", "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "prunenet: error: --reconstruct bias adds the removed neurons' mean output to the bias "
+        "of the second FFN matrix, and this model's has none; use --reconstruct ls"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["tiny-llama"]

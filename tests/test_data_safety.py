@@ -1189,3 +1189,59 @@ def test_a_write_failing_on_a_full_disk_leaves_no_folders_it_made(models, tmp_pa
     monkeypatch.setattr(prunenet.io.files, "make_readable", full)
     refused(capsys, argv(models, tmp_path / "a" / "b"), "No space left on device")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["models"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["compress", "M", "--ratio", "0.3", "--method", "activation", "--calibration-corpus", "",
+      "--out", "o"], "the corpus is empty; give a named corpus"),
+    (["compare", "M", "--ratios", "0.3", "--ppl", "", "--out", "o"],
+     "the corpus is empty; give a named corpus"),
+    (["compare", "M", "--ratios", "0.3", "--methods", "activation", "--calibration-corpus", "",
+      "--out", "o"], "the corpus is empty; give a named corpus"),
+    (["eval", "M", "--json", ""], "--json is empty; give a path"),
+    (["eval", "M", "--ppl", ""], "the corpus is empty; give a named corpus"),
+    (["report", "R", "--out", ""], "--out is empty; give a path"),
+])
+def test_an_empty_path_or_corpus_is_refused_not_read_as_the_current_folder(
+        tiny_llama_dir, tmp_path, monkeypatch, capsys, argv, message):
+    """'' as a path is the current folder: a corpus, JSON file or report folder given as ''
+    is refused in one line saying it is empty, before any work (no model loads), and the
+    current folder is left as it was."""
+    import prunenet.io.loading
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(prunenet.io.loading, "load_model_and_tokenizer", no_load)
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "keep.txt").write_text("user data")
+    monkeypatch.chdir(work)
+    argv = [str(tiny_llama_dir) if part == "M" else str(tmp_path / "run") if part == "R"
+            else part for part in argv]
+    capsys.readouterr()
+    assert main(["-q", *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"prunenet: error: {message}"), err
+    assert sorted(path.name for path in work.iterdir()) == ["keep.txt"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["tiny-llama", "work"]
+
+
+def test_an_empty_corpus_or_report_folder_is_refused_from_python(tiny_llama_dir, tmp_path,
+                                                                 monkeypatch):
+    """From Python, as on the command line: '' names no corpus and no report folder."""
+    import prunenet
+    from prunenet.errors import OutputError
+    from prunenet.evaluation.corpora import corpus_read_path
+    from prunenet.report import write_report
+    from prunenet.selection.activation import Calibration
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(InputError, match="^the corpus is empty; give a named corpus"):
+        corpus_read_path("")
+    with pytest.raises(InputError, match="^the corpus is empty; give a named corpus"):
+        prunenet.compress(str(tiny_llama_dir), 0.3, method="activation",
+                          calibration=Calibration(corpus=""), out=tmp_path / "o")
+    with pytest.raises(OutputError, match="^--out is empty; give a path$"):
+        write_report(tmp_path / "run", out="")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["tiny-llama"]

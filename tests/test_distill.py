@@ -353,3 +353,29 @@ def test_the_teacher_is_the_model_compressed_whatever_folder_the_commands_run_in
         default_teacher(first / "pruned")
     monkeypatch.chdir(tmp_path)  # where no "dense" exists: a Hub id, as before
     assert default_teacher(first / "pruned") == "dense"
+
+
+@pytest.mark.parametrize("given", ["ro/", "."])
+def test_a_recovery_is_written_beside_out_however_out_is_spelt(
+        tiny_llama_real_tokenizer_dir, tmp_path, monkeypatch, capsys, given):
+    """--out with a trailing slash, or '.', names the folder it means: the recovery is written
+    beside it as NAME-recovered (not inside it, nor as a hidden '.-recovered')."""
+    from pathlib import Path
+
+    finetune_module = importlib.import_module("prunenet.finetune")
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    written = []
+
+    def recorded(model, data, out, **settings):
+        written.append((Path(model), Path(out)))
+        raise KeyboardInterrupt  # the recovery itself is tested above
+
+    monkeypatch.setattr(finetune_module, "finetune", recorded)
+    assert main(["-q", "compress", str(tiny_llama_real_tokenizer_dir), "--ratio", "0.5",
+                 "--method", "random", "--reconstruct", "none", "--out", given,
+                 "--recover-steps", "1"]) == 130
+    folder = (work / given).resolve()
+    assert written == [(folder, folder.with_name(f"{folder.name}-recovered"))]
+    assert (folder / "prunenet.json").exists()

@@ -778,3 +778,60 @@ def test_a_folder_without_config_names_its_gguf_files(tmp_path, capsys):
     line = _refused_line(capsys, ["-q", "eval", str(tmp_path)])
     assert line.endswith(f"{tmp_path} is not a model folder: it has no config.json (nor one "
                          ".gguf file)")
+
+
+def _no_model_load(monkeypatch) -> None:
+    """Any load of a model's weights by a compression fails the test."""
+    import prunenet.pipeline
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(prunenet.pipeline, "load_model_and_tokenizer", no_load)
+
+
+def test_an_eval_that_cannot_be_measured_is_refused_before_the_load(
+        tiny_llama_dir, tiny_llama_real_tokenizer_dir, tmp_path, monkeypatch, capsys):
+    """--eval beyond the wiki sample's evaluation windows, or on a model without a tokenizer:
+    refused in planning, before the model loads or a policy trains; no training state and no
+    parent folder is left."""
+    _no_model_load(monkeypatch)
+    out = tmp_path / "np" / "sub" / "o"
+    for source, windows, message in [
+        (tiny_llama_real_tokenizer_dir, "100000", "--eval 100000: corpus 'wiki' holds 128 "
+         "evaluation windows of 1024 tokens; give --eval 128 or fewer"),
+        (tiny_llama_dir, "2", "--eval measures perplexity on text, and the model has no "
+         "tokenizer; save one next to the model, or leave out --eval"),
+    ]:
+        line = _refused_line(capsys, ["-q", "compress", str(source), "--ratio", "0.25",
+                                      "--out", str(out), "--method", "prunenet", "--episodes",
+                                      "1", "--reconstruct", "none", "--eval", windows])
+        assert line == f"prunenet: error: {message}"
+    assert not (tmp_path / "np").exists()
+
+
+def test_train_policy_refuses_settings_it_cannot_train_before_the_load(
+        tiny_llama_dir, tmp_path, monkeypatch, capsys):
+    """A ratio that keeps no neuron of the width config.json declares, --gamma above 1 and
+    --device cuda without a GPU are refused before the model loads, as compress refuses them;
+    nothing is written."""
+    import prunenet.io.loading
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(prunenet.io.loading, "load_model_and_tokenizer", no_load)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "p.safetensors"
+    for options, message in [
+        (["--ratio", "0.99"], "ratio 0.99 keeps 0 of 48 FFN neurons; the largest usable ratio "
+                              "keeps 1 (ratio < 0.979167)"),
+        (["--gamma", "2"], "gamma must be in (0, 1], got 2.0"),
+        (["--device", "cuda"], "--device cuda was asked for, but no CUDA GPU is available; "
+                               "use cpu"),
+    ]:
+        ratio = [] if "--ratio" in options else ["--ratio", "0.3"]
+        line = _refused_line(capsys, ["-q", "train-policy", str(tiny_llama_dir), *ratio,
+                                      *options, "--out", str(out)])
+        assert line == f"prunenet: error: {message}"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["tiny-llama"]

@@ -348,6 +348,14 @@ def test_parse_memory(text, expected):
     assert parse_memory(text) == expected
 
 
+def test_parse_memory_reads_units_in_any_case_as_bytes():
+    """accelerate reads a lower-case b as bits: 2gb would be 2.5 x 10^8 bytes."""
+    assert parse_memory("2gb") == parse_memory("2GB") == 2 * 10**9
+    assert parse_memory("2gib") == parse_memory("2GiB") == 2 * 2**30
+    assert parse_memory("512mb") == parse_memory("512Mb") == 512 * 10**6
+    assert parse_memory(" 1.5gib ") == int(1.5 * 2**30)
+
+
 @pytest.mark.parametrize("text", ["lots", "-1GB", "0", "2PB", "512M", "infGB", "1e400GB", "nanGB"])
 def test_parse_memory_rejects(text):
     with pytest.raises(InputError, match="^--max-memory "):  # the option is named

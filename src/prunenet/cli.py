@@ -75,6 +75,14 @@ def positive_int(text: str) -> int:
     return value
 
 
+def token_length(text: str) -> int:
+    """argparse type for a sequence length in tokens: at least 2 (a token and the next one)."""
+    value = positive_int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"must be at least 2 tokens, got {value}")
+    return value
+
+
 def seed_value(text: str) -> int:
     """argparse type for a random seed: an integer in [0, 2**63)."""
     try:
@@ -160,7 +168,7 @@ def _evaluation_rules(args: argparse.Namespace) -> list[tuple[Sequence[str], str
     """eval and compare: options of a measurement the run does not make."""
     from .evaluation.zeroshot import parse_tasks
 
-    rules = [(("windows",), None if _ppl(args) else
+    rules = [(("windows",), None if _ppl(args) is not None else
               "no perplexity window is read with --ppl none"),
              (("limit",), None if parse_tasks(args.tasks) else
               "no zero-shot task runs (--tasks)")]
@@ -168,7 +176,7 @@ def _evaluation_rules(args: argparse.Namespace) -> list[tuple[Sequence[str], str
         rules.append((("speed_batch", "speed_prompt", "speed_new_tokens", "speed_repeats"),
                       None if args.speed else "speed is measured with --speed only"))
     else:  # eval sizes a model read from disk by its windows; compare holds it in memory
-        rules.append((("seqlen",), None if _ppl(args) else
+        rules.append((("seqlen",), None if _ppl(args) is not None else
                       "no perplexity window is read with --ppl none"))
     return rules
 
@@ -193,11 +201,12 @@ def _add_model_arguments(parser: argparse.ArgumentParser, converts_gguf: bool = 
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="allow the checkpoint's own Python code to run (off by default)")
     parser.add_argument("--max-memory", metavar="SIZE",
-                        help="memory budget as accelerate reads it (2GB = 2x10^9 bytes, 2GiB = "
-                        "2x2^30, 512MB); a safetensors folder that would not fit is streamed: "
-                        "its weights are read from disk as they are used, and the model, where "
-                        "a method or the refit runs it, keeps in memory the layers that fit and "
-                        "reads the others from disk each time they run; "
+                        help="memory budget in bytes (2GB = 2x10^9 bytes, 2GiB = 2x2^30, 512MB; "
+                        "units in any case: 2gb is 2GB, never bits); a safetensors folder "
+                        "that would not fit is streamed: its weights are read from disk as "
+                        "they are used, and the model, where a method or the refit runs it, "
+                        "keeps in memory the layers that fit and reads the others from disk "
+                        "each time they run; "
                         + ("a GGUF file that would not fit is first converted to float32 "
                            "safetensors in a scratch folder beside --out, one layer at a time, "
                            "then streamed " if converts_gguf else "a GGUF is loaded whole, so "
@@ -258,9 +267,10 @@ def _add_method_arguments(parser: argparse.ArgumentParser, takes_policy: bool = 
     group.add_argument("--probe-tokens", type=positive_int, default=CompressOptions.probe_tokens,
                        help="tokens of the model's own sampled text for the self-generated "
                        f"selection and the refit (default: {CompressOptions.probe_tokens})")
-    group.add_argument("--probe-length", type=positive_int,
+    group.add_argument("--probe-length", type=token_length,
                        default=CompressOptions.probe_length,
-                       help="tokens per probe sequence, cut to the model's context (default: "
+                       help="tokens per probe sequence, at least 2, cut to the model's "
+                       "context (default: "
                        f"{CompressOptions.probe_length})")
     group.add_argument("--probe-temperature", type=positive_float,
                        default=CompressOptions.probe_temperature,
@@ -386,7 +396,8 @@ def run_compress(args: argparse.Namespace) -> int:
     from .io.loading import is_model_output
     from .pipeline import CompressOptions, plan_compression
 
-    recoveries = [(steps, f"{args.out}-{suffix}", option) for steps, suffix, option in (
+    recoveries = [(steps, sibling_path(args.out, f"-{suffix}"), option)
+                  for steps, suffix, option in (
         (args.finetune_steps, "finetuned", "--finetune-steps"),
         (args.recover_steps, "recovered", "--recover-steps")) if steps]
     # their outputs, working folders and data are checked with the compression's, before any work
@@ -484,10 +495,18 @@ def run_train_policy(args: argparse.Namespace) -> int:
     from .io.loading import load_model_and_tokenizer
     from .io.policy_file import check_policy_name, is_policy_file, save_policy
     from .io.streaming import bound_heap_growth, choose_streaming
-    from .pipeline import input_paths, policy_metadata, train_policy, training_state_path
+    from .pipeline import (
+        check_training,
+        input_paths,
+        policy_metadata,
+        train_policy,
+        training_state_path,
+    )
     from .selection.prunenet.reinforce import check_resumable, is_training_state
 
     refuse_unused(args, [_spectral_rule(args.spectral)])
+    check_training(args.model, args.ratio, args.device, seed=args.seed,
+                   **_training_options(args))  # before the model loads
     check_policy_name(args.out, "--out")
     guard_outputs([Output(args.out, "--out", folder=False, ours=is_policy_file),
                    Output(training_state_path(args.out), "training state", folder=False,
@@ -683,10 +702,10 @@ def run_eval(args: argparse.Namespace) -> int:
 
     refuse_unused(args, _evaluation_rules(args))
     _offline_tasks(args)
-    if _ppl(args):
+    if _ppl(args) is not None:  # '' too: refused as empty
         check_corpus(_ppl(args))  # a missing or endless corpus: refused before the model loads
     json_path = None
-    if args.json:  # a --ppl text named by its path is read too
+    if args.json is not None:  # a --ppl text named by its path is read too
         json_path, = guard_outputs(
             [Output(args.json, "--json", folder=False,
                     ours=lambda path: json_with_format(path, FORMAT))],
@@ -720,7 +739,8 @@ def add_eval(subparsers) -> None:
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="allow the checkpoint's own Python code to run (off by default)")
     parser.add_argument("--max-memory", metavar="SIZE",
-                        help="memory budget as accelerate reads it (2GB, 2GiB, 512MB); a "
+                        help="memory budget in bytes (2GB, 2GiB, 512MB; units in any case: 2gb is "
+                        "2GB, never bits); a "
                         "safetensors folder that would not fit keeps in memory the layers that "
                         "fit and reads the others from disk each time they run: the same "
                         "numbers, more slowly; --speed is refused then. A GGUF or Hub id is "

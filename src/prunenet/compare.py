@@ -27,7 +27,13 @@ from .io.loading import check_output_path, load_model_and_tokenizer
 from .io.streaming import check_models_fit
 from .model_view import FFNView
 from .naming import method_label
-from .pipeline import input_paths, method_of_variant, prune, train_policy
+from .pipeline import (
+    check_reconstruct,
+    input_paths,
+    method_of_variant,
+    prune,
+    train_policy,
+)
 from .selection import SELECTORS
 from .selection.activation import Calibration, calibration_text, fitted_calibration
 from .selection.prunenet import PruneNet
@@ -127,6 +133,7 @@ def compare(
         check_corpus((calibration or Calibration()).corpus)
     if PruneNet.name in method_names:
         check_trainable_ratio(max(ratios) if train_ratio is None else train_ratio)
+    check_reconstruct(model, reconstruct)  # every method refits alike: refused before the load
     check_models_fit([model], "prunenet compare")
     dense, tokenizer = load_model_and_tokenizer(model)
     view = FFNView(dense)

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from . import ffn_statistics
 from .errors import InputError
-from .evaluation.corpora import corpus_read_path
+from .evaluation.corpora import check_corpus, corpus_read_path
 from .families import check_multiple, kept_count
 from .ffn_statistics import ProbeStatistics
 from .io.files import (
@@ -66,7 +66,12 @@ from .selection import (
     Source,
     selector_class,
 )
-from .selection.activation import Activation, Calibration
+from .selection.activation import (
+    Activation,
+    Calibration,
+    calibration_text,
+    fitted_calibration,
+)
 from .selection.prunenet import PruneNet, train_on
 from .selection.prunenet.policy import PrunePolicy
 from .selection.prunenet.reinforce import (
@@ -283,16 +288,30 @@ def second_has_bias(model: Any, trust_remote_code: bool = False) -> bool:
     return getattr(view.second_matrix_module(0), "bias", None) is not None
 
 
+def check_reconstruct(model: Any, reconstruct: str, trust_remote_code: bool = False) -> None:
+    """Refuse a refit ``model`` cannot take: an unknown mode, or ``bias`` where its second FFN
+    matrix has no bias (read from its config for a path: no weight is loaded)."""
+    if reconstruct not in RECONSTRUCT:
+        raise InputError(f"unknown --reconstruct {reconstruct!r}; choose from "
+                         f"{', '.join(RECONSTRUCT)}")
+    if reconstruct == "bias" and not second_has_bias(model, trust_remote_code):
+        raise InputError("--reconstruct bias adds the removed neurons' mean output to the bias "
+                         "of the second FFN matrix, and this model's has none; use "
+                         "--reconstruct ls")
+
+
 def plan_compression(model: Any, ratio: float, options: CompressOptions, *,
                      policy: PrunePolicy | str | os.PathLike | None = None,
                      out: str | os.PathLike | None = None,
                      record_dir: str | os.PathLike | None = None,
                      policy_out: str | os.PathLike | None = None,
                      overwrite: bool = False, extra_outputs: Sequence[Output] = (),
-                     extra_reads: Sequence[str | os.PathLike] = ()) -> Plan:
+                     extra_reads: Sequence[str | os.PathLike] = (),
+                     tokenizer: Any = None) -> Plan:
     """Decide the run and check it before any work: a bad input, method or output path fails
     here, with nothing written. ``extra_outputs`` and ``extra_reads`` are what a caller will
-    write and read after the compression (a fine-tune of its output), checked together."""
+    write and read after the compression (a fine-tune of its output), checked together.
+    ``tokenizer``: the one the run will read text with (None: the model's own)."""
     options.training.validate()
     source = None if isinstance(model, nn.Module) else str(model)
     reads = input_paths(source) if source is not None else []  # a bad input fails first
@@ -307,19 +326,16 @@ def plan_compression(model: Any, ratio: float, options: CompressOptions, *,
         check_trainable_ratio(options.training.ratio)
     if policy_out is not None:
         check_policy_name(policy_out, "--policy-out")
-    if options.reconstruct not in (None, *RECONSTRUCT):
-        raise InputError(f"unknown --reconstruct {options.reconstruct!r}; choose from "
-                         f"{', '.join(RECONSTRUCT)}")
     for name, value in (("--ridge", options.ridge),
                         ("--probe-temperature", options.probe_temperature)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) \
                 or not 0 < value < float("inf"):
             raise InputError(f"{name} must be a positive finite number, got {value!r}")
-    reconstruct = options.reconstruct or "ls"
-    if reconstruct == "bias" and not second_has_bias(model, options.trust_remote_code):
-        raise InputError("--reconstruct bias adds the removed neurons' mean output to the bias "
-                         "of the second FFN matrix, and this model's has none; use "
-                         "--reconstruct ls")
+    length = options.probe_length
+    if isinstance(length, bool) or not isinstance(length, int) or length < 2:
+        raise InputError(f"--probe-length must be at least 2 tokens, got {length!r}")
+    reconstruct = "ls" if options.reconstruct is None else options.reconstruct
+    check_reconstruct(model, reconstruct, options.trust_remote_code)
     runs = selector_class(method).needs_model or reconstruct != "none"
     if options.probe_prompt and source is not None and (
             selector_class(method) is SelfGenerated or reconstruct != "none"):
@@ -345,6 +361,8 @@ def plan_compression(model: Any, ratio: float, options: CompressOptions, *,
                ours=is_training_state) if state_of is not None else None,
         *extra_outputs,
     ], [*reads, *extra_reads], overwrite)
+    if source is not None:
+        options = check_text(source, method, options, tokenizer)
     if isinstance(policy, (str, os.PathLike)):
         policy, _ = load_policy(policy)
     state_path = training_state_path(state_of) if state_of is not None else None
@@ -379,6 +397,31 @@ def check_probe_prompt(source: str, options: CompressOptions) -> None:
                                  options.probe_length)
     checked_prompt_ids(load_tokenizer(source, options.trust_remote_code),
                        ProbeRecipe(prompt=options.probe_prompt), length)
+
+
+def check_text(source: str, method: str, options: CompressOptions, tokenizer: Any = None
+               ) -> CompressOptions:
+    """Refuse, before the model loads, text the run would read and could not: --eval's
+    windows of the wiki sample, and method activation's calibration text (its corpus, and its
+    windows, cut to the model's context), each read with ``tokenizer`` (None: the model's
+    own). Returns ``options`` with the calibration cut to the context, as the run reads it."""
+    activation = selector_class(method) is Activation
+    if not options.evaluate_windows and not activation:
+        return options
+    from .evaluation.evaluate import check_evaluation_windows
+
+    if activation:
+        check_corpus(options.calibration.corpus)
+    config = load_config(source, options.trust_remote_code)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(source, options.trust_remote_code)
+    if options.evaluate_windows:
+        check_evaluation_windows(config, tokenizer, options.evaluate_windows)
+    if not activation:
+        return options
+    calibration = fitted_calibration(config, options.calibration)
+    calibration_text(tokenizer, calibration)
+    return replace(options, calibration=calibration)
 
 
 def _run_sizes(options: CompressOptions) -> tuple[int, int, int, int]:
@@ -749,7 +792,7 @@ def compress(model: Any, ratio: float = 0.3, *, out: str | os.PathLike | None = 
     """
     plan = plan_compression(model, ratio, CompressOptions.from_keywords(ratio, **options),
                             out=out, record_dir=record_dir, policy_out=policy_out,
-                            overwrite=overwrite)
+                            overwrite=overwrite, tokenizer=tokenizer)
     return run_compression(plan, tokenizer)
 
 
@@ -759,7 +802,8 @@ def prune(model: Any, policy: PrunePolicy | str | os.PathLike | None = None, rat
     """:func:`compress` with a trained ``policy`` (object or policy file): PruneNet without
     training, at any ``ratio``. Without a policy, ``options["method"]`` selects as compress."""
     plan = plan_compression(model, ratio, CompressOptions.from_keywords(ratio, **options),
-                            policy=policy, out=out, record_dir=record_dir, overwrite=overwrite)
+                            policy=policy, out=out, record_dir=record_dir, overwrite=overwrite,
+                            tokenizer=tokenizer)
     return run_compression(plan, tokenizer)
 
 
@@ -810,10 +854,7 @@ def train_policy(model: Any, ratio: float = 0.3, *, device: str | torch.device =
     continues an interrupted run. A safetensors folder that would not fit ``max_memory`` is
     streamed one layer at a time. Returns a :class:`TrainingResult`.
     """
-    config = TrainingConfig(ratio=ratio, **training)
-    config.validate()
-    check_trainable_ratio(config.ratio)
-    run_device = resolve_device(device)
+    config, run_device = check_training(model, ratio, device, **training)
     streamed = choose_streaming(model, max_memory, training=True)
     if streamed is not None:
         weights, in_memory = streamed, False
@@ -822,6 +863,21 @@ def train_policy(model: Any, ratio: float = 0.3, *, device: str | torch.device =
     kept_count(weights.d_ff, ratio)
     return train_on(weights, config, run_device, in_memory=in_memory, progress=progress,
                     state_path=state_path, resume=resume)
+
+
+def check_training(model: Any, ratio: float, device: str | torch.device = "auto",
+                   **training: Any) -> tuple[TrainingConfig, torch.device]:
+    """Refuse, before ``model`` loads, a policy training that cannot run: settings out of
+    range, ratio 0, a device this machine lacks, or a ratio that keeps no neuron of the FFN
+    width a path's config.json or GGUF header declares. Returns the settings and the device."""
+    config = TrainingConfig(ratio=ratio, **training)
+    config.validate()
+    check_trainable_ratio(config.ratio)
+    run_device = resolve_device(device)
+    width = declared_ffn_width(model) if isinstance(model, (str, os.PathLike)) else None
+    if width is not None:
+        kept_count(width, ratio)
+    return config, run_device
 
 
 def policy_metadata(model: Any, training: TrainingResult) -> dict[str, Any]:

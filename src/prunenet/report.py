@@ -16,7 +16,7 @@ from typing import Any
 
 from torch import Tensor
 
-from .errors import InputError
+from .errors import InputError, OutputError
 from .io.files import Output, atomic_folder, guard_outputs, write_text_atomic
 from .naming import compression_summary, method_label, refit_mode, run_label
 from .recording import RUN_RECORD_NAME, SPECTRA_NAME, is_report, is_run_record, read_run_record
@@ -274,6 +274,8 @@ def write_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
     for a folder that is not a run record or layers it does not have, :class:`OutputError` for
     an unwritable output.
     """
+    if out is not None and not str(out).strip():  # as a path it would be the current folder
+        raise OutputError("--out is empty; give a path")
     data, original, pruned = read_run_record(run_dir)
     chosen = _check_layers(layers, data["num_layers"])
     folder = Path(run_dir).expanduser()

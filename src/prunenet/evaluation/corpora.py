@@ -33,7 +33,16 @@ def corpus_read_path(source: str | None) -> str | None:
     if source in NAMED_CORPORA:
         folder = cache_dir() / "wiki"
         return str(folder) if folder.exists() else None
+    if source is not None:
+        refuse_empty_corpus(source)  # as a path it would be the current folder
     return source
+
+
+def refuse_empty_corpus(source: str) -> None:
+    """Refuse an empty (or blank) corpus argument, naming what a corpus may be."""
+    if not source.strip():
+        raise InputError(f"the corpus is empty; give a named corpus ({', '.join(NAMED_CORPORA)}), "
+                         "a .txt or .jsonl file or a datasets folder")
 
 
 DATASET_MARKERS = ("dataset_info.json", "dataset_dict.json")  # what save_to_disk writes
@@ -44,9 +53,7 @@ def check_corpus(source: str) -> None:
     corpus and no such file or folder, or a folder that is not a datasets folder."""
     if source in NAMED_CORPORA:
         return
-    if not source.strip():
-        raise InputError(f"the corpus is empty; give a named corpus ({', '.join(NAMED_CORPORA)}), "
-                         "a .txt or .jsonl file or a datasets folder")
+    refuse_empty_corpus(source)
     path = Path(source).expanduser()
     if not path.exists():
         raise InputError(

@@ -133,12 +133,33 @@ def fitted_seqlen(config, seqlen: int | None) -> int:
     if seqlen is not None:
         check_sequence_length(config, seqlen)
         return seqlen
-    context = context_length(config)
-    if context is not None and context < DEFAULT_SEQLEN:
+    fitted = default_seqlen(config)
+    if fitted < DEFAULT_SEQLEN:
         log.warning("perplexity windows of %d tokens: the model's context (the default is %d)",
-                    context, DEFAULT_SEQLEN)
-        return context
-    return DEFAULT_SEQLEN
+                    fitted, DEFAULT_SEQLEN)
+    return fitted
+
+
+def default_seqlen(config) -> int:
+    """The default perplexity window length, cut to the context of a model of ``config``."""
+    context = context_length(config)
+    return DEFAULT_SEQLEN if context is None else min(context, DEFAULT_SEQLEN)
+
+
+def check_evaluation_windows(config, tokenizer: Any, windows: int, option: str = "--eval",
+                             corpus: str = "wiki") -> None:
+    """Refuse, before the model loads, ``windows`` perplexity windows of ``corpus`` that a
+    model of ``config`` reading text with ``tokenizer`` could not be measured on: no tokenizer,
+    or more windows (of the default length cut to its context) than the corpus's evaluation
+    region holds. ``option`` names the setting in the message."""
+    if tokenizer is None:
+        raise InputError(f"{option} measures perplexity on text, and the model has no "
+                         "tokenizer; save one next to the model, or leave out " + option)
+    seqlen = default_seqlen(config)
+    held = load_corpus(corpus, tokenizer).evaluation_windows(seqlen).shape[0]
+    if windows > held:
+        raise InputError(f"{option} {windows}: corpus {corpus!r} holds {held} evaluation "
+                         f"windows of {seqlen} tokens; give {option} {held} or fewer")
 
 
 def _perplexity_part(model: nn.Module, tokenizer: Any, ppl: str | TokenCorpus, seqlen: int | None,

@@ -80,7 +80,9 @@ _FLOAT_TYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16
 
 def parse_memory(text: str | int) -> int:
     """Bytes from a size as accelerate and transformers read ``max_memory``: ``"2GB"`` is 2 x 10^9
-    bytes, ``"2GiB"`` 2 x 2^30, ``"512MB"``, ``"1.5GB"``; a plain integer is bytes."""
+    bytes, ``"2GiB"`` 2 x 2^30, ``"512MB"``, ``"1.5GB"``; a plain integer is bytes. Units are
+    read in any case, always as bytes: accelerate reads a lower-case ``b`` as bits (``2gb`` would
+    be 2.5 x 10^8 bytes), so the unit is upper-cased before it is passed on."""
     from accelerate.utils import convert_file_size_to_int
 
     if isinstance(text, bool):
@@ -88,7 +90,7 @@ def parse_memory(text: str | int) -> int:
     if isinstance(text, str) and text.strip().isdigit():
         text = int(text.strip())
     try:
-        value = convert_file_size_to_int(text)
+        value = convert_file_size_to_int(text.strip().upper() if isinstance(text, str) else text)
     except (ValueError, TypeError, OverflowError):  # OverflowError: infinite, e.g. 1e400GB
         raise InputError(f"--max-memory {text!r} is not understood; write e.g. 2GB (10^9 bytes), "
                          "2GiB (2^30 bytes) or 512MB") from None
