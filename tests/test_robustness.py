@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from fractions import Fraction
 from pathlib import Path
 
 import pytest
@@ -418,7 +419,7 @@ def test_selection_keeps_exactly_k_distinct_rows(d_ff, ratio, seed):
     try:
         kept = kept_count(d_ff, ratio)
     except InputError:
-        assert int((1 - ratio) * d_ff) < 1
+        assert (1 - Fraction(repr(ratio))) * d_ff < 1
         return
     generator = torch.Generator().manual_seed(seed)
     alpha = torch.rand(d_ff, generator=generator)
@@ -452,6 +453,11 @@ def test_round_to_one_is_the_exact_count_and_bad_multiples_are_refused():
         1433, 3404, 1075]
     assert [kept_count(d, r, 32) for d, r in [(2048, 0.3), (4864, 0.3), (1536, 0.3)]] == [
         1440, 3392, 1088]
+    # The ratio as written, computed exactly: in floating point (1 - 0.34) * 100 is
+    # 65.99999..., which int() cut to 65, removing 35% where 34% was asked.
+    assert [kept_count(d, r) for d, r in [(100, 0.34), (10240, 0.8), (8960, 0.55), (8960, 0.9),
+                                          (100, 0.345), (3, 1 / 3)]] == [66, 2048, 4032, 896,
+                                                                          65, 2]
     assert kept_count(2048, 0.001, 32) == 2016  # rounding never undoes a positive ratio
     assert kept_count(2048, 0.0, 32) == 2048
     for bad in (0, -32, 1.5, True):

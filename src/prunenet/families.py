@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from fractions import Fraction
 
 import torch
 from torch import Tensor
@@ -159,8 +160,15 @@ def check_multiple(multiple: int) -> None:
         raise InputError(f"--round-to must be a positive integer, got {multiple!r}")
 
 
+def _kept_share(ratio: float) -> Fraction:
+    """``1 - ratio`` exactly, the ratio read as the decimal it prints as."""
+    return 1 - Fraction(repr(float(ratio)))
+
+
 def kept_count(d_ff: int, ratio: float, multiple: int = 1) -> int:
-    """Neurons kept per layer at compression ``ratio``: ``int((1 - ratio) * d_ff)``.
+    """Neurons kept per layer at compression ``ratio``: ``floor((1 - ratio) * d_ff)``, computed
+    exactly on the ratio as written (its shortest decimal form): 0.34 of 100 keeps 66, where
+    floating point gives ``(1 - 0.34) * 100 = 65.99999...`` and ``int`` would keep 65.
 
     ``multiple`` > 1: the multiple of it nearest to ``(1 - ratio) * d_ff`` instead (whole
     quantization blocks, whole kernel tiles), at least ``multiple`` and, for a positive ratio,
@@ -176,9 +184,9 @@ def kept_count(d_ff: int, ratio: float, multiple: int = 1) -> int:
         if largest < multiple:
             raise InputError(f"--round-to {multiple} leaves no whole multiple of {multiple} "
                              f"below the FFN width {d_ff}; use a smaller --round-to")
-        nearest = math.floor((1.0 - float(ratio)) * d_ff / multiple + 0.5) * multiple
+        nearest = math.floor(_kept_share(ratio) * d_ff / multiple + Fraction(1, 2)) * multiple
         return min(max(nearest, multiple), largest)
-    kept = int((1.0 - float(ratio)) * d_ff)
+    kept = math.floor(_kept_share(ratio) * d_ff)
     if kept < 1:
         raise InputError(
             f"ratio {ratio} keeps {kept} of {d_ff} FFN neurons; the largest usable ratio keeps 1 "
