@@ -252,6 +252,26 @@ def test_a_crash_before_the_first_checkpoint_leaves_no_work_folder(setup, capsys
         finetune(setup.pruned, setup.corpus, stopped, **settings)
 
 
+def test_a_full_disk_while_the_trainer_saves_is_one_line(setup, capsys, monkeypatch):
+    """torch.save failing to write (here: onto /dev/full, a disk that is always full) is a
+    one-line error naming the work folder, not torch's RuntimeError with a traceback; a run
+    with no checkpoint saved leaves no work folder."""
+    real_save = torch.save
+    monkeypatch.setattr(torch, "save", lambda obj, f, *args, **kwargs:
+                        real_save(obj, "/dev/full", *args, **kwargs))
+    out = setup.root / "full"
+    assert main(["-q", "finetune", str(setup.pruned), "--data", str(setup.corpus), "--out",
+                 str(out), "--steps", "2", "--eval-every", "1", "--seqlen", "16",
+                 "--eval-windows", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0], err
+    assert err[0].startswith(f"prunenet: error: writing the fine-tune's files under "
+                             f"{out.parent / 'full.work'} failed (torch.save: [enforce fail at "
+                             "inline_container"), err[0]
+    assert err[0].endswith("the disk may be full")
+    assert sorted(p.name for p in setup.root.iterdir() if p.name.startswith("full")) == []
+
+
 def test_resume_refuses_contradicting_settings(setup):
     out = setup.root / "contradict"
     with pytest.raises(KeyboardInterrupt):  # Ctrl-C keeps the work folder of an early stop

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from .arithmetic import PRECISIONS, accelerator_available, check_precision, default_precision
-from .errors import InputError, NumericalError, OutputError
+from .errors import InputError, NumericalError, OutputError, first_line
 from .evaluation.corpora import check_corpus, corpus_read_path, load_corpus
 from .families import check_sequence_length, context_length, family_for
 from .io.files import (
@@ -543,11 +543,16 @@ def finetune(
             warnings.filterwarnings("ignore", message="Could not find a config file in",
                                     category=UserWarning)
             trainer.train(resume_from_checkpoint=checkpoint)
-    except Exception:
+    except Exception as error:
         # A crash (not Ctrl-C, which keeps the folder for --resume) before anything worth
         # resuming was saved leaves no work folder that the next run would call interrupted.
         if process.is_main_process and not _holds_progress(work):
             shutil.rmtree(work, ignore_errors=True)
+        if _failed_torch_write(error):
+            kept = (f"; the checkpoints saved before are kept in {work} for --resume"
+                    if work.is_dir() else "")
+            raise OutputError(f"writing the fine-tune's files under {work} failed (torch.save: "
+                              f"{first_line(error)}); the disk may be full{kept}") from error
         raise
     seconds = time.perf_counter() - started
     history = list(trainer.state.log_history)
@@ -611,6 +616,12 @@ def finetune(
         result_model = _merged(student) if merge else student
     process.wait_for_everyone()
     return FinetuneResult(result_model.eval(), tokenizer, record, str(out_path))
+
+
+def _failed_torch_write(error: BaseException) -> bool:
+    """Whether ``error`` is torch.save failing to write its file (a full disk): torch raises a
+    RuntimeError from its zip writer (``[enforce fail at inline_container.cc...]``)."""
+    return isinstance(error, RuntimeError) and "inline_container" in str(error)
 
 
 def _saved_completely(checkpoint: Path) -> bool:
