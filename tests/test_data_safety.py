@@ -924,7 +924,7 @@ def test_a_bias_refit_without_a_bias_is_refused_before_any_work(models, tmp_path
 def test_outputs_inside_a_named_corpus_folder_are_refused(tiny_llama_real_tokenizer_dir,
                                                           tmp_path, capsys):
     """A corpus named by its name (wiki) is read from its folder in the cache: no output may
-    lie inside it either."""
+    lie inside it either (as inside any folder fetch writes)."""
     from prunenet.assets import asset_path
     from prunenet.errors import MissingAssetError
 
@@ -934,10 +934,11 @@ def test_outputs_inside_a_named_corpus_folder_are_refused(tiny_llama_real_tokeni
         pytest.skip(str(error))
     before = digest(wiki)
     refused(capsys, ["-q", "eval", str(tiny_llama_real_tokenizer_dir), "--ppl", "wiki",
-                     "--json", str(wiki / "results.json")], "lies inside the input")
+                     "--json", str(wiki / "results.json")],
+            f"lies inside prunenet's asset folder {wiki}")
     refused(capsys, ["-q", "compress", str(tiny_llama_real_tokenizer_dir), "--ratio", "0.3",
                      "--method", "activation", "--out", str(wiki / "pruned")],
-            "lies inside the input")
+            f"lies inside prunenet's asset folder {wiki}")
     assert digest(wiki) == before
 
 
@@ -1245,3 +1246,32 @@ def test_an_empty_corpus_or_report_folder_is_refused_from_python(tiny_llama_dir,
     with pytest.raises(OutputError, match="^--out is empty; give a path$"):
         write_report(tmp_path / "run", out="")
     assert sorted(path.name for path in tmp_path.iterdir()) == ["tiny-llama"]
+
+
+@pytest.mark.parametrize("argv, what, folder", [
+    (lambda models, cache: ["-q", "eval", str(models / "llama"), "--ppl", "none", "--json",
+                            str(cache / "zeroshot" / "hf_datasets" / "result.json")],
+     "--json", "zeroshot"),
+    (lambda models, cache: _compress_random(models, cache / "models" / "SmolLM2-135M-Instruct",
+                                            "0.5", "--overwrite"),
+     "--out", "models/SmolLM2-135M-Instruct"),
+    (lambda models, cache: _compress_random(models, cache / "o", "0.5", "--record",
+                                            str(cache / "wiki" / "run")),
+     "--record", "wiki"),
+    (lambda models, cache: _compress_random(models, cache, "0.5"), "--out", "smollm2-gguf"),
+])
+def test_no_output_goes_into_the_folders_fetch_replaces(models, tmp_path, capsys, monkeypatch,
+                                                        argv, what, folder):
+    """The asset cache's folders are fetch's (data other runs read, the conversions the model
+    aliases load, replaced by `fetch --force`): an output inside one, or one that is one, or
+    holds one, is refused before any work, fetched or not yet."""
+    cache = tmp_path / "cache"
+    (cache / "zeroshot" / "hf_datasets").mkdir(parents=True)
+    monkeypatch.setenv("PRUNENET_CACHE", str(cache))
+    monkeypatch.chdir(tmp_path)
+    before = digest(tmp_path)
+    line = refused(capsys, argv(models, cache), f"prunenet's asset folder {cache / folder}")
+    assert line.startswith(f"prunenet: error: {what} ")
+    assert digest(tmp_path) == before
+    assert sorted(p.relative_to(cache).as_posix() for p in cache.rglob("*")) == [
+        "zeroshot", "zeroshot/hf_datasets"]

@@ -207,6 +207,8 @@ def test_cli_compress_record_then_report(tiny_llama_dir, tmp_path, capsys):
     assert (record / "report" / "report.html").is_file()
     assert main(["-q", "report", str(tmp_path / "model")]) == 2
     assert "not a prunenet run record" in capsys.readouterr().err
+    assert main(["-q", "report", ""]) == 2  # not the current folder
+    assert capsys.readouterr().err.startswith("prunenet: error: the run record path is empty;")
 
 
 def test_a_report_names_the_saved_policy_a_run_applied(tiny_llama_dir, tmp_path):

@@ -194,8 +194,10 @@ def read_run_record(run_dir: str | os.PathLike) -> tuple[dict[str, Any], list[Te
 
     Raises :class:`InputError` saying what is missing when ``run_dir`` is not a complete record.
     """
-    folder = Path(run_dir).expanduser()
     how = "make one with `prunenet compress MODEL --ratio R --out OUT --record DIR`"
+    if not str(run_dir).strip():  # Path("") is the current folder
+        raise InputError(f"the run record path is empty; give the folder --record named ({how})")
+    folder = Path(run_dir).expanduser()
     if not folder.is_dir():
         raise InputError(f"run record {folder} does not exist or is not a folder; {how}")
     record_path = folder / RUN_RECORD_NAME

@@ -260,6 +260,16 @@ def _identities(path: Path) -> list[tuple[int, int]]:
     return [identity for identity in found if identity is not None]
 
 
+def _asset_folders() -> list[Path]:
+    """The cache's folders that ``prunenet fetch`` writes and replaces (data, GGUFs and their
+    conversions the model aliases load), resolved: no command's output may go there."""
+    from ..assets import ASSETS, MODELS, cache_dir
+
+    cache = cache_dir()
+    return [resolved(cache / name, "asset folder") for name in
+            [*ASSETS, *(model.folder for model in MODELS.values())]]
+
+
 def _overlap(a: Path, b: Path) -> str | None:
     """How the resolved path ``a`` stands to ``b``: by name, then as files on disk (one
     folder reached by two names, as a bind mount or a hard-linked file gives)."""
@@ -323,6 +333,11 @@ def guard_outputs(outputs: Iterable[Output | None], inputs: Iterable[str | os.Pa
             raise OutputError(f"{output.what} {output.path!r} is not valid UTF-8; choose a name "
                               "of UTF-8 characters") from None
     paths = [resolved(output.path, output.what) for output in wanted]
+    # What no output may be, lie inside or contain: fetch's folders, then what the command reads.
+    kept_apart = [*((folder, f"prunenet's asset folder {folder}, which `prunenet fetch` replaces "
+                     "and other runs read") for folder in _asset_folders()),
+                  *((source, f"the input {source}; prunenet never writes into, over or around "
+                     "what it reads") for source in read)]
     for output, path in zip(wanted, paths):
         if not path.name:
             raise OutputError(f"{output.what} {output.path} is the root folder; choose a name")
@@ -335,13 +350,11 @@ def guard_outputs(outputs: Iterable[Output | None], inputs: Iterable[str | os.Pa
         if len(path.name.encode()) > NAME_MAX:
             raise OutputError(f"{output.what} name {path.name[:40]}... is longer than "
                               f"{NAME_MAX} bytes; choose a shorter name")
-        for source in read:
-            relation = _overlap(path, source)
+        for place, description in kept_apart:
+            relation = _overlap(path, place)
             if relation is not None:
-                raise OutputError(
-                    f"{output.what} {path} {relation} the input {source}; prunenet never "
-                    f"writes into, over or around what it reads. Choose another {output.what}"
-                )
+                raise OutputError(f"{output.what} {path} {relation} {description}. Choose "
+                                  f"another {output.what}")
     for (first, a), (second, b) in ((x, y) for i, x in enumerate(zip(wanted, paths))
                                     for y in list(zip(wanted, paths))[i + 1:]):
         relation = _overlap(a, b)
