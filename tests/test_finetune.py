@@ -272,6 +272,25 @@ def test_a_full_disk_while_the_trainer_saves_is_one_line(setup, capsys, monkeypa
     assert sorted(p.name for p in setup.root.iterdir() if p.name.startswith("full")) == []
 
 
+def test_an_interrupted_fine_tune_names_its_work_folder_not_the_files_inside(setup, capsys,
+                                                                             monkeypatch):
+    """Ctrl-C during training: the line names the work folder kept for --resume, not the
+    settings file written inside it as if it were an output."""
+    def interrupted(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(transformers.Trainer, "train", interrupted)
+    out = setup.root / "stopped-cli"
+    assert main(["-q", "finetune", str(setup.pruned), "--data", str(setup.corpus), "--out",
+                 str(out), "--steps", "2", "--seqlen", "16", "--eval-windows", "1"]) == 130
+    work = (setup.root / "stopped-cli.work").resolve()
+    assert capsys.readouterr().err.strip() == (
+        f"prunenet: interrupted; written complete before the interrupt: {work} (the "
+        "fine-tune's work folder, kept for its --resume; delete it to start over); every other "
+        "output was not written and nothing partial was left behind")
+    assert work.is_dir() and not out.exists()
+
+
 def test_resume_refuses_contradicting_settings(setup):
     out = setup.root / "contradict"
     with pytest.raises(KeyboardInterrupt):  # Ctrl-C keeps the work folder of an early stop

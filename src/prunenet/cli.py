@@ -1058,8 +1058,20 @@ def interrupted_line(written: Sequence[Path]) -> str:
     if not written:
         return "interrupted; no partial output was left behind"
     return (f"interrupted; written complete before the interrupt: "
-            f"{', '.join(str(path) for path in written)}; every other output was not written "
-            "and nothing partial was left behind")
+            f"{', '.join(dict.fromkeys(_as_written(path) for path in written))}; every other "
+            "output was not written and nothing partial was left behind")
+
+
+def _as_written(path: Path) -> str:
+    """An output as the interrupted line names it: a file inside a fine-tune's work folder
+    (its settings, the teacher's text) as that folder, which is kept to be resumed."""
+    from .finetune import is_work_folder
+
+    work = next((folder for folder in path.parents if is_work_folder(folder)), None)
+    if work is None:
+        return str(path)
+    return (f"{work} (the fine-tune's work folder, kept for its --resume; delete it to start "
+            "over)")
 
 
 def _terminate(signum, frame):
