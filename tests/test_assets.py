@@ -215,8 +215,14 @@ def test_an_interrupt_while_fetch_replaces_an_asset_leaves_the_new_one(pypi, mon
         return moved
 
     monkeypatch.setattr(Path, "rename", rename_then_interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        assets.fetch_asset("split", force=True)
+    # Python's own Ctrl-C handler, whatever this process inherited (a job started in the
+    # background by a shell ignores SIGINT)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            assets.fetch_asset("split", force=True)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert (folder / "model.bin").read_bytes() == b"a" * 10 + b"b" * 10
     assert assets._is_fetched(folder)
     assert sorted(p.name for p in assets.cache_dir().iterdir()) == ["split"]

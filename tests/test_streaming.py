@@ -302,7 +302,7 @@ def test_a_failed_offloaded_run_leaves_nothing(tmp_path):
     with pytest.raises(NumericalError, match=r"model\.layers\.1\.self_attn\.o_proj\.weight"):
         compress(StreamedCheckpoint(tmp_path / "model"), 0.5, out=tmp_path / "outputs" / "out",
                  max_memory=least, **SMALL_PROBE)
-    assert list((tmp_path / "outputs").iterdir()) == []
+    assert not (tmp_path / "outputs").exists()  # nor the folder made for the output
 
 
 @pytest.mark.parametrize("options", [
@@ -437,7 +437,7 @@ def test_disk_full_while_writing_leaves_nothing(tmp_path, monkeypatch):
         prune(StreamedCheckpoint(source), None, 0.5, method="random", out=out, progress=False)
     assert written, "the first shard should have been written before the disk filled up"
     assert not out.exists()
-    assert list(out.parent.iterdir()) == []
+    assert not out.parent.exists()  # nor the folder made for the output
 
 
 @pytest.mark.parametrize("options", [{"method": "random", "reconstruct": "none"}, {}],

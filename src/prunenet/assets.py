@@ -19,7 +19,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import InputError, MissingAssetError, PruneNetError
-from .io.files import absent_or_empty, any_tree, folder_of, signals_held, write_manifest
+from .io.files import (
+    OFF_LIMITS,
+    absent_or_empty,
+    any_tree,
+    folder_of,
+    resolved,
+    signals_held,
+    write_manifest,
+)
 
 
 @dataclass(frozen=True)
@@ -314,3 +322,17 @@ def fetch_all(names: list[str] | None = None, force: bool = False) -> dict[str, 
     A real model's GGUF is converted to safetensors by :func:`prunenet.io.loading.convert_model`."""
     names = names or [name for name, asset in ASSETS.items() if not asset.on_request]
     return {name: fetch_asset(name, force) for name in names}
+
+
+def _fetched_folders() -> list[tuple[Path, str]]:
+    """The cache's folders that ``prunenet fetch`` writes and replaces (data, GGUFs and their
+    conversions the model aliases load), resolved, each with what it is: no command's output
+    may go there."""
+    cache = cache_dir()
+    folders = [resolved(cache / name, "asset folder") for name in
+               [*ASSETS, *(model.folder for model in MODELS.values())]]
+    return [(folder, f"prunenet's asset folder {folder}, which `prunenet fetch` replaces and "
+             "other runs read") for folder in folders]
+
+
+OFF_LIMITS.append(_fetched_folders)

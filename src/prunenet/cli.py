@@ -1055,6 +1055,8 @@ def interrupted_line(written: Sequence[Path]) -> str:
     """What an interrupted command leaves: never a partial output; the outputs it had already
     put in place, complete, named (a compression commits --out before --policy-out and
     --record)."""
+    # a fine-tune's settings file is gone with its work folder once that fine-tune finished
+    written = [path for path in written if path.exists()]
     if not written:
         return "interrupted; no partial output was left behind"
     return (f"interrupted; written complete before the interrupt: "

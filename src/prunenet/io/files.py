@@ -148,7 +148,7 @@ def folder_of(marker: str | None, allowed: Sequence[str],
     """A recognizer for a folder prunenet wrote: it holds ``marker`` (passing ``check``); every
     file passes the test ``files`` gives its name, if any (a model card still prunenet's own);
     and, where it has a manifest (:data:`MANIFEST_NAME`), it holds nothing the manifest does
-    not list but subfolders added later that ``folders`` recognizes. A folder without a
+    not list but the subfolders ``joined_later`` allows (below). A folder without a
     manifest (written before them, or by a writer that keeps none) is judged by names, unless
     ``names_suffice`` is false (names a user's own folder may have too: a report's pages, a
     model's files): every file matches one of the ``allowed`` patterns; every subfolder's name
@@ -260,14 +260,10 @@ def _identities(path: Path) -> list[tuple[int, int]]:
     return [identity for identity in found if identity is not None]
 
 
-def _asset_folders() -> list[Path]:
-    """The cache's folders that ``prunenet fetch`` writes and replaces (data, GGUFs and their
-    conversions the model aliases load), resolved: no command's output may go there."""
-    from ..assets import ASSETS, MODELS, cache_dir
-
-    cache = cache_dir()
-    return [resolved(cache / name, "asset folder") for name in
-            [*ASSETS, *(model.folder for model in MODELS.values())]]
+# Folders no output may be, lie inside or contain, with what they are: each a function the
+# module that owns such folders registers when it is imported (the asset cache's, by
+# prunenet.assets, which the package imports), read at every check.
+OFF_LIMITS: list[Callable[[], list[tuple[Path, str]]]] = []
 
 
 def _overlap(a: Path, b: Path) -> str | None:
@@ -334,8 +330,7 @@ def guard_outputs(outputs: Iterable[Output | None], inputs: Iterable[str | os.Pa
                               "of UTF-8 characters") from None
     paths = [resolved(output.path, output.what) for output in wanted]
     # What no output may be, lie inside or contain: fetch's folders, then what the command reads.
-    kept_apart = [*((folder, f"prunenet's asset folder {folder}, which `prunenet fetch` replaces "
-                     "and other runs read") for folder in _asset_folders()),
+    kept_apart = [*(place for places in OFF_LIMITS for place in places()),
                   *((source, f"the input {source}; prunenet never writes into, over or around "
                      "what it reads") for source in read)]
     for output, path in zip(wanted, paths):
@@ -480,43 +475,48 @@ def signals_held() -> Iterator[None]:
         yield
         return
     arrived: list[int] = []
-    previous = {signum: signal.getsignal(signum)
-                for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-    for signum in previous:
-        signal.signal(signum, lambda number, frame: arrived.append(number))
+    previous: dict[int, Any] = {}
     try:
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            handler = signal.getsignal(signum)
+            if handler is not None:  # None: set from C, which Python could not put back
+                previous[signum] = handler
+                signal.signal(signum, lambda number, frame: arrived.append(number))
         yield
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
-        if arrived:
-            signal.raise_signal(arrived[0])
+        interrupt = None
+        for signum, handler in previous.items():  # every one put back, whatever is raised
+            try:
+                signal.signal(signum, handler)
+            except BaseException as error:  # a pending handler ran as the call began
+                interrupt = interrupt or error
+                signal.signal(signum, handler)
+        for signum in dict.fromkeys(arrived):
+            signal.raise_signal(signum)
+        if interrupt is not None:
+            raise interrupt
 
 
 def _swap_into_place(staging: Path, out: Path) -> None:
     """Replace the folder ``out`` by ``staging``: the previous folder is moved aside, the new
     one renamed in, and the previous one removed; if the second rename fails, the previous
-    folder is put back (signals are held, so an interrupt cannot fall between the renames)."""
+    folder is put back (signals are held, so an interrupt cannot fall between the renames nor
+    before the previous folder is removed)."""
     old = Path(tempfile.mkdtemp(prefix=sibling_prefix(out, "old"), dir=out.parent))
-    swapped = False
-    try:
-        with signals_held():
-            try:
-                os.rename(out, old / "previous")
-            except BaseException:
-                old.rmdir()
-                raise
-            try:
-                os.rename(staging, out)
-            except BaseException:
-                os.rename(old / "previous", out)
-                old.rmdir()
-                raise
-            _note_committed(out)
-            swapped = True
-    finally:  # an interrupt held during the renames arrives as the block ends
-        if swapped:
-            shutil.rmtree(old, ignore_errors=True)
+    with signals_held():  # an interrupt held meanwhile arrives once the old folder is gone
+        try:
+            os.rename(out, old / "previous")
+        except BaseException:
+            old.rmdir()
+            raise
+        try:
+            os.rename(staging, out)
+        except BaseException:
+            os.rename(old / "previous", out)
+            old.rmdir()
+            raise
+        _note_committed(out)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 @contextlib.contextmanager
