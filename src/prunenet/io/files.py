@@ -443,25 +443,28 @@ def make_readable(path: str | os.PathLike) -> None:
     os.chmod(path, 0o644 & ~umask)
 
 
-def make_parents(path: Path) -> list[Path]:
-    """Make the missing folders above ``path``; returns those it made, outermost first."""
-    missing = []
+@contextlib.contextmanager
+def folders_made_for(path: Path) -> Iterator[None]:
+    """Make the missing folders above ``path`` for the block; if it fails, remove those it
+    made, innermost first, where still empty (an output finished beside a failed one keeps the
+    folders it lies in)."""
+    made = []
     for parent in Path(path).parents:
         if parent.exists() or parent.is_symlink():
             break
-        missing.append(parent)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    return missing[::-1]
-
-
-def remove_made_parents(made: Sequence[Path]) -> None:
-    """Remove the folders :func:`make_parents` made, innermost first, where still empty (an
-    output finished beside a failed one keeps the folders it lies in)."""
-    for folder in reversed(made):
-        try:
-            folder.rmdir()
-        except OSError:
-            return
+        made.append(parent)
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        yield
+    except BaseException:
+        for folder in made:  # innermost first; one never made (mkdir failed) is skipped
+            try:
+                folder.rmdir()
+            except FileNotFoundError:
+                continue
+            except OSError:
+                break
+        raise
 
 
 @contextlib.contextmanager
@@ -556,37 +559,32 @@ def atomic_folder(out: Path, overwrite: bool = False,
     and, when ``ours`` is given, only if ``ours`` recognizes it (checked again at the rename).
     """
     out = Path(out)
-    made = make_parents(out)
-    try:
+    with folders_made_for(out):
         staging = Path(tempfile.mkdtemp(prefix=sibling_prefix(out, STAGING_TAG), dir=out.parent))
-    except BaseException:
-        remove_made_parents(made)
-        raise
-    try:
-        yield staging
-        write_manifest(staging)
-        os.chmod(staging, 0o755)
-        for file in staging.rglob("*"):
-            if file.is_file():
-                make_readable(file)
-        with output_lock(out):  # two runs finishing at once: one wins, the other errors
-            if out.exists():
-                if any(out.iterdir()) and not overwrite:
-                    raise OutputError(
-                        f"output {out} was written by another run while this one worked; "
-                        "not replaced (pass --overwrite to replace it)"
-                    )
-                if ours is not None and any(out.iterdir()) and not ours(out):
-                    raise OutputError(f"output {out} holds files prunenet did not write (they "
-                                      "appeared while this run worked); not replaced")
-                _swap_into_place(staging, out)
-            else:
-                os.rename(staging, out)
-                _note_committed(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        remove_made_parents(made)
-        raise
+        try:
+            yield staging
+            write_manifest(staging)
+            os.chmod(staging, 0o755)
+            for file in staging.rglob("*"):
+                if file.is_file():
+                    make_readable(file)
+            with output_lock(out):  # two runs finishing at once: one wins, the other errors
+                if out.exists():
+                    if any(out.iterdir()) and not overwrite:
+                        raise OutputError(
+                            f"output {out} was written by another run while this one worked; "
+                            "not replaced (pass --overwrite to replace it)"
+                        )
+                    if ours is not None and any(out.iterdir()) and not ours(out):
+                        raise OutputError(f"output {out} holds files prunenet did not write "
+                                          "(they appeared while this run worked); not replaced")
+                    _swap_into_place(staging, out)
+                else:
+                    os.rename(staging, out)
+                    _note_committed(out)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
 
 
 @contextlib.contextmanager
@@ -594,14 +592,9 @@ def scratch_folder(out: Path) -> Iterator[Path]:
     """A hidden working folder beside the output ``out`` for the length of the block (what a
     run sets aside on disk before it writes ``out``), removed afterwards whatever happens."""
     out = Path(out)
-    made = make_parents(out)
-    try:
-        with tempfile.TemporaryDirectory(prefix=sibling_prefix(out, STAGING_TAG),
-                                         dir=out.parent) as folder:
-            yield Path(folder)
-    except BaseException:
-        remove_made_parents(made)
-        raise
+    with folders_made_for(out), tempfile.TemporaryDirectory(
+            prefix=sibling_prefix(out, STAGING_TAG), dir=out.parent) as folder:
+        yield Path(folder)
 
 
 @contextlib.contextmanager
@@ -614,31 +607,27 @@ def atomic_file(path: Path, overwrite: bool = True,
     that appeared while the work ran is never lost (:class:`OutputError`).
     """
     path = Path(path)
-    made = make_parents(path)
-    try:
+    with folders_made_for(path):
         handle, tmp = tempfile.mkstemp(prefix=sibling_prefix(path, STAGING_TAG), dir=path.parent)
-    except BaseException:
-        remove_made_parents(made)
-        raise
-    os.close(handle)
-    try:
-        yield Path(tmp)
-        make_readable(tmp)  # after the writer, which may have made the file anew (0600)
-        with output_lock(path):
-            if path.exists() or path.is_symlink():
-                if not overwrite:
-                    raise OutputError(f"{path} was written by another run while this one "
-                                      "worked; not replaced (pass --overwrite to replace it)")
-                if ours is not None and not ours(path):
-                    raise OutputError(f"{path} was replaced by a file prunenet did not write "
-                                      "while this run worked; not replaced")
-            os.replace(tmp, path)
-            _note_committed(path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        remove_made_parents(made)
-        raise
+        os.close(handle)
+        try:
+            yield Path(tmp)
+            make_readable(tmp)  # after the writer, which may have made the file anew (0600)
+            with output_lock(path):
+                if path.exists() or path.is_symlink():
+                    if not overwrite:
+                        raise OutputError(f"{path} was written by another run while this one "
+                                          "worked; not replaced (pass --overwrite to replace "
+                                          "it)")
+                    if ours is not None and not ours(path):
+                        raise OutputError(f"{path} was replaced by a file prunenet did not "
+                                          "write while this run worked; not replaced")
+                os.replace(tmp, path)
+                _note_committed(path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
 
 
 def write_json_atomic(path: Path, data: Any, ours: Recognizer | None = None) -> None:
