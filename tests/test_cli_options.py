@@ -3,6 +3,7 @@ are refused before any work, and defaults fit the model where a given value is r
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
@@ -271,6 +272,46 @@ def test_a_probe_prompt_the_run_cannot_use_is_refused_before_the_model_loads(
                      "--probe-length", "8", "--probe-prompt", "word " * 10],
             "tokens, too many for probe sequences of 8; shorten it or raise --probe-length")
     assert not (tmp_path / "o").exists()
+
+
+def test_a_compression_reads_its_text_once_and_only_after_its_options_are_checked(
+        tiny_llama_real_tokenizer_dir, tmp_path, capsys, monkeypatch):
+    """--eval and --method activation read the wiki sample with the model's tokenizer in
+    planning, to refuse before the load what the run could not read: the run then uses that
+    tokenizer and text (one tokenizer load, one tokenization of the corpus both read), and an
+    option the run would not use is refused before any of it is read."""
+    import prunenet.evaluation.corpora
+    import prunenet.io.loading
+
+    reads = {"tokenizer": 0, "corpus": 0}
+
+    def counted(name, function):
+        def call(*args, **kwargs):
+            reads[name] += 1
+            return function(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(prunenet.io.loading, "_tokenizer",
+                        counted("tokenizer", prunenet.io.loading._tokenizer))
+    monkeypatch.setattr(prunenet.evaluation.corpora, "read_corpus_text",
+                        counted("corpus", prunenet.evaluation.corpora.read_corpus_text))
+    out = tmp_path / "o"
+    command = ["-q", "compress", str(tiny_llama_real_tokenizer_dir), "--ratio", "0.25",
+               "--method", "activation", "--calibration-windows", "1", "--reconstruct", "none",
+               "--eval", "1", "--out", str(out)]
+    refused(capsys, [*command, "--probe-temperature", "1.5"],
+            "--probe-temperature has no effect here: method 'activation' with --reconstruct "
+            "none generates no probe text")
+    assert reads == {"tokenizer": 0, "corpus": 0} and not out.exists()
+    assert main(command) == 0
+    assert reads == {"tokenizer": 1, "corpus": 1}
+    recorded = read_record(out)["evaluation"]["perplexity"]
+    capsys.readouterr()
+    assert main(["-q", "eval", str(out), "--windows", "1", "--json", str(tmp_path / "e.json")]) \
+        == 0
+    measured = json.loads((tmp_path / "e.json").read_text())["perplexity"]
+    assert (recorded["value"], recorded["windows"], recorded["seqlen"]) == (
+        measured["value"], 1, measured["seqlen"])
 
 
 def test_an_eval_window_beyond_the_context_is_refused_for_that_before_memory(llama, capsys):

@@ -156,6 +156,16 @@ def _method_rules(plan) -> list[tuple[Sequence[str], str | None]]:
     ]
 
 
+def _recovery_rules(args: argparse.Namespace) -> list[tuple[Sequence[str], str | None]]:
+    """compress: recovery settings given without the recovery that reads them."""
+    return [(("finetune_data",), None if args.finetune_steps else
+             "only --finetune-steps reads a corpus, and it is not given"),
+            (("finetune_seqlen", "finetune_precision"),
+             None if args.finetune_steps or args.recover_steps else
+             "recovery settings apply with --finetune-steps or --recover-steps, and neither "
+             "is given")]
+
+
 def _spectral_rule(spectral: str) -> tuple[Sequence[str], str | None]:
     """Policy training: the Gram path's float type means nothing to singular values taken
     directly."""
@@ -410,14 +420,8 @@ def run_compress(args: argparse.Namespace) -> int:
     plan = plan_compression(args.model, args.ratio, options, out=args.out,
                             record_dir=args.record, policy_out=args.policy_out,
                             overwrite=args.overwrite, extra_outputs=extra_outputs,
-                            extra_reads=extra_reads)
-    refuse_unused(args, [*_method_rules(plan),
-                         (("finetune_data",), None if args.finetune_steps else
-                          "only --finetune-steps reads a corpus, and it is not given"),
-                         (("finetune_seqlen", "finetune_precision"),
-                          None if args.finetune_steps or args.recover_steps else
-                          "recovery settings apply with --finetune-steps or --recover-steps, "
-                          "and neither is given")])
+                            extra_reads=extra_reads, before_text=lambda plan: refuse_unused(
+                                args, [*_method_rules(plan), *_recovery_rules(args)]))
     if plan.streamed is not None:  # a recovery holds its models whole: known before any work
         from .io.streaming import refuse_over_free_memory
 
@@ -550,8 +554,8 @@ def run_prune(args: argparse.Namespace) -> int:
 
     options = CompressOptions.from_keywords(args.ratio, **_compress_options(args))
     plan = plan_compression(args.model, args.ratio, options, policy=args.policy, out=args.out,
-                            record_dir=args.record, overwrite=args.overwrite)
-    refuse_unused(args, _method_rules(plan))
+                            record_dir=args.record, overwrite=args.overwrite,
+                            before_text=lambda plan: refuse_unused(args, _method_rules(plan)))
     result = _run_plan(plan)
     _print_summary(result)
     _print_record(args)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields, replace
 from functools import partial
 from pathlib import Path
@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from . import ffn_statistics
 from .errors import InputError
-from .evaluation.corpora import check_corpus, corpus_read_path
+from .evaluation.corpora import TokenCorpus, check_corpus, corpus_read_path
 from .families import check_multiple, kept_count
 from .ffn_statistics import ProbeStatistics
 from .io.files import (
@@ -70,6 +70,7 @@ from .selection.activation import (
     Activation,
     Calibration,
     calibration_text,
+    calibration_windows,
     fitted_calibration,
 )
 from .selection.prunenet import PruneNet, train_on
@@ -213,11 +214,12 @@ def training_state_path(output: str | os.PathLike) -> Path:
     return sibling_path(output, ".train-state.pt")
 
 
-def _as_model(model: Any, trust_remote_code: bool = False):
+def _as_model(model: Any, trust_remote_code: bool = False, with_tokenizer: bool = True):
     if isinstance(model, nn.Module):
         return model, None
     if isinstance(model, (str, os.PathLike)):
-        return load_model_and_tokenizer(model, device="cpu", trust_remote_code=trust_remote_code)
+        return load_model_and_tokenizer(model, device="cpu", trust_remote_code=trust_remote_code,
+                                        with_tokenizer=with_tokenizer)
     raise InputError(f"expected a model or a model path, got {type(model).__name__}")
 
 
@@ -254,6 +256,10 @@ class Plan:
     # A streamed model that runs (probe, statistics, text): bytes of its layers kept in memory,
     # the others read from disk as they run. None: not run, or in memory.
     resident: int | None = None
+    # What the run reads text with: the caller's tokenizer, or the source's as planning read it
+    # to check the run's text; None: the model's own, loaded with it.
+    tokenizer: Any = None
+    evaluation_text: TokenCorpus | None = None  # --eval's corpus, as planning read it
 
     @property
     def trains_policy(self) -> bool:
@@ -307,11 +313,15 @@ def plan_compression(model: Any, ratio: float, options: CompressOptions, *,
                      policy_out: str | os.PathLike | None = None,
                      overwrite: bool = False, extra_outputs: Sequence[Output] = (),
                      extra_reads: Sequence[str | os.PathLike] = (),
-                     tokenizer: Any = None) -> Plan:
+                     tokenizer: Any = None,
+                     before_text: Callable[[Plan], None] | None = None) -> Plan:
     """Decide the run and check it before any work: a bad input, method or output path fails
     here, with nothing written. ``extra_outputs`` and ``extra_reads`` are what a caller will
     write and read after the compression (a fine-tune of its output), checked together.
-    ``tokenizer``: the one the run will read text with (None: the model's own)."""
+    ``tokenizer``: the one the run will read text with (None: the model's own).
+    ``before_text`` is called with the plan as decided, before the text the run reads (the
+    probe prompt, --eval's windows, calibration text) is read and checked, the slowest
+    checks: the command line refuses options the run would not use there."""
     options.training.validate()
     source = None if isinstance(model, nn.Module) else str(model)
     reads = input_paths(source) if source is not None else []  # a bad input fails first
@@ -337,9 +347,6 @@ def plan_compression(model: Any, ratio: float, options: CompressOptions, *,
     reconstruct = "ls" if options.reconstruct is None else options.reconstruct
     check_reconstruct(model, reconstruct, options.trust_remote_code)
     runs = selector_class(method).needs_model or reconstruct != "none"
-    if options.probe_prompt and source is not None and (
-            selector_class(method) is SelfGenerated or reconstruct != "none"):
-        check_probe_prompt(source, options)  # before the model loads
     streamed = None
     if source is not None:  # reading the checkpoint's header writes nothing
         streamed = choose_streaming(model, options.max_memory, training=trains,
@@ -361,8 +368,6 @@ def plan_compression(model: Any, ratio: float, options: CompressOptions, *,
                ours=is_training_state) if state_of is not None else None,
         *extra_outputs,
     ], [*reads, *extra_reads], overwrite)
-    if source is not None:
-        options = check_text(source, method, options, tokenizer)
     if isinstance(policy, (str, os.PathLike)):
         policy, _ = load_policy(policy)
     state_path = training_state_path(state_of) if state_of is not None else None
@@ -386,42 +391,50 @@ def plan_compression(model: Any, ratio: float, options: CompressOptions, *,
     width = declared_ffn_width(source) if source is not None else None
     if width is not None:  # a ratio or --round-to the width cannot take fails before the load
         kept_count(width, ratio, round_to)
-    return Plan(model, source, ratio, options, selector, streamed, out, record_dir, policy_out,
-                overwrite, formats, reconstruct, round_to, resident)
+    plan = Plan(model, source, ratio, options, selector, streamed, out, record_dir, policy_out,
+                overwrite, formats, reconstruct, round_to, resident, tokenizer)
+    if before_text is not None:
+        before_text(plan)
+    return with_checked_text(plan)
 
 
-def check_probe_prompt(source: str, options: CompressOptions) -> None:
-    """Refuse a ``probe_prompt`` the probe of ``source`` could not use: no tokenizer to read
-    it, or too long for the probe's sequences (``probe_length`` cut to the context)."""
-    length = sequence_length_for(load_config(source, options.trust_remote_code),
-                                 options.probe_length)
-    checked_prompt_ids(load_tokenizer(source, options.trust_remote_code),
-                       ProbeRecipe(prompt=options.probe_prompt), length)
-
-
-def check_text(source: str, method: str, options: CompressOptions, tokenizer: Any = None
-               ) -> CompressOptions:
-    """Refuse, before the model loads, text the run would read and could not: --eval's
-    windows of the wiki sample, and method activation's calibration text (its corpus, and its
-    windows, cut to the model's context), each read with ``tokenizer`` (None: the model's
-    own). Returns ``options`` with the calibration cut to the context, as the run reads it."""
-    activation = selector_class(method) is Activation
-    if not options.evaluate_windows and not activation:
-        return options
-    from .evaluation.evaluate import check_evaluation_windows
-
+def with_checked_text(plan: Plan) -> Plan:
+    """``plan`` with the text its run reads checked before the model loads, and kept for the
+    run, each read once: the probe prompt (no tokenizer to read it, or too long for the
+    probe's sequences cut to the context), --eval's windows of the wiki sample, and method
+    activation's calibration text (its corpus, and its windows cut to the model's context;
+    tokenized once where it is --eval's corpus too), all read with the plan's tokenizer
+    (None: the source's, loaded here and kept). An in-memory model's text is read by the
+    run."""
+    options, source = plan.options, plan.source
+    activation = isinstance(plan.selector, Activation)
+    prompt = bool(options.probe_prompt) and (isinstance(plan.selector, SelfGenerated)
+                                             or plan.reconstruct != "none")
+    if source is None or not (prompt or options.evaluate_windows or activation):
+        return plan
     if activation:
         check_corpus(options.calibration.corpus)
     config = load_config(source, options.trust_remote_code)
+    tokenizer = plan.tokenizer
     if tokenizer is None:
         tokenizer = load_tokenizer(source, options.trust_remote_code)
+    if prompt:
+        checked_prompt_ids(tokenizer, ProbeRecipe(prompt=options.probe_prompt),
+                           sequence_length_for(config, options.probe_length))
+    evaluation_text = None
     if options.evaluate_windows:
-        check_evaluation_windows(config, tokenizer, options.evaluate_windows)
-    if not activation:
-        return options
-    calibration = fitted_calibration(config, options.calibration)
-    calibration_text(tokenizer, calibration)
-    return replace(options, calibration=calibration)
+        from .evaluation.evaluate import check_evaluation_windows
+
+        evaluation_text = check_evaluation_windows(config, tokenizer, options.evaluate_windows)
+    selector = plan.selector
+    if activation:
+        calibration = fitted_calibration(config, options.calibration)
+        options = replace(options, calibration=calibration)
+        same = evaluation_text is not None and evaluation_text.name == calibration.corpus
+        selector = Activation(calibration, calibration_windows(evaluation_text, calibration)
+                              if same else calibration_text(tokenizer, calibration))
+    return replace(plan, options=options, selector=selector, tokenizer=tokenizer,
+                   evaluation_text=evaluation_text)
 
 
 def _run_sizes(options: CompressOptions) -> tuple[int, int, int, int]:
@@ -463,16 +476,19 @@ def evaluation_need(checkpoint: StreamedCheckpoint, budget: int) -> int:
     return need
 
 
-def evaluate_written(options: CompressOptions, out: Path, folder: Path) -> dict[str, Any]:
+def evaluate_written(plan: Plan, out: Path, folder: Path) -> dict[str, Any]:
     """--eval on a streamed run: the checkpoint written to ``folder`` (staged, before its
-    record), every layer read from disk as it runs; what joins the record."""
+    record), every layer read from disk as it runs, on the text planning read; what joins
+    the record."""
     from .evaluation.evaluate import evaluate
 
+    options = plan.options
     with scratch_folder(out) as scratch:
         model, tokenizer = load_model_and_tokenizer(
             folder, trust_remote_code=options.trust_remote_code, offload=(0, scratch),
-            staged=True)
-        measured = evaluate(model, tokenizer, windows=options.evaluate_windows,
+            staged=True, with_tokenizer=plan.evaluation_text is None)
+        measured = evaluate(model, tokenizer, ppl=plan.evaluation_text or "wiki",
+                            windows=options.evaluate_windows,
                             progress=options.progress)["perplexity"]
     return {"evaluation": evaluation_entry(measured)}
 
@@ -544,7 +560,7 @@ def check_finite_parameters(model: nn.Module) -> None:
         check_finite(name, parameter)
 
 
-def run_compression(plan: Plan, tokenizer: Any = None) -> CompressionResult:
+def run_compression(plan: Plan) -> CompressionResult:
     """Open the source, select, write and record, as ``plan`` says. A GGUF planned for
     streaming is first converted into a scratch folder beside the output, one layer at a
     time, and the checkpoint written there is streamed (the scratch folder is removed
@@ -561,23 +577,24 @@ def run_compression(plan: Plan, tokenizer: Any = None) -> CompressionResult:
             # What the plan sized: every weight the config declares, in its shape (a GGUF
             # holding fewer blocks than its header promises is refused here).
             converted.check_weights()
-            return run_compression(replace(plan, streamed=converted), tokenizer)
+            return run_compression(replace(plan, streamed=converted))
     if plan.resident is None:
-        return _compress(plan, tokenizer)
+        return _compress(plan)
     # A streamed model that runs: offloaded, its refitted matrices set aside until the write.
     with scratch_folder(Path(plan.out).expanduser().resolve()) as scratch:
         (scratch / "offload").mkdir()
         (scratch / "refit").mkdir()
         model, tokenizer = load_model_and_tokenizer(
             plan.streamed.folder, trust_remote_code=plan.options.trust_remote_code,
-            offload=(plan.resident, scratch / "offload"))
-        return _compress(plan, tokenizer, model, TensorSpill(scratch / "refit"))
+            offload=(plan.resident, scratch / "offload"), with_tokenizer=plan.tokenizer is None)
+        return _compress(plan, tokenizer or plan.tokenizer, model, TensorSpill(scratch / "refit"))
 
 
 def _compress(plan: Plan, tokenizer: Any = None, offloaded: nn.Module | None = None,
               spill: TensorSpill | None = None) -> CompressionResult:
     options = plan.options
     device = resolve_device(options.device)
+    tokenizer = plan.tokenizer if tokenizer is None else tokenizer
     if plan.streamed is not None:
         model, weights = offloaded, plan.streamed
         if model is not None:
@@ -585,7 +602,8 @@ def _compress(plan: Plan, tokenizer: Any = None, offloaded: nn.Module | None = N
             log.info("running %s with %d of its %d layers read from disk as they run",
                      plan.streamed.folder, layers_from_disk(model), weights.num_layers)
     else:
-        model, loaded_tokenizer = _as_model(plan.model, options.trust_remote_code)
+        model, loaded_tokenizer = _as_model(plan.model, options.trust_remote_code,
+                                            with_tokenizer=tokenizer is None)
         tokenizer = loaded_tokenizer if tokenizer is None else tokenizer
         check_finite_parameters(model)
         weights = FFNView(model)
@@ -634,7 +652,8 @@ def _compress(plan: Plan, tokenizer: Any = None, offloaded: nn.Module | None = N
     if options.evaluate_windows and plan.streamed is None:  # a streamed output: as written
         from .evaluation.evaluate import evaluate
 
-        measured = evaluate(model, tokenizer, windows=options.evaluate_windows,
+        measured = evaluate(model, tokenizer, ppl=plan.evaluation_text or "wiki",
+                            windows=options.evaluate_windows,
                             progress=options.progress)["perplexity"]
         record["evaluation"] = evaluation_entry(measured)
     if probe is not None:
@@ -696,7 +715,7 @@ def _staged_work(plan: Plan, rows: list[Tensor], out: Path):
         work.append(_gguf_writer(input_paths(plan.source), None, rows,
                                  plan.options.gguf_down_type))
     if plan.options.evaluate_windows:
-        work.append(partial(evaluate_written, plan.options, out))
+        work.append(partial(evaluate_written, plan, out))
     if "safetensors" not in plan.formats:
         work.append(_keep_only_gguf)
     if not work:
@@ -793,7 +812,7 @@ def compress(model: Any, ratio: float = 0.3, *, out: str | os.PathLike | None = 
     plan = plan_compression(model, ratio, CompressOptions.from_keywords(ratio, **options),
                             out=out, record_dir=record_dir, policy_out=policy_out,
                             overwrite=overwrite, tokenizer=tokenizer)
-    return run_compression(plan, tokenizer)
+    return run_compression(plan)
 
 
 def prune(model: Any, policy: PrunePolicy | str | os.PathLike | None = None, ratio: float = 0.3,
@@ -804,7 +823,7 @@ def prune(model: Any, policy: PrunePolicy | str | os.PathLike | None = None, rat
     plan = plan_compression(model, ratio, CompressOptions.from_keywords(ratio, **options),
                             policy=policy, out=out, record_dir=record_dir, overwrite=overwrite,
                             tokenizer=tokenizer)
-    return run_compression(plan, tokenizer)
+    return run_compression(plan)
 
 
 def select_rows(model: nn.Module, ratio: float, *, tokenizer: Any = None,

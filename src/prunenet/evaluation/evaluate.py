@@ -147,19 +147,22 @@ def default_seqlen(config) -> int:
 
 
 def check_evaluation_windows(config, tokenizer: Any, windows: int, option: str = "--eval",
-                             corpus: str = "wiki") -> None:
+                             corpus: str = "wiki") -> TokenCorpus:
     """Refuse, before the model loads, ``windows`` perplexity windows of ``corpus`` that a
     model of ``config`` reading text with ``tokenizer`` could not be measured on: no tokenizer,
     or more windows (of the default length cut to its context) than the corpus's evaluation
-    region holds. ``option`` names the setting in the message."""
+    region holds. ``option`` names the setting in the message. Returns the corpus as read,
+    for the measurement to use."""
     if tokenizer is None:
         raise InputError(f"{option} measures perplexity on text, and the model has no "
                          "tokenizer; save one next to the model, or leave out " + option)
     seqlen = default_seqlen(config)
-    held = load_corpus(corpus, tokenizer).evaluation_windows(seqlen).shape[0]
+    text = load_corpus(corpus, tokenizer)
+    held = text.evaluation_windows(seqlen).shape[0]
     if windows > held:
         raise InputError(f"{option} {windows}: corpus {corpus!r} holds {held} evaluation "
                          f"windows of {seqlen} tokens; give {option} {held} or fewer")
+    return text
 
 
 def _perplexity_part(model: nn.Module, tokenizer: Any, ppl: str | TokenCorpus, seqlen: int | None,

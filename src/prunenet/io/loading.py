@@ -441,8 +441,10 @@ def load_model_and_tokenizer(
     trust_remote_code: bool = False,
     offload: tuple[int, str | os.PathLike] | None = None,
     staged: bool = False,
+    with_tokenizer: bool = True,
 ):
-    """Load a causal LM and its tokenizer (None when the source has none).
+    """Load a causal LM and its tokenizer (None when the source has none, or when
+    ``with_tokenizer`` is False: the caller has it).
 
     ``source``: a folder with config.json and safetensors, a .gguf file (dequantized to fp32 by
     transformers), the alias ``smollm2-135m``, or a Hub id. ``dtype="auto"`` keeps the checkpoint's
@@ -506,6 +508,8 @@ def load_model_and_tokenizer(
     if offload is None:
         model.to(device)
     model.eval()
+    if not with_tokenizer:
+        return model, None
     return model, _tokenizer(source, folder, gguf_file, trust_remote_code)
 
 

@@ -85,23 +85,30 @@ class Activation(Selector):
     needs_model = True
     needs_data = True
 
-    def __init__(self, calibration: Calibration | None = None) -> None:
+    def __init__(self, calibration: Calibration | None = None, windows: Tensor | None = None
+                 ) -> None:
+        """``windows``: the calibration text already read (:func:`calibration_text`, with
+        ``calibration`` fitted to the model), else read when selecting."""
         self.calibration = calibration or Calibration()
         self.calibration.validate()
+        self.windows = windows
 
     def select(self, source: Source, kept: int, seed: int) -> list[Tensor]:
         self.calibration = fitted_calibration(source.model.config, self.calibration)
         return activation_rows(source.model, source.tokenizer, kept, self.calibration,
-                               source.progress)
+                               source.progress, self.windows)
 
     def record(self) -> dict[str, Any]:
         return {"calibration": vars(self.calibration)}
 
 
 def activation_rows(model: nn.Module, tokenizer: Any, kept: int, calibration: Calibration,
-                    progress: bool = True) -> list[Tensor]:
-    """The ``kept`` neurons per layer with the largest row-norm x activation-norm score."""
-    norms = activation_norms(model, calibration_text(tokenizer, calibration), progress)
+                    progress: bool = True, windows: Tensor | None = None) -> list[Tensor]:
+    """The ``kept`` neurons per layer with the largest row-norm x activation-norm score, on
+    ``windows`` (None: read from ``calibration`` with ``tokenizer``)."""
+    if windows is None:
+        windows = calibration_text(tokenizer, calibration)
+    norms = activation_norms(model, windows, progress)
     view = FFNView(model)
     rows = []
     for index in range(view.num_layers):
