@@ -215,6 +215,25 @@ def test_the_card_command_names_no_option_the_run_did_not_use():
     assert parsed_compression(reused)[1].reconstruct == "bias"
 
 
+def test_a_record_made_before_a_setting_was_recorded_repeats_what_ran_then():
+    """Records written before the refit, the rounding and the probe's sampler were recorded
+    ran with no refit, the exact kept count and torch.multinomial's draws: the card's command
+    names those, not today's defaults (ls, rounding to GGUF blocks, inverse-CDF draws)."""
+    from prunenet.io.model_card import render_card
+
+    old = {key: value for key, value in TRAINED.items()
+           if key not in ("training", "policy_sha256", "selection", "evaluation", "reconstruct",
+                          "round_to")}
+    old = {**old, "method": "self-generated",
+           "probe": {key: value for key, value in TRAINED["probe"].items()
+                     if key != "sampler"}}
+    command, = card_commands(render_card(old, files={"config.json", "model.safetensors"}))
+    _, options = parsed_compression(command)
+    assert (options.method, options.reconstruct, options.round_to, options.probe_sampler) == (
+        "self-generated", "none", 1, "multinomial")
+    assert "--ridge" not in command
+
+
 def test_running_the_card_command_writes_the_same_record(tmp_path):
     """The card's command, run again, writes a record equal to the first: every setting that
     shaped it (a trained policy's non-default settings, the probe's sampler) was on the card,

@@ -201,7 +201,9 @@ def _compress_command(record: dict[str, Any], gguf_format: str = "both") -> list
     repeats the run under a prunenet whose defaults differ; the options the run did not use
     (the command line refuses them) are left out: training options where no policy was
     trained, the probe's where no probe ran, the ridge of a refit that has none, the GGUF
-    type where no GGUF was written.
+    type where no GGUF was written. A record made before a setting was recorded names the
+    value that ran then: no refit (``--reconstruct none``), the exact kept count
+    (``--round-to 1``), the probe's tokens drawn by ``torch.multinomial``.
     """
     method = record["method"]
     source = str(record.get("source") or "MODEL")
@@ -220,8 +222,8 @@ def _compress_command(record: dict[str, Any], gguf_format: str = "both") -> list
                     "--calibration-windows", str(calibration.get("windows"))]
     probe = record.get("probe")
     if isinstance(probe, dict):
-        command += _valued(probe, _PROBE_OPTIONS)
-    reconstruct = record.get("reconstruct")
+        command += _valued({"sampler": "multinomial", **probe}, _PROBE_OPTIONS)
+    reconstruct = record.get("reconstruct", {"mode": "none"})
     if isinstance(reconstruct, dict) and reconstruct.get("mode"):
         command += ["--reconstruct", reconstruct["mode"]]
         if reconstruct.get("ridge") is not None and reconstruct["mode"] == "ls":
@@ -231,8 +233,7 @@ def _compress_command(record: dict[str, Any], gguf_format: str = "both") -> list
                     "--gguf-down-type", record["gguf"].get("down_type", "auto")]
     else:
         command += ["--format", "safetensors"]
-    if record.get("round_to") is not None:
-        command += ["--round-to", str(record["round_to"])]
+    command += ["--round-to", str(record.get("round_to", 1))]
     measured = (record.get("evaluation") or {}).get("perplexity")
     if measured:
         command += ["--eval", str(measured["windows"])]
