@@ -16,6 +16,7 @@ from prunenet.errors import InputError, MissingAssetError, OutputError
 from prunenet.evaluation.evaluate import SCHEMA_KEYS
 from prunenet.evaluation.speed import SpeedProtocol
 from prunenet.selection import DEFAULT_METHOD
+from prunenet.selection.activation import Calibration
 
 TEXT = "The old mill stands by the river, and in spring the water runs high and fast. " * 400
 
@@ -105,6 +106,36 @@ def test_compare_names_the_method_that_ran(tiny_llama_real_tokenizer_dir, text_f
     assert alone["runs"][0]["record"]["reconstruct"] == {"mode": "none"}
     report = (tmp_path / "alone" / "report.md").read_text()
     assert "| random | 0.5 |" in report and "+ls" not in report
+
+
+def test_every_run_of_a_compare_reads_one_pass_of_statistics_with_the_same_result(
+        tiny_llama_real_tokenizer_dir, text_file, tmp_path, monkeypatch):
+    """Every run refits on the dense model's statistics on one probe: compare makes them once
+    (one pass of the model over the probe, not one per run), and the runs' records and
+    perplexities are exactly those of runs that each take their own."""
+    import prunenet.ffn_statistics
+    from prunenet.ffn_statistics import ProbeStatistics
+
+    passes = []
+    run_batches = prunenet.ffn_statistics._run_batches
+    monkeypatch.setattr(prunenet.ffn_statistics, "_run_batches",
+                        lambda *args: passes.append(1) or run_batches(*args))
+
+    def results(out):
+        found = compare(tiny_llama_real_tokenizer_dir, [0.25, 0.5],
+                        "self-generated,random,activation", tmp_path / out, ppl=text_file,
+                        seqlen=32, windows=2, tasks="", progress=False,
+                        calibration=Calibration(corpus=text_file, windows=1, seqlen=32),
+                        speed=SpeedProtocol(prompt_tokens=4, new_tokens=1, repeats=1))
+        return [(run["record"], run["evaluation"]["perplexity"]) for run in found["runs"]]
+
+    shared = results("shared")
+    assert len(passes) == 1
+    passes.clear()
+    monkeypatch.setattr(ProbeStatistics, "kept", classmethod(lambda *args, **kwargs: None))
+    assert results("each") == shared
+    assert len(passes) == 6
+    assert {record["reconstruct"]["mode"] for record, _ in shared} == {"ls"}
 
 
 def test_compare_refuses_existing_and_unwritable_out_before_work(tmp_path, tiny_llama_dir,

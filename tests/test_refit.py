@@ -265,6 +265,28 @@ def test_statistics_held_a_few_layers_at_a_time_equal_one_pass(model_type):
         assert torch.allclose(one.squares, one.gram.diagonal(), rtol=1e-5, atol=0)
 
 
+def test_kept_statistics_serve_every_refit_alike_and_only_where_every_gram_fits():
+    """Statistics kept for a compare's runs yield the same Grams and sums on every pass over
+    them (each the single pass's, bit for bit), run the model once, and say which probe they
+    are on; where the Grams do not fit the budget at once none are kept."""
+    model = _deep_model("llama")
+    tokens = _probe(sequences=7)
+    assert ProbeStatistics.kept(model, tokens, budget=_budget_of(4)) is None
+    whole = collect_ffn_statistics(model, tokens, batch_size=3)
+    statistics = ProbeStatistics.kept(model, tokens, budget=_budget_of(5), batch_size=3)
+    runs = []
+    FFNView(model).second_matrix_module(0).register_forward_pre_hook(
+        lambda *_: runs.append(1))
+    for _ in range(3):
+        for one, kept in zip(whole, statistics.with_grams(), strict=True):
+            assert torch.equal(one.gram, kept.gram) and torch.equal(one.total, kept.total)
+    assert len(runs) == 3  # one pass of three batches, for every refit
+    assert statistics.reads(tokens.clone()) and not statistics.reads(tokens[:6])
+    other = tokens.clone()
+    other[0, 1] += 1
+    assert not statistics.reads(other)
+
+
 def test_statistics_hold_at_most_one_group_of_grams():
     model = _deep_model("llama")
     created = []

@@ -22,16 +22,19 @@ from .evaluation.evaluate import evaluate, fitted_seqlen
 from .evaluation.speed import SpeedProtocol, fitted_protocol
 from .evaluation.zeroshot import parse_tasks
 from .families import kept_count
+from .ffn_statistics import ProbeStatistics
 from .io.files import atomic_folder, folder_of, json_with_format, write_json_atomic
 from .io.loading import check_output_path, load_model_and_tokenizer
 from .io.streaming import check_models_fit
 from .model_view import FFNView
 from .naming import method_label
 from .pipeline import (
+    CompressOptions,
     check_reconstruct,
     input_paths,
     method_of_variant,
     prune,
+    run_probe,
     train_policy,
 )
 from .selection import SELECTORS
@@ -185,11 +188,15 @@ def compare(
             "episode_total_reward": [r.total_reward for r in training.history],
             "episode_mean_ks": [r.mean_ks for r in training.history],
         }
+    statistics = None  # every run refits on the dense model's statistics on one probe: made once
+    if reconstruct != "none":
+        probe = run_probe(dense, tokenizer, CompressOptions(seed=seed, progress=progress))
+        statistics = ProbeStatistics.kept(dense, probe.ids(), progress=progress)
     pairs = [(method, ratio) for method in method_names for ratio in ratios]
     for number, (method, ratio) in enumerate(pairs, 1):
         pruned = prune(copy.deepcopy(dense), policy if method == PruneNet.name else None, ratio,
                        method=method, seed=seed, tokenizer=tokenizer, calibration=calibration,
-                       reconstruct=reconstruct, progress=progress)
+                       reconstruct=reconstruct, progress=progress, statistics=statistics)
         evaluation = run_evaluation(pruned.model)
         record = {k: v for k, v in pruned.record.items() if k not in ("training", "source")}
         results["runs"].append({"method": method, "ratio": ratio, "record": record,

@@ -129,12 +129,29 @@ class ProbeStatistics:
         size = view.num_layers if budget < 0 else max(1, budget // max(view.d_ff ** 2 * 8, 1))
         self.groups = [range(start, min(start + size, view.num_layers))
                        for start in range(0, view.num_layers, size)]
-        self._model, self._tokens = model, tokens
+        self._model, self.tokens = model, tokens
+        self._keep = False  # every Gram held for more than one refit (see kept)
         self._batch_size, self._progress = batch_size, progress
         self._every: list[LayerStatistics] | None = None
         self._held: dict[int, Tensor] = {}
         self._calls: dict[int, list[LayerCall]] = {}
         self._hidden: list[Tensor] = []
+
+    @classmethod
+    def kept(cls, model: nn.Module, tokens: Tensor, budget: int | None = None,
+             batch_size: int = 8, progress: bool = False) -> ProbeStatistics | None:
+        """Statistics whose Grams stay held for any number of refits of ``model``'s copies
+        on ``tokens``; None where every layer's Gram does not fit ``budget`` at once (each
+        refit then takes its own statistics, a group of layers at a time)."""
+        statistics = cls(model, tokens, budget, batch_size, progress)
+        if len(statistics.groups) > 1:
+            return None
+        statistics._keep = True
+        return statistics
+
+    def reads(self, tokens: Tensor) -> bool:
+        """Whether these are statistics on ``tokens``."""
+        return self.tokens.shape == tokens.shape and bool(torch.equal(self.tokens, tokens))
 
     @torch.no_grad()
     def every_layer(self) -> list[LayerStatistics]:
@@ -151,7 +168,7 @@ class ProbeStatistics:
                     entering = self._hidden if index == later[0].start else None
                     handles.append(view.layers[index].register_forward_pre_hook(
                         _recording(self._calls[index], entering), with_kwargs=True))
-            _run_batches(self._model, self._tokens, self._batch_size, handles, self._progress)
+            _run_batches(self._model, self.tokens, self._batch_size, handles, self._progress)
             self._held = {index: stats[index].gram for index in first}
             for layer_stats in stats:
                 layer_stats.gram = None  # held apart, so that with_grams can let each one go
@@ -165,7 +182,7 @@ class ProbeStatistics:
             if number > 0:
                 self._held = self._run_again(group)
             for index in group:
-                gram = self._held.pop(index)
+                gram = self._held[index] if self._keep else self._held.pop(index)
                 yield LayerStatistics(every[index].total, every[index].squares,
                                       every[index].count, gram)
                 del gram

@@ -260,6 +260,9 @@ class Plan:
     # to check the run's text; None: the model's own, loaded with it.
     tokenizer: Any = None
     evaluation_text: TokenCorpus | None = None  # --eval's corpus, as planning read it
+    # The dense model's statistics on the probe, made before and kept (ProbeStatistics.kept):
+    # the refit's and selection's, where they are on this run's probe (a compare's runs).
+    statistics: ProbeStatistics | None = None
 
     @property
     def trains_policy(self) -> bool:
@@ -623,7 +626,9 @@ def _compress(plan: Plan, tokenizer: Any = None, offloaded: nn.Module | None = N
         probe = run_probe(model, tokenizer, options)
     statistics = None  # one pass over the probe serves the selection and the refit
     if plan.reconstruct != "none" and model is not None:
-        statistics = ProbeStatistics(model, probe.ids(), progress=options.progress)
+        statistics = plan.statistics
+        if statistics is None or not statistics.reads(probe.ids()):
+            statistics = ProbeStatistics(model, probe.ids(), progress=options.progress)
     source = Source(weights, model, tokenizer, device, options.progress, probe,
                     statistics.every_layer if statistics is not None else None)
     policy_file = None  # what --policy-out gets, described before the model is sliced
@@ -817,13 +822,17 @@ def compress(model: Any, ratio: float = 0.3, *, out: str | os.PathLike | None = 
 
 def prune(model: Any, policy: PrunePolicy | str | os.PathLike | None = None, ratio: float = 0.3,
           *, out: str | os.PathLike | None = None, record_dir: str | os.PathLike | None = None,
-          overwrite: bool = False, tokenizer: Any = None, **options: Any) -> CompressionResult:
+          overwrite: bool = False, tokenizer: Any = None,
+          statistics: ProbeStatistics | None = None, **options: Any) -> CompressionResult:
     """:func:`compress` with a trained ``policy`` (object or policy file): PruneNet without
-    training, at any ``ratio``. Without a policy, ``options["method"]`` selects as compress."""
+    training, at any ``ratio``. Without a policy, ``options["method"]`` selects as compress.
+    ``statistics``: the dense model's, kept (:meth:`ProbeStatistics.kept`) on the probe this
+    run makes, for ``model`` a copy of that dense model: the refit reads them instead of
+    running the model over the probe again (they are not used for another probe)."""
     plan = plan_compression(model, ratio, CompressOptions.from_keywords(ratio, **options),
                             policy=policy, out=out, record_dir=record_dir, overwrite=overwrite,
                             tokenizer=tokenizer)
-    return run_compression(plan)
+    return run_compression(replace(plan, statistics=statistics))
 
 
 def select_rows(model: nn.Module, ratio: float, *, tokenizer: Any = None,
