@@ -358,3 +358,75 @@ def test_a_probe_length_below_two_tokens_is_refused(tiny_llama_dir, tmp_path, ca
     with pytest.raises(InputError, match="^--probe-length must be at least 2 tokens, got 1$"):
         prunenet.compress(str(tiny_llama_dir), 0.25, probe_length=1, out=tmp_path / "o")
     assert sorted(path.name for path in tmp_path.iterdir()) == ["tiny-llama"]
+
+
+def usage_error(capsys, argv: list[str]) -> str:
+    """Run the CLI; assert argparse's exit 2 with one error line; return it."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+@pytest.fixture
+def commands_never_run(monkeypatch) -> list[str]:
+    """Every command's run function replaced by one that notes its name (none should)."""
+    import prunenet.cli
+
+    ran: list[str] = []
+    for name in vars(prunenet.cli).copy():
+        if name.startswith("run_"):
+            monkeypatch.setattr(prunenet.cli, name, lambda args, name=name: ran.append(name))
+    return ran
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["compress", "{llama}", "--ratio", "0.2", "--out", "{tmp}/o", "--ratio", "0.3"],
+     "--ratio is given twice (0.2, then 0.3)"),
+    (["compress", "{llama}", "--ratio", "0.2", "--out", "{tmp}/o", "--ratio=0.3"],
+     "--ratio is given twice (0.2, then 0.3)"),
+    (["compress", "{llama}", "--ratio", "0.2", "--out", "{tmp}/o", "--rat", "0.3"],
+     "--ratio is given twice (0.2, then 0.3)"),
+    (["compress", "{llama}", "--ratio", "0.2", "--out", "{tmp}/o", "--method", "prunenet",
+      "--kld", "--kld"], "--kld is given twice"),
+    (["-q", "--quiet", "eval", "{llama}"], "--quiet is given twice (-q, then --quiet)"),
+    (["prune", "{llama}", "--ratio", "0.2", "--out", "{tmp}/o", "--policy", "a.safetensors",
+      "--policy", "b.safetensors"], "--policy is given twice (a.safetensors, then b.safetensors)"),
+    (["train-policy", "{llama}", "--ratio", "0.2", "--out", "{tmp}/p.safetensors",
+      "--episodes", "1", "--episodes", "2"], "--episodes is given twice (1, then 2)"),
+    (["compare", "{llama}", "--ratios", "0.1,0.2", "--out", "{tmp}/o", "--ratios", "0.3"],
+     "--ratios is given twice (0.1,0.2, then 0.3)"),
+    (["eval", "{llama}", "--windows", "2", "--windows=3"], "--windows is given twice (2, then 3)"),
+    (["finetune", "{llama}", "--out", "{tmp}/o", "--merge", "--no-merge"],
+     "--merge is given twice (--merge, then --no-merge)"),
+    (["convert", "{llama}", "--out", "{tmp}/a", "--out", "{tmp}/b"],
+     "--out is given twice ({tmp}/a, then {tmp}/b)"),
+    (["report", "{tmp}/r", "--layers", "0,1", "--layers", "2"],
+     "--layers is given twice (0,1, then 2)"),
+    (["fetch", "wiki", "--force", "--force"], "--force is given twice"),
+])
+def test_an_option_given_twice_is_refused_before_any_work(llama, tmp_path, capsys,
+                                                          commands_never_run, argv, message):
+    """argparse keeps an option's last value and drops the first without a word: a line that
+    gives one twice (in any spelling: --ratio=0.3, an abbreviation, a flag's other name) is
+    refused, naming both values, before the command runs; nothing is written."""
+    argv = [part.format(llama=llama, tmp=tmp_path) for part in argv]
+    prog = "prunenet" if argv[0].startswith("-") else f"prunenet {argv[0]}"
+    assert usage_error(capsys, argv) == (f"prunenet: error: {message.format(tmp=tmp_path)}; "
+                                         f"give it once (see {prog} --help)")
+    assert commands_never_run == []
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["llama"]
+
+
+def test_options_given_once_are_told_from_defaults_as_before(commands_never_run):
+    """The check counts uses within one parse: the same parser parses a second line afresh, and
+    given_options, which parses the line again, still sees each option once."""
+    parser = build_parser()
+    argv = ["compress", "m", "--ratio", "0.3", "--out", "o", "--kld"]
+    args = parser.parse_args(argv)
+    assert parser.parse_args(argv).ratio == 0.3
+    assert given_options(argv, args) == {"model", "ratio", "out", "kld"}
+    assert main(argv) == 0 and commands_never_run == ["run_compress"]

@@ -983,7 +983,8 @@ def add_finetune(subparsers) -> None:
     parser.add_argument("--patience", type=non_negative_int, default=3,
                         help="stop after N evaluations without improvement; 0 = never "
                         "(default: 3)")
-    parser.add_argument("--merge", action=argparse.BooleanOptionalAction, default=True,
+    parser.add_argument("--merge", action=_given_once(argparse.BooleanOptionalAction),
+                        default=True,
                         help="also write the merged checkpoint into OUT (default: --merge)")
     parser.add_argument("--resume", action="store_true",
                         help="continue an interrupted run from its last checkpoint in OUT.work")
@@ -999,8 +1000,59 @@ COMMANDS: list[Callable] = [add_compress, add_train_policy, add_prune, add_fetch
                             add_eval, add_compare, add_report, add_finetune]
 
 
+class _GivenOnce(argparse.Action):
+    """Mixed into an option's action: a second use on one command line is refused, where
+    argparse would keep the last value and drop the first without a word."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if option_string is not None:  # a positional is consumed once by argparse itself
+            parser.note_use(self, option_string, values)
+        super().__call__(parser, namespace, values, option_string)
+
+
+def _given_once(action_class: type[argparse.Action]) -> type[argparse.Action]:
+    return type(action_class.__name__, (_GivenOnce, action_class), {})
+
+
+def _shown(value) -> str:
+    """An option's value, as parsed, in a message."""
+    if isinstance(value, (list, tuple)):
+        return ",".join(_shown(part) for part in value)
+    return repr(value) if value == "" else str(value)
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse, with a bad option answered in one line, as every other bad input is."""
+    """argparse, with a bad option answered in one line, as every other bad input is. The
+    actions that set one value (store, store_true, ...) refuse an option given twice; actions
+    meant to repeat (append, count) would be left as argparse has them."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # argparse resolves action="store_true" (or none) through this registry; the argument
+        # groups share it, and every subcommand's parser is a _Parser too
+        for name in (None, "store", "store_const", "store_true", "store_false"):
+            self.register("action", name, _given_once(self._registry_get("action", name)))
+        self._first_uses: dict[argparse.Action, tuple[str, object]] = {}
+
+    def parse_known_args(self, args=None, namespace=None):
+        self._first_uses = {}  # of this parse: a subcommand's parser is called once per line
+        return super().parse_known_args(args, namespace)
+
+    def note_use(self, action: argparse.Action, option_string: str, values) -> None:
+        """Record that ``action`` was given as ``option_string`` with ``values``; a second use
+        is an error naming both."""
+        if action not in self._first_uses:
+            self._first_uses[action] = (option_string, values)
+            return
+        first_string, first_values = self._first_uses[action]
+        name = next((text for text in action.option_strings if text.startswith("--")),
+                    option_string)
+        if action.nargs != 0:
+            both = f" ({_shown(first_values)}, then {_shown(values)})"
+        else:  # a flag: its spellings say what was given, if they differ
+            both = f" ({first_string}, then {option_string})" \
+                if first_string != option_string else ""
+        raise argparse.ArgumentError(None, f"{name} is given twice{both}; give it once")
 
     def error(self, message: str):
         self.exit(2, f"prunenet: error: {message} (see {self.prog} --help)\n")
