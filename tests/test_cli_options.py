@@ -430,3 +430,99 @@ def test_options_given_once_are_told_from_defaults_as_before(commands_never_run)
     assert parser.parse_args(argv).ratio == 0.3
     assert given_options(argv, args) == {"model", "ratio", "out", "kld"}
     assert main(argv) == 0 and commands_never_run == ["run_compress"]
+
+
+SEED_UNUSED = ("--seed has no effect here: method '{}' with --reconstruct none draws nothing at "
+               "random and generates no probe text; drop it")
+DEVICE_UNUSED = ("--device has no effect here: method '{}' runs on the CPU, as the model's own "
+                 "passes do (only a PruneNet policy and a recovery fine-tune run on --device); "
+                 "drop it")
+
+
+@pytest.fixture
+def never_loaded(monkeypatch) -> None:
+    """Loading a model fails the test: a refusal comes before it."""
+    import prunenet.compare
+    import prunenet.pipeline
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    for module in (prunenet.pipeline, prunenet.compare):
+        monkeypatch.setattr(module, "load_model_and_tokenizer", no_load)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["compress", "--method", "magnitude", "--reconstruct", "none", "--seed", "3"],
+     SEED_UNUSED.format("magnitude")),
+    (["compress", "--method", "magnitude-product", "--reconstruct", "none", "--seed=0"],
+     SEED_UNUSED.format("magnitude-product")),
+    (["compress", "--method", "random", "--device", "cpu"], DEVICE_UNUSED.format("random")),
+    (["compress", "--device", "auto"], DEVICE_UNUSED.format("self-generated")),
+    (["compress", "--method", "magnitude", "--reconstruct", "none", "--seed", "1", "--device",
+      "cpu"], SEED_UNUSED.format("magnitude") + "; " + DEVICE_UNUSED.format("magnitude")),
+    (["prune", "--method", "magnitude", "--reconstruct", "none", "--seed", "5"],
+     SEED_UNUSED.format("magnitude")),
+    (["prune", "--method", "activation", "--calibration-windows", "1", "--device", "cpu"],
+     DEVICE_UNUSED.format("activation")),
+    (["compare", "--methods", "magnitude,activation", "--reconstruct", "none", "--seed", "2"],
+     "--seed has no effect here: with --reconstruct none no method compared is seeded "
+     "(self-generated, prunenet, random are); drop it"),
+])
+def test_seed_and_device_where_the_run_reads_neither_are_refused_before_any_work(
+        tiny_llama_real_tokenizer_dir, tmp_path, capsys, never_loaded, argv, message):
+    """magnitude, magnitude-product and activation with --reconstruct none choose rows by
+    weights and calibration text alone: no probe is sampled and nothing is drawn, so --seed
+    changes nothing; every method but prunenet runs on the CPU, so --device changes nothing
+    (a recovery would read both). Refused in one line, before the model loads."""
+    command, *options = argv
+    ratio = ["--ratios", "0.3"] if command == "compare" else ["--ratio", "0.3"]
+    line = refused(capsys, ["-q", command, str(tiny_llama_real_tokenizer_dir), *ratio, "--out",
+                            str(tmp_path / "o"), *options], message)
+    assert line == f"prunenet: error: {message}"
+    assert not any(tmp_path.iterdir())
+
+
+def test_seed_and_device_are_accepted_where_the_run_reads_them(llama, tmp_path, capsys,
+                                                               monkeypatch):
+    """The default method samples its probe from the seed; a refit samples one for any
+    method; random draws its rows; prunenet trains and selects on --device; a recovery reads
+    both. There --seed and --device are accepted (and the first run shows the seed in use)."""
+    import prunenet.cli
+
+    out = tmp_path / "out"
+    assert main(["-q", "compress", str(llama), "--ratio", "0.3", "--out", str(out), "--seed",
+                 "3", "--probe-tokens", "64", "--probe-length", "16"]) == 0
+    record = read_record(out)
+    assert record["method"] == "self-generated" and record["seed"] == record["probe"]["seed"] == 3
+    policy = tmp_path / "p.safetensors"
+    assert main(["-q", "train-policy", str(llama), "--ratio", "0.3", "--out", str(policy),
+                 "--episodes", "1", "--seed", "3", "--device", "cpu"]) == 0
+
+    class Planned(Exception):
+        pass
+
+    def planned(plan):
+        raise Planned
+
+    monkeypatch.setattr(prunenet.cli, "_run_plan", planned)
+    for command, options in [
+        ("compress", ["--method", "magnitude", "--seed", "1"]),
+        ("compress", ["--method", "random", "--reconstruct", "none", "--seed", "1"]),
+        ("compress", ["--method", "prunenet", "--reconstruct", "none", "--seed", "1",
+                      "--device", "cpu"]),
+        ("compress", ["--method", "magnitude", "--reconstruct", "none", "--seed", "1",
+                      "--device", "cpu", "--recover-steps", "1", "--finetune-seqlen", "32"]),
+        ("prune", ["--policy", str(policy), "--reconstruct", "none", "--seed", "1", "--device",
+                   "cpu"]),
+        ("prune", ["--policy", str(policy), "--selection", "topk", "--seed", "1"]),
+    ]:
+        with pytest.raises(Planned):
+            main(["-q", command, str(llama), "--ratio", "0.3", "--out", str(tmp_path / "o"),
+                  *options])
+    refused(capsys, ["-q", "prune", str(llama), "--ratio", "0.3", "--out", str(tmp_path / "o"),
+                     "--policy", str(policy), "--selection", "topk", "--reconstruct", "none",
+                     "--seed", "1"],
+            "--seed has no effect here: method 'prunenet' with --policy, --selection topk and "
+            "--reconstruct none draws nothing at random and generates no probe text; drop it")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["llama", "out", "p.safetensors"]

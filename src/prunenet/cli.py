@@ -132,11 +132,16 @@ PROBE_OPTIONS = ("probe_tokens", "probe_length", "probe_temperature", "probe_pro
                  "probe_sampler", "probe_cache")
 
 
-def _method_rules(plan) -> list[tuple[Sequence[str], str | None]]:
+def _method_rules(plan, recovers: bool = False) -> list[tuple[Sequence[str], str | None]]:
     """compress and prune: options of a method, the probe, the refit or the GGUF writer given
-    to the planned run (its method, refit and formats as resolved) that does not use them."""
+    to the planned run (its method, refit and formats as resolved) that does not use them.
+    ``recovers``: compress fine-tunes the output after (--finetune-steps, --recover-steps), which
+    reads the seed and runs on the device."""
     method = plan.selector.name
     trains = method == "prunenet" and plan.selector.policy is None
+    # a seeded method reads the seed, but for a given policy's top-k rows, which draw nothing
+    seeded = plan.selector.seeded and not (method == "prunenet" and not trains
+                                           and plan.selector.selection == "topk")
     return [
         (TRAINING_OPTIONS, None if trains else
          "method 'prunenet' with --policy uses that policy and trains none"
@@ -150,6 +155,13 @@ def _method_rules(plan) -> list[tuple[Sequence[str], str | None]]:
          f"the ridge regularizes --reconstruct ls, and this run refits with {plan.reconstruct}"),
         (PROBE_OPTIONS, None if method == DEFAULT_METHOD or plan.reconstruct != "none" else
          f"method {method!r} with --reconstruct none generates no probe text"),
+        (("seed",), None if seeded or plan.reconstruct != "none" or recovers else
+         f"method {method!r} with "
+         f"{'--policy, --selection topk and ' if method == 'prunenet' else ''}--reconstruct "
+         "none draws nothing at random and generates no probe text"),
+        (("device",), None if method == "prunenet" or recovers else
+         f"method {method!r} runs on the CPU, as the model's own passes do (only a PruneNet "
+         "policy and a recovery fine-tune run on --device)"),
         (("gguf_down_type",), None if "gguf" in plan.formats else "no model.gguf is written "
          "(one is cut only from a .gguf input of an architecture GGUF output supports, with "
          "--format auto, gguf or both)"),
@@ -411,7 +423,7 @@ def run_compress(args: argparse.Namespace) -> int:
                             record_dir=args.record, policy_out=args.policy_out,
                             overwrite=args.overwrite, extra_outputs=extra_outputs,
                             extra_reads=extra_reads)
-    refuse_unused(args, [*_method_rules(plan),
+    refuse_unused(args, [*_method_rules(plan, recovers=bool(recoveries)),
                          (("finetune_data",), None if args.finetune_steps else
                           "only --finetune-steps reads a corpus, and it is not given"),
                          (("finetune_seqlen", "finetune_precision"),
@@ -764,7 +776,12 @@ def run_compare(args: argparse.Namespace) -> int:
                           "no method compared trains a PruneNet policy"),
                          (("calibration_corpus", "calibration_windows"),
                           None if "activation" in methods else "no method compared reads "
-                          "calibration text (activation does)")])
+                          "calibration text (activation does)"),
+                         (("seed",), None if args.reconstruct != "none" or any(
+                             SELECTORS[method].seeded for method in methods) else
+                          "with --reconstruct none no method compared is seeded ("
+                          + ", ".join(name for name, cls in SELECTORS.items() if cls.seeded)
+                          + " are)")])
     _offline_tasks(args)
     compare(args.model, args.ratios, args.methods, args.out, variant=args.variant,
             episodes=args.episodes,
