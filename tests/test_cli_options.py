@@ -443,12 +443,15 @@ DEVICE_UNUSED = ("--device has no effect here: method '{}' runs on the CPU, as t
 def never_loaded(monkeypatch) -> None:
     """Loading a model fails the test: a refusal comes before it."""
     import prunenet.compare
+    import prunenet.evaluation.evaluate
+    import prunenet.io.loading
     import prunenet.pipeline
 
     def no_load(*args, **kwargs):
         raise AssertionError("the model was loaded")
 
-    for module in (prunenet.pipeline, prunenet.compare):
+    for module in (prunenet.pipeline, prunenet.compare, prunenet.evaluation.evaluate,
+                   prunenet.io.loading):  # train-policy imports it when it runs
         monkeypatch.setattr(module, "load_model_and_tokenizer", no_load)
 
 
@@ -526,3 +529,31 @@ def test_seed_and_device_are_accepted_where_the_run_reads_them(llama, tmp_path, 
             "--seed has no effect here: method 'prunenet' with --policy, --selection topk and "
             "--reconstruct none draws nothing at random and generates no probe text; drop it")
     assert sorted(path.name for path in tmp_path.iterdir()) == ["llama", "out", "p.safetensors"]
+
+
+@pytest.mark.parametrize("argv", [
+    ["compress", "{llama}", "--ratio", "0.3", "--out", "{tmp}/o", "--max-memory", "-1GB"],
+    ["prune", "{llama}", "--ratio", "0.3", "--out", "{tmp}/o", "--max-memory", "-1GB"],
+    ["train-policy", "{llama}", "--ratio", "0.3", "--out", "{tmp}/p.safetensors",
+     "--max-memory", "-1GB"],
+    ["eval", "{llama}", "--max-memory", "-1GB"],
+])
+def test_a_negative_memory_budget_is_refused_as_not_positive(llama, tmp_path, capsys,
+                                                             never_loaded, argv):
+    """-1GB after --max-memory is the option's value, refused as a budget that is not
+    positive (argparse had taken it for an unknown option: 'expected one argument'); before
+    the model loads, nothing written."""
+    line = refused(capsys, ["-q", *(part.format(llama=llama, tmp=tmp_path) for part in argv)],
+                   "--max-memory must be positive")
+    assert line == "prunenet: error: --max-memory must be positive, got '-1GB'"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["llama"]
+
+
+def test_a_negative_number_in_any_notation_reaches_the_options_own_check(llama, tmp_path,
+                                                                        capsys):
+    """-1e-3 is a value as -1 is, and the option's type says why it is refused."""
+    assert usage_error(capsys, ["-q", "compress", str(llama), "--ratio", "0.3", "--out",
+                                str(tmp_path / "o"), "--method", "prunenet", "--lr", "-1e-3"]) \
+        == ("prunenet: error: argument --lr: expected a positive finite number, got -1e-3 (see "
+            "prunenet compress --help)")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["llama"]

@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import re
 import signal
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -1049,6 +1050,10 @@ class _Parser(argparse.ArgumentParser):
         # groups share it, and every subcommand's parser is a _Parser too
         for name in (None, "store", "store_const", "store_true", "store_false"):
             self.register("action", name, _given_once(self._registry_get("action", name)))
+        # A word that starts with '-' and a digit is a value, as argparse reads -1 or -0.5:
+        # --max-memory -1GB and --lr -1e-3 reach the option's own check (not positive) instead
+        # of "expected one argument". No option of prunenet is spelt so.
+        self._negative_number_matcher = re.compile(r"^-\.?\d")
         self._first_uses: dict[argparse.Action, tuple[str, object]] = {}
 
     def parse_known_args(self, args=None, namespace=None):
