@@ -399,3 +399,202 @@ def test_a_probe_length_below_two_tokens_is_refused(tiny_llama_dir, tmp_path, ca
     with pytest.raises(InputError, match="^--probe-length must be at least 2 tokens, got 1$"):
         prunenet.compress(str(tiny_llama_dir), 0.25, probe_length=1, out=tmp_path / "o")
     assert sorted(path.name for path in tmp_path.iterdir()) == ["tiny-llama"]
+
+
+def usage_error(capsys, argv: list[str]) -> str:
+    """Run the CLI; assert argparse's exit 2 with one error line; return it."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+@pytest.fixture
+def commands_never_run(monkeypatch) -> list[str]:
+    """Every command's run function replaced by one that notes its name (none should)."""
+    import prunenet.cli
+
+    ran: list[str] = []
+    for name in vars(prunenet.cli).copy():
+        if name.startswith("run_"):
+            monkeypatch.setattr(prunenet.cli, name, lambda args, name=name: ran.append(name))
+    return ran
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["compress", "{llama}", "--ratio", "0.2", "--out", "{tmp}/o", "--ratio", "0.3"],
+     "--ratio is given twice (0.2, then 0.3)"),
+    (["compress", "{llama}", "--ratio", "0.2", "--out", "{tmp}/o", "--ratio=0.3"],
+     "--ratio is given twice (0.2, then 0.3)"),
+    (["compress", "{llama}", "--ratio", "0.2", "--out", "{tmp}/o", "--rat", "0.3"],
+     "--ratio is given twice (0.2, then 0.3)"),
+    (["compress", "{llama}", "--ratio", "0.2", "--out", "{tmp}/o", "--method", "prunenet",
+      "--kld", "--kld"], "--kld is given twice"),
+    (["-q", "--quiet", "eval", "{llama}"], "--quiet is given twice (-q, then --quiet)"),
+    (["prune", "{llama}", "--ratio", "0.2", "--out", "{tmp}/o", "--policy", "a.safetensors",
+      "--policy", "b.safetensors"], "--policy is given twice (a.safetensors, then b.safetensors)"),
+    (["train-policy", "{llama}", "--ratio", "0.2", "--out", "{tmp}/p.safetensors",
+      "--episodes", "1", "--episodes", "2"], "--episodes is given twice (1, then 2)"),
+    (["compare", "{llama}", "--ratios", "0.1,0.2", "--out", "{tmp}/o", "--ratios", "0.3"],
+     "--ratios is given twice (0.1,0.2, then 0.3)"),
+    (["eval", "{llama}", "--windows", "2", "--windows=3"], "--windows is given twice (2, then 3)"),
+    (["finetune", "{llama}", "--out", "{tmp}/o", "--merge", "--no-merge"],
+     "--merge is given twice (--merge, then --no-merge)"),
+    (["convert", "{llama}", "--out", "{tmp}/a", "--out", "{tmp}/b"],
+     "--out is given twice ({tmp}/a, then {tmp}/b)"),
+    (["report", "{tmp}/r", "--layers", "0,1", "--layers", "2"],
+     "--layers is given twice (0,1, then 2)"),
+    (["fetch", "wiki", "--force", "--force"], "--force is given twice"),
+])
+def test_an_option_given_twice_is_refused_before_any_work(llama, tmp_path, capsys,
+                                                          commands_never_run, argv, message):
+    """argparse keeps an option's last value and drops the first without a word: a line that
+    gives one twice (in any spelling: --ratio=0.3, an abbreviation, a flag's other name) is
+    refused, naming both values, before the command runs; nothing is written."""
+    argv = [part.format(llama=llama, tmp=tmp_path) for part in argv]
+    prog = "prunenet" if argv[0].startswith("-") else f"prunenet {argv[0]}"
+    assert usage_error(capsys, argv) == (f"prunenet: error: {message.format(tmp=tmp_path)}; "
+                                         f"give it once (see {prog} --help)")
+    assert commands_never_run == []
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["llama"]
+
+
+def test_options_given_once_are_told_from_defaults_as_before(commands_never_run):
+    """The check counts uses within one parse: the same parser parses a second line afresh, and
+    given_options, which parses the line again, still sees each option once."""
+    parser = build_parser()
+    argv = ["compress", "m", "--ratio", "0.3", "--out", "o", "--kld"]
+    args = parser.parse_args(argv)
+    assert parser.parse_args(argv).ratio == 0.3
+    assert given_options(argv, args) == {"model", "ratio", "out", "kld"}
+    assert main(argv) == 0 and commands_never_run == ["run_compress"]
+
+
+SEED_UNUSED = ("--seed has no effect here: method '{}' with --reconstruct none draws nothing at "
+               "random and generates no probe text; drop it")
+DEVICE_UNUSED = ("--device has no effect here: method '{}' runs on the CPU, as the model's own "
+                 "passes do (only a PruneNet policy and a recovery fine-tune run on --device); "
+                 "drop it")
+
+
+@pytest.fixture
+def never_loaded(monkeypatch) -> None:
+    """Loading a model fails the test: a refusal comes before it."""
+    import prunenet.compare
+    import prunenet.evaluation.evaluate
+    import prunenet.io.loading
+    import prunenet.pipeline
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    for module in (prunenet.pipeline, prunenet.compare, prunenet.evaluation.evaluate,
+                   prunenet.io.loading):  # train-policy imports it when it runs
+        monkeypatch.setattr(module, "load_model_and_tokenizer", no_load)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["compress", "--method", "magnitude", "--reconstruct", "none", "--seed", "3"],
+     SEED_UNUSED.format("magnitude")),
+    (["compress", "--method", "magnitude-product", "--reconstruct", "none", "--seed=0"],
+     SEED_UNUSED.format("magnitude-product")),
+    (["compress", "--method", "random", "--device", "cpu"], DEVICE_UNUSED.format("random")),
+    (["compress", "--device", "auto"], DEVICE_UNUSED.format("self-generated")),
+    (["compress", "--method", "magnitude", "--reconstruct", "none", "--seed", "1", "--device",
+      "cpu"], SEED_UNUSED.format("magnitude") + "; " + DEVICE_UNUSED.format("magnitude")),
+    (["prune", "--method", "magnitude", "--reconstruct", "none", "--seed", "5"],
+     SEED_UNUSED.format("magnitude")),
+    (["prune", "--method", "activation", "--calibration-windows", "1", "--device", "cpu"],
+     DEVICE_UNUSED.format("activation")),
+    (["compare", "--methods", "magnitude,activation", "--reconstruct", "none", "--seed", "2"],
+     "--seed has no effect here: with --reconstruct none no method compared is seeded "
+     "(self-generated, prunenet, random are); drop it"),
+])
+def test_seed_and_device_where_the_run_reads_neither_are_refused_before_any_work(
+        tiny_llama_real_tokenizer_dir, tmp_path, capsys, never_loaded, argv, message):
+    """magnitude, magnitude-product and activation with --reconstruct none choose rows by
+    weights and calibration text alone: no probe is sampled and nothing is drawn, so --seed
+    changes nothing; every method but prunenet runs on the CPU, so --device changes nothing
+    (a recovery would read both). Refused in one line, before the model loads."""
+    command, *options = argv
+    ratio = ["--ratios", "0.3"] if command == "compare" else ["--ratio", "0.3"]
+    line = refused(capsys, ["-q", command, str(tiny_llama_real_tokenizer_dir), *ratio, "--out",
+                            str(tmp_path / "o"), *options], message)
+    assert line == f"prunenet: error: {message}"
+    assert not any(tmp_path.iterdir())
+
+
+def test_seed_and_device_are_accepted_where_the_run_reads_them(llama, tmp_path, capsys,
+                                                               monkeypatch):
+    """The default method samples its probe from the seed; a refit samples one for any
+    method; random draws its rows; prunenet trains and selects on --device; a recovery reads
+    both. There --seed and --device are accepted (and the first run shows the seed in use)."""
+    import prunenet.cli
+
+    out = tmp_path / "out"
+    assert main(["-q", "compress", str(llama), "--ratio", "0.3", "--out", str(out), "--seed",
+                 "3", "--probe-tokens", "64", "--probe-length", "16"]) == 0
+    record = read_record(out)
+    assert record["method"] == "self-generated" and record["seed"] == record["probe"]["seed"] == 3
+    policy = tmp_path / "p.safetensors"
+    assert main(["-q", "train-policy", str(llama), "--ratio", "0.3", "--out", str(policy),
+                 "--episodes", "1", "--seed", "3", "--device", "cpu"]) == 0
+
+    class Planned(Exception):
+        pass
+
+    def planned(plan):
+        raise Planned
+
+    monkeypatch.setattr(prunenet.cli, "_run_plan", planned)
+    for command, options in [
+        ("compress", ["--method", "magnitude", "--seed", "1"]),
+        ("compress", ["--method", "random", "--reconstruct", "none", "--seed", "1"]),
+        ("compress", ["--method", "prunenet", "--reconstruct", "none", "--seed", "1",
+                      "--device", "cpu"]),
+        ("compress", ["--method", "magnitude", "--reconstruct", "none", "--seed", "1",
+                      "--device", "cpu", "--recover-steps", "1", "--finetune-seqlen", "32"]),
+        ("prune", ["--policy", str(policy), "--reconstruct", "none", "--seed", "1", "--device",
+                   "cpu"]),
+        ("prune", ["--policy", str(policy), "--selection", "topk", "--seed", "1"]),
+    ]:
+        with pytest.raises(Planned):
+            main(["-q", command, str(llama), "--ratio", "0.3", "--out", str(tmp_path / "o"),
+                  *options])
+    refused(capsys, ["-q", "prune", str(llama), "--ratio", "0.3", "--out", str(tmp_path / "o"),
+                     "--policy", str(policy), "--selection", "topk", "--reconstruct", "none",
+                     "--seed", "1"],
+            "--seed has no effect here: method 'prunenet' with --policy, --selection topk and "
+            "--reconstruct none draws nothing at random and generates no probe text; drop it")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["llama", "out", "p.safetensors"]
+
+
+@pytest.mark.parametrize("argv", [
+    ["compress", "{llama}", "--ratio", "0.3", "--out", "{tmp}/o", "--max-memory", "-1GB"],
+    ["prune", "{llama}", "--ratio", "0.3", "--out", "{tmp}/o", "--max-memory", "-1GB"],
+    ["train-policy", "{llama}", "--ratio", "0.3", "--out", "{tmp}/p.safetensors",
+     "--max-memory", "-1GB"],
+    ["eval", "{llama}", "--max-memory", "-1GB"],
+])
+def test_a_negative_memory_budget_is_refused_as_not_positive(llama, tmp_path, capsys,
+                                                             never_loaded, argv):
+    """-1GB after --max-memory is the option's value, refused as a budget that is not
+    positive (argparse had taken it for an unknown option: 'expected one argument'); before
+    the model loads, nothing written."""
+    line = refused(capsys, ["-q", *(part.format(llama=llama, tmp=tmp_path) for part in argv)],
+                   "--max-memory must be positive")
+    assert line == "prunenet: error: --max-memory must be positive, got '-1GB'"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["llama"]
+
+
+def test_a_negative_number_in_any_notation_reaches_the_options_own_check(llama, tmp_path,
+                                                                        capsys):
+    """-1e-3 is a value as -1 is, and the option's type says why it is refused."""
+    assert usage_error(capsys, ["-q", "compress", str(llama), "--ratio", "0.3", "--out",
+                                str(tmp_path / "o"), "--method", "prunenet", "--lr", "-1e-3"]) \
+        == ("prunenet: error: argument --lr: expected a positive finite number, got -1e-3 (see "
+            "prunenet compress --help)")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["llama"]

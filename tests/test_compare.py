@@ -190,7 +190,9 @@ def test_compare_bad_input_is_one_line_and_writes_nothing(tiny_llama_real_tokeni
                                                           text_file, tmp_path, capsys, extra,
                                                           message):
     out = tmp_path / "cmp"
-    argv = [*_compare_argv(tiny_llama_real_tokenizer_dir, text_file, out), *extra]
+    argv = _compare_argv(tiny_llama_real_tokenizer_dir, text_file, out)
+    option, value = extra
+    argv[argv.index(option) + 1] = value  # in place: an option given twice is refused
     # argparse rejects a bad ratio itself (exit 2); the others are prunenet errors (return 2).
     with pytest.raises(SystemExit) if extra[0] == "--ratios" else contextlib.nullcontext():
         assert main(argv) == 2

@@ -192,7 +192,8 @@ def test_the_card_command_parses_back_to_every_recorded_compression_setting():
 def test_the_card_command_names_no_option_the_run_did_not_use():
     """The command line refuses an option a run would not use: a refit without a ridge, a
     method without a probe or a policy, singular values taken directly (no Gram float type),
-    a calibration for activation only; a saved policy's run is `prune --policy`."""
+    a calibration for activation only, a seed where nothing was drawn (no probe, no random or
+    sampled rows); a saved policy's run is `prune --policy`."""
     from prunenet.io.model_card import render_card
 
     base = {key: value for key, value in TRAINED.items()
@@ -202,7 +203,7 @@ def test_the_card_command_names_no_option_the_run_did_not_use():
          "calibration": {"corpus": "book.txt", "windows": 5, "seqlen": 1024}}))
     args, options = parsed_compression(activation)
     assert not {"--ridge", "--probe-tokens", "--probe-sampler", "--selection", "--episodes",
-                "--eval"} & set(activation)
+                "--eval", "--seed"} & set(activation)
     assert (options.reconstruct, options.calibration.corpus, options.calibration.windows) == (
         "none", "book.txt", 5)
     svd, = card_commands(render_card(
@@ -213,6 +214,14 @@ def test_the_card_command_names_no_option_the_run_did_not_use():
     assert reused[:5] == ["prunenet", "prune", "/m/dense", "--policy", "POLICY.safetensors"]
     assert not {"--episodes", "--lr", "--gamma", "--kld", "--ridge"} & set(reused)
     assert parsed_compression(reused)[1].reconstruct == "bias"
+    assert reused[reused.index("--seed") + 1] == "7"  # the refit's probe was sampled from it
+    top_rows, = card_commands(render_card(
+        {**TRAINED, "training": None, "probe": None, "reconstruct": {"mode": "none"}}))
+    assert "--seed" not in top_rows and "--selection" in top_rows
+    sampled, = card_commands(render_card(
+        {**TRAINED, "training": None, "probe": None, "selection": "sample",
+         "reconstruct": {"mode": "none"}}))
+    assert sampled[sampled.index("--seed") + 1] == "7"
 
 
 def test_a_record_made_before_a_setting_was_recorded_repeats_what_ran_then():

@@ -120,7 +120,7 @@ def test_cli_streams_when_the_model_exceeds_max_memory(tmp_path, capsys, caplog)
     assert checkpoint.in_memory_need(training=False) < least  # streams only as the model runs
     caplog.set_level(logging.INFO, logger="prunenet")
     status = main(["compress", str(source), "--ratio", "0.5", "--out", str(tmp_path / "out"),
-                   "--max-memory", str(least), "--device", "cpu"])
+                   "--max-memory", str(least)])
     assert status == 0
     record = json.loads((tmp_path / "out" / "prunenet.json").read_text())
     assert record["method"] == "self-generated" and record["reconstruct"]["mode"] == "ls"

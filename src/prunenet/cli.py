@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import re
 import signal
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -132,11 +133,16 @@ PROBE_OPTIONS = ("probe_tokens", "probe_length", "probe_temperature", "probe_pro
                  "probe_sampler", "probe_cache")
 
 
-def _method_rules(plan) -> list[tuple[Sequence[str], str | None]]:
+def _method_rules(plan, recovers: bool = False) -> list[tuple[Sequence[str], str | None]]:
     """compress and prune: options of a method, the probe, the refit or the GGUF writer given
-    to the planned run (its method, refit and formats as resolved) that does not use them."""
+    to the planned run (its method, refit and formats as resolved) that does not use them.
+    ``recovers``: compress fine-tunes the output after (--finetune-steps, --recover-steps), which
+    reads the seed and runs on the device."""
     method = plan.selector.name
     trains = method == "prunenet" and plan.selector.policy is None
+    # a seeded method reads the seed, but for a given policy's top-k rows, which draw nothing
+    seeded = plan.selector.seeded and not (method == "prunenet" and not trains
+                                           and plan.selector.selection == "topk")
     return [
         (TRAINING_OPTIONS, None if trains else
          "method 'prunenet' with --policy uses that policy and trains none"
@@ -150,6 +156,13 @@ def _method_rules(plan) -> list[tuple[Sequence[str], str | None]]:
          f"the ridge regularizes --reconstruct ls, and this run refits with {plan.reconstruct}"),
         (PROBE_OPTIONS, None if method == DEFAULT_METHOD or plan.reconstruct != "none" else
          f"method {method!r} with --reconstruct none generates no probe text"),
+        (("seed",), None if seeded or plan.reconstruct != "none" or recovers else
+         f"method {method!r} with "
+         f"{'--policy, --selection topk and ' if method == 'prunenet' else ''}--reconstruct "
+         "none draws nothing at random and generates no probe text"),
+        (("device",), None if method == "prunenet" or recovers else
+         f"method {method!r} runs on the CPU, as the model's own passes do (only a PruneNet "
+         "policy and a recovery fine-tune run on --device)"),
         (("gguf_down_type",), None if "gguf" in plan.formats else "no model.gguf is written "
          "(one is cut only from a .gguf input of an architecture GGUF output supports, with "
          "--format auto, gguf or both)"),
@@ -421,7 +434,8 @@ def run_compress(args: argparse.Namespace) -> int:
                             record_dir=args.record, policy_out=args.policy_out,
                             overwrite=args.overwrite, extra_outputs=extra_outputs,
                             extra_reads=extra_reads, before_text=lambda plan: refuse_unused(
-                                args, [*_method_rules(plan), *_recovery_rules(args)]))
+                                args, [*_method_rules(plan, recovers=bool(recoveries)),
+                                       *_recovery_rules(args)]))
     if plan.streamed is not None:  # a recovery holds its models whole: known before any work
         from .io.streaming import refuse_over_free_memory
 
@@ -768,7 +782,12 @@ def run_compare(args: argparse.Namespace) -> int:
                           "no method compared trains a PruneNet policy"),
                          (("calibration_corpus", "calibration_windows"),
                           None if "activation" in methods else "no method compared reads "
-                          "calibration text (activation does)")])
+                          "calibration text (activation does)"),
+                         (("seed",), None if args.reconstruct != "none" or any(
+                             SELECTORS[method].seeded for method in methods) else
+                          "with --reconstruct none no method compared is seeded ("
+                          + ", ".join(name for name, cls in SELECTORS.items() if cls.seeded)
+                          + " are)")])
     _offline_tasks(args)
     compare(args.model, args.ratios, args.methods, args.out, variant=args.variant,
             episodes=args.episodes,
@@ -987,7 +1006,8 @@ def add_finetune(subparsers) -> None:
     parser.add_argument("--patience", type=non_negative_int, default=3,
                         help="stop after N evaluations without improvement; 0 = never "
                         "(default: 3)")
-    parser.add_argument("--merge", action=argparse.BooleanOptionalAction, default=True,
+    parser.add_argument("--merge", action=_given_once(argparse.BooleanOptionalAction),
+                        default=True,
                         help="also write the merged checkpoint into OUT (default: --merge)")
     parser.add_argument("--resume", action="store_true",
                         help="continue an interrupted run from its last checkpoint in OUT.work")
@@ -1003,8 +1023,63 @@ COMMANDS: list[Callable] = [add_compress, add_train_policy, add_prune, add_fetch
                             add_eval, add_compare, add_report, add_finetune]
 
 
+class _GivenOnce(argparse.Action):
+    """Mixed into an option's action: a second use on one command line is refused, where
+    argparse would keep the last value and drop the first without a word."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if option_string is not None:  # a positional is consumed once by argparse itself
+            parser.note_use(self, option_string, values)
+        super().__call__(parser, namespace, values, option_string)
+
+
+def _given_once(action_class: type[argparse.Action]) -> type[argparse.Action]:
+    return type(action_class.__name__, (_GivenOnce, action_class), {})
+
+
+def _shown(value) -> str:
+    """An option's value, as parsed, in a message."""
+    if isinstance(value, (list, tuple)):
+        return ",".join(_shown(part) for part in value)
+    return repr(value) if value == "" else str(value)
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse, with a bad option answered in one line, as every other bad input is."""
+    """argparse, with a bad option answered in one line, as every other bad input is. The
+    actions that set one value (store, store_true, ...) refuse an option given twice; actions
+    meant to repeat (append, count) would be left as argparse has them."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # argparse resolves action="store_true" (or none) through this registry; the argument
+        # groups share it, and every subcommand's parser is a _Parser too
+        for name in (None, "store", "store_const", "store_true", "store_false"):
+            self.register("action", name, _given_once(self._registry_get("action", name)))
+        # A word that starts with '-' and a digit is a value, as argparse reads -1 or -0.5:
+        # --max-memory -1GB and --lr -1e-3 reach the option's own check (not positive) instead
+        # of "expected one argument". No option of prunenet is spelt so.
+        self._negative_number_matcher = re.compile(r"^-\.?\d")
+        self._first_uses: dict[argparse.Action, tuple[str, object]] = {}
+
+    def parse_known_args(self, args=None, namespace=None):
+        self._first_uses = {}  # of this parse: a subcommand's parser is called once per line
+        return super().parse_known_args(args, namespace)
+
+    def note_use(self, action: argparse.Action, option_string: str, values) -> None:
+        """Record that ``action`` was given as ``option_string`` with ``values``; a second use
+        is an error naming both."""
+        if action not in self._first_uses:
+            self._first_uses[action] = (option_string, values)
+            return
+        first_string, first_values = self._first_uses[action]
+        name = next((text for text in action.option_strings if text.startswith("--")),
+                    option_string)
+        if action.nargs != 0:
+            both = f" ({_shown(first_values)}, then {_shown(values)})"
+        else:  # a flag: its spellings say what was given, if they differ
+            both = f" ({first_string}, then {option_string})" \
+                if first_string != option_string else ""
+        raise argparse.ArgumentError(None, f"{name} is given twice{both}; give it once")
 
     def error(self, message: str):
         self.exit(2, f"prunenet: error: {message} (see {self.prog} --help)\n")

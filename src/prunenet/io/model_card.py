@@ -201,17 +201,20 @@ def _compress_command(record: dict[str, Any], gguf_format: str = "both") -> list
     repeats the run under a prunenet whose defaults differ; the options the run did not use
     (the command line refuses them) are left out: training options where no policy was
     trained, the probe's where no probe ran, the ridge of a refit that has none, the GGUF
-    type where no GGUF was written. A record made before a setting was recorded names the
-    value that ran then: no refit (``--reconstruct none``), the exact kept count
-    (``--round-to 1``), the probe's tokens drawn by ``torch.multinomial``.
+    type where no GGUF was written, the seed where nothing was drawn at random (no probe, and
+    neither random rows nor a policy's trained or sampled ones). A record made before a
+    setting was recorded names the value that ran then: no refit (``--reconstruct none``),
+    the exact kept count (``--round-to 1``), the probe's tokens drawn by ``torch.multinomial``.
     """
     method = record["method"]
     source = str(record.get("source") or "MODEL")
     reused = method == "prunenet" and record.get("policy_sha256") and not record.get("training")
+    seeded = (isinstance(record.get("probe"), dict) or method == "random"
+              or method == "prunenet" and not (reused and record.get("selection") == "topk"))
     command = ["prunenet", "prune" if reused else "compress", source,
                *(["--policy", "POLICY.safetensors"] if reused else []),
                "--ratio", _number(record["ratio"]), "--method", method,
-               "--seed", str(record["seed"])]
+               *(["--seed", str(record["seed"])] if seeded else [])]
     if method == "prunenet":
         if record.get("selection"):
             command += ["--selection", record["selection"]]

@@ -82,19 +82,22 @@ def parse_memory(text: str | int) -> int:
     """Bytes from a size as accelerate and transformers read ``max_memory``: ``"2GB"`` is 2 x 10^9
     bytes, ``"2GiB"`` 2 x 2^30, ``"512MB"``, ``"1.5GB"``; a plain integer is bytes. Units are
     read in any case, always as bytes: accelerate reads a lower-case ``b`` as bits (``2gb`` would
-    be 2.5 x 10^8 bytes), so the unit is upper-cased before it is passed on."""
+    be 2.5 x 10^8 bytes), so the unit is upper-cased before it is passed on. A size with a minus
+    sign (``-1GB``) is refused as not positive, as ``0`` is."""
     from accelerate.utils import convert_file_size_to_int
 
     if isinstance(text, bool):
         raise InputError(f"--max-memory must be a size such as 2GB, got {text!r}")
-    if isinstance(text, str) and text.strip().isdigit():
-        text = int(text.strip())
+    negative = isinstance(text, str) and text.strip().startswith("-")
+    size = text.strip().removeprefix("-") if isinstance(text, str) else text
+    if isinstance(size, str) and size.isdigit():
+        size = int(size)
     try:
-        value = convert_file_size_to_int(text.strip().upper() if isinstance(text, str) else text)
+        value = convert_file_size_to_int(size.upper() if isinstance(size, str) else size)
     except (ValueError, TypeError, OverflowError):  # OverflowError: infinite, e.g. 1e400GB
         raise InputError(f"--max-memory {text!r} is not understood; write e.g. 2GB (10^9 bytes), "
                          "2GiB (2^30 bytes) or 512MB") from None
-    if value <= 0:
+    if value <= 0 or negative:
         raise InputError(f"--max-memory must be positive, got {text!r}")
     return int(value)
 

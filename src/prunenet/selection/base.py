@@ -3,8 +3,8 @@
 A selection method is a :class:`Selector`: it reads a :class:`Source` (the model's FFN weights,
 and the loaded model and tokenizer when it has them) and returns, per layer, the sorted indices
 of the ``kept`` neurons. Its class says what it needs: ``needs_model`` (it runs the model, which
-a streamed checkpoint then does layer by layer from disk) and ``needs_data`` (it reads
-calibration text).
+a streamed checkpoint then does layer by layer from disk), ``needs_data`` (it reads
+calibration text) and ``seeded`` (its rows depend on the run's seed).
 """
 
 from __future__ import annotations
@@ -59,6 +59,9 @@ class Selector(ABC):
     summary: ClassVar[str]  # one line for --help and the docs
     needs_model: ClassVar[bool] = False
     needs_data: ClassVar[bool] = False
+    # Its rows depend on the seed: drawn at random, or read from the probe (the model's text
+    # sampled from the seed). A method that is not seeded ignores the seed select() is given.
+    seeded: ClassVar[bool] = False
 
     @abstractmethod
     def select(self, source: Source, kept: int, seed: int) -> list[Tensor]:

@@ -11,6 +11,7 @@ from .base import Selector, Source
 class Random(Selector):
     name = "random"
     summary = "uniformly random neurons per layer (seeded baseline)"
+    seeded = True
 
     def select(self, source: Source, kept: int, seed: int) -> list[Tensor]:
         """One seeded generator draws every layer's neurons in turn."""

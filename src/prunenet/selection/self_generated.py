@@ -22,6 +22,7 @@ class SelfGenerated(Selector):
     summary = ("the default: neurons most active on text the model generates itself "
                "(row norm^2 x mean activation^2); no policy, no data")
     needs_model = True
+    seeded = True  # the probe is sampled from the seed
 
     def select(self, source: Source, kept: int, seed: int) -> list[Tensor]:
         model = source.model

@@ -79,6 +79,7 @@ class PruneNet(Selector):
     name = "prunenet"
     summary = ("PruneNet (the paper): a REINFORCE policy keeps each first FFN matrix's "
                "singular-value spectrum; weights only, reusable at any ratio")
+    seeded = True  # its training, and rows sampled from the policy (a given policy's top-k: not)
 
     def __init__(self, policy: PrunePolicy | None = None, training: TrainingConfig | None = None,
                  selection: str = "sample", state_path: str | os.PathLike | None = None,
