@@ -220,7 +220,10 @@ def _add_model_arguments(parser: argparse.ArgumentParser, converts_gguf: bool = 
                         "passes (probe, statistics, refit, activation scores) run on the CPU "
                         f"(default: {CompressOptions.device})")
     parser.add_argument("--seed", type=seed_value, default=CompressOptions.seed,
-                        help=f"random seed (default: {CompressOptions.seed})")
+                        help="seed of what the run draws at random: the probe text the default "
+                        "method and the refit read, random rows, a PruneNet policy's training "
+                        "and sampled rows, a recovery fine-tune; refused by a run that draws "
+                        f"nothing (default: {CompressOptions.seed})")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="allow the checkpoint's own Python code to run (off by default)")
     parser.add_argument("--max-memory", metavar="SIZE",
@@ -818,7 +821,8 @@ def add_compare(subparsers) -> None:
                         "empty)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     parser.add_argument("--seed", type=seed_value, default=CompressOptions.seed,
-                        help=f"random seed (default: {CompressOptions.seed})")
+                        help="seed of the probe text, random rows and the PruneNet policy, the "
+                        f"same for every run (default: {CompressOptions.seed})")
     parser.add_argument("--episodes", type=positive_int, default=None,
                         help=f"--method prunenet: training episodes (default: "
                         f"{TrainingConfig.episodes})")
