@@ -1,6 +1,7 @@
-"""Quality benchmark (issue 3): `prunenet compare` on SmolLM2-135M-Instruct at ratios 0.1-0.4.
+"""Quality benchmark: `prunenet compare` on SmolLM2-135M-Instruct at ratios 0.1-0.4.
 
-Methods prunenet (the api defaults), random, magnitude and activation (calibration-based); the
+Methods self-generated (the default), prunenet (the paper's policy, trained once), random,
+magnitude and activation (calibration-based), each refitted (``ls``, compare's default); the
 dense model and every (method, ratio) pair are evaluated on perplexity (the first ``--windows``
 1024-token evaluation windows of the Wikipedia sample), zero-shot PIQA, ARC-Easy (validation
 split) and WinoGrande on the first ``--limit`` examples each, and CPU speed. Writes the compare
@@ -30,7 +31,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--ratios", default="0.1,0.2,0.3,0.4")
-    parser.add_argument("--methods", default="prunenet,random,magnitude,activation")
+    parser.add_argument("--methods",
+                        default="self-generated,prunenet,random,magnitude,activation")
     parser.add_argument("--tasks", default="piqa,arc_easy,winogrande")
     parser.add_argument("--limit", type=int, default=20, help="examples per task (default: 20)")
     parser.add_argument("--windows", type=int, default=4, help="perplexity windows (default: 4)")
