@@ -78,9 +78,9 @@ def run(out: str, arguments: list[str]) -> dict:
         setattr(module, name, timed(seconds, stage, getattr(module, name)))
     original_run = pipeline.run_compression
 
-    def run_compression(plan, tokenizer=None):
+    def run_compression(plan):
         plan.selector.select = timed(seconds, "selection", plan.selector.select)
-        return original_run(plan, tokenizer)
+        return original_run(plan)
 
     pipeline.run_compression = run_compression
     code = cli_main(["-q", "compress", *arguments, "--out", out])

@@ -241,6 +241,11 @@ def test_a_record_made_before_a_setting_was_recorded_repeats_what_ran_then():
     assert (options.method, options.reconstruct, options.round_to, options.probe_sampler) == (
         "self-generated", "none", 1, "multinomial")
     assert "--ridge" not in command
+    # the self-generated selection sampled its text from the seed before the probe was recorded
+    older = {key: value for key, value in old.items() if key != "probe"}
+    command, = card_commands(render_card(older, files={"config.json", "model.safetensors"}))
+    assert command[command.index("--seed") + 1] == str(old["seed"]) != "42"
+    assert parsed_compression(command)[1].seed == old["seed"]
 
 
 def test_running_the_card_command_writes_the_same_record(tmp_path):
