@@ -140,9 +140,7 @@ def _method_rules(plan, recovers: bool = False) -> list[tuple[Sequence[str], str
     reads the seed and runs on the device."""
     method = plan.selector.name
     trains = method == "prunenet" and plan.selector.policy is None
-    # a seeded method reads the seed, but for a given policy's top-k rows, which draw nothing
-    seeded = plan.selector.seeded and not (method == "prunenet" and not trains
-                                           and plan.selector.selection == "topk")
+    seeded = plan.selector.reads_seed()
     return [
         (TRAINING_OPTIONS, None if trains else
          "method 'prunenet' with --policy uses that policy and trains none"

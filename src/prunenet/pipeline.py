@@ -590,7 +590,7 @@ def run_compression(plan: Plan) -> CompressionResult:
         model, tokenizer = load_model_and_tokenizer(
             plan.streamed.folder, trust_remote_code=plan.options.trust_remote_code,
             offload=(plan.resident, scratch / "offload"), with_tokenizer=plan.tokenizer is None)
-        return _compress(plan, tokenizer or plan.tokenizer, model, TensorSpill(scratch / "refit"))
+        return _compress(plan, tokenizer, model, TensorSpill(scratch / "refit"))
 
 
 def _compress(plan: Plan, tokenizer: Any = None, offloaded: nn.Module | None = None,

@@ -63,6 +63,11 @@ class Selector(ABC):
     # sampled from the seed). A method that is not seeded ignores the seed select() is given.
     seeded: ClassVar[bool] = False
 
+    def reads_seed(self) -> bool:
+        """Whether this selection, as configured, reads the seed (a seeded method may be set
+        up to draw nothing)."""
+        return self.seeded
+
     @abstractmethod
     def select(self, source: Source, kept: int, seed: int) -> list[Tensor]:
         """Per layer, the sorted indices of the ``kept`` neurons to keep."""

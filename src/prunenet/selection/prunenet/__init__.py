@@ -79,7 +79,7 @@ class PruneNet(Selector):
     name = "prunenet"
     summary = ("PruneNet (the paper): a REINFORCE policy keeps each first FFN matrix's "
                "singular-value spectrum; weights only, reusable at any ratio")
-    seeded = True  # its training, and rows sampled from the policy (a given policy's top-k: not)
+    seeded = True  # its training, and rows sampled from the policy
 
     def __init__(self, policy: PrunePolicy | None = None, training: TrainingConfig | None = None,
                  selection: str = "sample", state_path: str | os.PathLike | None = None,
@@ -92,6 +92,10 @@ class PruneNet(Selector):
         self.state_path = state_path
         self.resume = resume
         self.training: TrainingResult | None = None
+
+    def reads_seed(self) -> bool:
+        """A given policy's top-k rows draw nothing; training or sampling does."""
+        return self.policy is None or self.selection != "topk"
 
     def train(self, source: Source) -> PrunePolicy:
         """Train the policy (unless one was given) and return it."""
