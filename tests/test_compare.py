@@ -138,6 +138,40 @@ def test_every_run_of_a_compare_reads_one_pass_of_statistics_with_the_same_resul
     assert {record["reconstruct"]["mode"] for record, _ in shared} == {"ls"}
 
 
+def test_a_compare_reads_activation_calibration_once_for_every_ratio(
+        tiny_llama_real_tokenizer_dir, text_file, tmp_path, monkeypatch):
+    """activation's scores do not depend on the ratio: compare tokenizes its calibration text
+    once and runs the dense model over it once for all ratios, and each run's record and
+    perplexity are exactly those of runs that each read and run their own."""
+    import prunenet.compare
+    import prunenet.selection.activation as activation
+
+    passes, reads = [], []
+    sums, corpus = activation.squared_activation_sums, activation.load_corpus
+    monkeypatch.setattr(activation, "squared_activation_sums",
+                        lambda *args: passes.append(args[4]) or sums(*args))
+    monkeypatch.setattr(activation, "load_corpus",
+                        lambda *args: reads.append(args[0]) or corpus(*args))
+
+    def results(out):
+        found = compare(tiny_llama_real_tokenizer_dir, [0.25, 0.5, 0.75], "activation",
+                        tmp_path / out, ppl=text_file, seqlen=32, windows=2, tasks="",
+                        progress=False, reconstruct="none",
+                        calibration=Calibration(corpus=text_file, windows=2, seqlen=32),
+                        speed=SpeedProtocol(prompt_tokens=4, new_tokens=1, repeats=1))
+        return [(run["record"], run["evaluation"]["perplexity"]) for run in found["runs"]]
+
+    shared = results("shared")
+    assert passes == ["calibration"] and reads == [text_file]
+    passes.clear()
+    reads.clear()
+    monkeypatch.setattr(prunenet.compare, "activation_norms", lambda *args: None)
+    assert results("each") == shared
+    assert passes == ["calibration"] * 3 and reads == [text_file]
+    kept = [record["ffn_width_after"] for record, _ in shared]
+    assert kept == [36, 24, 12]
+
+
 def test_compare_refuses_existing_and_unwritable_out_before_work(tmp_path, tiny_llama_dir,
                                                                 monkeypatch):
     import prunenet.compare as compare_module

@@ -139,7 +139,7 @@ def _method_rules(plan, recovers: bool = False) -> list[tuple[Sequence[str], str
     ``recovers``: compress fine-tunes the output after (--finetune-steps, --recover-steps), which
     reads the seed and runs on the device."""
     method = plan.selector.name
-    trains = method == "prunenet" and plan.selector.policy is None
+    trains = plan.trains_policy
     seeded = plan.selector.reads_seed()
     return [
         (TRAINING_OPTIONS, None if trains else

@@ -38,7 +38,13 @@ from .pipeline import (
     train_policy,
 )
 from .selection import SELECTORS
-from .selection.activation import Calibration, calibration_text, fitted_calibration
+from .selection.activation import (
+    Activation,
+    Calibration,
+    activation_norms,
+    calibration_text,
+    fitted_calibration,
+)
 from .selection.prunenet import PruneNet
 from .selection.prunenet.reinforce import check_trainable_ratio
 from .version import __version__
@@ -145,9 +151,10 @@ def compare(
     if reads_text:
         seqlen = fitted_seqlen(dense.config, seqlen)
     speed = fitted_protocol(dense.config, speed)  # recorded as measured, defaults resolved
+    calibration_windows = None
     if "activation" in method_names:  # its text is read now: refused before any work
         calibration = fitted_calibration(dense.config, calibration or Calibration())
-        calibration_text(tokenizer, calibration)
+        calibration_windows = calibration_text(tokenizer, calibration)
     corpus = None
     if reads_text:
         corpus = load_corpus(ppl, tokenizer)
@@ -192,11 +199,17 @@ def compare(
     if reconstruct != "none":
         probe = run_probe(dense, tokenizer, CompressOptions(seed=seed, progress=progress))
         statistics = ProbeStatistics.kept(dense, probe.ids(), progress=progress)
+    selectors = {}  # made once, for methods whose scores do not depend on the ratio
+    if calibration_windows is not None:  # one calibration pass, not one per ratio
+        selectors["activation"] = Activation(
+            calibration, calibration_windows, activation_norms(dense, calibration_windows,
+                                                               progress))
     pairs = [(method, ratio) for method in method_names for ratio in ratios]
     for number, (method, ratio) in enumerate(pairs, 1):
         pruned = prune(copy.deepcopy(dense), policy if method == PruneNet.name else None, ratio,
                        method=method, seed=seed, tokenizer=tokenizer, calibration=calibration,
-                       reconstruct=reconstruct, progress=progress, statistics=statistics)
+                       reconstruct=reconstruct, progress=progress, statistics=statistics,
+                       selector=selectors.get(method))
         evaluation = run_evaluation(pruned.model)
         record = {k: v for k, v in pruned.record.items() if k not in ("training", "source")}
         results["runs"].append({"method": method, "ratio": ratio, "record": record,

@@ -823,15 +823,23 @@ def compress(model: Any, ratio: float = 0.3, *, out: str | os.PathLike | None = 
 def prune(model: Any, policy: PrunePolicy | str | os.PathLike | None = None, ratio: float = 0.3,
           *, out: str | os.PathLike | None = None, record_dir: str | os.PathLike | None = None,
           overwrite: bool = False, tokenizer: Any = None,
-          statistics: ProbeStatistics | None = None, **options: Any) -> CompressionResult:
+          statistics: ProbeStatistics | None = None, selector: Selector | None = None,
+          **options: Any) -> CompressionResult:
     """:func:`compress` with a trained ``policy`` (object or policy file): PruneNet without
     training, at any ``ratio``. Without a policy, ``options["method"]`` selects as compress.
     ``statistics``: the dense model's, kept (:meth:`ProbeStatistics.kept`) on the probe this
     run makes, for ``model`` a copy of that dense model: the refit reads them instead of
-    running the model over the probe again (they are not used for another probe)."""
+    running the model over the probe again (they are not used for another probe).
+    ``selector``: the method's selector, made before and holding what it read of that dense
+    model (an :class:`Activation` with its norms), used instead of a new one."""
     plan = plan_compression(model, ratio, CompressOptions.from_keywords(ratio, **options),
                             policy=policy, out=out, record_dir=record_dir, overwrite=overwrite,
                             tokenizer=tokenizer)
+    if selector is not None:
+        if type(selector) is not type(plan.selector):
+            raise ValueError(f"a {selector.name} selector given for method "
+                             f"{plan.selector.name!r}")
+        plan = replace(plan, selector=selector)
     return run_compression(replace(plan, statistics=statistics))
 
 

@@ -85,30 +85,39 @@ class Activation(Selector):
     needs_model = True
     needs_data = True
 
-    def __init__(self, calibration: Calibration | None = None, windows: Tensor | None = None
-                 ) -> None:
+    def __init__(self, calibration: Calibration | None = None, windows: Tensor | None = None,
+                 norms: list[Tensor] | None = None) -> None:
         """``windows``: the calibration text already read (:func:`calibration_text`, with
-        ``calibration`` fitted to the model), else read when selecting."""
+        ``calibration`` fitted to the model), else read when selecting. ``norms``: the
+        activation norms on ``windows`` of the model it selects for (or of a model with the
+        same weights), already computed (:func:`activation_norms`), else computed when
+        selecting: a compare computes them once and selects at every ratio from them."""
         self.calibration = calibration or Calibration()
         self.calibration.validate()
+        if norms is not None and windows is None:
+            raise ValueError("activation norms are given with the windows they were read on")
         self.windows = windows
+        self.norms = norms
 
     def select(self, source: Source, kept: int, seed: int) -> list[Tensor]:
         self.calibration = fitted_calibration(source.model.config, self.calibration)
         return activation_rows(source.model, source.tokenizer, kept, self.calibration,
-                               source.progress, self.windows)
+                               source.progress, self.windows, self.norms)
 
     def record(self) -> dict[str, Any]:
         return {"calibration": vars(self.calibration)}
 
 
 def activation_rows(model: nn.Module, tokenizer: Any, kept: int, calibration: Calibration,
-                    progress: bool = True, windows: Tensor | None = None) -> list[Tensor]:
+                    progress: bool = True, windows: Tensor | None = None,
+                    norms: list[Tensor] | None = None) -> list[Tensor]:
     """The ``kept`` neurons per layer with the largest row-norm x activation-norm score, on
-    ``windows`` (None: read from ``calibration`` with ``tokenizer``)."""
-    if windows is None:
-        windows = calibration_text(tokenizer, calibration)
-    norms = activation_norms(model, windows, progress)
+    ``windows`` (None: read from ``calibration`` with ``tokenizer``), from their activation
+    ``norms`` (None: computed here, one pass of ``model`` over ``windows``)."""
+    if norms is None:
+        if windows is None:
+            windows = calibration_text(tokenizer, calibration)
+        norms = activation_norms(model, windows, progress)
     view = FFNView(model)
     rows = []
     for index in range(view.num_layers):
