@@ -314,3 +314,34 @@ def test_a_bias_refit_without_a_bias_is_refused_before_the_load(tiny_llama_dir, 
         "prunenet: error: --reconstruct bias adds the removed neurons' mean output to the bias "
         "of the second FFN matrix, and this model's has none; use --reconstruct ls"]
     assert sorted(path.name for path in tmp_path.iterdir()) == ["tiny-llama"]
+
+
+def test_a_task_that_does_not_fit_the_context_is_left_out_of_the_tables_and_plots(
+        tiny_llama_real_tokenizer_dir, tmp_path, capsys):
+    """On a 32-token model piqa's answers do not fit (skipped, as eval skips it) while arc_easy's
+    do: the comparison is written with arc_easy scored, piqa's cells empty and the page naming
+    the skipped task, rather than ending in a KeyError after every run."""
+    import shutil
+
+    from conftest import edit_config
+
+    model = tmp_path / "short"
+    shutil.copytree(tiny_llama_real_tokenizer_dir, model)
+    edit_config(model, max_position_embeddings=32)
+    out = tmp_path / "out"
+    assert main(["-q", "compare", str(model), "--ratios", "0.5", "--methods", "magnitude",
+                 "--reconstruct", "none", "--ppl", "none", "--tasks", "piqa,arc_easy",
+                 "--limit", "2", "--speed-repeats", "1", "--out", str(out)]) == 0, \
+        capsys.readouterr().err
+    results = json.loads((out / "results.json").read_text())
+    for evaluation in (results["dense"], results["runs"][0]["evaluation"]):
+        assert list(evaluation["zero_shot"]["tasks"]) == ["arc_easy"]
+        assert evaluation["zero_shot"]["skipped"] == ["piqa"]
+    page = (out / "report.md").read_text()
+    assert ("Skipped: piqa (its answers do not fit the model's context)." in page)
+    table = [line for line in page.splitlines() if line.startswith("| ")]
+    assert table[0].startswith("| method | ratio | params (M) | perplexity | piqa | arc_easy |")
+    for row in table[1:]:
+        cells = [cell.strip() for cell in row.strip("|").split("|")]
+        assert cells[4] == "-" and cells[5] != "-"
+    assert (out / "accuracy.png").stat().st_size > 0

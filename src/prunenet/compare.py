@@ -286,7 +286,7 @@ def write_plots(results: dict[str, Any], folder: Path) -> list[Path]:
               log_scale=True)
         save(figure, "perplexity.png")
     if results["dense"]["zero_shot"]:
-        names = [*settings["tasks"], "average"]
+        names = [*measured_tasks(results), "average"]
         figure, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 4.2), squeeze=False)
         for axis, name in zip(axes[0], names, strict=True):
             def pick(e, name=name):
@@ -294,7 +294,7 @@ def write_plots(results: dict[str, Any], folder: Path) -> list[Path]:
                     return None
                 if name == "average":
                     return e["zero_shot"]["average"]
-                return e["zero_shot"]["tasks"][name]["value"]
+                return _task_value(e["zero_shot"], name)
             metric = "mean" if name == "average" else \
                 results["dense"]["zero_shot"]["tasks"][name]["metric"]
             panel(axis, pick, metric, f"{name} (limit {settings['limit']})")
@@ -321,6 +321,19 @@ def write_plots(results: dict[str, Any], folder: Path) -> list[Path]:
     return written
 
 
+def measured_tasks(results: dict[str, Any]) -> list[str]:
+    """The zero-shot tasks the dense model was scored on: those asked for, less any whose
+    answers do not fit the model's context (skipped for every run alike)."""
+    zero = results["dense"]["zero_shot"]
+    return [name for name in results["settings"]["tasks"] if zero and name in zero["tasks"]]
+
+
+def _task_value(zero: dict[str, Any] | None, task: str) -> float | None:
+    """A task's score in an evaluation's ``zero_shot`` part; None where it was not scored."""
+    score = (zero or {}).get("tasks", {}).get(task)
+    return None if score is None else score["value"]
+
+
 def _cell(value: float | None, digits: int) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
@@ -329,7 +342,7 @@ def _row(label: str, ratio: str, evaluation: dict[str, Any], tasks: list[str]) -
     size = evaluation["size"]
     ppl = evaluation["perplexity"]["value"] if evaluation["perplexity"] else None
     zero = evaluation["zero_shot"]
-    accs = [zero["tasks"][t]["value"] if zero else None for t in tasks]
+    accs = [_task_value(zero, t) for t in tasks]
     speed = evaluation["speed"] or {}
     cells = [label, ratio, f"{size['parameters'] / 1e6:.1f}", _cell(ppl, 2),
              *(_cell(a, 3) for a in accs), _cell(zero["average"] if zero else None, 3),
@@ -371,6 +384,16 @@ def _winners(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _skipped_tasks(results: dict[str, Any]) -> str:
+    """The report's note of the tasks asked for but not scored, if any."""
+    skipped = [name for name in results["settings"]["tasks"]
+               if name not in measured_tasks(results)]
+    if not skipped:
+        return ""
+    whose = "its answers do" if len(skipped) == 1 else "their answers do"
+    return f" Skipped: {', '.join(skipped)} ({whose} not fit the model's context)."
+
+
 def render_report(results: dict[str, Any], plots: Sequence[str] = PLOTS) -> str:
     """``report.md``: settings, the table, per-ratio rankings and the ``plots`` (file names)."""
     settings = results["settings"]
@@ -389,7 +412,8 @@ def render_report(results: dict[str, Any], plots: Sequence[str] = PLOTS) -> str:
         f"- Zero-shot: {', '.join(settings['tasks'])}; "
         + ("all examples" if settings["limit"] is None else
            f"the first {settings['limit']} examples of each") +
-        " (acc_norm, WinoGrande acc; ARC on its validation split).",
+        " (acc_norm, WinoGrande acc; ARC on its validation split)."
+        + _skipped_tasks(results),
     ]
     if dense_speed:
         lines.append(
