@@ -418,3 +418,13 @@ def test_zero_shot_needs_an_end_of_text_token():
     assert tokenizer.eos_token_id is None
     with pytest.raises(InputError, match="need the tokenizer's end-of-text token"):
         zero_shot(make_tiny_model("llama"), tokenizer, "piqa", limit=1)
+
+
+@pytest.mark.parametrize("windows", [0, -1, 1.5, True])
+def test_a_window_count_that_is_not_a_positive_integer_is_refused_from_python(tiny_llama, windows):
+    """evaluate(windows=-1) had scored every window but the last and reported that many;
+    windows=0 had been called a corpus too short for one window."""
+    corpus = TokenCorpus("ids", torch.arange(4, 100) % 128, None)
+    with pytest.raises(InputError, match=re.escape(
+            f"windows must be a positive number of windows, got {windows!r}")):
+        evaluate(tiny_llama, None, ppl=corpus, seqlen=8, windows=windows, progress=False)

@@ -142,6 +142,9 @@ class TokenCorpus:
 
     def evaluation_windows(self, seqlen: int = 1024, count: int | None = None) -> Tensor:
         """The first ``count`` non-overlapping windows (count x seqlen) of the evaluation region."""
+        if count is not None and (isinstance(count, bool) or not isinstance(count, int)
+                                  or count < 1):
+            raise InputError(f"windows must be a positive number of windows, got {count!r}")
         windows = self._windows(self.tokens[: self.evaluation_tokens], seqlen)
         if count is not None:
             if count > windows.shape[0]:
