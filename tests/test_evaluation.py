@@ -428,3 +428,18 @@ def test_a_window_count_that_is_not_a_positive_integer_is_refused_from_python(ti
     with pytest.raises(InputError, match=re.escape(
             f"windows must be a positive number of windows, got {windows!r}")):
         evaluate(tiny_llama, None, ppl=corpus, seqlen=8, windows=windows, progress=False)
+
+
+@pytest.mark.parametrize("content", ["", "hi", "\n\n"])
+def test_a_corpus_too_short_for_one_window_says_so_not_how_many_windows_were_asked(
+        tiny_llama_real_tokenizer_dir, tmp_path, capsys, content):
+    """An empty or tiny --ppl file holds no window at all: the line says it is too short,
+    where it had said it holds 0 windows and was asked for 16, as if fewer would do."""
+    text_file = tmp_path / "short.txt"
+    text_file.write_text(content)
+    assert main(["eval", str(tiny_llama_real_tokenizer_dir), "--ppl", str(text_file),
+                 "--windows", "1"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "prunenet: error" in line]
+    assert errors == [f"prunenet: error: corpus {str(text_file)!r} is too short for one window "
+                      "of 1024 tokens: its evaluation region (the first half of a small corpus) "
+                      "holds 0 tokens; give a longer text or shorter windows"]

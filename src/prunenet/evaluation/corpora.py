@@ -146,6 +146,12 @@ class TokenCorpus:
                                   or count < 1):
             raise InputError(f"windows must be a positive number of windows, got {count!r}")
         windows = self._windows(self.tokens[: self.evaluation_tokens], seqlen)
+        if windows.shape[0] == 0:  # said first: fewer windows would not help
+            raise InputError(
+                f"corpus {self.name!r} is too short for one window of {seqlen} tokens: its "
+                f"evaluation region (the first half of a small corpus) holds "
+                f"{self.evaluation_tokens} tokens; give a longer text or shorter windows"
+            )
         if count is not None:
             if count > windows.shape[0]:
                 raise InputError(
@@ -153,10 +159,6 @@ class TokenCorpus:
                     f"{seqlen} tokens; asked for {count}"
                 )
             windows = windows[:count]
-        if windows.shape[0] == 0:
-            raise InputError(
-                f"corpus {self.name!r} is too short for one window of {seqlen} tokens"
-            )
         return windows
 
     def training_windows(self, seqlen: int = 1024) -> Tensor:
