@@ -265,3 +265,22 @@ def test_the_report_names_the_refit_and_the_rounding(magnitude_run, tmp_path):
             "42,") in summary[0]
     assert summary[1] == "- Refit: none (the selection alone)."
     assert "<li>Refit: none (the selection alone).</li>" in (page / "report.html").read_text()
+
+
+def test_the_report_of_an_activation_run_names_its_calibration_text(
+        tiny_llama_real_tokenizer_dir, tmp_path, capsys):
+    """activation scores neurons on calibration text: the page names the windows it read and
+    their corpus, as compare's page does, where it had said only that no policy trained."""
+    text = tmp_path / "calibration.txt"
+    text.write_text("The old mill stands by the river, and the water runs fast. " * 300)
+    record = tmp_path / "record"
+    assert main(["-q", "compress", str(tiny_llama_real_tokenizer_dir), "--ratio", "0.25",
+                 "--method", "activation", "--reconstruct", "none", "--calibration-corpus",
+                 str(text), "--calibration-windows", "1", "--out", str(tmp_path / "model"),
+                 "--record", str(record)]) == 0, capsys.readouterr().err
+    page = write_report(record)
+    line = (f"- Calibration: 1 windows of 1024 tokens from the training region of {text} "
+            "(never its evaluation windows).")
+    summary = (page / "report.md").read_text().split("\n\n")[1].splitlines()
+    assert summary[2] == line
+    assert f"<li>{line[2:]}</li>" in (page / "report.html").read_text()

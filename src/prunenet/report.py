@@ -148,6 +148,7 @@ def summary_lines(data: dict[str, Any]) -> list[str]:
         + f", ratio {c['ratio']}" + _rounding(c)
         + f", seed {c['seed']}, prunenet {c['prunenet_version']}.",
         _refit_line(c),
+        *_calibration_line(c),
         f"- FFN width {c['ffn_width_before']} -> {c['ffn_width_after']} in each of "
         f"{data['num_layers']} layers; parameters {c['parameters_before']:,} -> "
         f"{c['parameters_after']:,} (-{100 * c['parameter_reduction']:.1f}%), FFN parameters "
@@ -189,6 +190,16 @@ def _refit_line(compression: dict[str, Any]) -> str:
     ridge = reconstruct.get("ridge") if isinstance(reconstruct, dict) else None
     return (f"- Refit: `{mode}` on the model's own probe text"
             + (f" (ridge {ridge})" if ridge is not None else "") + ".")
+
+
+def _calibration_line(compression: dict[str, Any]) -> list[str]:
+    """The text a calibration-based method (activation) read, where the record names it."""
+    calibration = compression.get("calibration")
+    if not isinstance(calibration, dict):
+        return []
+    return [f"- Calibration: {calibration.get('windows')} windows of {calibration.get('seqlen')} "
+            f"tokens from the training region of {_one_line(str(calibration.get('corpus')))} "
+            "(never its evaluation windows)."]
 
 
 def layer_table(data: dict[str, Any]) -> list[str]:
