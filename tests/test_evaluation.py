@@ -443,3 +443,14 @@ def test_a_corpus_too_short_for_one_window_says_so_not_how_many_windows_were_ask
     assert errors == [f"prunenet: error: corpus {str(text_file)!r} is too short for one window "
                       "of 1024 tokens: its evaluation region (the first half of a small corpus) "
                       "holds 0 tokens; give a longer text or shorter windows"]
+
+
+@pytest.mark.parametrize("name", ["data.JSONL", "data.Jsonl"])
+def test_a_jsonl_file_is_read_as_jsonl_whatever_the_case_of_its_suffix(tmp_path, name):
+    """data.JSONL is read for its "text" fields, as data.jsonl is; it had been read as plain
+    text, so perplexity was measured on its JSON syntax."""
+    from prunenet.evaluation.corpora import read_corpus_text
+
+    lines = "".join(json.dumps({"text": f"line {i}"}) + "\n" for i in range(3))
+    (tmp_path / name).write_text(lines)
+    assert read_corpus_text(str(tmp_path / name)) == "line 0\n\nline 1\n\nline 2"

@@ -90,7 +90,7 @@ def read_corpus_text(source: str) -> str:
         if not all(isinstance(text, str) for text in texts):
             raise InputError(f"{path}: every 'text' must be a string (some are not)")
         return "\n\n".join(texts)
-    if path.suffix == ".jsonl":
+    if path.suffix.lower() == ".jsonl":  # data.JSONL too: never its JSON syntax as text
         texts = []
         for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
             if not line.strip():
