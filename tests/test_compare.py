@@ -345,3 +345,33 @@ def test_a_task_that_does_not_fit_the_context_is_left_out_of_the_tables_and_plot
         cells = [cell.strip() for cell in row.strip("|").split("|")]
         assert cells[4] == "-" and cells[5] != "-"
     assert (out / "accuracy.png").stat().st_size > 0
+
+
+def test_a_pruned_input_is_named_as_made_not_called_dense(tiny_llama_dir, tmp_path, capsys):
+    """compare on a model prunenet already pruned: results.json's ``dense`` entry holds its
+    compression record, and the page's first row and a settings line name how it was made,
+    where both had called it the dense model."""
+    pruned = tmp_path / "pruned"
+    assert main(["-q", "compress", str(tiny_llama_dir), "--ratio", "0.25", "--method",
+                 "magnitude", "--reconstruct", "none", "--out", str(pruned)]) == 0
+    out = tmp_path / "out"
+    assert main(["-q", "compare", str(pruned), "--ratios", "0.5", "--methods", "magnitude",
+                 "--reconstruct", "none", "--ppl", "none", "--tasks", "none",
+                 "--speed-repeats", "1", "--out", str(out)]) == 0, capsys.readouterr().err
+    results = json.loads((out / "results.json").read_text())
+    assert results["dense"]["compression"]["method"] == "magnitude"
+    assert results["dense"]["compression"]["ratio"] == 0.25
+    assert results["dense"]["model"]["d_ff"] == 36
+    page = (out / "report.md").read_text()
+    rows = [line for line in page.splitlines() if line.startswith("| ")]
+    assert rows[1].startswith("| input (magnitude at ratio 0.25) | 0 |")
+    assert "| dense |" not in page
+    assert ("- Input: a model prunenet made, magnitude at ratio 0.25; every ratio removes that "
+            "fraction of its FFN neurons, and the row `input (magnitude at ratio 0.25)` stands "
+            "where the dense model would.") in page
+    dense = tmp_path / "dense-out"
+    assert main(["-q", "compare", str(tiny_llama_dir), "--ratios", "0.5", "--methods",
+                 "magnitude", "--reconstruct", "none", "--ppl", "none", "--tasks", "none",
+                 "--speed-repeats", "1", "--out", str(dense)]) == 0
+    assert "| dense | 0 |" in (dense / "report.md").read_text()
+    assert "- Input:" not in (dense / "report.md").read_text()

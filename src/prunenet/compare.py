@@ -28,6 +28,7 @@ from .io.loading import check_output_path, load_model_and_tokenizer
 from .io.streaming import check_models_fit
 from .model_view import FFNView
 from .naming import method_label
+from .naming import run_label as made_label
 from .pipeline import (
     CompressOptions,
     check_reconstruct,
@@ -160,9 +161,10 @@ def compare(
         corpus = load_corpus(ppl, tokenizer)
         corpus.evaluation_windows(seqlen, windows)  # too many windows: fail before work
 
-    def run_evaluation(subject) -> dict[str, Any]:
+    def run_evaluation(subject, source=None) -> dict[str, Any]:
         return evaluate(subject, tokenizer, ppl=corpus, seqlen=seqlen, windows=windows,
-                        tasks=task_names, limit=limit, speed=speed, progress=progress)
+                        tasks=task_names, limit=limit, speed=speed, source=source,
+                        progress=progress)
 
     report(f"evaluating the dense model {model}")
     results: dict[str, Any] = {
@@ -178,7 +180,7 @@ def compare(
             else None,
         },
         "training": None,
-        "dense": run_evaluation(dense),
+        "dense": run_evaluation(dense, source=model),  # with its record, if prunenet made it
         "runs": [],
     }
     policy = None
@@ -357,11 +359,18 @@ def results_table(results: dict[str, Any]) -> str:
     header = ["method", "ratio", "params (M)", "perplexity", *tasks, "avg acc", "prefill tok/s",
               "decode tok/s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines.append(_row("dense", "0", results["dense"], tasks))
+    lines.append(_row(input_label(results), "0", results["dense"], tasks))
     for run in sorted(results["runs"], key=lambda r: (r["ratio"], r["method"])):
         lines.append(_row(run_label(results, run["method"]), f"{run['ratio']:g}",
                           run["evaluation"], tasks))
     return "\n".join(lines)
+
+
+def input_label(results: dict[str, Any]) -> str:
+    """The model every method pruned: ``dense``, or how prunenet made it where it was itself
+    a prunenet output (``input (magnitude+ls at ratio 0.25)``)."""
+    compression = results["dense"].get("compression")
+    return "dense" if not compression else f"input ({made_label(compression)})"
 
 
 def _winners(results: dict[str, Any]) -> list[str]:
@@ -422,6 +431,11 @@ def render_report(results: dict[str, Any], plots: Sequence[str] = PLOTS) -> str:
             f"{dense_speed['repeats']} after {dense_speed['warmup']} warm-up, "
             f"{dense_speed['device']}, {dense_speed['threads']} threads."
         )
+    if input_label(results) != "dense":
+        made = made_label(results["dense"]["compression"])
+        lines.append(f"- Input: a model prunenet made, {made}; every ratio removes that "
+                     "fraction of its FFN neurons, and the row "
+                     f"`{input_label(results)}` stands where the dense model would.")
     refit = settings.get("reconstruct", "none")
     lines.append("- Refit after every method: none (the selections alone)." if refit == "none"
                  else f"- Refit after every method: `{refit}` on the model's own probe text "
