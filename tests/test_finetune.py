@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -427,6 +428,19 @@ def test_no_merge_writes_only_the_adapter_and_the_record(setup):
         ".prunenet-files", "README.md", "adapter", "prunenet.json"]
     assert (out / "adapter" / "adapter_config.json").exists()
     assert json.loads((out / "prunenet.json").read_text())["finetune"]["merged"] is False
+
+
+def test_a_lora_output_is_prunenets_to_replace_with_overwrite(setup, trained, tmp_path):
+    """A LoRA run's output, whose adapter/ holds peft's own README.md, is prunenet's: run again
+    onto it, it is refused as existing (not as someone else's), and --overwrite replaces it."""
+    assert (trained.out / "adapter" / "README.md").is_file()
+    out = tmp_path / "again"
+    shutil.copytree(trained.out, out)
+    with pytest.raises(OutputError, match="already exists; pass --overwrite to replace it"):
+        finetune(setup.pruned, setup.corpus, out, steps=1, progress=False, **SETTINGS)
+    finetune(setup.pruned, setup.corpus, out, steps=1, overwrite=True, progress=False,
+             **SETTINGS)
+    assert json.loads((out / "prunenet.json").read_text())["finetune"]["steps_run"] == 1
 
 
 def test_default_learning_rates_are_the_measured_ones():
