@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 import random
+import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -206,6 +208,64 @@ def test_resume_continues_from_the_saved_step_and_matches_an_uninterrupted_run(s
     assert_same_weights(setup.root / "straight", out)
     assert resumed.record["finetune"]["eval_perplexity_after"] == pytest.approx(
         straight.record["finetune"]["eval_perplexity_after"], rel=1e-5)
+
+
+class InterruptAtTheEnd(transformers.TrainerCallback):
+    """Ctrl-C once training has ended: after its last checkpoint, before the output is written."""
+
+    def on_train_end(self, args, state, control, **kwargs):
+        raise KeyboardInterrupt
+
+
+def _same_run(resumed, straight) -> None:
+    """Two fine-tune results that ran the same steps, evaluations and losses."""
+    keys = ("steps_run", "best_step", "eval_history", "train_loss", "eval_perplexity_after")
+    assert {key: resumed.record["finetune"][key] for key in keys} == {
+        key: straight.record["finetune"][key] for key in keys}
+
+
+def test_resume_after_the_last_checkpoint_trains_no_step_past_the_end(setup):
+    """Interrupted after the run's last step was saved, --resume writes the output of the
+    uninterrupted run: no seventh step of six, no evaluation after the last."""
+    settings = dict(steps=6, eval_every=2, patience=None, progress=False, **SETTINGS)
+    straight = finetune(setup.pruned, setup.corpus, setup.root / "ended-straight", **settings)
+    out = setup.root / "ended"
+    with pytest.raises(KeyboardInterrupt):
+        finetune(setup.pruned, setup.corpus, out, callbacks=[InterruptAtTheEnd()], **settings)
+    recorder = Recorder()
+    resumed = finetune(setup.pruned, setup.corpus, out, resume=True, callbacks=[recorder],
+                       **settings)
+    assert recorder.steps == [] and resumed.record["finetune"]["resumed_from_step"] == 6
+    _same_run(resumed, straight)
+    assert_same_weights(setup.root / "ended-straight", out)
+
+
+def test_resume_continues_early_stopping_where_the_run_left_it(setup):
+    """Early stopping's count of evaluations without improvement goes on from the checkpoint:
+    a run resumed after one evaluation that did not improve stops where the uninterrupted run
+    stopped, and so does one interrupted after it had stopped early."""
+    settings = dict(steps=40, eval_every=1, patience=2, progress=False,
+                    **{**SETTINGS, "lr": 5e-2})
+    straight = finetune(setup.pruned, setup.corpus, setup.root / "patient", **settings)
+    history = [point["perplexity"] for point in straight.record["finetune"]["eval_history"]]
+    worse = next(step for step, value in enumerate(history, 1) if value >= min(history[:step - 1],
+                                                                             default=math.inf))
+    stopped = straight.record["finetune"]["steps_run"]
+    assert worse < stopped < settings["steps"]  # the run stopped early, not at its first miss
+    out = setup.root / "patient-resumed"
+    with pytest.raises(Interrupted):
+        finetune(setup.pruned, setup.corpus, out, callbacks=[InterruptAt(worse + 1)], **settings)
+    resumed = finetune(setup.pruned, setup.corpus, out, resume=True, **settings)
+    assert resumed.record["finetune"]["resumed_from_step"] == worse
+    _same_run(resumed, straight)
+    assert_same_weights(setup.root / "patient", out)
+    out = setup.root / "patient-ended"
+    with pytest.raises(KeyboardInterrupt):
+        finetune(setup.pruned, setup.corpus, out, callbacks=[InterruptAtTheEnd()], **settings)
+    resumed = finetune(setup.pruned, setup.corpus, out, resume=True, **settings)
+    assert resumed.record["finetune"]["resumed_from_step"] == stopped
+    _same_run(resumed, straight)
+    assert_same_weights(setup.root / "patient", out)
 
 
 def test_a_checkpoint_whose_save_was_killed_is_dropped_on_resume(setup):
@@ -427,6 +487,19 @@ def test_no_merge_writes_only_the_adapter_and_the_record(setup):
         ".prunenet-files", "README.md", "adapter", "prunenet.json"]
     assert (out / "adapter" / "adapter_config.json").exists()
     assert json.loads((out / "prunenet.json").read_text())["finetune"]["merged"] is False
+
+
+def test_a_lora_output_is_prunenets_to_replace_with_overwrite(setup, trained, tmp_path):
+    """A LoRA run's output, whose adapter/ holds peft's own README.md, is prunenet's: run again
+    onto it, it is refused as existing (not as someone else's), and --overwrite replaces it."""
+    assert (trained.out / "adapter" / "README.md").is_file()
+    out = tmp_path / "again"
+    shutil.copytree(trained.out, out)
+    with pytest.raises(OutputError, match="already exists; pass --overwrite to replace it"):
+        finetune(setup.pruned, setup.corpus, out, steps=1, progress=False, **SETTINGS)
+    finetune(setup.pruned, setup.corpus, out, steps=1, overwrite=True, progress=False,
+             **SETTINGS)
+    assert json.loads((out / "prunenet.json").read_text())["finetune"]["steps_run"] == 1
 
 
 def test_default_learning_rates_are_the_measured_ones():

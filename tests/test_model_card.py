@@ -325,6 +325,29 @@ def test_the_card_finetune_command_parses_back_to_every_recorded_setting():
     assert settings == distil and args.teacher == "/m/dense" and args.merge is True
 
 
+def test_a_card_repeats_every_fine_tune_in_order():
+    """A model fine-tuned twice (a LoRA run on text, then FFN weights distilled): its card
+    repeats the compression and both fine-tunes, the second reading the first's output."""
+    from prunenet.io.model_card import render_card
+
+    record = {key: value for key, value in TRAINED.items() if key != "evaluation"}
+    first = {"trained": "LoRA adapters", "steps_run": 30, "merged": True,
+             "settings": LORA_SETTINGS}
+    ffn = {key: value for key, value in LORA_SETTINGS.items()
+           if not key.startswith("lora_") and key != "targets"}
+    second = {"trained": "FFN weights", "steps_run": 30, "merged": True,
+              "settings": {**ffn, "data": "self-generated", "train": "ffn"},
+              "distillation": {"teacher": "/m/dense"}, "previous": first}
+    compress, once, twice = card_commands(render_card({**record, "finetune": second}))
+    assert compress[:2] == ["prunenet", "compress"] and compress[-2:] == ["--out", "OUT"]
+    args, settings = parsed_finetune(once)
+    assert (args.model, args.out) == ("OUT", "OUT2") and settings == LORA_SETTINGS
+    args, settings = parsed_finetune(twice)
+    assert (args.model, args.out, args.teacher) == ("OUT2", "OUT3", "/m/dense")
+    assert {key: settings[key] for key in ffn} == {**ffn, "data": "self-generated",
+                                                   "train": "ffn"}
+
+
 def test_a_measurement_beside_a_requantized_gguf_says_what_it_measured(tmp_path):
     """--eval measures the pruned float weights, not model.gguf (its ffn_down requantized
     after): the record says so, and the card promises that `prunenet eval` repeats the number

@@ -287,6 +287,9 @@ def _training_arguments(config: FinetuneConfig, work: Path, device: str):
         load_best_model_at_end=True,
         metric_for_best_model="eval_loss",
         greater_is_better=False,
+        # --resume continues early stopping's count of evaluations without improvement (the
+        # Trainer would start it at 0 again, and train on past where the run had stopped)
+        restore_callback_states_from_checkpoint=True,
         logging_steps=max(1, min(10, config.eval_every)),
         report_to="none",
         # bfloat16 with no accelerator is the CPU's: the Trainer must be told, or it refuses
@@ -445,7 +448,7 @@ def finetune(
     that exists or overlaps an input (the teacher included).
     """
     from accelerate import PartialState
-    from transformers import EarlyStoppingCallback, Trainer
+    from transformers import EarlyStoppingCallback, Trainer, TrainerState
     from transformers.trainer_utils import get_last_checkpoint
 
     saved = _saved_settings(sibling_path(out, ".work")) if resume else None
@@ -542,7 +545,15 @@ def finetune(
         with warnings.catch_warnings():  # a GGUF source has no config.json for peft to read
             warnings.filterwarnings("ignore", message="Could not find a config file in",
                                     category=UserWarning)
-            trainer.train(resume_from_checkpoint=checkpoint)
+            if checkpoint is not None and _run_ended(Path(checkpoint)):
+                # interrupted after its last checkpoint: the Trainer, resumed from it, would
+                # train a step past the end; the run's state and best weights are all it needs
+                trainer.state = TrainerState.load_from_json(
+                    str(Path(checkpoint) / "trainer_state.json"))
+                if trainer.state.best_model_checkpoint is not None:
+                    trainer._load_best_model()
+            else:
+                trainer.train(resume_from_checkpoint=checkpoint)
     except Exception as error:
         # A crash (not Ctrl-C, which keeps the folder for --resume) before anything worth
         # resuming was saved leaves no work folder that the next run would call interrupted.
@@ -627,6 +638,14 @@ def _failed_torch_write(error: BaseException) -> bool:
 def _saved_completely(checkpoint: Path) -> bool:
     """Whether the Trainer finished saving ``checkpoint`` (it writes trainer_state.json last)."""
     return (checkpoint / "trainer_state.json").is_file()
+
+
+def _run_ended(checkpoint: Path) -> bool:
+    """Whether the run had ended at ``checkpoint`` (its last step, or early stopping), before
+    its output was written: the Trainer saved it with ``should_training_stop`` set."""
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    control = (state.get("stateful_callbacks") or {}).get("TrainerControl") or {}
+    return bool((control.get("args") or {}).get("should_training_stop"))
 
 
 def _holds_progress(work: Path) -> bool:

@@ -121,8 +121,10 @@ def read_manifest(folder: Path) -> frozenset[str] | None:
 def _all_listed(folder: Path, listed: frozenset[str], prefix: str,
                 later: Callable[[Path], bool], still_ours: Callable[[Path], bool]) -> bool:
     """Whether everything under ``folder`` is in ``listed`` (paths below ``prefix``) and its
-    files pass ``still_ours``, but for top-level folders added after the commit that carry
-    their own list and that ``later`` recognizes (a report inside a run record)."""
+    top-level files pass ``still_ours`` (a test of the folder's own files, such as its card,
+    not of their namesakes in subfolders: a fine-tune's adapter/README.md is peft's card),
+    but for top-level folders added after the commit that carry their own list and that
+    ``later`` recognizes (a report inside a run record)."""
     for entry in folder.iterdir():
         path = prefix + entry.name
         if entry.is_symlink():
@@ -134,7 +136,7 @@ def _all_listed(folder: Path, listed: frozenset[str], prefix: str,
             elif prefix or read_manifest(entry) is None or not later(entry):
                 return False  # only an output committed on its own may have joined later
         elif not entry.is_file() or not (path == MANIFEST_NAME or path in listed
-                                         and still_ours(entry)):
+                                         and (bool(prefix) or still_ours(entry))):
             return False
     return True
 

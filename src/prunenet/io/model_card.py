@@ -113,8 +113,13 @@ def render_card(record: dict[str, Any], input_folder: str | os.PathLike | None =
     if tune:
         body += [_finetune_sentence(tune), ""]
     commands = [_compress_command(record, "both" if checkpoint else "gguf")] if method else []
-    if tune:
-        commands.append(_finetune_command(tune))
+    tunes = []  # the fine-tunes, the first first: each read the output of the one before
+    while isinstance(tune, dict):
+        tunes.insert(0, tune)
+        tune = tune.get("previous")
+    for number, entry in enumerate(tunes, 1):
+        commands.append(_finetune_command(entry, "OUT" if number == 1 else f"OUT{number}",
+                                          f"OUT{number + 1}"))
     if commands:
         body += ["Made with:", "", "```bash", *(shlex.join(c) for c in commands), "```", ""]
     body += ["The full record is `prunenet.json` in this folder.", ""]
@@ -268,9 +273,10 @@ _EVALUATION_OPTIONS = (("eval_every", "--eval-every"), ("eval_windows", "--eval-
                        ("generated_windows", "--generated-windows"))
 
 
-def _finetune_command(tune: dict[str, Any]) -> list[str]:
-    """A command that repeats the fine-tune this record entry describes on ``OUT`` (the
-    compression's output) into ``OUT2``.
+def _finetune_command(tune: dict[str, Any], model: str = "OUT",
+                      out: str = "OUT2") -> list[str]:
+    """A command that repeats the fine-tune this record entry describes on ``model`` (the
+    compression's output, or an earlier fine-tune's) into ``out``.
 
     Like the compression's, it names every setting the entry records, defaults and the
     resolved ones (the learning rate, window length and arithmetic the run chose) included;
@@ -278,7 +284,7 @@ def _finetune_command(tune: dict[str, Any]) -> list[str]:
     where the run distilled and set it. --patience 0 stands for a run that never stopped early.
     """
     settings = tune.get("settings") or {}
-    command = ["prunenet", "finetune", "OUT", "--data", str(settings.get("data"))]
+    command = ["prunenet", "finetune", model, "--data", str(settings.get("data"))]
     distilled = tune.get("distillation")
     if distilled:
         command += ["--teacher", str(distilled.get("teacher"))]
@@ -293,4 +299,4 @@ def _finetune_command(tune: dict[str, Any]) -> list[str]:
         command += ["--patience", str(settings["patience"] or 0)]
     if lora and tune.get("merged") is False:
         command.append("--no-merge")
-    return command + ["--out", "OUT2"]
+    return command + ["--out", out]
