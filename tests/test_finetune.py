@@ -190,6 +190,37 @@ def test_training_never_sees_evaluation_windows(setup, trained):
     assert not fed & region_windows  # not even a shifted window of the held-out text
 
 
+class Spoil(transformers.TrainerCallback):
+    """Stands in for training that makes the model worse: after every step the LoRA
+    updates get large random values, far from anything the optimiser would choose."""
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        generator = torch.Generator().manual_seed(state.global_step)
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if "lora_B" in name:
+                    parameter.add_(50 * torch.randn(parameter.shape, generator=generator))
+
+
+def test_an_output_worse_than_its_input_is_said_so(setup, trained, caplog):
+    settings = dict(SETTINGS, steps=2, eval_every=1, patience=None, progress=False)
+    with caplog.at_level("WARNING", logger="prunenet.finetune"):
+        improved = finetune(setup.pruned, setup.corpus, setup.root / "improved", **settings)
+    entry = improved.record["finetune"]
+    assert entry["eval_perplexity_after"] < entry["eval_perplexity_before"]
+    assert not caplog.records
+    with caplog.at_level("WARNING", logger="prunenet.finetune"):  # from a fine-tuned input
+        spoiled = finetune(trained.out, setup.corpus, setup.root / "spoiled",
+                           callbacks=[Spoil()], **settings)
+    entry = spoiled.record["finetune"]
+    assert entry["eval_perplexity_after"] > entry["eval_perplexity_before"]
+    assert [record.getMessage() for record in caplog.records] == [
+        f"the fine-tuned model does worse than its input on the 4 held-out windows (perplexity "
+        f"{entry['eval_perplexity_before']:.4g} -> {entry['eval_perplexity_after']:.4g}); the "
+        "output is the best checkpoint evaluated during training. More steps, a lower --lr or "
+        "more text may help"]
+
+
 def test_resume_continues_from_the_saved_step_and_matches_an_uninterrupted_run(setup):
     settings = dict(steps=6, eval_every=2, progress=False, **SETTINGS)
     straight = finetune(setup.pruned, setup.corpus, setup.root / "straight", **settings)

@@ -16,6 +16,7 @@ the work, and only the main process writes.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -53,6 +54,8 @@ from .io.loading import (
 )
 from .io.streaming import check_models_fit
 from .version import __version__
+
+log = logging.getLogger(__name__)
 
 TARGET_GROUPS = ("attn", "mlp")
 SETTINGS_NAME = "prunenet-finetune.json"
@@ -569,6 +572,7 @@ def finetune(
     history = list(trainer.state.log_history)
     after = _evaluation(trainer.evaluate())
     _check_finite_run(student, history, after["perplexity"], work)
+    _warn_if_worse(before, after, evaluation.shape[0])
 
     state = trainer.state
     settings_record = {**asdict(config), "targets": list(config.targets)}
@@ -724,6 +728,19 @@ def _evaluation(metrics: dict[str, float]) -> dict[str, float]:
         return {"perplexity": metrics["eval_perplexity"], "kl": metrics["eval_loss"]}
     # Every window has the same length, so exp(mean eval loss) is the token-level perplexity.
     return {"perplexity": math.exp(metrics["eval_loss"])}
+
+
+def _warn_if_worse(before: dict[str, float], after: dict[str, float], windows: int) -> None:
+    """Say so where the output does worse on the held-out windows than the input did: the
+    best checkpoint is the best of the evaluations during training, and the input is never
+    one of them."""
+    measure = "kl" if "kl" in before else "perplexity"
+    if after[measure] > before[measure]:
+        log.warning("the fine-tuned model does worse than its input on the %d held-out windows "
+                    "(%s %.4g -> %.4g); the output is the best checkpoint evaluated during "
+                    "training. More steps, a lower --lr or more text may help", windows,
+                    "KL to the teacher" if measure == "kl" else "perplexity",
+                    before[measure], after[measure])
 
 
 def _check_finite_run(student: nn.Module, history: list[dict[str, Any]], perplexity: float,
