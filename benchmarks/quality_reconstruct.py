@@ -411,6 +411,8 @@ def run(args: argparse.Namespace) -> None:
     log.parent.mkdir(parents=True, exist_ok=True)
     done = {json.dumps(record["key"]) for record in _records(log)}
     model, tokenizer = load_model_and_tokenizer(args.model)
+    if args.mlp_bias:
+        add_zero_second_bias(model)
     windows = load_corpus(_evaluation_text(args.eval_text), tokenizer).evaluation_windows(
         1024, args.windows)
     recipe = _recipe(args)
@@ -419,6 +421,8 @@ def run(args: argparse.Namespace) -> None:
         _append(log, {"key": key, **values, "peak_rss_mb": _peak_rss_mb()})
 
     dense_key = {"method": "dense", "windows": args.windows}
+    if args.mlp_bias:
+        dense_key["mlp_bias"] = True
     if args.model != DEFAULT_MODEL:
         dense_key["model"] = args.model
     if args.eval_text != "wiki":
@@ -478,6 +482,8 @@ def run(args: argparse.Namespace) -> None:
                     key["keep_likely"] = args.keep_likely
                 if args.weight_tokens != "none":
                     key["weight_tokens"] = args.weight_tokens
+                if args.mlp_bias:
+                    key["mlp_bias"] = True
                 if text == "probe":  # runs logged without it drew with torch.multinomial
                     key["sampler"] = SAMPLER
                 if text == "probe" and args.start_temperature is not None:
@@ -523,8 +529,8 @@ def run(args: argparse.Namespace) -> None:
                 select_seconds = time.perf_counter() - started
                 started = time.perf_counter()
                 errors = None
-                if refit == "ls":
-                    rec = refit_model(pruned, rows, stats, "ls", args.ridge)
+                if refit in ("ls", "bias"):
+                    rec = refit_model(pruned, rows, stats, refit, args.ridge)
                     errors = _mean_errors(rec)
                 elif refit == "ls-diag":
                     original = prunenet.refit.least_squares_columns
@@ -669,6 +675,17 @@ def _evaluation_text(name: str) -> str:
     return str(path)
 
 
+def add_zero_second_bias(model) -> None:
+    """Give every layer's second FFN matrix a bias of zeros (a family without one, such as
+    SmolLM2's LLaMA, then has what ``bias`` refits and ``ls`` centres on; the dense model
+    computes exactly what it did)."""
+    view = FFNView(model)
+    for index in range(view.num_layers):
+        module = view.second_matrix_module(index)
+        module.bias = torch.nn.Parameter(torch.zeros(module.out_features,
+                                                     dtype=module.weight.dtype))
+
+
 def _recipe(args: argparse.Namespace) -> ProbeRecipe:
     return ProbeRecipe(sequence_length=args.probe_length, batch_size=args.probe_batch,
                        first_token=args.first_token, temperature=args.temperature,
@@ -756,7 +773,8 @@ def report(log: Path, windows: int | None = None) -> str:
         if key["method"] == "dense":
             dense[(key["windows"], evaluated_on)] = entry["perplexity"]
             continue
-        group = (key["method"], key["refit"], key["score"], key["text"], key["tokens"],
+        refit = key["refit"] + (" (zero bias added)" if key.get("mlp_bias") else "")
+        group = (key["method"], refit, key["score"], key["text"], key["tokens"],
                  _recipe_label(key), key["windows"], evaluated_on, key.get("ridge"))
         groups[group][key["ratio"]].append(entry["perplexity"])
     ratios = sorted({r for cells in groups.values() for r in cells})
@@ -826,6 +844,9 @@ def main() -> None:
                              "1 / mean(h^2) of the residual entering its layer, or by 1 / "
                              "mean(y^2) of the FFN's output")
     parser.add_argument("--ridge", type=float, default=1.0)
+    parser.add_argument("--mlp-bias", action="store_true",
+                        help="give the second FFN matrix a bias of zeros first (refit jobs "
+                             "'bias': FLAP's mean compensation; 'ls' then fits the bias too)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--episodes", type=int, default=5, help="prunenet policy training")
     parser.add_argument("--log", default=LOG)

@@ -11,15 +11,24 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from quality_reconstruct import (  # noqa: E402
+    add_zero_second_bias,
     diagonal_ridge_columns,
     refit_aware_rows,
     wanda_refit_aware,
 )
 
-from prunenet.ffn_statistics import SCORES, LayerStatistics, add_activations  # noqa: E402
-from prunenet.refit import least_squares_columns  # noqa: E402
+from conftest import make_tiny_model  # noqa: E402
+from prunenet.ffn_statistics import (  # noqa: E402
+    SCORES,
+    LayerStatistics,
+    add_activations,
+    collect_ffn_statistics,
+)
+from prunenet.model_view import FFNView  # noqa: E402
+from prunenet.refit import least_squares_columns, refit_model  # noqa: E402
 
 D_MODEL, D_FF, TOKENS, RIDGE = 5, 8, 300, 0.5
 
@@ -114,3 +123,22 @@ def test_per_neuron_ridge_minimises_its_objective(seed):
         diagonal_ridge_columns(second, kept, unit[:, kept], unit[kept][:, kept], RIDGE),
         least_squares_columns(second, kept, unit[:, kept], unit[kept][:, kept], RIDGE),
         rtol=1e-12, atol=1e-12)
+
+
+def test_a_zero_second_bias_leaves_the_dense_model_and_gives_the_bias_refit_its_bias():
+    """--mlp-bias: SmolLM2's LLaMA gets a zero bias on down_proj; the dense logits stay exactly
+    what they were, and the FLAP refit then moves that bias by the removed neurons' mean output."""
+    model = make_tiny_model("llama")
+    tokens = torch.randint(0, model.config.vocab_size, (2, 12),
+                           generator=torch.Generator().manual_seed(0))
+    before = model(tokens).logits
+    add_zero_second_bias(model)
+    assert torch.equal(model(tokens).logits, before)
+    view = FFNView(model)
+    kept = [torch.arange(0, view.d_ff, 2) for _ in range(view.num_layers)]
+    stats = collect_ffn_statistics(model, tokens)
+    down = view.second_matrix_module(0)
+    removed = torch.arange(1, view.d_ff, 2)
+    expected = down.weight.double()[:, removed] @ stats[0].mean[removed]
+    refit_model(model, kept, stats, "bias", 0.3)
+    torch.testing.assert_close(down.bias.double(), expected, rtol=1e-5, atol=1e-6)
