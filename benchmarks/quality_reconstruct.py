@@ -3,7 +3,8 @@ calibration?
 
 Every run prunes a fresh copy of the dense model: select rows (``self-generated`` on the model's
 own probe text, ``activation`` on real training windows, ``random``, ``magnitude``), optionally
-refit the second FFN matrix (``ls`` from dense statistics; sequential statistics: ``ls-seq``
+refit the second FFN matrix (``ls`` from dense statistics; ``bias``, FLAP's mean
+compensation, on a model given a bias of zeros by ``--mlp-bias``; sequential statistics: ``ls-seq``
 matching the dense stream's FFN output, ``ls-seq-pruned`` the original FFN on the pruned
 stream, ``ls-seq-select`` the same with the rows chosen on the pruned stream too;
 ``ls-diag``: each kept neuron's ridge proportional to its own mean square instead of the mean
