@@ -183,7 +183,7 @@ def test_compare_refuses_existing_and_unwritable_out_before_work(tmp_path, tiny_
     existing = tmp_path / "existing"
     existing.mkdir()
     (existing / "keep.txt").write_text("user data")
-    with pytest.raises(OutputError, match="--overwrite replaces only prunenet.s own outputs"):
+    with pytest.raises(OutputError, match="prunenet replaces only its own outputs"):
         compare(str(tiny_llama_dir), [0.5], "random", existing)
     blocker = tmp_path / "a-file"
     blocker.write_text("x")

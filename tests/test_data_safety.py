@@ -94,7 +94,7 @@ def test_policy_out_onto_any_existing_file_is_refused(models, tmp_path, capsys, 
     refused(capsys, ["-q", "compress", str(models / "llama"), "--ratio", "0.3", "--out",
                      str(tmp_path / "out"), "--method", "prunenet", "--episodes", "1",
                      "--policy-out", str(victim), *(["--overwrite"] if overwrite else [])],
-            "--overwrite replaces only prunenet's own outputs")  # with it or without
+            "prunenet replaces only its own outputs")  # with --overwrite or without
     assert victim.read_bytes() == b"not a policy"
 
 
@@ -190,7 +190,7 @@ def test_report_out_never_deletes_other_files_beside_a_previous_report(run_recor
     before = digest(folder)
     refused(capsys, ["-q", "report", str(run_record), "--out", str(folder),
                      *(["--overwrite"] if overwrite else [])],
-            "--overwrite replaces only prunenet's own outputs")  # with it or without
+            "prunenet replaces only its own outputs")  # with --overwrite or without
     assert digest(folder) == before
 
 
@@ -229,8 +229,9 @@ def test_eval_json_onto_the_model_config_is_refused(models, capsys):
 
 def test_eval_json_onto_a_foreign_file_is_refused(models, capsys):
     before = digest(models)
-    refused(capsys, ["-q", "eval", str(models / "llama"), "--ppl", "none", "--json",
-                     str(models / "notes.txt")], "not written by prunenet")
+    message = refused(capsys, ["-q", "eval", str(models / "llama"), "--ppl", "none", "--json",
+                               str(models / "notes.txt")], "not written by prunenet")
+    assert "--overwrite" not in message  # eval has none: it replaces its own JSON without one
     assert digest(models) == before
 
 

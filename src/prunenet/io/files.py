@@ -388,7 +388,7 @@ def _check_existing(output: Output, path: Path, overwrite: bool) -> None:
     if not output.ours(path):  # said first: --overwrite would not help
         raise OutputError(
             f"{output.what} {path} exists and was not written by prunenet (or holds other "
-            "files too); --overwrite replaces only prunenet's own outputs. Choose another "
+            "files too); prunenet replaces only its own outputs. Choose another "
             f"{output.what}"
         )
     if not overwrite:
