@@ -190,7 +190,7 @@ def test_report_output_must_be_writable_and_not_user_data(prunenet_run, tmp_path
     user_data = tmp_path / "mine"
     user_data.mkdir()
     (user_data / "notes.txt").write_text("keep")
-    with pytest.raises(OutputError, match="--overwrite"):
+    with pytest.raises(OutputError, match="prunenet replaces only its own outputs"):
         write_report(record_dir, user_data)
     assert [p.name for p in user_data.iterdir()] == ["notes.txt"]
 
