@@ -71,6 +71,9 @@ def test_compare_writes_report_json_and_plots(tiny_llama_real_tokenizer_dir, tex
     for method in ("prunenet", "random", "magnitude", "activation"):
         assert f"| {method}+ls | 0.25 |" in report and f"| {method}+ls | 0.5 |" in report
     assert "| dense | 0 |" in report and "![perplexity](perplexity.png)" in report
+    # The calibration text is named in the words of prunenet report's page, by naming's helper.
+    assert (f"- Calibration: 1 window of 1024 tokens from the training region of {text_file} "
+            "(never its evaluation windows).") in report.splitlines()
 
     for name in ("perplexity.png", "accuracy.png", "speed.png", "size.png"):
         with Image.open(out / name) as image:

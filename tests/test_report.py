@@ -20,6 +20,7 @@ from prunenet.errors import InputError, OutputError
 from prunenet.families import kept_count
 from prunenet.io.loading import RECORD_NAME, read_record
 from prunenet.model_view import FFNView
+from prunenet.naming import calibration_sentence
 from prunenet.recording import RUN_RECORD_NAME, SPECTRA_NAME, read_run_record
 from prunenet.report import DPI, FIGURE_SIZE, write_report
 from prunenet.selection.base import Source
@@ -279,8 +280,21 @@ def test_the_report_of_an_activation_run_names_its_calibration_text(
                  str(text), "--calibration-windows", "1", "--out", str(tmp_path / "model"),
                  "--record", str(record)]) == 0, capsys.readouterr().err
     page = write_report(record)
-    line = (f"- Calibration: 1 windows of 1024 tokens from the training region of {text} "
+    line = (f"- Calibration: 1 window of 1024 tokens from the training region of {text} "
             "(never its evaluation windows).")
     summary = (page / "report.md").read_text().split("\n\n")[1].splitlines()
     assert summary[2] == line
     assert f"<li>{line[2:]}</li>" in (page / "report.html").read_text()
+
+
+def test_the_calibration_sentence_counts_its_windows_and_keeps_a_path_on_one_line():
+    """compare's and report's pages name activation's calibration text in one sentence: a
+    window is counted in the singular, and a corpus path holding a newline is written escaped,
+    so it cannot split the page's list."""
+    one = calibration_sentence({"windows": 1, "seqlen": 32, "corpus": "wiki"})
+    assert one == ("Calibration: 1 window of 32 tokens from the training region of wiki "
+                   "(never its evaluation windows).")
+    many = calibration_sentence({"windows": 4, "seqlen": 1024, "corpus": "/data/a\nb.txt"})
+    assert many == ("Calibration: 4 windows of 1024 tokens from the training region of "
+                    "'/data/a\\nb.txt' (never its evaluation windows).")
+    assert "\n" not in many

@@ -27,8 +27,7 @@ from .io.files import atomic_folder, folder_of, json_with_format, write_json_ato
 from .io.loading import check_output_path, load_model_and_tokenizer
 from .io.streaming import check_models_fit
 from .model_view import FFNView
-from .naming import method_label
-from .naming import run_label as made_label
+from .naming import calibration_sentence, method_label, run_label
 from .pipeline import (
     CompressOptions,
     check_reconstruct,
@@ -216,7 +215,7 @@ def compare(
         record = {k: v for k, v in pruned.record.items() if k not in ("training", "source")}
         results["runs"].append({"method": method, "ratio": ratio, "record": record,
                                 "evaluation": evaluation})
-        report(f"[{number}/{len(pairs)}] {run_label(results, method)} at {ratio}: "
+        report(f"[{number}/{len(pairs)}] {method_run_label(results, method)} at {ratio}: "
                f"{_one_line(evaluation)}")
         del pruned
     with atomic_folder(out_path, overwrite, ours=is_compare_output) as staging:
@@ -237,7 +236,7 @@ def _one_line(evaluation: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
-def run_label(results: dict[str, Any], method: str) -> str:
+def method_run_label(results: dict[str, Any], method: str) -> str:
     """A method as it ran: with its refit (``random+ls``) unless there was none."""
     return method_label(method, results["settings"].get("reconstruct", "none"))
 
@@ -270,7 +269,7 @@ def write_plots(results: dict[str, Any], folder: Path) -> list[Path]:
     def panel(axis, pick, ylabel: str, title: str, log_scale: bool = False) -> None:
         for method in methods:
             x, y = _series(results, method, pick)
-            axis.plot(x, y, marker="o", label=run_label(results, method))
+            axis.plot(x, y, marker="o", label=method_run_label(results, method))
         axis.set_xlabel("compression ratio (fraction of FFN neurons removed)")
         axis.set_ylabel(ylabel)
         axis.set_title(title)
@@ -361,7 +360,7 @@ def results_table(results: dict[str, Any]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines.append(_row(input_label(results), "0", results["dense"], tasks))
     for run in sorted(results["runs"], key=lambda r: (r["ratio"], r["method"])):
-        lines.append(_row(run_label(results, run["method"]), f"{run['ratio']:g}",
+        lines.append(_row(method_run_label(results, run["method"]), f"{run['ratio']:g}",
                           run["evaluation"], tasks))
     return "\n".join(lines)
 
@@ -370,7 +369,7 @@ def input_label(results: dict[str, Any]) -> str:
     """The model every method pruned: ``dense``, or how prunenet made it where it was itself
     a prunenet output (``input (magnitude+ls at ratio 0.25)``)."""
     compression = results["dense"].get("compression")
-    return "dense" if not compression else f"input ({made_label(compression)})"
+    return "dense" if not compression else f"input ({run_label(compression)})"
 
 
 def _winners(results: dict[str, Any]) -> list[str]:
@@ -383,7 +382,7 @@ def _winners(results: dict[str, Any]) -> list[str]:
             ("average accuracy", lambda e: e["zero_shot"]["average"] if e["zero_shot"] else None,
              False),
         ):
-            scored = [(key(r["evaluation"]), run_label(results, r["method"])) for r in runs]
+            scored = [(key(r["evaluation"]), method_run_label(results, r["method"])) for r in runs]
             scored = [(v, m) for v, m in scored if v is not None]
             if not scored:
                 continue
@@ -432,7 +431,7 @@ def render_report(results: dict[str, Any], plots: Sequence[str] = PLOTS) -> str:
             f"{dense_speed['device']}, {dense_speed['threads']} threads."
         )
     if input_label(results) != "dense":
-        made = made_label(results["dense"]["compression"])
+        made = run_label(results["dense"]["compression"])
         lines.append(f"- Input: a model prunenet made, {made}; every ratio removes that "
                      "fraction of its FFN neurons, and the row "
                      f"`{input_label(results)}` stands where the dense model would.")
@@ -451,9 +450,7 @@ def render_report(results: dict[str, Any], plots: Sequence[str] = PLOTS) -> str:
             f"{training['best_episode']}), reused at every ratio."
         )
     if settings["calibration"]:
-        c = settings["calibration"]
-        lines.append(f"- activation: {c['windows']} calibration windows of {c['seqlen']} tokens "
-                     f"from the training region of {c['corpus']} (never the evaluation windows).")
+        lines.append(f"- {calibration_sentence(settings['calibration'])}")
     winners = _winners(results) or ["Nothing to rank the methods by: neither perplexity nor "
                                     "zero-shot accuracy was measured."]
     lines += ["", "## Results", "", results_table(results), "", "## Ranking per ratio (best first)",

@@ -8,6 +8,22 @@ from __future__ import annotations
 from typing import Any
 
 
+def one_line(text: str | None) -> str | None:
+    """``text`` on one line: a path holding a newline or another control character is written
+    with Python's escapes, so it cannot split the markdown list it stands in."""
+    return text if text is None or text.isprintable() else repr(text)
+
+
+def calibration_sentence(calibration: dict[str, Any]) -> str:
+    """What a calibration-based method (activation) read, as compare's and report's pages say
+    it: ``Calibration: 4 windows of 1024 tokens from the training region of wiki (never its
+    evaluation windows).``"""
+    windows = calibration.get("windows")
+    return (f"Calibration: {windows} window{'' if windows == 1 else 's'} of "
+            f"{calibration.get('seqlen')} tokens from the training region of "
+            f"{one_line(str(calibration.get('corpus')))} (never its evaluation windows).")
+
+
 def method_label(method: str, refit: str | None) -> str:
     """A method as it ran: with its refit (``random+ls``) unless there was none."""
     return method if refit in (None, "none") else f"{method}+{refit}"

@@ -18,7 +18,14 @@ from torch import Tensor
 
 from .errors import InputError, OutputError
 from .io.files import Output, atomic_folder, guard_outputs, write_text_atomic
-from .naming import compression_summary, method_label, refit_mode, run_label
+from .naming import (
+    calibration_sentence,
+    compression_summary,
+    method_label,
+    one_line,
+    refit_mode,
+    run_label,
+)
 from .recording import RUN_RECORD_NAME, SPECTRA_NAME, is_report, is_run_record, read_run_record
 
 FIGURE_SIZE = (7.0, 4.2)  # inches; at DPI this gives 700 x 420 pixel PNGs
@@ -131,18 +138,12 @@ def _mean(values: Sequence[float]) -> float:
     return sum(values) / len(values)
 
 
-def _one_line(text: str | None) -> str | None:
-    """``text`` on one line: a path holding a newline or another control character is written
-    with Python's escapes, so it cannot split the markdown list it stands in."""
-    return text if text is None or text.isprintable() else repr(text)
-
-
 def summary_lines(data: dict[str, Any]) -> list[str]:
     """Markdown bullet lines: what was compressed, how, and what it gave."""
     c = data["compression"]
     per_layer = data["layers"]
     lines = [
-        f"- Model: {_one_line(c.get('source')) or 'an in-memory model'}; method "
+        f"- Model: {one_line(c.get('source')) or 'an in-memory model'}; method "
         f"**{method_label(c['method'], refit_mode(c))}**"
         + (f" (selection {c['selection']})" if c.get("selection") else "")
         + f", ratio {c['ratio']}" + _rounding(c)
@@ -197,9 +198,7 @@ def _calibration_line(compression: dict[str, Any]) -> list[str]:
     calibration = compression.get("calibration")
     if not isinstance(calibration, dict):
         return []
-    return [f"- Calibration: {calibration.get('windows')} windows of {calibration.get('seqlen')} "
-            f"tokens from the training region of {_one_line(str(calibration.get('corpus')))} "
-            "(never its evaluation windows)."]
+    return [f"- {calibration_sentence(calibration)}"]
 
 
 def layer_table(data: dict[str, Any]) -> list[str]:
