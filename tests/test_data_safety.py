@@ -588,8 +588,25 @@ def test_seed_beyond_64_bits_is_a_usage_error(models, tmp_path, capsys):
 
 def test_eval_and_finetune_sequence_lengths_are_checked(tmp_path, capsys,
                                                        tiny_llama_real_tokenizer_dir):
-    refused(capsys, ["-q", "eval", str(tiny_llama_real_tokenizer_dir), "--seqlen", "1",
-                     "--windows", "1"], "at least 2 tokens")
+    model = str(tiny_llama_real_tokenizer_dir)
+    # Below 2 tokens: refused by the option's parser, which names the option as typed, before
+    # any model is read (finetune's had named its settings field, seqlen, after reading one).
+    for argv in (["eval", model, "--windows", "1", "--seqlen", "1"],
+                 ["finetune", model, "--out", str(tmp_path / "ft"), "--seqlen", "1"],
+                 ["finetune", model, "--out", str(tmp_path / "ft"), "--data", "self-generated",
+                  "--seqlen", "0"],
+                 ["compare", model, "--ratios", "0.3", "--out", str(tmp_path / "cmp"),
+                  "--seqlen", "1"],
+                 ["compress", model, "--ratio", "0.3", "--out", str(tmp_path / "c"),
+                  "--recover-steps", "1", "--finetune-seqlen", "1"]):
+        option = argv[-2]
+        with pytest.raises(SystemExit) as exit_info:
+            main(["-q", *argv])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith(f"prunenet: error: argument {option}: must be at least 2 tokens, "
+                              f"got {argv[-1]} (see prunenet {argv[0]} --help)"), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
     refused(capsys, ["-q", "finetune", str(tiny_llama_real_tokenizer_dir), "--out",
                      str(tmp_path / "ft"), "--seqlen", "4096"], "exceeds the model's context")
 

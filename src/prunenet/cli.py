@@ -78,7 +78,11 @@ def positive_int(text: str) -> int:
 
 def token_length(text: str) -> int:
     """argparse type for a sequence length in tokens: at least 2 (a token and the next one)."""
-    value = positive_int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of tokens, got {text!r}") \
+            from None
     if value < 2:
         raise argparse.ArgumentTypeError(f"must be at least 2 tokens, got {value}")
     return value
@@ -500,7 +504,7 @@ def add_compress(subparsers) -> None:
                        help="after saving, recover without data: distil MODEL (the teacher) into "
                        "the pruned model for N steps on text MODEL generates itself, into "
                        "OUT-recovered (`finetune --data self-generated`, its other defaults)")
-    group.add_argument("--finetune-seqlen", type=positive_int, default=None,
+    group.add_argument("--finetune-seqlen", type=token_length, default=None,
                        help="window length for --finetune-steps and --recover-steps "
                        "(default: finetune's, 1024 on a corpus and 256 distilling, cut to "
                        "the model's context where it is shorter)")
@@ -669,7 +673,7 @@ def _add_evaluation_arguments(parser: argparse.ArgumentParser, windows: int, tas
     group.add_argument("--ppl", default="wiki",
                        help="perplexity corpus: wiki (default), a text/jsonl file, a datasets "
                        "folder, or none to skip")
-    group.add_argument("--seqlen", type=positive_int, default=None,
+    group.add_argument("--seqlen", type=token_length, default=None,
                        help="tokens per perplexity window (default: 1024, or the model's context "
                        "when shorter)")
     group.add_argument("--windows", type=positive_int, default=windows,
@@ -975,7 +979,7 @@ def add_finetune(subparsers) -> None:
                         "empty)")
     parser.add_argument("--steps", type=positive_int, default=200,
                         help="optimizer steps (default: 200)")
-    parser.add_argument("--seqlen", type=positive_int, default=None,
+    parser.add_argument("--seqlen", type=token_length, default=None,
                         help="tokens per training window (default: "
                         f"{DEFAULT_SEQLEN['corpus']} on a corpus, "
                         f"{DEFAULT_SEQLEN[SELF_GENERATED]} for self-generated, cut to the "
