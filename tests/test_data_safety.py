@@ -707,6 +707,18 @@ def test_edited_spectra_are_one_line(run_record, tmp_path, capsys, spectrum):
     assert not (tmp_path / "r").exists()
 
 
+
+def test_spectra_of_another_run_are_refused(models, run_record, tmp_path, capsys):
+    """spectra.safetensors is checked against its record.json: the spectra of another run (a
+    copy from a record at another ratio) are refused, not drawn under this run's numbers."""
+    other = tmp_path / "other-run"
+    assert main(["-q", "compress", str(models / "llama"), "--ratio", "0.7", "--out",
+                 str(tmp_path / "other-out"), "--method", "random", "--record", str(other)]) == 0
+    shutil.copy(other / "spectra.safetensors", run_record / "spectra.safetensors")
+    refused(capsys, ["-q", "report", str(run_record), "--out", str(tmp_path / "r")],
+            "layer 0's spectra do not match")
+    assert not (tmp_path / "r").exists()
+
 # --- prunenet's own working files, locks and races ---------------------------------------------
 
 

@@ -24,7 +24,7 @@ from transformers import AutoModelForCausalLM
 
 import prunenet
 from prunenet.assets import asset_path, cache_dir
-from prunenet.errors import InputError, MissingAssetError
+from prunenet.errors import InputError, MissingAssetError, OutputError
 from prunenet.io.gguf_out import (
     GGUF_FFN_LAYOUTS,
     _written_type,
@@ -473,6 +473,21 @@ def test_failed_write_leaves_the_old_file(tmp_path, tinycoder, monkeypatch):
     assert out.read_bytes() == b"previous"
     assert [p.name for p in tmp_path.iterdir()] == ["pruned.gguf"]
 
+
+
+def test_the_source_gguf_is_never_written_over(tmp_path, tinycoder):
+    """out_file naming the source (by its path, or by a hard link to it) is refused before
+    anything is written: the source had been replaced by the pruned file."""
+    source = tmp_path / "tiny.gguf"
+    source.write_bytes(tinycoder.read_bytes())
+    os.link(source, tmp_path / "same.gguf")
+    before = hashlib.sha256(source.read_bytes()).hexdigest()
+    result = prunenet.compress(str(source), ratio=0.25, method="random", progress=False)
+    for out_file in (source, tmp_path / "same.gguf"):
+        with pytest.raises(OutputError, match="is the input"):
+            write_pruned_gguf(source, result.model, result.kept_rows, out_file)
+    assert hashlib.sha256(source.read_bytes()).hexdigest() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["same.gguf", "tiny.gguf"]
 
 def _write_mamba_gguf(path) -> None:
     """A one-tensor GGUF of an architecture GGUF output does not map."""

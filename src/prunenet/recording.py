@@ -237,5 +237,19 @@ def read_run_record(run_dir: str | os.PathLike) -> tuple[dict[str, Any], list[Te
             raise InputError(f"{spectra_path}: {name} is not a list of finite singular values "
                              f"(shape {list(spectrum.shape)}); the record is damaged")
     count = data["num_layers"]
-    return (data, [tensors[f"layer.{i}.original"] for i in range(count)],
-            [tensors[f"layer.{i}.pruned"] for i in range(count)])
+    original = [tensors[f"layer.{i}.original"] for i in range(count)]
+    pruned = [tensors[f"layer.{i}.pruned"] for i in range(count)]
+    layers, width = data["layers"], data["compression"]["ffn_width_before"]
+    for index, (before, after) in enumerate(zip(original, pruned)):
+        # The record's KS statistic was computed from exactly these tensors: a mismatch means
+        # spectra of another run (or edited ones) sit beside this record.json.
+        ks = ks_statistic(before, after)
+        if before.numel() > width or after.numel() > layers["kept_neurons"][index] or \
+                not math.isclose(ks, layers["ks_selected"][index], abs_tol=1e-9):
+            raise InputError(
+                f"{spectra_path}: layer {index}'s spectra do not match {RUN_RECORD_NAME} "
+                f"({after.numel()} pruned singular values for {layers['kept_neurons'][index]} "
+                f"kept neurons, KS statistic {ks:.4f} where the record says "
+                f"{layers['ks_selected'][index]:.4f}); the files come from different runs, "
+                "the record is damaged")
+    return data, original, pruned

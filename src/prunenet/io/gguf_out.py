@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from ..errors import InputError
 from ..families import family_for
+from .files import Output, guard_outputs
 from .loading import gguf_reader, validate_gguf
 
 
@@ -230,7 +231,8 @@ def write_pruned_gguf(
     of the source tensor's type). Requantizing to a 4-bit type adds a second rounding to already
     rounded weights; Q8_0 keeps them within 0.6% at about 1.7x the bytes of Q4_1 for that
     tensor. All other tensors and metadata are the source's. The file is written to a temporary
-    sibling and renamed onto ``out_file``.
+    sibling and renamed onto ``out_file``, which may replace any file but the source (by any
+    name: :class:`OutputError` before anything is written).
 
     Returns a report: ``architecture``, ``feed_forward_length`` (before/after), ``sliced`` and
     ``requantized`` (tensor -> type written), ``substituted`` (tensor -> "SOURCE -> WRITTEN: why"),
@@ -251,6 +253,8 @@ def write_pruned_gguf(
     kept = _check_kept_rows(list(kept_rows), int(block_field.parts[-1][0]), d_ff)
     family = family_for(getattr(model.config, "model_type", None))
 
+    guard_outputs([Output(out_file, "out_file", folder=False, ours=Path.is_file)],
+                  [source_gguf], overwrite=True)
     out_file = Path(out_file).expanduser()
     out_file.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(prefix=f".{out_file.name}.tmp-", dir=out_file.parent)
