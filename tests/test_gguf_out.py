@@ -474,6 +474,22 @@ def test_failed_write_leaves_the_old_file(tmp_path, tinycoder, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["pruned.gguf"]
 
 
+@pytest.mark.parametrize("down_type,weight", [("F16", 1e5), ("Q8_0", 1e7), ("F16", float("nan"))])
+def test_a_second_matrix_the_type_cannot_hold_is_refused_with_nothing_written(
+        tmp_path, tinycoder, down_type, weight):
+    """A weight beyond the written type's range (F16 above 65504; Q8_0, whose block scale is
+    F16, above 127 x 65504) would be stored as inf, and a NaN as NaN: the write is refused,
+    naming the layer, and leaves nothing (it had written a file whose model outputs NaN)."""
+    source = _tiny_gguf(tmp_path / "tiny.gguf", GGMLQuantizationType.Q8_0, tinycoder)
+    result = prunenet.compress(str(source), ratio=0.25, method="random", progress=False)
+    with torch.no_grad():  # 384 neurons kept: whole Q8_0 blocks, so Q8_0 is written as asked
+        result.model.model.layers[1].mlp.down_proj.weight[0, 0] = weight
+    out = tmp_path / "out" / "pruned.gguf"
+    with pytest.raises(InputError, match=f"down_proj.weight in layer 1 does not fit GGUF type "
+                                         f"{down_type} "):
+        write_pruned_gguf(source, result.model, result.kept_rows, out, down_type=down_type)
+    assert list((tmp_path / "out").iterdir()) == []
+
 
 def test_the_source_gguf_is_never_written_over(tmp_path, tinycoder):
     """out_file naming the source (by its path, or by a hard link to it) is refused before
@@ -488,6 +504,7 @@ def test_the_source_gguf_is_never_written_over(tmp_path, tinycoder):
             write_pruned_gguf(source, result.model, result.kept_rows, out_file)
     assert hashlib.sha256(source.read_bytes()).hexdigest() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["same.gguf", "tiny.gguf"]
+
 
 def _write_mamba_gguf(path) -> None:
     """A one-tensor GGUF of an architecture GGUF output does not map."""

@@ -360,7 +360,16 @@ def _requantized(model: nn.Module, layers: str, layer: int, name: str,
     if tuple(matrix.shape) != expected:
         raise InputError(f"the model's {name} in layer {layer} has shape "
                          f"{tuple(matrix.shape)}, expected {expected}")
-    return _gguf().quants.quantize(matrix.float().numpy(), written)
+    quants = _gguf().quants
+    data = quants.quantize(matrix.float().numpy(), written)
+    # A weight beyond the type's range (F16 above 65504, a block scale stored in F16) becomes
+    # inf: refuse it rather than write a file whose model outputs NaN.
+    if not np.isfinite(quants.dequantize(data, written)).all():
+        largest = matrix.float().abs().max().item()
+        raise InputError(f"the model's {name} in layer {layer} does not fit GGUF type "
+                         f"{written.name} (largest |weight| {largest:.4g}); write another "
+                         "--gguf-down-type (F32, BF16) or safetensors alone")
+    return data
 
 
 def _kept_source_rows(handle, tensor, kept_rows: Tensor, model_rows) -> np.ndarray:
