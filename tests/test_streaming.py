@@ -101,6 +101,46 @@ def test_streamed_training_equals_in_memory(tmp_path):
         assert torch.equal(tensor, b.policy.state_dict()[name]), name
 
 
+def float8_checkpoint(folder: Path) -> Path:
+    """A tiny model with every weight stored as float8_e4m3fn, in several shards."""
+    sharded_checkpoint(folder)
+    for shard in folder.glob("*.safetensors"):
+        tensors = {name: tensor.to(torch.float8_e4m3fn) for name, tensor in
+                   load_file(shard).items()}
+        save_file(tensors, shard, metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "dtype": "float8_e4m3fn"}))
+    return folder
+
+
+@pytest.mark.parametrize("method", ["prunenet", "random"])
+def test_a_float8_checkpoint_streams_to_what_it_gives_in_memory(tmp_path, method):
+    source = float8_checkpoint(tmp_path / "model")
+    options = {"method": method, "reconstruct": "none", "episodes": 1, "progress": False}
+    compress(str(source), 0.5, out=tmp_path / "memory", **options)
+    compress(StreamedCheckpoint(source), 0.5, out=tmp_path / "stream", **options)
+    expected, actual = all_tensors(tmp_path / "memory"), all_tensors(tmp_path / "stream")
+    assert sorted(actual) == sorted(expected)
+    for name, tensor in expected.items():
+        assert tensor.dtype == actual[name].dtype == torch.float8_e4m3fn, name
+        assert torch.equal(actual[name].view(torch.uint8), tensor.view(torch.uint8)), name
+
+
+def test_a_nan_in_a_float8_tensor_copied_through_is_refused(tmp_path):
+    source = float8_checkpoint(tmp_path / "model")
+    name = "model.layers.0.self_attn.q_proj.weight"  # no method reads it: copied as bytes
+    shard = source / json.loads((source / streaming.INDEX_NAME).read_text())["weight_map"][name]
+    tensors = load_file(shard)
+    raw = tensors[name].view(torch.uint8).clone()
+    raw[2, 1] = 0x7F  # float8_e4m3fn's NaN
+    tensors[name] = raw.view(torch.float8_e4m3fn)
+    save_file(tensors, shard, metadata={"format": "pt"})
+    with pytest.raises(NumericalError, match=r"model\.layers\.0\.self_attn\.q_proj\.weight holds"):
+        compress(StreamedCheckpoint(source), 0.5, method="random", reconstruct="none",
+                 out=tmp_path / "stream", progress=False)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["model"]
+
+
 def run_budget(checkpoint: StreamedCheckpoint, probe_tokens: int = 8192,
                probe_length: int = 256) -> int:
     """The least --max-memory that runs ``checkpoint`` offloaded: no layer stays in memory."""

@@ -456,9 +456,11 @@ def bound_heap_growth() -> None:
         ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
 
 
-# The exponent field of each IEEE float type safetensors names: all ones is NaN or Inf.
+# The exponent field of each IEEE float type safetensors names: all ones is NaN or Inf. F8_E4M3
+# (float8_e4m3fn) has no Inf; its one NaN has every bit but the sign set.
 _EXPONENT_MASKS = {"F64": (np.uint64, 0x7FF0000000000000), "F32": (np.uint32, 0x7F800000),
-                   "F16": (np.uint16, 0x7C00), "BF16": (np.uint16, 0x7F80)}
+                   "F16": (np.uint16, 0x7C00), "BF16": (np.uint16, 0x7F80),
+                   "F8_E5M2": (np.uint8, 0x7C), "F8_E4M3": (np.uint8, 0x7F)}
 
 
 def _check_finite_bytes(name: str, dtype: str, data: bytes) -> None:
