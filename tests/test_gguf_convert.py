@@ -325,6 +325,35 @@ def test_a_streamed_gguf_that_cannot_run_leaves_nothing(tmp_path, tinycoder, mon
     assert len(calls) == 3 and sorted(p.name for p in tmp_path.iterdir()) == ["in"]
 
 
+def test_a_gguf_tensor_type_gguf_cannot_dequantize_is_refused_before_any_work(
+        tmp_path, tinycoder, monkeypatch, capsys):
+    """Every load and conversion dequantizes every tensor: a GGUF holding one of a type the
+    gguf library cannot dequantize (here F64) is refused naming the tensor and its type, by
+    convert, a streamed compress and eval alike, before anything is written."""
+    import numpy as np
+    import test_gguf_out
+    from gguf import GGUFWriter
+
+    class WithAFloat64Norm(GGUFWriter):
+        def add_tensor(self, name, tensor, *args, **kwargs):
+            if name == "blk.1.attn_norm.weight":
+                tensor = tensor.astype(np.float64)
+            return super().add_tensor(name, tensor, *args, **kwargs)
+
+    monkeypatch.setattr(test_gguf_out, "GGUFWriter", WithAFloat64Norm)
+    source = _gguf(tmp_path / "in", GGMLQuantizationType.Q8_0, tinycoder)
+    _too_large_for_memory(monkeypatch)
+    for command in (["convert", str(source), "--out", str(tmp_path / "out")],
+                    ["compress", str(source), "--ratio", "0.5", "--out", str(tmp_path / "out"),
+                     "--method", "random", "--reconstruct", "none", "--max-memory", "8GB"],
+                    ["eval", str(source), "--ppl", "none"]):
+        assert main(["-q", *command]) == 2
+        error = capsys.readouterr().err
+        assert error.startswith("prunenet: error: ") and error.count("\n") == 1, error
+        assert "tensor blk.1.attn_norm.weight is stored as F64" in error
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+
+
 _COMPRESS_CHILD = """
 import sys
 from prunenet.cli import main
