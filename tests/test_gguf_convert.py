@@ -354,6 +354,21 @@ def test_a_gguf_tensor_type_gguf_cannot_dequantize_is_refused_before_any_work(
         assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
 
 
+def test_gguf_outputs_in_folders_yet_to_be_made(tmp_path, tinycoder, monkeypatch):
+    """A streamed compress of a GGUF writes into folders it makes above --out; a conversion
+    refused for want of disk leaves no folder it made behind."""
+    source = _gguf(tmp_path / "in", GGMLQuantizationType.Q8_0, tinycoder)
+    _too_large_for_memory(monkeypatch)
+    out = tmp_path / "new" / "folders" / "pruned"
+    assert main(["-q", "compress", str(source), "--ratio", "0.5", "--out", str(out),
+                 "--method", "random", "--reconstruct", "none", "--max-memory", "8GB"]) == 0
+    assert json.loads((out / "prunenet.json").read_text())["ffn_width_after"] == 256
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: type("Usage", (), {"free": 1000})())
+    with pytest.raises(OutputError, match="not enough disk space"):
+        convert_gguf(source, tmp_path / "other" / "converted", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "new"]
+
+
 _COMPRESS_CHILD = """
 import sys
 from prunenet.cli import main

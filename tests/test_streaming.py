@@ -480,6 +480,19 @@ def test_disk_full_while_writing_leaves_nothing(tmp_path, monkeypatch):
     assert not out.parent.exists()  # nor the folder made for the output
 
 
+def test_a_streamed_output_is_written_into_folders_it_makes(tmp_path):
+    """Missing folders above --out are made when the output is written, streamed as in
+    memory; the disk's free space is read where they will be made."""
+    source = sharded_checkpoint(tmp_path / "model")
+    options = {"method": "random", "reconstruct": "none", "progress": False}
+    compress(str(source), 0.5, out=tmp_path / "memory", **options)
+    out = tmp_path / "new" / "folders" / "pruned"
+    compress(StreamedCheckpoint(source), 0.5, out=out, **options)
+    expected, actual = all_tensors(tmp_path / "memory"), all_tensors(out)
+    assert sorted(actual) == sorted(expected)
+    assert all(torch.equal(actual[name], tensor) for name, tensor in expected.items())
+
+
 @pytest.mark.parametrize("options", [{"method": "random", "reconstruct": "none"}, {}],
                          ids=["weights-only", "default"])
 def test_a_streamed_run_records_what_a_run_in_memory_records(tmp_path, options):

@@ -91,7 +91,6 @@ def convert_gguf(source: str | Path, out: str | Path, overwrite: bool = False,
     validate_gguf(path)
     config = load_config(path)
     out = Path(out).expanduser().resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
     check_disk_space(out, 4 * gguf_parameters(path))  # float32
     from transformers import AutoTokenizer, GenerationConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES

@@ -770,8 +770,10 @@ def _copy_side_files(source: Path, target: Path) -> None:
 
 def check_disk_space(out: Path, needed: int) -> None:
     """Refuse an output ``out`` of about ``needed`` bytes that its disk cannot hold, before
-    anything is written (:class:`OutputError`)."""
-    free = shutil.disk_usage(out.parent).free
+    anything is written (:class:`OutputError`); folders missing above ``out`` are not made
+    (the write makes them): the disk is the one of the nearest folder that exists."""
+    existing = next(folder for folder in out.parents if folder.exists())
+    free = shutil.disk_usage(existing).free
     if needed > free:
         raise OutputError(f"not enough disk space for {out}: about {format_bytes(needed)} "
                           f"needed, {format_bytes(free)} free")
