@@ -369,6 +369,29 @@ def test_gguf_outputs_in_folders_yet_to_be_made(tmp_path, tinycoder, monkeypatch
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "new"]
 
 
+def test_a_gguf_whose_tokenizer_transformers_cannot_build_streams_as_it_loads(
+        tmp_path, tinycoder, monkeypatch):
+    """A GGUF naming a tokenizer transformers cannot build (here 'rwkv') loads without one;
+    converted, and compressed streamed, it gives the same output, without a tokenizer."""
+    import test_gguf_out
+    from gguf import GGUFWriter
+
+    class WithAnRwkvTokenizer(GGUFWriter):
+        def add_key_value(self, key, value, *args, **kwargs):
+            value = "rwkv" if key == "tokenizer.ggml.model" else value
+            return super().add_key_value(key, value, *args, **kwargs)
+
+    monkeypatch.setattr(test_gguf_out, "GGUFWriter", WithAnRwkvTokenizer)
+    source = _gguf(tmp_path / "in", GGMLQuantizationType.Q8_0, tinycoder)
+    common = ["-q", "compress", str(source), "--ratio", "0.5", "--method", "random",
+              "--reconstruct", "none"]
+    assert main([*common, "--out", str(tmp_path / "memory")]) == 0
+    _too_large_for_memory(monkeypatch)
+    assert main([*common, "--out", str(tmp_path / "stream"), "--max-memory", "8GB"]) == 0
+    _outputs_agree(tmp_path / "memory", tmp_path / "stream")
+    assert not list((tmp_path / "stream").glob("tokenizer*"))
+
+
 _COMPRESS_CHILD = """
 import sys
 from prunenet.cli import main
