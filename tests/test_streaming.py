@@ -396,7 +396,8 @@ def test_parse_memory_reads_units_in_any_case_as_bytes():
     assert parse_memory(" 1.5gib ") == int(1.5 * 2**30)
 
 
-@pytest.mark.parametrize("text", ["lots", "-1GB", "0", "2PB", "512M", "infGB", "1e400GB", "nanGB"])
+@pytest.mark.parametrize("text", ["lots", "-1GB", "0", "2PB", "512M", "infGB", "1e400GB", "nanGB",
+                                  "²", "2²GB", 2.5e9, -5])
 def test_parse_memory_rejects(text):
     with pytest.raises(InputError, match="^--max-memory "):  # the option is named
         parse_memory(text)

@@ -86,11 +86,12 @@ def parse_memory(text: str | int) -> int:
     sign (``-1GB``) is refused as not positive, as ``0`` is."""
     from accelerate.utils import convert_file_size_to_int
 
-    if isinstance(text, bool):
+    if isinstance(text, bool) or not isinstance(text, (str, int)):
         raise InputError(f"--max-memory must be a size such as 2GB, got {text!r}")
-    negative = isinstance(text, str) and text.strip().startswith("-")
-    size = text.strip().removeprefix("-") if isinstance(text, str) else text
-    if isinstance(size, str) and size.isdigit():
+    negative = text.strip().startswith("-") if isinstance(text, str) else text < 0
+    size = text.strip().removeprefix("-") if isinstance(text, str) else abs(text)
+    # isdigit() alone passes '²', which int() cannot read
+    if isinstance(size, str) and size.isascii() and size.isdigit():
         size = int(size)
     try:
         value = convert_file_size_to_int(size.upper() if isinstance(size, str) else size)
