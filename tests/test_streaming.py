@@ -101,6 +101,22 @@ def test_streamed_training_equals_in_memory(tmp_path):
         assert torch.equal(tensor, b.policy.state_dict()[name]), name
 
 
+def test_a_folder_holding_one_file_and_shards_streams_the_weights_it_loads(tmp_path):
+    """transformers loads model.safetensors where a folder also holds an index and its
+    shards; the streamed run reads the same weights, so both give one output."""
+    source = tmp_path / "model"
+    make_tiny_model("llama").save_pretrained(source)
+    make_tiny_model("llama", seed=1).save_pretrained(tmp_path / "other", max_shard_size="20KB")
+    for shard in (tmp_path / "other").glob("model*"):
+        shard.rename(source / shard.name)
+    options = {"method": "magnitude", "reconstruct": "none", "progress": False}
+    compress(str(source), 0.5, out=tmp_path / "memory", **options)
+    compress(StreamedCheckpoint(source), 0.5, out=tmp_path / "stream", **options)
+    expected, actual = all_tensors(tmp_path / "memory"), all_tensors(tmp_path / "stream")
+    assert sorted(actual) == sorted(expected)
+    assert all(torch.equal(actual[name], tensor) for name, tensor in expected.items())
+
+
 def float8_checkpoint(folder: Path) -> Path:
     """A tiny model with every weight stored as float8_e4m3fn, in several shards."""
     sharded_checkpoint(folder)

@@ -144,8 +144,10 @@ class StreamedCheckpoint:
         self.config: dict[str, Any] = read_config_json(self.folder)
         self.model_type = self.config.get("model_type")
         self.family = family_for(self.model_type)
-        self.sharded = (self.folder / INDEX_NAME).exists()
-        if not self.sharded and not (self.folder / SINGLE_NAME).is_file():
+        single = (self.folder / SINGLE_NAME).is_file()
+        # transformers, too, loads model.safetensors where the folder also holds an index
+        self.sharded = not single and (self.folder / INDEX_NAME).exists()
+        if not self.sharded and not single:
             raise InputError(
                 f"{self.folder} has neither {SINGLE_NAME} nor {INDEX_NAME}; streaming needs "
                 "safetensors weights (a missing index file?)"
