@@ -325,6 +325,73 @@ def test_a_streamed_gguf_that_cannot_run_leaves_nothing(tmp_path, tinycoder, mon
     assert len(calls) == 3 and sorted(p.name for p in tmp_path.iterdir()) == ["in"]
 
 
+def test_a_gguf_tensor_type_gguf_cannot_dequantize_is_refused_before_any_work(
+        tmp_path, tinycoder, monkeypatch, capsys):
+    """Every load and conversion dequantizes every tensor: a GGUF holding one of a type the
+    gguf library cannot dequantize (here F64) is refused naming the tensor and its type, by
+    convert, a streamed compress and eval alike, before anything is written."""
+    import numpy as np
+    import test_gguf_out
+    from gguf import GGUFWriter
+
+    class WithAFloat64Norm(GGUFWriter):
+        def add_tensor(self, name, tensor, *args, **kwargs):
+            if name == "blk.1.attn_norm.weight":
+                tensor = tensor.astype(np.float64)
+            return super().add_tensor(name, tensor, *args, **kwargs)
+
+    monkeypatch.setattr(test_gguf_out, "GGUFWriter", WithAFloat64Norm)
+    source = _gguf(tmp_path / "in", GGMLQuantizationType.Q8_0, tinycoder)
+    _too_large_for_memory(monkeypatch)
+    for command in (["convert", str(source), "--out", str(tmp_path / "out")],
+                    ["compress", str(source), "--ratio", "0.5", "--out", str(tmp_path / "out"),
+                     "--method", "random", "--reconstruct", "none", "--max-memory", "8GB"],
+                    ["eval", str(source), "--ppl", "none"]):
+        assert main(["-q", *command]) == 2
+        error = capsys.readouterr().err
+        assert error.startswith("prunenet: error: ") and error.count("\n") == 1, error
+        assert "tensor blk.1.attn_norm.weight is stored as F64" in error
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+
+
+def test_gguf_outputs_in_folders_yet_to_be_made(tmp_path, tinycoder, monkeypatch):
+    """A streamed compress of a GGUF writes into folders it makes above --out; a conversion
+    refused for want of disk leaves no folder it made behind."""
+    source = _gguf(tmp_path / "in", GGMLQuantizationType.Q8_0, tinycoder)
+    _too_large_for_memory(monkeypatch)
+    out = tmp_path / "new" / "folders" / "pruned"
+    assert main(["-q", "compress", str(source), "--ratio", "0.5", "--out", str(out),
+                 "--method", "random", "--reconstruct", "none", "--max-memory", "8GB"]) == 0
+    assert json.loads((out / "prunenet.json").read_text())["ffn_width_after"] == 256
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: type("Usage", (), {"free": 1000})())
+    with pytest.raises(OutputError, match="not enough disk space"):
+        convert_gguf(source, tmp_path / "other" / "converted", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "new"]
+
+
+def test_a_gguf_whose_tokenizer_transformers_cannot_build_streams_as_it_loads(
+        tmp_path, tinycoder, monkeypatch):
+    """A GGUF naming a tokenizer transformers cannot build (here 'rwkv') loads without one;
+    converted, and compressed streamed, it gives the same output, without a tokenizer."""
+    import test_gguf_out
+    from gguf import GGUFWriter
+
+    class WithAnRwkvTokenizer(GGUFWriter):
+        def add_key_value(self, key, value, *args, **kwargs):
+            value = "rwkv" if key == "tokenizer.ggml.model" else value
+            return super().add_key_value(key, value, *args, **kwargs)
+
+    monkeypatch.setattr(test_gguf_out, "GGUFWriter", WithAnRwkvTokenizer)
+    source = _gguf(tmp_path / "in", GGMLQuantizationType.Q8_0, tinycoder)
+    common = ["-q", "compress", str(source), "--ratio", "0.5", "--method", "random",
+              "--reconstruct", "none"]
+    assert main([*common, "--out", str(tmp_path / "memory")]) == 0
+    _too_large_for_memory(monkeypatch)
+    assert main([*common, "--out", str(tmp_path / "stream"), "--max-memory", "8GB"]) == 0
+    _outputs_agree(tmp_path / "memory", tmp_path / "stream")
+    assert not list((tmp_path / "stream").glob("tokenizer*"))
+
+
 _COMPRESS_CHILD = """
 import sys
 from prunenet.cli import main

@@ -283,14 +283,19 @@ def test_a_nan_result_is_never_reported_or_saved(tmp_path):
 
 
 @pytest.mark.parametrize("dtype,code", [(torch.float16, "F16"), (torch.bfloat16, "BF16"),
-                                        (torch.float32, "F32"), (torch.float64, "F64")])
+                                        (torch.float32, "F32"), (torch.float64, "F64"),
+                                        (torch.float8_e5m2, "F8_E5M2"),
+                                        (torch.float8_e4m3fn, "F8_E4M3")])
 def test_raw_bytes_check_finds_every_non_finite_value(dtype, code):
     from prunenet.io.streaming import _check_finite_bytes
 
-    finite = torch.tensor([0.0, -0.0, 1.5, -3.0, 65000.0 if dtype == torch.float16 else 1e30,
+    large = 65000.0 if dtype == torch.float16 else 1e30 if dtype.itemsize > 1 else 240.0
+    finite = torch.tensor([0.0, -0.0, 1.5, -3.0, large,
                            torch.finfo(dtype).max, torch.finfo(dtype).tiny], dtype=dtype)
     _check_finite_bytes("w", code, finite.view(torch.uint8).numpy().tobytes())
-    for bad in (float("nan"), float("inf"), float("-inf")):
+    # float8_e4m3fn has no Inf (torch saturates one to the largest value)
+    infinite = () if dtype == torch.float8_e4m3fn else (float("inf"), float("-inf"))
+    for bad in (float("nan"), *infinite):
         values = finite.clone()
         values[3] = bad
         with pytest.raises(NumericalError, match="w holds NaN or Inf"):

@@ -101,6 +101,62 @@ def test_streamed_training_equals_in_memory(tmp_path):
         assert torch.equal(tensor, b.policy.state_dict()[name]), name
 
 
+def test_a_folder_holding_one_file_and_shards_streams_the_weights_it_loads(tmp_path):
+    """transformers loads model.safetensors where a folder also holds an index and its
+    shards; the streamed run reads the same weights, so both give one output."""
+    source = tmp_path / "model"
+    make_tiny_model("llama").save_pretrained(source)
+    make_tiny_model("llama", seed=1).save_pretrained(tmp_path / "other", max_shard_size="20KB")
+    for shard in (tmp_path / "other").glob("model*"):
+        shard.rename(source / shard.name)
+    options = {"method": "magnitude", "reconstruct": "none", "progress": False}
+    compress(str(source), 0.5, out=tmp_path / "memory", **options)
+    compress(StreamedCheckpoint(source), 0.5, out=tmp_path / "stream", **options)
+    expected, actual = all_tensors(tmp_path / "memory"), all_tensors(tmp_path / "stream")
+    assert sorted(actual) == sorted(expected)
+    assert all(torch.equal(actual[name], tensor) for name, tensor in expected.items())
+
+
+def float8_checkpoint(folder: Path) -> Path:
+    """A tiny model with every weight stored as float8_e4m3fn, in several shards."""
+    sharded_checkpoint(folder)
+    for shard in folder.glob("*.safetensors"):
+        tensors = {name: tensor.to(torch.float8_e4m3fn) for name, tensor in
+                   load_file(shard).items()}
+        save_file(tensors, shard, metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "dtype": "float8_e4m3fn"}))
+    return folder
+
+
+@pytest.mark.parametrize("method", ["prunenet", "random"])
+def test_a_float8_checkpoint_streams_to_what_it_gives_in_memory(tmp_path, method):
+    source = float8_checkpoint(tmp_path / "model")
+    options = {"method": method, "reconstruct": "none", "episodes": 1, "progress": False}
+    compress(str(source), 0.5, out=tmp_path / "memory", **options)
+    compress(StreamedCheckpoint(source), 0.5, out=tmp_path / "stream", **options)
+    expected, actual = all_tensors(tmp_path / "memory"), all_tensors(tmp_path / "stream")
+    assert sorted(actual) == sorted(expected)
+    for name, tensor in expected.items():
+        assert tensor.dtype == actual[name].dtype == torch.float8_e4m3fn, name
+        assert torch.equal(actual[name].view(torch.uint8), tensor.view(torch.uint8)), name
+
+
+def test_a_nan_in_a_float8_tensor_copied_through_is_refused(tmp_path):
+    source = float8_checkpoint(tmp_path / "model")
+    name = "model.layers.0.self_attn.q_proj.weight"  # no method reads it: copied as bytes
+    shard = source / json.loads((source / streaming.INDEX_NAME).read_text())["weight_map"][name]
+    tensors = load_file(shard)
+    raw = tensors[name].view(torch.uint8).clone()
+    raw[2, 1] = 0x7F  # float8_e4m3fn's NaN
+    tensors[name] = raw.view(torch.float8_e4m3fn)
+    save_file(tensors, shard, metadata={"format": "pt"})
+    with pytest.raises(NumericalError, match=r"model\.layers\.0\.self_attn\.q_proj\.weight holds"):
+        compress(StreamedCheckpoint(source), 0.5, method="random", reconstruct="none",
+                 out=tmp_path / "stream", progress=False)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["model"]
+
+
 def run_budget(checkpoint: StreamedCheckpoint, probe_tokens: int = 8192,
                probe_length: int = 256) -> int:
     """The least --max-memory that runs ``checkpoint`` offloaded: no layer stays in memory."""
@@ -356,7 +412,8 @@ def test_parse_memory_reads_units_in_any_case_as_bytes():
     assert parse_memory(" 1.5gib ") == int(1.5 * 2**30)
 
 
-@pytest.mark.parametrize("text", ["lots", "-1GB", "0", "2PB", "512M", "infGB", "1e400GB", "nanGB"])
+@pytest.mark.parametrize("text", ["lots", "-1GB", "0", "2PB", "512M", "infGB", "1e400GB", "nanGB",
+                                  "²", "2²GB", 2.5e9, -5])
 def test_parse_memory_rejects(text):
     with pytest.raises(InputError, match="^--max-memory "):  # the option is named
         parse_memory(text)
@@ -438,6 +495,19 @@ def test_disk_full_while_writing_leaves_nothing(tmp_path, monkeypatch):
     assert written, "the first shard should have been written before the disk filled up"
     assert not out.exists()
     assert not out.parent.exists()  # nor the folder made for the output
+
+
+def test_a_streamed_output_is_written_into_folders_it_makes(tmp_path):
+    """Missing folders above --out are made when the output is written, streamed as in
+    memory; the disk's free space is read where they will be made."""
+    source = sharded_checkpoint(tmp_path / "model")
+    options = {"method": "random", "reconstruct": "none", "progress": False}
+    compress(str(source), 0.5, out=tmp_path / "memory", **options)
+    out = tmp_path / "new" / "folders" / "pruned"
+    compress(StreamedCheckpoint(source), 0.5, out=out, **options)
+    expected, actual = all_tensors(tmp_path / "memory"), all_tensors(out)
+    assert sorted(actual) == sorted(expected)
+    assert all(torch.equal(actual[name], tensor) for name, tensor in expected.items())
 
 
 @pytest.mark.parametrize("options", [{"method": "random", "reconstruct": "none"}, {}],

@@ -28,7 +28,11 @@ def non_finite_error(name: str) -> NumericalError:
 
 def check_finite(name: str, tensor: Tensor) -> None:
     """Raise naming ``name`` when the floating ``tensor`` holds NaN or Inf."""
-    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+    if not tensor.is_floating_point():
+        return
+    if tensor.element_size() == 1:  # torch has no isfinite for float8; float32 holds it exactly
+        tensor = tensor.float()
+    if not torch.isfinite(tensor).all():
         raise non_finite_error(name)
 
 

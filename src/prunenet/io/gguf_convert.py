@@ -31,6 +31,7 @@ from .loading import (
     gguf_reader,
     is_conversion,
     load_config,
+    load_tokenizer,
     resolve_source,
     validate_gguf,
 )
@@ -80,8 +81,9 @@ def _processed(path: Path, config: Any) -> Iterator[tuple[str, torch.Tensor]]:
 def convert_gguf(source: str | Path, out: str | Path, overwrite: bool = False,
                  progress: bool = True) -> Path:
     """Write the GGUF model ``source`` to ``out`` as a float32 safetensors checkpoint (one
-    shard per decoder layer, an index, config.json, the tokenizer), one layer in memory at a
-    time, atomically. Raises :class:`InputError` for a source that is not a readable GGUF, and
+    shard per decoder layer, an index, config.json, the tokenizer where transformers builds
+    one from the GGUF, as loading it does), one layer in memory at a time, atomically.
+    Raises :class:`InputError` for a source that is not a readable GGUF, and
     :class:`OutputError` when the disk cannot hold the result
     (:func:`~prunenet.io.streaming.check_disk_space`)."""
     folder, gguf_file = resolve_source(source)
@@ -91,9 +93,8 @@ def convert_gguf(source: str | Path, out: str | Path, overwrite: bool = False,
     validate_gguf(path)
     config = load_config(path)
     out = Path(out).expanduser().resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
     check_disk_space(out, 4 * gguf_parameters(path))  # float32
-    from transformers import AutoTokenizer, GenerationConfig
+    from transformers import GenerationConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     with atomic_folder(out, overwrite, ours=is_conversion) as staging:
@@ -126,6 +127,8 @@ def convert_gguf(source: str | Path, out: str | Path, overwrite: bool = False,
         config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]]
         config.save_pretrained(staging)
         GenerationConfig.from_model_config(config).save_pretrained(staging)
-        AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file).save_pretrained(staging)
+        tokenizer = load_tokenizer(path)  # None, as the load has it, where none can be built
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
         (staging / CONVERTED_MARKER).write_text(gguf_file + "\n")
     return out

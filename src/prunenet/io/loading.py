@@ -240,7 +240,9 @@ def gguf_header_bytes(path: str | os.PathLike) -> int:
 
 
 def validate_gguf(path: Path) -> None:
-    """Parse a GGUF file's header and tensor table; a damaged file is an :class:`InputError`."""
+    """Parse a GGUF file's header and tensor table; a damaged file, or a tensor stored in a
+    type that cannot be dequantized (every load and conversion dequantizes every tensor), is an
+    :class:`InputError`."""
     try:
         reader = gguf_reader(path)
         size = path.stat().st_size
@@ -249,6 +251,29 @@ def validate_gguf(path: Path) -> None:
                 raise ValueError(f"tensor {tensor.name} extends past the end of the file")
     except (ValueError, IndexError, KeyError, OverflowError, MemoryError) as error:
         raise InputError(f"{path} is not a valid GGUF file ({error})") from error
+    first_of_type: dict[Any, str] = {}
+    for tensor in reader.tensors:
+        first_of_type.setdefault(tensor.tensor_type, tensor.name)
+    for tensor_type, name in first_of_type.items():
+        if not _dequantizable(tensor_type):
+            raise InputError(f"{path}: tensor {name} is stored as {tensor_type.name}, which "
+                             "the gguf library cannot dequantize; requantize the model to a "
+                             "type it reads (F16, BF16, Q8_0, Q4_K, ...)")
+
+
+@functools.cache
+def _dequantizable(tensor_type: Any) -> bool:
+    """Whether gguf's ``dequantize`` reads GGUF tensors of ``tensor_type`` (tried on one block
+    of zeros: the library names no list of what it reads)."""
+    import numpy as np
+    from gguf import GGML_QUANT_SIZES, dequantize
+
+    _, type_size = GGML_QUANT_SIZES[tensor_type]
+    try:
+        dequantize(np.zeros((1, type_size), dtype=np.uint8), tensor_type)
+    except NotImplementedError:
+        return False
+    return True
 
 
 def validate_weight_files(folder: Path) -> None:

@@ -86,11 +86,12 @@ def parse_memory(text: str | int) -> int:
     sign (``-1GB``) is refused as not positive, as ``0`` is."""
     from accelerate.utils import convert_file_size_to_int
 
-    if isinstance(text, bool):
+    if isinstance(text, bool) or not isinstance(text, (str, int)):
         raise InputError(f"--max-memory must be a size such as 2GB, got {text!r}")
-    negative = isinstance(text, str) and text.strip().startswith("-")
-    size = text.strip().removeprefix("-") if isinstance(text, str) else text
-    if isinstance(size, str) and size.isdigit():
+    negative = text.strip().startswith("-") if isinstance(text, str) else text < 0
+    size = text.strip().removeprefix("-") if isinstance(text, str) else abs(text)
+    # isdigit() alone passes '²', which int() cannot read
+    if isinstance(size, str) and size.isascii() and size.isdigit():
         size = int(size)
     try:
         value = convert_file_size_to_int(size.upper() if isinstance(size, str) else size)
@@ -143,8 +144,10 @@ class StreamedCheckpoint:
         self.config: dict[str, Any] = read_config_json(self.folder)
         self.model_type = self.config.get("model_type")
         self.family = family_for(self.model_type)
-        self.sharded = (self.folder / INDEX_NAME).exists()
-        if not self.sharded and not (self.folder / SINGLE_NAME).is_file():
+        single = (self.folder / SINGLE_NAME).is_file()
+        # transformers, too, loads model.safetensors where the folder also holds an index
+        self.sharded = not single and (self.folder / INDEX_NAME).exists()
+        if not self.sharded and not single:
             raise InputError(
                 f"{self.folder} has neither {SINGLE_NAME} nor {INDEX_NAME}; streaming needs "
                 "safetensors weights (a missing index file?)"
@@ -456,9 +459,11 @@ def bound_heap_growth() -> None:
         ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
 
 
-# The exponent field of each IEEE float type safetensors names: all ones is NaN or Inf.
+# The exponent field of each IEEE float type safetensors names: all ones is NaN or Inf. F8_E4M3
+# (float8_e4m3fn) has no Inf; its one NaN has every bit but the sign set.
 _EXPONENT_MASKS = {"F64": (np.uint64, 0x7FF0000000000000), "F32": (np.uint32, 0x7F800000),
-                   "F16": (np.uint16, 0x7C00), "BF16": (np.uint16, 0x7F80)}
+                   "F16": (np.uint16, 0x7C00), "BF16": (np.uint16, 0x7F80),
+                   "F8_E5M2": (np.uint8, 0x7C), "F8_E4M3": (np.uint8, 0x7F)}
 
 
 def _check_finite_bytes(name: str, dtype: str, data: bytes) -> None:
@@ -768,8 +773,10 @@ def _copy_side_files(source: Path, target: Path) -> None:
 
 def check_disk_space(out: Path, needed: int) -> None:
     """Refuse an output ``out`` of about ``needed`` bytes that its disk cannot hold, before
-    anything is written (:class:`OutputError`)."""
-    free = shutil.disk_usage(out.parent).free
+    anything is written (:class:`OutputError`); folders missing above ``out`` are not made
+    (the write makes them): the disk is the one of the nearest folder that exists."""
+    existing = next(folder for folder in out.parents if folder.exists())
+    free = shutil.disk_usage(existing).free
     if needed > free:
         raise OutputError(f"not enough disk space for {out}: about {format_bytes(needed)} "
                           f"needed, {format_bytes(free)} free")
