@@ -376,3 +376,32 @@ def test_a_pruned_input_is_named_as_made_not_called_dense(tiny_llama_dir, tmp_pa
                  "--speed-repeats", "1", "--out", str(dense)]) == 0
     assert "| dense | 0 |" in (dense / "report.md").read_text()
     assert "- Input:" not in (dense / "report.md").read_text()
+
+
+def test_a_compare_whose_every_task_is_skipped_records_them_and_draws_no_accuracy(
+        tiny_llama_real_tokenizer_dir, tmp_path, capsys):
+    """Every task asked for is skipped (piqa's answers do not fit 32 tokens): each evaluation's
+    zero_shot names the task skipped, with no average, instead of null (which says no task was
+    asked for); the table's cells are empty and no accuracy plot is drawn."""
+    import shutil
+
+    from conftest import edit_config
+
+    model = tmp_path / "short"
+    shutil.copytree(tiny_llama_real_tokenizer_dir, model)
+    edit_config(model, max_position_embeddings=32)
+    out = tmp_path / "out"
+    assert main(["-q", "compare", str(model), "--ratios", "0.5", "--methods", "magnitude",
+                 "--reconstruct", "none", "--ppl", "none", "--tasks", "piqa",
+                 "--limit", "2", "--out", str(out)]) == 0, capsys.readouterr().err
+    results = json.loads((out / "results.json").read_text())
+    for evaluation in (results["dense"], results["runs"][0]["evaluation"]):
+        assert evaluation["zero_shot"] == {"limit": 2, "tasks": {}, "average": None,
+                                           "skipped": ["piqa"]}
+    page = (out / "report.md").read_text()
+    assert "Skipped: piqa (its answers do not fit the model's context)." in page
+    table = [line for line in page.splitlines() if line.startswith("| ")]
+    for row in table[1:]:
+        cells = [cell.strip() for cell in row.strip("|").split("|")]
+        assert cells[4] == "-" and cells[5] == "-"  # piqa, avg acc
+    assert not (out / "accuracy.png").exists()

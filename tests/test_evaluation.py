@@ -320,7 +320,12 @@ def test_defaults_fit_a_model_with_a_short_context(tiny_llama_real_tokenizer_dir
     assert result["perplexity"]["seqlen"] == 32
     speed = result["speed"]
     assert speed["prompt_tokens"] + speed["new_tokens"] <= 32
-    assert result["zero_shot"] is None  # piqa's answers do not fit 32 tokens: skipped, said
+    # piqa's answers do not fit 32 tokens: skipped, said, and recorded as asked and skipped
+    # (not null, which says no task was asked for)
+    assert result["zero_shot"] == {"limit": 2, "tasks": {}, "average": None,
+                                   "skipped": ["piqa"]}
+    table = format_table(result)
+    assert "zero-shot skipped" in table and "zero-shot average" not in table
     assert "zero-shot task piqa skipped" in caplog.text
     assert "perplexity windows of 32 tokens" in caplog.text
 

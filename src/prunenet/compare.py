@@ -229,7 +229,7 @@ def _one_line(evaluation: dict[str, Any]) -> str:
     parts = []
     if evaluation["perplexity"]:
         parts.append(f"perplexity {evaluation['perplexity']['value']:.2f}")
-    if evaluation["zero_shot"]:
+    if evaluation["zero_shot"] and evaluation["zero_shot"]["average"] is not None:
         parts.append(f"accuracy {evaluation['zero_shot']['average']:.3f}")
     if evaluation["speed"]:
         parts.append(f"decode {evaluation['speed']['decode_tokens_per_s']:.1f} tok/s")
@@ -286,7 +286,7 @@ def write_plots(results: dict[str, Any], folder: Path) -> list[Path]:
               f"perplexity on {settings['corpus']} ({settings['windows']} x {settings['seqlen']})",
               log_scale=True)
         save(figure, "perplexity.png")
-    if results["dense"]["zero_shot"]:
+    if measured_tasks(results):
         names = [*measured_tasks(results), "average"]
         figure, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 4.2), squeeze=False)
         for axis, name in zip(axes[0], names, strict=True):

@@ -182,12 +182,10 @@ def _perplexity_part(model: nn.Module, tokenizer: Any, ppl: str | TokenCorpus, s
 def _accuracy_part(model: nn.Module, tokenizer: Any, tasks: list[str],
                    limit: int | None) -> dict[str, Any] | None:
     scores = zero_shot(model, tokenizer, tasks, limit=limit)
-    if not scores:
-        return None  # every task was skipped (each said why)
-    return {
+    return {  # average None: every task was skipped (each said why)
         "limit": limit,
         "tasks": scores,
-        "average": sum(s["value"] for s in scores.values()) / len(scores),
+        "average": sum(s["value"] for s in scores.values()) / len(scores) if scores else None,
         "skipped": [name for name in tasks if name not in scores],
     }
 
@@ -289,7 +287,8 @@ def format_table(result: dict[str, Any]) -> str:
             stderr = "" if score["stderr"] is None else f" +- {score['stderr']:.4f}"
             rows.append((f"{name} {score['metric']}",
                          f"{score['value']:.4f}{stderr}  [{score['examples']} examples]"))
-        rows.append(("zero-shot average", f"{z['average']:.4f}  [{limit}]"))
+        if z["average"] is not None:
+            rows.append(("zero-shot average", f"{z['average']:.4f}  [{limit}]"))
         if z.get("skipped"):
             rows.append(("zero-shot skipped", f"{', '.join(z['skipped'])} (do not fit the "
                                               "model's context)"))
