@@ -287,7 +287,11 @@ def test_a_compare_without_measurements_says_so(tiny_llama_dir, tmp_path, capsys
                  "--ppl", "none", "--tasks", "none", "--out", str(out)]) == 0, \
         capsys.readouterr().err
     results = json.loads((out / "results.json").read_text())
-    assert results["settings"]["tasks"] == []
+    # Nor does the record name windows and a limit for measurements not made.
+    settings = results["settings"]
+    assert settings["tasks"] == []
+    assert (settings["corpus"], settings["seqlen"], settings["windows"], settings["limit"]) == \
+        (None, None, None, None)
     page = (out / "report.md").read_text()
     assert "- Perplexity: not measured (--ppl none)." in page
     assert "- Zero-shot: not measured (no --tasks)." in page

@@ -173,8 +173,10 @@ def compare(
         "ratios": ratios,
         "methods": method_names,
         "settings": {
-            "corpus": ppl, "seqlen": seqlen, "windows": windows, "tasks": task_names,
-            "limit": limit, "seed": seed, "speed": vars(speed), "reconstruct": reconstruct,
+            # windows and limit of a measurement not made are null, not the defaults unused
+            "corpus": ppl if reads_text else None, "seqlen": seqlen if reads_text else None,
+            "windows": windows if reads_text else None, "tasks": task_names,
+            "limit": limit if task_names else None, "seed": seed, "speed": vars(speed), "reconstruct": reconstruct,
             "calibration": vars(calibration or Calibration()) if "activation" in method_names
             else None,
         },
