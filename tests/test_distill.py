@@ -257,6 +257,30 @@ def test_a_teacher_with_fewer_positions_than_the_windows_is_refused(setup):
         teacher_windows(_load(setup.dense), 2, 1, 4096, seed=0, progress=False)
 
 
+def test_a_teacher_with_fewer_positions_is_refused_before_any_model_loads(
+        setup, tmp_path, monkeypatch):
+    """The teacher's context is read from its config: windows longer than it are refused
+    before the student or the teacher loads (they had been refused after both loaded)."""
+    import shutil
+    import sys
+
+    from conftest import edit_config
+
+    teacher = tmp_path / "short-teacher"
+    shutil.copytree(setup.dense, teacher)
+    edit_config(teacher, max_position_embeddings=16)
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(sys.modules["prunenet.finetune"], "load_model_and_tokenizer", no_load)
+    with pytest.raises(InputError, match="^--seqlen 32 exceeds the teacher's context of 16 "
+                                         "tokens$"):
+        finetune(setup.pruned, "self-generated", tmp_path / "out", teacher=teacher, steps=2,
+                 **{k: v for k, v in SETTINGS.items() if k != "data"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["short-teacher"]
+
+
 def test_a_teacher_path_equal_to_out_is_refused(setup):
     with pytest.raises(OutputError, match="is the input"):
         finetune(setup.pruned, "self-generated", setup.dense, teacher=setup.dense, overwrite=True,

@@ -176,7 +176,8 @@ def compare(
             # windows and limit of a measurement not made are null, not the defaults unused
             "corpus": ppl if reads_text else None, "seqlen": seqlen if reads_text else None,
             "windows": windows if reads_text else None, "tasks": task_names,
-            "limit": limit if task_names else None, "seed": seed, "speed": vars(speed), "reconstruct": reconstruct,
+            "limit": limit if task_names else None, "seed": seed, "speed": vars(speed),
+            "reconstruct": reconstruct,
             "calibration": vars(calibration or Calibration()) if "activation" in method_names
             else None,
         },

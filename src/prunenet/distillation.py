@@ -63,9 +63,11 @@ def default_teacher(student: str | os.PathLike) -> str:
     return str(source)
 
 
-def check_teacher(student_config: Any, teacher: str, trust_remote_code: bool = False) -> None:
-    """Refuse a teacher of another family or vocabulary than the student (config only, before
-    any weight loads): :class:`InputError` naming both."""
+def check_teacher(student_config: Any, teacher: str, seqlen: int | None = None,
+                  trust_remote_code: bool = False) -> None:
+    """Refuse a teacher of another family or vocabulary than the student, or one whose context
+    is shorter than ``seqlen``, the windows it would write (config only, before any weight
+    loads): :class:`InputError` naming both."""
     teacher_config = load_config(teacher, trust_remote_code=trust_remote_code)
     described = {}
     for role, config in (("teacher", teacher_config), ("student", student_config)):
@@ -77,6 +79,8 @@ def check_teacher(student_config: Any, teacher: str, trust_remote_code: bool = F
             f"the student a {student_type} model with a vocabulary of {student_vocab}; distil "
             "from the dense model the student was pruned from (--teacher)"
         )
+    if seqlen is not None:
+        check_sequence_length(teacher_config, seqlen, model="teacher")
 
 
 def teacher_windows(teacher: nn.Module, training: int, evaluation: int, seqlen: int,

@@ -488,7 +488,7 @@ def finetune(
     if config.distils:
         from .distillation import check_teacher
 
-        check_teacher(model_config, teacher_source)
+        check_teacher(model_config, teacher_source, seqlen=config.seqlen)
 
     check_models_fit([source, *([teacher_source] if config.distils else [])],
                      "prunenet finetune", float32=True)
