@@ -321,23 +321,30 @@ def test_a_bias_refit_without_a_bias_is_refused_before_the_load(tiny_llama_dir, 
     assert sorted(path.name for path in tmp_path.iterdir()) == ["tiny-llama"]
 
 
-def test_a_task_that_does_not_fit_the_context_is_left_out_of_the_tables_and_plots(
-        tiny_llama_real_tokenizer_dir, tmp_path, capsys):
-    """On a 32-token model piqa's answers do not fit (skipped, as eval skips it) while arc_easy's
-    do: the comparison is written with arc_easy scored, piqa's cells empty and the page naming
-    the skipped task, rather than ending in a KeyError after every run."""
+def _compare_on_a_short_context(model_dir, tmp_path, capsys, tasks: str):
+    """compare magnitude at 0.5, zero-shot ``tasks`` only, on a copy of ``model_dir`` with a
+    32-token context (piqa's answers do not fit it, arc_easy's do); returns the output folder."""
     import shutil
 
     from conftest import edit_config
 
     model = tmp_path / "short"
-    shutil.copytree(tiny_llama_real_tokenizer_dir, model)
+    shutil.copytree(model_dir, model)
     edit_config(model, max_position_embeddings=32)
     out = tmp_path / "out"
     assert main(["-q", "compare", str(model), "--ratios", "0.5", "--methods", "magnitude",
-                 "--reconstruct", "none", "--ppl", "none", "--tasks", "piqa,arc_easy",
-                 "--limit", "2", "--speed-repeats", "1", "--out", str(out)]) == 0, \
-        capsys.readouterr().err
+                 "--reconstruct", "none", "--ppl", "none", "--tasks", tasks, "--limit", "2",
+                 "--speed-repeats", "1", "--out", str(out)]) == 0, capsys.readouterr().err
+    return out
+
+
+def test_a_task_that_does_not_fit_the_context_is_left_out_of_the_tables_and_plots(
+        tiny_llama_real_tokenizer_dir, tmp_path, capsys):
+    """On a 32-token model piqa's answers do not fit (skipped, as eval skips it) while arc_easy's
+    do: the comparison is written with arc_easy scored, piqa's cells empty and the page naming
+    the skipped task, rather than ending in a KeyError after every run."""
+    out = _compare_on_a_short_context(tiny_llama_real_tokenizer_dir, tmp_path, capsys,
+                                      "piqa,arc_easy")
     results = json.loads((out / "results.json").read_text())
     for evaluation in (results["dense"], results["runs"][0]["evaluation"]):
         assert list(evaluation["zero_shot"]["tasks"]) == ["arc_easy"]
@@ -387,17 +394,7 @@ def test_a_compare_whose_every_task_is_skipped_records_them_and_draws_no_accurac
     """Every task asked for is skipped (piqa's answers do not fit 32 tokens): each evaluation's
     zero_shot names the task skipped, with no average, instead of null (which says no task was
     asked for); the table's cells are empty and no accuracy plot is drawn."""
-    import shutil
-
-    from conftest import edit_config
-
-    model = tmp_path / "short"
-    shutil.copytree(tiny_llama_real_tokenizer_dir, model)
-    edit_config(model, max_position_embeddings=32)
-    out = tmp_path / "out"
-    assert main(["-q", "compare", str(model), "--ratios", "0.5", "--methods", "magnitude",
-                 "--reconstruct", "none", "--ppl", "none", "--tasks", "piqa",
-                 "--limit", "2", "--out", str(out)]) == 0, capsys.readouterr().err
+    out = _compare_on_a_short_context(tiny_llama_real_tokenizer_dir, tmp_path, capsys, "piqa")
     results = json.loads((out / "results.json").read_text())
     for evaluation in (results["dense"], results["runs"][0]["evaluation"]):
         assert evaluation["zero_shot"] == {"limit": 2, "tasks": {}, "average": None,
