@@ -167,3 +167,23 @@ def test_self_generated_selection_without_a_probe_is_a_programming_error():
     model = make_tiny_model("llama")
     with pytest.raises(ValueError, match="reads the run's probe"):
         SelfGenerated().select(Source(FFNView(model), model), 4, seed=0)
+
+
+def test_top_k_keeps_the_highest_scores_of_a_saturated_policy():
+    """A trained policy's scores saturate (SmolLM2: alpha is 1.0 in float32 for nearly every
+    row): top-k ranks the rows by the score before the sigmoid, not by their index."""
+    model = make_tiny_model("llama")
+    view = FFNView(model)
+    policy = PrunePolicy(view.d_model, view.d_ff, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        policy.row_weights.fill_(1.0)
+        policy.bias.fill_(100.0 / view.d_ff)  # b.v = 100: every alpha rounds to 1.0
+        policy.projection.zero_()
+        policy.projection[0] = torch.randn(view.d_model, generator=torch.Generator().manual_seed(1))
+    rows = prunenet.select_rows(model, 0.5, policy=policy, selection="topk", progress=False)
+    kept = rows[0].numel()
+    for index, layer_rows in enumerate(rows):
+        first_matrix = view.first_matrix(index, "cpu")
+        assert bool((policy.keep_scores(first_matrix) == 1.0).all())
+        expected = top_rows(first_matrix @ policy.projection[0], kept)
+        assert layer_rows.tolist() == expected.tolist(), index

@@ -155,3 +155,22 @@ def test_foreach_adamw_equals_the_single_tensor_form_bit_for_bit():
 
     fast, plain = steps(True), steps(False)
     assert all(torch.equal(fast[name], plain[name]) for name in plain)
+
+
+def test_resume_without_a_saved_state_to_read_is_refused():
+    """From Python, resume=True where no state is kept had started a fresh run in silence."""
+    import prunenet
+    from conftest import make_tiny_model
+
+    with pytest.raises(InputError, match="resume continues .* state_path"):
+        train_policy_on_matrices(_matrices(), TrainingConfig(episodes=1), progress=False,
+                                 resume=True)
+    model = make_tiny_model("llama")
+    with pytest.raises(InputError, match="resume continues .* state_path"):
+        prunenet.train_policy(model, 0.3, episodes=1, resume=True, progress=False)
+    with pytest.raises(InputError, match="resume continues .* out or policy_out"):
+        prunenet.compress(model, 0.3, method="prunenet", episodes=1, resume=True,
+                          reconstruct="none", progress=False)
+    with pytest.raises(InputError, match="resume continues .* method 'random' trains none"):
+        prunenet.compress(model, 0.3, method="random", resume=True, reconstruct="none",
+                          progress=False)

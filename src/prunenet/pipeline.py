@@ -398,6 +398,13 @@ def plan_compression(model: Any, ratio: float, options: CompressOptions, *,
                 overwrite, formats, reconstruct, round_to, resident, tokenizer)
     if before_text is not None:
         before_text(plan)
+    if options.resume and state_of is None:  # the command line refused it in before_text
+        raise InputError("resume continues a PruneNet policy's training from the state saved "
+                         "beside out or policy_out, and "
+                         + ("this run writes neither; give the out of the interrupted run"
+                            if trains else f"method {method!r}"
+                            + (" with a policy" if method == PruneNet.name else "")
+                            + " trains none"))
     return with_checked_text(plan)
 
 
@@ -891,6 +898,8 @@ def train_policy(model: Any, ratio: float = 0.3, *, device: str | torch.device =
     streamed one layer at a time. Returns a :class:`TrainingResult`.
     """
     config, run_device = check_training(model, ratio, device, **training)
+    if resume:
+        check_resumable(state_path)
     streamed = choose_streaming(model, max_memory, training=True)
     if streamed is not None:
         weights, in_memory = streamed, False

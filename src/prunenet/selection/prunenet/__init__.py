@@ -116,13 +116,13 @@ class PruneNet(Selector):
         with torch.no_grad():
             for index in tqdm(range(weights.num_layers), desc="selecting rows", leave=False,
                               disable=not source.progress):
-                alpha = policy.keep_scores(weights.first_matrix(index, device))
-                if self.selection == "topk":
-                    rows.append(top_rows(alpha, kept).cpu())
+                logits = policy.keep_logits(weights.first_matrix(index, device))
+                if self.selection == "topk":  # by logit: alpha saturates to ties at 1.0
+                    rows.append(top_rows(logits, kept).cpu())
                 else:
                     noise = torch.rand(weights.d_ff, generator=generator, device=device)
-                    rows.append(sample_rows(keep_probabilities(alpha, noise), kept,
-                                            generator).cpu())
+                    rows.append(sample_rows(keep_probabilities(torch.sigmoid(logits), noise),
+                                            kept, generator).cpu())
         return rows
 
     def record(self) -> dict[str, Any]:

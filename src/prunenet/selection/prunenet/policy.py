@@ -55,12 +55,18 @@ class PrunePolicy(nn.Module):
                 f"d_model={d_model}, d_ff={d_ff}. Train a policy for this model (train-policy)."
             )
 
-    def keep_scores(self, first_matrix: Tensor) -> Tensor:
-        """alpha in (0, 1), one per row, in O(d_ff * d_model): ``sigmoid(W (P^T v) + b.v)``."""
+    def keep_logits(self, first_matrix: Tensor) -> Tensor:
+        """``W (P^T v) + b.v``, one per row, in O(d_ff * d_model): alpha before its sigmoid.
+
+        Ranks rows as alpha does, also where a trained policy's alpha rounds to 1.0 in float32.
+        """
         self.check_fits(first_matrix.shape[1], first_matrix.shape[0])
         direction = self.projection.T @ self.row_weights  # d_model
-        logits = first_matrix @ direction + self.bias @ self.row_weights
-        return torch.sigmoid(logits.float())
+        return (first_matrix @ direction + self.bias @ self.row_weights).float()
+
+    def keep_scores(self, first_matrix: Tensor) -> Tensor:
+        """alpha in (0, 1), one per row, in O(d_ff * d_model): ``sigmoid(W (P^T v) + b.v)``."""
+        return torch.sigmoid(self.keep_logits(first_matrix))
 
     def keep_scores_reference(self, first_matrix: Tensor) -> Tensor:
         """The reference formulation with its d_ff x d_ff product; for tests and benchmarks."""

@@ -182,9 +182,13 @@ def is_training_state(path: Path) -> bool:
     return isinstance(state, dict) and {"config", "history", "policy"} <= set(state)
 
 
-def check_resumable(state_path: str | os.PathLike) -> None:
-    """Refuse ``--resume`` where no training state was saved: there is nothing to continue.
-    Called before the model loads, and by the training itself."""
+def check_resumable(state_path: str | os.PathLike | None) -> None:
+    """Refuse ``--resume`` where no training state was saved, or none is kept (no
+    ``state_path``): there is nothing to continue. Called before the model loads, and by the
+    training itself."""
+    if state_path is None:
+        raise InputError("resume continues from a saved training state, and none is kept "
+                         "here: give the state_path the interrupted run saved to")
     if not Path(state_path).exists():
         raise InputError(f"nothing to resume: no training state was saved at {state_path}; "
                          "drop --resume to start afresh")
@@ -257,7 +261,7 @@ def train_policy_on_matrices(
     sequence that reads each layer's matrix when indexed, and memory stays at about one layer.
     """
     config.validate()
-    if resume and state_path is not None:
+    if resume:
         check_resumable(state_path)
     if not first_matrices:
         raise InputError("no layers to train on")
