@@ -329,3 +329,24 @@ def test_the_earlier_multinomial_sampler_stays_available_and_named(model):
     with pytest.raises(InputError, match="unknown probe sampler 'gumbel'"):
         generate_probe(model, None, 80, seed=5, progress=False,
                        recipe=ProbeRecipe(sampler="gumbel"))
+
+
+@pytest.mark.parametrize("sampler", ["inverse-cdf", "multinomial"])
+def test_a_generation_config_that_changes_the_probe_changes_its_cache_key(sampler):
+    """The end-of-sequence ids of generation_config.json are held back until the last token (and
+    the multinomial sampler applies every setting of it): a checkpoint whose generation config
+    changed, its weights not, samples another probe and never reads the one cached before."""
+    import copy
+
+    recipe = ProbeRecipe(sampler=sampler)
+    model = make_tiny_model("llama")
+    edited = copy.deepcopy(model)
+    edited.generation_config.eos_token_id = 5
+    edited.generation_config.repetition_penalty = 1.5
+    first = generate_probe(model, None, 128, seed=1, recipe=recipe, progress=False)
+    assert not torch.equal(first, generate_probe(edited, None, 128, seed=1, recipe=recipe,
+                                                 progress=False))
+    assert Probe(model, None, 128, 1, recipe).key() != Probe(edited, None, 128, 1, recipe).key()
+    # a generation config that says what the config says keys as before
+    assert Probe(model, None, 128, 1, recipe).key() == Probe(copy.deepcopy(model), None, 128, 1,
+                                                             recipe).key()

@@ -13,6 +13,7 @@ in another script than the probe's main one, before they reach the statistics.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 import unicodedata
@@ -326,17 +327,41 @@ class Probe:
         self._ids: Tensor | None = None
 
     def key(self) -> str:
-        """What the probe depends on: the model (its config and every weight, so two models
-        that share a config and embeddings but not their layers never share a probe), the seed,
-        the size, the recipe and its sampler."""
+        """What the probe depends on: the model (its config, its generation config where that
+        says more than the config, and every weight, so two models that share a config and
+        embeddings but not their layers never share a probe), the seed, the size, the recipe
+        and its sampler."""
         digest = hashlib.sha256(self.model.config.to_json_string(use_diff=False).encode())
         for name, parameter in parameters_in_memory(self.model):
             digest.update(f"{name}:{parameter.dtype}:{tuple(parameter.shape)}".encode())
             digest.update(memoryview(parameter.detach().cpu().contiguous().view(-1)
                                      .view(torch.uint8).numpy()))
         digest.update((repr((self.seed, self.tokens, self.recipe))
-                       + self.recipe.cache_suffix()).encode())
+                       + self.recipe.cache_suffix() + self._generation_suffix()).encode())
         return digest.hexdigest()[:32]
+
+    def _generation_suffix(self) -> str:
+        """What generation reads of the model's generation config (the default sampler: its
+        special tokens, the end-of-sequence ids held back until the last token; multinomial:
+        every setting) where it differs from what the config alone gives; empty otherwise, so
+        that keys made before it was keyed on stay valid."""
+        from transformers import GenerationConfig
+
+        def read(generation: GenerationConfig) -> dict[str, Any]:
+            settings = generation.to_diff_dict()
+            if self.recipe.sampler == SAMPLER:
+                return {name: settings.get(name)
+                        for name in ("bos_token_id", "eos_token_id", "pad_token_id")}
+            return {name: value for name, value in settings.items()
+                    if name not in ("transformers_version", "_from_model_config")}
+
+        own = getattr(self.model, "generation_config", None)
+        if own is None:
+            return ""
+        settings = read(own)
+        if settings == read(GenerationConfig.from_model_config(self.model.config)):
+            return ""
+        return f" generation={json.dumps(settings, sort_keys=True)}"
 
     def ids(self) -> Tensor:
         """The probe's token ids (sequences x length)."""
