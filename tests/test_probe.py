@@ -119,6 +119,28 @@ def test_the_prompt_keys_the_cache_and_is_recorded(model):
     assert "prompt" not in probe("").record()  # a plain probe's record is as it was
 
 
+class _Letters:
+    """A tokenizer stand-in that reads the same words as :class:`_Words` into other ids: one
+    per letter."""
+
+    def __call__(self, text, add_special_tokens=True):
+        return {"input_ids": [5 + ord(letter) % 50 for letter in text if letter.isalpha()]}
+
+
+def test_a_prompt_read_into_other_ids_keys_another_cache_entry(model):
+    """The probe starts from the prompt's token ids: the same words read by another tokenizer
+    (an updated tokenizer.json beside unchanged weights) make another probe, which a cache
+    never serves from the first."""
+    recipe = ProbeRecipe(sequence_length=16, batch_size=3, prompt="The old harbour")
+    ids = {tokenizer: generate_probe(model, tokenizer(), 48, seed=2, recipe=recipe,
+                                     progress=False) for tokenizer in (_Words, _Letters)}
+    assert not torch.equal(ids[_Words], ids[_Letters])
+    assert (Probe(model, _Words(), 48, 2, recipe).key()
+            != Probe(model, _Letters(), 48, 2, recipe).key())
+    assert Probe(model, _Words(), 48, 2, recipe).key() == Probe(model, _Words(), 48, 2,
+                                                               recipe).key()
+
+
 class _TwoScripts:
     """A tokenizer stand-in that decodes every third id to a Cyrillic letter, the others to a
     Latin one, so a sequence's main script depends on the ids sampled."""

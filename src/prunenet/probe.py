@@ -329,15 +329,18 @@ class Probe:
     def key(self) -> str:
         """What the probe depends on: the model (its config, its generation config where that
         says more than the config, and every weight, so two models that share a config and
-        embeddings but not their layers never share a probe), the seed, the size, the recipe
-        and its sampler."""
+        embeddings but not their layers never share a probe), the seed, the size, the recipe,
+        its sampler and its prompt's token ids."""
         digest = hashlib.sha256(self.model.config.to_json_string(use_diff=False).encode())
         for name, parameter in parameters_in_memory(self.model):
             digest.update(f"{name}:{parameter.dtype}:{tuple(parameter.shape)}".encode())
             digest.update(memoryview(parameter.detach().cpu().contiguous().view(-1)
                                      .view(torch.uint8).numpy()))
-        digest.update((repr((self.seed, self.tokens, self.recipe))
-                       + self.recipe.cache_suffix() + self._generation_suffix()).encode())
+        # the prompt as the tokenizer reads it: the same words may be other ids
+        words = f" prompt_ids={prompt_ids(self.tokenizer, self.recipe)}" if self.recipe.prompt \
+            else ""
+        digest.update((repr((self.seed, self.tokens, self.recipe)) + self.recipe.cache_suffix()
+                       + words + self._generation_suffix()).encode())
         return digest.hexdigest()[:32]
 
     def _generation_suffix(self) -> str:
