@@ -56,7 +56,14 @@ from .io.streaming import (
     write_streamed,
 )
 from .model_view import FFNView, check_finite, layers_from_disk, parameters_in_memory
-from .probe import Probe, ProbeRecipe, checked_prompt_ids, sequence_length_for
+from .probe import (
+    Probe,
+    ProbeRecipe,
+    check_probe_tokens,
+    check_sampler,
+    checked_prompt_ids,
+    sequence_length_for,
+)
 from .recording import first_matrix_spectra, is_run_record, write_run_record
 from .refit import DEFAULT_RIDGE, refit_layers, refit_model, refit_record
 from .selection import (
@@ -347,6 +354,8 @@ def plan_compression(model: Any, ratio: float, options: CompressOptions, *,
     length = options.probe_length
     if isinstance(length, bool) or not isinstance(length, int) or length < 2:
         raise InputError(f"--probe-length must be at least 2 tokens, got {length!r}")
+    check_probe_tokens(options.probe_tokens)  # read in sizing the run's memory, below
+    check_sampler(options.probe_sampler)
     reconstruct = "ls" if options.reconstruct is None else options.reconstruct
     check_reconstruct(model, reconstruct, options.trust_remote_code)
     runs = selector_class(method).needs_model or reconstruct != "none"

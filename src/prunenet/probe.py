@@ -81,6 +81,18 @@ class ProbeRecipe:
 _BLOCK = 1024  # vocabulary entries per block of the two-level search
 
 
+def check_sampler(sampler: Any) -> None:
+    """Raise :class:`InputError` unless ``sampler`` names one of :data:`SAMPLERS`."""
+    if sampler not in SAMPLERS:
+        raise InputError(f"unknown probe sampler {sampler!r}; use one of {', '.join(SAMPLERS)}")
+
+
+def check_probe_tokens(tokens: Any) -> None:
+    """Raise :class:`InputError` unless ``tokens`` (the probe's size) is a positive integer."""
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
+        raise InputError(f"--probe-tokens must be a positive integer, got {tokens!r}")
+
+
 def draw_tokens(probabilities: Tensor, generator: torch.Generator) -> Tensor:
     """One index per row of ``probabilities`` (rows x vocabulary, non-negative, every row with
     positive mass; not necessarily normalised), each drawn with probability proportional to
@@ -245,9 +257,7 @@ def generate_probe(model: nn.Module, tokenizer, tokens: int, seed: int,
     non-positive ``tokens``.
     """
     recipe = recipe or ProbeRecipe()
-    if recipe.sampler not in SAMPLERS:
-        raise InputError(f"unknown probe sampler {recipe.sampler!r}; use one of "
-                         f"{', '.join(SAMPLERS)}")
+    check_sampler(recipe.sampler)
     if tokens < 1:
         raise InputError(f"the probe needs at least 1 token, got {tokens}")
     length = probe_sequence_length(model, recipe)
@@ -317,8 +327,7 @@ class Probe:
     def __init__(self, model: nn.Module, tokenizer, tokens: int, seed: int,
                  recipe: ProbeRecipe | None = None, cache: str | os.PathLike | None = None,
                  progress: bool = True) -> None:
-        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
-            raise InputError(f"--probe-tokens must be a positive integer, got {tokens!r}")
+        check_probe_tokens(tokens)
         self.model, self.tokenizer, self.tokens, self.seed = model, tokenizer, tokens, seed
         self.recipe = recipe or ProbeRecipe()
         self.cache = Path(cache) if cache is not None else None
