@@ -449,14 +449,17 @@ def with_checked_text(plan: Plan) -> Plan:
                    evaluation_text=evaluation_text)
 
 
-def _run_sizes(options: CompressOptions) -> tuple[int, int, int, int]:
-    return (options.probe_tokens, ProbeRecipe.batch_size, options.probe_length,
+def _run_sizes(options: CompressOptions, checkpoint: StreamedCheckpoint
+               ) -> tuple[int, int, int, int]:
+    # the probe's sequences as generated: --probe-length cut to the model's positions
+    length = sequence_length_for(checkpoint.model_config, options.probe_length)
+    return (options.probe_tokens, ProbeRecipe.batch_size, length,
             ffn_statistics.GRAM_BUDGET)  # read when used: a benchmark may change it
 
 
 def run_working_memory(options: CompressOptions, checkpoint: StreamedCheckpoint) -> int:
     """What running the model (probe, statistics, refit) needs besides its weights."""
-    return checkpoint.run_working_memory(*_run_sizes(options))
+    return checkpoint.run_working_memory(*_run_sizes(options, checkpoint))
 
 
 def resident_bytes(checkpoint: StreamedCheckpoint, options: CompressOptions, budget: int,
@@ -464,7 +467,7 @@ def resident_bytes(checkpoint: StreamedCheckpoint, options: CompressOptions, bud
     """How many bytes of a streamed model's layers may stay in memory while the model runs
     (the probe, the statistics, a method that reads text) offloaded: the budget less what
     the run needs besides them. Refuses a budget below that need, naming it."""
-    need = checkpoint.model_run_memory(*_run_sizes(options))
+    need = checkpoint.model_run_memory(*_run_sizes(options, checkpoint))
     what = f"method {method!r}" + (f" with --reconstruct {reconstruct}"
                                    if reconstruct != "none" else "")
     streamable = [name for name, cls in SELECTORS.items() if not cls.needs_model]
