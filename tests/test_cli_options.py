@@ -401,6 +401,32 @@ def test_a_probe_length_below_two_tokens_is_refused(tiny_llama_dir, tmp_path, ca
     assert sorted(path.name for path in tmp_path.iterdir()) == ["tiny-llama"]
 
 
+@pytest.mark.parametrize("keywords, message", [
+    ({"probe_tokens": "8192"}, "--probe-tokens must be a positive integer, got '8192'"),
+    ({"probe_tokens": 0}, "--probe-tokens must be a positive integer, got 0"),
+    ({"probe_tokens": 64.0}, "--probe-tokens must be a positive integer, got 64.0"),
+    ({"probe_sampler": "gumbel"}, "unknown probe sampler 'gumbel'; use one of inverse-cdf, "
+                                  "multinomial"),
+])
+def test_probe_settings_python_cannot_run_are_refused_before_the_model_loads(
+        tiny_llama_dir, tmp_path, monkeypatch, keywords, message):
+    """From Python a probe size that is no positive integer (text crashed in the memory
+    planning with a TypeError) or an unknown sampler is refused in one line while planning:
+    before the model loads, and with nothing written."""
+    import prunenet
+    from prunenet import pipeline
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(pipeline, "load_model_and_tokenizer", never)
+    with pytest.raises(InputError) as error:
+        prunenet.compress(str(tiny_llama_dir), 0.25, out=tmp_path / "o", progress=False,
+                          **keywords)
+    assert str(error.value) == message
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["tiny-llama"]
+
+
 def usage_error(capsys, argv: list[str]) -> str:
     """Run the CLI; assert argparse's exit 2 with one error line; return it."""
     capsys.readouterr()

@@ -119,6 +119,28 @@ def test_the_prompt_keys_the_cache_and_is_recorded(model):
     assert "prompt" not in probe("").record()  # a plain probe's record is as it was
 
 
+class _Letters:
+    """A tokenizer stand-in that reads the same words as :class:`_Words` into other ids: one
+    per letter."""
+
+    def __call__(self, text, add_special_tokens=True):
+        return {"input_ids": [5 + ord(letter) % 50 for letter in text if letter.isalpha()]}
+
+
+def test_a_prompt_read_into_other_ids_keys_another_cache_entry(model):
+    """The probe starts from the prompt's token ids: the same words read by another tokenizer
+    (an updated tokenizer.json beside unchanged weights) make another probe, which a cache
+    never serves from the first."""
+    recipe = ProbeRecipe(sequence_length=16, batch_size=3, prompt="The old harbour")
+    ids = {tokenizer: generate_probe(model, tokenizer(), 48, seed=2, recipe=recipe,
+                                     progress=False) for tokenizer in (_Words, _Letters)}
+    assert not torch.equal(ids[_Words], ids[_Letters])
+    assert (Probe(model, _Words(), 48, 2, recipe).key()
+            != Probe(model, _Letters(), 48, 2, recipe).key())
+    assert Probe(model, _Words(), 48, 2, recipe).key() == Probe(model, _Words(), 48, 2,
+                                                               recipe).key()
+
+
 class _TwoScripts:
     """A tokenizer stand-in that decodes every third id to a Cyrillic letter, the others to a
     Latin one, so a sequence's main script depends on the ids sampled."""
@@ -329,3 +351,24 @@ def test_the_earlier_multinomial_sampler_stays_available_and_named(model):
     with pytest.raises(InputError, match="unknown probe sampler 'gumbel'"):
         generate_probe(model, None, 80, seed=5, progress=False,
                        recipe=ProbeRecipe(sampler="gumbel"))
+
+
+@pytest.mark.parametrize("sampler", ["inverse-cdf", "multinomial"])
+def test_a_generation_config_that_changes_the_probe_changes_its_cache_key(sampler):
+    """The end-of-sequence ids of generation_config.json are held back until the last token (and
+    the multinomial sampler applies every setting of it): a checkpoint whose generation config
+    changed, its weights not, samples another probe and never reads the one cached before."""
+    import copy
+
+    recipe = ProbeRecipe(sampler=sampler)
+    model = make_tiny_model("llama")
+    edited = copy.deepcopy(model)
+    edited.generation_config.eos_token_id = 5
+    edited.generation_config.repetition_penalty = 1.5
+    first = generate_probe(model, None, 128, seed=1, recipe=recipe, progress=False)
+    assert not torch.equal(first, generate_probe(edited, None, 128, seed=1, recipe=recipe,
+                                                 progress=False))
+    assert Probe(model, None, 128, 1, recipe).key() != Probe(edited, None, 128, 1, recipe).key()
+    # a generation config that says what the config says keys as before
+    assert Probe(model, None, 128, 1, recipe).key() == Probe(copy.deepcopy(model), None, 128, 1,
+                                                             recipe).key()

@@ -262,3 +262,18 @@ def test_the_probe_cache_is_not_put_into_another_prunenet_output(tmp_path, gener
         prunenet.compress(make_tiny_model("llama"), 0.3, probe_tokens=128,
                           probe_cache=model_out, progress=False)
     assert sorted(path.name for path in model_out.iterdir()) == before and generations == []
+
+
+def test_a_probe_length_beyond_the_context_is_planned_as_the_length_that_runs(tmp_path):
+    """--probe-length is cut to the model's positions (64 here): the run's memory is planned
+    for the sequences generated, so a longer ask runs as the cut one does, in memory and to
+    the same bytes (it was sized as sequences of 10^9 tokens and refused as needing TiBs)."""
+    source = tmp_path / "m"
+    make_tiny_model("llama").save_pretrained(source)
+    common = ["-q", "compress", str(source), "--ratio", "0.3", "--probe-tokens", "128"]
+    for length in ("64", "1000000000"):
+        assert main([*common, "--probe-length", length, "--out", str(tmp_path / length)]) == 0
+    assert _hashes(tmp_path / "64") == _hashes(tmp_path / "1000000000")
+    records = [json.loads((tmp_path / length / "prunenet.json").read_text())["probe"]
+               for length in ("64", "1000000000")]
+    assert records[0] == records[1] and records[0]["sequence_length"] == 64

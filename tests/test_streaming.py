@@ -31,7 +31,7 @@ from prunenet.pipeline import (
     train_policy,
     training_state_path,
 )
-from prunenet.probe import ProbeRecipe
+from prunenet.probe import ProbeRecipe, sequence_length_for
 from prunenet.selection.activation import Calibration
 
 
@@ -159,9 +159,11 @@ def test_a_nan_in_a_float8_tensor_copied_through_is_refused(tmp_path):
 
 def run_budget(checkpoint: StreamedCheckpoint, probe_tokens: int = 8192,
                probe_length: int = 256) -> int:
-    """The least --max-memory that runs ``checkpoint`` offloaded: no layer stays in memory."""
-    return checkpoint.model_run_memory(probe_tokens, ProbeRecipe.batch_size, probe_length,
-                                       GRAM_BUDGET)
+    """The least --max-memory that runs ``checkpoint`` offloaded: no layer stays in memory
+    (its probe sequences ``probe_length`` cut to the model's positions, as they run)."""
+    return checkpoint.model_run_memory(
+        probe_tokens, ProbeRecipe.batch_size,
+        sequence_length_for(checkpoint.model_config, probe_length), GRAM_BUDGET)
 
 
 def test_cli_streams_when_the_model_exceeds_max_memory(tmp_path, capsys, caplog):

@@ -56,7 +56,14 @@ from .io.streaming import (
     write_streamed,
 )
 from .model_view import FFNView, check_finite, layers_from_disk, parameters_in_memory
-from .probe import Probe, ProbeRecipe, checked_prompt_ids, sequence_length_for
+from .probe import (
+    Probe,
+    ProbeRecipe,
+    check_probe_tokens,
+    check_sampler,
+    checked_prompt_ids,
+    sequence_length_for,
+)
 from .recording import first_matrix_spectra, is_run_record, write_run_record
 from .refit import DEFAULT_RIDGE, refit_layers, refit_model, refit_record
 from .selection import (
@@ -347,6 +354,8 @@ def plan_compression(model: Any, ratio: float, options: CompressOptions, *,
     length = options.probe_length
     if isinstance(length, bool) or not isinstance(length, int) or length < 2:
         raise InputError(f"--probe-length must be at least 2 tokens, got {length!r}")
+    check_probe_tokens(options.probe_tokens)  # read in sizing the run's memory, below
+    check_sampler(options.probe_sampler)
     reconstruct = "ls" if options.reconstruct is None else options.reconstruct
     check_reconstruct(model, reconstruct, options.trust_remote_code)
     runs = selector_class(method).needs_model or reconstruct != "none"
@@ -447,14 +456,17 @@ def with_checked_text(plan: Plan) -> Plan:
                    evaluation_text=evaluation_text)
 
 
-def _run_sizes(options: CompressOptions) -> tuple[int, int, int, int]:
-    return (options.probe_tokens, ProbeRecipe.batch_size, options.probe_length,
+def _run_sizes(options: CompressOptions, checkpoint: StreamedCheckpoint
+               ) -> tuple[int, int, int, int]:
+    # the probe's sequences as generated: --probe-length cut to the model's positions
+    length = sequence_length_for(checkpoint.model_config, options.probe_length)
+    return (options.probe_tokens, ProbeRecipe.batch_size, length,
             ffn_statistics.GRAM_BUDGET)  # read when used: a benchmark may change it
 
 
 def run_working_memory(options: CompressOptions, checkpoint: StreamedCheckpoint) -> int:
     """What running the model (probe, statistics, refit) needs besides its weights."""
-    return checkpoint.run_working_memory(*_run_sizes(options))
+    return checkpoint.run_working_memory(*_run_sizes(options, checkpoint))
 
 
 def resident_bytes(checkpoint: StreamedCheckpoint, options: CompressOptions, budget: int,
@@ -462,7 +474,7 @@ def resident_bytes(checkpoint: StreamedCheckpoint, options: CompressOptions, bud
     """How many bytes of a streamed model's layers may stay in memory while the model runs
     (the probe, the statistics, a method that reads text) offloaded: the budget less what
     the run needs besides them. Refuses a budget below that need, naming it."""
-    need = checkpoint.model_run_memory(*_run_sizes(options))
+    need = checkpoint.model_run_memory(*_run_sizes(options, checkpoint))
     what = f"method {method!r}" + (f" with --reconstruct {reconstruct}"
                                    if reconstruct != "none" else "")
     streamable = [name for name, cls in SELECTORS.items() if not cls.needs_model]

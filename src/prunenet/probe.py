@@ -13,6 +13,7 @@ in another script than the probe's main one, before they reach the statistics.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 import unicodedata
@@ -78,6 +79,18 @@ class ProbeRecipe:
 
 
 _BLOCK = 1024  # vocabulary entries per block of the two-level search
+
+
+def check_sampler(sampler: Any) -> None:
+    """Raise :class:`InputError` unless ``sampler`` names one of :data:`SAMPLERS`."""
+    if sampler not in SAMPLERS:
+        raise InputError(f"unknown probe sampler {sampler!r}; use one of {', '.join(SAMPLERS)}")
+
+
+def check_probe_tokens(tokens: Any) -> None:
+    """Raise :class:`InputError` unless ``tokens`` (the probe's size) is a positive integer."""
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
+        raise InputError(f"--probe-tokens must be a positive integer, got {tokens!r}")
 
 
 def draw_tokens(probabilities: Tensor, generator: torch.Generator) -> Tensor:
@@ -244,9 +257,7 @@ def generate_probe(model: nn.Module, tokenizer, tokens: int, seed: int,
     non-positive ``tokens``.
     """
     recipe = recipe or ProbeRecipe()
-    if recipe.sampler not in SAMPLERS:
-        raise InputError(f"unknown probe sampler {recipe.sampler!r}; use one of "
-                         f"{', '.join(SAMPLERS)}")
+    check_sampler(recipe.sampler)
     if tokens < 1:
         raise InputError(f"the probe needs at least 1 token, got {tokens}")
     length = probe_sequence_length(model, recipe)
@@ -316,8 +327,7 @@ class Probe:
     def __init__(self, model: nn.Module, tokenizer, tokens: int, seed: int,
                  recipe: ProbeRecipe | None = None, cache: str | os.PathLike | None = None,
                  progress: bool = True) -> None:
-        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
-            raise InputError(f"--probe-tokens must be a positive integer, got {tokens!r}")
+        check_probe_tokens(tokens)
         self.model, self.tokenizer, self.tokens, self.seed = model, tokenizer, tokens, seed
         self.recipe = recipe or ProbeRecipe()
         self.cache = Path(cache) if cache is not None else None
@@ -326,17 +336,44 @@ class Probe:
         self._ids: Tensor | None = None
 
     def key(self) -> str:
-        """What the probe depends on: the model (its config and every weight, so two models
-        that share a config and embeddings but not their layers never share a probe), the seed,
-        the size, the recipe and its sampler."""
+        """What the probe depends on: the model (its config, its generation config where that
+        says more than the config, and every weight, so two models that share a config and
+        embeddings but not their layers never share a probe), the seed, the size, the recipe,
+        its sampler and its prompt's token ids."""
         digest = hashlib.sha256(self.model.config.to_json_string(use_diff=False).encode())
         for name, parameter in parameters_in_memory(self.model):
             digest.update(f"{name}:{parameter.dtype}:{tuple(parameter.shape)}".encode())
             digest.update(memoryview(parameter.detach().cpu().contiguous().view(-1)
                                      .view(torch.uint8).numpy()))
-        digest.update((repr((self.seed, self.tokens, self.recipe))
-                       + self.recipe.cache_suffix()).encode())
+        # the prompt as the tokenizer reads it: the same words may be other ids
+        words = f" prompt_ids={prompt_ids(self.tokenizer, self.recipe)}" if self.recipe.prompt \
+            else ""
+        digest.update((repr((self.seed, self.tokens, self.recipe)) + self.recipe.cache_suffix()
+                       + words + self._generation_suffix()).encode())
         return digest.hexdigest()[:32]
+
+    def _generation_suffix(self) -> str:
+        """What generation reads of the model's generation config (the default sampler: its
+        special tokens, the end-of-sequence ids held back until the last token; multinomial:
+        every setting) where it differs from what the config alone gives; empty otherwise, so
+        that keys made before it was keyed on stay valid."""
+        from transformers import GenerationConfig
+
+        def read(generation: GenerationConfig) -> dict[str, Any]:
+            settings = generation.to_diff_dict()
+            if self.recipe.sampler == SAMPLER:
+                return {name: settings.get(name)
+                        for name in ("bos_token_id", "eos_token_id", "pad_token_id")}
+            return {name: value for name, value in settings.items()
+                    if name not in ("transformers_version", "_from_model_config")}
+
+        own = getattr(self.model, "generation_config", None)
+        if own is None:
+            return ""
+        settings = read(own)
+        if settings == read(GenerationConfig.from_model_config(self.model.config)):
+            return ""
+        return f" generation={json.dumps(settings, sort_keys=True)}"
 
     def ids(self) -> Tensor:
         """The probe's token ids (sequences x length)."""
