@@ -14,6 +14,7 @@ from conftest import make_tiny_model
 from prunenet import probe as probe_module
 from prunenet.cli import main
 from prunenet.errors import InputError, OutputError
+from prunenet.model_view import FFNView
 from prunenet.refit import DEFAULT_RIDGE
 
 
@@ -112,6 +113,38 @@ def test_bias_refit_for_families_with_a_bias_and_refused_without(tmp_path, capsy
     assert main(["-q", "compress", str(source), "--ratio", "0.3", "--out", str(tmp_path / "o"),
                  "--reconstruct", "bias", "--probe-tokens", "64"]) == 2
     assert "bias" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(("model_type", "fields", "has_bias"), [
+    ("llama", {"mlp_bias": True}, True), ("granite", {"mlp_bias": True}, True),
+    ("opt", {"enable_bias": False}, False), ("falcon", {"bias": False}, False),
+    ("falcon", {"bias": True}, True),
+])
+def test_bias_refit_follows_the_config_switch_of_the_second_matrix_bias(tmp_path, model_type,
+                                                                        fields, has_bias):
+    """``bias`` runs exactly where the config gives the second FFN matrix a bias (judged from
+    the saved config, as the command line does), and the refitted checkpoint reloads to the
+    model in memory, bit for bit."""
+    source = tmp_path / "m"
+    dense = make_tiny_model(model_type, **fields)
+    dense.save_pretrained(source)
+    if not has_bias:
+        with pytest.raises(InputError, match="this model's has none; use --reconstruct ls"):
+            prunenet.compress(str(source), 0.25, out=tmp_path / "o", method="random",
+                              reconstruct="bias", probe_tokens=64, progress=False)
+        assert not (tmp_path / "o").exists()
+        return
+    result = prunenet.compress(str(source), 0.25, out=tmp_path / "o", method="random",
+                               reconstruct="bias", probe_tokens=64, progress=False)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "o").eval()
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, result.model(ids).logits, atol=0,
+                                   rtol=0)
+    view = FFNView(dense)
+    bias = view.second_module_name + ".bias"
+    refitted = FFNView(result.model).layers[0].get_parameter(bias)
+    assert not torch.equal(refitted, view.layers[0].get_parameter(bias))  # the removed's mean
 
 
 def test_reconstruct_bad_values_and_streaming(tmp_path, capsys):

@@ -7,10 +7,12 @@ import copy
 import pytest
 import torch
 
+import prunenet
 from conftest import TINY_CONFIGS, make_tiny_model
+from prunenet.errors import UnsupportedModelError
 from prunenet.families import Cut, family_for, kept_count, neuron_index, supported_model_types
 from prunenet.model_view import FFNView
-from prunenet.slicing import slice_model
+from prunenet.slicing import slice_layer, slice_model
 
 
 def _zero_removed_outputs(model, kept_rows):
@@ -98,3 +100,52 @@ def test_unequal_widths_are_refused():
 def test_unsupported_model_type_lists_supported():
     with pytest.raises(Exception, match="supported: .*llama"):
         family_for("mamba")
+
+
+class _FusedGateUp(torch.nn.Module):
+    """A gated FFN holding gate and up in one matrix, under the names of no llama layout."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate_up_proj = torch.nn.Linear(32, 96, bias=False)
+        self.down_proj = torch.nn.Linear(48, 32, bias=False)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(hidden).chunk(2, dim=-1)
+        return self.down_proj(torch.nn.functional.silu(gate) * up)
+
+
+def _narrowed(layer_index: int) -> torch.nn.Module:
+    """A tiny llama whose layer ``layer_index`` keeps 40 of its 48 FFN neurons."""
+    model = make_tiny_model("llama")
+    view = FFNView(model)
+    slice_layer(view.layers[layer_index], view.family, torch.arange(40), view.d_ff)
+    return model
+
+
+def _fused_second_layer() -> torch.nn.Module:
+    model = make_tiny_model("llama")
+    model.model.layers[1].mlp = _FusedGateUp()
+    return model
+
+
+@pytest.mark.parametrize(("build", "message"), [
+    (lambda: _narrowed(0), r"^model\.layers\.1\.mlp\.gate_proj\.weight has shape \[48, 32\], "
+                           r"where layer 0's FFN width 40 needs 40 .*intermediate_size"),
+    (lambda: _narrowed(1), r"^model\.layers\.1\.mlp\.gate_proj\.weight has shape \[40, 32\], "
+                           r"where layer 0's FFN width 48 needs 48 .*intermediate_size"),
+    (_fused_second_layer, r"^model\.layers\.1\.mlp\.gate_proj\.weight is missing: .*llama"),
+], ids=["wider-later-layer", "narrower-later-layer", "fused-layout"])
+@pytest.mark.parametrize("method", ["random", "magnitude"])
+def test_layers_a_config_cannot_state_are_refused_before_any_work(build, message, method):
+    """A model whose layers differ in FFN width, or one whose FFN is laid out otherwise than its
+    family's, cannot be written as a checkpoint its config describes: one line, model untouched
+    (it had been pruned to a wrong width, or half sliced before an AttributeError)."""
+    model = build()
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    with pytest.raises(UnsupportedModelError, match=message) as refusal:
+        prunenet.compress(model, 0.25, method=method, reconstruct="none", progress=False)
+    assert "\n" not in str(refusal.value)
+    after = model.state_dict()
+    assert sorted(after) == sorted(before)
+    assert all(torch.equal(after[name], tensor) for name, tensor in before.items())

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .errors import InputError, NumericalError
+from .errors import InputError, NumericalError, UnsupportedModelError
 from .families import Cut, Family, family_for
 
 
@@ -54,9 +54,39 @@ class FFNView:
             ) from error
         if len(self.layers) == 0:
             raise InputError("the model has no decoder layers: nothing to prune")
-        first = self.first_tensor(0)
-        self.d_ff = self.family.d_ff_of(first)
-        self.d_model = self.family.first_matrix(first, self.d_ff).shape[1]
+        self.d_ff = self._shared_width()
+        self.d_model = self.family.first_matrix(self.first_tensor(0), self.d_ff).shape[1]
+
+    def _shared_width(self) -> int:
+        """The FFN width of layer 0, after checking that every layer holds every tensor of the
+        family's layout at that width: the config states one width (``width_fields``) for all
+        layers. Raises :class:`UnsupportedModelError` naming the first tensor that does not."""
+        family, model_type = self.family, self.model.config.model_type
+        width = None
+        for index, layer in enumerate(self.layers):
+            present = []
+            for cut in family.cuts:
+                try:
+                    present.append((cut, layer.get_parameter(cut.name)))
+                except AttributeError:
+                    if cut.optional:
+                        continue
+                    layout = ", ".join(cut.name for cut in family.cuts if not cut.optional)
+                    raise UnsupportedModelError(
+                        f"{family.tensor_name(index, cut)} is missing: this {model_type} "
+                        f"model's FFN is not laid out as transformers' {model_type} ({layout}), "
+                        "so prunenet cannot prune it") from None
+            if width is None:
+                width = family.d_ff_of(layer.get_parameter(family.first.name))
+            for cut, tensor in present:
+                if tensor.shape[cut.axis] != cut.blocks * width:
+                    raise UnsupportedModelError(
+                        f"{family.tensor_name(index, cut)} has shape {list(tensor.shape)}, "
+                        f"where layer 0's FFN width {width} needs {cut.blocks * width} along "
+                        f"dimension {cut.axis}: prunenet prunes models whose layers share one "
+                        f"FFN width, the one {family.width_fields[0]} a {model_type} config "
+                        "states")
+        return width
 
     @property
     def num_layers(self) -> int:
