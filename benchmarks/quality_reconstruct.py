@@ -2,7 +2,9 @@
 calibration?
 
 Every run prunes a fresh copy of the dense model: select rows (``self-generated`` on the model's
-own probe text, ``activation`` on real training windows, ``random``, ``magnitude``), optionally
+own probe text, ``activation`` on real training windows, ``random``, ``magnitude``, the
+paper's policy ``prunenet`` sampling its final rows or ``prunenet-topk`` keeping its top-scored
+ones), optionally
 refit the second FFN matrix (``ls`` from dense statistics; ``bias``, FLAP's mean
 compensation, on a model given a bias of zeros by ``--mlp-bias``; sequential statistics: ``ls-seq``
 matching the dense stream's FFN output, ``ls-seq-pruned`` the original FFN on the pruned
@@ -403,7 +405,7 @@ def weight_norm_scores(model, stats: list[LayerStatistics], which: str) -> list[
 def run(args: argparse.Namespace) -> None:
     for job in args.jobs.split(",") if args.select_tokens else ():  # before any work
         method, _, score, text, _ = _parse(job, args)
-        if text == "probe" and (method in ("random", "magnitude", "prunenet")
+        if text == "probe" and (method in ("random", "magnitude", "prunenet", "prunenet-topk")
                                 or score not in SCORES):
             raise SystemExit(f"--select-tokens applies to probe jobs scored by "
                              f"{', '.join(SCORES)}; {job!r} selects otherwise")
@@ -455,7 +457,7 @@ def run(args: argparse.Namespace) -> None:
         for job in args.jobs.split(","):
             method, refit, score, text, tokens = _parse(job, args)
             seeds = ([int(s) for s in args.random_seeds.split(",")]
-                     if method in ("random", "prunenet") else [0])
+                     if method in ("random", "prunenet", "prunenet-topk") else [0])
             for seed in seeds:
                 key = {"method": method, "refit": refit, "score": score, "text": text,
                        "tokens": tokens, "ratio": ratio, "seed": seed, "windows": args.windows,
@@ -502,11 +504,14 @@ def run(args: argparse.Namespace) -> None:
                 if method in ("random", "magnitude"):
                     rows = select_rows(pruned, ratio, method=method, seed=seed, device="cpu",
                                        progress=False)
-                elif method == "prunenet":  # the reference policy, a short training
+                elif method in ("prunenet", "prunenet-topk"):  # the reference policy
                     policy = train_policy(pruned, ratio, episodes=args.episodes, seed=seed,
                                           device="cpu", progress=False).policy
+                    # prunenet samples the final rows (the reference's way); prunenet-topk keeps
+                    # the rows of the highest scores (--selection topk)
                     rows = select_rows(pruned, ratio, policy=policy, method="prunenet",
-                                       seed=seed, device="cpu", progress=False)
+                                       selection="topk" if method == "prunenet-topk"
+                                       else "sample", seed=seed, device="cpu", progress=False)
                 elif score in ("obs", "obs-greedy"):
                     view = FFNView(pruned)
                     rows = [refit_aware_rows(second_matrix(view, i)[0], s, kept, args.ridge,

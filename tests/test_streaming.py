@@ -693,3 +693,30 @@ def test_peak_memory_of_an_evaluation_from_disk_stays_within_its_estimate(tmp_pa
         peaks.append(int(done.stdout.strip().splitlines()[-1]))
         assert peaks[-1] < need, (peaks, need)
     assert peaks[1] - peaks[0] < LAYER_BYTES, peaks
+
+
+def test_a_tied_head_stored_beside_its_embedding_is_counted_once(tmp_path):
+    """A checkpoint of a model with tied embeddings that stores the head too (as some exporters
+    write it): the loaded model holds that matrix once, and a streamed run counts it once, as
+    the run in memory does, and writes it once (the streamed record had counted it twice and
+    the streamed output had held the copy)."""
+    source = tmp_path / "model"
+    make_tiny_model("llama", tie_word_embeddings=True).save_pretrained(source)
+    tensors = load_file(source / "model.safetensors")
+    assert "lm_head.weight" not in tensors
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+    save_file(tensors, source / "model.safetensors", metadata={"format": "pt"})
+    options = {"method": "magnitude", "reconstruct": "none", "progress": False}
+    compress(str(source), 0.5, out=tmp_path / "memory", **options)
+    compress(StreamedCheckpoint(source), 0.5, out=tmp_path / "stream", **options)
+    records = [json.loads((tmp_path / name / "prunenet.json").read_text())
+               for name in ("memory", "stream")]
+    counts = [{key: record[key] for key in ("parameters_before", "parameters_after")}
+              for record in records]
+    assert counts[1] == counts[0]
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "stream")
+    assert sum(p.numel() for p in reloaded.parameters()) == counts[1]["parameters_after"]
+    # Nor is the copy written: both outputs hold the tensors the in-memory save writes.
+    expected, actual = all_tensors(tmp_path / "memory"), all_tensors(tmp_path / "stream")
+    assert sorted(actual) == sorted(expected) and "lm_head.weight" not in actual
+    assert all(torch.equal(actual[name], tensor) for name, tensor in expected.items())

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import functools
 import json
 import logging
 import math
@@ -258,9 +259,27 @@ class StreamedCheckpoint:
 
     # --- sizes ----------------------------------------------------------------------------
 
+    @functools.cached_property
+    def tied_copies(self) -> frozenset[str]:
+        """Stored tensors that the loaded model ties to another stored one (a tied head saved
+        beside the embedding it shares): the model holds that matrix once."""
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):  # the names and how they are tied, no data
+            model = AutoModelForCausalLM.from_config(self.model_config, dtype=torch.float32)
+        first: dict[int, str] = {}
+        copies = set()
+        for name, parameter in model.named_parameters(remove_duplicate=False):
+            shared = first.setdefault(id(parameter), name)
+            if shared != name and shared in self.entries and name in self.entries:
+                copies.add(name)
+        return frozenset(copies)
+
     def parameter_counts(self, kept: int | None = None) -> dict[str, int]:
-        """Total and FFN parameter counts, as FFNView counts them; after pruning to ``kept``."""
-        total = sum(entry.numel for entry in self.entries.values())
+        """Total and FFN parameter counts, as FFNView counts them (a tied matrix stored twice
+        once); after pruning to ``kept``."""
+        total = sum(entry.numel for name, entry in self.entries.items()
+                    if name not in self.tied_copies)
         ffn = ffn_after = 0
         for name in self.ffn_cuts():
             entry = self.entries[name]
@@ -801,7 +820,8 @@ def write_streamed(checkpoint: StreamedCheckpoint, kept_rows: Sequence[Tensor], 
         raise ValueError("every layer must keep the same number of neurons")
     by_shard: dict[str, list[str]] = {}
     for name, entry in sorted(checkpoint.entries.items(), key=lambda item: item[1].start):
-        by_shard.setdefault(entry.shard, []).append(name)
+        if name not in checkpoint.tied_copies:  # the loaded model, and its save, hold it once
+            by_shard.setdefault(entry.shard, []).append(name)
     check_disk_space(out, checkpoint.weight_bytes)
     current = out
     try:
