@@ -187,3 +187,24 @@ def test_top_k_keeps_the_highest_scores_of_a_saturated_policy():
         assert bool((policy.keep_scores(first_matrix) == 1.0).all())
         expected = top_rows(first_matrix @ policy.projection[0], kept)
         assert layer_rows.tolist() == expected.tolist(), index
+
+
+def test_scores_that_overflow_are_refused_naming_the_layer(tmp_path):
+    """A layer whose activations on the probe overflow to inf or NaN has no ranking: the run
+    is refused naming the layer, nothing written (its rows had been the first ones by index,
+    chosen among NaN scores)."""
+    model = make_tiny_model("llama")
+    with torch.no_grad():  # finite weights whose products overflow float32
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            getattr(model.model.layers[1].mlp, name).weight.mul_(1e19)
+    with pytest.raises(NumericalError, match="^layer 1: the selection's scores are not finite"):
+        prunenet.compress(model, 0.5, reconstruct="none", probe_tokens=64,
+                          probe_length=16, out=tmp_path / "out", progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_top_rows_refuses_non_finite_scores():
+    assert top_rows(torch.tensor([3.0, 1.0, 2.0]), 2).tolist() == [0, 2]
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        with pytest.raises(NumericalError, match="^layer 4: the selection's scores are not"):
+            top_rows(torch.tensor([3.0, bad, 2.0]), 2, layer=4)

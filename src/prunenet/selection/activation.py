@@ -122,5 +122,5 @@ def activation_rows(model: nn.Module, tokenizer: Any, kept: int, calibration: Ca
     rows = []
     for index in range(view.num_layers):
         row_norms = view.first_matrix(index, "cpu").norm(dim=1)
-        rows.append(top_rows(row_norms * norms[index], kept))
+        rows.append(top_rows(row_norms * norms[index], kept, index))
     return rows

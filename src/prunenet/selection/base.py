@@ -17,6 +17,8 @@ from typing import Any, ClassVar, Protocol
 import torch
 from torch import Tensor, nn
 
+from ..errors import NumericalError
+
 
 class FFNWeights(Protocol):
     """What every source of FFN weights offers: a loaded model's :class:`~prunenet.model_view.
@@ -77,11 +79,18 @@ class Selector(ABC):
         return {}
 
 
-def top_rows(scores: Tensor, kept: int) -> Tensor:
-    """The ``kept`` rows of highest score, sorted by index (ties broken by lower index)."""
+def top_rows(scores: Tensor, kept: int, layer: int | None = None) -> Tensor:
+    """The ``kept`` rows of highest score, sorted by index (ties broken by lower index).
+    Raises :class:`NumericalError` (naming ``layer``) for a NaN or infinite score: no order
+    among such scores means anything."""
+    if not torch.isfinite(scores).all():
+        where = "" if layer is None else f"layer {layer}: "
+        raise NumericalError(f"{where}the selection's scores are not finite (NaN or inf: the "
+                             "model's activations or weights overflow), so its neurons cannot be "
+                             "ranked; nothing was written")
     order = torch.argsort(scores.detach(), descending=True, stable=True)
     return order[:kept].sort().values
 
 
 def top_rows_per_layer(scores: Sequence[Tensor], kept: int) -> list[Tensor]:
-    return [top_rows(layer_scores, kept) for layer_scores in scores]
+    return [top_rows(layer_scores, kept, index) for index, layer_scores in enumerate(scores)]

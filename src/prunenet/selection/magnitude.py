@@ -16,7 +16,7 @@ class Magnitude(Selector):
 
     def select(self, source: Source, kept: int, seed: int) -> list[Tensor]:
         weights = source.weights
-        return [top_rows(weights.first_matrix(i).norm(dim=1), kept)
+        return [top_rows(weights.first_matrix(i).norm(dim=1), kept, i)
                 for i in range(weights.num_layers)]
 
 
@@ -47,5 +47,5 @@ class MagnitudeProduct(Selector):
         for index in range(view.num_layers):
             log_score = torch.stack([norm.clamp_min(1e-30).log()
                                      for norm in neuron_norms(view, index)])
-            rows.append(top_rows(log_score.sum(0), kept))
+            rows.append(top_rows(log_score.sum(0), kept, index))
         return rows

@@ -118,7 +118,7 @@ class PruneNet(Selector):
                               disable=not source.progress):
                 logits = policy.keep_logits(weights.first_matrix(index, device))
                 if self.selection == "topk":  # by logit: alpha saturates to ties at 1.0
-                    rows.append(top_rows(logits, kept).cpu())
+                    rows.append(top_rows(logits, kept, index).cpu())
                 else:
                     noise = torch.rand(weights.d_ff, generator=generator, device=device)
                     rows.append(sample_rows(keep_probabilities(torch.sigmoid(logits), noise),
