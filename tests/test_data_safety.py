@@ -1278,6 +1278,25 @@ def test_an_empty_corpus_or_report_folder_is_refused_from_python(tiny_llama_dir,
     assert sorted(path.name for path in tmp_path.iterdir()) == ["tiny-llama"]
 
 
+@pytest.mark.parametrize("keywords, message", [
+    ({"out": 3}, "--out must be a path, got 3"),
+    ({"out": "o", "probe_cache": 3}, "--probe-cache must be a path, got 3"),
+    ({"out": "o", "record_dir": 3.5}, "--record must be a path, got 3.5"),
+])
+def test_an_output_that_is_no_path_is_refused_in_one_line(tiny_llama_dir, tmp_path, monkeypatch,
+                                                         keywords, message):
+    """From Python, an output given as a number is refused naming it, before any work (it had
+    ended in a TypeError from pathlib)."""
+    import prunenet
+    from prunenet.errors import OutputError
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(OutputError, match=f"^{message}$"):
+        prunenet.compress(str(tiny_llama_dir), 0.5, method="random", reconstruct="none",
+                          progress=False, **keywords)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["tiny-llama"]
+
+
 @pytest.mark.parametrize("argv, what, folder", [
     (lambda models, cache: ["-q", "eval", str(models / "llama"), "--ppl", "none", "--json",
                             str(cache / "zeroshot" / "hf_datasets" / "result.json")],

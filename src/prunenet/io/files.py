@@ -323,6 +323,8 @@ def guard_outputs(outputs: Iterable[Output | None], inputs: Iterable[str | os.Pa
         if read[-1].is_dir():
             read += _linked_targets(read[-1])
     for output in wanted:
+        if not isinstance(output.path, (str, os.PathLike)):
+            raise OutputError(f"{output.what} must be a path, got {output.path!r}")
         if not str(output.path).strip():
             raise OutputError(f"{output.what} is empty; give a path")
         try:
