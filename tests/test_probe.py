@@ -64,6 +64,28 @@ def test_the_global_random_state_is_untouched(model):
     assert torch.equal(torch.rand(3), expected)
 
 
+def test_the_random_state_of_every_cuda_device_is_restored(model, monkeypatch):
+    """The probe seeds the global generators, CUDA's included (torch.manual_seed seeds every
+    device), so it restores every CUDA device's state, also for a model on the CPU; it had
+    restored only the model's own CUDA device. Checked without a GPU by what fork_rng is asked
+    to restore on a machine that reports two devices."""
+    import contextlib
+
+    asked = []
+
+    @contextlib.contextmanager
+    def recording_fork_rng(devices=None, **kwargs):
+        asked.append(list(devices))
+        yield
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: None)  # no GPU to seed
+    monkeypatch.setattr(torch.random, "fork_rng", recording_fork_rng)
+    generate_probe(model, None, 16, seed=1, recipe=SHORT, progress=False)
+    assert asked == [[0, 1]]
+
+
 def test_sequences_are_split_to_the_model_positions(model):
     long = ProbeRecipe(sequence_length=10_000, batch_size=2)
     tokens = generate_probe(model, None, 130, seed=0, recipe=long, progress=False)

@@ -270,7 +270,8 @@ def generate_probe(model: nn.Module, tokenizer, tokens: int, seed: int,
     if recipe.one_script and tokenizer is None:
         raise InputError("a probe kept in one script needs the model's tokenizer; load the "
                          "model with it")
-    devices = [device] if device.type == "cuda" else []
+    # torch.manual_seed below seeds every CUDA device, wherever the model is: restore them all
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=devices), tqdm(
             total=wanted * length, unit="tok", desc=label, disable=not progress,
             leave=False) as bar:
