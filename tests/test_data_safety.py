@@ -430,6 +430,26 @@ def test_resume_with_fewer_episodes_than_done_is_refused(tmp_path, capsys):
                      str(out), "--episodes", "2", "--resume"], "already holds 4 episodes")
 
 
+def test_resume_on_another_device_than_the_state_was_saved_on_is_refused(tmp_path, capsys):
+    """A training state names the device it ran on (its generator's state belongs to it): a
+    resume on another device is refused in one line, where it had tried to continue. The state
+    is marked as saved on CUDA, as no GPU is needed to check the refusal."""
+    make_tiny_model("llama").save_pretrained(tmp_path / "m")
+    out = tmp_path / "p.safetensors"
+    state_path = sibling_path(out, ".train-state.pt")
+    from prunenet.pipeline import train_policy
+
+    model, _ = load_model_and_tokenizer(tmp_path / "m")
+    train_policy(model, 0.3, episodes=2, progress=False, device="cpu", state_path=state_path)
+    state = torch.load(state_path, weights_only=True)
+    assert state["device"] == "cpu"
+    torch.save({**state, "device": "cuda"}, state_path)
+    refused(capsys, ["-q", "train-policy", str(tmp_path / "m"), "--ratio", "0.3", "--out",
+                     str(out), "--episodes", "3", "--resume", "--device", "cpu"],
+            "it was trained on cuda, this run is on cpu; resume on cuda (--device cuda)")
+    assert not out.exists()
+
+
 def test_unreadable_tokenizer_is_refused(tmp_path, capsys, tiny_llama_real_tokenizer_dir):
     folder = tmp_path / "m"
     shutil.copytree(tiny_llama_real_tokenizer_dir, folder)

@@ -195,7 +195,7 @@ def check_resumable(state_path: str | os.PathLike | None) -> None:
 
 
 def _load_state(path: Path, config: TrainingConfig, shapes: tuple[int, int],
-                fingerprint: str) -> dict:
+                fingerprint: str, device: str) -> dict:
     try:
         state = torch.load(path, weights_only=True)  # tensors and plain values only, no pickles
     except Exception as error:  # noqa: BLE001  (any failure means an unusable state file)
@@ -215,6 +215,14 @@ def _load_state(path: Path, config: TrainingConfig, shapes: tuple[int, int],
         raise InputError(
             f"cannot resume from {path}: it was trained with different {', '.join(different)}; "
             "rerun with the same settings, or without --resume to start afresh"
+        )
+    saved_on = state.get("device")  # states saved before it was recorded: not checked
+    if saved_on is not None and saved_on != device:
+        # its generator's state and its arithmetic belong to that device: a resume elsewhere
+        # could neither restore the one nor end as the uninterrupted run
+        raise InputError(
+            f"cannot resume from {path}: it was trained on {saved_on}, this run is on {device}; "
+            f"resume on {saved_on} (--device {saved_on}), or start afresh without --resume"
         )
     done = len(state.get("history", ()))
     if done > config.episodes:
@@ -286,7 +294,8 @@ def train_policy_on_matrices(
     state_file = Path(state_path) if state_path is not None else None
     fingerprint = matrices_fingerprint(first_matrices) if state_file is not None else ""
     if resume and state_file is not None:
-        state = _load_state(state_file, config, (d_ff, d_model), fingerprint)
+        state = _load_state(state_file, config, (d_ff, d_model), fingerprint,
+                            torch.device(device).type)
         policy.load_state_dict(state["policy"])
         optimizer.load_state_dict(state["optimizer"])
         generator.set_state(state["generator"])
@@ -360,6 +369,7 @@ def train_policy_on_matrices(
         if state_file is not None:
             _save_state(state_file, {
                 "config": asdict(config), "shapes": (d_ff, d_model), "source": fingerprint,
+                "device": torch.device(device).type,
                 "policy": policy.state_dict(), "optimizer": optimizer.state_dict(),
                 "generator": generator.get_state(), "history": [asdict(r) for r in history],
                 "best_policy": best_state, "best_total": best_total, "best_episode": best_episode,
