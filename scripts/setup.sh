@@ -1,14 +1,34 @@
 #!/usr/bin/env bash
-# Set up a fresh machine in the project's virtual environment .venv (created with the python3 it
-# finds, or $PYTHON), so a distribution-managed python3 works and nothing is installed globally:
+# Set up a fresh machine in the project's virtual environment .venv (created with $PYTHON, else
+# python3 when it is 3.10+, else the newest python3.N on PATH), so a distribution-managed Python
+# works and nothing is installed globally:
 # the pinned torch first (the CPU build where there is no NVIDIA GPU), then prunenet with its
 # pinned dependencies, then the offline model and data into ~/.cache/prunenet ($PRUNENET_CACHE).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# prunenet and the pinned torch need Python 3.10+; pip alone would say only that torch has no
+# matching version.
+new_enough() { "$1" -c 'import sys; sys.exit(sys.version_info < (3, 10))' > /dev/null 2>&1; }
 if [ ! -x .venv/bin/python ]; then
-  "${PYTHON:-python3}" -m venv .venv || {
+  python=${PYTHON:-}
+  if [ -z "$python" ]; then
+    for candidate in python3 python3.14 python3.13 python3.12 python3.11 python3.10; do
+      if new_enough "$candidate"; then python=$candidate; break; fi
+    done
+  fi
+  if [ -z "$python" ] || ! new_enough "$python"; then
+    found=$("${python:-python3}" -c 'import platform; print(platform.python_version())' 2> /dev/null \
+      || echo missing)
+    echo "setup: prunenet needs Python 3.10 or newer; ${python:-python3} is $found. Install one" \
+      "(Debian/Ubuntu: sudo apt-get install python3.11 python3.11-venv) and run again, naming it" \
+      "if it is not python3: PYTHON=python3.11 bash scripts/demo.sh (or test.sh)" >&2
+    exit 2
+  fi
+  version=$("$python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+  "$python" -m venv .venv || {
     rm -rf .venv
-    echo "setup: '${PYTHON:-python3} -m venv' failed; on Debian/Ubuntu: apt-get install python3-venv" >&2
+    echo "setup: '$python -m venv' failed; on Debian/Ubuntu install its venv module:" \
+      "sudo apt-get install python$version-venv, then run again" >&2
     exit 2
   }
 fi
