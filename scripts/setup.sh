@@ -9,7 +9,14 @@ cd "$(dirname "$0")/.."
 # prunenet and the pinned torch need Python 3.10+; pip alone would say only that torch has no
 # matching version.
 new_enough() { "$1" -c 'import sys; sys.exit(sys.version_info < (3, 10))' > /dev/null 2>&1; }
-if [ ! -x .venv/bin/python ]; then
+# A .venv without a working pip (a set-up interrupted while it made .venv, an interpreter since
+# removed or upgraded) or of an older Python would fail every later step: make it again.
+if [ -e .venv ] && ! { new_enough .venv/bin/python \
+    && .venv/bin/python -m pip --version > /dev/null 2>&1; }; then
+  echo "setup: .venv has no working pip or a Python older than 3.10; making it again" >&2
+  rm -rf .venv
+fi
+if [ ! -e .venv ]; then
   python=${PYTHON:-}
   if [ -z "$python" ]; then
     for candidate in python3 python3.14 python3.13 python3.12 python3.11 python3.10; do

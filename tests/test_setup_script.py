@@ -119,3 +119,33 @@ def test_no_python3_at_all_is_named_missing(machine):
     result = run()
     assert result.returncode == 2
     assert "python3 is missing" in result.stderr
+
+
+@pytest.mark.parametrize("leftover", ["without pip", "of Python 3.9", "without an interpreter"])
+def test_an_unusable_venv_is_made_again(machine, leftover):
+    checkout, bin_dir, log, run = machine
+    write_python(bin_dir / "python3", (3, 11), log)
+    venv_python = checkout / ".venv" / "bin" / "python"
+    if leftover == "without an interpreter":
+        venv_python.parent.mkdir(parents=True)
+        venv_python.symlink_to(bin_dir / "python3.9")  # removed since
+    else:
+        write_python(venv_python, (3, 9) if "3.9" in leftover else (3, 11), log,
+                     pip="pip" not in leftover)
+    result = run()
+    assert result.returncode == 0, result.stderr
+    assert "making it again" in result.stderr
+    calls = log.read_text().splitlines()
+    assert calls[0] == "python3 -m venv"
+    assert calls[-1] == "prunenet fetch"
+
+
+def test_a_working_venv_is_kept(machine):
+    checkout, bin_dir, log, run = machine
+    write_python(bin_dir / "python3", (3, 12), log)
+    write_python(checkout / ".venv" / "bin" / "python", (3, 10), log)
+    (checkout / ".venv" / "bin" / "prunenet").symlink_to(checkout / ".venv" / "bin" / "python")
+    result = run()
+    assert result.returncode == 0, result.stderr
+    assert "making it again" not in result.stderr
+    assert "python3 -m venv" not in log.read_text()
