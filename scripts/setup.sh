@@ -42,12 +42,13 @@ fi
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
 # On Linux without an NVIDIA GPU, PyPI's torch wheel pulls gigabytes of CUDA libraries: offer
 # PyTorch's CPU index beside it (its 2.13.0+cpu sorts above 2.13.0, so pip takes it). Only
-# when the index answers within seconds; otherwise pip uses its configured indexes alone.
+# when the index answers within seconds; otherwise pip uses its configured indexes alone. Asked
+# with .venv's Python, since minimal images (Debian's, Ubuntu's) have no curl.
 torch_index=()
 cpu_index=${TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}
 if [ "$(uname -s)" = Linux ] && ! command -v nvidia-smi > /dev/null 2>&1 \
-    && command -v curl > /dev/null 2>&1 \
-    && curl -fsS --max-time 5 -o /dev/null "$cpu_index/torch/" 2> /dev/null; then
+    && timeout 10 .venv/bin/python -c 'import sys, urllib.request
+urllib.request.urlopen(sys.argv[1], timeout=5)' "$cpu_index/torch/" > /dev/null 2>&1; then
   torch_index=(--extra-index-url "$cpu_index")
 fi
 .venv/bin/python -m pip install --quiet ${torch_index[@]+"${torch_index[@]}"} torch==2.13.0

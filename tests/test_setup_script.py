@@ -7,9 +7,12 @@ so a set-up runs in a fraction of a second and installs nothing.
 
 from __future__ import annotations
 
+import functools
+import http.server
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -149,3 +152,33 @@ def test_a_working_venv_is_kept(machine):
     assert result.returncode == 0, result.stderr
     assert "making it again" not in result.stderr
     assert "python3 -m venv" not in log.read_text()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the CPU index is for Linux")
+def test_the_cpu_index_is_offered_on_a_machine_without_curl(machine, tmp_path):
+    checkout, bin_dir, log, run = machine
+    write_python(bin_dir / "python3", (3, 11), log)
+    (tmp_path / "index" / "torch").mkdir(parents=True)
+    (tmp_path / "index" / "torch" / "index.html").write_text("torch\n")
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0),
+        functools.partial(http.server.SimpleHTTPRequestHandler, directory=tmp_path / "index"))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        cpu_index = f"http://127.0.0.1:{server.server_address[1]}"
+        result = run(TORCH_CPU_INDEX=cpu_index)
+    finally:
+        server.shutdown()
+    assert result.returncode == 0, result.stderr
+    torch_install = next(call for call in log.read_text().splitlines() if "torch==" in call)
+    assert f"--extra-index-url {cpu_index}" in torch_install
+
+
+def test_without_an_answering_cpu_index_pip_uses_its_own(machine):
+    checkout, bin_dir, log, run = machine
+    write_python(bin_dir / "python3", (3, 11), log)
+    result = run()  # TORCH_CPU_INDEX: a closed port
+    assert result.returncode == 0, result.stderr
+    torch_install = next(call for call in log.read_text().splitlines() if "torch==" in call)
+    assert "--extra-index-url" not in torch_install
