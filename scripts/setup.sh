@@ -39,7 +39,8 @@ if [ ! -e .venv ]; then
     exit 2
   }
 fi
-export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
+# PIP_USER=0: a pip configured for --user installs (user = true) refuses any inside a venv.
+export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore PIP_USER=0
 # On Linux without an NVIDIA GPU, PyPI's torch wheel pulls gigabytes of CUDA libraries: offer
 # PyTorch's CPU index beside it (its 2.13.0+cpu sorts above 2.13.0, so pip takes it). Only
 # when the index answers within seconds; otherwise pip uses its configured indexes alone. Asked

@@ -35,6 +35,7 @@ if [ "$1 $2" = "-m venv" ]; then
   exit 0
 fi
 if [ "$1 $2 $3" = "-m pip --version" ]; then exit {pip_status}; fi
+if [ "$1 $2 $3" = "-m pip install" ]; then echo "PIP_USER=${{PIP_USER-unset}}" >> {log}.env; fi
 echo "$(basename "$0") $*" >> {log}
 """
 
@@ -182,3 +183,11 @@ def test_without_an_answering_cpu_index_pip_uses_its_own(machine):
     assert result.returncode == 0, result.stderr
     torch_install = next(call for call in log.read_text().splitlines() if "torch==" in call)
     assert "--extra-index-url" not in torch_install
+
+
+def test_pip_installs_into_the_venv_when_its_configuration_asks_for_user_installs(machine):
+    checkout, bin_dir, log, run = machine
+    write_python(bin_dir / "python3", (3, 11), log)
+    result = run(PIP_USER="1")  # as `user = true` in pip.conf: refused inside a virtualenv
+    assert result.returncode == 0, result.stderr
+    assert set(Path(f"{log}.env").read_text().splitlines()) == {"PIP_USER=0"}
