@@ -52,6 +52,12 @@ if [ "$(uname -s)" = Linux ] && ! command -v nvidia-smi > /dev/null 2>&1 \
 urllib.request.urlopen(sys.argv[1], timeout=5)' "$cpu_index/torch/" > /dev/null 2>&1; then
   torch_index=(--extra-index-url "$cpu_index")
 fi
+# pip runs quietly; a line per step says what the minutes of silence are.
+torch_source="from pip's configured indexes"
+[ ${#torch_index[@]} -eq 0 ] || torch_source="CPU build, from $cpu_index"
+echo "setup: installing torch 2.13.0 into .venv ($torch_source)"
 .venv/bin/python -m pip install --quiet ${torch_index[@]+"${torch_index[@]}"} torch==2.13.0
+echo "setup: installing prunenet with the versions in requirements-lock.txt into .venv"
 .venv/bin/python -m pip install --quiet -c requirements-lock.txt -e ".[dev]"
+echo "setup: prunenet fetch (SmolLM2-135M and the evaluation data, checked by sha256)"
 .venv/bin/prunenet fetch
