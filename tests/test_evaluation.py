@@ -425,6 +425,15 @@ def test_zero_shot_needs_an_end_of_text_token():
         zero_shot(make_tiny_model("llama"), tokenizer, "piqa", limit=1)
 
 
+@pytest.mark.parametrize("limit", [0, -1, 1.5, True, 0.5])
+def test_a_limit_that_is_not_a_positive_integer_is_refused_from_python(tiny_llama, limit):
+    """zero_shot(limit=1.5) and limit=True had scored one example of each task and recorded the
+    limit as given (lm-eval reads them as 1); 0.5 is refused, not read as half a task."""
+    with pytest.raises(InputError, match=re.escape(
+            f"limit must be a positive number of examples, got {limit!r}")):
+        zero_shot(tiny_llama, types.SimpleNamespace(eos_token_id=0), "piqa", limit=limit)
+
+
 @pytest.mark.parametrize("windows", [0, -1, 1.5, True])
 def test_a_window_count_that_is_not_a_positive_integer_is_refused_from_python(tiny_llama, windows):
     """evaluate(windows=-1) had scored every window but the last and reported that many;

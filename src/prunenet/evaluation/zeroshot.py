@@ -49,6 +49,14 @@ def parse_tasks(tasks: str | Iterable[str]) -> list[str]:
     return names
 
 
+def check_limit(limit: int | None) -> None:
+    """Refuse a ``limit`` that is neither None nor a positive integer: lm-eval would read 0.5
+    as half of each task and 1.5 (or True) as one example, recorded as given."""
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)
+                              or limit < 1):
+        raise InputError(f"limit must be a positive number of examples, got {limit!r}")
+
+
 def load_split(folder: str, **_metadata: Any):
     """The ``validation`` split in the cached arrow ``folder`` (used by the task YAMLs).
 
@@ -84,8 +92,7 @@ def zero_shot(
         raise InputError("zero-shot tasks need the tokenizer's end-of-text token and this "
                          "tokenizer has none (set eos_token in its tokenizer_config.json), or "
                          "pass --tasks none")
-    if limit is not None and limit < 1:
-        raise InputError(f"limit must be a positive number of examples, got {limit}")
+    check_limit(limit)
     asset_path("zeroshot")  # fail early, naming the fetch command
     import lm_eval.evaluator
     from lm_eval import simple_evaluate
