@@ -202,6 +202,28 @@ def test_a_speed_protocol_beyond_the_context_fails_before_the_other_measurements
     assert measured == []
 
 
+@pytest.mark.parametrize("tokenizer, limit, error, message", [
+    (None, 2, InputError, "this model has no tokenizer"),
+    (types.SimpleNamespace(eos_token_id=None), 2, InputError, "end-of-text token"),
+    (types.SimpleNamespace(eos_token_id=0), 0, InputError, "limit must be a positive number"),
+    (types.SimpleNamespace(eos_token_id=0), 2, MissingAssetError, "prunenet fetch"),
+])
+def test_zero_shot_inputs_are_refused_before_the_other_measurements(
+        tiny_llama, tmp_path, monkeypatch, tokenizer, limit, error, message):
+    """They had been refused only after every perplexity window was scored."""
+    import prunenet.evaluation.evaluate as evaluate_module
+
+    if error is MissingAssetError:
+        monkeypatch.setenv("PRUNENET_CACHE", str(tmp_path / "empty-cache"))
+    measured = []
+    monkeypatch.setattr(evaluate_module, "_perplexity_part",
+                        lambda *args: measured.append("perplexity"))
+    with pytest.raises(error, match=message):
+        evaluate(tiny_llama, tokenizer, ppl=TokenCorpus("ids", torch.arange(2000), None),
+                 tasks="piqa", limit=limit, progress=False)
+    assert measured == []
+
+
 def test_lm_eval_runs_offline_on_a_tiny_model(tiny_llama_real_tokenizer_dir, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")

@@ -49,12 +49,21 @@ def parse_tasks(tasks: str | Iterable[str]) -> list[str]:
     return names
 
 
-def check_limit(limit: int | None) -> None:
-    """Refuse a ``limit`` that is neither None nor a positive integer: lm-eval would read 0.5
-    as half of each task and 1.5 (or True) as one example, recorded as given."""
+def check_zero_shot(tokenizer: Any, limit: int | None) -> None:
+    """Refuse, before any measurement, what zero-shot tasks cannot run with: no tokenizer, a
+    tokenizer without an end-of-text token, a ``limit`` that is neither None nor a positive
+    integer (lm-eval would read 0.5 as half of each task and 1.5 or True as one example)
+    (:class:`InputError`), or task data not fetched (:class:`MissingAssetError`)."""
+    if tokenizer is None:
+        raise InputError("this model has no tokenizer; save one next to the model to evaluate it")
+    if getattr(tokenizer, "eos_token_id", None) is None:  # lm-eval ends its contexts with it
+        raise InputError("zero-shot tasks need the tokenizer's end-of-text token and this "
+                         "tokenizer has none (set eos_token in its tokenizer_config.json), or "
+                         "pass --tasks none")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)
                               or limit < 1):
         raise InputError(f"limit must be a positive number of examples, got {limit!r}")
+    asset_path("zeroshot")  # names the fetch command
 
 
 def load_split(folder: str, **_metadata: Any):
@@ -86,14 +95,7 @@ def zero_shot(
     names = parse_tasks(tasks)
     if not names:
         return {}
-    if tokenizer is None:
-        raise InputError("this model has no tokenizer; save one next to the model to evaluate it")
-    if getattr(tokenizer, "eos_token_id", None) is None:  # lm-eval ends its contexts with it
-        raise InputError("zero-shot tasks need the tokenizer's end-of-text token and this "
-                         "tokenizer has none (set eos_token in its tokenizer_config.json), or "
-                         "pass --tasks none")
-    check_limit(limit)
-    asset_path("zeroshot")  # fail early, naming the fetch command
+    check_zero_shot(tokenizer, limit)
     import lm_eval.evaluator
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
