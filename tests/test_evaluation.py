@@ -189,6 +189,22 @@ def test_speed_reports_its_protocol_and_positive_rates(tiny_llama):
         measure_speed(tiny_llama, SpeedProtocol(repeats=0))
 
 
+@pytest.mark.parametrize("field, value, message", [
+    ("repeats", True, "speed repeats must be a positive integer, got True"),
+    ("prompt_tokens", True, "speed prompt_tokens must be a positive integer, got True"),
+    ("batch_size", 1.0, "speed batch_size must be a positive integer, got 1.0"),
+    ("warmup", -1, "speed warmup must be 0 or a positive integer, got -1"),
+    ("seed", 1.5, "speed seed must be an integer in [0, 2**63), got 1.5"),
+    ("seed", -1, "speed seed must be an integer in [0, 2**63), got -1"),
+])
+def test_a_speed_protocol_field_out_of_its_range_is_refused_in_one_line(tiny_llama, field, value,
+                                                                         message):
+    """repeats=True had run once and been recorded as True; seed=1.5 had ended in torch's
+    RuntimeError after the other measurements."""
+    with pytest.raises(InputError, match=re.escape(message)):
+        measure_speed(tiny_llama, SpeedProtocol(**{field: value}))
+
+
 def test_a_speed_protocol_beyond_the_context_fails_before_the_other_measurements(
         tiny_llama, monkeypatch):
     import prunenet.evaluation.evaluate as evaluate_module
