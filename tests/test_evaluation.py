@@ -255,6 +255,27 @@ def test_lm_eval_runs_offline_on_a_tiny_model(tiny_llama_real_tokenizer_dir, mon
         assert score["value"] * 3 == pytest.approx(round(score["value"] * 3))
 
 
+def test_zero_shot_leaves_the_callers_random_generators_as_they_were(
+        tiny_llama_real_tokenizer_dir):
+    """lm-eval reseeds Python's, numpy's and torch's global generators unless told not to:
+    every draw a caller made after an evaluation had been the same, whatever its own seed."""
+    import random
+
+    import numpy
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama_real_tokenizer_dir).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_llama_real_tokenizer_dir)
+
+    def draws() -> tuple:
+        return random.random(), float(numpy.random.rand()), float(torch.rand(1))
+
+    random.seed(7), numpy.random.seed(7), torch.manual_seed(7)
+    expected = draws()
+    random.seed(7), numpy.random.seed(7), torch.manual_seed(7)
+    zero_shot(model, tokenizer, "arc_easy", limit=1)
+    assert draws() == expected
+
+
 def test_shipped_tasks_read_the_cached_splits():
     from lm_eval.tasks import TaskManager
 

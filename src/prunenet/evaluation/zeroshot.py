@@ -10,11 +10,15 @@ WinoGrande (``acc``), as in the paper.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Iterable
+import random
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy
+import torch
 from torch import nn
 
 from ..assets import asset_path
@@ -64,6 +68,20 @@ def check_zero_shot(tokenizer: Any, limit: int | None) -> None:
                               or limit < 1):
         raise InputError(f"limit must be a positive number of examples, got {limit!r}")
     asset_path("zeroshot")  # names the fetch command
+
+
+@contextlib.contextmanager
+def _global_generators_kept() -> Iterator[None]:
+    """Python's, numpy's and torch's global generators as they were before the block: lm-eval
+    seeds them, and its callers' later draws must not all repeat."""
+    python_state, numpy_state = random.getstate(), numpy.random.get_state()
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            numpy.random.set_state(numpy_state)
 
 
 def load_split(folder: str, **_metadata: Any):
@@ -116,10 +134,11 @@ def zero_shot(
     results = {}
     for name in names:  # one task at a time, so a task that does not fit skips alone
         try:
-            output = simple_evaluate(
-                model=lm, tasks=[name], limit=limit, task_manager=manager, log_samples=False,
-                bootstrap_iters=1000,
-            )
+            with _global_generators_kept():
+                output = simple_evaluate(
+                    model=lm, tasks=[name], limit=limit, task_manager=manager,
+                    log_samples=False, bootstrap_iters=1000,
+                )
         except AssertionError:  # lm-eval: an answer longer than the model's context
             log.warning("zero-shot task %s skipped: its answers do not fit the model's context "
                         "of %s tokens", name, lm.max_length)
