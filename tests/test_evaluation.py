@@ -189,6 +189,22 @@ def test_speed_reports_its_protocol_and_positive_rates(tiny_llama):
         measure_speed(tiny_llama, SpeedProtocol(repeats=0))
 
 
+@pytest.mark.parametrize("field, value, message", [
+    ("repeats", True, "speed repeats must be a positive integer, got True"),
+    ("prompt_tokens", True, "speed prompt_tokens must be a positive integer, got True"),
+    ("batch_size", 1.0, "speed batch_size must be a positive integer, got 1.0"),
+    ("warmup", -1, "speed warmup must be 0 or a positive integer, got -1"),
+    ("seed", 1.5, "speed seed must be an integer in [0, 2**63), got 1.5"),
+    ("seed", -1, "speed seed must be an integer in [0, 2**63), got -1"),
+])
+def test_a_speed_protocol_field_out_of_its_range_is_refused_in_one_line(tiny_llama, field, value,
+                                                                         message):
+    """repeats=True had run once and been recorded as True; seed=1.5 had ended in torch's
+    RuntimeError after the other measurements."""
+    with pytest.raises(InputError, match=re.escape(message)):
+        measure_speed(tiny_llama, SpeedProtocol(**{field: value}))
+
+
 def test_a_speed_protocol_beyond_the_context_fails_before_the_other_measurements(
         tiny_llama, monkeypatch):
     import prunenet.evaluation.evaluate as evaluate_module
@@ -199,6 +215,28 @@ def test_a_speed_protocol_beyond_the_context_fails_before_the_other_measurements
     with pytest.raises(InputError, match="context of 64"):
         evaluate(tiny_llama, None, ppl=TokenCorpus("ids", torch.arange(2000), None),
                  speed=SpeedProtocol(prompt_tokens=100, new_tokens=8), progress=False)
+    assert measured == []
+
+
+@pytest.mark.parametrize("tokenizer, limit, error, message", [
+    (None, 2, InputError, "this model has no tokenizer"),
+    (types.SimpleNamespace(eos_token_id=None), 2, InputError, "end-of-text token"),
+    (types.SimpleNamespace(eos_token_id=0), 0, InputError, "limit must be a positive number"),
+    (types.SimpleNamespace(eos_token_id=0), 2, MissingAssetError, "prunenet fetch"),
+])
+def test_zero_shot_inputs_are_refused_before_the_other_measurements(
+        tiny_llama, tmp_path, monkeypatch, tokenizer, limit, error, message):
+    """They had been refused only after every perplexity window was scored."""
+    import prunenet.evaluation.evaluate as evaluate_module
+
+    if error is MissingAssetError:
+        monkeypatch.setenv("PRUNENET_CACHE", str(tmp_path / "empty-cache"))
+    measured = []
+    monkeypatch.setattr(evaluate_module, "_perplexity_part",
+                        lambda *args: measured.append("perplexity"))
+    with pytest.raises(error, match=message):
+        evaluate(tiny_llama, tokenizer, ppl=TokenCorpus("ids", torch.arange(2000), None),
+                 tasks="piqa", limit=limit, progress=False)
     assert measured == []
 
 
@@ -215,6 +253,27 @@ def test_lm_eval_runs_offline_on_a_tiny_model(tiny_llama_real_tokenizer_dir, mon
         # With 3 examples an accuracy is one of 0, 1/3, 2/3, 1.
         assert 0.0 <= score["value"] <= 1.0
         assert score["value"] * 3 == pytest.approx(round(score["value"] * 3))
+
+
+def test_zero_shot_leaves_the_callers_random_generators_as_they_were(
+        tiny_llama_real_tokenizer_dir):
+    """lm-eval reseeds Python's, numpy's and torch's global generators unless told not to:
+    every draw a caller made after an evaluation had been the same, whatever its own seed."""
+    import random
+
+    import numpy
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama_real_tokenizer_dir).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_llama_real_tokenizer_dir)
+
+    def draws() -> tuple:
+        return random.random(), float(numpy.random.rand()), float(torch.rand(1))
+
+    random.seed(7), numpy.random.seed(7), torch.manual_seed(7)
+    expected = draws()
+    random.seed(7), numpy.random.seed(7), torch.manual_seed(7)
+    zero_shot(model, tokenizer, "arc_easy", limit=1)
+    assert draws() == expected
 
 
 def test_shipped_tasks_read_the_cached_splits():
@@ -423,6 +482,15 @@ def test_zero_shot_needs_an_end_of_text_token():
     assert tokenizer.eos_token_id is None
     with pytest.raises(InputError, match="need the tokenizer's end-of-text token"):
         zero_shot(make_tiny_model("llama"), tokenizer, "piqa", limit=1)
+
+
+@pytest.mark.parametrize("limit", [0, -1, 1.5, True, 0.5])
+def test_a_limit_that_is_not_a_positive_integer_is_refused_from_python(tiny_llama, limit):
+    """zero_shot(limit=1.5) and limit=True had scored one example of each task and recorded the
+    limit as given (lm-eval reads them as 1); 0.5 is refused, not read as half a task."""
+    with pytest.raises(InputError, match=re.escape(
+            f"limit must be a positive number of examples, got {limit!r}")):
+        zero_shot(tiny_llama, types.SimpleNamespace(eos_token_id=0), "piqa", limit=limit)
 
 
 @pytest.mark.parametrize("windows", [0, -1, 1.5, True])

@@ -33,7 +33,7 @@ from ..naming import compression_summary, run_label
 from .corpora import TokenCorpus, load_corpus
 from .perplexity import perplexity
 from .speed import SpeedProtocol, fitted_protocol, measure_speed
-from .zeroshot import parse_tasks, zero_shot
+from .zeroshot import check_zero_shot, parse_tasks, zero_shot
 
 log = logging.getLogger(__name__)
 FORMAT = "prunenet-evaluation/1"
@@ -226,7 +226,10 @@ def evaluate(
             return evaluate(loaded, tokenizer, ppl=ppl, seqlen=seqlen, windows=windows,
                             tasks=task_names, limit=limit, speed=speed, source=model,
                             progress=progress)
-    if speed:  # a protocol the model cannot run fails before the other measurements
+    # zero-shot inputs and a speed protocol the model cannot run fail before any measurement
+    if task_names:
+        check_zero_shot(tokenizer, limit)
+    if speed:
         fitted_protocol(model.config, speed if isinstance(speed, SpeedProtocol)
                         else SpeedProtocol(), quiet=True)
     view = FFNView(model)

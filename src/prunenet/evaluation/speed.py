@@ -38,11 +38,19 @@ class SpeedProtocol:
     seed: int = 0
 
     def validate(self) -> None:
+        """Raise :class:`InputError` for a field that is not an integer in its range (True is
+        not a count: it had run and been recorded as given)."""
         for name, value in asdict(self).items():
             if name in ("prompt_tokens", "new_tokens") and value is None:
                 continue
-            smallest = 0 if name == "warmup" else 1
-            if name != "seed" and (not isinstance(value, int) or value < smallest):
+            whole = isinstance(value, int) and not isinstance(value, bool)
+            if name == "seed":
+                if not whole or not 0 <= value < 2**63:
+                    raise InputError(f"speed seed must be an integer in [0, 2**63), got {value!r}")
+            elif name == "warmup":
+                if not whole or value < 0:
+                    raise InputError(f"speed warmup must be 0 or a positive integer, got {value!r}")
+            elif not whole or value < 1:
                 raise InputError(f"speed {name} must be a positive integer, got {value!r}")
 
 

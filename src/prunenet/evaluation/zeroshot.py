@@ -10,11 +10,15 @@ WinoGrande (``acc``), as in the paper.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Iterable
+import random
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy
+import torch
 from torch import nn
 
 from ..assets import asset_path
@@ -49,6 +53,37 @@ def parse_tasks(tasks: str | Iterable[str]) -> list[str]:
     return names
 
 
+def check_zero_shot(tokenizer: Any, limit: int | None) -> None:
+    """Refuse, before any measurement, what zero-shot tasks cannot run with: no tokenizer, a
+    tokenizer without an end-of-text token, a ``limit`` that is neither None nor a positive
+    integer (lm-eval would read 0.5 as half of each task and 1.5 or True as one example)
+    (:class:`InputError`), or task data not fetched (:class:`MissingAssetError`)."""
+    if tokenizer is None:
+        raise InputError("this model has no tokenizer; save one next to the model to evaluate it")
+    if getattr(tokenizer, "eos_token_id", None) is None:  # lm-eval ends its contexts with it
+        raise InputError("zero-shot tasks need the tokenizer's end-of-text token and this "
+                         "tokenizer has none (set eos_token in its tokenizer_config.json), or "
+                         "pass --tasks none")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)
+                              or limit < 1):
+        raise InputError(f"limit must be a positive number of examples, got {limit!r}")
+    asset_path("zeroshot")  # names the fetch command
+
+
+@contextlib.contextmanager
+def _global_generators_kept() -> Iterator[None]:
+    """Python's, numpy's and torch's global generators as they were before the block: lm-eval
+    seeds them, and its callers' later draws must not all repeat."""
+    python_state, numpy_state = random.getstate(), numpy.random.get_state()
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            numpy.random.set_state(numpy_state)
+
+
 def load_split(folder: str, **_metadata: Any):
     """The ``validation`` split in the cached arrow ``folder`` (used by the task YAMLs).
 
@@ -78,15 +113,7 @@ def zero_shot(
     names = parse_tasks(tasks)
     if not names:
         return {}
-    if tokenizer is None:
-        raise InputError("this model has no tokenizer; save one next to the model to evaluate it")
-    if getattr(tokenizer, "eos_token_id", None) is None:  # lm-eval ends its contexts with it
-        raise InputError("zero-shot tasks need the tokenizer's end-of-text token and this "
-                         "tokenizer has none (set eos_token in its tokenizer_config.json), or "
-                         "pass --tasks none")
-    if limit is not None and limit < 1:
-        raise InputError(f"limit must be a positive number of examples, got {limit}")
-    asset_path("zeroshot")  # fail early, naming the fetch command
+    check_zero_shot(tokenizer, limit)
     import lm_eval.evaluator
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
@@ -107,10 +134,11 @@ def zero_shot(
     results = {}
     for name in names:  # one task at a time, so a task that does not fit skips alone
         try:
-            output = simple_evaluate(
-                model=lm, tasks=[name], limit=limit, task_manager=manager, log_samples=False,
-                bootstrap_iters=1000,
-            )
+            with _global_generators_kept():
+                output = simple_evaluate(
+                    model=lm, tasks=[name], limit=limit, task_manager=manager,
+                    log_samples=False, bootstrap_iters=1000,
+                )
         except AssertionError:  # lm-eval: an answer longer than the model's context
             log.warning("zero-shot task %s skipped: its answers do not fit the model's context "
                         "of %s tokens", name, lm.max_length)
