@@ -195,6 +195,23 @@ def test_compare_refuses_existing_and_unwritable_out_before_work(tmp_path, tiny_
     assert (existing / "keep.txt").read_text() == "user data"
 
 
+@pytest.mark.parametrize("limit", [0, 1.5, True])
+def test_a_limit_that_is_no_whole_number_is_refused_before_the_model_loads(
+        tmp_path, tiny_llama_dir, monkeypatch, limit):
+    """From Python, a zero-shot limit that is not a positive integer is refused before the
+    dense model loads (it had been refused only after the load)."""
+    import prunenet.compare as compare_module
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the limit was checked")
+
+    monkeypatch.setattr(compare_module, "load_model_and_tokenizer", no_load)
+    with pytest.raises(InputError, match="^limit must be a positive number of examples, got "):
+        compare(str(tiny_llama_dir), [0.5], "random", tmp_path / "out", tasks="piqa",
+                limit=limit)
+    assert not (tmp_path / "out").exists()
+
+
 def test_unknown_method_lists_known_ones():
     with pytest.raises(InputError,
                        match="unknown method 'wanda'; known: self-generated, prunenet, random"):

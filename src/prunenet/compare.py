@@ -20,7 +20,7 @@ from .errors import InputError, refuse_repeats
 from .evaluation.corpora import check_corpus, corpus_read_path, load_corpus
 from .evaluation.evaluate import evaluate, fitted_seqlen
 from .evaluation.speed import SpeedProtocol, fitted_protocol
-from .evaluation.zeroshot import parse_tasks
+from .evaluation.zeroshot import check_limit, parse_tasks
 from .families import kept_count
 from .ffn_statistics import ProbeStatistics
 from .io.files import atomic_folder, folder_of, json_with_format, write_json_atomic
@@ -132,6 +132,7 @@ def compare(
              corpus_read_path((calibration or Calibration()).corpus)]
     out_path = check_output_path(out, overwrite, reads, ours=is_compare_output)
     if task_names:
+        check_limit(limit)
         asset_path("zeroshot")  # data not fetched: fail before any work, naming the command
     speed = speed or SpeedProtocol()
     speed.validate()

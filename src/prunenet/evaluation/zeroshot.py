@@ -64,10 +64,16 @@ def check_zero_shot(tokenizer: Any, limit: int | None) -> None:
         raise InputError("zero-shot tasks need the tokenizer's end-of-text token and this "
                          "tokenizer has none (set eos_token in its tokenizer_config.json), or "
                          "pass --tasks none")
+    check_limit(limit)
+    asset_path("zeroshot")  # names the fetch command
+
+
+def check_limit(limit: Any) -> None:
+    """Refuse a ``limit`` that is neither None nor a positive integer (lm-eval would read 0.5
+    as half of each task and 1.5 or True as one example): :class:`InputError`."""
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)
                               or limit < 1):
         raise InputError(f"limit must be a positive number of examples, got {limit!r}")
-    asset_path("zeroshot")  # names the fetch command
 
 
 @contextlib.contextmanager
