@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Set up (idempotent) and run the whole test suite, the real-model tests included.
 set -euo pipefail
+# A relative $PRUNENET_CACHE names a folder under the directory the command was run from.
+case "${PRUNENET_CACHE:-/}" in /* | "~"*) ;; *) export PRUNENET_CACHE="$PWD/$PRUNENET_CACHE" ;; esac
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 # llama.cpp, to check that the GGUF files we write run outside transformers (tests/test_gguf_out.py),

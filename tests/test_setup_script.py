@@ -36,6 +36,7 @@ if [ "$1 $2" = "-m venv" ]; then
 fi
 if [ "$1 $2 $3" = "-m pip --version" ]; then exit {pip_status}; fi
 if [ "$1 $2 $3" = "-m pip install" ]; then echo "PIP_USER=${{PIP_USER-unset}}" >> {log}.env; fi
+if [ "$1" = fetch ]; then echo "PRUNENET_CACHE=${{PRUNENET_CACHE-unset}}" >> {log}.cache; fi
 echo "$(basename "$0") $*" >> {log}
 """
 
@@ -68,11 +69,11 @@ def machine(tmp_path):
     log = tmp_path / "calls.log"
     log.touch()
 
-    def run(**env: str) -> subprocess.CompletedProcess:
+    def run(cwd: Path | None = None, **env: str) -> subprocess.CompletedProcess:
         full_env = {"PATH": str(bin_dir), "HOME": str(tmp_path),
                     "TORCH_CPU_INDEX": "http://127.0.0.1:9/nothing", **env}
         return subprocess.run(["bash", str(checkout / "scripts" / "setup.sh")], env=full_env,
-                              capture_output=True, text=True, timeout=60)
+                              capture_output=True, text=True, timeout=60, cwd=cwd)
 
     return checkout, bin_dir, log, run
 
@@ -191,3 +192,17 @@ def test_pip_installs_into_the_venv_when_its_configuration_asks_for_user_install
     result = run(PIP_USER="1")  # as `user = true` in pip.conf: refused inside a virtualenv
     assert result.returncode == 0, result.stderr
     assert set(Path(f"{log}.env").read_text().splitlines()) == {"PIP_USER=0"}
+
+
+def test_a_relative_cache_folder_is_read_from_where_the_command_runs(machine, tmp_path):
+    """setup.sh runs from the repository root; a relative $PRUNENET_CACHE still names a folder
+    under the directory the user ran it from (it had been read from the repository root)."""
+    checkout, bin_dir, log, run = machine
+    write_python(bin_dir / "python3", (3, 11), log)
+    elsewhere = tmp_path / "work"
+    elsewhere.mkdir()
+    for cache in ("models-cache", "/srv/models", "~/models"):  # prunenet expands the "~"
+        assert run(cwd=elsewhere, PRUNENET_CACHE=cache).returncode == 0
+    assert Path(f"{log}.cache").read_text().splitlines() == [
+        f"PRUNENET_CACHE={elsewhere}/models-cache", "PRUNENET_CACHE=/srv/models",
+        "PRUNENET_CACHE=~/models"]
