@@ -1,6 +1,7 @@
 """The arithmetic a training run computes in: float32, or bfloat16 autocast over float32 weights
 where the hardware computes bfloat16 natively. Recovery (:mod:`prunenet.finetune`) and the
-teacher of self-distillation (:mod:`prunenet.distillation`) read it from here."""
+teacher of self-distillation (:mod:`prunenet.distillation`) read it from here; and the devices
+whose random state a seeded block restores (:func:`cuda_devices`)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,13 @@ import torch
 from .errors import InputError
 
 PRECISIONS = ("float32", "bfloat16")
+
+
+def cuda_devices() -> list[int]:
+    """Every CUDA device's index (none without CUDA): what ``torch.random.fork_rng`` must
+    restore around ``torch.manual_seed`` or a library that seeds, since those seed every CUDA
+    device wherever the model is."""
+    return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
 
 
 def default_precision(device: str) -> str:

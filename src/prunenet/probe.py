@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .arithmetic import cuda_devices
 from .errors import InputError, first_line
 from .families import context_length
 from .model_view import input_device, parameters_in_memory
@@ -270,9 +271,7 @@ def generate_probe(model: nn.Module, tokenizer, tokens: int, seed: int,
     if recipe.one_script and tokenizer is None:
         raise InputError("a probe kept in one script needs the model's tokenizer; load the "
                          "model with it")
-    # torch.manual_seed below seeds every CUDA device, wherever the model is: restore them all
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-    with torch.random.fork_rng(devices=devices), tqdm(
+    with torch.random.fork_rng(devices=cuda_devices()), tqdm(
             total=wanted * length, unit="tok", desc=label, disable=not progress,
             leave=False) as bar:
         torch.manual_seed(int(seed))

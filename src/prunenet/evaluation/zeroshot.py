@@ -21,6 +21,7 @@ import numpy
 import torch
 from torch import nn
 
+from ..arithmetic import cuda_devices
 from ..assets import asset_path
 from ..errors import InputError, refuse_repeats
 from ..model_view import input_device
@@ -81,8 +82,7 @@ def _global_generators_kept() -> Iterator[None]:
     """Python's, numpy's and torch's global generators as they were before the block: lm-eval
     seeds them, and its callers' later draws must not all repeat."""
     python_state, numpy_state = random.getstate(), numpy.random.get_state()
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-    with torch.random.fork_rng(devices=devices):
+    with torch.random.fork_rng(devices=cuda_devices()):
         try:
             yield
         finally:
