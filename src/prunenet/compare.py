@@ -290,8 +290,9 @@ def write_plots(results: dict[str, Any], folder: Path) -> list[Path]:
               f"perplexity on {settings['corpus']} ({settings['windows']} x {settings['seqlen']})",
               log_scale=True)
         save(figure, "perplexity.png")
-    if measured_tasks(results):
-        names = [*measured_tasks(results), "average"]
+    tasks = measured_tasks(results)
+    if tasks:
+        names = [*tasks, "average"]
         figure, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 4.2), squeeze=False)
         for axis, name in zip(axes[0], names, strict=True):
             def pick(e, name=name):
