@@ -423,6 +423,7 @@ class PlannedConversion(StreamedCheckpoint):
                                         offset + size)
             offset += size
         self.entries = entries
+        self.tied_copies = frozenset()  # named_parameters above gave a tied matrix once
         self._check_layers()
         self._weights_checked = True  # the conversion writes what the model expects
 
