@@ -114,6 +114,27 @@ def test_policy_from_another_model_is_refused(tmp_path):
         prunenet.prune(gpt2_wide, str(path), 0.3)
 
 
+def test_policy_of_another_width_is_refused_before_the_model_loads(tmp_path, monkeypatch):
+    """A folder's config declares its FFN width: a policy for another width fails from it, with
+    no weight read and nothing written."""
+    training = prunenet.train_policy(make_tiny_model("llama"), ratio=0.3, episodes=1,
+                                     progress=False)  # d_ff 48
+    path = save_policy(training.policy, tmp_path / "p.safetensors", {})
+    narrow = make_tiny_model("llama")
+    from prunenet.slicing import slice_model
+
+    slice_model(narrow, [torch.arange(40)] * 2)
+    narrow.save_pretrained(tmp_path / "narrow")
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(sys.modules["prunenet.pipeline"], "load_model_and_tokenizer", no_load)
+    with pytest.raises(PolicyMismatchError, match=r"d_ff=48; this model has d_ff=40\."):
+        prunenet.prune(tmp_path / "narrow", path, 0.3, out=tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
 def test_gguf_input_tinycoder(tmp_path):
     from prunenet.assets import asset_path
 

@@ -401,8 +401,10 @@ def plan_compression(model: Any, ratio: float, options: CompressOptions, *,
         check_disk_space(Path(out).expanduser().resolve(), 2 * streamed.weight_bytes
                          + (streamed.gguf.stat().st_size if "gguf" in formats else 0))
     width = declared_ffn_width(source) if source is not None else None
-    if width is not None:  # a ratio or --round-to the width cannot take fails before the load
-        kept_count(width, ratio, round_to)
+    if width is not None:  # a ratio, --round-to or policy the width cannot take fails before
+        kept_count(width, ratio, round_to)  # the load
+        if policy is not None:
+            policy.check_fits(None, width)
     plan = Plan(model, source, ratio, options, selector, streamed, out, record_dir, policy_out,
                 overwrite, formats, reconstruct, round_to, resident, tokenizer)
     if before_text is not None:

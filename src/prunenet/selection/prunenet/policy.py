@@ -48,11 +48,14 @@ class PrunePolicy(nn.Module):
         policy.load_state_dict({name: value.float() for name, value in tensors.items()})
         return policy
 
-    def check_fits(self, d_model: int, d_ff: int) -> None:
-        if (d_model, d_ff) != (self.d_model, self.d_ff):
+    def check_fits(self, d_model: int | None, d_ff: int) -> None:
+        """Refuse a model of another shape; ``d_model`` None: only its FFN width is known yet
+        (declared in its config, before it loads)."""
+        if d_ff != self.d_ff or d_model not in (None, self.d_model):
+            has = f"d_ff={d_ff}" if d_model is None else f"d_model={d_model}, d_ff={d_ff}"
             raise PolicyMismatchError(
                 f"policy expects d_model={self.d_model}, d_ff={self.d_ff}; this model has "
-                f"d_model={d_model}, d_ff={d_ff}. Train a policy for this model (train-policy)."
+                f"{has}. Train a policy for this model (train-policy)."
             )
 
     def keep_logits(self, first_matrix: Tensor) -> Tensor:
