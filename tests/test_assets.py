@@ -247,6 +247,7 @@ def test_conversion_never_replaces_a_folder_it_did_not_write(tmp_path, monkeypat
     assert (target / loading.CONVERTED_MARKER).read_text() == "tiny.gguf\n"
     assert loading.convert_model("tiny", force=True) == target  # its own: redone
     assert (target / "config.json").is_file()
+    assert "`tiny.gguf` dequantized to a float32 safetensors" in (target / "README.md").read_text()
 
 
 def test_fetch_names_its_assets_and_refuses_others_in_one_line(capsys, pypi):

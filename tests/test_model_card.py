@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 import pytest
+from gguf import GGMLQuantizationType
 
 from conftest import make_tiny_model
 from prunenet.cli import main
@@ -381,3 +382,37 @@ def test_a_measurement_beside_a_requantized_gguf_says_what_it_measured(tmp_path)
                         files={"config.json", "model.safetensors"})
     assert f"Measured after pruning: {value}" in plain
     assert "(`prunenet eval` reproduces it)." in plain
+
+
+def test_a_gguf_license_reaches_every_card_made_from_it(tmp_path, monkeypatch):
+    """A GGUF's general.license is the license of the cards of what is made from it: a
+    compression of the file (in memory and streamed), its conversion, and a compression of
+    that conversion. A license value that is no one-line scalar is left out."""
+    from test_gguf_convert import SMALL, _conversion_budget, _gguf, _too_large_for_memory
+    from test_gguf_out import _asset
+
+    tinycoder = _asset("tinycoder-gguf") / "tiny.gguf"
+    source = _gguf(tmp_path / "in", GGMLQuantizationType.Q8_0, tinycoder, license="apache-2.0")
+    common = ["-q", "compress", str(source), "--ratio", "0.5", *SMALL]
+    assert main([*common, "--out", str(tmp_path / "memory")]) == 0
+    assert main(["-q", "convert", str(source), "--out", str(tmp_path / "converted")]) == 0
+    assert main(["-q", "compress", str(tmp_path / "converted"), "--ratio", "0.5", *SMALL,
+                 "--out", str(tmp_path / "from-converted")]) == 0
+    assert main(["-q", "compress", str(tmp_path / "in"), "--ratio", "0.5", *SMALL,
+                 "--out", str(tmp_path / "from-folder")]) == 0
+    with monkeypatch.context() as patch:
+        _too_large_for_memory(patch)
+        assert main([*common, "--out", str(tmp_path / "stream"), "--max-memory",
+                     str(_conversion_budget(source))]) == 0
+    for name in ("memory", "converted", "from-converted", "from-folder", "stream"):
+        assert 'license: "apache-2.0"' in front_matter(
+            (tmp_path / name / "README.md").read_text()), name
+        assert card_fields(tmp_path / name) == {"license": "apache-2.0"}, name
+    assert "`model.gguf` dequantized to a float32 safetensors checkpoint" in (
+        tmp_path / "converted" / "README.md").read_text()
+
+    odd = _gguf(tmp_path / "odd", GGMLQuantizationType.Q8_0, tinycoder, license="[mit]")
+    assert card_fields(odd) == {} and card_fields(source) == {"license": "apache-2.0"}
+    assert main(["-q", "convert", str(odd), "--out", str(tmp_path / "odd-converted")]) == 0
+    assert not any(line.startswith("license") for line in front_matter(
+        (tmp_path / "odd-converted" / "README.md").read_text()))

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from ..errors import InputError
 from .files import atomic_folder
 from .loading import (
+    CARD_NAME,
     CONVERTED_MARKER,
     gguf_parameters,
     gguf_reader,
@@ -34,7 +35,9 @@ from .loading import (
     load_tokenizer,
     resolve_source,
     validate_gguf,
+    write_text_atomic,
 )
+from .model_card import conversion_card
 from .streaming import check_disk_space
 
 log = logging.getLogger(__name__)
@@ -130,5 +133,6 @@ def convert_gguf(source: str | Path, out: str | Path, overwrite: bool = False,
         tokenizer = load_tokenizer(path)  # None, as the load has it, where none can be built
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
+        write_text_atomic(staging / CARD_NAME, conversion_card(path))
         (staging / CONVERTED_MARKER).write_text(gguf_file + "\n")
     return out

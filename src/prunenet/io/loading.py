@@ -42,7 +42,7 @@ from .files import (
     write_json_atomic,
     write_text_atomic,
 )
-from .model_card import CARD_NAME, render_card
+from .model_card import CARD_NAME, conversion_card, render_card
 
 RECORD_NAME = "prunenet.json"
 MODEL_ALIASES = {alias: model.description for alias, model in MODELS.items()}
@@ -686,8 +686,8 @@ def save_compressed(
 
 def write_card(folder: Path, record: dict[str, Any], source: str | os.PathLike | None) -> None:
     """The model card of an output in ``folder`` (see :mod:`prunenet.io.model_card`)."""
-    local = source is not None and Path(source).expanduser().is_dir()
-    hub_id = str(source) if source is not None and not Path(source).expanduser().exists() \
+    local = source is not None and Path(source).expanduser().exists()  # a folder or a GGUF
+    hub_id = str(source) if source is not None and not local \
         and str(source).count("/") == 1 else None
     files = {path.name for path in Path(folder).iterdir()}  # what the card may say loads
     write_text_atomic(folder / CARD_NAME,
@@ -764,6 +764,7 @@ def convert_model(alias: str, force: bool = False) -> Path:
     model, tokenizer = load_model_and_tokenizer(str(gguf_file))
     with atomic_folder(target, overwrite=True, ours=is_conversion) as staging:
         save_plain_checkpoint(model, tokenizer, staging)
+        write_text_atomic(staging / CARD_NAME, conversion_card(gguf_file))
         (staging / CONVERTED_MARKER).write_text(model_entry.gguf + "\n")
     return target
 

@@ -14,17 +14,46 @@ import shlex
 from pathlib import Path
 from typing import Any
 
+from ..version import __version__
+
 CARD_NAME = "README.md"
 _FRONT_MATTER = re.compile(r"\A---\s*\n(.*?)\n---\s*(\n|\Z)", re.DOTALL)
 
 
-def card_fields(folder: str | os.PathLike | None) -> dict[str, str]:
-    """``license`` and ``base_model`` from the front matter of ``folder/README.md``, if any
-    (one-line scalar values only; anything else is ignored)."""
-    if folder is None or not (Path(folder) / CARD_NAME).is_file():
+def card_fields(source: str | os.PathLike | None) -> dict[str, str]:
+    """``license`` and ``base_model`` a local model declares: the front matter of the README.md
+    in its folder (one-line scalar values only; anything else is ignored), and for a GGUF file,
+    or a folder whose model is one GGUF file, that file's ``general.license`` where no card
+    names a license."""
+    if source is None:
+        return {}
+    path = Path(source)
+    gguf = path if path.suffix.lower() == ".gguf" and path.is_file() else None
+    folder = None if gguf is not None else path
+    fields = _front_matter_fields(folder) if folder is not None else {}
+    if folder is not None and not (folder / "config.json").is_file():
+        found = [entry for entry in folder.glob("*.gguf") if entry.is_file()]
+        gguf = found[0] if len(found) == 1 else None
+    if gguf is not None and "license" not in fields:
+        value = gguf_license(gguf)
+        if value is not None:
+            fields["license"] = value
+    return fields
+
+
+def _scalar(value: str) -> str | None:
+    """``value`` as a one-line YAML scalar the card can carry, or None."""
+    value = value.strip().strip("'\"")
+    if not value or "\n" in value or value.startswith(("[", "{", "|")):
+        return None
+    return value
+
+
+def _front_matter_fields(folder: Path) -> dict[str, str]:
+    if not (folder / CARD_NAME).is_file():
         return {}
     try:
-        text = (Path(folder) / CARD_NAME).read_text(encoding="utf-8")
+        text = (folder / CARD_NAME).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError):
         return {}
     match = _FRONT_MATTER.match(text)
@@ -33,10 +62,35 @@ def card_fields(folder: str | os.PathLike | None) -> dict[str, str]:
     fields = {}
     for line in match.group(1).splitlines():
         key, _, value = line.partition(":")
-        value = value.strip().strip("'\"")
-        if key in ("license", "base_model") and value and not value.startswith(("[", "{", "|")):
+        value = _scalar(value)
+        if key in ("license", "base_model") and value is not None:
             fields[key] = value
     return fields
+
+
+def gguf_license(path: str | os.PathLike) -> str | None:
+    """A GGUF file's ``general.license`` (one line), or None where it declares none or cannot
+    be read."""
+    from .loading import gguf_reader
+
+    try:
+        field = gguf_reader(path).get_field("general.license")
+        value = field.contents() if field is not None else None
+    except (OSError, ValueError):
+        return None
+    return _scalar(value) if isinstance(value, str) else None
+
+
+def conversion_card(gguf: str | os.PathLike) -> str:
+    """The card of a folder converted from ``gguf``: its license, and what the folder is."""
+    name = Path(gguf).name
+    value = gguf_license(gguf)
+    front = ["---", *([f"license: {_yaml_value(value)}"] if value is not None else []),
+             "library_name: transformers", "---", ""]
+    return "\n".join(front + [
+        f"# {Path(name).stem}, converted from GGUF", "",
+        f"`{name}` dequantized to a float32 safetensors checkpoint by prunenet {__version__}. It "
+        "loads with plain `transformers.AutoModelForCausalLM.from_pretrained`.", ""])
 
 
 def _yaml_value(value: str) -> str:
@@ -47,9 +101,10 @@ def render_card(record: dict[str, Any], input_folder: str | os.PathLike | None =
                 hub_id: str | None = None, files: set[str] | None = None) -> str:
     """The card of an output described by ``record`` (its ``prunenet.json``).
 
-    ``input_folder``: the local model folder it came from (its card gives ``license`` and the
-    lineage); ``hub_id``: the Hub id it came from, when it did; ``files``: the names in the
-    output folder (what it says loads where follows them; None: a stock checkpoint).
+    ``input_folder``: the local model folder or GGUF file it came from (its card, or the
+    GGUF's header, gives ``license``, and the card the lineage); ``hub_id``: the Hub id it
+    came from, when it did; ``files``: the names in the output folder (what it says loads
+    where follows them; None: a stock checkpoint).
     """
     inherited = card_fields(input_folder)
     base_model = hub_id or inherited.get("base_model")
