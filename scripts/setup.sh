@@ -46,10 +46,16 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore PIP_USER=0
 # On Linux without an NVIDIA GPU, PyPI's torch wheel pulls gigabytes of CUDA libraries: offer
 # PyTorch's CPU index beside it (its 2.13.0+cpu sorts above 2.13.0, so pip takes it). Only
 # when the index answers within seconds; otherwise pip uses its configured indexes alone. Asked
-# with .venv's Python, since minimal images (Debian's, Ubuntu's) have no curl.
+# with .venv's Python, since minimal images (Debian's, Ubuntu's) have no curl. A GPU is one
+# `nvidia-smi -L` lists: nvidia-smi without a working driver fails and lists none.
 torch_index=()
 cpu_index=${TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}
-if [ "$(uname -s)" = Linux ] && ! command -v nvidia-smi > /dev/null 2>&1 \
+nvidia_gpu() {
+  local listed
+  command -v nvidia-smi > /dev/null 2>&1 && listed=$(timeout 10 nvidia-smi -L 2> /dev/null) \
+    && case $listed in GPU*) true ;; *) false ;; esac
+}
+if [ "$(uname -s)" = Linux ] && ! nvidia_gpu \
     && timeout 10 .venv/bin/python -c 'import sys, urllib.request
 urllib.request.urlopen(sys.argv[1], timeout=5)' "$cpu_index/torch/" > /dev/null 2>&1; then
   torch_index=(--extra-index-url "$cpu_index")

@@ -157,7 +157,8 @@ def test_a_working_venv_is_kept(machine):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the CPU index is for Linux")
-def test_the_cpu_index_is_offered_on_a_machine_without_curl(machine, tmp_path):
+def torch_install_beside_a_cpu_index(machine, tmp_path) -> tuple[str, str]:
+    """Run setup.sh with an answering CPU index; ``(the index, setup's torch install call)``."""
     checkout, bin_dir, log, run = machine
     write_python(bin_dir / "python3", (3, 11), log)
     (tmp_path / "index" / "torch").mkdir(parents=True)
@@ -173,8 +174,26 @@ def test_the_cpu_index_is_offered_on_a_machine_without_curl(machine, tmp_path):
     finally:
         server.shutdown()
     assert result.returncode == 0, result.stderr
-    torch_install = next(call for call in log.read_text().splitlines() if "torch==" in call)
+    return cpu_index, next(call for call in log.read_text().splitlines() if "torch==" in call)
+
+
+def test_the_cpu_index_is_offered_on_a_machine_without_curl(machine, tmp_path):
+    cpu_index, torch_install = torch_install_beside_a_cpu_index(machine, tmp_path)
     assert f"--extra-index-url {cpu_index}" in torch_install
+
+
+@pytest.mark.parametrize("status,listing,gpu", [
+    (9, "NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver.", False),
+    (0, "No devices were found", False),
+    (0, "GPU 0: NVIDIA H200 (UUID: GPU-0)", True)])
+def test_the_cpu_index_is_offered_unless_nvidia_smi_lists_a_gpu(machine, tmp_path, status,
+                                                                 listing, gpu):
+    """nvidia-smi installed without a working driver (or without a GPU) is a CPU machine."""
+    bin_dir = machine[1]
+    (bin_dir / "nvidia-smi").write_text(f"#!/usr/bin/env bash\necho '{listing}'\nexit {status}\n")
+    (bin_dir / "nvidia-smi").chmod(0o755)
+    cpu_index, torch_install = torch_install_beside_a_cpu_index(machine, tmp_path)
+    assert ("--extra-index-url" in torch_install) is not gpu
 
 
 def test_without_an_answering_cpu_index_pip_uses_its_own(machine):
