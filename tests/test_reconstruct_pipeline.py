@@ -165,6 +165,10 @@ def test_reconstruct_bad_values_and_streaming(tmp_path, capsys):
     for keyword in ("probe_temperature", "ridge"):  # the API checks them too, before any work
         with pytest.raises(InputError, match="must be a positive finite number"):
             prunenet.compress(str(source), 0.3, out=tmp_path / "o", **{keyword: float("inf")})
+    for value in ("1e-5", "9.9e-05"):  # sampled as 1e-4, so recorded as asked it would lie
+        assert main(["-q", "compress", str(source), "--ratio", "0.3", "--out",
+                     str(tmp_path / "o"), "--probe-temperature", value]) == 2
+        assert "--probe-temperature must be at least 0.0001" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
     from prunenet.io.streaming import StreamedCheckpoint
 

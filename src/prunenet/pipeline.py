@@ -57,6 +57,7 @@ from .io.streaming import (
 )
 from .model_view import FFNView, check_finite, layers_from_disk, parameters_in_memory
 from .probe import (
+    MIN_TEMPERATURE,
     Probe,
     ProbeRecipe,
     check_probe_tokens,
@@ -351,6 +352,10 @@ def plan_compression(model: Any, ratio: float, options: CompressOptions, *,
         if isinstance(value, bool) or not isinstance(value, (int, float)) \
                 or not 0 < value < float("inf"):
             raise InputError(f"{name} must be a positive finite number, got {value!r}")
+    if options.probe_temperature < MIN_TEMPERATURE:
+        raise InputError(f"--probe-temperature must be at least {MIN_TEMPERATURE:g} (there "
+                         f"sampling keeps the likeliest token already), got "
+                         f"{options.probe_temperature!r}")
     length = options.probe_length
     if isinstance(length, bool) or not isinstance(length, int) or length < 2:
         raise InputError(f"--probe-length must be at least 2 tokens, got {length!r}")

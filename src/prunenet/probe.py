@@ -80,6 +80,9 @@ class ProbeRecipe:
 
 
 _BLOCK = 1024  # vocabulary entries per block of the two-level search
+# The lowest temperature a probe samples at (lower ones are refused): logits divided by less
+# may overflow, and at it sampling already keeps the likeliest token.
+MIN_TEMPERATURE = 1e-4
 
 
 def check_sampler(sampler: Any) -> None:
@@ -151,7 +154,7 @@ class _Sampling:
             fraction = step / max(recipe.warmup_tokens, 1)
             temperature = recipe.start_temperature + fraction * (
                 recipe.temperature - recipe.start_temperature)
-        scores = scores / max(temperature, 1e-4)
+        scores = scores / max(temperature, MIN_TEMPERATURE)
         if self.generator is None:
             return scores
         for warper in self.warpers:
