@@ -176,6 +176,22 @@ def test_a_distilled_or_only_fine_tuned_model_is_named_so():
         "random at ratio 0.3")  # a record from before the refit: none ran
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_the_timed_prefill_computes_the_last_positions_logits_only(family):
+    """As generate's prefill: the output head reads one position per sequence, then one per
+    decode step; the greedy tokens are those of the full logits."""
+    model = make_tiny_model(family)
+    seen = []
+    hook = model.get_output_embeddings().register_forward_hook(
+        lambda module, inputs, output: seen.append(tuple(inputs[0].shape[:2])))
+    try:
+        measure_speed(model, SpeedProtocol(batch_size=2, prompt_tokens=6, new_tokens=3,
+                                           repeats=1, warmup=0))
+    finally:
+        hook.remove()
+    assert seen == [(2, 1)] * 4
+
+
 def test_speed_reports_its_protocol_and_positive_rates(tiny_llama):
     protocol = SpeedProtocol(batch_size=2, prompt_tokens=6, new_tokens=3, repeats=2, warmup=1)
     result = measure_speed(tiny_llama, protocol)

@@ -65,14 +65,24 @@ def _cache_argument(model: nn.Module) -> str:
     return "cache" if "cache" in parameters else "past_key_values"
 
 
+def _last_logits_only(model: nn.Module) -> dict[str, int]:
+    """The forward keyword that computes logits at the last position only, as ``generate``'s
+    prefill does (``logits_to_keep``, or its older name); empty where the model takes none."""
+    parameters = inspect.signature(model.forward).parameters
+    name = next((name for name in ("logits_to_keep", "num_logits_to_keep")
+                 if name in parameters), None)
+    return {name: 1} if name is not None else {}
+
+
 @torch.no_grad()
 def _one_run(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> tuple[float, float]:
-    """Seconds for the prefill and for ``new_tokens`` decode steps."""
+    """Seconds for the prefill (next-token logits at the prompt's last position only) and for
+    ``new_tokens`` decode steps."""
     device = prompt.device
     cache_argument = _cache_argument(model)
     _synchronize(device)
     start = time.perf_counter()
-    output = model(input_ids=prompt, use_cache=True)
+    output = model(input_ids=prompt, use_cache=True, **_last_logits_only(model))
     _synchronize(device)
     prefill = time.perf_counter() - start
     cache = getattr(output, cache_argument)
