@@ -3,6 +3,7 @@ calibration-based `activation` score (hand computation, calibration never sees e
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -157,7 +158,8 @@ def test_compress_command_offers_activation(tiny_llama_real_tokenizer_dir, tmp_p
     assert main(["compress", str(tiny_llama_real_tokenizer_dir), "--ratio", "0.25", "--method",
                  "activation", "--calibration-corpus", str(text), "--calibration-windows",
                  "100000", "--out", str(tmp_path / "too-many")]) == 2
-    assert "calibration windows of 1024 tokens; asked for 100000" in capsys.readouterr().err
+    assert re.search("holds (\\d+) calibration windows of 1024 tokens; asked for 100000; give "
+                     "--calibration-windows \\1 or fewer", capsys.readouterr().err)
 
 
 def test_select_rows_and_compress_round_the_kept_count_alike():
@@ -217,7 +219,8 @@ def test_bad_calibration_text_is_refused_before_the_model_loads(
         (model, ["--calibration-corpus", str(binary)], f"{binary} is not UTF-8 text"),
         (model, ["--calibration-corpus", "/dev/zero"], "/dev/zero is not a regular file"),
         (model, ["--calibration-windows", "100000"],
-         "corpus 'wiki' holds 319 calibration windows of 1024 tokens; asked for 100000"),
+         "corpus 'wiki' holds 319 calibration windows of 1024 tokens; asked for 100000; give "
+         "--calibration-windows 319 or fewer, or a longer --calibration-corpus"),
         (str(tiny_llama_dir), [], "method 'activation' needs the model's tokenizer to read "
          "calibration text"),
     ]

@@ -624,3 +624,14 @@ def test_a_negative_number_in_any_notation_reaches_the_options_own_check(llama, 
         == ("prunenet: error: argument --lr: expected a positive finite number, got -1e-3 (see "
             "prunenet compress --help)")
     assert sorted(path.name for path in tmp_path.iterdir()) == ["llama"]
+
+
+@pytest.mark.parametrize("command", ["compress", "prune", "train-policy"])
+def test_the_model_help_says_a_cached_hub_id_needs_no_network(command):
+    """A Hub id in the Hugging Face cache loads from it with no network
+    (test_robustness.py::test_a_hub_id_in_the_cache_loads_from_it_without_asking_the_unreachable_hub);
+    the help had said a Hub id needs the network."""
+    parser = build_parser().commands[command]
+    model = next(action for action in parser._actions if action.dest == "model")
+    assert "needs network" not in model.help
+    assert "Hugging Face cache" in model.help

@@ -237,7 +237,8 @@ def test_a_method_or_ratio_given_twice_is_refused(tiny_llama_dir, tmp_path):
     (["--tasks", "piqa,boolq"], "unknown task 'boolq'; known"),
     (["--tasks", "winogrande,piqa,winogrande"], "--tasks names winogrande more than once"),
     (["--ppl", "not-a-corpus"], "unknown corpus 'not-a-corpus'"),
-    (["--windows", "500"], "holds \\d+ evaluation windows of 32 tokens; asked for 500"),
+    (["--windows", "500"], "holds (\\d+) evaluation windows of 32 tokens; asked for 500; "
+     "give --windows \\1 or fewer"),
     (["--ratios", "0.5,1.2"], "ratio must be in \\[0, 1\\)"),
 ])
 def test_compare_bad_input_is_one_line_and_writes_nothing(tiny_llama_real_tokenizer_dir,

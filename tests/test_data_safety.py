@@ -1132,6 +1132,23 @@ def test_a_bad_finetune_corpus_is_refused_before_the_compression(
     assert sorted(p.name for p in tmp_path.iterdir()) == texts
 
 
+def test_a_finetune_corpus_too_short_names_the_options_compress_takes(
+        tiny_llama_real_tokenizer_dir, tmp_path, capsys):
+    """compress's recovery reads --finetune-seqlen and has no --eval-windows: a corpus too
+    short for its windows names the option compress takes, and finetune's for fewer
+    evaluation windows as finetune's (it had said `a shorter --seqlen or fewer --eval-windows`,
+    options compress refuses as unknown)."""
+    corpus = tmp_path / "short.txt"
+    corpus.write_text("Four words, no more. " * 20)
+    line = refused(capsys, ["-q", "compress", str(tiny_llama_real_tokenizer_dir), "--ratio",
+                            "0.3", "--out", str(tmp_path / "o"), "--method", "random",
+                            "--finetune-steps", "2", "--finetune-seqlen", "16",
+                            "--finetune-data", str(corpus)], "give more text")
+    assert "a shorter --finetune-seqlen" in line and "prunenet finetune" in line, line
+    assert " --seqlen" not in line and "or fewer --eval-windows" not in line, line
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("option, path, message", [
     ("--out", "", "--out is empty"), ("--record", "", "--record is empty"),
     ("--out", "o\udcff\udcfe", "is not valid UTF-8"),

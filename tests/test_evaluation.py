@@ -346,7 +346,8 @@ def test_eval_command_prints_a_table_and_writes_json(tiny_llama_real_tokenizer_d
 
 @pytest.mark.parametrize("argv, message", [
     (["--ppl", "no-such-corpus"], "unknown corpus 'no-such-corpus'.*named corpus \\(wiki\\)"),
-    (["--windows", "1000", "--seqlen", "16"], "holds \\d+ evaluation windows of 16 tokens"),
+    (["--windows", "1000", "--seqlen", "16"], "holds (\\d+) evaluation windows of 16 tokens; "
+     "asked for 1000; give --windows \\1 or fewer"),
     (["--tasks", "piqa,mmlu"], "unknown task 'mmlu'; known: piqa"),
     (["--tasks", "piqa,piqa"], "--tasks names piqa more than once"),
     (["--seqlen", "4096"], "exceeds the model's context of 2048"),

@@ -287,7 +287,7 @@ def test_a_recovery_that_cannot_hold_a_streamed_model_is_refused_before_the_comp
     # windows within the tiny model's 64 positions, which the recovery's own check refuses).
     # This checkpoint has no tokenizer to read the corpus with: that check is another test's.
     monkeypatch.setattr(importlib.import_module("prunenet.finetune"), "corpus_windows",
-                        lambda *args: None)
+                        lambda *args, **kwargs: None)
     with pytest.raises(Started):
         main([*common, "--finetune-steps", "1", "--finetune-seqlen", "32"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]

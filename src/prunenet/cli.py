@@ -213,7 +213,8 @@ def _add_model_arguments(parser: argparse.ArgumentParser, converts_gguf: bool = 
     parser.add_argument(
         "model",
         help="model folder (config.json + safetensors), a .gguf file, the alias smollm2-135m "
-        "(or gemma3-270m), or a Hugging Face Hub id (needs network)",
+        "(or gemma3-270m), or a Hugging Face Hub id (downloaded, or read from the Hugging "
+        "Face cache without network)",
     )
     parser.add_argument("--device", default=CompressOptions.device,
                         choices=["auto", "cpu", "cuda"],

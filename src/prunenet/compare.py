@@ -18,7 +18,7 @@ from typing import Any
 from .assets import asset_path
 from .errors import InputError, refuse_repeats
 from .evaluation.corpora import check_corpus, corpus_read_path, load_corpus
-from .evaluation.evaluate import evaluate, fitted_seqlen
+from .evaluation.evaluate import evaluate, fitted_seqlen, perplexity_windows
 from .evaluation.speed import SpeedProtocol, fitted_protocol
 from .evaluation.zeroshot import check_limit, parse_tasks
 from .families import kept_count
@@ -159,7 +159,7 @@ def compare(
     corpus = None
     if reads_text:
         corpus = load_corpus(ppl, tokenizer)
-        corpus.evaluation_windows(seqlen, windows)  # too many windows: fail before work
+        perplexity_windows(corpus, seqlen, windows)  # too many windows: fail before work
 
     def run_evaluation(subject, source=None) -> dict[str, Any]:
         return evaluate(subject, tokenizer, ppl=corpus, seqlen=seqlen, windows=windows,

@@ -252,11 +252,16 @@ class WindowDataset(torch.utils.data.Dataset):
         return {"input_ids": window, "labels": window}
 
 
-def corpus_windows(data: str, tokenizer, seqlen: int, eval_windows: int) -> tuple[Tensor, Tensor]:
+FINETUNE_REMEDY = "a shorter --seqlen or fewer --eval-windows"
+
+
+def corpus_windows(data: str, tokenizer, seqlen: int, eval_windows: int,
+                   remedy: str = FINETUNE_REMEDY) -> tuple[Tensor, Tensor]:
     """``(training_windows, evaluation_windows)`` of ``data``: disjoint regions of the corpus.
 
     Raises :class:`InputError` for a missing corpus, or one too short for one training window or
-    for ``eval_windows`` evaluation windows, saying how many tokens it has.
+    for ``eval_windows`` evaluation windows, saying how many tokens it has and, besides more
+    text, the ``remedy`` in the options of the command that runs it.
     """
     corpus = load_corpus(data, tokenizer)
     total = corpus.tokens.numel()
@@ -266,7 +271,7 @@ def corpus_windows(data: str, tokenizer, seqlen: int, eval_windows: int) -> tupl
     except InputError as error:
         raise InputError(
             f"{error} (the corpus has {total} tokens in all, half of a small corpus is held out "
-            f"for evaluation); give more text, a shorter --seqlen or fewer --eval-windows"
+            f"for evaluation); give more text, {remedy}"
         ) from error
     return training, evaluation
 
@@ -417,7 +422,10 @@ def check_recovery(source: str | os.PathLike, data: str, steps: int, seqlen: int
                           model="model")
     if not config.distils:  # the corpus read as the fine-tune will read it: enough windows
         check_corpus(config.data)
-        corpus_windows(config.data, load_tokenizer(source), config.seqlen, config.eval_windows)
+        corpus_windows(config.data, load_tokenizer(source), config.seqlen, config.eval_windows,
+                       remedy=f"a shorter --finetune-seqlen (the recovery scores finetune's "
+                       f"{config.eval_windows} evaluation windows; for fewer, compress without "
+                       "--finetune-steps, then run prunenet finetune with --eval-windows)")
 
 
 def finetune(

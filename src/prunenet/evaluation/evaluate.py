@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 from ..errors import InputError
 from ..families import check_sequence_length, context_length
@@ -165,11 +165,23 @@ def check_evaluation_windows(config, tokenizer: Any, windows: int, option: str =
     return text
 
 
+def perplexity_windows(corpus: TokenCorpus, seqlen: int, windows: int) -> Tensor:
+    """The first ``windows`` evaluation windows of ``corpus`` that perplexity scores; more than
+    it holds are refused naming --windows and how many it holds."""
+    counted = isinstance(windows, int) and not isinstance(windows, bool) and windows >= 1
+    held = corpus.evaluation_windows(seqlen).shape[0] if counted else None  # none: said so
+    if held is not None and windows > held:
+        raise InputError(f"corpus {corpus.name!r} holds {held} evaluation windows of {seqlen} "
+                         f"tokens; asked for {windows}; give --windows {held} or fewer, more "
+                         "text or shorter windows (--seqlen)")
+    return corpus.evaluation_windows(seqlen, windows)
+
+
 def _perplexity_part(model: nn.Module, tokenizer: Any, ppl: str | TokenCorpus, seqlen: int | None,
                      windows: int, progress: bool) -> dict[str, Any]:
     seqlen = fitted_seqlen(model.config, seqlen)
     corpus = ppl if isinstance(ppl, TokenCorpus) else load_corpus(ppl, tokenizer)
-    batch = corpus.evaluation_windows(seqlen, windows)
+    batch = perplexity_windows(corpus, seqlen, windows)
     return {
         "corpus": corpus.name,
         "seqlen": seqlen,

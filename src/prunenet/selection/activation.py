@@ -59,7 +59,8 @@ def calibration_windows(corpus: TokenCorpus, calibration: Calibration) -> Tensor
     if calibration.windows > windows.shape[0]:
         raise InputError(
             f"corpus {corpus.name!r} holds {windows.shape[0]} calibration windows of "
-            f"{calibration.seqlen} tokens; asked for {calibration.windows}"
+            f"{calibration.seqlen} tokens; asked for {calibration.windows}; give "
+            f"--calibration-windows {windows.shape[0]} or fewer, or a longer --calibration-corpus"
         )
     return windows[: calibration.windows]
 
