@@ -93,6 +93,10 @@ def test_compress_options_a_run_would_not_use_are_refused_before_any_work(
      "--calibration-corpus has no effect here"),
     ("eval", ["--ppl", "none", "--windows", "3"],
      "--windows has no effect here: no perplexity window is read with --ppl none"),
+    ("eval", ["--ppl", "None", "--windows", "3"],  # none in any case, as --tasks reads it
+     "--windows has no effect here: no perplexity window is read with --ppl none"),
+    ("compare", ["--methods", "random", "--tasks", "", "--ppl", "NONE", "--seqlen", "16"],
+     "--seqlen has no effect here: no perplexity window is read with --ppl none"),
     ("eval", ["--ppl", "none", "--speed-new-tokens", "4", "--speed-repeats", "2"],
      "--speed-new-tokens, --speed-repeats have no effect here: speed is measured with --speed "
      "only"),

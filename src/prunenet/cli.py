@@ -315,8 +315,8 @@ def _add_method_arguments(parser: argparse.ArgumentParser, takes_policy: bool = 
                        "multinomial, as prunenet drew them before, to repeat an earlier run's "
                        "probe token for token")
     group.add_argument("--probe-cache", metavar="DIR",
-                       help="keep the probe in DIR and reuse it in later runs of the same model, "
-                       "seed and size")
+                       help="keep the probe in DIR and reuse it in later runs of the same model "
+                       "and probe settings (seed, size, length, temperature, prompt, sampler)")
     group.add_argument("--reconstruct", choices=list(RECONSTRUCT), default=None,
                        help="after any selection, refit what remains so each FFN reproduces its "
                        "output on the probe: ls (the second matrix, ridge least squares), bias "
@@ -392,7 +392,7 @@ def _print_summary(result) -> None:
 
 
 def _add_calibration_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("calibration (only for --method activation)")
+    group = parser.add_argument_group("calibration (only for the activation method)")
     group.add_argument("--calibration-corpus", default="wiki",
                        help="corpus name, text/jsonl file or datasets folder (default: wiki); "
                        "windows come from its training region, never its evaluation windows")
@@ -712,7 +712,8 @@ def _offline_tasks(args: argparse.Namespace) -> None:
 
 
 def _ppl(args: argparse.Namespace) -> str | None:
-    return None if args.ppl == "none" else args.ppl
+    """``--ppl``'s corpus; None for ``none`` in any case, as ``--tasks`` reads it."""
+    return None if args.ppl.strip().lower() == "none" else args.ppl
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -756,8 +757,9 @@ def add_eval(subparsers) -> None:
         "zero-shot accuracy through lm-eval with the task definitions prunenet ships, parameter "
         "counts and bytes on disk, and (with --speed) measured prefill/decode tokens per second.",
     )
-    parser.add_argument("model", help="model folder, .gguf file or an alias (smollm2-135m, "
-                        "gemma3-270m)")
+    parser.add_argument("model", help="model folder, .gguf file, an alias (smollm2-135m, "
+                        "gemma3-270m) or a Hugging Face Hub id (downloaded, or read from the "
+                        "Hugging Face cache without network)")
     parser.add_argument("--speed", action="store_true", help="also measure tokens per second")
     parser.add_argument("--json", help="also write the results to this JSON file")
     parser.add_argument("--trust-remote-code", action="store_true",
@@ -797,7 +799,7 @@ def run_compare(args: argparse.Namespace) -> int:
     _offline_tasks(args)
     compare(args.model, args.ratios, args.methods, args.out, variant=args.variant,
             episodes=args.episodes,
-            train_ratio=args.train_ratio, ppl=args.ppl, seqlen=args.seqlen,
+            train_ratio=args.train_ratio, ppl=_ppl(args), seqlen=args.seqlen,
             windows=args.windows, tasks=args.tasks, limit=args.limit,
             speed=_speed_protocol(args), calibration=_calibration(args),
             reconstruct=args.reconstruct, seed=args.seed,
@@ -813,8 +815,9 @@ def add_compare(subparsers) -> None:
         "prunenet one policy is trained and reused at every ratio), evaluate the dense model and "
         "every result, and write report.md, results.json and PNG plots into --out.",
     )
-    parser.add_argument("model", help="model folder, .gguf file or an alias (smollm2-135m, "
-                        "gemma3-270m)")
+    parser.add_argument("model", help="model folder, .gguf file, an alias (smollm2-135m, "
+                        "gemma3-270m) or a Hugging Face Hub id (downloaded, or read from the "
+                        "Hugging Face cache without network)")
     parser.add_argument("--ratios", type=ratio_list, required=True,
                         help="comma-separated compression ratios, e.g. 0.1,0.2,0.3")
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
