@@ -298,3 +298,45 @@ def test_the_calibration_sentence_counts_its_windows_and_keeps_a_path_on_one_lin
     assert many == ("Calibration: 4 windows of 1024 tokens from the training region of "
                     "'/data/a\\nb.txt' (never its evaluation windows).")
     assert "\n" not in many
+
+
+def _edited_record(record_dir: Path, folder: Path, edit) -> Path:
+    """A copy of the run record ``record_dir`` in ``folder`` with ``edit`` applied to its
+    record.json content."""
+    copy = shutil.copytree(record_dir, folder, ignore=shutil.ignore_patterns("report"))
+    data = json.loads((copy / RUN_RECORD_NAME).read_text())
+    edit(data)
+    (copy / RUN_RECORD_NAME).write_text(json.dumps(data))
+    return copy
+
+
+def _refused_in_one_line(capsys, record: Path, match: str) -> None:
+    assert main(["-q", "report", str(record)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("prunenet: error: ") and err.count("\n") == 1, err
+    assert re.search(match, err), err
+    assert not (record / "report").exists()
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("source", 5, "compression.source must name the model it was made from, got 5"),
+    ("round_to", "32", "compression.round_to must be a positive integer, got '32'"),
+    ("round_to", 0, "compression.round_to must be a positive integer, got 0"),
+    ("selection", 3, "compression.selection must be a str or null, got 3"),
+    ("policy_sha256", 7, "compression.policy_sha256 must be a str or null"),
+    ("reconstruct", {"mode": "ls", "ridge": float("nan")},
+     "compression.reconstruct.ridge must be a finite number >= 0, got nan"),
+    ("reconstruct", [1], "compression.reconstruct must be an object"),
+    ("calibration", {"corpus": "wiki"}, "compression.calibration must hold its corpus, "
+     "windows and seqlen"),
+    ("finetune", [], "compression.finetune must be an object or null"),
+])
+def test_an_edited_field_the_page_prints_is_refused_in_one_line(magnitude_run, tmp_path, capsys,
+                                                                 field, value, match):
+    """Every field of the compression record the page prints is checked as the numbers are: a
+    source that is a number or a rounding given as text had ended in a traceback, a NaN ridge
+    or a list as calibration had been printed as they came."""
+    _, record_dir = magnitude_run
+    record = _edited_record(record_dir, tmp_path / "record",
+                            lambda data: data["compression"].__setitem__(field, value))
+    _refused_in_one_line(capsys, record, match)
