@@ -340,3 +340,20 @@ def test_an_edited_field_the_page_prints_is_refused_in_one_line(magnitude_run, t
     record = _edited_record(record_dir, tmp_path / "record",
                             lambda data: data["compression"].__setitem__(field, value))
     _refused_in_one_line(capsys, record, match)
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda c: c.__setitem__("parameter_reduction", 0.5),
+     r"compression.parameter_reduction \(0.5\) is not 1 - parameters_after / parameters_before"),
+    (lambda c: c.__setitem__("ffn_width_after", 20),
+     r"layers.kept_neurons \(24, 24\) must each be compression.ffn_width_after \(20\)"),
+])
+def test_sizes_that_contradict_each_other_are_refused(magnitude_run, tmp_path, capsys, edit,
+                                                      match):
+    """The summary prints the FFN width after, the parameter counts and their reduction beside
+    the per-layer kept counts: an edit that makes one contradict the others (a 50% reduction of
+    23,712 -> 19,104 parameters, a width of 20 over rows that keep 24) is refused, not printed."""
+    _, record_dir = magnitude_run
+    record = _edited_record(record_dir, tmp_path / "record",
+                            lambda data: edit(data["compression"]))
+    _refused_in_one_line(capsys, record, match)

@@ -201,6 +201,16 @@ def schema_problem(data: dict[str, Any]) -> str | None:
         if not 0 <= after <= before:
             return (f"compression.{size}_after ({after}) must lie between 0 and "
                     f"{size}_before ({before})")
+    # The page prints these side by side: each must be what the others say.
+    after = compression["ffn_width_after"]
+    if any(kept != after for kept in layers["kept_neurons"]):
+        return (f"layers.kept_neurons ({', '.join(map(str, layers['kept_neurons']))}) must "
+                f"each be compression.ffn_width_after ({after})")
+    before, after = compression["parameters_before"], compression["parameters_after"]
+    reduction = compression["parameter_reduction"]
+    if not before or not math.isclose(reduction, 1 - after / before, abs_tol=1e-9):
+        return (f"compression.parameter_reduction ({reduction!r}) is not 1 - parameters_after "
+                f"/ parameters_before ({after} / {before})")
     for key in ("ks_selected", "ks_first_episode"):
         if not all(0 <= ks <= 1 for ks in layers.get(key) or []):
             return f"layers.{key} must lie in [0, 1] (KS statistics)"
