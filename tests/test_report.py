@@ -357,3 +357,22 @@ def test_sizes_that_contradict_each_other_are_refused(magnitude_run, tmp_path, c
     record = _edited_record(record_dir, tmp_path / "record",
                             lambda data: edit(data["compression"]))
     _refused_in_one_line(capsys, record, match)
+
+
+def test_the_summary_names_the_seed_only_where_the_run_read_it(magnitude_run, tmp_path):
+    """magnitude with a refit read the seed (its probe was sampled from it); without the refit
+    it drew nothing at random, and the summary names no seed, as the model card's command
+    does not."""
+    _, record_dir = magnitude_run
+    page = write_report(record_dir, tmp_path / "refit", layers=[0]) / "report.md"
+    assert ", ratio 0.5, seed 42, prunenet " in page.read_text()
+
+    def no_probe(data):
+        data["compression"].pop("probe")
+        data["compression"]["reconstruct"] = {"mode": "none"}
+
+    record = _edited_record(record_dir, tmp_path / "record", no_probe)
+    pages = write_report(record, layers=[0])
+    summary = (pages / "report.md").read_text().split("\n\n")[1].splitlines()
+    assert "; method **magnitude**, ratio 0.5, prunenet " in summary[0]
+    assert "seed" not in (pages / "report.md").read_text() + (pages / "report.html").read_text()
