@@ -376,3 +376,18 @@ def test_the_summary_names_the_seed_only_where_the_run_read_it(magnitude_run, tm
     summary = (pages / "report.md").read_text().split("\n\n")[1].splitlines()
     assert "; method **magnitude**, ratio 0.5, prunenet " in summary[0]
     assert "seed" not in (pages / "report.md").read_text() + (pages / "report.html").read_text()
+
+
+def test_a_record_of_another_version_is_named_so(magnitude_run, tmp_path, capsys):
+    """A run record of another format version is a prunenet run record all the same: the error
+    names its version and the one this prunenet reads, where it had said the folder was not a
+    run record at all and to make one."""
+    _, record_dir = magnitude_run
+    record = _edited_record(record_dir, tmp_path / "record",
+                            lambda data: data.__setitem__("format", "prunenet-run-record/2"))
+    _refused_in_one_line(capsys, record, r"record.json is a run record of another prunenet "
+                         r"version \(format 'prunenet-run-record/2'\); prunenet .* reads "
+                         r"'prunenet-run-record/1'")
+    other = _edited_record(record_dir, tmp_path / "other",
+                           lambda data: data.__setitem__("format", "something-else"))
+    _refused_in_one_line(capsys, other, "is not a prunenet run record")

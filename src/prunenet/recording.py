@@ -257,7 +257,15 @@ def read_run_record(run_dir: str | os.PathLike) -> tuple[dict[str, Any], list[Te
         data = json.loads(record_path.read_text())
     except (OSError, ValueError) as error:
         raise InputError(f"{record_path} is not readable JSON ({error}); {how}") from error
-    if not isinstance(data, dict) or data.get("format") != RUN_RECORD_FORMAT:
+    tag = data.get("format") if isinstance(data, dict) else None
+    family = RUN_RECORD_FORMAT.rsplit("/", 1)[0] + "/"
+    if isinstance(tag, str) and tag.startswith(family) and tag != RUN_RECORD_FORMAT:
+        from .version import __version__
+
+        raise InputError(f"{record_path} is a run record of another prunenet version (format "
+                         f"{tag!r}); prunenet {__version__} reads {RUN_RECORD_FORMAT!r}: draw "
+                         "it with the prunenet that wrote it, or record the run again")
+    if tag != RUN_RECORD_FORMAT:
         raise InputError(f"{record_path} is not a prunenet run record (format tag is not "
                          f"{RUN_RECORD_FORMAT!r}); {how}")
     problem = schema_problem(data)
