@@ -303,7 +303,9 @@ def write_plots(results: dict[str, Any], folder: Path) -> list[Path]:
                 return _task_value(e["zero_shot"], name)
             metric = "mean" if name == "average" else \
                 results["dense"]["zero_shot"]["tasks"][name]["metric"]
-            panel(axis, pick, metric, f"{name} (limit {settings['limit']})")
+            examples = "all examples" if settings["limit"] is None else \
+                f"first {settings['limit']} examples"
+            panel(axis, pick, metric, f"{name} ({examples})")
         save(figure, "accuracy.png")
     if results["dense"]["speed"]:
         figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -397,6 +399,18 @@ def _winners(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _task_metrics(results: dict[str, Any]) -> str:
+    """The metric of every task scored (`` (piqa acc_norm, winogrande acc)``) and, where an ARC
+    task was, the split it is scored on; nothing for a task that was not."""
+    tasks = measured_tasks(results)
+    if not tasks:
+        return ""
+    zero = results["dense"]["zero_shot"]
+    metrics = ", ".join(f"{name} {zero['tasks'][name]['metric']}" for name in tasks)
+    arc = any(name.startswith("arc_") for name in tasks)
+    return f" ({metrics}{'; ARC on its validation split' if arc else ''})"
+
+
 def _skipped_tasks(results: dict[str, Any]) -> str:
     """The report's note of the tasks asked for but not scored, if any."""
     skipped = [name for name in results["settings"]["tasks"]
@@ -424,8 +438,7 @@ def render_report(results: dict[str, Any], plots: Sequence[str] = PLOTS) -> str:
         "- Zero-shot: not measured (no --tasks)." if not settings["tasks"] else
         f"- Zero-shot: {', '.join(settings['tasks'])}; "
         + ("all examples" if settings["limit"] is None else
-           f"the first {settings['limit']} examples of each") +
-        " (acc_norm, WinoGrande acc; ARC on its validation split)."
+           f"the first {settings['limit']} examples of each") + _task_metrics(results) + "."
         + _skipped_tasks(results),
     ]
     if dense_speed:
