@@ -456,3 +456,30 @@ def test_the_page_and_plots_name_only_the_tasks_measured(tiny_llama_real_tokeniz
     assert {"piqa (all examples)", "arc_easy (all examples)", "average (all examples)"} <= set(
         titles)
     assert not [title for title in titles if "None" in title]
+
+
+def _evaluation(perplexity: float, accuracy: float) -> dict:
+    return {"size": {"parameters": 1_600_000}, "perplexity": {"value": perplexity},
+            "zero_shot": {"tasks": {"piqa": {"value": accuracy, "metric": "acc_norm"}},
+                          "average": accuracy}, "speed": None, "compression": None}
+
+
+def test_the_ranking_prints_each_value_as_the_table_does():
+    """Perplexities of 47709.26 and 47713.68 were ranked as '4.77e+04' both, an order the page
+    could not show; the ranking now prints each value with its table column's digits."""
+    from prunenet.compare import render_report
+
+    results = {
+        "model": "m", "prunenet_version": "0", "ratios": [0.5], "methods": ["random", "magnitude"],
+        "settings": {"corpus": "wiki", "windows": 2, "seqlen": 32, "tasks": ["piqa"], "limit": 2,
+                     "reconstruct": "none", "calibration": None},
+        "training": None, "dense": _evaluation(47000.5, 0.5),
+        "runs": [{"method": "random", "ratio": 0.5, "evaluation": _evaluation(47713.68, 0.25)},
+                 {"method": "magnitude", "ratio": 0.5, "evaluation": _evaluation(47709.26, 0.5)}],
+    }
+    page = render_report(results, plots=[])
+    assert "- ratio 0.5, perplexity: magnitude 47709.26, random 47713.68\n" in page
+    assert "- ratio 0.5, average accuracy: magnitude 0.500, random 0.250\n" in page
+    for row in ("| magnitude | 0.5 | 1.6 | 47709.26 | 0.500 | 0.500 |",
+                "| random | 0.5 | 1.6 | 47713.68 | 0.250 | 0.250 |"):
+        assert row in page

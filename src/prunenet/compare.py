@@ -384,17 +384,20 @@ def _winners(results: dict[str, Any]) -> list[str]:
     lines = []
     for ratio in results["ratios"]:
         runs = [r for r in results["runs"] if r["ratio"] == ratio]
-        for label, key, better_low in (
-            ("perplexity", lambda e: e["perplexity"]["value"] if e["perplexity"] else None, True),
+        # each value as the results table prints it (its column's digits), so the ranking
+        # never orders numbers that read the same or reads otherwise than the table
+        for label, key, better_low, digits in (
+            ("perplexity", lambda e: e["perplexity"]["value"] if e["perplexity"] else None, True,
+             2),
             ("average accuracy", lambda e: e["zero_shot"]["average"] if e["zero_shot"] else None,
-             False),
+             False, 3),
         ):
             scored = [(key(r["evaluation"]), method_run_label(results, r["method"])) for r in runs]
             scored = [(v, m) for v, m in scored if v is not None]
             if not scored:
                 continue
             scored.sort(reverse=not better_low)
-            ranking = ", ".join(f"{m} {v:.3g}" for v, m in scored)
+            ranking = ", ".join(f"{m} {_cell(v, digits)}" for v, m in scored)
             lines.append(f"- ratio {ratio:g}, {label}: {ranking}")
     return lines
 
