@@ -483,3 +483,15 @@ def test_the_ranking_prints_each_value_as_the_table_does():
     for row in ("| magnitude | 0.5 | 1.6 | 47709.26 | 0.500 | 0.500 |",
                 "| random | 0.5 | 1.6 | 47713.68 | 0.250 | 0.250 |"):
         assert row in page
+
+
+def test_results_name_the_seed_only_where_a_run_read_it(tiny_llama_dir, tmp_path, capsys):
+    """magnitude with --reconstruct none samples no probe and draws nothing at random: its
+    results.json records no seed (the command line refuses --seed there), as it records no
+    windows for perplexity not measured; random reads it."""
+    for method, seed in (("magnitude", None), ("random", 42)):
+        out = tmp_path / method
+        assert main(["-q", "compare", str(tiny_llama_dir), "--ratios", "0.5", "--methods",
+                     method, "--reconstruct", "none", "--ppl", "none", "--tasks", "none",
+                     "--speed-repeats", "1", "--out", str(out)]) == 0, capsys.readouterr().err
+        assert json.loads((out / "results.json").read_text())["settings"]["seed"] == seed

@@ -177,7 +177,10 @@ def compare(
             # windows and limit of a measurement not made are null, not the defaults unused
             "corpus": ppl if reads_text else None, "seqlen": seqlen if reads_text else None,
             "windows": windows if reads_text else None, "tasks": task_names,
-            "limit": limit if task_names else None, "seed": seed, "speed": vars(speed),
+            "limit": limit if task_names else None, "speed": vars(speed),
+            # null where no probe was sampled and no method compared draws at random
+            "seed": seed if reconstruct != "none" or any(
+                SELECTORS[method].seeded for method in method_names) else None,
             "reconstruct": reconstruct,
             "calibration": vars(calibration or Calibration()) if "activation" in method_names
             else None,
