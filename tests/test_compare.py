@@ -424,3 +424,75 @@ def test_a_compare_whose_every_task_is_skipped_records_them_and_draws_no_accurac
         cells = [cell.strip() for cell in row.strip("|").split("|")]
         assert cells[4] == "-" and cells[5] == "-"  # piqa, avg acc
     assert not (out / "accuracy.png").exists()
+
+
+def test_the_page_and_plots_name_only_the_tasks_measured(tiny_llama_real_tokenizer_dir, tmp_path,
+                                                         capsys, monkeypatch):
+    """A comparison on piqa alone names piqa's metric, not WinoGrande's and ARC's, which did not
+    run; an accuracy plot without a limit says all examples were scored, not ``limit None``."""
+    from matplotlib.axes import Axes
+
+    from prunenet.compare import render_report, write_plots
+
+    out = tmp_path / "out"
+    assert main(["-q", "compare", str(tiny_llama_real_tokenizer_dir), "--ratios", "0.5",
+                 "--methods", "magnitude", "--reconstruct", "none", "--ppl", "none", "--tasks",
+                 "piqa", "--limit", "2", "--speed-repeats", "1", "--out", str(out)]) == 0, \
+        capsys.readouterr().err
+    page = (out / "report.md").read_text()
+    assert "- Zero-shot: piqa; the first 2 examples of each (piqa acc_norm).\n" in page
+    assert "WinoGrande" not in page and "ARC" not in page
+    results = json.loads((out / "results.json").read_text())
+    results["dense"]["zero_shot"]["tasks"]["arc_easy"] = {
+        **results["dense"]["zero_shot"]["tasks"]["piqa"]}
+    results["settings"]["tasks"].append("arc_easy")
+    assert ("(piqa acc_norm, arc_easy acc_norm; ARC on its validation split).\n"
+            in render_report(results))
+    results["settings"]["limit"] = None
+    titles = []
+    monkeypatch.setattr(Axes, "set_title", lambda axis, text, *a, **k: titles.append(text))
+    plots = tmp_path / "plots"
+    plots.mkdir()
+    write_plots(results, plots)
+    assert {"piqa (all examples)", "arc_easy (all examples)", "average (all examples)"} <= set(
+        titles)
+    assert not [title for title in titles if "None" in title]
+
+
+def _evaluation(perplexity: float, accuracy: float) -> dict:
+    return {"size": {"parameters": 1_600_000}, "perplexity": {"value": perplexity},
+            "zero_shot": {"tasks": {"piqa": {"value": accuracy, "metric": "acc_norm"}},
+                          "average": accuracy}, "speed": None, "compression": None}
+
+
+def test_the_ranking_prints_each_value_as_the_table_does():
+    """Perplexities of 47709.26 and 47713.68 were ranked as '4.77e+04' both, an order the page
+    could not show; the ranking now prints each value with its table column's digits."""
+    from prunenet.compare import render_report
+
+    results = {
+        "model": "m", "prunenet_version": "0", "ratios": [0.5], "methods": ["random", "magnitude"],
+        "settings": {"corpus": "wiki", "windows": 2, "seqlen": 32, "tasks": ["piqa"], "limit": 2,
+                     "reconstruct": "none", "calibration": None},
+        "training": None, "dense": _evaluation(47000.5, 0.5),
+        "runs": [{"method": "random", "ratio": 0.5, "evaluation": _evaluation(47713.68, 0.25)},
+                 {"method": "magnitude", "ratio": 0.5, "evaluation": _evaluation(47709.26, 0.5)}],
+    }
+    page = render_report(results, plots=[])
+    assert "- ratio 0.5, perplexity: magnitude 47709.26, random 47713.68\n" in page
+    assert "- ratio 0.5, average accuracy: magnitude 0.500, random 0.250\n" in page
+    for row in ("| magnitude | 0.5 | 1.6 | 47709.26 | 0.500 | 0.500 |",
+                "| random | 0.5 | 1.6 | 47713.68 | 0.250 | 0.250 |"):
+        assert row in page
+
+
+def test_results_name_the_seed_only_where_a_run_read_it(tiny_llama_dir, tmp_path, capsys):
+    """magnitude with --reconstruct none samples no probe and draws nothing at random: its
+    results.json records no seed (the command line refuses --seed there), as it records no
+    windows for perplexity not measured; random reads it."""
+    for method, seed in (("magnitude", None), ("random", 42)):
+        out = tmp_path / method
+        assert main(["-q", "compare", str(tiny_llama_dir), "--ratios", "0.5", "--methods",
+                     method, "--reconstruct", "none", "--ppl", "none", "--tasks", "none",
+                     "--speed-repeats", "1", "--out", str(out)]) == 0, capsys.readouterr().err
+        assert json.loads((out / "results.json").read_text())["settings"]["seed"] == seed

@@ -298,3 +298,96 @@ def test_the_calibration_sentence_counts_its_windows_and_keeps_a_path_on_one_lin
     assert many == ("Calibration: 4 windows of 1024 tokens from the training region of "
                     "'/data/a\\nb.txt' (never its evaluation windows).")
     assert "\n" not in many
+
+
+def _edited_record(record_dir: Path, folder: Path, edit) -> Path:
+    """A copy of the run record ``record_dir`` in ``folder`` with ``edit`` applied to its
+    record.json content."""
+    copy = shutil.copytree(record_dir, folder, ignore=shutil.ignore_patterns("report"))
+    data = json.loads((copy / RUN_RECORD_NAME).read_text())
+    edit(data)
+    (copy / RUN_RECORD_NAME).write_text(json.dumps(data))
+    return copy
+
+
+def _refused_in_one_line(capsys, record: Path, match: str) -> None:
+    assert main(["-q", "report", str(record)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("prunenet: error: ") and err.count("\n") == 1, err
+    assert re.search(match, err), err
+    assert not (record / "report").exists()
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("source", 5, "compression.source must name the model it was made from, got 5"),
+    ("round_to", "32", "compression.round_to must be a positive integer, got '32'"),
+    ("round_to", 0, "compression.round_to must be a positive integer, got 0"),
+    ("selection", 3, "compression.selection must be a str or null, got 3"),
+    ("policy_sha256", 7, "compression.policy_sha256 must be a str or null"),
+    ("reconstruct", {"mode": "ls", "ridge": float("nan")},
+     "compression.reconstruct.ridge must be a finite number >= 0, got nan"),
+    ("reconstruct", [1], "compression.reconstruct must be an object"),
+    ("calibration", {"corpus": "wiki"}, "compression.calibration must hold its corpus, "
+     "windows and seqlen"),
+    ("finetune", [], "compression.finetune must be an object or null"),
+])
+def test_an_edited_field_the_page_prints_is_refused_in_one_line(magnitude_run, tmp_path, capsys,
+                                                                 field, value, match):
+    """Every field of the compression record the page prints is checked as the numbers are: a
+    source that is a number or a rounding given as text had ended in a traceback, a NaN ridge
+    or a list as calibration had been printed as they came."""
+    _, record_dir = magnitude_run
+    record = _edited_record(record_dir, tmp_path / "record",
+                            lambda data: data["compression"].__setitem__(field, value))
+    _refused_in_one_line(capsys, record, match)
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda c: c.__setitem__("parameter_reduction", 0.5),
+     r"compression.parameter_reduction \(0.5\) is not 1 - parameters_after / parameters_before"),
+    (lambda c: c.__setitem__("ffn_width_after", 20),
+     r"layers.kept_neurons \(24, 24\) must each be compression.ffn_width_after \(20\)"),
+])
+def test_sizes_that_contradict_each_other_are_refused(magnitude_run, tmp_path, capsys, edit,
+                                                      match):
+    """The summary prints the FFN width after, the parameter counts and their reduction beside
+    the per-layer kept counts: an edit that makes one contradict the others (a 50% reduction of
+    23,712 -> 19,104 parameters, a width of 20 over rows that keep 24) is refused, not printed."""
+    _, record_dir = magnitude_run
+    record = _edited_record(record_dir, tmp_path / "record",
+                            lambda data: edit(data["compression"]))
+    _refused_in_one_line(capsys, record, match)
+
+
+def test_the_summary_names_the_seed_only_where_the_run_read_it(magnitude_run, tmp_path):
+    """magnitude with a refit read the seed (its probe was sampled from it); without the refit
+    it drew nothing at random, and the summary names no seed, as the model card's command
+    does not."""
+    _, record_dir = magnitude_run
+    page = write_report(record_dir, tmp_path / "refit", layers=[0]) / "report.md"
+    assert ", ratio 0.5, seed 42, prunenet " in page.read_text()
+
+    def no_probe(data):
+        data["compression"].pop("probe")
+        data["compression"]["reconstruct"] = {"mode": "none"}
+
+    record = _edited_record(record_dir, tmp_path / "record", no_probe)
+    pages = write_report(record, layers=[0])
+    summary = (pages / "report.md").read_text().split("\n\n")[1].splitlines()
+    assert "; method **magnitude**, ratio 0.5, prunenet " in summary[0]
+    assert "seed" not in (pages / "report.md").read_text() + (pages / "report.html").read_text()
+
+
+def test_a_record_of_another_version_is_named_so(magnitude_run, tmp_path, capsys):
+    """A run record of another format version is a prunenet run record all the same: the error
+    names its version and the one this prunenet reads, where it had said the folder was not a
+    run record at all and to make one."""
+    _, record_dir = magnitude_run
+    record = _edited_record(record_dir, tmp_path / "record",
+                            lambda data: data.__setitem__("format", "prunenet-run-record/2"))
+    _refused_in_one_line(capsys, record, r"record.json is a run record of another prunenet "
+                         r"version \(format 'prunenet-run-record/2'\); prunenet .* reads "
+                         r"'prunenet-run-record/1'")
+    other = _edited_record(record_dir, tmp_path / "other",
+                           lambda data: data.__setitem__("format", "something-else"))
+    _refused_in_one_line(capsys, other, "is not a prunenet run record")

@@ -177,7 +177,10 @@ def compare(
             # windows and limit of a measurement not made are null, not the defaults unused
             "corpus": ppl if reads_text else None, "seqlen": seqlen if reads_text else None,
             "windows": windows if reads_text else None, "tasks": task_names,
-            "limit": limit if task_names else None, "seed": seed, "speed": vars(speed),
+            "limit": limit if task_names else None, "speed": vars(speed),
+            # null where no probe was sampled and no method compared draws at random
+            "seed": seed if reconstruct != "none" or any(
+                SELECTORS[method].seeded for method in method_names) else None,
             "reconstruct": reconstruct,
             "calibration": vars(calibration or Calibration()) if "activation" in method_names
             else None,
@@ -303,7 +306,9 @@ def write_plots(results: dict[str, Any], folder: Path) -> list[Path]:
                 return _task_value(e["zero_shot"], name)
             metric = "mean" if name == "average" else \
                 results["dense"]["zero_shot"]["tasks"][name]["metric"]
-            panel(axis, pick, metric, f"{name} (limit {settings['limit']})")
+            examples = "all examples" if settings["limit"] is None else \
+                f"first {settings['limit']} examples"
+            panel(axis, pick, metric, f"{name} ({examples})")
         save(figure, "accuracy.png")
     if results["dense"]["speed"]:
         figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -382,19 +387,34 @@ def _winners(results: dict[str, Any]) -> list[str]:
     lines = []
     for ratio in results["ratios"]:
         runs = [r for r in results["runs"] if r["ratio"] == ratio]
-        for label, key, better_low in (
-            ("perplexity", lambda e: e["perplexity"]["value"] if e["perplexity"] else None, True),
+        # each value as the results table prints it (its column's digits), so the ranking
+        # never orders numbers that read the same or reads otherwise than the table
+        for label, key, better_low, digits in (
+            ("perplexity", lambda e: e["perplexity"]["value"] if e["perplexity"] else None, True,
+             2),
             ("average accuracy", lambda e: e["zero_shot"]["average"] if e["zero_shot"] else None,
-             False),
+             False, 3),
         ):
             scored = [(key(r["evaluation"]), method_run_label(results, r["method"])) for r in runs]
             scored = [(v, m) for v, m in scored if v is not None]
             if not scored:
                 continue
             scored.sort(reverse=not better_low)
-            ranking = ", ".join(f"{m} {v:.3g}" for v, m in scored)
+            ranking = ", ".join(f"{m} {_cell(v, digits)}" for v, m in scored)
             lines.append(f"- ratio {ratio:g}, {label}: {ranking}")
     return lines
+
+
+def _task_metrics(results: dict[str, Any]) -> str:
+    """The metric of every task scored (`` (piqa acc_norm, winogrande acc)``) and, where an ARC
+    task was, the split it is scored on; nothing for a task that was not."""
+    tasks = measured_tasks(results)
+    if not tasks:
+        return ""
+    zero = results["dense"]["zero_shot"]
+    metrics = ", ".join(f"{name} {zero['tasks'][name]['metric']}" for name in tasks)
+    arc = any(name.startswith("arc_") for name in tasks)
+    return f" ({metrics}{'; ARC on its validation split' if arc else ''})"
 
 
 def _skipped_tasks(results: dict[str, Any]) -> str:
@@ -424,8 +444,7 @@ def render_report(results: dict[str, Any], plots: Sequence[str] = PLOTS) -> str:
         "- Zero-shot: not measured (no --tasks)." if not settings["tasks"] else
         f"- Zero-shot: {', '.join(settings['tasks'])}; "
         + ("all examples" if settings["limit"] is None else
-           f"the first {settings['limit']} examples of each") +
-        " (acc_norm, WinoGrande acc; ARC on its validation split)."
+           f"the first {settings['limit']} examples of each") + _task_metrics(results) + "."
         + _skipped_tasks(results),
     ]
     if dense_speed:

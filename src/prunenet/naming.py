@@ -29,6 +29,20 @@ def method_label(method: str, refit: str | None) -> str:
     return method if refit in (None, "none") else f"{method}+{refit}"
 
 
+def reads_seed(record: dict[str, Any]) -> bool:
+    """Whether the compression a record describes read its seed: a probe was sampled from it,
+    or a seeded method drew its rows (random, self-generated's probe before the record named
+    it, a PruneNet policy's training or sampled rows), but not a given policy's top-k rows,
+    which draw nothing."""
+    from .selection import SELECTORS
+
+    method = record.get("method")
+    reused = method == "prunenet" and record.get("policy_sha256") and not record.get("training")
+    return isinstance(record.get("probe"), dict) or (
+        getattr(SELECTORS.get(method), "seeded", False)
+        and not (reused and record.get("selection") == "topk"))
+
+
 def refit_mode(record: dict[str, Any]) -> str:
     """The refit a record names: its ``reconstruct`` mode (a compression record holds an object,
     an evaluation's ``compression`` the mode alone); ``none`` where it names none (records of

@@ -126,6 +126,40 @@ _COMPRESSION_FIELDS = {
 }
 
 
+def _compression_problem(compression: dict[str, Any]) -> str | None:
+    """What is wrong with the optional fields of a run record's compression record that the
+    report prints (the source, selection, rounding, refit, calibration and policy), or None."""
+    source = compression.get("source")
+    if source is not None and (not isinstance(source, str) or not source.strip()):
+        return f"compression.source must name the model it was made from, got {source!r}"
+    for key in ("selection", "policy_sha256"):
+        if compression.get(key) is not None and not _is(compression[key], "str"):
+            return f"compression.{key} must be a str or null, got {compression[key]!r}"
+    round_to = compression.get("round_to")
+    if round_to is not None and (not _is(round_to, "int") or round_to < 1):
+        return f"compression.round_to must be a positive integer, got {round_to!r}"
+    reconstruct = compression.get("reconstruct")
+    if isinstance(reconstruct, dict):
+        mode, ridge = reconstruct.get("mode"), reconstruct.get("ridge")
+        if mode is not None and not _is(mode, "str"):
+            return f"compression.reconstruct.mode must be a str, got {mode!r}"
+        if ridge is not None and (not _is(ridge, "number") or ridge < 0):
+            return f"compression.reconstruct.ridge must be a finite number >= 0, got {ridge!r}"
+    elif reconstruct is not None and not _is(reconstruct, "str"):
+        return f"compression.reconstruct must be an object, got {reconstruct!r}"
+    calibration = compression.get("calibration")
+    if calibration is not None:
+        if not isinstance(calibration, dict) or not _is(calibration.get("corpus"), "str") \
+                or not all(_is(calibration.get(key), "int") and calibration[key] >= 1
+                           for key in ("windows", "seqlen")):
+            return ("compression.calibration must hold its corpus, windows and seqlen, got "
+                    f"{calibration!r}")
+    tune = compression.get("finetune")
+    if tune is not None and (not isinstance(tune, dict) or not all(
+            isinstance(tune.get(key), (dict, type(None)))
+            for key in ("settings", "distillation"))):
+        return "compression.finetune must be an object or null"
+    return None
 
 
 def schema_problem(data: dict[str, Any]) -> str | None:
@@ -139,6 +173,9 @@ def schema_problem(data: dict[str, Any]) -> str | None:
     for key, kind in _COMPRESSION_FIELDS.items():
         if not _is(compression.get(key), kind):
             return f"compression.{key} must be a {kind}, got {compression.get(key)!r}"
+    problem = _compression_problem(compression)
+    if problem is not None:
+        return problem
     layers = data.get("layers")
     if not isinstance(layers, dict):
         return "layers must be an object"
@@ -164,6 +201,16 @@ def schema_problem(data: dict[str, Any]) -> str | None:
         if not 0 <= after <= before:
             return (f"compression.{size}_after ({after}) must lie between 0 and "
                     f"{size}_before ({before})")
+    # The page prints these side by side: each must be what the others say.
+    after = compression["ffn_width_after"]
+    if any(kept != after for kept in layers["kept_neurons"]):
+        return (f"layers.kept_neurons ({', '.join(map(str, layers['kept_neurons']))}) must "
+                f"each be compression.ffn_width_after ({after})")
+    before, after = compression["parameters_before"], compression["parameters_after"]
+    reduction = compression["parameter_reduction"]
+    if not before or not math.isclose(reduction, 1 - after / before, abs_tol=1e-9):
+        return (f"compression.parameter_reduction ({reduction!r}) is not 1 - parameters_after "
+                f"/ parameters_before ({after} / {before})")
     for key in ("ks_selected", "ks_first_episode"):
         if not all(0 <= ks <= 1 for ks in layers.get(key) or []):
             return f"layers.{key} must lie in [0, 1] (KS statistics)"
@@ -210,7 +257,15 @@ def read_run_record(run_dir: str | os.PathLike) -> tuple[dict[str, Any], list[Te
         data = json.loads(record_path.read_text())
     except (OSError, ValueError) as error:
         raise InputError(f"{record_path} is not readable JSON ({error}); {how}") from error
-    if not isinstance(data, dict) or data.get("format") != RUN_RECORD_FORMAT:
+    tag = data.get("format") if isinstance(data, dict) else None
+    family = RUN_RECORD_FORMAT.rsplit("/", 1)[0] + "/"
+    if isinstance(tag, str) and tag.startswith(family) and tag != RUN_RECORD_FORMAT:
+        from .version import __version__
+
+        raise InputError(f"{record_path} is a run record of another prunenet version (format "
+                         f"{tag!r}); prunenet {__version__} reads {RUN_RECORD_FORMAT!r}: draw "
+                         "it with the prunenet that wrote it, or record the run again")
+    if tag != RUN_RECORD_FORMAT:
         raise InputError(f"{record_path} is not a prunenet run record (format tag is not "
                          f"{RUN_RECORD_FORMAT!r}); {how}")
     problem = schema_problem(data)

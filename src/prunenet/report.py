@@ -23,6 +23,7 @@ from .naming import (
     compression_summary,
     method_label,
     one_line,
+    reads_seed,
     refit_mode,
     run_label,
 )
@@ -147,7 +148,8 @@ def summary_lines(data: dict[str, Any]) -> list[str]:
         f"**{method_label(c['method'], refit_mode(c))}**"
         + (f" (selection {c['selection']})" if c.get("selection") else "")
         + f", ratio {c['ratio']}" + _rounding(c)
-        + f", seed {c['seed']}, prunenet {c['prunenet_version']}.",
+        + (f", seed {c['seed']}" if reads_seed(c) else "")  # not where nothing was drawn
+        + f", prunenet {c['prunenet_version']}.",
         _refit_line(c),
         *_calibration_line(c),
         f"- FFN width {c['ffn_width_before']} -> {c['ffn_width_after']} in each of "

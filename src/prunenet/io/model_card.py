@@ -14,6 +14,7 @@ import shlex
 from pathlib import Path
 from typing import Any
 
+from ..naming import reads_seed
 from ..version import __version__
 
 CARD_NAME = "README.md"
@@ -269,13 +270,7 @@ def _compress_command(record: dict[str, Any], gguf_format: str = "both") -> list
     method = record["method"]
     source = str(record.get("source") or "MODEL")
     reused = method == "prunenet" and record.get("policy_sha256") and not record.get("training")
-    from ..selection import SELECTORS
-
-    # a seeded method read the seed (self-generated's probe, before the record named it, too),
-    # but for a given policy's top-k rows, which draw nothing; so did any probe
-    seeded = isinstance(record.get("probe"), dict) or (
-        getattr(SELECTORS.get(method), "seeded", False)
-        and not (method == "prunenet" and reused and record.get("selection") == "topk"))
+    seeded = reads_seed(record)
     command = ["prunenet", "prune" if reused else "compress", source,
                *(["--policy", "POLICY.safetensors"] if reused else []),
                "--ratio", _number(record["ratio"]), "--method", method,
