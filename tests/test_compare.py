@@ -479,6 +479,9 @@ def test_the_ranking_prints_each_value_as_the_table_does():
                  {"method": "magnitude", "ratio": 0.5, "evaluation": _evaluation(47709.26, 0.5)}],
     }
     page = render_report(results, plots=[])
+    assert page.startswith("# prunenet compare: m\n")
+    assert render_report({**results, "model": "/m/a\nb"}, plots=[]).startswith(
+        "# prunenet compare: '/m/a\\nb'\n")  # a newline in the path cannot split the heading
     assert "- ratio 0.5, perplexity: magnitude 47709.26, random 47713.68\n" in page
     assert "- ratio 0.5, average accuracy: magnitude 0.500, random 0.250\n" in page
     for row in ("| magnitude | 0.5 | 1.6 | 47709.26 | 0.500 | 0.500 |",

@@ -347,6 +347,9 @@ def test_an_edited_field_the_page_prints_is_refused_in_one_line(magnitude_run, t
      r"compression.parameter_reduction \(0.5\) is not 1 - parameters_after / parameters_before"),
     (lambda c: c.__setitem__("ffn_width_after", 20),
      r"layers.kept_neurons \(24, 24\) must each be compression.ffn_width_after \(20\)"),
+    (lambda c: c.__setitem__("ratio", 0.1),
+     r"compression.ratio 0.1 of ffn_width_before 48 keeps 43 neurons, not ffn_width_after "
+     r"\(24\)"),
 ])
 def test_sizes_that_contradict_each_other_are_refused(magnitude_run, tmp_path, capsys, edit,
                                                       match):

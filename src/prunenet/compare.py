@@ -27,7 +27,7 @@ from .io.files import atomic_folder, folder_of, json_with_format, write_json_ato
 from .io.loading import check_output_path, load_model_and_tokenizer
 from .io.streaming import check_models_fit
 from .model_view import FFNView
-from .naming import calibration_sentence, method_label, run_label
+from .naming import calibration_sentence, method_label, one_line, run_label
 from .pipeline import (
     CompressOptions,
     check_reconstruct,
@@ -432,7 +432,7 @@ def render_report(results: dict[str, Any], plots: Sequence[str] = PLOTS) -> str:
     settings = results["settings"]
     dense_speed = results["dense"]["speed"]
     lines = [
-        f"# prunenet compare: {results['model']}",
+        f"# prunenet compare: {one_line(results['model'])}",
         "",
         f"prunenet {results['prunenet_version']}. Methods: {', '.join(results['methods'])}; "
         f"ratios: {', '.join(f'{r:g}' for r in results['ratios'])} (fraction of FFN neurons "

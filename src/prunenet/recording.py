@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from .errors import InputError
+from .families import kept_count
 from .io.files import atomic_folder, folder_of, json_with_format, write_json_atomic
 from .io.loading import check_output_path, method_that_ran
 from .model_view import FFNView
@@ -206,6 +207,12 @@ def schema_problem(data: dict[str, Any]) -> str | None:
     if any(kept != after for kept in layers["kept_neurons"]):
         return (f"layers.kept_neurons ({', '.join(map(str, layers['kept_neurons']))}) must "
                 f"each be compression.ffn_width_after ({after})")
+    round_to = compression.get("round_to") or 1
+    if kept_count(compression["ffn_width_before"], compression["ratio"], round_to) != after:
+        return (f"compression.ratio {compression['ratio']!r} of ffn_width_before "
+                f"{compression['ffn_width_before']} keeps "
+                f"{kept_count(compression['ffn_width_before'], compression['ratio'], round_to)}"
+                f" neurons, not ffn_width_after ({after})")
     before, after = compression["parameters_before"], compression["parameters_after"]
     reduction = compression["parameter_reduction"]
     if not before or not math.isclose(reduction, 1 - after / before, abs_tol=1e-9):
