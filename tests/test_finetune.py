@@ -8,6 +8,7 @@ import random
 import shutil
 from types import SimpleNamespace
 
+import numpy
 import pytest
 import torch
 import transformers
@@ -628,6 +629,20 @@ def test_bfloat16_on_a_gpu_that_cannot_compute_it_is_refused_before_any_work(set
                                          "use --precision float32"):
         finetune(setup.pruned, setup.corpus, tmp_path / "o", precision="bfloat16", **SETTINGS)
     assert not (tmp_path / "o").exists() and not (tmp_path / "o.work").exists()
+
+
+def test_a_fine_tune_leaves_the_callers_random_generators_as_they_were(setup):
+    """The run seeds Python's, numpy's and torch's generators from its seed (the Trainer, the
+    LoRA initialisation); the caller's next draws are the ones it would have made without it."""
+    def draws():
+        return (random.random(), float(numpy.random.rand()), float(torch.rand(1)))
+
+    random.seed(7), numpy.random.seed(7), torch.manual_seed(7)
+    expected = draws()
+    random.seed(7), numpy.random.seed(7), torch.manual_seed(7)
+    finetune(setup.pruned, setup.corpus, setup.root / "generators", steps=1, eval_every=1,
+             patience=None, progress=False, **SETTINGS)
+    assert draws() == expected
 
 
 def test_patience_takes_zero_for_never_and_refuses_negatives(capsys):

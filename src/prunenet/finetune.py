@@ -29,7 +29,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .arithmetic import PRECISIONS, accelerator_available, check_precision, default_precision
+from .arithmetic import (
+    PRECISIONS,
+    accelerator_available,
+    check_precision,
+    default_precision,
+    global_generators_kept,
+)
 from .errors import InputError, NumericalError, OutputError, first_line
 from .evaluation.corpora import check_corpus, corpus_read_path, load_corpus
 from .families import check_sequence_length, context_length, family_for
@@ -449,7 +455,21 @@ def finetune(
     a missing teacher or one of another family or vocabulary, invalid settings or LoRA targets,
     and a ``resume`` whose settings contradict the checkpoint; :class:`OutputError` for an output
     that exists or overlaps an input (the teacher included).
+
+    The global random generators (Python's, numpy's, torch's) are as they were before the call:
+    the run seeds them from ``seed``, the caller's later draws do not repeat.
     """
+    with global_generators_kept():
+        return _finetune(model, data, out, teacher=teacher, merge=merge, resume=resume,
+                         overwrite=overwrite, device=device, progress=progress,
+                         callbacks=callbacks, **settings)
+
+
+def _finetune(model: str | os.PathLike, data: str, out: str | os.PathLike, *,
+              teacher: str | os.PathLike | None, merge: bool, resume: bool, overwrite: bool,
+              device: str, progress: bool, callbacks: list | tuple,
+              **settings: Any) -> FinetuneResult:
+    """:func:`finetune`, run inside the block that keeps the caller's random generators."""
     from accelerate import PartialState
     from transformers import EarlyStoppingCallback, Trainer, TrainerState
     from transformers.trainer_utils import get_last_checkpoint
