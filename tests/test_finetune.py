@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import random
@@ -453,6 +454,27 @@ def test_bad_input_is_refused_with_a_clear_message(setup, tmp_path):
     with pytest.raises(InputError, match="valid targets: attn, mlp, q_proj, k_proj"):
         finetune(setup.pruned, setup.corpus, tmp_path / "e", targets=("attn", "c_fc"), **SETTINGS)
     assert not any(tmp_path.glob("[abcde]*"))
+
+
+def test_text_too_short_for_its_windows_is_refused_before_any_model_loads(setup, tmp_path,
+                                                                         monkeypatch):
+    """An empty file, one shorter than a window, or fewer evaluation windows than asked: said
+    once the tokenizer has read the text, before the model (of any size) is loaded."""
+    module = importlib.import_module("prunenet.finetune")
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(module, "load_model_and_tokenizer", no_load)
+    empty, short = tmp_path / "empty.txt", tmp_path / "short.txt"
+    empty.write_text("")
+    short.write_text(_corpus_text(4))
+    for data, settings, message in (
+            (empty, SETTINGS, "has 0 tokens in all"), (short, SETTINGS, r"has \d+ tokens in all"),
+            (setup.corpus, {**SETTINGS, "eval_windows": 10**4}, "evaluation windows")):
+        with pytest.raises(InputError, match=message):
+            finetune(setup.pruned, str(data), tmp_path / "out", **settings)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.work").exists()
 
 
 def test_cli_bad_input_exits_2(setup, tmp_path, capsys):

@@ -510,9 +510,13 @@ def _finetune(model: str | os.PathLike, data: str, out: str | os.PathLike, *,
 
         check_teacher(model_config, teacher_source, seqlen=config.seqlen)
 
+    tokenizer = load_tokenizer(source)
+    if not config.distils:  # the text is read and cut into windows before any model loads
+        training, evaluation = corpus_windows(config.data, tokenizer, config.seqlen,
+                                              config.eval_windows)
     check_models_fit([source, *([teacher_source] if config.distils else [])],
                      "prunenet finetune", float32=True)
-    loaded, tokenizer = load_model_and_tokenizer(source, dtype=torch.float32)
+    loaded, _ = load_model_and_tokenizer(source, dtype=torch.float32, with_tokenizer=False)
     record = read_record(source) if (Path(source) / RECORD_NAME).exists() else {
         "format": "prunenet-compression/1", "prunenet_version": __version__, "source": source}
     # What describes the input's files or weights no longer holds for the output: its GGUF
@@ -523,9 +527,6 @@ def _finetune(model: str | os.PathLike, data: str, out: str | os.PathLike, *,
     teacher_model = None
     if config.distils:
         teacher_model, _ = load_model_and_tokenizer(teacher_source, dtype=torch.float32)
-    else:
-        training, evaluation = corpus_windows(config.data, tokenizer, config.seqlen,
-                                              config.eval_windows)
     student = add_lora(loaded, config) if config.train == "lora" else train_ffn_only(loaded)
     student.config.use_cache = False
 
