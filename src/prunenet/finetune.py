@@ -505,12 +505,12 @@ def _finetune(model: str | os.PathLike, data: str, out: str | os.PathLike, *,
                     "teacher": teacher_source}
     process = PartialState()
     _check_work_folder(work, run_settings, saved, overwrite)
+    tokenizer = load_tokenizer(source)
     if config.distils:
         from .distillation import check_teacher
 
-        check_teacher(model_config, teacher_source, seqlen=config.seqlen)
-
-    tokenizer = load_tokenizer(source)
+        check_teacher(model_config, teacher_source, seqlen=config.seqlen,
+                      student_tokenizer=tokenizer)
     if not config.distils:  # the text is read and cut into windows before any model loads
         training, evaluation = corpus_windows(config.data, tokenizer, config.seqlen,
                                               config.eval_windows)
