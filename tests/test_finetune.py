@@ -653,6 +653,21 @@ def test_bfloat16_on_a_gpu_that_cannot_compute_it_is_refused_before_any_work(set
     assert not (tmp_path / "o").exists() and not (tmp_path / "o.work").exists()
 
 
+def test_a_corpus_file_is_recorded_by_its_absolute_path(setup, monkeypatch):
+    """A corpus named relative to the current folder is recorded, and repeated by the card's
+    command, by its absolute path (the text it names from any folder); --resume with the same
+    relative path continues the run."""
+    monkeypatch.chdir(setup.root)
+    settings = dict(steps=2, eval_every=1, patience=None, progress=False, **SETTINGS)
+    with pytest.raises(Interrupted):
+        finetune("pruned", "corpus.txt", "relative", callbacks=[InterruptAt(2)], **settings)
+    result = finetune("pruned", "corpus.txt", "relative", resume=True, **settings)
+    absolute = str((setup.root / "corpus.txt").resolve())
+    assert result.record["finetune"]["settings"]["data"] == absolute
+    card = (setup.root / "relative" / "README.md").read_text()
+    assert f"prunenet finetune OUT --data {absolute} " in card
+
+
 def test_a_fine_tune_leaves_the_callers_random_generators_as_they_were(setup):
     """The run seeds Python's, numpy's and torch's generators from its seed (the Trainer, the
     LoRA initialisation); the caller's next draws are the ones it would have made without it."""

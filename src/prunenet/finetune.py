@@ -37,7 +37,7 @@ from .arithmetic import (
     global_generators_kept,
 )
 from .errors import InputError, NumericalError, OutputError, first_line
-from .evaluation.corpora import check_corpus, corpus_read_path, load_corpus
+from .evaluation.corpora import NAMED_CORPORA, check_corpus, corpus_read_path, load_corpus
 from .families import check_sequence_length, context_length, family_for
 from .io.files import (
     Output,
@@ -407,6 +407,16 @@ def default_seqlen(data: str, model_config: Any) -> int:
     return default if context is None else min(default, context)
 
 
+def corpus_as_recorded(data: Any) -> Any:
+    """``data`` as the run's settings and record name it: a corpus file or datasets folder by
+    its absolute path (the record, and the card's command, say which text from any folder, as
+    they name the source); a named corpus, ``self-generated`` and a missing path as given."""
+    if not isinstance(data, (str, os.PathLike)) or str(data) in (*NAMED_CORPORA, SELF_GENERATED):
+        return data
+    path = Path(data).expanduser()
+    return str(path.resolve()) if str(data).strip() and path.exists() else str(data)
+
+
 def check_recovery(source: str | os.PathLike, data: str, steps: int, seqlen: int | None,
                    precision: str | None, device: str) -> None:
     """Refuse, before a compression, the recovery ``compress --finetune-steps`` or
@@ -474,8 +484,11 @@ def _finetune(model: str | os.PathLike, data: str, out: str | os.PathLike, *,
     from transformers import EarlyStoppingCallback, Trainer, TrainerState
     from transformers.trainer_utils import get_last_checkpoint
 
+    data = corpus_as_recorded(data)
     saved = _saved_settings(sibling_path(out, ".work")) if resume else None
     if saved is not None:
+        # a work folder of an earlier version kept the corpus path as given
+        saved = {**saved, "data": corpus_as_recorded(saved.get("data"))}
         settings = _unset_from_checkpoint(settings, saved)
     if settings.get("precision") is None:
         settings = {**settings, "precision": default_precision(device)}
