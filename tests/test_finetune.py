@@ -326,6 +326,24 @@ def test_a_checkpoint_whose_save_was_killed_is_dropped_on_resume(setup):
     assert_same_weights(setup.root / "straight", setup.root / "killed2")
 
 
+def test_a_checkpoint_killed_while_writing_its_trainer_state_is_dropped_on_resume(setup):
+    """Killed while the Trainer wrote checkpoint-4's trainer_state.json (in place, so cut
+    short): --resume continues from checkpoint-2 and ends as an uninterrupted run."""
+    settings = dict(steps=6, eval_every=2, progress=False, **SETTINGS)
+    if not (setup.root / "straight").exists():  # the uninterrupted run of the tests above
+        finetune(setup.pruned, setup.corpus, setup.root / "straight", **settings)
+    out = setup.root / "cut-short"
+    with pytest.raises(Interrupted):
+        finetune(setup.pruned, setup.corpus, out, callbacks=[InterruptAt(5)], **settings)
+    state = setup.root / "cut-short.work" / "checkpoint-4" / "trainer_state.json"
+    state.write_text(state.read_text()[:100])
+    recorder = Recorder()
+    resumed = finetune(setup.pruned, setup.corpus, out, resume=True, callbacks=[recorder],
+                       **settings)
+    assert recorder.steps == [3, 4, 5, 6] and resumed.record["finetune"]["resumed_from_step"] == 2
+    assert_same_weights(setup.root / "straight", out)
+
+
 def test_a_crash_before_the_first_checkpoint_leaves_no_work_folder(setup, capsys):
     """A crash before any checkpoint was saved leaves nothing to resume, so no work folder
     that the next run would refuse as an interrupted run; Ctrl-C keeps its folder as always."""

@@ -674,8 +674,13 @@ def _failed_torch_write(error: BaseException) -> bool:
 
 
 def _saved_completely(checkpoint: Path) -> bool:
-    """Whether the Trainer finished saving ``checkpoint`` (it writes trainer_state.json last)."""
-    return (checkpoint / "trainer_state.json").is_file()
+    """Whether the Trainer finished saving ``checkpoint``: it writes trainer_state.json last,
+    and in place (a save killed while writing it leaves it cut short, not JSON)."""
+    try:
+        state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(state, dict)
 
 
 def _run_ended(checkpoint: Path) -> bool:
