@@ -314,6 +314,38 @@ def test_a_mismatched_teacher_is_a_one_line_error(setup, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_teacher_with_another_tokenizer_of_the_same_size_is_refused_before_any_load(
+        setup, tmp_path, capsys, monkeypatch):
+    """The teacher's family and vocabulary size are the student's, but its tokenizer gives the
+    tokens other ids: its text and distributions would teach the student other words. Refused
+    in one line from the tokenizers, before either model loads; nothing written."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    other = tmp_path / "other-tokenizer"
+    other.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (other / name).write_bytes((setup.dense / name).read_bytes())
+    size = len(transformers.AutoTokenizer.from_pretrained(setup.dense))
+    words = Tokenizer(models.WordLevel({f"w{i}": i for i in range(size)}, unk_token="w0"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=words, unk_token="w0").save_pretrained(
+        other)
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(importlib.import_module("prunenet.finetune"), "load_model_and_tokenizer",
+                        no_load)
+    argv = ["-q", "finetune", str(setup.pruned), "--data", "self-generated", "--teacher",
+            str(other), "--out", str(tmp_path / "out"), "--steps", "2", "--seqlen", "32"]
+    capsys.readouterr()
+    assert main(argv) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1, error
+    assert f"teacher {other} has another tokenizer than the student" in error
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.work").exists()
+
+
 def test_cli_finetune_distils(setup, tmp_path, capsys):
     out = tmp_path / "cli"
     assert main(["-q", "finetune", str(setup.pruned), "--data", "self-generated", "--out",

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import random
 import shutil
 from types import SimpleNamespace
 
+import numpy
 import pytest
 import torch
 import transformers
@@ -324,6 +326,24 @@ def test_a_checkpoint_whose_save_was_killed_is_dropped_on_resume(setup):
     assert_same_weights(setup.root / "straight", setup.root / "killed2")
 
 
+def test_a_checkpoint_killed_while_writing_its_trainer_state_is_dropped_on_resume(setup):
+    """Killed while the Trainer wrote checkpoint-4's trainer_state.json (in place, so cut
+    short): --resume continues from checkpoint-2 and ends as an uninterrupted run."""
+    settings = dict(steps=6, eval_every=2, progress=False, **SETTINGS)
+    if not (setup.root / "straight").exists():  # the uninterrupted run of the tests above
+        finetune(setup.pruned, setup.corpus, setup.root / "straight", **settings)
+    out = setup.root / "cut-short"
+    with pytest.raises(Interrupted):
+        finetune(setup.pruned, setup.corpus, out, callbacks=[InterruptAt(5)], **settings)
+    state = setup.root / "cut-short.work" / "checkpoint-4" / "trainer_state.json"
+    state.write_text(state.read_text()[:100])
+    recorder = Recorder()
+    resumed = finetune(setup.pruned, setup.corpus, out, resume=True, callbacks=[recorder],
+                       **settings)
+    assert recorder.steps == [3, 4, 5, 6] and resumed.record["finetune"]["resumed_from_step"] == 2
+    assert_same_weights(setup.root / "straight", out)
+
+
 def test_a_crash_before_the_first_checkpoint_leaves_no_work_folder(setup, capsys):
     """A crash before any checkpoint was saved leaves nothing to resume, so no work folder
     that the next run would refuse as an interrupted run; Ctrl-C keeps its folder as always."""
@@ -452,6 +472,27 @@ def test_bad_input_is_refused_with_a_clear_message(setup, tmp_path):
     with pytest.raises(InputError, match="valid targets: attn, mlp, q_proj, k_proj"):
         finetune(setup.pruned, setup.corpus, tmp_path / "e", targets=("attn", "c_fc"), **SETTINGS)
     assert not any(tmp_path.glob("[abcde]*"))
+
+
+def test_text_too_short_for_its_windows_is_refused_before_any_model_loads(setup, tmp_path,
+                                                                         monkeypatch):
+    """An empty file, one shorter than a window, or fewer evaluation windows than asked: said
+    once the tokenizer has read the text, before the model (of any size) is loaded."""
+    module = importlib.import_module("prunenet.finetune")
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(module, "load_model_and_tokenizer", no_load)
+    empty, short = tmp_path / "empty.txt", tmp_path / "short.txt"
+    empty.write_text("")
+    short.write_text(_corpus_text(4))
+    for data, settings, message in (
+            (empty, SETTINGS, "has 0 tokens in all"), (short, SETTINGS, r"has \d+ tokens in all"),
+            (setup.corpus, {**SETTINGS, "eval_windows": 10**4}, "evaluation windows")):
+        with pytest.raises(InputError, match=message):
+            finetune(setup.pruned, str(data), tmp_path / "out", **settings)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.work").exists()
 
 
 def test_cli_bad_input_exits_2(setup, tmp_path, capsys):
@@ -628,6 +669,35 @@ def test_bfloat16_on_a_gpu_that_cannot_compute_it_is_refused_before_any_work(set
                                          "use --precision float32"):
         finetune(setup.pruned, setup.corpus, tmp_path / "o", precision="bfloat16", **SETTINGS)
     assert not (tmp_path / "o").exists() and not (tmp_path / "o.work").exists()
+
+
+def test_a_corpus_file_is_recorded_by_its_absolute_path(setup, monkeypatch):
+    """A corpus named relative to the current folder is recorded, and repeated by the card's
+    command, by its absolute path (the text it names from any folder); --resume with the same
+    relative path continues the run."""
+    monkeypatch.chdir(setup.root)
+    settings = dict(steps=2, eval_every=1, patience=None, progress=False, **SETTINGS)
+    with pytest.raises(Interrupted):
+        finetune("pruned", "corpus.txt", "relative", callbacks=[InterruptAt(2)], **settings)
+    result = finetune("pruned", "corpus.txt", "relative", resume=True, **settings)
+    absolute = str((setup.root / "corpus.txt").resolve())
+    assert result.record["finetune"]["settings"]["data"] == absolute
+    card = (setup.root / "relative" / "README.md").read_text()
+    assert f"prunenet finetune OUT --data {absolute} " in card
+
+
+def test_a_fine_tune_leaves_the_callers_random_generators_as_they_were(setup):
+    """The run seeds Python's, numpy's and torch's generators from its seed (the Trainer, the
+    LoRA initialisation); the caller's next draws are the ones it would have made without it."""
+    def draws():
+        return (random.random(), float(numpy.random.rand()), float(torch.rand(1)))
+
+    random.seed(7), numpy.random.seed(7), torch.manual_seed(7)
+    expected = draws()
+    random.seed(7), numpy.random.seed(7), torch.manual_seed(7)
+    finetune(setup.pruned, setup.corpus, setup.root / "generators", steps=1, eval_every=1,
+             patience=None, progress=False, **SETTINGS)
+    assert draws() == expected
 
 
 def test_patience_takes_zero_for_never_and_refuses_negatives(capsys):

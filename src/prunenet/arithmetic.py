@@ -1,10 +1,16 @@
 """The arithmetic a training run computes in: float32, or bfloat16 autocast over float32 weights
 where the hardware computes bfloat16 natively. Recovery (:mod:`prunenet.finetune`) and the
 teacher of self-distillation (:mod:`prunenet.distillation`) read it from here; and the devices
-whose random state a seeded block restores (:func:`cuda_devices`)."""
+whose random state a seeded block restores (:func:`cuda_devices`), and that block
+(:func:`global_generators_kept`)."""
 
 from __future__ import annotations
 
+import contextlib
+import random
+from collections.abc import Iterator
+
+import numpy
 import torch
 
 from .errors import InputError
@@ -17,6 +23,20 @@ def cuda_devices() -> list[int]:
     restore around ``torch.manual_seed`` or a library that seeds, since those seed every CUDA
     device wherever the model is."""
     return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+
+
+@contextlib.contextmanager
+def global_generators_kept() -> Iterator[None]:
+    """Python's, numpy's and torch's global generators (CPU and every CUDA device) as they were
+    before the block: libraries that seed them (lm-eval, the transformers Trainer) must not
+    make the caller's later draws repeat."""
+    python_state, numpy_state = random.getstate(), numpy.random.get_state()
+    with torch.random.fork_rng(devices=cuda_devices()):
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            numpy.random.set_state(numpy_state)
 
 
 def default_precision(device: str) -> str:

@@ -26,7 +26,7 @@ from transformers import Trainer
 from .arithmetic import autocast
 from .errors import InputError
 from .families import check_sequence_length
-from .io.loading import MODEL_ALIASES, RECORD_NAME, load_config, read_record
+from .io.loading import MODEL_ALIASES, RECORD_NAME, load_config, load_tokenizer, read_record
 from .probe import ProbeRecipe, generate_probe
 
 GENERATION_BATCH = 32  # sequences per generate() call: bounds the KV cache
@@ -64,10 +64,12 @@ def default_teacher(student: str | os.PathLike) -> str:
 
 
 def check_teacher(student_config: Any, teacher: str, seqlen: int | None = None,
-                  trust_remote_code: bool = False) -> None:
-    """Refuse a teacher of another family or vocabulary than the student, or one whose context
-    is shorter than ``seqlen``, the windows it would write (config only, before any weight
-    loads): :class:`InputError` naming both."""
+                  trust_remote_code: bool = False, student_tokenizer: Any = None) -> None:
+    """Refuse a teacher of another family or vocabulary than the student, one whose tokenizer
+    gives tokens other ids than ``student_tokenizer`` does (the same vocabulary size is not the
+    same vocabulary: the student would learn the teacher's ids for its own tokens), or one
+    whose context is shorter than ``seqlen``, the windows it would write (configs and
+    tokenizers only, before any weight loads): :class:`InputError` naming both."""
     teacher_config = load_config(teacher, trust_remote_code=trust_remote_code)
     described = {}
     for role, config in (("teacher", teacher_config), ("student", student_config)):
@@ -79,6 +81,16 @@ def check_teacher(student_config: Any, teacher: str, seqlen: int | None = None,
             f"the student a {student_type} model with a vocabulary of {student_vocab}; distil "
             "from the dense model the student was pruned from (--teacher)"
         )
+    teacher_tokenizer = load_tokenizer(teacher, trust_remote_code=trust_remote_code) \
+        if student_tokenizer is not None else None
+    if teacher_tokenizer is not None:  # a model without a tokenizer has nothing to compare
+        student_vocab, teacher_vocab = student_tokenizer.get_vocab(), teacher_tokenizer.get_vocab()
+        differ = sum(student_vocab.get(token) != index for token, index in teacher_vocab.items())
+        if differ:
+            raise InputError(
+                f"teacher {teacher} has another tokenizer than the student: {differ} of its "
+                f"{len(teacher_vocab)} tokens are missing from the student's or have other ids; "
+                "distil from the dense model the student was pruned from (--teacher)")
     if seqlen is not None:
         check_sequence_length(teacher_config, seqlen, model="teacher")
 

@@ -29,9 +29,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .arithmetic import PRECISIONS, accelerator_available, check_precision, default_precision
+from .arithmetic import (
+    PRECISIONS,
+    accelerator_available,
+    check_precision,
+    default_precision,
+    global_generators_kept,
+)
 from .errors import InputError, NumericalError, OutputError, first_line
-from .evaluation.corpora import check_corpus, corpus_read_path, load_corpus
+from .evaluation.corpora import NAMED_CORPORA, check_corpus, corpus_read_path, load_corpus
 from .families import check_sequence_length, context_length, family_for
 from .io.files import (
     Output,
@@ -406,6 +412,16 @@ def default_seqlen(data: str, model_config: Any) -> int:
     return default if context is None else min(default, context)
 
 
+def corpus_as_recorded(data: Any) -> Any:
+    """``data`` as the run's settings and record name it: a corpus file or datasets folder by
+    its absolute path (the record, and the card's command, say which text from any folder, as
+    they name the source); a named corpus, ``self-generated`` and a missing path as given."""
+    if not isinstance(data, (str, os.PathLike)) or str(data) in (*NAMED_CORPORA, SELF_GENERATED):
+        return data
+    path = Path(data).expanduser()
+    return str(path.resolve()) if str(data).strip() and path.exists() else str(data)
+
+
 def check_recovery(source: str | os.PathLike, data: str, steps: int, seqlen: int | None,
                    precision: str | None, device: str) -> None:
     """Refuse, before a compression, the recovery ``compress --finetune-steps`` or
@@ -457,13 +473,30 @@ def finetune(
     a missing teacher or one of another family or vocabulary, invalid settings or LoRA targets,
     and a ``resume`` whose settings contradict the checkpoint; :class:`OutputError` for an output
     that exists or overlaps an input (the teacher included).
+
+    The global random generators (Python's, numpy's, torch's) are as they were before the call:
+    the run seeds them from ``seed``, the caller's later draws do not repeat.
     """
+    with global_generators_kept():
+        return _finetune(model, data, out, teacher=teacher, merge=merge, resume=resume,
+                         overwrite=overwrite, device=device, progress=progress,
+                         callbacks=callbacks, **settings)
+
+
+def _finetune(model: str | os.PathLike, data: str, out: str | os.PathLike, *,
+              teacher: str | os.PathLike | None, merge: bool, resume: bool, overwrite: bool,
+              device: str, progress: bool, callbacks: list | tuple,
+              **settings: Any) -> FinetuneResult:
+    """:func:`finetune`, run inside the block that keeps the caller's random generators."""
     from accelerate import PartialState
     from transformers import EarlyStoppingCallback, Trainer, TrainerState
     from transformers.trainer_utils import get_last_checkpoint
 
+    data = corpus_as_recorded(data)
     saved = _saved_settings(sibling_path(out, ".work")) if resume else None
     if saved is not None:
+        # a work folder of an earlier version kept the corpus path as given
+        saved = {**saved, "data": corpus_as_recorded(saved.get("data"))}
         settings = _unset_from_checkpoint(settings, saved)
     if settings.get("precision") is None:
         settings = {**settings, "precision": default_precision(device)}
@@ -493,14 +526,18 @@ def finetune(
                     "teacher": teacher_source}
     process = PartialState()
     _check_work_folder(work, run_settings, saved, overwrite)
+    tokenizer = load_tokenizer(source)
     if config.distils:
         from .distillation import check_teacher
 
-        check_teacher(model_config, teacher_source, seqlen=config.seqlen)
-
+        check_teacher(model_config, teacher_source, seqlen=config.seqlen,
+                      student_tokenizer=tokenizer)
+    if not config.distils:  # the text is read and cut into windows before any model loads
+        training, evaluation = corpus_windows(config.data, tokenizer, config.seqlen,
+                                              config.eval_windows)
     check_models_fit([source, *([teacher_source] if config.distils else [])],
                      "prunenet finetune", float32=True)
-    loaded, tokenizer = load_model_and_tokenizer(source, dtype=torch.float32)
+    loaded, _ = load_model_and_tokenizer(source, dtype=torch.float32, with_tokenizer=False)
     record = read_record(source) if (Path(source) / RECORD_NAME).exists() else {
         "format": "prunenet-compression/1", "prunenet_version": __version__, "source": source}
     # What describes the input's files or weights no longer holds for the output: its GGUF
@@ -511,9 +548,6 @@ def finetune(
     teacher_model = None
     if config.distils:
         teacher_model, _ = load_model_and_tokenizer(teacher_source, dtype=torch.float32)
-    else:
-        training, evaluation = corpus_windows(config.data, tokenizer, config.seqlen,
-                                              config.eval_windows)
     student = add_lora(loaded, config) if config.train == "lora" else train_ffn_only(loaded)
     student.config.use_cache = False
 
@@ -648,8 +682,13 @@ def _failed_torch_write(error: BaseException) -> bool:
 
 
 def _saved_completely(checkpoint: Path) -> bool:
-    """Whether the Trainer finished saving ``checkpoint`` (it writes trainer_state.json last)."""
-    return (checkpoint / "trainer_state.json").is_file()
+    """Whether the Trainer finished saving ``checkpoint``: it writes trainer_state.json last,
+    and in place (a save killed while writing it leaves it cut short, not JSON)."""
+    try:
+        state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(state, dict)
 
 
 def _run_ended(checkpoint: Path) -> bool:

@@ -10,18 +10,14 @@ WinoGrande (``acc``), as in the paper.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import random
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import numpy
-import torch
 from torch import nn
 
-from ..arithmetic import cuda_devices
+from ..arithmetic import global_generators_kept
 from ..assets import asset_path
 from ..errors import InputError, refuse_repeats
 from ..model_view import input_device
@@ -77,19 +73,6 @@ def check_limit(limit: Any) -> None:
         raise InputError(f"limit must be a positive number of examples, got {limit!r}")
 
 
-@contextlib.contextmanager
-def _global_generators_kept() -> Iterator[None]:
-    """Python's, numpy's and torch's global generators as they were before the block: lm-eval
-    seeds them, and its callers' later draws must not all repeat."""
-    python_state, numpy_state = random.getstate(), numpy.random.get_state()
-    with torch.random.fork_rng(devices=cuda_devices()):
-        try:
-            yield
-        finally:
-            random.setstate(python_state)
-            numpy.random.set_state(numpy_state)
-
-
 def load_split(folder: str, **_metadata: Any):
     """The ``validation`` split in the cached arrow ``folder`` (used by the task YAMLs).
 
@@ -140,7 +123,7 @@ def zero_shot(
     results = {}
     for name in names:  # one task at a time, so a task that does not fit skips alone
         try:
-            with _global_generators_kept():
+            with global_generators_kept():
                 output = simple_evaluate(
                     model=lm, tasks=[name], limit=limit, task_manager=manager,
                     log_samples=False, bootstrap_iters=1000,
