@@ -7,6 +7,7 @@ import json
 import math
 import random
 import shutil
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy
@@ -383,23 +384,60 @@ def test_a_full_disk_while_the_trainer_saves_is_one_line(setup, capsys, monkeypa
     assert sorted(p.name for p in setup.root.iterdir() if p.name.startswith("full")) == []
 
 
-def test_an_interrupted_fine_tune_names_its_work_folder_not_the_files_inside(setup, capsys,
-                                                                             monkeypatch):
-    """Ctrl-C during training: the line names the work folder kept for --resume, not the
-    settings file written inside it as if it were an output."""
+def _interrupted_then_resumed(capsys, monkeypatch, argv: list[str], work: Path) -> Path:
+    """Run ``argv`` with training stopped by Ctrl-C; check the line names ``work`` (not the
+    files inside) with a command, run that command, and return the output it wrote."""
+    import shlex
+
     def interrupted(self, *args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(transformers.Trainer, "train", interrupted)
+    with monkeypatch.context() as patch:
+        patch.setattr(transformers.Trainer, "train", interrupted)
+        assert main(argv) == 130
+    line = capsys.readouterr().err.strip()
+    prefix = "prunenet: interrupted; written complete before the interrupt: "
+    assert line.startswith(prefix) and line.endswith(
+        "; delete it to start over); every other output was not written and nothing partial "
+        "was left behind"), line
+    assert f"{work} (the fine-tune's work folder, `prunenet finetune " in line, line
+    command = line.split("`")[1]
+    assert command.endswith(" --resume") and work.is_dir()
+    assert main(["-q", *shlex.split(command)[1:]]) == 0, capsys.readouterr().err
+    assert not work.exists()
+    return Path(shlex.split(command)[shlex.split(command).index("--out") + 1])
+
+
+def test_an_interrupted_fine_tune_names_its_work_folder_and_the_command_that_resumes_it(
+        setup, capsys, monkeypatch):
+    """Ctrl-C during training: the line names the work folder kept for --resume, not the
+    settings file written inside it as if it were an output, and the command that resumes
+    it, which ends the run with the settings asked."""
     out = setup.root / "stopped-cli"
-    assert main(["-q", "finetune", str(setup.pruned), "--data", str(setup.corpus), "--out",
-                 str(out), "--steps", "2", "--seqlen", "16", "--eval-windows", "1"]) == 130
-    work = (setup.root / "stopped-cli.work").resolve()
-    assert capsys.readouterr().err.strip() == (
-        f"prunenet: interrupted; written complete before the interrupt: {work} (the "
-        "fine-tune's work folder, kept for its --resume; delete it to start over); every other "
-        "output was not written and nothing partial was left behind")
-    assert work.is_dir() and not out.exists()
+    resumed = _interrupted_then_resumed(
+        capsys, monkeypatch, ["-q", "finetune", str(setup.pruned), "--data", str(setup.corpus),
+                              "--out", str(out), "--steps", "2", "--seqlen", "16",
+                              "--eval-windows", "1", "--no-merge"],
+        (setup.root / "stopped-cli.work").resolve())
+    assert resumed == out.resolve()
+    record = json.loads((out / "prunenet.json").read_text())["finetune"]
+    assert (record["steps_run"], record["settings"]["seqlen"], record["merged"]) == (2, 16, False)
+
+
+def test_a_recovery_compress_ran_is_resumed_by_the_command_its_interrupt_names(
+        setup, tmp_path, capsys, monkeypatch):
+    """compress cannot resume its recovery (its --out exists by then): the interrupt line
+    names the prunenet finetune command that does."""
+    out = tmp_path / "compressed"
+    resumed = _interrupted_then_resumed(
+        capsys, monkeypatch, ["-q", "compress", str(setup.dense), "--ratio", "0.25", "--method",
+                              "random", "--out", str(out), "--finetune-steps", "2",
+                              "--finetune-data", setup.corpus, "--finetune-seqlen", "32"],
+        (tmp_path / "compressed-finetuned.work").resolve())
+    assert resumed == (tmp_path / "compressed-finetuned").resolve()
+    record = json.loads((resumed / "prunenet.json").read_text())
+    assert record["method"] == "random" and record["finetune"]["steps_run"] == 2
+    assert record["finetune"]["source"] == str(out.resolve())
 
 
 def test_resume_refuses_contradicting_settings(setup):

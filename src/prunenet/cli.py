@@ -1155,14 +1155,16 @@ def interrupted_line(written: Sequence[Path]) -> str:
 
 def _as_written(path: Path) -> str:
     """An output as the interrupted line names it: a file inside a fine-tune's work folder
-    (its settings, the teacher's text) as that folder, which is kept to be resumed."""
-    from .finetune import is_work_folder
+    (its settings, the teacher's text) as that folder, which is kept to be resumed, with the
+    command that resumes it (a recovery compress ran is resumed by prunenet finetune)."""
+    from .finetune import is_work_folder, resume_command
 
     work = next((folder for folder in path.parents if is_work_folder(folder)), None)
     if work is None:
         return str(path)
-    return (f"{work} (the fine-tune's work folder, kept for its --resume; delete it to start "
-            "over)")
+    command = resume_command(work)
+    resumed = f"`{command}` continues it" if command else "kept for its --resume"
+    return f"{work} (the fine-tune's work folder, {resumed}; delete it to start over)"
 
 
 def _terminate(signum, frame):

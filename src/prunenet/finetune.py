@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import os
+import shlex
 import shutil
 import time
 import warnings
@@ -345,6 +346,24 @@ is_work_folder = folder_of(SETTINGS_NAME, (SETTINGS_NAME, GENERATED_NAME),
 RESUMED_DEFAULTS = ("train", "lr", "seqlen", "precision", *LORA_SETTINGS)
 
 
+def resume_command(work: Path) -> str | None:
+    """The command that continues the interrupted fine-tune in ``work`` (``OUT.work``), from
+    the settings it saved; None where it holds none readable."""
+    try:
+        saved = _saved_settings(work)
+    except InputError:
+        return None
+    out = work.with_suffix("")
+    if work.suffix != ".work" or sibling_path(out, ".work") != work \
+            or not isinstance(saved.get("source"), str):
+        return None
+    from .io.model_card import finetune_command
+
+    tune = {"settings": saved, "merged": saved.get("merge", True),
+            "distillation": {"teacher": saved["teacher"]} if saved.get("teacher") else None}
+    return shlex.join([*finetune_command(tune, saved["source"], str(out)), "--resume"])
+
+
 def _saved_settings(work: Path) -> dict[str, Any]:
     """The settings record of the interrupted run in ``work``, settings it predates at their
     earlier values (:data:`EARLIER_SETTINGS`); :class:`InputError` when there is none to resume."""
@@ -495,8 +514,9 @@ def _finetune(model: str | os.PathLike, data: str, out: str | os.PathLike, *,
     data = corpus_as_recorded(data)
     saved = _saved_settings(sibling_path(out, ".work")) if resume else None
     if saved is not None:
-        # a work folder of an earlier version kept the corpus path as given
-        saved = {**saved, "data": corpus_as_recorded(saved.get("data"))}
+        # a work folder of an earlier version kept the corpus path as given, and no merge
+        saved = {**saved, "data": corpus_as_recorded(saved.get("data")),
+                 "merge": saved.get("merge", merge)}
         settings = _unset_from_checkpoint(settings, saved)
     if settings.get("precision") is None:
         settings = {**settings, "precision": default_precision(device)}
@@ -523,7 +543,7 @@ def _finetune(model: str | os.PathLike, data: str, out: str | os.PathLike, *,
          Output(sibling_path(out, ".work"), "work folder", working=True, ours=is_work_folder)],
         [*reads, corpus_read_path(data), *teacher_reads], overwrite)
     run_settings = {**asdict(config), "targets": list(config.targets), "source": source,
-                    "teacher": teacher_source}
+                    "teacher": teacher_source, "merge": merge}
     process = PartialState()
     _check_work_folder(work, run_settings, saved, overwrite)
     tokenizer = load_tokenizer(source)

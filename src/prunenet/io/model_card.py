@@ -174,7 +174,7 @@ def render_card(record: dict[str, Any], input_folder: str | os.PathLike | None =
         tunes.insert(0, tune)
         tune = tune.get("previous")
     for number, entry in enumerate(tunes, 1):
-        commands.append(_finetune_command(entry, "OUT" if number == 1 else f"OUT{number}",
+        commands.append(finetune_command(entry, "OUT" if number == 1 else f"OUT{number}",
                                           f"OUT{number + 1}"))
     if commands:
         body += ["Made with:", "", "```bash", *(shlex.join(c) for c in commands), "```", ""]
@@ -323,7 +323,7 @@ _EVALUATION_OPTIONS = (("eval_every", "--eval-every"), ("eval_windows", "--eval-
                        ("generated_windows", "--generated-windows"))
 
 
-def _finetune_command(tune: dict[str, Any], model: str = "OUT",
+def finetune_command(tune: dict[str, Any], model: str = "OUT",
                       out: str = "OUT2") -> list[str]:
     """A command that repeats the fine-tune this record entry describes on ``model`` (the
     compression's output, or an earlier fine-tune's) into ``out``.
