@@ -7,6 +7,7 @@ import json
 import math
 import random
 import shutil
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -438,6 +439,31 @@ def test_a_recovery_compress_ran_is_resumed_by_the_command_its_interrupt_names(
     record = json.loads((resumed / "prunenet.json").read_text())
     assert record["method"] == "random" and record["finetune"]["steps_run"] == 2
     assert record["finetune"]["source"] == str(out.resolve())
+
+
+def test_an_interrupt_once_the_output_is_complete_says_the_work_folder_can_go(
+        setup, capsys, monkeypatch):
+    """Stopped while it deletes its work folder, after its output is in place: the line says
+    the output is complete and names no resume (which would be refused: the output exists)."""
+    import shutil
+    from types import SimpleNamespace
+
+    module = sys.modules["prunenet.finetune"]
+    out = setup.root / "ended"
+
+    def rmtree(path, *args, **kwargs):
+        if Path(path).name == "ended.work":
+            raise KeyboardInterrupt
+        return shutil.rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(module, "shutil", SimpleNamespace(**{**vars(shutil), "rmtree": rmtree}))
+    assert main(["-q", "finetune", str(setup.pruned), "--data", str(setup.corpus), "--out",
+                 str(out), "--steps", "1", "--seqlen", "16", "--eval-windows", "1"]) == 130
+    work = (setup.root / "ended.work").resolve()
+    line = capsys.readouterr().err.strip()
+    assert f"{work} (the work folder of a fine-tune whose output {out.resolve()} is complete: " \
+        "delete it)" in line and "--resume" not in line, line
+    assert (out / "prunenet.json").is_file()
 
 
 def test_resume_refuses_contradicting_settings(setup):

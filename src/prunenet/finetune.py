@@ -348,20 +348,26 @@ RESUMED_DEFAULTS = ("train", "lr", "seqlen", "precision", *LORA_SETTINGS)
 
 def resume_command(work: Path) -> str | None:
     """The command that continues the interrupted fine-tune in ``work`` (``OUT.work``), from
-    the settings it saved; None where it holds none readable."""
+    the settings it saved; None where it holds none readable, or where ``OUT`` is complete
+    (the run was stopped while it deleted ``work``)."""
     try:
         saved = _saved_settings(work)
     except InputError:
         return None
     out = work.with_suffix("")
     if work.suffix != ".work" or sibling_path(out, ".work") != work \
-            or not isinstance(saved.get("source"), str):
+            or not isinstance(saved.get("source"), str) or finished_output(out):
         return None
     from .io.model_card import finetune_command
 
     tune = {"settings": saved, "merged": saved.get("merge", True),
             "distillation": {"teacher": saved["teacher"]} if saved.get("teacher") else None}
     return shlex.join([*finetune_command(tune, saved["source"], str(out)), "--resume"])
+
+
+def finished_output(out: Path) -> bool:
+    """Whether ``out`` is a complete fine-tune output (its record, written last, is there)."""
+    return is_model_output(out) and (out / RECORD_NAME).is_file()
 
 
 def _saved_settings(work: Path) -> dict[str, Any]:
