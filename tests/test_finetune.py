@@ -572,6 +572,14 @@ def test_cli_bad_input_exits_2(setup, tmp_path, capsys):
     assert exit_info.value.code == 2
     assert ("invalid choice: 'float16' (choose from 'auto', 'float32', 'bfloat16')"
             in capsys.readouterr().err)
+    for dropout in ("nan", "1", "-0.1", "high"):  # named by its option, when it is parsed
+        with pytest.raises(SystemExit) as exit_info:
+            main([*argv, "--lora-dropout", dropout])
+        assert exit_info.value.code == 2
+        assert "argument --lora-dropout: expected a number in [0, 1), got" in \
+            capsys.readouterr().err
+    with pytest.raises(InputError, match=r"lora_dropout must be in \[0, 1\), got nan"):
+        finetune(setup.pruned, setup.corpus, tmp_path / "o", lora_dropout=float("nan"))
     assert not (tmp_path / "o").exists()
 
 

@@ -47,6 +47,17 @@ def ratio_value(text: str) -> float:
     return value + 0.0  # -0.0 reads as 0.0
 
 
+def dropout_value(text: str) -> float:
+    """argparse type for a dropout probability: a number in [0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text}")
+    return value + 0.0
+
+
 def _is_percent(text: str) -> bool:
     try:
         float(text[:-1])
@@ -1003,7 +1014,7 @@ def add_finetune(subparsers) -> None:
                       f"{DEFAULT_LORA['lora_r']})")
     lora.add_argument("--lora-alpha", type=positive_float,
                       help=f"LoRA alpha (default: {DEFAULT_LORA['lora_alpha']:g})")
-    lora.add_argument("--lora-dropout", type=float,
+    lora.add_argument("--lora-dropout", type=dropout_value,
                       help=f"LoRA dropout in [0, 1) (default: {DEFAULT_LORA['lora_dropout']:g})")
     lora.add_argument("--targets", type=target_list,
                       help="LoRA targets from the model family's entry: attn, mlp, or module "

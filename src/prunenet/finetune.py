@@ -161,7 +161,8 @@ class FinetuneConfig:
             raise InputError(
                 f"lr and lora_alpha must be positive, got {self.lr} and {self.lora_alpha}"
             )
-        if not 0.0 <= self.lora_dropout < 1.0:
+        if isinstance(self.lora_dropout, bool) or not isinstance(self.lora_dropout, (int, float)) \
+                or not 0.0 <= self.lora_dropout < 1.0:
             raise InputError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.precision is not None and self.precision not in PRECISIONS:
             raise InputError(f"precision must be one of {', '.join(PRECISIONS)}, got "
