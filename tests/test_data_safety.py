@@ -896,7 +896,7 @@ def test_resume_with_a_damaged_settings_record_is_one_line(tmp_path, capsys,
 
 def test_a_speed_batch_beyond_memory_is_one_line(tiny_llama_real_tokenizer_dir, capsys):
     refused(capsys, ["-q", "eval", str(tiny_llama_real_tokenizer_dir), "--ppl", "none",
-                     "--speed", "--speed-batch", "100000", "--speed-repeats", "1",
+                     "--speed", "--speed-batch", "10000000", "--speed-repeats", "1",
                      "--speed-prompt", "4", "--speed-new-tokens", "1"], "does not fit in memory")
 
 

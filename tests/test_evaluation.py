@@ -232,6 +232,30 @@ def test_a_speed_protocol_beyond_the_context_fails_before_the_other_measurements
         evaluate(tiny_llama, None, ppl=TokenCorpus("ids", torch.arange(2000), None),
                  speed=SpeedProtocol(prompt_tokens=100, new_tokens=8), progress=False)
     assert measured == []
+    with pytest.raises(InputError, match=r"a batch of 1000000000 x 4 tokens does not fit in "
+                       r"memory: it needs about [\d.]+GiB \(KV cache, activations, logits\)"):
+        evaluate(tiny_llama, None, ppl=TokenCorpus("ids", torch.arange(2000), None),
+                 speed=SpeedProtocol(batch_size=10**9, prompt_tokens=4, new_tokens=1),
+                 progress=False)
+    assert measured == []
+
+
+def test_the_speed_memory_plan_counts_the_cache_the_activations_and_the_logits(tiny_llama):
+    """The KV cache grows with every token, every part with the batch, and the float32
+    next-token logits are counted."""
+    from prunenet.evaluation.speed import speed_memory
+
+    def need(batch, prompt, new):
+        return speed_memory(tiny_llama, SpeedProtocol(batch_size=batch, prompt_tokens=prompt,
+                                                      new_tokens=new))
+
+    config = tiny_llama.config
+    kv_width = 2 * config.num_key_value_heads * config.hidden_size // config.num_attention_heads
+    cache_per_token = config.num_hidden_layers * kv_width * 4
+    assert need(1, 4, 2) - need(1, 4, 1) == cache_per_token
+    assert need(3, 4, 2) - need(3, 4, 1) == 3 * cache_per_token
+    assert need(2, 4, 1) == 2 * need(1, 4, 1)  # every part is per sequence
+    assert need(1, 1, 1) > 2 * config.vocab_size * 4  # the float32 logits and their argmax
 
 
 @pytest.mark.parametrize("tokenizer, limit, error, message", [

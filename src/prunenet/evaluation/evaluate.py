@@ -32,7 +32,7 @@ from ..model_view import FFNView, layers_from_disk
 from ..naming import compression_summary, run_label
 from .corpora import TokenCorpus, load_corpus
 from .perplexity import perplexity
-from .speed import SpeedProtocol, fitted_protocol, measure_speed
+from .speed import SpeedProtocol, check_speed_memory, fitted_protocol, measure_speed
 from .zeroshot import check_zero_shot, parse_tasks, zero_shot
 
 log = logging.getLogger(__name__)
@@ -242,8 +242,9 @@ def evaluate(
     if task_names:
         check_zero_shot(tokenizer, limit)
     if speed:
-        fitted_protocol(model.config, speed if isinstance(speed, SpeedProtocol)
-                        else SpeedProtocol(), quiet=True)
+        check_speed_memory(model, fitted_protocol(
+            model.config, speed if isinstance(speed, SpeedProtocol) else SpeedProtocol(),
+            quiet=True))
     view = FFNView(model)
     counts = view.parameter_counts()
     compression = None

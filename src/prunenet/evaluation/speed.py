@@ -125,6 +125,47 @@ def fitted_protocol(config: Any, protocol: SpeedProtocol, quiet: bool = False
     return replace(protocol, prompt_tokens=fitted_prompt, new_tokens=fitted_new)
 
 
+def speed_memory(model: nn.Module, protocol: SpeedProtocol) -> int:
+    """Bytes a measurement under ``protocol`` (fitted) needs beside the model, at its peak: the
+    prompt, the KV cache of every layer for the prompt and the new tokens, one layer's
+    activations over the prompt (its FFN's hidden states, a few residual-width tensors, eager
+    attention's scores), and the next-token logits in float32."""
+    from ..model_view import FFNView
+
+    config = model.config
+    width = next(model.parameters()).element_size()
+    batch, prompt = protocol.batch_size, protocol.prompt_tokens
+    tokens = prompt + protocol.new_tokens
+    hidden, heads = config.hidden_size, config.num_attention_heads
+    head_width = getattr(config, "head_dim", None) or hidden // heads
+    kv_width = 2 * (getattr(config, "num_key_value_heads", None) or heads) * head_width
+    cache = batch * tokens * config.num_hidden_layers * kv_width * width
+    layer = batch * prompt * (3 * FFNView(model).d_ff + 6 * hidden + heads * prompt) * width
+    logits = 2 * batch * config.vocab_size * 4
+    return 8 * batch * prompt + cache + layer + logits
+
+
+def check_speed_memory(model: nn.Module, protocol: SpeedProtocol) -> None:
+    """Refuse a ``protocol`` (fitted) whose :func:`speed_memory` exceeds the memory free on the
+    model's device now, before anything is allocated: a batch that does not fit would fill the
+    memory until the system stops the process, not fail at once."""
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        available = torch.cuda.mem_get_info(device)[0]
+    else:
+        import psutil
+
+        available = psutil.virtual_memory().available
+    need = speed_memory(model, protocol)
+    if need > available:
+        from ..io.streaming import format_bytes
+
+        raise InputError(f"speed: a batch of {protocol.batch_size} x {protocol.prompt_tokens} "
+                         f"tokens does not fit in memory: it needs about {format_bytes(need)} "
+                         f"(KV cache, activations, logits) and {format_bytes(available)} is "
+                         f"free on {device.type}; lower --speed-batch or --speed-prompt")
+
+
 def measure_speed(model: nn.Module, protocol: SpeedProtocol | None = None) -> dict[str, Any]:
     """Median prefill and decode throughput of ``model`` under ``protocol``.
 
@@ -133,6 +174,7 @@ def measure_speed(model: nn.Module, protocol: SpeedProtocol | None = None) -> di
     model (a prompt plus generation longer than its context window).
     """
     protocol = fitted_protocol(model.config, protocol or SpeedProtocol())
+    check_speed_memory(model, protocol)
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(protocol.seed)
     shape = (protocol.batch_size, protocol.prompt_tokens)
