@@ -235,6 +235,31 @@ def test_select_rows_checks_and_shares_the_probe_cache_as_compress_does(tmp_path
     assert [r.tolist() for r in compressed.kept_rows] == [r.tolist() for r in rows]
 
 
+def test_a_probe_being_written_or_cut_short_by_a_kill_leaves_the_cache_usable(
+        tmp_path, monkeypatch, generations):
+    """Another run writing a probe into the cache leaves its hidden staging file and lock
+    there while it writes, and a run killed while it wrote leaves its staging file for good:
+    both are prunenet's own, so the cache is still read and written, not refused as a user's
+    folder."""
+    from prunenet.io.files import STAGING_TAG, sibling_prefix
+
+    cache = tmp_path / "probes"
+    rows = prunenet.select_rows(make_tiny_model("llama"), 0.3, probe_tokens=128,
+                                probe_cache=cache, progress=False)
+    path, = cache.iterdir()
+    other = path.with_name("probe-" + "0" * 32 + ".safetensors")  # another key, mid-write
+    (cache / (sibling_prefix(other, STAGING_TAG) + "x1y2z3")).write_bytes(b"partial")
+    (cache / (sibling_prefix(other, "lock") + "0")).write_bytes(b"")
+    monkeypatch.setattr(probe_module.Probe, "_memory", {})  # a new process: only the disk
+    again = prunenet.select_rows(make_tiny_model("llama"), 0.3, probe_tokens=128,
+                                 probe_cache=cache, progress=False)
+    assert len(generations) == 1
+    assert [r.tolist() for r in again] == [r.tolist() for r in rows]
+    prunenet.select_rows(make_tiny_model("llama"), 0.3, probe_tokens=128, seed=7,
+                         probe_cache=cache, progress=False)
+    assert len(generations) == 2 and len(list(cache.glob("probe-*.safetensors"))) == 2
+
+
 def test_probe_prompt_through_the_command_line(tiny_llama_real_tokenizer_dir, tmp_path, capsys):
     """--probe-prompt starts every probe sequence with its words after BOS: another probe, so
     other rows or refit, named in the record; a prompt longer than the sequences is refused

@@ -168,12 +168,16 @@ class CompressOptions:
         return options
 
 
-_probe_files_only = folder_of(None, ("probe-*.safetensors",))
+# Probe files, and the hidden staging file and lock of one being written (atomic_file): another
+# run writing into the cache now, or one killed while it wrote, leaves them there.
+_probe_files_only = folder_of(None, ("probe-*.safetensors", ".probe-*.safetensors.tmp-*",
+                                     ".probe-*.safetensors.lock-*"))
 
 
 def is_probe_cache(folder: Path) -> bool:
-    """A probe cache prunenet wrote: probe files only, and no manifest (a folder with one is
-    another prunenet output, a model or a report, which a probe file would spoil)."""
+    """A probe cache prunenet wrote: probe files only (with the staging file or lock of a probe
+    being written), and no manifest (a folder with one is another prunenet output, a model or a
+    report, which a probe file would spoil)."""
     return read_manifest(folder) is None and _probe_files_only(folder)
 
 
