@@ -313,6 +313,64 @@ def test_a_damaged_cached_probe_is_refused_naming_the_file(tmp_path, monkeypatch
     assert len(generations) == 1 and not (tmp_path / "out").exists()
 
 
+def test_a_cached_probe_copied_from_another_key_or_edited_is_refused(tmp_path, monkeypatch,
+                                                                     generations):
+    """A cache file is read only under the key it was written under and with the ids it was
+    written with: another seed's probe copied to this key's name, or ids edited within the
+    vocabulary, would select and refit on other text than this probe's. Refused, naming the
+    file, and nothing is written."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    cache = tmp_path / "probes"
+    files = {}
+    for seed in (42, 7):
+        prunenet.select_rows(make_tiny_model("llama"), 0.3, probe_tokens=128, seed=seed,
+                             probe_cache=cache, progress=False)
+        key = probe_module.Probe(make_tiny_model("llama"), None, 128, seed).key()
+        files[seed] = cache / f"probe-{key}.safetensors"
+    assert all(path.is_file() for path in files.values()) and len(generations) == 2
+    files[7].write_bytes(files[42].read_bytes())  # seed 42's probe under seed 7's name
+    monkeypatch.setattr(probe_module.Probe, "_memory", {})  # a new process: only the disk
+    with pytest.raises(InputError, match="is damaged .*a probe file copied or renamed") as error:
+        prunenet.compress(make_tiny_model("llama"), 0.3, probe_tokens=128, seed=7,
+                          probe_cache=cache, out=tmp_path / "out", progress=False)
+    assert str(files[7]) in str(error.value)
+    assert not (tmp_path / "out").exists() and len(generations) == 2
+    with safe_open(str(files[42]), framework="pt") as opened:
+        metadata = opened.metadata()
+    ids = load_file(str(files[42]))["ids"]
+    ids[0, 5] = (ids[0, 5] + 1) % 128  # still a token of the vocabulary
+    save_file({"ids": ids}, str(files[42]), metadata=metadata)
+    with pytest.raises(InputError, match="is damaged .*not those it was written with") as error:
+        prunenet.compress(make_tiny_model("llama"), 0.3, probe_tokens=128, probe_cache=cache,
+                          out=tmp_path / "out", progress=False)
+    assert str(files[42]) in str(error.value)
+    assert not (tmp_path / "out").exists() and len(generations) == 2
+
+
+def test_a_cached_probe_that_does_not_say_what_it_holds_is_generated_again(
+        tmp_path, monkeypatch, generations):
+    """A cache file without the key and checksum prunenet writes with it (an earlier
+    prunenet's) cannot be vouched for: the probe is generated again and the file replaced by
+    one that says what it holds, which later runs read."""
+    from safetensors.torch import load_file, save_file
+
+    cache = tmp_path / "probes"
+    rows = prunenet.select_rows(make_tiny_model("llama"), 0.3, probe_tokens=128,
+                                probe_cache=cache, progress=False)
+    path, = cache.iterdir()
+    ids = load_file(str(path))["ids"]
+    save_file({"ids": ids.flip(0).contiguous()}, str(path))  # as earlier versions wrote it
+    for generated in (2, 2):  # generated again once, then read back
+        monkeypatch.setattr(probe_module.Probe, "_memory", {})  # a new process: only the disk
+        again = prunenet.select_rows(make_tiny_model("llama"), 0.3, probe_tokens=128,
+                                     probe_cache=cache, progress=False)
+        assert len(generations) == generated
+        assert [r.tolist() for r in again] == [r.tolist() for r in rows]
+        assert torch.equal(load_file(str(path))["ids"], ids)
+
+
 def test_the_probe_cache_is_not_put_into_another_prunenet_output(tmp_path, generations):
     """A model or report folder prunenet wrote is not a probe cache: a probe file in it would
     make it a folder prunenet no longer recognizes (and refuses to replace)."""
