@@ -99,6 +99,25 @@ def test_one_probe_per_run_and_a_cache_serves_the_next(tmp_path, monkeypatch, ge
     assert len(generations) == 2 and other_seed.record["probe"]["seed"] == 7
 
 
+def test_a_model_moved_to_another_folder_is_served_from_the_cache(tmp_path, monkeypatch,
+                                                                   generations):
+    """The folder a model is read from is no part of its probe: the same checkpoint copied
+    elsewhere (or a GGUF converted into a new scratch folder each run) reads the cached probe,
+    and the outputs are the same bytes."""
+    import shutil
+
+    first, moved = tmp_path / "m", tmp_path / "elsewhere" / "m"
+    make_tiny_model("llama").save_pretrained(first)
+    shutil.copytree(first, moved)
+    cache = tmp_path / "probes"
+    for number, source in enumerate((first, moved)):
+        monkeypatch.setattr(probe_module.Probe, "_memory", {})  # a new process: only the disk
+        assert main(["-q", "compress", str(source), "--ratio", "0.3", "--probe-tokens", "128",
+                     "--probe-cache", str(cache), "--out", str(tmp_path / f"out{number}")]) == 0
+    assert len(generations) == 1 and len(list(cache.iterdir())) == 1
+    assert _hashes(tmp_path / "out0") == _hashes(tmp_path / "out1")
+
+
 def test_bias_refit_for_families_with_a_bias_and_refused_without(tmp_path, capsys):
     opt = prunenet.compress(make_tiny_model("opt"), 0.25, reconstruct="bias", probe_tokens=128,
                             ridge=5.0, progress=False)

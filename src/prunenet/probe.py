@@ -352,11 +352,15 @@ class Probe:
         self._ids: Tensor | None = None
 
     def key(self) -> str:
-        """What the probe depends on: the model (its config, its generation config where that
-        says more than the config, and every weight, so two models that share a config and
-        embeddings but not their layers never share a probe), the seed, the size, the recipe,
-        its sampler and its prompt's token ids."""
-        digest = hashlib.sha256(self.model.config.to_json_string(use_diff=False).encode())
+        """What the probe depends on: the model (its config, not the folder it was read from;
+        its generation config where that says more than the config; and every weight, so two
+        models that share a config and embeddings but not their layers never share a probe),
+        the seed, the size, the recipe, its sampler and its prompt's token ids."""
+        config = json.loads(self.model.config.to_json_string(use_diff=False))
+        # where the model was read from is no part of it: a model moved or copied to another
+        # folder, or a GGUF converted into a new scratch folder each run, writes the same probe
+        config.pop("_name_or_path", None)
+        digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
         for name, parameter in parameters_in_memory(self.model):
             digest.update(f"{name}:{parameter.dtype}:{tuple(parameter.shape)}".encode())
             digest.update(memoryview(parameter.detach().cpu().contiguous().view(-1)
