@@ -355,7 +355,8 @@ class Probe:
         """What the probe depends on: the model (its config, not the folder it was read from;
         its generation config where that says more than the config; and every weight, so two
         models that share a config and embeddings but not their layers never share a probe),
-        the seed, the size, the recipe, its sampler and its prompt's token ids."""
+        the seed, the size, the recipe, its sampler, its prompt's token ids and the device the
+        model runs on where it is not the CPU."""
         config = json.loads(self.model.config.to_json_string(use_diff=False))
         # where the model was read from is no part of it: a model moved or copied to another
         # folder, or a GGUF converted into a new scratch folder each run, writes the same probe
@@ -369,8 +370,16 @@ class Probe:
         words = f" prompt_ids={prompt_ids(self.tokenizer, self.recipe)}" if self.recipe.prompt \
             else ""
         digest.update((repr((self.seed, self.tokens, self.recipe)) + self.recipe.cache_suffix()
-                       + words + self._generation_suffix()).encode())
+                       + words + self._generation_suffix() + self._device_suffix()).encode())
         return digest.hexdigest()[:32]
+
+    def _device_suffix(self) -> str:
+        """The devices other than the CPU the model generates on (its inputs' and its
+        weights'), empty on the CPU alone (keys made before it was keyed on stay valid): an
+        accelerator rounds the logits otherwise, which changes some of the drawn tokens."""
+        kinds = {parameter.device.type for parameter in self.model.parameters()}
+        kinds = sorted((kinds | {input_device(self.model).type}) - {"cpu", "meta"})
+        return f" devices={','.join(kinds)}" if kinds else ""
 
     def _generation_suffix(self) -> str:
         """What generation reads of the model's generation config (the default sampler: its
