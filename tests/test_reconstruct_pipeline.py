@@ -118,6 +118,31 @@ def test_a_model_moved_to_another_folder_is_served_from_the_cache(tmp_path, monk
     assert _hashes(tmp_path / "out0") == _hashes(tmp_path / "out1")
 
 
+@pytest.mark.parametrize("seed", [1.5, 7.0, "7", True, -1, 2**63, 2**64])
+def test_a_seed_the_command_line_would_not_read_is_refused_from_python(tmp_path, seed):
+    """The probe is drawn from ``int(seed)`` (a negative seed as its two's complement), so a
+    fraction, a string, a bool or a negative seed ran as another seed than the record and the
+    card's command named (``--seed -1`` the command line refuses); 2**64 ended in a
+    ValueError. Refused as ``--seed`` is, before any work; a numpy integer runs as its
+    value."""
+    import numpy
+
+    for run in (lambda: prunenet.compress(make_tiny_model("llama"), 0.3, seed=seed,
+                                          probe_tokens=64, out=tmp_path / "out",
+                                          progress=False),
+                lambda: prunenet.select_rows(make_tiny_model("llama"), 0.3, seed=seed,
+                                             probe_tokens=64, progress=False),
+                lambda: prunenet.train_policy(make_tiny_model("llama"), 0.3, seed=seed,
+                                              episodes=1, progress=False)):
+        with pytest.raises(InputError, match=r"^seed must be an integer in \[0, 2\*\*63\)"):
+            run()
+    assert not (tmp_path / "out").exists()
+    result = prunenet.compress(make_tiny_model("llama"), 0.3, seed=numpy.int64(7),
+                               probe_tokens=64, out=tmp_path / "out", progress=False)
+    assert json.loads((tmp_path / "out" / "prunenet.json").read_text())["seed"] == 7
+    assert result.record["probe"]["seed"] == 7
+
+
 def test_bias_refit_for_families_with_a_bias_and_refused_without(tmp_path, capsys):
     opt = prunenet.compress(make_tiny_model("opt"), 0.25, reconstruct="bias", probe_tokens=128,
                             ridge=5.0, progress=False)

@@ -87,6 +87,7 @@ from .selection.prunenet.reinforce import (
     TrainingConfig,
     TrainingResult,
     check_resumable,
+    check_seed,
     check_trainable_ratio,
     is_training_state,
 )
@@ -163,6 +164,8 @@ class CompressOptions:
         if unknown:
             raise InputError(f"unknown option(s): {', '.join(sorted(unknown))}")
         options = cls(**{k: v for k, v in keywords.items() if k in own})
+        check_seed(options.seed)  # before the probe, whichever method runs
+        options.seed = int(options.seed)  # a numpy integer is recorded as a number
         options.training = TrainingConfig(ratio=ratio, seed=options.seed,
                                           **{k: v for k, v in keywords.items() if k in trained})
         return options
