@@ -274,6 +274,16 @@ def test_models_differing_only_in_deeper_layers_never_share_a_probe(model):
     assert Probe(model, None, 64, 0).key() == Probe(copy.deepcopy(model), None, 64, 0).key()
 
 
+def test_a_model_on_an_accelerator_keys_another_probe(model, monkeypatch):
+    """An accelerator rounds the logits otherwise than the CPU, which changes some drawn
+    tokens: a probe generated there is not the CPU's, and the cache keeps them apart."""
+    from prunenet import probe as probe_module
+
+    on_cpu = Probe(model, None, 64, 0).key()
+    monkeypatch.setattr(probe_module, "input_device", lambda _model: torch.device("cuda"))
+    assert Probe(model, None, 64, 0).key() != on_cpu
+
+
 def _frequencies_match(probabilities: torch.Tensor, draws: torch.Tensor) -> None:
     """Every entry drawn as often as its probability says, within five standard deviations of
     the binomial count, and no entry of probability zero drawn at all."""

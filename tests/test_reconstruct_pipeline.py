@@ -99,6 +99,50 @@ def test_one_probe_per_run_and_a_cache_serves_the_next(tmp_path, monkeypatch, ge
     assert len(generations) == 2 and other_seed.record["probe"]["seed"] == 7
 
 
+def test_a_model_moved_to_another_folder_is_served_from_the_cache(tmp_path, monkeypatch,
+                                                                   generations):
+    """The folder a model is read from is no part of its probe: the same checkpoint copied
+    elsewhere (or a GGUF converted into a new scratch folder each run) reads the cached probe,
+    and the outputs are the same bytes."""
+    import shutil
+
+    first, moved = tmp_path / "m", tmp_path / "elsewhere" / "m"
+    make_tiny_model("llama").save_pretrained(first)
+    shutil.copytree(first, moved)
+    cache = tmp_path / "probes"
+    for number, source in enumerate((first, moved)):
+        monkeypatch.setattr(probe_module.Probe, "_memory", {})  # a new process: only the disk
+        assert main(["-q", "compress", str(source), "--ratio", "0.3", "--probe-tokens", "128",
+                     "--probe-cache", str(cache), "--out", str(tmp_path / f"out{number}")]) == 0
+    assert len(generations) == 1 and len(list(cache.iterdir())) == 1
+    assert _hashes(tmp_path / "out0") == _hashes(tmp_path / "out1")
+
+
+@pytest.mark.parametrize("seed", [1.5, 7.0, "7", True, -1, 2**63, 2**64])
+def test_a_seed_the_command_line_would_not_read_is_refused_from_python(tmp_path, seed):
+    """The probe is drawn from ``int(seed)`` (a negative seed as its two's complement), so a
+    fraction, a string, a bool or a negative seed ran as another seed than the record and the
+    card's command named (``--seed -1`` the command line refuses); 2**64 ended in a
+    ValueError. Refused as ``--seed`` is, before any work; a numpy integer runs as its
+    value."""
+    import numpy
+
+    for run in (lambda: prunenet.compress(make_tiny_model("llama"), 0.3, seed=seed,
+                                          probe_tokens=64, out=tmp_path / "out",
+                                          progress=False),
+                lambda: prunenet.select_rows(make_tiny_model("llama"), 0.3, seed=seed,
+                                             probe_tokens=64, progress=False),
+                lambda: prunenet.train_policy(make_tiny_model("llama"), 0.3, seed=seed,
+                                              episodes=1, progress=False)):
+        with pytest.raises(InputError, match=r"^seed must be an integer in \[0, 2\*\*63\)"):
+            run()
+    assert not (tmp_path / "out").exists()
+    result = prunenet.compress(make_tiny_model("llama"), 0.3, seed=numpy.int64(7),
+                               probe_tokens=64, out=tmp_path / "out", progress=False)
+    assert json.loads((tmp_path / "out" / "prunenet.json").read_text())["seed"] == 7
+    assert result.record["probe"]["seed"] == 7
+
+
 def test_bias_refit_for_families_with_a_bias_and_refused_without(tmp_path, capsys):
     opt = prunenet.compress(make_tiny_model("opt"), 0.25, reconstruct="bias", probe_tokens=128,
                             ridge=5.0, progress=False)
@@ -235,6 +279,31 @@ def test_select_rows_checks_and_shares_the_probe_cache_as_compress_does(tmp_path
     assert [r.tolist() for r in compressed.kept_rows] == [r.tolist() for r in rows]
 
 
+def test_a_probe_being_written_or_cut_short_by_a_kill_leaves_the_cache_usable(
+        tmp_path, monkeypatch, generations):
+    """Another run writing a probe into the cache leaves its hidden staging file and lock
+    there while it writes, and a run killed while it wrote leaves its staging file for good:
+    both are prunenet's own, so the cache is still read and written, not refused as a user's
+    folder."""
+    from prunenet.io.files import STAGING_TAG, sibling_prefix
+
+    cache = tmp_path / "probes"
+    rows = prunenet.select_rows(make_tiny_model("llama"), 0.3, probe_tokens=128,
+                                probe_cache=cache, progress=False)
+    path, = cache.iterdir()
+    other = path.with_name("probe-" + "0" * 32 + ".safetensors")  # another key, mid-write
+    (cache / (sibling_prefix(other, STAGING_TAG) + "x1y2z3")).write_bytes(b"partial")
+    (cache / (sibling_prefix(other, "lock") + "0")).write_bytes(b"")
+    monkeypatch.setattr(probe_module.Probe, "_memory", {})  # a new process: only the disk
+    again = prunenet.select_rows(make_tiny_model("llama"), 0.3, probe_tokens=128,
+                                 probe_cache=cache, progress=False)
+    assert len(generations) == 1
+    assert [r.tolist() for r in again] == [r.tolist() for r in rows]
+    prunenet.select_rows(make_tiny_model("llama"), 0.3, probe_tokens=128, seed=7,
+                         probe_cache=cache, progress=False)
+    assert len(generations) == 2 and len(list(cache.glob("probe-*.safetensors"))) == 2
+
+
 def test_probe_prompt_through_the_command_line(tiny_llama_real_tokenizer_dir, tmp_path, capsys):
     """--probe-prompt starts every probe sequence with its words after BOS: another probe, so
     other rows or refit, named in the record; a prompt longer than the sequences is refused
@@ -286,6 +355,64 @@ def test_a_damaged_cached_probe_is_refused_naming_the_file(tmp_path, monkeypatch
                           out=tmp_path / "out", progress=False)
     assert str(path) in str(error.value) and why in str(error.value), error.value
     assert len(generations) == 1 and not (tmp_path / "out").exists()
+
+
+def test_a_cached_probe_copied_from_another_key_or_edited_is_refused(tmp_path, monkeypatch,
+                                                                     generations):
+    """A cache file is read only under the key it was written under and with the ids it was
+    written with: another seed's probe copied to this key's name, or ids edited within the
+    vocabulary, would select and refit on other text than this probe's. Refused, naming the
+    file, and nothing is written."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    cache = tmp_path / "probes"
+    files = {}
+    for seed in (42, 7):
+        prunenet.select_rows(make_tiny_model("llama"), 0.3, probe_tokens=128, seed=seed,
+                             probe_cache=cache, progress=False)
+        key = probe_module.Probe(make_tiny_model("llama"), None, 128, seed).key()
+        files[seed] = cache / f"probe-{key}.safetensors"
+    assert all(path.is_file() for path in files.values()) and len(generations) == 2
+    files[7].write_bytes(files[42].read_bytes())  # seed 42's probe under seed 7's name
+    monkeypatch.setattr(probe_module.Probe, "_memory", {})  # a new process: only the disk
+    with pytest.raises(InputError, match="is damaged .*a probe file copied or renamed") as error:
+        prunenet.compress(make_tiny_model("llama"), 0.3, probe_tokens=128, seed=7,
+                          probe_cache=cache, out=tmp_path / "out", progress=False)
+    assert str(files[7]) in str(error.value)
+    assert not (tmp_path / "out").exists() and len(generations) == 2
+    with safe_open(str(files[42]), framework="pt") as opened:
+        metadata = opened.metadata()
+    ids = load_file(str(files[42]))["ids"]
+    ids[0, 5] = (ids[0, 5] + 1) % 128  # still a token of the vocabulary
+    save_file({"ids": ids}, str(files[42]), metadata=metadata)
+    with pytest.raises(InputError, match="is damaged .*not those it was written with") as error:
+        prunenet.compress(make_tiny_model("llama"), 0.3, probe_tokens=128, probe_cache=cache,
+                          out=tmp_path / "out", progress=False)
+    assert str(files[42]) in str(error.value)
+    assert not (tmp_path / "out").exists() and len(generations) == 2
+
+
+def test_a_cached_probe_that_does_not_say_what_it_holds_is_generated_again(
+        tmp_path, monkeypatch, generations):
+    """A cache file without the key and checksum prunenet writes with it (an earlier
+    prunenet's) cannot be vouched for: the probe is generated again and the file replaced by
+    one that says what it holds, which later runs read."""
+    from safetensors.torch import load_file, save_file
+
+    cache = tmp_path / "probes"
+    rows = prunenet.select_rows(make_tiny_model("llama"), 0.3, probe_tokens=128,
+                                probe_cache=cache, progress=False)
+    path, = cache.iterdir()
+    ids = load_file(str(path))["ids"]
+    save_file({"ids": ids.flip(0).contiguous()}, str(path))  # as earlier versions wrote it
+    for generated in (2, 2):  # generated again once, then read back
+        monkeypatch.setattr(probe_module.Probe, "_memory", {})  # a new process: only the disk
+        again = prunenet.select_rows(make_tiny_model("llama"), 0.3, probe_tokens=128,
+                                     probe_cache=cache, progress=False)
+        assert len(generations) == generated
+        assert [r.tolist() for r in again] == [r.tolist() for r in rows]
+        assert torch.equal(load_file(str(path))["ids"], ids)
 
 
 def test_the_probe_cache_is_not_put_into_another_prunenet_output(tmp_path, generations):

@@ -46,7 +46,7 @@ from .selection.activation import (
     fitted_calibration,
 )
 from .selection.prunenet import PruneNet
-from .selection.prunenet.reinforce import check_trainable_ratio
+from .selection.prunenet.reinforce import check_seed, check_trainable_ratio
 from .version import __version__
 
 log = logging.getLogger("prunenet")
@@ -121,6 +121,7 @@ def compare(
     for an ``out`` that exists (without ``overwrite``) or cannot be written, before any work.
     """
     method_names = parse_methods(methods, variant)
+    check_seed(seed)  # the probe's and every run's: the results name it as it ran
     task_names = parse_tasks(tasks)
     ratios = [float(r) for r in ratios]
     refuse_repeats("--ratios", [str(r) for r in ratios])

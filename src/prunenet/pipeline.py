@@ -87,6 +87,7 @@ from .selection.prunenet.reinforce import (
     TrainingConfig,
     TrainingResult,
     check_resumable,
+    check_seed,
     check_trainable_ratio,
     is_training_state,
 )
@@ -163,17 +164,23 @@ class CompressOptions:
         if unknown:
             raise InputError(f"unknown option(s): {', '.join(sorted(unknown))}")
         options = cls(**{k: v for k, v in keywords.items() if k in own})
+        check_seed(options.seed)  # before the probe, whichever method runs
+        options.seed = int(options.seed)  # a numpy integer is recorded as a number
         options.training = TrainingConfig(ratio=ratio, seed=options.seed,
                                           **{k: v for k, v in keywords.items() if k in trained})
         return options
 
 
-_probe_files_only = folder_of(None, ("probe-*.safetensors",))
+# Probe files, and the hidden staging file and lock of one being written (atomic_file): another
+# run writing into the cache now, or one killed while it wrote, leaves them there.
+_probe_files_only = folder_of(None, ("probe-*.safetensors", ".probe-*.safetensors.tmp-*",
+                                     ".probe-*.safetensors.lock-*"))
 
 
 def is_probe_cache(folder: Path) -> bool:
-    """A probe cache prunenet wrote: probe files only, and no manifest (a folder with one is
-    another prunenet output, a model or a report, which a probe file would spoil)."""
+    """A probe cache prunenet wrote: probe files only (with the staging file or lock of a probe
+    being written), and no manifest (a folder with one is another prunenet output, a model or a
+    report, which a probe file would spoil)."""
     return read_manifest(folder) is None and _probe_files_only(folder)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import unicodedata
@@ -32,6 +33,13 @@ from .arithmetic import cuda_devices
 from .errors import InputError, first_line
 from .families import context_length
 from .model_view import input_device, parameters_in_memory
+
+log = logging.getLogger(__name__)
+
+# What a cache file says of itself (safetensors metadata): the key it was written under, and
+# the sha256 of its ids as written. A file without them (an earlier prunenet's, or not
+# prunenet's) cannot be vouched for and is generated again.
+_KEY_FIELD, _SHA_FIELD = "prunenet_probe_key", "ids_sha256"
 
 # How a token is drawn from the sampling distribution (named in cache keys and records):
 # inverse CDF, one uniform draw per sequence (torch.multinomial, which draws one exponential per
@@ -318,6 +326,11 @@ def generate_probe(model: nn.Module, tokenizer, tokens: int, seed: int,
     return torch.stack(kept[:wanted])
 
 
+def _ids_sha256(ids: Tensor) -> str:
+    """The sha256 of a probe's ids as a cache file stores them (int64, row after row)."""
+    return hashlib.sha256(ids.contiguous().numpy().tobytes()).hexdigest()
+
+
 class Probe:
     """The calibration-free probe of one run: ``tokens`` of ``model``'s own text from ``seed``,
     generated once when first asked for and shared by every stage that reads it (selection,
@@ -339,11 +352,16 @@ class Probe:
         self._ids: Tensor | None = None
 
     def key(self) -> str:
-        """What the probe depends on: the model (its config, its generation config where that
-        says more than the config, and every weight, so two models that share a config and
-        embeddings but not their layers never share a probe), the seed, the size, the recipe,
-        its sampler and its prompt's token ids."""
-        digest = hashlib.sha256(self.model.config.to_json_string(use_diff=False).encode())
+        """What the probe depends on: the model (its config, not the folder it was read from;
+        its generation config where that says more than the config; and every weight, so two
+        models that share a config and embeddings but not their layers never share a probe),
+        the seed, the size, the recipe, its sampler, its prompt's token ids and the device the
+        model runs on where it is not the CPU."""
+        config = json.loads(self.model.config.to_json_string(use_diff=False))
+        # where the model was read from is no part of it: a model moved or copied to another
+        # folder, or a GGUF converted into a new scratch folder each run, writes the same probe
+        config.pop("_name_or_path", None)
+        digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
         for name, parameter in parameters_in_memory(self.model):
             digest.update(f"{name}:{parameter.dtype}:{tuple(parameter.shape)}".encode())
             digest.update(memoryview(parameter.detach().cpu().contiguous().view(-1)
@@ -352,8 +370,16 @@ class Probe:
         words = f" prompt_ids={prompt_ids(self.tokenizer, self.recipe)}" if self.recipe.prompt \
             else ""
         digest.update((repr((self.seed, self.tokens, self.recipe)) + self.recipe.cache_suffix()
-                       + words + self._generation_suffix()).encode())
+                       + words + self._generation_suffix() + self._device_suffix()).encode())
         return digest.hexdigest()[:32]
+
+    def _device_suffix(self) -> str:
+        """The devices other than the CPU the model generates on (its inputs' and its
+        weights'), empty on the CPU alone (keys made before it was keyed on stay valid): an
+        accelerator rounds the logits otherwise, which changes some of the drawn tokens."""
+        kinds = {parameter.device.type for parameter in self.model.parameters()}
+        kinds = sorted((kinds | {input_device(self.model).type}) - {"cpu", "meta"})
+        return f" devices={','.join(kinds)}" if kinds else ""
 
     def _generation_suffix(self) -> str:
         """What generation reads of the model's generation config (the default sampler: its
@@ -384,36 +410,46 @@ class Probe:
             return self._ids
         key = self.key()
         path = None if self.cache is None else self.cache / f"probe-{key}.safetensors"
+        stale = False  # a cache file that cannot be vouched for: replaced by the new probe
         if key in Probe._memory:
             self._ids = Probe._memory[key]
         elif path is not None and path.is_file():
-            self._ids = self._cached(path)
-        else:
+            self._ids = self._cached(path, key)
+            stale = self._ids is None
+        if self._ids is None:
             self._ids = generate_probe(self.model, self.tokenizer, self.tokens, self.seed,
                                        self.recipe, self.progress)
             self.generated += 1
         Probe._memory[key] = self._ids
-        if path is not None and not path.is_file():
+        if path is not None and (stale or not path.is_file()):
             from safetensors.torch import save_file
 
             from .io.files import atomic_file
 
             path.parent.mkdir(parents=True, exist_ok=True)
+            ids = self._ids.contiguous()
             with atomic_file(path) as tmp:
-                save_file({"ids": self._ids.contiguous()}, str(tmp))
+                save_file({"ids": ids}, str(tmp),
+                          metadata={_KEY_FIELD: key, _SHA_FIELD: _ids_sha256(ids)})
         return self._ids
 
-    def _cached(self, path: Path) -> Tensor:
+    def _cached(self, path: Path, key: str) -> Tensor | None:
         """The ids a cache file holds, refused unless they are what this probe would generate:
-        token ids of the model's vocabulary, in the probe's own shape."""
-        from safetensors import SafetensorError
+        token ids of the model's vocabulary, in the probe's own shape, written under ``key``
+        and unchanged since (their sha256 is the one written with them). None for a file that
+        does not say which key it was written under and what it held (an earlier prunenet's):
+        it is generated again."""
+        from safetensors import SafetensorError, safe_open
         from safetensors.torch import load_file
 
         length = probe_sequence_length(self.model, self.recipe)
         shape = (math.ceil(self.tokens / length), length)
         vocabulary = self.model.get_input_embeddings().num_embeddings
+        metadata: dict[str, str] = {}
         try:
             ids = load_file(str(path)).get("ids")
+            with safe_open(str(path), framework="pt") as opened:
+                metadata = opened.metadata() or {}
         except (SafetensorError, OSError, ValueError, RuntimeError) as error:
             why = first_line(error)
         else:
@@ -424,6 +460,15 @@ class Probe:
                    if tuple(ids.shape) != shape
                    else f"its ids leave the model's vocabulary of {vocabulary}"
                    if ids.numel() and (ids.min() < 0 or ids.max() >= vocabulary) else None)
+        if why is None and (_KEY_FIELD not in metadata or _SHA_FIELD not in metadata):
+            log.info("the cached probe %s does not say which probe it holds (written by an "
+                     "earlier prunenet); generating it again", path)
+            return None
+        if why is None and metadata[_KEY_FIELD] != key:
+            why = (f"it holds the probe of key {metadata[_KEY_FIELD]}, not {key}: a probe "
+                   "file copied or renamed")
+        elif why is None and metadata[_SHA_FIELD] != _ids_sha256(ids):
+            why = "its ids are not those it was written with"
         if why is not None:
             raise InputError(f"the cached probe {path} is damaged ({why}); delete it, and the "
                              "probe is generated again")

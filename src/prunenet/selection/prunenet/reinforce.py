@@ -10,6 +10,7 @@ import copy
 import hashlib
 import logging
 import math
+import numbers
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -43,6 +44,15 @@ def check_trainable_ratio(ratio: float) -> None:
                          "learns nothing; train at the ratio you prune at")
 
 
+def check_seed(seed: object) -> None:
+    """Raise :class:`InputError` unless ``seed`` is an integer in [0, 2**63), as ``--seed``
+    reads it: a fraction, a string or a negative number would run as another seed (``int``
+    of it, or its two's complement) than the record and the card's command name."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) \
+            or not 0 <= seed < 2**63:
+        raise InputError(f"seed must be an integer in [0, 2**63), got {seed!r}")
+
+
 @dataclass
 class TrainingConfig:
     """Every setting of a policy-training run. Defaults follow the reference code."""
@@ -61,6 +71,7 @@ class TrainingConfig:
     precision: str = "auto"  # Gram path: "auto" (float32 if well conditioned), float32, float64
 
     def validate(self) -> None:
+        check_seed(self.seed)
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)):
             raise InputError(f"ratio must be a number in [0, 1), got {self.ratio!r}")
         if not 0.0 <= float(self.ratio) < 1.0:
