@@ -181,6 +181,19 @@ def test_refit_never_increases_the_probe_reconstruction_error(seed, tokens, kept
     assert after == pytest.approx(float(direct.pow(2).sum()), rel=1e-6, abs=1e-9)
 
 
+@pytest.mark.parametrize("ridge", [0.0])
+def test_a_singular_refit_says_to_raise_the_ridge(ridge):
+    """Dead neurons and a ridge of 0 (from Python) leave the system singular: the error names
+    the ridge and says to raise it, as it would say to a positive ridge too small to help."""
+    activations = torch.randn(64, 12, generator=torch.Generator().manual_seed(0),
+                              dtype=torch.float64)
+    activations[:, :3] = 0
+    second = torch.randn(4, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    with pytest.raises(NumericalError, match=f"singular .* at ridge {ridge:g}; raise --ridge "
+                                             r"\(the default is 0.3\)"):
+        refit_layer(second, None, torch.arange(8), _stats(activations), "ls", ridge)
+
+
 def test_non_finite_statistics_raise_naming_the_layer():
     model = make_tiny_model("llama")
     stats = collect_ffn_statistics(model, _probe())

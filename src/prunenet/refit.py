@@ -99,9 +99,10 @@ def refit_layer(second: Tensor, bias: Tensor | None, kept_rows: Tensor, stats: L
         kept_gram.sub_(torch.outer(kept_mean, kept_mean))
     try:
         columns = least_squares_columns(second, kept_rows, cross, kept_gram, ridge)
-    except RuntimeError as error:  # a singular system (ridge 0 with dead neurons)
-        raise NumericalError(f"the refit's system is singular ({error}); use a positive ridge"
-                             ) from error
+    except RuntimeError as error:  # a singular system (a ridge of 0 or one that underflows,
+        # with dead neurons)
+        raise NumericalError(f"the refit's system is singular ({error}) at ridge {ridge:g}; "
+                             f"raise --ridge (the default is {DEFAULT_RIDGE:g})") from error
     new_bias = None
     if bias is not None:
         new_bias = bias.double() + second @ target_mean - columns @ kept_mean
