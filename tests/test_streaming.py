@@ -117,9 +117,9 @@ def test_a_folder_holding_one_file_and_shards_streams_the_weights_it_loads(tmp_p
     assert all(torch.equal(actual[name], tensor) for name, tensor in expected.items())
 
 
-def float8_checkpoint(folder: Path) -> Path:
+def float8_checkpoint(folder: Path, model_type: str = "llama") -> Path:
     """A tiny model with every weight stored as float8_e4m3fn, in several shards."""
-    sharded_checkpoint(folder)
+    sharded_checkpoint(folder, model_type)
     for shard in folder.glob("*.safetensors"):
         tensors = {name: tensor.to(torch.float8_e4m3fn) for name, tensor in
                    load_file(shard).items()}
@@ -140,6 +140,26 @@ def test_a_float8_checkpoint_streams_to_what_it_gives_in_memory(tmp_path, method
     for name, tensor in expected.items():
         assert tensor.dtype == actual[name].dtype == torch.float8_e4m3fn, name
         assert torch.equal(actual[name].view(torch.uint8), tensor.view(torch.uint8)), name
+
+
+def test_a_float8_checkpoint_with_a_bias_refit_streams_to_what_it_gives_in_memory(tmp_path):
+    """--reconstruct bias on float8 weights: planning reads whether the second matrix has a
+    bias from a model built on the meta device in float32 (torch cannot build one in float8,
+    the config's type: it had stopped with a TypeError), and the refitted bias is saved in
+    float8 alike, in memory and read from disk."""
+    source = float8_checkpoint(tmp_path / "model", "gpt2")
+    options = {"method": "random", "reconstruct": "bias", **SMALL_PROBE}
+    compress(str(source), 0.5, out=tmp_path / "memory", **options)
+    least = run_budget(StreamedCheckpoint(source), 256, 32)
+    compress(StreamedCheckpoint(source), 0.5, out=tmp_path / "stream", max_memory=least,
+             **options)
+    expected, actual = all_tensors(tmp_path / "memory"), all_tensors(tmp_path / "stream")
+    assert sorted(actual) == sorted(expected)
+    for name, tensor in expected.items():
+        assert tensor.dtype == actual[name].dtype == torch.float8_e4m3fn, name
+        assert torch.equal(actual[name].view(torch.uint8), tensor.view(torch.uint8)), name
+    assert (json.loads((tmp_path / "memory" / "prunenet.json").read_text())
+            == json.loads((tmp_path / "stream" / "prunenet.json").read_text()))
 
 
 def test_a_nan_in_a_float8_tensor_copied_through_is_refused(tmp_path):
