@@ -519,6 +519,53 @@ def test_disk_full_while_writing_leaves_nothing(tmp_path, monkeypatch):
     assert not out.parent.exists()  # nor the folder made for the output
 
 
+_SLOW_STREAMED_WRITE = """
+import signal, sys, time
+from pathlib import Path
+from prunenet.io import streaming
+from prunenet.cli import main
+
+signal.signal(signal.SIGINT, signal.default_int_handler)
+signal.signal(signal.SIGHUP, signal.SIG_DFL)  # as in a terminal, not under nohup
+real = streaming._write_shard
+
+def slow(*args, **kwargs):
+    Path(sys.argv[1]).write_text("writing")  # the scratch folder and the staging exist now
+    time.sleep(60)
+    return real(*args, **kwargs)
+
+streaming._write_shard = slow
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("signum", ["SIGINT", "SIGTERM", "SIGHUP"])
+def test_a_signal_during_a_streamed_run_leaves_no_scratch_folder(tmp_path, signum):
+    """A run read from disk interrupted while it writes (its offload and refit folder beside
+    the output, the output staged): nothing is left beside the output, the input unchanged."""
+    import signal
+    import time
+
+    source = sharded_checkpoint(tmp_path / "model")
+    before = {path.name: path.read_bytes() for path in source.iterdir()}
+    least = run_budget(StreamedCheckpoint(source), 256, 32)
+    marker = tmp_path / "marker"
+    process = subprocess.Popen(
+        [sys.executable, "-c", _SLOW_STREAMED_WRITE, str(marker), "-q", "compress",
+         str(source), "--ratio", "0.5", "--probe-tokens", "256", "--probe-length", "32",
+         "--out", str(tmp_path / "out"), "--max-memory", str(least)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while not marker.exists():
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.05)
+    assert len([p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp-")]) == 2
+    process.send_signal(getattr(signal, signum))
+    _, error = process.communicate(timeout=60)
+    assert process.returncode == 130, error
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["marker", "model"]
+    assert {path.name: path.read_bytes() for path in source.iterdir()} == before
+
+
 def test_a_streamed_output_is_written_into_folders_it_makes(tmp_path):
     """Missing folders above --out are made when the output is written, streamed as in
     memory; the disk's free space is read where they will be made."""
