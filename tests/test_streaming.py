@@ -704,6 +704,31 @@ def test_peak_memory_does_not_grow_with_layers(tmp_path):
     assert len(index["weight_map"]) == 3 + 9 * 12
 
 
+_CLI_CHILD = """
+import sys
+from prunenet.cli import main
+from prunenet.io.streaming import peak_rss
+status = main(sys.argv[1:])
+print(status, peak_rss())
+"""
+
+
+def test_peak_memory_of_a_weights_only_run_stays_within_the_least_budget_accepted(tmp_path):
+    """The least --max-memory a run that reads only the FFN weights accepts holds it: the
+    interpreter, transformers (every streamed run reads its config and checks its weights
+    with it), a chunk of a tensor copied through and its check. Without the imports, a 4 MiB
+    layer's minimum of 254 MiB was accepted and the run peaked at 388 MiB."""
+    source = generated_checkpoint(tmp_path / "model", 2, 256, 1024)
+    least = StreamedCheckpoint(source).streaming_memory(training=False)
+    done = subprocess.run([sys.executable, "-c", _CLI_CHILD, "-q", "compress", str(source),
+                           "--ratio", "0.5", "--method", "random", "--reconstruct", "none",
+                           "--out", str(tmp_path / "out"), "--max-memory", str(least)],
+                          capture_output=True, text=True, check=True)
+    status, peak = map(int, done.stdout.split()[-2:])
+    assert status == 0 and (tmp_path / "out" / "prunenet.json").is_file(), done.stderr
+    assert peak <= least, (streaming.format_bytes(peak), streaming.format_bytes(least))
+
+
 def test_peak_memory_of_the_offloaded_default_does_not_grow_with_layers(tmp_path):
     """The default and its refit on a model read layer by layer from disk: more layers add no
     layer's worth of memory (Grams one layer at a time; the budget below keeps no layer)."""

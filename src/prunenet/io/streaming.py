@@ -68,7 +68,7 @@ DEFAULT_RAM_SHARE = 0.5
 # rounded up.
 CONVERSION_IMPORTS = 300 * 2**20
 GGUF_PARSE_FACTOR = 128
-_COPY_CHUNK = 16 * 2**20
+_COPY_CHUNK = 4 * 2**20
 _M_MMAP_THRESHOLD = -3  # mallopt parameter of glibc's malloc.h
 # Allocations of this many bytes or more are served by mmap in a streamed run (bound_heap_growth).
 MMAP_THRESHOLD = 2**18
@@ -323,16 +323,22 @@ class StreamedCheckpoint:
         # fp32 first matrix, its kept rows in fp32 and fp64 (at most ~3 matrices together at the
         # usual ratios), the Gram matrix and the eigensolver's workspace.
         spectral = 3 * matrix + 2 * self.d_model**2 * 8
-        # a tensor read, its slice, and slack; float8 is checked for NaN in float32
+        # A tensor read, its slice, and slack (float8 is checked for NaN in float32). A chunk
+        # of a tensor copied through and its NaN check's masks (2.25 chunks) stay within the
+        # measured imports' slack.
         largest = max(self._loaded(self.entries[name]) for name in self.ffn_cuts())
         writing = 3 * largest
         policy = (self.d_ff * self.d_model + 2 * self.d_ff) * 4
+        # Every streamed run imports transformers (reading the config, checking the weights on
+        # the meta device): 157 MiB measured (a 263 MB checkpoint under the old minimum of 286
+        # MiB peaked at 421 MiB).
+        base = BASE_MEMORY + MODEL_RUN_IMPORTS
         if not training:
-            return BASE_MEMORY + policy + max(matrix, writing)
+            return base + policy + max(matrix, writing)
         # Parameters, two AdamW moments, the acting and the best copies; gradients exist only
         # during updates, when no spectrum is being computed. Measured for the LLaMA-2-7B shape:
-        # 1.79e9 bytes peak, estimated 1.96e9 (benchmarks/memory.py).
-        return BASE_MEMORY + 5 * policy + max(spectral, policy + matrix, writing)
+        # 1.79e9 bytes peak, estimated 1.96e9 without the imports (benchmarks/memory.py).
+        return base + 5 * policy + max(spectral, policy + matrix, writing)
 
     def layer_bytes(self) -> int:
         """The largest decoder layer's weights, as loaded (:attr:`loaded_bytes`)."""
@@ -413,10 +419,12 @@ class StreamedCheckpoint:
         return _FLOAT_TYPES[self.dtype].itemsize
 
     def in_memory_need(self, training: bool) -> int:
-        """Estimated peak resident bytes of the in-memory path (weights, matrices, Grams)."""
+        """Estimated peak resident bytes of the in-memory path (transformers, which loads the
+        model, the weights, matrices, Grams). Without the imports, a 263 MB checkpoint given
+        its estimate of 603 MiB was kept in memory and peaked at 730 MiB."""
         per_layer = self.d_ff * self.d_model * 4 + self.d_model**2 * 8
         policy = (self.d_ff * self.d_model + 2 * self.d_ff) * 4
-        return (BASE_MEMORY + self.loaded_bytes + self.num_layers * per_layer
+        return (BASE_MEMORY + MODEL_RUN_IMPORTS + self.loaded_bytes + self.num_layers * per_layer
                 + policy * (6 if training else 1))
 
 
@@ -699,7 +707,9 @@ def choose_streaming(source: Any, max_memory: int | str | None, training: bool,
             check_gguf_fits(source)
         return None
     budget = memory_budget(max_memory)
-    need = checkpoint.in_memory_need(training) + (working(checkpoint) if working else 0)
+    # a run's working memory counts transformers' imports, which in_memory_need holds already
+    need = checkpoint.in_memory_need(training) + (working(checkpoint) - MODEL_RUN_IMPORTS
+                                                  if working else 0)
     why = (f"one layer's FFN matrices {checkpoint.d_ff} x {checkpoint.d_model}"
            + (" plus the policy" if training else "")
            + (", and converting it to safetensors one layer at a time first"
