@@ -344,6 +344,7 @@ _SLOW_SAVE = textwrap.dedent("""
     from prunenet.cli import main
 
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)  # as in a terminal, not under nohup
 
     plain = loading.save_plain_checkpoint
 
@@ -377,9 +378,12 @@ def _wait_for(marker: Path, process) -> None:
         time.sleep(0.05)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP,
+                                    signal.SIGKILL])
 def test_signal_during_save_leaves_no_output_and_input_untouched(tiny_llama_dir, tmp_path,
                                                                  signum):
+    """SIGHUP too (a closed terminal): it had ended the process without cleaning up, leaving
+    the staging folder beside the output."""
     before = _tree_digest(tiny_llama_dir)
     out = tmp_path / "out"
     process, marker = _start_slow_save(tmp_path, tiny_llama_dir, out, sleep=30)

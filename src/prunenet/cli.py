@@ -1218,6 +1218,12 @@ def main(argv: list[str] | None = None) -> int:
     # layers a streamed run reads from disk.
     logging.getLogger("accelerate.big_modeling").setLevel(logging.ERROR)
     signal.signal(signal.SIGTERM, _terminate)
+    # A closed terminal or a dropped ssh session sends SIGHUP, whose default ends the process
+    # without cleaning up: the staging folder and a streamed run's scratch (its offload, its
+    # refit, a GGUF's float32 copy) stayed behind. Ignored (nohup), it stays ignored.
+    hangup = getattr(signal, "SIGHUP", None)
+    if hangup is not None and signal.getsignal(hangup) == signal.SIG_DFL:
+        signal.signal(hangup, _terminate)
     written_before = commits()  # a process may run several commands
     try:
         with _no_progress_bars() if args.quiet else contextlib.nullcontext():

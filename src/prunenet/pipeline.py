@@ -301,13 +301,15 @@ def make_selector(method: str, options: CompressOptions, policy: PrunePolicy | N
 def second_has_bias(model: Any, trust_remote_code: bool = False) -> bool:
     """Whether ``model``'s second FFN matrix has a bias (what ``--reconstruct bias`` adds to):
     read from the model, or for a path from a model of its config on the meta device (no
-    weight is read)."""
+    weight is read; in float32, as a float8 checkpoint is computed: torch cannot make float8
+    its default type, which building a model in the config's type does)."""
     if not isinstance(model, nn.Module):
         from transformers import AutoModelForCausalLM
 
         config = load_config(model, trust_remote_code=trust_remote_code)
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code,
+                                                     dtype=torch.float32)
     view = FFNView(model)
     return getattr(view.second_matrix_module(0), "bias", None) is not None
 

@@ -72,7 +72,7 @@ def offload_budget(checkpoint: StreamedCheckpoint, max_memory: int | str | None,
     if list(tasks):
         working = max(working, checkpoint.evaluation_memory(ZERO_SHOT_BATCH, ZERO_SHOT_LENGTH))
     budget = memory_budget(max_memory)
-    in_memory = BASE_MEMORY + checkpoint.weight_bytes + working
+    in_memory = BASE_MEMORY + checkpoint.loaded_bytes + working
     need = checkpoint.offloaded_memory(working)
     if not exceeds(checkpoint, budget, in_memory, need,
                    f": evaluating {checkpoint.folder} layer by layer",

@@ -68,7 +68,7 @@ DEFAULT_RAM_SHARE = 0.5
 # rounded up.
 CONVERSION_IMPORTS = 300 * 2**20
 GGUF_PARSE_FACTOR = 128
-_COPY_CHUNK = 16 * 2**20
+_COPY_CHUNK = 4 * 2**20
 _M_MMAP_THRESHOLD = -3  # mallopt parameter of glibc's malloc.h
 # Allocations of this many bytes or more are served by mmap in a streamed run (bound_heap_growth).
 MMAP_THRESHOLD = 2**18
@@ -289,7 +289,28 @@ class StreamedCheckpoint:
 
     @property
     def weight_bytes(self) -> int:
+        """The weights' size as stored (on disk)."""
         return sum(entry.end - entry.start for entry in self.entries.values())
+
+    @functools.cached_property
+    def computed_in_float32(self) -> bool:
+        """Whether a load computes these weights in float32 although they are stored in a
+        narrower float type (float8): :func:`~prunenet.io.loading.load_model_and_tokenizer`
+        widens them, so in memory each takes 4 bytes a value, not the 1 it takes on disk."""
+        stored = getattr(self.model_config, "dtype", None)
+        return (isinstance(stored, torch.dtype) and stored.is_floating_point
+                and stored.itemsize < 2)
+
+    def _loaded(self, entry: TensorEntry) -> int:
+        """``entry``'s bytes once loaded (:attr:`computed_in_float32`), else as stored."""
+        if self.computed_in_float32 and entry.dtype in _FLOAT_TYPES:
+            return 4 * entry.numel
+        return entry.end - entry.start
+
+    @property
+    def loaded_bytes(self) -> int:
+        """The weights' size in memory once loaded: as stored, or in float32 for float8."""
+        return sum(self._loaded(entry) for entry in self.entries.values())
 
     @property
     def float32_bytes(self) -> int:
@@ -302,24 +323,31 @@ class StreamedCheckpoint:
         # fp32 first matrix, its kept rows in fp32 and fp64 (at most ~3 matrices together at the
         # usual ratios), the Gram matrix and the eigensolver's workspace.
         spectral = 3 * matrix + 2 * self.d_model**2 * 8
-        largest = max(self.entries[name].end - self.entries[name].start for name in self.ffn_cuts())
-        writing = 3 * largest  # a tensor read, its slice, and slack
+        # A tensor read, its slice, and slack (float8 is checked for NaN in float32). A chunk
+        # of a tensor copied through and its NaN check's masks (2.25 chunks) stay within the
+        # measured imports' slack.
+        largest = max(self._loaded(self.entries[name]) for name in self.ffn_cuts())
+        writing = 3 * largest
         policy = (self.d_ff * self.d_model + 2 * self.d_ff) * 4
+        # Every streamed run imports transformers (reading the config, checking the weights on
+        # the meta device): 157 MiB measured (a 263 MB checkpoint under the old minimum of 286
+        # MiB peaked at 421 MiB).
+        base = BASE_MEMORY + MODEL_RUN_IMPORTS
         if not training:
-            return BASE_MEMORY + policy + max(matrix, writing)
+            return base + policy + max(matrix, writing)
         # Parameters, two AdamW moments, the acting and the best copies; gradients exist only
         # during updates, when no spectrum is being computed. Measured for the LLaMA-2-7B shape:
-        # 1.79e9 bytes peak, estimated 1.96e9 (benchmarks/memory.py).
-        return BASE_MEMORY + 5 * policy + max(spectral, policy + matrix, writing)
+        # 1.79e9 bytes peak, estimated 1.96e9 without the imports (benchmarks/memory.py).
+        return base + 5 * policy + max(spectral, policy + matrix, writing)
 
     def layer_bytes(self) -> int:
-        """The largest decoder layer's weights, as stored."""
+        """The largest decoder layer's weights, as loaded (:attr:`loaded_bytes`)."""
         prefix = self.family.layers + "."
         sizes: dict[str, int] = {}
         for name, entry in self.entries.items():
             if name.startswith(prefix):
                 layer = name[len(prefix):].split(".", 1)[0]
-                sizes[layer] = sizes.get(layer, 0) + entry.end - entry.start
+                sizes[layer] = sizes.get(layer, 0) + self._loaded(entry)
         return max(sizes.values())
 
     def run_working_memory(self, probe_tokens: int, batch: int, length: int,
@@ -364,8 +392,9 @@ class StreamedCheckpoint:
         return BASE_MEMORY + 2 * max(self.layer_bytes(), self._outside()) + working
 
     def _outside(self) -> int:
-        """The largest tensor outside the decoder layers (the embeddings or the head)."""
-        return max((entry.end - entry.start for name, entry in self.entries.items()
+        """The largest tensor outside the decoder layers (the embeddings or the head), as
+        loaded."""
+        return max((self._loaded(entry) for name, entry in self.entries.items()
                     if not name.startswith(self.family.layers + ".")), default=0)
 
     def evaluation_memory(self, batch: int, length: int) -> int:
@@ -384,13 +413,18 @@ class StreamedCheckpoint:
         return MODEL_RUN_IMPORTS + logits + activations
 
     def _float_size(self) -> int:
-        return _FLOAT_TYPES[self.dtype].itemsize if self.dtype in _FLOAT_TYPES else 4
+        """Bytes of one value the model computes with (its caches and logits)."""
+        if self.computed_in_float32 or self.dtype not in _FLOAT_TYPES:
+            return 4
+        return _FLOAT_TYPES[self.dtype].itemsize
 
     def in_memory_need(self, training: bool) -> int:
-        """Estimated peak resident bytes of the in-memory path (weights, matrices, Grams)."""
+        """Estimated peak resident bytes of the in-memory path (transformers, which loads the
+        model, the weights, matrices, Grams). Without the imports, a 263 MB checkpoint given
+        its estimate of 603 MiB was kept in memory and peaked at 730 MiB."""
         per_layer = self.d_ff * self.d_model * 4 + self.d_model**2 * 8
         policy = (self.d_ff * self.d_model + 2 * self.d_ff) * 4
-        return (BASE_MEMORY + self.weight_bytes + self.num_layers * per_layer
+        return (BASE_MEMORY + MODEL_RUN_IMPORTS + self.loaded_bytes + self.num_layers * per_layer
                 + policy * (6 if training else 1))
 
 
@@ -564,7 +598,7 @@ def check_gguf_fits(source: str | os.PathLike) -> None:
 def check_models_fit(sources: Sequence[str | os.PathLike], command: str,
                      float32: bool = False) -> None:
     """Refuse, before any load, models that ``command`` holds in memory together when their
-    weights alone (as stored, or in float32 with ``float32``; a GGUF always in float32: a lower
+    weights alone (as loaded, or in float32 with ``float32``; a GGUF always in float32: a lower
     bound of what the load takes) exceed the memory available now: such a command cannot read
     a model from disk as it runs. Each GGUF is first checked as :func:`check_gguf_fits` checks
     it; Hub ids pass."""
@@ -576,7 +610,7 @@ def check_models_fit(sources: Sequence[str | os.PathLike], command: str,
             sizes.append((source, 4 * gguf_parameters(Path(folder) / gguf_file)))
         elif (checkpoint := streamable(folder)) is not None:
             sizes.append((source, checkpoint.float32_bytes if float32
-                          else checkpoint.weight_bytes))
+                          else checkpoint.loaded_bytes))
     refuse_over_free_memory(sizes, command, "Use a machine with more memory; prunenet "
                             "compress and prunenet eval read a model this large from disk as it "
                             "runs (--max-memory)")
@@ -673,7 +707,9 @@ def choose_streaming(source: Any, max_memory: int | str | None, training: bool,
             check_gguf_fits(source)
         return None
     budget = memory_budget(max_memory)
-    need = checkpoint.in_memory_need(training) + (working(checkpoint) if working else 0)
+    # a run's working memory counts transformers' imports, which in_memory_need holds already
+    need = checkpoint.in_memory_need(training) + (working(checkpoint) - MODEL_RUN_IMPORTS
+                                                  if working else 0)
     why = (f"one layer's FFN matrices {checkpoint.d_ff} x {checkpoint.d_model}"
            + (" plus the policy" if training else "")
            + (", and converting it to safetensors one layer at a time first"
