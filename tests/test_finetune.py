@@ -449,17 +449,17 @@ def test_an_interrupt_once_the_output_is_complete_says_the_work_folder_can_go(
     from types import SimpleNamespace
 
     module = sys.modules["prunenet.finetune"]
-    out = setup.root / "ended"
+    out = setup.root / "complete"
 
     def rmtree(path, *args, **kwargs):
-        if Path(path).name == "ended.work":
+        if Path(path).name == "complete.work":
             raise KeyboardInterrupt
         return shutil.rmtree(path, *args, **kwargs)
 
     monkeypatch.setattr(module, "shutil", SimpleNamespace(**{**vars(shutil), "rmtree": rmtree}))
     assert main(["-q", "finetune", str(setup.pruned), "--data", str(setup.corpus), "--out",
                  str(out), "--steps", "1", "--seqlen", "16", "--eval-windows", "1"]) == 130
-    work = (setup.root / "ended.work").resolve()
+    work = (setup.root / "complete.work").resolve()
     line = capsys.readouterr().err.strip()
     assert f"{work} (the work folder of a fine-tune whose output {out.resolve()} is complete: " \
         "delete it)" in line and "--resume" not in line, line
