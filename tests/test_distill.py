@@ -297,15 +297,20 @@ def test_no_teacher_and_no_record_is_a_clear_error(setup, tmp_path):
         finetune(bare, "wiki", tmp_path / "out", teacher=setup.dense, steps=2)
 
 
+def _teacher_refused(setup, teacher, out, capsys) -> str:
+    """The one-line error of distilling ``setup.pruned`` from ``teacher`` into ``out``."""
+    capsys.readouterr()
+    assert main(["-q", "finetune", str(setup.pruned), "--data", "self-generated", "--teacher",
+                 str(teacher), "--out", str(out), "--steps", "2", "--seqlen", "32"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1, error
+    return error
+
+
 def test_a_mismatched_teacher_is_a_one_line_error(setup, tmp_path, capsys):
     other = tmp_path / "other-vocabulary"
     make_tiny_model("llama").save_pretrained(other)  # vocabulary 128, not 49152
-    argv = ["-q", "finetune", str(setup.pruned), "--data", "self-generated", "--teacher",
-            str(other), "--out", str(tmp_path / "out"), "--steps", "2", "--seqlen", "32"]
-    capsys.readouterr()
-    assert main(argv) == 2
-    error = capsys.readouterr().err.strip()
-    assert len(error.splitlines()) == 1, error
+    error = _teacher_refused(setup, other, tmp_path / "out", capsys)
     assert "vocabulary of 128" in error and "49152" in error and "--teacher" in error
     gpt2 = tmp_path / "other-family"
     make_tiny_model("gpt2").save_pretrained(gpt2)
@@ -336,12 +341,7 @@ def test_a_teacher_with_another_tokenizer_of_the_same_size_is_refused_before_any
 
     monkeypatch.setattr(importlib.import_module("prunenet.finetune"), "load_model_and_tokenizer",
                         no_load)
-    argv = ["-q", "finetune", str(setup.pruned), "--data", "self-generated", "--teacher",
-            str(other), "--out", str(tmp_path / "out"), "--steps", "2", "--seqlen", "32"]
-    capsys.readouterr()
-    assert main(argv) == 2
-    error = capsys.readouterr().err.strip()
-    assert len(error.splitlines()) == 1, error
+    error = _teacher_refused(setup, other, tmp_path / "out", capsys)
     assert f"teacher {other} has another tokenizer than the student" in error
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.work").exists()
 

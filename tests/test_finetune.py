@@ -303,23 +303,29 @@ def test_resume_continues_early_stopping_where_the_run_left_it(setup):
     assert_same_weights(setup.root / "patient", out)
 
 
-def test_a_checkpoint_whose_save_was_killed_is_dropped_on_resume(setup):
-    """Killed while the Trainer saved checkpoint-4 (its trainer_state.json, written last, is
-    missing): --resume continues from checkpoint-2 and ends as an uninterrupted run, and
-    --overwrite may replace the work folder; neither refuses it as someone else's."""
+def _resumed_past_a_damaged_checkpoint(setup, name: str, damage) -> dict:
+    """Stop a 6-step run at step 5, ``damage`` checkpoint-4's trainer_state.json, resume: it
+    continues from checkpoint-2 and ends as the uninterrupted run. Returns the settings."""
     settings = dict(steps=6, eval_every=2, progress=False, **SETTINGS)
-    if not (setup.root / "straight").exists():  # the uninterrupted run of the test above
+    if not (setup.root / "straight").exists():  # the uninterrupted run of the tests above
         finetune(setup.pruned, setup.corpus, setup.root / "straight", **settings)
-    out = setup.root / "killed"
+    out = setup.root / name
     with pytest.raises(Interrupted):
         finetune(setup.pruned, setup.corpus, out, callbacks=[InterruptAt(5)], **settings)
-    work = setup.root / "killed.work"
-    (work / "checkpoint-4" / "trainer_state.json").unlink()
+    damage(setup.root / f"{name}.work" / "checkpoint-4" / "trainer_state.json")
     recorder = Recorder()
     resumed = finetune(setup.pruned, setup.corpus, out, resume=True, callbacks=[recorder],
                        **settings)
     assert recorder.steps == [3, 4, 5, 6] and resumed.record["finetune"]["resumed_from_step"] == 2
     assert_same_weights(setup.root / "straight", out)
+    return settings
+
+
+def test_a_checkpoint_whose_save_was_killed_is_dropped_on_resume(setup):
+    """Killed while the Trainer saved checkpoint-4 (its trainer_state.json, written last, is
+    missing): --resume continues from checkpoint-2 and ends as an uninterrupted run, and
+    --overwrite may replace the work folder; neither refuses it as someone else's."""
+    settings = _resumed_past_a_damaged_checkpoint(setup, "killed", Path.unlink)
     with pytest.raises(Interrupted):
         finetune(setup.pruned, setup.corpus, setup.root / "killed2",
                  callbacks=[InterruptAt(5)], **settings)
@@ -331,19 +337,8 @@ def test_a_checkpoint_whose_save_was_killed_is_dropped_on_resume(setup):
 def test_a_checkpoint_killed_while_writing_its_trainer_state_is_dropped_on_resume(setup):
     """Killed while the Trainer wrote checkpoint-4's trainer_state.json (in place, so cut
     short): --resume continues from checkpoint-2 and ends as an uninterrupted run."""
-    settings = dict(steps=6, eval_every=2, progress=False, **SETTINGS)
-    if not (setup.root / "straight").exists():  # the uninterrupted run of the tests above
-        finetune(setup.pruned, setup.corpus, setup.root / "straight", **settings)
-    out = setup.root / "cut-short"
-    with pytest.raises(Interrupted):
-        finetune(setup.pruned, setup.corpus, out, callbacks=[InterruptAt(5)], **settings)
-    state = setup.root / "cut-short.work" / "checkpoint-4" / "trainer_state.json"
-    state.write_text(state.read_text()[:100])
-    recorder = Recorder()
-    resumed = finetune(setup.pruned, setup.corpus, out, resume=True, callbacks=[recorder],
-                       **settings)
-    assert recorder.steps == [3, 4, 5, 6] and resumed.record["finetune"]["resumed_from_step"] == 2
-    assert_same_weights(setup.root / "straight", out)
+    _resumed_past_a_damaged_checkpoint(
+        setup, "cut-short", lambda state: state.write_text(state.read_text()[:100]))
 
 
 def test_a_crash_before_the_first_checkpoint_leaves_no_work_folder(setup, capsys):
