@@ -412,7 +412,11 @@ def test_a_gguf_license_reaches_every_card_made_from_it(tmp_path, monkeypatch):
         tmp_path / "converted" / "README.md").read_text()
 
     odd = _gguf(tmp_path / "odd", GGMLQuantizationType.Q8_0, tinycoder, license="[mit]")
-    assert card_fields(odd) == {} and card_fields(source) == {"license": "apache-2.0"}
+    from prunenet.io.loading import inherited_card_fields
+
+    assert inherited_card_fields(odd) == {}
+    assert inherited_card_fields(source) == inherited_card_fields(source.parent) == {
+        "license": "apache-2.0"}
     assert main(["-q", "convert", str(odd), "--out", str(tmp_path / "odd-converted")]) == 0
     assert not any(line.startswith("license") for line in front_matter(
         (tmp_path / "odd-converted" / "README.md").read_text()))

@@ -28,6 +28,7 @@ from .files import atomic_folder
 from .loading import (
     CARD_NAME,
     CONVERTED_MARKER,
+    gguf_license,
     gguf_parameters,
     gguf_reader,
     is_conversion,
@@ -133,6 +134,6 @@ def convert_gguf(source: str | Path, out: str | Path, overwrite: bool = False,
         tokenizer = load_tokenizer(path)  # None, as the load has it, where none can be built
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
-        write_text_atomic(staging / CARD_NAME, conversion_card(path))
+        write_text_atomic(staging / CARD_NAME, conversion_card(gguf_file, gguf_license(path)))
         (staging / CONVERTED_MARKER).write_text(gguf_file + "\n")
     return out

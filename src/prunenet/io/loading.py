@@ -42,7 +42,7 @@ from .files import (
     write_json_atomic,
     write_text_atomic,
 )
-from .model_card import CARD_NAME, conversion_card, render_card
+from .model_card import CARD_NAME, card_fields, card_value, conversion_card, render_card
 
 RECORD_NAME = "prunenet.json"
 MODEL_ALIASES = {alias: model.description for alias, model in MODELS.items()}
@@ -690,9 +690,36 @@ def write_card(folder: Path, record: dict[str, Any], source: str | os.PathLike |
     hub_id = str(source) if source is not None and not local \
         and str(source).count("/") == 1 else None
     files = {path.name for path in Path(folder).iterdir()}  # what the card may say loads
-    write_text_atomic(folder / CARD_NAME,
-                      render_card(record, Path(source).expanduser() if local else None, hub_id,
-                                  files))
+    inherited = inherited_card_fields(Path(source).expanduser()) if local else {}
+    write_text_atomic(folder / CARD_NAME, render_card(record, inherited, hub_id, files))
+
+
+def gguf_license(path: str | os.PathLike) -> str | None:
+    """A GGUF file's ``general.license`` (one line), or None where it declares none or cannot
+    be read."""
+    try:
+        field = gguf_reader(path).get_field("general.license")
+        value = field.contents() if field is not None else None
+    except (OSError, ValueError):
+        return None
+    return card_value(value) if isinstance(value, str) else None
+
+
+def inherited_card_fields(source: str | os.PathLike) -> dict[str, str]:
+    """``license`` and ``base_model`` a local model declares: its folder's card
+    (:func:`~prunenet.io.model_card.card_fields`), and for a GGUF file, or a folder whose model
+    is one GGUF file, that file's ``general.license`` where no card names a license."""
+    path = Path(source)
+    gguf = path if path.suffix.lower() == ".gguf" and path.is_file() else None
+    fields = card_fields(path) if gguf is None else {}
+    if gguf is None and not (path / "config.json").is_file():
+        found = [entry for entry in path.glob("*.gguf") if entry.is_file()]
+        gguf = found[0] if len(found) == 1 else None
+    if gguf is not None and "license" not in fields:
+        value = gguf_license(gguf)
+        if value is not None:
+            fields["license"] = value
+    return fields
 
 
 def read_record(folder: str | os.PathLike) -> dict[str, Any]:
@@ -764,7 +791,8 @@ def convert_model(alias: str, force: bool = False) -> Path:
     model, tokenizer = load_model_and_tokenizer(str(gguf_file))
     with atomic_folder(target, overwrite=True, ours=is_conversion) as staging:
         save_plain_checkpoint(model, tokenizer, staging)
-        write_text_atomic(staging / CARD_NAME, conversion_card(gguf_file))
+        write_text_atomic(staging / CARD_NAME,
+                          conversion_card(gguf_file.name, gguf_license(gguf_file)))
         (staging / CONVERTED_MARKER).write_text(model_entry.gguf + "\n")
     return target
 

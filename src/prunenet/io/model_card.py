@@ -21,40 +21,14 @@ CARD_NAME = "README.md"
 _FRONT_MATTER = re.compile(r"\A---\s*\n(.*?)\n---\s*(\n|\Z)", re.DOTALL)
 
 
-def card_fields(source: str | os.PathLike | None) -> dict[str, str]:
-    """``license`` and ``base_model`` a local model declares: the front matter of the README.md
-    in its folder (one-line scalar values only; anything else is ignored), and for a GGUF file,
-    or a folder whose model is one GGUF file, that file's ``general.license`` where no card
-    names a license."""
-    if source is None:
-        return {}
-    path = Path(source)
-    gguf = path if path.suffix.lower() == ".gguf" and path.is_file() else None
-    folder = None if gguf is not None else path
-    fields = _front_matter_fields(folder) if folder is not None else {}
-    if folder is not None and not (folder / "config.json").is_file():
-        found = [entry for entry in folder.glob("*.gguf") if entry.is_file()]
-        gguf = found[0] if len(found) == 1 else None
-    if gguf is not None and "license" not in fields:
-        value = gguf_license(gguf)
-        if value is not None:
-            fields["license"] = value
-    return fields
-
-
-def _scalar(value: str) -> str | None:
-    """``value`` as a one-line YAML scalar the card can carry, or None."""
-    value = value.strip().strip("'\"")
-    if not value or "\n" in value or value.startswith(("[", "{", "|")):
-        return None
-    return value
-
-
-def _front_matter_fields(folder: Path) -> dict[str, str]:
-    if not (folder / CARD_NAME).is_file():
+def card_fields(folder: str | os.PathLike | None) -> dict[str, str]:
+    """``license`` and ``base_model`` from the front matter of ``folder/README.md``, if any
+    (one-line scalar values only; anything else is ignored). A GGUF's own license is read by
+    :func:`prunenet.io.loading.inherited_card_fields`."""
+    if folder is None or not (Path(folder) / CARD_NAME).is_file():
         return {}
     try:
-        text = (folder / CARD_NAME).read_text(encoding="utf-8")
+        text = (Path(folder) / CARD_NAME).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError):
         return {}
     match = _FRONT_MATTER.match(text)
@@ -63,51 +37,45 @@ def _front_matter_fields(folder: Path) -> dict[str, str]:
     fields = {}
     for line in match.group(1).splitlines():
         key, _, value = line.partition(":")
-        value = _scalar(value)
+        value = card_value(value)
         if key in ("license", "base_model") and value is not None:
             fields[key] = value
     return fields
 
 
-def gguf_license(path: str | os.PathLike) -> str | None:
-    """A GGUF file's ``general.license`` (one line), or None where it declares none or cannot
-    be read."""
-    from .loading import gguf_reader
-
-    try:
-        field = gguf_reader(path).get_field("general.license")
-        value = field.contents() if field is not None else None
-    except (OSError, ValueError):
+def card_value(value: str) -> str | None:
+    """``value`` as a one-line YAML scalar a card's front matter can carry, or None."""
+    value = value.strip().strip("'\"")
+    if not value or "\n" in value or value.startswith(("[", "{", "|")):
         return None
-    return _scalar(value) if isinstance(value, str) else None
+    return value
 
 
-def conversion_card(gguf: str | os.PathLike) -> str:
-    """The card of a folder converted from ``gguf``: its license, and what the folder is."""
-    name = Path(gguf).name
-    value = gguf_license(gguf)
-    front = ["---", *([f"license: {_yaml_value(value)}"] if value is not None else []),
+def conversion_card(gguf_name: str, license: str | None) -> str:
+    """The card of a folder converted from the GGUF file ``gguf_name``: its ``license`` (the
+    GGUF's own, where it names one), and what the folder is."""
+    front = ["---", *([f"license: {_yaml_value(license)}"] if license is not None else []),
              "library_name: transformers", "---", ""]
     return "\n".join(front + [
-        f"# {Path(name).stem}, converted from GGUF", "",
-        f"`{name}` dequantized to a float32 safetensors checkpoint by prunenet {__version__}. It "
-        "loads with plain `transformers.AutoModelForCausalLM.from_pretrained`.", ""])
+        f"# {Path(gguf_name).stem}, converted from GGUF", "",
+        f"`{gguf_name}` dequantized to a float32 safetensors checkpoint by prunenet "
+        f"{__version__}. It loads with plain `transformers.AutoModelForCausalLM.from_pretrained`.",
+        ""])
 
 
 def _yaml_value(value: str) -> str:
     return json.dumps(value)  # a JSON string is a valid YAML scalar
 
 
-def render_card(record: dict[str, Any], input_folder: str | os.PathLike | None = None,
+def render_card(record: dict[str, Any], inherited: dict[str, str] | None = None,
                 hub_id: str | None = None, files: set[str] | None = None) -> str:
     """The card of an output described by ``record`` (its ``prunenet.json``).
 
-    ``input_folder``: the local model folder or GGUF file it came from (its card, or the
-    GGUF's header, gives ``license``, and the card the lineage); ``hub_id``: the Hub id it
-    came from, when it did; ``files``: the names in the output folder (what it says loads
-    where follows them; None: a stock checkpoint).
+    ``inherited``: the ``license`` and ``base_model`` the input declares (its card, or a
+    GGUF's header); ``hub_id``: the Hub id it came from, when it did; ``files``: the names in
+    the output folder (what it says loads where follows them; None: a stock checkpoint).
     """
-    inherited = card_fields(input_folder)
+    inherited = inherited or {}
     base_model = hub_id or inherited.get("base_model")
     method = record.get("method")  # None: a model prunenet fine-tuned but did not prune
     tune = record.get("finetune")
