@@ -163,6 +163,21 @@ def test_a_prompt_read_into_other_ids_keys_another_cache_entry(model):
                                                                recipe).key()
 
 
+def test_lengths_beyond_the_models_positions_share_one_cache_entry(model):
+    """A --probe-length the model's positions cap generates the capped probe, whatever was
+    asked: one key for them all (the card records the capped length), another for a length
+    below the cap."""
+    positions = model.config.max_position_embeddings
+    keys = {length: Probe(model, None, 256, 0, ProbeRecipe(sequence_length=length)).key()
+            for length in (positions, positions + 1, 4 * positions, positions - 1)}
+    assert keys[positions] == keys[positions + 1] == keys[4 * positions]
+    assert keys[positions - 1] != keys[positions]
+    long = ProbeRecipe(sequence_length=4 * positions, batch_size=2)
+    capped = ProbeRecipe(sequence_length=positions, batch_size=2)
+    assert torch.equal(generate_probe(model, None, 2 * positions, 3, long, progress=False),
+                       generate_probe(model, None, 2 * positions, 3, capped, progress=False))
+
+
 class _TwoScripts:
     """A tokenizer stand-in that decodes every third id to a Cyrillic letter, the others to a
     Latin one, so a sequence's main script depends on the ids sampled."""

@@ -21,7 +21,7 @@ import unicodedata
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -369,7 +369,11 @@ class Probe:
         # the prompt as the tokenizer reads it: the same words may be other ids
         words = f" prompt_ids={prompt_ids(self.tokenizer, self.recipe)}" if self.recipe.prompt \
             else ""
-        digest.update((repr((self.seed, self.tokens, self.recipe)) + self.recipe.cache_suffix()
+        # the sequences as generated: a length beyond the model's positions is capped, and
+        # every length capped alike generates the same probe
+        recipe = replace(self.recipe, sequence_length=probe_sequence_length(self.model,
+                                                                            self.recipe))
+        digest.update((repr((self.seed, self.tokens, recipe)) + self.recipe.cache_suffix()
                        + words + self._generation_suffix() + self._device_suffix()).encode())
         return digest.hexdigest()[:32]
 
