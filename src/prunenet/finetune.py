@@ -349,15 +349,15 @@ RESUMED_DEFAULTS = ("train", "lr", "seqlen", "precision", *LORA_SETTINGS)
 
 def resume_command(work: Path) -> str | None:
     """The command that continues the interrupted fine-tune in ``work`` (``OUT.work``), from
-    the settings it saved; None where it holds none readable, or where ``OUT`` is complete
-    (the run was stopped while it deleted ``work``)."""
+    the settings it saved; None where it holds none readable. (Where ``OUT`` is complete, the
+    run was stopped while it deleted ``work``: see :func:`finished_output`.)"""
     try:
         saved = _saved_settings(work)
     except InputError:
         return None
     out = work.with_suffix("")
     if work.suffix != ".work" or sibling_path(out, ".work") != work \
-            or not isinstance(saved.get("source"), str) or finished_output(out):
+            or not isinstance(saved.get("source"), str):
         return None
     from .io.model_card import finetune_command
 
@@ -574,7 +574,8 @@ def _finetune(model: str | os.PathLike, data: str, out: str | os.PathLike, *,
     earlier = record.pop("finetune", None)
     teacher_model = None
     if config.distils:
-        teacher_model, _ = load_model_and_tokenizer(teacher_source, dtype=torch.float32)
+        teacher_model, _ = load_model_and_tokenizer(teacher_source, dtype=torch.float32,
+                                                    with_tokenizer=False)
     student = add_lora(loaded, config) if config.train == "lora" else train_ffn_only(loaded)
     student.config.use_cache = False
 
