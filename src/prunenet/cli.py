@@ -793,7 +793,7 @@ def ratio_list(text: str) -> list[float]:
 
 
 def run_compare(args: argparse.Namespace) -> int:
-    from .compare import compare, parse_methods
+    from .compare import compare, parse_methods, reads_seed
 
     methods = parse_methods(args.methods, args.variant, quiet=True)
     refuse_unused(args, [*_evaluation_rules(args),
@@ -802,8 +802,7 @@ def run_compare(args: argparse.Namespace) -> int:
                          (("calibration_corpus", "calibration_windows"),
                           None if "activation" in methods else "no method compared reads "
                           "calibration text (activation does)"),
-                         (("seed",), None if args.reconstruct != "none" or any(
-                             SELECTORS[method].seeded for method in methods) else
+                         (("seed",), None if reads_seed(methods, args.reconstruct) else
                           "with --reconstruct none no method compared is seeded ("
                           + ", ".join(name for name, cls in SELECTORS.items() if cls.seeded)
                           + " are)")])

@@ -85,6 +85,12 @@ def parse_methods(methods: str | Sequence[str], variant: str | None = None,
     return names
 
 
+def reads_seed(method_names: Sequence[str], reconstruct: str) -> bool:
+    """Whether a comparison reads its seed: a refit samples a probe from it, or a method
+    compared draws at random."""
+    return reconstruct != "none" or any(SELECTORS[method].seeded for method in method_names)
+
+
 def compare(
     model: str | os.PathLike,
     ratios: Sequence[float],
@@ -180,8 +186,7 @@ def compare(
             "windows": windows if reads_text else None, "tasks": task_names,
             "limit": limit if task_names else None, "speed": vars(speed),
             # null where no probe was sampled and no method compared draws at random
-            "seed": seed if reconstruct != "none" or any(
-                SELECTORS[method].seeded for method in method_names) else None,
+            "seed": seed if reads_seed(method_names, reconstruct) else None,
             "reconstruct": reconstruct,
             "calibration": vars(calibration or Calibration()) if "activation" in method_names
             else None,
