@@ -140,8 +140,11 @@ class TokenCorpus:
             windows = torch.cat([bos, windows], dim=1)
         return windows
 
-    def evaluation_windows(self, seqlen: int = 1024, count: int | None = None) -> Tensor:
-        """The first ``count`` non-overlapping windows (count x seqlen) of the evaluation region."""
+    def evaluation_windows(self, seqlen: int = 1024, count: int | None = None,
+                           advice: str = "") -> Tensor:
+        """The first ``count`` non-overlapping windows (count x seqlen) of the evaluation region.
+        More than it holds are refused, ``advice`` (formatted with ``held``, the count it
+        holds) said after the counts."""
         if count is not None and (isinstance(count, bool) or not isinstance(count, int)
                                   or count < 1):
             raise InputError(f"windows must be a positive number of windows, got {count!r}")
@@ -157,7 +160,7 @@ class TokenCorpus:
                 raise InputError(
                     f"corpus {self.name!r} holds {windows.shape[0]} evaluation windows of "
                     f"{seqlen} tokens; asked for {count}"
-                )
+                    + (f"; {advice.format(held=windows.shape[0])}" if advice else ""))
             windows = windows[:count]
         return windows
 

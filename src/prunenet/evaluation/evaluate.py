@@ -168,13 +168,9 @@ def check_evaluation_windows(config, tokenizer: Any, windows: int, option: str =
 def perplexity_windows(corpus: TokenCorpus, seqlen: int, windows: int) -> Tensor:
     """The first ``windows`` evaluation windows of ``corpus`` that perplexity scores; more than
     it holds are refused naming --windows and how many it holds."""
-    counted = isinstance(windows, int) and not isinstance(windows, bool) and windows >= 1
-    held = corpus.evaluation_windows(seqlen).shape[0] if counted else None  # none: said so
-    if held is not None and windows > held:
-        raise InputError(f"corpus {corpus.name!r} holds {held} evaluation windows of {seqlen} "
-                         f"tokens; asked for {windows}; give --windows {held} or fewer, more "
-                         "text or shorter windows (--seqlen)")
-    return corpus.evaluation_windows(seqlen, windows)
+    return corpus.evaluation_windows(
+        seqlen, windows,
+        advice="give --windows {held} or fewer, more text or shorter windows (--seqlen)")
 
 
 def _perplexity_part(model: nn.Module, tokenizer: Any, ppl: str | TokenCorpus, seqlen: int | None,
