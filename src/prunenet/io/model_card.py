@@ -143,7 +143,7 @@ def render_card(record: dict[str, Any], inherited: dict[str, str] | None = None,
         tune = tune.get("previous")
     for number, entry in enumerate(tunes, 1):
         commands.append(finetune_command(entry, "OUT" if number == 1 else f"OUT{number}",
-                                          f"OUT{number + 1}"))
+                                         f"OUT{number + 1}"))
     if commands:
         body += ["Made with:", "", "```bash", *(shlex.join(c) for c in commands), "```", ""]
     body += ["The full record is `prunenet.json` in this folder.", ""]
@@ -292,7 +292,7 @@ _EVALUATION_OPTIONS = (("eval_every", "--eval-every"), ("eval_windows", "--eval-
 
 
 def finetune_command(tune: dict[str, Any], model: str = "OUT",
-                      out: str = "OUT2") -> list[str]:
+                     out: str = "OUT2") -> list[str]:
     """A command that repeats the fine-tune this record entry describes on ``model`` (the
     compression's output, or an earlier fine-tune's) into ``out``.
 
