@@ -300,7 +300,7 @@ def test_the_card_finetune_command_parses_back_to_every_recorded_setting():
     """The fine-tune's command gives finetune() the settings its record entry holds (the
     evaluation windows that chose the checkpoint kept, the LoRA shape, the seed, no early
     stopping as --patience 0, an unmerged adapter as --no-merge); an FFN run's names no LoRA
-    setting and a distillation's its teacher and the text the teacher wrote."""
+    setting and a distillation's its teacher and the number of windows the teacher wrote."""
     from prunenet.io.model_card import render_card
 
     record = {key: value for key, value in TRAINED.items() if key != "evaluation"}
@@ -324,6 +324,13 @@ def test_the_card_finetune_command_parses_back_to_every_recorded_setting():
         "distillation": {"teacher": "/m/dense"}}}))
     args, settings = parsed_finetune(command)
     assert settings == distil and args.teacher == "/m/dense" and args.merge is True
+    # Without --generated-windows the teacher wrote one window per step and process: the
+    # command names the count it wrote, so that it repeats the run under any number of them.
+    _, command = card_commands(render_card({**record, "finetune": {
+        "trained": "LoRA adapters", "steps_run": 30, "merged": True, "world_size": 2,
+        "training_windows": 60, "settings": {**distil, "generated_windows": None},
+        "distillation": {"teacher": "/m/dense"}}}))
+    assert parsed_finetune(command)[1] == {**distil, "generated_windows": 60}
 
 
 def test_a_card_repeats_every_fine_tune_in_order():

@@ -298,8 +298,9 @@ def finetune_command(tune: dict[str, Any], model: str = "OUT",
 
     Like the compression's, it names every setting the entry records, defaults and the
     resolved ones (the learning rate, window length and arithmetic the run chose) included;
-    the LoRA settings and --no-merge only where LoRA adapters trained, --generated-windows only
-    where the run distilled and set it. --patience 0 stands for a run that never stopped early.
+    the LoRA settings and --no-merge only where LoRA adapters trained, --generated-windows
+    (the number of training windows the teacher wrote) only where the run distilled.
+    --patience 0 stands for a run that never stopped early.
     """
     settings = tune.get("settings") or {}
     command = ["prunenet", "finetune", model, "--data", str(settings.get("data"))]
@@ -312,7 +313,12 @@ def finetune_command(tune: dict[str, Any], model: str = "OUT",
         command += _valued(settings, _LORA_OPTIONS)
         if settings.get("targets"):
             command += ["--targets", ",".join(settings["targets"])]
-    command += _valued(settings, _EVALUATION_OPTIONS)
+    # a distillation without --generated-windows had the teacher write one window per step and
+    # process: the count it wrote repeats the run under any number of processes
+    evaluation = dict(settings)
+    if distilled and evaluation.get("generated_windows") is None:
+        evaluation["generated_windows"] = tune.get("training_windows")
+    command += _valued(evaluation, _EVALUATION_OPTIONS)
     if "patience" in settings:
         command += ["--patience", str(settings["patience"] or 0)]
     if lora and tune.get("merged") is False:
