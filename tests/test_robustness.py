@@ -825,6 +825,25 @@ def test_an_eval_that_cannot_be_measured_is_refused_before_the_load(
     assert not (tmp_path / "np").exists()
 
 
+@pytest.mark.parametrize("model_type", ["gpt2", "opt", "gpt_neox", "qwen2", "gemma"])
+def test_a_folder_without_tokenizer_files_has_no_tokenizer(model_type, tmp_path, capsys):
+    """transformers builds these families a tokenizer of a few special tokens from config.json
+    alone; a folder holding no tokenizer file has none, so --eval is refused as for any model
+    without a tokenizer, and an output gets no tokenizer files."""
+    source = tmp_path / "model"
+    make_tiny_model(model_type).save_pretrained(source)
+    assert load_model_and_tokenizer(str(source))[1] is None
+    line = _refused_line(capsys, ["-q", "compress", str(source), "--ratio", "0.25", "--out",
+                                  str(tmp_path / "o"), "--method", "random", "--reconstruct",
+                                  "none", "--eval", "2"])
+    assert line.endswith("the model has no tokenizer; save one next to the model, or leave "
+                         "out --eval")
+    assert main(["-q", "compress", str(source), "--ratio", "0.25", "--out",
+                 str(tmp_path / "o"), "--method", "random", "--reconstruct", "none"]) == 0
+    assert not [path.name for path in (tmp_path / "o").iterdir()
+                if path.name.startswith(("tokenizer", "vocab", "merges", "special_tokens"))]
+
+
 def test_train_policy_refuses_settings_it_cannot_train_before_the_load(
         tiny_llama_dir, tmp_path, monkeypatch, capsys):
     """A ratio that keeps no neuron of the width config.json declares, --gamma above 1 and

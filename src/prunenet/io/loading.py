@@ -548,12 +548,16 @@ def load_tokenizer(source: str | os.PathLike, trust_remote_code: bool = False):
 def _tokenizer(source, folder, gguf_file: str | None, trust_remote_code: bool):
     from transformers import AutoTokenizer
 
+    present = [name for name in TOKENIZER_FILES if (Path(folder) / name).exists()]
+    if gguf_file is None and Path(folder).is_dir() and not present:
+        # transformers would build a tokenizer of a handful of special tokens from the config
+        # alone (gpt2, opt, gpt_neox, qwen2, gemma): no tokenizer is the truth
+        return None
     try:
         return AutoTokenizer.from_pretrained(
             folder, gguf_file=gguf_file, trust_remote_code=trust_remote_code,
             **_hub_options(folder))
     except Exception as error:  # noqa: BLE001  (tokenizers raises its own exception types)
-        present = [name for name in TOKENIZER_FILES if (Path(folder) / name).exists()]
         if gguf_file is None and present:
             raise InputError(f"{source}: the tokenizer ({', '.join(present)}) cannot be read "
                              f"({first_line(error)}); repair or remove it") from error
@@ -592,7 +596,7 @@ def _dispatch(offload: tuple[int, str | os.PathLike] | None) -> dict[str, Any]:
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
-                   "spiece.model")
+                   "merges.txt", "vocab.txt", "spiece.model", "sentencepiece.bpe.model")
 
 
 def _prefer_safetensors(folder: str) -> bool | None:
