@@ -628,6 +628,16 @@ def test_no_merge_writes_only_the_adapter_and_the_record(setup):
     assert json.loads((out / "prunenet.json").read_text())["finetune"]["merged"] is False
 
 
+def test_a_fine_tune_carries_the_license_of_the_model_it_tuned(setup, tmp_path):
+    """The input folder's license and notice files go with the output, adapter alone too."""
+    source = tmp_path / "licensed"
+    shutil.copytree(setup.pruned, source)
+    (source / "LICENSE.txt").write_text("the model's terms\n")
+    out = tmp_path / "tuned"
+    finetune(source, setup.corpus, out, steps=1, merge=False, progress=False, **SETTINGS)
+    assert (out / "LICENSE.txt").read_text() == "the model's terms\n"
+
+
 def test_a_lora_output_is_prunenets_to_replace_with_overwrite(setup, trained, tmp_path):
     """A LoRA run's output, whose adapter/ holds peft's own README.md, is prunenet's: run again
     onto it, it is refused as existing (not as someone else's), and --overwrite replaces it."""

@@ -76,6 +76,12 @@ def test_streamed_compress_equals_in_memory(tmp_path, model_type):
     assert getattr(reloaded.config, width_field) == 24
     assert (tmp_path / "stream" / "generation_config.json").exists() == (
         source / "generation_config.json").exists()
+    # Beside the weights, both outputs hold the same files (no tokenizer: the source has none).
+    def side_files(folder: Path) -> set[str]:
+        return {path.name for path in folder.iterdir()
+                if not path.name.endswith(".safetensors") and path.name != streaming.INDEX_NAME}
+
+    assert side_files(tmp_path / "memory") == side_files(tmp_path / "stream")
 
 
 def test_streamed_prune_with_saved_policy_equals_in_memory(tmp_path):
@@ -584,6 +590,26 @@ def test_a_signal_during_a_streamed_run_leaves_no_scratch_folder(tmp_path, signu
     assert process.returncode == 130, error
     assert sorted(p.name for p in tmp_path.iterdir()) == ["marker", "model"]
     assert {path.name: path.read_bytes() for path in source.iterdir()} == before
+
+
+def test_outputs_carry_the_terms_of_the_source_and_none_of_its_other_files(tmp_path):
+    """The source folder's license and notice files go with both outputs, byte for byte; a
+    user's other files (notes, a script) go with neither, streamed or written from memory."""
+    source = sharded_checkpoint(tmp_path / "model")
+    terms = {"LICENSE": b"Apache-2.0\n", "USE_POLICY.md": b"# Use policy\n",
+             "Notice.txt": b"third parties\n"}
+    for name, content in {**terms, "notes.txt": b"mine", "train.py": b"print()"}.items():
+        (source / name).write_bytes(content)
+    options = {"method": "random", "reconstruct": "none", "progress": False}
+    compress(str(source), 0.5, out=tmp_path / "memory", **options)
+    compress(StreamedCheckpoint(source), 0.5, out=tmp_path / "stream", **options)
+    for out in ("memory", "stream"):
+        names = {path.name for path in (tmp_path / out).iterdir()}
+        assert {"notes.txt", "train.py"}.isdisjoint(names), out
+        assert {name: (tmp_path / out / name).read_bytes() for name in terms} == terms
+    # and each stays an output prunenet replaces
+    compress(str(source), 0.5, out=tmp_path / "stream", overwrite=True, **options)
+    compress(StreamedCheckpoint(source), 0.5, out=tmp_path / "memory", overwrite=True, **options)
 
 
 def test_a_streamed_output_is_written_into_folders_it_makes(tmp_path):

@@ -51,6 +51,7 @@ from .io.files import (
 )
 from .io.loading import (
     RECORD_NAME,
+    copy_terms,
     is_model_output,
     load_config,
     load_model_and_tokenizer,
@@ -853,6 +854,7 @@ def _write_output(student, tokenizer, folder: Path, record: dict[str, Any], sour
             model.to(saved_dtype)
         model.config.use_cache = True
         save_plain_checkpoint(model, tokenizer, folder)
+    copy_terms(source, folder)
     write_card(folder, record, record.get("source"))
     write_json_atomic(folder / RECORD_NAME, record)
     return model

@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import socket
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
@@ -683,9 +684,26 @@ def save_compressed(
             save_plain_checkpoint(model, tokenizer, staging)
         if also is not None:
             record.update(also(staging))
+        copy_terms(inputs[0] if inputs else None, staging)
         write_card(staging, record, inputs[0] if inputs else None)
         write_json_atomic(staging / RECORD_NAME, record)
     return out_path
+
+
+# The terms a model folder comes under (LICENSE, NOTICE, Llama's USE_POLICY.md, COPYING),
+# matched case-blind at the start of the name: a pruned copy is distributed under them too.
+TERMS_PREFIXES = ("license", "licence", "notice", "use_policy", "copying")
+
+
+def copy_terms(source: str | os.PathLike | None, folder: Path) -> None:
+    """Copy the license and notice files of a model ``source`` folder into ``folder`` (nothing
+    for a file, a Hub id or None)."""
+    path = Path(source).expanduser() if source is not None else None
+    if path is None or not path.is_dir():
+        return
+    for entry in sorted(path.iterdir()):
+        if entry.is_file() and entry.name.lower().startswith(TERMS_PREFIXES):
+            shutil.copyfile(entry, folder / entry.name)
 
 
 def write_card(folder: Path, record: dict[str, Any], source: str | os.PathLike | None) -> None:

@@ -34,9 +34,9 @@ from ..families import Cut, family_for, slice_tensor
 from ..model_view import check_finite, non_finite_error
 from .files import atomic_folder, write_json_atomic
 from .loading import (
-    CONVERTED_MARKER,
     RECORD_NAME,
     check_weights_on_meta,
+    copy_terms,
     gguf_header_bytes,
     gguf_parameters,
     is_model_output,
@@ -818,12 +818,33 @@ def _write_shard(checkpoint: StreamedCheckpoint, shard: str, names: list[str],
     return sizes
 
 
-def _copy_side_files(source: Path, target: Path) -> None:
-    """Tokenizer, generation config and other small files; not weights, config or records."""
-    skip = {"config.json", INDEX_NAME, RECORD_NAME, CONVERTED_MARKER}
+# Files a model folder's loaders read besides its weights and config.json, by the start and
+# the end of the name: the tokenizer's, the generation settings, a chat template. What an
+# output written from memory gets from save_pretrained.
+_LOADER_PREFIXES = ("tokenizer", "vocab", "merges", "special_tokens_map", "added_tokens",
+                    "chat_template", "generation_config", "spiece", "sentencepiece")
+_LOADER_SUFFIXES = (".jinja", ".tiktoken")
+
+
+def _model_code(config: dict[str, Any]) -> set[str]:
+    """The Python files of a trust_remote_code model that its config's ``auto_map`` names
+    ("modeling_x.XForCausalLM" is read from modeling_x.py; "owner/repo--..." from the Hub)."""
+    names = set()
+    for value in (config.get("auto_map") or {}).values():
+        for reference in value if isinstance(value, list) else [value]:
+            if isinstance(reference, str) and "--" not in reference and "." in reference:
+                names.add(reference.rsplit(".", 1)[0] + ".py")
+    return names
+
+
+def _copy_side_files(source: Path, target: Path, config: dict[str, Any]) -> None:
+    """The files of ``source`` its loaders read beside the weights and config (tokenizer,
+    generation config, chat template, the model code ``config`` names); a user's other files
+    stay where they are, as in an output written from memory."""
+    code = _model_code(config)
     for path in sorted(source.iterdir()):
-        if path.is_file() and path.name not in skip and not path.name.endswith(_WEIGHT_SUFFIXES) \
-                and not path.name.endswith(".index.json"):
+        if path.is_file() and (path.name.startswith(_LOADER_PREFIXES)
+                               or path.name.endswith(_LOADER_SUFFIXES) or path.name in code):
             shutil.copy2(path, target / path.name)
 
 
@@ -879,7 +900,8 @@ def write_streamed(checkpoint: StreamedCheckpoint, kept_rows: Sequence[Tensor], 
                 config[field] = kept
             current = out / "config.json"
             write_json_atomic(staging / "config.json", config)
-            _copy_side_files(checkpoint.folder, staging)
+            _copy_side_files(checkpoint.folder, staging, config)
+            copy_terms(checkpoint.folder if source is None else source, staging)
             if measure is not None:
                 record.update(measure(staging))
             # replaces the input's own card
