@@ -568,3 +568,31 @@ def test_a_jsonl_file_is_read_as_jsonl_whatever_the_case_of_its_suffix(tmp_path,
     lines = "".join(json.dumps({"text": f"line {i}"}) + "\n" for i in range(3))
     (tmp_path / name).write_text(lines)
     assert read_corpus_text(str(tmp_path / name)) == "line 0\n\nline 1\n\nline 2"
+
+
+def test_a_perplexity_beyond_the_largest_float_is_one_line_and_saves_nothing(
+        tiny_llama_real_tokenizer_dir, tmp_path, capsys):
+    """Finite but enormous logits that are wrong give a finite mean loss whose exponential
+    overflows: eval ended in math's OverflowError with a traceback; it says so in one line,
+    with the loss, and writes no --json."""
+    import shutil
+
+    folder = tmp_path / "loud"
+    shutil.copytree(tiny_llama_real_tokenizer_dir, folder)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    with torch.no_grad():
+        model.model.norm.weight.mul_(1e6)  # logits a million times larger, as wrong as before
+    model.save_pretrained(folder)
+    text_file = tmp_path / "tiny.txt"
+    text_file.write_text(TEXT)
+    out = tmp_path / "result.json"
+    assert main(["-q", "eval", str(folder), "--ppl", str(text_file), "--seqlen", "16",
+                 "--windows", "2", "--json", str(out)]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "prunenet: error" in line]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    assert re.fullmatch(
+        r"prunenet: error: the model's mean loss on 2 evaluation windows is [0-9.e+]+ nats per "
+        r"token, and its exponential, the perplexity, exceeds the largest float \(1.8e\+308\): "
+        r".*so it has no perplexity to report", errors[0]), errors
+    assert not out.exists()
