@@ -394,3 +394,16 @@ def test_a_record_of_another_version_is_named_so(magnitude_run, tmp_path, capsys
     other = _edited_record(record_dir, tmp_path / "other",
                            lambda data: data.__setitem__("format", "something-else"))
     _refused_in_one_line(capsys, other, "is not a prunenet run record")
+
+
+def test_the_overwrite_help_says_what_it_changes():
+    """report --overwrite is what lets a report replace another run record's report
+    (test_data_safety.py::test_report_of_one_record_never_replaces_anothers_report_unasked);
+    its help had said it was accepted for symmetry, a previous report being replaced anyway."""
+    from prunenet.cli import build_parser
+
+    parser = build_parser().commands["report"]
+    helps = {action.dest: action.help for action in parser._actions}
+    assert "replaced anyway" not in helps["overwrite"]
+    assert helps["overwrite"].startswith("replace the report of another run record in --out")
+    assert "inside another run record only with --overwrite" in helps["out"]
