@@ -568,3 +568,55 @@ def test_a_jsonl_file_is_read_as_jsonl_whatever_the_case_of_its_suffix(tmp_path,
     lines = "".join(json.dumps({"text": f"line {i}"}) + "\n" for i in range(3))
     (tmp_path / name).write_text(lines)
     assert read_corpus_text(str(tmp_path / name)) == "line 0\n\nline 1\n\nline 2"
+
+
+def test_a_perplexity_beyond_the_largest_float_is_one_line_and_saves_nothing(
+        tiny_llama_real_tokenizer_dir, tmp_path, capsys):
+    """Finite but enormous logits that are wrong give a finite mean loss whose exponential
+    overflows: eval ended in math's OverflowError with a traceback; it says so in one line,
+    with the loss, and writes no --json."""
+    import shutil
+
+    folder = tmp_path / "loud"
+    shutil.copytree(tiny_llama_real_tokenizer_dir, folder)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    with torch.no_grad():
+        model.model.norm.weight.mul_(1e6)  # logits a million times larger, as wrong as before
+    model.save_pretrained(folder)
+    text_file = tmp_path / "tiny.txt"
+    text_file.write_text(TEXT)
+    out = tmp_path / "result.json"
+    assert main(["-q", "eval", str(folder), "--ppl", str(text_file), "--seqlen", "16",
+                 "--windows", "2", "--json", str(out)]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "prunenet: error" in line]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    assert re.fullmatch(
+        r"prunenet: error: the model's mean loss on 2 evaluation windows is [0-9.e+]+ nats per "
+        r"token, and its exponential, the perplexity, exceeds the largest float \(1.8e\+308\): "
+        r".*so it has no perplexity to report", errors[0]), errors
+    assert not out.exists()
+
+
+def test_the_zero_shot_average_names_the_examples_each_task_scored():
+    """A task holding fewer examples than --limit scores all it holds (arc_challenge: 299):
+    the average's row had said "first 500 examples" of a mean over 500 and 299; it names
+    what each task scored, and says the mean is unweighted where the counts differ."""
+    def result(examples: dict[str, int], limit: int | None) -> dict:
+        tasks = {name: {"metric": "acc_norm", "value": 0.5, "stderr": None, "examples": count}
+                 for name, count in examples.items()}
+        return {"model": {"source": "m", "model_type": "llama", "num_layers": 2, "d_ff": 48},
+                "compression": None, "perplexity": None, "speed": None,
+                "size": {"parameters": 1, "ffn_parameters": 1, "bytes_on_disk": None},
+                "zero_shot": {"limit": limit, "tasks": tasks, "average": 0.5, "skipped": []}}
+
+    def average_row(table: str) -> str:
+        return next(line for line in table.splitlines() if line.startswith("zero-shot average"))
+
+    assert average_row(format_table(result({"piqa": 500, "arc_challenge": 299}, 500))).split(
+        "  ", 1)[1].strip() == ("0.5000  [unweighted mean of 2 tasks: piqa 500, arc_challenge "
+                                "299 examples]")
+    assert average_row(format_table(result({"piqa": 100, "arc_easy": 100}, 100))).endswith(
+        "0.5000  [mean of 2 tasks, 100 examples each]")
+    assert average_row(format_table(result({"arc_easy": 570}, None))).endswith(
+        "0.5000  [1 task, 570 examples]")

@@ -394,3 +394,54 @@ def test_a_record_of_another_version_is_named_so(magnitude_run, tmp_path, capsys
     other = _edited_record(record_dir, tmp_path / "other",
                            lambda data: data.__setitem__("format", "something-else"))
     _refused_in_one_line(capsys, other, "is not a prunenet run record")
+
+
+def test_the_overwrite_help_says_what_it_changes():
+    """report --overwrite is what lets a report replace another run record's report
+    (test_data_safety.py::test_report_of_one_record_never_replaces_anothers_report_unasked);
+    its help had said it was accepted for symmetry, a previous report being replaced anyway."""
+    from prunenet.cli import build_parser
+
+    parser = build_parser().commands["report"]
+    helps = {action.dest: action.help for action in parser._actions}
+    assert "replaced anyway" not in helps["overwrite"]
+    assert helps["overwrite"].startswith("replace the report of another run record in --out")
+    assert "inside another run record only with --overwrite" in helps["out"]
+
+
+def _drawn_figures(monkeypatch) -> dict:
+    """The figures write_report saves, by file name, kept for inspection."""
+    from matplotlib.figure import Figure
+
+    figures, save = {}, Figure.savefig
+
+    def keep(figure, path, *args, **kwargs):
+        figures[Path(path).name] = figure
+        return save(figure, path, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", keep)
+    return figures
+
+
+@pytest.mark.parametrize("layers, episodes", [(1, 1), (LAYERS, 3)])
+def test_episode_and_layer_axes_are_ticked_at_whole_numbers(tmp_path, monkeypatch, layers,
+                                                            episodes):
+    """Episodes and layers are whole numbers: a run of one episode had its episode axis ticked
+    -0.045, -0.030, ... (overlapping), and a model of one or two layers its layer axes -0.4 or
+    0.2, 0.4, ... as if there were layers between them."""
+    record = tmp_path / "record"
+    prunenet.compress(make_tiny_model("llama", num_hidden_layers=layers), 0.5,
+                      episodes=episodes, device="cpu", method="prunenet", progress=False,
+                      record_dir=record)
+    figures = _drawn_figures(monkeypatch)
+    write_report(record)
+    axes = {"training.png": "episode", "layer_ks.png": "layer", "kept_neurons.png": "layer"}
+    drawn = {"episode": list(range(episodes)), "layer": list(range(layers))}
+    for name, quantity in axes.items():
+        for axis in figures[name].axes:
+            assert axis.get_xlabel() == quantity
+            low, high = axis.get_xlim()
+            ticks = [tick for tick in axis.get_xticks() if low <= tick <= high]
+            assert ticks and all(float(tick).is_integer() for tick in ticks), (name, ticks)
+            if len(drawn[quantity]) == 1:  # the one episode or layer, ticked alone
+                assert ticks == drawn[quantity], (name, ticks)

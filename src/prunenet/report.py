@@ -61,7 +61,6 @@ def write_plots(data: dict[str, Any], original: list[Tensor], pruned: list[Tenso
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
 
     written: list[str] = []
 
@@ -83,7 +82,7 @@ def write_plots(data: dict[str, Any], original: list[Tensor], pruned: list[Tenso
                                  (ks_axis, "mean_ks", "mean KS over layers")):
             axis.plot(numbers, [episode[key] for episode in episodes], marker="o", markersize=3)
             axis.axvline(best, color="tab:red", linestyle="--", label=f"best episode ({best})")
-            axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+            _whole_numbers(axis, numbers)
             axis.set_xlabel("episode")
             axis.set_title(label, fontsize=10)
             axis.grid(alpha=0.3)
@@ -100,6 +99,7 @@ def write_plots(data: dict[str, Any], original: list[Tensor], pruned: list[Tenso
                   label="before: untrained policy (episode 0)")
     axis.plot(layer_index, per_layer["ks_selected"], marker="o", markersize=3,
               label=f"after: final selection ({data['compression']['method']})")
+    _whole_numbers(axis, layer_index)
     axis.set_xlabel("layer")
     axis.set_ylabel("KS statistic (lower keeps the spectrum)")
     axis.set_title("KS distance of each layer's pruned to original spectrum", fontsize=10)
@@ -126,6 +126,7 @@ def write_plots(data: dict[str, Any], original: list[Tensor], pruned: list[Tenso
     axis.bar(layer_index, per_layer["kept_neurons"], color="tab:blue", label="kept")
     axis.axhline(compression["ffn_width_before"], color="tab:gray", linestyle="--",
                  label=f"original width ({compression['ffn_width_before']})")
+    _whole_numbers(axis, layer_index)
     axis.set_xlabel("layer")
     axis.set_ylabel("FFN neurons")
     axis.set_title(f"kept FFN neurons per layer (ratio {compression['ratio']:g})", fontsize=10)
@@ -133,6 +134,19 @@ def write_plots(data: dict[str, Any], original: list[Tensor], pruned: list[Tenso
     axis.legend(fontsize=8, loc="upper right", ncols=2)
     save(figure, "kept_neurons.png")
     return written
+
+
+def _whole_numbers(axis, values: Sequence[int]) -> None:
+    """Ticks of the x axis at whole numbers only (episodes, layers). The locator falls back to
+    fractions where fewer than two whole numbers are in view: a single episode or layer is
+    given its own tick, in a view one unit either side."""
+    from matplotlib.ticker import FixedLocator, MaxNLocator
+
+    if len(set(values)) == 1:
+        axis.xaxis.set_major_locator(FixedLocator([values[0]]))
+        axis.set_xlim(values[0] - 1, values[0] + 1)
+    else:
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def _mean(values: Sequence[float]) -> float:

@@ -275,6 +275,20 @@ def evaluate(
     return result
 
 
+def _averaged(scores: dict[str, dict[str, Any]]) -> str:
+    """What the zero-shot average is the mean of: the tasks and the examples each one scored
+    (a task holding fewer than the limit scores all it holds), unweighted where they differ."""
+    counts = [score["examples"] for score in scores.values()]
+    if len(counts) == 1:
+        return f"1 task, {counts[0]} examples"
+    tasks = f"{len(counts)} tasks"
+    if len(set(counts)) == 1:
+        return f"mean of {tasks}, {counts[0]} examples each"
+    return (f"unweighted mean of {tasks}: "
+            + ", ".join(f"{name} {score['examples']}" for name, score in scores.items())
+            + " examples")
+
+
 def format_table(result: dict[str, Any]) -> str:
     """The evaluation as a two-column text table for the terminal."""
     rows: list[tuple[str, str]] = []
@@ -294,13 +308,12 @@ def format_table(result: dict[str, Any]) -> str:
                      f"BOS {'yes' if p['bos'] else 'no'}]"))
     if result["zero_shot"]:
         z = result["zero_shot"]
-        limit = "all examples" if z["limit"] is None else f"first {z['limit']} examples"
         for name, score in z["tasks"].items():
             stderr = "" if score["stderr"] is None else f" +- {score['stderr']:.4f}"
             rows.append((f"{name} {score['metric']}",
                          f"{score['value']:.4f}{stderr}  [{score['examples']} examples]"))
         if z["average"] is not None:
-            rows.append(("zero-shot average", f"{z['average']:.4f}  [{limit}]"))
+            rows.append(("zero-shot average", f"{z['average']:.4f}  [{_averaged(z['tasks'])}]"))
         if z.get("skipped"):
             rows.append(("zero-shot skipped", f"{', '.join(z['skipped'])} (do not fit the "
                                               "model's context)"))

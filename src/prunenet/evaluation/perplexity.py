@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 from torch import Tensor, nn
@@ -20,7 +21,8 @@ def perplexity(
 
     Each window is scored independently; the first position is context only, so every window
     contributes ``seqlen - 1`` predictions. Raises :class:`NumericalError` when the model's loss
-    is not finite (its outputs hold NaN or Inf): no such number is ever reported or saved.
+    is not finite (its outputs hold NaN or Inf), or when its mean is so large that its exponential
+    exceeds the largest float: no such number is ever reported or saved.
     """
     device = input_device(model)  # the CPU where the first weights are offloaded
     total_nll, total_tokens = 0.0, 0
@@ -36,4 +38,13 @@ def perplexity(
                                  "its outputs hold NaN or Inf, so it has no perplexity")
         total_nll += float(nll)
         total_tokens += batch[:, 1:].numel()
-    return math.exp(total_nll / total_tokens)
+    mean = total_nll / total_tokens
+    try:
+        return math.exp(mean)
+    except OverflowError:
+        raise NumericalError(
+            f"the model's mean loss on {windows.shape[0]} evaluation windows is {mean:.4g} nats "
+            f"per token, and its exponential, the perplexity, exceeds the largest float "
+            f"({sys.float_info.max:.3g}): it predicts the text far worse than a uniform guess "
+            "(its weights are damaged, or pruned past use), so it has no perplexity to "
+            "report") from None
