@@ -115,13 +115,16 @@ def format_bytes(count: float) -> str:
 
 @dataclass(frozen=True)
 class TensorEntry:
-    """Where one tensor lives: its shard, dtype code, shape and absolute byte range."""
+    """Where one tensor lives: its shard, dtype code, shape, absolute byte range and its name
+    in the shard (``stored``; the model may name it otherwise: :meth:`StreamedCheckpoint.
+    _as_loaded`)."""
 
     shard: str
     dtype: str
     shape: tuple[int, ...]
     start: int
     end: int
+    stored: str
 
     @property
     def numel(self) -> int:
@@ -154,9 +157,10 @@ class StreamedCheckpoint:
                 "safetensors weights (a missing index file?)"
             )
         validate_weight_files(self.folder)  # missing shards, truncated files, lying headers
-        self.entries = self._read_entries()
+        entries = self._read_entries()
         # types and family checked as the in-memory load checks them
         self.model_config = load_config(self.folder, staged=staged)
+        self.entries = self._as_loaded(entries)
         self._check_layers()
         self._weights_checked = False
 
@@ -185,7 +189,7 @@ class StreamedCheckpoint:
                     continue
                 start, end = entry["data_offsets"]
                 entries[name] = TensorEntry(shard, entry["dtype"], tuple(entry["shape"]),
-                                            data_start + start, data_start + end)
+                                            data_start + start, data_start + end, name)
         for name, shard in (weight_map or {}).items():
             if name not in entries:
                 raise InputError(
@@ -193,6 +197,23 @@ class StreamedCheckpoint:
                     "it; the checkpoint is incomplete or its index is stale"
                 )
         return entries
+
+    def _as_loaded(self, entries: dict[str, TensorEntry]) -> dict[str, TensorEntry]:
+        """``entries`` under the names the loaded model gives them. A checkpoint saved from the
+        base model (the Hub's GPT-2: ``h.0.mlp.c_fc.weight``, ``wte.weight``) stores its
+        tensors without the base model's prefix (``transformer.``), which transformers adds
+        where the model holds a tensor of that name; so does this. The output is written
+        under these names, as the in-memory path saves it."""
+        family = self.family
+        if family.tensor_name(0, family.first) in entries:
+            return entries
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):  # the names only
+            model = AutoModelForCausalLM.from_config(self.model_config, dtype=torch.float32)
+        prefix, known = model.base_model_prefix + ".", set(model.state_dict())
+        return {prefix + name if prefix + name in known else name: entry
+                for name, entry in entries.items()}
 
     def _check_layers(self) -> None:
         family = self.family
@@ -237,7 +258,7 @@ class StreamedCheckpoint:
         """One tensor, read from its memory-mapped shard (the shard is unmapped again after)."""
         entry = self.entries[name]
         with safe_open(str(self.folder / entry.shard), framework="pt") as handle:
-            return handle.get_tensor(name)
+            return handle.get_tensor(entry.stored)
 
     def first_matrix(self, layer_index: int, device: torch.device | str | None = None) -> Tensor:
         """Layer ``layer_index``'s first FFN matrix, d_ff x d_model, fp32, as FFNView gives it."""
@@ -454,7 +475,7 @@ class PlannedConversion(StreamedCheckpoint):
             shard = f"layer-{layer[1].split('.', 1)[0]}" if len(layer) == 2 else name
             size = 4 * parameter.numel()
             entries[name] = TensorEntry(shard, "F32", tuple(parameter.shape), offset,
-                                        offset + size)
+                                        offset + size, name)
             offset += size
         self.entries = entries
         self.tied_copies = frozenset()  # named_parameters above gave a tied matrix once
