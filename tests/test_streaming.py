@@ -872,3 +872,19 @@ def test_a_checkpoint_saved_from_the_base_model_compresses_as_transformers_loads
         torch.testing.assert_close(reloaded(tokens).logits, in_memory.model(tokens).logits)
     assert reloaded.config.n_inner == 24
 
+
+@pytest.mark.parametrize("base_model", [False, True], ids=["prefixed", "base-model"])
+def test_causal_masks_stored_as_weights_are_neither_counted_nor_written(tmp_path, base_model):
+    """GPT-2 checkpoints saved by older transformers hold each layer's causal mask, which the
+    model does not hold and transformers skips on load: a streamed run counts and writes what
+    the run in memory does (its record had counted the masks as parameters, and its output
+    had kept them)."""
+    source = _gpt2_checkpoint(tmp_path / "model", base_model=base_model, masks=True)
+    options = {"method": "magnitude", "reconstruct": "none", "progress": False}
+    compress(str(source), 0.5, out=tmp_path / "memory", **options)
+    compress(StreamedCheckpoint(source), 0.5, out=tmp_path / "stream", **options)
+    assert_same_output(tmp_path / "memory", tmp_path / "stream")
+    record = json.loads((tmp_path / "stream" / "prunenet.json").read_text())
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "stream")
+    assert sum(p.numel() for p in reloaded.parameters()) == record["parameters_after"]
+    assert not any(name.endswith(".attn.bias") for name in all_tensors(tmp_path / "stream"))

@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -281,9 +282,8 @@ class StreamedCheckpoint:
     # --- sizes ----------------------------------------------------------------------------
 
     @functools.cached_property
-    def tied_copies(self) -> frozenset[str]:
-        """Stored tensors that the loaded model ties to another stored one (a tied head saved
-        beside the embedding it shares): the model holds that matrix once."""
+    def _unheld(self) -> tuple[frozenset[str], frozenset[str]]:
+        """:attr:`tied_copies` and :attr:`ignored`, from the model on the meta device."""
         from transformers import AutoModelForCausalLM
 
         with torch.device("meta"):  # the names and how they are tied, no data
@@ -294,13 +294,30 @@ class StreamedCheckpoint:
             shared = first.setdefault(id(parameter), name)
             if shared != name and shared in self.entries and name in self.entries:
                 copies.add(name)
-        return frozenset(copies)
+        held = set(model.state_dict())
+        patterns = getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ()
+        ignored = {name for name in self.entries if name not in held
+                   and any(re.search(pattern, name) for pattern in patterns)}
+        return frozenset(copies), frozenset(ignored)
+
+    @functools.cached_property
+    def tied_copies(self) -> frozenset[str]:
+        """Stored tensors that the loaded model ties to another stored one (a tied head saved
+        beside the embedding it shares): the model holds that matrix once."""
+        return self._unheld[0]
+
+    @functools.cached_property
+    def ignored(self) -> frozenset[str]:
+        """Stored tensors that the loaded model does not hold and transformers skips on load
+        (GPT-2's causal masks ``h.0.attn.bias``, saved as weights by older versions): neither
+        counted nor written, as the in-memory path neither counts nor saves them."""
+        return self._unheld[1]
 
     def parameter_counts(self, kept: int | None = None) -> dict[str, int]:
         """Total and FFN parameter counts, as FFNView counts them (a tied matrix stored twice
         once); after pruning to ``kept``."""
         total = sum(entry.numel for name, entry in self.entries.items()
-                    if name not in self.tied_copies)
+                    if name not in self.tied_copies | self.ignored)
         ffn = ffn_after = 0
         for name in self.ffn_cuts():
             entry = self.entries[name]
@@ -479,6 +496,7 @@ class PlannedConversion(StreamedCheckpoint):
             offset += size
         self.entries = entries
         self.tied_copies = frozenset()  # named_parameters above gave a tied matrix once
+        self.ignored = frozenset()
         self._check_layers()
         self._weights_checked = True  # the conversion writes what the model expects
 
@@ -878,7 +896,8 @@ def write_streamed(checkpoint: StreamedCheckpoint, kept_rows: Sequence[Tensor], 
         raise ValueError("every layer must keep the same number of neurons")
     by_shard: dict[str, list[str]] = {}
     for name, entry in sorted(checkpoint.entries.items(), key=lambda item: item[1].start):
-        if name not in checkpoint.tied_copies:  # the loaded model, and its save, hold it once
+        # the loaded model, and its save, hold a tied matrix once and an ignored tensor not at all
+        if name not in checkpoint.tied_copies | checkpoint.ignored:
             by_shard.setdefault(entry.shard, []).append(name)
     check_disk_space(out, checkpoint.weight_bytes)
     current = out
