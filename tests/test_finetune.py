@@ -18,17 +18,19 @@ import transformers
 from safetensors.torch import load_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from conftest import VOCAB, assert_same_weights, make_tiny_model
+from conftest import TINY_CONFIGS, VOCAB, assert_same_weights, make_tiny_model
 from prunenet.arithmetic import PRECISIONS, autocast, default_precision
 from prunenet.cli import main
 from prunenet.errors import InputError, OutputError
 from prunenet.evaluation.corpora import load_corpus
 from prunenet.evaluation.perplexity import perplexity
+from prunenet.families import family_for
 from prunenet.finetune import (
     DEFAULT_LR,
     DEFAULT_SEQLEN,
     SELF_GENERATED,
     FinetuneConfig,
+    add_lora,
     corpus_windows,
     finetune,
 )
@@ -805,3 +807,20 @@ def test_a_gguf_file_fine_tunes_and_saves_a_plain_checkpoint(tmp_path, capsys, t
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(out)
     assert reloaded.dtype == torch.float32 and not getattr(reloaded, "is_quantized", False)
     assert sorted(path.name for path in tmp_path.iterdir()) == ["ft", "text.txt"]
+
+
+@pytest.mark.parametrize("model_type", sorted(TINY_CONFIGS))
+def test_the_mlp_group_adapts_the_ffn_and_the_attn_group_only_the_rest(model_type):
+    """--targets mlp puts adapters on exactly the FFN's matrices of every layer, and attn on
+    none of them (GPT-2's attention and FFN both hold a c_proj: either group had adapted both)."""
+    def adapted(group: str) -> set[str]:
+        model = add_lora(make_tiny_model(model_type), FinetuneConfig(targets=(group,)))
+        return {name.split(".lora_A.")[0].split(f"{family.layers}.0.")[-1]
+                for name, _ in model.named_parameters()
+                if ".lora_A." in name and f"{family.layers}.0." in name}
+
+    family = family_for(model_type)
+    ffn = {cut.name.rsplit(".", 1)[0] for cut in family.cuts if cut.name.endswith(".weight")}
+    assert adapted("mlp") == ffn
+    attention = adapted("attn")
+    assert attention and not attention & ffn

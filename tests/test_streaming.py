@@ -858,3 +858,59 @@ def test_a_tied_head_stored_beside_its_embedding_is_counted_once(tmp_path):
     expected, actual = all_tensors(tmp_path / "memory"), all_tensors(tmp_path / "stream")
     assert sorted(actual) == sorted(expected) and "lm_head.weight" not in actual
     assert all(torch.equal(actual[name], tensor) for name, tensor in expected.items())
+
+
+def _gpt2_checkpoint(folder: Path, base_model: bool = False, masks: bool = False) -> Path:
+    """A tiny GPT-2 saved as the Hub's GPT-2 checkpoints are: ``base_model``, from the base
+    model (``h.0.mlp.c_fc.weight``, no ``transformer.`` prefix, no head: it is tied to the
+    embedding); ``masks``, with each layer's causal mask ``attn.bias`` stored as a weight, as
+    older transformers saved it (transformers skips it on load)."""
+    make_tiny_model("gpt2").save_pretrained(folder)
+    tensors = load_file(folder / "model.safetensors")
+    if base_model:
+        tensors = {name.removeprefix("transformer."): tensor for name, tensor in tensors.items()
+                   if not name.startswith("lm_head.")}
+    prefix = "" if base_model else "transformer."
+    if masks:
+        for layer in range(2):
+            tensors[f"{prefix}h.{layer}.attn.bias"] = torch.ones(64, 64).tril().view(1, 1, 64, 64)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+@pytest.mark.parametrize("reconstruct", ["none", "bias"])
+def test_a_checkpoint_saved_from_the_base_model_compresses_as_transformers_loads_it(
+        tmp_path, reconstruct):
+    """The Hub's GPT-2 stores its tensors without the base model's prefix, which transformers
+    adds on load: it compresses in memory, and streamed (refitted from disk too) to the same
+    tensors and record (both had been refused: the checkpoint seemed to hold no layers)."""
+    source = _gpt2_checkpoint(tmp_path / "model", base_model=True)
+    options = {"method": "magnitude", "reconstruct": reconstruct, **SMALL_PROBE}
+    in_memory = compress(str(source), 0.5, out=tmp_path / "memory", **options)
+    budget = run_budget(StreamedCheckpoint(source), 256, 32) if reconstruct != "none" else None
+    compress(StreamedCheckpoint(source), 0.5, out=tmp_path / "stream", max_memory=budget,
+             **options)
+    assert_same_output(tmp_path / "memory", tmp_path / "stream")
+    assert "transformer.h.0.mlp.c_fc.weight" in all_tensors(tmp_path / "stream")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "stream").eval()
+    tokens = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(tokens).logits, in_memory.model(tokens).logits)
+    assert reloaded.config.n_inner == 24
+
+
+@pytest.mark.parametrize("base_model", [False, True], ids=["prefixed", "base-model"])
+def test_causal_masks_stored_as_weights_are_neither_counted_nor_written(tmp_path, base_model):
+    """GPT-2 checkpoints saved by older transformers hold each layer's causal mask, which the
+    model does not hold and transformers skips on load: a streamed run counts and writes what
+    the run in memory does (its record had counted the masks as parameters, and its output
+    had kept them)."""
+    source = _gpt2_checkpoint(tmp_path / "model", base_model=base_model, masks=True)
+    options = {"method": "magnitude", "reconstruct": "none", "progress": False}
+    compress(str(source), 0.5, out=tmp_path / "memory", **options)
+    compress(StreamedCheckpoint(source), 0.5, out=tmp_path / "stream", **options)
+    assert_same_output(tmp_path / "memory", tmp_path / "stream")
+    record = json.loads((tmp_path / "stream" / "prunenet.json").read_text())
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "stream")
+    assert sum(p.numel() for p in reloaded.parameters()) == record["parameters_after"]
+    assert not any(name.endswith(".attn.bias") for name in all_tensors(tmp_path / "stream"))

@@ -79,8 +79,12 @@ def _llama_like(*model_types: str) -> Family:
 
 def _two_matrix(model_types: tuple[str, ...], layers: str, first: str, second: str,
                 width_fields: tuple[str, ...], attn: tuple[str, ...], conv1d: bool = False,
-                bias_optional: bool = True) -> Family:
-    """FFNs of two matrices (first with bias, second): OPT, Phi, GPT-2, GPT-NeoX, Falcon."""
+                bias_optional: bool = True, mlp: tuple[str, ...] | None = None) -> Family:
+    """FFNs of two matrices (first with bias, second): OPT, Phi, GPT-2, GPT-NeoX, Falcon.
+
+    ``attn`` and ``mlp`` (default: the two matrices' module names) name the LoRA targets as
+    peft matches them, by the end of a module's path: a name both groups' modules end with
+    is written with its parent (GPT-2's ``attn.c_proj``, ``mlp.c_proj``)."""
     # Conv1D stores weights as (in, out): neurons are columns of the first, rows of the second.
     first_axis, second_axis = (1, 0) if conv1d else (0, 1)
     return Family(
@@ -93,7 +97,8 @@ def _two_matrix(model_types: tuple[str, ...], layers: str, first: str, second: s
             Cut(f"{second}.weight", second_axis),
         ),
         width_fields=width_fields,
-        lora_targets={"attn": attn, "mlp": (first.split(".")[-1], second.split(".")[-1])},
+        lora_targets={"attn": attn,
+                      "mlp": mlp or (first.split(".")[-1], second.split(".")[-1])},
     )
 
 
@@ -113,7 +118,7 @@ FAMILIES: tuple[Family, ...] = (
     _two_matrix(("phi",), "model.layers", "mlp.fc1", "mlp.fc2", ("intermediate_size",),
                 ("q_proj", "k_proj", "v_proj", "dense")),
     _two_matrix(("gpt2",), "transformer.h", "mlp.c_fc", "mlp.c_proj", ("n_inner",),
-                ("c_attn", "c_proj"), conv1d=True),
+                ("c_attn", "attn.c_proj"), conv1d=True, mlp=("c_fc", "mlp.c_proj")),
     _two_matrix(("gpt_neox",), "gpt_neox.layers", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h",
                 ("intermediate_size",), ("query_key_value", "dense")),
     _two_matrix(("falcon",), "transformer.h", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h",

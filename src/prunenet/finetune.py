@@ -211,8 +211,10 @@ def lora_target_modules(model: nn.Module, targets: tuple[str, ...] | list[str]) 
                 f"LoRA target {target!r} does not exist in the {model.config.model_type} family; "
                 f"valid targets: {', '.join(valid)}"
             )
-    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    missing = [name for name in modules if name not in present]
+    present = [name for name, _ in model.named_modules()]
+    # peft's match: a module whose path is the target or ends with "." and the target
+    missing = [target for target in modules
+               if not any(name == target or name.endswith("." + target) for name in present)]
     if missing:
         raise InputError(
             f"the model has no module named {', '.join(missing)} although its family lists it; "

@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -115,13 +116,16 @@ def format_bytes(count: float) -> str:
 
 @dataclass(frozen=True)
 class TensorEntry:
-    """Where one tensor lives: its shard, dtype code, shape and absolute byte range."""
+    """Where one tensor lives: its shard, dtype code, shape, absolute byte range and its name
+    in the shard (``stored``; the model may name it otherwise: :meth:`StreamedCheckpoint.
+    _as_loaded`)."""
 
     shard: str
     dtype: str
     shape: tuple[int, ...]
     start: int
     end: int
+    stored: str
 
     @property
     def numel(self) -> int:
@@ -154,9 +158,10 @@ class StreamedCheckpoint:
                 "safetensors weights (a missing index file?)"
             )
         validate_weight_files(self.folder)  # missing shards, truncated files, lying headers
-        self.entries = self._read_entries()
+        entries = self._read_entries()
         # types and family checked as the in-memory load checks them
         self.model_config = load_config(self.folder, staged=staged)
+        self.entries = self._as_loaded(entries)
         self._check_layers()
         self._weights_checked = False
 
@@ -185,7 +190,7 @@ class StreamedCheckpoint:
                     continue
                 start, end = entry["data_offsets"]
                 entries[name] = TensorEntry(shard, entry["dtype"], tuple(entry["shape"]),
-                                            data_start + start, data_start + end)
+                                            data_start + start, data_start + end, name)
         for name, shard in (weight_map or {}).items():
             if name not in entries:
                 raise InputError(
@@ -193,6 +198,23 @@ class StreamedCheckpoint:
                     "it; the checkpoint is incomplete or its index is stale"
                 )
         return entries
+
+    def _as_loaded(self, entries: dict[str, TensorEntry]) -> dict[str, TensorEntry]:
+        """``entries`` under the names the loaded model gives them. A checkpoint saved from the
+        base model (the Hub's GPT-2: ``h.0.mlp.c_fc.weight``, ``wte.weight``) stores its
+        tensors without the base model's prefix (``transformer.``), which transformers adds
+        where the model holds a tensor of that name; so does this. The output is written
+        under these names, as the in-memory path saves it."""
+        family = self.family
+        if family.tensor_name(0, family.first) in entries:
+            return entries
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):  # the names only
+            model = AutoModelForCausalLM.from_config(self.model_config, dtype=torch.float32)
+        prefix, known = model.base_model_prefix + ".", set(model.state_dict())
+        return {prefix + name if prefix + name in known else name: entry
+                for name, entry in entries.items()}
 
     def _check_layers(self) -> None:
         family = self.family
@@ -237,7 +259,7 @@ class StreamedCheckpoint:
         """One tensor, read from its memory-mapped shard (the shard is unmapped again after)."""
         entry = self.entries[name]
         with safe_open(str(self.folder / entry.shard), framework="pt") as handle:
-            return handle.get_tensor(name)
+            return handle.get_tensor(entry.stored)
 
     def first_matrix(self, layer_index: int, device: torch.device | str | None = None) -> Tensor:
         """Layer ``layer_index``'s first FFN matrix, d_ff x d_model, fp32, as FFNView gives it."""
@@ -260,9 +282,8 @@ class StreamedCheckpoint:
     # --- sizes ----------------------------------------------------------------------------
 
     @functools.cached_property
-    def tied_copies(self) -> frozenset[str]:
-        """Stored tensors that the loaded model ties to another stored one (a tied head saved
-        beside the embedding it shares): the model holds that matrix once."""
+    def _unheld(self) -> tuple[frozenset[str], frozenset[str]]:
+        """:attr:`tied_copies` and :attr:`ignored`, from the model on the meta device."""
         from transformers import AutoModelForCausalLM
 
         with torch.device("meta"):  # the names and how they are tied, no data
@@ -273,13 +294,30 @@ class StreamedCheckpoint:
             shared = first.setdefault(id(parameter), name)
             if shared != name and shared in self.entries and name in self.entries:
                 copies.add(name)
-        return frozenset(copies)
+        held = set(model.state_dict())
+        patterns = getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ()
+        ignored = {name for name in self.entries if name not in held
+                   and any(re.search(pattern, name) for pattern in patterns)}
+        return frozenset(copies), frozenset(ignored)
+
+    @functools.cached_property
+    def tied_copies(self) -> frozenset[str]:
+        """Stored tensors that the loaded model ties to another stored one (a tied head saved
+        beside the embedding it shares): the model holds that matrix once."""
+        return self._unheld[0]
+
+    @functools.cached_property
+    def ignored(self) -> frozenset[str]:
+        """Stored tensors that the loaded model does not hold and transformers skips on load
+        (GPT-2's causal masks ``h.0.attn.bias``, saved as weights by older versions): neither
+        counted nor written, as the in-memory path neither counts nor saves them."""
+        return self._unheld[1]
 
     def parameter_counts(self, kept: int | None = None) -> dict[str, int]:
         """Total and FFN parameter counts, as FFNView counts them (a tied matrix stored twice
         once); after pruning to ``kept``."""
         total = sum(entry.numel for name, entry in self.entries.items()
-                    if name not in self.tied_copies)
+                    if name not in self.tied_copies | self.ignored)
         ffn = ffn_after = 0
         for name in self.ffn_cuts():
             entry = self.entries[name]
@@ -454,10 +492,11 @@ class PlannedConversion(StreamedCheckpoint):
             shard = f"layer-{layer[1].split('.', 1)[0]}" if len(layer) == 2 else name
             size = 4 * parameter.numel()
             entries[name] = TensorEntry(shard, "F32", tuple(parameter.shape), offset,
-                                        offset + size)
+                                        offset + size, name)
             offset += size
         self.entries = entries
         self.tied_copies = frozenset()  # named_parameters above gave a tied matrix once
+        self.ignored = frozenset()
         self._check_layers()
         self._weights_checked = True  # the conversion writes what the model expects
 
@@ -878,7 +917,8 @@ def write_streamed(checkpoint: StreamedCheckpoint, kept_rows: Sequence[Tensor], 
         raise ValueError("every layer must keep the same number of neurons")
     by_shard: dict[str, list[str]] = {}
     for name, entry in sorted(checkpoint.entries.items(), key=lambda item: item[1].start):
-        if name not in checkpoint.tied_copies:  # the loaded model, and its save, hold it once
+        # the loaded model, and its save, hold a tied matrix once and an ignored tensor not at all
+        if name not in checkpoint.tied_copies | checkpoint.ignored:
             by_shard.setdefault(entry.shard, []).append(name)
     check_disk_space(out, checkpoint.weight_bytes)
     current = out
