@@ -203,3 +203,17 @@ def test_resume_without_a_saved_state_to_read_is_refused():
     with pytest.raises(InputError, match="resume continues .* method 'random' trains none"):
         prunenet.compress(model, 0.3, method="random", resume=True, reconstruct="none",
                           progress=False)
+
+
+def test_train_policy_refuses_an_unknown_option_in_one_line():
+    """A misspelt or misplaced keyword had ended in a TypeError traceback from the dataclass;
+    compress refuses the same in one line."""
+    import prunenet
+    from conftest import make_tiny_model
+
+    model = make_tiny_model("llama")
+    with pytest.raises(InputError, match="^unknown option.*: epsiodes;"):
+        prunenet.train_policy(model, 0.3, progress=False, epsiodes=2)
+    with pytest.raises(InputError, match="^unknown option.*: method, policy_out;"):
+        prunenet.train_policy(model, 0.3, progress=False, method="random",
+                              policy_out="p.safetensors")
