@@ -212,6 +212,23 @@ def test_a_limit_that_is_no_whole_number_is_refused_before_the_model_loads(
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("episodes,match", [(0, "^episodes must be at least 1, got 0"),
+                                            (2.5, "^episodes must be a whole number, got 2.5")])
+def test_policy_episodes_it_cannot_train_are_refused_before_any_evaluation(
+        tmp_path, tiny_llama_dir, monkeypatch, episodes, match):
+    """From Python, episodes training cannot take had been refused only after the dense model
+    was evaluated, as the policy's training began."""
+    import prunenet.compare as compare_module
+
+    def no_evaluation(*args, **kwargs):
+        raise AssertionError("a model was evaluated")
+
+    monkeypatch.setattr(compare_module, "evaluate", no_evaluation)
+    with pytest.raises(InputError, match=match):
+        compare(str(tiny_llama_dir), [0.3], "prunenet", tmp_path / "out", episodes=episodes,
+                ppl="none", tasks=[])
+    assert not (tmp_path / "out").exists()
+
 def test_unknown_method_lists_known_ones():
     with pytest.raises(InputError,
                        match="unknown method 'wanda'; known: self-generated, prunenet, random"):

@@ -86,3 +86,23 @@ def test_shape_mismatch_is_a_clear_error():
     policy, _ = _policy_and_matrix(d_model=24, d_ff=40)
     with pytest.raises(PolicyMismatchError, match="d_ff=40.*d_ff=48"):
         policy.keep_scores(torch.randn(48, 24))
+
+
+def test_a_policy_whose_scores_overflow_is_refused_when_rows_are_sampled(tmp_path):
+    """A policy file of finite values (it loads) whose scores are NaN on a model had crashed
+    the sampled selection with a FloatingPointError traceback; top-k refused it in one line."""
+    import prunenet
+    from conftest import make_tiny_model
+    from prunenet.errors import NumericalError
+    from prunenet.io.policy_file import save_policy
+
+    policy = PrunePolicy(32, 48, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # W (P^T v) overflows to +-inf across rows: + b.v gives NaN
+        policy.projection.mul_(1e36)
+        policy.row_weights.mul_(1e3)
+    path = save_policy(policy, tmp_path / "policy.safetensors", {})
+    for selection in ("sample", "topk"):
+        with pytest.raises(NumericalError, match="^layer 0: "):
+            prunenet.prune(make_tiny_model("llama"), path, 0.3, selection=selection,
+                           reconstruct="none", progress=False, out=tmp_path / "out")
+    assert not (tmp_path / "out").exists()

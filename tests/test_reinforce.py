@@ -134,11 +134,40 @@ def test_kld_regulariser_changes_updates():
 @pytest.mark.parametrize(
     "field,value",
     [("ratio", 1.0), ("ratio", -0.1), ("ratio", "0.3"), ("episodes", 0), ("lr", -1.0),
-     ("lr", math.nan), ("gamma", 0.0), ("reward", "log"), ("baseline", "median")],
+     ("lr", math.nan), ("gamma", 0.0), ("reward", "log"), ("baseline", "median"),
+     # From Python these had ended in a TypeError traceback (episodes 2.5, "3", None; lr or
+     # gamma a string), or had run otherwise than recorded: clip_norm -1 turned every step
+     # against its gradient and 0 made none; reward_to_go "no" ran reward-to-go.
+     ("episodes", 2.5), ("episodes", "3"), ("episodes", None), ("episodes", True),
+     ("lr", "1e-3"), ("gamma", "0.9"), ("clip_norm", -1.0), ("clip_norm", 0.0),
+     ("clip_norm", math.nan), ("clip_norm", math.inf), ("reward_to_go", "no"), ("kld", 1)],
 )
 def test_bad_training_settings_are_refused(field, value):
-    with pytest.raises(InputError):
+    named = {"lr": "learning rate"}.get(field, field)
+    with pytest.raises(InputError, match=f"^{named} must be|^ratio|^reward|^baseline"):
         train_policy_on_matrices(_matrices(), TrainingConfig(**{field: value}), progress=False)
+
+
+def test_numpy_training_settings_are_recorded_as_plain_numbers(tmp_path):
+    """numpy numbers had trained, then failed writing prunenet.json with a TypeError traceback
+    (not JSON serializable), leaving no output and a training state behind."""
+    import json
+
+    import numpy as np
+
+    import prunenet
+    from conftest import make_tiny_model
+
+    result = prunenet.compress(make_tiny_model("llama"), 0.3, method="prunenet",
+                               episodes=np.int64(2), lr=np.float64(1e-2),
+                               gamma=np.float32(0.5), reconstruct="none", progress=False,
+                               out=tmp_path / "out", policy_out=tmp_path / "p.safetensors")
+    record = json.loads((tmp_path / "out" / "prunenet.json").read_text())["training"]
+    assert (record["episodes"], record["lr"], record["gamma"]) == (2, 0.01, 0.5)
+    assert len(result.training.history) == 2
+    _, metadata = prunenet.load_policy(tmp_path / "p.safetensors")
+    assert (metadata["episodes"], metadata["lr"]) == (2, 0.01)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "p.safetensors"]
 
 
 def test_foreach_adamw_equals_the_single_tensor_form_bit_for_bit():
@@ -174,3 +203,17 @@ def test_resume_without_a_saved_state_to_read_is_refused():
     with pytest.raises(InputError, match="resume continues .* method 'random' trains none"):
         prunenet.compress(model, 0.3, method="random", resume=True, reconstruct="none",
                           progress=False)
+
+
+def test_train_policy_refuses_an_unknown_option_in_one_line():
+    """A misspelt or misplaced keyword had ended in a TypeError traceback from the dataclass;
+    compress refuses the same in one line."""
+    import prunenet
+    from conftest import make_tiny_model
+
+    model = make_tiny_model("llama")
+    with pytest.raises(InputError, match="^unknown option.*: epsiodes;"):
+        prunenet.train_policy(model, 0.3, progress=False, epsiodes=2)
+    with pytest.raises(InputError, match="^unknown option.*: method, policy_out;"):
+        prunenet.train_policy(model, 0.3, progress=False, method="random",
+                              policy_out="p.safetensors")

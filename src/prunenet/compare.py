@@ -31,6 +31,7 @@ from .naming import calibration_sentence, method_label, one_line, run_label
 from .pipeline import (
     CompressOptions,
     check_reconstruct,
+    check_training,
     input_paths,
     method_of_variant,
     prune,
@@ -46,7 +47,7 @@ from .selection.activation import (
     fitted_calibration,
 )
 from .selection.prunenet import PruneNet
-from .selection.prunenet.reinforce import check_seed, check_trainable_ratio
+from .selection.prunenet.reinforce import check_seed
 from .version import __version__
 
 log = logging.getLogger("prunenet")
@@ -148,8 +149,10 @@ def compare(
         check_corpus(ppl)  # a missing or endless corpus: refused before the model loads
     if "activation" in method_names:
         check_corpus((calibration or Calibration()).corpus)
-    if PruneNet.name in method_names:
-        check_trainable_ratio(max(ratios) if train_ratio is None else train_ratio)
+    training_options = {} if episodes is None else {"episodes": episodes}
+    if PruneNet.name in method_names:  # ratio 0, episodes 0 or 2.5: before the dense model runs
+        check_training(model, max(ratios) if train_ratio is None else train_ratio, seed=seed,
+                       **training_options)
     check_reconstruct(model, reconstruct)  # every method refits alike: refused before the load
     check_models_fit([model], "prunenet compare")
     dense, tokenizer = load_model_and_tokenizer(model)
@@ -199,8 +202,8 @@ def compare(
     if PruneNet.name in method_names:
         train_at = max(ratios) if train_ratio is None else train_ratio
         report(f"training the PruneNet policy once, at ratio {train_at}")
-        options = {} if episodes is None else {"episodes": episodes}
-        training = train_policy(dense, train_at, seed=seed, progress=progress, **options)
+        training = train_policy(dense, train_at, seed=seed, progress=progress,
+                                **training_options)
         policy = training.policy
         results["training"] = {
             "ratio": train_at,

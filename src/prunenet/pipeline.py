@@ -943,6 +943,12 @@ def check_training(model: Any, ratio: float, device: str | torch.device = "auto"
     """Refuse, before ``model`` loads, a policy training that cannot run: settings out of
     range, ratio 0, a device this machine lacks, or a ratio that keeps no neuron of the FFN
     width a path's config.json or GGUF header declares. Returns the settings and the device."""
+    known = {f.name for f in fields(TrainingConfig)} - {"ratio"}
+    unknown = set(training) - known
+    if unknown:  # as compress refuses them, not a TypeError from the dataclass
+        raise InputError(f"unknown option(s): {', '.join(sorted(unknown))}; train_policy takes "
+                         f"{', '.join(sorted(known))}, device, progress, state_path, resume "
+                         "and max_memory")
     config = TrainingConfig(ratio=ratio, **training)
     config.validate()
     check_trainable_ratio(config.ratio)

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ...errors import InputError
+from ...errors import InputError, NumericalError
 from ...model_view import FFNView, check_finite
 from ..base import FFNWeights, Selector, Source, top_rows
 from .policy import PrunePolicy, keep_probabilities, policy_checksum, sample_rows
@@ -120,6 +120,12 @@ class PruneNet(Selector):
                 if self.selection == "topk":  # by logit: alpha saturates to ties at 1.0
                     rows.append(top_rows(logits, kept, index).cpu())
                 else:
+                    if logits.isnan().any():  # no probability to draw with (an inf one is 0 or 1)
+                        raise NumericalError(
+                            f"layer {index}: the policy's keep scores are NaN on this model's "
+                            "weights (its parameters overflow there), so no neurons can be "
+                            "drawn; nothing was written. Train a policy for this model with a "
+                            "lower --lr")
                     noise = torch.rand(weights.d_ff, generator=generator, device=device)
                     rows.append(sample_rows(keep_probabilities(torch.sigmoid(logits), noise),
                                             kept, generator).cpu())

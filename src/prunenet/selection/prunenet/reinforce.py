@@ -53,6 +53,13 @@ def check_seed(seed: object) -> None:
         raise InputError(f"seed must be an integer in [0, 2**63), got {seed!r}")
 
 
+def _check_number(name: str, value: object, most: float) -> None:
+    """Refuse ``value`` unless it is a number in (0, ``most``]: no string, bool or NaN."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) \
+            or not 0 < value <= most:
+        raise InputError(f"{name} must be in (0, {most:g}], got {value!r}")
+
+
 @dataclass
 class TrainingConfig:
     """Every setting of a policy-training run. Defaults follow the reference code."""
@@ -71,18 +78,24 @@ class TrainingConfig:
     precision: str = "auto"  # Gram path: "auto" (float32 if well conditioned), float32, float64
 
     def validate(self) -> None:
+        """Refuse a setting training cannot run as recorded, and make the numbers and flags
+        plain Python values (a numpy number is recorded, and written to JSON, as a number)."""
         check_seed(self.seed)
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)):
             raise InputError(f"ratio must be a number in [0, 1), got {self.ratio!r}")
         if not 0.0 <= float(self.ratio) < 1.0:
             raise InputError(f"ratio must be in [0, 1), got {self.ratio}")
-        if int(self.episodes) < 1:
+        if isinstance(self.episodes, bool) or not isinstance(self.episodes, numbers.Integral):
+            raise InputError(f"episodes must be a whole number, got {self.episodes!r}")
+        if self.episodes < 1:
             raise InputError(f"episodes must be at least 1, got {self.episodes}")
-        if not 0 < self.lr <= MAX_LEARNING_RATE:
-            raise InputError(f"learning rate must be in (0, {MAX_LEARNING_RATE:g}], got "
-                             f"{self.lr}")
-        if not 0.0 < self.gamma <= 1.0:
-            raise InputError(f"gamma must be in (0, 1], got {self.gamma}")
+        _check_number("learning rate", self.lr, MAX_LEARNING_RATE)
+        _check_number("gamma", self.gamma, 1.0)
+        # the most a float32 gradient norm reaches: a larger bound, or inf, clips nothing
+        _check_number("clip_norm", self.clip_norm, float(torch.finfo(torch.float32).max))
+        for name in ("reward_to_go", "kld"):
+            if not isinstance(getattr(self, name), bool):
+                raise InputError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.reward not in ("inverse", "penalty"):
             raise InputError(f"reward must be 'inverse' or 'penalty', got {self.reward!r}")
         if self.baseline not in ("none", "mean"):
@@ -92,6 +105,9 @@ class TrainingConfig:
         if self.precision not in PRECISIONS:
             raise InputError(f"precision must be one of {', '.join(PRECISIONS)}, "
                              f"got {self.precision!r}")
+        self.seed, self.episodes = int(self.seed), int(self.episodes)
+        self.lr, self.gamma, self.clip_norm = float(self.lr), float(self.gamma), \
+            float(self.clip_norm)
 
 
 @dataclass
