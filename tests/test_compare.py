@@ -446,7 +446,8 @@ def test_a_compare_whose_every_task_is_skipped_records_them_and_draws_no_accurac
 def test_the_page_and_plots_name_only_the_tasks_measured(tiny_llama_real_tokenizer_dir, tmp_path,
                                                          capsys, monkeypatch):
     """A comparison on piqa alone names piqa's metric, not WinoGrande's and ARC's, which did not
-    run; an accuracy plot without a limit says all examples were scored, not ``limit None``."""
+    run; the page and the accuracy plots name the examples each task scored (a task holding
+    fewer than the limit scores fewer), not the limit."""
     from matplotlib.axes import Axes
 
     from prunenet.compare import render_report, write_plots
@@ -457,22 +458,21 @@ def test_the_page_and_plots_name_only_the_tasks_measured(tiny_llama_real_tokeniz
                  "piqa", "--limit", "2", "--speed-repeats", "1", "--out", str(out)]) == 0, \
         capsys.readouterr().err
     page = (out / "report.md").read_text()
-    assert "- Zero-shot: piqa; the first 2 examples of each (piqa acc_norm).\n" in page
+    assert "- Zero-shot: piqa; 2 examples (piqa acc_norm).\n" in page
     assert "WinoGrande" not in page and "ARC" not in page
     results = json.loads((out / "results.json").read_text())
     results["dense"]["zero_shot"]["tasks"]["arc_easy"] = {
-        **results["dense"]["zero_shot"]["tasks"]["piqa"]}
+        **results["dense"]["zero_shot"]["tasks"]["piqa"], "examples": 1}
     results["settings"]["tasks"].append("arc_easy")
-    assert ("(piqa acc_norm, arc_easy acc_norm; ARC on its validation split).\n"
-            in render_report(results))
-    results["settings"]["limit"] = None
+    assert ("- Zero-shot: piqa, arc_easy; piqa 2, arc_easy 1 examples (piqa acc_norm, arc_easy "
+            "acc_norm; ARC on its validation split).\n" in render_report(results))
     titles = []
     monkeypatch.setattr(Axes, "set_title", lambda axis, text, *a, **k: titles.append(text))
     plots = tmp_path / "plots"
     plots.mkdir()
     write_plots(results, plots)
-    assert {"piqa (all examples)", "arc_easy (all examples)", "average (all examples)"} <= set(
-        titles)
+    assert {"piqa (2 examples)", "arc_easy (1 example)",
+            "average (piqa 2, arc_easy 1 examples)"} <= set(titles)
     assert not [title for title in titles if "None" in title]
 
 

@@ -18,7 +18,7 @@ from typing import Any
 from .assets import asset_path
 from .errors import InputError, refuse_repeats
 from .evaluation.corpora import check_corpus, corpus_read_path, load_corpus
-from .evaluation.evaluate import evaluate, fitted_seqlen, perplexity_windows
+from .evaluation.evaluate import evaluate, examples_scored, fitted_seqlen, perplexity_windows
 from .evaluation.speed import SpeedProtocol, fitted_protocol
 from .evaluation.zeroshot import check_limit, parse_tasks
 from .families import kept_count
@@ -313,10 +313,10 @@ def write_plots(results: dict[str, Any], folder: Path) -> list[Path]:
                 if name == "average":
                     return e["zero_shot"]["average"]
                 return _task_value(e["zero_shot"], name)
-            metric = "mean" if name == "average" else \
-                results["dense"]["zero_shot"]["tasks"][name]["metric"]
-            examples = "all examples" if settings["limit"] is None else \
-                f"first {settings['limit']} examples"
+            scored = results["dense"]["zero_shot"]["tasks"]
+            metric = "mean" if name == "average" else scored[name]["metric"]
+            examples = examples_scored({task: scored[task] for task in
+                                        (tasks if name == "average" else [name])})
             panel(axis, pick, metric, f"{name} ({examples})")
         save(figure, "accuracy.png")
     if results["dense"]["speed"]:
@@ -426,6 +426,17 @@ def _task_metrics(results: dict[str, Any]) -> str:
     return f" ({metrics}{'; ARC on its validation split' if arc else ''})"
 
 
+def _task_examples(results: dict[str, Any]) -> str:
+    """The examples every task scored (``100 examples each``: a task holding fewer than the
+    limit scores all it holds), or, where none was scored, what the limit asked for."""
+    tasks = measured_tasks(results)
+    if tasks:
+        scored = results["dense"]["zero_shot"]["tasks"]
+        return examples_scored({name: scored[name] for name in tasks})
+    limit = results["settings"]["limit"]
+    return "all examples" if limit is None else f"at most {limit} examples of each"
+
+
 def _skipped_tasks(results: dict[str, Any]) -> str:
     """The report's note of the tasks asked for but not scored, if any."""
     skipped = [name for name in results["settings"]["tasks"]
@@ -451,10 +462,8 @@ def render_report(results: dict[str, Any], plots: Sequence[str] = PLOTS) -> str:
         f"- Perplexity: {settings['corpus']}, the first {settings['windows']} evaluation windows "
         f"of {settings['seqlen']} tokens.",
         "- Zero-shot: not measured (no --tasks)." if not settings["tasks"] else
-        f"- Zero-shot: {', '.join(settings['tasks'])}; "
-        + ("all examples" if settings["limit"] is None else
-           f"the first {settings['limit']} examples of each") + _task_metrics(results) + "."
-        + _skipped_tasks(results),
+        f"- Zero-shot: {', '.join(settings['tasks'])}; " + _task_examples(results)
+        + _task_metrics(results) + "." + _skipped_tasks(results),
     ]
     if dense_speed:
         lines.append(

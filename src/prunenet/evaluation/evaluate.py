@@ -275,18 +275,27 @@ def evaluate(
     return result
 
 
-def _averaged(scores: dict[str, dict[str, Any]]) -> str:
-    """What the zero-shot average is the mean of: the tasks and the examples each one scored
-    (a task holding fewer than the limit scores all it holds), unweighted where they differ."""
-    counts = [score["examples"] for score in scores.values()]
+def examples_scored(scores: dict[str, dict[str, Any]]) -> str:
+    """The examples each zero-shot task scored (a task holding fewer than the limit scores all
+    it holds): ``100 examples each``, or ``piqa 500, arc_challenge 299 examples``."""
+    counts = {score["examples"] for score in scores.values()}
     if len(counts) == 1:
-        return f"1 task, {counts[0]} examples"
-    tasks = f"{len(counts)} tasks"
-    if len(set(counts)) == 1:
-        return f"mean of {tasks}, {counts[0]} examples each"
-    return (f"unweighted mean of {tasks}: "
-            + ", ".join(f"{name} {score['examples']}" for name, score in scores.items())
-            + " examples")
+        count = counts.pop()
+        return f"{count} example{'' if count == 1 else 's'}" \
+            + (" each" if len(scores) > 1 else "")
+    return ", ".join(f"{name} {score['examples']}" for name, score in scores.items()) \
+        + " examples"
+
+
+def _averaged(scores: dict[str, dict[str, Any]]) -> str:
+    """What the zero-shot average is the mean of: the tasks and the examples each one scored,
+    unweighted where they differ."""
+    if len(scores) == 1:
+        return f"1 task, {examples_scored(scores)}"
+    counts = {score["examples"] for score in scores.values()}
+    mean = "mean" if len(counts) == 1 else "unweighted mean"
+    return f"{mean} of {len(scores)} tasks" + (", " if len(counts) == 1 else ": ") \
+        + examples_scored(scores)
 
 
 def format_table(result: dict[str, Any]) -> str:
