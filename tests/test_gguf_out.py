@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -572,6 +573,65 @@ def test_metadata_value_types_copy_byte_for_byte(tmp_path, tinycoder):
     out = tmp_path / "out.gguf"
     write_pruned_gguf(source, result.model, result.kept_rows, out)
     _check_written_file(source, out, result.kept_rows, result.model)
+
+
+def _with_empty_array(source: Path, path: Path, monkeypatch) -> Path:
+    """``source`` with one more metadata key, ``general.tags``, an empty array of strings (the
+    format allows it, llama.cpp's own writer makes it; GGUFWriter refuses to, so it is packed
+    here by hand)."""
+    packer = GGUFWriter._pack_val
+
+    def pack(self, value, value_type, add_vtype, sub_type=None):
+        if value_type == GGUFValueType.ARRAY and isinstance(value, list) and not value:
+            return ((self._pack("I", value_type) if add_vtype else b"")
+                    + self._pack("I", sub_type) + self._pack("Q", 0))
+        return packer(self, value, value_type, add_vtype, sub_type)
+
+    reader = GGUFReader(str(source))
+    with monkeypatch.context() as patched:
+        patched.setattr(GGUFWriter, "_pack_val", pack)
+        writer = GGUFWriter(path, reader.fields["general.architecture"].contents())
+        for field in reader.fields.values():
+            if not field.name.startswith(("GGUF.", "general.architecture")):
+                writer.add_key_value(field.name, field.contents(), field.types[0],
+                                     field.types[-1] if len(field.types) > 1 else None)
+        writer.add_key_value("general.tags", [], GGUFValueType.ARRAY, GGUFValueType.STRING)
+        for tensor in reader.tensors:
+            writer.add_tensor(tensor.name, tensor.data, raw_dtype=tensor.tensor_type)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+    assert GGUFReader(str(path)).fields["general.tags"].contents() == []
+    return path
+
+
+def test_metadata_the_writer_cannot_copy_is_refused_before_any_work(tmp_path, tinycoder,
+                                                                     monkeypatch, capsys):
+    """An empty metadata array cannot be copied into model.gguf (GGUFWriter writes none): GGUF
+    output is refused up front, so --format auto writes safetensors alone and --format gguf
+    fails before the model loads (both had pruned the model, then failed writing model.gguf)."""
+    from prunenet import pipeline
+    from prunenet.cli import main
+    from prunenet.pipeline import output_formats
+
+    source = _with_empty_array(tinycoder, tmp_path / "tagged.gguf", monkeypatch)
+    message = ("tagged.gguf's metadata key 'general.tags' is an empty or nested array, which "
+               "GGUF output cannot copy (the gguf package writes neither); write safetensors "
+               "instead (--format safetensors)")
+    with pytest.raises(InputError, match=re.escape(message)):
+        gguf_output_supported(source)
+    assert output_formats("auto", str(source)) == ("safetensors",)
+    assert main(["-q", "compress", str(source), "--ratio", "0.25", "--method", "random",
+                 "--out", str(tmp_path / "auto")]) == 0
+    assert "gguf" not in json.loads((tmp_path / "auto" / "prunenet.json").read_text())
+    assert not (tmp_path / "auto" / "model.gguf").exists()
+    assert (tmp_path / "auto" / "model.safetensors").is_file()
+    monkeypatch.setattr(pipeline, "load_model_and_tokenizer", None)  # never reached
+    capsys.readouterr()
+    assert main(["-q", "compress", str(source), "--ratio", "0.25", "--method", "random",
+                 "--format", "gguf", "--out", str(tmp_path / "gguf")]) == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "gguf").exists()
 
 
 # --- llama.cpp reads what we write -------------------------------------------------------------

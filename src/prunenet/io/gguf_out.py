@@ -118,7 +118,21 @@ def _open_source(source_gguf: str | os.PathLike):
                 f"{path.name} has the FFN tensor {tensor.name}, which GGUF output does not know "
                 "how to cut; write safetensors instead (--format safetensors)"
             )
+    for name, field in reader.fields.items():
+        if _uncopyable(field):
+            raise InputError(
+                f"{path.name}'s metadata key {name!r} is an empty or nested array, which GGUF "
+                "output cannot copy (the gguf package writes neither); write safetensors "
+                "instead (--format safetensors)"
+            )
     return reader, architecture, layout
+
+
+def _uncopyable(field) -> bool:
+    """Whether a metadata field is an array GGUFWriter refuses to write: an empty one, or one
+    of arrays."""
+    value_types = _gguf().GGUFValueType
+    return field.types[0] == value_types.ARRAY and (len(field.types) != 2 or not field.data)
 
 
 def gguf_output_supported(source_gguf: str | os.PathLike) -> None:
@@ -126,7 +140,8 @@ def gguf_output_supported(source_gguf: str | os.PathLike) -> None:
 
     Cheap (reads the header only), so a caller can refuse before any pruning work: the source must
     be a little-endian .gguf file of an architecture in :data:`GGUF_FFN_LAYOUTS` without FFN
-    tensors outside the layout (biases, experts).
+    tensors outside the layout (biases, experts), and without metadata the writer cannot copy
+    (an empty or nested array).
     """
     _open_source(source_gguf)
 
@@ -140,10 +155,7 @@ def _field_value(field) -> tuple[Any, Any, Any]:
         return bytes(field.parts[-1]), main_type, None
     if main_type != value_types.ARRAY:
         return field.parts[-1][0].item(), main_type, None
-    sub_type = field.types[-1]
-    if len(field.types) != 2 or not field.data:
-        raise InputError(f"metadata key {field.name!r} is a nested or empty array, "
-                         "which the gguf package cannot write")
+    sub_type = field.types[-1]  # neither empty nor nested: _open_source refused those
     if sub_type == value_types.STRING:
         return [bytes(field.parts[index]) for index in field.data], main_type, sub_type
     items = np.concatenate([field.parts[index] for index in field.data])
