@@ -270,6 +270,43 @@ def test_running_the_card_command_writes_the_same_record(tmp_path):
     assert again == first
 
 
+def test_a_run_that_drew_nothing_records_no_seed_and_its_card_repeats_it(tmp_path):
+    """A saved policy's top-k rows, or magnitude, with --reconstruct none draw nothing at
+    random and sample no probe: the record (prunenet.json and --record's copy) holds seed
+    null, as the card's command (no --seed: the command line refuses it there) and compare
+    say; the card's command run again writes the same record. A run that drew its rows keeps
+    the seed it drew them from."""
+    import json
+
+    model = tmp_path / "m"
+    make_tiny_model("llama").save_pretrained(model)
+    policy = tmp_path / "p.safetensors"
+    assert main(["-q", "train-policy", str(model), "--ratio", "0.3", "--episodes", "1",
+                 "--device", "cpu", "--out", str(policy)]) == 0
+    for name, argv in [
+        ("topk", ["prune", str(model), "--policy", str(policy), "--selection", "topk"]),
+        ("magnitude", ["compress", str(model), "--method", "magnitude"]),
+    ]:
+        out = tmp_path / name
+        assert main(["-q", *argv, "--ratio", "0.3", "--reconstruct", "none", "--out", str(out),
+                     "--record", str(tmp_path / f"{name}-record")]) == 0
+        record = json.loads((out / "prunenet.json").read_text())
+        assert record["seed"] is None
+        assert json.loads((tmp_path / f"{name}-record" / "record.json").read_text())[
+            "compression"] == record
+        assert main(["-q", "report", str(tmp_path / f"{name}-record")]) == 0
+        page = (tmp_path / f"{name}-record" / "report" / "report.md").read_text()
+        assert "seed" not in page and f"; method **{record['method']}**" in page
+        command, = card_commands((out / "README.md").read_text())
+        assert "--seed" not in command
+        command = [part.replace("POLICY.safetensors", str(policy)) for part in command]
+        assert main(["-q", *command[1:-1], str(tmp_path / f"{name}-again")]) == 0
+        assert json.loads((tmp_path / f"{name}-again" / "prunenet.json").read_text()) == record
+    assert main(["-q", "compress", str(model), "--method", "random", "--reconstruct", "none",
+                 "--seed", "3", "--ratio", "0.3", "--out", str(tmp_path / "random")]) == 0
+    assert json.loads((tmp_path / "random" / "prunenet.json").read_text())["seed"] == 3
+
+
 def parsed_finetune(command: list[str]):
     """The settings the command line gives finetune() from a card's finetune command, as the
     record keeps them."""

@@ -56,6 +56,7 @@ from .io.streaming import (
     write_streamed,
 )
 from .model_view import FFNView, check_finite, layers_from_disk, parameters_in_memory
+from .naming import reads_seed
 from .probe import (
     MIN_TEMPERATURE,
     Probe,
@@ -698,6 +699,8 @@ def _compress(plan: Plan, tokenizer: Any = None, offloaded: nn.Module | None = N
         record["evaluation"] = evaluation_entry(measured)
     if probe is not None:
         record["probe"] = probe.record()
+    if not reads_seed(record):  # nothing was drawn from it: null, as the card and report read it
+        record["seed"] = None
     record["reconstruct"] = refit if refit is not None else {"mode": "none"}
     saved = None
     if plan.out is not None:
@@ -815,7 +818,7 @@ def compression_record(plan: Plan, selector: Selector, before: dict, after: dict
         "prunenet_version": __version__,
         "method": selector.name,
         "ratio": plan.ratio,
-        "seed": plan.options.seed,
+        "seed": plan.options.seed,  # made null once the record shows nothing read it
         "selection": None,
         "ffn_width_before": d_ff,
         "ffn_width_after": kept,
