@@ -348,12 +348,16 @@ def test_the_card_finetune_command_parses_back_to_every_recorded_setting():
     from prunenet.io.model_card import render_card
 
     record = {key: value for key, value in TRAINED.items() if key != "evaluation"}
-    tune = {"trained": "LoRA adapters", "steps_run": 30, "merged": False,
+    tune = {"trained": "LoRA adapters", "steps_run": 30, "merged": False, "device": "cpu",
             "settings": {**LORA_SETTINGS, "target_modules": ["mlp.up_proj", "q_proj"]}}
     _, command = card_commands(render_card({**record, "finetune": tune}))
     args, settings = parsed_finetune(command)
     assert settings == LORA_SETTINGS and args.merge is False
     assert (args.model, args.out) == ("OUT", "OUT2")
+    # trained on the CPU: repeated there, where auto would train on a GPU if there is one
+    assert args.device == "cpu"
+    _, command = card_commands(render_card({**record, "finetune": {**tune, "device": "cuda:0"}}))
+    assert "--device" not in command and parsed_finetune(command)[0].device == "auto"
     ffn = {key: value for key, value in LORA_SETTINGS.items()
            if not key.startswith("lora_") and key != "targets"}
     _, command = card_commands(render_card({**record, "finetune": {

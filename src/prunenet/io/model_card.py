@@ -303,7 +303,9 @@ def finetune_command(tune: dict[str, Any], model: str = "OUT",
     resolved ones (the learning rate, window length and arithmetic the run chose) included;
     the LoRA settings and --no-merge only where LoRA adapters trained, --generated-windows
     (the number of training windows the teacher wrote) only where the run distilled.
-    --patience 0 stands for a run that never stopped early.
+    --patience 0 stands for a run that never stopped early. A run on the CPU is repeated with
+    --device cpu (auto trains on a GPU where there is one, whose random draws differ); a run
+    on a GPU with the default, auto, the only choice that reaches one.
     """
     settings = tune.get("settings") or {}
     command = ["prunenet", "finetune", model, "--data", str(settings.get("data"))]
@@ -326,4 +328,6 @@ def finetune_command(tune: dict[str, Any], model: str = "OUT",
         command += ["--patience", str(settings["patience"] or 0)]
     if lora and tune.get("merged") is False:
         command.append("--no-merge")
+    if tune.get("device") == "cpu":
+        command += ["--device", "cpu"]
     return command + ["--out", out]
