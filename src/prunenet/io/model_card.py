@@ -245,7 +245,7 @@ def _compress_command(record: dict[str, Any], gguf_format: str = "both") -> list
                *(["--policy", "POLICY.safetensors"] if reused else []),
                "--ratio", _number(record["ratio"]), "--method", method,
                *(["--seed", str(record["seed"])] if seeded else []),
-               *(["--device", record["device"]] if record.get("device") else [])]
+               *(["--device", str(record["device"])] if record.get("device") else [])]
     if method == "prunenet":
         if record.get("selection"):
             command += ["--selection", record["selection"]]
