@@ -104,6 +104,8 @@ def normalized_record(record: dict[str, Any]) -> dict[str, Any]:
         del record["reconstruct"]  # the stage did not run: as before it existed
     if record.get("round_to") == 1:
         del record["round_to"]  # the exact kept count: as before the option existed
+    if record.get("device") in (None, "cpu"):
+        record.pop("device", None)  # on the CPU, or no policy ran: as before it was recorded
     if record.get("probe", {}).get("sequence_length") == 128:
         del record["probe"]
     variant = record.pop("variant", None)

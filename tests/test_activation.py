@@ -233,3 +233,26 @@ def test_bad_calibration_text_is_refused_before_the_model_loads(
             err = capsys.readouterr().err.strip().splitlines()
             assert len(err) == 1 and err[0].startswith(f"prunenet: error: {message}"), err
     assert not out.exists()
+
+
+def test_a_calibration_file_is_recorded_by_its_absolute_path(tmp_path, monkeypatch):
+    """A calibration corpus given by a relative path is recorded, and named in the card's
+    command, by its absolute path, as the source and a fine-tune's corpus are: the command
+    repeats the run from any folder (the relative name had read another file, or none, from
+    anywhere but the folder the run started in). A named corpus stays as named."""
+    from prunenet.io.model_card import render_card
+
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    (folder / "words.txt").write_text(" ".join(f"w{i}" for i in range(120)))
+    monkeypatch.chdir(folder)
+    result = prunenet.prune(make_tiny_model("llama"), None, 0.5, method="activation",
+                            tokenizer=WordTokenizer(), reconstruct="none", progress=False,
+                            calibration=Calibration(corpus="words.txt", windows=2, seqlen=8))
+    absolute = str((folder / "words.txt").resolve())
+    assert result.record["calibration"] == {"corpus": absolute, "windows": 2, "seqlen": 8}
+    command = render_card(result.record).split("```bash\n")[1].split("\n```")[0]
+    assert f"--calibration-corpus {absolute} --calibration-windows 2" in command
+    named = Calibration(corpus="wiki", windows=2, seqlen=8)
+    assert prunenet.selection.activation.Activation(named).record()["calibration"][
+        "corpus"] == "wiki"

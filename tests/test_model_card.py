@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 import pytest
+import torch
 from gguf import GGMLQuantizationType
 
 from conftest import make_tiny_model
@@ -150,7 +151,8 @@ def parsed_compression(command: list[str]):
     return args, CompressOptions.from_keywords(args.ratio, **_compress_options(args))
 
 
-TRAINED = {"method": "prunenet", "ratio": 0.123456789, "seed": 7, "selection": "topk",
+TRAINED = {"method": "prunenet", "ratio": 0.123456789, "seed": 7, "device": "cuda",
+           "selection": "topk",
            "ffn_width_before": 64, "ffn_width_after": 56, "round_to": 8,
            "prunenet_version": "0", "parameters_before": 10, "parameters_after": 8,
            "parameter_reduction": 0.2, "source": "/m/dense", "policy_sha256": "ab",
@@ -169,7 +171,8 @@ TRAINED = {"method": "prunenet", "ratio": 0.123456789, "seed": 7, "selection": "
 def test_the_card_command_parses_back_to_every_recorded_compression_setting():
     """Split as a shell splits it and parsed by the command line's own parser, the card's
     command gives the settings the record holds, every float to its last digit: the policy
-    training's, the probe's, the refit's, the rounding and the measurement."""
+    training's and the device it ran on, the probe's, the refit's, the rounding and the
+    measurement."""
     from prunenet.io.model_card import render_card
 
     command, = card_commands(render_card(TRAINED, files={"config.json", "model.safetensors"}))
@@ -184,9 +187,10 @@ def test_the_card_command_parses_back_to_every_recorded_compression_setting():
             options.probe_prompt, options.probe_sampler) == (
         probe["tokens"], probe["sequence_length"], probe["temperature"], probe["prompt"],
         probe["sampler"])
-    assert (options.method, options.seed, options.selection, options.reconstruct,
-            options.ridge, options.round_to, options.evaluate_windows, options.format) == (
-        "prunenet", 7, "topk", "ls", 0.0123456789, 8, 3, "safetensors")
+    assert (options.method, options.seed, options.device, options.selection,
+            options.reconstruct, options.ridge, options.round_to, options.evaluate_windows,
+            options.format) == ("prunenet", 7, "cuda", "topk", "ls", 0.0123456789, 8, 3,
+                                "safetensors")
     assert args.ratio == TRAINED["ratio"]
 
 
@@ -194,17 +198,17 @@ def test_the_card_command_names_no_option_the_run_did_not_use():
     """The command line refuses an option a run would not use: a refit without a ridge, a
     method without a probe or a policy, singular values taken directly (no Gram float type),
     a calibration for activation only, a seed where nothing was drawn (no probe, no random or
-    sampled rows); a saved policy's run is `prune --policy`."""
+    sampled rows), a device where no policy ran; a saved policy's run is `prune --policy`."""
     from prunenet.io.model_card import render_card
 
     base = {key: value for key, value in TRAINED.items()
             if key not in ("training", "probe", "policy_sha256", "selection", "evaluation")}
     activation, = card_commands(render_card(
-        {**base, "method": "activation", "reconstruct": {"mode": "none"},
+        {**base, "method": "activation", "device": None, "reconstruct": {"mode": "none"},
          "calibration": {"corpus": "book.txt", "windows": 5, "seqlen": 1024}}))
     args, options = parsed_compression(activation)
     assert not {"--ridge", "--probe-tokens", "--probe-sampler", "--selection", "--episodes",
-                "--eval", "--seed"} & set(activation)
+                "--eval", "--seed", "--device"} & set(activation)
     assert (options.reconstruct, options.calibration.corpus, options.calibration.windows) == (
         "none", "book.txt", 5)
     svd, = card_commands(render_card(
@@ -267,7 +271,47 @@ def test_running_the_card_command_writes_the_same_record(tmp_path):
     first, again = (json.loads((tmp_path / name / "prunenet.json").read_text())
                     for name in ("one", "two"))
     assert first["training"]["lr"] == 0.0001234567 and first["probe"]["sampler"] == "multinomial"
+    # where the policy trained and drew: a CPU and a CUDA generator draw differently
+    assert first["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert command[command.index("--device") + 1] == first["device"]
     assert again == first
+
+
+def test_a_run_that_drew_nothing_records_no_seed_and_its_card_repeats_it(tmp_path):
+    """A saved policy's top-k rows, or magnitude, with --reconstruct none draw nothing at
+    random and sample no probe: the record (prunenet.json and --record's copy) holds seed
+    null, as the card's command (no --seed: the command line refuses it there) and compare
+    say; the card's command run again writes the same record. A run that drew its rows keeps
+    the seed it drew them from."""
+    import json
+
+    model = tmp_path / "m"
+    make_tiny_model("llama").save_pretrained(model)
+    policy = tmp_path / "p.safetensors"
+    assert main(["-q", "train-policy", str(model), "--ratio", "0.3", "--episodes", "1",
+                 "--device", "cpu", "--out", str(policy)]) == 0
+    for name, argv in [
+        ("topk", ["prune", str(model), "--policy", str(policy), "--selection", "topk"]),
+        ("magnitude", ["compress", str(model), "--method", "magnitude"]),
+    ]:
+        out = tmp_path / name
+        assert main(["-q", *argv, "--ratio", "0.3", "--reconstruct", "none", "--out", str(out),
+                     "--record", str(tmp_path / f"{name}-record")]) == 0
+        record = json.loads((out / "prunenet.json").read_text())
+        assert record["seed"] is None
+        assert json.loads((tmp_path / f"{name}-record" / "record.json").read_text())[
+            "compression"] == record
+        assert main(["-q", "report", str(tmp_path / f"{name}-record")]) == 0
+        page = (tmp_path / f"{name}-record" / "report" / "report.md").read_text()
+        assert "seed" not in page and f"; method **{record['method']}**" in page
+        command, = card_commands((out / "README.md").read_text())
+        assert "--seed" not in command
+        command = [part.replace("POLICY.safetensors", str(policy)) for part in command]
+        assert main(["-q", *command[1:-1], str(tmp_path / f"{name}-again")]) == 0
+        assert json.loads((tmp_path / f"{name}-again" / "prunenet.json").read_text()) == record
+    assert main(["-q", "compress", str(model), "--method", "random", "--reconstruct", "none",
+                 "--seed", "3", "--ratio", "0.3", "--out", str(tmp_path / "random")]) == 0
+    assert json.loads((tmp_path / "random" / "prunenet.json").read_text())["seed"] == 3
 
 
 def parsed_finetune(command: list[str]):
@@ -304,12 +348,16 @@ def test_the_card_finetune_command_parses_back_to_every_recorded_setting():
     from prunenet.io.model_card import render_card
 
     record = {key: value for key, value in TRAINED.items() if key != "evaluation"}
-    tune = {"trained": "LoRA adapters", "steps_run": 30, "merged": False,
+    tune = {"trained": "LoRA adapters", "steps_run": 30, "merged": False, "device": "cpu",
             "settings": {**LORA_SETTINGS, "target_modules": ["mlp.up_proj", "q_proj"]}}
     _, command = card_commands(render_card({**record, "finetune": tune}))
     args, settings = parsed_finetune(command)
     assert settings == LORA_SETTINGS and args.merge is False
     assert (args.model, args.out) == ("OUT", "OUT2")
+    # trained on the CPU: repeated there, where auto would train on a GPU if there is one
+    assert args.device == "cpu"
+    _, command = card_commands(render_card({**record, "finetune": {**tune, "device": "cuda:0"}}))
+    assert "--device" not in command and parsed_finetune(command)[0].device == "auto"
     ffn = {key: value for key, value in LORA_SETTINGS.items()
            if not key.startswith("lora_") and key != "targets"}
     _, command = card_commands(render_card({**record, "finetune": {

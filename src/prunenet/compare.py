@@ -17,7 +17,7 @@ from typing import Any
 
 from .assets import asset_path
 from .errors import InputError, refuse_repeats
-from .evaluation.corpora import check_corpus, corpus_read_path, load_corpus
+from .evaluation.corpora import check_corpus, corpus_read_path, load_corpus, recorded_corpus
 from .evaluation.evaluate import evaluate, examples_scored, fitted_seqlen, perplexity_windows
 from .evaluation.speed import SpeedProtocol, fitted_protocol
 from .evaluation.zeroshot import check_limit, parse_tasks
@@ -191,8 +191,9 @@ def compare(
             # null where no probe was sampled and no method compared draws at random
             "seed": seed if reads_seed(method_names, reconstruct) else None,
             "reconstruct": reconstruct,
-            "calibration": vars(calibration or Calibration()) if "activation" in method_names
-            else None,
+            # a corpus file by its absolute path, as every run's record names it
+            "calibration": {**vars(calibration), "corpus": recorded_corpus(calibration.corpus)}
+            if "activation" in method_names else None,
         },
         "training": None,
         "dense": run_evaluation(dense, source=model),  # with its record, if prunenet made it

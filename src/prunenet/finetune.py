@@ -38,7 +38,13 @@ from .arithmetic import (
     global_generators_kept,
 )
 from .errors import InputError, NumericalError, OutputError, first_line
-from .evaluation.corpora import NAMED_CORPORA, check_corpus, corpus_read_path, load_corpus
+from .evaluation.corpora import (
+    NAMED_CORPORA,
+    check_corpus,
+    corpus_read_path,
+    load_corpus,
+    recorded_corpus,
+)
 from .families import check_sequence_length, context_length, family_for
 from .io.files import (
     Output,
@@ -447,8 +453,7 @@ def corpus_as_recorded(data: Any) -> Any:
     they name the source); a named corpus, ``self-generated`` and a missing path as given."""
     if not isinstance(data, (str, os.PathLike)) or str(data) in (*NAMED_CORPORA, SELF_GENERATED):
         return data
-    path = Path(data).expanduser()
-    return str(path.resolve()) if str(data).strip() and path.exists() else str(data)
+    return recorded_corpus(str(data))
 
 
 def check_recovery(source: str | os.PathLike, data: str, steps: int, seqlen: int | None,

@@ -56,6 +56,7 @@ from .io.streaming import (
     write_streamed,
 )
 from .model_view import FFNView, check_finite, layers_from_disk, parameters_in_memory
+from .naming import reads_seed
 from .probe import (
     MIN_TEMPERATURE,
     Probe,
@@ -688,7 +689,7 @@ def _compress(plan: Plan, tokenizer: Any = None, offloaded: nn.Module | None = N
         after = FFNView(model).parameter_counts()
     else:
         after = weights.parameter_counts(kept)
-    record = compression_record(plan, selector, before, after, weights.d_ff, kept)
+    record = compression_record(plan, selector, before, after, weights.d_ff, kept, device)
     if options.evaluate_windows and plan.streamed is None:  # a streamed output: as written
         from .evaluation.evaluate import evaluate
 
@@ -698,6 +699,8 @@ def _compress(plan: Plan, tokenizer: Any = None, offloaded: nn.Module | None = N
         record["evaluation"] = evaluation_entry(measured)
     if probe is not None:
         record["probe"] = probe.record()
+    if not reads_seed(record):  # nothing was drawn from it: null, as the card and report read it
+        record["seed"] = None
     record["reconstruct"] = refit if refit is not None else {"mode": "none"}
     saved = None
     if plan.out is not None:
@@ -808,14 +811,18 @@ def _gguf_writer(reads: list[str], model: nn.Module | None, rows: list[Tensor], 
 
 
 def compression_record(plan: Plan, selector: Selector, before: dict, after: dict, d_ff: int,
-                       kept: int) -> dict[str, Any]:
-    """The ``prunenet.json`` content: what ran (the method's own name), on what, with what."""
+                       kept: int, device: torch.device) -> dict[str, Any]:
+    """The ``prunenet.json`` content: what ran (the method's own name), on what, with what.
+    ``device``: where a PruneNet policy trained and drew its rows (a CPU and a CUDA generator
+    draw different numbers from one seed), recorded for that method only; the others run on
+    the CPU whatever --device says (null)."""
     return {
         "format": "prunenet-compression/1",
         "prunenet_version": __version__,
         "method": selector.name,
         "ratio": plan.ratio,
-        "seed": plan.options.seed,
+        "seed": plan.options.seed,  # made null once the record shows nothing read it
+        "device": device.type if isinstance(selector, PruneNet) else None,
         "selection": None,
         "ffn_width_before": d_ff,
         "ffn_width_after": kept,

@@ -120,7 +120,7 @@ def _is(value: Any, kind: str) -> bool:
 
 
 _COMPRESSION_FIELDS = {
-    "method": "str", "ratio": "number", "seed": "int", "prunenet_version": "str",
+    "method": "str", "ratio": "number", "prunenet_version": "str",
     "ffn_width_before": "int", "ffn_width_after": "int", "parameters_before": "int",
     "parameters_after": "int", "ffn_parameters_before": "int", "ffn_parameters_after": "int",
     "parameter_reduction": "number",
@@ -128,8 +128,14 @@ _COMPRESSION_FIELDS = {
 
 
 def _compression_problem(compression: dict[str, Any]) -> str | None:
-    """What is wrong with the optional fields of a run record's compression record that the
-    report prints (the source, selection, rounding, refit, calibration and policy), or None."""
+    """What is wrong with the fields of a run record's compression record that the report
+    prints and that may be null or absent (the seed, source, selection, rounding, refit,
+    calibration and policy), or None."""
+    if "seed" not in compression:
+        return "compression.seed is missing (an int, or null where the run drew nothing)"
+    seed = compression["seed"]
+    if seed is not None and not _is(seed, "int"):
+        return f"compression.seed must be an int or null (the run drew nothing), got {seed!r}"
     source = compression.get("source")
     if source is not None and (not isinstance(source, str) or not source.strip()):
         return f"compression.source must name the model it was made from, got {source!r}"

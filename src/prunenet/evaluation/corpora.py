@@ -27,6 +27,16 @@ def _wiki_text() -> str:
     return "\n".join(line for line in lines if not line.startswith(("<doc", "</doc>")))
 
 
+def recorded_corpus(source: str) -> str:
+    """A corpus argument as records and the card's commands name it: a file or datasets
+    folder by its absolute path (which text, from any folder, as they name the source); a
+    named corpus, and a path that does not exist, as given."""
+    if source in NAMED_CORPORA or not str(source).strip():
+        return source
+    path = Path(source).expanduser()
+    return str(path.resolve()) if path.exists() else str(source)
+
+
 def corpus_read_path(source: str | None) -> str | None:
     """The path a corpus argument reads, for the output guard: a named corpus's folder in the
     cache (None before it is fetched), else the argument itself (a file or folder)."""

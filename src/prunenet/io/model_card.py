@@ -231,9 +231,11 @@ def _compress_command(record: dict[str, Any], gguf_format: str = "both") -> list
     (the command line refuses them) are left out: training options where no policy was
     trained, the probe's where no probe ran, the ridge of a refit that has none, the GGUF
     type where no GGUF was written, the seed where nothing was drawn at random (no probe, and
-    neither random rows nor a policy's trained or sampled ones). A record made before a
-    setting was recorded names the value that ran then: no refit (``--reconstruct none``),
-    the exact kept count (``--round-to 1``), the probe's tokens drawn by ``torch.multinomial``.
+    neither random rows nor a policy's trained or sampled ones). The device a PruneNet policy
+    ran on is named (a CPU and a CUDA generator draw differently from one seed). A record made
+    before a setting was recorded names the value that ran then: no refit (``--reconstruct
+    none``), the exact kept count (``--round-to 1``), the probe's tokens drawn by
+    ``torch.multinomial``.
     """
     method = record["method"]
     source = str(record.get("source") or "MODEL")
@@ -242,7 +244,8 @@ def _compress_command(record: dict[str, Any], gguf_format: str = "both") -> list
     command = ["prunenet", "prune" if reused else "compress", source,
                *(["--policy", "POLICY.safetensors"] if reused else []),
                "--ratio", _number(record["ratio"]), "--method", method,
-               *(["--seed", str(record["seed"])] if seeded else [])]
+               *(["--seed", str(record["seed"])] if seeded else []),
+               *(["--device", str(record["device"])] if record.get("device") else [])]
     if method == "prunenet":
         if record.get("selection"):
             command += ["--selection", record["selection"]]
@@ -300,7 +303,9 @@ def finetune_command(tune: dict[str, Any], model: str = "OUT",
     resolved ones (the learning rate, window length and arithmetic the run chose) included;
     the LoRA settings and --no-merge only where LoRA adapters trained, --generated-windows
     (the number of training windows the teacher wrote) only where the run distilled.
-    --patience 0 stands for a run that never stopped early.
+    --patience 0 stands for a run that never stopped early. A run on the CPU is repeated with
+    --device cpu (auto trains on a GPU where there is one, whose random draws differ); a run
+    on a GPU with the default, auto, the only choice that reaches one.
     """
     settings = tune.get("settings") or {}
     command = ["prunenet", "finetune", model, "--data", str(settings.get("data"))]
@@ -323,4 +328,6 @@ def finetune_command(tune: dict[str, Any], model: str = "OUT",
         command += ["--patience", str(settings["patience"] or 0)]
     if lora and tune.get("merged") is False:
         command.append("--no-merge")
+    if tune.get("device") == "cpu":
+        command += ["--device", "cpu"]
     return command + ["--out", out]

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import InputError
-from ..evaluation.corpora import TokenCorpus, load_corpus
+from ..evaluation.corpora import TokenCorpus, load_corpus, recorded_corpus
 from ..families import context_length
 from ..model_view import FFNView, squared_activation_sums
 from .base import Selector, Source, top_rows
@@ -106,7 +106,10 @@ class Activation(Selector):
                                source.progress, self.windows, self.norms)
 
     def record(self) -> dict[str, Any]:
-        return {"calibration": vars(self.calibration)}
+        """The calibration that ran: a corpus file by its absolute path (the card's command
+        reads the same text from any folder)."""
+        return {"calibration": {**vars(self.calibration),
+                                "corpus": recorded_corpus(self.calibration.corpus)}}
 
 
 def activation_rows(model: nn.Module, tokenizer: Any, kept: int, calibration: Calibration,
