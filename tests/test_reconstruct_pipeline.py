@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 
@@ -277,6 +278,31 @@ def test_the_default_selection_keeps_the_same_rows_with_the_refit_on_or_off_at_n
             mean_squared_activations(model, probe.ids()), stats, strict=True)))
     assert differing == []
     assert all(means)
+
+
+def test_a_model_in_training_mode_is_compressed_as_in_eval_mode_and_left_in_its_mode(
+        monkeypatch):
+    """GPT-2 drops 10% of its activations in training mode: the probe, the statistics and the
+    selection run without dropout, so the rows and the refitted weights are those of the same
+    model in eval mode (they had changed from run to run); the model's mode is given back."""
+    monkeypatch.setattr(probe_module.Probe, "_memory", {})
+    dense = make_tiny_model("gpt2")
+    assert dense.config.resid_pdrop > 0
+    wanted = prunenet.compress(copy.deepcopy(dense), 0.3, probe_tokens=128, progress=False)
+    for _ in range(2):
+        probe_module.Probe._memory.clear()  # each run samples its probe afresh
+        model = copy.deepcopy(dense).train()
+        result = prunenet.compress(model, 0.3, probe_tokens=128, progress=False)
+        assert all(module.training for module in model.modules())
+        assert [torch.equal(a, b) for a, b in zip(result.kept_rows, wanted.kept_rows,
+                                                  strict=True)] == [True, True]
+        for name, tensor in wanted.model.state_dict().items():
+            assert torch.equal(result.model.state_dict()[name], tensor), name
+        probe_module.Probe._memory.clear()
+        rows = prunenet.select_rows(copy.deepcopy(dense).train(), 0.3, probe_tokens=128,
+                                    progress=False)
+        assert [torch.equal(a, b) for a, b in zip(rows, wanted.kept_rows, strict=True)] == [
+            True, True]
 
 
 def test_a_default_compress_runs_the_model_once_over_the_probe(tmp_path):
