@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 
@@ -244,6 +245,66 @@ def test_the_default_selection_reads_the_refit_statistics_and_keeps_the_same_row
     assert all(torch.equal(a, b) for a, b in zip(alone, shared, strict=True))
 
 
+def test_the_default_selection_keeps_the_same_rows_with_the_refit_on_or_off_at_near_ties():
+    """Two neurons whose scores differ by a few float32 roundings: the selection's own pass
+    (``--reconstruct none``, select_rows) and the refit's statistics rank them alike, because
+    both read the same mean squares, bit for bit (float32 sums had kept the other neuron)."""
+    from prunenet.ffn_statistics import collect_ffn_statistics, wanda_scores
+    from prunenet.model_view import FFNView
+    from prunenet.probe import Probe
+    from prunenet.selection.base import Source
+    from prunenet.selection.self_generated import SelfGenerated, mean_squared_activations
+
+    model = make_tiny_model("llama")
+    probe = Probe(model, None, 2048, seed=3, progress=False)
+    probe.ids()  # the text of the model as made: the probe stays while the weights change
+    view, up = FFNView(model), model.model.layers[0].mlp.up_proj.weight
+    with torch.no_grad():
+        up[:2] *= 2.0 ** -12  # neurons 0 and 1 of layer 0: the two of lowest score
+    scores = wanda_scores(model, collect_ffn_statistics(model, probe.ids()))[0].double()
+    assert set(scores.argsort()[:2].tolist()) == {0, 1}
+    level = float((scores[0] / scores[1]).sqrt())  # neuron 1 scaled to neuron 0's score
+    original, differing, means = up[1].clone(), [], []
+    for step in range(-8, 9):  # neuron 1 a few float32 roundings above or below neuron 0
+        with torch.no_grad():
+            up[1] = original * (level * (1 + step * 2.0 ** -24))
+        stats = collect_ffn_statistics(model, probe.ids())
+        alone = SelfGenerated().select(Source(view, model, probe=probe), 47, seed=0)
+        shared = SelfGenerated().select(Source(view, model, probe=probe,
+                                               probe_statistics=lambda s=stats: s), 47, seed=0)
+        if not all(torch.equal(a, b) for a, b in zip(alone, shared, strict=True)):
+            differing.append(step)
+        means.append(all(torch.equal(mean, layer.mean_square) for mean, layer in zip(
+            mean_squared_activations(model, probe.ids()), stats, strict=True)))
+    assert differing == []
+    assert all(means)
+
+
+def test_a_model_in_training_mode_is_compressed_as_in_eval_mode_and_left_in_its_mode(
+        monkeypatch):
+    """GPT-2 drops 10% of its activations in training mode: the probe, the statistics and the
+    selection run without dropout, so the rows and the refitted weights are those of the same
+    model in eval mode (they had changed from run to run); the model's mode is given back."""
+    monkeypatch.setattr(probe_module.Probe, "_memory", {})
+    dense = make_tiny_model("gpt2")
+    assert dense.config.resid_pdrop > 0
+    wanted = prunenet.compress(copy.deepcopy(dense), 0.3, probe_tokens=128, progress=False)
+    for _ in range(2):
+        probe_module.Probe._memory.clear()  # each run samples its probe afresh
+        model = copy.deepcopy(dense).train()
+        result = prunenet.compress(model, 0.3, probe_tokens=128, progress=False)
+        assert all(module.training for module in model.modules())
+        assert [torch.equal(a, b) for a, b in zip(result.kept_rows, wanted.kept_rows,
+                                                  strict=True)] == [True, True]
+        for name, tensor in wanted.model.state_dict().items():
+            assert torch.equal(result.model.state_dict()[name], tensor), name
+        probe_module.Probe._memory.clear()
+        rows = prunenet.select_rows(copy.deepcopy(dense).train(), 0.3, probe_tokens=128,
+                                    progress=False)
+        assert [torch.equal(a, b) for a, b in zip(rows, wanted.kept_rows, strict=True)] == [
+            True, True]
+
+
 def test_a_default_compress_runs_the_model_once_over_the_probe(tmp_path):
     model = make_tiny_model("llama")
     length = model.config.max_position_embeddings
@@ -255,7 +316,8 @@ def test_a_default_compress_runs_the_model_once_over_the_probe(tmp_path):
     assert full_passes == [torch.Size([4, length])]  # one batch: selection and refit share it
     full_passes.clear()
     prunenet.compress(model, 0.3, probe_tokens=4 * length, reconstruct="none", progress=False)
-    assert full_passes == [torch.Size([1, length])] * 4  # the selection's own pass
+    # the selection's own pass, in the refit's batches (the same activations, bit for bit)
+    assert full_passes == [torch.Size([4, length])]
 
 
 def test_select_rows_checks_and_shares_the_probe_cache_as_compress_does(tmp_path, monkeypatch,

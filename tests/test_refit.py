@@ -113,6 +113,41 @@ def test_sequential_selection_reads_the_pruned_stream():
             sequential_refit(copy.deepcopy(model), None, tokens, **wrong)
 
 
+def _ffn_io(model: torch.nn.Module, tokens: torch.Tensor) -> list[tuple]:
+    """Per layer, every probe token's input and output of the second FFN matrix (float64)."""
+    view, seen = FFNView(model), []
+    handles = [view.second_matrix_module(index).register_forward_hook(
+        lambda _m, args, out: seen.append((args[0].reshape(-1, args[0].shape[-1]).double(),
+                                           out.reshape(-1, out.shape[-1]).double())))
+        for index in range(view.num_layers)]
+    _logits(model, tokens)
+    for handle in handles:
+        handle.remove()
+    return seen
+
+
+@pytest.mark.parametrize("mode", ["ls", "bias"])
+def test_a_sequential_refit_to_the_dense_output_matches_it_and_records_its_error(mode):
+    """target="dense": each layer's refit aims at the dense model's FFN output, on the pruned
+    stream's activations. With ``bias`` the pruned FFN's mean output is the dense one's (it had
+    been the original FFN's on the pruned stream, as with target="pruned"); the record's errors
+    are those against the dense output, recomputed here token by token."""
+    model, tokens = make_tiny_model("gpt2"), _probe()
+    dense = _ffn_io(model, tokens)
+    kept = [KEPT] * FFNView(model).num_layers
+    record = sequential_refit(model, kept, tokens, mode, target="dense")
+    assert record["statistics"] == "sequential-dense"
+    pruned = _ffn_io(model, tokens)  # removed columns zeroed: the sliced model's outputs
+    for layer, (_, wanted), (_, got) in zip(record["layers"], dense, pruned, strict=True):
+        if mode == "bias":
+            torch.testing.assert_close(got.mean(0), wanted.mean(0), rtol=0, atol=1e-5)
+        energy = wanted.pow(2).sum()
+        assert layer["relative_error_refit"] == pytest.approx(
+            float((wanted - got).pow(2).sum() / energy), rel=1e-4)
+    # Layer 1's pruned stream differs from the dense one: there the targets part.
+    assert not torch.allclose(pruned[1][0], dense[1][0], atol=1e-4)
+
+
 def test_ls_is_exact_for_linear_dependence_with_an_offset():
     generator = torch.Generator().manual_seed(0)
     kept_part = torch.randn(200, 6, generator=generator, dtype=torch.float64)

@@ -24,6 +24,11 @@ GRAM_BUDGET = 1 << 30
 layer of SmolLM2-135M (30 x 1536^2 x 8 = 566 MB) or Gemma 3 270M fits in one group;
 Qwen2.5-0.5B (24 x 4864^2 x 8 = 4.5 GB) takes five."""
 
+BATCH_SIZE = 8
+"""Probe sequences run at once for the statistics. The selection's own pass
+(:func:`collect_activation_sums`) runs the same batches as the refit's, so that both read the
+same activations, bit for bit."""
+
 
 @dataclass
 class LayerStatistics:
@@ -68,12 +73,26 @@ def second_matrix(view: FFNView, layer_index: int) -> tuple[Tensor, Tensor | Non
     return matrix, view.parameter(layer_index, name + ".bias")
 
 
-def collect_ffn_statistics(model: nn.Module, probe_tokens: Tensor, batch_size: int = 8,
+def collect_ffn_statistics(model: nn.Module, probe_tokens: Tensor, batch_size: int = BATCH_SIZE,
                            progress: bool = False) -> list[LayerStatistics]:
     """Per layer, the activation statistics of ``model`` on ``probe_tokens`` (sequences x
     length), every layer's Gram included, from one pass over them."""
     return list(ProbeStatistics(model, probe_tokens, budget=-1, batch_size=batch_size,
                                 progress=progress).with_grams())
+
+
+def collect_activation_sums(model: nn.Module, probe_tokens: Tensor,
+                            batch_size: int = BATCH_SIZE,
+                            progress: bool = False) -> list[LayerStatistics]:
+    """Per layer ``total``, ``squares`` and ``count`` of ``model``'s activations on
+    ``probe_tokens``, no Gram: the sums :meth:`ProbeStatistics.every_layer` makes, bit for bit
+    (the same batches, float64 sums), from one pass over them."""
+    view = FFNView(model)
+    stats = [LayerStatistics.empty(view.d_ff, gram=False) for _ in range(view.num_layers)]
+    handles = [view.second_matrix_module(index).register_forward_pre_hook(
+        _accumulating(stats[index])) for index in range(view.num_layers)]
+    _run_batches(model, probe_tokens, batch_size, handles, progress)
+    return stats
 
 
 def add_activations(stats: LayerStatistics, activation: Tensor) -> None:
@@ -123,7 +142,7 @@ class ProbeStatistics:
     """
 
     def __init__(self, model: nn.Module, tokens: Tensor, budget: int | None = None,
-                 batch_size: int = 8, progress: bool = False):
+                 batch_size: int = BATCH_SIZE, progress: bool = False):
         self._view = view = FFNView(model)
         budget = GRAM_BUDGET if budget is None else budget
         size = view.num_layers if budget < 0 else max(1, budget // max(view.d_ff ** 2 * 8, 1))
@@ -276,7 +295,7 @@ def layer_wanda_product(view: FFNView, layer_index: int, mean_square: Tensor) ->
 
 
 def wanda_scores(model: nn.Module, stats: list[LayerStatistics]) -> list[Tensor]:
-    """:func:`wanda_product` read from the statistics (the Gram's diagonal over the count)."""
+    """:func:`wanda_product` read from the statistics (the sums of squares over the count)."""
     return wanda_product(model, [s.mean_square for s in stats])
 
 

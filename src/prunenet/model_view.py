@@ -169,6 +169,22 @@ def onloaded(module: nn.Module) -> Iterator[nn.Module]:
         yield module
 
 
+@contextlib.contextmanager
+def evaluation_mode(model: nn.Module | None) -> Iterator[nn.Module | None]:
+    """``model`` in eval mode for the block (no dropout: its passes over the probe and the
+    text are deterministic), each module's training flag as it was afterwards; None: nothing."""
+    if model is None:
+        yield model
+        return
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
 def parameters_in_memory(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
     """``model.named_parameters()`` in their order, each in memory: an offloaded one is read
     with the module that holds it (one such module in memory at a time)."""

@@ -55,7 +55,13 @@ from .io.streaming import (
     refuse_below,
     write_streamed,
 )
-from .model_view import FFNView, check_finite, layers_from_disk, parameters_in_memory
+from .model_view import (
+    FFNView,
+    check_finite,
+    evaluation_mode,
+    layers_from_disk,
+    parameters_in_memory,
+)
 from .naming import reads_seed
 from .probe import (
     MIN_TEMPERATURE,
@@ -617,8 +623,9 @@ def run_compression(plan: Plan) -> CompressionResult:
             # holding fewer blocks than its header promises is refused here).
             converted.check_weights()
             return run_compression(replace(plan, streamed=converted))
-    if plan.resident is None:
-        return _compress(plan)
+    if plan.resident is None:  # a model given in training mode runs without dropout
+        with evaluation_mode(plan.model if isinstance(plan.model, nn.Module) else None):
+            return _compress(plan)
     # A streamed model that runs: offloaded, its refitted matrices set aside until the write.
     with scratch_folder(Path(plan.out).expanduser().resolve()) as scratch:
         (scratch / "offload").mkdir()
@@ -893,14 +900,15 @@ def select_rows(model: nn.Module, ratio: float, *, tokenizer: Any = None,
     method = settings.method or (PruneNet.name if policy is not None else DEFAULT_METHOD)
     selector = make_selector(method, settings, policy)
     view = FFNView(model)
-    probe = None
-    if isinstance(selector, SelfGenerated):
-        guard_outputs([probe_cache_output(settings)], [], overwrite=False)
-        probe = run_probe(model, tokenizer, settings)
-    source = Source(view, model, tokenizer, resolve_device(settings.device), settings.progress,
-                    probe)
-    return selector.select(source, kept_count(view.d_ff, ratio, settings.round_to or 1),
-                           settings.seed)
+    with evaluation_mode(model):  # as compress runs it
+        probe = None
+        if isinstance(selector, SelfGenerated):
+            guard_outputs([probe_cache_output(settings)], [], overwrite=False)
+            probe = run_probe(model, tokenizer, settings)
+        source = Source(view, model, tokenizer, resolve_device(settings.device),
+                        settings.progress, probe)
+        return selector.select(source, kept_count(view.d_ff, ratio, settings.round_to or 1),
+                               settings.seed)
 
 
 def probe_cache_output(options: CompressOptions) -> Output | None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from functools import partial
 
 import torch
 from torch import Tensor, nn
@@ -85,7 +86,10 @@ def refit_layer(second: Tensor, bias: Tensor | None, kept_rows: Tensor, stats: L
             raise InputError("refit 'bias' needs a bias on the second FFN matrix; this family "
                              "has none: use refit 'ls'")
         removed = _removed(kept_rows, second.shape[1])
-        return second[:, kept_rows], bias.double() + second[:, removed] @ stats.mean[removed]
+        shift = second[:, removed] @ stats.mean[removed]
+        if target is not stats:  # another stream's output: W2 E[a_target] - W2[:, K] E[a_K]
+            shift += second @ (target_mean - stats.mean)
+        return second[:, kept_rows], bias.double() + shift
     # Fresh tensors, scaled and centred in place: a d_ff x d_ff Gram is large (969 MB at
     # LLaMA-2-7B's width), and every copy of its kept part costs as much again.
     if cross is None:  # one stream: the kept Gram is the kept rows of the cross sums
@@ -111,8 +115,14 @@ def refit_layer(second: Tensor, bias: Tensor | None, kept_rows: Tensor, stats: L
 
 def reconstruction_error(second: Tensor, bias: Tensor | None, kept_rows: Tensor,
                          columns: Tensor, new_bias: Tensor | None,
-                         stats: LayerStatistics) -> float:
-    """``sum_t ||W2 a_t + b - (W2' a_t,K + b')||^2`` over the probe tokens, from the statistics."""
+                         stats: LayerStatistics, target: LayerStatistics | None = None,
+                         cross: Tensor | None = None) -> float:
+    """``sum_t ||W2 a_t + b - (W2' a_t,K + b')||^2`` over the probe tokens, from the statistics;
+    with a ``target`` stream (its statistics and ``cross = sum a_target a_K^T``, as
+    :func:`refit_layer` takes them), ``sum_t ||W2 a_target,t + b - (W2' a_t,K + b')||^2``."""
+    if target is not None:
+        return _two_stream_error(second, bias, kept_rows, columns, new_bias, stats, target,
+                                 cross)
     # The residual is M z with M = [W2 - W2'_scattered, b - b'] and z = [a, 1].
     second = second.double()
     difference = second.clone()
@@ -122,6 +132,21 @@ def reconstruction_error(second: Tensor, bias: Tensor | None, kept_rows: Tensor,
         shift = bias.double() - new_bias.double()
     quadratic = ((difference @ stats.gram) * difference).sum()
     linear = 2 * shift @ (difference @ stats.total)
+    return float(quadratic + linear + stats.count * shift.pow(2).sum())
+
+
+def _two_stream_error(second: Tensor, bias: Tensor | None, kept_rows: Tensor, columns: Tensor,
+                      new_bias: Tensor | None, stats: LayerStatistics, target: LayerStatistics,
+                      cross: Tensor) -> float:
+    # sum ||u_t - v_t + s||^2 with u = W2 a_target, v = W' a_K, s = b - b'.
+    second, columns = second.double(), columns.double()
+    kept_gram = stats.gram[kept_rows[:, None], kept_rows]
+    quadratic = (((second @ target.gram) * second).sum() + ((columns @ kept_gram) * columns).sum()
+                 - 2 * ((second @ cross.double()) * columns).sum())
+    if bias is None:
+        return float(quadratic)
+    shift = bias.double() - new_bias.double()
+    linear = 2 * shift @ (second @ target.total - columns @ stats.total[kept_rows])
     return float(quadratic + linear + stats.count * shift.pow(2).sum())
 
 
@@ -214,11 +239,17 @@ def refit_model(model: nn.Module, kept_rows: Sequence[Tensor],
 
 
 def _layer_record(index: int, matrix: Tensor, bias: Tensor | None, rows: Tensor,
-                  columns: Tensor, new_bias: Tensor | None, stats: LayerStatistics) -> dict:
+                  columns: Tensor, new_bias: Tensor | None, stats: LayerStatistics,
+                  target: LayerStatistics | None = None, cross: Tensor | None = None) -> dict:
+    """The layer's errors against the output the refit matches: the original FFN's on
+    ``stats``' activations, or with a ``target`` stream on its activations."""
     zero_bias = None if bias is None else torch.zeros_like(bias)
-    energy = reconstruction_error(matrix, bias, rows, torch.zeros_like(columns), zero_bias, stats)
-    before = reconstruction_error(matrix, bias, rows, matrix[:, rows], bias, stats)
-    after = reconstruction_error(matrix, bias, rows, columns, new_bias, stats)
+    error = partial(reconstruction_error, matrix, bias, rows, stats=stats, target=target,
+                    cross=cross)
+    energy = reconstruction_error(matrix, bias, rows, torch.zeros_like(columns), zero_bias,
+                                  target or stats)
+    before = error(matrix[:, rows], bias)
+    after = error(columns, new_bias)
     return {"layer": index, "relative_error_sliced": before / max(energy, 1e-30),
             "relative_error_refit": after / max(energy, 1e-30)}
 
@@ -259,7 +290,8 @@ def sequential_refit(model: nn.Module, kept_rows: Sequence[Tensor] | None, probe
         matrix, bias = matrix.cpu().clone(), None if bias is None else bias.cpu().clone()
         columns, new_bias = _named(index, refit_layer, matrix, bias, rows, stats, mode, ridge,
                                    target_stats, cross)
-        layers.append(_layer_record(index, matrix, bias, rows, columns, new_bias, stats))
+        layers.append(_layer_record(index, matrix, bias, rows, columns, new_bias, stats,
+                                    target_stats, cross))
         _check_finite(index, columns, new_bias)
         _write(view, index, rows, columns, new_bias, zero_removed=True)
         for batch, call in enumerate(calls[index]):

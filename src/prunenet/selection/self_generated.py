@@ -9,11 +9,9 @@ model (a streamed checkpoint layer by layer from disk).
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
-from ..ffn_statistics import wanda_product, wanda_scores
-from ..model_view import squared_activation_sums
+from ..ffn_statistics import collect_activation_sums, wanda_product, wanda_scores
 from .base import Selector, Source, top_rows_per_layer
 
 
@@ -36,9 +34,10 @@ class SelfGenerated(Selector):
 
 def mean_squared_activations(model: nn.Module, tokens: Tensor) -> list[Tensor]:
     """Per layer, each FFN neuron's mean squared activation ``mean h_i^2`` on ``tokens``
-    (sequences x length), read at the input of the FFN's second matrix (float32 sums)."""
-    sums = squared_activation_sums(model, tokens, torch.float32)
-    return [layer_sum / tokens.numel() for layer_sum in sums]
+    (sequences x length), read at the input of the FFN's second matrix (float64 sums). The
+    values, bit for bit, that the refit's statistics on ``tokens`` give: the same rows are kept
+    with the refit on or off."""
+    return [stats.mean_square for stats in collect_activation_sums(model, tokens)]
 
 
 def self_generated_scores(model: nn.Module, tokens: Tensor) -> list[Tensor]:
