@@ -1,7 +1,9 @@
 """GGUF in, GGUF out: write a pruned model as a GGUF file of the same architecture as its source.
 
 Everything outside the FFN is copied from the source GGUF unchanged, byte for byte: metadata (the
-tokenizer included), embeddings, attention, norms. Only ``<arch>.feed_forward_length`` changes.
+tokenizer included), embeddings, attention, norms. Only ``<arch>.feed_forward_length`` changes,
+and ``general.size_label`` where the source has one: it is the parameter count, rounded as
+llama.cpp's converter writes it (``135M`` -> ``111M``).
 In GGUF a weight's quantization blocks run along its input dimension (ne0), so an FFN neuron of
 the first matrices (``ffn_gate``, ``ffn_up``) is one row of whole blocks: those rows are copied in
 their quantized form. The second matrix (``ffn_down``) loses columns, which cuts through blocks, so
@@ -289,6 +291,8 @@ def write_pruned_gguf(
             value, value_type, sub_type = _field_value(field)
             if name == width_key:
                 value = kept
+            elif name == SIZE_LABEL:
+                value = _size_label(reader, layout, d_ff, kept).encode()
             writer.add_key_value(name, value, value_type, sub_type)
         # The tensor table first, then the tensors one at a time, each made only when written:
         # at most one tensor of the model is held, whatever its size.
@@ -348,6 +352,21 @@ def write_pruned_gguf(
     report["out_file"] = str(out_file)
     report["summary"] = _summary(report)
     return report
+
+
+SIZE_LABEL = "general.size_label"
+
+
+def _size_label(reader, layout, d_ff: int, kept: int) -> str:
+    """The pruned model's parameter count as llama.cpp's converter labels it (``111M``): the
+    source's tensors, each FFN matrix with ``kept`` of its ``d_ff`` neurons."""
+    total = 0
+    for tensor in reader.tensors:
+        match = _BLOCK_TENSOR.fullmatch(tensor.name)
+        ffn = match is not None and match.group(2) in {*layout.rows, *layout.columns}
+        count = int(tensor.n_elements)
+        total += count // d_ff * kept if ffn else count
+    return _gguf().utility.size_label(total, 0, 0, 0)
 
 
 def _add_info(writer, name: str, shape: tuple[int, ...], dtype: np.dtype, raw_dtype) -> None:
