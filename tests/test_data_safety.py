@@ -824,6 +824,28 @@ def test_an_output_written_before_manifests_is_still_replaced(models, tmp_path):
     assert json.loads((out / "prunenet.json").read_text())["ratio"] == 0.5
 
 
+def test_an_output_inside_another_output_is_refused(run_record, models, tmp_path, capsys):
+    """No output, of any command, is written into a folder prunenet committed (a pruned model,
+    a run record, a report): it would change that output. A run record's own report folder is
+    the one output that goes inside another."""
+    out, report = tmp_path / "out", run_record / "report"
+    assert main(["-q", "report", str(run_record)]) == 0
+    before = {folder: digest(folder) for folder in (out, run_record)}
+    compress = ["-q", "compress", str(models / "llama"), "--ratio", "0.3"]
+    for argv in ([*compress, "--out", str(out / "inner")],
+                 [*compress, "--out", str(tmp_path / "o"), "--record", str(out / "rec")],
+                 [*compress, "--out", str(tmp_path / "o"), "--policy-out",
+                  str(run_record / "p.safetensors"), "--method", "prunenet", "--episodes", "1"],
+                 ["-q", "report", str(run_record), "--out", str(out / "report")],
+                 ["-q", "compress", str(out), "--ratio", "0.3", "--out", str(report / "m")],
+                 ["-q", "eval", str(out), "--ppl", "none", "--tasks", "none", "--json",
+                  str(run_record / "eval.json")]):
+        refused(capsys, argv, "an output prunenet wrote; writing there would change that output")
+    assert {folder: digest(folder) for folder in (out, run_record)} == before
+    assert not (tmp_path / "o").exists()
+    assert main(["-q", "report", str(run_record)]) == 0  # replaced in place: its own report
+
+
 def test_a_user_file_in_a_records_report_folder_is_kept(run_record, models, tmp_path, capsys):
     (run_record / "report").mkdir()
     (run_record / "report" / "notes.txt").write_text("mine")

@@ -163,14 +163,17 @@ def test_convert_overwrite_never_replaces_a_users_model_folder(tmp_path, tinycod
 
 def test_convert_overwrite_never_replaces_prunenet_outputs_saved_inside(tmp_path, tinycoder,
                                                                          tiny_llama_dir, capsys):
-    """A pruned model and a run record the user saved inside a conversion's folder are whole
-    prunenet outputs of their own, but not the conversion's: --overwrite keeps all of it."""
+    """A pruned model and a run record the user moved inside a conversion's folder (prunenet
+    writes no output there) are whole prunenet outputs of their own, but not the conversion's:
+    --overwrite keeps all of it."""
     source = _gguf(tmp_path / "in", GGMLQuantizationType.Q8_0, tinycoder)
     converted = tmp_path / "converted"
     assert main(["-q", "convert", str(source), "--out", str(converted)]) == 0
     assert main(["-q", "compress", str(tiny_llama_dir), "--ratio", "0.5", "--method", "random",
-                 "--reconstruct", "none", "--out", str(converted / "pruned"),
-                 "--record", str(converted / "record")]) == 0
+                 "--reconstruct", "none", "--out", str(tmp_path / "pruned"),
+                 "--record", str(tmp_path / "record")]) == 0
+    for name in ("pruned", "record"):
+        (tmp_path / name).rename(converted / name)
     before = digest(converted)
     assert main(["-q", "convert", str(source), "--out", str(converted), "--overwrite"]) == 2
     assert "not written by prunenet" in capsys.readouterr().err

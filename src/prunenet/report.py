@@ -312,7 +312,10 @@ def write_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
     reads = [folder / RUN_RECORD_NAME, folder / SPECTRA_NAME] if beside else [folder]
     # A previous report is replaced without --overwrite, but not the report of another record.
     theirs = not beside and is_run_record(target.parent)
-    target, = guard_outputs([Output(target, "--out", ours=is_report)], reads,
+    # A run record's report folder is the one output inside another (any record's report)
+    slot = target.parent if target.name == "report" and (
+        target.parent / RUN_RECORD_NAME).is_file() else None
+    target, = guard_outputs([Output(target, "--out", ours=is_report, within=slot)], reads,
                             overwrite=overwrite or (is_report(target) and not theirs))
     with atomic_folder(target, overwrite=True, ours=is_report) as staging:
         plots = write_plots(data, original, pruned, chosen, staging)

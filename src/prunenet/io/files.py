@@ -235,13 +235,15 @@ class Output:
     whether it is a folder or a file, ``ours`` recognizes an existing one prunenet made.
     ``working`` marks prunenet's own working state beside an output (a resumable training
     state, a fine-tune's checkpoints): an existing one is used or replaced without
-    ``--overwrite`` (``--resume`` decides), but only when ``ours`` recognizes it."""
+    ``--overwrite`` (``--resume`` decides), but only when ``ours`` recognizes it. ``within``
+    is the one prunenet output it may be written into (a run record's own report folder)."""
 
     path: str | os.PathLike
     what: str
     folder: bool = True
     ours: Recognizer = never
     working: bool = False
+    within: str | os.PathLike | None = None
 
 
 LINKS_LOOKED_AT = 10_000
@@ -361,10 +363,22 @@ def guard_outputs(outputs: Iterable[Output | None], inputs: Iterable[str | os.Pa
             raise OutputError(f"{first.what} {a} {relation} {second.what} {b}; they must be "
                               "separate, neither inside the other")
     for output, path in zip(wanted, paths):
+        _check_not_inside_an_output(output, path)
         _check_existing(output, path, overwrite)
     for output, path in zip(wanted, paths):
         _check_parent(output, path)
     return paths
+
+
+def _check_not_inside_an_output(output: Output, path: Path) -> None:
+    """Refuse an output inside a folder prunenet committed (one holding its manifest): writing
+    there would change that output, which is then no longer prunenet's to replace."""
+    allowed = resolved(output.within, output.what) if output.within is not None else None
+    for folder in path.parents:
+        if (folder / MANIFEST_NAME).is_file() and folder != allowed:
+            raise OutputError(f"{output.what} {path} lies inside {folder}, an output prunenet "
+                              "wrote; writing there would change that output. Choose another "
+                              f"{output.what}")
 
 
 def _check_existing(output: Output, path: Path, overwrite: bool) -> None:
