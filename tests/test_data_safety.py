@@ -603,7 +603,7 @@ def test_seed_beyond_64_bits_is_a_usage_error(models, tmp_path, capsys):
         main(["-q", "compress", str(models / "llama"), "--ratio", "0.3", "--out",
               str(tmp_path / "out"), "--seed", str(2**64)])
     assert exit_info.value.code == 2
-    assert "seed must be in [0, 2**63)" in capsys.readouterr().err
+    assert f"seed must be an integer in [0, 2**63), got {2**64}" in capsys.readouterr().err
 
 
 def test_eval_and_finetune_sequence_lengths_are_checked(tmp_path, capsys,

@@ -2,11 +2,12 @@
 where the hardware computes bfloat16 natively. Recovery (:mod:`prunenet.finetune`) and the
 teacher of self-distillation (:mod:`prunenet.distillation`) read it from here; and the devices
 whose random state a seeded block restores (:func:`cuda_devices`), and that block
-(:func:`global_generators_kept`)."""
+(:func:`global_generators_kept`); the seeds every run's generators take (:func:`check_seed`)."""
 
 from __future__ import annotations
 
 import contextlib
+import numbers
 import random
 from collections.abc import Iterator
 
@@ -16,6 +17,17 @@ import torch
 from .errors import InputError
 
 PRECISIONS = ("float32", "bfloat16")
+
+
+def check_seed(seed: object, what: str = "seed") -> int:
+    """``seed`` as an int; :class:`InputError` unless it is an integer in [0, 2**63), the
+    seeds torch's generators take and ``--seed`` reads: a fraction, a string or a negative
+    number would run as another seed (``int`` of it, or its two's complement) than the record
+    and the card's command name. ``what`` names it in the message."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) \
+            or not 0 <= seed < 2**63:
+        raise InputError(f"{what} must be an integer in [0, 2**63), got {seed!r}")
+    return int(seed)
 
 
 def cuda_devices() -> list[int]:

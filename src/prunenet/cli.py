@@ -19,6 +19,7 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
+from .arithmetic import check_seed
 from .errors import InputError, PruneNetError
 from .io.files import commits, committed_outputs
 from .io.gguf_out import WRITABLE_TYPES
@@ -102,12 +103,11 @@ def token_length(text: str) -> int:
 def seed_value(text: str) -> int:
     """argparse type for a random seed: an integer in [0, 2**63)."""
     try:
-        value = int(text)
+        return check_seed(int(text))
     except ValueError:
         raise argparse.ArgumentTypeError(f"seed must be an integer, got {text!r}") from None
-    if not 0 <= value < 2**63:
-        raise argparse.ArgumentTypeError(f"seed must be in [0, 2**63), got {text}")
-    return value
+    except InputError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def positive_float(text: str) -> float:

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from .arithmetic import check_seed
 from .assets import asset_path
 from .errors import InputError, refuse_repeats
 from .evaluation.corpora import check_corpus, corpus_read_path, load_corpus, recorded_corpus
@@ -47,7 +48,6 @@ from .selection.activation import (
     fitted_calibration,
 )
 from .selection.prunenet import PruneNet
-from .selection.prunenet.reinforce import check_seed
 from .version import __version__
 
 log = logging.getLogger("prunenet")

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from . import ffn_statistics
+from .arithmetic import check_seed
 from .errors import InputError
 from .evaluation.corpora import TokenCorpus, check_corpus, corpus_read_path
 from .families import check_multiple, kept_count
@@ -94,7 +95,6 @@ from .selection.prunenet.reinforce import (
     TrainingConfig,
     TrainingResult,
     check_resumable,
-    check_seed,
     check_trainable_ratio,
     is_training_state,
 )

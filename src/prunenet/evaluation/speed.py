@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..arithmetic import check_seed
 from ..errors import InputError
 from ..families import context_length
 
@@ -45,8 +46,7 @@ class SpeedProtocol:
                 continue
             whole = isinstance(value, int) and not isinstance(value, bool)
             if name == "seed":
-                if not whole or not 0 <= value < 2**63:
-                    raise InputError(f"speed seed must be an integer in [0, 2**63), got {value!r}")
+                check_seed(value, "speed seed")
             elif name == "warmup":
                 if not whole or value < 0:
                     raise InputError(f"speed warmup must be 0 or a positive integer, got {value!r}")

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ...arithmetic import check_seed
 from ...errors import InputError, NumericalError, OutputError, first_line
 from ...families import kept_count
 from ...io.files import atomic_file
@@ -42,15 +43,6 @@ def check_trainable_ratio(ratio: float) -> None:
         raise InputError("a PruneNet policy trains at a ratio above 0: at ratio 0 no neuron is "
                          "removed, every spectrum is kept whatever the policy does, and it "
                          "learns nothing; train at the ratio you prune at")
-
-
-def check_seed(seed: object) -> None:
-    """Raise :class:`InputError` unless ``seed`` is an integer in [0, 2**63), as ``--seed``
-    reads it: a fraction, a string or a negative number would run as another seed (``int``
-    of it, or its two's complement) than the record and the card's command name."""
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) \
-            or not 0 <= seed < 2**63:
-        raise InputError(f"seed must be an integer in [0, 2**63), got {seed!r}")
 
 
 def _check_number(name: str, value: object, most: float) -> None:
