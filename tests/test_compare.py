@@ -478,7 +478,8 @@ def test_the_page_and_plots_name_only_the_tasks_measured(tiny_llama_real_tokeniz
 
 def _evaluation(perplexity: float, accuracy: float) -> dict:
     return {"size": {"parameters": 1_600_000}, "perplexity": {"value": perplexity},
-            "zero_shot": {"tasks": {"piqa": {"value": accuracy, "metric": "acc_norm"}},
+            "zero_shot": {"tasks": {"piqa": {"value": accuracy, "metric": "acc_norm",
+                                              "examples": 2}},
                           "average": accuracy}, "speed": None, "compression": None}
 
 
