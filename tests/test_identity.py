@@ -1,7 +1,10 @@
 """The outputs of a fixed set of runs on every tiny family are byte-identical to those recorded
 from the code before the selection methods became one package (tests/data/identity-reference.json,
 written by ``python benchmarks/identity.py tests/data/identity-reference.json --real`` on that
-code): every weight, policy, spectra and plot file, and the records up to the method's name."""
+code): every weight, policy, spectra and plot file, and the records up to the method's name.
+The report's plots are pinned as drawn since their x axes tick whole layers and episodes only
+(the kept-neurons and layer-KS plots, and the training plot of a one-episode run): the same
+lines, other ticks."""
 
 from __future__ import annotations
 
