@@ -115,8 +115,8 @@ def test_policy_from_another_model_is_refused(tmp_path):
 
 
 def test_policy_of_another_width_is_refused_before_the_model_loads(tmp_path, monkeypatch):
-    """A folder's config declares its FFN width: a policy for another width fails from it, with
-    no weight read and nothing written."""
+    """A folder's config declares its FFN and residual widths: a policy for another shape fails
+    from them, with no weight read and nothing written."""
     training = prunenet.train_policy(make_tiny_model("llama"), ratio=0.3, episodes=1,
                                      progress=False)  # d_ff 48
     path = save_policy(training.policy, tmp_path / "p.safetensors", {})
@@ -129,9 +129,14 @@ def test_policy_of_another_width_is_refused_before_the_model_loads(tmp_path, mon
     def no_load(*args, **kwargs):
         raise AssertionError("the model was loaded")
 
+    # the same FFN width on a wider residual stream: refused from its hidden_size
+    make_tiny_model("llama", hidden_size=48).save_pretrained(tmp_path / "wide")
+
     monkeypatch.setattr(sys.modules["prunenet.pipeline"], "load_model_and_tokenizer", no_load)
-    with pytest.raises(PolicyMismatchError, match=r"d_ff=48; this model has d_ff=40\."):
+    with pytest.raises(PolicyMismatchError, match=r"d_ff=48; this model has d_model=32, d_ff=40\."):
         prunenet.prune(tmp_path / "narrow", path, 0.3, out=tmp_path / "out", progress=False)
+    with pytest.raises(PolicyMismatchError, match=r"this model has d_model=48, d_ff=48\."):
+        prunenet.prune(tmp_path / "wide", path, 0.3, out=tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
 
 

@@ -37,6 +37,7 @@ from .io.files import (
 )
 from .io.loading import (
     declared_ffn_width,
+    declared_model_width,
     is_model_output,
     load_config,
     load_model_and_tokenizer,
@@ -425,7 +426,7 @@ def plan_compression(model: Any, ratio: float, options: CompressOptions, *,
     if width is not None:  # a ratio, --round-to or policy the width cannot take fails before
         kept_count(width, ratio, round_to)  # the load
         if policy is not None:
-            policy.check_fits(None, width)
+            policy.check_fits(declared_model_width(source), width)
     plan = Plan(model, source, ratio, options, selector, streamed, out, record_dir, policy_out,
                 overwrite, formats, reconstruct, round_to, resident, tokenizer)
     if before_text is not None:

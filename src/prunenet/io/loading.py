@@ -382,13 +382,27 @@ def declared_ffn_width(source: str | os.PathLike) -> int | None:
     ``feed_forward_length``, or the first of the family's width fields in config.json. None
     where it declares none this way (a Hub id, an unknown family, a width left to its default,
     a nested text config, per-layer widths): the width is then known once the model loads."""
+    return _declared(source, "feed_forward_length", lambda family: family.width_fields)
+
+
+def declared_model_width(source: str | os.PathLike) -> int | None:
+    """The residual stream's width (d_model) a local model declares before it loads, as
+    :func:`declared_ffn_width` reads the FFN's: a GGUF's ``embedding_length``, or config.json's
+    ``hidden_size`` (``n_embd`` for GPT-2)."""
+    return _declared(source, "embedding_length", lambda family: ("hidden_size", "n_embd"))
+
+
+def _declared(source: str | os.PathLike, gguf_key: str,
+              fields: Callable[[Any], Sequence[str]]) -> int | None:
+    """An integer a local model declares: ``<arch>.<gguf_key>`` of a GGUF, or the first of the
+    family's ``fields`` that config.json sets; None where it declares none this way."""
     folder, gguf_file = resolve_source(source)
     if gguf_file is not None:
         reader = gguf_reader(Path(folder) / gguf_file)
         architecture = reader.get_field("general.architecture")
         if architecture is None:
             return None
-        field = reader.get_field(f"{architecture.contents()}.feed_forward_length")
+        field = reader.get_field(f"{architecture.contents()}.{gguf_key}")
         value = field.contents() if field is not None else None
     elif (Path(folder) / "config.json").is_file():
         config = read_config_json(Path(folder))
@@ -396,7 +410,7 @@ def declared_ffn_width(source: str | os.PathLike) -> int | None:
             family = family_for(config["model_type"])
         except InputError:
             return None
-        value = next((config[name] for name in family.width_fields
+        value = next((config[name] for name in fields(family)
                       if config.get(name) is not None), None)
     else:
         return None
