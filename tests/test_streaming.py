@@ -833,16 +833,21 @@ def test_peak_memory_of_an_evaluation_from_disk_stays_within_its_estimate(tmp_pa
     assert peaks[1] - peaks[0] < LAYER_BYTES, peaks
 
 
-def test_a_tied_head_stored_beside_its_embedding_is_counted_once(tmp_path):
+@pytest.mark.parametrize("stored", ["both", "head only"])
+def test_a_tied_head_stored_beside_its_embedding_is_counted_once(tmp_path, stored):
     """A checkpoint of a model with tied embeddings that stores the head too (as some exporters
     write it): the loaded model holds that matrix once, and a streamed run counts it once, as
     the run in memory does, and writes it once (the streamed record had counted it twice and
-    the streamed output had held the copy)."""
+    the streamed output had held the copy). One that stores the head alone: both outputs name
+    the matrix as the in-memory save does, by the embedding (the streamed one had kept the
+    head's name)."""
     source = tmp_path / "model"
     make_tiny_model("llama", tie_word_embeddings=True).save_pretrained(source)
     tensors = load_file(source / "model.safetensors")
     assert "lm_head.weight" not in tensors
     tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+    if stored == "head only":
+        del tensors["model.embed_tokens.weight"]
     save_file(tensors, source / "model.safetensors", metadata={"format": "pt"})
     options = {"method": "magnitude", "reconstruct": "none", "progress": False}
     compress(str(source), 0.5, out=tmp_path / "memory", **options)

@@ -200,21 +200,35 @@ class StreamedCheckpoint:
         return entries
 
     def _as_loaded(self, entries: dict[str, TensorEntry]) -> dict[str, TensorEntry]:
-        """``entries`` under the names the loaded model gives them. A checkpoint saved from the
-        base model (the Hub's GPT-2: ``h.0.mlp.c_fc.weight``, ``wte.weight``) stores its
-        tensors without the base model's prefix (``transformer.``), which transformers adds
-        where the model holds a tensor of that name; so does this. The output is written
-        under these names, as the in-memory path saves it."""
+        """``entries`` under the names the loaded model gives them, which the output is written
+        under, as the in-memory path saves it:
+        - a checkpoint saved from the base model (the Hub's GPT-2: ``h.0.mlp.c_fc.weight``,
+          ``wte.weight``) stores its tensors without the base model's prefix
+          (``transformer.``), which transformers adds where the model holds a tensor of that
+          name;
+        - a matrix the model ties (the head to the embedding), stored under one of its names
+          only, is named as the model's save names it (the first of its names)."""
+        model = self._meta_model
+        prefix, known = model.base_model_prefix + ".", set(model.state_dict())
         family = self.family
-        if family.tensor_name(0, family.first) in entries:
-            return entries
+        if family.tensor_name(0, family.first) not in entries:
+            entries = {prefix + name if prefix + name in known else name: entry
+                       for name, entry in entries.items()}
+        first: dict[int, str] = {}
+        saved_as = {}
+        for name, parameter in model.named_parameters(remove_duplicate=False):
+            saved_as[name] = first.setdefault(id(parameter), name)
+        return {saved_as[name] if name in saved_as and saved_as[name] not in entries else name:
+                entry for name, entry in entries.items()}
+
+    @functools.cached_property
+    def _meta_model(self) -> Any:
+        """The model of this checkpoint's config on the meta device: its names, how they are
+        tied and which stored names it ignores, no data."""
         from transformers import AutoModelForCausalLM
 
-        with torch.device("meta"):  # the names only
-            model = AutoModelForCausalLM.from_config(self.model_config, dtype=torch.float32)
-        prefix, known = model.base_model_prefix + ".", set(model.state_dict())
-        return {prefix + name if prefix + name in known else name: entry
-                for name, entry in entries.items()}
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(self.model_config, dtype=torch.float32)
 
     def _check_layers(self) -> None:
         family = self.family
@@ -284,10 +298,7 @@ class StreamedCheckpoint:
     @functools.cached_property
     def _unheld(self) -> tuple[frozenset[str], frozenset[str]]:
         """:attr:`tied_copies` and :attr:`ignored`, from the model on the meta device."""
-        from transformers import AutoModelForCausalLM
-
-        with torch.device("meta"):  # the names and how they are tied, no data
-            model = AutoModelForCausalLM.from_config(self.model_config, dtype=torch.float32)
+        model = self._meta_model
         first: dict[int, str] = {}
         copies = set()
         for name, parameter in model.named_parameters(remove_duplicate=False):
