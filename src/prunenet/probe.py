@@ -282,8 +282,11 @@ def generate_probe(model: nn.Module, tokenizer, tokens: int, seed: int,
     if recipe.one_script and tokenizer is None:
         raise InputError("a probe kept in one script needs the model's tokenizer; load the "
                          "model with it")
+    # the bar counts the tokens sampled (BOS and the prompt are given, not generated), so it
+    # ends at its total and its rate is the generation's
+    new_tokens = length - 1 - len(words)
     with torch.random.fork_rng(devices=cuda_devices()), tqdm(
-            total=wanted * length, unit="tok", desc=label, disable=not progress,
+            total=wanted * new_tokens, unit="tok", desc=label, disable=not progress,
             leave=False) as bar:
         torch.manual_seed(int(seed))
         generator = torch.Generator().manual_seed(int(seed))
@@ -295,7 +298,6 @@ def generate_probe(model: nn.Module, tokenizer, tokens: int, seed: int,
                 raise InputError(f"{dropped} probe samples were {why}")
             count = min(recipe.batch_size, wanted - len(kept))
             prompt = _first_tokens(model, recipe, words, count, generator).to(device)
-            new_tokens = length - prompt.shape[1]
             if recipe.sampler == "multinomial":  # as earlier versions drew, to repeat them
                 output = model.generate(
                     prompt, attention_mask=torch.ones_like(prompt), do_sample=True, top_k=0,
@@ -322,7 +324,7 @@ def generate_probe(model: nn.Module, tokenizer, tokens: int, seed: int,
                     kept.append(sequence)
                 else:
                     dropped += 1
-                    bar.total += length
+                    bar.total += new_tokens
     return torch.stack(kept[:wanted])
 
 
