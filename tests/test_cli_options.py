@@ -639,3 +639,13 @@ def test_the_model_help_says_a_cached_hub_id_needs_no_network(command):
     model = next(action for action in parser._actions if action.dest == "model")
     assert "needs network" not in model.help
     assert "Hugging Face cache" in model.help
+
+
+@pytest.mark.parametrize("command", ["compress", "prune"])
+def test_the_probe_tokens_help_says_the_size_is_rounded_up_to_whole_sequences(command):
+    """--probe-tokens 300 with --probe-length 256 samples 2 sequences, 512 tokens
+    (test_probe.py::test_the_record_says_what_was_generated); the help had said the probe is
+    --probe-tokens tokens."""
+    parser = build_parser().commands[command]
+    tokens = next(action for action in parser._actions if action.dest == "probe_tokens")
+    assert "rounded up to whole --probe-length sequences" in tokens.help
