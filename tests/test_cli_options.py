@@ -411,6 +411,10 @@ def test_a_probe_length_below_two_tokens_is_refused(tiny_llama_dir, tmp_path, ca
     ({"probe_tokens": 64.0}, "--probe-tokens must be a positive integer, got 64.0"),
     ({"probe_sampler": "gumbel"}, "unknown probe sampler 'gumbel'; use one of inverse-cdf, "
                                   "multinomial"),
+    ({"probe_prompt": ["The", "A"]}, "--probe-prompt must be text, got ['The', 'A']; give the "
+                                     "words every probe sequence starts with as one string"),
+    ({"probe_prompt": 7}, "--probe-prompt must be text, got 7; give the words every probe "
+                          "sequence starts with as one string"),
 ])
 def test_probe_settings_python_cannot_run_are_refused_before_the_model_loads(
         tiny_llama_dir, tmp_path, monkeypatch, keywords, message):
@@ -429,6 +433,21 @@ def test_probe_settings_python_cannot_run_are_refused_before_the_model_loads(
                           **keywords)
     assert str(error.value) == message
     assert sorted(path.name for path in tmp_path.iterdir()) == ["tiny-llama"]
+
+
+def test_a_probe_prompt_that_is_no_text_is_refused_before_the_model_loads(
+        tiny_llama_real_tokenizer_dir, tmp_path):
+    """From Python a list of prompts had been read by the tokenizer as a batch and crashed the
+    generation with a RuntimeError after the model loaded; a number or bytes crashed in the
+    tokenizer. Refused in one line, nothing written."""
+    import prunenet
+
+    for prompt in (["The", "A"], 7, b"The"):
+        with pytest.raises(InputError, match=r"^--probe-prompt must be text, got "):
+            prunenet.compress(str(tiny_llama_real_tokenizer_dir), 0.25, out=tmp_path / "o",
+                              progress=False, probe_prompt=prompt, probe_tokens=64,
+                              probe_length=16)
+    assert list(tmp_path.iterdir()) == []
 
 
 def usage_error(capsys, argv: list[str]) -> str:

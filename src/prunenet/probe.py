@@ -105,6 +105,13 @@ def check_probe_tokens(tokens: Any) -> None:
         raise InputError(f"--probe-tokens must be a positive integer, got {tokens!r}")
 
 
+def check_probe_prompt(prompt: Any) -> None:
+    """Raise :class:`InputError` unless ``prompt`` is text (None or empty: no prompt)."""
+    if prompt is not None and not isinstance(prompt, str):
+        raise InputError(f"--probe-prompt must be text, got {prompt!r}; give the words every "
+                         "probe sequence starts with as one string")
+
+
 def draw_tokens(probabilities: Tensor, generator: torch.Generator) -> Tensor:
     """One index per row of ``probabilities`` (rows x vocabulary, non-negative, every row with
     positive mass; not necessarily normalised), each drawn with probability proportional to
@@ -218,6 +225,7 @@ def sequence_length_for(config: Any, wanted: int) -> int:
 
 def prompt_ids(tokenizer, recipe: ProbeRecipe) -> list[int]:
     """The token ids of ``recipe.prompt`` (none for an empty prompt)."""
+    check_probe_prompt(recipe.prompt)
     if not recipe.prompt:
         return []
     if tokenizer is None:
