@@ -275,6 +275,14 @@ def test_a_probe_prompt_the_run_cannot_use_is_refused_before_the_model_loads(
     refused(capsys, ["-q", "compress", str(tiny_llama_real_tokenizer_dir), *common,
                      "--probe-length", "8", "--probe-prompt", "word " * 10],
             "tokens, too many for probe sequences of 8; shorten it or raise --probe-length")
+    # a model of 16 positions cuts --probe-length 256 to 16: raising it would not help
+    short = tmp_path / "short-context"
+    shutil.copytree(tiny_llama_real_tokenizer_dir, short)
+    edit_config(short, max_position_embeddings=16)
+    refused(capsys, ["-q", "compress", str(short), *common, "--probe-length", "256",
+                     "--probe-prompt", "word " * 20],
+            "tokens, too many for probe sequences of 16; shorten it: the probe sequences are "
+            "cut to the model's context")
     assert not (tmp_path / "o").exists()
 
 

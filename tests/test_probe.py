@@ -132,6 +132,17 @@ def test_a_prompt_too_long_for_the_sequences_or_without_a_tokenizer_is_refused(m
                        recipe=ProbeRecipe(sequence_length=16, prompt="a"))
 
 
+def test_a_prompt_too_long_for_the_models_context_is_not_told_to_raise_the_probe_length(model):
+    """Sequences of 256 asked, cut to the model's 64 positions: a longer --probe-length would
+    not make room, and the message had said to raise it."""
+    message = ("the probe prompt takes 70 tokens, too many for probe sequences of 64; shorten "
+               "it: the probe sequences are cut to the model's context")
+    with pytest.raises(InputError) as error:
+        generate_probe(model, _Words(), 128, seed=0, progress=False,
+                       recipe=ProbeRecipe(sequence_length=256, prompt="a " * 70))
+    assert str(error.value) == message
+
+
 def test_the_prompt_keys_the_cache_and_is_recorded(model):
     def probe(prompt):
         return Probe(model, _Words(), 64, 0, ProbeRecipe(sequence_length=16, prompt=prompt))

@@ -463,7 +463,8 @@ def with_checked_text(plan: Plan) -> Plan:
     if tokenizer is None:
         tokenizer = load_tokenizer(source, options.trust_remote_code)
     if prompt:
-        checked_prompt_ids(tokenizer, ProbeRecipe(prompt=options.probe_prompt),
+        checked_prompt_ids(tokenizer, ProbeRecipe(sequence_length=options.probe_length,
+                                                  prompt=options.probe_prompt),
                            sequence_length_for(config, options.probe_length))
     evaluation_text = None
     if options.evaluate_windows:

@@ -236,11 +236,14 @@ def prompt_ids(tokenizer, recipe: ProbeRecipe) -> list[int]:
 
 def checked_prompt_ids(tokenizer, recipe: ProbeRecipe, length: int) -> list[int]:
     """:func:`prompt_ids`, refused where the prompt leaves no room in sequences of ``length``
-    tokens (BOS first) for a generated token."""
+    tokens (BOS first) for a generated token. ``length`` below ``recipe.sequence_length`` is
+    the model's context, which a longer --probe-length would not raise."""
     words = prompt_ids(tokenizer, recipe)
     if 1 + len(words) >= length:
+        advice = ("shorten it: the probe sequences are cut to the model's context"
+                  if length < recipe.sequence_length else "shorten it or raise --probe-length")
         raise InputError(f"the probe prompt takes {len(words)} tokens, too many for probe "
-                         f"sequences of {length}; shorten it or raise --probe-length")
+                         f"sequences of {length}; {advice}")
     return words
 
 
