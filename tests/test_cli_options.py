@@ -275,6 +275,14 @@ def test_a_probe_prompt_the_run_cannot_use_is_refused_before_the_model_loads(
     refused(capsys, ["-q", "compress", str(tiny_llama_real_tokenizer_dir), *common,
                      "--probe-length", "8", "--probe-prompt", "word " * 10],
             "tokens, too many for probe sequences of 8; shorten it or raise --probe-length")
+    # a model of 16 positions cuts --probe-length 256 to 16: raising it would not help
+    short = tmp_path / "short-context"
+    shutil.copytree(tiny_llama_real_tokenizer_dir, short)
+    edit_config(short, max_position_embeddings=16)
+    refused(capsys, ["-q", "compress", str(short), *common, "--probe-length", "256",
+                     "--probe-prompt", "word " * 20],
+            "tokens, too many for probe sequences of 16; shorten it: the probe sequences are "
+            "cut to the model's context")
     assert not (tmp_path / "o").exists()
 
 
@@ -411,6 +419,10 @@ def test_a_probe_length_below_two_tokens_is_refused(tiny_llama_dir, tmp_path, ca
     ({"probe_tokens": 64.0}, "--probe-tokens must be a positive integer, got 64.0"),
     ({"probe_sampler": "gumbel"}, "unknown probe sampler 'gumbel'; use one of inverse-cdf, "
                                   "multinomial"),
+    ({"probe_prompt": ["The", "A"]}, "--probe-prompt must be text, got ['The', 'A']; give the "
+                                     "words every probe sequence starts with as one string"),
+    ({"probe_prompt": 7}, "--probe-prompt must be text, got 7; give the words every probe "
+                          "sequence starts with as one string"),
 ])
 def test_probe_settings_python_cannot_run_are_refused_before_the_model_loads(
         tiny_llama_dir, tmp_path, monkeypatch, keywords, message):
@@ -429,6 +441,21 @@ def test_probe_settings_python_cannot_run_are_refused_before_the_model_loads(
                           **keywords)
     assert str(error.value) == message
     assert sorted(path.name for path in tmp_path.iterdir()) == ["tiny-llama"]
+
+
+def test_a_probe_prompt_that_is_no_text_is_refused_before_the_model_loads(
+        tiny_llama_real_tokenizer_dir, tmp_path):
+    """From Python a list of prompts had been read by the tokenizer as a batch and crashed the
+    generation with a RuntimeError after the model loaded; a number or bytes crashed in the
+    tokenizer. Refused in one line, nothing written."""
+    import prunenet
+
+    for prompt in (["The", "A"], 7, b"The"):
+        with pytest.raises(InputError, match=r"^--probe-prompt must be text, got "):
+            prunenet.compress(str(tiny_llama_real_tokenizer_dir), 0.25, out=tmp_path / "o",
+                              progress=False, probe_prompt=prompt, probe_tokens=64,
+                              probe_length=16)
+    assert list(tmp_path.iterdir()) == []
 
 
 def usage_error(capsys, argv: list[str]) -> str:
@@ -639,3 +666,13 @@ def test_the_model_help_says_a_cached_hub_id_needs_no_network(command):
     model = next(action for action in parser._actions if action.dest == "model")
     assert "needs network" not in model.help
     assert "Hugging Face cache" in model.help
+
+
+@pytest.mark.parametrize("command", ["compress", "prune"])
+def test_the_probe_tokens_help_says_the_size_is_rounded_up_to_whole_sequences(command):
+    """--probe-tokens 300 with --probe-length 256 samples 2 sequences, 512 tokens
+    (test_probe.py::test_the_record_says_what_was_generated); the help had said the probe is
+    --probe-tokens tokens."""
+    parser = build_parser().commands[command]
+    tokens = next(action for action in parser._actions if action.dest == "probe_tokens")
+    assert "rounded up to whole --probe-length sequences" in tokens.help

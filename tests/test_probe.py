@@ -132,6 +132,17 @@ def test_a_prompt_too_long_for_the_sequences_or_without_a_tokenizer_is_refused(m
                        recipe=ProbeRecipe(sequence_length=16, prompt="a"))
 
 
+def test_a_prompt_too_long_for_the_models_context_is_not_told_to_raise_the_probe_length(model):
+    """Sequences of 256 asked, cut to the model's 64 positions: a longer --probe-length would
+    not make room, and the message had said to raise it."""
+    message = ("the probe prompt takes 70 tokens, too many for probe sequences of 64; shorten "
+               "it: the probe sequences are cut to the model's context")
+    with pytest.raises(InputError) as error:
+        generate_probe(model, _Words(), 128, seed=0, progress=False,
+                       recipe=ProbeRecipe(sequence_length=256, prompt="a " * 70))
+    assert str(error.value) == message
+
+
 def test_the_prompt_keys_the_cache_and_is_recorded(model):
     def probe(prompt):
         return Probe(model, _Words(), 64, 0, ProbeRecipe(sequence_length=16, prompt=prompt))
@@ -215,6 +226,34 @@ def test_one_script_keeps_only_sequences_in_the_first_batchs_main_script(model):
     assert Probe(model, None, 64, 0, kept).key() != Probe(model, None, 64, 0, plain).key()
     assert Probe(model, None, 64, 0, kept).record()["one_script"] is True
     assert "one_script" not in Probe(model, None, 64, 0, plain).record()
+
+
+def test_the_progress_bar_counts_the_sampled_tokens_and_ends_at_its_total(model, monkeypatch):
+    """The bar ticks once per sampled token; BOS and the prompt are given, not sampled, so its
+    total leaves them out, also for sequences dropped and sampled again. It had counted every
+    sequence's full length, and so ended short of its total (10 of 16 tokens per sequence with
+    a 5-word prompt) with a wrong time left."""
+    from prunenet import probe as probe_module
+
+    ended = []  # per bar, its count and total when it closed
+
+    class Recording(probe_module.tqdm):
+        def close(self):
+            if not getattr(self, "recorded", False):  # tqdm closes a bar twice
+                self.recorded = True
+                ended.append((self.n, self.total))
+            super().close()
+
+    monkeypatch.setattr(probe_module, "tqdm", Recording)
+    generate_probe(model, None, 80, seed=5, recipe=SHORT, progress=True)
+    prompted = ProbeRecipe(sequence_length=16, batch_size=3, prompt="a b c d e")
+    generate_probe(model, _Words(), 80, seed=5, recipe=prompted, progress=True)
+    one_script = ProbeRecipe(sequence_length=8, batch_size=6, temperature=2.0, one_script=True)
+    generate_probe(model, _TwoScripts(), 96, seed=3, recipe=one_script, progress=True)
+    assert ended[0] == (5 * 15, 5 * 15)  # 5 sequences of 16 tokens, BOS given
+    assert ended[1] == (5 * 10, 5 * 10)  # BOS and 5 prompt tokens given
+    # 12 sequences kept of more sampled (the test above: some are in another script)
+    assert ended[2][0] == ended[2][1] > 12 * 7 and ended[2][0] % 7 == 0
 
 
 def test_min_p_one_keeps_only_the_most_likely_token(model):

@@ -306,7 +306,9 @@ def _add_method_arguments(parser: argparse.ArgumentParser, takes_policy: bool = 
     group = parser.add_argument_group("probe and reconstruction (no data: the model's own text)")
     group.add_argument("--probe-tokens", type=positive_int, default=CompressOptions.probe_tokens,
                        help="tokens of the model's own sampled text for the self-generated "
-                       f"selection and the refit (default: {CompressOptions.probe_tokens})")
+                       "selection and the refit, rounded up to whole --probe-length sequences "
+                       "(the record's probe shape says how many; default: "
+                       f"{CompressOptions.probe_tokens})")
     group.add_argument("--probe-length", type=token_length,
                        default=CompressOptions.probe_length,
                        help="tokens per probe sequence, at least 2, cut to the model's "

@@ -69,6 +69,7 @@ from .probe import (
     MIN_TEMPERATURE,
     Probe,
     ProbeRecipe,
+    check_probe_prompt,
     check_probe_tokens,
     check_sampler,
     checked_prompt_ids,
@@ -378,6 +379,7 @@ def plan_compression(model: Any, ratio: float, options: CompressOptions, *,
         raise InputError(f"--probe-length must be at least 2 tokens, got {length!r}")
     check_probe_tokens(options.probe_tokens)  # read in sizing the run's memory, below
     check_sampler(options.probe_sampler)
+    check_probe_prompt(options.probe_prompt)  # read with the tokenizer, below
     reconstruct = "ls" if options.reconstruct is None else options.reconstruct
     check_reconstruct(model, reconstruct, options.trust_remote_code)
     runs = selector_class(method).needs_model or reconstruct != "none"
@@ -462,7 +464,8 @@ def with_checked_text(plan: Plan) -> Plan:
     if tokenizer is None:
         tokenizer = load_tokenizer(source, options.trust_remote_code)
     if prompt:
-        checked_prompt_ids(tokenizer, ProbeRecipe(prompt=options.probe_prompt),
+        checked_prompt_ids(tokenizer, ProbeRecipe(sequence_length=options.probe_length,
+                                                  prompt=options.probe_prompt),
                            sequence_length_for(config, options.probe_length))
     evaluation_text = None
     if options.evaluate_windows:

@@ -105,6 +105,13 @@ def check_probe_tokens(tokens: Any) -> None:
         raise InputError(f"--probe-tokens must be a positive integer, got {tokens!r}")
 
 
+def check_probe_prompt(prompt: Any) -> None:
+    """Raise :class:`InputError` unless ``prompt`` is text (None or empty: no prompt)."""
+    if prompt is not None and not isinstance(prompt, str):
+        raise InputError(f"--probe-prompt must be text, got {prompt!r}; give the words every "
+                         "probe sequence starts with as one string")
+
+
 def draw_tokens(probabilities: Tensor, generator: torch.Generator) -> Tensor:
     """One index per row of ``probabilities`` (rows x vocabulary, non-negative, every row with
     positive mass; not necessarily normalised), each drawn with probability proportional to
@@ -218,6 +225,7 @@ def sequence_length_for(config: Any, wanted: int) -> int:
 
 def prompt_ids(tokenizer, recipe: ProbeRecipe) -> list[int]:
     """The token ids of ``recipe.prompt`` (none for an empty prompt)."""
+    check_probe_prompt(recipe.prompt)
     if not recipe.prompt:
         return []
     if tokenizer is None:
@@ -228,11 +236,14 @@ def prompt_ids(tokenizer, recipe: ProbeRecipe) -> list[int]:
 
 def checked_prompt_ids(tokenizer, recipe: ProbeRecipe, length: int) -> list[int]:
     """:func:`prompt_ids`, refused where the prompt leaves no room in sequences of ``length``
-    tokens (BOS first) for a generated token."""
+    tokens (BOS first) for a generated token. ``length`` below ``recipe.sequence_length`` is
+    the model's context, which a longer --probe-length would not raise."""
     words = prompt_ids(tokenizer, recipe)
     if 1 + len(words) >= length:
+        advice = ("shorten it: the probe sequences are cut to the model's context"
+                  if length < recipe.sequence_length else "shorten it or raise --probe-length")
         raise InputError(f"the probe prompt takes {len(words)} tokens, too many for probe "
-                         f"sequences of {length}; shorten it or raise --probe-length")
+                         f"sequences of {length}; {advice}")
     return words
 
 
@@ -282,8 +293,11 @@ def generate_probe(model: nn.Module, tokenizer, tokens: int, seed: int,
     if recipe.one_script and tokenizer is None:
         raise InputError("a probe kept in one script needs the model's tokenizer; load the "
                          "model with it")
+    # the bar counts the tokens sampled (BOS and the prompt are given, not generated), so it
+    # ends at its total and its rate is the generation's
+    new_tokens = length - 1 - len(words)
     with torch.random.fork_rng(devices=cuda_devices()), tqdm(
-            total=wanted * length, unit="tok", desc=label, disable=not progress,
+            total=wanted * new_tokens, unit="tok", desc=label, disable=not progress,
             leave=False) as bar:
         torch.manual_seed(int(seed))
         generator = torch.Generator().manual_seed(int(seed))
@@ -295,7 +309,6 @@ def generate_probe(model: nn.Module, tokenizer, tokens: int, seed: int,
                 raise InputError(f"{dropped} probe samples were {why}")
             count = min(recipe.batch_size, wanted - len(kept))
             prompt = _first_tokens(model, recipe, words, count, generator).to(device)
-            new_tokens = length - prompt.shape[1]
             if recipe.sampler == "multinomial":  # as earlier versions drew, to repeat them
                 output = model.generate(
                     prompt, attention_mask=torch.ones_like(prompt), do_sample=True, top_k=0,
@@ -322,7 +335,7 @@ def generate_probe(model: nn.Module, tokenizer, tokens: int, seed: int,
                     kept.append(sequence)
                 else:
                     dropped += 1
-                    bar.total += length
+                    bar.total += new_tokens
     return torch.stack(kept[:wanted])
 
 
