@@ -103,9 +103,11 @@ def token_length(text: str) -> int:
 def seed_value(text: str) -> int:
     """argparse type for a random seed: an integer in [0, 2**63)."""
     try:
-        return check_seed(int(text))
+        value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"seed must be an integer, got {text!r}") from None
+    try:
+        return check_seed(value)
     except InputError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
 
