@@ -573,6 +573,43 @@ def test_bad_configs_are_one_line(tmp_path, capsys, config):
                      str(tmp_path / "out"), "--method", "random"], "config")
 
 
+QUANTIZATIONS = {
+    "bitsandbytes": {"quant_method": "bitsandbytes", "load_in_8bit": True},
+    "gptq": {"quant_method": "gptq", "bits": 4, "group_size": 128},
+    "awq": {"quant_method": "awq", "bits": 4, "group_size": 128, "version": "gemm"},
+    "fp8": {"quant_method": "fp8", "weight_block_size": [16, 16]},
+}
+
+
+@pytest.mark.parametrize("where", ["folder", "hub id"])
+@pytest.mark.parametrize("method", sorted(QUANTIZATIONS))
+def test_a_quantized_checkpoint_is_refused_before_any_work(tmp_path, capsys, monkeypatch,
+                                                            method, where):
+    """A config declaring quantized weights: one line naming the method and what to give
+    instead, before anything loads (bitsandbytes, GPTQ and AWQ ended in an ImportError
+    traceback; fp8 was dequantized, pruned and saved in another dtype without its scales)."""
+    from huggingface_hub import constants
+
+    if where == "hub id":
+        folder = tmp_path / "hub" / "models--org--tiny" / "snapshots" / "abc"
+        (tmp_path / "hub" / "models--org--tiny" / "refs").mkdir(parents=True)
+        (tmp_path / "hub" / "models--org--tiny" / "refs" / "main").write_text("abc")
+        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    else:
+        folder = tmp_path / "m"
+    make_tiny_model("llama").save_pretrained(folder)
+    edit_config(folder, quantization_config=QUANTIZATIONS[method])
+    source = "org/tiny" if where == "hub id" else str(folder)
+    for options in (["--method", "random"], ["--method", "prunenet", "--max-memory", "1MB"]):
+        if where == "hub id" and "--max-memory" in options:
+            continue  # a Hub id is loaded whole
+        line = refused(capsys, ["-q", "compress", source, "--ratio", "0.3", "--out",
+                                str(tmp_path / "out"), *options],
+                       f"declares quantized weights (quantization_config, quant_method {method})")
+        assert "Give the unquantized checkpoint" in line
+        assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("option", ["--out", "--record"])
 def test_symlink_loops_as_outputs_are_one_line(models, tmp_path, capsys, option):
     (tmp_path / "loop1").symlink_to(tmp_path / "loop2")

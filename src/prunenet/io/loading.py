@@ -327,6 +327,8 @@ def load_config(source: str | os.PathLike, trust_remote_code: bool = False,
         if Path(folder).exists():
             raise InputError(f"{source} is not a readable model: {first_line(error)}") from error
         raise _hub_error(folder, error) from error
+    if gguf_file is None and not Path(folder).is_dir():  # a Hub id: its config.json
+        _refuse_quantized(source, config.to_dict())
     family = family_for(getattr(config, "model_type", None))
     field = _non_finite_field(config.to_dict())
     if field is not None:
@@ -374,7 +376,21 @@ def read_config_json(folder: Path) -> dict[str, Any]:
         raise InputError(f"{path} must hold a JSON object, got a {type(config).__name__}")
     if not isinstance(config.get("model_type"), str):
         raise InputError(f"{path} has no model_type string; it is not a transformers config")
+    _refuse_quantized(path, config)
     return config
+
+
+def _refuse_quantized(where: Any, config: dict[str, Any]) -> None:
+    """Refuse a checkpoint whose config declares quantized weights (bitsandbytes, GPTQ, AWQ,
+    fp8, ...): they are packed or scaled in blocks, so rows cannot be sliced out of them."""
+    declared = config.get("quantization_config")
+    if declared:
+        method = declared.get("quant_method") if isinstance(declared, dict) else None
+        method = method if isinstance(method, str) and method else "not named"
+        raise InputError(
+            f"{where} declares quantized weights (quantization_config, quant_method {method}); "
+            "prunenet cannot slice quantized weights. Give the unquantized checkpoint "
+            "(float32, float16 or bfloat16) or a GGUF file of the model")
 
 
 def declared_ffn_width(source: str | os.PathLike) -> int | None:
