@@ -292,7 +292,10 @@ class StreamedCheckpoint:
         copies = set()
         for name, parameter in model.named_parameters(remove_duplicate=False):
             shared = first.setdefault(id(parameter), name)
-            if shared != name and shared in self.entries and name in self.entries:
+            # transformers ties two stored tensors only where they hold the same values; a
+            # head stored apart from its embedding is kept (tie_word_embeddings notwithstanding)
+            if shared != name and shared in self.entries and name in self.entries \
+                    and self._same_stored(shared, name):
                 copies.add(name)
         held = set(model.state_dict())
         patterns = getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ()
@@ -300,10 +303,27 @@ class StreamedCheckpoint:
                    and any(re.search(pattern, name) for pattern in patterns)}
         return frozenset(copies), frozenset(ignored)
 
+    def _same_stored(self, first: str, second: str) -> bool:
+        """Whether two stored tensors hold the same values: the same type and shape, and the
+        same bytes (compared a chunk at a time)."""
+        a, b = self.entries[first], self.entries[second]
+        if (a.dtype, a.shape) != (b.dtype, b.shape):
+            return False
+        with open(self.folder / a.shard, "rb") as one, open(self.folder / b.shard, "rb") as two:
+            one.seek(a.start)
+            two.seek(b.start)
+            remaining = a.end - a.start
+            while remaining:
+                size = min(_COPY_CHUNK, remaining)
+                if one.read(size) != two.read(size):
+                    return False
+                remaining -= size
+        return True
+
     @functools.cached_property
     def tied_copies(self) -> frozenset[str]:
         """Stored tensors that the loaded model ties to another stored one (a tied head saved
-        beside the embedding it shares): the model holds that matrix once."""
+        beside the embedding it shares, with its values): the model holds that matrix once."""
         return self._unheld[0]
 
     @functools.cached_property
