@@ -19,7 +19,7 @@ import os
 import shutil
 import socket
 import urllib.request
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -302,6 +302,43 @@ def validate_weight_files(folder: Path) -> None:
         validate_safetensors(file)
 
 
+# safetensors' float types, by the names its headers give them
+FLOAT_TYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+               "BF16": torch.bfloat16, "F8_E4M3": torch.float8_e4m3fn,
+               "F8_E5M2": torch.float8_e5m2}
+
+
+def prevailing_float_type(tensors: Iterable[tuple[str, int]]) -> torch.dtype | None:
+    """The float type most values are stored in, of ``tensors`` (safetensors type name, count
+    of values each); None where none is a float."""
+    counts: dict[str, int] = {}
+    for dtype, numel in tensors:
+        if dtype in FLOAT_TYPES:
+            counts[dtype] = counts.get(dtype, 0) + numel
+    return FLOAT_TYPES[max(counts, key=counts.__getitem__)] if counts else None
+
+
+def stored_float_type(folder: Path) -> torch.dtype | None:
+    """The float type most of a local checkpoint's weights are stored in, from the headers of
+    the files transformers loads (model.safetensors, else the shards its index names; checked
+    by :func:`validate_weight_files`): its config's dtype may say otherwise."""
+    single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
+    if single.is_file():
+        files = [single]
+    elif index.is_file():
+        files = [folder / shard for shard in
+                 sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    else:
+        return None
+    tensors = []
+    for file in files:
+        with open(file, "rb") as handle:
+            header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
+        tensors += [(entry["dtype"], math.prod(entry["shape"]))
+                    for name, entry in header.items() if name != "__metadata__"]
+    return prevailing_float_type(tensors)
+
+
 def load_config(source: str | os.PathLike, trust_remote_code: bool = False,
                 staged: bool = False):
     """The transformers config of ``source``, with its family checked before any weight loads
@@ -490,8 +527,9 @@ def load_model_and_tokenizer(
 
     ``source``: a folder with config.json and safetensors, a .gguf file (dequantized to fp32 by
     transformers), the alias ``smollm2-135m``, or a Hub id. ``dtype="auto"`` keeps the checkpoint's
-    dtype. ``offload`` (resident bytes, a scratch folder), for a model larger than memory: the
-    model is dispatched on the CPU by accelerate with as many decoder layers as fit the resident
+    dtype: the float type most of its weights are stored in, whatever its config declares.
+    ``offload`` (resident bytes, a scratch folder), for a model larger than memory: the model
+    is dispatched on the CPU by accelerate with as many decoder layers as fit the resident
     bytes held in memory and the rest read from disk each time they run (safetensors shards
     are read in place; the folder is where accelerate may put what it cannot read in place).
     ``staged``: ``source`` is this run's own output, not yet in place (an unfinished output is
@@ -506,9 +544,14 @@ def load_model_and_tokenizer(
         validate_weight_files(Path(folder))
     if gguf_file is not None and dtype == "auto":
         dtype = torch.float32
-    stored = getattr(config, "dtype", None) if dtype == "auto" else None
+    stored = None
+    if dtype == "auto":  # the type the weights are stored in, whatever the config says
+        stored = (stored_float_type(Path(folder)) if Path(folder).is_dir() and gguf_file is None
+                  else None) or getattr(config, "dtype", None)
     if isinstance(stored, torch.dtype) and stored.itemsize < 2 and stored.is_floating_point:
         dtype = torch.float32  # float8 weights: computed in float32 (exact), saved as stored
+    elif isinstance(stored, torch.dtype):
+        dtype = stored
     _gguf_reader.cache_clear()  # not held beside the weights while they load
     try:
         with _without_load_report():

@@ -35,6 +35,7 @@ from ..families import Cut, family_for, slice_tensor
 from ..model_view import check_finite, non_finite_error
 from .files import atomic_folder, write_json_atomic
 from .loading import (
+    FLOAT_TYPES,
     RECORD_NAME,
     check_weights_on_meta,
     copy_terms,
@@ -42,6 +43,7 @@ from .loading import (
     gguf_parameters,
     is_model_output,
     load_config,
+    prevailing_float_type,
     read_config_json,
     resolve_source,
     validate_gguf,
@@ -75,9 +77,7 @@ _M_MMAP_THRESHOLD = -3  # mallopt parameter of glibc's malloc.h
 MMAP_THRESHOLD = 2**18
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt")
 # safetensors' float types: a replaced tensor is written as one, a cache is sized by one.
-_FLOAT_TYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
-                "BF16": torch.bfloat16, "F8_E4M3": torch.float8_e4m3fn,
-                "F8_E5M2": torch.float8_e5m2}
+_FLOAT_TYPES = FLOAT_TYPES
 
 
 def parse_memory(text: str | int) -> int:
@@ -355,7 +355,9 @@ class StreamedCheckpoint:
         """Whether a load computes these weights in float32 although they are stored in a
         narrower float type (float8): :func:`~prunenet.io.loading.load_model_and_tokenizer`
         widens them, so in memory each takes 4 bytes a value, not the 1 it takes on disk."""
-        stored = getattr(self.model_config, "dtype", None)
+        stored = prevailing_float_type((entry.dtype, entry.numel)
+                                       for entry in self.entries.values()
+                                       ) or getattr(self.model_config, "dtype", None)
         return (isinstance(stored, torch.dtype) and stored.is_floating_point
                 and stored.itemsize < 2)
 
