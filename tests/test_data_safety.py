@@ -459,6 +459,34 @@ def test_unreadable_tokenizer_is_refused(tmp_path, capsys, tiny_llama_real_token
     assert not (tmp_path / "out").exists()
 
 
+def test_an_unreadable_tokenizer_is_refused_before_the_weights_load_or_stream(
+        tmp_path, monkeypatch, tiny_llama_real_tokenizer_dir):
+    """In memory the tokenizer was read after the weights loaded (a large model loaded for
+    minutes before the refusal); a streamed run never read it and copied the damaged files
+    into its output."""
+    from prunenet.io.streaming import StreamedCheckpoint
+    from prunenet.pipeline import compress
+
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_llama_real_tokenizer_dir, folder)
+    (folder / "tokenizer.json").write_text("{garbage")
+    loads = []
+    load = transformers.AutoModelForCausalLM.from_pretrained
+
+    def counted(*args, **kwargs):
+        loads.append(kwargs.get("device_map"))
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", counted)
+    with pytest.raises(InputError, match="the tokenizer .*tokenizer.json.* cannot be read"):
+        load_model_and_tokenizer(folder)
+    assert loads == []
+    with pytest.raises(InputError, match="the tokenizer .*tokenizer.json.* cannot be read"):
+        compress(StreamedCheckpoint(folder), 0.5, method="random", reconstruct="none",
+                 out=tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
 # --- valid inputs are accepted -----------------------------------------------------------------
 
 

@@ -552,6 +552,9 @@ def load_model_and_tokenizer(
         dtype = torch.float32  # float8 weights: computed in float32 (exact), saved as stored
     elif isinstance(stored, torch.dtype):
         dtype = stored
+    # an unreadable tokenizer is refused before the weights load, not after
+    tokenizer = _tokenizer(source, folder, gguf_file, trust_remote_code) if with_tokenizer \
+        else None
     _gguf_reader.cache_clear()  # not held beside the weights while they load
     try:
         with _without_load_report():
@@ -593,9 +596,7 @@ def load_model_and_tokenizer(
     if offload is None:
         model.to(device)
     model.eval()
-    if not with_tokenizer:
-        return model, None
-    return model, _tokenizer(source, folder, gguf_file, trust_remote_code)
+    return model, tokenizer
 
 
 def load_tokenizer(source: str | os.PathLike, trust_remote_code: bool = False):

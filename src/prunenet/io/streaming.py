@@ -43,6 +43,7 @@ from .loading import (
     gguf_parameters,
     is_model_output,
     load_config,
+    load_tokenizer,
     prevailing_float_type,
     read_config_json,
     resolve_source,
@@ -166,12 +167,25 @@ class StreamedCheckpoint:
         self._weights_checked = False
 
     def check_weights(self) -> None:
-        """Refuse missing or unused weights, as the in-memory load does (transformers matches
-        them on the meta device). Run once a checkpoint is streamed: one loaded in memory gets
-        the load's own check, so a choice that ends in memory does not pay for it."""
+        """Refuse missing or unused weights (transformers matches them on the meta device) and
+        a tokenizer that cannot be read, as the in-memory load does: the output gets a copy of
+        the tokenizer's files. Run once a checkpoint is streamed: one loaded in memory gets
+        the load's own checks, so a choice that ends in memory does not pay for them."""
         if not self._weights_checked:
             check_weights_on_meta(self.folder)
+            if not self._tokenizer_code():  # code of its own runs only where the user says
+                load_tokenizer(self.folder)
             self._weights_checked = True
+
+    def _tokenizer_code(self) -> bool:
+        """Whether the checkpoint's tokenizer may be its own code (an ``auto_map`` in its
+        config.json or tokenizer_config.json), which a streamed run never runs."""
+        try:
+            tokenizer_config = json.loads((self.folder / "tokenizer_config.json").read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            tokenizer_config = {}  # none, or unreadable: the tokenizer's load says which
+        return "auto_map" in self.config or (isinstance(tokenizer_config, dict)
+                                             and "auto_map" in tokenizer_config)
 
     def _read_entries(self) -> dict[str, TensorEntry]:
         if self.sharded:
