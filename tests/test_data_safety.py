@@ -487,6 +487,37 @@ def test_an_unreadable_tokenizer_is_refused_before_the_weights_load_or_stream(
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("broken", ["config.json", "model.safetensors"])
+def test_a_snapshot_whose_links_lead_nowhere_is_refused_naming_the_link(tmp_path, capsys,
+                                                                         broken):
+    """A Hugging Face cache snapshot (every file a link into ../../blobs) copied elsewhere,
+    or missing a blob: the link and what to do are named (it was 'has no config.json' or 'is
+    not a file'); the snapshot in place is read through its links."""
+    repository = tmp_path / "hub" / "models--org--tiny"
+    make_tiny_model("llama").save_pretrained(tmp_path / "files")
+    (repository / "blobs").mkdir(parents=True)
+    (repository / "snapshots" / "abc").mkdir(parents=True)
+    for file in sorted((tmp_path / "files").iterdir()):
+        blob = hashlib.sha256(file.read_bytes()).hexdigest()
+        file.rename(repository / "blobs" / blob)
+        (repository / "snapshots" / "abc" / file.name).symlink_to(f"../../blobs/{blob}")
+    snapshot = repository / "snapshots" / "abc"
+    assert main(["-q", "compress", str(snapshot), "--ratio", "0.5", "--out",
+                 str(tmp_path / "out"), "--method", "random"]) == 0
+    _reloads(tmp_path / "out", 24)
+    copy = tmp_path / "copy"
+    shutil.copytree(snapshot, copy, symlinks=True)  # as cp -r copies links
+    for link in sorted(copy.iterdir()):
+        if link.name != broken:  # every other file copied whole
+            link.unlink()
+            shutil.copy(snapshot / link.name, copy)
+    line = refused(capsys, ["-q", "compress", str(copy), "--ratio", "0.5", "--out",
+                            str(tmp_path / "out2"), "--method", "random"],
+                   f"{copy / broken} is a symbolic link to ../../blobs/")
+    assert "which does not exist" in line and "cp -rL" in line
+    assert not (tmp_path / "out2").exists()
+
+
 # --- valid inputs are accepted -----------------------------------------------------------------
 
 

@@ -71,6 +71,7 @@ def resolve_source(source: str | os.PathLike, staged: bool = False) -> tuple[str
     if path.is_dir():
         if is_staging_name(path.name) and not staged:
             raise InputError(f"{path} is an unfinished prunenet output (interrupted); delete it")
+        _refuse_broken_links(path)
         if (path / "config.json").exists():
             return str(path), None
         ggufs = sorted(entry for entry in path.glob("*.gguf") if entry.is_file())
@@ -88,6 +89,20 @@ def resolve_source(source: str | os.PathLike, staged: bool = False) -> tuple[str
         raise InputError(f"model path {text} does not exist{_did_you_mean(text)}")
     _check_hub_id(text)
     return text, None  # a Hub id
+
+
+def _refuse_broken_links(folder: Path) -> None:
+    """Refuse a model folder holding a symbolic link, among the files a load reads, whose
+    target is missing: a Hugging Face cache snapshot (every file a link into ``../../blobs``)
+    copied elsewhere, or whose blobs were deleted (the file would pass for absent)."""
+    for entry in sorted(folder.iterdir()):
+        read = entry.suffix.lower() in (".json", ".safetensors", ".gguf") \
+            or entry.name in TOKENIZER_FILES
+        if read and entry.is_symlink() and not entry.exists():
+            raise InputError(
+                f"{entry} is a symbolic link to {os.readlink(entry)}, which does not exist (a "
+                "Hugging Face cache snapshot copied without the files its links point at?); "
+                "copy the files themselves (cp -rL) or give the folder the links work in")
 
 
 def _did_you_mean(text: str) -> str:
