@@ -459,6 +459,65 @@ def test_unreadable_tokenizer_is_refused(tmp_path, capsys, tiny_llama_real_token
     assert not (tmp_path / "out").exists()
 
 
+def test_an_unreadable_tokenizer_is_refused_before_the_weights_load_or_stream(
+        tmp_path, monkeypatch, tiny_llama_real_tokenizer_dir):
+    """In memory the tokenizer was read after the weights loaded (a large model loaded for
+    minutes before the refusal); a streamed run never read it and copied the damaged files
+    into its output."""
+    from prunenet.io.streaming import StreamedCheckpoint
+    from prunenet.pipeline import compress
+
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_llama_real_tokenizer_dir, folder)
+    (folder / "tokenizer.json").write_text("{garbage")
+    loads = []
+    load = transformers.AutoModelForCausalLM.from_pretrained
+
+    def counted(*args, **kwargs):
+        loads.append(kwargs.get("device_map"))
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", counted)
+    with pytest.raises(InputError, match="the tokenizer .*tokenizer.json.* cannot be read"):
+        load_model_and_tokenizer(folder)
+    assert loads == []
+    with pytest.raises(InputError, match="the tokenizer .*tokenizer.json.* cannot be read"):
+        compress(StreamedCheckpoint(folder), 0.5, method="random", reconstruct="none",
+                 out=tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("broken", ["config.json", "model.safetensors"])
+def test_a_snapshot_whose_links_lead_nowhere_is_refused_naming_the_link(tmp_path, capsys,
+                                                                         broken):
+    """A Hugging Face cache snapshot (every file a link into ../../blobs) copied elsewhere,
+    or missing a blob: the link and what to do are named (it was 'has no config.json' or 'is
+    not a file'); the snapshot in place is read through its links."""
+    repository = tmp_path / "hub" / "models--org--tiny"
+    make_tiny_model("llama").save_pretrained(tmp_path / "files")
+    (repository / "blobs").mkdir(parents=True)
+    (repository / "snapshots" / "abc").mkdir(parents=True)
+    for file in sorted((tmp_path / "files").iterdir()):
+        blob = hashlib.sha256(file.read_bytes()).hexdigest()
+        file.rename(repository / "blobs" / blob)
+        (repository / "snapshots" / "abc" / file.name).symlink_to(f"../../blobs/{blob}")
+    snapshot = repository / "snapshots" / "abc"
+    assert main(["-q", "compress", str(snapshot), "--ratio", "0.5", "--out",
+                 str(tmp_path / "out"), "--method", "random"]) == 0
+    _reloads(tmp_path / "out", 24)
+    copy = tmp_path / "copy"
+    shutil.copytree(snapshot, copy, symlinks=True)  # as cp -r copies links
+    for link in sorted(copy.iterdir()):
+        if link.name != broken:  # every other file copied whole
+            link.unlink()
+            shutil.copy(snapshot / link.name, copy)
+    line = refused(capsys, ["-q", "compress", str(copy), "--ratio", "0.5", "--out",
+                            str(tmp_path / "out2"), "--method", "random"],
+                   f"{copy / broken} is a symbolic link to ../../blobs/")
+    assert "which does not exist" in line and "cp -rL" in line
+    assert not (tmp_path / "out2").exists()
+
+
 # --- valid inputs are accepted -----------------------------------------------------------------
 
 
@@ -571,6 +630,43 @@ def test_bad_configs_are_one_line(tmp_path, capsys, config):
         (folder / "config.json").write_text(config)
     refused(capsys, ["-q", "compress", str(folder), "--ratio", "0.3", "--out",
                      str(tmp_path / "out"), "--method", "random"], "config")
+
+
+QUANTIZATIONS = {
+    "bitsandbytes": {"quant_method": "bitsandbytes", "load_in_8bit": True},
+    "gptq": {"quant_method": "gptq", "bits": 4, "group_size": 128},
+    "awq": {"quant_method": "awq", "bits": 4, "group_size": 128, "version": "gemm"},
+    "fp8": {"quant_method": "fp8", "weight_block_size": [16, 16]},
+}
+
+
+@pytest.mark.parametrize("where", ["folder", "hub id"])
+@pytest.mark.parametrize("method", sorted(QUANTIZATIONS))
+def test_a_quantized_checkpoint_is_refused_before_any_work(tmp_path, capsys, monkeypatch,
+                                                            method, where):
+    """A config declaring quantized weights: one line naming the method and what to give
+    instead, before anything loads (bitsandbytes, GPTQ and AWQ ended in an ImportError
+    traceback; fp8 was dequantized, pruned and saved in another dtype without its scales)."""
+    from huggingface_hub import constants
+
+    if where == "hub id":
+        folder = tmp_path / "hub" / "models--org--tiny" / "snapshots" / "abc"
+        (tmp_path / "hub" / "models--org--tiny" / "refs").mkdir(parents=True)
+        (tmp_path / "hub" / "models--org--tiny" / "refs" / "main").write_text("abc")
+        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    else:
+        folder = tmp_path / "m"
+    make_tiny_model("llama").save_pretrained(folder)
+    edit_config(folder, quantization_config=QUANTIZATIONS[method])
+    source = "org/tiny" if where == "hub id" else str(folder)
+    for options in (["--method", "random"], ["--method", "prunenet", "--max-memory", "1MB"]):
+        if where == "hub id" and "--max-memory" in options:
+            continue  # a Hub id is loaded whole
+        line = refused(capsys, ["-q", "compress", source, "--ratio", "0.3", "--out",
+                                str(tmp_path / "out"), *options],
+                       f"declares quantized weights (quantization_config, quant_method {method})")
+        assert "Give the unquantized checkpoint" in line
+        assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("option", ["--out", "--record"])

@@ -123,6 +123,61 @@ def test_a_folder_holding_one_file_and_shards_streams_the_weights_it_loads(tmp_p
     assert all(torch.equal(actual[name], tensor) for name, tensor in expected.items())
 
 
+@pytest.mark.parametrize("same", [True, False])
+def test_a_head_the_config_ties_is_written_as_the_load_holds_it(tmp_path, same):
+    """tie_word_embeddings true while the file holds lm_head.weight too: transformers ties
+    them only where their values are equal, else keeps the head it read. The streamed output
+    does the same (it dropped a different head, so its model computed with the embedding as
+    its head) and counts the parameters alike."""
+    source = tmp_path / "model"
+    model = make_tiny_model("llama")
+    if same:
+        model.lm_head.weight.data.copy_(model.model.embed_tokens.weight.data)
+    model.save_pretrained(source, max_shard_size="20KB")
+    config = json.loads((source / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    options = {"method": "magnitude", "reconstruct": "none", "progress": False}
+    in_memory = compress(str(source), 0.5, out=tmp_path / "memory", **options)
+    streamed = compress(StreamedCheckpoint(source), 0.5, out=tmp_path / "stream", **options)
+    expected, actual = all_tensors(tmp_path / "memory"), all_tensors(tmp_path / "stream")
+    assert ("lm_head.weight" in expected) == (not same)
+    assert sorted(actual) == sorted(expected)
+    assert all(torch.equal(actual[name], tensor) for name, tensor in expected.items())
+    for key in ("parameters_before", "parameters_after"):
+        assert streamed.record[key] == in_memory.record[key], key
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "stream")
+    assert torch.equal(reloaded.lm_head.weight, model.lm_head.weight)
+
+
+@pytest.mark.parametrize("stored,declared", [(torch.bfloat16, "float32"),
+                                             (torch.float16, "bfloat16"),
+                                             (torch.float8_e4m3fn, "float32")])
+def test_weights_are_written_in_the_type_they_are_stored_in_whatever_the_config_says(
+        tmp_path, stored, declared):
+    """A config whose dtype is not the one its weights are stored in: the pruned weights keep
+    the stored type, in memory as streamed, and the memory plan sizes the load in the type it
+    computes in (in memory, a bfloat16 checkpoint declared float32 was loaded and written in
+    float32, twice its size, and float8 declared float32 was read as float32)."""
+    source = sharded_checkpoint(tmp_path / "model")
+    for shard in source.glob("*.safetensors"):
+        save_file({name: tensor.to(stored) for name, tensor in load_file(shard).items()},
+                  shard, metadata={"format": "pt"})
+    config = json.loads((source / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps({**config, "dtype": declared}))
+    options = {"method": "magnitude", "reconstruct": "none", "progress": False}
+    compress(str(source), 0.5, out=tmp_path / "memory", **options)
+    compress(StreamedCheckpoint(source), 0.5, out=tmp_path / "stream", **options)
+    expected, actual = all_tensors(tmp_path / "memory"), all_tensors(tmp_path / "stream")
+    assert sorted(actual) == sorted(expected)
+    for name, tensor in expected.items():
+        assert tensor.dtype == actual[name].dtype == stored, name
+        assert torch.equal(actual[name].view(torch.uint8), tensor.view(torch.uint8)), name
+    computed = torch.float32 if stored.itemsize < 2 else stored
+    checkpoint = StreamedCheckpoint(source)
+    assert checkpoint.loaded_bytes == computed.itemsize * sum(
+        tensor.numel() for tensor in all_tensors(source).values())
+
+
 def float8_checkpoint(folder: Path, model_type: str = "llama") -> Path:
     """A tiny model with every weight stored as float8_e4m3fn, in several shards."""
     sharded_checkpoint(folder, model_type)

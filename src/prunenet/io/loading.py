@@ -19,7 +19,7 @@ import os
 import shutil
 import socket
 import urllib.request
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -71,6 +71,7 @@ def resolve_source(source: str | os.PathLike, staged: bool = False) -> tuple[str
     if path.is_dir():
         if is_staging_name(path.name) and not staged:
             raise InputError(f"{path} is an unfinished prunenet output (interrupted); delete it")
+        _refuse_broken_links(path)
         if (path / "config.json").exists():
             return str(path), None
         ggufs = sorted(entry for entry in path.glob("*.gguf") if entry.is_file())
@@ -88,6 +89,20 @@ def resolve_source(source: str | os.PathLike, staged: bool = False) -> tuple[str
         raise InputError(f"model path {text} does not exist{_did_you_mean(text)}")
     _check_hub_id(text)
     return text, None  # a Hub id
+
+
+def _refuse_broken_links(folder: Path) -> None:
+    """Refuse a model folder holding a symbolic link, among the files a load reads, whose
+    target is missing: a Hugging Face cache snapshot (every file a link into ``../../blobs``)
+    copied elsewhere, or whose blobs were deleted (the file would pass for absent)."""
+    for entry in sorted(folder.iterdir()):
+        read = entry.suffix.lower() in (".json", ".safetensors", ".gguf") \
+            or entry.name in TOKENIZER_FILES
+        if read and entry.is_symlink() and not entry.exists():
+            raise InputError(
+                f"{entry} is a symbolic link to {os.readlink(entry)}, which does not exist (a "
+                "Hugging Face cache snapshot copied without the files its links point at?); "
+                "copy the files themselves (cp -rL) or give the folder the links work in")
 
 
 def _did_you_mean(text: str) -> str:
@@ -302,6 +317,43 @@ def validate_weight_files(folder: Path) -> None:
         validate_safetensors(file)
 
 
+# safetensors' float types, by the names its headers give them
+FLOAT_TYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+               "BF16": torch.bfloat16, "F8_E4M3": torch.float8_e4m3fn,
+               "F8_E5M2": torch.float8_e5m2}
+
+
+def prevailing_float_type(tensors: Iterable[tuple[str, int]]) -> torch.dtype | None:
+    """The float type most values are stored in, of ``tensors`` (safetensors type name, count
+    of values each); None where none is a float."""
+    counts: dict[str, int] = {}
+    for dtype, numel in tensors:
+        if dtype in FLOAT_TYPES:
+            counts[dtype] = counts.get(dtype, 0) + numel
+    return FLOAT_TYPES[max(counts, key=counts.__getitem__)] if counts else None
+
+
+def stored_float_type(folder: Path) -> torch.dtype | None:
+    """The float type most of a local checkpoint's weights are stored in, from the headers of
+    the files transformers loads (model.safetensors, else the shards its index names; checked
+    by :func:`validate_weight_files`): its config's dtype may say otherwise."""
+    single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
+    if single.is_file():
+        files = [single]
+    elif index.is_file():
+        files = [folder / shard for shard in
+                 sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    else:
+        return None
+    tensors = []
+    for file in files:
+        with open(file, "rb") as handle:
+            header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
+        tensors += [(entry["dtype"], math.prod(entry["shape"]))
+                    for name, entry in header.items() if name != "__metadata__"]
+    return prevailing_float_type(tensors)
+
+
 def load_config(source: str | os.PathLike, trust_remote_code: bool = False,
                 staged: bool = False):
     """The transformers config of ``source``, with its family checked before any weight loads
@@ -327,6 +379,8 @@ def load_config(source: str | os.PathLike, trust_remote_code: bool = False,
         if Path(folder).exists():
             raise InputError(f"{source} is not a readable model: {first_line(error)}") from error
         raise _hub_error(folder, error) from error
+    if gguf_file is None and not Path(folder).is_dir():  # a Hub id: its config.json
+        _refuse_quantized(source, config.to_dict())
     family = family_for(getattr(config, "model_type", None))
     field = _non_finite_field(config.to_dict())
     if field is not None:
@@ -374,7 +428,21 @@ def read_config_json(folder: Path) -> dict[str, Any]:
         raise InputError(f"{path} must hold a JSON object, got a {type(config).__name__}")
     if not isinstance(config.get("model_type"), str):
         raise InputError(f"{path} has no model_type string; it is not a transformers config")
+    _refuse_quantized(path, config)
     return config
+
+
+def _refuse_quantized(where: Any, config: dict[str, Any]) -> None:
+    """Refuse a checkpoint whose config declares quantized weights (bitsandbytes, GPTQ, AWQ,
+    fp8, ...): they are packed or scaled in blocks, so rows cannot be sliced out of them."""
+    declared = config.get("quantization_config")
+    if declared:
+        method = declared.get("quant_method") if isinstance(declared, dict) else None
+        method = method if isinstance(method, str) and method else "not named"
+        raise InputError(
+            f"{where} declares quantized weights (quantization_config, quant_method {method}); "
+            "prunenet cannot slice quantized weights. Give the unquantized checkpoint "
+            "(float32, float16 or bfloat16) or a GGUF file of the model")
 
 
 def declared_ffn_width(source: str | os.PathLike) -> int | None:
@@ -488,8 +556,9 @@ def load_model_and_tokenizer(
 
     ``source``: a folder with config.json and safetensors, a .gguf file (dequantized to fp32 by
     transformers), the alias ``smollm2-135m``, or a Hub id. ``dtype="auto"`` keeps the checkpoint's
-    dtype. ``offload`` (resident bytes, a scratch folder), for a model larger than memory: the
-    model is dispatched on the CPU by accelerate with as many decoder layers as fit the resident
+    dtype: the float type most of its weights are stored in, whatever its config declares.
+    ``offload`` (resident bytes, a scratch folder), for a model larger than memory: the model
+    is dispatched on the CPU by accelerate with as many decoder layers as fit the resident
     bytes held in memory and the rest read from disk each time they run (safetensors shards
     are read in place; the folder is where accelerate may put what it cannot read in place).
     ``staged``: ``source`` is this run's own output, not yet in place (an unfinished output is
@@ -504,9 +573,17 @@ def load_model_and_tokenizer(
         validate_weight_files(Path(folder))
     if gguf_file is not None and dtype == "auto":
         dtype = torch.float32
-    stored = getattr(config, "dtype", None) if dtype == "auto" else None
+    stored = None
+    if dtype == "auto":  # the type the weights are stored in, whatever the config says
+        stored = (stored_float_type(Path(folder)) if Path(folder).is_dir() and gguf_file is None
+                  else None) or getattr(config, "dtype", None)
     if isinstance(stored, torch.dtype) and stored.itemsize < 2 and stored.is_floating_point:
         dtype = torch.float32  # float8 weights: computed in float32 (exact), saved as stored
+    elif isinstance(stored, torch.dtype):
+        dtype = stored
+    # an unreadable tokenizer is refused before the weights load, not after
+    tokenizer = _tokenizer(source, folder, gguf_file, trust_remote_code) if with_tokenizer \
+        else None
     _gguf_reader.cache_clear()  # not held beside the weights while they load
     try:
         with _without_load_report():
@@ -548,9 +625,7 @@ def load_model_and_tokenizer(
     if offload is None:
         model.to(device)
     model.eval()
-    if not with_tokenizer:
-        return model, None
-    return model, _tokenizer(source, folder, gguf_file, trust_remote_code)
+    return model, tokenizer
 
 
 def load_tokenizer(source: str | os.PathLike, trust_remote_code: bool = False):

@@ -35,6 +35,7 @@ from ..families import Cut, family_for, slice_tensor
 from ..model_view import check_finite, non_finite_error
 from .files import atomic_folder, write_json_atomic
 from .loading import (
+    FLOAT_TYPES,
     RECORD_NAME,
     check_weights_on_meta,
     copy_terms,
@@ -42,6 +43,8 @@ from .loading import (
     gguf_parameters,
     is_model_output,
     load_config,
+    load_tokenizer,
+    prevailing_float_type,
     read_config_json,
     resolve_source,
     validate_gguf,
@@ -75,9 +78,7 @@ _M_MMAP_THRESHOLD = -3  # mallopt parameter of glibc's malloc.h
 MMAP_THRESHOLD = 2**18
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt")
 # safetensors' float types: a replaced tensor is written as one, a cache is sized by one.
-_FLOAT_TYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
-                "BF16": torch.bfloat16, "F8_E4M3": torch.float8_e4m3fn,
-                "F8_E5M2": torch.float8_e5m2}
+_FLOAT_TYPES = FLOAT_TYPES
 
 
 def parse_memory(text: str | int) -> int:
@@ -166,12 +167,25 @@ class StreamedCheckpoint:
         self._weights_checked = False
 
     def check_weights(self) -> None:
-        """Refuse missing or unused weights, as the in-memory load does (transformers matches
-        them on the meta device). Run once a checkpoint is streamed: one loaded in memory gets
-        the load's own check, so a choice that ends in memory does not pay for it."""
+        """Refuse missing or unused weights (transformers matches them on the meta device) and
+        a tokenizer that cannot be read, as the in-memory load does: the output gets a copy of
+        the tokenizer's files. Run once a checkpoint is streamed: one loaded in memory gets
+        the load's own checks, so a choice that ends in memory does not pay for them."""
         if not self._weights_checked:
             check_weights_on_meta(self.folder)
+            if not self._tokenizer_code():  # code of its own runs only where the user says
+                load_tokenizer(self.folder)
             self._weights_checked = True
+
+    def _tokenizer_code(self) -> bool:
+        """Whether the checkpoint's tokenizer may be its own code (an ``auto_map`` in its
+        config.json or tokenizer_config.json), which a streamed run never runs."""
+        try:
+            tokenizer_config = json.loads((self.folder / "tokenizer_config.json").read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            tokenizer_config = {}  # none, or unreadable: the tokenizer's load says which
+        return "auto_map" in self.config or (isinstance(tokenizer_config, dict)
+                                             and "auto_map" in tokenizer_config)
 
     def _read_entries(self) -> dict[str, TensorEntry]:
         if self.sharded:
@@ -303,7 +317,10 @@ class StreamedCheckpoint:
         copies = set()
         for name, parameter in model.named_parameters(remove_duplicate=False):
             shared = first.setdefault(id(parameter), name)
-            if shared != name and shared in self.entries and name in self.entries:
+            # transformers ties two stored tensors only where they hold the same values; a
+            # head stored apart from its embedding is kept (tie_word_embeddings notwithstanding)
+            if shared != name and shared in self.entries and name in self.entries \
+                    and self._same_stored(shared, name):
                 copies.add(name)
         held = set(model.state_dict())
         patterns = getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ()
@@ -311,10 +328,27 @@ class StreamedCheckpoint:
                    and any(re.search(pattern, name) for pattern in patterns)}
         return frozenset(copies), frozenset(ignored)
 
+    def _same_stored(self, first: str, second: str) -> bool:
+        """Whether two stored tensors hold the same values: the same type and shape, and the
+        same bytes (compared a chunk at a time)."""
+        a, b = self.entries[first], self.entries[second]
+        if (a.dtype, a.shape) != (b.dtype, b.shape):
+            return False
+        with open(self.folder / a.shard, "rb") as one, open(self.folder / b.shard, "rb") as two:
+            one.seek(a.start)
+            two.seek(b.start)
+            remaining = a.end - a.start
+            while remaining:
+                size = min(_COPY_CHUNK, remaining)
+                if one.read(size) != two.read(size):
+                    return False
+                remaining -= size
+        return True
+
     @functools.cached_property
     def tied_copies(self) -> frozenset[str]:
         """Stored tensors that the loaded model ties to another stored one (a tied head saved
-        beside the embedding it shares): the model holds that matrix once."""
+        beside the embedding it shares, with its values): the model holds that matrix once."""
         return self._unheld[0]
 
     @functools.cached_property
@@ -346,7 +380,9 @@ class StreamedCheckpoint:
         """Whether a load computes these weights in float32 although they are stored in a
         narrower float type (float8): :func:`~prunenet.io.loading.load_model_and_tokenizer`
         widens them, so in memory each takes 4 bytes a value, not the 1 it takes on disk."""
-        stored = getattr(self.model_config, "dtype", None)
+        stored = prevailing_float_type((entry.dtype, entry.numel)
+                                       for entry in self.entries.values()
+                                       ) or getattr(self.model_config, "dtype", None)
         return (isinstance(stored, torch.dtype) and stored.is_floating_point
                 and stored.itemsize < 2)
 
