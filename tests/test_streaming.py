@@ -450,6 +450,36 @@ def test_an_offloaded_run_reads_the_probe_a_run_in_memory_kept(tmp_path, monkeyp
     assert_same_output(tmp_path / "memory", tmp_path / "stream")
 
 
+def test_a_disk_too_small_for_the_refit_set_aside_is_refused_before_any_work(tmp_path,
+                                                                             monkeypatch):
+    """An offloaded run sets each refitted second matrix aside on the output's disk until the
+    write: a disk holding the output but not those is refused while planning, before the
+    model loads (it had been refused only when the write began, after the whole run)."""
+    import shutil
+
+    import prunenet.pipeline as pipeline
+
+    source = sharded_checkpoint(tmp_path / "model")
+    checkpoint = StreamedCheckpoint(source)
+    least = run_budget(checkpoint, 256, 32)
+    kept = 24  # of 48 at ratio 0.5
+    set_aside = 4 * checkpoint.num_layers * checkpoint.d_model * (kept + 1)
+    free = checkpoint.weight_bytes + set_aside
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: type("Usage", (), {"free": free - 1}))
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(pipeline, "load_model_and_tokenizer", no_load)
+    with pytest.raises(OutputError, match="not enough disk space"):
+        compress(StreamedCheckpoint(source), 0.5, out=tmp_path / "out", max_memory=least,
+                 **SMALL_PROBE)
+    # without the refit nothing is set aside: the same disk holds the output
+    compress(StreamedCheckpoint(source), 0.5, out=tmp_path / "out", max_memory=least,
+             method="random", reconstruct="none", progress=False)
+    assert (tmp_path / "out" / "prunenet.json").is_file()
+
+
 def test_a_failed_offloaded_run_leaves_nothing(tmp_path):
     """A damaged weight found while the model is read layer by layer: the run stops naming it,
     and neither the output nor the folder its offloaded run set aside remains."""

@@ -421,9 +421,10 @@ def plan_compression(model: Any, ratio: float, options: CompressOptions, *,
     formats = output_formats(options.format, reads[0] if source is not None else None)
     round_to = kept_multiple(options, formats,
                              reads[0] if out is not None and source is not None else None)
-    if isinstance(streamed, PlannedConversion):  # the conversion, then the output, on one disk
-        check_disk_space(Path(out).expanduser().resolve(), 2 * streamed.weight_bytes
-                         + (streamed.gguf.stat().st_size if "gguf" in formats else 0))
+    if streamed is not None:  # before any work, what the run writes beside its output
+        check_disk_space(Path(out).expanduser().resolve(),
+                         streamed_disk_need(streamed, ratio, round_to, runs and reconstruct
+                                            != "none", "gguf" in formats))
     width = declared_ffn_width(source) if source is not None else None
     if width is not None:  # a ratio, --round-to or policy the width cannot take fails before
         kept_count(width, ratio, round_to)  # the load
@@ -740,6 +741,21 @@ def _compress(plan: Plan, tokenizer: Any = None, offloaded: nn.Module | None = N
         Path(selector.state_path).unlink(missing_ok=True)  # finished: nothing left to resume
     return CompressionResult(model if plan.streamed is None else None, tokenizer, rows, record,
                              policy, training, saved)
+
+
+def streamed_disk_need(streamed: StreamedCheckpoint, ratio: float, round_to: int | None,
+                       refits: bool, gguf: bool) -> int:
+    """The bytes a streamed run writes on its output's disk, at most: the output (no larger
+    than the input's weights), the refitted second matrices set aside until the write (float32
+    at most, :func:`spill_refit`) and, for a GGUF converted first, the conversion (float32)
+    and the pruned model.gguf (no larger than the source file)."""
+    need = streamed.weight_bytes
+    if refits:
+        kept = kept_count(streamed.d_ff, ratio, round_to or 1)
+        need += 4 * streamed.num_layers * streamed.d_model * (kept + 1)  # and the bias
+    if isinstance(streamed, PlannedConversion):
+        need += streamed.weight_bytes + (streamed.gguf.stat().st_size if gguf else 0)
+    return need
 
 
 def spill_refit(model: nn.Module, rows: list[Tensor], statistics: ProbeStatistics, mode: str,
