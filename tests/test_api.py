@@ -176,6 +176,31 @@ def test_missing_and_non_model_paths(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_pickled_weights_only_are_refused_without_unpickling(tmp_path, capsys, monkeypatch):
+    """A folder whose weights are only a pickled pytorch_model.bin is refused in one line by
+    every command that reads a model, and the pickle is never opened."""
+    folder = tmp_path / "pickled"
+    model = make_tiny_model("llama")
+    model.save_pretrained(folder)
+    (folder / "model.safetensors").unlink()
+    torch.save(model.state_dict(), folder / "pytorch_model.bin")
+    capsys.readouterr()
+
+    def no_unpickling(*args, **kwargs):
+        raise AssertionError("a pickle was opened")
+
+    monkeypatch.setattr(torch, "load", no_unpickling)
+    for argv in (["compress", str(folder), "--ratio", "0.3", "--out", str(tmp_path / "o"),
+                  "--method", "random"], ["eval", str(folder), "--windows", "1"]):
+        assert main(["-q", *argv]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("prunenet: error: "), err
+        assert err[0].endswith(f"{folder} has no .safetensors weights; prunenet does not unpickle "
+                               ".bin files. Convert them with transformers (save_pretrained) "
+                               "first."), err
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["pickled"]
+
+
 def test_unsupported_architecture(tmp_path):
     import transformers
 
