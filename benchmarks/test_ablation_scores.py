@@ -98,7 +98,7 @@ def test_probe_scores_are_activation_energy_times_output_norm(model_type):
     expected = captured[0].pow(2).mean(0) * down_column_norms(view, 1).pow(2)
     scores = probe_activation_scores(model, tokens)
     assert len(scores) == view.num_layers and scores[1].shape == (view.d_ff,)
-    torch.testing.assert_close(scores[1], expected, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(scores[1], expected.double(), rtol=1e-4, atol=1e-7)  # float64 sums
 
 
 def test_a_neuron_with_no_output_scores_zero():
