@@ -653,6 +653,38 @@ def test_a_hub_id_in_the_cache_loads_from_it_without_asking_the_unreachable_hub(
     assert json.loads((out / "config.json").read_text())["intermediate_size"] == 24
 
 
+def test_a_cached_hub_id_whose_weights_do_not_fit_is_refused_without_asking_the_hub(
+        tmp_path, capsys, monkeypatch, hub_check):
+    """Where the Hub cannot be reached, a cached Hub id whose weights do not fit its config is
+    refused naming them, from the cache alone: the second load that names the wrongly shaped
+    weights had asked the Hub (and its client retried for minutes)."""
+    import socket
+
+    import huggingface_hub.file_download as file_download
+    from huggingface_hub import constants
+
+    def no_dns(*args, **kwargs):
+        raise socket.gaierror(-2, "Name or service not known")
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("the Hub was asked")
+
+    snapshot = tmp_path / "hub" / "models--org--tiny" / "snapshots" / "abc"
+    make_tiny_model("llama").save_pretrained(snapshot)
+    edit_config(snapshot, intermediate_size=40)  # the weights hold 48 neurons a layer
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("abc")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    monkeypatch.setattr(file_download, "get_hf_file_metadata", no_hub)
+    line = _refused_line(capsys, ["-q", "compress", "org/tiny", "--ratio", "0.5", "--out",
+                                  str(tmp_path / "out"), "--method", "random",
+                                  "--reconstruct", "none"])
+    assert "org/tiny: the checkpoint does not match its config: has wrongly shaped" in line
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_hub_that_resolves_but_refuses_connections_is_judged_unreachable_at_once(
         tmp_path, capsys, monkeypatch, hub_check):
     """A Hub host whose name resolves while nothing answers on its port (a firewall, a

@@ -599,7 +599,7 @@ def load_model_and_tokenizer(
                 _, info = AutoModelForCausalLM.from_pretrained(
                     folder, gguf_file=gguf_file, device_map="meta", ignore_mismatched_sizes=True,
                     output_loading_info=True, dtype=torch.float32,
-                    trust_remote_code=trust_remote_code)
+                    trust_remote_code=trust_remote_code, **_hub_options(folder, True))
             report_loading(source, info)
         if Path(folder).exists():
             raise InputError(f"could not load the weights of {source}: "
