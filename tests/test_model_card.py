@@ -83,8 +83,9 @@ def test_the_command_on_the_card_repeats_the_run_and_parses(tmp_path):
 
 
 def test_a_rounded_kept_count_is_what_the_card_says_and_repeats():
-    """With --round-to the card states the share actually removed and its command repeats the
-    rounding and the GGUF type asked for."""
+    """With --round-to, or where whole neurons cannot make the ratio (a narrow layer), the card
+    states the share actually removed; its command repeats the rounding and the GGUF type
+    asked for."""
     from prunenet.io.model_card import render_card
 
     record = {"method": "random", "ratio": 0.3, "seed": 1, "ffn_width_before": 1536,
@@ -100,7 +101,11 @@ def test_a_rounded_kept_count_is_what_the_card_says_and_repeats():
     exact = render_card({**record, "round_to": 1, "ffn_width_after": 1075,
                          "gguf": {**record["gguf"], "down_type": "auto"}},
                         files={"model.gguf", "config.json", "model.safetensors"})
-    assert "30% of the FFN neurons" in exact
+    assert "30% of the FFN neurons" in exact  # 461 of 1536: 30.0%
+    narrow = render_card({**record, "round_to": 1, "ffn_width_before": 48,
+                          "ffn_width_after": 33})  # 15 of 48: 31.25%
+    assert ("31.2% (ratio 0.3, the kept count rounded down to whole neurons) of the FFN "
+            "neurons of every layer were removed (FFN width 48 -> 33)") in narrow
     assert "--format both --gguf-down-type auto --round-to 1 --out OUT" in exact
 
 

@@ -110,9 +110,13 @@ def render_card(record: dict[str, Any], inherited: dict[str, str] | None = None,
         title = f"# {Path(str(source)).name or source}, FFN-pruned with prunenet ({method})"
         before, after = record["ffn_width_before"], record["ffn_width_after"]
         share = f"{100 * record['ratio']:g}%"
+        removed = 1 - after / before
         if record.get("round_to", 1) > 1:  # the kept count was rounded: say what was removed
-            share = (f"{100 * (1 - after / before):.1f}% (ratio {record['ratio']:g}, rounded to "
+            share = (f"{100 * removed:.1f}% (ratio {record['ratio']:g}, rounded to "
                      f"a multiple of {record['round_to']} kept neurons)")
+        elif round(100 * removed, 1) != round(100 * record["ratio"], 1):  # a narrow layer
+            share = (f"{100 * removed:.1f}% (ratio {record['ratio']:g}, the kept count rounded "
+                     "down to whole neurons)")
         body = [
             title, "",
             f"Structured pruning: {share} of the FFN neurons of every layer "
