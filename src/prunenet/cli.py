@@ -338,7 +338,8 @@ def _add_method_arguments(parser: argparse.ArgumentParser, takes_policy: bool = 
                        "(its bias, FLAP; families with one), none. Default: ls")
     group.add_argument("--ridge", type=positive_float, default=CompressOptions.ridge,
                        help="ls ridge, relative to the mean diagonal of the kept neurons' Gram "
-                       f"matrix (default: {CompressOptions.ridge:g})")
+                       "matrix (their covariance where the second matrix has a bias; default: "
+                       f"{CompressOptions.ridge:g})")
     parser.add_argument("--eval", type=positive_int, metavar="WINDOWS", dest="evaluate_windows",
                         default=CompressOptions.evaluate_windows or None,
                         help="also measure the pruned model's perplexity on the first WINDOWS "

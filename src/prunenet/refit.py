@@ -10,7 +10,8 @@ activations instead:
   towards the sliced columns rather than towards zero, so the refit never reconstructs worse than
   plain slicing on the probe, and dead (all-zero) neurons keep their original columns. A second
   matrix with a bias is fitted on centred statistics and its bias absorbs the means (the same as
-  augmenting ``a`` with a constant 1 that the ridge does not shrink).
+  augmenting ``a`` with a constant 1 that the ridge does not shrink); ``A`` and the ridge's
+  scale are then the kept neurons' covariance.
 - ``bias`` (FLAP): the bias absorbs the removed neurons' mean output ``W2[:, R] E[a_R]``; only for
   families whose second matrix has a bias.
 
