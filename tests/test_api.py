@@ -64,8 +64,7 @@ def test_compress_save_reload_in_fresh_process_gives_identical_logits(tiny_llama
 def test_saved_dtype_matches_input(tmp_path):
     model = make_tiny_model("qwen2").to(torch.bfloat16)
     model.save_pretrained(tmp_path / "bf16")
-    prunenet.compress(str(tmp_path / "bf16"), ratio=0.5, episodes=1, out=tmp_path / "out",
-                      progress=False)
+    prunenet.compress(str(tmp_path / "bf16"), ratio=0.5, out=tmp_path / "out", progress=False)
     from safetensors import safe_open
 
     with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as handle:
@@ -144,8 +143,7 @@ def test_gguf_input_tinycoder(tmp_path):
     from prunenet.assets import asset_path
 
     gguf = asset_path("tinycoder-gguf") / "tiny.gguf"
-    result = prunenet.compress(str(gguf), ratio=0.5, episodes=1, out=tmp_path / "out",
-                               progress=False)
+    result = prunenet.compress(str(gguf), ratio=0.5, out=tmp_path / "out", progress=False)
     assert result.record["ffn_width_before"] == 64 and result.record["ffn_width_after"] == 32
     from transformers import AutoModelForCausalLM
 
@@ -161,7 +159,26 @@ def test_gguf_input_tinycoder(tmp_path):
 @pytest.mark.parametrize("ratio", [1.0, -0.1, 1.5, 0.999])
 def test_bad_ratio(tiny_llama, ratio):
     with pytest.raises(InputError, match="ratio"):
-        prunenet.compress(tiny_llama, ratio=ratio, episodes=1, progress=False)
+        prunenet.compress(tiny_llama, ratio=ratio, progress=False)
+
+
+def test_training_settings_where_no_policy_trains_are_refused(tmp_path):
+    """From Python as from the command line: a training setting for a run that trains no
+    policy (another method, or a policy given) is refused before any work, not ignored."""
+    model = make_tiny_model("llama")
+    with pytest.raises(InputError, match=r"^episodes has no effect here: method "
+                                         r"'self-generated' trains no policy; drop it$"):
+        prunenet.compress(model, ratio=0.3, episodes=3, progress=False)
+    with pytest.raises(InputError, match=r"^episodes, lr have no effect here: method 'random' "
+                                         r"trains no policy; drop them$"):
+        prunenet.compress(model, ratio=0.3, method="random", episodes=3, lr=1e-2,
+                          out=tmp_path / "out")
+    policy = prunenet.train_policy(model, 0.3, episodes=1, progress=False).policy
+    with pytest.raises(InputError, match=r"^gamma has no effect here: the policy given is "
+                                         r"used, no policy trains; drop it$"):
+        prunenet.prune(model, policy, 0.3, gamma=0.9, progress=False)
+    assert not (tmp_path / "out").exists()
+    assert FFNView(model).d_ff == 48  # nothing was pruned
 
 
 def test_missing_and_non_model_paths(tmp_path):

@@ -34,8 +34,9 @@ def dense_and_windows():
 @pytest.mark.parametrize("method,factor", [("prunenet", 2000.0), (None, 5.0)])
 def test_compress_smollm2_reload_and_perplexity(dense_and_windows, tmp_path, method, factor):
     _, windows, dense = dense_and_windows
-    result = prunenet.compress(str(smollm2_path()), ratio=0.3, episodes=2, out=tmp_path / "out",
-                               progress=False, method=method)
+    training = {"episodes": 2} if method == "prunenet" else {}
+    result = prunenet.compress(str(smollm2_path()), ratio=0.3, out=tmp_path / "out",
+                               progress=False, method=method, **training)
     assert result.record["method"] == (method or "self-generated")
     assert result.record["ffn_width_after"] == 1075
     assert result.record["parameters_after"] == 110_616_768

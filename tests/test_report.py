@@ -108,7 +108,7 @@ def test_baseline_record_has_no_training_and_matches_its_rows(magnitude_run):
 def test_record_path_is_checked_before_any_work(tmp_path):
     out = tmp_path / "out"
     with pytest.raises(OutputError, match="must be separate"):
-        prunenet.compress(make_tiny_model("llama"), 0.25, episodes=1, device="cpu",
+        prunenet.compress(make_tiny_model("llama"), 0.25, device="cpu",
                           progress=False, out=out, record_dir=out / "record")
     taken = tmp_path / "taken"
     taken.mkdir()

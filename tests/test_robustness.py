@@ -243,7 +243,7 @@ def test_nan_weights_are_reported_with_the_layer_name():
     with torch.no_grad():
         model.model.layers[1].mlp.up_proj.weight[3, 4] = float("nan")
     with pytest.raises(NumericalError, match=r"model\.layers\.1\.mlp\.up_proj\.weight"):
-        prunenet.compress(model, ratio=0.3, episodes=1, progress=False)
+        prunenet.compress(model, ratio=0.3, progress=False)
 
 
 def test_nan_outside_the_ffn_is_refused_in_memory_and_streamed(tmp_path):

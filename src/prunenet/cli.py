@@ -379,7 +379,11 @@ def _compress_options(args: argparse.Namespace) -> dict:
         "probe_sampler": args.probe_sampler,
         "reconstruct": args.reconstruct, "ridge": args.ridge,
         "progress": not args.quiet, "resume": getattr(args, "resume", False),
-        **(_training_options(args) if hasattr(args, "episodes") else {}),
+        # only a run that trains a policy takes them (the defaults of one that does not would
+        # be refused as settings it ignores; refuse_unused names those the user gave)
+        **(_training_options(args) if hasattr(args, "episodes") and (
+            VARIANT_METHODS.get(args.variant) if args.variant else args.method) == "prunenet"
+           else {}),
     }
 
 

@@ -157,6 +157,8 @@ class CompressOptions:
     max_memory: int | str | None = None
     trust_remote_code: bool = False
     progress: bool = True
+    # the training settings a Python caller named (from_keywords): refused where none trains
+    training_given: tuple[str, ...] = field(default=(), repr=False)
 
     @classmethod
     def from_keywords(cls, ratio: float, **keywords: Any) -> CompressOptions:
@@ -177,6 +179,7 @@ class CompressOptions:
         options.seed = int(options.seed)  # a numpy integer is recorded as a number
         options.training = TrainingConfig(ratio=ratio, seed=options.seed,
                                           **{k: v for k, v in keywords.items() if k in trained})
+        options.training_given = tuple(sorted(k for k in keywords if k in trained))
         return options
 
 
@@ -363,6 +366,13 @@ def plan_compression(model: Any, ratio: float, options: CompressOptions, *,
     trains = selector_class(method) is PruneNet and policy is None
     if trains:
         check_trainable_ratio(options.training.ratio)
+    elif options.training_given:  # as the command line refuses them, not silently unused
+        named = ", ".join(options.training_given)
+        raise InputError(f"{named} {'has' if len(options.training_given) == 1 else 'have'} no "
+                         "effect here: " + ("the policy given is used, no policy trains"
+                                            if policy is not None else
+                                            f"method {method!r} trains no policy")
+                         + "; drop " + ("it" if len(options.training_given) == 1 else "them"))
     if policy_out is not None:
         check_policy_name(policy_out, "--policy-out")
     for name, value in (("--ridge", options.ridge),
