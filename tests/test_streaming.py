@@ -193,7 +193,8 @@ def float8_checkpoint(folder: Path, model_type: str = "llama") -> Path:
 @pytest.mark.parametrize("method", ["prunenet", "random"])
 def test_a_float8_checkpoint_streams_to_what_it_gives_in_memory(tmp_path, method):
     source = float8_checkpoint(tmp_path / "model")
-    options = {"method": method, "reconstruct": "none", "episodes": 1, "progress": False}
+    options = {"method": method, "reconstruct": "none", "progress": False,
+               **({"episodes": 1} if method == "prunenet" else {})}
     compress(str(source), 0.5, out=tmp_path / "memory", **options)
     compress(StreamedCheckpoint(source), 0.5, out=tmp_path / "stream", **options)
     expected, actual = all_tensors(tmp_path / "memory"), all_tensors(tmp_path / "stream")
