@@ -77,8 +77,6 @@ _M_MMAP_THRESHOLD = -3  # mallopt parameter of glibc's malloc.h
 # Allocations of this many bytes or more are served by mmap in a streamed run (bound_heap_growth).
 MMAP_THRESHOLD = 2**18
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt")
-# safetensors' float types: a replaced tensor is written as one, a cache is sized by one.
-_FLOAT_TYPES = FLOAT_TYPES
 
 
 def parse_memory(text: str | int) -> int:
@@ -228,12 +226,17 @@ class StreamedCheckpoint:
         if family.tensor_name(0, family.first) not in entries:
             entries = {prefix + name if prefix + name in known else name: entry
                        for name, entry in entries.items()}
-        first: dict[int, str] = {}
-        saved_as = {}
-        for name, parameter in model.named_parameters(remove_duplicate=False):
-            saved_as[name] = first.setdefault(id(parameter), name)
+        saved_as = self._saved_names
         return {saved_as[name] if name in saved_as and saved_as[name] not in entries else name:
                 entry for name, entry in entries.items()}
+
+    @functools.cached_property
+    def _saved_names(self) -> dict[str, str]:
+        """Each parameter name of the model by the name its matrix is saved under: the first
+        of the names a tied matrix has (the embedding's for a tied head), else its own."""
+        first: dict[int, str] = {}
+        return {name: first.setdefault(id(parameter), name)
+                for name, parameter in self._meta_model.named_parameters(remove_duplicate=False)}
 
     @functools.cached_property
     def _meta_model(self) -> Any:
@@ -313,10 +316,8 @@ class StreamedCheckpoint:
     def _unheld(self) -> tuple[frozenset[str], frozenset[str]]:
         """:attr:`tied_copies` and :attr:`ignored`, from the model on the meta device."""
         model = self._meta_model
-        first: dict[int, str] = {}
         copies = set()
-        for name, parameter in model.named_parameters(remove_duplicate=False):
-            shared = first.setdefault(id(parameter), name)
+        for name, shared in self._saved_names.items():
             # transformers ties two stored tensors only where they hold the same values; a
             # head stored apart from its embedding is kept (tie_word_embeddings notwithstanding)
             if shared != name and shared in self.entries and name in self.entries \
@@ -388,7 +389,7 @@ class StreamedCheckpoint:
 
     def _loaded(self, entry: TensorEntry) -> int:
         """``entry``'s bytes once loaded (:attr:`computed_in_float32`), else as stored."""
-        if self.computed_in_float32 and entry.dtype in _FLOAT_TYPES:
+        if self.computed_in_float32 and entry.dtype in FLOAT_TYPES:
             return 4 * entry.numel
         return entry.end - entry.start
 
@@ -499,9 +500,9 @@ class StreamedCheckpoint:
 
     def _float_size(self) -> int:
         """Bytes of one value the model computes with (its caches and logits)."""
-        if self.computed_in_float32 or self.dtype not in _FLOAT_TYPES:
+        if self.computed_in_float32 or self.dtype not in FLOAT_TYPES:
             return 4
-        return _FLOAT_TYPES[self.dtype].itemsize
+        return FLOAT_TYPES[self.dtype].itemsize
 
     def in_memory_need(self, training: bool) -> int:
         """Estimated peak resident bytes of the in-memory path (transformers, which loads the
@@ -843,10 +844,10 @@ class TensorSpill:
 def _replacement(spill: TensorSpill, name: str, entry: TensorEntry, shape: list[int]) -> Tensor:
     """The spilled tensor written for ``name``: the output's shape, the checkpoint's dtype."""
     tensor = spill.get(name)
-    if list(tensor.shape) != shape or entry.dtype not in _FLOAT_TYPES:
+    if list(tensor.shape) != shape or entry.dtype not in FLOAT_TYPES:
         raise ValueError(f"{name}: the replacement has shape {list(tensor.shape)}, the output "
                          f"needs {shape} ({entry.dtype})")
-    tensor = tensor.to(_FLOAT_TYPES[entry.dtype])
+    tensor = tensor.to(FLOAT_TYPES[entry.dtype])
     check_finite(name, tensor)
     return tensor
 
