@@ -217,6 +217,11 @@ def validate_safetensors(path: Path) -> dict[str, Any]:
     except (SafetensorError, OSError, ValueError, RuntimeError) as error:
         raise InputError(f"{path} is not a valid safetensors file ({first_line(error)}); the "
                          "file is truncated, damaged or its header lies") from error
+    return _raw_header(path)
+
+
+def _raw_header(path: Path) -> dict[str, Any]:
+    """A safetensors file's header as stored: each tensor's dtype, shape and byte offsets."""
     with open(path, "rb") as handle:
         header_length = int.from_bytes(handle.read(8), "little")
         return json.loads(handle.read(header_length))
@@ -345,13 +350,9 @@ def stored_float_type(folder: Path) -> torch.dtype | None:
                  sorted(set(json.loads(index.read_text())["weight_map"].values()))]
     else:
         return None
-    tensors = []
-    for file in files:
-        with open(file, "rb") as handle:
-            header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
-        tensors += [(entry["dtype"], math.prod(entry["shape"]))
-                    for name, entry in header.items() if name != "__metadata__"]
-    return prevailing_float_type(tensors)
+    return prevailing_float_type((entry["dtype"], math.prod(entry["shape"]))
+                                 for file in files for name, entry in _raw_header(file).items()
+                                 if name != "__metadata__")
 
 
 def load_config(source: str | os.PathLike, trust_remote_code: bool = False,
