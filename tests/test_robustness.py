@@ -623,6 +623,54 @@ def test_a_mistyped_model_name_is_refused_at_once_naming_the_nearest(tmp_path, c
     assert sorted(path.name for path in tmp_path.iterdir()) == ["llama"]
 
 
+def test_a_hub_id_not_in_the_cache_is_refused_in_one_line_in_offline_mode(
+        tmp_path, capsys, monkeypatch, hub_check):
+    """HF_HUB_OFFLINE set and the id not in the Hub cache: one line naming offline mode and
+    what to pass instead, for every command that reads a model, and nothing written."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.chdir(tmp_path)
+    expected = ("prunenet: error: could not load 'someorg/some-model': it is not a local path, "
+                "and fetching it as a Hugging Face Hub id failed (offline mode: ")
+    for argv in (["compress", "someorg/some-model", "--ratio", "0.3", "--out", "o"],
+                 ["eval", "someorg/some-model"]):
+        line = _refused_line(capsys, ["-q", *argv])
+        assert line.startswith(expected), line
+        assert line.endswith("Pass a local model folder or GGUF file, or connect to the Hub.")
+    assert [path.name for path in tmp_path.iterdir()] == []
+
+
+@pytest.mark.parametrize("error, line", [
+    (OSError(5, "Input/output error", "/data/model.safetensors"),
+     "/data/model.safetensors: Input/output error"),
+    (json.JSONDecodeError("Expecting value", "{\n", 1), "JSONDecodeError: Expecting value: "
+     "line 1 column 2 (char 1)"),
+    (UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte"),
+     "UnicodeDecodeError: 'utf-8' codec can't decode byte 0xff in position 0: invalid start "
+     "byte"),
+])
+def test_a_library_error_inside_a_command_is_one_line(capsys, monkeypatch, error, line):
+    """An error of a library the commands use (a file that cannot be read, a file that is not
+    JSON or not text), raised inside a command: exit 2 and one line, the file it names first
+    where it names one, never a traceback."""
+    from safetensors import SafetensorError
+
+    from prunenet import assets
+
+    def failing(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(assets, "fetch_all", failing)
+    assert _refused_line(capsys, ["fetch"]) == f"prunenet: error: {line}"
+    monkeypatch.setattr(assets, "fetch_all", lambda *a, **k: (_ for _ in ()).throw(
+        SafetensorError("Error while deserializing header: HeaderTooLarge\nmore")))
+    assert _refused_line(capsys, ["fetch"]) == ("prunenet: error: SafetensorError: Error while "
+                                                 "deserializing header: HeaderTooLarge")
+
+
 def test_a_hub_id_in_the_cache_loads_from_it_without_asking_the_unreachable_hub(
         tmp_path, capsys, monkeypatch, hub_check):
     """Where the Hub's host does not resolve, a cached Hub id is read from the cache alone
