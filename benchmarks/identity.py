@@ -9,6 +9,16 @@ and the compression records with machine-dependent fields (paths, version) remov
 exits 1 naming every file or record that differs from REFERENCE.json. Records written before the
 method names were unified (``"method": "prunenet"`` with a ``"variant"``) are read with the names
 of today, so a reference taken from that code compares equal when the results are.
+
+A policy and a run record's spectra hold float32 values that BLAS and LAPACK compute (the
+policy's training, singular values), whose last bits differ between CPUs (measured: at most
+4.5e-7 on spectra of scale 0.3 and 1.5e-8 on policy weights between the kernels one CPU offers,
+9e-8 relative on training losses between two machines). Their values are kept beside the
+reference (REFERENCE.safetensors) and such a file equals its reference when its bytes do, or
+else when every value lies within ``RTOL``/``ATOL`` of it; a run's plots, drawn from those
+values, are then not compared by their bytes, and records compare their floats within the same
+bounds. Weights of the pruned models are compared by their bytes everywhere, and so are the
+real model's (``--real``) policy and spectra, whose values would add megabytes to the reference.
 """
 
 from __future__ import annotations
@@ -18,12 +28,15 @@ import contextlib
 import hashlib
 import io
 import json
+import math
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
@@ -37,6 +50,8 @@ except ImportError:  # the code before the io package
 
 HASHED = ("*.safetensors", "*.png")
 VOLATILE = ("source", "prunenet_version")  # paths of this machine, the package version
+NUMERIC = ("policy.safetensors", "record/spectra.safetensors")  # float32 values of BLAS and LAPACK
+RTOL, ATOL = 1e-4, 1e-5  # how far such a value may lie from its reference on another CPU
 
 # Runs on every tiny family: (name, compress/prune arguments in today's option names). The code
 # before the probe and refit stages had a probe of 4 sequences of min(128, positions) tokens
@@ -119,12 +134,15 @@ def normalized_record(record: dict[str, Any]) -> dict[str, Any]:
     return record
 
 
-def fingerprint(folder: Path) -> dict[str, Any]:
-    """sha256 of the hashed files under ``folder`` and its normalized JSON records."""
+def fingerprint(folder: Path, values: bool = True) -> dict[str, Any]:
+    """sha256 of the hashed files under ``folder`` and its normalized JSON records; with
+    ``values``, for the :data:`NUMERIC` files also their header and tensors."""
     result: dict[str, Any] = {}
     for pattern in HASHED:
         for path in sorted(folder.rglob(pattern)):
-            result[str(path.relative_to(folder))] = hashlib.sha256(path.read_bytes()).hexdigest()
+            name = str(path.relative_to(folder))
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            result[name] = _values(path, digest) if values and name in NUMERIC else digest
     for name in ("prunenet.json", "record/record.json"):
         path = folder / name
         if path.is_file():
@@ -132,7 +150,40 @@ def fingerprint(folder: Path) -> dict[str, Any]:
     return result
 
 
-def run(source: str, arguments: list[str], work: Path, legacy: bool) -> dict[str, Any]:
+def _values(path: Path, digest: str) -> dict[str, Any]:
+    with safe_open(str(path), framework="pt") as handle:
+        header = {key: json.loads(text) for key, text in (handle.metadata() or {}).items()}
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+    return {"sha256": digest, "header": header, "tensors": tensors}
+
+
+def save_reference(results: dict[str, Any], path: Path) -> None:
+    """``results`` as ``path`` (JSON) and the :data:`NUMERIC` files' tensors beside it."""
+    tensors, plain = {}, {}
+    for run_name, files in results.items():
+        plain[run_name] = {}
+        for name, value in files.items():
+            if isinstance(value, dict) and "tensors" in value:
+                for tensor_name, tensor in value["tensors"].items():
+                    tensors[f"{run_name}|{name}|{tensor_name}"] = tensor.contiguous()
+                value = {k: v for k, v in value.items() if k != "tensors"}
+            plain[run_name][name] = value
+    path.write_text(json.dumps(plain, indent=1, sort_keys=True) + "\n")
+    save_file(tensors, str(path.with_suffix(".safetensors")))
+
+
+def load_reference(path: Path) -> dict[str, Any]:
+    """What :func:`save_reference` wrote."""
+    results = json.loads(path.read_text())
+    tensors_file = path.with_suffix(".safetensors")
+    for key, tensor in (load_file(str(tensors_file)) if tensors_file.exists() else {}).items():
+        run_name, name, tensor_name = key.split("|")
+        results[run_name][name].setdefault("tensors", {})[tensor_name] = tensor
+    return results
+
+
+def run(source: str, arguments: list[str], work: Path, legacy: bool, values: bool = True
+        ) -> dict[str, Any]:
     # The earlier probe: 4 sequences of min(128, positions) tokens.
     config = json.loads((Path(resolve_source(source)[0]) / "config.json").read_text())
     positions = config.get("max_position_embeddings") or config.get("n_positions") or 128
@@ -149,7 +200,7 @@ def run(source: str, arguments: list[str], work: Path, legacy: bool) -> dict[str
                  "--ratio", "0.2", "--out", str(work / "reused"), "--method", "prunenet",
                  *(["--variant", "reference"] if legacy else NO_REFIT)]) != 0:
             raise SystemExit("failed: prunenet prune with the saved policy")
-    return fingerprint(work)
+    return fingerprint(work, values)
 
 
 def fingerprints(real: bool) -> dict[str, Any]:
@@ -175,7 +226,8 @@ def _fingerprints(real: bool) -> dict[str, Any]:
         if real:
             for name, arguments in REAL_RUNS:
                 work = root / f"smollm2-{name}"
-                results[f"smollm2/{name}"] = run("smollm2-135m", arguments, work, legacy)
+                results[f"smollm2/{name}"] = run("smollm2-135m", arguments, work, legacy,
+                                                 values=False)
     return results
 
 
@@ -189,17 +241,57 @@ def _without_timings(value: Any) -> Any:
 
 
 def differences(new: dict[str, Any], reference: dict[str, Any]) -> list[str]:
-    """One line per file or record of a run both sides have that differs."""
+    """One line per file or record of a run both sides have that differs (a :data:`NUMERIC`
+    file, a record's floats and, where those differ in their last bits, its plots: as the
+    module's docstring says)."""
     new, reference = _without_timings(new), _without_timings(reference)
     lines = []
     for run_name in sorted(set(new) | set(reference)):
         if run_name not in new or run_name not in reference:
             continue  # a run only one side has (e.g. --real on one side only)
         a, b = new[run_name], reference[run_name]
+        rounded = any(isinstance(a.get(name), dict) and isinstance(b.get(name), dict)
+                      and a[name]["sha256"] != b[name]["sha256"] for name in NUMERIC)
         for key in sorted(set(a) | set(b)):
-            if a.get(key) != b.get(key):
+            if not _equal(key, a.get(key), b.get(key), rounded):
                 lines.append(f"{run_name}: {key} differs")
     return lines
+
+
+def _equal(key: str, new: Any, reference: Any, rounded: bool) -> bool:
+    """Whether one file or record of a run equals its reference; ``rounded``: the run's
+    :data:`NUMERIC` files differ from theirs in their bytes."""
+    if key in NUMERIC and isinstance(new, dict) and isinstance(reference, dict):
+        return new["sha256"] == reference["sha256"] or (
+            _tensors_close(new["tensors"], reference["tensors"])
+            # the checksum hashes the tensors just compared
+            and _close(new["header"], reference["header"], skip={"checksum"}))
+    if key.endswith(".json"):  # policy_sha256 hashes the policy's tensors
+        return _close(new, reference, skip={"policy_sha256"} if rounded else set())
+    if key.endswith(".png") and rounded and new is not None and reference is not None:
+        return True  # drawn from values that differ in their last bits, compared above
+    return new == reference
+
+
+def _tensors_close(new: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> bool:
+    return new.keys() == reference.keys() and all(
+        new[name].dtype == reference[name].dtype and new[name].shape == reference[name].shape
+        and torch.allclose(new[name].double(), reference[name].double(), rtol=RTOL, atol=ATOL)
+        for name in new)
+
+
+def _close(new: Any, reference: Any, skip: set[str]) -> bool:
+    """``new == reference`` but for floats, which may lie within RTOL/ATOL, and the keys in
+    ``skip`` of any dict."""
+    if isinstance(new, dict) and isinstance(reference, dict):
+        return new.keys() == reference.keys() and all(
+            key in skip or _close(new[key], reference[key], skip) for key in new)
+    if isinstance(new, list) and isinstance(reference, list):
+        return len(new) == len(reference) and all(
+            _close(x, y, skip) for x, y in zip(new, reference))
+    if isinstance(new, float) and isinstance(reference, float):
+        return math.isclose(new, reference, rel_tol=RTOL, abs_tol=ATOL)
+    return new == reference
 
 
 def main_cli() -> int:
@@ -209,10 +301,10 @@ def main_cli() -> int:
     parser.add_argument("--compare", type=Path)
     args = parser.parse_args()
     results = fingerprints(args.real)
-    args.out.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+    save_reference(results, args.out)
     if args.compare is None:
         return 0
-    found = differences(results, json.loads(args.compare.read_text()))
+    found = differences(results, load_reference(args.compare))
     print("\n".join(found) or f"identical: {len(results)} runs")
     return 1 if found else 0
 
