@@ -64,6 +64,7 @@ def test_compare_writes_report_json_and_plots(tiny_llama_real_tokenizer_dir, tex
         assert run["evaluation"]["perplexity"]["windows"] == 2
     # The policy is trained once, at the largest ratio, and reused at both.
     assert results["training"]["ratio"] == 0.5
+    assert results["training"]["device"] == "cpu"  # what its noise and arithmetic ran on
     shas = {r["record"]["policy_sha256"] for r in results["runs"] if r["method"] == "prunenet"}
     assert len(shas) == 1 and None not in shas
 

@@ -167,6 +167,7 @@ def test_numpy_training_settings_are_recorded_as_plain_numbers(tmp_path):
     assert len(result.training.history) == 2
     _, metadata = prunenet.load_policy(tmp_path / "p.safetensors")
     assert (metadata["episodes"], metadata["lr"]) == (2, 0.01)
+    assert metadata["device"] == result.training.device == "cpu"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "p.safetensors"]
 
 

@@ -209,6 +209,7 @@ def compare(
         results["training"] = {
             "ratio": train_at,
             "config": dict(vars(training.config)),
+            "device": training.device,
             "best_episode": training.best_episode,
             "episode_total_reward": [r.total_reward for r in training.history],
             "episode_mean_ks": [r.mean_ks for r in training.history],

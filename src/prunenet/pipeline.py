@@ -1018,6 +1018,7 @@ def policy_metadata(model: Any, training: TrainingResult) -> dict[str, Any]:
         "seed": training.config.seed,
         "lr": training.config.lr,
         "config": vars(training.config),
+        "device": training.device,
         "best_episode": training.best_episode,
         "history": [
             {"episode": r.episode, "total_reward": r.total_reward, "mean_ks": r.mean_ks,

@@ -119,6 +119,7 @@ class TrainingResult:
     best_episode: int
     history: list[EpisodeRecord]
     config: TrainingConfig
+    device: str = "cpu"  # the device type it trained on: its noise and arithmetic belong to it
 
     def history_dicts(self) -> list[dict]:
         return [asdict(record) for record in self.history]
@@ -398,4 +399,5 @@ def train_policy_on_matrices(
 
     best = copy.deepcopy(policy)
     best.load_state_dict(best_state)
-    return TrainingResult(policy=best, best_episode=best_episode, history=history, config=config)
+    return TrainingResult(policy=best, best_episode=best_episode, history=history, config=config,
+                          device=torch.device(device).type)
