@@ -5,8 +5,11 @@
 # the pinned torch first (the CPU build where there is no NVIDIA GPU), then prunenet with its
 # pinned dependencies, then the offline model and data into ~/.cache/prunenet ($PRUNENET_CACHE).
 set -euo pipefail
-# A relative $PRUNENET_CACHE names a folder under the directory the command was run from.
-case "${PRUNENET_CACHE:-/}" in /* | "~"*) ;; *) export PRUNENET_CACHE="$PWD/$PRUNENET_CACHE" ;; esac
+# A relative $PRUNENET_CACHE names a folder under the directory the command was run from; blanks
+# around it do not count, as in prunenet (blanks alone: the default cache).
+cache=${PRUNENET_CACHE-}
+cache=${cache#"${cache%%[![:space:]]*}"} && cache=${cache%"${cache##*[![:space:]]}"}
+case $cache in "" | /* | "~"*) ;; *) export PRUNENET_CACHE="$PWD/$cache" ;; esac
 cd "$(dirname "$0")/.."
 # prunenet and the pinned torch need Python 3.10+; pip alone would say only that torch has no
 # matching version.

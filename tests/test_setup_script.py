@@ -249,3 +249,18 @@ def test_a_relative_cache_folder_is_read_from_where_the_command_runs(machine, tm
     assert Path(f"{log}.cache").read_text().splitlines() == [
         f"PRUNENET_CACHE={elsewhere}/models-cache", "PRUNENET_CACHE=/srv/models",
         "PRUNENET_CACHE=~/models"]
+
+
+def test_blanks_around_the_cache_folder_do_not_count(machine, tmp_path):
+    """prunenet drops blanks around $PRUNENET_CACHE (blanks alone: the default cache), and so
+    does setup.sh before it makes a relative one absolute: it had made " " the folder the
+    command ran from, and " /srv/models" a folder " " there, beside what prunenet then read."""
+    checkout, bin_dir, log, run = machine
+    write_python(bin_dir / "python3", (3, 11), log)
+    elsewhere = tmp_path / "my work"
+    elsewhere.mkdir()
+    for cache in (" ", " /srv/models\t", " models cache "):
+        assert run(cwd=elsewhere, PRUNENET_CACHE=cache).returncode == 0
+    assert Path(f"{log}.cache").read_text().splitlines() == [
+        "PRUNENET_CACHE= ", "PRUNENET_CACHE= /srv/models\t",
+        f"PRUNENET_CACHE={elsewhere}/models cache"]
