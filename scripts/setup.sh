@@ -5,17 +5,37 @@
 # the pinned torch first (the CPU build where there is no NVIDIA GPU), then prunenet with its
 # pinned dependencies, then the offline model and data into ~/.cache/prunenet ($PRUNENET_CACHE).
 set -euo pipefail
-# A relative $PRUNENET_CACHE names a folder under the directory the command was run from.
-case "${PRUNENET_CACHE:-/}" in /* | "~"*) ;; *) export PRUNENET_CACHE="$PWD/$PRUNENET_CACHE" ;; esac
+# A relative $PRUNENET_CACHE names a folder under the directory the command was run from; blanks
+# around it do not count, as in prunenet (blanks alone: the default cache).
+cache=${PRUNENET_CACHE-}
+cache=${cache#"${cache%%[![:space:]]*}"} && cache=${cache%"${cache##*[![:space:]]}"}
+case $cache in "" | /* | "~"*) ;; *) export PRUNENET_CACHE="$PWD/$cache" ;; esac
 cd "$(dirname "$0")/.."
 # prunenet and the pinned torch need Python 3.10+; pip alone would say only that torch has no
 # matching version.
 new_enough() { "$1" -c 'import sys; sys.exit(sys.version_info < (3, 10))' > /dev/null 2>&1; }
+version_of() { "$1" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2> /dev/null; }
+too_old() {
+  local found
+  found=$("$1" -c 'import platform; print(platform.python_version())' 2> /dev/null || echo missing)
+  echo "setup: prunenet needs Python 3.10 or newer; $1 is $found. Install one" \
+    "(Debian/Ubuntu: sudo apt-get install python3.11 python3.11-venv) and run again, naming it" \
+    "if it is not python3: PYTHON=python3.11 bash scripts/demo.sh (or test.sh)" >&2
+  exit 2
+}
+# A Python named by $PYTHON is checked whatever .venv holds: the set-up is to run on it.
+if [ -n "${PYTHON:-}" ] && ! new_enough "$PYTHON"; then too_old "$PYTHON"; fi
 # A .venv without a working pip (a set-up interrupted while it made .venv, an interpreter since
-# removed or upgraded) or of an older Python would fail every later step: make it again.
+# removed or upgraded) or of an older Python would fail every later step, and one of another
+# Python version than $PYTHON names is not the one asked for: make it again.
 if [ -e .venv ] && ! { new_enough .venv/bin/python \
     && .venv/bin/python -m pip --version > /dev/null 2>&1; }; then
   echo "setup: .venv has no working pip or a Python older than 3.10; making it again" >&2
+  rm -rf .venv
+elif [ -e .venv ] && [ -n "${PYTHON:-}" ] \
+    && [ "$(version_of .venv/bin/python)" != "$(version_of "$PYTHON")" ]; then
+  echo "setup: .venv is of Python $(version_of .venv/bin/python), PYTHON=$PYTHON is" \
+    "$(version_of "$PYTHON"); making it again" >&2
   rm -rf .venv
 fi
 if [ ! -e .venv ]; then
@@ -25,14 +45,7 @@ if [ ! -e .venv ]; then
       if new_enough "$candidate"; then python=$candidate; break; fi
     done
   fi
-  if [ -z "$python" ] || ! new_enough "$python"; then
-    found=$("${python:-python3}" -c 'import platform; print(platform.python_version())' 2> /dev/null \
-      || echo missing)
-    echo "setup: prunenet needs Python 3.10 or newer; ${python:-python3} is $found. Install one" \
-      "(Debian/Ubuntu: sudo apt-get install python3.11 python3.11-venv) and run again, naming it" \
-      "if it is not python3: PYTHON=python3.11 bash scripts/demo.sh (or test.sh)" >&2
-    exit 2
-  fi
+  if [ -z "$python" ] || ! new_enough "$python"; then too_old "${python:-python3}"; fi
   version=$("$python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
   "$python" -m venv .venv || {
     rm -rf .venv

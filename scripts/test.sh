@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Set up (idempotent) and run the whole test suite, the real-model tests included.
 set -euo pipefail
-# A relative $PRUNENET_CACHE names a folder under the directory the command was run from.
-case "${PRUNENET_CACHE:-/}" in /* | "~"*) ;; *) export PRUNENET_CACHE="$PWD/$PRUNENET_CACHE" ;; esac
+# A relative $PRUNENET_CACHE names a folder under the directory the command was run from; blanks
+# around it do not count, as in prunenet (blanks alone: the default cache).
+cache=${PRUNENET_CACHE-}
+cache=${cache#"${cache%%[![:space:]]*}"} && cache=${cache%"${cache##*[![:space:]]}"}
+case $cache in "" | /* | "~"*) ;; *) export PRUNENET_CACHE="$PWD/$cache" ;; esac
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 # llama.cpp, to check that the GGUF files we write run outside transformers (tests/test_gguf_out.py),

