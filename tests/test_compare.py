@@ -517,3 +517,52 @@ def test_results_name_the_seed_only_where_a_run_read_it(tiny_llama_dir, tmp_path
                      method, "--reconstruct", "none", "--ppl", "none", "--tasks", "none",
                      "--speed-repeats", "1", "--out", str(out)]) == 0, capsys.readouterr().err
         assert json.loads((out / "results.json").read_text())["settings"]["seed"] == seed
+
+
+@pytest.mark.parametrize("ratios, match", [
+    ([0.3, 0.99], r"^ratio 0.99 keeps 0 of 48 FFN neurons; the largest usable ratio keeps 1"),
+    ([0.3, 1.5], r"^ratio must be in \[0, 1\), got 1.5$"),
+    ([0.3, float("nan")], r"^ratio must be in \[0, 1\), got nan$"),
+    ([0.3, True], r"^ratio must be a number in \[0, 1\), got True$"),
+    ([0.3, "0.5"], r"^ratio must be a number in \[0, 1\), got '0.5'$"),
+    ("0.3,0.5", r"^ratios must be a list of numbers such as \[0.1, 0.3\], got '0.3,0.5'$"),
+])
+def test_ratios_a_comparison_cannot_run_are_refused_before_the_load(tmp_path, tiny_llama_dir,
+                                                                    monkeypatch, ratios, match):
+    """From Python, a ratio that keeps no neuron of the width config.json declares, one out of
+    [0, 1), NaN, a bool or a string is refused before the dense model loads (they had been
+    refused after the load, or run: True as ratio 1.0, '0.5' as 0.5; a string of ratios had
+    ended in 'could not convert string to float')."""
+    import prunenet.compare as compare_module
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the ratios were checked")
+
+    monkeypatch.setattr(compare_module, "load_model_and_tokenizer", no_load)
+    with pytest.raises(InputError, match=match):
+        compare(str(tiny_llama_dir), ratios, "random", tmp_path / "out", ppl="none", tasks=[])
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("keywords, match", [
+    ({"episodes": 3}, r"^episodes has no effect here: no method compared trains a PruneNet "
+                      r"policy; drop it$"),
+    ({"episodes": 3, "train_ratio": 0.3}, r"^episodes, train_ratio have no effect here: no "
+                                          r"method compared trains a PruneNet policy; drop them$"),
+])
+def test_training_settings_without_prunenet_are_refused_from_python(
+        tmp_path, tiny_llama_dir, monkeypatch, keywords, match):
+    """As the command line refuses --episodes and --train-ratio without prunenet in --methods,
+    and compress refuses training settings where no policy trains: not ignored (a comparison
+    of random and magnitude had run without a word, its results naming no training)."""
+    import prunenet.compare as compare_module
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(compare_module, "load_model_and_tokenizer", no_load)
+    with pytest.raises(InputError, match=match):
+        compare(str(tiny_llama_dir), [0.5], "random,magnitude", tmp_path / "out", ppl="none",
+                tasks=[], **keywords)
+    assert not (tmp_path / "out").exists()
+

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import copy
 import logging
+import numbers
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +23,10 @@ from .evaluation.corpora import check_corpus, corpus_read_path, load_corpus, rec
 from .evaluation.evaluate import evaluate, examples_scored, fitted_seqlen, perplexity_windows
 from .evaluation.speed import SpeedProtocol, fitted_protocol
 from .evaluation.zeroshot import check_limit, parse_tasks
-from .families import kept_count
+from .families import check_ratio, kept_count
 from .ffn_statistics import ProbeStatistics
 from .io.files import atomic_folder, folder_of, json_with_format, write_json_atomic
-from .io.loading import check_output_path, load_model_and_tokenizer
+from .io.loading import check_output_path, declared_ffn_width, load_model_and_tokenizer
 from .io.streaming import check_models_fit
 from .model_view import FFNView
 from .naming import calibration_sentence, method_label, one_line, run_label
@@ -86,6 +87,23 @@ def parse_methods(methods: str | Sequence[str], variant: str | None = None,
     return names
 
 
+def parse_ratios(ratios: Iterable[float]) -> list[float]:
+    """The ratios of a comparison, sorted: numbers in [0, 1) (a numpy number runs as its value),
+    each once, at least one. Raises :class:`InputError` otherwise."""
+    if isinstance(ratios, (str, bytes)) or not isinstance(ratios, Iterable):
+        raise InputError(f"ratios must be a list of numbers such as [0.1, 0.3], got {ratios!r}")
+    values = []
+    for ratio in ratios:
+        if isinstance(ratio, numbers.Real) and not isinstance(ratio, bool):
+            ratio = float(ratio) + 0.0  # -0.0 reads as 0.0
+        check_ratio(ratio)
+        values.append(ratio)
+    refuse_repeats("--ratios", [str(value) for value in values])
+    if not values:
+        raise InputError("give at least one ratio, e.g. --ratios 0.1,0.2,0.3")
+    return sorted(values)
+
+
 def reads_seed(method_names: Sequence[str], reconstruct: str) -> bool:
     """Whether a comparison reads its seed: a refit samples a probe from it, or a method
     compared draws at random."""
@@ -130,11 +148,14 @@ def compare(
     method_names = parse_methods(methods, variant)
     check_seed(seed)  # the probe's and every run's: the results name it as it ran
     task_names = parse_tasks(tasks)
-    ratios = [float(r) for r in ratios]
-    refuse_repeats("--ratios", [str(r) for r in ratios])
-    ratios = sorted(ratios)
-    if not ratios:
-        raise InputError("give at least one ratio, e.g. --ratios 0.1,0.2,0.3")
+    ratios = parse_ratios(ratios)
+    if PruneNet.name not in method_names:  # as the command line refuses them, not ignored
+        given = [name for name, value in (("episodes", episodes), ("train_ratio", train_ratio))
+                 if value is not None]
+        if given:
+            raise InputError(f"{', '.join(given)} {'has' if len(given) == 1 else 'have'} no "
+                             "effect here: no method compared trains a PruneNet policy; drop "
+                             + ("it" if len(given) == 1 else "them"))
     # Text corpora named by path are read too ("wiki" and other names are not paths).
     reads = [*input_paths(model), corpus_read_path(ppl),
              corpus_read_path((calibration or Calibration()).corpus)]
@@ -155,10 +176,14 @@ def compare(
                        **training_options)
     check_reconstruct(model, reconstruct)  # every method refits alike: refused before the load
     check_models_fit([model], "prunenet compare")
+    pruned_at = [*ratios, *([train_ratio] if train_ratio is not None else [])]
+    declared = declared_ffn_width(model)  # a ratio that keeps no neuron: refused before the load
+    for ratio in pruned_at if declared is not None else []:
+        kept_count(declared, ratio)
     dense, tokenizer = load_model_and_tokenizer(model)
-    view = FFNView(dense)
-    for ratio in [*ratios, *([train_ratio] if train_ratio is not None else [])]:
-        kept_count(view.d_ff, ratio)
+    width = FFNView(dense).d_ff  # where no field read above declares it
+    for ratio in pruned_at:
+        kept_count(width, ratio)
     if reads_text:
         seqlen = fitted_seqlen(dense.config, seqlen)
     speed = fitted_protocol(dense.config, speed)  # recorded as measured, defaults resolved
