@@ -566,3 +566,32 @@ def test_training_settings_without_prunenet_are_refused_from_python(
                 tasks=[], **keywords)
     assert not (tmp_path / "out").exists()
 
+
+def test_the_page_names_the_seed_and_the_probe_the_runs_read(tiny_llama_dir, tmp_path, capsys):
+    """report.md names the seed every run read, what it drew and the probe sampled from it, as
+    results.json does (pages of two seeds had read alike); where nothing was drawn it names
+    none."""
+    def page(out, *options):
+        assert main(["-q", "compare", str(tiny_llama_dir), "--ratios", "0.25,0.5", "--ppl",
+                     "none", "--tasks", "none", "--speed-repeats", "1", "--out", str(out),
+                     *options]) == 0, capsys.readouterr().err
+        return (out / "report.md").read_text().splitlines()
+
+    refitted = page(tmp_path / "refit", "--methods", "random,magnitude", "--seed", "7")
+    results = json.loads((tmp_path / "refit" / "results.json").read_text())
+    assert [run["record"]["probe"] for run in results["runs"]] == 4 * [
+        {"tokens": 8192, "seed": 7, "shape": [128, 64], "sequence_length": 64,
+         "temperature": 1.2, "sampler": "inverse-cdf", "batch_size": 32}]
+    assert ("- Refit after every method: `ls` on the model's own probe text, ridge 0.3 (named "
+            "`+ls` in the tables).") in refitted
+    assert "- Seed: 7, the same for every run (the probe text, random rows)." in refitted
+    assert ("- Probe: 128 sequences of 64 tokens of the model's own text, sampled at "
+            "temperature 1.2 from seed 7; made once and read by every run.") in refitted
+    alone = page(tmp_path / "alone", "--methods", "self-generated,magnitude", "--reconstruct",
+                 "none")
+    assert "- Seed: 42, the same for every run (the probe text)." in alone
+    assert ("- Probe: 128 sequences of 64 tokens of the model's own text, sampled at "
+            "temperature 1.2 from seed 42; made once and read by every self-generated run."
+            in alone)
+    unseeded = page(tmp_path / "unseeded", "--methods", "magnitude", "--reconstruct", "none")
+    assert not [line for line in unseeded if line.startswith(("- Seed", "- Probe"))]

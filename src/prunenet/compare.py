@@ -473,6 +473,37 @@ def _skipped_tasks(results: dict[str, Any]) -> str:
     return f" Skipped: {', '.join(skipped)} ({whose} not fit the model's context)."
 
 
+def _run_records(results: dict[str, Any], part: str) -> dict[str, Any]:
+    """A part of the compression records (``probe``, ``reconstruct``) the runs share, from the
+    first run that holds it; empty where none does."""
+    found = [(run.get("record") or {}).get(part) for run in results["runs"]]
+    return next((value for value in found if isinstance(value, dict)), {})
+
+
+def _seed_lines(results: dict[str, Any]) -> list[str]:
+    """The seed every run read and what it drew, and the probe sampled from it; nothing where
+    no run read a seed."""
+    seed = results["settings"].get("seed")
+    if seed is None:
+        return []
+    probe = _run_records(results, "probe")
+    drawn = [*(["the probe text"] if probe else []),
+             *(["random rows"] if "random" in results["methods"] else []),
+             *(["the PruneNet policy's training and its sampled rows"]
+               if PruneNet.name in results["methods"] else [])]
+    lines = [f"- Seed: {seed}, the same for every run ({', '.join(drawn)})."]
+    if probe:
+        sequences, length = probe.get("shape") or ("?", probe.get("sequence_length"))
+        readers = list(dict.fromkeys(run["method"] for run in results["runs"]
+                                     if "probe" in (run.get("record") or {})))
+        readers_named = ("every run" if len(readers) == len(results["methods"])
+                         else f"every {', '.join(readers)} run")
+        lines.append(f"- Probe: {sequences} sequences of {length} tokens of the model's own "
+                     f"text, sampled at temperature {probe.get('temperature'):g} from seed "
+                     f"{probe.get('seed')}; made once and read by {readers_named}.")
+    return lines
+
+
 def render_report(results: dict[str, Any], plots: Sequence[str] = PLOTS) -> str:
     """``report.md``: settings, the table, per-ratio rankings and the ``plots`` (file names)."""
     settings = results["settings"]
@@ -504,9 +535,12 @@ def render_report(results: dict[str, Any], plots: Sequence[str] = PLOTS) -> str:
                      "fraction of its FFN neurons, and the row "
                      f"`{input_label(results)}` stands where the dense model would.")
     refit = settings.get("reconstruct", "none")
+    ridge = _run_records(results, "reconstruct").get("ridge")
     lines.append("- Refit after every method: none (the selections alone)." if refit == "none"
-                 else f"- Refit after every method: `{refit}` on the model's own probe text "
-                 f"(named `+{refit}` in the tables).")
+                 else f"- Refit after every method: `{refit}` on the model's own probe text"
+                 + (f", ridge {ridge:g}" if ridge is not None else "")
+                 + f" (named `+{refit}` in the tables).")
+    lines += _seed_lines(results)
     for method in results["methods"]:
         lines.append(f"- {method}: {SELECTORS[method].summary}." if method in SELECTORS
                      else f"- {method}.")
