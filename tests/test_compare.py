@@ -595,3 +595,30 @@ def test_the_page_names_the_seed_and_the_probe_the_runs_read(tiny_llama_dir, tmp
             in alone)
     unseeded = page(tmp_path / "unseeded", "--methods", "magnitude", "--reconstruct", "none")
     assert not [line for line in unseeded if line.startswith(("- Seed", "- Probe"))]
+
+
+def test_values_that_read_the_same_are_ranked_by_name_not_by_digits_the_page_hides():
+    """Averages equal but for float rounding (0.42 and 0.4200000000000001, both '0.420': three
+    task scores summed in another order) and perplexities that differ past the printed
+    digits had been ranked by the digits no one sees; values that read the same now keep one
+    order, by name, whichever carries the hidden digits."""
+    from prunenet.compare import render_report
+
+    def ranking(magnitude: tuple[float, float], random: tuple[float, float]) -> list[str]:
+        results = {
+            "model": "m", "prunenet_version": "0", "ratios": [0.5],
+            "methods": ["random", "magnitude"],
+            "settings": {"corpus": "wiki", "windows": 2, "seqlen": 32, "tasks": ["piqa"],
+                         "limit": 2, "reconstruct": "none", "calibration": None},
+            "training": None, "dense": _evaluation(20.0, 0.5),
+            "runs": [{"method": "random", "ratio": 0.5, "evaluation": _evaluation(*random)},
+                     {"method": "magnitude", "ratio": 0.5,
+                      "evaluation": _evaluation(*magnitude)}],
+        }
+        return [line for line in render_report(results, plots=[]).splitlines()
+                if line.startswith("- ratio 0.5")]
+
+    low, high = (31.251, 0.42), (31.254, 0.4200000000000001)
+    assert ranking(low, high) == ranking(high, low) == [
+        "- ratio 0.5, perplexity: magnitude 31.25, random 31.25",
+        "- ratio 0.5, average accuracy: magnitude 0.420, random 0.420"]

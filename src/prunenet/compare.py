@@ -422,8 +422,9 @@ def _winners(results: dict[str, Any]) -> list[str]:
     lines = []
     for ratio in results["ratios"]:
         runs = [r for r in results["runs"] if r["ratio"] == ratio]
-        # each value as the results table prints it (its column's digits), so the ranking
-        # never orders numbers that read the same or reads otherwise than the table
+        # each value as the results table prints it (its column's digits), and ranked as
+        # printed (ties by name), so the ranking never orders numbers that read the same by
+        # digits it hides, nor reads otherwise than the table
         for label, key, better_low, digits in (
             ("perplexity", lambda e: e["perplexity"]["value"] if e["perplexity"] else None, True,
              2),
@@ -434,7 +435,8 @@ def _winners(results: dict[str, Any]) -> list[str]:
             scored = [(v, m) for v, m in scored if v is not None]
             if not scored:
                 continue
-            scored.sort(reverse=not better_low)
+            sign = 1 if better_low else -1
+            scored.sort(key=lambda item: (sign * round(item[0], digits), item[1]))
             ranking = ", ".join(f"{m} {_cell(v, digits)}" for v, m in scored)
             lines.append(f"- ratio {ratio:g}, {label}: {ranking}")
     return lines
