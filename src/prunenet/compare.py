@@ -136,7 +136,8 @@ def compare(
 
     ``model``: a folder, GGUF file or alias. ``methods``: names from the selection registry;
     for ``prunenet`` one policy is trained at ``train_ratio`` (default: the largest ratio) with
-    ``episodes`` (None: the default) and reused at every ratio. ``variant`` is the deprecated
+    ``episodes`` (None: the default) and reused at every ratio; without ``prunenet`` both are
+    refused unless None. ``ratios``: a list of numbers in [0, 1). ``variant`` is the deprecated
     name of a method (see :func:`parse_methods`). Evaluation: ``windows`` perplexity windows of
     ``seqlen`` tokens of ``ppl``; ``tasks`` with ``limit`` examples each; speed under ``speed``
     (default protocol). ``reconstruct`` is the refit after every method (``ls``, as compress
