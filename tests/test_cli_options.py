@@ -676,3 +676,15 @@ def test_the_probe_tokens_help_says_the_size_is_rounded_up_to_whole_sequences(co
     parser = build_parser().commands[command]
     tokens = next(action for action in parser._actions if action.dest == "probe_tokens")
     assert "rounded up to whole --probe-length sequences" in tokens.help
+
+
+def test_the_compare_help_names_only_options_compare_has():
+    """compare takes --methods, not compress's --method: its description and --episodes help had
+    said '--method prunenet', an option compare refuses."""
+    parser = build_parser().commands["compare"]
+    texts = [parser.description, *(action.help for action in parser._actions if action.help)]
+    assert not [text for text in texts if re.search(r"--method\b(?!s)", text)]
+    episodes, train_ratio = (next(action for action in parser._actions if action.dest == dest)
+                             for dest in ("episodes", "train_ratio"))
+    assert episodes.help.startswith("prunenet in --methods:")
+    assert train_ratio.help.startswith("prunenet in --methods:")

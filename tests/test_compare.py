@@ -518,3 +518,108 @@ def test_results_name_the_seed_only_where_a_run_read_it(tiny_llama_dir, tmp_path
                      method, "--reconstruct", "none", "--ppl", "none", "--tasks", "none",
                      "--speed-repeats", "1", "--out", str(out)]) == 0, capsys.readouterr().err
         assert json.loads((out / "results.json").read_text())["settings"]["seed"] == seed
+
+
+@pytest.mark.parametrize("ratios, match", [
+    ([0.3, 0.99], r"^ratio 0.99 keeps 0 of 48 FFN neurons; the largest usable ratio keeps 1"),
+    ([0.3, 1.5], r"^ratio must be in \[0, 1\), got 1.5$"),
+    ([0.3, float("nan")], r"^ratio must be in \[0, 1\), got nan$"),
+    ([0.3, True], r"^ratio must be a number in \[0, 1\), got True$"),
+    ([0.3, "0.5"], r"^ratio must be a number in \[0, 1\), got '0.5'$"),
+    ("0.3,0.5", r"^ratios must be a list of numbers such as \[0.1, 0.3\], got '0.3,0.5'$"),
+])
+def test_ratios_a_comparison_cannot_run_are_refused_before_the_load(tmp_path, tiny_llama_dir,
+                                                                    monkeypatch, ratios, match):
+    """From Python, a ratio that keeps no neuron of the width config.json declares, one out of
+    [0, 1), NaN, a bool or a string is refused before the dense model loads (they had been
+    refused after the load, or run: True as ratio 1.0, '0.5' as 0.5; a string of ratios had
+    ended in 'could not convert string to float')."""
+    import prunenet.compare as compare_module
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the ratios were checked")
+
+    monkeypatch.setattr(compare_module, "load_model_and_tokenizer", no_load)
+    with pytest.raises(InputError, match=match):
+        compare(str(tiny_llama_dir), ratios, "random", tmp_path / "out", ppl="none", tasks=[])
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("keywords, match", [
+    ({"episodes": 3}, r"^episodes has no effect here: no method compared trains a PruneNet "
+                      r"policy; drop it$"),
+    ({"episodes": 3, "train_ratio": 0.3}, r"^episodes, train_ratio have no effect here: no "
+                                          r"method compared trains a PruneNet policy; drop them$"),
+])
+def test_training_settings_without_prunenet_are_refused_from_python(
+        tmp_path, tiny_llama_dir, monkeypatch, keywords, match):
+    """As the command line refuses --episodes and --train-ratio without prunenet in --methods,
+    and compress refuses training settings where no policy trains: not ignored (a comparison
+    of random and magnitude had run without a word, its results naming no training)."""
+    import prunenet.compare as compare_module
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(compare_module, "load_model_and_tokenizer", no_load)
+    with pytest.raises(InputError, match=match):
+        compare(str(tiny_llama_dir), [0.5], "random,magnitude", tmp_path / "out", ppl="none",
+                tasks=[], **keywords)
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_page_names_the_seed_and_the_probe_the_runs_read(tiny_llama_dir, tmp_path, capsys):
+    """report.md names the seed every run read, what it drew and the probe sampled from it, as
+    results.json does (pages of two seeds had read alike); where nothing was drawn it names
+    none."""
+    def page(out, *options):
+        assert main(["-q", "compare", str(tiny_llama_dir), "--ratios", "0.25,0.5", "--ppl",
+                     "none", "--tasks", "none", "--speed-repeats", "1", "--out", str(out),
+                     *options]) == 0, capsys.readouterr().err
+        return (out / "report.md").read_text().splitlines()
+
+    refitted = page(tmp_path / "refit", "--methods", "random,magnitude", "--seed", "7")
+    results = json.loads((tmp_path / "refit" / "results.json").read_text())
+    assert [run["record"]["probe"] for run in results["runs"]] == 4 * [
+        {"tokens": 8192, "seed": 7, "shape": [128, 64], "sequence_length": 64,
+         "temperature": 1.2, "sampler": "inverse-cdf", "batch_size": 32}]
+    assert ("- Refit after every method: `ls` on the model's own probe text, ridge 0.3 (named "
+            "`+ls` in the tables).") in refitted
+    assert "- Seed: 7, the same for every run (the probe text, random rows)." in refitted
+    assert ("- Probe: 128 sequences of 64 tokens of the model's own text, sampled at "
+            "temperature 1.2 from seed 7; made once and read by every run.") in refitted
+    alone = page(tmp_path / "alone", "--methods", "self-generated,magnitude", "--reconstruct",
+                 "none")
+    assert "- Seed: 42, the same for every run (the probe text)." in alone
+    assert ("- Probe: 128 sequences of 64 tokens of the model's own text, sampled at "
+            "temperature 1.2 from seed 42; made once and read by every self-generated run."
+            in alone)
+    unseeded = page(tmp_path / "unseeded", "--methods", "magnitude", "--reconstruct", "none")
+    assert not [line for line in unseeded if line.startswith(("- Seed", "- Probe"))]
+
+
+def test_values_that_read_the_same_are_ranked_by_name_not_by_digits_the_page_hides():
+    """Averages equal but for float rounding (0.42 and 0.4200000000000001, both '0.420': three
+    task scores summed in another order) and perplexities that differ past the printed
+    digits had been ranked by the digits no one sees; values that read the same now keep one
+    order, by name, whichever carries the hidden digits."""
+    from prunenet.compare import render_report
+
+    def ranking(magnitude: tuple[float, float], random: tuple[float, float]) -> list[str]:
+        results = {
+            "model": "m", "prunenet_version": "0", "ratios": [0.5],
+            "methods": ["random", "magnitude"],
+            "settings": {"corpus": "wiki", "windows": 2, "seqlen": 32, "tasks": ["piqa"],
+                         "limit": 2, "reconstruct": "none", "calibration": None},
+            "training": None, "dense": _evaluation(20.0, 0.5),
+            "runs": [{"method": "random", "ratio": 0.5, "evaluation": _evaluation(*random)},
+                     {"method": "magnitude", "ratio": 0.5,
+                      "evaluation": _evaluation(*magnitude)}],
+        }
+        return [line for line in render_report(results, plots=[]).splitlines()
+                if line.startswith("- ratio 0.5")]
+
+    low, high = (31.251, 0.42), (31.254, 0.4200000000000001)
+    assert ranking(low, high) == ranking(high, low) == [
+        "- ratio 0.5, perplexity: magnitude 31.25, random 31.25",
+        "- ratio 0.5, average accuracy: magnitude 0.420, random 0.420"]

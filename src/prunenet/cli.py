@@ -832,8 +832,8 @@ def run_compare(args: argparse.Namespace) -> int:
 def add_compare(subparsers) -> None:
     parser = subparsers.add_parser(
         "compare", help="compress with several methods at several ratios and evaluate them all",
-        description="Prune MODEL with each of --methods at each of --ratios (for --method "
-        "prunenet one policy is trained and reused at every ratio), evaluate the dense model and "
+        description="Prune MODEL with each of --methods at each of --ratios (for prunenet one "
+        "policy is trained and reused at every ratio), evaluate the dense model and "
         "every result, and write report.md, results.json and PNG plots into --out.",
     )
     parser.add_argument("model", help="model folder, .gguf file, an alias (smollm2-135m, "
@@ -851,10 +851,11 @@ def add_compare(subparsers) -> None:
                         help="seed of the probe text, random rows and the PruneNet policy, the "
                         f"same for every run (default: {CompressOptions.seed})")
     parser.add_argument("--episodes", type=positive_int, default=None,
-                        help=f"--method prunenet: training episodes (default: "
+                        help=f"prunenet in --methods: its policy's training episodes (default: "
                         f"{TrainingConfig.episodes})")
     parser.add_argument("--train-ratio", type=ratio_value, default=None,
-                        help="ratio the one policy is trained at (default: the largest ratio)")
+                        help="prunenet in --methods: the ratio its one policy is trained at "
+                        "(default: the largest ratio)")
     parser.add_argument("--reconstruct", choices=list(RECONSTRUCT), default="ls",
                         help="the refit after every method, as in compress (default: ls); none "
                         "compares the selections alone. Tables name it: random+ls")

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import copy
 import logging
+import numbers
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +23,10 @@ from .evaluation.corpora import check_corpus, corpus_read_path, load_corpus, rec
 from .evaluation.evaluate import evaluate, examples_scored, fitted_seqlen, perplexity_windows
 from .evaluation.speed import SpeedProtocol, fitted_protocol
 from .evaluation.zeroshot import check_limit, parse_tasks
-from .families import kept_count
+from .families import check_ratio, kept_count
 from .ffn_statistics import ProbeStatistics
 from .io.files import atomic_folder, folder_of, json_with_format, write_json_atomic
-from .io.loading import check_output_path, load_model_and_tokenizer
+from .io.loading import check_output_path, declared_ffn_width, load_model_and_tokenizer
 from .io.streaming import check_models_fit
 from .model_view import FFNView
 from .naming import calibration_sentence, method_label, one_line, run_label
@@ -86,6 +87,23 @@ def parse_methods(methods: str | Sequence[str], variant: str | None = None,
     return names
 
 
+def parse_ratios(ratios: Iterable[float]) -> list[float]:
+    """The ratios of a comparison, sorted: numbers in [0, 1) (a numpy number runs as its value),
+    each once, at least one. Raises :class:`InputError` otherwise."""
+    if isinstance(ratios, (str, bytes)) or not isinstance(ratios, Iterable):
+        raise InputError(f"ratios must be a list of numbers such as [0.1, 0.3], got {ratios!r}")
+    values = []
+    for ratio in ratios:
+        if isinstance(ratio, numbers.Real) and not isinstance(ratio, bool):
+            ratio = float(ratio) + 0.0  # -0.0 reads as 0.0
+        check_ratio(ratio)
+        values.append(ratio)
+    refuse_repeats("--ratios", [str(value) for value in values])
+    if not values:
+        raise InputError("give at least one ratio, e.g. --ratios 0.1,0.2,0.3")
+    return sorted(values)
+
+
 def reads_seed(method_names: Sequence[str], reconstruct: str) -> bool:
     """Whether a comparison reads its seed: a refit samples a probe from it, or a method
     compared draws at random."""
@@ -118,7 +136,8 @@ def compare(
 
     ``model``: a folder, GGUF file or alias. ``methods``: names from the selection registry;
     for ``prunenet`` one policy is trained at ``train_ratio`` (default: the largest ratio) with
-    ``episodes`` (None: the default) and reused at every ratio. ``variant`` is the deprecated
+    ``episodes`` (None: the default) and reused at every ratio; without ``prunenet`` both are
+    refused unless None. ``ratios``: a list of numbers in [0, 1). ``variant`` is the deprecated
     name of a method (see :func:`parse_methods`). Evaluation: ``windows`` perplexity windows of
     ``seqlen`` tokens of ``ppl``; ``tasks`` with ``limit`` examples each; speed under ``speed``
     (default protocol). ``reconstruct`` is the refit after every method (``ls``, as compress
@@ -130,11 +149,14 @@ def compare(
     method_names = parse_methods(methods, variant)
     check_seed(seed)  # the probe's and every run's: the results name it as it ran
     task_names = parse_tasks(tasks)
-    ratios = [float(r) for r in ratios]
-    refuse_repeats("--ratios", [str(r) for r in ratios])
-    ratios = sorted(ratios)
-    if not ratios:
-        raise InputError("give at least one ratio, e.g. --ratios 0.1,0.2,0.3")
+    ratios = parse_ratios(ratios)
+    if PruneNet.name not in method_names:  # as the command line refuses them, not ignored
+        given = [name for name, value in (("episodes", episodes), ("train_ratio", train_ratio))
+                 if value is not None]
+        if given:
+            raise InputError(f"{', '.join(given)} {'has' if len(given) == 1 else 'have'} no "
+                             "effect here: no method compared trains a PruneNet policy; drop "
+                             + ("it" if len(given) == 1 else "them"))
     # Text corpora named by path are read too ("wiki" and other names are not paths).
     reads = [*input_paths(model), corpus_read_path(ppl),
              corpus_read_path((calibration or Calibration()).corpus)]
@@ -155,10 +177,14 @@ def compare(
                        **training_options)
     check_reconstruct(model, reconstruct)  # every method refits alike: refused before the load
     check_models_fit([model], "prunenet compare")
+    pruned_at = [*ratios, *([train_ratio] if train_ratio is not None else [])]
+    declared = declared_ffn_width(model)  # a ratio that keeps no neuron: refused before the load
+    for ratio in pruned_at if declared is not None else []:
+        kept_count(declared, ratio)
     dense, tokenizer = load_model_and_tokenizer(model)
-    view = FFNView(dense)
-    for ratio in [*ratios, *([train_ratio] if train_ratio is not None else [])]:
-        kept_count(view.d_ff, ratio)
+    width = FFNView(dense).d_ff  # where no field read above declares it
+    for ratio in pruned_at:
+        kept_count(width, ratio)
     if reads_text:
         seqlen = fitted_seqlen(dense.config, seqlen)
     speed = fitted_protocol(dense.config, speed)  # recorded as measured, defaults resolved
@@ -398,8 +424,9 @@ def _winners(results: dict[str, Any]) -> list[str]:
     lines = []
     for ratio in results["ratios"]:
         runs = [r for r in results["runs"] if r["ratio"] == ratio]
-        # each value as the results table prints it (its column's digits), so the ranking
-        # never orders numbers that read the same or reads otherwise than the table
+        # each value as the results table prints it (its column's digits), and ranked as
+        # printed (ties by name), so the ranking never orders numbers that read the same by
+        # digits it hides, nor reads otherwise than the table
         for label, key, better_low, digits in (
             ("perplexity", lambda e: e["perplexity"]["value"] if e["perplexity"] else None, True,
              2),
@@ -410,7 +437,8 @@ def _winners(results: dict[str, Any]) -> list[str]:
             scored = [(v, m) for v, m in scored if v is not None]
             if not scored:
                 continue
-            scored.sort(reverse=not better_low)
+            sign = 1 if better_low else -1
+            scored.sort(key=lambda item: (sign * round(item[0], digits), item[1]))
             ranking = ", ".join(f"{m} {_cell(v, digits)}" for v, m in scored)
             lines.append(f"- ratio {ratio:g}, {label}: {ranking}")
     return lines
@@ -449,6 +477,37 @@ def _skipped_tasks(results: dict[str, Any]) -> str:
     return f" Skipped: {', '.join(skipped)} ({whose} not fit the model's context)."
 
 
+def _run_records(results: dict[str, Any], part: str) -> dict[str, Any]:
+    """A part of the compression records (``probe``, ``reconstruct``) the runs share, from the
+    first run that holds it; empty where none does."""
+    found = [(run.get("record") or {}).get(part) for run in results["runs"]]
+    return next((value for value in found if isinstance(value, dict)), {})
+
+
+def _seed_lines(results: dict[str, Any]) -> list[str]:
+    """The seed every run read and what it drew, and the probe sampled from it; nothing where
+    no run read a seed."""
+    seed = results["settings"].get("seed")
+    if seed is None:
+        return []
+    probe = _run_records(results, "probe")
+    drawn = [*(["the probe text"] if probe else []),
+             *(["random rows"] if "random" in results["methods"] else []),
+             *(["the PruneNet policy's training and its sampled rows"]
+               if PruneNet.name in results["methods"] else [])]
+    lines = [f"- Seed: {seed}, the same for every run ({', '.join(drawn)})."]
+    if probe:
+        sequences, length = probe.get("shape") or ("?", probe.get("sequence_length"))
+        readers = list(dict.fromkeys(run["method"] for run in results["runs"]
+                                     if "probe" in (run.get("record") or {})))
+        readers_named = ("every run" if len(readers) == len(results["methods"])
+                         else f"every {', '.join(readers)} run")
+        lines.append(f"- Probe: {sequences} sequences of {length} tokens of the model's own "
+                     f"text, sampled at temperature {probe.get('temperature'):g} from seed "
+                     f"{probe.get('seed')}; made once and read by {readers_named}.")
+    return lines
+
+
 def render_report(results: dict[str, Any], plots: Sequence[str] = PLOTS) -> str:
     """``report.md``: settings, the table, per-ratio rankings and the ``plots`` (file names)."""
     settings = results["settings"]
@@ -480,9 +539,12 @@ def render_report(results: dict[str, Any], plots: Sequence[str] = PLOTS) -> str:
                      "fraction of its FFN neurons, and the row "
                      f"`{input_label(results)}` stands where the dense model would.")
     refit = settings.get("reconstruct", "none")
+    ridge = _run_records(results, "reconstruct").get("ridge")
     lines.append("- Refit after every method: none (the selections alone)." if refit == "none"
-                 else f"- Refit after every method: `{refit}` on the model's own probe text "
-                 f"(named `+{refit}` in the tables).")
+                 else f"- Refit after every method: `{refit}` on the model's own probe text"
+                 + (f", ridge {ridge:g}" if ridge is not None else "")
+                 + f" (named `+{refit}` in the tables).")
+    lines += _seed_lines(results)
     for method in results["methods"]:
         lines.append(f"- {method}: {SELECTORS[method].summary}." if method in SELECTORS
                      else f"- {method}.")

@@ -170,6 +170,14 @@ def _kept_share(ratio: float) -> Fraction:
     return 1 - Fraction(repr(float(ratio)))
 
 
+def check_ratio(ratio: float) -> None:
+    """Refuse a compression ratio that is not a number in [0, 1) (a bool, a string, NaN)."""
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
+        raise InputError(f"ratio must be a number in [0, 1), got {ratio!r}")
+    if not 0.0 <= float(ratio) < 1.0:
+        raise InputError(f"ratio must be in [0, 1), got {ratio}")
+
+
 def kept_count(d_ff: int, ratio: float, multiple: int = 1) -> int:
     """Neurons kept per layer at compression ``ratio``: ``floor((1 - ratio) * d_ff)``, computed
     exactly on the ratio as written (its shortest decimal form): 0.34 of 100 keeps 66, where
@@ -179,10 +187,7 @@ def kept_count(d_ff: int, ratio: float, multiple: int = 1) -> int:
     quantization blocks, whole kernel tiles), at least ``multiple`` and, for a positive ratio,
     less than ``d_ff``.
     """
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
-        raise InputError(f"ratio must be a number in [0, 1), got {ratio!r}")
-    if not 0.0 <= float(ratio) < 1.0:
-        raise InputError(f"ratio must be in [0, 1), got {ratio}")
+    check_ratio(ratio)
     check_multiple(multiple)
     if multiple > 1:
         largest = (d_ff - (1 if ratio > 0 else 0)) // multiple * multiple
