@@ -459,39 +459,7 @@ def run(args: argparse.Namespace) -> None:
             seeds = ([int(s) for s in args.random_seeds.split(",")]
                      if method in ("random", "prunenet", "prunenet-topk") else [0])
             for seed in seeds:
-                key = {"method": method, "refit": refit, "score": score, "text": text,
-                       "tokens": tokens, "ratio": ratio, "seed": seed, "windows": args.windows,
-                       "probe_seed": args.seed, "ridge": args.ridge,
-                       "probe_length": args.probe_length}
-                if (args.probe_batch, args.first_token) != (16, "bos"):
-                    key.update(probe_batch=args.probe_batch, first_token=args.first_token)
-                if args.eval_text != "wiki":
-                    key["eval_text"] = args.eval_text
-                if args.model != DEFAULT_MODEL:
-                    key["model"] = args.model
-                if text == "probe" and (args.temperature, args.top_p) != (1.0, 1.0):
-                    key.update(temperature=args.temperature, top_p=args.top_p)
-                if text == "probe" and args.min_p:
-                    key["min_p"] = args.min_p
-                if text == "probe" and args.prompt:
-                    key["prompt"] = args.prompt
-                if text == "probe" and args.one_script:
-                    key["one_script"] = True
-                if text == "probe" and args.skip_positions:
-                    key["skip_positions"] = args.skip_positions
-                if text == "probe" and args.select_tokens:
-                    key["select_tokens"] = args.select_tokens
-                if text == "probe" and args.keep_likely < 1.0:
-                    key["keep_likely"] = args.keep_likely
-                if args.weight_tokens != "none":
-                    key["weight_tokens"] = args.weight_tokens
-                if args.mlp_bias:
-                    key["mlp_bias"] = True
-                if text == "probe":  # runs logged without it drew with torch.multinomial
-                    key["sampler"] = SAMPLER
-                if text == "probe" and args.start_temperature is not None:
-                    key.update(start_temperature=args.start_temperature,
-                               warmup_tokens=args.warmup_tokens)
+                key = run_key(args, job, ratio, seed)
                 if json.dumps(key) in done:
                     continue
                 stats, info = text_statistics(text, tokens)
@@ -596,15 +564,7 @@ def cross(args: argparse.Namespace) -> None:
             runs.append((f"rows and refit real in layers {group[0]}-{group[-1]} only", texts,
                          texts))
         for method, row_texts, refit_texts in runs:
-            key = {"method": method, "refit": "ls", "score": "wanda", "text": "probe+real",
-                   "tokens": args.tokens, "ratio": ratio, "seed": 0, "windows": args.windows,
-                   "probe_seed": args.seed, "ridge": args.ridge,
-                   "probe_length": args.probe_length, "probe_batch": args.probe_batch,
-                   "temperature": args.temperature, "sampler": SAMPLER}
-            if args.eval_text != "wiki":
-                key["eval_text"] = args.eval_text
-            if args.model != DEFAULT_MODEL:
-                key["model"] = args.model
+            key = cross_key(args, method, ratio)
             if json.dumps(key) in done:
                 continue
             pruned = copy.deepcopy(model)
@@ -712,6 +672,60 @@ def _parse(job: str, args) -> tuple[str, str, str, str, int]:
     return method, refit, score, text, tokens
 
 
+def run_key(args: argparse.Namespace, job: str, ratio: float, seed: int) -> dict:
+    """The log key of one run of :func:`run`: every setting its perplexity depends on, those at
+    their defaults left out (so that runs logged before a setting existed still match)."""
+    method, refit, score, text, tokens = _parse(job, args)
+    key = {"method": method, "refit": refit, "score": score, "text": text,
+           "tokens": tokens, "ratio": ratio, "seed": seed, "windows": args.windows,
+           "probe_seed": args.seed, "ridge": args.ridge,
+           "probe_length": args.probe_length}
+    if (args.probe_batch, args.first_token) != (16, "bos"):
+        key.update(probe_batch=args.probe_batch, first_token=args.first_token)
+    if args.eval_text != "wiki":
+        key["eval_text"] = args.eval_text
+    if args.model != DEFAULT_MODEL:
+        key["model"] = args.model
+    if text == "probe" and (args.temperature, args.top_p) != (1.0, 1.0):
+        key.update(temperature=args.temperature, top_p=args.top_p)
+    if text == "probe" and args.min_p:
+        key["min_p"] = args.min_p
+    if text == "probe" and args.prompt:
+        key["prompt"] = args.prompt
+    if text == "probe" and args.one_script:
+        key["one_script"] = True
+    if text == "probe" and args.skip_positions:
+        key["skip_positions"] = args.skip_positions
+    if text == "probe" and args.select_tokens:
+        key["select_tokens"] = args.select_tokens
+    if text == "probe" and args.keep_likely < 1.0:
+        key["keep_likely"] = args.keep_likely
+    if args.weight_tokens != "none":
+        key["weight_tokens"] = args.weight_tokens
+    if args.mlp_bias:
+        key["mlp_bias"] = True
+    if text == "probe":  # runs logged without it drew with torch.multinomial
+        key["sampler"] = SAMPLER
+    if text == "probe" and args.start_temperature is not None:
+        key.update(start_temperature=args.start_temperature,
+                   warmup_tokens=args.warmup_tokens)
+    return key
+
+
+def cross_key(args: argparse.Namespace, method: str, ratio: float) -> dict:
+    """The log key of one run of :func:`cross` (``method``: its rows and refit texts)."""
+    key = {"method": method, "refit": "ls", "score": "wanda", "text": "probe+real",
+           "tokens": args.tokens, "ratio": ratio, "seed": 0, "windows": args.windows,
+           "probe_seed": args.seed, "ridge": args.ridge,
+           "probe_length": args.probe_length, "probe_batch": args.probe_batch,
+           "temperature": args.temperature, "sampler": SAMPLER}
+    if args.eval_text != "wiki":
+        key["eval_text"] = args.eval_text
+    if args.model != DEFAULT_MODEL:
+        key["model"] = args.model
+    return key
+
+
 def _mean_errors(record: dict) -> dict:
     layers = record["layers"]
     return {"sliced": statistics.mean(x["relative_error_sliced"] for x in layers),
@@ -806,7 +820,7 @@ def report(log: Path, windows: int | None = None) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help="the dense model (an alias or a folder); recorded in each run's key "
@@ -864,7 +878,11 @@ def main() -> None:
                         help="instead: the rows of one text refitted on the other's statistics, "
                         "and the calibrated rows and refit in each group of LAYERS consecutive "
                         "layers only (0: no groups)")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     if args.report:
         print(report(Path(args.log), args.report_windows))
     elif args.ridge_sweep:
