@@ -70,6 +70,7 @@ from prunenet.slicing import slice_model
 CACHE = Path.home() / ".cache" / "prunenet" / "bench-reconstruct"
 LOG = "benchmarks/results/quality_reconstruct.jsonl"
 DEFAULT_MODEL = "smollm2-135m"
+EPISODES = 20  # the policy's training episodes of the logged prunenet runs (no key field)
 
 
 def probe_text(model, tokenizer, tokens: int, seed: int, recipe: ProbeRecipe,
@@ -709,6 +710,8 @@ def run_key(args: argparse.Namespace, job: str, ratio: float, seed: int) -> dict
     if text == "probe" and args.start_temperature is not None:
         key.update(start_temperature=args.start_temperature,
                    warmup_tokens=args.warmup_tokens)
+    if method in ("prunenet", "prunenet-topk") and args.episodes != EPISODES:
+        key["episodes"] = args.episodes
     return key
 
 
@@ -723,6 +726,18 @@ def cross_key(args: argparse.Namespace, method: str, ratio: float) -> dict:
         key["eval_text"] = args.eval_text
     if args.model != DEFAULT_MODEL:
         key["model"] = args.model
+    if args.first_token != "bos":
+        key["first_token"] = args.first_token
+    if args.top_p != 1.0:
+        key["top_p"] = args.top_p
+    if args.min_p:
+        key["min_p"] = args.min_p
+    if args.prompt:
+        key["prompt"] = args.prompt
+    if args.one_script:
+        key["one_script"] = True
+    if args.start_temperature is not None:
+        key.update(start_temperature=args.start_temperature, warmup_tokens=args.warmup_tokens)
     return key
 
 
@@ -868,7 +883,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="give the second FFN matrix a bias of zeros first (refit jobs "
                              "'bias': FLAP's mean compensation; 'ls' then fits the bias too)")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--episodes", type=int, default=5, help="prunenet policy training")
+    parser.add_argument("--episodes", type=int, default=EPISODES,
+                        help="prunenet policy training (recorded in the key unless the default)")
     parser.add_argument("--log", default=LOG)
     parser.add_argument("--report", action="store_true")
     parser.add_argument("--report-windows", type=int, help="--report: only these runs")
