@@ -763,7 +763,8 @@ def _records(log: Path) -> list[dict]:
 
 
 def _recipe_label(key: dict) -> str:
-    """The probe recipe of a run, as the table shows it (blank: BOS start, T 1, top-p 1)."""
+    """The probe recipe of a run, as the table shows it (blank: BOS start, T 1, top-p 1,
+    batches of 32)."""
     parts = []
     if key.get("first_token", "bos") != "bos":
         parts.append(f"{key['first_token']} start")
@@ -787,6 +788,9 @@ def _recipe_label(key: dict) -> str:
         parts.append(f"likeliest {key['keep_likely']:.0%} of a larger probe")
     if key.get("probe_length", 256) != 256 and key["text"] == "probe":
         parts.append(f"sequences of {key['probe_length']}")
+    # 32: ProbeRecipe's batch, $B's in quality_reconstruct.md (the key leaves out the script's 16)
+    if key.get("probe_batch", 16) != 32 and "probe" in key["text"]:
+        parts.append(f"batches of {key.get('probe_batch', 16)}")
     if key.get("weight_tokens"):
         parts.append(f"tokens weighted by 1/{key['weight_tokens']} norm^2")
     if key.get("sampler"):
@@ -795,29 +799,31 @@ def _recipe_label(key: dict) -> str:
 
 
 def report(log: Path, windows: int | None = None) -> str:
-    """Markdown: perplexity per (method, refit, score, text, tokens, recipe, windows, evaluation
-    text, ridge) and ratio; repeated seeds (random selection's, or the probe's) as the geometric
-    mean with the range and count. ``windows``: only runs on that many evaluation windows."""
+    """Markdown: perplexity per (model, method and the policy's episodes, refit, score, text,
+    tokens, recipe, windows, evaluation text, ridge) and ratio; repeated seeds (random
+    selection's, or the probe's) as the geometric mean with the range and count. ``windows``:
+    only runs on that many evaluation windows."""
     groups: dict[tuple, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
     dense = {}
     for entry in _records(log):
         key = entry["key"]
         if windows is not None and key["windows"] != windows:
             continue
-        evaluated_on = key.get("eval_text", "wiki")
+        evaluated_on, model = key.get("eval_text", "wiki"), key.get("model", DEFAULT_MODEL)
         if key["method"] == "dense":
-            dense[(key["windows"], evaluated_on)] = entry["perplexity"]
+            dense[(model, key["windows"], evaluated_on)] = entry["perplexity"]
             continue
         refit = key["refit"] + (" (zero bias added)" if key.get("mlp_bias") else "")
-        group = (key["method"], refit, key["score"], key["text"], key["tokens"],
+        method = key["method"] + (f" ({key['episodes']} episodes)" if "episodes" in key else "")
+        group = (model, method, refit, key["score"], key["text"], key["tokens"],
                  _recipe_label(key), key["windows"], evaluated_on, key.get("ridge"))
         groups[group][key["ratio"]].append(entry["perplexity"])
     ratios = sorted({r for cells in groups.values() for r in cells})
-    lines = ["| method | refit | score | text | tokens | probe recipe | windows | evaluated on | "
-             "ridge | " + " | ".join(f"r={r}" for r in ratios) + " |",
-             "|---" * (len(ratios) + 9) + "|"]
-    for (count, evaluated_on), value in sorted(dense.items()):
-        lines.append(f"| dense | - | - | - | - | - | {count} | {evaluated_on} | - | "
+    lines = ["| model | method | refit | score | text | tokens | probe recipe | windows | "
+             "evaluated on | ridge | " + " | ".join(f"r={r}" for r in ratios) + " |",
+             "|---" * (len(ratios) + 10) + "|"]
+    for (model, count, evaluated_on), value in sorted(dense.items()):
+        lines.append(f"| {model} | dense | - | - | - | - | - | {count} | {evaluated_on} | - | "
                      + " | ".join(f"{value:.2f}" for _ in ratios) + " |")
     for group, cells in sorted(groups.items(), key=lambda item: str(item[0])):
         values = []

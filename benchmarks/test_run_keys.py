@@ -15,7 +15,7 @@ import pytest
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from quality_reconstruct import build_parser, cross_key, run_key  # noqa: E402
+from quality_reconstruct import build_parser, cross_key, report, run_key  # noqa: E402
 
 # $B of benchmarks/quality_reconstruct.md
 B = "--windows 16 --probe-length 256 --probe-batch 32"
@@ -105,3 +105,36 @@ def test_documented_cross_command_finds_its_logged_runs():
     for method in ("rows probe, refit probe", "rows real, refit probe", "rows probe, refit real",
                    "rows real, refit real"):
         assert json.dumps(cross_key(args, method, 0.3)) in logged
+
+
+def _report(tmp_path, keys_and_values) -> list[str]:
+    log = tmp_path / "log.jsonl"
+    log.write_text("".join(json.dumps({"key": key, "perplexity": value}) + "\n"
+                           for key, value in keys_and_values))
+    return report(log).splitlines()
+
+
+def test_report_gives_the_geometric_mean_and_range_over_seeds(tmp_path):
+    args = _args(B)
+    runs = [(run_key(args, "random:ls", 0.3, seed), value)
+            for seed, value in enumerate((10.0, 20.0, 40.0))]
+    runs.append((run_key(args, "random:ls", 0.2, 0), 12.5))
+    (row,) = [line for line in _report(tmp_path, runs) if "| random |" in line]
+    assert row.endswith("| 12.50 | 20.00 (10.00-40.00, n=3) |")
+
+
+@pytest.mark.parametrize(("job", "other"), [
+    ("prunenet:ls", "--episodes 5"), ("self-generated:ls", "--probe-batch 16"),
+    ("self-generated:ls", "--model gemma3-270m"), ("random:ls", "--model gemma3-270m")])
+def test_report_keeps_runs_of_other_settings_apart(tmp_path, job, other):
+    runs = [(run_key(_args(B), job, 0.3, 0), 30.0), (run_key(_args(f"{B} {other}"), job, 0.3, 0),
+                                                     40.0)]
+    rows = _report(tmp_path, runs)[2:]
+    assert len(rows) == 2 and not any("n=2" in row for row in rows)
+
+
+def test_report_keeps_the_dense_runs_of_two_models_apart(tmp_path):
+    dense = {"method": "dense", "windows": 16}
+    rows = _report(tmp_path, [(dense, 19.82), ({**dense, "model": "gemma3-270m"}, 25.0),
+                              (run_key(_args(B), "random:ls", 0.3, 0), 30.0)])
+    assert sum("19.82" in row for row in rows) == 1 and sum("25.00" in row for row in rows) == 1
