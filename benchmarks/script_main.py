@@ -1,6 +1,6 @@
 """How every benchmark script runs its ``main``: an error prunenet raises on purpose (a model
 or asset not fetched, a path that does not exist) ends the script with the one line the
-command line would print, not a traceback from deep inside the library."""
+command line prints, not a traceback from deep inside the library."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from prunenet.cli import error_line
 from prunenet.errors import PruneNetError
 
 
@@ -18,5 +17,5 @@ def run_script(main: Callable[[], int | None]) -> None:
     try:
         status = main()
     except PruneNetError as error:
-        raise SystemExit(f"{Path(sys.argv[0]).name}: error: {error_line(error)}") from None
+        raise SystemExit(f"{Path(sys.argv[0]).name}: error: {error}") from None
     raise SystemExit(status)
