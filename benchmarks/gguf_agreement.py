@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gguf_output import PROMPT, kl_per_token, load  # noqa: E402
+from gguf_output import PROMPT, import_llama_cpp, kl_per_token, load  # noqa: E402
 
 
 def main() -> None:
@@ -30,11 +30,7 @@ def main() -> None:
     path = args.gguf.expanduser()
     if not path.is_file():
         raise SystemExit(f"gguf_agreement.py: error: {path} is not a file")
-    try:
-        import llama_cpp
-    except ImportError:
-        raise SystemExit("gguf_agreement.py: error: needs llama-cpp-python, which "
-                         "scripts/test.sh installs into .venv") from None
+    llama_cpp = import_llama_cpp("gguf_agreement.py")
     llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=128, n_threads=2,
                           n_batch=128, seed=0, verbose=False)
     ids = llm.tokenize(PROMPT, add_bos=True)

@@ -27,6 +27,8 @@ MISSING = [
     (["speed.py", "--skip-llama"], "speed.py: error: smollm2-135m is not in "),
     (["score_vs_text.py", "0"], "score_vs_text.py: error: smollm2-135m is not in "),
     (["gguf_output.py"], "gguf_output.py: error: asset 'smollm2-gguf' is not in "),
+    (["gguf_output.py", "--gguf", "/nonexistent.gguf"],
+     "gguf_output.py: error: /nonexistent.gguf is not a file"),
     (["gguf_identity.py", "OUT/fingerprints.json"],
      "gguf_identity.py: error: asset 'tinycoder-gguf' is not in "),
     (["gguf_agreement.py", "/nonexistent.gguf"],
@@ -38,7 +40,7 @@ MISSING = [
 ]
 
 
-@pytest.mark.parametrize(("command", "message"), MISSING, ids=[c[0] for c, _ in MISSING])
+@pytest.mark.parametrize(("command", "message"), MISSING, ids=[" ".join(c[:3]) for c, _ in MISSING])
 def test_a_missing_model_or_asset_ends_the_script_with_one_line(tmp_path, command, message):
     (tmp_path / "cache").mkdir()
     arguments = [word.replace("OUT", str(tmp_path)) for word in command]
@@ -50,13 +52,20 @@ def test_a_missing_model_or_asset_ends_the_script_with_one_line(tmp_path, comman
     assert done.stderr.strip().splitlines()[-1].startswith(message)
 
 
-def test_gguf_agreement_without_llama_cpp_says_what_to_install(tmp_path, monkeypatch):
+@pytest.mark.parametrize("script", ["gguf_agreement", "gguf_output"])
+def test_the_gguf_checks_without_llama_cpp_say_what_to_install(tmp_path, monkeypatch, script):
     sys.path.insert(0, str(HERE))
-    import gguf_agreement
-
+    module = __import__(script)
     gguf = tmp_path / "model.gguf"
     gguf.write_bytes(b"GGUF")
+
+    def tokenizer(*_args, **_kwargs):  # gguf_output reads the tokenizer first
+        return None
+
+    monkeypatch.setattr(module, "AutoTokenizer", type("T", (), {"from_pretrained": tokenizer}),
+                        raising=False)
     monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import llama_cpp raises ImportError
-    monkeypatch.setattr(sys, "argv", ["gguf_agreement.py", str(gguf)])
-    with pytest.raises(SystemExit, match="needs llama-cpp-python"):
-        gguf_agreement.main()
+    argv = [str(gguf)] if script == "gguf_agreement" else ["--gguf", str(gguf)]
+    monkeypatch.setattr(sys, "argv", [f"{script}.py", *argv])
+    with pytest.raises(SystemExit, match=f"^{script}.py: error: needs llama-cpp-python"):
+        module.main()
