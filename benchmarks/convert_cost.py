@@ -65,6 +65,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("gguf", help="the .gguf file to convert")
     args = parser.parse_args()
+    if not Path(args.gguf).is_file():  # before three children fail on it
+        raise SystemExit(f"convert_cost.py: error: {args.gguf} is not a file")
     runs = []
     with tempfile.TemporaryDirectory() as folder:
         for index, (name, child) in enumerate(CHILDREN.items()):
@@ -92,4 +94,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from script_main import run_script
+
+    run_script(main)

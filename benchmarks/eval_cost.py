@@ -38,9 +38,10 @@ def run(arguments: list[str], budget: str | None, folder: Path) -> dict:
     started = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", CHILD, *command], capture_output=True,
                           text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"prunenet eval failed ({budget}): {done.stderr.strip()[-2000:]}")
-    measured = json.loads(done.stdout.strip().splitlines()[-1])
+    measured = json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else {}
+    if measured.get("status") != 0:  # prunenet's own errors return a status, not an exception
+        raise SystemExit(f"prunenet eval failed ({budget or 'in memory'}): "
+                         f"{done.stderr.strip()[-2000:]}")
     result = json.loads(result_file.read_text())
     return {"max_memory": budget, "wall_s": round(time.perf_counter() - started, 1), **measured,
             "perplexity": (result["perplexity"] or {}).get("value"),
@@ -72,4 +73,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from script_main import run_script
+
+    run_script(main)

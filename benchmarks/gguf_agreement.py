@@ -19,17 +19,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gguf_output import PROMPT, kl_per_token, load  # noqa: E402
+from gguf_output import PROMPT, import_llama_cpp, kl_per_token, load  # noqa: E402
 
 
 def main() -> None:
-    import llama_cpp
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("gguf", type=Path)
     parser.add_argument("--tokens", type=int, default=12, help="greedy tokens to check")
     args = parser.parse_args()
     path = args.gguf.expanduser()
+    if not path.is_file():
+        raise SystemExit(f"gguf_agreement.py: error: {path} is not a file")
+    llama_cpp = import_llama_cpp("gguf_agreement.py")
     llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=128, n_threads=2,
                           n_batch=128, seed=0, verbose=False)
     ids = llm.tokenize(PROMPT, add_bos=True)
@@ -55,4 +56,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from script_main import run_script
+
+    run_script(main)

@@ -25,8 +25,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from gguf import GGMLQuantizationType  # noqa: E402
-from test_gguf_out import GGUF_ARCHITECTURES, _asset, _load_gguf, _tiny_gguf  # noqa: E402
+from test_gguf_out import GGUF_ARCHITECTURES, _load_gguf, _tiny_gguf  # noqa: E402
 
+from prunenet.assets import asset_path  # noqa: E402
 from prunenet.io.gguf_out import write_pruned_gguf  # noqa: E402
 from prunenet.model_view import FFNView  # noqa: E402
 from prunenet.slicing import slice_model  # noqa: E402
@@ -65,7 +66,7 @@ def main() -> None:
     args = parser.parse_args()
     found: dict[str, str] = {}
     with tempfile.TemporaryDirectory() as folder:
-        tiny = _asset("tinycoder-gguf") / "tiny.gguf"
+        tiny = asset_path("tinycoder-gguf") / "tiny.gguf"  # not fetched: a one-line error
         for architecture in GGUF_ARCHITECTURES:
             for source_type in SOURCE_TYPES:
                 name = f"{architecture}-{source_type}"
@@ -74,7 +75,7 @@ def main() -> None:
                                     architecture=architecture)
                 found |= fingerprints(source, Path(folder), name, DOWN_TYPES)
         if args.real:
-            found |= fingerprints(_asset("smollm2-gguf") / "SmolLM2-135M-Instruct.Q4_1.gguf",
+            found |= fingerprints(asset_path("smollm2-gguf") / "SmolLM2-135M-Instruct.Q4_1.gguf",
                                   Path(folder), "smollm2", [None], ratio=0.3)
     Path(args.out).write_text(json.dumps(found, indent=1, sort_keys=True) + "\n")
     print(f"{len(found)} GGUF outputs fingerprinted into {args.out}")
@@ -89,4 +90,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from script_main import run_script
+
+    run_script(main)

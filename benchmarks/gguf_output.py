@@ -47,9 +47,18 @@ def nll(lp: torch.Tensor, ids: list[int]) -> float:
     return float(-lp[:-1].gather(1, torch.tensor(ids[1:])[:, None]).mean())
 
 
-def llama_cpp_log_probs(path: Path, ids: list[int]) -> tuple[torch.Tensor, str]:
-    import llama_cpp
+def import_llama_cpp(script: str):
+    """The llama_cpp module, or an exit saying how to install it (``script`` names the caller)."""
+    try:
+        import llama_cpp
+    except ImportError:
+        raise SystemExit(f"{script}: error: needs llama-cpp-python, which scripts/test.sh "
+                         "installs into .venv") from None
+    return llama_cpp
 
+
+def llama_cpp_log_probs(path: Path, ids: list[int]) -> tuple[torch.Tensor, str]:
+    llama_cpp = import_llama_cpp("gguf_output.py")
     llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=128, n_threads=2,
                           verbose=False)
     llm.eval(ids)
@@ -82,7 +91,10 @@ def main() -> None:
         tokenizer = AutoTokenizer.from_pretrained(smollm2_path())
     else:
         source = args.gguf.expanduser()
+        if not source.is_file():
+            raise SystemExit(f"gguf_output.py: error: {source} is not a file")
         tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+    import_llama_cpp("gguf_output.py")  # before minutes of compression
     options = {"round_to": args.round_to}
     if args.probe_tokens is not None:
         options["probe_tokens"] = args.probe_tokens
@@ -137,4 +149,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from script_main import run_script
+
+    run_script(main)

@@ -65,6 +65,8 @@ def _one_run(policy: str, out: str, arguments: list[str]) -> None:
     started = time.perf_counter()
     status = main(["-q", "compress", *arguments, "--out", out])
     seconds = time.perf_counter() - started
+    if status:  # prunenet printed why
+        raise SystemExit(status)
     digest = hashlib.sha256(Path(out, "model.safetensors").read_bytes()).hexdigest()
     print(json.dumps({"policy": policy, "status": status, "seconds": round(seconds, 1),
                       "peak_rss_mib": round(streaming.peak_rss() / 2**20, 1),
@@ -90,9 +92,14 @@ def main() -> None:
         for repeat in range(args.repeats):  # each policy first in every other repeat
             for policy in pair if repeat % 2 == 0 else pair[::-1]:
                 out = str(Path(work) / f"out-{policy}-{repeat}")
-                subprocess.run([sys.executable, __file__, "--one", policy, out, "--",
-                                *args.arguments], check=True)
+                done = subprocess.run([sys.executable, __file__, "--one", policy, out, "--",
+                                       *args.arguments])
+                if done.returncode:
+                    raise SystemExit(f"heap_threshold.py: the compression under {policy} failed "
+                                     f"(exit {done.returncode}; its error is above)")
 
 
 if __name__ == "__main__":
-    main()
+    from script_main import run_script
+
+    run_script(main)

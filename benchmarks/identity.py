@@ -310,4 +310,6 @@ def main_cli() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main_cli())
+    from script_main import run_script
+
+    run_script(main_cli)

@@ -46,6 +46,7 @@ from prunenet.selection.base import top_rows
 from prunenet.selection.self_generated import self_generated_scores
 from prunenet.slicing import slice_model
 
+DEFAULT_MODEL = "smollm2-135m"
 Selector = Callable[[torch.nn.Module, float, int], tuple[list[Tensor], float]]
 
 
@@ -203,35 +204,56 @@ VARIANTS: dict[str, tuple[Selector, bool]] = {  # name -> (selector, stochastic)
 }
 
 
+def run_entry(model: str, variant: str, ratio: float, seed: int, windows: int) -> dict:
+    """The fields of a log record that name its run (the model only when not the default, as
+    the records logged before it was named)."""
+    entry = {"variant": variant, "ratio": ratio, "seed": seed, "windows": windows}
+    if model != DEFAULT_MODEL:
+        entry["model"] = model
+    return entry
+
+
+def run_id(record: dict) -> tuple:
+    """What a logged run is skipped by: its variant, ratio, seed, windows and model."""
+    return (record["variant"], record["ratio"], record["seed"], record["windows"],
+            record.get("model", DEFAULT_MODEL))
+
+
+def done_runs(log_path: Path) -> set[tuple]:
+    """The :func:`run_id` of every run in the log (none when there is no log)."""
+    if not log_path.exists():
+        return set()
+    return {run_id(json.loads(line)) for line in log_path.read_text().splitlines()}
+
+
 def run_sweep(args: argparse.Namespace) -> None:
+    names = args.variants.split(",")
+    unknown = [name for name in names if name not in VARIANTS]
+    if unknown:  # before the model loads
+        raise SystemExit(f"unknown variant {unknown[0]!r}; use one of {', '.join(VARIANTS)}")
     log_path = Path(args.log)
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    done = set()
-    if log_path.exists():
-        for line in log_path.read_text().splitlines():
-            record = json.loads(line)
-            done.add((record["variant"], record["ratio"], record["seed"], record["windows"]))
+    done = done_runs(log_path)
     model, tokenizer = load_model_and_tokenizer(args.model)
     model.eval()
     windows = load_corpus("wiki", tokenizer).evaluation_windows(1024, args.windows)
     torch.set_num_threads(args.threads)
-    if ("dense", 0.0, 0, args.windows) not in done:
-        _append(log_path, {"variant": "dense", "ratio": 0.0, "seed": 0, "windows": args.windows,
-                           "perplexity": perplexity(model, windows, progress=False),
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    dense = run_entry(args.model, "dense", 0.0, 0, args.windows)
+    if run_id(dense) not in done:
+        _append(log_path, {**dense, "perplexity": perplexity(model, windows, progress=False),
                            "select_seconds": 0.0})
-    for name in args.variants.split(","):
+    for name in names:
         selector, stochastic = VARIANTS[name]
         for ratio in [float(r) for r in args.ratios.split(",")]:
             for seed in [int(s) for s in args.seeds.split(",")] if stochastic else [0]:
-                if (name, ratio, seed, args.windows) in done:
+                entry = run_entry(args.model, name, ratio, seed, args.windows)
+                if run_id(entry) in done:
                     continue
                 pruned = copy.deepcopy(model)
                 rows, seconds = selector(pruned, ratio, seed)
                 slice_model(pruned, rows)
                 value = perplexity(pruned, windows, progress=False)
-                _append(log_path, {"variant": name, "ratio": ratio, "seed": seed,
-                                   "windows": args.windows, "perplexity": value,
-                                   "select_seconds": seconds})
+                _append(log_path, {**entry, "perplexity": value, "select_seconds": seconds})
                 print(f"{name} r={ratio} seed={seed}: ppl {value:.2f} ({seconds:.1f} s)",
                       flush=True)
                 del pruned
@@ -282,15 +304,17 @@ def _append(path: Path, record: dict) -> None:
 
 
 def report(path: str) -> str:
-    """Markdown table: mean (min-max over seeds) perplexity per variant and ratio."""
+    """Markdown table: the geometric mean (min-max over seeds) perplexity per model, variant,
+    windows and ratio."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for line in Path(path).read_text().splitlines():
         record = json.loads(line)
-        groups[(record["variant"], record["windows"])].append(record)
+        groups[(record.get("model", DEFAULT_MODEL), record["variant"], record["windows"])
+               ].append(record)
     ratios = sorted({r["ratio"] for rs in groups.values() for r in rs if r["ratio"] > 0})
-    lines = ["| variant | windows | seeds | " + " | ".join(f"r={r}" for r in ratios)
-             + " | select s (mean) |", "|---" * (len(ratios) + 4) + "|"]
-    for (name, count), records in groups.items():
+    lines = ["| model | variant | windows | seeds | " + " | ".join(f"r={r}" for r in ratios)
+             + " | select s (mean) |", "|---" * (len(ratios) + 5) + "|"]
+    for (model, name, count), records in groups.items():
         cells = []
         for ratio in ratios:
             values = [r["perplexity"] for r in records if r["ratio"] == ratio]
@@ -299,7 +323,7 @@ def report(path: str) -> str:
         seconds = statistics.mean(r["select_seconds"] for r in records)
         if name == "dense":
             cells = [f"{records[0]['perplexity']:.2f} (dense)"] * len(ratios)
-        lines.append(f"| {name} | {count} | {seeds} | " + " | ".join(cells)
+        lines.append(f"| {model} | {name} | {count} | {seeds} | " + " | ".join(cells)
                      + f" | {seconds:.1f} |")
     return "\n".join(lines)
 
@@ -320,7 +344,8 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--windows", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help="the dense model (recorded in each run unless the default)")
     parser.add_argument("--log", default="benchmarks/results/quality_screen.jsonl")
     parser.add_argument("--report", metavar="LOG", help="print the table of LOG and exit")
     parser.add_argument("--second-family", metavar="TYPES",
@@ -339,4 +364,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from script_main import run_script
+
+    run_script(main)

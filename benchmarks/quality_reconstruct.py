@@ -70,6 +70,7 @@ from prunenet.slicing import slice_model
 CACHE = Path.home() / ".cache" / "prunenet" / "bench-reconstruct"
 LOG = "benchmarks/results/quality_reconstruct.jsonl"
 DEFAULT_MODEL = "smollm2-135m"
+EPISODES = 20  # the policy's training episodes of the logged prunenet runs (no key field)
 
 
 def probe_text(model, tokenizer, tokens: int, seed: int, recipe: ProbeRecipe,
@@ -459,39 +460,7 @@ def run(args: argparse.Namespace) -> None:
             seeds = ([int(s) for s in args.random_seeds.split(",")]
                      if method in ("random", "prunenet", "prunenet-topk") else [0])
             for seed in seeds:
-                key = {"method": method, "refit": refit, "score": score, "text": text,
-                       "tokens": tokens, "ratio": ratio, "seed": seed, "windows": args.windows,
-                       "probe_seed": args.seed, "ridge": args.ridge,
-                       "probe_length": args.probe_length}
-                if (args.probe_batch, args.first_token) != (16, "bos"):
-                    key.update(probe_batch=args.probe_batch, first_token=args.first_token)
-                if args.eval_text != "wiki":
-                    key["eval_text"] = args.eval_text
-                if args.model != DEFAULT_MODEL:
-                    key["model"] = args.model
-                if text == "probe" and (args.temperature, args.top_p) != (1.0, 1.0):
-                    key.update(temperature=args.temperature, top_p=args.top_p)
-                if text == "probe" and args.min_p:
-                    key["min_p"] = args.min_p
-                if text == "probe" and args.prompt:
-                    key["prompt"] = args.prompt
-                if text == "probe" and args.one_script:
-                    key["one_script"] = True
-                if text == "probe" and args.skip_positions:
-                    key["skip_positions"] = args.skip_positions
-                if text == "probe" and args.select_tokens:
-                    key["select_tokens"] = args.select_tokens
-                if text == "probe" and args.keep_likely < 1.0:
-                    key["keep_likely"] = args.keep_likely
-                if args.weight_tokens != "none":
-                    key["weight_tokens"] = args.weight_tokens
-                if args.mlp_bias:
-                    key["mlp_bias"] = True
-                if text == "probe":  # runs logged without it drew with torch.multinomial
-                    key["sampler"] = SAMPLER
-                if text == "probe" and args.start_temperature is not None:
-                    key.update(start_temperature=args.start_temperature,
-                               warmup_tokens=args.warmup_tokens)
+                key = run_key(args, job, ratio, seed)
                 if json.dumps(key) in done:
                     continue
                 stats, info = text_statistics(text, tokens)
@@ -596,15 +565,7 @@ def cross(args: argparse.Namespace) -> None:
             runs.append((f"rows and refit real in layers {group[0]}-{group[-1]} only", texts,
                          texts))
         for method, row_texts, refit_texts in runs:
-            key = {"method": method, "refit": "ls", "score": "wanda", "text": "probe+real",
-                   "tokens": args.tokens, "ratio": ratio, "seed": 0, "windows": args.windows,
-                   "probe_seed": args.seed, "ridge": args.ridge,
-                   "probe_length": args.probe_length, "probe_batch": args.probe_batch,
-                   "temperature": args.temperature, "sampler": SAMPLER}
-            if args.eval_text != "wiki":
-                key["eval_text"] = args.eval_text
-            if args.model != DEFAULT_MODEL:
-                key["model"] = args.model
+            key = cross_key(args, method, ratio)
             if json.dumps(key) in done:
                 continue
             pruned = copy.deepcopy(model)
@@ -712,6 +673,74 @@ def _parse(job: str, args) -> tuple[str, str, str, str, int]:
     return method, refit, score, text, tokens
 
 
+def run_key(args: argparse.Namespace, job: str, ratio: float, seed: int) -> dict:
+    """The log key of one run of :func:`run`: every setting its perplexity depends on, those at
+    their defaults left out (so that runs logged before a setting existed still match)."""
+    method, refit, score, text, tokens = _parse(job, args)
+    key = {"method": method, "refit": refit, "score": score, "text": text,
+           "tokens": tokens, "ratio": ratio, "seed": seed, "windows": args.windows,
+           "probe_seed": args.seed, "ridge": args.ridge,
+           "probe_length": args.probe_length}
+    if (args.probe_batch, args.first_token) != (16, "bos"):
+        key.update(probe_batch=args.probe_batch, first_token=args.first_token)
+    if args.eval_text != "wiki":
+        key["eval_text"] = args.eval_text
+    if args.model != DEFAULT_MODEL:
+        key["model"] = args.model
+    if text == "probe" and (args.temperature, args.top_p) != (1.0, 1.0):
+        key.update(temperature=args.temperature, top_p=args.top_p)
+    if text == "probe" and args.min_p:
+        key["min_p"] = args.min_p
+    if text == "probe" and args.prompt:
+        key["prompt"] = args.prompt
+    if text == "probe" and args.one_script:
+        key["one_script"] = True
+    if text == "probe" and args.skip_positions:
+        key["skip_positions"] = args.skip_positions
+    if text == "probe" and args.select_tokens:
+        key["select_tokens"] = args.select_tokens
+    if text == "probe" and args.keep_likely < 1.0:
+        key["keep_likely"] = args.keep_likely
+    if args.weight_tokens != "none":
+        key["weight_tokens"] = args.weight_tokens
+    if args.mlp_bias:
+        key["mlp_bias"] = True
+    if text == "probe":  # runs logged without it drew with torch.multinomial
+        key["sampler"] = SAMPLER
+    if text == "probe" and args.start_temperature is not None:
+        key.update(start_temperature=args.start_temperature,
+                   warmup_tokens=args.warmup_tokens)
+    if method in ("prunenet", "prunenet-topk") and args.episodes != EPISODES:
+        key["episodes"] = args.episodes
+    return key
+
+
+def cross_key(args: argparse.Namespace, method: str, ratio: float) -> dict:
+    """The log key of one run of :func:`cross` (``method``: its rows and refit texts)."""
+    key = {"method": method, "refit": "ls", "score": "wanda", "text": "probe+real",
+           "tokens": args.tokens, "ratio": ratio, "seed": 0, "windows": args.windows,
+           "probe_seed": args.seed, "ridge": args.ridge,
+           "probe_length": args.probe_length, "probe_batch": args.probe_batch,
+           "temperature": args.temperature, "sampler": SAMPLER}
+    if args.eval_text != "wiki":
+        key["eval_text"] = args.eval_text
+    if args.model != DEFAULT_MODEL:
+        key["model"] = args.model
+    if args.first_token != "bos":
+        key["first_token"] = args.first_token
+    if args.top_p != 1.0:
+        key["top_p"] = args.top_p
+    if args.min_p:
+        key["min_p"] = args.min_p
+    if args.prompt:
+        key["prompt"] = args.prompt
+    if args.one_script:
+        key["one_script"] = True
+    if args.start_temperature is not None:
+        key.update(start_temperature=args.start_temperature, warmup_tokens=args.warmup_tokens)
+    return key
+
+
 def _mean_errors(record: dict) -> dict:
     layers = record["layers"]
     return {"sliced": statistics.mean(x["relative_error_sliced"] for x in layers),
@@ -734,7 +763,8 @@ def _records(log: Path) -> list[dict]:
 
 
 def _recipe_label(key: dict) -> str:
-    """The probe recipe of a run, as the table shows it (blank: BOS start, T 1, top-p 1)."""
+    """The probe recipe of a run, as the table shows it (blank: BOS start, T 1, top-p 1,
+    batches of 32)."""
     parts = []
     if key.get("first_token", "bos") != "bos":
         parts.append(f"{key['first_token']} start")
@@ -758,6 +788,9 @@ def _recipe_label(key: dict) -> str:
         parts.append(f"likeliest {key['keep_likely']:.0%} of a larger probe")
     if key.get("probe_length", 256) != 256 and key["text"] == "probe":
         parts.append(f"sequences of {key['probe_length']}")
+    # 32: ProbeRecipe's batch, $B's in quality_reconstruct.md (the key leaves out the script's 16)
+    if key.get("probe_batch", 16) != 32 and "probe" in key["text"]:
+        parts.append(f"batches of {key.get('probe_batch', 16)}")
     if key.get("weight_tokens"):
         parts.append(f"tokens weighted by 1/{key['weight_tokens']} norm^2")
     if key.get("sampler"):
@@ -766,29 +799,31 @@ def _recipe_label(key: dict) -> str:
 
 
 def report(log: Path, windows: int | None = None) -> str:
-    """Markdown: perplexity per (method, refit, score, text, tokens, recipe, windows, evaluation
-    text, ridge) and ratio; repeated seeds (random selection's, or the probe's) as the geometric
-    mean with the range and count. ``windows``: only runs on that many evaluation windows."""
+    """Markdown: perplexity per (model, method and the policy's episodes, refit, score, text,
+    tokens, recipe, windows, evaluation text, ridge) and ratio; repeated seeds (random
+    selection's, or the probe's) as the geometric mean with the range and count. ``windows``:
+    only runs on that many evaluation windows."""
     groups: dict[tuple, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
     dense = {}
     for entry in _records(log):
         key = entry["key"]
         if windows is not None and key["windows"] != windows:
             continue
-        evaluated_on = key.get("eval_text", "wiki")
+        evaluated_on, model = key.get("eval_text", "wiki"), key.get("model", DEFAULT_MODEL)
         if key["method"] == "dense":
-            dense[(key["windows"], evaluated_on)] = entry["perplexity"]
+            dense[(model, key["windows"], evaluated_on)] = entry["perplexity"]
             continue
         refit = key["refit"] + (" (zero bias added)" if key.get("mlp_bias") else "")
-        group = (key["method"], refit, key["score"], key["text"], key["tokens"],
+        method = key["method"] + (f" ({key['episodes']} episodes)" if "episodes" in key else "")
+        group = (model, method, refit, key["score"], key["text"], key["tokens"],
                  _recipe_label(key), key["windows"], evaluated_on, key.get("ridge"))
         groups[group][key["ratio"]].append(entry["perplexity"])
     ratios = sorted({r for cells in groups.values() for r in cells})
-    lines = ["| method | refit | score | text | tokens | probe recipe | windows | evaluated on | "
-             "ridge | " + " | ".join(f"r={r}" for r in ratios) + " |",
-             "|---" * (len(ratios) + 9) + "|"]
-    for (count, evaluated_on), value in sorted(dense.items()):
-        lines.append(f"| dense | - | - | - | - | - | {count} | {evaluated_on} | - | "
+    lines = ["| model | method | refit | score | text | tokens | probe recipe | windows | "
+             "evaluated on | ridge | " + " | ".join(f"r={r}" for r in ratios) + " |",
+             "|---" * (len(ratios) + 10) + "|"]
+    for (model, count, evaluated_on), value in sorted(dense.items()):
+        lines.append(f"| {model} | dense | - | - | - | - | - | {count} | {evaluated_on} | - | "
                      + " | ".join(f"{value:.2f}" for _ in ratios) + " |")
     for group, cells in sorted(groups.items(), key=lambda item: str(item[0])):
         values = []
@@ -806,7 +841,7 @@ def report(log: Path, windows: int | None = None) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help="the dense model (an alias or a folder); recorded in each run's key "
@@ -854,7 +889,8 @@ def main() -> None:
                         help="give the second FFN matrix a bias of zeros first (refit jobs "
                              "'bias': FLAP's mean compensation; 'ls' then fits the bias too)")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--episodes", type=int, default=5, help="prunenet policy training")
+    parser.add_argument("--episodes", type=int, default=EPISODES,
+                        help="prunenet policy training (recorded in the key unless the default)")
     parser.add_argument("--log", default=LOG)
     parser.add_argument("--report", action="store_true")
     parser.add_argument("--report-windows", type=int, help="--report: only these runs")
@@ -864,7 +900,11 @@ def main() -> None:
                         help="instead: the rows of one text refitted on the other's statistics, "
                         "and the calibrated rows and refit in each group of LAYERS consecutive "
                         "layers only (0: no groups)")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     if args.report:
         print(report(Path(args.log), args.report_windows))
     elif args.ridge_sweep:
@@ -876,4 +916,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from script_main import run_script
+
+    run_script(main)
