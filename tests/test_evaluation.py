@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 import types
 
 import pytest
@@ -293,6 +294,40 @@ def test_lm_eval_runs_offline_on_a_tiny_model(tiny_llama_real_tokenizer_dir, mon
         # With 3 examples an accuracy is one of 0, 1/3, 2/3, 1.
         assert 0.0 <= score["value"] <= 1.0
         assert score["value"] * 3 == pytest.approx(round(score["value"] * 3))
+
+
+@pytest.mark.parametrize("positions", [2048, 40])
+def test_answers_scored_after_a_question_cut_to_fit_the_context_are_counted(
+        tiny_llama_real_tokenizer_dir, tmp_path, positions):
+    """lm-eval cuts a question from the left where question and answer exceed the model's
+    context, with a warning its log level hides: each task counts the answers it scored so,
+    as many as the question + answer token counts say, and the table names them."""
+    from datasets import load_from_disk
+
+    from prunenet.assets import asset_path
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_llama_real_tokenizer_dir, folder)
+    edit_config(folder, max_position_embeddings=positions)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    questions = load_from_disk(str(asset_path("zeroshot") / "hf_datasets/ai2_arc/ARC-Challenge/"
+                                   "validation")).select(range(2))
+    lengths = [len(tokenizer(f"Question: {question['question']}\nAnswer: {choice}",
+                             add_special_tokens=False).input_ids)
+               for question in questions for choice in question["choices"]["text"]]
+    expected = sum(length > positions + 1 for length in lengths)
+    assert (expected > 0) == (positions == 40)
+    scores = zero_shot(model, tokenizer, "arc_challenge", limit=2)
+    assert scores["arc_challenge"]["cut_answers"] == expected
+    table = format_table({"model": {"source": "m", "model_type": "llama", "num_layers": 2,
+                                    "d_ff": 48}, "compression": None,
+                          "size": {"parameters": 1, "ffn_parameters": 1, "bytes_on_disk": None},
+                          "perplexity": None, "speed": None,
+                          "zero_shot": {"limit": 2, "tasks": scores, "average": None,
+                                        "skipped": []}})
+    assert (f"{expected} of its answers scored after the question was cut to fit the context"
+            in table) == (positions == 40)
 
 
 def test_zero_shot_leaves_the_callers_random_generators_as_they_were(

@@ -319,8 +319,11 @@ def format_table(result: dict[str, Any]) -> str:
         z = result["zero_shot"]
         for name, score in z["tasks"].items():
             stderr = "" if score["stderr"] is None else f" +- {score['stderr']:.4f}"
+            cut = score.get("cut_answers")  # absent from records of earlier versions
+            cut = (f"; {cut} of its answers scored after the question was cut to fit the "
+                   "context" if cut else "")
             rows.append((f"{name} {score['metric']}",
-                         f"{score['value']:.4f}{stderr}  [{score['examples']} examples]"))
+                         f"{score['value']:.4f}{stderr}  [{score['examples']} examples{cut}]"))
         if z["average"] is not None:
             rows.append(("zero-shot average", f"{z['average']:.4f}  [{_averaged(z['tasks'])}]"))
         if z.get("skipped"):

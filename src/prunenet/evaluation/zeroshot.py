@@ -120,8 +120,10 @@ def zero_shot(
     # where accelerate keeps that layer on disk; inputs go where the dispatch runs it.
     lm._device = input_device(model)
     manager = TaskManager(include_path=str(TASK_DIR), include_defaults=False)
+    cut = _counting_cut_questions(lm)
     results = {}
     for name in names:  # one task at a time, so a task that does not fit skips alone
+        cut.clear()
         try:
             with global_generators_kept():
                 output = simple_evaluate(
@@ -140,5 +142,25 @@ def zero_shot(
             "value": float(row[f"{metric},none"]),
             "stderr": float(stderr) if isinstance(stderr, (int, float)) else None,
             "examples": int(output["n-samples"][name]["effective"]),
+            "cut_answers": len(cut),
         }
+        if cut:
+            log.warning("zero-shot task %s: %d answers were scored after a question cut from "
+                        "the left to fit the model's context of %s tokens", name, len(cut),
+                        lm.max_length)
     return results
+
+
+def _counting_cut_questions(lm: Any) -> list[None]:
+    """A list that grows by one for every answer ``lm`` scores after cutting its question
+    from the left to fit its context (lm-eval does so with a warning its log level hides)."""
+    cut: list[None] = []
+    score = lm._loglikelihood_tokens
+
+    def counted(requests, *args, **kwargs):
+        cut.extend(None for _, context, answer in requests
+                   if len(context) + len(answer) > lm.max_length + 1)
+        return score(requests, *args, **kwargs)
+
+    lm._loglikelihood_tokens = counted
+    return cut
