@@ -348,6 +348,28 @@ def test_a_conversion_of_another_gguf_is_refused_by_readers_and_made_again_by_fe
         assert assets.model_path("tiny") == target
 
 
+def test_a_conversion_without_its_card_is_read_and_made_again_by_fetch(tmp_path, monkeypatch):
+    """Conversions made before they carried a card naming the GGUF's terms are still read, and
+    a plain fetch converts them again so that the card (and any license file) is there."""
+    import prunenet.io.loading as loading
+    from prunenet.io.model_card import CARD_NAME
+
+    gguf = assets.asset_path("tinycoder-gguf") / "tiny.gguf"
+    monkeypatch.setenv("PRUNENET_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(assets.MODELS, "tiny", assets.RealModel(
+        "tinycoder-gguf", "tiny.gguf", "models/tiny", "a test model"))
+    monkeypatch.setattr(loading, "asset_path", lambda name: gguf.parent)
+    target = loading.convert_model("tiny")
+    card = (target / CARD_NAME).read_text()
+    (target / CARD_NAME).unlink()
+    assert assets.model_path("tiny") == target
+    assert loading.convert_model("tiny") == target
+    assert (target / CARD_NAME).read_text() == card
+    made = (target / "model.safetensors").stat().st_mtime_ns
+    assert loading.convert_model("tiny") == target  # now current: not made again
+    assert (target / "model.safetensors").stat().st_mtime_ns == made
+
+
 def test_fetch_names_its_assets_and_refuses_others_in_one_line(capsys, pypi):
     _, downloads = pypi
     with pytest.raises(SystemExit):

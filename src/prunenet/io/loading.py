@@ -900,11 +900,13 @@ def method_that_ran(compression: dict[str, Any]) -> str:
 def convert_model(alias: str, force: bool = False) -> Path:
     """Dequantize a real model's GGUF (:data:`prunenet.assets.MODELS`) once into a plain fp32
     safetensors folder in the cache; return the folder. A conversion of another GGUF than the
-    pinned one (made by another prunenet version) is made again like on ``force``; a folder
-    a conversion did not write is refused (:class:`OutputError`)."""
+    pinned one (made by another prunenet version) is made again like on ``force``, and so is
+    one without the card naming the GGUF's terms (made before conversions wrote it; readers
+    still read it); a folder a conversion did not write is refused (:class:`OutputError`)."""
     model_entry = MODELS[alias]
     target = cache_dir() / model_entry.folder
-    if not force and (target / "config.json").exists() and converted_from_pinned(target, alias):
+    if (not force and (target / "config.json").exists() and (target / CARD_NAME).exists()
+            and converted_from_pinned(target, alias)):
         return target
     if not is_conversion(target):
         raise OutputError(f"{target} exists and was not written by prunenet fetch; it is not "
