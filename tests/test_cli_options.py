@@ -339,13 +339,14 @@ def test_finetune_reads_a_model_alias_and_refuses_a_window_beyond_its_context_be
     path there); a window longer than the model's context is refused before the model loads."""
     import importlib
 
-    from prunenet.assets import MODELS, cache_dir, model_path
+    from prunenet.assets import CONVERTED_MARKER, MODELS, cache_dir, conversion_marker, model_path
 
     finetune_module = importlib.import_module("prunenet.finetune")  # not the function
     monkeypatch.setenv("PRUNENET_CACHE", str(tmp_path / "cache"))
     folder = cache_dir() / MODELS["smollm2-135m"].folder
     shutil.copytree(tiny_llama_real_tokenizer_dir, folder)
     edit_config(folder, max_position_embeddings=64)
+    (folder / CONVERTED_MARKER).write_text(conversion_marker("smollm2-135m"))  # as fetch writes
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.chdir(work)
