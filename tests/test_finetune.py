@@ -479,6 +479,24 @@ def test_resume_refuses_contradicting_settings(setup):
         finetune(setup.pruned, setup.corpus, setup.root / "never", resume=True, **SETTINGS)
 
 
+def test_resume_refuses_a_work_folder_whose_input_now_holds_other_weights(setup):
+    """The input compressed again at the same path, by another method (the same shapes): the
+    checkpoints trained adapters for other weights, so --resume is refused and they are kept."""
+    model = setup.root / "recompressed"
+    shutil.copytree(setup.pruned, model)
+    out = setup.root / "recompressed-tuned"
+    settings = dict(steps=6, eval_every=2, progress=False, **SETTINGS)
+    with pytest.raises(Interrupted):
+        finetune(model, setup.corpus, out, callbacks=[InterruptAt(3)], **settings)
+    prune(str(setup.dense), None, 0.25, method="magnitude", out=model, overwrite=True)
+    with pytest.raises(InputError, match=f"the model {model} holds other weights than the "
+                       "interrupted run in .*recompressed-tuned.work trained on"):
+        finetune(model, setup.corpus, out, resume=True, **settings)
+    assert not out.exists()
+    assert sorted(p.name for p in (setup.root / "recompressed-tuned.work").glob(
+        "checkpoint-*")) == ["checkpoint-2"]
+
+
 def test_resume_takes_lora_settings_left_out_from_the_checkpoint(setup):
     """A LoRA run of rank 4 with alpha 8, resumed without naming them, continues with the
     checkpoint's adapters and ends as the uninterrupted run; naming another rank is refused."""

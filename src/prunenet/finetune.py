@@ -15,6 +15,7 @@ the work, and only the main process writes.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -407,10 +408,38 @@ def _unset_from_checkpoint(settings: dict[str, Any], saved: dict[str, Any]) -> d
                            and (lora or key not in LORA_SETTINGS)}}
 
 
+# The run settings that identify the weights it read (:func:`weights_digest`), checked once
+# the models load; a work folder saved before they were recorded is not checked.
+WEIGHT_DIGESTS = {"source_weights": "the model", "teacher_weights": "the teacher"}
+
+
+def weights_digest(model: nn.Module) -> str:
+    """The sha256 of ``model``'s state dict, names, dtypes, shapes and bytes: two models of the
+    same shapes (the same model pruned by two methods) differ in it."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def _check_same_weights(work: Path, digests: dict[str, str], saved: dict[str, Any],
+                        paths: dict[str, str | None]) -> None:
+    """Refuse --resume where a model at the path the interrupted run read now holds other
+    weights (the input compressed again, by another method): its checkpoints trained others."""
+    for key, digest in digests.items():
+        if saved.get(key) is not None and saved[key] != digest:
+            raise InputError(
+                f"--resume: {WEIGHT_DIGESTS[key]} {paths[key]} holds other weights than the "
+                f"interrupted run in {work} trained on (it was replaced since); start over with "
+                "--overwrite instead of --resume"
+            )
+
+
 def _check_work_folder(work: Path, settings: dict[str, Any], saved: dict[str, Any] | None,
                        overwrite: bool) -> None:
     """Refuse to mix runs: a leftover work folder needs --resume (``saved``: its settings, which
-    must equal ``settings``) or --overwrite."""
+    must equal ``settings``, the weights' digests apart) or --overwrite."""
     if saved is None:
         if work.exists() and not overwrite:
             raise OutputError(
@@ -420,7 +449,8 @@ def _check_work_folder(work: Path, settings: dict[str, Any], saved: dict[str, An
         return
     differences = [
         f"{key}: checkpoint {saved.get(key)!r}, now {settings.get(key)!r}"
-        for key in sorted(set(saved) | set(settings)) if saved.get(key) != settings.get(key)
+        for key in sorted(set(saved) | set(settings))
+        if key not in WEIGHT_DIGESTS and saved.get(key) != settings.get(key)
     ]
     if differences:
         raise InputError(
@@ -505,7 +535,8 @@ def finetune(
 
     Raises :class:`InputError` for a folder that is not a model, a missing or too short corpus,
     a missing teacher or one of another family or vocabulary, invalid settings or LoRA targets,
-    and a ``resume`` whose settings contradict the checkpoint; :class:`OutputError` for an output
+    and a ``resume`` whose settings contradict the checkpoint or whose model or teacher now
+    holds other weights than it trained on; :class:`OutputError` for an output
     that exists or overlaps an input (the teacher included).
 
     The global random generators (Python's, numpy's, torch's) are as they were before the call:
@@ -584,6 +615,12 @@ def _finetune(model: str | os.PathLike, data: str, out: str | os.PathLike, *,
     if config.distils:
         teacher_model, _ = load_model_and_tokenizer(teacher_source, dtype=torch.float32,
                                                     with_tokenizer=False)
+    digests = {"source_weights": weights_digest(loaded),
+               **({"teacher_weights": weights_digest(teacher_model)} if config.distils else {})}
+    if saved is not None:
+        _check_same_weights(work, digests, saved, {"source_weights": source,
+                                                   "teacher_weights": teacher_source})
+    run_settings.update(digests)
     student = add_lora(loaded, config) if config.train == "lora" else train_ffn_only(loaded)
     student.config.use_cache = False
 
