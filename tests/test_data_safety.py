@@ -178,6 +178,13 @@ def test_outputs_inside_a_gguf_model_folder_are_refused(tmp_path, capsys):
     make_tiny_model("llama").save_pretrained(student)
     refused(capsys, ["-q", "finetune", str(student), "--data", "self-generated", "--teacher",
                      str(folder), "--out", str(folder / "distilled")], "lies inside the input")
+    # the teacher the compressed folder's record names (the folder, as compress read it)
+    pruned = tmp_path / "pruned"
+    assert main(["-q", "compress", str(folder), "--ratio", "0.5", "--method", "random",
+                 "--out", str(pruned)]) == 0
+    before = digest(folder)
+    refused(capsys, ["-q", "finetune", str(pruned), "--data", "self-generated", "--out",
+                     str(folder / "distilled")], "lies inside the input")
     assert digest(folder) == before
 
 

@@ -791,9 +791,9 @@ def _model_reads(model: str | os.PathLike) -> list[str]:
 def _teacher_reads(student: str, teacher: str | os.PathLike | None,
                    config: FinetuneConfig) -> list[str]:
     """The paths a distillation's teacher reads, which no output may touch: first the local
-    path (folder or .gguf file) it loads, or its Hub id; then the folder ``--teacher`` named
-    around a .gguf. The teacher is ``teacher``, else the student record's source; none when
-    the run does not distil."""
+    path (folder or .gguf file) it loads, or its Hub id; then the folder named around a .gguf.
+    The teacher is ``teacher``, else the student record's source; none when the run does not
+    distil."""
     if not config.distils:
         if teacher is not None:
             raise InputError(f"--teacher applies to --data {SELF_GENERATED} only (this run trains "
@@ -807,7 +807,7 @@ def _teacher_reads(student: str, teacher: str | os.PathLike | None,
     except InputError as error:
         given = "--teacher" if teacher is not None else f"the source in {student}/{RECORD_NAME}"
         raise InputError(f"teacher {named} ({given}): {error}; pass --teacher DENSE") from error
-    return reads if teacher is not None else reads[:1]
+    return reads
 
 
 def _teacher_text(teacher: nn.Module, config: FinetuneConfig, work: Path, processes: int,
