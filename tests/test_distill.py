@@ -318,6 +318,24 @@ def test_no_teacher_and_no_record_is_a_clear_error(setup, tmp_path):
         finetune(bare, "wiki", tmp_path / "out", teacher=setup.dense, steps=2)
 
 
+def test_a_recorded_teacher_that_does_not_load_is_named_as_the_records(setup, tmp_path,
+                                                                        capsys):
+    """A record whose source is a Hub id not to be had (offline): the line says that the
+    teacher is the record's, which the command line never named, and what to pass instead."""
+    student = tmp_path / "student"
+    shutil.copytree(setup.pruned, student)
+    record = json.loads((student / "prunenet.json").read_text())
+    (student / "prunenet.json").write_text(json.dumps({**record, "source": "no-org/no-model"}))
+    capsys.readouterr()
+    assert main(["-q", "finetune", str(student), "--data", "self-generated", "--out",
+                 str(tmp_path / "out"), "--steps", "2", "--seqlen", "32"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith(f"prunenet: error: teacher no-org/no-model (the source in "
+                            f"{student}/prunenet.json): could not load 'no-org/no-model'"), error
+    assert error.endswith("or connect to the Hub; pass --teacher DENSE"), error
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["student"]
+
+
 def _teacher_refused(setup, teacher, out, capsys) -> str:
     """The one-line error of distilling ``setup.pruned`` from ``teacher`` into ``out``."""
     capsys.readouterr()

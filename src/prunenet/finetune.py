@@ -597,7 +597,7 @@ def _finetune(model: str | os.PathLike, data: str, out: str | os.PathLike, *,
         from .distillation import check_teacher
 
         check_teacher(model_config, teacher_source, seqlen=config.seqlen,
-                      student_tokenizer=tokenizer)
+                      student_tokenizer=tokenizer, origin=_teacher_origin(source, teacher))
     if not config.distils:  # the text is read and cut into windows before any model loads
         training, evaluation = corpus_windows(config.data, tokenizer, config.seqlen,
                                               config.eval_windows)
@@ -805,9 +805,15 @@ def _teacher_reads(student: str, teacher: str | os.PathLike | None,
     try:
         reads = _model_reads(named)
     except InputError as error:
-        given = "--teacher" if teacher is not None else f"the source in {student}/{RECORD_NAME}"
-        raise InputError(f"teacher {named} ({given}): {error}; pass --teacher DENSE") from error
+        raise InputError(f"teacher {named} ({_teacher_origin(student, teacher)}): {error}; "
+                         "pass --teacher DENSE") from error
     return reads
+
+
+def _teacher_origin(student: str, teacher: str | os.PathLike | None) -> str:
+    """Where the teacher was named, as a failure to read it says: --teacher, else the
+    student's record."""
+    return "--teacher" if teacher is not None else f"the source in {student}/{RECORD_NAME}"
 
 
 def _teacher_text(teacher: nn.Module, config: FinetuneConfig, work: Path, processes: int,
