@@ -803,6 +803,21 @@ def test_patience_takes_zero_for_never_and_refuses_negatives(capsys):
     assert "--patience: expected 0 or a positive integer, got -1" in capsys.readouterr().err
 
 
+def test_patience_zero_from_python_never_stops_early_as_on_the_command_line(setup):
+    """patience=0 is --patience 0, never: the Trainer's own 0 had stopped at the first
+    evaluation, while the card's command (--patience 0) repeats a run that never stops."""
+    result = finetune(setup.pruned, setup.corpus, setup.root / "patience-zero", steps=4,
+                      eval_every=1, patience=0, progress=False, **SETTINGS)
+    entry = result.record["finetune"]
+    assert entry["steps_run"] == 4 and [point["step"] for point in entry["eval_history"]] == [
+        1, 2, 3, 4]
+    assert entry["settings"]["patience"] is None
+    for bad in (-1, True, 1.5):
+        with pytest.raises(InputError, match=r"patience must be 0 \(never stop early\) or a "
+                           "positive integer"):
+            FinetuneConfig(patience=bad)
+
+
 @pytest.mark.parametrize("train", ["lora", "ffn"])
 def test_a_gguf_file_fine_tunes_and_saves_a_plain_checkpoint(tmp_path, capsys, train):
     """A GGUF read by transformers is dequantized, and no longer marked quantized: the

@@ -106,8 +106,8 @@ class FinetuneConfig:
     group names of the family entry ("attn", "mlp") and/or module names from those groups.
     ``generated_windows`` (distillation) is how many training sequences the teacher writes;
     None: one per window the run trains on, so none repeats. ``eval_every`` None means four
-    evaluations over the run; ``patience`` None turns early stopping off (the best checkpoint
-    is still the one kept).
+    evaluations over the run; ``patience`` None or 0 turns early stopping off (the best
+    checkpoint is still the one kept).
     ``precision``: "float32", or "bfloat16" (autocast: the weights and the optimizer stay
     float32); None: :func:`prunenet.arithmetic.default_precision` of the device, chosen by
     :func:`finetune`.
@@ -158,11 +158,16 @@ class FinetuneConfig:
         counts = {"steps": self.steps, "batch_size": self.batch_size,
                   "grad_accum": self.grad_accum, "lora_r": self.lora_r,
                   "eval_windows": self.eval_windows, "eval_every": self.eval_every or 1,
-                  "patience": self.patience or 1,
                   "generated_windows": self.generated_windows or 1}
         for name, value in counts.items():
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InputError(f"{name} must be a positive integer, got {value!r}")
+        if self.patience is not None and (isinstance(self.patience, bool) or not isinstance(
+                self.patience, int) or self.patience < 0):
+            raise InputError(f"patience must be 0 (never stop early) or a positive integer, got "
+                             f"{self.patience!r}")
+        if self.patience == 0:  # never, as --patience 0 (the Trainer's 0 stops at once)
+            object.__setattr__(self, "patience", None)
         if self.seqlen < 2:
             raise InputError(f"seqlen must be at least 2 tokens, got {self.seqlen}")
         if not self.lr > 0 or not self.lora_alpha > 0:
