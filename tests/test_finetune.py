@@ -818,6 +818,16 @@ def test_patience_zero_from_python_never_stops_early_as_on_the_command_line(setu
             FinetuneConfig(patience=bad)
 
 
+def test_zero_evaluation_interval_or_teacher_windows_from_python_is_refused():
+    """0 is not "the default" (None): it had run with evaluations every step, or the default
+    count of teacher windows, and recorded 0, which the card's command then gave back to a
+    command line that refuses it."""
+    with pytest.raises(InputError, match="eval_every must be a positive integer, got 0"):
+        FinetuneConfig(eval_every=0)
+    with pytest.raises(InputError, match="generated_windows must be a positive integer, got 0"):
+        FinetuneConfig(data=SELF_GENERATED, generated_windows=0)
+
+
 @pytest.mark.parametrize("train", ["lora", "ffn"])
 def test_a_gguf_file_fine_tunes_and_saves_a_plain_checkpoint(tmp_path, capsys, train):
     """A GGUF read by transformers is dequantized, and no longer marked quantized: the

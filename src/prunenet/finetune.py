@@ -157,8 +157,10 @@ class FinetuneConfig:
                 SELF_GENERATED if self.distils else "corpus"])
         counts = {"steps": self.steps, "batch_size": self.batch_size,
                   "grad_accum": self.grad_accum, "lora_r": self.lora_r,
-                  "eval_windows": self.eval_windows, "eval_every": self.eval_every or 1,
-                  "generated_windows": self.generated_windows or 1}
+                  "eval_windows": self.eval_windows,
+                  # None: the default (0 would be taken for it, the record would say 0)
+                  **{name: getattr(self, name) for name in ("eval_every", "generated_windows")
+                     if getattr(self, name) is not None}}
         for name, value in counts.items():
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InputError(f"{name} must be a positive integer, got {value!r}")
