@@ -35,6 +35,7 @@ from .arithmetic import (
     PRECISIONS,
     accelerator_available,
     check_precision,
+    check_seed,
     default_precision,
     global_generators_kept,
 )
@@ -92,6 +93,7 @@ EARLIER_SETTINGS = {"precision": "float32"}
 # when given to one), and their defaults
 DEFAULT_LORA = {"lora_r": 8, "lora_alpha": 32.0, "lora_dropout": 0.05, "targets": TARGET_GROUPS}
 LORA_SETTINGS = tuple(DEFAULT_LORA)
+TRAINER_SEEDS = 2**32  # the seeds the Trainer's set_seed takes (numpy's legacy generator)
 
 
 @dataclass(frozen=True)
@@ -170,6 +172,10 @@ class FinetuneConfig:
                              f"{self.patience!r}")
         if self.patience == 0:  # never, as --patience 0 (the Trainer's 0 stops at once)
             object.__setattr__(self, "patience", None)
+        object.__setattr__(self, "seed", check_seed(self.seed))
+        if self.seed >= TRAINER_SEEDS:
+            raise InputError(f"seed must be below 2**32 for a fine-tune (the Trainer seeds "
+                             f"numpy's generator, which takes no larger seed), got {self.seed}")
         if self.seqlen < 2:
             raise InputError(f"seqlen must be at least 2 tokens, got {self.seqlen}")
         if not self.lr > 0 or not self.lora_alpha > 0:
@@ -494,15 +500,16 @@ def corpus_as_recorded(data: Any) -> Any:
 
 
 def check_recovery(source: str | os.PathLike, data: str, steps: int, seqlen: int | None,
-                   precision: str | None, device: str) -> None:
+                   precision: str | None, device: str, seed: int) -> None:
     """Refuse, before a compression, the recovery ``compress --finetune-steps`` or
-    ``--recover-steps`` would refuse after it: its settings, a precision the device does not
+    ``--recover-steps`` would refuse after it: its settings (a ``seed`` the Trainer does not
+    take included), a precision the device does not
     compute, windows longer than the context of ``source`` (the pruned model keeps it), and a
     corpus that is missing, unreadable or too short for its windows (tokenized by ``source``'s
     tokenizer, which the pruned model keeps)."""
     model_config = load_config(source)
     settings = {"steps": steps, "seqlen": seqlen or default_seqlen(str(data), model_config),
-                "precision": precision or default_precision(device)}
+                "precision": precision or default_precision(device), "seed": seed}
     config = FinetuneConfig(data=str(data), **settings)
     check_precision(device, config.precision)
     check_sequence_length(model_config, config.seqlen, option="--finetune-seqlen",
