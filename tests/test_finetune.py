@@ -497,6 +497,22 @@ def test_resume_refuses_a_work_folder_whose_input_now_holds_other_weights(setup)
         "checkpoint-*")) == ["checkpoint-2"]
 
 
+def test_resume_refuses_a_work_folder_whose_corpus_now_holds_other_text(setup):
+    """The corpus file rewritten since the interruption: the resumed run would train, and pick
+    its best checkpoint, on other windows than the checkpoints saw."""
+    corpus = setup.root / "rewritten.txt"
+    corpus.write_text(_corpus_text(900))
+    out = setup.root / "rewritten-tuned"
+    settings = dict(steps=6, eval_every=2, progress=False, **SETTINGS)
+    with pytest.raises(Interrupted):
+        finetune(setup.pruned, corpus, out, callbacks=[InterruptAt(3)], **settings)
+    corpus.write_text(_corpus_text(900, seed=1))
+    with pytest.raises(InputError, match=f"the corpus {corpus} holds other text than the "
+                       "interrupted run in .*rewritten-tuned.work trained on"):
+        finetune(setup.pruned, corpus, out, resume=True, **settings)
+    assert (setup.root / "rewritten-tuned.work" / "checkpoint-2").is_dir()
+
+
 def test_resume_takes_lora_settings_left_out_from_the_checkpoint(setup):
     """A LoRA run of rank 4 with alpha 8, resumed without naming them, continues with the
     checkpoint's adapters and ends as the uninterrupted run; naming another rank is refused."""

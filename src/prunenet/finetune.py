@@ -421,38 +421,43 @@ def _unset_from_checkpoint(settings: dict[str, Any], saved: dict[str, Any]) -> d
                            and (lora or key not in LORA_SETTINGS)}}
 
 
-# The run settings that identify the weights it read (:func:`weights_digest`), checked once
-# the models load; a work folder saved before they were recorded is not checked.
-WEIGHT_DIGESTS = {"source_weights": "the model", "teacher_weights": "the teacher"}
+# The run settings that identify what it read (:func:`tensors_digest`): the weights of the
+# model and the teacher, the corpus's windows; checked once they are read. A work folder saved
+# before they were recorded is not checked.
+INPUT_DIGESTS = {"source_weights": ("the model", "weights"),
+                 "teacher_weights": ("the teacher", "weights"),
+                 "corpus_windows": ("the corpus", "text")}
 
 
-def weights_digest(model: nn.Module) -> str:
-    """The sha256 of ``model``'s state dict, names, dtypes, shapes and bytes: two models of the
-    same shapes (the same model pruned by two methods) differ in it."""
+def tensors_digest(tensors: dict[str, Tensor]) -> str:
+    """The sha256 of ``tensors`` (a state dict, token windows): names, dtypes, shapes and bytes.
+    Two models of the same shapes (the same model pruned by two methods) differ in it."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
+    for name, tensor in sorted(tensors.items()):
         digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}\n".encode())
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
     return digest.hexdigest()
 
 
-def _check_same_weights(work: Path, digests: dict[str, str], saved: dict[str, Any],
-                        paths: dict[str, str | None]) -> None:
-    """Refuse --resume where a model at the path the interrupted run read now holds other
-    weights (the input compressed again, by another method): its checkpoints trained others."""
+def _check_same_inputs(work: Path, digests: dict[str, str], saved: dict[str, Any],
+                       paths: dict[str, str | None]) -> None:
+    """Refuse --resume where a path the interrupted run read now holds another model (the
+    input compressed again, by another method) or other text: its checkpoints trained on
+    what was there."""
     for key, digest in digests.items():
         if saved.get(key) is not None and saved[key] != digest:
+            what, kind = INPUT_DIGESTS[key]
             raise InputError(
-                f"--resume: {WEIGHT_DIGESTS[key]} {paths[key]} holds other weights than the "
-                f"interrupted run in {work} trained on (it was replaced since); start over with "
-                "--overwrite instead of --resume"
+                f"--resume: {what} {paths[key]} holds other {kind} than the interrupted run in "
+                f"{work} trained on (it was replaced since); start over with --overwrite "
+                "instead of --resume"
             )
 
 
 def _check_work_folder(work: Path, settings: dict[str, Any], saved: dict[str, Any] | None,
                        overwrite: bool) -> None:
     """Refuse to mix runs: a leftover work folder needs --resume (``saved``: its settings, which
-    must equal ``settings``, the weights' digests apart) or --overwrite."""
+    must equal ``settings``, the inputs' digests apart) or --overwrite."""
     if saved is None:
         if work.exists() and not overwrite:
             raise OutputError(
@@ -463,7 +468,7 @@ def _check_work_folder(work: Path, settings: dict[str, Any], saved: dict[str, An
     differences = [
         f"{key}: checkpoint {saved.get(key)!r}, now {settings.get(key)!r}"
         for key in sorted(set(saved) | set(settings))
-        if key not in WEIGHT_DIGESTS and saved.get(key) != settings.get(key)
+        if key not in INPUT_DIGESTS and saved.get(key) != settings.get(key)
     ]
     if differences:
         raise InputError(
@@ -629,11 +634,15 @@ def _finetune(model: str | os.PathLike, data: str, out: str | os.PathLike, *,
     if config.distils:
         teacher_model, _ = load_model_and_tokenizer(teacher_source, dtype=torch.float32,
                                                     with_tokenizer=False)
-    digests = {"source_weights": weights_digest(loaded),
-               **({"teacher_weights": weights_digest(teacher_model)} if config.distils else {})}
+    digests = {"source_weights": tensors_digest(loaded.state_dict()),
+               **({"teacher_weights": tensors_digest(teacher_model.state_dict())}
+                  if config.distils else
+                  {"corpus_windows": tensors_digest({"training": training,
+                                                     "evaluation": evaluation})})}
     if saved is not None:
-        _check_same_weights(work, digests, saved, {"source_weights": source,
-                                                   "teacher_weights": teacher_source})
+        _check_same_inputs(work, digests, saved, {"source_weights": source,
+                                                  "teacher_weights": teacher_source,
+                                                  "corpus_windows": config.data})
     run_settings.update(digests)
     student = add_lora(loaded, config) if config.train == "lora" else train_ffn_only(loaded)
     student.config.use_cache = False
