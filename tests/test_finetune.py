@@ -400,7 +400,7 @@ def _interrupted_then_resumed(capsys, monkeypatch, argv: list[str], work: Path) 
         "was left behind"), line
     assert f"{work} (the fine-tune's work folder, `prunenet finetune " in line, line
     command = line.split("`")[1]
-    assert command.endswith(" --resume") and work.is_dir()
+    assert "--resume" in shlex.split(command) and work.is_dir()
     assert main(["-q", *shlex.split(command)[1:]]) == 0, capsys.readouterr().err
     assert not work.exists()
     return Path(shlex.split(command)[shlex.split(command).index("--out") + 1])
@@ -436,6 +436,23 @@ def test_a_recovery_compress_ran_is_resumed_by_the_command_its_interrupt_names(
     record = json.loads((resumed / "prunenet.json").read_text())
     assert record["method"] == "random" and record["finetune"]["steps_run"] == 2
     assert record["finetune"]["source"] == str(out.resolve())
+
+
+def test_an_interrupted_overwrite_of_an_earlier_output_is_resumed_not_called_complete(
+        setup, capsys, monkeypatch):
+    """--overwrite over an earlier fine-tune's output, stopped while training: that output is
+    not this run's, so the line names the command that resumes the run (with --overwrite, to
+    replace it as the run would have), not that the work folder can be deleted."""
+    out = setup.root / "replaced"
+    settings = ["--data", str(setup.corpus), "--out", str(out), "--seqlen", "16",
+                "--eval-windows", "1"]
+    assert main(["-q", "finetune", str(setup.pruned), *settings, "--steps", "1"]) == 0
+    capsys.readouterr()
+    resumed = _interrupted_then_resumed(
+        capsys, monkeypatch, ["-q", "finetune", str(setup.pruned), *settings, "--steps", "2",
+                              "--overwrite"], (setup.root / "replaced.work").resolve())
+    assert resumed == out.resolve()
+    assert json.loads((out / "prunenet.json").read_text())["finetune"]["steps_run"] == 2
 
 
 def test_an_interrupt_once_the_output_is_complete_says_the_work_folder_can_go(

@@ -1180,12 +1180,12 @@ def _as_written(path: Path) -> str:
     """An output as the interrupted line names it: a file inside a fine-tune's work folder
     (its settings, the teacher's text) as that folder, which is kept to be resumed, with the
     command that resumes it (a recovery compress ran is resumed by prunenet finetune)."""
-    from .finetune import finished_output, is_work_folder, resume_command
+    from .finetune import finished_run, is_work_folder, resume_command
 
     work = next((folder for folder in path.parents if is_work_folder(folder)), None)
     if work is None:
         return str(path)
-    if finished_output(work.with_suffix("")):
+    if finished_run(work):
         return (f"{work} (the work folder of a fine-tune whose output "
                 f"{work.with_suffix('')} is complete: delete it)")
     command = resume_command(work)

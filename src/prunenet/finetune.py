@@ -372,8 +372,9 @@ RESUMED_DEFAULTS = ("train", "lr", "seqlen", "precision", *LORA_SETTINGS)
 
 def resume_command(work: Path) -> str | None:
     """The command that continues the interrupted fine-tune in ``work`` (``OUT.work``), from
-    the settings it saved; None where it holds none readable. (Where ``OUT`` is complete, the
-    run was stopped while it deleted ``work``: see :func:`finished_output`.)"""
+    the settings it saved, with --overwrite where ``OUT`` exists (an earlier output the run was
+    to replace); None where it holds none readable. (Where the run had written ``OUT``, it was
+    stopped while it deleted ``work``: see :func:`finished_run`.)"""
     try:
         saved = _saved_settings(work)
     except InputError:
@@ -386,12 +387,20 @@ def resume_command(work: Path) -> str | None:
 
     tune = {"settings": saved, "merged": saved.get("merge", True),
             "distillation": {"teacher": saved["teacher"]} if saved.get("teacher") else None}
-    return shlex.join([*finetune_command(tune, saved["source"], str(out)), "--resume"])
+    return shlex.join([*finetune_command(tune, saved["source"], str(out)), "--resume",
+                       *(["--overwrite"] if out.exists() else [])])
 
 
-def finished_output(out: Path) -> bool:
-    """Whether ``out`` is a complete fine-tune output (its record, written last, is there)."""
-    return is_model_output(out) and (out / RECORD_NAME).is_file()
+def finished_run(work: Path) -> bool:
+    """Whether the fine-tune in ``work`` (``OUT.work``) had written its output: ``OUT`` is
+    complete (its record, written last, is there) and written after the run, or its resume,
+    saved its settings. An earlier output that the run was to replace (--overwrite) is not."""
+    out = work.with_suffix("")
+    try:
+        return is_model_output(out) and (out / RECORD_NAME).stat().st_mtime_ns >= (
+            work / SETTINGS_NAME).stat().st_mtime_ns
+    except OSError:  # no record, or no settings: not a finished run
+        return False
 
 
 def _saved_settings(work: Path) -> dict[str, Any]:
