@@ -836,6 +836,26 @@ def test_patience_takes_zero_for_never_and_refuses_negatives(capsys):
     assert "--patience: expected 0 or a positive integer, got -1" in capsys.readouterr().err
 
 
+def test_weights_beyond_float16_are_refused_not_saved_as_inf(setup, capsys):
+    """A float16 input trained (in float32) to weights beyond float16's range: the output,
+    saved in the input's dtype, would hold Inf while the record reports the float32 model's
+    perplexity. Refused as a diverged run: no output, no work folder."""
+    half = setup.root / "half"
+    _load(setup.pruned).to(torch.float16).save_pretrained(half)
+    _tokenizer().save_pretrained(half)
+    out = setup.root / "half-tuned"
+    capsys.readouterr()
+    assert main(["-q", "finetune", str(half), "--data", setup.corpus, "--out", str(out),
+                 "--train", "ffn", "--lr", "1e5", "--precision", "float32", "--steps", "2",
+                 "--seqlen", "32", "--eval-windows", "2"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1, error
+    assert "fine-tuning diverged: weight model.layers." in error and (
+        "grew beyond the range of float16, the input's dtype, and would be saved as Inf; "
+        "nothing was saved. Lower --lr and run again") in error, error
+    assert not out.exists() and not (setup.root / "half-tuned.work").exists()
+
+
 def test_patience_zero_from_python_never_stops_early_as_on_the_command_line(setup):
     """patience=0 is --patience 0, never: the Trainer's own 0 had stopped at the first
     evaluation, while the card's command (--patience 0) repeats a run that never stops."""

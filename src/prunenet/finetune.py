@@ -771,8 +771,12 @@ def _finetune(model: str | os.PathLike, data: str, out: str | os.PathLike, *,
             "evaluation": "the first evaluation_windows sequences, held back (never trained on)",
         }
     if process.is_main_process:
-        with atomic_folder(out_path, overwrite, ours=is_model_output) as staging:
-            result_model = _write_output(student, tokenizer, staging, record, source, merge)
+        try:
+            with atomic_folder(out_path, overwrite, ours=is_model_output) as staging:
+                result_model = _write_output(student, tokenizer, staging, record, source, merge)
+        except NumericalError:  # as a diverged run: a resume would end the same
+            shutil.rmtree(work, ignore_errors=True)
+            raise
         shutil.rmtree(work, ignore_errors=True)
     else:
         result_model = _merged(student) if merge else student
@@ -905,14 +909,19 @@ def _check_finite_run(student: nn.Module, history: list[dict[str, Any]], perplex
                       work: Path) -> None:
     """Refuse to keep a run whose loss or weights became NaN or Inf (no output, no work)."""
     losses = [log[key] for log in history for key in ("loss", "eval_loss") if key in log]
-    bad = next((name for name, parameter in student.named_parameters()
-                if not torch.isfinite(parameter).all()), None)
+    bad = _first_non_finite(student)
     if bad is None and all(math.isfinite(value) for value in [*losses, perplexity]):
         return
     shutil.rmtree(work, ignore_errors=True)
     what = f"weight {bad}" if bad is not None else "the loss"
     raise NumericalError(f"fine-tuning diverged: {what} became NaN or Inf; nothing was saved. "
                          "Lower --lr and run again")
+
+
+def _first_non_finite(model: nn.Module) -> str | None:
+    """The name of ``model``'s first parameter that holds NaN or Inf; None where none does."""
+    return next((name for name, parameter in model.named_parameters()
+                 if not torch.isfinite(parameter).all()), None)
 
 
 def _merged(student: nn.Module) -> nn.Module:
@@ -934,6 +943,12 @@ def _write_output(student, tokenizer, folder: Path, record: dict[str, Any], sour
         saved_dtype = _saved_dtype(source)
         if saved_dtype is not None:
             model.to(saved_dtype)
+            bad = _first_non_finite(model)
+            if bad is not None:  # finite in float32, beyond the range of float16
+                raise NumericalError(
+                    f"fine-tuning diverged: weight {bad} grew beyond the range of "
+                    f"{str(saved_dtype).removeprefix('torch.')}, the input's dtype, and would "
+                    "be saved as Inf; nothing was saved. Lower --lr and run again")
         model.config.use_cache = True
         save_plain_checkpoint(model, tokenizer, folder)
     copy_terms(source, folder)
