@@ -586,6 +586,17 @@ def test_bad_input_is_refused_with_a_clear_message(setup, tmp_path):
     assert not any(tmp_path.glob("[abcde]*"))
 
 
+def test_a_loaded_model_or_no_out_is_refused_in_one_line(setup, tmp_path):
+    """compress and prune take a loaded model; finetune reads a folder. A model object had
+    failed as "File name too long" (its printout taken for a path), out=None as a TypeError."""
+    with pytest.raises(InputError, match="finetune reads a model folder, .gguf file or Hub id, "
+                       "got a LlamaForCausalLM: save it"):
+        finetune(_load(setup.pruned), setup.corpus, tmp_path / "a", **SETTINGS)
+    with pytest.raises(OutputError, match="--out must be a path, got None"):
+        finetune(setup.pruned, setup.corpus, None, resume=True, **SETTINGS)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_text_too_short_for_its_windows_is_refused_before_any_model_loads(setup, tmp_path,
                                                                          monkeypatch):
     """An empty file, one shorter than a window, or fewer evaluation windows than asked: said

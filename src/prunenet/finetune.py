@@ -561,7 +561,8 @@ def finetune(
     objects. Returns the merged model (or the PEFT model when ``merge=False``) and the record
     written as ``out/prunenet.json``.
 
-    Raises :class:`InputError` for a folder that is not a model, a missing or too short corpus,
+    Raises :class:`InputError` for a ``model`` that is no path (a loaded model: save it first),
+    a folder that is not a model, a missing or too short corpus,
     a missing teacher or one of another family or vocabulary, invalid settings or LoRA targets,
     and a ``resume`` whose settings contradict the checkpoint or whose model or teacher now
     holds other weights than it trained on; :class:`OutputError` for an output
@@ -585,6 +586,11 @@ def _finetune(model: str | os.PathLike, data: str, out: str | os.PathLike, *,
     from transformers import EarlyStoppingCallback, Trainer, TrainerState
     from transformers.trainer_utils import get_last_checkpoint
 
+    if not isinstance(model, (str, os.PathLike)):
+        raise InputError(f"finetune reads a model folder, .gguf file or Hub id, got a "
+                         f"{type(model).__name__}: save it (save_pretrained) and pass its folder")
+    if not isinstance(out, (str, os.PathLike)):
+        raise OutputError(f"--out must be a path, got {out!r}")
     data = corpus_as_recorded(data)
     saved = _saved_settings(sibling_path(out, ".work")) if resume else None
     if saved is not None:
