@@ -530,6 +530,30 @@ def test_resume_refuses_a_work_folder_whose_corpus_now_holds_other_text(setup):
     assert (setup.root / "rewritten-tuned.work" / "checkpoint-2").is_dir()
 
 
+def test_resume_refuses_another_device_and_its_command_names_the_device(setup):
+    """The device type a run trained on is one of its settings: its resume command repeats
+    --device cpu, and a resume on another device (its draws and arithmetic differ) is refused."""
+    import shlex
+
+    from prunenet.finetune import resume_command
+
+    out = setup.root / "on-cpu"
+    settings = dict(steps=4, eval_every=2, progress=False, **SETTINGS)
+    with pytest.raises(Interrupted):
+        finetune(setup.pruned, setup.corpus, out, device="cpu", callbacks=[InterruptAt(3)],
+                 **settings)
+    work = (setup.root / "on-cpu.work").resolve()
+    command = shlex.split(resume_command(work))
+    assert command[command.index("--device") + 1] == "cpu"
+    settings_file = work / "prunenet-finetune.json"
+    saved = json.loads(settings_file.read_text())
+    assert saved["device"] == "cpu"
+    settings_file.write_text(json.dumps({**saved, "device": "cuda"}))  # as a GPU run saves it
+    with pytest.raises(InputError, match="device: checkpoint 'cuda', now 'cpu'"):
+        finetune(setup.pruned, setup.corpus, out, device="cpu", resume=True, **settings)
+    assert (work / "checkpoint-2").is_dir()
+
+
 def test_resume_takes_lora_settings_left_out_from_the_checkpoint(setup):
     """A LoRA run of rank 4 with alpha 8, resumed without naming them, continues with the
     checkpoint's adapters and ends as the uninterrupted run; naming another rank is refused."""

@@ -385,7 +385,7 @@ def resume_command(work: Path) -> str | None:
         return None
     from .io.model_card import finetune_command
 
-    tune = {"settings": saved, "merged": saved.get("merge", True),
+    tune = {"settings": saved, "merged": saved.get("merge", True), "device": saved.get("device"),
             "distillation": {"teacher": saved["teacher"]} if saved.get("teacher") else None}
     return shlex.join([*finetune_command(tune, saved["source"], str(out)), "--resume",
                        *(["--overwrite"] if out.exists() else [])])
@@ -622,8 +622,14 @@ def _finetune(model: str | os.PathLike, data: str, out: str | os.PathLike, *,
         [Output(out, "--out", ours=is_model_output),
          Output(sibling_path(out, ".work"), "work folder", working=True, ours=is_work_folder)],
         [*reads, corpus_read_path(data), *teacher_reads], overwrite)
+    training_arguments = _training_arguments(config, work, device)
+    # the device type trains in: a resume elsewhere (--device cpu or not, on a GPU machine)
+    # draws and computes otherwise than the run it continues
     run_settings = {**asdict(config), "targets": list(config.targets), "source": source,
-                    "teacher": teacher_source, "merge": merge}
+                    "teacher": teacher_source, "merge": merge,
+                    "device": training_arguments.device.type}
+    if saved is not None:  # a work folder of an earlier version named no device
+        saved.setdefault("device", run_settings["device"])
     process = PartialState()
     _check_work_folder(work, run_settings, saved, overwrite)
     tokenizer = load_tokenizer(source)
@@ -683,7 +689,7 @@ def _finetune(model: str | os.PathLike, data: str, out: str | os.PathLike, *,
         if config.patience is not None:
             trainer_callbacks.append(
                 EarlyStoppingCallback(early_stopping_patience=config.patience))
-        arguments = dict(model=student, args=_training_arguments(config, work, device),
+        arguments = dict(model=student, args=training_arguments,
                          train_dataset=WindowDataset(training),
                          eval_dataset=WindowDataset(evaluation), callbacks=trainer_callbacks)
         if teacher_model is None:
