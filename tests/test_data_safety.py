@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from conftest import edit_config, make_tiny_model
 from prunenet.cli import main
 from prunenet.errors import InputError
+from prunenet.finetune import FinetuneConfig
 from prunenet.io.files import NAME_MAX, is_staging_name, sibling_path, sibling_prefix
 from prunenet.io.loading import load_model_and_tokenizer, validate_safetensors
 from prunenet.io.policy_file import is_policy_file, save_policy
@@ -178,6 +179,13 @@ def test_outputs_inside_a_gguf_model_folder_are_refused(tmp_path, capsys):
     make_tiny_model("llama").save_pretrained(student)
     refused(capsys, ["-q", "finetune", str(student), "--data", "self-generated", "--teacher",
                      str(folder), "--out", str(folder / "distilled")], "lies inside the input")
+    # the teacher the compressed folder's record names (the folder, as compress read it)
+    pruned = tmp_path / "pruned"
+    assert main(["-q", "compress", str(folder), "--ratio", "0.5", "--method", "random",
+                 "--out", str(pruned)]) == 0
+    before = digest(folder)
+    refused(capsys, ["-q", "finetune", str(pruned), "--data", "self-generated", "--out",
+                     str(folder / "distilled")], "lies inside the input")
     assert digest(folder) == before
 
 
@@ -1056,6 +1064,35 @@ def test_a_recovery_the_model_cannot_run_is_refused_before_the_compression(model
             f"--finetune-seqlen {256 if recovery[0] == '--recover-steps' else 128} exceeds the "
             "model's context of 64 tokens")
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+@pytest.mark.parametrize("recovery", [["--recover-steps", "1"],
+                                      ["--finetune-steps", "1", "--finetune-data", "wiki"]])
+def test_a_seed_the_recovery_cannot_take_is_refused_before_the_compression(models, tmp_path,
+                                                                           capsys, recovery):
+    """--seed 2**32 is a seed compress takes and the Trainer does not (numpy's generator): the
+    recovery had failed in a traceback after the compression was written."""
+    before = sorted(p.name for p in tmp_path.iterdir())
+    refused(capsys, ["-q", "compress", str(models / "llama"), "--ratio", "0.3", "--out",
+                     str(tmp_path / "m"), "--method", "random", "--seed", str(2**32),
+                     "--finetune-seqlen", "16", *recovery],
+            "seed must be below 2**32 for a fine-tune")
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_a_seed_the_trainer_cannot_take_is_refused_before_any_work(models, tmp_path, capsys):
+    """finetune --seed 2**32 (a seed --seed reads): one line, no work folder of teacher text."""
+    teacher = tmp_path / "teacher"
+    shutil.copytree(models / "llama", teacher)
+    refused(capsys, ["-q", "finetune", str(models / "llama"), "--data", "self-generated",
+                     "--teacher", str(teacher), "--out", str(tmp_path / "o"),
+                     "--seed", str(2**32), "--steps", "1", "--seqlen", "16"],
+            f"seed must be below 2**32 for a fine-tune (the Trainer seeds numpy's generator, "
+            f"which takes no larger seed), got {2**32}")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["models", "teacher"]
+    with pytest.raises(InputError, match=r"seed must be an integer in \[0, 2\*\*63\), got None"):
+        FinetuneConfig(seed=None)
+    assert FinetuneConfig(seed=2**32 - 1).seed == 2**32 - 1
 
 
 def test_a_compression_failing_after_training_writes_no_policy(models, tmp_path, monkeypatch,

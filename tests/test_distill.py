@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import shutil
 from dataclasses import replace
 from types import SimpleNamespace
 
@@ -203,6 +204,25 @@ def test_resume_ends_with_the_weights_of_an_uninterrupted_run(setup):
             == straight.record["finetune"]["distillation"]["generation"])
 
 
+def test_resume_refuses_a_teacher_that_now_holds_other_weights(setup):
+    """A teacher replaced at its path since the interruption would score the student against
+    another model than the one that wrote its text and trained its checkpoints: refused."""
+    teacher = setup.root / "replaced-teacher"
+    shutil.copytree(setup.dense, teacher)
+    settings = dict(steps=4, eval_every=2, **{k: v for k, v in SETTINGS.items() if k != "data"})
+    out = setup.root / "replaced-teacher-student"
+    with pytest.raises(Interrupted):
+        finetune(setup.pruned, "self-generated", out, teacher=teacher,
+                 callbacks=[InterruptAt(3)], **settings)
+    model = _load(teacher)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(2)
+    model.save_pretrained(teacher)
+    with pytest.raises(InputError, match=f"the teacher {teacher} holds other weights"):
+        finetune(setup.pruned, "self-generated", out, teacher=teacher, resume=True, **settings)
+    assert (setup.root / "replaced-teacher-student.work" / "checkpoint-2").is_dir()
+
+
 def test_a_resumed_text_sampled_by_torch_multinomial_is_named_so(setup):
     """Teacher text kept by a version whose generator drew with torch.multinomial (its saved
     generation names no sampler) is trained on as it is, and the record says how it was
@@ -237,6 +257,7 @@ def test_resuming_a_work_folder_of_an_earlier_version_keeps_its_settings_and_tex
     settings_file = setup.root / "earlier.work" / "prunenet-finetune.json"
     saved_settings = json.loads(settings_file.read_text())
     del saved_settings["precision"]  # saved before the setting existed: float32 ran
+    del saved_settings["source_weights"], saved_settings["teacher_weights"]  # nor these
     settings_file.write_text(json.dumps(saved_settings))
     repeated = {k: v for k, v in settings.items() if k not in ("lr", "seqlen", "precision")}
     resumed = finetune(setup.pruned, "self-generated", out, resume=True, **repeated)
@@ -295,6 +316,24 @@ def test_no_teacher_and_no_record_is_a_clear_error(setup, tmp_path):
         finetune(bare, "self-generated", tmp_path / "out", steps=2)
     with pytest.raises(InputError, match="--teacher applies to --data self-generated only"):
         finetune(bare, "wiki", tmp_path / "out", teacher=setup.dense, steps=2)
+
+
+def test_a_recorded_teacher_that_does_not_load_is_named_as_the_records(setup, tmp_path,
+                                                                        capsys):
+    """A record whose source is a Hub id not to be had (offline): the line says that the
+    teacher is the record's, which the command line never named, and what to pass instead."""
+    student = tmp_path / "student"
+    shutil.copytree(setup.pruned, student)
+    record = json.loads((student / "prunenet.json").read_text())
+    (student / "prunenet.json").write_text(json.dumps({**record, "source": "no-org/no-model"}))
+    capsys.readouterr()
+    assert main(["-q", "finetune", str(student), "--data", "self-generated", "--out",
+                 str(tmp_path / "out"), "--steps", "2", "--seqlen", "32"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith(f"prunenet: error: teacher no-org/no-model (the source in "
+                            f"{student}/prunenet.json): could not load 'no-org/no-model'"), error
+    assert error.endswith("or connect to the Hub; pass --teacher DENSE"), error
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["student"]
 
 
 def _teacher_refused(setup, teacher, out, capsys) -> str:

@@ -400,7 +400,7 @@ def _interrupted_then_resumed(capsys, monkeypatch, argv: list[str], work: Path) 
         "was left behind"), line
     assert f"{work} (the fine-tune's work folder, `prunenet finetune " in line, line
     command = line.split("`")[1]
-    assert command.endswith(" --resume") and work.is_dir()
+    assert "--resume" in shlex.split(command) and work.is_dir()
     assert main(["-q", *shlex.split(command)[1:]]) == 0, capsys.readouterr().err
     assert not work.exists()
     return Path(shlex.split(command)[shlex.split(command).index("--out") + 1])
@@ -436,6 +436,23 @@ def test_a_recovery_compress_ran_is_resumed_by_the_command_its_interrupt_names(
     record = json.loads((resumed / "prunenet.json").read_text())
     assert record["method"] == "random" and record["finetune"]["steps_run"] == 2
     assert record["finetune"]["source"] == str(out.resolve())
+
+
+def test_an_interrupted_overwrite_of_an_earlier_output_is_resumed_not_called_complete(
+        setup, capsys, monkeypatch):
+    """--overwrite over an earlier fine-tune's output, stopped while training: that output is
+    not this run's, so the line names the command that resumes the run (with --overwrite, to
+    replace it as the run would have), not that the work folder can be deleted."""
+    out = setup.root / "replaced"
+    settings = ["--data", str(setup.corpus), "--out", str(out), "--seqlen", "16",
+                "--eval-windows", "1"]
+    assert main(["-q", "finetune", str(setup.pruned), *settings, "--steps", "1"]) == 0
+    capsys.readouterr()
+    resumed = _interrupted_then_resumed(
+        capsys, monkeypatch, ["-q", "finetune", str(setup.pruned), *settings, "--steps", "2",
+                              "--overwrite"], (setup.root / "replaced.work").resolve())
+    assert resumed == out.resolve()
+    assert json.loads((out / "prunenet.json").read_text())["finetune"]["steps_run"] == 2
 
 
 def test_an_interrupt_once_the_output_is_complete_says_the_work_folder_can_go(
@@ -477,6 +494,64 @@ def test_resume_refuses_contradicting_settings(setup):
         finetune(setup.pruned, setup.corpus, out, steps=5, resume=True, **SETTINGS)
     with pytest.raises(InputError, match="nothing to resume"):
         finetune(setup.pruned, setup.corpus, setup.root / "never", resume=True, **SETTINGS)
+
+
+def test_resume_refuses_a_work_folder_whose_input_now_holds_other_weights(setup):
+    """The input compressed again at the same path, by another method (the same shapes): the
+    checkpoints trained adapters for other weights, so --resume is refused and they are kept."""
+    model = setup.root / "recompressed"
+    shutil.copytree(setup.pruned, model)
+    out = setup.root / "recompressed-tuned"
+    settings = dict(steps=6, eval_every=2, progress=False, **SETTINGS)
+    with pytest.raises(Interrupted):
+        finetune(model, setup.corpus, out, callbacks=[InterruptAt(3)], **settings)
+    prune(str(setup.dense), None, 0.25, method="magnitude", out=model, overwrite=True)
+    with pytest.raises(InputError, match=f"the model {model} holds other weights than the "
+                       "interrupted run in .*recompressed-tuned.work trained on"):
+        finetune(model, setup.corpus, out, resume=True, **settings)
+    assert not out.exists()
+    assert sorted(p.name for p in (setup.root / "recompressed-tuned.work").glob(
+        "checkpoint-*")) == ["checkpoint-2"]
+
+
+def test_resume_refuses_a_work_folder_whose_corpus_now_holds_other_text(setup):
+    """The corpus file rewritten since the interruption: the resumed run would train, and pick
+    its best checkpoint, on other windows than the checkpoints saw."""
+    corpus = setup.root / "rewritten.txt"
+    corpus.write_text(_corpus_text(900))
+    out = setup.root / "rewritten-tuned"
+    settings = dict(steps=6, eval_every=2, progress=False, **SETTINGS)
+    with pytest.raises(Interrupted):
+        finetune(setup.pruned, corpus, out, callbacks=[InterruptAt(3)], **settings)
+    corpus.write_text(_corpus_text(900, seed=1))
+    with pytest.raises(InputError, match=f"the corpus {corpus} holds other text than the "
+                       "interrupted run in .*rewritten-tuned.work trained on"):
+        finetune(setup.pruned, corpus, out, resume=True, **settings)
+    assert (setup.root / "rewritten-tuned.work" / "checkpoint-2").is_dir()
+
+
+def test_resume_refuses_another_device_and_its_command_names_the_device(setup):
+    """The device type a run trained on is one of its settings: its resume command repeats
+    --device cpu, and a resume on another device (its draws and arithmetic differ) is refused."""
+    import shlex
+
+    from prunenet.finetune import resume_command
+
+    out = setup.root / "on-cpu"
+    settings = dict(steps=4, eval_every=2, progress=False, **SETTINGS)
+    with pytest.raises(Interrupted):
+        finetune(setup.pruned, setup.corpus, out, device="cpu", callbacks=[InterruptAt(3)],
+                 **settings)
+    work = (setup.root / "on-cpu.work").resolve()
+    command = shlex.split(resume_command(work))
+    assert command[command.index("--device") + 1] == "cpu"
+    settings_file = work / "prunenet-finetune.json"
+    saved = json.loads(settings_file.read_text())
+    assert saved["device"] == "cpu"
+    settings_file.write_text(json.dumps({**saved, "device": "cuda"}))  # as a GPU run saves it
+    with pytest.raises(InputError, match="device: checkpoint 'cuda', now 'cpu'"):
+        finetune(setup.pruned, setup.corpus, out, device="cpu", resume=True, **settings)
+    assert (work / "checkpoint-2").is_dir()
 
 
 def test_resume_takes_lora_settings_left_out_from_the_checkpoint(setup):
@@ -533,6 +608,17 @@ def test_bad_input_is_refused_with_a_clear_message(setup, tmp_path):
     with pytest.raises(InputError, match="valid targets: attn, mlp, q_proj, k_proj"):
         finetune(setup.pruned, setup.corpus, tmp_path / "e", targets=("attn", "c_fc"), **SETTINGS)
     assert not any(tmp_path.glob("[abcde]*"))
+
+
+def test_a_loaded_model_or_no_out_is_refused_in_one_line(setup, tmp_path):
+    """compress and prune take a loaded model; finetune reads a folder. A model object had
+    failed as "File name too long" (its printout taken for a path), out=None as a TypeError."""
+    with pytest.raises(InputError, match="finetune reads a model folder, .gguf file or Hub id, "
+                       "got a LlamaForCausalLM: save it"):
+        finetune(_load(setup.pruned), setup.corpus, tmp_path / "a", **SETTINGS)
+    with pytest.raises(OutputError, match="--out must be a path, got None"):
+        finetune(setup.pruned, setup.corpus, None, resume=True, **SETTINGS)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_text_too_short_for_its_windows_is_refused_before_any_model_loads(setup, tmp_path,
@@ -783,6 +869,51 @@ def test_patience_takes_zero_for_never_and_refuses_negatives(capsys):
     with pytest.raises(SystemExit):
         main(["finetune", "pruned", "--out", "tuned", "--patience", "-1"])
     assert "--patience: expected 0 or a positive integer, got -1" in capsys.readouterr().err
+
+
+def test_weights_beyond_float16_are_refused_not_saved_as_inf(setup, capsys):
+    """A float16 input trained (in float32) to weights beyond float16's range: the output,
+    saved in the input's dtype, would hold Inf while the record reports the float32 model's
+    perplexity. Refused as a diverged run: no output, no work folder."""
+    half = setup.root / "half"
+    _load(setup.pruned).to(torch.float16).save_pretrained(half)
+    _tokenizer().save_pretrained(half)
+    out = setup.root / "half-tuned"
+    capsys.readouterr()
+    assert main(["-q", "finetune", str(half), "--data", setup.corpus, "--out", str(out),
+                 "--train", "ffn", "--lr", "1e5", "--precision", "float32", "--steps", "2",
+                 "--seqlen", "32", "--eval-windows", "2"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1, error
+    assert "fine-tuning diverged: weight model.layers." in error and (
+        "grew beyond the range of float16, the input's dtype, and would be saved as Inf; "
+        "nothing was saved. Lower --lr and run again") in error, error
+    assert not out.exists() and not (setup.root / "half-tuned.work").exists()
+
+
+def test_patience_zero_from_python_never_stops_early_as_on_the_command_line(setup):
+    """patience=0 is --patience 0, never: the Trainer's own 0 had stopped at the first
+    evaluation, while the card's command (--patience 0) repeats a run that never stops."""
+    result = finetune(setup.pruned, setup.corpus, setup.root / "patience-zero", steps=4,
+                      eval_every=1, patience=0, progress=False, **SETTINGS)
+    entry = result.record["finetune"]
+    assert entry["steps_run"] == 4 and [point["step"] for point in entry["eval_history"]] == [
+        1, 2, 3, 4]
+    assert entry["settings"]["patience"] is None
+    for bad in (-1, True, 1.5):
+        with pytest.raises(InputError, match=r"patience must be 0 \(never stop early\) or a "
+                           "positive integer"):
+            FinetuneConfig(patience=bad)
+
+
+def test_zero_evaluation_interval_or_teacher_windows_from_python_is_refused():
+    """0 is not "the default" (None): it had run with evaluations every step, or the default
+    count of teacher windows, and recorded 0, which the card's command then gave back to a
+    command line that refuses it."""
+    with pytest.raises(InputError, match="eval_every must be a positive integer, got 0"):
+        FinetuneConfig(eval_every=0)
+    with pytest.raises(InputError, match="generated_windows must be a positive integer, got 0"):
+        FinetuneConfig(data=SELF_GENERATED, generated_windows=0)
 
 
 @pytest.mark.parametrize("train", ["lora", "ffn"])

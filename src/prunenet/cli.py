@@ -238,8 +238,9 @@ def _add_model_arguments(parser: argparse.ArgumentParser, converts_gguf: bool = 
     parser.add_argument("--seed", type=seed_value, default=CompressOptions.seed,
                         help="seed of what the run draws at random: the probe text the default "
                         "method and the refit read, random rows, a PruneNet policy's training "
-                        "and sampled rows, a recovery fine-tune; refused by a run that draws "
-                        f"nothing (default: {CompressOptions.seed})")
+                        "and sampled rows, a recovery fine-tune (which takes seeds below "
+                        "2**32); refused by a run that draws nothing (default: "
+                        f"{CompressOptions.seed})")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="allow the checkpoint's own Python code to run (off by default)")
     parser.add_argument("--max-memory", metavar="SIZE",
@@ -478,7 +479,7 @@ def run_compress(args: argparse.Namespace) -> int:
 
         check_recovery(args.model, SELF_GENERATED if option == "--recover-steps"
                        else args.finetune_data, steps, args.finetune_seqlen,
-                       _precision(args.finetune_precision), args.device)
+                       _precision(args.finetune_precision), args.device, args.seed)
     result = _run_plan(plan)
     _print_summary(result)
     _print_record(args)
@@ -1049,7 +1050,8 @@ def add_finetune(subparsers) -> None:
                         help="replace an existing OUT (and discard an interrupted run)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu"],
                         help="auto: the GPU(s) when present (default); cpu: force the CPU")
-    parser.add_argument("--seed", type=seed_value, default=42, help="random seed (default: 42)")
+    parser.add_argument("--seed", type=seed_value, default=42,
+                        help="random seed, below 2**32 (default: 42)")
     parser.set_defaults(run=run_finetune)
 
 
@@ -1181,12 +1183,12 @@ def _as_written(path: Path) -> str:
     """An output as the interrupted line names it: a file inside a fine-tune's work folder
     (its settings, the teacher's text) as that folder, which is kept to be resumed, with the
     command that resumes it (a recovery compress ran is resumed by prunenet finetune)."""
-    from .finetune import finished_output, is_work_folder, resume_command
+    from .finetune import finished_run, is_work_folder, resume_command
 
     work = next((folder for folder in path.parents if is_work_folder(folder)), None)
     if work is None:
         return str(path)
-    if finished_output(work.with_suffix("")):
+    if finished_run(work):
         return (f"{work} (the work folder of a fine-tune whose output "
                 f"{work.with_suffix('')} is complete: delete it)")
     command = resume_command(work)

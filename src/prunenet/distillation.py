@@ -64,13 +64,20 @@ def default_teacher(student: str | os.PathLike) -> str:
 
 
 def check_teacher(student_config: Any, teacher: str, seqlen: int | None = None,
-                  trust_remote_code: bool = False, student_tokenizer: Any = None) -> None:
+                  trust_remote_code: bool = False, student_tokenizer: Any = None,
+                  origin: str = "--teacher") -> None:
     """Refuse a teacher of another family or vocabulary than the student, one whose tokenizer
     gives tokens other ids than ``student_tokenizer`` does (the same vocabulary size is not the
     same vocabulary: the student would learn the teacher's ids for its own tokens), or one
     whose context is shorter than ``seqlen``, the windows it would write (configs and
-    tokenizers only, before any weight loads): :class:`InputError` naming both."""
-    teacher_config = load_config(teacher, trust_remote_code=trust_remote_code)
+    tokenizers only, before any weight loads): :class:`InputError` naming both. A teacher whose
+    config does not load (a Hub id offline) is an :class:`InputError` naming ``origin``, where
+    the teacher was named (``--teacher``, or the student's record)."""
+    try:
+        teacher_config = load_config(teacher, trust_remote_code=trust_remote_code)
+    except InputError as error:
+        raise InputError(f"teacher {teacher} ({origin}): {str(error).rstrip('.')}; pass "
+                         "--teacher DENSE") from error
     described = {}
     for role, config in (("teacher", teacher_config), ("student", student_config)):
         described[role] = (getattr(config, "model_type", None), getattr(config, "vocab_size", None))

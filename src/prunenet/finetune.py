@@ -15,6 +15,7 @@ the work, and only the main process writes.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -34,6 +35,7 @@ from .arithmetic import (
     PRECISIONS,
     accelerator_available,
     check_precision,
+    check_seed,
     default_precision,
     global_generators_kept,
 )
@@ -91,6 +93,7 @@ EARLIER_SETTINGS = {"precision": "float32"}
 # when given to one), and their defaults
 DEFAULT_LORA = {"lora_r": 8, "lora_alpha": 32.0, "lora_dropout": 0.05, "targets": TARGET_GROUPS}
 LORA_SETTINGS = tuple(DEFAULT_LORA)
+TRAINER_SEEDS = 2**32  # the seeds the Trainer's set_seed takes (numpy's legacy generator)
 
 
 @dataclass(frozen=True)
@@ -105,8 +108,8 @@ class FinetuneConfig:
     group names of the family entry ("attn", "mlp") and/or module names from those groups.
     ``generated_windows`` (distillation) is how many training sequences the teacher writes;
     None: one per window the run trains on, so none repeats. ``eval_every`` None means four
-    evaluations over the run; ``patience`` None turns early stopping off (the best checkpoint
-    is still the one kept).
+    evaluations over the run; ``patience`` None or 0 turns early stopping off (the best
+    checkpoint is still the one kept).
     ``precision``: "float32", or "bfloat16" (autocast: the weights and the optimizer stay
     float32); None: :func:`prunenet.arithmetic.default_precision` of the device, chosen by
     :func:`finetune`.
@@ -156,12 +159,23 @@ class FinetuneConfig:
                 SELF_GENERATED if self.distils else "corpus"])
         counts = {"steps": self.steps, "batch_size": self.batch_size,
                   "grad_accum": self.grad_accum, "lora_r": self.lora_r,
-                  "eval_windows": self.eval_windows, "eval_every": self.eval_every or 1,
-                  "patience": self.patience or 1,
-                  "generated_windows": self.generated_windows or 1}
+                  "eval_windows": self.eval_windows,
+                  # None: the default (0 would be taken for it, the record would say 0)
+                  **{name: getattr(self, name) for name in ("eval_every", "generated_windows")
+                     if getattr(self, name) is not None}}
         for name, value in counts.items():
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InputError(f"{name} must be a positive integer, got {value!r}")
+        if self.patience is not None and (isinstance(self.patience, bool) or not isinstance(
+                self.patience, int) or self.patience < 0):
+            raise InputError(f"patience must be 0 (never stop early) or a positive integer, got "
+                             f"{self.patience!r}")
+        if self.patience == 0:  # never, as --patience 0 (the Trainer's 0 stops at once)
+            object.__setattr__(self, "patience", None)
+        object.__setattr__(self, "seed", check_seed(self.seed))
+        if self.seed >= TRAINER_SEEDS:
+            raise InputError(f"seed must be below 2**32 for a fine-tune (the Trainer seeds "
+                             f"numpy's generator, which takes no larger seed), got {self.seed}")
         if self.seqlen < 2:
             raise InputError(f"seqlen must be at least 2 tokens, got {self.seqlen}")
         if not self.lr > 0 or not self.lora_alpha > 0:
@@ -358,8 +372,9 @@ RESUMED_DEFAULTS = ("train", "lr", "seqlen", "precision", *LORA_SETTINGS)
 
 def resume_command(work: Path) -> str | None:
     """The command that continues the interrupted fine-tune in ``work`` (``OUT.work``), from
-    the settings it saved; None where it holds none readable. (Where ``OUT`` is complete, the
-    run was stopped while it deleted ``work``: see :func:`finished_output`.)"""
+    the settings it saved, with --overwrite where ``OUT`` exists (an earlier output the run was
+    to replace); None where it holds none readable. (Where the run had written ``OUT``, it was
+    stopped while it deleted ``work``: see :func:`finished_run`.)"""
     try:
         saved = _saved_settings(work)
     except InputError:
@@ -370,14 +385,22 @@ def resume_command(work: Path) -> str | None:
         return None
     from .io.model_card import finetune_command
 
-    tune = {"settings": saved, "merged": saved.get("merge", True),
+    tune = {"settings": saved, "merged": saved.get("merge", True), "device": saved.get("device"),
             "distillation": {"teacher": saved["teacher"]} if saved.get("teacher") else None}
-    return shlex.join([*finetune_command(tune, saved["source"], str(out)), "--resume"])
+    return shlex.join([*finetune_command(tune, saved["source"], str(out)), "--resume",
+                       *(["--overwrite"] if out.exists() else [])])
 
 
-def finished_output(out: Path) -> bool:
-    """Whether ``out`` is a complete fine-tune output (its record, written last, is there)."""
-    return is_model_output(out) and (out / RECORD_NAME).is_file()
+def finished_run(work: Path) -> bool:
+    """Whether the fine-tune in ``work`` (``OUT.work``) had written its output: ``OUT`` is
+    complete (its record, written last, is there) and written after the run, or its resume,
+    saved its settings. An earlier output that the run was to replace (--overwrite) is not."""
+    out = work.with_suffix("")
+    try:
+        return is_model_output(out) and (out / RECORD_NAME).stat().st_mtime_ns >= (
+            work / SETTINGS_NAME).stat().st_mtime_ns
+    except OSError:  # no record, or no settings: not a finished run
+        return False
 
 
 def _saved_settings(work: Path) -> dict[str, Any]:
@@ -407,10 +430,43 @@ def _unset_from_checkpoint(settings: dict[str, Any], saved: dict[str, Any]) -> d
                            and (lora or key not in LORA_SETTINGS)}}
 
 
+# The run settings that identify what it read (:func:`tensors_digest`): the weights of the
+# model and the teacher, the corpus's windows; checked once they are read. A work folder saved
+# before they were recorded is not checked.
+INPUT_DIGESTS = {"source_weights": ("the model", "weights"),
+                 "teacher_weights": ("the teacher", "weights"),
+                 "corpus_windows": ("the corpus", "text")}
+
+
+def tensors_digest(tensors: dict[str, Tensor]) -> str:
+    """The sha256 of ``tensors`` (a state dict, token windows): names, dtypes, shapes and bytes.
+    Two models of the same shapes (the same model pruned by two methods) differ in it."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(tensors.items()):
+        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def _check_same_inputs(work: Path, digests: dict[str, str], saved: dict[str, Any],
+                       paths: dict[str, str | None]) -> None:
+    """Refuse --resume where a path the interrupted run read now holds another model (the
+    input compressed again, by another method) or other text: its checkpoints trained on
+    what was there."""
+    for key, digest in digests.items():
+        if saved.get(key) is not None and saved[key] != digest:
+            what, kind = INPUT_DIGESTS[key]
+            raise InputError(
+                f"--resume: {what} {paths[key]} holds other {kind} than the interrupted run in "
+                f"{work} trained on (it was replaced since); start over with --overwrite "
+                "instead of --resume"
+            )
+
+
 def _check_work_folder(work: Path, settings: dict[str, Any], saved: dict[str, Any] | None,
                        overwrite: bool) -> None:
     """Refuse to mix runs: a leftover work folder needs --resume (``saved``: its settings, which
-    must equal ``settings``) or --overwrite."""
+    must equal ``settings``, the inputs' digests apart) or --overwrite."""
     if saved is None:
         if work.exists() and not overwrite:
             raise OutputError(
@@ -420,7 +476,8 @@ def _check_work_folder(work: Path, settings: dict[str, Any], saved: dict[str, An
         return
     differences = [
         f"{key}: checkpoint {saved.get(key)!r}, now {settings.get(key)!r}"
-        for key in sorted(set(saved) | set(settings)) if saved.get(key) != settings.get(key)
+        for key in sorted(set(saved) | set(settings))
+        if key not in INPUT_DIGESTS and saved.get(key) != settings.get(key)
     ]
     if differences:
         raise InputError(
@@ -457,15 +514,16 @@ def corpus_as_recorded(data: Any) -> Any:
 
 
 def check_recovery(source: str | os.PathLike, data: str, steps: int, seqlen: int | None,
-                   precision: str | None, device: str) -> None:
+                   precision: str | None, device: str, seed: int) -> None:
     """Refuse, before a compression, the recovery ``compress --finetune-steps`` or
-    ``--recover-steps`` would refuse after it: its settings, a precision the device does not
+    ``--recover-steps`` would refuse after it: its settings (a ``seed`` the Trainer does not
+    take included), a precision the device does not
     compute, windows longer than the context of ``source`` (the pruned model keeps it), and a
     corpus that is missing, unreadable or too short for its windows (tokenized by ``source``'s
     tokenizer, which the pruned model keeps)."""
     model_config = load_config(source)
     settings = {"steps": steps, "seqlen": seqlen or default_seqlen(str(data), model_config),
-                "precision": precision or default_precision(device)}
+                "precision": precision or default_precision(device), "seed": seed}
     config = FinetuneConfig(data=str(data), **settings)
     check_precision(device, config.precision)
     check_sequence_length(model_config, config.seqlen, option="--finetune-seqlen",
@@ -503,9 +561,11 @@ def finetune(
     objects. Returns the merged model (or the PEFT model when ``merge=False``) and the record
     written as ``out/prunenet.json``.
 
-    Raises :class:`InputError` for a folder that is not a model, a missing or too short corpus,
+    Raises :class:`InputError` for a ``model`` that is no path (a loaded model: save it first),
+    a folder that is not a model, a missing or too short corpus,
     a missing teacher or one of another family or vocabulary, invalid settings or LoRA targets,
-    and a ``resume`` whose settings contradict the checkpoint; :class:`OutputError` for an output
+    and a ``resume`` whose settings contradict the checkpoint or whose model or teacher now
+    holds other weights than it trained on; :class:`OutputError` for an output
     that exists or overlaps an input (the teacher included).
 
     The global random generators (Python's, numpy's, torch's) are as they were before the call:
@@ -526,6 +586,11 @@ def _finetune(model: str | os.PathLike, data: str, out: str | os.PathLike, *,
     from transformers import EarlyStoppingCallback, Trainer, TrainerState
     from transformers.trainer_utils import get_last_checkpoint
 
+    if not isinstance(model, (str, os.PathLike)):
+        raise InputError(f"finetune reads a model folder, .gguf file or Hub id, got a "
+                         f"{type(model).__name__}: save it (save_pretrained) and pass its folder")
+    if not isinstance(out, (str, os.PathLike)):
+        raise OutputError(f"--out must be a path, got {out!r}")
     data = corpus_as_recorded(data)
     saved = _saved_settings(sibling_path(out, ".work")) if resume else None
     if saved is not None:
@@ -557,8 +622,14 @@ def _finetune(model: str | os.PathLike, data: str, out: str | os.PathLike, *,
         [Output(out, "--out", ours=is_model_output),
          Output(sibling_path(out, ".work"), "work folder", working=True, ours=is_work_folder)],
         [*reads, corpus_read_path(data), *teacher_reads], overwrite)
+    training_arguments = _training_arguments(config, work, device)
+    # the device type trains in: a resume elsewhere (--device cpu or not, on a GPU machine)
+    # draws and computes otherwise than the run it continues
     run_settings = {**asdict(config), "targets": list(config.targets), "source": source,
-                    "teacher": teacher_source, "merge": merge}
+                    "teacher": teacher_source, "merge": merge,
+                    "device": training_arguments.device.type}
+    if saved is not None:  # a work folder of an earlier version named no device
+        saved.setdefault("device", run_settings["device"])
     process = PartialState()
     _check_work_folder(work, run_settings, saved, overwrite)
     tokenizer = load_tokenizer(source)
@@ -566,7 +637,7 @@ def _finetune(model: str | os.PathLike, data: str, out: str | os.PathLike, *,
         from .distillation import check_teacher
 
         check_teacher(model_config, teacher_source, seqlen=config.seqlen,
-                      student_tokenizer=tokenizer)
+                      student_tokenizer=tokenizer, origin=_teacher_origin(source, teacher))
     if not config.distils:  # the text is read and cut into windows before any model loads
         training, evaluation = corpus_windows(config.data, tokenizer, config.seqlen,
                                               config.eval_windows)
@@ -584,6 +655,16 @@ def _finetune(model: str | os.PathLike, data: str, out: str | os.PathLike, *,
     if config.distils:
         teacher_model, _ = load_model_and_tokenizer(teacher_source, dtype=torch.float32,
                                                     with_tokenizer=False)
+    digests = {"source_weights": tensors_digest(loaded.state_dict()),
+               **({"teacher_weights": tensors_digest(teacher_model.state_dict())}
+                  if config.distils else
+                  {"corpus_windows": tensors_digest({"training": training,
+                                                     "evaluation": evaluation})})}
+    if saved is not None:
+        _check_same_inputs(work, digests, saved, {"source_weights": source,
+                                                  "teacher_weights": teacher_source,
+                                                  "corpus_windows": config.data})
+    run_settings.update(digests)
     student = add_lora(loaded, config) if config.train == "lora" else train_ffn_only(loaded)
     student.config.use_cache = False
 
@@ -608,7 +689,7 @@ def _finetune(model: str | os.PathLike, data: str, out: str | os.PathLike, *,
         if config.patience is not None:
             trainer_callbacks.append(
                 EarlyStoppingCallback(early_stopping_patience=config.patience))
-        arguments = dict(model=student, args=_training_arguments(config, work, device),
+        arguments = dict(model=student, args=training_arguments,
                          train_dataset=WindowDataset(training),
                          eval_dataset=WindowDataset(evaluation), callbacks=trainer_callbacks)
         if teacher_model is None:
@@ -702,8 +783,12 @@ def _finetune(model: str | os.PathLike, data: str, out: str | os.PathLike, *,
             "evaluation": "the first evaluation_windows sequences, held back (never trained on)",
         }
     if process.is_main_process:
-        with atomic_folder(out_path, overwrite, ours=is_model_output) as staging:
-            result_model = _write_output(student, tokenizer, staging, record, source, merge)
+        try:
+            with atomic_folder(out_path, overwrite, ours=is_model_output) as staging:
+                result_model = _write_output(student, tokenizer, staging, record, source, merge)
+        except NumericalError:  # as a diverged run: a resume would end the same
+            shutil.rmtree(work, ignore_errors=True)
+            raise
         shutil.rmtree(work, ignore_errors=True)
     else:
         result_model = _merged(student) if merge else student
@@ -754,9 +839,9 @@ def _model_reads(model: str | os.PathLike) -> list[str]:
 def _teacher_reads(student: str, teacher: str | os.PathLike | None,
                    config: FinetuneConfig) -> list[str]:
     """The paths a distillation's teacher reads, which no output may touch: first the local
-    path (folder or .gguf file) it loads, or its Hub id; then the folder ``--teacher`` named
-    around a .gguf. The teacher is ``teacher``, else the student record's source; none when
-    the run does not distil."""
+    path (folder or .gguf file) it loads, or its Hub id; then the folder named around a .gguf.
+    The teacher is ``teacher``, else the student record's source; none when the run does not
+    distil."""
     if not config.distils:
         if teacher is not None:
             raise InputError(f"--teacher applies to --data {SELF_GENERATED} only (this run trains "
@@ -768,9 +853,15 @@ def _teacher_reads(student: str, teacher: str | os.PathLike | None,
     try:
         reads = _model_reads(named)
     except InputError as error:
-        given = "--teacher" if teacher is not None else f"the source in {student}/{RECORD_NAME}"
-        raise InputError(f"teacher {named} ({given}): {error}; pass --teacher DENSE") from error
-    return reads if teacher is not None else reads[:1]
+        raise InputError(f"teacher {named} ({_teacher_origin(student, teacher)}): {error}; "
+                         "pass --teacher DENSE") from error
+    return reads
+
+
+def _teacher_origin(student: str, teacher: str | os.PathLike | None) -> str:
+    """Where the teacher was named, as a failure to read it says: --teacher, else the
+    student's record."""
+    return "--teacher" if teacher is not None else f"the source in {student}/{RECORD_NAME}"
 
 
 def _teacher_text(teacher: nn.Module, config: FinetuneConfig, work: Path, processes: int,
@@ -830,14 +921,19 @@ def _check_finite_run(student: nn.Module, history: list[dict[str, Any]], perplex
                       work: Path) -> None:
     """Refuse to keep a run whose loss or weights became NaN or Inf (no output, no work)."""
     losses = [log[key] for log in history for key in ("loss", "eval_loss") if key in log]
-    bad = next((name for name, parameter in student.named_parameters()
-                if not torch.isfinite(parameter).all()), None)
+    bad = _first_non_finite(student)
     if bad is None and all(math.isfinite(value) for value in [*losses, perplexity]):
         return
     shutil.rmtree(work, ignore_errors=True)
     what = f"weight {bad}" if bad is not None else "the loss"
     raise NumericalError(f"fine-tuning diverged: {what} became NaN or Inf; nothing was saved. "
                          "Lower --lr and run again")
+
+
+def _first_non_finite(model: nn.Module) -> str | None:
+    """The name of ``model``'s first parameter that holds NaN or Inf; None where none does."""
+    return next((name for name, parameter in model.named_parameters()
+                 if not torch.isfinite(parameter).all()), None)
 
 
 def _merged(student: nn.Module) -> nn.Module:
@@ -859,6 +955,12 @@ def _write_output(student, tokenizer, folder: Path, record: dict[str, Any], sour
         saved_dtype = _saved_dtype(source)
         if saved_dtype is not None:
             model.to(saved_dtype)
+            bad = _first_non_finite(model)
+            if bad is not None:  # finite in float32, beyond the range of float16
+                raise NumericalError(
+                    f"fine-tuning diverged: weight {bad} grew beyond the range of "
+                    f"{str(saved_dtype).removeprefix('torch.')}, the input's dtype, and would "
+                    "be saved as Inf; nothing was saved. Lower --lr and run again")
         model.config.use_cache = True
         save_plain_checkpoint(model, tokenizer, folder)
     copy_terms(source, folder)
