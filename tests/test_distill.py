@@ -111,6 +111,34 @@ def test_the_record_says_what_was_distilled(setup, distilled):
     assert not (setup.root / "distilled.work").exists()
 
 
+def test_two_processes_record_the_perplexity_of_every_held_back_window(setup, tmp_path):
+    """Under torchrun each process scores its share of the held-back windows: the recorded
+    perplexity is that of all of them, as one process records (it had been the main
+    process's share alone)."""
+    import os
+    import subprocess
+    import sys
+
+    command = ["-m", "prunenet", "-q", "finetune", str(setup.pruned), "--data",
+               "self-generated", "--steps", "1", "--eval-windows", "4",
+               "--generated-windows", "8", "--seqlen", "32", "--device", "cpu"]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    recorded = []
+    for launcher, out in (([], "one"), (["-m", "torch.distributed.run", "--standalone",
+                                         "--nproc_per_node", "2"], "two")):
+        done = subprocess.run([sys.executable, *launcher, *command, "--out", str(tmp_path / out)],
+                              capture_output=True, text=True, env=environment, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr[-2000:]
+        tune = json.loads((tmp_path / out / "prunenet.json").read_text())["finetune"]
+        recorded.append((tune["world_size"], tune["evaluation_windows"],
+                         tune["eval_perplexity_before"], tune["eval_kl_before"]))
+    (one, windows, perplexity, kl), (two, *rest) = recorded
+    assert (one, two, windows) == (1, 2, 4)
+    assert rest[0] == windows
+    assert rest[1] == pytest.approx(perplexity, rel=1e-6)
+    assert rest[2] == pytest.approx(kl, rel=1e-5)
+
+
 def test_training_never_sees_the_held_back_windows(distilled):
     fed = {tuple(row.tolist()) for batch in distilled.recorder.batches for row in batch}
     assert len(fed) == 10 * 4  # every training window once

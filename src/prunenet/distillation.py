@@ -152,7 +152,10 @@ class DistillationTrainer(Trainer):
     def evaluation_loop(self, *args: Any, metric_key_prefix: str = "eval", **kwargs: Any):
         self._held_out = []
         output = super().evaluation_loop(*args, metric_key_prefix=metric_key_prefix, **kwargs)
-        windows = sum(count for _, count in self._held_out)
-        mean = sum(loss * count for loss, count in self._held_out) / windows
-        output.metrics[f"{metric_key_prefix}_perplexity"] = math.exp(mean)
+        # each process scored its share of the windows: the sums of every process
+        totals = torch.tensor([sum(loss * count for loss, count in self._held_out),
+                               sum(count for _, count in self._held_out)],
+                              dtype=torch.float64, device=self.args.device)
+        loss, windows = self.accelerator.reduce(totals, reduction="sum").tolist()
+        output.metrics[f"{metric_key_prefix}_perplexity"] = math.exp(loss / windows)
         return output
