@@ -955,3 +955,24 @@ def test_the_mlp_group_adapts_the_ffn_and_the_attn_group_only_the_rest(model_typ
     assert adapted("mlp") == ffn
     attention = adapted("attn")
     assert attention and not attention & ffn
+
+
+def test_an_evaluation_loss_beyond_exp_is_an_infinite_perplexity_refused_as_divergence(
+        tmp_path):
+    """A mean held-out loss above 709.78 nats has no float exponential: it reads as an infinite
+    perplexity, which the run refuses as diverged (math.exp had raised an OverflowError
+    traceback); below it, the plain exponential."""
+    import math
+
+    from prunenet.arithmetic import exp_or_inf
+    from prunenet.errors import NumericalError
+    from prunenet.finetune import _check_finite_run, _evaluation
+
+    assert _evaluation({"eval_loss": 800.0}) == {"perplexity": math.inf}
+    assert _evaluation({"eval_loss": 2.0}) == {"perplexity": math.exp(2.0)}
+    assert exp_or_inf(709.0) == math.exp(709.0) and exp_or_inf(710.0) == math.inf  # distilling
+    work = tmp_path / "out.work"
+    work.mkdir()
+    with pytest.raises(NumericalError, match="diverged"):
+        _check_finite_run(torch.nn.Linear(2, 2), [{"loss": 1.0}], math.inf, work)
+    assert not work.exists()

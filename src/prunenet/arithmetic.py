@@ -7,6 +7,7 @@ whose random state a seeded block restores (:func:`cuda_devices`), and that bloc
 from __future__ import annotations
 
 import contextlib
+import math
 import numbers
 import random
 from collections.abc import Iterator
@@ -79,3 +80,12 @@ def check_precision(device: str, precision: str) -> None:
             and not torch.cuda.is_bf16_supported()):
         raise InputError(f"this GPU ({torch.cuda.get_device_name()}) cannot compute bfloat16; "
                          "use --precision float32")
+
+
+def exp_or_inf(loss: float) -> float:
+    """``exp(loss)``, a perplexity, or Inf where it exceeds the largest float (a diverged
+    fine-tune, which is then refused as one) instead of an OverflowError."""
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return math.inf

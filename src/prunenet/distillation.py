@@ -13,7 +13,6 @@ checkpoint, the record) and imports this module only when it distils.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import Trainer
 
-from .arithmetic import autocast
+from .arithmetic import autocast, exp_or_inf
 from .errors import InputError
 from .families import check_sequence_length
 from .io.loading import MODEL_ALIASES, RECORD_NAME, load_config, load_tokenizer, read_record
@@ -157,5 +156,5 @@ class DistillationTrainer(Trainer):
                                sum(count for _, count in self._held_out)],
                               dtype=torch.float64, device=self.args.device)
         loss, windows = self.accelerator.reduce(totals, reduction="sum").tolist()
-        output.metrics[f"{metric_key_prefix}_perplexity"] = math.exp(loss / windows)
+        output.metrics[f"{metric_key_prefix}_perplexity"] = exp_or_inf(loss / windows)
         return output

@@ -37,6 +37,7 @@ from .arithmetic import (
     check_precision,
     check_seed,
     default_precision,
+    exp_or_inf,
     global_generators_kept,
 )
 from .errors import InputError, NumericalError, OutputError, first_line
@@ -901,7 +902,7 @@ def _evaluation(metrics: dict[str, float]) -> dict[str, float]:
     if "eval_perplexity" in metrics:  # distillation: the loss is the KL
         return {"perplexity": metrics["eval_perplexity"], "kl": metrics["eval_loss"]}
     # Every window has the same length, so exp(mean eval loss) is the token-level perplexity.
-    return {"perplexity": math.exp(metrics["eval_loss"])}
+    return {"perplexity": exp_or_inf(metrics["eval_loss"])}
 
 
 def _warn_if_worse(before: dict[str, float], after: dict[str, float], windows: int) -> None:
