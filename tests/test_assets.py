@@ -320,11 +320,10 @@ def test_conversion_never_replaces_a_folder_it_did_not_write(tmp_path, monkeypat
     assert "`tiny.gguf` dequantized to a float32 safetensors" in (target / "README.md").read_text()
 
 
-def test_a_conversion_of_another_gguf_is_refused_by_readers_and_made_again_by_fetch(
-        tmp_path, monkeypatch):
-    """A conversion is trusted only while its marker names the GGUF's pinned sha256: one made
-    from another GGUF (an earlier pin) is refused by the alias and converted again by a plain
-    fetch (it had been reused silently)."""
+@pytest.fixture
+def tiny_alias(tmp_path, monkeypatch):
+    """A real-model alias ``tiny`` whose GGUF is the tiny test one, converted into a cache of
+    its own by :func:`prunenet.io.loading.convert_model`."""
     import prunenet.io.loading as loading
 
     gguf = assets.asset_path("tinycoder-gguf") / "tiny.gguf"
@@ -332,6 +331,15 @@ def test_a_conversion_of_another_gguf_is_refused_by_readers_and_made_again_by_fe
     monkeypatch.setitem(assets.MODELS, "tiny", assets.RealModel(
         "tinycoder-gguf", "tiny.gguf", "models/tiny", "a test model"))
     monkeypatch.setattr(loading, "asset_path", lambda name: gguf.parent)
+
+
+def test_a_conversion_of_another_gguf_is_refused_by_readers_and_made_again_by_fetch(
+        tiny_alias):
+    """A conversion is trusted only while its marker names the GGUF's pinned sha256: one made
+    from another GGUF (an earlier pin) is refused by the alias and converted again by a plain
+    fetch (it had been reused silently)."""
+    import prunenet.io.loading as loading
+
     target = loading.convert_model("tiny")
     current = (target / loading.CONVERTED_MARKER).read_text()
     for stale in (f"tiny.gguf\nsha256:{'0' * 64}\n", "tiny.gguf\n"):
@@ -348,17 +356,12 @@ def test_a_conversion_of_another_gguf_is_refused_by_readers_and_made_again_by_fe
         assert assets.model_path("tiny") == target
 
 
-def test_a_conversion_without_its_card_is_read_and_made_again_by_fetch(tmp_path, monkeypatch):
+def test_a_conversion_without_its_card_is_read_and_made_again_by_fetch(tiny_alias):
     """Conversions made before they carried a card naming the GGUF's terms are still read, and
     a plain fetch converts them again so that the card (and any license file) is there."""
     import prunenet.io.loading as loading
     from prunenet.io.model_card import CARD_NAME
 
-    gguf = assets.asset_path("tinycoder-gguf") / "tiny.gguf"
-    monkeypatch.setenv("PRUNENET_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setitem(assets.MODELS, "tiny", assets.RealModel(
-        "tinycoder-gguf", "tiny.gguf", "models/tiny", "a test model"))
-    monkeypatch.setattr(loading, "asset_path", lambda name: gguf.parent)
     target = loading.convert_model("tiny")
     card = (target / CARD_NAME).read_text()
     (target / CARD_NAME).unlink()
