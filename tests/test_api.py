@@ -181,6 +181,27 @@ def test_training_settings_where_no_policy_trains_are_refused(tmp_path):
     assert FFNView(model).d_ff == 48  # nothing was pruned
 
 
+@pytest.mark.parametrize("settings, message", [
+    ({"probe_length": 1}, "--probe-length must be at least 2 tokens, got 1"),
+    ({"probe_temperature": 0.0}, "--probe-temperature must be a positive finite number, got 0.0"),
+    ({"ridge": -1.0}, "--ridge must be a positive finite number, got -1.0"),
+    ({"probe_sampler": "gumbel"}, "unknown probe sampler 'gumbel'; use one of inverse-cdf, "
+                                  "multinomial"),
+    ({"method": "random", "episodes": 3}, "episodes has no effect here: method 'random' trains "
+                                          "no policy; drop it"),
+])
+def test_select_rows_refuses_what_compress_refuses(settings, message):
+    """select_rows takes compress's options, and refuses the settings compress refuses, with
+    the same one line (they had been read as they came: a probe of 1-token sequences, a
+    sampler nobody named, training settings silently unused)."""
+    model = make_tiny_model("llama")
+    for verb in (prunenet.compress, prunenet.select_rows):
+        with pytest.raises(InputError) as refused:
+            verb(model, 0.25, probe_tokens=32, progress=False, **settings)
+        assert str(refused.value) == message
+    assert FFNView(model).d_ff == 48  # nothing was pruned
+
+
 def test_missing_and_non_model_paths(tmp_path):
     with pytest.raises(InputError, match="does not exist"):
         prunenet.compress(str(tmp_path / "nope"), ratio=0.3, out=tmp_path / "o")

@@ -338,6 +338,40 @@ def check_reconstruct(model: Any, reconstruct: str, trust_remote_code: bool = Fa
                          "--reconstruct ls")
 
 
+def check_settings(options: CompressOptions, method: str, policy_given: bool) -> bool:
+    """Refuse settings no run of ``method`` can take, before any work: the policy training's
+    (and, from Python, one named where no policy trains: ``policy_given`` or another method),
+    the probe's and the ridge. :func:`compress` and :func:`select_rows` check alike. Returns
+    whether a PruneNet policy trains."""
+    options.training.validate()
+    trains = selector_class(method) is PruneNet and not policy_given
+    if trains:
+        check_trainable_ratio(options.training.ratio)
+    elif options.training_given:  # as the command line refuses them, not silently unused
+        named = ", ".join(options.training_given)
+        raise InputError(f"{named} {'has' if len(options.training_given) == 1 else 'have'} no "
+                         "effect here: " + ("the policy given is used, no policy trains"
+                                            if policy_given else
+                                            f"method {method!r} trains no policy")
+                         + "; drop " + ("it" if len(options.training_given) == 1 else "them"))
+    for name, value in (("--ridge", options.ridge),
+                        ("--probe-temperature", options.probe_temperature)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or not 0 < value < float("inf"):
+            raise InputError(f"{name} must be a positive finite number, got {value!r}")
+    if options.probe_temperature < MIN_TEMPERATURE:
+        raise InputError(f"--probe-temperature must be at least {MIN_TEMPERATURE:g} (there "
+                         f"sampling keeps the likeliest token already), got "
+                         f"{options.probe_temperature!r}")
+    length = options.probe_length
+    if isinstance(length, bool) or not isinstance(length, int) or length < 2:
+        raise InputError(f"--probe-length must be at least 2 tokens, got {length!r}")
+    check_probe_tokens(options.probe_tokens)  # read in sizing a planned run's memory
+    check_sampler(options.probe_sampler)
+    check_probe_prompt(options.probe_prompt)  # a planned run reads it with the tokenizer next
+    return trains
+
+
 def plan_compression(model: Any, ratio: float, options: CompressOptions, *,
                      policy: PrunePolicy | str | os.PathLike | None = None,
                      out: str | os.PathLike | None = None,
@@ -354,7 +388,6 @@ def plan_compression(model: Any, ratio: float, options: CompressOptions, *,
     ``before_text`` is called with the plan as decided, before the text the run reads (the
     probe prompt, --eval's windows, calibration text) is read and checked, the slowest
     checks: the command line refuses options the run would not use there."""
-    options.training.validate()
     source = None if isinstance(model, nn.Module) else str(model)
     reads = input_paths(source) if source is not None else []  # a bad input fails first
     if isinstance(policy, (str, os.PathLike)):
@@ -363,33 +396,9 @@ def plan_compression(model: Any, ratio: float, options: CompressOptions, *,
         reads.append(policy)
     reads.append(corpus_read_path(options.calibration.corpus))  # its file, or the cache's
     method = options.method or (PruneNet.name if policy is not None else DEFAULT_METHOD)
-    trains = selector_class(method) is PruneNet and policy is None
-    if trains:
-        check_trainable_ratio(options.training.ratio)
-    elif options.training_given:  # as the command line refuses them, not silently unused
-        named = ", ".join(options.training_given)
-        raise InputError(f"{named} {'has' if len(options.training_given) == 1 else 'have'} no "
-                         "effect here: " + ("the policy given is used, no policy trains"
-                                            if policy is not None else
-                                            f"method {method!r} trains no policy")
-                         + "; drop " + ("it" if len(options.training_given) == 1 else "them"))
+    trains = check_settings(options, method, policy is not None)
     if policy_out is not None:
         check_policy_name(policy_out, "--policy-out")
-    for name, value in (("--ridge", options.ridge),
-                        ("--probe-temperature", options.probe_temperature)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) \
-                or not 0 < value < float("inf"):
-            raise InputError(f"{name} must be a positive finite number, got {value!r}")
-    if options.probe_temperature < MIN_TEMPERATURE:
-        raise InputError(f"--probe-temperature must be at least {MIN_TEMPERATURE:g} (there "
-                         f"sampling keeps the likeliest token already), got "
-                         f"{options.probe_temperature!r}")
-    length = options.probe_length
-    if isinstance(length, bool) or not isinstance(length, int) or length < 2:
-        raise InputError(f"--probe-length must be at least 2 tokens, got {length!r}")
-    check_probe_tokens(options.probe_tokens)  # read in sizing the run's memory, below
-    check_sampler(options.probe_sampler)
-    check_probe_prompt(options.probe_prompt)  # read with the tokenizer, below
     reconstruct = "ls" if options.reconstruct is None else options.reconstruct
     check_reconstruct(model, reconstruct, options.trust_remote_code)
     runs = selector_class(method).needs_model or reconstruct != "none"
@@ -925,9 +934,11 @@ def prune(model: Any, policy: PrunePolicy | str | os.PathLike | None = None, rat
 def select_rows(model: nn.Module, ratio: float, *, tokenizer: Any = None,
                 policy: PrunePolicy | None = None, **options: Any) -> list[Tensor]:
     """Kept neuron indices per layer of a loaded ``model`` (sorted, distinct, the same count in
-    every layer), without slicing it. ``options`` as :func:`compress`."""
+    every layer), without slicing it. ``options`` as :func:`compress`; a setting it refuses
+    raises the same :class:`~prunenet.errors.InputError` here."""
     settings = CompressOptions.from_keywords(ratio, **options)
     method = settings.method or (PruneNet.name if policy is not None else DEFAULT_METHOD)
+    check_settings(settings, method, policy is not None)  # what compress refuses
     selector = make_selector(method, settings, policy)
     view = FFNView(model)
     with evaluation_mode(model):  # as compress runs it
