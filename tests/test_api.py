@@ -162,6 +162,30 @@ def test_bad_ratio(tiny_llama, ratio):
         prunenet.compress(tiny_llama, ratio=ratio, progress=False)
 
 
+def test_a_numpy_ratio_runs_and_is_recorded_as_its_value(tmp_path):
+    """A numpy ratio (a model's numbers often are) runs as its value in every verb, as compare
+    reads it, and the record holds a plain number (numpy's float32 had been refused as no
+    number, its float64 recorded as a numpy scalar)."""
+    import numpy
+
+    model = make_tiny_model("llama")
+    plain = prunenet.select_rows(model, 0.25, method="magnitude")
+    for ratio in (numpy.float32(0.25), numpy.float64(0.25)):
+        assert [r.tolist() for r in prunenet.select_rows(model, ratio, method="magnitude")] \
+            == [r.tolist() for r in plain]
+        result = prunenet.compress(make_tiny_model("llama"), ratio, method="magnitude",
+                                   reconstruct="none", out=tmp_path / "out", overwrite=True,
+                                   progress=False)
+        assert type(result.record["ratio"]) is float and result.record["ratio"] == 0.25
+        assert json.loads((tmp_path / "out" / RECORD_NAME).read_text())["ratio"] == 0.25
+        training = prunenet.train_policy(model, ratio, episodes=1, progress=False)
+        assert type(training.config.ratio) is float and training.config.ratio == 0.25
+        pruned = prunenet.prune(make_tiny_model("llama"), training.policy, ratio,
+                                reconstruct="none", progress=False)
+        assert type(pruned.record["ratio"]) is float
+        assert [len(r) for r in pruned.kept_rows] == [36, 36]
+
+
 def test_training_settings_where_no_policy_trains_are_refused(tmp_path):
     """From Python as from the command line: a training setting for a run that trains no
     policy (another method, or a policy given) is refused before any work, not ignored."""

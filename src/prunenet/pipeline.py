@@ -25,7 +25,7 @@ from . import ffn_statistics
 from .arithmetic import check_seed
 from .errors import InputError
 from .evaluation.corpora import TokenCorpus, check_corpus, corpus_read_path
-from .families import check_multiple, kept_count
+from .families import check_multiple, checked_ratio, kept_count
 from .ffn_statistics import ProbeStatistics
 from .io.files import (
     Output,
@@ -902,6 +902,7 @@ def compress(model: Any, ratio: float = 0.3, *, out: str | os.PathLike | None = 
     Raises :class:`~prunenet.errors.InputError` / ``OutputError`` before any work for a bad
     input, method, ratio or output path.
     """
+    ratio = checked_ratio(ratio)  # a numpy number runs, and is recorded, as its value
     plan = plan_compression(model, ratio, CompressOptions.from_keywords(ratio, **options),
                             out=out, record_dir=record_dir, policy_out=policy_out,
                             overwrite=overwrite, tokenizer=tokenizer)
@@ -920,6 +921,7 @@ def prune(model: Any, policy: PrunePolicy | str | os.PathLike | None = None, rat
     running the model over the probe again (they are not used for another probe).
     ``selector``: the method's selector, made before and holding what it read of that dense
     model (an :class:`Activation` with its norms), used instead of a new one."""
+    ratio = checked_ratio(ratio)
     plan = plan_compression(model, ratio, CompressOptions.from_keywords(ratio, **options),
                             policy=policy, out=out, record_dir=record_dir, overwrite=overwrite,
                             tokenizer=tokenizer)
@@ -936,6 +938,7 @@ def select_rows(model: nn.Module, ratio: float, *, tokenizer: Any = None,
     """Kept neuron indices per layer of a loaded ``model`` (sorted, distinct, the same count in
     every layer), without slicing it. ``options`` as :func:`compress`; a setting it refuses
     raises the same :class:`~prunenet.errors.InputError` here."""
+    ratio = checked_ratio(ratio)
     settings = CompressOptions.from_keywords(ratio, **options)
     method = settings.method or (PruneNet.name if policy is not None else DEFAULT_METHOD)
     check_settings(settings, method, policy is not None)  # what compress refuses
@@ -1005,6 +1008,7 @@ def check_training(model: Any, ratio: float, device: str | torch.device = "auto"
         raise InputError(f"unknown option(s): {', '.join(sorted(unknown))}; train_policy takes "
                          f"{', '.join(sorted(known))}, device, progress, state_path, resume "
                          "and max_memory")
+    ratio = checked_ratio(ratio)  # recorded in the policy's metadata as it ran
     config = TrainingConfig(ratio=ratio, **training)
     config.validate()
     check_trainable_ratio(config.ratio)
