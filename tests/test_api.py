@@ -162,6 +162,38 @@ def test_bad_ratio(tiny_llama, ratio):
         prunenet.compress(tiny_llama, ratio=ratio, progress=False)
 
 
+@pytest.mark.parametrize("windows, message", [
+    (-1, "evaluate_windows must be 0 (no --eval) or a positive number of windows, got -1"),
+    (True, "evaluate_windows must be 0 (no --eval) or a positive number of windows, got True"),
+    (1.5, "evaluate_windows must be 0 (no --eval) or a positive number of windows, got 1.5"),
+    (2, "--eval measures perplexity on text, and the model has no tokenizer; save one next to "
+        "the model, or leave out --eval"),
+])
+def test_an_eval_an_in_memory_model_cannot_take_is_refused_before_it_is_sliced(windows, message):
+    """compress slices a model given in memory in place: an --eval it cannot measure (no
+    count of windows, no tokenizer to read text with) is refused before that, the caller's
+    model left whole (it had been refused only after the model was pruned)."""
+    model = make_tiny_model("llama")
+    with pytest.raises(InputError) as refused:
+        prunenet.compress(model, 0.25, method="random", reconstruct="none",
+                          evaluate_windows=windows, progress=False)
+    assert str(refused.value) == message
+    assert FFNView(model).d_ff == 48
+
+
+def test_more_eval_windows_than_the_corpus_holds_leave_an_in_memory_model_whole(
+        tiny_llama_real_tokenizer_dir):
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama_real_tokenizer_dir)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_llama_real_tokenizer_dir)
+    with pytest.raises(InputError, match=r"^--eval 100000: corpus 'wiki' holds \d+ evaluation "
+                                         r"windows of 1024 tokens; give --eval \d+ or fewer$"):
+        prunenet.compress(model, 0.25, method="random", reconstruct="none", tokenizer=tokenizer,
+                          evaluate_windows=100000, progress=False)
+    assert FFNView(model).d_ff == 48
+
+
 def test_a_numpy_ratio_runs_and_is_recorded_as_its_value(tmp_path):
     """A numpy ratio (a model's numbers often are) runs as its value in every verb, as compare
     reads it, and the record holds a plain number (numpy's float32 had been refused as no

@@ -341,8 +341,8 @@ def check_reconstruct(model: Any, reconstruct: str, trust_remote_code: bool = Fa
 def check_settings(options: CompressOptions, method: str, policy_given: bool) -> bool:
     """Refuse settings no run of ``method`` can take, before any work: the policy training's
     (and, from Python, one named where no policy trains: ``policy_given`` or another method),
-    the probe's and the ridge. :func:`compress` and :func:`select_rows` check alike. Returns
-    whether a PruneNet policy trains."""
+    the probe's, the ridge and --eval's count. :func:`compress` and :func:`select_rows` check
+    alike. Returns whether a PruneNet policy trains."""
     options.training.validate()
     trains = selector_class(method) is PruneNet and not policy_given
     if trains:
@@ -366,6 +366,10 @@ def check_settings(options: CompressOptions, method: str, policy_given: bool) ->
     length = options.probe_length
     if isinstance(length, bool) or not isinstance(length, int) or length < 2:
         raise InputError(f"--probe-length must be at least 2 tokens, got {length!r}")
+    windows = options.evaluate_windows
+    if isinstance(windows, bool) or not isinstance(windows, int) or windows < 0:
+        raise InputError(f"evaluate_windows must be 0 (no --eval) or a positive number of "
+                         f"windows, got {windows!r}")
     check_probe_tokens(options.probe_tokens)  # read in sizing a planned run's memory
     check_sampler(options.probe_sampler)
     check_probe_prompt(options.probe_prompt)  # a planned run reads it with the tokenizer next
@@ -688,6 +692,12 @@ def _compress(plan: Plan, tokenizer: Any = None, offloaded: nn.Module | None = N
     selector = plan.selector
     if isinstance(selector, PruneNet) and selector.policy is not None:
         selector.policy.check_fits(weights.d_model, weights.d_ff)
+    evaluation_text = plan.evaluation_text  # an in-memory model's is read here, before any slice
+    if options.evaluate_windows and evaluation_text is None and plan.streamed is None:
+        from .evaluation.evaluate import check_evaluation_windows
+
+        evaluation_text = check_evaluation_windows(model.config, tokenizer,
+                                                   options.evaluate_windows)
     probe = None
     if model is not None and (isinstance(selector, SelfGenerated) or plan.reconstruct != "none"):
         probe = run_probe(model, tokenizer, options)
@@ -724,7 +734,7 @@ def _compress(plan: Plan, tokenizer: Any = None, offloaded: nn.Module | None = N
     if options.evaluate_windows and plan.streamed is None:  # a streamed output: as written
         from .evaluation.evaluate import evaluate
 
-        measured = evaluate(model, tokenizer, ppl=plan.evaluation_text or "wiki",
+        measured = evaluate(model, tokenizer, ppl=evaluation_text,
                             windows=options.evaluate_windows,
                             progress=options.progress)["perplexity"]
         record["evaluation"] = evaluation_entry(measured)
