@@ -218,6 +218,26 @@ def test_a_numpy_ratio_runs_and_is_recorded_as_its_value(tmp_path):
         assert [len(r) for r in pruned.kept_rows] == [36, 36]
 
 
+def test_numpy_settings_run_and_are_recorded_as_their_values(tmp_path):
+    """The probe's, the refit's, --round-to's and --eval's numbers may be numpy's, as the seed
+    and the training settings may: they run as their values and the record holds plain numbers
+    (they had been refused as no integer or no number)."""
+    import numpy
+
+    plain = dict(probe_tokens=64, probe_length=16, ridge=0.5, probe_temperature=1.5, round_to=8)
+    given = dict(probe_tokens=numpy.int64(64), probe_length=numpy.int32(16),
+                 ridge=numpy.float32(0.5), probe_temperature=numpy.float64(1.5),
+                 round_to=numpy.int64(8))
+    results = [prunenet.compress(make_tiny_model("llama"), 0.25, out=tmp_path / name,
+                                 progress=False, **settings)
+               for name, settings in (("plain", plain), ("numpy", given))]
+    assert [r.tolist() for r in results[1].kept_rows] == [r.tolist() for r in results[0].kept_rows]
+    written = [(tmp_path / name / RECORD_NAME).read_text() for name in ("plain", "numpy")]
+    assert written[1] == written[0]
+    assert prunenet.select_rows(make_tiny_model("llama"), 0.25, method="magnitude",
+                                round_to=numpy.int64(16))[0].numel() == 32
+
+
 def test_training_settings_where_no_policy_trains_are_refused(tmp_path):
     """From Python as from the command line: a training setting for a run that trains no
     policy (another method, or a policy given) is refused before any work, not ignored."""

@@ -10,6 +10,7 @@ and save, or a streamed write) -> record. Settings live in :class:`CompressOptio
 from __future__ import annotations
 
 import logging
+import numbers
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields, replace
@@ -177,6 +178,15 @@ class CompressOptions:
         options = cls(**{k: v for k, v in keywords.items() if k in own})
         check_seed(options.seed)  # before the probe, whichever method runs
         options.seed = int(options.seed)  # a numpy integer is recorded as a number
+        for name, kind, plain in (("probe_tokens", numbers.Integral, int),
+                                  ("probe_length", numbers.Integral, int),
+                                  ("round_to", numbers.Integral, int),
+                                  ("evaluate_windows", numbers.Integral, int),
+                                  ("ridge", numbers.Real, float),
+                                  ("probe_temperature", numbers.Real, float)):
+            value = getattr(options, name)  # a numpy number runs, and is recorded, as its value
+            if isinstance(value, kind) and not isinstance(value, (bool, int, float)):
+                setattr(options, name, plain(value))
         options.training = TrainingConfig(ratio=ratio, seed=options.seed,
                                           **{k: v for k, v in keywords.items() if k in trained})
         options.training_given = tuple(sorted(k for k in keywords if k in trained))
