@@ -478,3 +478,16 @@ def test_spectral_and_finetune_precision_are_different_options():
     with pytest.raises(SystemExit):
         parser.parse_args(["finetune", "m", "--data", "wiki", "--out", "o",
                            "--spectral-precision", "float64"])
+
+
+def test_the_readme_python_example_runs_as_written(tiny_llama_dir, tmp_path, monkeypatch):
+    """README.md's Python block, on tiny models (its model path the tiny folder): every line
+    runs, and the results say what its comments say."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    block = readme.split("From Python:\n\n```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(tmp_path)
+    names = {"model": make_tiny_model("llama"), "other_model": make_tiny_model("llama", seed=1)}
+    exec(block.replace("path/to/model", str(tiny_llama_dir)), names)
+    assert json.loads(Path("pruned", RECORD_NAME).read_text())["method"] == "self-generated"
+    assert json.loads(Path("pruned-0.2", RECORD_NAME).read_text())["method"] == "prunenet"
+    assert names["result"].record["method"] == "prunenet"
