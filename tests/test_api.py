@@ -162,6 +162,82 @@ def test_bad_ratio(tiny_llama, ratio):
         prunenet.compress(tiny_llama, ratio=ratio, progress=False)
 
 
+@pytest.mark.parametrize("windows, message", [
+    (-1, "evaluate_windows must be 0 (no --eval) or a positive number of windows, got -1"),
+    (True, "evaluate_windows must be 0 (no --eval) or a positive number of windows, got True"),
+    (1.5, "evaluate_windows must be 0 (no --eval) or a positive number of windows, got 1.5"),
+    (2, "--eval measures perplexity on text, and the model has no tokenizer; save one next to "
+        "the model, or leave out --eval"),
+])
+def test_an_eval_an_in_memory_model_cannot_take_is_refused_before_it_is_sliced(windows, message):
+    """compress slices a model given in memory in place: an --eval it cannot measure (no
+    count of windows, no tokenizer to read text with) is refused before that, the caller's
+    model left whole (it had been refused only after the model was pruned)."""
+    model = make_tiny_model("llama")
+    with pytest.raises(InputError) as refused:
+        prunenet.compress(model, 0.25, method="random", reconstruct="none",
+                          evaluate_windows=windows, progress=False)
+    assert str(refused.value) == message
+    assert FFNView(model).d_ff == 48
+
+
+def test_more_eval_windows_than_the_corpus_holds_leave_an_in_memory_model_whole(
+        tiny_llama_real_tokenizer_dir):
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama_real_tokenizer_dir)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_llama_real_tokenizer_dir)
+    with pytest.raises(InputError, match=r"^--eval 100000: corpus 'wiki' holds \d+ evaluation "
+                                         r"windows of 1024 tokens; give --eval \d+ or fewer$"):
+        prunenet.compress(model, 0.25, method="random", reconstruct="none", tokenizer=tokenizer,
+                          evaluate_windows=100000, progress=False)
+    assert FFNView(model).d_ff == 48
+
+
+def test_a_numpy_ratio_runs_and_is_recorded_as_its_value(tmp_path):
+    """A numpy ratio (a model's numbers often are) runs as its value in every verb, as compare
+    reads it, and the record holds a plain number (numpy's float32 had been refused as no
+    number, its float64 recorded as a numpy scalar)."""
+    import numpy
+
+    model = make_tiny_model("llama")
+    plain = prunenet.select_rows(model, 0.25, method="magnitude")
+    for ratio in (numpy.float32(0.25), numpy.float64(0.25)):
+        assert [r.tolist() for r in prunenet.select_rows(model, ratio, method="magnitude")] \
+            == [r.tolist() for r in plain]
+        result = prunenet.compress(make_tiny_model("llama"), ratio, method="magnitude",
+                                   reconstruct="none", out=tmp_path / "out", overwrite=True,
+                                   progress=False)
+        assert type(result.record["ratio"]) is float and result.record["ratio"] == 0.25
+        assert json.loads((tmp_path / "out" / RECORD_NAME).read_text())["ratio"] == 0.25
+        training = prunenet.train_policy(model, ratio, episodes=1, progress=False)
+        assert type(training.config.ratio) is float and training.config.ratio == 0.25
+        pruned = prunenet.prune(make_tiny_model("llama"), training.policy, ratio,
+                                reconstruct="none", progress=False)
+        assert type(pruned.record["ratio"]) is float
+        assert [len(r) for r in pruned.kept_rows] == [36, 36]
+
+
+def test_numpy_settings_run_and_are_recorded_as_their_values(tmp_path):
+    """The probe's, the refit's, --round-to's and --eval's numbers may be numpy's, as the seed
+    and the training settings may: they run as their values and the record holds plain numbers
+    (they had been refused as no integer or no number)."""
+    import numpy
+
+    plain = dict(probe_tokens=64, probe_length=16, ridge=0.5, probe_temperature=1.5, round_to=8)
+    given = dict(probe_tokens=numpy.int64(64), probe_length=numpy.int32(16),
+                 ridge=numpy.float32(0.5), probe_temperature=numpy.float64(1.5),
+                 round_to=numpy.int64(8))
+    results = [prunenet.compress(make_tiny_model("llama"), 0.25, out=tmp_path / name,
+                                 progress=False, **settings)
+               for name, settings in (("plain", plain), ("numpy", given))]
+    assert [r.tolist() for r in results[1].kept_rows] == [r.tolist() for r in results[0].kept_rows]
+    written = [(tmp_path / name / RECORD_NAME).read_text() for name in ("plain", "numpy")]
+    assert written[1] == written[0]
+    assert prunenet.select_rows(make_tiny_model("llama"), 0.25, method="magnitude",
+                                round_to=numpy.int64(16))[0].numel() == 32
+
+
 def test_training_settings_where_no_policy_trains_are_refused(tmp_path):
     """From Python as from the command line: a training setting for a run that trains no
     policy (another method, or a policy given) is refused before any work, not ignored."""
@@ -178,6 +254,27 @@ def test_training_settings_where_no_policy_trains_are_refused(tmp_path):
                                          r"used, no policy trains; drop it$"):
         prunenet.prune(model, policy, 0.3, gamma=0.9, progress=False)
     assert not (tmp_path / "out").exists()
+    assert FFNView(model).d_ff == 48  # nothing was pruned
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"probe_length": 1}, "--probe-length must be at least 2 tokens, got 1"),
+    ({"probe_temperature": 0.0}, "--probe-temperature must be a positive finite number, got 0.0"),
+    ({"ridge": -1.0}, "--ridge must be a positive finite number, got -1.0"),
+    ({"probe_sampler": "gumbel"}, "unknown probe sampler 'gumbel'; use one of inverse-cdf, "
+                                  "multinomial"),
+    ({"method": "random", "episodes": 3}, "episodes has no effect here: method 'random' trains "
+                                          "no policy; drop it"),
+])
+def test_select_rows_refuses_what_compress_refuses(settings, message):
+    """select_rows takes compress's options, and refuses the settings compress refuses, with
+    the same one line (they had been read as they came: a probe of 1-token sequences, a
+    sampler nobody named, training settings silently unused)."""
+    model = make_tiny_model("llama")
+    for verb in (prunenet.compress, prunenet.select_rows):
+        with pytest.raises(InputError) as refused:
+            verb(model, 0.25, probe_tokens=32, progress=False, **settings)
+        assert str(refused.value) == message
     assert FFNView(model).d_ff == 48  # nothing was pruned
 
 
@@ -381,3 +478,16 @@ def test_spectral_and_finetune_precision_are_different_options():
     with pytest.raises(SystemExit):
         parser.parse_args(["finetune", "m", "--data", "wiki", "--out", "o",
                            "--spectral-precision", "float64"])
+
+
+def test_the_readme_python_example_runs_as_written(tiny_llama_dir, tmp_path, monkeypatch):
+    """README.md's Python block, on tiny models (its model path the tiny folder): every line
+    runs, and the results say what its comments say."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    block = readme.split("From Python:\n\n```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(tmp_path)
+    names = {"model": make_tiny_model("llama"), "other_model": make_tiny_model("llama", seed=1)}
+    exec(block.replace("path/to/model", str(tiny_llama_dir)), names)
+    assert json.loads(Path("pruned", RECORD_NAME).read_text())["method"] == "self-generated"
+    assert json.loads(Path("pruned-0.2", RECORD_NAME).read_text())["method"] == "prunenet"
+    assert names["result"].record["method"] == "prunenet"

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import numbers
 import os
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -23,7 +22,7 @@ from .evaluation.corpora import check_corpus, corpus_read_path, load_corpus, rec
 from .evaluation.evaluate import evaluate, examples_scored, fitted_seqlen, perplexity_windows
 from .evaluation.speed import SpeedProtocol, fitted_protocol
 from .evaluation.zeroshot import check_limit, parse_tasks
-from .families import check_ratio, kept_count
+from .families import checked_ratio, kept_count
 from .ffn_statistics import ProbeStatistics
 from .io.files import atomic_folder, folder_of, json_with_format, write_json_atomic
 from .io.loading import check_output_path, declared_ffn_width, load_model_and_tokenizer
@@ -92,12 +91,7 @@ def parse_ratios(ratios: Iterable[float]) -> list[float]:
     each once, at least one. Raises :class:`InputError` otherwise."""
     if isinstance(ratios, (str, bytes)) or not isinstance(ratios, Iterable):
         raise InputError(f"ratios must be a list of numbers such as [0.1, 0.3], got {ratios!r}")
-    values = []
-    for ratio in ratios:
-        if isinstance(ratio, numbers.Real) and not isinstance(ratio, bool):
-            ratio = float(ratio) + 0.0  # -0.0 reads as 0.0
-        check_ratio(ratio)
-        values.append(ratio)
+    values = [checked_ratio(ratio) for ratio in ratios]
     refuse_repeats("--ratios", [str(value) for value in values])
     if not values:
         raise InputError("give at least one ratio, e.g. --ratios 0.1,0.2,0.3")
@@ -172,6 +166,8 @@ def compare(
     if "activation" in method_names:
         check_corpus((calibration or Calibration()).corpus)
     training_options = {} if episodes is None else {"episodes": episodes}
+    if train_ratio is not None:  # recorded in the results as it ran
+        train_ratio = checked_ratio(train_ratio)
     if PruneNet.name in method_names:  # ratio 0, episodes 0 or 2.5: before the dense model runs
         check_training(model, max(ratios) if train_ratio is None else train_ratio, seed=seed,
                        **training_options)

@@ -9,6 +9,7 @@ streaming shards, config updates) is derived from it.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -172,10 +173,17 @@ def _kept_share(ratio: float) -> Fraction:
 
 def check_ratio(ratio: float) -> None:
     """Refuse a compression ratio that is not a number in [0, 1) (a bool, a string, NaN)."""
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
+    if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real):
         raise InputError(f"ratio must be a number in [0, 1), got {ratio!r}")
     if not 0.0 <= float(ratio) < 1.0:
         raise InputError(f"ratio must be in [0, 1), got {ratio}")
+
+
+def checked_ratio(ratio: float) -> float:
+    """``ratio`` as the float every run records (a numpy number as its value, -0.0 as 0.0);
+    :func:`check_ratio` refuses what is no ratio."""
+    check_ratio(ratio)
+    return float(ratio) + 0.0
 
 
 def kept_count(d_ff: int, ratio: float, multiple: int = 1) -> int:

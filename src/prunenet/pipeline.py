@@ -10,6 +10,7 @@ and save, or a streamed write) -> record. Settings live in :class:`CompressOptio
 from __future__ import annotations
 
 import logging
+import numbers
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields, replace
@@ -25,7 +26,7 @@ from . import ffn_statistics
 from .arithmetic import check_seed
 from .errors import InputError
 from .evaluation.corpora import TokenCorpus, check_corpus, corpus_read_path
-from .families import check_multiple, kept_count
+from .families import check_multiple, checked_ratio, kept_count
 from .ffn_statistics import ProbeStatistics
 from .io.files import (
     Output,
@@ -177,6 +178,15 @@ class CompressOptions:
         options = cls(**{k: v for k, v in keywords.items() if k in own})
         check_seed(options.seed)  # before the probe, whichever method runs
         options.seed = int(options.seed)  # a numpy integer is recorded as a number
+        for name, kind, plain in (("probe_tokens", numbers.Integral, int),
+                                  ("probe_length", numbers.Integral, int),
+                                  ("round_to", numbers.Integral, int),
+                                  ("evaluate_windows", numbers.Integral, int),
+                                  ("ridge", numbers.Real, float),
+                                  ("probe_temperature", numbers.Real, float)):
+            value = getattr(options, name)  # a numpy number runs, and is recorded, as its value
+            if isinstance(value, kind) and not isinstance(value, (bool, int, float)):
+                setattr(options, name, plain(value))
         options.training = TrainingConfig(ratio=ratio, seed=options.seed,
                                           **{k: v for k, v in keywords.items() if k in trained})
         options.training_given = tuple(sorted(k for k in keywords if k in trained))
@@ -338,6 +348,44 @@ def check_reconstruct(model: Any, reconstruct: str, trust_remote_code: bool = Fa
                          "--reconstruct ls")
 
 
+def check_settings(options: CompressOptions, method: str, policy_given: bool) -> bool:
+    """Refuse settings no run of ``method`` can take, before any work: the policy training's
+    (and, from Python, one named where no policy trains: ``policy_given`` or another method),
+    the probe's, the ridge and --eval's count. :func:`compress` and :func:`select_rows` check
+    alike. Returns whether a PruneNet policy trains."""
+    options.training.validate()
+    trains = selector_class(method) is PruneNet and not policy_given
+    if trains:
+        check_trainable_ratio(options.training.ratio)
+    elif options.training_given:  # as the command line refuses them, not silently unused
+        named = ", ".join(options.training_given)
+        raise InputError(f"{named} {'has' if len(options.training_given) == 1 else 'have'} no "
+                         "effect here: " + ("the policy given is used, no policy trains"
+                                            if policy_given else
+                                            f"method {method!r} trains no policy")
+                         + "; drop " + ("it" if len(options.training_given) == 1 else "them"))
+    for name, value in (("--ridge", options.ridge),
+                        ("--probe-temperature", options.probe_temperature)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or not 0 < value < float("inf"):
+            raise InputError(f"{name} must be a positive finite number, got {value!r}")
+    if options.probe_temperature < MIN_TEMPERATURE:
+        raise InputError(f"--probe-temperature must be at least {MIN_TEMPERATURE:g} (there "
+                         f"sampling keeps the likeliest token already), got "
+                         f"{options.probe_temperature!r}")
+    length = options.probe_length
+    if isinstance(length, bool) or not isinstance(length, int) or length < 2:
+        raise InputError(f"--probe-length must be at least 2 tokens, got {length!r}")
+    windows = options.evaluate_windows
+    if isinstance(windows, bool) or not isinstance(windows, int) or windows < 0:
+        raise InputError(f"evaluate_windows must be 0 (no --eval) or a positive number of "
+                         f"windows, got {windows!r}")
+    check_probe_tokens(options.probe_tokens)  # read in sizing a planned run's memory
+    check_sampler(options.probe_sampler)
+    check_probe_prompt(options.probe_prompt)  # a planned run reads it with the tokenizer next
+    return trains
+
+
 def plan_compression(model: Any, ratio: float, options: CompressOptions, *,
                      policy: PrunePolicy | str | os.PathLike | None = None,
                      out: str | os.PathLike | None = None,
@@ -354,7 +402,6 @@ def plan_compression(model: Any, ratio: float, options: CompressOptions, *,
     ``before_text`` is called with the plan as decided, before the text the run reads (the
     probe prompt, --eval's windows, calibration text) is read and checked, the slowest
     checks: the command line refuses options the run would not use there."""
-    options.training.validate()
     source = None if isinstance(model, nn.Module) else str(model)
     reads = input_paths(source) if source is not None else []  # a bad input fails first
     if isinstance(policy, (str, os.PathLike)):
@@ -363,33 +410,9 @@ def plan_compression(model: Any, ratio: float, options: CompressOptions, *,
         reads.append(policy)
     reads.append(corpus_read_path(options.calibration.corpus))  # its file, or the cache's
     method = options.method or (PruneNet.name if policy is not None else DEFAULT_METHOD)
-    trains = selector_class(method) is PruneNet and policy is None
-    if trains:
-        check_trainable_ratio(options.training.ratio)
-    elif options.training_given:  # as the command line refuses them, not silently unused
-        named = ", ".join(options.training_given)
-        raise InputError(f"{named} {'has' if len(options.training_given) == 1 else 'have'} no "
-                         "effect here: " + ("the policy given is used, no policy trains"
-                                            if policy is not None else
-                                            f"method {method!r} trains no policy")
-                         + "; drop " + ("it" if len(options.training_given) == 1 else "them"))
+    trains = check_settings(options, method, policy is not None)
     if policy_out is not None:
         check_policy_name(policy_out, "--policy-out")
-    for name, value in (("--ridge", options.ridge),
-                        ("--probe-temperature", options.probe_temperature)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) \
-                or not 0 < value < float("inf"):
-            raise InputError(f"{name} must be a positive finite number, got {value!r}")
-    if options.probe_temperature < MIN_TEMPERATURE:
-        raise InputError(f"--probe-temperature must be at least {MIN_TEMPERATURE:g} (there "
-                         f"sampling keeps the likeliest token already), got "
-                         f"{options.probe_temperature!r}")
-    length = options.probe_length
-    if isinstance(length, bool) or not isinstance(length, int) or length < 2:
-        raise InputError(f"--probe-length must be at least 2 tokens, got {length!r}")
-    check_probe_tokens(options.probe_tokens)  # read in sizing the run's memory, below
-    check_sampler(options.probe_sampler)
-    check_probe_prompt(options.probe_prompt)  # read with the tokenizer, below
     reconstruct = "ls" if options.reconstruct is None else options.reconstruct
     check_reconstruct(model, reconstruct, options.trust_remote_code)
     runs = selector_class(method).needs_model or reconstruct != "none"
@@ -679,6 +702,12 @@ def _compress(plan: Plan, tokenizer: Any = None, offloaded: nn.Module | None = N
     selector = plan.selector
     if isinstance(selector, PruneNet) and selector.policy is not None:
         selector.policy.check_fits(weights.d_model, weights.d_ff)
+    evaluation_text = plan.evaluation_text  # an in-memory model's is read here, before any slice
+    if options.evaluate_windows and evaluation_text is None and plan.streamed is None:
+        from .evaluation.evaluate import check_evaluation_windows
+
+        evaluation_text = check_evaluation_windows(model.config, tokenizer,
+                                                   options.evaluate_windows)
     probe = None
     if model is not None and (isinstance(selector, SelfGenerated) or plan.reconstruct != "none"):
         probe = run_probe(model, tokenizer, options)
@@ -715,7 +744,7 @@ def _compress(plan: Plan, tokenizer: Any = None, offloaded: nn.Module | None = N
     if options.evaluate_windows and plan.streamed is None:  # a streamed output: as written
         from .evaluation.evaluate import evaluate
 
-        measured = evaluate(model, tokenizer, ppl=plan.evaluation_text or "wiki",
+        measured = evaluate(model, tokenizer, ppl=evaluation_text,
                             windows=options.evaluate_windows,
                             progress=options.progress)["perplexity"]
         record["evaluation"] = evaluation_entry(measured)
@@ -893,6 +922,7 @@ def compress(model: Any, ratio: float = 0.3, *, out: str | os.PathLike | None = 
     Raises :class:`~prunenet.errors.InputError` / ``OutputError`` before any work for a bad
     input, method, ratio or output path.
     """
+    ratio = checked_ratio(ratio)  # a numpy number runs, and is recorded, as its value
     plan = plan_compression(model, ratio, CompressOptions.from_keywords(ratio, **options),
                             out=out, record_dir=record_dir, policy_out=policy_out,
                             overwrite=overwrite, tokenizer=tokenizer)
@@ -911,6 +941,7 @@ def prune(model: Any, policy: PrunePolicy | str | os.PathLike | None = None, rat
     running the model over the probe again (they are not used for another probe).
     ``selector``: the method's selector, made before and holding what it read of that dense
     model (an :class:`Activation` with its norms), used instead of a new one."""
+    ratio = checked_ratio(ratio)
     plan = plan_compression(model, ratio, CompressOptions.from_keywords(ratio, **options),
                             policy=policy, out=out, record_dir=record_dir, overwrite=overwrite,
                             tokenizer=tokenizer)
@@ -925,9 +956,12 @@ def prune(model: Any, policy: PrunePolicy | str | os.PathLike | None = None, rat
 def select_rows(model: nn.Module, ratio: float, *, tokenizer: Any = None,
                 policy: PrunePolicy | None = None, **options: Any) -> list[Tensor]:
     """Kept neuron indices per layer of a loaded ``model`` (sorted, distinct, the same count in
-    every layer), without slicing it. ``options`` as :func:`compress`."""
+    every layer), without slicing it. ``options`` as :func:`compress`; a setting it refuses
+    raises the same :class:`~prunenet.errors.InputError` here."""
+    ratio = checked_ratio(ratio)
     settings = CompressOptions.from_keywords(ratio, **options)
     method = settings.method or (PruneNet.name if policy is not None else DEFAULT_METHOD)
+    check_settings(settings, method, policy is not None)  # what compress refuses
     selector = make_selector(method, settings, policy)
     view = FFNView(model)
     with evaluation_mode(model):  # as compress runs it
@@ -994,6 +1028,7 @@ def check_training(model: Any, ratio: float, device: str | torch.device = "auto"
         raise InputError(f"unknown option(s): {', '.join(sorted(unknown))}; train_policy takes "
                          f"{', '.join(sorted(known))}, device, progress, state_path, resume "
                          "and max_memory")
+    ratio = checked_ratio(ratio)  # recorded in the policy's metadata as it ran
     config = TrainingConfig(ratio=ratio, **training)
     config.validate()
     check_trainable_ratio(config.ratio)
