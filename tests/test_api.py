@@ -491,3 +491,16 @@ def test_the_readme_python_example_runs_as_written(tiny_llama_dir, tmp_path, mon
     assert json.loads(Path("pruned", RECORD_NAME).read_text())["method"] == "self-generated"
     assert json.loads(Path("pruned-0.2", RECORD_NAME).read_text())["method"] == "prunenet"
     assert names["result"].record["method"] == "prunenet"
+
+
+def test_an_unknown_keyword_names_the_nearest_option_and_where_a_policy_goes(tiny_llama):
+    """A misspelt keyword named alone left the caller to find the right name; a policy given
+    to compress, which trains its own, did not say that prune applies one."""
+    with pytest.raises(InputError) as refused:
+        prunenet.compress(tiny_llama, 0.3, method="random", reconstrut="none", colour=1)
+    assert str(refused.value) == ("unknown option(s): colour, reconstrut (reconstrut: did you "
+                                  "mean reconstruct?)")
+    with pytest.raises(InputError) as refused:
+        prunenet.compress(tiny_llama, 0.3, policy="p.safetensors")
+    assert str(refused.value) == ("unknown option(s): policy (policy: prune(model, policy, "
+                                  "ratio) applies a trained policy)")

@@ -9,6 +9,7 @@ and save, or a streamed write) -> record. Settings live in :class:`CompressOptio
 
 from __future__ import annotations
 
+import difflib
 import logging
 import numbers
 import os
@@ -174,7 +175,13 @@ class CompressOptions:
         trained = {f.name for f in fields(TrainingConfig)} - {"ratio", "seed"}
         unknown = set(keywords) - own - trained
         if unknown:
-            raise InputError(f"unknown option(s): {', '.join(sorted(unknown))}")
+            close = {name: difflib.get_close_matches(name, sorted(own | trained), n=1)
+                     for name in sorted(unknown)}
+            hints = [f"{name}: did you mean {match[0]}?" for name, match in close.items() if match]
+            if "policy" in unknown:  # compress trains its policy; prune applies a given one
+                hints.append("policy: prune(model, policy, ratio) applies a trained policy")
+            raise InputError(f"unknown option(s): {', '.join(sorted(unknown))}"
+                             + (f" ({'; '.join(hints)})" if hints else ""))
         options = cls(**{k: v for k, v in keywords.items() if k in own})
         check_seed(options.seed)  # before the probe, whichever method runs
         options.seed = int(options.seed)  # a numpy integer is recorded as a number
