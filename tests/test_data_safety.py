@@ -518,6 +518,36 @@ def test_a_snapshot_whose_links_lead_nowhere_is_refused_naming_the_link(tmp_path
     assert not (tmp_path / "out2").exists()
 
 
+@pytest.mark.parametrize("argv", [
+    lambda snapshot: ["compress", "org/tiny", "--ratio", "0.5", "--method", "random",
+                      "--reconstruct", "none", "--out", str(snapshot / "pruned")],
+    lambda snapshot: ["eval", "org/tiny", "--ppl", "none", "--json", str(snapshot / "r.json")],
+    lambda snapshot: ["train-policy", "org/tiny", "--ratio", "0.5", "--episodes", "1", "--out",
+                      str(snapshot.parents[1] / "refs" / "p.safetensors")],
+])
+def test_no_output_goes_into_the_hub_cache_of_a_hub_id_it_reads(tmp_path, capsys, monkeypatch,
+                                                                argv):
+    """A Hub id is read from its repository's folder in the Hugging Face cache (snapshots,
+    blobs, refs): no output goes there, as none goes into a local model folder (outputs
+    inside the snapshot had been written, adding files to the model's snapshot)."""
+    from huggingface_hub import constants
+
+    repository = tmp_path / "hub" / "models--org--tiny"
+    make_tiny_model("llama").save_pretrained(repository / "snapshots" / "abc")
+    (repository / "refs").mkdir()
+    (repository / "refs" / "main").write_text("abc")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    before = digest(tmp_path)
+    refused(capsys, ["-q", *argv(repository / "snapshots" / "abc")],
+            f"lies inside the input {repository}; prunenet never writes into")
+    assert digest(tmp_path) == before
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == sorted(
+        ["hub", "hub/models--org--tiny", "hub/models--org--tiny/refs",
+         "hub/models--org--tiny/refs/main", "hub/models--org--tiny/snapshots",
+         "hub/models--org--tiny/snapshots/abc", *(f"hub/models--org--tiny/snapshots/abc/{name}"
+         for name in ("config.json", "generation_config.json", "model.safetensors"))])
+
+
 # --- valid inputs are accepted -----------------------------------------------------------------
 
 

@@ -38,6 +38,7 @@ from .io.files import (
 from .io.loading import (
     declared_ffn_width,
     declared_model_width,
+    hub_cache_folder,
     is_model_output,
     load_config,
     load_model_and_tokenizer,
@@ -228,10 +229,13 @@ def input_path(source: str | os.PathLike) -> str:
 
 def input_paths(source: str | os.PathLike) -> list[str]:
     """Every local path a MODEL argument puts off limits to outputs: what it reads (first:
-    the folder, or the .gguf file) and, for a folder that holds a .gguf, that whole folder."""
+    the folder, or the .gguf file; a Hub id as is, then its repository's folder in the Hugging
+    Face cache, where its snapshots are read) and, for a folder that holds a .gguf, that whole
+    folder."""
     folder, gguf_file = resolve_source(source)
     if not gguf_file:
-        return [folder]
+        cached = hub_cache_folder(folder) if not Path(folder).exists() else None
+        return [folder, *([str(cached)] if cached is not None else [])]
     read = str(Path(folder) / gguf_file)
     return [read, folder] if Path(source).expanduser().is_dir() else [read]
 
