@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 from pathlib import Path
 
 import pytest
@@ -1373,6 +1374,23 @@ def test_a_failed_replacement_puts_the_previous_output_back(models, tmp_path, ca
     refused(capsys, _compress_random(models, out, "0.25", "--overwrite"), "Input/output error")
     assert digest(out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["models", "o"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_outputs_take_the_permissions_the_umask_leaves(models, tmp_path, umask):
+    """Output folders, as the files in them and the folders mkdir makes, are 0755 and files
+    0644 less the umask: under umask 077 nothing is readable by others (the output folders had
+    been 0755 whatever the umask)."""
+    previous = os.umask(umask)
+    try:
+        assert main([*_compress_random(models, tmp_path / "o", "0.5"), "--record",
+                     str(tmp_path / "r")]) == 0
+    finally:
+        os.umask(previous)
+    for folder in (tmp_path / "o", tmp_path / "r"):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o755 & ~umask, folder
+        for file in folder.iterdir():
+            assert stat.S_IMODE(file.stat().st_mode) == 0o644 & ~umask, file
 
 
 def test_a_mount_point_as_out_is_refused_before_any_work(models, tmp_path, capsys,

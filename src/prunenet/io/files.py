@@ -454,11 +454,15 @@ def _note_committed(path: Path) -> None:
         _committed.append(path)
 
 
-def make_readable(path: str | os.PathLike) -> None:
-    """mkstemp makes 0600 files; outputs get the usual 0644 less the process umask."""
+def _umask() -> int:
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(path, 0o644 & ~umask)
+    return umask
+
+
+def make_readable(path: str | os.PathLike) -> None:
+    """mkstemp makes 0600 files; outputs get the usual 0644 less the process umask."""
+    os.chmod(path, 0o644 & ~_umask())
 
 
 @contextlib.contextmanager
@@ -582,7 +586,7 @@ def atomic_folder(out: Path, overwrite: bool = False,
         try:
             yield staging
             write_manifest(staging)
-            os.chmod(staging, 0o755)
+            os.chmod(staging, 0o755 & ~_umask())  # mkdtemp makes 0700; as mkdir makes folders
             for file in staging.rglob("*"):
                 if file.is_file():
                     make_readable(file)
