@@ -1358,6 +1358,45 @@ def test_an_interrupt_while_an_output_is_replaced_keeps_one_whole_output(models,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["models", "o"]
 
 
+@pytest.mark.parametrize("where", ["staging", "scratch"])
+def test_a_second_interrupt_while_a_run_cleans_up_leaves_nothing(models, tmp_path, capsys,
+                                                                 monkeypatch, where):
+    """Ctrl-C pressed twice: the second arrives while the first's cleanup removes the
+    unfinished output (or a streamed run's scratch folder beside it); it is held until the
+    removal is done, so no partial folder is left (it had stopped the removal half way)."""
+    import prunenet.io.loading
+    from prunenet.io import files
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    real_rmtree = shutil.rmtree
+
+    def rmtree_interrupted(path, *args, **kwargs):
+        if is_staging_name(Path(path).name):
+            os.kill(os.getpid(), signal.SIGINT)  # the second Ctrl-C, as the removal starts
+        real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(files.shutil, "rmtree", rmtree_interrupted)
+    # Python's own Ctrl-C handler, whatever this process inherited (a background job ignores it)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        if where == "staging":
+            monkeypatch.setattr(prunenet.io.loading, "write_card", interrupted)
+            assert main(_compress_random(models, tmp_path / "o", "0.5")) == 130
+            assert capsys.readouterr().err.strip().splitlines()[-1] == (
+                "prunenet: interrupted; no partial output was left behind")
+        else:
+            with pytest.raises(KeyboardInterrupt):
+                with files.scratch_folder(tmp_path / "o") as scratch:
+                    (scratch / "offload").mkdir()
+                    (scratch / "offload" / "layer-0.safetensors").write_bytes(b"0" * 4096)
+                    raise KeyboardInterrupt
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["models"]
+
+
 def test_a_failed_replacement_puts_the_previous_output_back(models, tmp_path, capsys,
                                                           monkeypatch):
     out = tmp_path / "o"

@@ -522,6 +522,13 @@ def signals_held() -> Iterator[None]:
             raise interrupt
 
 
+def remove_unfinished(folder: Path) -> None:
+    """Remove the unfinished output or scratch ``folder`` whole: an interrupt that arrives
+    meanwhile (Ctrl-C pressed again) is held until it is gone, then raised."""
+    with signals_held():
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def _swap_into_place(staging: Path, out: Path) -> None:
     """Replace the folder ``out`` by ``staging``: the previous folder is moved aside, the new
     one renamed in, and the previous one removed; if the second rename fails, the previous
@@ -605,7 +612,7 @@ def atomic_folder(out: Path, overwrite: bool = False,
                     os.rename(staging, out)
                     _note_committed(out)
         except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
+            remove_unfinished(staging)
             raise
 
 
@@ -614,9 +621,12 @@ def scratch_folder(out: Path) -> Iterator[Path]:
     """A hidden working folder beside the output ``out`` for the length of the block (what a
     run sets aside on disk before it writes ``out``), removed afterwards whatever happens."""
     out = Path(out)
-    with folders_made_for(out), tempfile.TemporaryDirectory(
-            prefix=sibling_prefix(out, STAGING_TAG), dir=out.parent) as folder:
-        yield Path(folder)
+    with folders_made_for(out):
+        folder = Path(tempfile.mkdtemp(prefix=sibling_prefix(out, STAGING_TAG), dir=out.parent))
+        try:
+            yield folder
+        finally:
+            remove_unfinished(folder)
 
 
 @contextlib.contextmanager
