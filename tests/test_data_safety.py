@@ -1024,6 +1024,32 @@ def test_nameless_and_staging_like_outputs_are_one_line(models, tmp_path, capsys
                      "--method", "random"], match)
 
 
+@pytest.mark.parametrize("case", ["dot", "by another name", "a record holding it"])
+def test_an_output_that_is_or_holds_the_current_folder_is_refused(models, tmp_path, capsys,
+                                                                  monkeypatch, case):
+    """An output folder is put in place by renaming onto it: the current folder, or one
+    holding it, would be renamed away under the shell and the run. Refused before any work
+    (`--out .` in an empty folder had been replaced, leaving the shell in a removed folder,
+    and a relative --record then failed after --out was written)."""
+    if case == "a record holding it":  # the user looks at its report, then runs again
+        record = tmp_path / "r"
+        assert main(_compress_random(models, tmp_path / "o", "0.5", "--record",
+                                     str(record))) == 0
+        assert main(["-q", "report", str(record)]) == 0
+        here, expected = record / "report", f"--record {record} contains"
+        argv = _compress_random(models, tmp_path / "o", "0.25", "--record", "..", "--overwrite")
+    else:
+        here, expected = tmp_path / "here", f"--out {tmp_path / 'here'} is"
+        here.mkdir()
+        argv = _compress_random(models, "." if case == "dot" else "../here", "0.5",
+                                "--record", "../r")
+    monkeypatch.chdir(here)
+    before = digest(tmp_path)
+    line = refused(capsys, argv, "the current folder; an output is put in place by renaming")
+    assert line.startswith(f"prunenet: error: {expected} the current folder"), line
+    assert digest(tmp_path) == before and here.is_dir()
+
+
 def test_a_garbage_training_state_is_one_line(models, tmp_path, capsys):
     out = tmp_path / "b.safetensors"
     sibling_path(out, ".train-state.pt").write_bytes(b"garbage")

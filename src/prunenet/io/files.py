@@ -6,6 +6,8 @@ The rules, checked before any work by :func:`guard_outputs`:
   resolving ``~``, ``..`` and symlinks, and as files on disk: a bind mount or a hard link is
   the same file by another name; what the symlinks inside an input folder point at is read
   too), and no two written paths overlap;
+- an output folder is never the current folder nor holds it (putting it in place renames the
+  folder there away);
 - an existing output is replaced only with ``overwrite``, and only when it is something prunenet
   made (each output names a recognizer: a model folder with ``prunenet.json``, a run record, a
   report, a policy file with its header...); an arbitrary file or folder is never replaced, and a
@@ -289,6 +291,14 @@ def _overlap(a: Path, b: Path) -> str | None:
     return None
 
 
+def _current_folder() -> Path | None:
+    """The current folder, resolved; None where it was removed."""
+    try:
+        return Path.cwd().resolve()
+    except OSError:
+        return None
+
+
 def _linked_targets(folder: Path) -> list[Path]:
     """What the symlinks inside an input folder point at (a folder of links to another
     model's files reads those files): resolved, those that exist."""
@@ -365,9 +375,24 @@ def guard_outputs(outputs: Iterable[Output | None], inputs: Iterable[str | os.Pa
     for output, path in zip(wanted, paths):
         _check_not_inside_an_output(output, path)
         _check_existing(output, path, overwrite)
+    here = _current_folder()
     for output, path in zip(wanted, paths):
+        _check_not_around(output, path, here)
         _check_parent(output, path)
     return paths
+
+
+def _check_not_around(output: Output, path: Path, here: Path | None) -> None:
+    """Refuse an output folder that is or holds the current folder ``here``: renamed away when
+    the output is put in place, it would be gone under the shell and the run."""
+    relation = _overlap(path, here) if here is not None and output.folder \
+        and not output.working else None
+    if relation in ("is", "contains"):
+        raise OutputError(f"{output.what} {path} {relation} the current folder; an output is put "
+                          "in place by renaming a finished folder onto it, which would leave the "
+                          "shell and this run in a removed folder. Run prunenet from another "
+                          "folder" + (f", or give {output.what} a new folder's name"
+                                      if relation == "is" else ""))
 
 
 def _check_not_inside_an_output(output: Output, path: Path) -> None:
