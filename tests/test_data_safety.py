@@ -384,6 +384,24 @@ def test_finetune_that_diverges_leaves_nothing(tmp_path, capsys, tiny_llama_real
     assert not out.exists() and not sibling_path(out, ".work").exists()
 
 
+@pytest.mark.parametrize("tensor", ["projection", "bias", "row_weights"])
+def test_a_policy_holding_nan_is_never_saved(tmp_path, tensor):
+    """save_policy refuses a policy that load_policy would refuse: nothing is written, and a
+    policy already at the path is kept (the NaN policy had been saved)."""
+    from prunenet.errors import NumericalError
+
+    path = tmp_path / "p.safetensors"
+    save_policy(PrunePolicy(32, 48), path, {})
+    before = path.read_bytes()
+    policy = PrunePolicy(32, 48)
+    with torch.no_grad():
+        getattr(policy, tensor).view(-1)[3] = float("nan")
+    with pytest.raises(NumericalError, match=f"^the policy's {tensor} holds NaN or Inf; "):
+        save_policy(policy, path, {}, overwrite=True)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.safetensors"]
+
+
 @pytest.mark.parametrize("checksum", ["", None])
 def test_policy_without_a_checksum_is_refused(tmp_path, checksum):
     path = tmp_path / "p.safetensors"
