@@ -916,6 +916,24 @@ def test_a_user_file_at_the_training_state_path_is_kept(models, tmp_path, capsys
     assert state.read_text() == "my data"
 
 
+@pytest.mark.parametrize("victim, message", [
+    ("notes.txt", "exists and was not written by prunenet; move it away"),
+    ("llama/model.safetensors", "lies inside the input"),
+])
+def test_train_policy_from_python_never_writes_its_state_over_a_file(models, victim, message):
+    """train_policy's state_path is checked as the command line checks the state beside
+    --out, before the model loads: a user's file, or the weights of the model it trains on,
+    is never replaced by the training state (both had been)."""
+    import prunenet
+    from prunenet.errors import OutputError
+
+    before = digest(models)
+    with pytest.raises(OutputError, match=message):
+        prunenet.train_policy(str(models / "llama"), 0.5, episodes=1, progress=False,
+                              state_path=models / victim)
+    assert digest(models) == before
+
+
 def test_a_symlink_at_the_lock_path_is_never_followed(models, tmp_path):
     victim = tmp_path / "victim.bin"
     victim.write_bytes(b"precious")

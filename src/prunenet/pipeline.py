@@ -971,10 +971,17 @@ def train_policy(model: Any, ratio: float = 0.3, *, device: str | torch.device =
 
     ``training``: :class:`TrainingConfig` fields (episodes, lr, seed, gamma, reward, ...).
     ``state_path`` keeps the training state after every episode so that ``resume=True``
-    continues an interrupted run. A safetensors folder that would not fit ``max_memory`` is
-    streamed one layer at a time. Returns a :class:`TrainingResult`.
+    continues an interrupted run; it is checked as every output is, before the model loads:
+    never an input nor inside one, and an existing file there only a training state. A
+    safetensors folder that would not fit ``max_memory`` is streamed one layer at a time.
+    Returns a :class:`TrainingResult`.
     """
     config, run_device = check_training(model, ratio, device, **training)
+    if state_path is not None:
+        guard_outputs([Output(state_path, "state_path", folder=False, working=True,
+                              ours=is_training_state)],
+                      input_paths(model) if isinstance(model, (str, os.PathLike)) else [],
+                      overwrite=False)
     if resume:
         check_resumable(state_path)
     streamed = choose_streaming(model, max_memory, training=True)
