@@ -973,6 +973,25 @@ def test_a_user_figure_added_to_a_report_is_kept(run_record, capsys):
     assert digest(run_record) == before
 
 
+@pytest.mark.parametrize("page", ["report.md", "report.html"])
+def test_a_report_the_user_edited_is_replaced_only_with_overwrite(run_record, capsys, page):
+    """report replaces its own previous report unasked, but not once the user edited its
+    pages (notes added to report.md): that takes --overwrite (the edits had been lost)."""
+    assert main(["-q", "report", str(run_record)]) == 0
+    report = run_record / "report"
+    with open(report / page, "a") as stream:
+        stream.write("\nMy discussion of the run, hours of work.\n")
+    later = (report / ".prunenet-files").stat().st_mtime_ns + 10**9  # whatever the clock
+    os.utime(report / page, ns=(later, later))
+    before = digest(run_record)
+    refused(capsys, ["-q", "report", str(run_record)],
+            f"{report} holds a report whose {page} changed since prunenet wrote it; pass "
+            "--overwrite to replace it")
+    assert digest(run_record) == before
+    assert main(["-q", "report", str(run_record), "--overwrite"]) == 0
+    assert "hours of work" not in (report / page).read_text()
+
+
 def test_an_output_written_before_manifests_is_still_replaced(models, tmp_path):
     """An output without .prunenet-files (an earlier version's) is judged by its file names, as
     then: replaced with --overwrite when every name is one a model output takes."""

@@ -120,6 +120,19 @@ def read_manifest(folder: Path) -> frozenset[str] | None:
     return frozenset(entries)
 
 
+def changed_since_written(folder: Path) -> list[str]:
+    """The files of a committed ``folder`` (relative POSIX paths) modified after prunenet
+    listed them in its :data:`MANIFEST_NAME`, which it writes last: a user's edits."""
+    manifest = folder / MANIFEST_NAME
+    listed = read_manifest(folder)
+    if not listed:
+        return []
+    written = manifest.stat().st_mtime_ns
+    return sorted(entry for entry in listed if not entry.endswith("/")
+                  and (folder / entry).is_file()
+                  and (folder / entry).stat().st_mtime_ns > written)
+
+
 def _all_listed(folder: Path, listed: frozenset[str], prefix: str,
                 later: Callable[[Path], bool], still_ours: Callable[[Path], bool]) -> bool:
     """Whether everything under ``folder`` is in ``listed`` (paths below ``prefix``) and its
