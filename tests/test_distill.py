@@ -478,11 +478,12 @@ def test_the_teacher_is_the_model_compressed_whatever_folder_the_commands_run_in
     assert default_teacher(first / "pruned") == "dense"
 
 
-@pytest.mark.parametrize("given", ["ro/", "."])
+@pytest.mark.parametrize("given", ["ro/", "ro/.", "../work/ro"])
 def test_a_recovery_is_written_beside_out_however_out_is_spelt(
         tiny_llama_real_tokenizer_dir, tmp_path, monkeypatch, capsys, given):
-    """--out with a trailing slash, or '.', names the folder it means: the recovery is written
-    beside it as NAME-recovered (not inside it, nor as a hidden '.-recovered')."""
+    """--out with a trailing slash, '.' or '..' names the folder it means: the recovery is
+    written beside it as NAME-recovered (not inside it, nor as a hidden '.-recovered'). (The
+    current folder itself is no output: test_data_safety.py tests '--out .')"""
     from pathlib import Path
 
     finetune_module = importlib.import_module("prunenet.finetune")

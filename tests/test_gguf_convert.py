@@ -140,6 +140,34 @@ def test_convert_refuses_what_it_cannot_convert_and_leaves_nothing(tmp_path, tin
     assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "in", "mine"]
 
 
+@pytest.mark.parametrize("tensor", ["token_embd.weight", "blk.1.attn_q.weight"])
+def test_a_gguf_holding_nan_is_not_converted(tmp_path, tinycoder, capsys, tensor):
+    """A GGUF whose weights hold NaN or Inf is refused as compress refuses it, leaving
+    nothing, and an earlier conversion at --out as it was (the NaN had been saved as a
+    converted checkpoint)."""
+    import gguf
+
+    source = tmp_path / "in" / "model.gguf"
+    source.parent.mkdir()
+    shutil.copy(tinycoder, source)
+    folder = tmp_path / "folder"
+    assert main(["-q", "convert", str(source), "--out", str(folder)]) == 0
+    before = digest(folder)
+    offset = next(entry for entry in gguf.GGUFReader(str(source)).tensors
+                  if entry.name == tensor).data_offset
+    with open(source, "r+b") as handle:  # F16 NaN in the tensor's first weights
+        handle.seek(offset)
+        handle.write(b"\x00\x7e" * 4)
+    for out in (tmp_path / "new", folder):
+        assert main(["-q", "convert", str(source), "--out", str(out), "--overwrite"]) == 2
+        line = capsys.readouterr().err.strip().splitlines()[-1]
+        assert line.startswith(f"prunenet: error: {source}: model.") and line.endswith(
+            " holds NaN or Inf; the checkpoint is damaged and is not converted; nothing was "
+            "written"), line
+    assert digest(folder) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "in"]
+
+
 @pytest.mark.parametrize("holds", ["a model", "a config", "a marker and data"])
 def test_convert_overwrite_never_replaces_a_users_model_folder(tmp_path, tinycoder, capsys, holds):
     """A conversion writes any checkpoint's files (config.json, model.safetensors, the

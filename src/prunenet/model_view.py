@@ -19,21 +19,20 @@ from .errors import InputError, NumericalError, UnsupportedModelError
 from .families import Cut, Family, family_for
 
 
-def non_finite_error(name: str) -> NumericalError:
-    """The error for a weight tensor ``name`` that holds NaN or Inf."""
-    return NumericalError(
-        f"{name} holds NaN or Inf; the checkpoint is damaged and cannot be pruned"
-    )
+def non_finite_error(name: str, consequence: str = "cannot be pruned") -> NumericalError:
+    """The error for a weight tensor ``name`` that holds NaN or Inf; ``consequence`` says
+    what is not done with the damaged checkpoint."""
+    return NumericalError(f"{name} holds NaN or Inf; the checkpoint is damaged and {consequence}")
 
 
-def check_finite(name: str, tensor: Tensor) -> None:
+def check_finite(name: str, tensor: Tensor, consequence: str = "cannot be pruned") -> None:
     """Raise naming ``name`` when the floating ``tensor`` holds NaN or Inf."""
     if not tensor.is_floating_point():
         return
     if tensor.element_size() == 1:  # torch has no isfinite for float8; float32 holds it exactly
         tensor = tensor.float()
     if not torch.isfinite(tensor).all():
-        raise non_finite_error(name)
+        raise non_finite_error(name, consequence)
 
 
 class FFNView:

@@ -40,6 +40,7 @@ from .io.files import (
 from .io.loading import (
     declared_ffn_width,
     declared_model_width,
+    hub_cache_folder,
     is_model_output,
     load_config,
     load_model_and_tokenizer,
@@ -245,10 +246,13 @@ def input_path(source: str | os.PathLike) -> str:
 
 def input_paths(source: str | os.PathLike) -> list[str]:
     """Every local path a MODEL argument puts off limits to outputs: what it reads (first:
-    the folder, or the .gguf file) and, for a folder that holds a .gguf, that whole folder."""
+    the folder, or the .gguf file; a Hub id as is, then its repository's folder in the Hugging
+    Face cache, where its snapshots are read) and, for a folder that holds a .gguf, that whole
+    folder."""
     folder, gguf_file = resolve_source(source)
     if not gguf_file:
-        return [folder]
+        cached = hub_cache_folder(folder) if not Path(folder).exists() else None
+        return [folder, *([str(cached)] if cached is not None else [])]
     read = str(Path(folder) / gguf_file)
     return [read, folder] if Path(source).expanduser().is_dir() else [read]
 
@@ -1008,10 +1012,17 @@ def train_policy(model: Any, ratio: float = 0.3, *, device: str | torch.device =
 
     ``training``: :class:`TrainingConfig` fields (episodes, lr, seed, gamma, reward, ...).
     ``state_path`` keeps the training state after every episode so that ``resume=True``
-    continues an interrupted run. A safetensors folder that would not fit ``max_memory`` is
-    streamed one layer at a time. Returns a :class:`TrainingResult`.
+    continues an interrupted run; it is checked as every output is, before the model loads:
+    never an input nor inside one, and an existing file there only a training state. A
+    safetensors folder that would not fit ``max_memory`` is streamed one layer at a time.
+    Returns a :class:`TrainingResult`.
     """
     config, run_device = check_training(model, ratio, device, **training)
+    if state_path is not None:
+        guard_outputs([Output(state_path, "state_path", folder=False, working=True,
+                              ours=is_training_state)],
+                      input_paths(model) if isinstance(model, (str, os.PathLike)) else [],
+                      overwrite=False)
     if resume:
         check_resumable(state_path)
     streamed = choose_streaming(model, max_memory, training=True)

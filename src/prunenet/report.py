@@ -17,7 +17,13 @@ from typing import Any
 from torch import Tensor
 
 from .errors import InputError, OutputError
-from .io.files import Output, atomic_folder, guard_outputs, write_text_atomic
+from .io.files import (
+    Output,
+    atomic_folder,
+    changed_since_written,
+    guard_outputs,
+    write_text_atomic,
+)
 from .naming import (
     calibration_sentence,
     compression_summary,
@@ -294,11 +300,11 @@ def write_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
     """Write the report of the run record ``run_dir`` into ``out`` (default ``RUN_DIR/report``).
 
     ``layers`` picks the layers whose singular-value CDFs are drawn (default: first, middle,
-    last). A previous report in ``out`` is replaced, unless another run record holds it (then
-    only with ``overwrite``); no other non-empty folder is, and ``out``
-    never holds the record's own files. Returns the output folder. Raises :class:`InputError`
-    for a folder that is not a run record or layers it does not have, :class:`OutputError` for
-    an unwritable output.
+    last). A previous report in ``out`` is replaced, unless another run record holds it or its
+    pages were edited since it was written (then only with ``overwrite``); no other non-empty
+    folder is, and ``out`` never holds the record's own files. Returns the output folder.
+    Raises :class:`InputError` for a folder that is not a run record or layers it does not
+    have, :class:`OutputError` for an unwritable output.
     """
     if out is not None and not str(out).strip():  # as a path it would be the current folder
         raise OutputError("--out is empty; give a path")
@@ -315,6 +321,11 @@ def write_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
     # A run record's report folder is the one output inside another (any record's report)
     slot = target.parent if target.name == "report" and (
         target.parent / RUN_RECORD_NAME).is_file() else None
+    # ... nor a report whose pages the user edited since (their edits would be lost)
+    edited = changed_since_written(target) if is_report(target) and not overwrite else []
+    if edited:
+        raise OutputError(f"{target} holds a report whose {', '.join(edited)} changed since "
+                          "prunenet wrote it; pass --overwrite to replace it, or move it away")
     target, = guard_outputs([Output(target, "--out", ours=is_report, within=slot)], reads,
                             overwrite=overwrite or (is_report(target) and not theirs))
     with atomic_folder(target, overwrite=True, ours=is_report) as staging:

@@ -6,6 +6,8 @@ The rules, checked before any work by :func:`guard_outputs`:
   resolving ``~``, ``..`` and symlinks, and as files on disk: a bind mount or a hard link is
   the same file by another name; what the symlinks inside an input folder point at is read
   too), and no two written paths overlap;
+- an output folder is never the current folder nor holds it (putting it in place renames the
+  folder there away);
 - an existing output is replaced only with ``overwrite``, and only when it is something prunenet
   made (each output names a recognizer: a model folder with ``prunenet.json``, a run record, a
   report, a policy file with its header...); an arbitrary file or folder is never replaced, and a
@@ -116,6 +118,19 @@ def read_manifest(folder: Path) -> frozenset[str] | None:
     if not isinstance(entries, list) or not all(isinstance(entry, str) for entry in entries):
         return frozenset()
     return frozenset(entries)
+
+
+def changed_since_written(folder: Path) -> list[str]:
+    """The files of a committed ``folder`` (relative POSIX paths) modified after prunenet
+    listed them in its :data:`MANIFEST_NAME`, which it writes last: a user's edits."""
+    manifest = folder / MANIFEST_NAME
+    listed = read_manifest(folder)
+    if not listed:
+        return []
+    written = manifest.stat().st_mtime_ns
+    return sorted(entry for entry in listed if not entry.endswith("/")
+                  and (folder / entry).is_file()
+                  and (folder / entry).stat().st_mtime_ns > written)
 
 
 def _all_listed(folder: Path, listed: frozenset[str], prefix: str,
@@ -289,6 +304,14 @@ def _overlap(a: Path, b: Path) -> str | None:
     return None
 
 
+def _current_folder() -> Path | None:
+    """The current folder, resolved; None where it was removed."""
+    try:
+        return Path.cwd().resolve()
+    except OSError:
+        return None
+
+
 def _linked_targets(folder: Path) -> list[Path]:
     """What the symlinks inside an input folder point at (a folder of links to another
     model's files reads those files): resolved, those that exist."""
@@ -365,9 +388,24 @@ def guard_outputs(outputs: Iterable[Output | None], inputs: Iterable[str | os.Pa
     for output, path in zip(wanted, paths):
         _check_not_inside_an_output(output, path)
         _check_existing(output, path, overwrite)
+    here = _current_folder()
     for output, path in zip(wanted, paths):
+        _check_not_around(output, path, here)
         _check_parent(output, path)
     return paths
+
+
+def _check_not_around(output: Output, path: Path, here: Path | None) -> None:
+    """Refuse an output folder that is or holds the current folder ``here``: renamed away when
+    the output is put in place, it would be gone under the shell and the run."""
+    relation = _overlap(path, here) if here is not None and output.folder \
+        and not output.working else None
+    if relation in ("is", "contains"):
+        raise OutputError(f"{output.what} {path} {relation} the current folder; an output is put "
+                          "in place by renaming a finished folder onto it, which would leave the "
+                          "shell and this run in a removed folder. Run prunenet from another "
+                          "folder" + (f", or give {output.what} a new folder's name"
+                                      if relation == "is" else ""))
 
 
 def _check_not_inside_an_output(output: Output, path: Path) -> None:
@@ -454,11 +492,15 @@ def _note_committed(path: Path) -> None:
         _committed.append(path)
 
 
-def make_readable(path: str | os.PathLike) -> None:
-    """mkstemp makes 0600 files; outputs get the usual 0644 less the process umask."""
+def _umask() -> int:
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(path, 0o644 & ~umask)
+    return umask
+
+
+def make_readable(path: str | os.PathLike) -> None:
+    """mkstemp makes 0600 files; outputs get the usual 0644 less the process umask."""
+    os.chmod(path, 0o644 & ~_umask())
 
 
 @contextlib.contextmanager
@@ -516,6 +558,13 @@ def signals_held() -> Iterator[None]:
             signal.raise_signal(signum)
         if interrupt is not None:
             raise interrupt
+
+
+def remove_unfinished(folder: Path) -> None:
+    """Remove the unfinished output or scratch ``folder`` whole: an interrupt that arrives
+    meanwhile (Ctrl-C pressed again) is held until it is gone, then raised."""
+    with signals_held():
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _swap_into_place(staging: Path, out: Path) -> None:
@@ -582,7 +631,7 @@ def atomic_folder(out: Path, overwrite: bool = False,
         try:
             yield staging
             write_manifest(staging)
-            os.chmod(staging, 0o755)
+            os.chmod(staging, 0o755 & ~_umask())  # mkdtemp makes 0700; as mkdir makes folders
             for file in staging.rglob("*"):
                 if file.is_file():
                     make_readable(file)
@@ -601,7 +650,7 @@ def atomic_folder(out: Path, overwrite: bool = False,
                     os.rename(staging, out)
                     _note_committed(out)
         except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
+            remove_unfinished(staging)
             raise
 
 
@@ -610,9 +659,12 @@ def scratch_folder(out: Path) -> Iterator[Path]:
     """A hidden working folder beside the output ``out`` for the length of the block (what a
     run sets aside on disk before it writes ``out``), removed afterwards whatever happens."""
     out = Path(out)
-    with folders_made_for(out), tempfile.TemporaryDirectory(
-            prefix=sibling_prefix(out, STAGING_TAG), dir=out.parent) as folder:
-        yield Path(folder)
+    with folders_made_for(out):
+        folder = Path(tempfile.mkdtemp(prefix=sibling_prefix(out, STAGING_TAG), dir=out.parent))
+        try:
+            yield folder
+        finally:
+            remove_unfinished(folder)
 
 
 @contextlib.contextmanager

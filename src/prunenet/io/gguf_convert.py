@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from ..errors import InputError
+from ..model_view import check_finite
 from .files import atomic_folder
 from .loading import (
     CARD_NAME,
@@ -87,7 +88,8 @@ def convert_gguf(source: str | Path, out: str | Path, overwrite: bool = False,
     """Write the GGUF model ``source`` to ``out`` as a float32 safetensors checkpoint (one
     shard per decoder layer, an index, config.json, the tokenizer where transformers builds
     one from the GGUF, as loading it does), one layer in memory at a time, atomically.
-    Raises :class:`InputError` for a source that is not a readable GGUF, and
+    Raises :class:`InputError` for a source that is not a readable GGUF,
+    :class:`NumericalError` for one whose weights hold NaN or Inf, and
     :class:`OutputError` when the disk cannot hold the result
     (:func:`~prunenet.io.streaming.check_disk_space`)."""
     folder, gguf_file = resolve_source(source)
@@ -116,6 +118,8 @@ def convert_gguf(source: str | Path, out: str | Path, overwrite: bool = False,
         tensors = tqdm(_processed(path, config), desc="converting", unit=" tensors",
                        disable=not progress)
         for name, tensor in tensors:
+            # a NaN or Inf dequantized is saved by no output (compress refuses the result)
+            check_finite(f"{path}: {name}", tensor, "is not converted; nothing was written")
             layer = _LAYER.search(name)
             key = layer.group(1) if layer else None
             if shard and key != group:

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from ..errors import InputError
 from ..families import family_for
-from .files import Output, guard_outputs
+from .files import Output, guard_outputs, make_readable
 from .loading import gguf_reader, validate_gguf
 
 
@@ -339,9 +339,7 @@ def write_pruned_gguf(
         for make in makers:
             writer.write_tensor_data(make())
         writer.close()
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o644 & ~umask)  # mkstemp makes 0600 files
+        make_readable(tmp)
         os.replace(tmp, out_file)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -147,6 +147,16 @@ def _check_hub_id(text: str) -> None:
             f"{host} cannot be reached (offline?){_did_you_mean(text)}")
 
 
+def hub_cache_folder(hub_id: str) -> Path | None:
+    """The Hugging Face cache's folder of the Hub id's repository (its snapshots, the blobs
+    their files link to, its refs), where the cache holds one; None otherwise."""
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    folder = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=hub_id, repo_type="model")
+    return folder if folder.is_dir() else None
+
+
 HUB_CONNECT_TIMEOUT = 3.0  # seconds; the Hub client retries for about 30 s where this fails
 
 

@@ -12,7 +12,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..errors import InputError, OutputError, PolicyMismatchError
+from ..errors import InputError, NumericalError, OutputError, PolicyMismatchError
 from ..selection.prunenet.policy import PrunePolicy, policy_checksum
 from .files import atomic_file
 
@@ -25,7 +25,8 @@ def save_policy(policy: PrunePolicy, path: str | os.PathLike, metadata: dict[str
     """Save a policy as safetensors; ``metadata`` (JSON-able) goes into the header. Atomic; an
     existing file is replaced only with ``overwrite`` and only if it is a policy file. A
     symlink is written through: the file it names is the output (as the output checks judged
-    it), and the link stays."""
+    it), and the link stays. A policy holding NaN or Inf is refused (:class:`NumericalError`),
+    as loading it would be."""
     path = Path(path).expanduser().resolve()
     if path.is_dir():
         raise OutputError(
@@ -42,6 +43,10 @@ def save_policy(policy: PrunePolicy, path: str | os.PathLike, metadata: dict[str
     tensors = {
         name: tensor.detach().cpu().contiguous() for name, tensor in policy.state_dict().items()
     }
+    for name, tensor in tensors.items():  # a file load_policy would refuse is never written
+        if not torch.isfinite(tensor).all():
+            raise NumericalError(f"the policy's {name} holds NaN or Inf; {path} was not "
+                                 "written. Train it again with a lower --lr")
     with atomic_file(path, overwrite=overwrite, ours=is_policy_file) as tmp:
         save_file(tensors, str(tmp), metadata=header)
     return path
