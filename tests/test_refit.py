@@ -9,7 +9,7 @@ import weakref
 import pytest
 import torch
 import transformers
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from conftest import FFN, TINY_CONFIGS, VOCAB, make_tiny_model
@@ -190,6 +190,9 @@ def test_bias_mode_needs_a_bias():
 
 
 @settings(max_examples=40, deadline=None)
+# as many tokens as kept neurons and no ridge: an exact fit, whose error the statistics give
+# only to their rounding
+@example(seed=0, tokens=10, kept=10, ridge=0.0, with_bias=False, dead=0)
 @given(seed=st.integers(0, 10_000), tokens=st.integers(1, 40), kept=st.integers(1, 11),
        ridge=st.sampled_from([0.0, 1e-6, 1e-2, 1.0, 100.0]), with_bias=st.booleans(),
        dead=st.integers(0, 3))
@@ -209,11 +212,14 @@ def test_refit_never_increases_the_probe_reconstruction_error(seed, tokens, kept
         return
     before = reconstruction_error(second, bias, kept_rows, second[:, kept_rows], bias, stats)
     after = reconstruction_error(second, bias, kept_rows, columns, new_bias, stats)
-    assert after <= before * (1 + 1e-9) + 1e-9
+    # the error read from the statistics is a difference of sums of the size of the layer's
+    # output energy: its rounding is relative to that, not to the (possibly zero) error
+    rounding = 1e-9 * (1 + float((activations @ second.T).pow(2).sum()))
+    assert after <= before * (1 + 1e-9) + rounding
     direct = activations @ second.T - activations[:, kept_rows] @ columns.T
     if bias is not None:
         direct += bias - new_bias
-    assert after == pytest.approx(float(direct.pow(2).sum()), rel=1e-6, abs=1e-9)
+    assert after == pytest.approx(float(direct.pow(2).sum()), rel=1e-6, abs=rounding)
 
 
 @pytest.mark.parametrize("ridge", [0.0])
