@@ -788,12 +788,12 @@ from prunenet.io.streaming import StreamedCheckpoint, bound_heap_growth
 bound_heap_growth()  # as the command line does for a streamed run
 options = json.loads(sys.argv[3])
 prunenet.ffn_statistics.GRAM_BUDGET = options.pop("gram_budget", 1 << 30)
-compress(StreamedCheckpoint(sys.argv[1]), 0.3, out=sys.argv[2], progress=False, device="cpu",
-         **options)
+compress(StreamedCheckpoint(sys.argv[1]), 0.3, out=sys.argv[2], progress=False, **options)
 from prunenet.io.streaming import peak_rss
 print(peak_rss())
 """
-WEIGHTS_ONLY = {"method": "prunenet", "reconstruct": "none", "episodes": 1}
+# the policy trains on the CPU (the other methods' passes run there whatever device says)
+WEIGHTS_ONLY = {"method": "prunenet", "reconstruct": "none", "episodes": 1, "device": "cpu"}
 
 
 def peak_rss_of_streamed_compress(source: Path, out: Path, options: dict = WEIGHTS_ONLY) -> int:
