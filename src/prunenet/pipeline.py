@@ -312,10 +312,6 @@ class Plan:
     # the refit's and selection's, where they are on this run's probe (a compare's runs).
     statistics: ProbeStatistics | None = None
 
-    @property
-    def trains_policy(self) -> bool:
-        return isinstance(self.selector, PruneNet) and self.selector.policy is None
-
 
 def make_selector(method: str, options: CompressOptions, policy: PrunePolicy | None = None,
                   state_path: Path | None = None) -> Selector:
