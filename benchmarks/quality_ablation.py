@@ -42,6 +42,7 @@ from prunenet.evaluation.perplexity import perplexity
 from prunenet.families import kept_count
 from prunenet.io.loading import load_model_and_tokenizer
 from prunenet.model_view import FFNView
+from prunenet.selection import SELECTORS
 from prunenet.selection.base import top_rows
 from prunenet.selection.self_generated import self_generated_scores
 from prunenet.slicing import slice_model
@@ -66,7 +67,10 @@ def _per_layer(score: Callable[[FFNView, int, int], Tensor]) -> Selector:
 def _baseline(method: str) -> Selector:
     def select(model, ratio, seed):
         started = time.perf_counter()
-        rows = pipeline.select_rows(model, ratio, method=method, seed=seed, device="cpu")
+        # a method runs on the CPU, and reads the seed where it draws (select_rows refuses it
+        # elsewhere)
+        rows = pipeline.select_rows(model, ratio, method=method,
+                                    **({"seed": seed} if SELECTORS[method].seeded else {}))
         return rows, time.perf_counter() - started
 
     return select
@@ -82,9 +86,8 @@ def _activation(windows: int = 4) -> Selector:
 
         started = time.perf_counter()
         tokenizer = AutoTokenizer.from_pretrained(model.name_or_path)
-        rows = pipeline.select_rows(model, ratio, method="activation", seed=seed, device="cpu",
-                               tokenizer=tokenizer, progress=False,
-                               calibration=Calibration(windows=windows))
+        rows = pipeline.select_rows(model, ratio, method="activation", tokenizer=tokenizer,
+                                    progress=False, calibration=Calibration(windows=windows))
         return rows, time.perf_counter() - started
 
     return select
@@ -114,8 +117,10 @@ def _prunenet(selection: str, **options) -> Selector:
         started = time.perf_counter()
         training = pipeline.train_policy(model, ratio, seed=seed, device="cpu", progress=False,
                                     **options)
+        # a given policy's top-k rows draw nothing: no seed
         rows = pipeline.select_rows(model, ratio, policy=training.policy, selection=selection,
-                               method="prunenet", seed=seed, device="cpu")
+                                    method="prunenet", device="cpu",
+                                    **({"seed": seed} if selection == "sample" else {}))
         return rows, time.perf_counter() - started
 
     return select

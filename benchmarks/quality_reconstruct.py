@@ -471,16 +471,18 @@ def run(args: argparse.Namespace) -> None:
                 started = time.perf_counter()
                 kept = kept_count(FFNView(model).d_ff, ratio)
                 if method in ("random", "magnitude"):
-                    rows = select_rows(pruned, ratio, method=method, seed=seed, device="cpu",
-                                       progress=False)
+                    rows = select_rows(pruned, ratio, method=method, progress=False,
+                                       **({"seed": seed} if method == "random" else {}))
                 elif method in ("prunenet", "prunenet-topk"):  # the reference policy
                     policy = train_policy(pruned, ratio, episodes=args.episodes, seed=seed,
                                           device="cpu", progress=False).policy
                     # prunenet samples the final rows (the reference's way); prunenet-topk keeps
                     # the rows of the highest scores (--selection topk)
+                    # a given policy's top-k rows draw nothing: no seed
                     rows = select_rows(pruned, ratio, policy=policy, method="prunenet",
-                                       selection="topk" if method == "prunenet-topk"
-                                       else "sample", seed=seed, device="cpu", progress=False)
+                                       device="cpu", progress=False,
+                                       **({"selection": "topk"} if method == "prunenet-topk"
+                                          else {"selection": "sample", "seed": seed}))
                 elif score in ("obs", "obs-greedy"):
                     view = FFNView(pruned)
                     rows = [refit_aware_rows(second_matrix(view, i)[0], s, kept, args.ridge,

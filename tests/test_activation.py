@@ -56,10 +56,11 @@ def test_every_method_keeps_exactly_k_distinct_sorted_rows(ratio, word_corpus):
         [view.first_matrix(i) for i in range(view.num_layers)],
         TrainingConfig(ratio=ratio, episodes=1), progress=False).policy
     for method in SELECTORS:
-        rows = select_rows(model, ratio, method=method, device="cpu",
-                           policy=policy if method == "prunenet" else None,
-                           tokenizer=WordTokenizer(), progress=False,
-                           calibration=Calibration(corpus=word_corpus, windows=2, seqlen=8))
+        read = ({"policy": policy, "device": "cpu"} if method == "prunenet" else
+                {"calibration": Calibration(corpus=word_corpus, windows=2, seqlen=8)}
+                if method == "activation" else {})  # select_rows refuses what is unused
+        rows = select_rows(model, ratio, method=method, tokenizer=WordTokenizer(),
+                           progress=False, **read)
         assert len(rows) == view.num_layers, method
         for layer_rows in rows:
             assert layer_rows.numel() == kept, method

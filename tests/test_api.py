@@ -20,6 +20,8 @@ from prunenet.errors import InputError, OutputError, PolicyMismatchError, Unsupp
 from prunenet.io.loading import RECORD_NAME
 from prunenet.io.policy_file import load_policy, save_policy
 from prunenet.model_view import FFNView
+from prunenet.pipeline import CompressOptions, plan_compression
+from prunenet.selection.activation import Calibration
 from prunenet.selection.prunenet.policy import policy_checksum
 
 
@@ -92,7 +94,7 @@ def test_same_seed_same_kept_rows_and_topk_is_deterministic(tiny_llama):
     assert all(torch.equal(a, b) for a, b in zip(*sample))
     other = prunenet.select_rows(tiny_llama, 0.3, policy=training.policy, seed=4)
     assert not all(torch.equal(a, b) for a, b in zip(sample[0], other))
-    topk = prunenet.select_rows(tiny_llama, 0.3, policy=training.policy, selection="topk", seed=9)
+    topk = prunenet.select_rows(tiny_llama, 0.3, policy=training.policy, selection="topk")
     view = FFNView(tiny_llama)
     for index, rows in enumerate(topk):
         alpha = training.policy.keep_scores(view.first_matrix(index))
@@ -243,15 +245,15 @@ def test_training_settings_where_no_policy_trains_are_refused(tmp_path):
     policy (another method, or a policy given) is refused before any work, not ignored."""
     model = make_tiny_model("llama")
     with pytest.raises(InputError, match=r"^episodes has no effect here: method "
-                                         r"'self-generated' trains no policy; drop it$"):
+                                         r"'self-generated' trains no PruneNet policy; drop it$"):
         prunenet.compress(model, ratio=0.3, episodes=3, progress=False)
     with pytest.raises(InputError, match=r"^episodes, lr have no effect here: method 'random' "
-                                         r"trains no policy; drop them$"):
+                                         r"trains no PruneNet policy; drop them$"):
         prunenet.compress(model, ratio=0.3, method="random", episodes=3, lr=1e-2,
                           out=tmp_path / "out")
     policy = prunenet.train_policy(model, 0.3, episodes=1, progress=False).policy
-    with pytest.raises(InputError, match=r"^gamma has no effect here: the policy given is "
-                                         r"used, no policy trains; drop it$"):
+    with pytest.raises(InputError, match=r"^gamma has no effect here: method 'prunenet' with "
+                                         r"policy uses that policy and trains none; drop it$"):
         prunenet.prune(model, policy, 0.3, gamma=0.9, progress=False)
     assert not (tmp_path / "out").exists()
     assert FFNView(model).d_ff == 48  # nothing was pruned
@@ -263,8 +265,9 @@ def test_training_settings_where_no_policy_trains_are_refused(tmp_path):
     ({"ridge": -1.0}, "--ridge must be a positive finite number, got -1.0"),
     ({"probe_sampler": "gumbel"}, "unknown probe sampler 'gumbel'; use one of inverse-cdf, "
                                   "multinomial"),
-    ({"method": "random", "episodes": 3}, "episodes has no effect here: method 'random' trains "
-                                          "no policy; drop it"),
+    ({"method": "self-generated", "episodes": 3}, "episodes has no effect here: method "
+                                                  "'self-generated' trains no PruneNet policy; "
+                                                  "drop it"),
 ])
 def test_select_rows_refuses_what_compress_refuses(settings, message):
     """select_rows takes compress's options, and refuses the settings compress refuses, with
@@ -276,6 +279,60 @@ def test_select_rows_refuses_what_compress_refuses(settings, message):
             verb(model, 0.25, probe_tokens=32, progress=False, **settings)
         assert str(refused.value) == message
     assert FFNView(model).d_ff == 48  # nothing was pruned
+
+
+_NOT_USED = "has no effect here: "
+
+
+@pytest.mark.parametrize("refused, message, accepted", [
+    ({"method": "random", "selection": "topk"}, "selection " + _NOT_USED + "only a PruneNet "
+     "policy's rows are drawn, and the method is 'random'; drop it",
+     {"method": "prunenet", "episodes": 1, "selection": "topk"}),
+    ({"method": "magnitude", "calibration": Calibration(windows=2)}, "calibration " + _NOT_USED
+     + "calibration text feeds method='activation' only, and the method is 'magnitude'; "
+     "drop it", {"method": "activation", "calibration": Calibration(windows=2)}),
+    ({"method": "random", "ridge": 0.5}, "ridge " + _NOT_USED + "the ridge regularizes "
+     "reconstruct='ls', and this run refits with none; drop it",
+     {"method": "random", "ridge": 0.5, "reconstruct": "ls"}),
+    ({"method": "magnitude", "probe_temperature": 1.5, "probe_length": 16}, "probe_length, "
+     "probe_temperature have no effect here: method 'magnitude' with reconstruct='none' "
+     "generates no probe text; drop them",
+     {"method": "magnitude", "probe_temperature": 1.5, "probe_length": 16, "reconstruct": "ls"}),
+    ({"method": "magnitude", "seed": 42}, "seed " + _NOT_USED + "method 'magnitude' with "
+     "reconstruct='none' draws nothing at random and generates no probe text; drop it",
+     {"method": "random", "seed": 42}),
+    ({"method": "magnitude", "device": "cpu"}, "device " + _NOT_USED + "method 'magnitude' "
+     "runs on the CPU, as the model's own passes do (only a PruneNet policy and a recovery "
+     "fine-tune run on device); drop it", {"method": "prunenet", "device": "cpu"}),
+    ({"method": "random", "gguf_down_type": "Q8_0"}, "gguf_down_type " + _NOT_USED + "no "
+     "model.gguf is written (one is cut only from a .gguf input of an architecture GGUF output "
+     "supports, with format auto, gguf or both); drop it", None),
+    ({"method": "prunenet", "spectral": "svd", "precision": "float64"}, "precision "
+     + _NOT_USED + "it sets the Gram path's float type, and spectral='svd' takes singular "
+     "values directly; drop it", {"method": "prunenet", "precision": "float64"}),
+    ({"method": "random", "selection": "sample", "ridge": 1e-3}, "selection " + _NOT_USED
+     + "only a PruneNet policy's rows are drawn, and the method is 'random'; drop it; ridge "
+     + _NOT_USED + "the ridge regularizes reconstruct='ls', and this run refits with none; "
+     "drop it", None),
+])
+def test_settings_the_run_would_not_use_are_refused_from_python(tmp_path, refused, message,
+                                                                 accepted):
+    """From Python as from the command line (one rule table): a keyword named for a run that
+    would not use it, at its default value too (seed=42, selection="sample"), is refused in
+    one line naming the keyword, before any work; it had been ignored in silence. Where the
+    planned run uses it, the same keyword is accepted."""
+    model = make_tiny_model("llama")
+    for verb in (prunenet.compress, prunenet.select_rows):
+        with pytest.raises(InputError) as error:
+            verb(model, 0.25, reconstruct="none", progress=False, **refused,
+                 **({"out": tmp_path / "out"} if verb is prunenet.compress else {}))
+        assert str(error.value) == message
+    assert not (tmp_path / "out").exists()
+    assert FFNView(model).d_ff == 48  # nothing was pruned
+    if accepted is not None:  # gguf_down_type on a .gguf input: test_gguf_out
+        settings = {"reconstruct": "none", **accepted}
+        plan = plan_compression(model, 0.25, CompressOptions.from_keywords(0.25, **settings))
+        assert plan.selector.name == settings["method"]
 
 
 def test_missing_and_non_model_paths(tmp_path):

@@ -45,7 +45,7 @@ def magnitude_run(tmp_path_factory):
     """A magnitude-baseline prune of the tiny LLaMA at 0.5 with a record and no model output."""
     folder = tmp_path_factory.mktemp("magnitude-run")
     result = prunenet.prune(make_tiny_model("llama"), None, 0.5, method="magnitude",
-                            device="cpu", progress=False, record_dir=folder / "record")
+                            progress=False, record_dir=folder / "record")
     return result, folder / "record"
 
 
@@ -108,8 +108,8 @@ def test_baseline_record_has_no_training_and_matches_its_rows(magnitude_run):
 def test_record_path_is_checked_before_any_work(tmp_path):
     out = tmp_path / "out"
     with pytest.raises(OutputError, match="must be separate"):
-        prunenet.compress(make_tiny_model("llama"), 0.25, device="cpu",
-                          progress=False, out=out, record_dir=out / "record")
+        prunenet.compress(make_tiny_model("llama"), 0.25, progress=False, out=out,
+                          record_dir=out / "record")
     taken = tmp_path / "taken"
     taken.mkdir()
     (taken / "keep.txt").write_text("x")

@@ -398,6 +398,14 @@ def test_a_recovery_that_cannot_hold_a_streamed_model_is_refused_before_the_comp
 SMALL_PROBE = {"probe_tokens": 256, "probe_length": 32, "progress": False}
 
 
+def small_probe(options: dict) -> dict:
+    """SMALL_PROBE for a run of ``options`` that generates a probe (the default method, or a
+    refit); for another, only its progress setting (compress refuses the probe's)."""
+    probes = options.get("method", "self-generated") == "self-generated" or options.get(
+        "reconstruct", "ls") != "none"
+    return SMALL_PROBE if probes else {"progress": False}
+
+
 def assert_same_output(a: Path, b: Path) -> None:
     """Every tensor (dtype and values) and the record of two outputs are the same."""
     expected, actual = all_tensors(a), all_tensors(b)
@@ -509,11 +517,14 @@ def test_offloaded_methods_equal_in_memory(tmp_path, options, request, caplog):
     if "calibration" in options:  # real text: a tokenizer, read with the model
         options["calibration"] = Calibration(**options["calibration"])
         source = request.getfixturevalue("tiny_llama_real_tokenizer_dir")
-    compress(str(source), 0.5, out=tmp_path / "memory", **options, **SMALL_PROBE)
-    least = run_budget(StreamedCheckpoint(source), 256, 32)
+    probe = small_probe(options)
+    compress(str(source), 0.5, out=tmp_path / "memory", **options, **probe)
+    # sized by the probe's settings, the defaults where the run generates no probe
+    least = run_budget(StreamedCheckpoint(source), *((256, 32) if "probe_tokens" in probe
+                                                     else ()))
     caplog.set_level(logging.INFO, logger="prunenet")
     compress(StreamedCheckpoint(source), 0.5, out=tmp_path / "stream", max_memory=least,
-             **options, **SMALL_PROBE)
+             **options, **probe)
     assert "with 2 of its 2 layers read from disk" in caplog.text
     assert_same_output(tmp_path / "memory", tmp_path / "stream")
 
@@ -720,10 +731,10 @@ def test_a_streamed_run_records_what_a_run_in_memory_records(tmp_path, options):
 
     source = sharded_checkpoint(tmp_path / "model")
     compress(str(source), 0.5, out=tmp_path / "memory", record_dir=tmp_path / "memory-run",
-             **options, **SMALL_PROBE)
+             **options, **small_probe(options))
     compress(StreamedCheckpoint(source), 0.5, out=tmp_path / "stream",
              record_dir=tmp_path / "stream-run", max_memory=run_budget(
-                 StreamedCheckpoint(source), 256, 32), **options, **SMALL_PROBE)
+                 StreamedCheckpoint(source), 256, 32), **options, **small_probe(options))
     assert_same_output(tmp_path / "memory", tmp_path / "stream")
     expected, actual = read_run_record(tmp_path / "memory-run"), read_run_record(
         tmp_path / "stream-run")
@@ -788,12 +799,12 @@ from prunenet.io.streaming import StreamedCheckpoint, bound_heap_growth
 bound_heap_growth()  # as the command line does for a streamed run
 options = json.loads(sys.argv[3])
 prunenet.ffn_statistics.GRAM_BUDGET = options.pop("gram_budget", 1 << 30)
-compress(StreamedCheckpoint(sys.argv[1]), 0.3, out=sys.argv[2], progress=False, device="cpu",
-         **options)
+compress(StreamedCheckpoint(sys.argv[1]), 0.3, out=sys.argv[2], progress=False, **options)
 from prunenet.io.streaming import peak_rss
 print(peak_rss())
 """
-WEIGHTS_ONLY = {"method": "prunenet", "reconstruct": "none", "episodes": 1}
+# the policy trains on the CPU (the other methods' passes run there whatever device says)
+WEIGHTS_ONLY = {"method": "prunenet", "reconstruct": "none", "episodes": 1, "device": "cpu"}
 
 
 def peak_rss_of_streamed_compress(source: Path, out: Path, options: dict = WEIGHTS_ONLY) -> int:
@@ -869,12 +880,12 @@ def test_a_streamed_run_evaluates_what_it_wrote(tiny_llama_real_tokenizer_dir, t
     before its record is written: the record says what a run in memory says."""
     source = tiny_llama_real_tokenizer_dir
     compress(str(source), 0.5, out=tmp_path / "memory", evaluate_windows=2, **options,
-             **SMALL_PROBE)
+             **small_probe(options))
     checkpoint = StreamedCheckpoint(source)
     evaluating = checkpoint.offloaded_memory(checkpoint.evaluation_memory(1, 1024))
     budget = max(evaluating, run_budget(checkpoint, 256, 32))
     compress(StreamedCheckpoint(source), 0.5, out=tmp_path / "stream", evaluate_windows=2,
-             max_memory=budget, **options, **SMALL_PROBE)
+             max_memory=budget, **options, **small_probe(options))
     assert_same_output(tmp_path / "memory", tmp_path / "stream")
     record = json.loads((tmp_path / "stream" / "prunenet.json").read_text())
     assert record["evaluation"]["perplexity"]["windows"] == 2
@@ -976,7 +987,8 @@ def test_a_checkpoint_saved_from_the_base_model_compresses_as_transformers_loads
     adds on load: it compresses in memory, and streamed (refitted from disk too) to the same
     tensors and record (both had been refused: the checkpoint seemed to hold no layers)."""
     source = _gpt2_checkpoint(tmp_path / "model", base_model=True)
-    options = {"method": "magnitude", "reconstruct": reconstruct, **SMALL_PROBE}
+    options = {"method": "magnitude", "reconstruct": reconstruct}
+    options.update(small_probe(options))
     in_memory = compress(str(source), 0.5, out=tmp_path / "memory", **options)
     budget = run_budget(StreamedCheckpoint(source), 256, 32) if reconstruct != "none" else None
     compress(StreamedCheckpoint(source), 0.5, out=tmp_path / "stream", max_memory=budget,

@@ -23,7 +23,16 @@ from .arithmetic import check_seed
 from .errors import InputError, PruneNetError
 from .io.files import commits, committed_outputs
 from .io.gguf_out import WRITABLE_TYPES
-from .pipeline import FORMATS, RECONSTRUCT, VARIANT_METHODS, CompressOptions
+from .pipeline import (
+    FORMATS,
+    RECONSTRUCT,
+    VARIANT_METHODS,
+    CompressOptions,
+    UnusedRule,
+    refuse_unused,
+    spectral_rule,
+    unused_setting_rules,
+)
 from .probe import SAMPLERS
 from .selection import DEFAULT_METHOD, SELECTORS
 from .selection.prunenet import SELECTIONS
@@ -124,67 +133,36 @@ def positive_float(text: str) -> float:
 
 # Options whose dest is not their name with dashes.
 OPTION_NAMES = {"precision": "--spectral-precision", "evaluate_windows": "--eval"}
+# compress's keywords the command line sets with options of other names
+SETTING_OPTIONS = {"calibration": ("calibration_corpus", "calibration_windows")}
 
 
-def refuse_unused(args: argparse.Namespace,
-                  rules: Sequence[tuple[Sequence[str], str | None]]) -> None:
-    """Refuse options the command line gives that this run would not use, before any work: a
-    user who sets them expects an effect. Each rule pairs option dests with why they do nothing
-    here, or None where they apply; every broken rule is named in the one line."""
+def option_spelling(dest: str, value: str | None = None) -> str:
+    """An option as the command line names it (``--ridge``), or given a value
+    (``--reconstruct ls``)."""
+    name = OPTION_NAMES.get(dest, "--" + dest.replace("_", "-"))
+    return name if value is None else f"{name} {value}"
+
+
+def refuse_unused_options(args: argparse.Namespace, rules: Sequence[UnusedRule]) -> None:
+    """:func:`~prunenet.pipeline.refuse_unused` for the options the command line gives: a rule
+    names compress's keywords, or the dests of options compress does not take."""
     given = getattr(args, "given", frozenset())
-    problems = []
-    for dests, reason in rules:
-        named = [OPTION_NAMES.get(dest, "--" + dest.replace("_", "-"))
-                 for dest in dests if dest in given]
-        if named and reason is not None:
-            one = len(named) == 1
-            problems.append(f"{', '.join(named)} {'has' if one else 'have'} no effect here: "
-                            f"{reason}; drop {'it' if one else 'them'}")
-    if problems:
-        raise InputError("; ".join(problems))
+    refuse_unused(rules, lambda setting: [option_spelling(dest) for dest in
+                                          SETTING_OPTIONS.get(setting, (setting,))
+                                          if dest in given])
 
 
-TRAINING_OPTIONS = ("episodes", "lr", "gamma", "reward", "reward_to_go", "baseline", "kld",
-                    "spectral", "precision", "resume")
-PROBE_OPTIONS = ("probe_tokens", "probe_length", "probe_temperature", "probe_prompt",
-                 "probe_sampler", "probe_cache")
+def _method_rules(plan, recovers: bool = False) -> list[UnusedRule]:
+    """compress and prune: the options of :func:`~prunenet.pipeline.unused_setting_rules`
+    given to the planned run (its method, refit and formats as resolved) that does not use
+    them. ``recovers``: compress fine-tunes the output after (--finetune-steps,
+    --recover-steps), which reads the seed and runs on the device."""
+    return unused_setting_rules(plan.selector, plan.options, plan.reconstruct, plan.formats,
+                                recovers, option_spelling)
 
 
-def _method_rules(plan, recovers: bool = False) -> list[tuple[Sequence[str], str | None]]:
-    """compress and prune: options of a method, the probe, the refit or the GGUF writer given
-    to the planned run (its method, refit and formats as resolved) that does not use them.
-    ``recovers``: compress fine-tunes the output after (--finetune-steps, --recover-steps), which
-    reads the seed and runs on the device."""
-    method = plan.selector.name
-    trains = plan.trains_policy
-    seeded = plan.selector.reads_seed()
-    return [
-        (TRAINING_OPTIONS, None if trains else
-         "method 'prunenet' with --policy uses that policy and trains none"
-         if method == "prunenet" else f"method {method!r} trains no PruneNet policy"),
-        *([_spectral_rule(plan.options.training.spectral)] if trains else []),
-        (("selection",), None if method == "prunenet" else
-         f"only a PruneNet policy's rows are drawn, and the method is {method!r}"),
-        (("calibration_corpus", "calibration_windows"), None if method == "activation" else
-         f"calibration text feeds --method activation only, and the method is {method!r}"),
-        (("ridge",), None if plan.reconstruct == "ls" else
-         f"the ridge regularizes --reconstruct ls, and this run refits with {plan.reconstruct}"),
-        (PROBE_OPTIONS, None if method == DEFAULT_METHOD or plan.reconstruct != "none" else
-         f"method {method!r} with --reconstruct none generates no probe text"),
-        (("seed",), None if seeded or plan.reconstruct != "none" or recovers else
-         f"method {method!r} with "
-         f"{'--policy, --selection topk and ' if method == 'prunenet' else ''}--reconstruct "
-         "none draws nothing at random and generates no probe text"),
-        (("device",), None if method == "prunenet" or recovers else
-         f"method {method!r} runs on the CPU, as the model's own passes do (only a PruneNet "
-         "policy and a recovery fine-tune run on --device)"),
-        (("gguf_down_type",), None if "gguf" in plan.formats else "no model.gguf is written "
-         "(one is cut only from a .gguf input of an architecture GGUF output supports, with "
-         "--format auto, gguf or both)"),
-    ]
-
-
-def _recovery_rules(args: argparse.Namespace) -> list[tuple[Sequence[str], str | None]]:
+def _recovery_rules(args: argparse.Namespace) -> list[UnusedRule]:
     """compress: recovery settings given without the recovery that reads them."""
     return [(("finetune_data",), None if args.finetune_steps else
              "only --finetune-steps reads a corpus, and it is not given"),
@@ -194,15 +172,7 @@ def _recovery_rules(args: argparse.Namespace) -> list[tuple[Sequence[str], str |
              "is given")]
 
 
-def _spectral_rule(spectral: str) -> tuple[Sequence[str], str | None]:
-    """Policy training: the Gram path's float type means nothing to singular values taken
-    directly."""
-    return (("precision",), None if spectral == "gram" else
-            "it sets the Gram path's float type, and --spectral svd takes singular values "
-            "directly")
-
-
-def _evaluation_rules(args: argparse.Namespace) -> list[tuple[Sequence[str], str | None]]:
+def _evaluation_rules(args: argparse.Namespace) -> list[UnusedRule]:
     """eval and compare: options of a measurement the run does not make."""
     from .evaluation.zeroshot import parse_tasks
 
@@ -380,12 +350,20 @@ def _compress_options(args: argparse.Namespace) -> dict:
         "probe_sampler": args.probe_sampler,
         "reconstruct": args.reconstruct, "ridge": args.ridge,
         "progress": not args.quiet, "resume": getattr(args, "resume", False),
-        # only a run that trains a policy takes them (the defaults of one that does not would
-        # be refused as settings it ignores; refuse_unused names those the user gave)
+        # only a run that trains a policy reads them
         **(_training_options(args) if hasattr(args, "episodes") and (
             VARIANT_METHODS.get(args.variant) if args.variant else args.method) == "prunenet"
            else {}),
     }
+
+
+def _compress_settings(args: argparse.Namespace) -> CompressOptions:
+    """compress()/prune() options from the command line. The options given that the run would
+    not use are refused by their option names (refuse_unused_options), not as keywords a
+    Python caller named: every keyword is set here."""
+    options = CompressOptions.from_keywords(args.ratio, **_compress_options(args))
+    options.given = ()
+    return options
 
 
 def _run_plan(plan):
@@ -444,7 +422,7 @@ def run_compress(args: argparse.Namespace) -> int:
     from .finetune import is_work_folder
     from .io.files import Output, sibling_path
     from .io.loading import is_model_output
-    from .pipeline import CompressOptions, plan_compression
+    from .pipeline import plan_compression
 
     recoveries = [(steps, sibling_path(args.out, f"-{suffix}"), option)
                   for steps, suffix, option in (
@@ -456,11 +434,12 @@ def run_compress(args: argparse.Namespace) -> int:
         Output(sibling_path(folder, ".work"), f"{option} work folder", working=True,
                ours=is_work_folder))]
     extra_reads = [corpus_read_path(args.finetune_data)] if args.finetune_steps else []
-    options = CompressOptions.from_keywords(args.ratio, **_compress_options(args))
+    options = _compress_settings(args)
     plan = plan_compression(args.model, args.ratio, options, out=args.out,
                             record_dir=args.record, policy_out=args.policy_out,
                             overwrite=args.overwrite, extra_outputs=extra_outputs,
-                            extra_reads=extra_reads, before_text=lambda plan: refuse_unused(
+                            extra_reads=extra_reads,
+                            before_text=lambda plan: refuse_unused_options(
                                 args, [*_method_rules(plan, recovers=bool(recoveries)),
                                        *_recovery_rules(args)]))
     if plan.streamed is not None:  # a recovery holds its models whole: known before any work
@@ -549,7 +528,7 @@ def run_train_policy(args: argparse.Namespace) -> int:
     )
     from .selection.prunenet.reinforce import check_resumable, is_training_state
 
-    refuse_unused(args, [_spectral_rule(args.spectral)])
+    refuse_unused_options(args, [spectral_rule(args.spectral, option_spelling)])
     check_training(args.model, args.ratio, args.device, seed=args.seed,
                    **_training_options(args))  # before the model loads
     check_policy_name(args.out, "--out")
@@ -591,12 +570,13 @@ def add_train_policy(subparsers) -> None:
 
 
 def run_prune(args: argparse.Namespace) -> int:
-    from .pipeline import CompressOptions, plan_compression
+    from .pipeline import plan_compression
 
-    options = CompressOptions.from_keywords(args.ratio, **_compress_options(args))
+    options = _compress_settings(args)
     plan = plan_compression(args.model, args.ratio, options, policy=args.policy, out=args.out,
                             record_dir=args.record, overwrite=args.overwrite,
-                            before_text=lambda plan: refuse_unused(args, _method_rules(plan)))
+                            before_text=lambda plan: refuse_unused_options(
+                                args, _method_rules(plan)))
     result = _run_plan(plan)
     _print_summary(result)
     _print_record(args)
@@ -748,7 +728,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from .io.streaming import bound_heap_growth
     from .pipeline import input_paths
 
-    refuse_unused(args, _evaluation_rules(args))
+    refuse_unused_options(args, _evaluation_rules(args))
     _offline_tasks(args)
     if _ppl(args) is not None:  # '' too: refused as empty
         check_corpus(_ppl(args))  # a missing or endless corpus: refused before the model loads
@@ -808,7 +788,7 @@ def run_compare(args: argparse.Namespace) -> int:
     from .compare import compare, parse_methods, reads_seed
 
     methods = parse_methods(args.methods, args.variant, quiet=True)
-    refuse_unused(args, [*_evaluation_rules(args),
+    refuse_unused_options(args, [*_evaluation_rules(args),
                          (("episodes", "train_ratio"), None if "prunenet" in methods else
                           "no method compared trains a PruneNet policy"),
                          (("calibration_corpus", "calibration_windows"),

@@ -247,10 +247,13 @@ def compare(
                                                                progress))
     pairs = [(method, ratio) for method in method_names for ratio in ratios]
     for number, (method, ratio) in enumerate(pairs, 1):
+        # each run is given the settings its method reads: prune refuses the others
+        read = {**({"seed": seed} if reads_seed([method], reconstruct) else {}),
+                **({"calibration": calibration} if method == Activation.name else {})}
         pruned = prune(copy.deepcopy(dense), policy if method == PruneNet.name else None, ratio,
-                       method=method, seed=seed, tokenizer=tokenizer, calibration=calibration,
-                       reconstruct=reconstruct, progress=progress, statistics=statistics,
-                       selector=selectors.get(method))
+                       method=method, tokenizer=tokenizer, reconstruct=reconstruct,
+                       progress=progress, statistics=statistics, selector=selectors.get(method),
+                       **read)
         evaluation = run_evaluation(pruned.model)
         record = {k: v for k, v in pruned.record.items() if k not in ("training", "source")}
         results["runs"].append({"method": method, "ratio": ratio, "record": record,

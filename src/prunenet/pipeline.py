@@ -160,8 +160,10 @@ class CompressOptions:
     max_memory: int | str | None = None
     trust_remote_code: bool = False
     progress: bool = True
-    # the training settings a Python caller named (from_keywords): refused where none trains
-    training_given: tuple[str, ...] = field(default=(), repr=False)
+    # the keywords a Python caller named (from_keywords), at their defaults too: those the
+    # planned run would not use are refused (unused_setting_rules); the command line names its
+    # options itself
+    given: tuple[str, ...] = field(default=(), repr=False)
 
     @classmethod
     def from_keywords(cls, ratio: float, **keywords: Any) -> CompressOptions:
@@ -197,7 +199,9 @@ class CompressOptions:
                 setattr(options, name, plain(value))
         options.training = TrainingConfig(ratio=ratio, seed=options.seed,
                                           **{k: v for k, v in keywords.items() if k in trained})
-        options.training_given = tuple(sorted(k for k in keywords if k in trained))
+        # resume is refused where nothing resumes with the state it needs (plan_compression)
+        options.given = tuple(sorted(k for k, v in keywords.items()
+                                     if v is not None and k != "resume"))
         return options
 
 
@@ -312,10 +316,6 @@ class Plan:
     # the refit's and selection's, where they are on this run's probe (a compare's runs).
     statistics: ProbeStatistics | None = None
 
-    @property
-    def trains_policy(self) -> bool:
-        return isinstance(self.selector, PruneNet) and self.selector.policy is None
-
 
 def make_selector(method: str, options: CompressOptions, policy: PrunePolicy | None = None,
                   state_path: Path | None = None) -> Selector:
@@ -360,21 +360,13 @@ def check_reconstruct(model: Any, reconstruct: str, trust_remote_code: bool = Fa
 
 
 def check_settings(options: CompressOptions, method: str, policy_given: bool) -> bool:
-    """Refuse settings no run of ``method`` can take, before any work: the policy training's
-    (and, from Python, one named where no policy trains: ``policy_given`` or another method),
+    """Refuse settings no run of ``method`` can take, before any work: the policy training's,
     the probe's, the ridge and --eval's count. :func:`compress` and :func:`select_rows` check
     alike. Returns whether a PruneNet policy trains."""
     options.training.validate()
     trains = selector_class(method) is PruneNet and not policy_given
     if trains:
         check_trainable_ratio(options.training.ratio)
-    elif options.training_given:  # as the command line refuses them, not silently unused
-        named = ", ".join(options.training_given)
-        raise InputError(f"{named} {'has' if len(options.training_given) == 1 else 'have'} no "
-                         "effect here: " + ("the policy given is used, no policy trains"
-                                            if policy_given else
-                                            f"method {method!r} trains no policy")
-                         + "; drop " + ("it" if len(options.training_given) == 1 else "them"))
     for name, value in (("--ridge", options.ridge),
                         ("--probe-temperature", options.probe_temperature)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) \
@@ -395,6 +387,90 @@ def check_settings(options: CompressOptions, method: str, policy_given: bool) ->
     check_sampler(options.probe_sampler)
     check_probe_prompt(options.probe_prompt)  # a planned run reads it with the tokenizer next
     return trains
+
+
+# A rule on settings a run would not use: the settings (compress's keywords) and why this run
+# does not use them, or None where it does.
+UnusedRule = tuple[Sequence[str], str | None]
+
+TRAINING_SETTINGS = ("episodes", "lr", "gamma", "reward", "reward_to_go", "baseline", "kld",
+                     "spectral", "precision", "resume")
+PROBE_SETTINGS = ("probe_tokens", "probe_length", "probe_temperature", "probe_prompt",
+                  "probe_sampler", "probe_cache")
+
+
+def keyword_spelling(name: str, value: str | None = None) -> str:
+    """How a message from Python names a setting (``ridge``), or a setting at a value
+    (``reconstruct='ls'``); the command line spells its options instead."""
+    return name if value is None else f"{name}={value!r}"
+
+
+def unused_setting_rules(selector: Selector, options: CompressOptions, reconstruct: str,
+                         formats: Sequence[str], recovers: bool = False,
+                         spell: Callable[..., str] = keyword_spelling) -> list[UnusedRule]:
+    """compress, prune and select_rows: settings of a method, the probe, the refit or the GGUF
+    writer that the run (``selector``, refitting with ``reconstruct``, writing ``formats``)
+    does not use. ``recovers``: a fine-tune follows (the command line's --finetune-steps,
+    --recover-steps), which reads the seed and runs on the device. ``spell`` names another
+    setting in a reason, as the caller gives it (:func:`keyword_spelling`)."""
+    method = selector.name
+    trains = isinstance(selector, PruneNet) and selector.policy is None
+    return [
+        (TRAINING_SETTINGS, None if trains else
+         f"method 'prunenet' with {spell('policy')} uses that policy and trains none"
+         if method == PruneNet.name else f"method {method!r} trains no PruneNet policy"),
+        *([spectral_rule(options.training.spectral, spell)] if trains else []),
+        (("selection",), None if method == PruneNet.name else
+         f"only a PruneNet policy's rows are drawn, and the method is {method!r}"),
+        (("calibration",), None if method == Activation.name else
+         f"calibration text feeds {spell('method', Activation.name)} only, and the method is "
+         f"{method!r}"),
+        (("ridge",), None if reconstruct == "ls" else
+         f"the ridge regularizes {spell('reconstruct', 'ls')}, and this run refits with "
+         f"{reconstruct}"),
+        (PROBE_SETTINGS, None if method == DEFAULT_METHOD or reconstruct != "none" else
+         f"method {method!r} with {spell('reconstruct', 'none')} generates no probe text"),
+        (("seed",), None if selector.reads_seed() or reconstruct != "none" or recovers else
+         f"method {method!r} with "
+         + (f"{spell('policy')}, {spell('selection', 'topk')} and "
+            if method == PruneNet.name else "")
+         + f"{spell('reconstruct', 'none')} draws nothing at random and generates no probe "
+         "text"),
+        (("device",), None if method == PruneNet.name or recovers else
+         f"method {method!r} runs on the CPU, as the model's own passes do (only a PruneNet "
+         f"policy and a recovery fine-tune run on {spell('device')})"),
+        (("gguf_down_type",), None if "gguf" in formats else "no model.gguf is written (one "
+         "is cut only from a .gguf input of an architecture GGUF output supports, with "
+         f"{spell('format')} auto, gguf or both)"),
+    ]
+
+
+def spectral_rule(spectral: str, spell: Callable[..., str] = keyword_spelling) -> UnusedRule:
+    """Policy training: the Gram path's float type means nothing to singular values taken
+    directly."""
+    return (("precision",), None if spectral == "gram" else
+            f"it sets the Gram path's float type, and {spell('spectral', 'svd')} takes "
+            "singular values directly")
+
+
+def refuse_unused(rules: Sequence[UnusedRule], named: Callable[[str], list[str]]) -> None:
+    """Refuse settings given that this run would not use, before any work: a user who sets
+    them expects an effect. ``named``: the names a caller gave one of a rule's settings by
+    (none where it was not given); every broken rule is named in the one line."""
+    problems = []
+    for settings, reason in rules:
+        names = [name for setting in settings for name in named(setting)]
+        if names and reason is not None:
+            one = len(names) == 1
+            problems.append(f"{', '.join(names)} {'has' if one else 'have'} no effect here: "
+                            f"{reason}; drop {'it' if one else 'them'}")
+    if problems:
+        raise InputError("; ".join(problems))
+
+
+def refuse_unused_keywords(options: CompressOptions, rules: Sequence[UnusedRule]) -> None:
+    """:func:`refuse_unused` for the keywords a Python caller named."""
+    refuse_unused(rules, lambda setting: [setting] if setting in options.given else [])
 
 
 def plan_compression(model: Any, ratio: float, options: CompressOptions, *,
@@ -476,6 +552,8 @@ def plan_compression(model: Any, ratio: float, options: CompressOptions, *,
             policy.check_fits(declared_model_width(source), width)
     plan = Plan(model, source, ratio, options, selector, streamed, out, record_dir, policy_out,
                 overwrite, formats, reconstruct, round_to, resident, tokenizer)
+    refuse_unused_keywords(options, unused_setting_rules(selector, options, reconstruct,
+                                                          formats))
     if before_text is not None:
         before_text(plan)
     if options.resume and state_of is None:  # the command line refused it in before_text
@@ -931,7 +1009,8 @@ def compress(model: Any, ratio: float = 0.3, *, out: str | os.PathLike | None = 
     ``record_dir`` the run's data for ``prunenet report``. A local safetensors folder that would
     not fit ``max_memory`` is streamed (same result; ``result.model`` is None).
     Raises :class:`~prunenet.errors.InputError` / ``OutputError`` before any work for a bad
-    input, method, ratio or output path.
+    input, method, ratio or output path, and for an option named that the run would not use
+    (``ridge`` where nothing refits with ``ls``: :func:`unused_setting_rules`).
     """
     ratio = checked_ratio(ratio)  # a numpy number runs, and is recorded, as its value
     plan = plan_compression(model, ratio, CompressOptions.from_keywords(ratio, **options),
@@ -968,12 +1047,15 @@ def select_rows(model: nn.Module, ratio: float, *, tokenizer: Any = None,
                 policy: PrunePolicy | None = None, **options: Any) -> list[Tensor]:
     """Kept neuron indices per layer of a loaded ``model`` (sorted, distinct, the same count in
     every layer), without slicing it. ``options`` as :func:`compress`; a setting it refuses
-    raises the same :class:`~prunenet.errors.InputError` here."""
+    raises the same :class:`~prunenet.errors.InputError` here, and so does one this selection
+    would not use (it refits and writes nothing: ``ridge``, ``gguf_down_type``)."""
     ratio = checked_ratio(ratio)
     settings = CompressOptions.from_keywords(ratio, **options)
     method = settings.method or (PruneNet.name if policy is not None else DEFAULT_METHOD)
     check_settings(settings, method, policy is not None)  # what compress refuses
     selector = make_selector(method, settings, policy)
+    # no refit, and nothing written
+    refuse_unused_keywords(settings, unused_setting_rules(selector, settings, "none", ()))
     view = FFNView(model)
     with evaluation_mode(model):  # as compress runs it
         probe = None
