@@ -949,3 +949,27 @@ def test_train_policy_refuses_settings_it_cannot_train_before_the_load(
                                       *options, "--out", str(out)])
         assert line == f"prunenet: error: {message}"
     assert sorted(path.name for path in tmp_path.iterdir()) == ["tiny-llama"]
+
+
+@settings(max_examples=60, deadline=None)
+@given(size=st.integers(0, 300), dtype=st.sampled_from(
+           [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.float8_e4m3fn]),
+       bad=st.lists(st.tuples(st.integers(0, 299), st.sampled_from(
+           [float("nan"), float("inf"), float("-inf")])), max_size=3),
+       seed=st.integers(0, 2**16))
+def test_check_finite_refuses_exactly_the_tensors_a_mask_finds_non_finite(size, dtype, bad, seed):
+    """check_finite reads a tensor's extremes rather than a mask as large as the tensor: it
+    refuses a tensor exactly when torch.isfinite finds a NaN or an infinity in it."""
+    from prunenet.model_view import check_finite
+
+    values = torch.randn(size, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    for index, value in bad:
+        if index < size:
+            values[index] = value
+    tensor = values.to(dtype)
+    finite = bool(torch.isfinite(tensor.float()).all())
+    if finite:
+        check_finite("w", tensor)
+    else:
+        with pytest.raises(NumericalError, match="^w holds NaN or Inf"):
+            check_finite("w", tensor)
