@@ -25,16 +25,21 @@ def _args(words: str):
     return build_parser().parse_args(shlex.split(words))
 
 
-# (starting settings, changed settings): the change alters what a run computes.
-PROBE_CHANGES = [
+# (starting settings, changed settings): the change alters what a run computes. Settings
+# cross() reads: the probe recipe, the texts' size, the evaluation and the refit.
+CROSS_CHANGES = [
     ("", "--model gemma3-270m"), ("", "--windows 8"), ("", "--tokens 2048"), ("", "--seed 1"),
     ("", "--probe-length 128"), ("", "--probe-batch 8"), ("", "--eval-text hellaswag"),
     ("", "--first-token random"), ("", "--temperature 1.2"), ("", "--top-p 0.9"),
     ("", "--min-p 0.05"), ("", "--start-temperature 0.6"),
     ("--start-temperature 0.6", "--start-temperature 0.6 --warmup-tokens 16"),
-    ("", "--prompt The"), ("", "--one-script"), ("", "--skip-positions 1"),
-    ("", "--select-tokens 2048"), ("", "--keep-likely 0.5"), ("", "--weight-tokens residual"),
-    ("", "--ridge 0.3"), ("", "--mlp-bias"),
+    ("", "--prompt The"), ("", "--one-script"), ("", "--ridge 0.3"),
+]
+
+# A probe run reads those and more.
+PROBE_CHANGES = [
+    *CROSS_CHANGES, ("", "--skip-positions 1"), ("", "--select-tokens 2048"),
+    ("", "--keep-likely 0.5"), ("", "--weight-tokens residual"), ("", "--mlp-bias"),
 ]
 
 
@@ -59,15 +64,6 @@ def test_ratio_seed_and_job_are_in_the_key():
     assert len(keys) == 5 * 2 * 2
 
 
-# Settings cross() reads: the probe recipe, the texts' size, the evaluation and the refit.
-CROSS_CHANGES = [
-    ("", "--model gemma3-270m"), ("", "--windows 8"), ("", "--tokens 2048"), ("", "--seed 1"),
-    ("", "--probe-length 128"), ("", "--probe-batch 8"), ("", "--eval-text hellaswag"),
-    ("", "--first-token random"), ("", "--temperature 1.2"), ("", "--top-p 0.9"),
-    ("", "--min-p 0.05"), ("", "--start-temperature 0.6"),
-    ("--start-temperature 0.6", "--start-temperature 0.6 --warmup-tokens 16"),
-    ("", "--prompt The"), ("", "--one-script"), ("", "--ridge 0.3"),
-]
 
 
 @pytest.mark.parametrize(("before", "after"), CROSS_CHANGES)
