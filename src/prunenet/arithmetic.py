@@ -10,7 +10,8 @@ import contextlib
 import math
 import numbers
 import random
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import numpy
 import torch
@@ -89,3 +90,12 @@ def exp_or_inf(loss: float) -> float:
         return math.exp(loss)
     except OverflowError:
         return math.inf
+
+
+def hash_tensors(digest: Any, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """Add named tensors to a hashlib ``digest``: each one's name, dtype and shape, then its
+    bytes, so that two sets of the same shapes (a model pruned by two methods) hash apart."""
+    for name, tensor in tensors:
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(memoryview(tensor.detach().cpu().contiguous().view(-1)
+                                 .view(torch.uint8).numpy()))

@@ -39,6 +39,7 @@ from .arithmetic import (
     default_precision,
     exp_or_inf,
     global_generators_kept,
+    hash_tensors,
 )
 from .errors import InputError, NumericalError, OutputError, first_line
 from .evaluation.corpora import (
@@ -443,9 +444,7 @@ def tensors_digest(tensors: dict[str, Tensor]) -> str:
     """The sha256 of ``tensors`` (a state dict, token windows): names, dtypes, shapes and bytes.
     Two models of the same shapes (the same model pruned by two methods) differ in it."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(tensors.items()):
-        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}\n".encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    hash_tensors(digest, sorted(tensors.items()))
     return digest.hexdigest()
 
 

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .arithmetic import cuda_devices
+from .arithmetic import cuda_devices, hash_tensors
 from .errors import InputError, first_line
 from .families import context_length
 from .model_view import input_device, parameters_in_memory
@@ -375,10 +375,7 @@ class Probe:
         # folder, or a GGUF converted into a new scratch folder each run, writes the same probe
         config.pop("_name_or_path", None)
         digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
-        for name, parameter in parameters_in_memory(self.model):
-            digest.update(f"{name}:{parameter.dtype}:{tuple(parameter.shape)}".encode())
-            digest.update(memoryview(parameter.detach().cpu().contiguous().view(-1)
-                                     .view(torch.uint8).numpy()))
+        hash_tensors(digest, parameters_in_memory(self.model))
         # the prompt as the tokenizer reads it: the same words may be other ids
         words = f" prompt_ids={prompt_ids(self.tokenizer, self.recipe)}" if self.recipe.prompt \
             else ""
