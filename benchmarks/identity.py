@@ -300,6 +300,11 @@ def main_cli() -> int:
     parser.add_argument("--real", action="store_true")
     parser.add_argument("--compare", type=Path)
     args = parser.parse_args()
+    if args.out.suffix != ".json":  # the tensors are written beside it, as OUT.safetensors
+        parser.error(f"OUT must end in .json (its tensors go to "
+                     f"{args.out.with_suffix('.safetensors').name} beside it), got {args.out}")
+    if args.compare is not None and args.out.resolve() == args.compare.resolve():
+        parser.error("OUT is the --compare reference: it would be replaced before it is read")
     results = fingerprints(args.real)
     save_reference(results, args.out)
     if args.compare is None:

@@ -14,6 +14,7 @@ import hashlib
 import importlib.util
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,3 +86,25 @@ def test_values_computed_by_another_cpu_compare_within_float32_rounding_and_no_f
         "llama/x: record/report/training.png differs"]
     other_cpu["llama/x"]["out/model.safetensors"] = "ab"
     assert identity.differences(other_cpu, loaded) == ["llama/x: out/model.safetensors differs"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["ref.safetensors"], "OUT must end in .json (its tensors go to ref.safetensors beside "
+                          "it), got ref.safetensors"),
+    (["ref.json", "--compare", "ref.json"], "OUT is the --compare reference: it would be "
+                                            "replaced before it is read"),
+])
+def test_the_script_never_writes_over_the_reference_it_reads(tmp_path, monkeypatch, capsys,
+                                                             argv, message):
+    """A reference named as OUT was replaced by the new fingerprints and then compared with
+    itself; an OUT ending in .safetensors was overwritten by its own tensors."""
+    identity = _identity_module()
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ref.json").write_text("{}")
+    monkeypatch.setattr(identity, "fingerprints", lambda real: pytest.fail("it ran"))
+    monkeypatch.setattr("sys.argv", ["identity.py", *argv])
+    with pytest.raises(SystemExit):
+        identity.main_cli()
+    assert capsys.readouterr().err.strip().endswith(message)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["ref.json"]
+    assert (tmp_path / "ref.json").read_text() == "{}"
