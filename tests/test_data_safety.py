@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import edit_config, make_tiny_model
 from prunenet.cli import main
-from prunenet.errors import InputError
+from prunenet.errors import InputError, PruneNetError
 from prunenet.finetune import FinetuneConfig
 from prunenet.io.files import NAME_MAX, is_staging_name, sibling_path, sibling_prefix
 from prunenet.io.loading import load_model_and_tokenizer, validate_safetensors
@@ -1376,6 +1376,32 @@ def test_an_interrupt_between_outputs_names_what_was_written(models, tmp_path, c
                     "partial was left behind")
     assert (out / "prunenet.json").is_file() and not policy.exists() and not record.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["models", "o", state.name]
+
+
+def test_an_error_between_outputs_names_what_was_written(models, tmp_path, capsys,
+                                                         monkeypatch):
+    """A compression that fails after --out is in place (its --policy-out cannot be written)
+    says so beside the error, or its user would take the failed command to have written
+    nothing; a command that fails before any output names none."""
+    import prunenet.pipeline
+
+    def unwritable(*args, **kwargs):
+        raise PruneNetError("the policy cannot be written")
+
+    monkeypatch.setattr(prunenet.pipeline, "save_policy", unwritable)
+    out, policy = tmp_path / "o", tmp_path / "p.safetensors"
+    assert main(["-q", "compress", str(models / "llama"), "--ratio", "0.3", "--out", str(out),
+                 "--method", "prunenet", "--episodes", "2", "--policy-out", str(policy)]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    state = sibling_path(out, ".train-state.pt")
+    assert line == (f"prunenet: error: the policy cannot be written; written complete before "
+                    f"the error: {state}, {out.resolve()}; every other output was not written")
+    assert (out / "prunenet.json").is_file() and not policy.exists()
+    # the next command in the same process fails before writing: it names nothing
+    assert main(["-q", "compress", str(models / "llama"), "--ratio", "0.3", "--out", str(out),
+                 "--method", "random"]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("prunenet: error: ") and "written complete" not in line
 
 
 @pytest.mark.parametrize("corpus, message", [

@@ -1150,13 +1150,29 @@ def interrupted_line(written: Sequence[Path]) -> str:
     """What an interrupted command leaves: never a partial output; the outputs it had already
     put in place, complete, named (a compression commits --out before --policy-out and
     --record)."""
+    named = _named_outputs(written)
+    if not named:
+        return "interrupted; no partial output was left behind"
+    return (f"interrupted; written complete before the interrupt: {named}; every other "
+            "output was not written and nothing partial was left behind")
+
+
+def failed_line(error: BaseException, written: Sequence[Path]) -> str:
+    """The error's line, and the outputs the command had already put in place, complete,
+    before it failed (a compression whose recovery or record fails after --out is written):
+    without them a user would take the failed command to have written nothing."""
+    named = _named_outputs(written)
+    if not named:
+        return f"error: {error_line(error)}"
+    return (f"error: {error_line(error)}; written complete before the error: {named}; every "
+            "other output was not written")
+
+
+def _named_outputs(written: Sequence[Path]) -> str:
+    """The outputs still in place, each named once, in the order they were written."""
     # a fine-tune's settings file is gone with its work folder once that fine-tune finished
     written = [path for path in written if path.exists()]
-    if not written:
-        return "interrupted; no partial output was left behind"
-    return (f"interrupted; written complete before the interrupt: "
-            f"{', '.join(dict.fromkeys(_as_written(path) for path in written))}; every other "
-            "output was not written and nothing partial was left behind")
+    return ", ".join(dict.fromkeys(_as_written(path) for path in written))
 
 
 def _as_written(path: Path) -> str:
@@ -1226,7 +1242,8 @@ def main(argv: list[str] | None = None) -> int:
     except (PruneNetError, *_KNOWN_ERRORS) as error:
         if args.debug:
             raise
-        print(f"prunenet: error: {error_line(error)}", file=sys.stderr)
+        print(f"prunenet: {failed_line(error, committed_outputs(written_before))}",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"prunenet: {interrupted_line(committed_outputs(written_before))}",
