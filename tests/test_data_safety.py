@@ -1710,3 +1710,52 @@ def test_no_output_goes_into_the_folders_fetch_replaces(models, tmp_path, capsys
     assert digest(tmp_path) == before
     assert sorted(p.relative_to(cache).as_posix() for p in cache.rglob("*")) == [
         "zeroshot", "zeroshot/hf_datasets"]
+
+
+_KILLED_WHILE_STAGING = """
+import os, sys
+from pathlib import Path
+from prunenet.io.files import atomic_folder
+with atomic_folder(Path(sys.argv[1])) as staging:
+    (staging / "model.safetensors").write_bytes(bytes(4096))
+    os.kill(os.getpid(), 9)
+"""
+
+
+def test_a_staging_folder_left_by_a_killed_run_is_removed_by_the_next_run(models, tmp_path):
+    """A run killed outright (SIGKILL, the out-of-memory killer) cannot clean up: its staging
+    folder, as large as the model it was writing, had stayed beside the output for good. The
+    next run for the same output removes it; a live run's staging folder, another output's, a
+    file, and a folder of another name are left alone."""
+    import subprocess
+    import sys
+
+    import prunenet
+    from prunenet.io.files import atomic_folder
+
+    out = tmp_path / "o"
+    source = str(Path(prunenet.__file__).parents[1])
+    killed = subprocess.run([sys.executable, "-c", _KILLED_WHILE_STAGING, str(out)],
+                            env={**os.environ, "PYTHONPATH": source})
+    assert killed.returncode == -signal.SIGKILL
+    (left,) = [p for p in tmp_path.iterdir() if is_staging_name(p.name)]
+    assert left.name.startswith(sibling_prefix(out, "tmp"))
+    assert (left / "model.safetensors").is_file()
+    kept = {tmp_path / ".o.tmp-mine": "folder", tmp_path / ".o.tmp-abcdefgh": "file",
+            tmp_path / f"{sibling_prefix(tmp_path / 'p', 'tmp')}abcdefgh": "folder"}
+    for path, kind in kept.items():
+        if kind == "folder":
+            path.mkdir()
+            (path / "notes.txt").write_text("mine")
+        else:
+            path.write_text("mine")
+    with pytest.raises(KeyboardInterrupt):  # a run for the same output, still working
+        with atomic_folder(out) as live:
+            (live / "part").write_text("working")
+            assert main(_compress_random(models, out, "0.5")) == 0
+            assert (live / "part").read_text() == "working"
+            raise KeyboardInterrupt
+    assert not left.exists() and (out / "prunenet.json").is_file()
+    assert all(path.exists() for path in kept)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["models", "o", *(path.name for path in kept)])

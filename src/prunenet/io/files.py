@@ -27,7 +27,9 @@ import fcntl
 import fnmatch
 import hashlib
 import json
+import logging
 import os
+import re
 import shutil
 import signal
 import tempfile
@@ -38,6 +40,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError, NumericalError, OutputError
+
+log = logging.getLogger(__name__)
 
 NAME_MAX = 255  # bytes in one file name on Linux, macOS and Windows file systems
 _RANDOM_SUFFIX = 8  # characters tempfile appends to a prefix
@@ -626,8 +630,7 @@ def atomic_folder(out: Path, overwrite: bool = False,
     and, when ``ours`` is given, only if ``ours`` recognizes it (checked again at the rename).
     """
     out = Path(out)
-    with folders_made_for(out):
-        staging = Path(tempfile.mkdtemp(prefix=sibling_prefix(out, STAGING_TAG), dir=out.parent))
+    with folders_made_for(out), _held_staging_folder(out) as staging:
         try:
             yield staging
             write_manifest(staging)
@@ -659,12 +662,66 @@ def scratch_folder(out: Path) -> Iterator[Path]:
     """A hidden working folder beside the output ``out`` for the length of the block (what a
     run sets aside on disk before it writes ``out``), removed afterwards whatever happens."""
     out = Path(out)
-    with folders_made_for(out):
-        folder = Path(tempfile.mkdtemp(prefix=sibling_prefix(out, STAGING_TAG), dir=out.parent))
+    with folders_made_for(out), _held_staging_folder(out) as folder:
         try:
             yield folder
         finally:
             remove_unfinished(folder)
+
+
+@contextlib.contextmanager
+def _held_staging_folder(out: Path) -> Iterator[Path]:
+    """A new hidden staging folder beside ``out``, locked (flock) for as long as its run lives.
+
+    A run the system kills outright (SIGKILL, the out-of-memory killer) cleans nothing up: its
+    staging folder, as large as the model it was writing, stayed beside the output for good.
+    Such folders lose their lock with their process, so before making its own, a run removes
+    those beside the same output whose lock it can take. Both happen under the output lock, so
+    no run ever sees another's new folder before it is locked."""
+    prefix = sibling_prefix(out, STAGING_TAG)
+    with output_lock(out):
+        _remove_abandoned(out.parent, prefix)
+        folder = Path(tempfile.mkdtemp(prefix=prefix, dir=out.parent))
+        try:
+            handle = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        except BaseException:
+            folder.rmdir()
+            raise
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # a file system without locks: the folder is only never swept
+            pass
+    try:
+        yield folder
+    finally:
+        os.close(handle)
+
+
+def _remove_abandoned(parent: Path, prefix: str) -> None:
+    """Remove the staging folders named ``prefix`` + tempfile's suffix in ``parent`` whose
+    lock is free: their run was killed before it could remove them. A folder whose lock is held
+    (its run is alive) or cannot be tried, a link, a file, or any other name is left alone."""
+    pattern = re.compile(re.escape(prefix) + f"[a-z0-9_]{{{_RANDOM_SUFFIX}}}")
+    try:
+        entries = [entry for entry in os.scandir(parent) if pattern.fullmatch(entry.name)]
+    except OSError:
+        return
+    for entry in entries:
+        try:
+            if not entry.is_dir(follow_symlinks=False):
+                continue
+            handle = os.open(entry.path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue
+        finally:
+            os.close(handle)  # closing drops the lock just taken, if it was
+        log.info("removing %s, left by a run that was killed before it could clean up",
+                 entry.path)
+        remove_unfinished(Path(entry.path))
 
 
 @contextlib.contextmanager
