@@ -1759,3 +1759,68 @@ def test_a_staging_folder_left_by_a_killed_run_is_removed_by_the_next_run(models
     assert all(path.exists() for path in kept)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         ["models", "o", *(path.name for path in kept)])
+
+
+def _lock_is_taken(lock_path: Path) -> bool:
+    """Whether another holder has the flock on the file now at ``lock_path``."""
+    import fcntl
+
+    handle = os.open(lock_path, os.O_RDWR)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(handle)
+    return False
+
+
+def test_the_output_lock_leaves_no_file_even_after_a_killed_run(models, tmp_path):
+    """A run killed while it held the output lock leaves its empty lock file; the next run
+    writing that output takes the lock on it and removes it when done. A file at the lock
+    path that holds anything is not prunenet's: refused, kept."""
+    from prunenet.errors import OutputError
+    from prunenet.io.files import output_lock
+
+    out = tmp_path / "o"
+    lock_path = tmp_path / (sibling_prefix(out, "lock") + "0")
+    lock_path.write_bytes(b"")
+    with output_lock(out):
+        assert _lock_is_taken(lock_path)
+    assert not lock_path.exists()
+    lock_path.write_bytes(b"")
+    assert main(_compress_random(models, out, "0.5")) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["models", "o"]
+    lock_path.write_text("mine")
+    with pytest.raises(OutputError, match="not an empty file"):
+        with output_lock(out):
+            pass
+    assert lock_path.read_text() == "mine"
+
+
+def test_a_lock_taken_on_a_file_removed_meanwhile_is_taken_again(tmp_path, monkeypatch):
+    """The previous holder removes the lock file as it lets go: a run that was waiting gets
+    the lock on a file no longer at the path, where a third run could make and lock a new one.
+    It takes the lock again on the file at the path, so it never holds it beside another."""
+    import fcntl
+
+    import prunenet.io.files as files
+
+    out = tmp_path / "o"
+    lock_path = tmp_path / (sibling_prefix(out, "lock") + "0")
+    removed = []
+
+    class PreviousHolderLetsGo:  # the first flock returns once that file was removed
+        LOCK_EX, LOCK_NB, LOCK_UN = fcntl.LOCK_EX, fcntl.LOCK_NB, fcntl.LOCK_UN
+
+        @staticmethod
+        def flock(handle, operation):
+            if not removed:
+                removed.append(lock_path)
+                lock_path.unlink()
+            return fcntl.flock(handle, operation)
+
+    monkeypatch.setattr(files, "fcntl", PreviousHolderLetsGo)
+    with files.output_lock(out):
+        assert removed and _lock_is_taken(lock_path)
+    assert not lock_path.exists()

@@ -32,6 +32,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import tempfile
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -595,28 +596,39 @@ def _swap_into_place(staging: Path, out: Path) -> None:
 
 @contextlib.contextmanager
 def output_lock(out: Path) -> Iterator[None]:
-    """An exclusive flock on a hidden lock file beside ``out`` while the output is put in place."""
+    """An exclusive flock on a hidden, empty lock file beside ``out`` while the output is put
+    in place. The holder removes the file before it lets go, so none stays behind, not even
+    one a killed run left (the next holder removes it); a run that got the lock on a file
+    removed meanwhile takes it again on the file now at the path, so two runs never hold it at
+    once. Never follows a link, never truncates, never removes a file that holds anything."""
     lock_path = out.parent / (sibling_prefix(out, "lock") + "0")
-    created = True
-    try:  # never follow a link nor truncate: the lock file holds nothing
-        handle = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    except FileExistsError:
-        created = False
+    while True:
         try:
-            handle = os.open(lock_path, os.O_RDWR | os.O_NOFOLLOW)
+            handle = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
         except OSError as error:
             raise OutputError(f"{lock_path} is in the way of the output lock ({error.strerror}); "
                               "remove it") from error
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX)
         try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-            if created:
-                with contextlib.suppress(FileNotFoundError):
-                    lock_path.unlink()
+            held = os.fstat(handle)
+            if not stat.S_ISREG(held.st_mode) or held.st_size:
+                raise OutputError(f"{lock_path} is in the way of the output lock (it is not an "
+                                  "empty file); remove it")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                current = os.stat(lock_path, follow_symlinks=False)
+            except FileNotFoundError:
+                current = None
+        except BaseException:
+            os.close(handle)
+            raise
+        if current is not None and os.path.samestat(held, current):
+            break
+        os.close(handle)  # the previous holder removed that file: lock the one there now
+    try:
+        yield
     finally:
+        with contextlib.suppress(FileNotFoundError):
+            lock_path.unlink()
         os.close(handle)
 
 
