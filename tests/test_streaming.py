@@ -900,6 +900,39 @@ def test_a_streamed_run_evaluates_what_it_wrote(tiny_llama_real_tokenizer_dir, t
     assert sorted(p.name for p in tmp_path.iterdir()) == ["memory", "stream"]
 
 
+class _Planned(Exception):
+    """Raised by a plan's ``before_text`` to hand the plan back before its text is read."""
+
+
+def test_the_memory_eval_takes_counts_when_a_run_chooses_to_stream(tmp_path):
+    """--eval scores the output after the compression: a budget that holds the model in memory
+    but not its evaluation too streams it (the evaluation had been left out of that choice:
+    SmolLM2-135M under --max-memory 1.1GiB was kept in memory and peaked at 1.68 GiB, while
+    1.0GiB was refused as too small for --eval)."""
+    from prunenet.evaluation.evaluate import DEFAULT_SEQLEN
+
+    checkpoint = StreamedCheckpoint(generated_checkpoint(tmp_path / "model", 2, d_ff=4096))
+    evaluating = checkpoint.evaluation_memory(1, DEFAULT_SEQLEN)
+    from_disk = checkpoint.offloaded_memory(evaluating)
+    in_memory = checkpoint.in_memory_need(False) + evaluating - streaming.MODEL_RUN_IMPORTS
+    budget = (from_disk + in_memory) // 2
+    assert checkpoint.in_memory_need(False) < from_disk < budget < in_memory
+
+    def plan(**options):
+        def hand_back(plan):
+            raise _Planned(plan)
+
+        with pytest.raises(_Planned) as planned:
+            plan_compression(str(checkpoint.folder), 0.5, CompressOptions(
+                max_memory=budget, method="magnitude", reconstruct="none", **options),
+                out=tmp_path / "out", before_text=hand_back)
+        return planned.value.args[0]
+
+    assert plan().streamed is None  # without --eval the model fits
+    assert plan(evaluate_windows=1).streamed is not None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
 _EVALUATION_CHILD = """
 import sys, torch
 from prunenet.evaluation.evaluate import opened_model

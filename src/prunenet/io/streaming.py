@@ -774,8 +774,9 @@ def choose_streaming(source: Any, max_memory: int | str | None, training: bool,
     """The checkpoint to stream, or None to work in memory.
 
     Streams when the in-memory path (training a policy or not, as ``training`` says, and
-    ``working(checkpoint)`` bytes for running the model where given) would need more than
-    ``max_memory`` (default: half the RAM available now). With ``convert``, a local GGUF file
+    ``working(checkpoint)`` bytes for running the model or scoring its output where given)
+    would need more than ``max_memory`` (default: half the RAM available now). With
+    ``convert``, a local GGUF file
     is judged the same way and, to stream, planned for conversion (:class:`PlannedConversion`:
     the caller converts it); without, a GGUF whose weights exceed the free memory is refused.
     Raises :class:`InputError` when even streaming would not fit ``max_memory``, naming the
