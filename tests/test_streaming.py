@@ -642,6 +642,31 @@ def test_disk_full_while_writing_leaves_nothing(tmp_path, monkeypatch):
     assert not out.parent.exists()  # nor the folder made for the output
 
 
+def test_disk_full_after_the_shards_names_what_was_written_and_keeps_the_earlier_output(
+        tmp_path, monkeypatch):
+    """The disk filling up while the card is written, over an earlier output (--overwrite):
+    the message names the card, not config.json, and says the earlier output is kept, as it
+    is (it had said that nothing was left at --out)."""
+    source = sharded_checkpoint(tmp_path / "model")
+    out = tmp_path / "pruned"
+    options = {"method": "random", "reconstruct": "none", "progress": False}
+    compress(StreamedCheckpoint(source), 0.5, out=out, **options)
+    earlier = all_tensors(out)
+
+    def fill_up(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(streaming, "write_card", fill_up)
+    with pytest.raises(OutputError) as caught:
+        compress(StreamedCheckpoint(source), 0.3, out=out, overwrite=True, **options)
+    assert str(caught.value) == (
+        f"the disk filled up while writing README.md; the earlier output at {out} is kept as "
+        "it was. Free space or choose another --out")
+    assert sorted(all_tensors(out)) == sorted(earlier)
+    assert all(torch.equal(all_tensors(out)[name], tensor) for name, tensor in earlier.items())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "pruned"]
+
+
 _SLOW_STREAMED_WRITE = """
 import signal, sys, time
 from pathlib import Path

@@ -970,38 +970,41 @@ def write_streamed(checkpoint: StreamedCheckpoint, kept_rows: Sequence[Tensor], 
         if name not in checkpoint.tied_copies | checkpoint.ignored:
             by_shard.setdefault(entry.shard, []).append(name)
     check_disk_space(out, checkpoint.weight_bytes)
-    current = out
+    earlier = out.is_dir() and any(out.iterdir())  # an output --overwrite replaces, if it can
+    writing = "the output folder"  # what the disk filled up writing
     try:
         with atomic_folder(out, overwrite, ours=is_model_output) as staging:
             weight_map, total = {}, 0
             for shard in tqdm(sorted(by_shard), desc="writing shards", disable=not progress):
-                current = out / shard
+                writing = shard
                 sizes = _write_shard(checkpoint, shard, by_shard[shard], kept_rows,
                                      staging / shard, replaced)
                 weight_map.update({name: shard for name in sizes})
                 total += sum(sizes.values())
-            current = out / INDEX_NAME
+            writing = INDEX_NAME
             if checkpoint.sharded:
                 write_json_atomic(staging / INDEX_NAME, {"metadata": {"total_size": total},
                                                          "weight_map": weight_map})
             config = dict(checkpoint.config)
             for field in checkpoint.family.width_fields:
                 config[field] = kept
-            current = out / "config.json"
+            writing = "config.json"
             write_json_atomic(staging / "config.json", config)
+            writing = "the tokenizer's files"
             _copy_side_files(checkpoint.folder, staging, config)
             copy_terms(checkpoint.folder if source is None else source, staging)
             if measure is not None:
+                writing = "model.gguf"  # what the work writes (--eval: nothing)
                 record.update(measure(staging))
-            # replaces the input's own card
+            writing = "README.md"  # replaces the input's own card
             write_card(staging, record, checkpoint.folder if source is None else source)
-            current = out / RECORD_NAME
+            writing = RECORD_NAME
             write_json_atomic(staging / RECORD_NAME, record)
     except OSError as error:
         if error.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise OutputError(
-                f"the disk filled up while writing {current.name}; nothing was left at {out}. "
-                "Free space or choose another --out"
-            ) from error
+            kept = (f"the earlier output at {out} is kept as it was" if earlier
+                    else f"nothing was left at {out}")
+            raise OutputError(f"the disk filled up while writing {writing}; {kept}. "
+                              "Free space or choose another --out") from error
         raise
     return out
