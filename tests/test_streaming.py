@@ -149,21 +149,25 @@ def test_a_head_the_config_ties_is_written_as_the_load_holds_it(tmp_path, same):
     assert torch.equal(reloaded.lm_head.weight, model.lm_head.weight)
 
 
-@pytest.mark.parametrize("stored,declared", [(torch.bfloat16, "float32"),
-                                             (torch.float16, "bfloat16"),
-                                             (torch.float8_e4m3fn, "float32")])
+@pytest.mark.parametrize("stored,declared,key", [(torch.bfloat16, "float32", "dtype"),
+                                                 (torch.float16, "bfloat16", "torch_dtype"),
+                                                 (torch.bfloat16, None, None),
+                                                 (torch.float8_e4m3fn, "float32", "dtype")])
 def test_weights_are_written_in_the_type_they_are_stored_in_whatever_the_config_says(
-        tmp_path, stored, declared):
-    """A config whose dtype is not the one its weights are stored in: the pruned weights keep
-    the stored type, in memory as streamed, and the memory plan sizes the load in the type it
-    computes in (in memory, a bfloat16 checkpoint declared float32 was loaded and written in
-    float32, twice its size, and float8 declared float32 was read as float32)."""
+        tmp_path, stored, declared, key):
+    """A config whose dtype (or older torch_dtype) is not the one its weights are stored in, or
+    that names none: the pruned weights keep the stored type, in memory as streamed, their
+    config.json names it (a streamed output had kept the source's, which a load in the
+    config's type reads otherwise), and the memory plan sizes the load in the type it computes
+    in (in memory, a bfloat16 checkpoint declared float32 was loaded and written in float32,
+    twice its size, and float8 declared float32 was read as float32)."""
     source = sharded_checkpoint(tmp_path / "model")
     for shard in source.glob("*.safetensors"):
         save_file({name: tensor.to(stored) for name, tensor in load_file(shard).items()},
                   shard, metadata={"format": "pt"})
     config = json.loads((source / "config.json").read_text())
-    (source / "config.json").write_text(json.dumps({**config, "dtype": declared}))
+    config.pop("dtype", None)
+    (source / "config.json").write_text(json.dumps({**config, key: declared} if key else config))
     options = {"method": "magnitude", "reconstruct": "none", "progress": False}
     compress(str(source), 0.5, out=tmp_path / "memory", **options)
     compress(StreamedCheckpoint(source), 0.5, out=tmp_path / "stream", **options)
@@ -172,6 +176,10 @@ def test_weights_are_written_in_the_type_they_are_stored_in_whatever_the_config_
     for name, tensor in expected.items():
         assert tensor.dtype == actual[name].dtype == stored, name
         assert torch.equal(actual[name].view(torch.uint8), tensor.view(torch.uint8)), name
+    for output in ("memory", "stream"):
+        written = json.loads((tmp_path / output / "config.json").read_text())
+        assert written["dtype"] == str(stored).removeprefix("torch."), output
+        assert "torch_dtype" not in written, output
     computed = torch.float32 if stored.itemsize < 2 else stored
     checkpoint = StreamedCheckpoint(source)
     assert checkpoint.loaded_bytes == computed.itemsize * sum(

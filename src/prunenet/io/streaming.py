@@ -377,13 +377,18 @@ class StreamedCheckpoint:
         return sum(entry.end - entry.start for entry in self.entries.values())
 
     @functools.cached_property
+    def stored_float_type(self) -> torch.dtype | None:
+        """The float type most of the weights are stored in (None: none is a float), what a
+        load keeps them in whatever the config declares."""
+        return prevailing_float_type((entry.dtype, entry.numel)
+                                     for entry in self.entries.values())
+
+    @functools.cached_property
     def computed_in_float32(self) -> bool:
         """Whether a load computes these weights in float32 although they are stored in a
         narrower float type (float8): :func:`~prunenet.io.loading.load_model_and_tokenizer`
         widens them, so in memory each takes 4 bytes a value, not the 1 it takes on disk."""
-        stored = prevailing_float_type((entry.dtype, entry.numel)
-                                       for entry in self.entries.values()
-                                       ) or getattr(self.model_config, "dtype", None)
+        stored = self.stored_float_type or getattr(self.model_config, "dtype", None)
         return (isinstance(stored, torch.dtype) and stored.is_floating_point
                 and stored.itemsize < 2)
 
@@ -988,6 +993,10 @@ def write_streamed(checkpoint: StreamedCheckpoint, kept_rows: Sequence[Tensor], 
             config = dict(checkpoint.config)
             for field in checkpoint.family.width_fields:
                 config[field] = kept
+            stored = checkpoint.stored_float_type
+            if stored is not None:  # as a save from memory declares it, whatever the source's says
+                config.pop("torch_dtype", None)
+                config["dtype"] = str(stored).removeprefix("torch.")
             writing = "config.json"
             write_json_atomic(staging / "config.json", config)
             writing = "the tokenizer's files"
