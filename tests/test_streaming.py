@@ -149,21 +149,25 @@ def test_a_head_the_config_ties_is_written_as_the_load_holds_it(tmp_path, same):
     assert torch.equal(reloaded.lm_head.weight, model.lm_head.weight)
 
 
-@pytest.mark.parametrize("stored,declared", [(torch.bfloat16, "float32"),
-                                             (torch.float16, "bfloat16"),
-                                             (torch.float8_e4m3fn, "float32")])
+@pytest.mark.parametrize("stored,declared,key", [(torch.bfloat16, "float32", "dtype"),
+                                                 (torch.float16, "bfloat16", "torch_dtype"),
+                                                 (torch.bfloat16, None, None),
+                                                 (torch.float8_e4m3fn, "float32", "dtype")])
 def test_weights_are_written_in_the_type_they_are_stored_in_whatever_the_config_says(
-        tmp_path, stored, declared):
-    """A config whose dtype is not the one its weights are stored in: the pruned weights keep
-    the stored type, in memory as streamed, and the memory plan sizes the load in the type it
-    computes in (in memory, a bfloat16 checkpoint declared float32 was loaded and written in
-    float32, twice its size, and float8 declared float32 was read as float32)."""
+        tmp_path, stored, declared, key):
+    """A config whose dtype (or older torch_dtype) is not the one its weights are stored in, or
+    that names none: the pruned weights keep the stored type, in memory as streamed, their
+    config.json names it (a streamed output had kept the source's, which a load in the
+    config's type reads otherwise), and the memory plan sizes the load in the type it computes
+    in (in memory, a bfloat16 checkpoint declared float32 was loaded and written in float32,
+    twice its size, and float8 declared float32 was read as float32)."""
     source = sharded_checkpoint(tmp_path / "model")
     for shard in source.glob("*.safetensors"):
         save_file({name: tensor.to(stored) for name, tensor in load_file(shard).items()},
                   shard, metadata={"format": "pt"})
     config = json.loads((source / "config.json").read_text())
-    (source / "config.json").write_text(json.dumps({**config, "dtype": declared}))
+    config.pop("dtype", None)
+    (source / "config.json").write_text(json.dumps({**config, key: declared} if key else config))
     options = {"method": "magnitude", "reconstruct": "none", "progress": False}
     compress(str(source), 0.5, out=tmp_path / "memory", **options)
     compress(StreamedCheckpoint(source), 0.5, out=tmp_path / "stream", **options)
@@ -172,6 +176,10 @@ def test_weights_are_written_in_the_type_they_are_stored_in_whatever_the_config_
     for name, tensor in expected.items():
         assert tensor.dtype == actual[name].dtype == stored, name
         assert torch.equal(actual[name].view(torch.uint8), tensor.view(torch.uint8)), name
+    for output in ("memory", "stream"):
+        written = json.loads((tmp_path / output / "config.json").read_text())
+        assert written["dtype"] == str(stored).removeprefix("torch."), output
+        assert "torch_dtype" not in written, output
     computed = torch.float32 if stored.itemsize < 2 else stored
     checkpoint = StreamedCheckpoint(source)
     assert checkpoint.loaded_bytes == computed.itemsize * sum(
@@ -642,6 +650,31 @@ def test_disk_full_while_writing_leaves_nothing(tmp_path, monkeypatch):
     assert not out.parent.exists()  # nor the folder made for the output
 
 
+def test_disk_full_after_the_shards_names_what_was_written_and_keeps_the_earlier_output(
+        tmp_path, monkeypatch):
+    """The disk filling up while the card is written, over an earlier output (--overwrite):
+    the message names the card, not config.json, and says the earlier output is kept, as it
+    is (it had said that nothing was left at --out)."""
+    source = sharded_checkpoint(tmp_path / "model")
+    out = tmp_path / "pruned"
+    options = {"method": "random", "reconstruct": "none", "progress": False}
+    compress(StreamedCheckpoint(source), 0.5, out=out, **options)
+    earlier = all_tensors(out)
+
+    def fill_up(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(streaming, "write_card", fill_up)
+    with pytest.raises(OutputError) as caught:
+        compress(StreamedCheckpoint(source), 0.3, out=out, overwrite=True, **options)
+    assert str(caught.value) == (
+        f"the disk filled up while writing README.md; the earlier output at {out} is kept as "
+        "it was. Free space or choose another --out")
+    assert sorted(all_tensors(out)) == sorted(earlier)
+    assert all(torch.equal(all_tensors(out)[name], tensor) for name, tensor in earlier.items())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "pruned"]
+
+
 _SLOW_STREAMED_WRITE = """
 import signal, sys, time
 from pathlib import Path
@@ -898,6 +931,39 @@ def test_a_streamed_run_evaluates_what_it_wrote(tiny_llama_real_tokenizer_dir, t
                  max_memory=evaluating - 1, method="random", reconstruct="none",
                  progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["memory", "stream"]
+
+
+class _Planned(Exception):
+    """Raised by a plan's ``before_text`` to hand the plan back before its text is read."""
+
+
+def test_the_memory_eval_takes_counts_when_a_run_chooses_to_stream(tmp_path):
+    """--eval scores the output after the compression: a budget that holds the model in memory
+    but not its evaluation too streams it (the evaluation had been left out of that choice:
+    SmolLM2-135M under --max-memory 1.1GiB was kept in memory and peaked at 1.68 GiB, while
+    1.0GiB was refused as too small for --eval)."""
+    from prunenet.evaluation.evaluate import DEFAULT_SEQLEN
+
+    checkpoint = StreamedCheckpoint(generated_checkpoint(tmp_path / "model", 2, d_ff=4096))
+    evaluating = checkpoint.evaluation_memory(1, DEFAULT_SEQLEN)
+    from_disk = checkpoint.offloaded_memory(evaluating)
+    in_memory = checkpoint.in_memory_need(False) + evaluating - streaming.MODEL_RUN_IMPORTS
+    budget = (from_disk + in_memory) // 2
+    assert checkpoint.in_memory_need(False) < from_disk < budget < in_memory
+
+    def plan(**options):
+        def hand_back(plan):
+            raise _Planned(plan)
+
+        with pytest.raises(_Planned) as planned:
+            plan_compression(str(checkpoint.folder), 0.5, CompressOptions(
+                max_memory=budget, method="magnitude", reconstruct="none", **options),
+                out=tmp_path / "out", before_text=hand_back)
+        return planned.value.args[0]
+
+    assert plan().streamed is None  # without --eval the model fits
+    assert plan(evaluate_windows=1).streamed is not None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
 
 _EVALUATION_CHILD = """

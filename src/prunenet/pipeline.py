@@ -506,8 +506,8 @@ def plan_compression(model: Any, ratio: float, options: CompressOptions, *,
     streamed = None
     if source is not None:  # reading the checkpoint's header writes nothing
         streamed = choose_streaming(model, options.max_memory, training=trains,
-                                    working=partial(run_working_memory, options)
-                                    if runs else None, convert=True)
+                                    working=partial(working_memory, options, runs)
+                                    if runs or options.evaluate_windows else None, convert=True)
     if policy_out is not None and not trains:
         raise InputError(f"--policy-out needs a trained policy: method 'prunenet' without "
                          f"--policy (method {method!r} trains none)")
@@ -617,6 +617,17 @@ def _run_sizes(options: CompressOptions, checkpoint: StreamedCheckpoint
 def run_working_memory(options: CompressOptions, checkpoint: StreamedCheckpoint) -> int:
     """What running the model (probe, statistics, refit) needs besides its weights."""
     return checkpoint.run_working_memory(*_run_sizes(options, checkpoint))
+
+
+def working_memory(options: CompressOptions, runs: bool, checkpoint: StreamedCheckpoint
+                   ) -> int:
+    """What a run needs besides the weights of ``checkpoint``: running the model where it
+    ``runs``, and scoring the output where --eval asks, the larger (one follows the other)."""
+    from .evaluation.evaluate import DEFAULT_SEQLEN
+
+    evaluating = (checkpoint.evaluation_memory(1, DEFAULT_SEQLEN) if options.evaluate_windows
+                  else 0)
+    return max(run_working_memory(options, checkpoint) if runs else 0, evaluating)
 
 
 def resident_bytes(checkpoint: StreamedCheckpoint, options: CompressOptions, budget: int,

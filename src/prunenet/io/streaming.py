@@ -377,13 +377,18 @@ class StreamedCheckpoint:
         return sum(entry.end - entry.start for entry in self.entries.values())
 
     @functools.cached_property
+    def stored_float_type(self) -> torch.dtype | None:
+        """The float type most of the weights are stored in (None: none is a float), what a
+        load keeps them in whatever the config declares."""
+        return prevailing_float_type((entry.dtype, entry.numel)
+                                     for entry in self.entries.values())
+
+    @functools.cached_property
     def computed_in_float32(self) -> bool:
         """Whether a load computes these weights in float32 although they are stored in a
         narrower float type (float8): :func:`~prunenet.io.loading.load_model_and_tokenizer`
         widens them, so in memory each takes 4 bytes a value, not the 1 it takes on disk."""
-        stored = prevailing_float_type((entry.dtype, entry.numel)
-                                       for entry in self.entries.values()
-                                       ) or getattr(self.model_config, "dtype", None)
+        stored = self.stored_float_type or getattr(self.model_config, "dtype", None)
         return (isinstance(stored, torch.dtype) and stored.is_floating_point
                 and stored.itemsize < 2)
 
@@ -774,8 +779,9 @@ def choose_streaming(source: Any, max_memory: int | str | None, training: bool,
     """The checkpoint to stream, or None to work in memory.
 
     Streams when the in-memory path (training a policy or not, as ``training`` says, and
-    ``working(checkpoint)`` bytes for running the model where given) would need more than
-    ``max_memory`` (default: half the RAM available now). With ``convert``, a local GGUF file
+    ``working(checkpoint)`` bytes for running the model or scoring its output where given)
+    would need more than ``max_memory`` (default: half the RAM available now). With
+    ``convert``, a local GGUF file
     is judged the same way and, to stream, planned for conversion (:class:`PlannedConversion`:
     the caller converts it); without, a GGUF whose weights exceed the free memory is refused.
     Raises :class:`InputError` when even streaming would not fit ``max_memory``, naming the
@@ -969,38 +975,45 @@ def write_streamed(checkpoint: StreamedCheckpoint, kept_rows: Sequence[Tensor], 
         if name not in checkpoint.tied_copies | checkpoint.ignored:
             by_shard.setdefault(entry.shard, []).append(name)
     check_disk_space(out, checkpoint.weight_bytes)
-    current = out
+    earlier = out.is_dir() and any(out.iterdir())  # an output --overwrite replaces, if it can
+    writing = "the output folder"  # what the disk filled up writing
     try:
         with atomic_folder(out, overwrite, ours=is_model_output) as staging:
             weight_map, total = {}, 0
             for shard in tqdm(sorted(by_shard), desc="writing shards", disable=not progress):
-                current = out / shard
+                writing = shard
                 sizes = _write_shard(checkpoint, shard, by_shard[shard], kept_rows,
                                      staging / shard, replaced)
                 weight_map.update({name: shard for name in sizes})
                 total += sum(sizes.values())
-            current = out / INDEX_NAME
+            writing = INDEX_NAME
             if checkpoint.sharded:
                 write_json_atomic(staging / INDEX_NAME, {"metadata": {"total_size": total},
                                                          "weight_map": weight_map})
             config = dict(checkpoint.config)
             for field in checkpoint.family.width_fields:
                 config[field] = kept
-            current = out / "config.json"
+            stored = checkpoint.stored_float_type
+            if stored is not None:  # as a save from memory declares it, whatever the source's says
+                config.pop("torch_dtype", None)
+                config["dtype"] = str(stored).removeprefix("torch.")
+            writing = "config.json"
             write_json_atomic(staging / "config.json", config)
+            writing = "the tokenizer's files"
             _copy_side_files(checkpoint.folder, staging, config)
             copy_terms(checkpoint.folder if source is None else source, staging)
             if measure is not None:
+                writing = "model.gguf"  # what the work writes (--eval: nothing)
                 record.update(measure(staging))
-            # replaces the input's own card
+            writing = "README.md"  # replaces the input's own card
             write_card(staging, record, checkpoint.folder if source is None else source)
-            current = out / RECORD_NAME
+            writing = RECORD_NAME
             write_json_atomic(staging / RECORD_NAME, record)
     except OSError as error:
         if error.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise OutputError(
-                f"the disk filled up while writing {current.name}; nothing was left at {out}. "
-                "Free space or choose another --out"
-            ) from error
+            kept = (f"the earlier output at {out} is kept as it was" if earlier
+                    else f"nothing was left at {out}")
+            raise OutputError(f"the disk filled up while writing {writing}; {kept}. "
+                              "Free space or choose another --out") from error
         raise
     return out
