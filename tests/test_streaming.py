@@ -1083,3 +1083,33 @@ def test_causal_masks_stored_as_weights_are_neither_counted_nor_written(tmp_path
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "stream")
     assert sum(p.numel() for p in reloaded.parameters()) == record["parameters_after"]
     assert not any(name.endswith(".attn.bias") for name in all_tensors(tmp_path / "stream"))
+
+
+def test_activation_without_a_refit_is_sized_by_its_calibration_window(
+        tmp_path, tiny_llama_real_tokenizer_dir):
+    """Method activation without a refit generates no probe: read from disk, it needs one
+    layer and one calibration window at a time, not the probe's cache and the refit's
+    statistics (which had set its least budget at 1.30 GiB for SmolLM2, whose run at that
+    budget peaked at 744 MiB, and below the needs of a long window for a narrow FFN, as this
+    model's). The least budget runs it with every layer read from disk, as
+    in memory, within that budget; a byte less is refused before any work, naming the
+    window."""
+    source = tiny_llama_real_tokenizer_dir
+    calibration = Calibration(windows=2)  # of 1024 tokens
+    checkpoint = StreamedCheckpoint(source)
+    least = checkpoint.offloaded_memory(checkpoint.calibration_memory(1024))
+    options = {"method": "activation", "reconstruct": "none", "calibration": calibration}
+    with pytest.raises(InputError, match="one layer and a calibration window of 1024 tokens"):
+        compress(StreamedCheckpoint(source), 0.5, out=tmp_path / "refused",
+                 max_memory=least - 1, **options)
+    assert not (tmp_path / "refused").exists()
+    compress(str(source), 0.5, out=tmp_path / "memory", **options)
+    done = subprocess.run([sys.executable, "-c", _CLI_CHILD, "-q", "compress", str(source),
+                           "--ratio", "0.5", "--method", "activation", "--reconstruct", "none",
+                           "--calibration-windows", "2",
+                           "--out", str(tmp_path / "stream"), "--max-memory", str(least)],
+                          capture_output=True, text=True, check=True)
+    status, peak = map(int, done.stdout.split()[-2:])
+    assert status == 0, done.stderr
+    assert_same_output(tmp_path / "memory", tmp_path / "stream")
+    assert peak <= least, (streaming.format_bytes(peak), streaming.format_bytes(least))

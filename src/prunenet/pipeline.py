@@ -503,10 +503,11 @@ def plan_compression(model: Any, ratio: float, options: CompressOptions, *,
     reconstruct = "ls" if options.reconstruct is None else options.reconstruct
     check_reconstruct(model, reconstruct, options.trust_remote_code)
     runs = selector_class(method).needs_model or reconstruct != "none"
+    generates = generates_probe(method, reconstruct)
     streamed = None
     if source is not None:  # reading the checkpoint's header writes nothing
         streamed = choose_streaming(model, options.max_memory, training=trains,
-                                    working=partial(working_memory, options, runs)
+                                    working=partial(working_memory, options, runs, generates)
                                     if runs or options.evaluate_windows else None, convert=True)
     if policy_out is not None and not trains:
         raise InputError(f"--policy-out needs a trained policy: method 'prunenet' without "
@@ -536,7 +537,8 @@ def plan_compression(model: Any, ratio: float, options: CompressOptions, *,
         budget = memory_budget(options.max_memory)
         evaluating = evaluation_need(streamed, budget) if options.evaluate_windows else 0
         if runs:  # the model runs, offloaded; its resident layers stay while the output is
-            resident = min(resident_bytes(streamed, options, budget, method, reconstruct),
+            resident = min(resident_bytes(streamed, options, budget, method, reconstruct,
+                                          generates),
                            budget - evaluating)  # evaluated
     formats = output_formats(options.format, reads[0] if source is not None else None)
     round_to = kept_multiple(options, formats,
@@ -614,33 +616,44 @@ def _run_sizes(options: CompressOptions, checkpoint: StreamedCheckpoint
             ffn_statistics.GRAM_BUDGET)  # read when used: a benchmark may change it
 
 
-def run_working_memory(options: CompressOptions, checkpoint: StreamedCheckpoint) -> int:
-    """What running the model (probe, statistics, refit) needs besides its weights."""
+def generates_probe(method: str, reconstruct: str) -> bool:
+    """Whether a run generates the model's own text: the default method selects on it, and
+    every refit reads it; method activation without a refit reads its calibration text only."""
+    return method == DEFAULT_METHOD or reconstruct != "none"
+
+
+def run_working_memory(options: CompressOptions, checkpoint: StreamedCheckpoint,
+                       generates: bool = True) -> int:
+    """What running the model needs besides its weights: the probe, its statistics and the
+    refit where it ``generates`` one, else one calibration window at a time."""
+    if not generates:
+        return checkpoint.calibration_memory(options.calibration.seqlen)
     return checkpoint.run_working_memory(*_run_sizes(options, checkpoint))
 
 
-def working_memory(options: CompressOptions, runs: bool, checkpoint: StreamedCheckpoint
-                   ) -> int:
+def working_memory(options: CompressOptions, runs: bool, generates: bool,
+                   checkpoint: StreamedCheckpoint) -> int:
     """What a run needs besides the weights of ``checkpoint``: running the model where it
     ``runs``, and scoring the output where --eval asks, the larger (one follows the other)."""
     from .evaluation.evaluate import DEFAULT_SEQLEN
 
     evaluating = (checkpoint.evaluation_memory(1, DEFAULT_SEQLEN) if options.evaluate_windows
                   else 0)
-    return max(run_working_memory(options, checkpoint) if runs else 0, evaluating)
+    return max(run_working_memory(options, checkpoint, generates) if runs else 0, evaluating)
 
 
 def resident_bytes(checkpoint: StreamedCheckpoint, options: CompressOptions, budget: int,
-                   method: str, reconstruct: str) -> int:
+                   method: str, reconstruct: str, generates: bool = True) -> int:
     """How many bytes of a streamed model's layers may stay in memory while the model runs
     (the probe, the statistics, a method that reads text) offloaded: the budget less what
     the run needs besides them. Refuses a budget below that need, naming it."""
-    need = checkpoint.model_run_memory(*_run_sizes(options, checkpoint))
+    need = checkpoint.offloaded_memory(run_working_memory(options, checkpoint, generates))
     what = f"method {method!r}" + (f" with --reconstruct {reconstruct}"
                                    if reconstruct != "none" else "")
     streamable = [name for name, cls in SELECTORS.items() if not cls.needs_model]
     refuse_below(budget, need, f": {what} runs {checkpoint.folder} layer by layer and",
-                 "one layer, the probe's cache and the refit's statistics",
+                 "one layer, the probe's cache and the refit's statistics" if generates else
+                 f"one layer and a calibration window of {options.calibration.seqlen} tokens",
                  f", or use --method {'|'.join(streamable)} --reconstruct none, which read only "
                  "the FFN weights")
     return budget - need

@@ -63,6 +63,13 @@ BASE_MEMORY = 250 * 2**20
 # What a run of the model adds to that by importing transformers, accelerate and a model class
 # (372 MiB in all measured), rounded up.
 MODEL_RUN_IMPORTS = 150 * 2**20
+# What a run that reads text adds by loading the model's tokenizer and tokenizing a corpus:
+# SmolLM2's tokenizer and the wiki sample 384 MiB measured (121 MiB the tokenizer, 263 MiB its
+# 458,604 tokens, the fast tokenizer's encoding of the whole text at once), Gemma 3's 509 MiB
+# (471 MiB its 262,144-token vocabulary), rounded up. The probe's and --eval's estimates hold
+# more than this in their caches and logits; a calibration pass without a refit holds little
+# else.
+TEXT_MEMORY = 512 * 2**20
 # Without --max-memory, stream when the in-memory path would need more than this share of free RAM.
 DEFAULT_RAM_SHARE = 0.5
 # Converting a GGUF (benchmarks/convert_cost.py on SmolLM2's and Gemma 3's GGUFs, and the
@@ -502,6 +509,17 @@ class StreamedCheckpoint:
         activations = (4 * tokens * (4 * self.d_model + 3 * self.d_ff)
                        + 2 * 4 * heads * batch * length**2)
         return MODEL_RUN_IMPORTS + logits + activations
+
+    def calibration_memory(self, length: int) -> int:
+        """Estimated bytes method activation's pass over its calibration text needs besides
+        the weights and the interpreter: the tokenizer and the text it read
+        (:data:`TEXT_MEMORY`), one window of ``length`` tokens through the decoder
+        (:meth:`evaluation_memory` for that window, less the head's logits, which the pass
+        never computes), and each FFN's activations taken in float64 and squared."""
+        vocabulary = int(self.config.get("vocab_size") or 0)
+        logits = length * vocabulary * (self._float_size() + 4 + 4)
+        return (TEXT_MEMORY + self.evaluation_memory(1, length) - logits
+                + 2 * 8 * length * self.d_ff)
 
     def _float_size(self) -> int:
         """Bytes of one value the model computes with (its caches and logits)."""
