@@ -28,7 +28,7 @@ from .io.files import atomic_folder, folder_of, json_with_format, write_json_ato
 from .io.loading import check_output_path, declared_ffn_width, load_model_and_tokenizer
 from .io.streaming import check_models_fit
 from .model_view import FFNView
-from .naming import calibration_sentence, method_label, one_line, run_label
+from .naming import calibration_sentence, method_label, number_text, one_line, run_label
 from .pipeline import (
     CompressOptions,
     check_reconstruct,
@@ -406,7 +406,7 @@ def results_table(results: dict[str, Any]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines.append(_row(input_label(results), "0", results["dense"], tasks))
     for run in sorted(results["runs"], key=lambda r: (r["ratio"], r["method"])):
-        lines.append(_row(method_run_label(results, run["method"]), f"{run['ratio']:g}",
+        lines.append(_row(method_run_label(results, run["method"]), number_text(run["ratio"]),
                           run["evaluation"], tasks))
     return "\n".join(lines)
 
@@ -439,7 +439,7 @@ def _winners(results: dict[str, Any]) -> list[str]:
             sign = 1 if better_low else -1
             scored.sort(key=lambda item: (sign * round(item[0], digits), item[1]))
             ranking = ", ".join(f"{m} {_cell(v, digits)}" for v, m in scored)
-            lines.append(f"- ratio {ratio:g}, {label}: {ranking}")
+            lines.append(f"- ratio {number_text(ratio)}, {label}: {ranking}")
     return lines
 
 
@@ -501,8 +501,9 @@ def _seed_lines(results: dict[str, Any]) -> list[str]:
                                      if "probe" in (run.get("record") or {})))
         readers_named = ("every run" if len(readers) == len(results["methods"])
                          else f"every {', '.join(readers)} run")
+        temperature = number_text(probe.get("temperature"))
         lines.append(f"- Probe: {sequences} sequences of {length} tokens of the model's own "
-                     f"text, sampled at temperature {probe.get('temperature'):g} from seed "
+                     f"text, sampled at temperature {temperature} from seed "
                      f"{probe.get('seed')}; made once and read by {readers_named}.")
     return lines
 
@@ -515,7 +516,7 @@ def render_report(results: dict[str, Any], plots: Sequence[str] = PLOTS) -> str:
         f"# prunenet compare: {one_line(results['model'])}",
         "",
         f"prunenet {results['prunenet_version']}. Methods: {', '.join(results['methods'])}; "
-        f"ratios: {', '.join(f'{r:g}' for r in results['ratios'])} (fraction of FFN neurons "
+        f"ratios: {', '.join(map(number_text, results['ratios']))} (fraction of FFN neurons "
         "removed in every layer; no recovery fine-tuning).",
         "",
         "- Perplexity: not measured (--ppl none)." if settings["corpus"] in (None, "none") else
@@ -541,7 +542,7 @@ def render_report(results: dict[str, Any], plots: Sequence[str] = PLOTS) -> str:
     ridge = _run_records(results, "reconstruct").get("ridge")
     lines.append("- Refit after every method: none (the selections alone)." if refit == "none"
                  else f"- Refit after every method: `{refit}` on the model's own probe text"
-                 + (f", ridge {ridge:g}" if ridge is not None else "")
+                 + (f", ridge {number_text(ridge)}" if ridge is not None else "")
                  + f" (named `+{refit}` in the tables).")
     lines += _seed_lines(results)
     for method in results["methods"]:

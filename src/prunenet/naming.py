@@ -14,6 +14,14 @@ def one_line(text: str | None) -> str | None:
     return text if text is None or text.isprintable() else repr(text)
 
 
+def number_text(value: float) -> str:
+    """A setting (a ratio, a ridge, a temperature) in its shortest form that reads back as itself
+    (``0.25``, ``0.1234561``, ``1e-05``): ``:g`` keeps six digits, and two runs whose settings
+    differ past them would read the same."""
+    short = f"{value:g}"
+    return short if float(short) == value else repr(float(value))
+
+
 def calibration_sentence(calibration: dict[str, Any]) -> str:
     """What a calibration-based method (activation) read, as compare's and report's pages say
     it: ``Calibration: 4 windows of 1024 tokens from the training region of wiki (never its

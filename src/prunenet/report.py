@@ -28,6 +28,7 @@ from .naming import (
     calibration_sentence,
     compression_summary,
     method_label,
+    number_text,
     one_line,
     reads_seed,
     refit_mode,
@@ -135,7 +136,8 @@ def write_plots(data: dict[str, Any], original: list[Tensor], pruned: list[Tenso
     _whole_numbers(axis, layer_index)
     axis.set_xlabel("layer")
     axis.set_ylabel("FFN neurons")
-    axis.set_title(f"kept FFN neurons per layer (ratio {compression['ratio']:g})", fontsize=10)
+    axis.set_title(f"kept FFN neurons per layer (ratio {number_text(compression['ratio'])})",
+                   fontsize=10)
     axis.set_ylim(0, compression["ffn_width_before"] * 1.25)
     axis.legend(fontsize=8, loc="upper right", ncols=2)
     save(figure, "kept_neurons.png")
@@ -184,7 +186,8 @@ def summary_lines(data: dict[str, Any]) -> list[str]:
         episodes = training["episodes"]
         best = episodes[training["best_episode"]]
         lines.append(
-            f"- Policy training: {len(episodes)} episodes (lr {training['config']['lr']:g}, "
+            f"- Policy training: {len(episodes)} episodes "
+            f"(lr {number_text(training['config']['lr'])}, "
             f"reward {training['config']['reward']}); mean KS {episodes[0]['mean_ks']:.4f} in "
             f"episode 0, {best['mean_ks']:.4f} in the best episode {best['episode']} (total "
             f"reward {best['total_reward']:.4g}), {episodes[-1]['mean_ks']:.4f} in the last."
