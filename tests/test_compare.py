@@ -668,5 +668,5 @@ def test_the_refit_ridge_and_probe_temperature_are_printed_as_recorded():
     lines = render_report(results, plots=[]).splitlines()
     assert ("- Refit after every method: `ls` on the model's own probe text, ridge 0.30000001 "
             "(named `+ls` in the tables).") in lines
-    assert ("- Probe: 1 sequences of 64 tokens of the model's own text, sampled at temperature "
+    assert ("- Probe: 1 sequence of 64 tokens of the model's own text, sampled at temperature "
             "1.2000001 from seed 1; made once and read by every run.") in lines

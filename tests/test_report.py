@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import html
 import json
 import re
 import shutil
@@ -240,7 +241,7 @@ def test_a_source_with_a_newline_stays_on_its_summary_line(magnitude_run, tmp_pa
     (copy / RUN_RECORD_NAME).write_text(json.dumps(data))
     markdown = (write_report(copy, tmp_path / "pages", layers=[0]) / "report.md").read_text()
     summary = markdown.split("\n\n")[1].splitlines()
-    assert len(summary) == 5 and all(line.startswith("- ") for line in summary)
+    assert len(summary) == 6 and all(line.startswith("- ") for line in summary)
     assert summary[0].startswith("- Model: 'models/tiny\\nllama'; method **magnitude+ls**")
 
 
@@ -266,6 +267,36 @@ def test_the_report_names_the_refit_and_the_rounding(magnitude_run, tmp_path):
             "42,") in summary[0]
     assert summary[1] == "- Refit: none (the selection alone)."
     assert "<li>Refit: none (the selection alone).</li>" in (page / "report.html").read_text()
+
+
+def test_the_report_names_the_probe_the_run_read(magnitude_run, tmp_path):
+    """The probe text a run's refit (or self-generated) read is named with its settings, as
+    compare's page names it: two runs apart only by their probe's temperature, prompt or
+    sampler had drawn the same summary."""
+    _, record_dir = magnitude_run
+    page = write_report(record_dir, tmp_path / "default", layers=[0])
+    summary = (page / "report.md").read_text().split("\n\n")[1].splitlines()
+    assert summary[2] == ("- Probe: 128 sequences of 64 tokens of the model's own text, sampled "
+                          "at temperature 1.2 from seed 42.")
+    assert f"<li>{html.escape(summary[2][2:])}</li>" in (page / "report.html").read_text()
+
+    def other_probe(data):
+        data["compression"]["probe"].update(shape=[1, 64], temperature=0.7,
+                                            sampler="multinomial", prompt="Once\nupon")
+
+    record = _edited_record(record_dir, tmp_path / "record", other_probe)
+    summary = (write_report(record, layers=[0]) / "report.md").read_text().split(
+        "\n\n")[1].splitlines()
+    assert summary[2] == ("- Probe: 1 sequence of 64 tokens of the model's own text after the "
+                          "prompt 'Once\\nupon', sampled at temperature 0.7 from seed 42 (the "
+                          "multinomial sampler).")
+    # A record of a version before the probe's shape was recorded names the tokens asked for.
+    record = _edited_record(record_dir, tmp_path / "older",
+                            lambda data: data["compression"]["probe"].pop("shape"))
+    summary = (write_report(record, layers=[0]) / "report.md").read_text().split(
+        "\n\n")[1].splitlines()
+    assert summary[2] == ("- Probe: 8192 tokens of the model's own text, sampled at temperature "
+                          "1.2 from seed 42.")
 
 
 def test_the_report_of_an_activation_run_names_its_calibration_text(
@@ -332,6 +363,10 @@ def _refused_in_one_line(capsys, record: Path, match: str) -> None:
     ("calibration", {"corpus": "wiki"}, "compression.calibration must hold its corpus, "
      "windows and seqlen"),
     ("finetune", [], "compression.finetune must be an object or null"),
+    ("probe", {"seed": 1, "shape": [2, 8], "sequence_length": 8, "temperature": "hot"},
+     r"compression.probe must hold its seed, temperature and shape \(or tokens\)"),
+    ("probe", {"seed": 1, "shape": [2, 8], "sequence_length": 8, "temperature": 1.0,
+               "prompt": 3}, "compression.probe.prompt must be a str, got 3"),
 ])
 def test_an_edited_field_the_page_prints_is_refused_in_one_line(magnitude_run, tmp_path, capsys,
                                                                  field, value, match):

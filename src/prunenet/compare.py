@@ -28,7 +28,14 @@ from .io.files import atomic_folder, folder_of, json_with_format, write_json_ato
 from .io.loading import check_output_path, declared_ffn_width, load_model_and_tokenizer
 from .io.streaming import check_models_fit
 from .model_view import FFNView
-from .naming import calibration_sentence, method_label, number_text, one_line, run_label
+from .naming import (
+    calibration_sentence,
+    method_label,
+    number_text,
+    one_line,
+    probe_sentence,
+    run_label,
+)
 from .pipeline import (
     CompressOptions,
     check_reconstruct,
@@ -496,15 +503,11 @@ def _seed_lines(results: dict[str, Any]) -> list[str]:
                if PruneNet.name in results["methods"] else [])]
     lines = [f"- Seed: {seed}, the same for every run ({', '.join(drawn)})."]
     if probe:
-        sequences, length = probe.get("shape") or ("?", probe.get("sequence_length"))
         readers = list(dict.fromkeys(run["method"] for run in results["runs"]
                                      if "probe" in (run.get("record") or {})))
         readers_named = ("every run" if len(readers) == len(results["methods"])
                          else f"every {', '.join(readers)} run")
-        temperature = number_text(probe.get("temperature"))
-        lines.append(f"- Probe: {sequences} sequences of {length} tokens of the model's own "
-                     f"text, sampled at temperature {temperature} from seed "
-                     f"{probe.get('seed')}; made once and read by {readers_named}.")
+        lines.append(f"- {probe_sentence(probe)}; made once and read by {readers_named}.")
     return lines
 
 

@@ -32,6 +32,24 @@ def calibration_sentence(calibration: dict[str, Any]) -> str:
             f"{one_line(str(calibration.get('corpus')))} (never its evaluation windows).")
 
 
+def probe_sentence(probe: dict[str, Any]) -> str:
+    """The probe text a run read, as compare's and report's pages say it, without the closing
+    full stop: ``Probe: 128 sequences of 64 tokens of the model's own text, sampled at
+    temperature 1.2 from seed 42``, with the prompt it followed and a sampler other than the
+    default where the record names them; the tokens asked for where it names no shape (records
+    of prunenet versions before it did)."""
+    from .probe import SAMPLER
+
+    shape, prompt, sampler = probe.get("shape"), probe.get("prompt"), probe.get("sampler")
+    size = (f"{shape[0]} sequence{'' if shape[0] == 1 else 's'} of {shape[1]} tokens" if shape
+            else f"{probe.get('tokens')} tokens")
+    return (f"Probe: {size} of the model's own text"
+            + (f" after the prompt {prompt!r}" if prompt else "")
+            + f", sampled at temperature {number_text(probe.get('temperature'))} from seed "
+            f"{probe.get('seed')}"
+            + (f" (the {sampler} sampler)" if sampler not in (None, SAMPLER) else ""))
+
+
 def method_label(method: str, refit: str | None) -> str:
     """A method as it ran: with its refit (``random+ls``) unless there was none."""
     return method if refit in (None, "none") else f"{method}+{refit}"

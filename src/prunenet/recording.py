@@ -161,6 +161,19 @@ def _compression_problem(compression: dict[str, Any]) -> str | None:
                            for key in ("windows", "seqlen")):
             return ("compression.calibration must hold its corpus, windows and seqlen, got "
                     f"{calibration!r}")
+    probe = compression.get("probe")
+    if probe is not None:
+        shape = probe.get("shape") if isinstance(probe, dict) else None
+        if not isinstance(probe, dict) or not _is(probe.get("seed"), "int") \
+                or not _is(probe.get("temperature"), "number") or not (
+                    isinstance(shape, list) and len(shape) == 2
+                    and all(_is(size, "int") and size >= 1 for size in shape)
+                    if shape is not None else _is(probe.get("tokens"), "int")):
+            return ("compression.probe must hold its seed, temperature and shape (or tokens), "
+                    f"got {probe!r}")
+        for key in ("prompt", "sampler"):
+            if probe.get(key) is not None and not _is(probe[key], "str"):
+                return f"compression.probe.{key} must be a str, got {probe[key]!r}"
     tune = compression.get("finetune")
     if tune is not None and (not isinstance(tune, dict) or not all(
             isinstance(tune.get(key), (dict, type(None)))

@@ -30,6 +30,7 @@ from .naming import (
     method_label,
     number_text,
     one_line,
+    probe_sentence,
     reads_seed,
     refit_mode,
     run_label,
@@ -173,6 +174,7 @@ def summary_lines(data: dict[str, Any]) -> list[str]:
         + (f", seed {c['seed']}" if reads_seed(c) else "")  # not where nothing was drawn
         + f", prunenet {c['prunenet_version']}.",
         _refit_line(c),
+        *([f"- {probe_sentence(c['probe'])}."] if isinstance(c.get("probe"), dict) else []),
         *_calibration_line(c),
         f"- FFN width {c['ffn_width_before']} -> {c['ffn_width_after']} in each of "
         f"{data['num_layers']} layers; parameters {c['parameters_before']:,} -> "
