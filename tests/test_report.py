@@ -150,6 +150,39 @@ def test_report_writes_plots_and_pages(prunenet_run):
     assert write_report(record_dir, layers=[1]) == folder
 
 
+def test_the_training_line_names_every_setting_the_policy_trained_with(prunenet_run, tmp_path):
+    """Policies trained with another gamma, KL term, baseline or spectral path had drawn the
+    same summary (it named the learning rate and reward alone): the page names every setting
+    of the training record."""
+    _, record_dir, _ = prunenet_run
+
+    def training_line(record: Path, out: Path) -> str:
+        markdown = (write_report(record, out, layers=[0]) / "report.md").read_text()
+        return next(line for line in markdown.splitlines()
+                    if line.startswith("- Policy training: "))
+
+    line = training_line(record_dir, tmp_path / "default")
+    assert line.startswith("- Policy training: 3 episodes (baseline none, clip_norm 1, gamma "
+                           "0.99, kld False, lr 0.001, precision auto, ratio 0.25, reward "
+                           "inverse, reward_to_go False, seed 42, spectral gram); mean KS ")
+
+    def other_settings(data):
+        data["training"]["config"].update(gamma=0.5, kld=True, baseline="mean",
+                                          spectral="svd")
+
+    record = _edited_record(record_dir, tmp_path / "record", other_settings)
+    assert training_line(record, tmp_path / "other").startswith(
+        "- Policy training: 3 episodes (baseline mean, clip_norm 1, gamma 0.5, kld True, lr "
+        "0.001, precision auto, ratio 0.25, reward inverse, reward_to_go False, seed 42, "
+        "spectral svd); mean KS ")
+    record = _edited_record(record_dir, tmp_path / "listed", lambda data: data["training"][
+        "config"].update(gamma=[0.5]))
+    with pytest.raises(InputError, match=r"training.config.gamma must be a str, a bool or a "
+                       r"finite number, got \[0.5\]; the record is damaged"):
+        write_report(record, tmp_path / "never")
+    assert not (tmp_path / "never").exists()
+
+
 def test_report_of_a_baseline_has_no_training_plot(magnitude_run, tmp_path):
     _, record_dir = magnitude_run
     folder = write_report(record_dir, tmp_path / "pages", layers=[0])

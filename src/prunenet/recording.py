@@ -258,6 +258,12 @@ def schema_problem(data: dict[str, Any]) -> str | None:
     if not isinstance(config, dict) or not _is(config.get("lr"), "number") or not _is(
             config.get("reward"), "str"):
         return "training.config must hold lr and reward"
+    # the page prints every setting: each a word, a switch or a finite number
+    odd = [key for key, value in config.items() if not isinstance(value, (str, bool))
+           and not _is(value, "number")]
+    if odd:
+        return (f"training.config.{odd[0]} must be a str, a bool or a finite number, got "
+                f"{config[odd[0]]!r}")
     return None
 
 

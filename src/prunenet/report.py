@@ -188,9 +188,8 @@ def summary_lines(data: dict[str, Any]) -> list[str]:
         episodes = training["episodes"]
         best = episodes[training["best_episode"]]
         lines.append(
-            f"- Policy training: {len(episodes)} episodes "
-            f"(lr {number_text(training['config']['lr'])}, "
-            f"reward {training['config']['reward']}); mean KS {episodes[0]['mean_ks']:.4f} in "
+            f"- Policy training: {len(episodes)} episodes ({_training_settings(training)}); "
+            f"mean KS {episodes[0]['mean_ks']:.4f} in "
             f"episode 0, {best['mean_ks']:.4f} in the best episode {best['episode']} (total "
             f"reward {best['total_reward']:.4g}), {episodes[-1]['mean_ks']:.4f} in the last."
         )
@@ -200,6 +199,14 @@ def summary_lines(data: dict[str, Any]) -> list[str]:
     else:
         lines.append(f"- No policy training: {c['method']} selects neurons directly.")
     return lines
+
+
+def _training_settings(training: dict[str, Any]) -> str:
+    """Every setting the policy trained with but its episodes, counted beside them: ``baseline
+    none, clip_norm 1, gamma 0.99, ...``."""
+    return ", ".join(
+        f"{key} {number_text(value) if isinstance(value, float) else one_line(str(value))}"
+        for key, value in sorted(training["config"].items()) if key != "episodes")
 
 
 def _rounding(compression: dict[str, Any]) -> str:
