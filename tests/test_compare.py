@@ -670,3 +670,27 @@ def test_the_refit_ridge_and_probe_temperature_are_printed_as_recorded():
             "(named `+ls` in the tables).") in lines
     assert ("- Probe: 1 sequence of 64 tokens of the model's own text, sampled at temperature "
             "1.2000001 from seed 1; made once and read by every run.") in lines
+
+
+def test_sizes_that_differ_read_apart_in_the_table():
+    """The parameter column printed millions to one decimal: a dense model of 1,588,384 and a
+    run of 1,583,776 parameters both read 1.6. It now prints the fewest decimals at which
+    every different size reads differently (one, where that is enough)."""
+    from prunenet.compare import results_table
+
+    def evaluation(parameters: int) -> dict:
+        return {**_evaluation(20.0, 0.5), "size": {"parameters": parameters}}
+
+    def sizes(dense: int, *runs: int) -> list[str]:
+        results = {
+            "ratios": [0.25, 0.5][:len(runs)], "methods": ["random"],
+            "settings": {"tasks": [], "reconstruct": "none"}, "dense": evaluation(dense),
+            "runs": [{"method": "random", "ratio": ratio, "evaluation": evaluation(size)}
+                     for ratio, size in zip((0.25, 0.5), runs)],
+        }
+        return [row.split(" | ")[2] for row in results_table(results).splitlines()[2:]]
+
+    assert sizes(1_588_384, 1_583_776, 1_586_080) == ["1.588", "1.584", "1.586"]
+    assert sizes(1_588_384, 1_588_384) == ["1.6", "1.6"]  # the same size reads the same
+    assert sizes(134_515_008, 115_876_416) == ["134.5", "115.9"]
+    assert sizes(1_000_001, 1_000_000) == ["1.000001", "1.000000"]

@@ -392,13 +392,22 @@ def _cell(value: float | None, digits: int) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def _row(label: str, ratio: str, evaluation: dict[str, Any], tasks: list[str]) -> str:
+def _size_digits(sizes: Sequence[int]) -> int:
+    """Decimals of the parameter column (millions): the fewest, from one, at which every
+    different size reads differently; six (single parameters) at most."""
+    distinct = set(sizes)
+    return next((digits for digits in range(1, 6)
+                 if len({f"{size / 1e6:.{digits}f}" for size in distinct}) == len(distinct)), 6)
+
+
+def _row(label: str, ratio: str, evaluation: dict[str, Any], tasks: list[str],
+         size_digits: int) -> str:
     size = evaluation["size"]
     ppl = evaluation["perplexity"]["value"] if evaluation["perplexity"] else None
     zero = evaluation["zero_shot"]
     accs = [_task_value(zero, t) for t in tasks]
     speed = evaluation["speed"] or {}
-    cells = [label, ratio, f"{size['parameters'] / 1e6:.1f}", _cell(ppl, 2),
+    cells = [label, ratio, f"{size['parameters'] / 1e6:.{size_digits}f}", _cell(ppl, 2),
              *(_cell(a, 3) for a in accs), _cell(zero["average"] if zero else None, 3),
              _cell(speed.get("prefill_tokens_per_s"), 0),
              _cell(speed.get("decode_tokens_per_s"), 1)]
@@ -411,10 +420,12 @@ def results_table(results: dict[str, Any]) -> str:
     header = ["method", "ratio", "params (M)", "perplexity", *tasks, "avg acc", "prefill tok/s",
               "decode tok/s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines.append(_row(input_label(results), "0", results["dense"], tasks))
+    digits = _size_digits([evaluation["size"]["parameters"] for evaluation in
+                           (results["dense"], *(run["evaluation"] for run in results["runs"]))])
+    lines.append(_row(input_label(results), "0", results["dense"], tasks, digits))
     for run in sorted(results["runs"], key=lambda r: (r["ratio"], r["method"])):
         lines.append(_row(method_run_label(results, run["method"]), number_text(run["ratio"]),
-                          run["evaluation"], tasks))
+                          run["evaluation"], tasks, digits))
     return "\n".join(lines)
 
 
