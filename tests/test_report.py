@@ -515,3 +515,17 @@ def test_episode_and_layer_axes_are_ticked_at_whole_numbers(tmp_path, monkeypatc
             assert ticks and all(float(tick).is_integer() for tick in ticks), (name, ticks)
             if len(drawn[quantity]) == 1:  # the one episode or layer, ticked alone
                 assert ticks == drawn[quantity], (name, ticks)
+
+
+def test_the_plots_print_each_ks_statistic_as_the_table_does(prunenet_run, tmp_path,
+                                                             monkeypatch):
+    """The singular-value plots had titled a layer's KS statistic with three decimals where the
+    table prints four (0.1875 read 0.188 above the curves and 0.1875 below them); every KS
+    drawn now reads as the table's cell does."""
+    _, record_dir, _ = prunenet_run
+    figures = _drawn_figures(monkeypatch)
+    markdown = (write_report(record_dir, tmp_path / "pages", layers=[0, 1]) /
+                "report.md").read_text()
+    cells = [row.strip("| ").split(" | ")[-1] for row in markdown.splitlines()[-LAYERS:]]
+    titles = [axis.get_title() for axis in figures["spectra.png"].axes]
+    assert titles == [f"layer {layer}: KS {cells[layer]}" for layer in range(LAYERS)]

@@ -122,7 +122,7 @@ def write_plots(data: dict[str, Any], original: list[Tensor], pruned: list[Tenso
                               (pruned[layer], f"pruned ({pruned[layer].numel()})")):
             x, y = _empirical_cdf(values)
             axis.step(x, y, where="post", label=label)
-        axis.set_title(f"layer {layer}: KS {per_layer['ks_selected'][layer]:.3f}", fontsize=10)
+        axis.set_title(f"layer {layer}: KS {per_layer['ks_selected'][layer]:.4f}", fontsize=10)
         axis.set_xlabel("singular value")
         axis.grid(alpha=0.3)
         axis.legend(fontsize=7, loc="lower right")
