@@ -386,6 +386,8 @@ def _refused_in_one_line(capsys, record: Path, match: str) -> None:
     ("source", 5, "compression.source must name the model it was made from, got 5"),
     ("seed", "42", r"compression.seed must be an int or null \(the run drew nothing\), got "
      "'42'"),
+    ("seed", None, r"compression.seed is null, but the run read one \(it sampled a probe or "
+     r"drew rows at random\)"),
     ("round_to", "32", "compression.round_to must be a positive integer, got '32'"),
     ("round_to", 0, "compression.round_to must be a positive integer, got 0"),
     ("selection", 3, "compression.selection must be a str or null, got 3"),

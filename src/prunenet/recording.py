@@ -24,6 +24,7 @@ from .families import kept_count
 from .io.files import atomic_folder, folder_of, json_with_format, write_json_atomic
 from .io.loading import check_output_path, method_that_ran
 from .model_view import FFNView
+from .naming import reads_seed
 from .selection import SELECTORS
 from .selection.prunenet.reinforce import TrainingResult
 from .selection.prunenet.spectral import LayerSpectrum, ks_statistic
@@ -136,6 +137,9 @@ def _compression_problem(compression: dict[str, Any]) -> str | None:
     seed = compression["seed"]
     if seed is not None and not _is(seed, "int"):
         return f"compression.seed must be an int or null (the run drew nothing), got {seed!r}"
+    if seed is None and reads_seed(compression):  # the page would print "seed None"
+        return ("compression.seed is null, but the run read one (it sampled a probe or drew "
+                "rows at random)")
     source = compression.get("source")
     if source is not None and (not isinstance(source, str) or not source.strip()):
         return f"compression.source must name the model it was made from, got {source!r}"
