@@ -395,6 +395,9 @@ def _refused_in_one_line(capsys, record: Path, match: str) -> None:
     ("reconstruct", {"mode": "ls", "ridge": float("nan")},
      "compression.reconstruct.ridge must be a finite number >= 0, got nan"),
     ("reconstruct", [1], "compression.reconstruct must be an object"),
+    ("reconstruct", "sgd", "compression.reconstruct must be an object, got 'sgd'"),
+    ("reconstruct", {"mode": "sgd"}, "compression.reconstruct.mode must be one of ls, bias, "
+     "none, got 'sgd'"),
     ("calibration", {"corpus": "wiki"}, "compression.calibration must hold its corpus, "
      "windows and seqlen"),
     ("finetune", [], "compression.finetune must be an object or null"),

@@ -25,6 +25,7 @@ from .io.files import atomic_folder, folder_of, json_with_format, write_json_ato
 from .io.loading import check_output_path, method_that_ran
 from .model_view import FFNView
 from .naming import reads_seed
+from .refit import MODES
 from .selection import SELECTORS
 from .selection.prunenet.reinforce import TrainingResult
 from .selection.prunenet.spectral import LayerSpectrum, ks_statistic
@@ -149,14 +150,15 @@ def _compression_problem(compression: dict[str, Any]) -> str | None:
     round_to = compression.get("round_to")
     if round_to is not None and (not _is(round_to, "int") or round_to < 1):
         return f"compression.round_to must be a positive integer, got {round_to!r}"
-    reconstruct = compression.get("reconstruct")
+    reconstruct, modes = compression.get("reconstruct"), (*MODES, "none")
     if isinstance(reconstruct, dict):
         mode, ridge = reconstruct.get("mode"), reconstruct.get("ridge")
-        if mode is not None and not _is(mode, "str"):
-            return f"compression.reconstruct.mode must be a str, got {mode!r}"
+        if mode is not None and mode not in modes:  # the page names it as it ran
+            return (f"compression.reconstruct.mode must be one of {', '.join(MODES)}, none, got "
+                    f"{mode!r}")
         if ridge is not None and (not _is(ridge, "number") or ridge < 0):
             return f"compression.reconstruct.ridge must be a finite number >= 0, got {ridge!r}"
-    elif reconstruct is not None and not _is(reconstruct, "str"):
+    elif reconstruct is not None and reconstruct not in modes:
         return f"compression.reconstruct must be an object, got {reconstruct!r}"
     calibration = compression.get("calibration")
     if calibration is not None:
