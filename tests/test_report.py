@@ -391,6 +391,8 @@ def _refused_in_one_line(capsys, record: Path, match: str) -> None:
     ("round_to", "32", "compression.round_to must be a positive integer, got '32'"),
     ("round_to", 0, "compression.round_to must be a positive integer, got 0"),
     ("selection", 3, "compression.selection must be a str or null, got 3"),
+    ("selection", "greedy", "compression.selection must be one of sample, topk or null, got "
+     "'greedy'"),
     ("policy_sha256", 7, "compression.policy_sha256 must be a str or null"),
     ("reconstruct", {"mode": "ls", "ridge": float("nan")},
      "compression.reconstruct.ridge must be a finite number >= 0, got nan"),

@@ -27,6 +27,7 @@ from .model_view import FFNView
 from .naming import reads_seed
 from .refit import MODES
 from .selection import SELECTORS
+from .selection.prunenet import SELECTIONS
 from .selection.prunenet.reinforce import TrainingResult
 from .selection.prunenet.spectral import LayerSpectrum, ks_statistic
 
@@ -147,6 +148,9 @@ def _compression_problem(compression: dict[str, Any]) -> str | None:
     for key in ("selection", "policy_sha256"):
         if compression.get(key) is not None and not _is(compression[key], "str"):
             return f"compression.{key} must be a str or null, got {compression[key]!r}"
+    if compression.get("selection") not in (*SELECTIONS, None):  # the page names it as it ran
+        return (f"compression.selection must be one of {', '.join(SELECTIONS)} or null, got "
+                f"{compression['selection']!r}")
     round_to = compression.get("round_to")
     if round_to is not None and (not _is(round_to, "int") or round_to < 1):
         return f"compression.round_to must be a positive integer, got {round_to!r}"
