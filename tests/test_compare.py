@@ -623,3 +623,74 @@ def test_values_that_read_the_same_are_ranked_by_name_not_by_digits_the_page_hid
     assert ranking(low, high) == ranking(high, low) == [
         "- ratio 0.5, perplexity: magnitude 31.25, random 31.25",
         "- ratio 0.5, average accuracy: magnitude 0.420, random 0.420"]
+
+
+def test_ratios_that_differ_past_six_digits_read_apart_on_the_page():
+    """Ratios 0.1234561 and 0.1234564 had both read 0.123456 (``:g``) in the ratio list, the
+    table and the ranking: two rows of one label and one ratio, runs apart. Each ratio is now
+    printed in its shortest form that reads back as itself."""
+    from prunenet.compare import render_report
+
+    results = {
+        "model": "m", "prunenet_version": "0", "ratios": [0.1234561, 0.1234564, 0.5],
+        "methods": ["random"],
+        "settings": {"corpus": "wiki", "windows": 2, "seqlen": 32, "tasks": [], "limit": None,
+                     "reconstruct": "none", "calibration": None},
+        "training": None, "dense": _evaluation(20.0, 0.5),
+        "runs": [{"method": "random", "ratio": ratio, "evaluation": _evaluation(value, 0.5)}
+                 for ratio, value in ((0.1234561, 21.0), (0.1234564, 22.0), (0.5, 30.0))],
+    }
+    lines = render_report(results, plots=[]).splitlines()
+    assert "ratios: 0.1234561, 0.1234564, 0.5 (fraction" in lines[2]
+    assert [line.split(" | ")[:4] for line in lines if line.startswith("| random")] == [
+        ["| random", "0.1234561", "1.6", "21.00"], ["| random", "0.1234564", "1.6", "22.00"],
+        ["| random", "0.5", "1.6", "30.00"]]
+    assert [line for line in lines if line.startswith("- ratio") and "perplexity" in line] == [
+        "- ratio 0.1234561, perplexity: random 21.00",
+        "- ratio 0.1234564, perplexity: random 22.00", "- ratio 0.5, perplexity: random 30.00"]
+
+
+def test_the_refit_ridge_and_probe_temperature_are_printed_as_recorded():
+    """A ridge of 0.30000001 had read 0.3 (``:g``), the default's words for another setting."""
+    from prunenet.compare import render_report
+
+    probe = {"tokens": 64, "seed": 1, "shape": [1, 64], "sequence_length": 64,
+             "temperature": 1.2000001}
+    results = {
+        "model": "m", "prunenet_version": "0", "ratios": [0.5], "methods": ["random"],
+        "settings": {"corpus": "wiki", "windows": 2, "seqlen": 32, "tasks": [], "limit": None,
+                     "reconstruct": "ls", "calibration": None, "seed": 1},
+        "training": None, "dense": _evaluation(20.0, 0.5),
+        "runs": [{"method": "random", "ratio": 0.5, "evaluation": _evaluation(21.0, 0.5),
+                  "record": {"reconstruct": {"mode": "ls", "ridge": 0.30000001},
+                             "probe": probe}}],
+    }
+    lines = render_report(results, plots=[]).splitlines()
+    assert ("- Refit after every method: `ls` on the model's own probe text, ridge 0.30000001 "
+            "(named `+ls` in the tables).") in lines
+    assert ("- Probe: 1 sequence of 64 tokens of the model's own text, sampled at temperature "
+            "1.2000001 from seed 1; made once and read by every run.") in lines
+
+
+def test_sizes_that_differ_read_apart_in_the_table():
+    """The parameter column printed millions to one decimal: a dense model of 1,588,384 and a
+    run of 1,583,776 parameters both read 1.6. It now prints the fewest decimals at which
+    every different size reads differently (one, where that is enough)."""
+    from prunenet.compare import results_table
+
+    def evaluation(parameters: int) -> dict:
+        return {**_evaluation(20.0, 0.5), "size": {"parameters": parameters}}
+
+    def sizes(dense: int, *runs: int) -> list[str]:
+        results = {
+            "ratios": [0.25, 0.5][:len(runs)], "methods": ["random"],
+            "settings": {"tasks": [], "reconstruct": "none"}, "dense": evaluation(dense),
+            "runs": [{"method": "random", "ratio": ratio, "evaluation": evaluation(size)}
+                     for ratio, size in zip((0.25, 0.5), runs)],
+        }
+        return [row.split(" | ")[2] for row in results_table(results).splitlines()[2:]]
+
+    assert sizes(1_588_384, 1_583_776, 1_586_080) == ["1.588", "1.584", "1.586"]
+    assert sizes(1_588_384, 1_588_384) == ["1.6", "1.6"]  # the same size reads the same
+    assert sizes(134_515_008, 115_876_416) == ["134.5", "115.9"]
+    assert sizes(1_000_001, 1_000_000) == ["1.000001", "1.000000"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import html
 import json
 import re
 import shutil
@@ -149,6 +150,39 @@ def test_report_writes_plots_and_pages(prunenet_run):
     assert write_report(record_dir, layers=[1]) == folder
 
 
+def test_the_training_line_names_every_setting_the_policy_trained_with(prunenet_run, tmp_path):
+    """Policies trained with another gamma, KL term, baseline or spectral path had drawn the
+    same summary (it named the learning rate and reward alone): the page names every setting
+    of the training record."""
+    _, record_dir, _ = prunenet_run
+
+    def training_line(record: Path, out: Path) -> str:
+        markdown = (write_report(record, out, layers=[0]) / "report.md").read_text()
+        return next(line for line in markdown.splitlines()
+                    if line.startswith("- Policy training: "))
+
+    line = training_line(record_dir, tmp_path / "default")
+    assert line.startswith("- Policy training: 3 episodes (baseline none, clip_norm 1, gamma "
+                           "0.99, kld False, lr 0.001, precision auto, ratio 0.25, reward "
+                           "inverse, reward_to_go False, seed 42, spectral gram); mean KS ")
+
+    def other_settings(data):
+        data["training"]["config"].update(gamma=0.5, kld=True, baseline="mean",
+                                          spectral="svd")
+
+    record = _edited_record(record_dir, tmp_path / "record", other_settings)
+    assert training_line(record, tmp_path / "other").startswith(
+        "- Policy training: 3 episodes (baseline mean, clip_norm 1, gamma 0.5, kld True, lr "
+        "0.001, precision auto, ratio 0.25, reward inverse, reward_to_go False, seed 42, "
+        "spectral svd); mean KS ")
+    record = _edited_record(record_dir, tmp_path / "listed", lambda data: data["training"][
+        "config"].update(gamma=[0.5]))
+    with pytest.raises(InputError, match=r"training.config.gamma must be a str, a bool or a "
+                       r"finite number, got \[0.5\]; the record is damaged"):
+        write_report(record, tmp_path / "never")
+    assert not (tmp_path / "never").exists()
+
+
 def test_report_of_a_baseline_has_no_training_plot(magnitude_run, tmp_path):
     _, record_dir = magnitude_run
     folder = write_report(record_dir, tmp_path / "pages", layers=[0])
@@ -240,7 +274,7 @@ def test_a_source_with_a_newline_stays_on_its_summary_line(magnitude_run, tmp_pa
     (copy / RUN_RECORD_NAME).write_text(json.dumps(data))
     markdown = (write_report(copy, tmp_path / "pages", layers=[0]) / "report.md").read_text()
     summary = markdown.split("\n\n")[1].splitlines()
-    assert len(summary) == 5 and all(line.startswith("- ") for line in summary)
+    assert len(summary) == 6 and all(line.startswith("- ") for line in summary)
     assert summary[0].startswith("- Model: 'models/tiny\\nllama'; method **magnitude+ls**")
 
 
@@ -266,6 +300,36 @@ def test_the_report_names_the_refit_and_the_rounding(magnitude_run, tmp_path):
             "42,") in summary[0]
     assert summary[1] == "- Refit: none (the selection alone)."
     assert "<li>Refit: none (the selection alone).</li>" in (page / "report.html").read_text()
+
+
+def test_the_report_names_the_probe_the_run_read(magnitude_run, tmp_path):
+    """The probe text a run's refit (or self-generated) read is named with its settings, as
+    compare's page names it: two runs apart only by their probe's temperature, prompt or
+    sampler had drawn the same summary."""
+    _, record_dir = magnitude_run
+    page = write_report(record_dir, tmp_path / "default", layers=[0])
+    summary = (page / "report.md").read_text().split("\n\n")[1].splitlines()
+    assert summary[2] == ("- Probe: 128 sequences of 64 tokens of the model's own text, sampled "
+                          "at temperature 1.2 from seed 42.")
+    assert f"<li>{html.escape(summary[2][2:])}</li>" in (page / "report.html").read_text()
+
+    def other_probe(data):
+        data["compression"]["probe"].update(shape=[1, 64], temperature=0.7,
+                                            sampler="multinomial", prompt="Once\nupon")
+
+    record = _edited_record(record_dir, tmp_path / "record", other_probe)
+    summary = (write_report(record, layers=[0]) / "report.md").read_text().split(
+        "\n\n")[1].splitlines()
+    assert summary[2] == ("- Probe: 1 sequence of 64 tokens of the model's own text after the "
+                          "prompt 'Once\\nupon', sampled at temperature 0.7 from seed 42 (the "
+                          "multinomial sampler).")
+    # A record of a version before the probe's shape was recorded names the tokens asked for.
+    record = _edited_record(record_dir, tmp_path / "older",
+                            lambda data: data["compression"]["probe"].pop("shape"))
+    summary = (write_report(record, layers=[0]) / "report.md").read_text().split(
+        "\n\n")[1].splitlines()
+    assert summary[2] == ("- Probe: 8192 tokens of the model's own text, sampled at temperature "
+                          "1.2 from seed 42.")
 
 
 def test_the_report_of_an_activation_run_names_its_calibration_text(
@@ -322,16 +386,27 @@ def _refused_in_one_line(capsys, record: Path, match: str) -> None:
     ("source", 5, "compression.source must name the model it was made from, got 5"),
     ("seed", "42", r"compression.seed must be an int or null \(the run drew nothing\), got "
      "'42'"),
+    ("seed", None, r"compression.seed is null, but the run read one \(it sampled a probe or "
+     r"drew rows at random\)"),
     ("round_to", "32", "compression.round_to must be a positive integer, got '32'"),
     ("round_to", 0, "compression.round_to must be a positive integer, got 0"),
     ("selection", 3, "compression.selection must be a str or null, got 3"),
+    ("selection", "greedy", "compression.selection must be one of sample, topk or null, got "
+     "'greedy'"),
     ("policy_sha256", 7, "compression.policy_sha256 must be a str or null"),
     ("reconstruct", {"mode": "ls", "ridge": float("nan")},
      "compression.reconstruct.ridge must be a finite number >= 0, got nan"),
     ("reconstruct", [1], "compression.reconstruct must be an object"),
+    ("reconstruct", "sgd", "compression.reconstruct must be an object, got 'sgd'"),
+    ("reconstruct", {"mode": "sgd"}, "compression.reconstruct.mode must be one of ls, bias, "
+     "none, got 'sgd'"),
     ("calibration", {"corpus": "wiki"}, "compression.calibration must hold its corpus, "
      "windows and seqlen"),
     ("finetune", [], "compression.finetune must be an object or null"),
+    ("probe", {"seed": 1, "shape": [2, 8], "sequence_length": 8, "temperature": "hot"},
+     r"compression.probe must hold its seed, temperature and shape \(or tokens\)"),
+    ("probe", {"seed": 1, "shape": [2, 8], "sequence_length": 8, "temperature": 1.0,
+               "prompt": 3}, "compression.probe.prompt must be a str, got 3"),
 ])
 def test_an_edited_field_the_page_prints_is_refused_in_one_line(magnitude_run, tmp_path, capsys,
                                                                  field, value, match):
@@ -447,3 +522,17 @@ def test_episode_and_layer_axes_are_ticked_at_whole_numbers(tmp_path, monkeypatc
             assert ticks and all(float(tick).is_integer() for tick in ticks), (name, ticks)
             if len(drawn[quantity]) == 1:  # the one episode or layer, ticked alone
                 assert ticks == drawn[quantity], (name, ticks)
+
+
+def test_the_plots_print_each_ks_statistic_as_the_table_does(prunenet_run, tmp_path,
+                                                             monkeypatch):
+    """The singular-value plots had titled a layer's KS statistic with three decimals where the
+    table prints four (0.1875 read 0.188 above the curves and 0.1875 below them); every KS
+    drawn now reads as the table's cell does."""
+    _, record_dir, _ = prunenet_run
+    figures = _drawn_figures(monkeypatch)
+    markdown = (write_report(record_dir, tmp_path / "pages", layers=[0, 1]) /
+                "report.md").read_text()
+    cells = [row.strip("| ").split(" | ")[-1] for row in markdown.splitlines()[-LAYERS:]]
+    titles = [axis.get_title() for axis in figures["spectra.png"].axes]
+    assert titles == [f"layer {layer}: KS {cells[layer]}" for layer in range(LAYERS)]

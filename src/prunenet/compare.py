@@ -28,7 +28,14 @@ from .io.files import atomic_folder, folder_of, json_with_format, write_json_ato
 from .io.loading import check_output_path, declared_ffn_width, load_model_and_tokenizer
 from .io.streaming import check_models_fit
 from .model_view import FFNView
-from .naming import calibration_sentence, method_label, one_line, run_label
+from .naming import (
+    calibration_sentence,
+    method_label,
+    number_text,
+    one_line,
+    probe_sentence,
+    run_label,
+)
 from .pipeline import (
     CompressOptions,
     check_reconstruct,
@@ -385,13 +392,22 @@ def _cell(value: float | None, digits: int) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def _row(label: str, ratio: str, evaluation: dict[str, Any], tasks: list[str]) -> str:
+def _size_digits(sizes: Sequence[int]) -> int:
+    """Decimals of the parameter column (millions): the fewest, from one, at which every
+    different size reads differently; six (single parameters) at most."""
+    distinct = set(sizes)
+    return next((digits for digits in range(1, 6)
+                 if len({f"{size / 1e6:.{digits}f}" for size in distinct}) == len(distinct)), 6)
+
+
+def _row(label: str, ratio: str, evaluation: dict[str, Any], tasks: list[str],
+         size_digits: int) -> str:
     size = evaluation["size"]
     ppl = evaluation["perplexity"]["value"] if evaluation["perplexity"] else None
     zero = evaluation["zero_shot"]
     accs = [_task_value(zero, t) for t in tasks]
     speed = evaluation["speed"] or {}
-    cells = [label, ratio, f"{size['parameters'] / 1e6:.1f}", _cell(ppl, 2),
+    cells = [label, ratio, f"{size['parameters'] / 1e6:.{size_digits}f}", _cell(ppl, 2),
              *(_cell(a, 3) for a in accs), _cell(zero["average"] if zero else None, 3),
              _cell(speed.get("prefill_tokens_per_s"), 0),
              _cell(speed.get("decode_tokens_per_s"), 1)]
@@ -404,10 +420,12 @@ def results_table(results: dict[str, Any]) -> str:
     header = ["method", "ratio", "params (M)", "perplexity", *tasks, "avg acc", "prefill tok/s",
               "decode tok/s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines.append(_row(input_label(results), "0", results["dense"], tasks))
+    digits = _size_digits([evaluation["size"]["parameters"] for evaluation in
+                           (results["dense"], *(run["evaluation"] for run in results["runs"]))])
+    lines.append(_row(input_label(results), "0", results["dense"], tasks, digits))
     for run in sorted(results["runs"], key=lambda r: (r["ratio"], r["method"])):
-        lines.append(_row(method_run_label(results, run["method"]), f"{run['ratio']:g}",
-                          run["evaluation"], tasks))
+        lines.append(_row(method_run_label(results, run["method"]), number_text(run["ratio"]),
+                          run["evaluation"], tasks, digits))
     return "\n".join(lines)
 
 
@@ -439,7 +457,7 @@ def _winners(results: dict[str, Any]) -> list[str]:
             sign = 1 if better_low else -1
             scored.sort(key=lambda item: (sign * round(item[0], digits), item[1]))
             ranking = ", ".join(f"{m} {_cell(v, digits)}" for v, m in scored)
-            lines.append(f"- ratio {ratio:g}, {label}: {ranking}")
+            lines.append(f"- ratio {number_text(ratio)}, {label}: {ranking}")
     return lines
 
 
@@ -496,14 +514,11 @@ def _seed_lines(results: dict[str, Any]) -> list[str]:
                if PruneNet.name in results["methods"] else [])]
     lines = [f"- Seed: {seed}, the same for every run ({', '.join(drawn)})."]
     if probe:
-        sequences, length = probe.get("shape") or ("?", probe.get("sequence_length"))
         readers = list(dict.fromkeys(run["method"] for run in results["runs"]
                                      if "probe" in (run.get("record") or {})))
         readers_named = ("every run" if len(readers) == len(results["methods"])
                          else f"every {', '.join(readers)} run")
-        lines.append(f"- Probe: {sequences} sequences of {length} tokens of the model's own "
-                     f"text, sampled at temperature {probe.get('temperature'):g} from seed "
-                     f"{probe.get('seed')}; made once and read by {readers_named}.")
+        lines.append(f"- {probe_sentence(probe)}; made once and read by {readers_named}.")
     return lines
 
 
@@ -515,7 +530,7 @@ def render_report(results: dict[str, Any], plots: Sequence[str] = PLOTS) -> str:
         f"# prunenet compare: {one_line(results['model'])}",
         "",
         f"prunenet {results['prunenet_version']}. Methods: {', '.join(results['methods'])}; "
-        f"ratios: {', '.join(f'{r:g}' for r in results['ratios'])} (fraction of FFN neurons "
+        f"ratios: {', '.join(map(number_text, results['ratios']))} (fraction of FFN neurons "
         "removed in every layer; no recovery fine-tuning).",
         "",
         "- Perplexity: not measured (--ppl none)." if settings["corpus"] in (None, "none") else
@@ -541,7 +556,7 @@ def render_report(results: dict[str, Any], plots: Sequence[str] = PLOTS) -> str:
     ridge = _run_records(results, "reconstruct").get("ridge")
     lines.append("- Refit after every method: none (the selections alone)." if refit == "none"
                  else f"- Refit after every method: `{refit}` on the model's own probe text"
-                 + (f", ridge {ridge:g}" if ridge is not None else "")
+                 + (f", ridge {number_text(ridge)}" if ridge is not None else "")
                  + f" (named `+{refit}` in the tables).")
     lines += _seed_lines(results)
     for method in results["methods"]:

@@ -14,6 +14,14 @@ def one_line(text: str | None) -> str | None:
     return text if text is None or text.isprintable() else repr(text)
 
 
+def number_text(value: float) -> str:
+    """A setting (a ratio, a ridge, a temperature) in its shortest form that reads back as itself
+    (``0.25``, ``0.1234561``, ``1e-05``): ``:g`` keeps six digits, and two runs whose settings
+    differ past them would read the same."""
+    short = f"{value:g}"
+    return short if float(short) == value else repr(float(value))
+
+
 def calibration_sentence(calibration: dict[str, Any]) -> str:
     """What a calibration-based method (activation) read, as compare's and report's pages say
     it: ``Calibration: 4 windows of 1024 tokens from the training region of wiki (never its
@@ -22,6 +30,24 @@ def calibration_sentence(calibration: dict[str, Any]) -> str:
     return (f"Calibration: {windows} window{'' if windows == 1 else 's'} of "
             f"{calibration.get('seqlen')} tokens from the training region of "
             f"{one_line(str(calibration.get('corpus')))} (never its evaluation windows).")
+
+
+def probe_sentence(probe: dict[str, Any]) -> str:
+    """The probe text a run read, as compare's and report's pages say it, without the closing
+    full stop: ``Probe: 128 sequences of 64 tokens of the model's own text, sampled at
+    temperature 1.2 from seed 42``, with the prompt it followed and a sampler other than the
+    default where the record names them; the tokens asked for where it names no shape (records
+    of prunenet versions before it did)."""
+    from .probe import SAMPLER
+
+    shape, prompt, sampler = probe.get("shape"), probe.get("prompt"), probe.get("sampler")
+    size = (f"{shape[0]} sequence{'' if shape[0] == 1 else 's'} of {shape[1]} tokens" if shape
+            else f"{probe.get('tokens')} tokens")
+    return (f"Probe: {size} of the model's own text"
+            + (f" after the prompt {prompt!r}" if prompt else "")
+            + f", sampled at temperature {number_text(probe.get('temperature'))} from seed "
+            f"{probe.get('seed')}"
+            + (f" (the {sampler} sampler)" if sampler not in (None, SAMPLER) else ""))
 
 
 def method_label(method: str, refit: str | None) -> str:

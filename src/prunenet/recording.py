@@ -24,7 +24,10 @@ from .families import kept_count
 from .io.files import atomic_folder, folder_of, json_with_format, write_json_atomic
 from .io.loading import check_output_path, method_that_ran
 from .model_view import FFNView
+from .naming import reads_seed
+from .refit import MODES
 from .selection import SELECTORS
+from .selection.prunenet import SELECTIONS
 from .selection.prunenet.reinforce import TrainingResult
 from .selection.prunenet.spectral import LayerSpectrum, ks_statistic
 
@@ -136,23 +139,30 @@ def _compression_problem(compression: dict[str, Any]) -> str | None:
     seed = compression["seed"]
     if seed is not None and not _is(seed, "int"):
         return f"compression.seed must be an int or null (the run drew nothing), got {seed!r}"
+    if seed is None and reads_seed(compression):  # the page would print "seed None"
+        return ("compression.seed is null, but the run read one (it sampled a probe or drew "
+                "rows at random)")
     source = compression.get("source")
     if source is not None and (not isinstance(source, str) or not source.strip()):
         return f"compression.source must name the model it was made from, got {source!r}"
     for key in ("selection", "policy_sha256"):
         if compression.get(key) is not None and not _is(compression[key], "str"):
             return f"compression.{key} must be a str or null, got {compression[key]!r}"
+    if compression.get("selection") not in (*SELECTIONS, None):  # the page names it as it ran
+        return (f"compression.selection must be one of {', '.join(SELECTIONS)} or null, got "
+                f"{compression['selection']!r}")
     round_to = compression.get("round_to")
     if round_to is not None and (not _is(round_to, "int") or round_to < 1):
         return f"compression.round_to must be a positive integer, got {round_to!r}"
-    reconstruct = compression.get("reconstruct")
+    reconstruct, modes = compression.get("reconstruct"), (*MODES, "none")
     if isinstance(reconstruct, dict):
         mode, ridge = reconstruct.get("mode"), reconstruct.get("ridge")
-        if mode is not None and not _is(mode, "str"):
-            return f"compression.reconstruct.mode must be a str, got {mode!r}"
+        if mode is not None and mode not in modes:  # the page names it as it ran
+            return (f"compression.reconstruct.mode must be one of {', '.join(MODES)}, none, got "
+                    f"{mode!r}")
         if ridge is not None and (not _is(ridge, "number") or ridge < 0):
             return f"compression.reconstruct.ridge must be a finite number >= 0, got {ridge!r}"
-    elif reconstruct is not None and not _is(reconstruct, "str"):
+    elif reconstruct is not None and reconstruct not in modes:
         return f"compression.reconstruct must be an object, got {reconstruct!r}"
     calibration = compression.get("calibration")
     if calibration is not None:
@@ -161,6 +171,19 @@ def _compression_problem(compression: dict[str, Any]) -> str | None:
                            for key in ("windows", "seqlen")):
             return ("compression.calibration must hold its corpus, windows and seqlen, got "
                     f"{calibration!r}")
+    probe = compression.get("probe")
+    if probe is not None:
+        shape = probe.get("shape") if isinstance(probe, dict) else None
+        if not isinstance(probe, dict) or not _is(probe.get("seed"), "int") \
+                or not _is(probe.get("temperature"), "number") or not (
+                    isinstance(shape, list) and len(shape) == 2
+                    and all(_is(size, "int") and size >= 1 for size in shape)
+                    if shape is not None else _is(probe.get("tokens"), "int")):
+            return ("compression.probe must hold its seed, temperature and shape (or tokens), "
+                    f"got {probe!r}")
+        for key in ("prompt", "sampler"):
+            if probe.get(key) is not None and not _is(probe[key], "str"):
+                return f"compression.probe.{key} must be a str, got {probe[key]!r}"
     tune = compression.get("finetune")
     if tune is not None and (not isinstance(tune, dict) or not all(
             isinstance(tune.get(key), (dict, type(None)))
@@ -245,6 +268,12 @@ def schema_problem(data: dict[str, Any]) -> str | None:
     if not isinstance(config, dict) or not _is(config.get("lr"), "number") or not _is(
             config.get("reward"), "str"):
         return "training.config must hold lr and reward"
+    # the page prints every setting: each a word, a switch or a finite number
+    odd = [key for key, value in config.items() if not isinstance(value, (str, bool))
+           and not _is(value, "number")]
+    if odd:
+        return (f"training.config.{odd[0]} must be a str, a bool or a finite number, got "
+                f"{config[odd[0]]!r}")
     return None
 
 

@@ -28,7 +28,9 @@ from .naming import (
     calibration_sentence,
     compression_summary,
     method_label,
+    number_text,
     one_line,
+    probe_sentence,
     reads_seed,
     refit_mode,
     run_label,
@@ -120,7 +122,7 @@ def write_plots(data: dict[str, Any], original: list[Tensor], pruned: list[Tenso
                               (pruned[layer], f"pruned ({pruned[layer].numel()})")):
             x, y = _empirical_cdf(values)
             axis.step(x, y, where="post", label=label)
-        axis.set_title(f"layer {layer}: KS {per_layer['ks_selected'][layer]:.3f}", fontsize=10)
+        axis.set_title(f"layer {layer}: KS {per_layer['ks_selected'][layer]:.4f}", fontsize=10)
         axis.set_xlabel("singular value")
         axis.grid(alpha=0.3)
         axis.legend(fontsize=7, loc="lower right")
@@ -135,7 +137,8 @@ def write_plots(data: dict[str, Any], original: list[Tensor], pruned: list[Tenso
     _whole_numbers(axis, layer_index)
     axis.set_xlabel("layer")
     axis.set_ylabel("FFN neurons")
-    axis.set_title(f"kept FFN neurons per layer (ratio {compression['ratio']:g})", fontsize=10)
+    axis.set_title(f"kept FFN neurons per layer (ratio {number_text(compression['ratio'])})",
+                   fontsize=10)
     axis.set_ylim(0, compression["ffn_width_before"] * 1.25)
     axis.legend(fontsize=8, loc="upper right", ncols=2)
     save(figure, "kept_neurons.png")
@@ -171,6 +174,7 @@ def summary_lines(data: dict[str, Any]) -> list[str]:
         + (f", seed {c['seed']}" if reads_seed(c) else "")  # not where nothing was drawn
         + f", prunenet {c['prunenet_version']}.",
         _refit_line(c),
+        *([f"- {probe_sentence(c['probe'])}."] if isinstance(c.get("probe"), dict) else []),
         *_calibration_line(c),
         f"- FFN width {c['ffn_width_before']} -> {c['ffn_width_after']} in each of "
         f"{data['num_layers']} layers; parameters {c['parameters_before']:,} -> "
@@ -184,8 +188,8 @@ def summary_lines(data: dict[str, Any]) -> list[str]:
         episodes = training["episodes"]
         best = episodes[training["best_episode"]]
         lines.append(
-            f"- Policy training: {len(episodes)} episodes (lr {training['config']['lr']:g}, "
-            f"reward {training['config']['reward']}); mean KS {episodes[0]['mean_ks']:.4f} in "
+            f"- Policy training: {len(episodes)} episodes ({_training_settings(training)}); "
+            f"mean KS {episodes[0]['mean_ks']:.4f} in "
             f"episode 0, {best['mean_ks']:.4f} in the best episode {best['episode']} (total "
             f"reward {best['total_reward']:.4g}), {episodes[-1]['mean_ks']:.4f} in the last."
         )
@@ -195,6 +199,14 @@ def summary_lines(data: dict[str, Any]) -> list[str]:
     else:
         lines.append(f"- No policy training: {c['method']} selects neurons directly.")
     return lines
+
+
+def _training_settings(training: dict[str, Any]) -> str:
+    """Every setting the policy trained with but its episodes, counted beside them: ``baseline
+    none, clip_norm 1, gamma 0.99, ...``."""
+    return ", ".join(
+        f"{key} {number_text(value) if isinstance(value, float) else one_line(str(value))}"
+        for key, value in sorted(training["config"].items()) if key != "episodes")
 
 
 def _rounding(compression: dict[str, Any]) -> str:
