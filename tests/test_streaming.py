@@ -527,9 +527,10 @@ def test_offloaded_methods_equal_in_memory(tmp_path, options, request, caplog):
         source = request.getfixturevalue("tiny_llama_real_tokenizer_dir")
     probe = small_probe(options)
     compress(str(source), 0.5, out=tmp_path / "memory", **options, **probe)
-    # sized by the probe's settings, the defaults where the run generates no probe
-    least = run_budget(StreamedCheckpoint(source), *((256, 32) if "probe_tokens" in probe
-                                                     else ()))
+    # sized by the probe's settings, or by the calibration window where the run generates none
+    checkpoint = StreamedCheckpoint(source)
+    least = (checkpoint.offloaded_memory(checkpoint.calibration_memory(64))
+             if "calibration" in options else run_budget(checkpoint, 256, 32))
     caplog.set_level(logging.INFO, logger="prunenet")
     compress(StreamedCheckpoint(source), 0.5, out=tmp_path / "stream", max_memory=least,
              **options, **probe)
