@@ -213,8 +213,8 @@ def _q4_k_blocks(rows: int, columns: int, generator: np.random.Generator) -> np.
 
 def _tiny_gguf(path: Path, ffn_type: GGMLQuantizationType, tinycoder: Path,
                d_model: int = 256, d_ff: int = 512, layers: int = 2,
-               vocab: int = 512, architecture: str = "llama", license: str | None = None
-               ) -> Path:
+               vocab: int = 512, architecture: str = "llama", license: str | None = None,
+               license_name: str | None = None, license_link: str | None = None) -> Path:
     """A random LLaMA GGUF whose FFN matrices are stored in ``ffn_type``; its vocabulary is the
     first ``vocab`` tokens of tinycoder's SentencePiece vocabulary (byte fallback included), so
     llama.cpp loads it. d_model and d_ff are multiples of 256 so that K-quants fit.
@@ -223,15 +223,18 @@ def _tiny_gguf(path: Path, ffn_type: GGMLQuantizationType, tinycoder: Path,
     the output matrix tied to the embeddings); ``"qwen3"``: q/k norms and 128-wide heads (the
     head width transformers assumes for a Qwen3 GGUF); ``"phi3"``: fused q/k/v and one
     ``ffn_up`` of 2 x d_ff rows, the gate's above the up's, no ``ffn_gate``. ``license``: its
-    ``general.license``, where given."""
+    ``general.license``, where given (``license_name``, ``license_link``: its
+    ``general.license.name`` and ``.link``)."""
     generator = np.random.default_rng(0)
     arch = architecture
     gemma, fused, qk_norms = arch == "gemma3", arch == "phi3", arch in ("gemma3", "qwen3")
     heads, kv_heads, head_dim = {"gemma3": (2, 1, 256), "qwen3": (2, 1, 128)}.get(
         arch, (4, 2, d_model // 4))
     writer = GGUFWriter(path, arch)
-    if license is not None:
-        writer.add_string("general.license", license)
+    for key, value in (("general.license", license), ("general.license.name", license_name),
+                       ("general.license.link", license_link)):
+        if value is not None:
+            writer.add_string(key, value)
     writer.add_string("general.size_label", "1.0M")  # rewritten for the pruned file
     for key, value in [("context_length", 256), ("embedding_length", d_model),
                        ("block_count", layers), ("feed_forward_length", d_ff),

@@ -480,3 +480,42 @@ def test_a_gguf_license_reaches_every_card_made_from_it(tmp_path, monkeypatch):
     assert main(["-q", "convert", str(odd), "--out", str(tmp_path / "odd-converted")]) == 0
     assert not any(line.startswith("license") for line in front_matter(
         (tmp_path / "odd-converted" / "README.md").read_text()))
+
+
+def test_a_license_named_other_keeps_its_name_and_link(tmp_path):
+    """An input whose license is not one of the Hub's identifiers says ``license: other`` with
+    ``license_name`` and ``license_link`` (the Hub's card metadata): the output's card carries
+    all three, in a folder's card as in a GGUF's header (``general.license.name``, ``.link``),
+    and a compression of that output keeps them; ``license: other`` alone had named no terms."""
+    from test_gguf_convert import SMALL, _gguf
+    from test_gguf_out import _asset
+
+    from prunenet.io.loading import inherited_card_fields
+
+    terms = {"license": "other", "license_name": "qwen-research",
+             "license_link": "https://huggingface.co/Qwen/Qwen2.5-3B/blob/main/LICENSE"}
+    model = tmp_path / "m"
+    make_tiny_model("llama").save_pretrained(model)
+    (model / "README.md").write_text(
+        "---\nlicense: other\nlicense_name: qwen-research\n"
+        f"license_link: {terms['license_link']}\nbase_model: org/tiny\n---\nhi\n")
+    assert main(["-q", "compress", str(model), "--ratio", "0.25", "--method", "magnitude",
+                 "--out", str(tmp_path / "out")]) == 0
+    lines = front_matter((tmp_path / "out" / "README.md").read_text())
+    assert lines[lines.index('license: "other"'):][:3] == [
+        'license: "other"', 'license_name: "qwen-research"',
+        f'license_link: "{terms["license_link"]}"']
+    assert card_fields(tmp_path / "out") == {**terms, "base_model": "org/tiny"}
+    assert main(["-q", "compress", str(tmp_path / "out"), "--ratio", "0.25", "--method",
+                 "magnitude", "--out", str(tmp_path / "again")]) == 0
+    assert card_fields(tmp_path / "again") == {**terms, "base_model": "org/tiny"}
+
+    tinycoder = _asset("tinycoder-gguf") / "tiny.gguf"
+    source = _gguf(tmp_path / "in", GGMLQuantizationType.Q8_0, tinycoder, license="other",
+                   license_name=terms["license_name"], license_link=terms["license_link"])
+    assert inherited_card_fields(source) == terms
+    assert main(["-q", "compress", str(source), "--ratio", "0.5", *SMALL,
+                 "--out", str(tmp_path / "from-gguf")]) == 0
+    assert main(["-q", "convert", str(source), "--out", str(tmp_path / "converted")]) == 0
+    for name in ("from-gguf", "converted"):
+        assert card_fields(tmp_path / name) == terms, name
