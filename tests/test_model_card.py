@@ -519,3 +519,22 @@ def test_a_license_named_other_keeps_its_name_and_link(tmp_path):
     assert main(["-q", "convert", str(source), "--out", str(tmp_path / "converted")]) == 0
     for name in ("from-gguf", "converted"):
         assert card_fields(tmp_path / name) == terms, name
+
+
+def test_the_card_names_transformers_as_its_library_only_beside_a_checkpoint():
+    """``library_name: transformers`` makes the Hub offer ``from_pretrained`` on the folder:
+    right beside a checkpoint, wrong for a folder holding model.gguf alone, a LoRA adapter
+    alone or no weights (the Hub tells a GGUF by its files; the library is left out)."""
+    from prunenet.io.model_card import render_card
+
+    record = {"method": "random", "ratio": 0.3, "seed": 1, "ffn_width_before": 64,
+              "ffn_width_after": 45, "prunenet_version": "0", "parameters_before": 10,
+              "parameters_after": 8, "parameter_reduction": 0.2, "source": "/m/x.gguf",
+              "gguf": {"file": "model.gguf", "sliced": {"a": "Q4_0"}, "requantized": {"b": "Q8_0"}}}
+    holding = {"checkpoint": {"config.json", "model.safetensors", "model.gguf"},
+               "GGUF": {"model.gguf"}, "adapter": {"adapter"}, "nothing": set()}
+    for what, files in holding.items():
+        lines = front_matter(render_card(record, files=files))
+        assert ("library_name: transformers" in lines) == (what == "checkpoint"), what
+        assert "pipeline_tag: text-generation" in lines, what
+    assert "library_name: transformers" in front_matter(render_card(record))  # a checkpoint

@@ -93,10 +93,13 @@ def render_card(record: dict[str, Any], inherited: dict[str, str] | None = None,
     if method:
         front.append(f"- {_yaml_value(method)}")
     front += _license_lines(inherited)
-    front += ["pipeline_tag: text-generation", "library_name: transformers", "---", ""]
-    source = record.get("source") or "an in-memory model"
     checkpoint = files is None or ("config.json" in files and any(
         name.endswith(".safetensors") for name in files))
+    # the library the Hub offers to load the folder with: none for model.gguf or an adapter
+    # alone (it tells a GGUF by its files), which from_pretrained does not load
+    front += ["pipeline_tag: text-generation",
+              *(["library_name: transformers"] if checkpoint else []), "---", ""]
+    source = record.get("source") or "an in-memory model"
     gguf = record.get("gguf") if files is None or (record.get("gguf") or {}).get(
         "file", "model.gguf") in files else None
     if checkpoint:
