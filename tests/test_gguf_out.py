@@ -413,7 +413,7 @@ def test_compress_rounds_the_kept_width_to_whole_blocks_for_a_quantized_gguf(tmp
         assert reloaded.config.intermediate_size == stock.config.intermediate_size == \
             records[name]["ffn_width_after"]
     cards = {name: (tmp_path / name / "README.md").read_text() for name in ("auto", "q4")}
-    assert "--format both --gguf-down-type auto --round-to 32 --out OUT" in cards["auto"]
+    assert "--format both --gguf-down-type Q8_0 --round-to 32 --out OUT" in cards["auto"]
     assert "--format both --gguf-down-type Q4_1 --round-to 32 --out OUT" in cards["q4"]
     assert "43.8% (ratio 0.414062, rounded to a multiple of 32 kept neurons)" in cards["auto"]
     size = {name: (tmp_path / name / "model.gguf").stat().st_size for name in written}

@@ -538,3 +538,27 @@ def test_the_card_names_transformers_as_its_library_only_beside_a_checkpoint():
         assert ("library_name: transformers" in lines) == (what == "checkpoint"), what
         assert "pipeline_tag: text-generation" in lines, what
     assert "library_name: transformers" in front_matter(render_card(record))  # a checkpoint
+
+
+def test_the_card_names_the_gguf_type_the_default_chose(tmp_path):
+    """``--gguf-down-type auto`` is resolved per input (Q8_0 for a quantized ffn_down, a float
+    one's own type) and has changed before (it was the input's type): the record and the card's
+    command name the type it chose, as they name the kept count's rounding, so the command
+    repeats the file under any default; a type asked for is named as asked."""
+    import json
+
+    from test_gguf_convert import SMALL, _gguf
+    from test_gguf_out import _asset
+
+    tinycoder = _asset("tinycoder-gguf") / "tiny.gguf"
+    quantized = _gguf(tmp_path / "q", GGMLQuantizationType.Q4_1, tinycoder)
+    runs = [("f16", tinycoder, [], "F16"), ("q4_1", quantized, [], "Q8_0"),
+            ("asked", quantized, ["--gguf-down-type", "Q5_0"], "Q5_0")]
+    for name, source, extra, chosen in runs:
+        out = tmp_path / name
+        assert main(["-q", "compress", str(source), "--ratio", "0.25", *SMALL, *extra,
+                     "--out", str(out)]) == 0
+        gguf = json.loads((out / "prunenet.json").read_text())["gguf"]
+        assert gguf["down_type"] == chosen and set(gguf["requantized"].values()) == {chosen}
+        command, = card_commands((out / "README.md").read_text())
+        assert command[command.index("--gguf-down-type") + 1] == chosen, name

@@ -250,9 +250,11 @@ def write_pruned_gguf(
 
     Returns a report: ``architecture``, ``feed_forward_length`` (before/after), ``sliced`` and
     ``requantized`` (tensor -> type written), ``substituted`` (tensor -> "SOURCE -> WRITTEN: why"),
-    ``summary`` (one line) and ``out_file``. Raises :class:`InputError` for an unsupported source
-    (:func:`gguf_output_supported`), kept rows that do not fit it, or a model whose FFN rows are
-    not the source's (fine-tuned, or pruned with other rows).
+    ``down_type`` (the type every ``ffn_down`` was asked as: ``down_type``, or the one the
+    default chose; None where it chose several), ``summary`` (one line) and ``out_file``.
+    Raises :class:`InputError` for an unsupported source (:func:`gguf_output_supported`), kept
+    rows that do not fit it, or a model whose FFN rows are not the source's (fine-tuned, or
+    pruned with other rows).
     """
     gguf = _gguf()
     if down_type is not None and down_type not in WRITABLE_TYPES:
@@ -280,6 +282,7 @@ def write_pruned_gguf(
         "requantized": {},
         "substituted": {},
     }
+    targets = set()  # the types ffn_down was asked as, before any substitution
     source_file = open(Path(source_gguf).expanduser(), "rb")  # noqa: SIM115 (closed below)
     try:
         writer = gguf.GGUFWriter(tmp, architecture)
@@ -318,6 +321,7 @@ def write_pruned_gguf(
                 layer = int(match.group(1))
                 target = gguf.GGMLQuantizationType[
                     down_type or default_down_type(tensor.tensor_type.name)]
+                targets.add(target.name)
                 written, reason = _written_type(target, kept)
                 rows_of = int(tensor.shape[1])
                 example = gguf.quants.quantize(np.zeros((1, kept), np.float32), written)
@@ -347,6 +351,7 @@ def write_pruned_gguf(
         raise
     finally:
         source_file.close()
+    report["down_type"] = targets.pop() if len(targets) == 1 else None
     report["out_file"] = str(out_file)
     report["summary"] = _summary(report)
     return report
