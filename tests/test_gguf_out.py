@@ -469,7 +469,7 @@ def test_a_fused_ffn_up_that_is_not_two_blocks_high_is_refused(tmp_path, tinycod
     with pytest.raises(InputError, match=r"blk\.0\.ffn_up\.weight has 1024 rows; "
                                          r"2 x phi3\.feed_forward_length = 2048 expected"):
         write_pruned_gguf(source, result.model, result.kept_rows, out / "pruned.gguf")
-    assert not list(out.iterdir())  # no temporary file left
+    assert not out.exists()  # no temporary file left, nor the folder made for the file
 
 
 def test_failed_write_leaves_the_old_file(tmp_path, tinycoder, monkeypatch):
@@ -492,16 +492,17 @@ def test_a_second_matrix_the_type_cannot_hold_is_refused_with_nothing_written(
         tmp_path, tinycoder, down_type, weight):
     """A weight beyond the written type's range (F16 above 65504; Q8_0, whose block scale is
     F16, above 127 x 65504) would be stored as inf, and a NaN as NaN: the write is refused,
-    naming the layer, and leaves nothing (it had written a file whose model outputs NaN)."""
+    naming the layer, and leaves nothing (it had written a file whose model outputs NaN), not
+    even the folders it made for the file (they had stayed, empty)."""
     source = _tiny_gguf(tmp_path / "tiny.gguf", GGMLQuantizationType.Q8_0, tinycoder)
     result = prunenet.compress(str(source), ratio=0.25, method="random", progress=False)
     with torch.no_grad():  # 384 neurons kept: whole Q8_0 blocks, so Q8_0 is written as asked
         result.model.model.layers[1].mlp.down_proj.weight[0, 0] = weight
-    out = tmp_path / "out" / "pruned.gguf"
+    out = tmp_path / "out" / "deeper" / "pruned.gguf"
     with pytest.raises(InputError, match=f"down_proj.weight in layer 1 does not fit GGUF type "
                                          f"{down_type} "):
         write_pruned_gguf(source, result.model, result.kept_rows, out, down_type=down_type)
-    assert list((tmp_path / "out").iterdir()) == []
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["tiny.gguf"]
 
 
 def test_the_source_gguf_is_never_written_over(tmp_path, tinycoder):
