@@ -57,8 +57,16 @@ def test_compress_eval_puts_the_measurement_in_record_and_card(tmp_path,
                  "--eval", "1"]) == 0
     measured = json.loads((out / "prunenet.json").read_text())["evaluation"]["perplexity"]
     assert measured["windows"] == 1 and measured["value"] > 1
-    assert f"perplexity {measured['value']:.2f} on the first 1 evaluation" in (
-        out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert f"perplexity {measured['value']:.2f} on the first 1 evaluation" in card
+    # the command the card names measures the same number again (eval's default, 16 windows,
+    # measures another)
+    again = re.search(r"\(`prunenet eval ([^`]*)` of this folder reproduces it\)", card)
+    assert again is not None, card
+    assert main(["-q", "eval", str(out), *again.group(1).split(),
+                 "--json", str(tmp_path / "again.json")]) == 0
+    repeated = json.loads((tmp_path / "again.json").read_text())
+    assert repeated["perplexity"]["value"] == measured["value"]
 
 
 def test_the_command_on_the_card_repeats_the_run_and_parses(tmp_path):
@@ -436,12 +444,14 @@ def test_a_measurement_beside_a_requantized_gguf_says_what_it_measured(tmp_path)
             f"Q4_0 (that checkpoint is not kept in this folder): {value}") in card
     assert "`model.gguf` itself was not measured" in card
     both = render_card(record, files={"model.gguf", "config.json", "model.safetensors"})
-    assert (f"on the safetensors checkpoint: {value}" in both and "`prunenet eval` of this "
-            "folder, which reads the checkpoint, reproduces it" in both)
+    again = f"--windows 1 --seqlen {record['evaluation']['perplexity']['seqlen']}"
+    assert f"`prunenet eval model.gguf {again}` measures the file as written" in card
+    assert (f"on the safetensors checkpoint: {value}" in both and f"`prunenet eval {again}` of "
+            "this folder, which reads the checkpoint, reproduces it" in both)
     plain = render_card({**record, "gguf": None},
                         files={"config.json", "model.safetensors"})
     assert f"Measured after pruning: {value}" in plain
-    assert "(`prunenet eval` reproduces it)." in plain
+    assert f"(`prunenet eval {again}` of this folder reproduces it)." in plain
 
 
 def test_a_gguf_license_reaches_every_card_made_from_it(tmp_path, monkeypatch):

@@ -166,25 +166,27 @@ def render_card(record: dict[str, Any], inherited: dict[str, str] | None = None,
 def _measured_sentence(record: dict[str, Any], checkpoint: bool) -> str:
     """What --eval measured and what measures it again. It measured the pruned checkpoint's
     float weights; where a GGUF was written, not that file, whose ffn_down was requantized
-    after: `prunenet eval` reproduces the number from the checkpoint (``checkpoint``: this
-    folder holds it), never from the GGUF."""
+    after: `prunenet eval` on the same windows (eval's default count differs) reproduces the
+    number from the checkpoint (``checkpoint``: this folder holds it), never from the GGUF."""
     measured = record["evaluation"]["perplexity"]
     value = (f"perplexity {measured['value']:.2f} on the first {measured['windows']} evaluation "
              f"windows of {measured['seqlen']} tokens of {measured['corpus']}")
+    again = f"--windows {measured['windows']} --seqlen {measured['seqlen']}"
     gguf = record.get("gguf")
     if not gguf:
-        return f"Measured after pruning: {value} (`prunenet eval` reproduces it)."
+        return (f"Measured after pruning: {value} (`prunenet eval {again}` of this folder "
+                "reproduces it).")
     file = gguf.get("file", "model.gguf")
     down = "/".join(sorted(set(gguf.get("requantized", {}).values()))) or "its own type"
     if checkpoint:
         return (f"Measured after pruning, on the safetensors checkpoint: {value} (`prunenet "
-                f"eval` of this folder, which reads the checkpoint, reproduces it). `{file}`, "
-                f"whose ffn_down was then written as {down}, was not measured: `prunenet eval "
-                f"{file}` measures that file, which can differ.")
+                f"eval {again}` of this folder, which reads the checkpoint, reproduces it). "
+                f"`{file}`, whose ffn_down was then written as {down}, was not measured: "
+                f"`prunenet eval {file} {again}` measures that file, which can differ.")
     return (f"Measured after pruning, on the pruned model's float weights before `{file}`'s "
             f"ffn_down was written as {down} (that checkpoint is not kept in this folder): "
-            f"{value}. `{file}` itself was not measured: `prunenet eval {file}` measures the "
-            "file as written, which can differ.")
+            f"{value}. `{file}` itself was not measured: `prunenet eval {file} {again}` "
+            "measures the file as written, which can differ.")
 
 
 def _finetune_sentence(tune: dict[str, Any]) -> str:
