@@ -572,3 +572,23 @@ def test_the_card_names_the_gguf_type_the_default_chose(tmp_path):
         assert gguf["down_type"] == chosen and set(gguf["requantized"].values()) == {chosen}
         command, = card_commands((out / "README.md").read_text())
         assert command[command.index("--gguf-down-type") + 1] == chosen, name
+
+
+def test_the_card_says_which_step_of_a_fine_tune_it_holds():
+    """A fine-tune keeps its best evaluated checkpoint: where that is not its last step, the
+    card says which step the weights are (it had said only how many steps ran, and the
+    perplexity beside it is that step's)."""
+    from prunenet.io.model_card import render_card
+
+    tune = {"trained": "LoRA adapters", "steps_run": 60, "best_step": 40,
+            "eval_perplexity_before": 30.0, "eval_perplexity_after": 20.0,
+            "settings": {"data": "wiki", "steps": 60}}
+    record = {"source": "/m/dense", "prunenet_version": "0", "finetune": tune}
+    files = {"config.json", "model.safetensors"}
+    card = render_card(record, files=files)
+    assert ("Recovered by fine-tuning LoRA adapters on `wiki` for 60 steps, keeping the "
+            "weights of step 40, its best evaluation: evaluation perplexity 30 -> 20.") in card
+    last = render_card({**record, "finetune": {**tune, "best_step": 60}}, files=files)
+    assert "for 60 steps: evaluation perplexity 30 -> 20." in last and "keeping" not in last
+    older = render_card({**record, "finetune": {**tune, "best_step": None}}, files=files)
+    assert "for 60 steps: evaluation perplexity 30 -> 20." in older

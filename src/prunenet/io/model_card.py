@@ -206,6 +206,9 @@ def _finetune_sentence(tune: dict[str, Any]) -> str:
         measure = "evaluation perplexity"
         before = tune.get("eval_perplexity_before")
         after = tune.get("eval_perplexity_after")
+    best = tune.get("best_step")
+    if isinstance(best, int) and best != steps:  # the best evaluated checkpoint is kept
+        how += f", keeping the weights of step {best}, its best evaluation"
     if isinstance(before, (int, float)) and isinstance(after, (int, float)):
         return f"{how}: {measure} {before:.3g} -> {after:.3g}."
     return how + "."
