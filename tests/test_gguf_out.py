@@ -403,6 +403,13 @@ def test_compress_rounds_the_kept_width_to_whole_blocks_for_a_quantized_gguf(tmp
         "q4": (288, 32), "f16": (300, 1)}
     assert "keeping 288 of 512 FFN neurons per layer (ratio 0.4375), the multiple of 32" in \
         caplog.text and "--round-to 1 keeps 300" in caplog.text
+    # a type other than the one asked for is said as the run writes it, not only in the record
+    substituted = [record.getMessage() for record in caplog.records
+                   if record.levelname == "WARNING" and "substituted" in record.getMessage()]
+    assert substituted == [
+        "model.gguf: FFN width 512 -> 300; 4 tensors row-sliced in Q4_1; 2 requantized to F16; "
+        "2 substituted (Q8_0 -> F16: the kept width 300 is not a multiple of Q8_0's 32-value "
+        "blocks)"]
     written = {name: (set(r["gguf"]["requantized"].values()), bool(r["gguf"]["substituted"]))
                for name, r in records.items() if "gguf" in r}
     assert written == {"auto": ({"Q8_0"}, False), "exact": ({"F16"}, True),

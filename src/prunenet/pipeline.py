@@ -960,6 +960,9 @@ def _gguf_writer(reads: list[str], model: nn.Module | None, rows: list[Tensor], 
         report = write_pruned_gguf(reads[0], StagedTensors(folder) if model is None else model,
                                    rows, folder / GGUF_NAME,
                                    None if down_type == "auto" else down_type)
+        # a type other than the one asked for (a width that cuts its blocks) is said now
+        log.log(logging.WARNING if report["substituted"] else logging.INFO, "%s: %s",
+                GGUF_NAME, report["summary"])
         return {"gguf": {key: value for key, value in report.items()
                          if key not in ("out_file", "summary")}
                 | {"file": GGUF_NAME, "down_type": report["down_type"] or down_type}}
