@@ -213,8 +213,8 @@ def _q4_k_blocks(rows: int, columns: int, generator: np.random.Generator) -> np.
 
 def _tiny_gguf(path: Path, ffn_type: GGMLQuantizationType, tinycoder: Path,
                d_model: int = 256, d_ff: int = 512, layers: int = 2,
-               vocab: int = 512, architecture: str = "llama", license: str | None = None
-               ) -> Path:
+               vocab: int = 512, architecture: str = "llama", license: str | None = None,
+               license_name: str | None = None, license_link: str | None = None) -> Path:
     """A random LLaMA GGUF whose FFN matrices are stored in ``ffn_type``; its vocabulary is the
     first ``vocab`` tokens of tinycoder's SentencePiece vocabulary (byte fallback included), so
     llama.cpp loads it. d_model and d_ff are multiples of 256 so that K-quants fit.
@@ -223,15 +223,18 @@ def _tiny_gguf(path: Path, ffn_type: GGMLQuantizationType, tinycoder: Path,
     the output matrix tied to the embeddings); ``"qwen3"``: q/k norms and 128-wide heads (the
     head width transformers assumes for a Qwen3 GGUF); ``"phi3"``: fused q/k/v and one
     ``ffn_up`` of 2 x d_ff rows, the gate's above the up's, no ``ffn_gate``. ``license``: its
-    ``general.license``, where given."""
+    ``general.license``, where given (``license_name``, ``license_link``: its
+    ``general.license.name`` and ``.link``)."""
     generator = np.random.default_rng(0)
     arch = architecture
     gemma, fused, qk_norms = arch == "gemma3", arch == "phi3", arch in ("gemma3", "qwen3")
     heads, kv_heads, head_dim = {"gemma3": (2, 1, 256), "qwen3": (2, 1, 128)}.get(
         arch, (4, 2, d_model // 4))
     writer = GGUFWriter(path, arch)
-    if license is not None:
-        writer.add_string("general.license", license)
+    for key, value in (("general.license", license), ("general.license.name", license_name),
+                       ("general.license.link", license_link)):
+        if value is not None:
+            writer.add_string(key, value)
     writer.add_string("general.size_label", "1.0M")  # rewritten for the pruned file
     for key, value in [("context_length", 256), ("embedding_length", d_model),
                        ("block_count", layers), ("feed_forward_length", d_ff),
@@ -400,6 +403,13 @@ def test_compress_rounds_the_kept_width_to_whole_blocks_for_a_quantized_gguf(tmp
         "q4": (288, 32), "f16": (300, 1)}
     assert "keeping 288 of 512 FFN neurons per layer (ratio 0.4375), the multiple of 32" in \
         caplog.text and "--round-to 1 keeps 300" in caplog.text
+    # a type other than the one asked for is said as the run writes it, not only in the record
+    substituted = [record.getMessage() for record in caplog.records
+                   if record.levelname == "WARNING" and "substituted" in record.getMessage()]
+    assert substituted == [
+        "model.gguf: FFN width 512 -> 300; 4 tensors row-sliced in Q4_1; 2 requantized to F16; "
+        "2 substituted (Q8_0 -> F16: the kept width 300 is not a multiple of Q8_0's 32-value "
+        "blocks)"]
     written = {name: (set(r["gguf"]["requantized"].values()), bool(r["gguf"]["substituted"]))
                for name, r in records.items() if "gguf" in r}
     assert written == {"auto": ({"Q8_0"}, False), "exact": ({"F16"}, True),
@@ -410,7 +420,7 @@ def test_compress_rounds_the_kept_width_to_whole_blocks_for_a_quantized_gguf(tmp
         assert reloaded.config.intermediate_size == stock.config.intermediate_size == \
             records[name]["ffn_width_after"]
     cards = {name: (tmp_path / name / "README.md").read_text() for name in ("auto", "q4")}
-    assert "--format both --gguf-down-type auto --round-to 32 --out OUT" in cards["auto"]
+    assert "--format both --gguf-down-type Q8_0 --round-to 32 --out OUT" in cards["auto"]
     assert "--format both --gguf-down-type Q4_1 --round-to 32 --out OUT" in cards["q4"]
     assert "43.8% (ratio 0.414062, rounded to a multiple of 32 kept neurons)" in cards["auto"]
     size = {name: (tmp_path / name / "model.gguf").stat().st_size for name in written}
@@ -466,7 +476,7 @@ def test_a_fused_ffn_up_that_is_not_two_blocks_high_is_refused(tmp_path, tinycod
     with pytest.raises(InputError, match=r"blk\.0\.ffn_up\.weight has 1024 rows; "
                                          r"2 x phi3\.feed_forward_length = 2048 expected"):
         write_pruned_gguf(source, result.model, result.kept_rows, out / "pruned.gguf")
-    assert not list(out.iterdir())  # no temporary file left
+    assert not out.exists()  # no temporary file left, nor the folder made for the file
 
 
 def test_failed_write_leaves_the_old_file(tmp_path, tinycoder, monkeypatch):
@@ -489,16 +499,17 @@ def test_a_second_matrix_the_type_cannot_hold_is_refused_with_nothing_written(
         tmp_path, tinycoder, down_type, weight):
     """A weight beyond the written type's range (F16 above 65504; Q8_0, whose block scale is
     F16, above 127 x 65504) would be stored as inf, and a NaN as NaN: the write is refused,
-    naming the layer, and leaves nothing (it had written a file whose model outputs NaN)."""
+    naming the layer, and leaves nothing (it had written a file whose model outputs NaN), not
+    even the folders it made for the file (they had stayed, empty)."""
     source = _tiny_gguf(tmp_path / "tiny.gguf", GGMLQuantizationType.Q8_0, tinycoder)
     result = prunenet.compress(str(source), ratio=0.25, method="random", progress=False)
     with torch.no_grad():  # 384 neurons kept: whole Q8_0 blocks, so Q8_0 is written as asked
         result.model.model.layers[1].mlp.down_proj.weight[0, 0] = weight
-    out = tmp_path / "out" / "pruned.gguf"
+    out = tmp_path / "out" / "deeper" / "pruned.gguf"
     with pytest.raises(InputError, match=f"down_proj.weight in layer 1 does not fit GGUF type "
                                          f"{down_type} "):
         write_pruned_gguf(source, result.model, result.kept_rows, out, down_type=down_type)
-    assert list((tmp_path / "out").iterdir()) == []
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["tiny.gguf"]
 
 
 def test_the_source_gguf_is_never_written_over(tmp_path, tinycoder):

@@ -57,8 +57,16 @@ def test_compress_eval_puts_the_measurement_in_record_and_card(tmp_path,
                  "--eval", "1"]) == 0
     measured = json.loads((out / "prunenet.json").read_text())["evaluation"]["perplexity"]
     assert measured["windows"] == 1 and measured["value"] > 1
-    assert f"perplexity {measured['value']:.2f} on the first 1 evaluation" in (
-        out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert f"perplexity {measured['value']:.2f} on the first 1 evaluation" in card
+    # the command the card names measures the same number again (eval's default, 16 windows,
+    # measures another)
+    again = re.search(r"\(`prunenet eval ([^`]*)` of this folder reproduces it\)", card)
+    assert again is not None, card
+    assert main(["-q", "eval", str(out), *again.group(1).split(),
+                 "--json", str(tmp_path / "again.json")]) == 0
+    repeated = json.loads((tmp_path / "again.json").read_text())
+    assert repeated["perplexity"]["value"] == measured["value"]
 
 
 def test_the_command_on_the_card_repeats_the_run_and_parses(tmp_path):
@@ -436,12 +444,14 @@ def test_a_measurement_beside_a_requantized_gguf_says_what_it_measured(tmp_path)
             f"Q4_0 (that checkpoint is not kept in this folder): {value}") in card
     assert "`model.gguf` itself was not measured" in card
     both = render_card(record, files={"model.gguf", "config.json", "model.safetensors"})
-    assert (f"on the safetensors checkpoint: {value}" in both and "`prunenet eval` of this "
-            "folder, which reads the checkpoint, reproduces it" in both)
+    again = f"--windows 1 --seqlen {record['evaluation']['perplexity']['seqlen']}"
+    assert f"`prunenet eval model.gguf {again}` measures the file as written" in card
+    assert (f"on the safetensors checkpoint: {value}" in both and f"`prunenet eval {again}` of "
+            "this folder, which reads the checkpoint, reproduces it" in both)
     plain = render_card({**record, "gguf": None},
                         files={"config.json", "model.safetensors"})
     assert f"Measured after pruning: {value}" in plain
-    assert "(`prunenet eval` reproduces it)." in plain
+    assert f"(`prunenet eval {again}` of this folder reproduces it)." in plain
 
 
 def test_a_gguf_license_reaches_every_card_made_from_it(tmp_path, monkeypatch):
@@ -480,3 +490,105 @@ def test_a_gguf_license_reaches_every_card_made_from_it(tmp_path, monkeypatch):
     assert main(["-q", "convert", str(odd), "--out", str(tmp_path / "odd-converted")]) == 0
     assert not any(line.startswith("license") for line in front_matter(
         (tmp_path / "odd-converted" / "README.md").read_text()))
+
+
+def test_a_license_named_other_keeps_its_name_and_link(tmp_path):
+    """An input whose license is not one of the Hub's identifiers says ``license: other`` with
+    ``license_name`` and ``license_link`` (the Hub's card metadata): the output's card carries
+    all three, in a folder's card as in a GGUF's header (``general.license.name``, ``.link``),
+    and a compression of that output keeps them; ``license: other`` alone had named no terms."""
+    from test_gguf_convert import SMALL, _gguf
+    from test_gguf_out import _asset
+
+    from prunenet.io.loading import inherited_card_fields
+
+    terms = {"license": "other", "license_name": "qwen-research",
+             "license_link": "https://huggingface.co/Qwen/Qwen2.5-3B/blob/main/LICENSE"}
+    model = tmp_path / "m"
+    make_tiny_model("llama").save_pretrained(model)
+    (model / "README.md").write_text(
+        "---\nlicense: other\nlicense_name: qwen-research\n"
+        f"license_link: {terms['license_link']}\nbase_model: org/tiny\n---\nhi\n")
+    assert main(["-q", "compress", str(model), "--ratio", "0.25", "--method", "magnitude",
+                 "--out", str(tmp_path / "out")]) == 0
+    lines = front_matter((tmp_path / "out" / "README.md").read_text())
+    assert lines[lines.index('license: "other"'):][:3] == [
+        'license: "other"', 'license_name: "qwen-research"',
+        f'license_link: "{terms["license_link"]}"']
+    assert card_fields(tmp_path / "out") == {**terms, "base_model": "org/tiny"}
+    assert main(["-q", "compress", str(tmp_path / "out"), "--ratio", "0.25", "--method",
+                 "magnitude", "--out", str(tmp_path / "again")]) == 0
+    assert card_fields(tmp_path / "again") == {**terms, "base_model": "org/tiny"}
+
+    tinycoder = _asset("tinycoder-gguf") / "tiny.gguf"
+    source = _gguf(tmp_path / "in", GGMLQuantizationType.Q8_0, tinycoder, license="other",
+                   license_name=terms["license_name"], license_link=terms["license_link"])
+    assert inherited_card_fields(source) == terms
+    assert main(["-q", "compress", str(source), "--ratio", "0.5", *SMALL,
+                 "--out", str(tmp_path / "from-gguf")]) == 0
+    assert main(["-q", "convert", str(source), "--out", str(tmp_path / "converted")]) == 0
+    for name in ("from-gguf", "converted"):
+        assert card_fields(tmp_path / name) == terms, name
+
+
+def test_the_card_names_transformers_as_its_library_only_beside_a_checkpoint():
+    """``library_name: transformers`` makes the Hub offer ``from_pretrained`` on the folder:
+    right beside a checkpoint, wrong for a folder holding model.gguf alone, a LoRA adapter
+    alone or no weights (the Hub tells a GGUF by its files; the library is left out)."""
+    from prunenet.io.model_card import render_card
+
+    record = {"method": "random", "ratio": 0.3, "seed": 1, "ffn_width_before": 64,
+              "ffn_width_after": 45, "prunenet_version": "0", "parameters_before": 10,
+              "parameters_after": 8, "parameter_reduction": 0.2, "source": "/m/x.gguf",
+              "gguf": {"file": "model.gguf", "sliced": {"a": "Q4_0"}, "requantized": {"b": "Q8_0"}}}
+    holding = {"checkpoint": {"config.json", "model.safetensors", "model.gguf"},
+               "GGUF": {"model.gguf"}, "adapter": {"adapter"}, "nothing": set()}
+    for what, files in holding.items():
+        lines = front_matter(render_card(record, files=files))
+        assert ("library_name: transformers" in lines) == (what == "checkpoint"), what
+        assert "pipeline_tag: text-generation" in lines, what
+    assert "library_name: transformers" in front_matter(render_card(record))  # a checkpoint
+
+
+def test_the_card_names_the_gguf_type_the_default_chose(tmp_path):
+    """``--gguf-down-type auto`` is resolved per input (Q8_0 for a quantized ffn_down, a float
+    one's own type) and has changed before (it was the input's type): the record and the card's
+    command name the type it chose, as they name the kept count's rounding, so the command
+    repeats the file under any default; a type asked for is named as asked."""
+    import json
+
+    from test_gguf_convert import SMALL, _gguf
+    from test_gguf_out import _asset
+
+    tinycoder = _asset("tinycoder-gguf") / "tiny.gguf"
+    quantized = _gguf(tmp_path / "q", GGMLQuantizationType.Q4_1, tinycoder)
+    runs = [("f16", tinycoder, [], "F16"), ("q4_1", quantized, [], "Q8_0"),
+            ("asked", quantized, ["--gguf-down-type", "Q5_0"], "Q5_0")]
+    for name, source, extra, chosen in runs:
+        out = tmp_path / name
+        assert main(["-q", "compress", str(source), "--ratio", "0.25", *SMALL, *extra,
+                     "--out", str(out)]) == 0
+        gguf = json.loads((out / "prunenet.json").read_text())["gguf"]
+        assert gguf["down_type"] == chosen and set(gguf["requantized"].values()) == {chosen}
+        command, = card_commands((out / "README.md").read_text())
+        assert command[command.index("--gguf-down-type") + 1] == chosen, name
+
+
+def test_the_card_says_which_step_of_a_fine_tune_it_holds():
+    """A fine-tune keeps its best evaluated checkpoint: where that is not its last step, the
+    card says which step the weights are (it had said only how many steps ran, and the
+    perplexity beside it is that step's)."""
+    from prunenet.io.model_card import render_card
+
+    tune = {"trained": "LoRA adapters", "steps_run": 60, "best_step": 40,
+            "eval_perplexity_before": 30.0, "eval_perplexity_after": 20.0,
+            "settings": {"data": "wiki", "steps": 60}}
+    record = {"source": "/m/dense", "prunenet_version": "0", "finetune": tune}
+    files = {"config.json", "model.safetensors"}
+    card = render_card(record, files=files)
+    assert ("Recovered by fine-tuning LoRA adapters on `wiki` for 60 steps, keeping the "
+            "weights of step 40, its best evaluation: evaluation perplexity 30 -> 20.") in card
+    last = render_card({**record, "finetune": {**tune, "best_step": 60}}, files=files)
+    assert "for 60 steps: evaluation perplexity 30 -> 20." in last and "keeping" not in last
+    older = render_card({**record, "finetune": {**tune, "best_step": None}}, files=files)
+    assert "for 60 steps: evaluation perplexity 30 -> 20." in older

@@ -974,17 +974,22 @@ class StagedTensors:
 
 def _gguf_writer(reads: list[str], model: nn.Module | None, rows: list[Tensor], down_type: str):
     """Writes the pruned model as ``model.gguf`` cut from its GGUF source (``ffn_down`` as
-    ``down_type``, ``auto``: the writer's default) into a folder; returns its record. Without
-    ``model``, the FFN tensors are the checkpoint staged in that folder (a streamed run)."""
+    ``down_type``, ``auto``: the writer's default) into a folder; returns its record, which
+    names the type ``auto`` chose (``auto`` where it chose several), so that the card's command
+    repeats the file under another default. Without ``model``, the FFN tensors are the
+    checkpoint staged in that folder (a streamed run)."""
     from .io.gguf_out import write_pruned_gguf
 
     def write(folder: Path) -> dict[str, Any]:
         report = write_pruned_gguf(reads[0], StagedTensors(folder) if model is None else model,
                                    rows, folder / GGUF_NAME,
                                    None if down_type == "auto" else down_type)
+        # a type other than the one asked for (a width that cuts its blocks) is said now
+        log.log(logging.WARNING if report["substituted"] else logging.INFO, "%s: %s",
+                GGUF_NAME, report["summary"])
         return {"gguf": {key: value for key, value in report.items()
                          if key not in ("out_file", "summary")}
-                | {"file": GGUF_NAME, "down_type": down_type}}
+                | {"file": GGUF_NAME, "down_type": report["down_type"] or down_type}}
 
     return write
 

@@ -19,10 +19,8 @@ that avoids F16.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
-import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from functools import partial
@@ -35,7 +33,7 @@ from torch import Tensor, nn
 
 from ..errors import InputError
 from ..families import family_for
-from .files import Output, guard_outputs, make_readable
+from .files import Output, atomic_file, guard_outputs
 from .loading import gguf_reader, validate_gguf
 
 
@@ -246,13 +244,16 @@ def write_pruned_gguf(
     rounded weights; Q8_0 keeps them within 0.6% at about 1.7x the bytes of Q4_1 for that
     tensor. All other tensors and metadata are the source's. The file is written to a temporary
     sibling and renamed onto ``out_file``, which may replace any file but the source (by any
-    name: :class:`OutputError` before anything is written).
+    name: :class:`OutputError` before anything is written); a failed write leaves neither, nor
+    the folders made for it.
 
     Returns a report: ``architecture``, ``feed_forward_length`` (before/after), ``sliced`` and
     ``requantized`` (tensor -> type written), ``substituted`` (tensor -> "SOURCE -> WRITTEN: why"),
-    ``summary`` (one line) and ``out_file``. Raises :class:`InputError` for an unsupported source
-    (:func:`gguf_output_supported`), kept rows that do not fit it, or a model whose FFN rows are
-    not the source's (fine-tuned, or pruned with other rows).
+    ``down_type`` (the type every ``ffn_down`` was asked as: ``down_type``, or the one the
+    default chose; None where it chose several), ``summary`` (one line) and ``out_file``.
+    Raises :class:`InputError` for an unsupported source (:func:`gguf_output_supported`), kept
+    rows that do not fit it, or a model whose FFN rows are not the source's (fine-tuned, or
+    pruned with other rows).
     """
     gguf = _gguf()
     if down_type is not None and down_type not in WRITABLE_TYPES:
@@ -270,9 +271,6 @@ def write_pruned_gguf(
     guard_outputs([Output(out_file, "out_file", folder=False, ours=Path.is_file)],
                   [source_gguf], overwrite=True)
     out_file = Path(out_file).expanduser()
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{out_file.name}.tmp-", dir=out_file.parent)
-    os.close(handle)
     report: dict[str, Any] = {
         "architecture": architecture,
         "feed_forward_length": {"before": d_ff, "after": kept},
@@ -280,8 +278,10 @@ def write_pruned_gguf(
         "requantized": {},
         "substituted": {},
     }
-    source_file = open(Path(source_gguf).expanduser(), "rb")  # noqa: SIM115 (closed below)
-    try:
+    targets = set()  # the types ffn_down was asked as, before any substitution
+    # a temporary sibling renamed onto out_file; on failure it goes, with the folders made for it
+    with open(Path(source_gguf).expanduser(), "rb") as source_file, \
+            atomic_file(out_file, ours=Path.is_file) as tmp:
         writer = gguf.GGUFWriter(tmp, architecture)
         writer.kv_data[0].clear()  # re-added below in the source's order
         writer.data_alignment = reader.alignment
@@ -318,6 +318,7 @@ def write_pruned_gguf(
                 layer = int(match.group(1))
                 target = gguf.GGMLQuantizationType[
                     down_type or default_down_type(tensor.tensor_type.name)]
+                targets.add(target.name)
                 written, reason = _written_type(target, kept)
                 rows_of = int(tensor.shape[1])
                 example = gguf.quants.quantize(np.zeros((1, kept), np.float32), written)
@@ -339,14 +340,7 @@ def write_pruned_gguf(
         for make in makers:
             writer.write_tensor_data(make())
         writer.close()
-        make_readable(tmp)
-        os.replace(tmp, out_file)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    finally:
-        source_file.close()
+    report["down_type"] = targets.pop() if len(targets) == 1 else None
     report["out_file"] = str(out_file)
     report["summary"] = _summary(report)
     return report

@@ -824,21 +824,28 @@ def write_card(folder: Path, record: dict[str, Any], source: str | os.PathLike |
     write_text_atomic(folder / CARD_NAME, render_card(record, inherited, hub_id, files))
 
 
-def gguf_license(path: str | os.PathLike) -> str | None:
-    """A GGUF file's ``general.license`` (one line), or None where it declares none or cannot
-    be read."""
+# A GGUF's license keys (llama.cpp's converter writes them from the card) -> the card's.
+_GGUF_LICENSE_KEYS = {"general.license": "license", "general.license.name": "license_name",
+                      "general.license.link": "license_link"}
+
+
+def gguf_license(path: str | os.PathLike) -> dict[str, str]:
+    """A GGUF file's ``general.license``, ``.name`` and ``.link`` (one line each) as the card's
+    license keys; those it declares none of or that cannot be read are left out."""
     try:
-        field = gguf_reader(path).get_field("general.license")
-        value = field.contents() if field is not None else None
+        reader = gguf_reader(path)
+        fields = {key: reader.get_field(name) for name, key in _GGUF_LICENSE_KEYS.items()}
+        values = {key: field.contents() for key, field in fields.items() if field is not None}
     except (OSError, ValueError):
-        return None
-    return card_value(value) if isinstance(value, str) else None
+        return {}
+    values = {key: card_value(value) for key, value in values.items() if isinstance(value, str)}
+    return {key: value for key, value in values.items() if value is not None}
 
 
 def inherited_card_fields(source: str | os.PathLike) -> dict[str, str]:
-    """``license`` and ``base_model`` a local model declares: its folder's card
+    """The license keys and ``base_model`` a local model declares: its folder's card
     (:func:`~prunenet.io.model_card.card_fields`), and for a GGUF file, or a folder whose model
-    is one GGUF file, that file's ``general.license`` where no card names a license."""
+    is one GGUF file, that file's (:func:`gguf_license`) where no card names a license."""
     path = Path(source)
     gguf = path if path.suffix.lower() == ".gguf" and path.is_file() else None
     fields = card_fields(path) if gguf is None else {}
@@ -846,9 +853,7 @@ def inherited_card_fields(source: str | os.PathLike) -> dict[str, str]:
         found = [entry for entry in path.glob("*.gguf") if entry.is_file()]
         gguf = found[0] if len(found) == 1 else None
     if gguf is not None and "license" not in fields:
-        value = gguf_license(gguf)
-        if value is not None:
-            fields["license"] = value
+        fields.update(gguf_license(gguf))
     return fields
 
 

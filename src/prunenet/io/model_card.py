@@ -1,8 +1,9 @@
 """The model card (``README.md``) of an output folder, as the Hugging Face Hub reads it.
 
-YAML front matter (``base_model`` where known, ``tags``, ``license`` copied from the input's own
-card, ``pipeline_tag``) and a short body: what was done, by which method, what it changed, and a
-command that repeats it. ``prunenet.json`` stays the machine-readable record.
+YAML front matter (``base_model`` where known, ``tags``, ``license`` with its ``license_name``
+and ``license_link`` copied from the input's own card, ``pipeline_tag``) and a short body:
+what was done, by which method, what it changed, and a command that repeats it.
+``prunenet.json`` stays the machine-readable record.
 """
 
 from __future__ import annotations
@@ -19,12 +20,14 @@ from ..version import __version__
 
 CARD_NAME = "README.md"
 _FRONT_MATTER = re.compile(r"\A---\s*\n(.*?)\n---\s*(\n|\Z)", re.DOTALL)
+# The Hub's license metadata: an identifier, and for ``other`` the terms' name and link.
+LICENSE_KEYS = ("license", "license_name", "license_link")
 
 
 def card_fields(folder: str | os.PathLike | None) -> dict[str, str]:
-    """``license`` and ``base_model`` from the front matter of ``folder/README.md``, if any
-    (one-line scalar values only; anything else is ignored). A GGUF's own license is read by
-    :func:`prunenet.io.loading.inherited_card_fields`."""
+    """The license keys (:data:`LICENSE_KEYS`) and ``base_model`` from the front matter of
+    ``folder/README.md``, if any (one-line scalar values only; anything else is ignored). A
+    GGUF's own license is read by :func:`prunenet.io.loading.inherited_card_fields`."""
     if folder is None or not (Path(folder) / CARD_NAME).is_file():
         return {}
     try:
@@ -38,7 +41,7 @@ def card_fields(folder: str | os.PathLike | None) -> dict[str, str]:
     for line in match.group(1).splitlines():
         key, _, value = line.partition(":")
         value = card_value(value)
-        if key in ("license", "base_model") and value is not None:
+        if key in (*LICENSE_KEYS, "base_model") and value is not None:
             fields[key] = value
     return fields
 
@@ -51,11 +54,10 @@ def card_value(value: str) -> str | None:
     return value
 
 
-def conversion_card(gguf_name: str, license: str | None) -> str:
-    """The card of a folder converted from the GGUF file ``gguf_name``: its ``license`` (the
-    GGUF's own, where it names one), and what the folder is."""
-    front = ["---", *([f"license: {_yaml_value(license)}"] if license is not None else []),
-             "library_name: transformers", "---", ""]
+def conversion_card(gguf_name: str, terms: dict[str, str]) -> str:
+    """The card of a folder converted from the GGUF file ``gguf_name``: its license keys
+    (``terms``, the GGUF's own, where it names them), and what the folder is."""
+    front = ["---", *_license_lines(terms), "library_name: transformers", "---", ""]
     return "\n".join(front + [
         f"# {Path(gguf_name).stem}, converted from GGUF", "",
         f"`{gguf_name}` dequantized to a float32 safetensors checkpoint by prunenet "
@@ -67,11 +69,16 @@ def _yaml_value(value: str) -> str:
     return json.dumps(value)  # a JSON string is a valid YAML scalar
 
 
+def _license_lines(fields: dict[str, str]) -> list[str]:
+    """The front matter lines of the license keys ``fields`` holds, in the Hub's order."""
+    return [f"{key}: {_yaml_value(fields[key])}" for key in LICENSE_KEYS if key in fields]
+
+
 def render_card(record: dict[str, Any], inherited: dict[str, str] | None = None,
                 hub_id: str | None = None, files: set[str] | None = None) -> str:
     """The card of an output described by ``record`` (its ``prunenet.json``).
 
-    ``inherited``: the ``license`` and ``base_model`` the input declares (its card, or a
+    ``inherited``: the license keys and ``base_model`` the input declares (its card, or a
     GGUF's header); ``hub_id``: the Hub id it came from, when it did; ``files``: the names in
     the output folder (what it says loads where follows them; None: a stock checkpoint).
     """
@@ -85,12 +92,14 @@ def render_card(record: dict[str, Any], inherited: dict[str, str] | None = None,
     front += ["tags:", "- pruned" if method else "- fine-tuned", "- prunenet"]
     if method:
         front.append(f"- {_yaml_value(method)}")
-    if "license" in inherited:
-        front.append(f"license: {_yaml_value(inherited['license'])}")
-    front += ["pipeline_tag: text-generation", "library_name: transformers", "---", ""]
-    source = record.get("source") or "an in-memory model"
+    front += _license_lines(inherited)
     checkpoint = files is None or ("config.json" in files and any(
         name.endswith(".safetensors") for name in files))
+    # the library the Hub offers to load the folder with: none for model.gguf or an adapter
+    # alone (it tells a GGUF by its files), which from_pretrained does not load
+    front += ["pipeline_tag: text-generation",
+              *(["library_name: transformers"] if checkpoint else []), "---", ""]
+    source = record.get("source") or "an in-memory model"
     gguf = record.get("gguf") if files is None or (record.get("gguf") or {}).get(
         "file", "model.gguf") in files else None
     if checkpoint:
@@ -157,25 +166,27 @@ def render_card(record: dict[str, Any], inherited: dict[str, str] | None = None,
 def _measured_sentence(record: dict[str, Any], checkpoint: bool) -> str:
     """What --eval measured and what measures it again. It measured the pruned checkpoint's
     float weights; where a GGUF was written, not that file, whose ffn_down was requantized
-    after: `prunenet eval` reproduces the number from the checkpoint (``checkpoint``: this
-    folder holds it), never from the GGUF."""
+    after: `prunenet eval` on the same windows (eval's default count differs) reproduces the
+    number from the checkpoint (``checkpoint``: this folder holds it), never from the GGUF."""
     measured = record["evaluation"]["perplexity"]
     value = (f"perplexity {measured['value']:.2f} on the first {measured['windows']} evaluation "
              f"windows of {measured['seqlen']} tokens of {measured['corpus']}")
+    again = f"--windows {measured['windows']} --seqlen {measured['seqlen']}"
     gguf = record.get("gguf")
     if not gguf:
-        return f"Measured after pruning: {value} (`prunenet eval` reproduces it)."
+        return (f"Measured after pruning: {value} (`prunenet eval {again}` of this folder "
+                "reproduces it).")
     file = gguf.get("file", "model.gguf")
     down = "/".join(sorted(set(gguf.get("requantized", {}).values()))) or "its own type"
     if checkpoint:
         return (f"Measured after pruning, on the safetensors checkpoint: {value} (`prunenet "
-                f"eval` of this folder, which reads the checkpoint, reproduces it). `{file}`, "
-                f"whose ffn_down was then written as {down}, was not measured: `prunenet eval "
-                f"{file}` measures that file, which can differ.")
+                f"eval {again}` of this folder, which reads the checkpoint, reproduces it). "
+                f"`{file}`, whose ffn_down was then written as {down}, was not measured: "
+                f"`prunenet eval {file} {again}` measures that file, which can differ.")
     return (f"Measured after pruning, on the pruned model's float weights before `{file}`'s "
             f"ffn_down was written as {down} (that checkpoint is not kept in this folder): "
-            f"{value}. `{file}` itself was not measured: `prunenet eval {file}` measures the "
-            "file as written, which can differ.")
+            f"{value}. `{file}` itself was not measured: `prunenet eval {file} {again}` "
+            "measures the file as written, which can differ.")
 
 
 def _finetune_sentence(tune: dict[str, Any]) -> str:
@@ -195,6 +206,9 @@ def _finetune_sentence(tune: dict[str, Any]) -> str:
         measure = "evaluation perplexity"
         before = tune.get("eval_perplexity_before")
         after = tune.get("eval_perplexity_after")
+    best = tune.get("best_step")
+    if isinstance(best, int) and best != steps:  # the best evaluated checkpoint is kept
+        how += f", keeping the weights of step {best}, its best evaluation"
     if isinstance(before, (int, float)) and isinstance(after, (int, float)):
         return f"{how}: {measure} {before:.3g} -> {after:.3g}."
     return how + "."
