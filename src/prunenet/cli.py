@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from .arithmetic import check_seed
-from .errors import InputError, PruneNetError
+from .errors import InputError, PruneNetError, refuse_repeats
 from .io.files import commits, committed_outputs
 from .io.gguf_out import WRITABLE_TYPES
 from .pipeline import (
@@ -611,6 +611,7 @@ def run_fetch(args: argparse.Namespace) -> int:
     unknown = [name for name in args.assets if name not in ASSETS]
     if unknown:
         raise InputError(f"unknown asset {unknown[0]!r}; choose from {', '.join(ASSETS)}")
+    refuse_repeats("the asset list", args.assets)  # with --force, each repeat downloaded it again
     paths = fetch_all(args.assets or None, force=args.force)
     for alias, model in MODELS.items():
         if model.asset in paths:
