@@ -1372,8 +1372,9 @@ def test_an_interrupt_between_outputs_names_what_was_written(models, tmp_path, c
     line = capsys.readouterr().err.strip().splitlines()[-1]
     state = sibling_path(out, ".train-state.pt")
     assert line == (f"prunenet: interrupted; written complete before the interrupt: "
-                    f"{state}, {out.resolve()}; every other output was not written and nothing "
-                    "partial was left behind")
+                    f"{state} (the policy's training state: the same command with --resume "
+                    f"continues from it; delete it to start over), {out.resolve()}; every other "
+                    "output was not written and nothing partial was left behind")
     assert (out / "prunenet.json").is_file() and not policy.exists() and not record.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["models", "o", state.name]
 

@@ -1161,11 +1161,17 @@ def interrupted_line(written: Sequence[Path]) -> str:
 
 
 def _as_written(path: Path) -> str:
-    """An output as the interrupted line names it: a file inside a fine-tune's work folder
-    (its settings, the teacher's text) as that folder, which is kept to be resumed, with the
-    command that resumes it (a recovery compress ran is resumed by prunenet finetune)."""
+    """An output as the interrupted line names it: a policy's training state, or a file inside
+    a fine-tune's work folder (its settings, the teacher's text) as that folder, as what is
+    kept to be resumed, with the command that resumes it (a recovery compress ran is resumed
+    by prunenet finetune)."""
     from .finetune import finished_run, is_work_folder, resume_command
+    from .pipeline import TRAINING_STATE_SUFFIX
+    from .selection.prunenet.reinforce import is_training_state
 
+    if path.name.endswith(TRAINING_STATE_SUFFIX) and is_training_state(path):
+        return (f"{path} (the policy's training state: the same command with --resume "
+                "continues from it; delete it to start over)")
     work = next((folder for folder in path.parents if is_work_folder(folder)), None)
     if work is None:
         return str(path)
