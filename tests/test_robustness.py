@@ -78,7 +78,10 @@ def test_resume_with_contradicting_settings_is_refused(tmp_path):
                                  progress=False, state_path=state, resume=True)
 
 
-def test_cli_resume_continues_compress(tiny_llama_dir, tmp_path, monkeypatch):
+def test_cli_resume_continues_compress(tiny_llama_dir, tmp_path, monkeypatch, capsys):
+    """An interrupted policy training keeps its state, which the interrupted line names as
+    what the same command with --resume continues (not as a finished output); resumed, the
+    run ends as an uninterrupted one."""
     from prunenet.selection import prunenet as prunenet_method
 
     original = prunenet_method.train_policy_on_matrices
@@ -95,33 +98,6 @@ def test_cli_resume_continues_compress(tiny_llama_dir, tmp_path, monkeypatch):
             "--method", "prunenet", "--out", str(out)]
     monkeypatch.setattr(prunenet_method, "train_policy_on_matrices", interrupted)
     assert main(argv) == 130
-    assert not out.exists() and (tmp_path / "out.train-state.pt").exists()
-    monkeypatch.setattr(prunenet_method, "train_policy_on_matrices", original)
-    assert main([*argv, "--resume"]) == 0
-    assert not (tmp_path / "out.train-state.pt").exists()
-    assert main([*argv[:-1], str(tmp_path / "fresh")]) == 0
-    assert _tree_digest(out) == _tree_digest(tmp_path / "fresh")
-
-
-def test_an_interrupted_policy_training_names_its_state_and_the_resume(
-        tiny_llama_dir, tmp_path, monkeypatch, capsys):
-    """The interrupted line names the training state a run keeps as what continues it (the
-    same command with --resume), not as a finished output."""
-    from prunenet.selection import prunenet as prunenet_method
-
-    original = prunenet_method.train_policy_on_matrices
-
-    def interrupted(*args, **kwargs):
-        def stop(record, policy):
-            if record.episode == 1:
-                raise KeyboardInterrupt
-
-        return original(*args, **{**kwargs, "on_episode": stop})
-
-    monkeypatch.setattr(prunenet_method, "train_policy_on_matrices", interrupted)
-    out = tmp_path / "out"
-    assert main(["-q", "compress", str(tiny_llama_dir), "--ratio", "0.3", "--episodes", "3",
-                 "--method", "prunenet", "--out", str(out)]) == 130
     state = tmp_path / "out.train-state.pt"
     assert sorted(tmp_path.iterdir()) == [state, tiny_llama_dir]
     assert capsys.readouterr().err == (
@@ -129,6 +105,11 @@ def test_an_interrupted_policy_training_names_its_state_and_the_resume(
         "policy's training state: the same command with --resume continues from it; delete "
         "it to start over); every other output was not written and nothing partial was left "
         "behind\n")
+    monkeypatch.setattr(prunenet_method, "train_policy_on_matrices", original)
+    assert main([*argv, "--resume"]) == 0
+    assert not (tmp_path / "out.train-state.pt").exists()
+    assert main([*argv[:-1], str(tmp_path / "fresh")]) == 0
+    assert _tree_digest(out) == _tree_digest(tmp_path / "fresh")
 
 
 def test_same_seed_gives_byte_identical_outputs(tiny_llama_dir, tmp_path):
