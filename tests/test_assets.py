@@ -157,6 +157,18 @@ def test_fetch_converts_each_model_whose_gguf_it_fetched(monkeypatch, tmp_path, 
     assert "gemma3-270m: " in capsys.readouterr().out
 
 
+def test_fetch_refuses_an_asset_named_twice_before_fetching_any(monkeypatch, capsys):
+    """An asset named twice is a typo, refused as --tasks, --methods and --ratios refuse one:
+    with --force it had been downloaded and replaced twice."""
+    fetched = []
+    monkeypatch.setattr(assets, "fetch_asset",
+                        lambda name, force=False: fetched.append(name) or Path(name))
+    assert main(["fetch", "--force", "wiki", "zeroshot", "wiki"]) == 2
+    assert capsys.readouterr().err == (
+        "prunenet: error: the asset list names wiki more than once; give each once\n")
+    assert fetched == []
+
+
 def test_fetch_never_replaces_a_folder_it_did_not_write(pypi, monkeypatch):
     """The cache is shared with the user: a folder at an asset's place without fetch's
     ``.complete`` marker is refused, kept as it was, with or without --force; one fetch wrote

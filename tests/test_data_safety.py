@@ -1372,8 +1372,9 @@ def test_an_interrupt_between_outputs_names_what_was_written(models, tmp_path, c
     line = capsys.readouterr().err.strip().splitlines()[-1]
     state = sibling_path(out, ".train-state.pt")
     assert line == (f"prunenet: interrupted; written complete before the interrupt: "
-                    f"{state}, {out.resolve()}; every other output was not written and nothing "
-                    "partial was left behind")
+                    f"{state} (the policy's training state: the same command with --resume "
+                    f"continues from it; delete it to start over), {out.resolve()}; every other "
+                    "output was not written and nothing partial was left behind")
     assert (out / "prunenet.json").is_file() and not policy.exists() and not record.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["models", "o", state.name]
 
@@ -1395,7 +1396,9 @@ def test_an_error_between_outputs_names_what_was_written(models, tmp_path, capsy
     line = capsys.readouterr().err.strip().splitlines()[-1]
     state = sibling_path(out, ".train-state.pt")
     assert line == (f"prunenet: error: the policy cannot be written; written complete before "
-                    f"the error: {state}, {out.resolve()}; every other output was not written")
+                    f"the error: {state} (the policy's training state: the same command with "
+                    f"--resume continues from it; delete it to start over), {out.resolve()}; "
+                    "every other output was not written")
     assert (out / "prunenet.json").is_file() and not policy.exists()
     # the next command in the same process fails before writing: it names nothing
     assert main(["-q", "compress", str(models / "llama"), "--ratio", "0.3", "--out", str(out),

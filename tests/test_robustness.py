@@ -78,7 +78,10 @@ def test_resume_with_contradicting_settings_is_refused(tmp_path):
                                  progress=False, state_path=state, resume=True)
 
 
-def test_cli_resume_continues_compress(tiny_llama_dir, tmp_path, monkeypatch):
+def test_cli_resume_continues_compress(tiny_llama_dir, tmp_path, monkeypatch, capsys):
+    """An interrupted policy training keeps its state, which the interrupted line names as
+    what the same command with --resume continues (not as a finished output); resumed, the
+    run ends as an uninterrupted one."""
     from prunenet.selection import prunenet as prunenet_method
 
     original = prunenet_method.train_policy_on_matrices
@@ -95,7 +98,13 @@ def test_cli_resume_continues_compress(tiny_llama_dir, tmp_path, monkeypatch):
             "--method", "prunenet", "--out", str(out)]
     monkeypatch.setattr(prunenet_method, "train_policy_on_matrices", interrupted)
     assert main(argv) == 130
-    assert not out.exists() and (tmp_path / "out.train-state.pt").exists()
+    state = tmp_path / "out.train-state.pt"
+    assert sorted(tmp_path.iterdir()) == [state, tiny_llama_dir]
+    assert capsys.readouterr().err == (
+        f"prunenet: interrupted; written complete before the interrupt: {state} (the "
+        "policy's training state: the same command with --resume continues from it; delete "
+        "it to start over); every other output was not written and nothing partial was left "
+        "behind\n")
     monkeypatch.setattr(prunenet_method, "train_policy_on_matrices", original)
     assert main([*argv, "--resume"]) == 0
     assert not (tmp_path / "out.train-state.pt").exists()

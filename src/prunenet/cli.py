@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from .arithmetic import check_seed
-from .errors import InputError, PruneNetError
+from .errors import InputError, PruneNetError, refuse_repeats
 from .io.files import commits, committed_outputs
 from .io.gguf_out import WRITABLE_TYPES
 from .pipeline import (
@@ -611,6 +611,7 @@ def run_fetch(args: argparse.Namespace) -> int:
     unknown = [name for name in args.assets if name not in ASSETS]
     if unknown:
         raise InputError(f"unknown asset {unknown[0]!r}; choose from {', '.join(ASSETS)}")
+    refuse_repeats("the asset list", args.assets)  # with --force, each repeat downloaded it again
     paths = fetch_all(args.assets or None, force=args.force)
     for alias, model in MODELS.items():
         if model.asset in paths:
@@ -1176,11 +1177,17 @@ def _named_outputs(written: Sequence[Path]) -> str:
 
 
 def _as_written(path: Path) -> str:
-    """An output as the interrupted line names it: a file inside a fine-tune's work folder
-    (its settings, the teacher's text) as that folder, which is kept to be resumed, with the
-    command that resumes it (a recovery compress ran is resumed by prunenet finetune)."""
+    """An output as the interrupted line names it: a policy's training state, or a file inside
+    a fine-tune's work folder (its settings, the teacher's text) as that folder, as what is
+    kept to be resumed, with the command that resumes it (a recovery compress ran is resumed
+    by prunenet finetune)."""
     from .finetune import finished_run, is_work_folder, resume_command
+    from .pipeline import TRAINING_STATE_SUFFIX
+    from .selection.prunenet.reinforce import is_training_state
 
+    if path.name.endswith(TRAINING_STATE_SUFFIX) and is_training_state(path):
+        return (f"{path} (the policy's training state: the same command with --resume "
+                "continues from it; delete it to start over)")
     work = next((folder for folder in path.parents if is_work_folder(folder)), None)
     if work is None:
         return str(path)

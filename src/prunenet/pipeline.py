@@ -261,9 +261,12 @@ def input_paths(source: str | os.PathLike) -> list[str]:
     return [read, folder] if Path(source).expanduser().is_dir() else [read]
 
 
+TRAINING_STATE_SUFFIX = ".train-state.pt"
+
+
 def training_state_path(output: str | os.PathLike) -> Path:
     """Where a run writing ``output`` keeps its resumable training state: a sibling file."""
-    return sibling_path(output, ".train-state.pt")
+    return sibling_path(output, TRAINING_STATE_SUFFIX)
 
 
 def _as_model(model: Any, trust_remote_code: bool = False, with_tokenizer: bool = True):
