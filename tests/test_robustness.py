@@ -982,3 +982,32 @@ def test_check_finite_refuses_exactly_the_tensors_a_mask_finds_non_finite(size, 
     else:
         with pytest.raises(NumericalError, match="^w holds NaN or Inf"):
             check_finite("w", tensor)
+
+
+def test_a_reader_that_stops_reading_does_not_stop_the_command(tiny_llama_real_tokenizer_dir,
+                                                                tmp_path):
+    """`prunenet compress ... | head -1`: the reader closes the pipe early. The lines prunenet
+    prints only say what its outputs hold, so the command goes on and writes every output (the
+    first printed line had failed with a broken pipe after --out was written, and the record
+    and the recovery never came)."""
+    corpus = tmp_path / "text.txt"
+    corpus.write_text("The quick brown fox jumps over the lazy dog. " * 400)
+    out, record = tmp_path / "o", tmp_path / "r"
+    reader, writer = os.pipe()
+    os.close(reader)  # gone before the first line
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "prunenet", "-q", "compress",
+             str(tiny_llama_real_tokenizer_dir), "--ratio", "0.3", "--method", "random",
+             "--out", str(out), "--record", str(record), "--finetune-steps", "1",
+             "--finetune-seqlen", "16", "--finetune-data", str(corpus)],
+            stdout=writer, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "PYTHONPATH": str(Path(prunenet.__file__).parents[1])})
+    finally:
+        os.close(writer)
+    assert done.returncode == 0, done.stderr
+    assert "pipe" not in done.stderr.lower(), done.stderr
+    written = sorted(path.name for path in tmp_path.iterdir())
+    assert written == ["o", "o-finetuned", "r", "text.txt"], written
+    assert (record / "record.json").is_file()
+    assert json.loads((tmp_path / "o-finetuned" / "prunenet.json").read_text())["finetune"]

@@ -1203,6 +1203,52 @@ def _terminate(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+class _LeavableOutput:
+    """Standard output for a reader that may stop reading before the command ends (``| head
+    -1``, ``| true``): the lines prunenet prints say what its outputs hold, and the outputs
+    are complete without them. Once the reader has closed the pipe, what follows goes to
+    ``/dev/null`` and the command goes on (it had failed with a broken pipe after its first
+    output was written, before a recovery or a record that was still to come)."""
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._discard()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._discard()
+
+    def _discard(self) -> None:
+        """Point the stream's file at /dev/null, so the lines still buffered or yet to come
+        are written there (at exit too) instead of failing again."""
+        with contextlib.suppress(OSError, ValueError):  # a stream without a file: no lines
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self._stream.fileno())
+            os.close(devnull)
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
+@contextlib.contextmanager
+def _reader_may_leave() -> Iterator[None]:
+    """The command's standard output as :class:`_LeavableOutput` while it runs."""
+    saved = sys.stdout
+    sys.stdout = _LeavableOutput(saved)
+    try:
+        yield
+    finally:
+        sys.stdout = saved
+
+
 @contextlib.contextmanager
 def _no_progress_bars() -> Iterator[None]:
     """-q: no progress bar at all while the command runs, ours or a library's (transformers'
@@ -1244,7 +1290,8 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(hangup, _terminate)
     written_before = commits()  # a process may run several commands
     try:
-        with _no_progress_bars() if args.quiet else contextlib.nullcontext():
+        with _no_progress_bars() if args.quiet else contextlib.nullcontext(), \
+                _reader_may_leave():
             return int(args.run(args) or 0)
     except (PruneNetError, *_KNOWN_ERRORS) as error:
         if args.debug:
