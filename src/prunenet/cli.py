@@ -1105,7 +1105,8 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="prunenet",
-        description="Calibration-free structured pruning of causal LM FFNs with PruneNet.",
+        description=("Calibration-free structured pruning of causal LM FFNs: by default from the "
+                     "model's own text, or with the PruneNet policy (--method prunenet)."),
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     parser.add_argument("-q", "--quiet", action="store_true",

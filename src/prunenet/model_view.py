@@ -107,7 +107,9 @@ class FFNView:
             return layer.get_parameter(name).detach().clone()
 
     def first_matrix(self, layer_index: int, device: torch.device | str | None = None) -> Tensor:
-        """Layer ``layer_index``'s first FFN matrix, d_ff x d_model, as a detached fp32 copy."""
+        """Layer ``layer_index``'s first FFN matrix, d_ff x d_model, detached, in fp32: a view of
+        the weight where it is fp32 on ``device`` and not transposed (no copy of every layer's
+        matrix while a policy trains), else a copy. Read it; never write into it."""
         tensor = self.parameter(layer_index, self.family.first.name)
         matrix = self.family.first_matrix(tensor, self.d_ff)
         return matrix.to(device=device or tensor.device, dtype=torch.float32).contiguous()
