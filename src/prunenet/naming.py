@@ -101,8 +101,9 @@ def compression_summary(record: dict[str, Any]) -> dict[str, Any]:
     """What a record says of how its model was made: the method, ratio, selection and seed,
     the refit (``reconstruct``: ls, bias, none), the multiple kept counts were rounded to
     (``round_to``) and the recovery fine-tune (``finetune``, :func:`finetune_summary`; None
-    when there was none). A model prunenet fine-tuned but did not prune has method, ratio and
-    refit None."""
+    when there was none), and where prunenet made its input, the labels of the runs that did
+    (``history``, :func:`source_records`, the first first). A model prunenet fine-tuned but
+    did not prune has method, ratio and refit None."""
     pruned = record.get("method") is not None
     tune = record.get("finetune")
     return {
@@ -110,13 +111,46 @@ def compression_summary(record: dict[str, Any]) -> dict[str, Any]:
         "reconstruct": refit_mode(record) if pruned else None,
         "round_to": record.get("round_to"),
         "finetune": finetune_summary(tune) if isinstance(tune, dict) else None,
+        **({"history": [run_label(compression_summary(earlier))
+                        for earlier in source_records(record)]}
+           if source_records(record) else {}),
     }
+
+
+def source_records(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """The records of the prunenet runs that made a record's input, the first first: its
+    ``source_history`` (the input's own ``prunenet.json``) and the history that holds in
+    turn; each without its own history. Empty where prunenet did not make the input."""
+    chain = []
+    earlier = record.get("source_history")
+    while isinstance(earlier, dict):
+        chain.insert(0, {key: value for key, value in earlier.items()
+                         if key != "source_history"})
+        earlier = earlier.get("source_history")
+    return chain
+
+
+def history_sentence(record: dict[str, Any]) -> str | None:
+    """How a record's input was made where prunenet made it, as the card and the report say
+    it: ``Its input was made by prunenet: random+ls at ratio 0.25 + LoRA fine-tune 200 steps
+    on wiki (FFN width 48 -> 36); this run's ratio, FFN widths and parameter counts are
+    relative to that input.`` None where prunenet did not make it."""
+    chain = source_records(record)
+    if not chain:
+        return None
+    pruned = [earlier for earlier in chain if earlier.get("ffn_width_before") is not None]
+    widths = (f" (FFN width {pruned[0]['ffn_width_before']} -> {pruned[-1]['ffn_width_after']})"
+              if pruned else "")
+    labels = ", then ".join(compression_summary(record)["history"])
+    return (f"Its input was made by prunenet: {labels}{widths}; this run's ratio, FFN widths "
+            "and parameter counts are relative to that input.")
 
 
 def run_label(summary: dict[str, Any]) -> str:
     """A model as it was made, from its :func:`compression_summary`: ``random+ls at ratio
     0.25``, with ``, kept rounded to a multiple of 32`` and ``+ LoRA fine-tune 200 steps on
-    wiki`` where they apply; ``not pruned + ...`` for a model only fine-tuned."""
+    wiki`` where they apply; ``not pruned + ...`` for a model only fine-tuned; after the labels
+    of the runs that made its input (its ``history``) and ``, then``."""
     if summary.get("method") is None:
         label = "not pruned"
     else:
@@ -126,4 +160,4 @@ def run_label(summary: dict[str, Any]) -> str:
             label += f", kept rounded to a multiple of {summary['round_to']}"
     if summary.get("finetune"):
         label += " " + finetune_label(summary["finetune"])
-    return label
+    return ", then ".join([*(summary.get("history") or []), label])

@@ -27,6 +27,7 @@ from .io.files import (
 from .naming import (
     calibration_sentence,
     compression_summary,
+    history_sentence,
     method_label,
     number_text,
     one_line,
@@ -173,6 +174,7 @@ def summary_lines(data: dict[str, Any]) -> list[str]:
         + f", ratio {c['ratio']}" + _rounding(c)
         + (f", seed {c['seed']}" if reads_seed(c) else "")  # not where nothing was drawn
         + f", prunenet {c['prunenet_version']}.",
+        *([f"- {history_sentence(c)}"] if history_sentence(c) else []),
         _refit_line(c),
         *([f"- {probe_sentence(c['probe'])}."] if isinstance(c.get("probe"), dict) else []),
         *_calibration_line(c),

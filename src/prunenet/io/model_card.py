@@ -14,7 +14,7 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from ..naming import reads_seed
+from ..naming import history_sentence, reads_seed
 from ..version import __version__
 
 CARD_NAME = "README.md"
@@ -126,6 +126,8 @@ def render_card(record: dict[str, Any], inherited: dict[str, str] | None = None,
         ]
     else:
         body = [f"# {Path(str(source)).name or source}, fine-tuned with prunenet", "", loads, ""]
+    if history_sentence(record):
+        body += [history_sentence(record), ""]
     if gguf:
         written = sorted(set(gguf.get("requantized", {}).values()))
         kept = sorted(set(gguf.get("sliced", {}).values()))
