@@ -5,6 +5,7 @@ a multiple, and the recovery fine-tune, read from its record (``prunenet.json``)
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 
@@ -12,6 +13,50 @@ def one_line(text: str | None) -> str | None:
     """``text`` on one line: a path holding a newline or another control character is written
     with Python's escapes, so it cannot split the markdown list it stands in."""
     return text if text is None or text.isprintable() else repr(text)
+
+
+# What can start markdown or HTML in running text: emphasis, code, links, a table's cell bar,
+# tags and entities, strikethrough, a heading's closing hashes, math (GitHub's, the Hub's); a
+# ">" only at a line's start (a quote), where no name stands.
+_MARKUP = frozenset("*_`[]<|&~#$")
+_PUNCTUATION = frozenset("!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~")  # what a backslash escapes
+
+
+def markdown_text(text: str | None) -> str | None:
+    """``text`` (a path, a prompt, a model name) as markdown and its HTML show it as written,
+    on one line (:func:`one_line`): every character that could start markup backslash-escaped
+    (an underscore inside a word starts none), and a backslash that would escape the character
+    after it escaped itself; letters and other text unchanged, so the file still reads as the
+    text."""
+    text = one_line(text)
+    if text is None:
+        return None
+    shown = []
+    for index, char in enumerate(text):
+        before, after = text[index - 1:index], text[index + 1:index + 2]
+        if char == "_" and before.isalnum() and after.isalnum():
+            shown.append(char)  # inside a word it emphasizes nothing: my_model reads as is
+        elif char in _MARKUP or char == "\\" and (after in _PUNCTUATION or not after):
+            shown.append("\\" + char)  # a last backslash would escape what follows it
+        else:
+            shown.append(char)
+    return "".join(shown)
+
+
+def backtick_fence(text: str, least: int = 1) -> str:
+    """The backticks that fence ``text`` as markdown code (a span, or a block with ``least``
+    3): more than it holds in a row, so none of its own closes the fence."""
+    longest = max((len(run) for run in re.findall("`+", text)), default=0)
+    return "`" * max(least, longest + 1)
+
+
+def markdown_code(text: str) -> str:
+    """``text`` as a markdown code span, on one line (:func:`one_line`), fenced by
+    :func:`backtick_fence` and padded where it starts or ends with a backtick."""
+    text = one_line(text)
+    fence = backtick_fence(text)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
 
 
 def number_text(value: float) -> str:
