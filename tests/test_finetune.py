@@ -728,6 +728,18 @@ def test_a_model_pruned_again_keeps_how_its_input_was_made(setup, trained, tmp_p
     assert report.startswith(f"# prunenet run report: {run_label(compression_summary(record))}")
 
 
+def test_the_summary_of_a_model_pruned_again_says_what_this_run_pruned(setup, trained,
+                                                                      tmp_path, capsys):
+    """compress's summary line names this run's pruning, of an input prunenet made (named),
+    where it had read as if this run had pruned and fine-tuned the whole chain."""
+    assert main(["compress", str(trained.out), "--ratio", "0.25", "--method", "random",
+                 "--reconstruct", "none", "--out", str(tmp_path / "again")]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == (
+        "pruned random at ratio 0.25 of an input prunenet made (random+ls at ratio 0.25 + LoRA "
+        f"fine-tune 10 steps on {setup.corpus}): FFN width 36 -> 27, parameters 21,408 -> "
+        "19,680 (-8.1%)")
+
+
 def test_no_merge_writes_only_the_adapter_and_the_record(setup):
     from peft import PeftModel
 
