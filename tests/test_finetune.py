@@ -716,10 +716,15 @@ def test_a_model_pruned_again_keeps_how_its_input_was_made(setup, trained, tmp_p
     record = json.loads((again / "prunenet.json").read_text())
     assert record["source_history"] == earlier
     assert (record["ffn_width_before"], record["ffn_width_after"]) == (36, 27)
-    history = (f"Its input was made by prunenet: random+ls at ratio 0.25 + LoRA fine-tune 10 "
-               f"steps on {setup.corpus} (FFN width 48 -> 36); this run's ratio, FFN widths "
-               "and parameter counts are relative to that input.")
+    history = (f"The model this pruning read was made by prunenet: random+ls at ratio 0.25 + "
+               f"LoRA fine-tune 10 steps on {setup.corpus} (FFN width 48 -> 36); this "
+               "pruning's ratio, FFN widths and parameter counts are relative to that model.")
     assert history in (again / "README.md").read_text()
+    # fine-tuned once more, the output still names the whole history
+    finetune(again, setup.corpus, tmp_path / "tuned", steps=1, progress=False, **SETTINGS)
+    assert json.loads((tmp_path / "tuned" / "prunenet.json").read_text())[
+        "source_history"] == earlier
+    assert history in (tmp_path / "tuned" / "README.md").read_text()
     report = (write_report(tmp_path / "run") / "report.md").read_text()
     assert f"- {history}" in report
     assert run_label(compression_summary(record)) == (

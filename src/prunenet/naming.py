@@ -176,10 +176,11 @@ def source_records(record: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def history_sentence(record: dict[str, Any]) -> str | None:
-    """How a record's input was made where prunenet made it, as the card and the report say
-    it: ``Its input was made by prunenet: random+ls at ratio 0.25 + LoRA fine-tune 200 steps
-    on wiki (FFN width 48 -> 36); this run's ratio, FFN widths and parameter counts are
-    relative to that input.`` None where prunenet did not make it."""
+    """How the model a record's pruning read was made, where prunenet made it, as the card
+    and the report say it (a fine-tune's card too): ``The model this pruning read was made by
+    prunenet: random+ls at ratio 0.25 + LoRA fine-tune 200 steps on wiki (FFN width 48 -> 36);
+    this pruning's ratio, FFN widths and parameter counts are relative to that model.`` None
+    where prunenet did not make it."""
     chain = source_records(record)
     if not chain:
         return None
@@ -187,8 +188,8 @@ def history_sentence(record: dict[str, Any]) -> str | None:
     widths = (f" (FFN width {pruned[0]['ffn_width_before']} -> {pruned[-1]['ffn_width_after']})"
               if pruned else "")
     labels = ", then ".join(compression_summary(record)["history"])
-    return (f"Its input was made by prunenet: {labels}{widths}; this run's ratio, FFN widths "
-            "and parameter counts are relative to that input.")
+    return (f"The model this pruning read was made by prunenet: {labels}{widths}; this "
+            "pruning's ratio, FFN widths and parameter counts are relative to that model.")
 
 
 def run_label(summary: dict[str, Any]) -> str:
