@@ -4,6 +4,7 @@ fails before any work."""
 from __future__ import annotations
 
 import contextlib
+import html
 import json
 import re
 
@@ -694,3 +695,39 @@ def test_sizes_that_differ_read_apart_in_the_table():
     assert sizes(1_588_384, 1_588_384) == ["1.6", "1.6"]  # the same size reads the same
     assert sizes(134_515_008, 115_876_416) == ["134.5", "115.9"]
     assert sizes(1_000_001, 1_000_000) == ["1.000001", "1.000000"]
+
+
+def test_user_text_reads_as_written_and_keeps_every_table_row_whole():
+    """A model path, corpus and fine-tune data holding markdown and HTML (a cell bar, bold, code,
+    a tag) read as written on compare's page: each table row keeps its cells, and no bold,
+    link or tag forms, nor code but the page's own span naming the input's row."""
+    import markdown_it
+
+    from prunenet.compare import render_report
+
+    markup = "a**b**_c_`d` | e\\*f <script>alert(1) $x$ &amp; [l](u)"
+    dense = {**_evaluation(40.0, 0.5), "compression": {
+        "method": None, "ratio": None, "reconstruct": None,
+        "finetune": {"trained": "LoRA adapters", "data": markup, "steps": 2, "teacher": None}}}
+    results = {
+        "model": f"/m/{markup}", "prunenet_version": "0", "ratios": [0.5],
+        "methods": ["magnitude"],
+        "settings": {"corpus": markup, "windows": 2, "seqlen": 32, "tasks": ["piqa"],
+                     "limit": 2, "reconstruct": "none",
+                     "calibration": {"windows": 1, "seqlen": 32, "corpus": markup}},
+        "training": None, "dense": dense,
+        "runs": [{"method": "magnitude", "ratio": 0.5, "evaluation": _evaluation(50.0, 0.25)}],
+    }
+    rendered = markdown_it.MarkdownIt("commonmark").enable("table").render(
+        render_report(results, plots=[]))
+    rows = re.findall(r"<tr>(.*?)</tr>", rendered, re.DOTALL)
+    assert len(rows) == 3 and {len(re.findall(r"<t[hd][ >]", row)) for row in rows} == {8}
+    shown = html.escape(markup, quote=False).replace('"', "&quot;")
+    assert f"<td>input (not pruned + LoRA fine-tune 2 steps on {shown})</td>" in rendered
+    assert f"<h1>prunenet compare: /m/{shown}</h1>" in rendered
+    assert f"Perplexity: {shown}, the first 2" in rendered
+    assert f"training region of {shown} (never" in rendered
+    assert (f"the row <code>input (not pruned + LoRA fine-tune 2 steps on {shown})</code> "
+            "stands") in rendered
+    assert "<strong>" not in rendered and rendered.count("<code>") == 1
+    assert "<script>" not in rendered and "<a " not in rendered and "<em>" not in rendered

@@ -798,6 +798,10 @@ def test_corrupt_record_in_a_model_folder_is_one_line(models, tmp_path, capsys):
                  "--method", "random"]) == 0
     (out / "prunenet.json").write_text("{not json")
     refused(capsys, ["-q", "eval", str(out), "--ppl", "none"], "prunenet.json")
+    # pruned again, the output would keep its input's record: a damaged one is refused first
+    refused(capsys, ["-q", "compress", str(out), "--ratio", "0.3", "--method", "random",
+                     "--out", str(tmp_path / "again")], "prunenet.json is not readable JSON")
+    assert not (tmp_path / "again").exists()
 
 
 @pytest.mark.parametrize("edit, match", [
@@ -808,8 +812,9 @@ def test_corrupt_record_in_a_model_folder_is_one_line(models, tmp_path, capsys):
 ])
 def test_an_edited_record_in_a_model_folder_is_refused_not_passed_on(models, tmp_path, capsys,
                                                                      edit, match):
-    """eval would print the method a record names, and a fine-tune copy it into its output:
-    a record naming no method prunenet has, or no model, is refused by every reader."""
+    """eval would print the method a record names, and a fine-tune or a compression copy it
+    into its output: a record naming no method prunenet has, or no model, is refused by every
+    reader."""
     out = tmp_path / "out"
     assert main(["-q", "compress", str(models / "llama"), "--ratio", "0.3", "--out", str(out),
                  "--method", "random", "--reconstruct", "none"]) == 0
@@ -820,6 +825,8 @@ def test_an_edited_record_in_a_model_folder_is_refused_not_passed_on(models, tmp
     assert line.endswith("the record is damaged")
     refused(capsys, ["-q", "finetune", str(out), "--data", "self-generated", "--out",
                      str(tmp_path / "ft"), "--steps", "1"], match)
+    refused(capsys, ["-q", "compress", str(out), "--ratio", "0.3", "--method", "random",
+                     "--reconstruct", "none", "--out", str(tmp_path / "again")], match)
     assert sorted(path.name for path in tmp_path.iterdir()) == ["models", "out"]
 
 

@@ -703,6 +703,48 @@ def test_a_fine_tune_record_says_what_changed_and_keeps_an_earlier_one(setup, tm
     assert "Measured after pruning" not in card and "prunenet finetune OUT" in card
 
 
+def test_a_model_pruned_again_keeps_how_its_input_was_made(setup, trained, tmp_path):
+    """A pruned, fine-tuned model pruned again: the new record keeps its input's own record
+    (source_history), and the card, the report and every label name the earlier pruning and
+    fine-tune, with this run's widths read as relative to that input."""
+    from prunenet.naming import compression_summary, run_label
+    from prunenet.report import write_report
+
+    again = tmp_path / "again"
+    prune(str(trained.out), None, 0.25, method="random", out=again, record_dir=tmp_path / "run")
+    earlier = json.loads((trained.out / "prunenet.json").read_text())
+    record = json.loads((again / "prunenet.json").read_text())
+    assert record["source_history"] == earlier
+    assert (record["ffn_width_before"], record["ffn_width_after"]) == (36, 27)
+    history = (f"The model this pruning read was made by prunenet: random+ls at ratio 0.25 + "
+               f"LoRA fine-tune 10 steps on {setup.corpus} (FFN width 48 -> 36); this "
+               "pruning's ratio, FFN widths and parameter counts are relative to that model.")
+    assert history in (again / "README.md").read_text()
+    # fine-tuned once more, the output still names the whole history
+    finetune(again, setup.corpus, tmp_path / "tuned", steps=1, progress=False, **SETTINGS)
+    assert json.loads((tmp_path / "tuned" / "prunenet.json").read_text())[
+        "source_history"] == earlier
+    assert history in (tmp_path / "tuned" / "README.md").read_text()
+    report = (write_report(tmp_path / "run") / "report.md").read_text()
+    assert f"- {history}" in report
+    assert run_label(compression_summary(record)) == (
+        f"random+ls at ratio 0.25 + LoRA fine-tune 10 steps on {setup.corpus}, then random+ls "
+        "at ratio 0.25")
+    assert report.startswith(f"# prunenet run report: {run_label(compression_summary(record))}")
+
+
+def test_the_summary_of_a_model_pruned_again_says_what_this_run_pruned(setup, trained,
+                                                                      tmp_path, capsys):
+    """compress's summary line names this run's pruning, of an input prunenet made (named),
+    where it had read as if this run had pruned and fine-tuned the whole chain."""
+    assert main(["compress", str(trained.out), "--ratio", "0.25", "--method", "random",
+                 "--reconstruct", "none", "--out", str(tmp_path / "again")]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == (
+        "pruned random at ratio 0.25 of an input prunenet made (random+ls at ratio 0.25 + LoRA "
+        f"fine-tune 10 steps on {setup.corpus}): FFN width 36 -> 27, parameters 21,408 -> "
+        "19,680 (-8.1%)")
+
+
 def test_no_merge_writes_only_the_adapter_and_the_record(setup):
     from peft import PeftModel
 

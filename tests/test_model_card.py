@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import re
 
 import pytest
@@ -592,3 +593,34 @@ def test_the_card_says_which_step_of_a_fine_tune_it_holds():
     assert "for 60 steps: evaluation perplexity 30 -> 20." in last and "keeping" not in last
     older = render_card({**record, "finetune": {**tune, "best_step": None}}, files=files)
     assert "for 60 steps: evaluation perplexity 30 -> 20." in older
+
+
+def test_user_text_reads_as_written_on_the_card():
+    """A source folder, fine-tune data and teacher holding markdown and HTML (bold, code with
+    backticks, a tag, a cell bar) read as written on the card, titles and code spans alike, and
+    a history sentence too; nothing forms but the card's own code spans."""
+    import markdown_it
+
+    from prunenet.io.model_card import render_card
+
+    markup = "a**b**_c_`d` | e\\*f <script>alert(1) $x$ &amp; [l](u)"
+    tune = {"trained": "LoRA adapters", "steps_run": 2, "settings": {"data": markup}}
+    earlier = {"method": "random", "ratio": 0.25, "ffn_width_before": 48, "ffn_width_after": 36,
+               "finetune": tune}
+    record = {"method": "random", "ratio": 0.25, "seed": 1, "ffn_width_before": 36,
+              "ffn_width_after": 27, "round_to": 1, "prunenet_version": "0",
+              "parameters_before": 10, "parameters_after": 8, "parameter_reduction": 0.2,
+              "source": f"/m/{markup}", "source_history": earlier,
+              "finetune": {**tune, "distillation": {"teacher": f"/t/{markup}"}}}
+    rendered = markdown_it.MarkdownIt("commonmark").render(render_card(record))
+    shown = html.escape(markup, quote=False)
+    assert f"<h1>{shown}, FFN-pruned with prunenet (random)</h1>" in rendered
+    assert f"from <code>/t/{shown}</code> (KL" in rendered
+    assert f"LoRA fine-tune 2 steps on {shown} (FFN width 48 -&gt; 36)" in rendered
+    tuned = render_card({**record, "method": None, "finetune": tune}, files={"adapter"})
+    rendered_tuned = markdown_it.MarkdownIt("commonmark").render(tuned)
+    assert f"on <code>{shown}</code> for 2 steps" in rendered_tuned
+    assert f"for <code>/m/{shown}</code>, not merged" in rendered_tuned
+    for page in (rendered, rendered_tuned):
+        assert "<strong>" not in page and "<em>" not in page and "<a " not in page
+        assert "<script>" not in page

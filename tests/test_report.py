@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -21,7 +23,7 @@ from prunenet.errors import InputError, OutputError
 from prunenet.families import kept_count
 from prunenet.io.loading import RECORD_NAME, read_record
 from prunenet.model_view import FFNView
-from prunenet.naming import calibration_sentence
+from prunenet.naming import calibration_sentence, markdown_text
 from prunenet.recording import RUN_RECORD_NAME, SPECTRA_NAME, read_run_record
 from prunenet.report import DPI, FIGURE_SIZE, write_report
 from prunenet.selection.base import Source
@@ -536,3 +538,41 @@ def test_the_plots_print_each_ks_statistic_as_the_table_does(prunenet_run, tmp_p
     cells = [row.strip("| ").split(" | ")[-1] for row in markdown.splitlines()[-LAYERS:]]
     titles = [axis.get_title() for axis in figures["spectra.png"].axes]
     assert titles == [f"layer {layer}: KS {cells[layer]}" for layer in range(LAYERS)]
+
+
+# A name holding markdown and HTML: bold, emphasis, code, a table's cell bar, an escaped star,
+# a tag, math, an entity and a link.
+MARKUP = "a**b**_c_`d` | e\\*f <script>alert(1) $x$ &amp; [l](u)"
+
+
+def test_user_text_reads_as_written_on_both_pages(magnitude_run, tmp_path):
+    """A source path and a probe prompt holding markdown and HTML read as written on report.md
+    (as a CommonMark renderer shows it) and report.html: in the summary no bold, code, link,
+    emphasis or tag forms but the page's own (the method in bold, the refit as code)."""
+    import markdown_it
+    _, record_dir = magnitude_run
+
+    def markup(data):
+        data["compression"]["source"] = f"runs/{MARKUP}"
+        data["compression"]["probe"]["prompt"] = MARKUP
+
+    page = write_report(_edited_record(record_dir, tmp_path / "record", markup),
+                        tmp_path / "pages", layers=[0])
+    rendered = markdown_it.MarkdownIt("commonmark").render((page / "report.md").read_text())
+    written = (page / "report.html").read_text()
+    for page_text, bold, code in ((rendered, "<strong>", 1), (written, "<b>", 0)):
+        summary = page_text[page_text.index("<ul>"):page_text.index("</ul>")]
+        shown = summary.replace("&quot;", '"').replace("&#x27;", "'")
+        assert f"Model: {html.escape(f'runs/{MARKUP}', quote=False)}; method" in shown
+        assert f"after the prompt {html.escape(repr(MARKUP), quote=False)}, sampled" in shown
+        assert shown.count(bold) == 1 and shown.count("<code>") == code  # the refit's `ls`
+        assert "<script>" not in shown and "<a " not in shown and "<em>" not in shown
+
+
+@given(st.text(alphabet="ab1_*`|<>&;[]()\\!#$~/. -", max_size=24))
+def test_markdown_text_renders_as_the_text_it_escapes(text):
+    """Whatever markdown or HTML a name holds, markdown_text's form renders (CommonMark, inline)
+    as the name itself: no emphasis, code, link, tag or entity forms."""
+    import markdown_it
+    rendered = markdown_it.MarkdownIt("commonmark").renderInline(markdown_text(text))
+    assert html.unescape(rendered) == text and "<" not in rendered

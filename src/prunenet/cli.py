@@ -380,8 +380,12 @@ def _print_summary(result) -> None:
     from .naming import compression_summary, run_label
 
     record = result.record
+    summary = compression_summary(record)
+    # this run's pruning, of the input as prunenet made it (its history), not the whole chain
+    made = (f" of an input prunenet made ({', then '.join(summary['history'])})"
+            if summary.get("history") else "")
     print(
-        f"pruned {run_label(compression_summary(record))}: FFN width "
+        f"pruned {run_label({**summary, 'history': None})}{made}: FFN width "
         f"{record['ffn_width_before']} -> {record['ffn_width_after']}, parameters "
         f"{record['parameters_before']:,} -> {record['parameters_after']:,} "
         f"(-{100 * record['parameter_reduction']:.1f}%)"

@@ -30,9 +30,10 @@ from .io.streaming import check_models_fit
 from .model_view import FFNView
 from .naming import (
     calibration_sentence,
+    markdown_code,
+    markdown_text,
     method_label,
     number_text,
-    one_line,
     probe_sentence,
     run_label,
 )
@@ -422,7 +423,7 @@ def results_table(results: dict[str, Any]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     digits = _size_digits([evaluation["size"]["parameters"] for evaluation in
                            (results["dense"], *(run["evaluation"] for run in results["runs"]))])
-    lines.append(_row(input_label(results), "0", results["dense"], tasks, digits))
+    lines.append(_row(markdown_text(input_label(results)), "0", results["dense"], tasks, digits))
     for run in sorted(results["runs"], key=lambda r: (r["ratio"], r["method"])):
         lines.append(_row(method_run_label(results, run["method"]), number_text(run["ratio"]),
                           run["evaluation"], tasks, digits))
@@ -518,7 +519,8 @@ def _seed_lines(results: dict[str, Any]) -> list[str]:
                                      if "probe" in (run.get("record") or {})))
         readers_named = ("every run" if len(readers) == len(results["methods"])
                          else f"every {', '.join(readers)} run")
-        lines.append(f"- {probe_sentence(probe)}; made once and read by {readers_named}.")
+        lines.append(f"- {markdown_text(probe_sentence(probe))}; made once and read by "
+                     f"{readers_named}.")
     return lines
 
 
@@ -527,14 +529,15 @@ def render_report(results: dict[str, Any], plots: Sequence[str] = PLOTS) -> str:
     settings = results["settings"]
     dense_speed = results["dense"]["speed"]
     lines = [
-        f"# prunenet compare: {one_line(results['model'])}",
+        f"# prunenet compare: {markdown_text(results['model'])}",
         "",
         f"prunenet {results['prunenet_version']}. Methods: {', '.join(results['methods'])}; "
         f"ratios: {', '.join(map(number_text, results['ratios']))} (fraction of FFN neurons "
         "removed in every layer; no recovery fine-tuning).",
         "",
         "- Perplexity: not measured (--ppl none)." if settings["corpus"] in (None, "none") else
-        f"- Perplexity: {settings['corpus']}, the first {settings['windows']} evaluation windows "
+        f"- Perplexity: {markdown_text(settings['corpus'])}, the first {settings['windows']} "
+        "evaluation windows "
         f"of {settings['seqlen']} tokens.",
         "- Zero-shot: not measured (no --tasks)." if not settings["tasks"] else
         f"- Zero-shot: {', '.join(settings['tasks'])}; " + _task_examples(results)
@@ -548,10 +551,11 @@ def render_report(results: dict[str, Any], plots: Sequence[str] = PLOTS) -> str:
             f"{dense_speed['device']}, {dense_speed['threads']} threads."
         )
     if input_label(results) != "dense":
-        made = run_label(results["dense"]["compression"])
+        made = markdown_text(run_label(results["dense"]["compression"]))
         lines.append(f"- Input: a model prunenet made, {made}; every ratio removes that "
                      "fraction of its FFN neurons, and the row "
-                     f"`{input_label(results)}` stands where the dense model would.")
+                     f"{markdown_code(input_label(results))} stands where the dense model "
+                     "would.")
     refit = settings.get("reconstruct", "none")
     ridge = _run_records(results, "reconstruct").get("ridge")
     lines.append("- Refit after every method: none (the selections alone)." if refit == "none"
@@ -570,7 +574,7 @@ def render_report(results: dict[str, Any], plots: Sequence[str] = PLOTS) -> str:
             f"{training['best_episode']}), reused at every ratio."
         )
     if settings["calibration"]:
-        lines.append(f"- {calibration_sentence(settings['calibration'])}")
+        lines.append(f"- {markdown_text(calibration_sentence(settings['calibration']))}")
     winners = _winners(results) or ["Nothing to rank the methods by: neither perplexity nor "
                                     "zero-shot accuracy was measured."]
     lines += ["", "## Results", "", results_table(results), "", "## Ranking per ratio (best first)",

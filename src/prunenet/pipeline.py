@@ -38,6 +38,7 @@ from .io.files import (
     sibling_path,
 )
 from .io.loading import (
+    RECORD_NAME,
     declared_ffn_width,
     declared_model_width,
     hub_cache_folder,
@@ -45,6 +46,7 @@ from .io.loading import (
     load_config,
     load_model_and_tokenizer,
     load_tokenizer,
+    read_record,
     recorded_source,
     resolve_source,
     save_compressed,
@@ -318,6 +320,8 @@ class Plan:
     # The dense model's statistics on the probe, made before and kept (ProbeStatistics.kept):
     # the refit's and selection's, where they are on this run's probe (a compare's runs).
     statistics: ProbeStatistics | None = None
+    # The input's own prunenet.json, where prunenet made it: the output's record keeps it.
+    source_record: dict[str, Any] | None = None
 
 
 def make_selector(method: str, options: CompressOptions, policy: PrunePolicy | None = None,
@@ -494,6 +498,7 @@ def plan_compression(model: Any, ratio: float, options: CompressOptions, *,
     checks: the command line refuses options the run would not use there."""
     source = None if isinstance(model, nn.Module) else str(model)
     reads = input_paths(source) if source is not None else []  # a bad input fails first
+    source_record = _source_record(source) if source is not None else None
     if isinstance(policy, (str, os.PathLike)):
         if not str(policy).strip():
             raise InputError("--policy is empty; give the policy file train-policy wrote")
@@ -556,7 +561,8 @@ def plan_compression(model: Any, ratio: float, options: CompressOptions, *,
         if policy is not None:
             policy.check_fits(declared_model_width(source), width)
     plan = Plan(model, source, ratio, options, selector, streamed, out, record_dir, policy_out,
-                overwrite, formats, reconstruct, round_to, resident, tokenizer)
+                overwrite, formats, reconstruct, round_to, resident, tokenizer,
+                source_record=source_record)
     refuse_unused_keywords(options, unused_setting_rules(selector, options, reconstruct,
                                                           formats))
     if before_text is not None:
@@ -569,6 +575,13 @@ def plan_compression(model: Any, ratio: float, options: CompressOptions, *,
                             + (" with a policy" if method == PruneNet.name else "")
                             + " trains none"))
     return with_checked_text(plan)
+
+
+def _source_record(source: str) -> dict[str, Any] | None:
+    """The ``prunenet.json`` of the folder a MODEL argument reads, where prunenet made it (a
+    damaged one is refused, as eval and finetune refuse it); None elsewhere."""
+    folder = resolve_source(source)[0]
+    return read_record(folder) if (Path(folder) / RECORD_NAME).is_file() else None
 
 
 def with_checked_text(plan: Plan) -> Plan:
@@ -1022,6 +1035,8 @@ def compression_record(plan: Plan, selector: Selector, before: dict, after: dict
         "source": recorded_source(plan.source) if plan.source is not None else None,
         "policy_sha256": None,
         **selector.record(),
+        # how the input was made, where prunenet made it: this record's sizes are relative to it
+        **({"source_history": plan.source_record} if plan.source_record is not None else {}),
     }
 
 

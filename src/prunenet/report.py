@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import html
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -27,9 +28,10 @@ from .io.files import (
 from .naming import (
     calibration_sentence,
     compression_summary,
+    history_sentence,
+    markdown_text,
     method_label,
     number_text,
-    one_line,
     probe_sentence,
     reads_seed,
     refit_mode,
@@ -167,14 +169,16 @@ def summary_lines(data: dict[str, Any]) -> list[str]:
     c = data["compression"]
     per_layer = data["layers"]
     lines = [
-        f"- Model: {one_line(c.get('source')) or 'an in-memory model'}; method "
+        f"- Model: {markdown_text(c.get('source')) or 'an in-memory model'}; method "
         f"**{method_label(c['method'], refit_mode(c))}**"
         + (f" (selection {c['selection']})" if c.get("selection") else "")
         + f", ratio {c['ratio']}" + _rounding(c)
         + (f", seed {c['seed']}" if reads_seed(c) else "")  # not where nothing was drawn
         + f", prunenet {c['prunenet_version']}.",
+        *([f"- {markdown_text(history_sentence(c))}"] if history_sentence(c) else []),
         _refit_line(c),
-        *([f"- {probe_sentence(c['probe'])}."] if isinstance(c.get("probe"), dict) else []),
+        *([f"- {markdown_text(probe_sentence(c['probe']))}."]
+          if isinstance(c.get("probe"), dict) else []),
         *_calibration_line(c),
         f"- FFN width {c['ffn_width_before']} -> {c['ffn_width_after']} in each of "
         f"{data['num_layers']} layers; parameters {c['parameters_before']:,} -> "
@@ -205,7 +209,7 @@ def _training_settings(training: dict[str, Any]) -> str:
     """Every setting the policy trained with but its episodes, counted beside them: ``baseline
     none, clip_norm 1, gamma 0.99, ...``."""
     return ", ".join(
-        f"{key} {number_text(value) if isinstance(value, float) else one_line(str(value))}"
+        f"{key} {number_text(value) if isinstance(value, float) else markdown_text(str(value))}"
         for key, value in sorted(training["config"].items()) if key != "episodes")
 
 
@@ -232,7 +236,7 @@ def _calibration_line(compression: dict[str, Any]) -> list[str]:
     calibration = compression.get("calibration")
     if not isinstance(calibration, dict):
         return []
-    return [f"- {calibration_sentence(calibration)}"]
+    return [f"- {markdown_text(calibration_sentence(calibration))}"]
 
 
 def layer_table(data: dict[str, Any]) -> list[str]:
@@ -265,7 +269,8 @@ def caption(name: str, data: dict[str, Any]) -> str:
 
 def render_markdown(data: dict[str, Any], plots: Sequence[str]) -> str:
     """``report.md``: the summary, the plots (relative links) and the per-layer table."""
-    title = f"prunenet run report: {run_label(compression_summary(data['compression']))}"
+    title = ("prunenet run report: "
+             + markdown_text(run_label(compression_summary(data["compression"]))))
     lines = [f"# {title}", "", *summary_lines(data), "", "## Plots", ""]
     for name in plots:
         lines += [f"![{caption(name, data)}]({name})", "", f"*{caption(name, data)}*", ""]
@@ -274,9 +279,18 @@ def render_markdown(data: dict[str, Any], plots: Sequence[str]) -> str:
 
 
 def _inline_markdown(text: str) -> str:
-    escaped = html.escape(text)
-    parts = escaped.split("**")
-    return "".join(f"<b>{part}</b>" if index % 2 else part for index, part in enumerate(parts))
+    """A summary line's markdown as HTML: its ``**`` in bold, a backslash-escaped character
+    (:func:`~prunenet.naming.markdown_text`) as itself, everything else escaped."""
+    shown, bold = [], False
+    for index, part in enumerate(re.split(r"(\\[!-/:-@\[-`{-~]|\*\*)", text)):
+        if index % 2 == 0:  # text between the separators split on
+            shown.append(html.escape(part))
+        elif part == "**":
+            shown.append("</b>" if bold else "<b>")
+            bold = not bold
+        else:
+            shown.append(html.escape(part[1]))
+    return "".join(shown) + ("</b>" if bold else "")
 
 
 def render_html(data: dict[str, Any], plots: Sequence[str], folder: Path) -> str:

@@ -15,7 +15,13 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from ..naming import reads_seed
+from ..naming import (
+    backtick_fence,
+    history_sentence,
+    markdown_code,
+    markdown_text,
+    reads_seed,
+)
 from ..version import __version__
 
 CARD_NAME = "README.md"
@@ -110,13 +116,13 @@ def render_card(record: dict[str, Any], inherited: dict[str, str] | None = None,
                  f"(`{gguf.get('file', 'model.gguf')}`, for llama.cpp), no safetensors "
                  "checkpoint.")
     elif files is not None and "adapter" in files:
-        loads = (f"This folder holds a LoRA adapter (`adapter/`, PEFT) for `{source}`, not "
-                 "merged into a checkpoint.")
+        loads = (f"This folder holds a LoRA adapter (`adapter/`, PEFT) for "
+                 f"{markdown_code(str(source))}, not merged into a checkpoint.")
     else:
         loads = "This folder holds no model weights."
     if method:
         reduction = 100 * record["parameter_reduction"]
-        title = f"# {Path(str(source)).name or source}, FFN-pruned with prunenet ({method})"
+        title = f"# {_name(source)}, FFN-pruned with prunenet ({method})"
         before, after = record["ffn_width_before"], record["ffn_width_after"]
         share = f"{100 * record['ratio']:g}%"
         removed = 1 - after / before
@@ -134,7 +140,9 @@ def render_card(record: dict[str, Any], inherited: dict[str, str] | None = None,
             f"{record['parameters_after']:,} (-{reduction:.1f}%). " + loads, "",
         ]
     else:
-        body = [f"# {Path(str(source)).name or source}, fine-tuned with prunenet", "", loads, ""]
+        body = [f"# {_name(source)}, fine-tuned with prunenet", "", loads, ""]
+    if history_sentence(record):
+        body += [markdown_text(history_sentence(record)), ""]
     if gguf:
         written = sorted(set(gguf.get("requantized", {}).values()))
         kept = sorted(set(gguf.get("sliced", {}).values()))
@@ -158,9 +166,16 @@ def render_card(record: dict[str, Any], inherited: dict[str, str] | None = None,
         commands.append(finetune_command(entry, "OUT" if number == 1 else f"OUT{number}",
                                          f"OUT{number + 1}"))
     if commands:
-        body += ["Made with:", "", "```bash", *(shlex.join(c) for c in commands), "```", ""]
+        lines = [shlex.join(command) for command in commands]
+        fence = backtick_fence("\n".join(lines), least=3)  # a path's own cannot close it
+        body += ["Made with:", "", f"{fence}bash", *lines, fence, ""]
     body += ["The full record is `prunenet.json` in this folder.", ""]
     return "\n".join(front + body)
+
+
+def _name(source: str) -> str:
+    """The card's title for a model from ``source``: its folder's name, as written."""
+    return markdown_text(Path(str(source)).name or str(source))
 
 
 def _measured_sentence(record: dict[str, Any], checkpoint: bool) -> str:
@@ -195,14 +210,15 @@ def _finetune_sentence(tune: dict[str, Any]) -> str:
     steps = tune.get("steps_run")
     distilled = tune.get("distillation")
     if distilled:
-        how = (f"Recovered without data by self-distillation from `{distilled.get('teacher')}` "
+        how = (f"Recovered without data by self-distillation from "
+               f"{markdown_code(str(distilled.get('teacher')))} "
                f"(KL to its next-token distributions on text it sampled itself), training "
                f"{trained} for {steps} steps")
         measure = "held-out KL to the teacher"
         before, after = tune.get("eval_kl_before"), tune.get("eval_kl_after")
     else:
         data = (tune.get("settings") or {}).get("data")
-        how = f"Recovered by fine-tuning {trained} on `{data}` for {steps} steps"
+        how = f"Recovered by fine-tuning {trained} on {markdown_code(str(data))} for {steps} steps"
         measure = "evaluation perplexity"
         before = tune.get("eval_perplexity_before")
         after = tune.get("eval_perplexity_after")
