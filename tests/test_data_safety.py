@@ -1360,54 +1360,37 @@ def test_finetune_never_deletes_a_folder_that_only_looks_like_its_work(
     assert digest(work) == before
 
 
-def test_an_interrupt_between_outputs_names_what_was_written(models, tmp_path, capsys,
-                                                             monkeypatch):
+@pytest.mark.parametrize("stop, status, said, rest", [
+    (KeyboardInterrupt(), 130, "interrupted; written complete before the interrupt",
+     "every other output was not written and nothing partial was left behind"),
+    (PruneNetError("the policy cannot be written"), 2,
+     "error: the policy cannot be written; written complete before the error",
+     "every other output was not written")], ids=["interrupt", "error"])
+def test_a_stop_between_outputs_names_what_was_written(models, tmp_path, capsys, monkeypatch,
+                                                       stop, status, said, rest):
     """A compression commits --out, then --policy-out and --record: interrupted between them,
-    it says which outputs are in place (complete; the policy's training state too, kept for
-    --resume, named once however often it was replaced) and that the others were not
-    written."""
+    or failing there (the policy cannot be written), it says which outputs are in place
+    (complete; the policy's training state too, kept for --resume, named once however often it
+    was replaced) and that the others were not written; a failed command had named the error
+    alone, as if it had written nothing. The next command, failing before any output, names
+    none."""
     import prunenet.pipeline
 
-    def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt
+    def stopped(*args, **kwargs):
+        raise stop
 
-    monkeypatch.setattr(prunenet.pipeline, "save_policy", interrupted)
+    monkeypatch.setattr(prunenet.pipeline, "save_policy", stopped)
     out, policy, record = tmp_path / "o", tmp_path / "p.safetensors", tmp_path / "run"
     assert main(["-q", "compress", str(models / "llama"), "--ratio", "0.3", "--out", str(out),
                  "--method", "prunenet", "--episodes", "3", "--policy-out", str(policy),
-                 "--record", str(record)]) == 130  # the state is replaced after each episode
+                 "--record", str(record)]) == status  # the state is replaced after each episode
     line = capsys.readouterr().err.strip().splitlines()[-1]
     state = sibling_path(out, ".train-state.pt")
-    assert line == (f"prunenet: interrupted; written complete before the interrupt: "
-                    f"{state} (the policy's training state: the same command with --resume "
-                    f"continues from it; delete it to start over), {out.resolve()}; every other "
-                    "output was not written and nothing partial was left behind")
+    assert line == (f"prunenet: {said}: {state} (the policy's training state: the same command "
+                    f"with --resume continues from it; delete it to start over), "
+                    f"{out.resolve()}; {rest}")
     assert (out / "prunenet.json").is_file() and not policy.exists() and not record.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["models", "o", state.name]
-
-
-def test_an_error_between_outputs_names_what_was_written(models, tmp_path, capsys,
-                                                         monkeypatch):
-    """A compression that fails after --out is in place (its --policy-out cannot be written)
-    says so beside the error, or its user would take the failed command to have written
-    nothing; a command that fails before any output names none."""
-    import prunenet.pipeline
-
-    def unwritable(*args, **kwargs):
-        raise PruneNetError("the policy cannot be written")
-
-    monkeypatch.setattr(prunenet.pipeline, "save_policy", unwritable)
-    out, policy = tmp_path / "o", tmp_path / "p.safetensors"
-    assert main(["-q", "compress", str(models / "llama"), "--ratio", "0.3", "--out", str(out),
-                 "--method", "prunenet", "--episodes", "2", "--policy-out", str(policy)]) == 2
-    line = capsys.readouterr().err.strip().splitlines()[-1]
-    state = sibling_path(out, ".train-state.pt")
-    assert line == (f"prunenet: error: the policy cannot be written; written complete before "
-                    f"the error: {state} (the policy's training state: the same command with "
-                    f"--resume continues from it; delete it to start over), {out.resolve()}; "
-                    "every other output was not written")
-    assert (out / "prunenet.json").is_file() and not policy.exists()
-    # the next command in the same process fails before writing: it names nothing
     assert main(["-q", "compress", str(models / "llama"), "--ratio", "0.3", "--out", str(out),
                  "--method", "random"]) == 2
     line = capsys.readouterr().err.strip().splitlines()[-1]
