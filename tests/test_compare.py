@@ -731,3 +731,30 @@ def test_user_text_reads_as_written_and_keeps_every_table_row_whole():
             "stands") in rendered
     assert "<strong>" not in rendered and rendered.count("<code>") == 1
     assert "<script>" not in rendered and "<a " not in rendered and "<em>" not in rendered
+
+
+def test_a_corpus_path_holding_dollar_signs_is_drawn_as_written(tmp_path, monkeypatch):
+    """The perplexity plot names the corpus: a path holding two dollar signs had been read by
+    matplotlib as mathematics, which drew another text, or failed at the end of a comparison
+    when what lay between them was no formula."""
+    from matplotlib.axes import Axes
+
+    from prunenet.compare import write_plots
+
+    corpus = "/data/a$\\nocommand$b_c.txt"
+    def evaluation(perplexity: float) -> dict:
+        return {**_evaluation(perplexity, 0.5),
+                "size": {"parameters": 1_600_000, "ffn_parameters": 600_000}}
+
+    run = {"method": "random", "ratio": 0.5, "evaluation": evaluation(20.0)}
+    results = {"methods": ["random"], "ratios": [0.5], "runs": [run], "dense": evaluation(10.0),
+               "settings": {"corpus": corpus, "windows": 1, "seqlen": 16, "tasks": [],
+                            "reconstruct": "none"}}
+    titles = []
+    set_title = Axes.set_title
+    monkeypatch.setattr(Axes, "set_title", lambda axis, text, *a, **k: (
+        titles.append(text), set_title(axis, text, *a, **k))[1])
+    written = write_plots(results, tmp_path)
+    assert tmp_path / "perplexity.png" in written
+    (title,) = [text for text in titles if text.startswith("perplexity on")]
+    assert title == "perplexity on /data/a\\$\\nocommand\\$b_c.txt (1 x 16)"

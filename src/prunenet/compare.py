@@ -334,7 +334,8 @@ def write_plots(results: dict[str, Any], folder: Path) -> list[Path]:
         figure, axis = plt.subplots(figsize=(6.5, 4.5))
         panel(axis, lambda e: e["perplexity"]["value"] if e["perplexity"] else None,
               "perplexity (log scale)",
-              f"perplexity on {settings['corpus']} ({settings['windows']} x {settings['seqlen']})",
+              f"perplexity on {_plain(settings['corpus'])} ({settings['windows']} x "
+              f"{settings['seqlen']})",
               log_scale=True)
         save(figure, "perplexity.png")
     tasks = measured_tasks(results)
@@ -374,6 +375,12 @@ def write_plots(results: dict[str, Any], folder: Path) -> list[Path]:
     axis.legend()
     save(figure, "size.png")
     return written
+
+
+def _plain(text: str) -> str:
+    """``text`` (a corpus path) as matplotlib draws it as written: a pair of dollar signs
+    would open its mathematics, drawing another text or failing at the end of the run."""
+    return str(text).replace("$", r"\$")
 
 
 def measured_tasks(results: dict[str, Any]) -> list[str]:
