@@ -478,6 +478,23 @@ def test_the_teacher_is_the_model_compressed_whatever_folder_the_commands_run_in
     assert default_teacher(first / "pruned") == "dense"
 
 
+def test_a_model_pruned_again_is_distilled_from_the_dense_model_first_pruned(tmp_path):
+    """A model pruned from a model prunenet had pruned (and fine-tuned) is taught by the dense
+    model at the start of that chain, the model the docs name, not by the pruned model it was
+    last pruned from (its record's ``source``), a weaker teacher."""
+    from prunenet.distillation import default_teacher
+
+    make_tiny_model("llama", seed=1).save_pretrained(tmp_path / "dense")
+    for source, out in (("dense", "once"), ("once", "twice"), ("twice", "thrice")):
+        assert main(["-q", "compress", str(tmp_path / source), "--ratio", "0.25", "--out",
+                     str(tmp_path / out), "--method", "random", "--reconstruct", "none"]) == 0
+    assert default_teacher(tmp_path / "once") == str(tmp_path / "dense")
+    assert json.loads((tmp_path / "twice" / "prunenet.json").read_text())["source"] == str(
+        tmp_path / "once")
+    assert default_teacher(tmp_path / "twice") == str(tmp_path / "dense")
+    assert default_teacher(tmp_path / "thrice") == str(tmp_path / "dense")
+
+
 @pytest.mark.parametrize("given", ["ro/", "ro/.", "../work/ro"])
 def test_a_recovery_is_written_beside_out_however_out_is_spelt(
         tiny_llama_real_tokenizer_dir, tmp_path, monkeypatch, capsys, given):

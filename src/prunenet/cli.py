@@ -980,7 +980,8 @@ def add_finetune(subparsers) -> None:
                         "folder; or self-generated: distil --teacher on text it writes itself")
     parser.add_argument("--teacher", metavar="DENSE",
                         help="--data self-generated: the dense model to distil (default: the "
-                        "source named in PRUNED_DIR/prunenet.json); same family and vocabulary")
+                        "source named in PRUNED_DIR/prunenet.json, the first of its chain where "
+                        "it was pruned again); same family and vocabulary")
     parser.add_argument("--train", choices=list(TRAINABLE), default=None,
                         help="what trains: lora (adapters on --targets) or ffn (the FFN weights "
                         f"themselves). Default: {DEFAULT_TRAIN['corpus']} on a corpus, "

@@ -26,6 +26,7 @@ from .arithmetic import autocast, exp_or_inf
 from .errors import InputError
 from .families import check_sequence_length
 from .io.loading import MODEL_ALIASES, RECORD_NAME, load_config, load_tokenizer, read_record
+from .naming import source_records
 from .probe import ProbeRecipe, generate_probe
 
 GENERATION_BATCH = 32  # sequences per generate() call: bounds the KV cache
@@ -44,12 +45,16 @@ def kl_to_teacher(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
 
 
 def default_teacher(student: str | os.PathLike) -> str:
-    """The ``source`` named in the student folder's ``prunenet.json`` (the model it was pruned
-    from). Raises :class:`InputError` when there is no record or it names no source."""
+    """The model the student folder's ``prunenet.json`` says it was pruned from: its
+    ``source``, or for a model pruned again from a model prunenet made, the first source of
+    that chain (its ``source_history``), the dense model before any pruning. Raises
+    :class:`InputError` when there is no record or it names no source."""
     if not (Path(student) / RECORD_NAME).exists():
         raise InputError(f"{student} has no {RECORD_NAME} naming the dense model it was pruned "
                          "from; pass --teacher DENSE")
-    source = read_record(student).get("source")
+    record = read_record(student)
+    source = next((earlier.get("source") for earlier in source_records(record)
+                   if earlier.get("source")), record.get("source"))
     if not source:
         raise InputError(f"{Path(student) / RECORD_NAME} names no source model; pass --teacher "
                          "DENSE")
