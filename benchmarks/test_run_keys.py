@@ -94,6 +94,13 @@ def test_documented_commands_find_their_logged_runs(words, job, ratio, seed):
         _logged("quality_reconstruct.jsonl")
 
 
+def test_the_documented_32k_command_finds_its_logged_runs():
+    args = _args(f"{B} --temperature 1.2 --tokens 32768 --ridge 0.3")
+    logged = _logged("quality_reconstruct_32k.jsonl")
+    for job in ("self-generated:ls", "activation:ls"):
+        assert json.dumps(run_key(args, job, 0.3, 0)) in logged
+
+
 def test_documented_cross_command_finds_its_logged_runs():
     args = _args(f"{B} --temperature 1.2 --tokens 8192 --ridge 0.3 --cross 0 "
                  "--eval-text hellaswag")
