@@ -435,7 +435,7 @@ def unused_setting_rules(selector: Selector, options: CompressOptions, reconstru
         (("ridge",), None if reconstruct == "ls" else
          f"the ridge regularizes {spell('reconstruct', 'ls')}, and this run refits with "
          f"{reconstruct}"),
-        (PROBE_SETTINGS, None if method == DEFAULT_METHOD or reconstruct != "none" else
+        (PROBE_SETTINGS, None if generates_probe(method, reconstruct) else
          f"method {method!r} with {spell('reconstruct', 'none')} generates no probe text"),
         (("seed",), None if selector.reads_seed() or reconstruct != "none" or recovers else
          f"method {method!r} with "
@@ -594,8 +594,8 @@ def with_checked_text(plan: Plan) -> Plan:
     run."""
     options, source = plan.options, plan.source
     activation = isinstance(plan.selector, Activation)
-    prompt = bool(options.probe_prompt) and (isinstance(plan.selector, SelfGenerated)
-                                             or plan.reconstruct != "none")
+    prompt = bool(options.probe_prompt) and generates_probe(plan.selector.name,
+                                                             plan.reconstruct)
     if source is None or not (prompt or options.evaluate_windows or activation):
         return plan
     if activation:
@@ -639,7 +639,7 @@ def generates_probe(method: str, reconstruct: str) -> bool:
 
 
 def run_working_memory(options: CompressOptions, checkpoint: StreamedCheckpoint,
-                       generates: bool = True) -> int:
+                       generates: bool) -> int:
     """What running the model needs besides its weights: the probe, its statistics and the
     refit where it ``generates`` one, else one calibration window at a time."""
     if not generates:
@@ -659,7 +659,7 @@ def working_memory(options: CompressOptions, runs: bool, generates: bool,
 
 
 def resident_bytes(checkpoint: StreamedCheckpoint, options: CompressOptions, budget: int,
-                   method: str, reconstruct: str, generates: bool = True) -> int:
+                   method: str, reconstruct: str, generates: bool) -> int:
     """How many bytes of a streamed model's layers may stay in memory while the model runs
     (the probe, the statistics, a method that reads text) offloaded: the budget less what
     the run needs besides them. Refuses a budget below that need, naming it."""
@@ -838,7 +838,7 @@ def _compress(plan: Plan, tokenizer: Any = None, offloaded: nn.Module | None = N
         evaluation_text = check_evaluation_windows(model.config, tokenizer,
                                                    options.evaluate_windows)
     probe = None
-    if model is not None and (isinstance(selector, SelfGenerated) or plan.reconstruct != "none"):
+    if model is not None and generates_probe(selector.name, plan.reconstruct):
         probe = run_probe(model, tokenizer, options)
     statistics = None  # one pass over the probe serves the selection and the refit
     if plan.reconstruct != "none" and model is not None:

@@ -499,27 +499,28 @@ class StreamedCheckpoint:
         """Estimated bytes scoring ``batch`` sequences of ``length`` tokens at once (perplexity
         windows, or a batch of zero-shot answers) needs besides the weights and the
         interpreter: transformers' imports, the head's logits in the weights' type, in float32
-        and as the loss's log-probabilities, and one layer's activations (hidden states, the
-        FFN's, every head's attention scores)."""
+        and as the loss's log-probabilities, and one layer's activations
+        (:meth:`_decoder_memory`)."""
         vocabulary = int(self.config.get("vocab_size") or 0)
-        heads = self.config.get("num_attention_heads")
-        heads = heads if isinstance(heads, int) and heads > 0 else 1
-        tokens = batch * length
-        logits = tokens * vocabulary * (self._float_size() + 4 + 4)
-        activations = (4 * tokens * (4 * self.d_model + 3 * self.d_ff)
-                       + 2 * 4 * heads * batch * length**2)
-        return MODEL_RUN_IMPORTS + logits + activations
+        logits = batch * length * vocabulary * (self._float_size() + 4 + 4)
+        return MODEL_RUN_IMPORTS + logits + self._decoder_memory(batch, length)
 
     def calibration_memory(self, length: int) -> int:
         """Estimated bytes method activation's pass over its calibration text needs besides
-        the weights and the interpreter: the tokenizer and the text it read
-        (:data:`TEXT_MEMORY`), one window of ``length`` tokens through the decoder
-        (:meth:`evaluation_memory` for that window, less the head's logits, which the pass
-        never computes), and each FFN's activations taken in float64 and squared."""
-        vocabulary = int(self.config.get("vocab_size") or 0)
-        logits = length * vocabulary * (self._float_size() + 4 + 4)
-        return (TEXT_MEMORY + self.evaluation_memory(1, length) - logits
+        the weights and the interpreter: transformers' imports, the tokenizer and the text it
+        read (:data:`TEXT_MEMORY`), one window of ``length`` tokens through the decoder
+        (:meth:`_decoder_memory`; the pass never computes the head's logits), and each FFN's
+        activations taken in float64 and squared."""
+        return (MODEL_RUN_IMPORTS + TEXT_MEMORY + self._decoder_memory(1, length)
                 + 2 * 8 * length * self.d_ff)
+
+    def _decoder_memory(self, batch: int, length: int) -> int:
+        """One decoder layer's activations for ``batch`` sequences of ``length`` tokens: hidden
+        states, the FFN's, every head's attention scores (float32)."""
+        heads = self.config.get("num_attention_heads")
+        heads = heads if isinstance(heads, int) and heads > 0 else 1
+        return (4 * batch * length * (4 * self.d_model + 3 * self.d_ff)
+                + 2 * 4 * heads * batch * length**2)
 
     def _float_size(self) -> int:
         """Bytes of one value the model computes with (its caches and logits)."""
