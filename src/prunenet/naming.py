@@ -151,14 +151,14 @@ def compression_summary(record: dict[str, Any]) -> dict[str, Any]:
     did not prune has method, ratio and refit None."""
     pruned = record.get("method") is not None
     tune = record.get("finetune")
+    chain = source_records(record)
     return {
         **{key: record.get(key) for key in ("method", "ratio", "selection", "seed")},
         "reconstruct": refit_mode(record) if pruned else None,
         "round_to": record.get("round_to"),
         "finetune": finetune_summary(tune) if isinstance(tune, dict) else None,
-        **({"history": [run_label(compression_summary(earlier))
-                        for earlier in source_records(record)]}
-           if source_records(record) else {}),
+        **({"history": [run_label(compression_summary(earlier)) for earlier in chain]}
+           if chain else {}),
     }
 
 
@@ -187,7 +187,7 @@ def history_sentence(record: dict[str, Any]) -> str | None:
     pruned = [earlier for earlier in chain if earlier.get("ffn_width_before") is not None]
     widths = (f" (FFN width {pruned[0]['ffn_width_before']} -> {pruned[-1]['ffn_width_after']})"
               if pruned else "")
-    labels = ", then ".join(compression_summary(record)["history"])
+    labels = ", then ".join(run_label(compression_summary(earlier)) for earlier in chain)
     return (f"The model this pruning read was made by prunenet: {labels}{widths}; this "
             "pruning's ratio, FFN widths and parameter counts are relative to that model.")
 

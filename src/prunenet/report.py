@@ -175,7 +175,7 @@ def summary_lines(data: dict[str, Any]) -> list[str]:
         + f", ratio {c['ratio']}" + _rounding(c)
         + (f", seed {c['seed']}" if reads_seed(c) else "")  # not where nothing was drawn
         + f", prunenet {c['prunenet_version']}.",
-        *([f"- {markdown_text(history_sentence(c))}"] if history_sentence(c) else []),
+        *([f"- {markdown_text(history)}"] if (history := history_sentence(c)) else []),
         _refit_line(c),
         *([f"- {markdown_text(probe_sentence(c['probe']))}."]
           if isinstance(c.get("probe"), dict) else []),

@@ -141,8 +141,9 @@ def render_card(record: dict[str, Any], inherited: dict[str, str] | None = None,
         ]
     else:
         body = [f"# {_name(source)}, fine-tuned with prunenet", "", loads, ""]
-    if history_sentence(record):
-        body += [markdown_text(history_sentence(record)), ""]
+    history = history_sentence(record)
+    if history:
+        body += [markdown_text(history), ""]
     if gguf:
         written = sorted(set(gguf.get("requantized", {}).values()))
         kept = sorted(set(gguf.get("sliced", {}).values()))
